@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark suites) and the regression gate; see bench/README.md."""

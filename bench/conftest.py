@@ -1,0 +1,93 @@
+"""pytest plumbing for the benchmarks: device choice, the result table, JSON output and the gate.
+
+    pytest bench                                  # CPU (or the GPU if present), gate on
+    pytest bench --bench-device cpu --bench-json bench/results/cpu.json
+    pytest bench --no-gate                        # measure only
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import gate, harness
+
+_ROWS: list[dict] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.addoption("--bench-json", default=None, help="write every row, with the environment, to this file")
+    parser.addoption("--no-gate", action="store_true", help="report ratios without failing on floors")
+
+
+@pytest.fixture(scope="session")
+def bench_device(request) -> str:
+    dev = request.config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    return dev
+
+
+@pytest.fixture
+def bench_record(request, bench_device, benchmark):
+    """record(op, case, fns, ours=..., baseline=..., metrics=fn(timings)->dict) -> row.
+
+    Times ``fns`` interleaved (harness.compare), feeds ``ours`` to pytest-benchmark, computes
+    ratio = baseline median / ours median, applies the gate (re-measuring once before failing).
+    """
+    floors = gate.load_floors(harness.device_slug(bench_device))
+    no_gate = request.config.getoption("--no-gate")
+
+    def record(op: str, case: str, fns: dict, *, ours: str, baseline: str, metrics=None, **compare_kw) -> dict:
+        key = f"{op}:{case}"
+        timings = harness.compare(fns, bench_device, **compare_kw)
+        ratio = timings[baseline].median_s / timings[ours].median_s
+        msg = gate.check(key, ratio, floors)
+        if msg and not no_gate:  # noisy machine: one more measurement before failing
+            timings = harness.compare(fns, bench_device, **compare_kw)
+            ratio = timings[baseline].median_s / timings[ours].median_s
+            msg = gate.check(key, ratio, floors)
+        row = {"key": key, "op": op, "case": case, "ours": ours, "baseline": baseline, "ratio": ratio,
+               "floor": floors.get(key),
+               "times_ms": {n: round(t.median_s * 1e3, 6) for n, t in timings.items()}}
+        if metrics is not None:
+            row.update(metrics(timings))
+        _ROWS.append(row)
+        benchmark.extra_info.update(row)
+        benchmark.pedantic(fns[ours], rounds=3, iterations=1, warmup_rounds=0)
+        if msg and not no_gate:
+            pytest.fail(msg)
+        return row
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _ROWS:
+        return
+    config = session.config
+    device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = harness.environment(device)
+    lines = [f"seer benchmarks on {env['device']} ({env['cpu']}, {env['torch_threads']} threads; torch "
+             f"{env['torch']}, triton {env['triton']}, git {env['git']})",
+             f"{'key':58s} {'ours ms':>10s} {'base ms':>10s} {'ratio':>7s} {'floor':>6s}  extra"]
+    for r in _ROWS:
+        extra = {k: v for k, v in r.items() if k not in ("key", "op", "case", "ours", "baseline", "ratio", "floor",
+                                                          "times_ms")}
+        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"
+        lines.append(f"{r['key']:58s} {r['times_ms'][r['ours']]:10.4f} {r['times_ms'][r['baseline']]:10.4f} "
+                     f"{r['ratio']:7.2f} {floor:>6s}  "
+                     + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
+    text = "\n".join(lines)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
+    out = config.getoption("--bench-json") or os.path.join(".benchmarks", f"seer-{env['device']}.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"environment": env, "rows": _ROWS, "table": text}, indent=1))

@@ -1,0 +1,150 @@
+"""Timing that survives noisy machines: the kernel and its baseline are timed in the same run,
+interleaved round by round, and compared by the ratio of their medians.
+
+Every ``bench_<op>.py`` builds callables per case, calls :func:`compare` and hands the result to the
+``bench_record`` fixture (bench/conftest.py), which prints the table, writes JSON rows with the machine,
+versions and git revision, and applies the gate (bench/gate.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    rounds: int
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable[[], object], device: str, inner: int) -> float:
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def compare(fns: dict[str, Callable[[], object]], device: str, *, min_time: float = 0.3, max_rounds: int = 50,
+            min_rounds: int = 5, warmup: int = 2) -> dict[str, Timing]:
+    """Time every callable, interleaved: round r runs each of them once (or ``inner`` times if it is fast).
+
+    Stops after ``min_time`` seconds per callable (at least ``min_rounds`` and at most ``max_rounds`` rounds).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    # Repeat very fast calls inside one sample so that timer resolution does not dominate.
+    inner = {}
+    for name, fn in fns.items():
+        t = _time_once(fn, device, 1)
+        inner[name] = max(1, min(1000, int(1e-3 / max(t, 1e-7))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or spent < min_time * len(fns)):
+        for name, fn in fns.items():
+            t = _time_once(fn, device, inner[name])
+            samples[name].append(t)
+            spent += t * inner[name]
+        rounds += 1
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+        out[name] = Timing(statistics.median(s), q[1], q[7], len(s))
+    return out
+
+
+def device_slug(device: str) -> str:
+    """'cpu', or the GPU's name as a file-name-safe slug (floors are stored per GPU type)."""
+    if device.startswith("cuda"):
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(torch.device(device)).lower()).strip("-")
+    return "cpu"
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict:
+    """Machine, versions and revision recorded next to every result."""
+    env = {
+        "device": device_slug(device),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git": _git_revision(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def tflops(flops: float, seconds: float) -> float:
+    return flops / seconds / 1e12
+
+
+# Memory bandwidth ceilings used for "% of floor" columns (measured copy bandwidth, environment.md).
+BANDWIDTH_GBPS = {"nvidia-h100-80gb-hbm3": 3000.0, "nvidia-h200": 4300.0}
+
+
+def bandwidth_ceiling(device: str) -> Optional[float]:
+    slug = device_slug(device)
+    for key, value in BANDWIDTH_GBPS.items():
+        if slug.startswith(key):
+            return value
+    return None

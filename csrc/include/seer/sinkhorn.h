@@ -1,0 +1,58 @@
+// Argument checks shared by the CPU and CUDA Sinkhorn kernels (schemas: csrc/ops.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <optional>
+
+#include "seer/checks.h"
+
+namespace seer {
+
+inline void check_sinkhorn_scores(const at::Tensor& scores, c10::DeviceType dev) {
+  SEER_CHECK_DIM(scores, "scores", 2);
+  SEER_CHECK_DEVICE(scores, "scores", dev);
+  SEER_CHECK_ARG(scores.numel() > 0, "scores", "expected a non-empty matrix, got ", scores.sizes());
+  const auto dt = scores.scalar_type();
+  SEER_CHECK_ARG(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "scores",
+                 "expected float32, bfloat16 or float16, got ", dt);
+}
+
+inline void check_sinkhorn_eps(double eps) {
+  SEER_CHECK_ARG(std::isfinite(eps) && eps > 0, "epsilon", "expected a finite value > 0, got ", eps);
+}
+
+inline void check_sinkhorn_vec(const std::optional<at::Tensor>& t, const char* name, int64_t n,
+                               c10::DeviceType dev) {
+  if (!t.has_value()) return;
+  SEER_CHECK_DIM(*t, name, 1);
+  SEER_CHECK_DEVICE(*t, name, dev);
+  SEER_CHECK_ARG(t->size(0) == n, name, "expected ", n, " values, got ", t->size(0));
+  SEER_CHECK_ARG(t->scalar_type() == at::kFloat, name, "expected float32, got ", t->scalar_type());
+}
+
+inline void check_sinkhorn_step_args(const at::Tensor& scores, const std::optional<at::Tensor>& m,
+                                     const std::optional<at::Tensor>& f, const std::optional<at::Tensor>& g,
+                                     double eps, int64_t dim, c10::DeviceType dev) {
+  check_sinkhorn_scores(scores, dev);
+  check_sinkhorn_eps(eps);
+  SEER_CHECK_ARG(dim == 0 || dim == 1, "dim", "expected 0 or 1, got ", dim);
+  check_sinkhorn_vec(m, "m", scores.size(1), dev);
+  check_sinkhorn_vec(f, "f", scores.size(1), dev);
+  check_sinkhorn_vec(g, "g", scores.size(0), dev);
+}
+
+inline void check_sinkhorn_shift(const at::Tensor& shift, int64_t lines) {
+  SEER_CHECK_ARG(shift.dim() == 0 || (shift.dim() == 1 && shift.size(0) == lines), "shift",
+                 "expected a scalar tensor or ", lines, " values, got shape ", shift.sizes());
+}
+
+inline void check_sinkhorn_fused_args(const at::Tensor& scores, double eps, int64_t iterations,
+                                      c10::DeviceType dev) {
+  check_sinkhorn_scores(scores, dev);
+  check_sinkhorn_eps(eps);
+  SEER_CHECK_ARG(iterations >= 1, "iterations", "expected >= 1, got ", iterations);
+}
+
+}  // namespace seer

@@ -1,0 +1,12 @@
+// Schemas of every private native op (torch.ops.seer_C.*). Kernels register per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; the public ops (torch.ops.seer.*) live in seer_kernels/ops/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(seer_C, m) {
+  // Sinkhorn-Knopp (seer_kernels/reference/sinkhorn.py is the specification).
+  m.def("sinkhorn_fused(Tensor scores, float epsilon, int iterations) -> Tensor");
+  m.def("sinkhorn_max(Tensor scores, Tensor? m, Tensor? f, Tensor? g, float epsilon, int dim) -> Tensor");
+  m.def("sinkhorn_sumexp(Tensor scores, Tensor m, Tensor f, Tensor g, float epsilon, int dim, Tensor shift)"
+        " -> Tensor");
+  m.def("sinkhorn_finalize(Tensor scores, Tensor m, Tensor f, Tensor g, float epsilon, float log_scale) -> Tensor");
+}

@@ -1,0 +1,189 @@
+"""The one dispatch point: which backend runs an op, for the device and dtype of its inputs.
+
+Every op declares its backends once (:meth:`Dispatcher.register`) with what each can do: devices, dtypes,
+an availability probe and an optional per-call check that returns reasons. :meth:`Dispatcher.select`
+walks the priority list of the input's device and returns the first backend with no reason against it:
+
+    cuda tensors:  cuda (CUDA C++ extension) -> triton -> reference      (ops may add e.g. "sdpa")
+    cpu tensors:   cpp  (C++ CPU extension)  -> reference
+
+A backend may also be *forced*, per op or for all ops, by ``SEER_KERNELS_BACKEND_<OP>=<name>``,
+``SEER_KERNELS_BACKEND=<name>`` or the context manager :func:`use_backend` (the context manager wins over
+the environment). A forced backend that cannot run raises :class:`BackendError` listing every backend of
+the op and why it was refused; automatic selection falls through silently. Preferences (a backend that
+works but is slower for these inputs, e.g. from a benchmark table) only steer the automatic choice.
+
+The choice is logged once per (op, device, dtype, backend) on the ``seer_kernels`` logger.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+log = logging.getLogger("seer_kernels")
+
+BACKENDS = ("cuda", "triton", "cpp", "sdpa", "reference")
+DEFAULT_PRIORITY: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpp", "reference"),
+}
+
+# (op or None for all ops) -> backend name; innermost use_backend() wins.
+_forced: contextvars.ContextVar[tuple[tuple[Optional[str], str], ...]] = contextvars.ContextVar(
+    "seer_kernels_forced", default=())
+
+
+class BackendError(RuntimeError):
+    """No backend can run an op for the given inputs (or the forced one cannot)."""
+
+
+@contextlib.contextmanager
+def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
+    """Force backend ``name`` for ``op`` (or for every op) inside the block.
+
+    >>> with seer_kernels.use_backend("reference"):
+    ...     codes = seer_kernels.sinkhorn(scores)
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    token = _forced.set(_forced.get() + ((op, name),))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend(op: str) -> tuple[Optional[str], str]:
+    """The backend forced for ``op`` and where the request came from (``(None, "")`` when none)."""
+    for target, name in reversed(_forced.get()):
+        if target is None or target == op:
+            return name, "use_backend()"
+    for var in (f"SEER_KERNELS_BACKEND_{op.upper()}", "SEER_KERNELS_BACKEND"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            if value not in BACKENDS:
+                raise BackendError(f"{var}={value!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+            return value, var
+    return None, ""
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """None if Triton kernels can run on ``device`` (a GPU, or the CPU under TRITON_INTERPRET=1)."""
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "") != "1":
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    elif device.type != "cuda":
+        return f"Triton does not run on {device.type} tensors"
+    return _triton_import_reason()
+
+
+_TRITON_REASON: list = []
+
+
+def _triton_import_reason() -> Optional[str]:
+    if not _TRITON_REASON:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_REASON.append(None)
+        except ImportError as exc:
+            _TRITON_REASON.append(f"triton is not importable ({exc})")
+    return _TRITON_REASON[0]
+
+
+@dataclass
+class Backend:
+    """One implementation of an op and what it can do."""
+
+    name: str
+    impl: Any  # whatever the op calls: a module, a namespace of functions, a callable
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    available: Callable[[torch.device], Optional[str]] = lambda device: None
+    check: Optional[Callable[..., list[str]]] = None  # (**info) -> reasons it cannot run
+    prefer: Optional[Callable[..., Optional[str]]] = None  # (**info) -> reason to skip it when not forced
+
+    def reasons(self, device: torch.device, dtype: torch.dtype, info: dict) -> list[str]:
+        out = []
+        if device.type not in self.devices:
+            out.append(f"does not run on {device.type} tensors")
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            out.append(f"does not support {str(dtype).replace('torch.', '')} (supports {names})")
+        if not out:
+            why = self.available(device)
+            if why:
+                out.append(why)
+        if not out and self.check is not None:
+            out.extend(self.check(**info))
+        return out
+
+
+@dataclass
+class Dispatcher:
+    """The backends of one op and the rule that picks one per call."""
+
+    op: str
+    priority: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PRIORITY))
+    backends: dict[str, Backend] = field(default_factory=dict)
+    _logged: set = field(default_factory=set)
+
+    def register(self, backend: Backend) -> Backend:
+        if backend.name not in BACKENDS:
+            raise ValueError(f"{self.op}: unknown backend name {backend.name!r}")
+        self.backends[backend.name] = backend
+        return backend
+
+    def select(self, device: torch.device, dtype: torch.dtype, **info: Any) -> Backend:
+        """The backend to run for inputs on ``device`` of ``dtype``; ``info`` feeds per-call checks."""
+        forced, source = forced_backend(self.op)
+        if forced is not None:
+            chosen = self.backends.get(forced)
+            why = ["this op has no such backend"] if chosen is None else chosen.reasons(device, dtype, info)
+            if why:
+                raise BackendError(self._refusal(device, dtype, info, f"backend {forced!r} forced by {source}",
+                                                 {forced: why}))
+            return self._log(chosen, device, dtype, f"forced by {source}")
+        refused: dict[str, list[str]] = {}
+        for name in self.priority.get(device.type, ()):
+            backend = self.backends.get(name)
+            if backend is None:
+                continue
+            why = backend.reasons(device, dtype, info)
+            if not why and backend.prefer is not None:
+                soft = backend.prefer(**info)
+                if soft:
+                    why = [soft]
+            if not why:
+                return self._log(backend, device, dtype, "automatic")
+            refused[name] = why
+        raise BackendError(self._refusal(device, dtype, info, "no backend can run these inputs", refused))
+
+    def explain(self, device: torch.device, dtype: torch.dtype, **info: Any) -> dict[str, list[str]]:
+        """For every backend of the op, the reasons it cannot run these inputs (empty list: it can)."""
+        return {name: b.reasons(device, dtype, info) for name, b in self.backends.items()}
+
+    def _refusal(self, device, dtype, info, headline, first: dict[str, list[str]]) -> str:
+        lines = [f"seer_kernels.{self.op}: {headline} (device {device.type}, dtype "
+                 f"{str(dtype).replace('torch.', '')}). Backends:"]
+        for name, b in self.backends.items():
+            why = first.get(name) or b.reasons(device, dtype, info) or ["can run (not chosen)"]
+            lines.append(f"  {name}: {'; '.join(why)}")
+        for name, why in first.items():
+            if name not in self.backends:
+                lines.append(f"  {name}: {'; '.join(why)}")
+        return "\n".join(lines)
+
+    def _log(self, backend: Backend, device: torch.device, dtype: torch.dtype, how: str) -> Backend:
+        key = (device.type, dtype, backend.name)
+        if key not in self._logged:
+            self._logged.add(key)
+            log.info("seer_kernels.%s on %s/%s: using backend %s (%s)", self.op, device.type,
+                     str(dtype).replace("torch.", ""), backend.name, how)
+        return backend

@@ -1,0 +1,200 @@
+"""The public Sinkhorn-Knopp op: ``seer_kernels.sinkhorn`` and its ``torch.ops.seer`` custom ops.
+
+``seer::sinkhorn`` runs the whole iteration for one process (one fused launch where the backend can).
+With process groups, :func:`sinkhorn` runs the iteration as step ops (``seer::sinkhorn_max``,
+``seer::sinkhorn_sumexp``, ``seer::sinkhorn_finalize``) with functional all-reduces between them, so the
+collectives stay outside the kernels and the whole thing traces under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import _native
+from .._backend import Backend, Dispatcher, triton_unavailable_reason
+from ..reference import sinkhorn as ref
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+DISPATCH = Dispatcher("sinkhorn")
+
+
+def _native_impl() -> SimpleNamespace:
+    ops = torch.ops.seer_C
+    return SimpleNamespace(
+        fused=lambda s, eps, it: ops.sinkhorn_fused(s, eps, it),
+        steps=ref.SinkhornSteps(
+            lambda s, m, f, g, eps, dim: ops.sinkhorn_max(s, m, f, g, eps, dim),
+            lambda s, m, f, g, eps, dim, shift: ops.sinkhorn_sumexp(s, m, f, g, eps, dim, shift),
+            lambda s, m, f, g, eps, log_scale: ops.sinkhorn_finalize(s, m, f, g, eps, log_scale)))
+
+
+def _triton_impl() -> SimpleNamespace:
+    from ..triton import sinkhorn as tri
+    return SimpleNamespace(fused=tri.sinkhorn_fused, steps=tri.STEPS)
+
+
+class _Lazy:
+    """Build an implementation namespace on first use (keeps `import triton` off the import path)."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._value = None
+
+    def __getattr__(self, name):
+        if self._value is None:
+            self._value = self._factory()
+        return getattr(self._value, name)
+
+
+DISPATCH.register(Backend(
+    "cuda", _Lazy(_native_impl), ("cuda",), DTYPES,
+    available=lambda d: _native.unavailable_reason("sinkhorn_fused", "CUDA")))
+DISPATCH.register(Backend(
+    "triton", _Lazy(_triton_impl), ("cuda", "cpu"), DTYPES, available=triton_unavailable_reason))
+DISPATCH.register(Backend(
+    "cpp", _Lazy(_native_impl), ("cpu",), DTYPES,
+    available=lambda d: _native.unavailable_reason("sinkhorn_fused", "CPU")))
+DISPATCH.register(Backend(
+    "reference", SimpleNamespace(fused=ref.sinkhorn, steps=ref.REFERENCE_STEPS), ("cuda", "cpu"), DTYPES))
+
+
+def _impl(scores: Tensor):
+    return DISPATCH.select(scores.device, scores.dtype, shape=tuple(scores.shape)).impl
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops. Each has a fake kernel (shapes only) so that torch.compile(fullgraph=True) traces through it.
+
+@torch.library.custom_op("seer::sinkhorn", mutates_args=())
+def _sinkhorn_op(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
+    return _impl(scores).fused(scores, epsilon, iterations)
+
+
+@_sinkhorn_op.register_fake
+def _(scores, epsilon, iterations):
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("seer::sinkhorn_max", mutates_args=())
+def _max_op(scores: Tensor, m: Optional[Tensor], f: Optional[Tensor], g: Optional[Tensor], epsilon: float,
+            dim: int) -> Tensor:
+    return _impl(scores).steps.max(scores, m, f, g, epsilon, dim)
+
+
+@_max_op.register_fake
+def _(scores, m, f, g, epsilon, dim):
+    return scores.new_empty((scores.shape[1 - dim],), dtype=torch.float32)
+
+
+@torch.library.custom_op("seer::sinkhorn_sumexp", mutates_args=())
+def _sumexp_op(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float, dim: int,
+               shift: Tensor) -> Tensor:
+    return _impl(scores).steps.sumexp(scores, m, f, g, epsilon, dim, shift)
+
+
+@_sumexp_op.register_fake
+def _(scores, m, f, g, epsilon, dim, shift):
+    return scores.new_empty((scores.shape[1 - dim],), dtype=torch.float32)
+
+
+@torch.library.custom_op("seer::sinkhorn_finalize", mutates_args=())
+def _finalize_op(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float, log_scale: float) -> Tensor:
+    return _impl(scores).steps.finalize(scores, m, f, g, epsilon, log_scale)
+
+
+@_finalize_op.register_fake
+def _(scores, m, f, g, epsilon, log_scale):
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
+OP_STEPS = ref.SinkhornSteps(torch.ops.seer.sinkhorn_max, torch.ops.seer.sinkhorn_sumexp,
+                             torch.ops.seer.sinkhorn_finalize)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public function.
+
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
+             group: Optional[dist.ProcessGroup] = None, prototype_group: Optional[dist.ProcessGroup] = None,
+             check_finite: bool = True) -> Tensor:
+    r"""SwAV codes by Sinkhorn-Knopp: float32 (B, K), every row sums to 1.
+
+    Args:
+        scores: (B, K) prototype scores of the local batch (float32, bfloat16, float16; float64 is accepted
+            and computed in float32). Not differentiated: the codes are constants of the loss.
+        epsilon: entropy regularisation, > 0. Q = exp(scores / epsilon) up to the scalings below; any value
+            is safe (the exponent is shifted per prototype, which changes nothing mathematically).
+        iterations: number of (prototype, sample) normalisation rounds, >= 1.
+        group: process group over which the batch is split; the global batch B_global = B x its size.
+        prototype_group: process group over which K is split (a tensor-parallel prototype layer).
+        check_finite: raise ``ValueError`` if ``scores`` holds NaN or inf. This costs one device-to-host
+            copy on a GPU; it is skipped while compiling or capturing a CUDA graph. Without the check,
+            NaN or inf anywhere (on any rank) makes every code NaN, which a training loop sees in its loss.
+
+    Semantics (SwAV): Q = exp(S / eps), normalised to sum 1; then ``iterations`` times every prototype's
+    total over the global batch is set to 1/K and every sample's total to 1/B_global; finally Q * B_global.
+    Computed in float32 in the log domain (see :mod:`seer_kernels.reference.sinkhorn`), so it never
+    overflows: epsilon = 0.01 on cosine scores gives finite codes.
+    """
+    scores = _validate(scores, epsilon, iterations, group, prototype_group)
+    if check_finite and not _tracing(scores):
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("sinkhorn: argument 'scores' contains NaN or inf; the codes would be all NaN. "
+                             "Check the embeddings (L2-normalised?) and the prototype weights.")
+    data_size = dist.get_world_size(group) if group is not None else 1
+    proto_size = dist.get_world_size(prototype_group) if prototype_group is not None else 1
+    if data_size == 1 and proto_size == 1:
+        return torch.ops.seer.sinkhorn(scores, float(epsilon), int(iterations))
+    comm = ref.SinkhornComm(
+        data_size, proto_size,
+        data_max=_reducer("max", group if data_size > 1 else None),
+        data_sum=_reducer("sum", group if data_size > 1 else None),
+        proto_max=_reducer("max", prototype_group if proto_size > 1 else None),
+        proto_sum=_reducer("sum", prototype_group if proto_size > 1 else None))
+    return ref.sinkhorn_loop(scores, float(epsilon), int(iterations), OP_STEPS, comm)
+
+
+def _reducer(op: str, group):
+    if group is None:
+        return lambda t: t
+    from torch.distributed import _functional_collectives as funcol
+
+    def reduce(t: Tensor) -> Tensor:
+        return funcol.wait_tensor(funcol.all_reduce(t, op, group))
+    return reduce
+
+
+def _tracing(t: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _validate(scores, epsilon, iterations, group, prototype_group) -> Tensor:
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"sinkhorn: argument 'scores' must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 2:
+        raise ValueError(f"sinkhorn: argument 'scores' must be 2-D (B, K), got shape {tuple(scores.shape)}")
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"sinkhorn: argument 'scores' must be non-empty, got shape {tuple(scores.shape)}")
+    if scores.dtype == torch.float64:
+        scores = scores.float()
+    if scores.dtype not in DTYPES:
+        raise TypeError(f"sinkhorn: argument 'scores' must be float32, bfloat16 or float16, got {scores.dtype}")
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not math.isfinite(epsilon) \
+            or epsilon <= 0:
+        raise ValueError(f"sinkhorn: argument 'epsilon' must be a finite number > 0, got {epsilon!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
+        raise ValueError(f"sinkhorn: argument 'iterations' must be an integer >= 1, got {iterations!r}")
+    for name, g in (("group", group), ("prototype_group", prototype_group)):
+        if g is not None and not isinstance(g, dist.ProcessGroup):
+            raise TypeError(f"sinkhorn: argument '{name}' must be a torch.distributed.ProcessGroup or None, "
+                            f"got {type(g).__name__}")
+    return scores.detach()

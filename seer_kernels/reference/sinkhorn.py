@@ -1,0 +1,149 @@
+r"""Sinkhorn-Knopp for SwAV codes: the pure-torch specification every backend must match.
+
+SwAV (main_swav.py ``distributed_sinkhorn``) computes, for a score matrix S (B samples x K prototypes)::
+
+    P = exp(S / eps)                       (no max subtraction: overflows for eps < ~0.011)
+    P = P / sum(P)
+    repeat n times:
+        P[:, k] *= 1 / (K * sum_j P[j, k])   every prototype gets mass 1/K   (all-reduce over the batch)
+        P[j, :] *= 1 / (B * sum_k P[j, k])   every sample gets mass 1/B      (local, or all-reduce over K)
+    codes = B * P                          every row sums to 1
+
+We run the same iteration in the log domain with potentials f (K,) and g (B,)::
+
+    X[j, k] = (S[j, k] - m[k]) / eps + f[k] + g[j]        codes = exp(X + log B)
+
+where ``m[k] = max_j S[j, k]`` over the *global* batch. Subtracting a per-prototype constant changes nothing
+(the first prototype step divides it out exactly) but makes ``(S - m) / eps <= 0``, so nothing overflows for
+any eps. The initial division by sum(P) is a global constant and also cancels. One iteration is::
+
+    f[k] -= log K + LSE_j X[j, k]      (prototype step)
+    g[j] -= log B + LSE_k X[j, k]      (sample step)
+
+Each log-sum-exp is taken as ``shift + log(sum exp(X - shift))`` with a shift that keeps the sum in a safe
+range without a separate max pass, except in the first iteration:
+
+* first prototype step: X <= 0 with max 0 in every column, so shift = 0 and the sum lies in [1, B];
+* first sample step: a sample whose scores are all far below every prototype's best would underflow, so the
+  shift is the true row max (one max pass; all-reduced with MAX over ``prototype_group``);
+* later prototype steps: after a sample step every row has LSE = -log B, hence X <= -log B: shift = -log B
+  and the sum is B * (mass of prototype k), which the previous steps bound to [1/K, B];
+* later sample steps: symmetrically shift = -log K and the sum lies in [1/B, K].
+
+Non-finite input: NaN or +-inf anywhere in the scores (on any rank) makes every code NaN, never a silently
+finite answer; :func:`seer_kernels.sinkhorn` raises on such input first unless ``check_finite=False``.
+
+The step functions below are the reference backend of the step ops that the distributed driver calls with
+collectives between them; :func:`sinkhorn_loop` is that driver, shared by every backend.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+def sinkhorn_max(scores: Tensor, m: Optional[Tensor], f: Optional[Tensor], g: Optional[Tensor],
+                 epsilon: float, dim: int) -> Tensor:
+    """Max of X along ``dim`` (0: per prototype over samples, 1: per sample over prototypes), float32.
+
+    With ``m is None`` it returns the per-line max of the raw scores instead, NaN for a line that holds any
+    non-finite value (so that the caller can poison the whole result).
+    """
+    s = _compute(scores)
+    if m is None:
+        bad = ~torch.isfinite(s).all(dim=dim)
+        return torch.where(bad, torch.full_like(bad, float("nan"), dtype=s.dtype), s.amax(dim=dim))
+    return _logits(s, m, f, g, epsilon).amax(dim=dim)
+
+
+def sinkhorn_sumexp(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float, dim: int,
+                    shift: Tensor) -> Tensor:
+    """``sum(exp(X - shift), dim)``; ``shift`` is a scalar tensor or one value per line."""
+    x = _logits(_compute(scores), m, f, g, epsilon)
+    sh = shift.to(x.dtype).unsqueeze(dim) if shift.dim() == 1 else shift.to(x.dtype)
+    return torch.exp(x - sh).sum(dim=dim)
+
+
+def sinkhorn_finalize(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float,
+                      log_scale: float) -> Tensor:
+    """The codes ``exp(X + log_scale)``."""
+    return torch.exp(_logits(_compute(scores), m, f, g, epsilon) + log_scale)
+
+
+def _compute(scores: Tensor) -> Tensor:
+    """Scores in the compute dtype: float32, or float64 for float64 input (the test oracle)."""
+    return scores if scores.dtype == torch.float64 else scores.float()
+
+
+def _logits(s: Tensor, m: Tensor, f: Optional[Tensor], g: Optional[Tensor], epsilon: float) -> Tensor:
+    # Division (not multiplication by 1/eps) so that float32 matches the float64 reference to rounding.
+    x = (s - m.to(s.dtype)) / epsilon
+    if f is not None:
+        x = x + f.to(s.dtype)
+    if g is not None:
+        x = x + g.to(s.dtype).unsqueeze(1)
+    return x
+
+
+class SinkhornSteps(NamedTuple):
+    """The step kernels of one backend (same signatures as the reference functions above)."""
+
+    max: Callable[..., Tensor]
+    sumexp: Callable[..., Tensor]
+    finalize: Callable[..., Tensor]
+
+
+class SinkhornComm(NamedTuple):
+    """Reductions across ranks. ``data`` spans the batch, ``proto`` the prototypes (K split)."""
+
+    data_size: int = 1
+    proto_size: int = 1
+    data_max: Callable[[Tensor], Tensor] = lambda t: t
+    data_sum: Callable[[Tensor], Tensor] = lambda t: t
+    proto_max: Callable[[Tensor], Tensor] = lambda t: t
+    proto_sum: Callable[[Tensor], Tensor] = lambda t: t
+
+
+REFERENCE_STEPS = SinkhornSteps(sinkhorn_max, sinkhorn_sumexp, sinkhorn_finalize)
+
+
+def sinkhorn_loop(scores: Tensor, epsilon: float, iterations: int,
+                  steps: SinkhornSteps = REFERENCE_STEPS, comm: SinkhornComm = SinkhornComm()) -> Tensor:
+    """Run the iteration with ``steps`` kernels and ``comm`` reductions between them (see module doc).
+
+    No host synchronisation: every quantity stays on the device and nothing branches on data.
+    """
+    b_local, k_local = scores.shape
+    log_b = math.log(b_local * comm.data_size)
+    log_k = math.log(k_local * comm.proto_size)
+    m_local = steps.max(scores, None, None, None, 1.0, 0)
+    m = comm.data_max(m_local)
+    # 0 normally, NaN if this rank saw a non-finite score; added to the first sums, it reaches every rank.
+    poison = (m_local - m_local).sum()
+    dev = scores.device
+    cdt = m.dtype
+    f = torch.zeros(k_local, device=dev, dtype=cdt)
+    g = torch.zeros(b_local, device=dev, dtype=cdt)
+    zero = torch.zeros((), device=dev, dtype=cdt)
+    for it in range(iterations):
+        row_shift = zero if it == 0 else zero - log_b
+        s = steps.sumexp(scores, m, f, g, epsilon, 0, row_shift)
+        if it == 0:
+            s = s + poison
+        s = comm.data_sum(s)
+        f = f - (log_k + row_shift + torch.log(s))
+        if it == 0:
+            col_shift = comm.proto_max(steps.max(scores, m, f, g, epsilon, 1))
+        else:
+            col_shift = zero - log_k
+        u = comm.proto_sum(steps.sumexp(scores, m, f, g, epsilon, 1, col_shift))
+        g = g - (log_b + col_shift + torch.log(u))
+    return steps.finalize(scores, m, f, g, epsilon, log_b)
+
+
+def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
+    """Reference codes for one process: float32 math (float64 math and output for float64 scores)."""
+    return sinkhorn_loop(scores, epsilon, iterations)

@@ -1,0 +1,60 @@
+"""Helpers for testing kernels against references (used by tests/ and bench/).
+
+The correctness rule (FlashAttention's): a kernel's error against a float64 reference must be at most
+``2 x`` the error that plain PyTorch makes in the same dtype, plus a small absolute tolerance. The
+tolerance therefore follows what the dtype can achieve instead of hand-tuned constants.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+POISON = float("nan")
+
+
+def poisoned_like(t: Tensor, value: float = POISON) -> Tensor:
+    """An output buffer filled with NaN (or ``value``), so elements a kernel never writes show up."""
+    return torch.full_like(t, value)
+
+
+def max_abs_err(a: Tensor, b: Tensor) -> float:
+    """Max |a - b| in float64; NaN or inf where only one side is non-finite counts as infinite."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    both_nan = torch.isnan(a64) & torch.isnan(b64)
+    same_inf = torch.isinf(a64) & torch.isinf(b64) & (a64 == b64)
+    diff = (a64 - b64).abs()
+    diff = torch.where(both_nan | same_inf, torch.zeros_like(diff), diff)
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_close_to_ref(out: Tensor, ref64: Tensor, torch_same_dtype: Tensor, *, atol: float,
+                        factor: float = 2.0, name: str = "output") -> None:
+    """``|out - ref64| <= factor * |torch_same_dtype - ref64| + atol`` (max norm), with a readable message."""
+    err = max_abs_err(out, ref64)
+    base = max_abs_err(torch_same_dtype, ref64)
+    bound = factor * base + atol
+    if not err <= bound:
+        diff = (out.double() - ref64.double()).abs()
+        diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+        worst = torch.topk(diff.flatten(), min(5, diff.numel())).indices
+        idx = [tuple(int(i) for i in torch.unravel_index(w, diff.shape)) for w in worst]
+        raise AssertionError(
+            f"{name}: max error {err:.3e} > {factor} x PyTorch's error {base:.3e} + atol {atol:.1e}; "
+            f"worst at {idx}: got {[float(out[i]) for i in idx]}, want {[float(ref64[i]) for i in idx]}")
+
+
+def triton_device() -> Optional[str]:
+    """Where Triton kernels can be tested here: 'cuda', 'cpu' (interpreter) or None."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return None
+        return "cpu"
+    return None

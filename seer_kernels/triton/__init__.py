@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers; imported lazily, only when the Triton backend is selected."""

@@ -1,0 +1,58 @@
+"""Test configuration shared by every suite.
+
+Markers: ``cuda`` (needs an NVIDIA GPU; skipped otherwise), ``triton`` (Triton kernels: on a GPU, or on the
+CPU under TRITON_INTERPRET=1, which this file turns on when no GPU is present), ``ext`` (needs the compiled
+seer_kernels._C), ``dist`` (spawns torch.distributed processes), ``slow``.
+"""
+import os
+
+# Must happen before anything imports a Triton kernel: @triton.jit reads it at decoration time.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # pragma: no cover
+        pass
+
+import pytest
+import torch
+
+from seer_kernels import _native
+from seer_kernels.testing import triton_device
+
+
+def pytest_configure(config):
+    for name, doc in (("cuda", "needs an NVIDIA GPU"), ("triton", "runs Triton kernels"),
+                      ("ext", "needs the compiled seer_kernels._C"), ("dist", "spawns distributed processes"),
+                      ("slow", "takes more than a few seconds")):
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="no CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="Triton cannot run here (no GPU and no TRITON_INTERPRET=1)")
+    skip_ext = pytest.mark.skip(reason=f"seer_kernels._C not available: {_native.status()}")
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
+        if "triton" in item.keywords and triton_device() is None:
+            item.add_marker(skip_triton)
+        if "ext" in item.keywords and not _native.loaded():
+            item.add_marker(skip_ext)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs every run (the seed is printed on failure), not a fixed seed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "call" and call.excinfo is not None:
+        for key, value in item.user_properties:
+            if key == "seed":
+                item.add_report_section("call", "seed", f"torch.manual_seed({value})")

@@ -1,0 +1,419 @@
+"""seer_kernels.sinkhorn: every backend that can run here against an independent float64 SwAV loop."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import seer_kernels
+from seer_kernels import BackendError, use_backend
+from seer_kernels.ops.sinkhorn import DISPATCH
+from seer_kernels.reference import sinkhorn as ref
+from seer_kernels.testing import max_abs_err, triton_device
+from tests.dist_utils import run_distributed
+
+
+def swav_f64(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """SwAV's distributed_sinkhorn for one process, written out plainly, in float64 (the oracle)."""
+    q = torch.exp(scores.double() / epsilon).t()
+    k, b = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
+def cosine_scores(b: int, k: int, device="cpu", dtype=torch.float32, dim: int = 32) -> torch.Tensor:
+    """Scores as SwAV makes them: L2-normalised embeddings against L2-normalised prototypes."""
+    z = torch.nn.functional.normalize(torch.randn(b, dim, dtype=torch.float64), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(k, dim, dtype=torch.float64), dim=1)
+    return (z @ c.t()).to(device=device, dtype=dtype)
+
+
+def _runnable(name: str, device: str) -> bool:
+    return not DISPATCH.backends[name].reasons(torch.device(device), torch.float32, {})
+
+
+def backend_params():
+    """(backend, device) pairs that can run here; Triton on the CPU only under the interpreter."""
+    out = []
+    for name in ("cpp", "reference"):
+        out.append(pytest.param(name, "cpu", id=f"{name}-cpu",
+                                marks=[pytest.mark.ext] if name == "cpp" else []))
+    if triton_device() is not None:
+        out.append(pytest.param("triton", triton_device(), id=f"triton-{triton_device()}", marks=pytest.mark.triton))
+    out.append(pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.cuda, pytest.mark.ext]))
+    out.append(pytest.param("reference", "cuda", id="reference-cuda", marks=pytest.mark.cuda))
+    return out
+
+
+def _interpreted(device: str) -> bool:
+    return device == "cpu"
+
+
+@pytest.fixture
+def poison_empty():
+    """Uninitialised memory from torch.empty / at::empty is NaN while the test runs."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+# Shapes from the issue; the Triton interpreter runs the small ones only.
+SHAPES = [
+    ((64, 300), 0.05, 3),
+    ((128, 3000), 0.05, 3),
+    ((32, 16384), 0.03, 10),  # SEER-10B
+    ((1024, 500), 0.05, 3),
+    ((64 + 3840, 3000), 0.05, 3),  # batch plus a 3840-row queue
+    ((37, 131), 0.05, 3),  # odd sizes
+    ((1, 5), 0.05, 3),
+    ((7, 1), 0.05, 2),
+    ((13, 29), 0.03, 10),
+]
+SMALL = {(64, 300), (37, 131), (1, 5), (7, 1), (13, 29)}
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("shape,eps,iters", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else str(v))
+def test_float32_matches_float64(backend, device, shape, eps, iters, poison_empty):
+    if backend == "triton" and _interpreted(device) and shape not in SMALL:
+        pytest.skip("the Triton interpreter is too slow for this size; the GPU check runs it")
+    scores = cosine_scores(*shape, device=device)
+    want = swav_f64(scores.cpu(), eps, iters)
+    with use_backend(backend, op="sinkhorn"):
+        got = seer_kernels.sinkhorn(scores, eps, iters)
+    assert got.dtype == torch.float32 and got.shape == scores.shape
+    assert max_abs_err(got.cpu(), want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_match_float64_of_same_values(backend, device, dtype, poison_empty):
+    shape = (37, 131) if backend == "triton" and _interpreted(device) else (96, 1000)
+    scores = cosine_scores(*shape, device=device, dtype=dtype)
+    want = swav_f64(scores.cpu(), 0.05, 3)  # float64 run of the same (rounded) values
+    with use_backend(backend, op="sinkhorn"):
+        got = seer_kernels.sinkhorn(scores, 0.05, 3)
+    assert got.dtype == torch.float32
+    assert max_abs_err(got.cpu(), want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_small_epsilon_never_overflows(backend, device):
+    # exp(1 / 0.01) = exp(100) overflows float32 in SwAV's loop; it must stay finite here.
+    shape = (24, 40) if backend == "triton" and _interpreted(device) else (256, 3000)
+    scores = torch.rand(*shape, dtype=torch.float64).mul(2).sub(1).float().to(device)  # uniform in [-1, 1]
+    assert not torch.isfinite(torch.exp(scores / 0.01)).all()
+    want = swav_f64(scores.cpu(), 0.01, 5)
+    with use_backend(backend, op="sinkhorn"):
+        got = seer_kernels.sinkhorn(scores, 0.01, 5)
+    assert torch.isfinite(got).all()
+    assert max_abs_err(got.cpu(), want) <= 1e-5
+
+
+def test_outlier_sample_far_below_every_prototype():
+    # One sample scores 1.8 below each prototype's best: exp(-180) underflows float32 in any single
+    # shift, yet its codes are a proper distribution; the first sample step's max shift keeps it.
+    # Its potentials cancel at magnitude ~180, so float32 rounding (ulp(180) = 1.5e-5) bounds the
+    # accuracy of that row: the tolerance is 3e-5 here instead of 1e-5.
+    scores = torch.rand(16, 12) * 0.2 + 0.8
+    scores[3] = torch.rand(12) * 0.2 - 1.0
+    want = swav_f64(scores, 0.01, 3)
+    for backend in [b for b in ("cpp", "reference") if _runnable(b, "cpu")]:
+        with use_backend(backend, op="sinkhorn"):
+            got = seer_kernels.sinkhorn(scores, 0.01, 3)
+        assert max_abs_err(got, want) <= 3e-5, backend
+        assert max_abs_err(torch.cat([got[:3], got[4:]]), torch.cat([want[:3], want[4:]])) <= 1e-5
+        assert abs(float(got[3].sum()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_exact_properties(backend, device):
+    shape = (24, 40) if backend == "triton" and _interpreted(device) else (200, 300)
+    b, k = shape
+    scores = cosine_scores(b, k, device=device)
+    with use_backend(backend, op="sinkhorn"):
+        q = seer_kernels.sinkhorn(scores, 0.05, 3).cpu().double()
+        q_many = seer_kernels.sinkhorn(scores, 0.05, 300).cpu().double()
+    assert (q >= 0).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(b, dtype=torch.float64), atol=1e-5, rtol=0)
+    # With many iterations the prototypes' totals approach B/K (equipartition).
+    totals = q_many.sum(0)
+    assert float((totals - b / k).abs().max()) < 1e-3 * b / k
+    assert float((q.sum(0) - b / k).abs().max()) > float((totals - b / k).abs().max())
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_step_ops_match_reference(backend, device):
+    b, k = (9, 21) if backend == "triton" and _interpreted(device) else (70, 333)
+    s = cosine_scores(b, k, device=device)
+    m = ref.sinkhorn_max(s, None, None, None, 1.0, 0)
+    f, g = torch.randn(k, device=device), torch.randn(b, device=device)
+    impl = DISPATCH.backends[backend].impl
+    for dim in (0, 1):
+        torch.testing.assert_close(impl.steps.max(s, m, f, g, 0.05, dim), ref.sinkhorn_max(s, m, f, g, 0.05, dim))
+        torch.testing.assert_close(impl.steps.max(s, None, None, None, 1.0, dim),
+                                   ref.sinkhorn_max(s, None, None, None, 1.0, dim))
+        for shift in (torch.tensor(-3.0, device=device), torch.randn(s.shape[1 - dim], device=device) + 5):
+            torch.testing.assert_close(impl.steps.sumexp(s, m, f, g, 0.05, dim, shift),
+                                       ref.sinkhorn_sumexp(s, m, f, g, 0.05, dim, shift), rtol=2e-5, atol=0)
+    torch.testing.assert_close(impl.steps.finalize(s, m, f - 2, g - 2, 0.05, 1.5),
+                               ref.sinkhorn_finalize(s, m, f - 2, g - 2, 0.05, 1.5), rtol=2e-5, atol=1e-30)
+    # Raw max flags every non-finite value with NaN for its line.
+    s2 = s.clone()
+    s2[1, 2] = float("inf")
+    got = impl.steps.max(s2, None, None, None, 1.0, 0)
+    assert torch.isnan(got[2]) and torch.isfinite(torch.cat([got[:2], got[3:]])).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_non_finite_scores(backend, device):
+    s = cosine_scores(8, 16, device=device)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        s2 = s.clone()
+        s2[2, 3] = bad
+        with pytest.raises(ValueError, match="'scores' contains NaN or inf"):
+            seer_kernels.sinkhorn(s2)
+        with use_backend(backend, op="sinkhorn"):
+            out = seer_kernels.sinkhorn(s2, check_finite=False)
+        assert torch.isnan(out).all(), f"{bad}: expected every code NaN"
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_non_contiguous_input(backend, device):
+    big = cosine_scores(40, 60, device=device)
+    s = big[::2, 5:50]
+    want = swav_f64(s.cpu(), 0.05, 3)
+    with use_backend(backend, op="sinkhorn"):
+        got = seer_kernels.sinkhorn(s, 0.05, 3)
+    assert max_abs_err(got.cpu(), want) <= 1e-5
+    with use_backend(backend, op="sinkhorn"):
+        got_t = seer_kernels.sinkhorn(big.t(), 0.05, 3)
+    assert max_abs_err(got_t.cpu(), swav_f64(big.t().cpu(), 0.05, 3)) <= 1e-5
+
+
+@pytest.mark.ext
+def test_cpp_is_deterministic_across_thread_counts():
+    s = cosine_scores(300, 1000)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = seer_kernels.sinkhorn(s, 0.05, 3)
+        torch.set_num_threads(max(2, prev))
+        b = seer_kernels.sinkhorn(s, 0.05, 3)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(a, b)
+
+
+def test_float64_input_is_computed_in_float32():
+    s = cosine_scores(10, 20, dtype=torch.float64)
+    out = seer_kernels.sinkhorn(s)
+    assert out.dtype == torch.float32
+    assert max_abs_err(out, swav_f64(s, 0.05, 3)) <= 1e-5
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scores,exc,match", [
+    (torch.randn(5), ValueError, "'scores' must be 2-D"),
+    (torch.randn(2, 3, 4), ValueError, "'scores' must be 2-D"),
+    (torch.randn(0, 4), ValueError, "'scores' must be non-empty"),
+    (torch.randn(4, 0), ValueError, "'scores' must be non-empty"),
+    (torch.ones(4, 3, dtype=torch.int64), TypeError, "'scores' must be float32, bfloat16 or float16"),
+    (torch.ones(4, 3, dtype=torch.bool), TypeError, "'scores' must be float32"),
+    ([[1.0, 2.0]], TypeError, "'scores' must be a torch.Tensor"),
+])
+def test_bad_scores(scores, exc, match):
+    with pytest.raises(exc, match=match):
+        seer_kernels.sinkhorn(scores)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(epsilon=0.0), "'epsilon' must be a finite number > 0"),
+    (dict(epsilon=-0.1), "'epsilon'"),
+    (dict(epsilon=float("nan")), "'epsilon'"),
+    (dict(epsilon=float("inf")), "'epsilon'"),
+    (dict(epsilon=True), "'epsilon'"),
+    (dict(iterations=0), "'iterations' must be an integer >= 1"),
+    (dict(iterations=2.5), "'iterations'"),
+    (dict(iterations=True), "'iterations'"),
+])
+def test_bad_parameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        seer_kernels.sinkhorn(torch.randn(4, 3), **kw)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(group=3), "'group' must be a torch.distributed.ProcessGroup"),
+                                      (dict(prototype_group="tp"), "'prototype_group' must be")])
+def test_bad_groups(kw, match):
+    with pytest.raises(TypeError, match=match):
+        seer_kernels.sinkhorn(torch.randn(4, 3), **kw)
+
+
+@pytest.mark.ext
+def test_native_ops_check_their_arguments():
+    ops = torch.ops.seer_C
+    with pytest.raises(ValueError, match="argument 'epsilon'"):
+        ops.sinkhorn_fused(torch.randn(3, 4), -1.0, 3)
+    with pytest.raises(ValueError, match="argument 'iterations'"):
+        ops.sinkhorn_fused(torch.randn(3, 4), 0.05, 0)
+    with pytest.raises(ValueError, match="argument 'scores'"):
+        ops.sinkhorn_fused(torch.randn(3), 0.05, 3)
+    with pytest.raises(ValueError, match="argument 'm'"):
+        ops.sinkhorn_max(torch.randn(3, 4), torch.randn(5), None, None, 0.05, 0)
+    with pytest.raises(ValueError, match="argument 'dim'"):
+        ops.sinkhorn_max(torch.randn(3, 4), None, None, None, 1.0, 2)
+    with pytest.raises(ValueError, match="argument 'shift'"):
+        z = torch.zeros(4)
+        ops.sinkhorn_sumexp(torch.randn(3, 4), z, z, torch.zeros(3), 0.05, 0, torch.zeros(7))
+
+
+# ---- dispatch -------------------------------------------------------------------------------------
+
+def test_forced_backend_refusal_lists_every_backend(monkeypatch):
+    with use_backend("cuda", op="sinkhorn"), pytest.raises(BackendError) as info:
+        seer_kernels.sinkhorn(torch.randn(4, 3))
+    msg = str(info.value)
+    assert "backend 'cuda' forced by use_backend()" in msg
+    for name in ("cuda", "triton", "cpp", "reference"):
+        assert f"  {name}: " in msg
+    assert "does not run on cpu tensors" in msg
+    monkeypatch.setenv("SEER_KERNELS_BACKEND_SINKHORN", "sdpa")
+    with pytest.raises(BackendError, match="this op has no such backend"):
+        seer_kernels.sinkhorn(torch.randn(4, 3))
+    monkeypatch.setenv("SEER_KERNELS_BACKEND_SINKHORN", "bogus")
+    with pytest.raises(BackendError, match="'bogus' is not a backend"):
+        seer_kernels.sinkhorn(torch.randn(4, 3))
+
+
+def test_environment_forces_and_context_manager_wins(monkeypatch, caplog):
+    monkeypatch.setenv("SEER_KERNELS_BACKEND", "reference")
+    assert DISPATCH.select(torch.device("cpu"), torch.float32).name == "reference"
+    if _runnable("cpp", "cpu"):
+        with use_backend("cpp"):
+            assert DISPATCH.select(torch.device("cpu"), torch.float32).name == "cpp"
+    monkeypatch.delenv("SEER_KERNELS_BACKEND")
+    expected = "cpp" if _runnable("cpp", "cpu") else "reference"
+    assert DISPATCH.select(torch.device("cpu"), torch.bfloat16).name == expected
+    with pytest.raises(ValueError, match="unknown backend"):
+        with use_backend("nope"):
+            pass
+
+
+def test_choice_is_logged_once_per_device_and_dtype(caplog):
+    DISPATCH._logged.clear()
+    with caplog.at_level(logging.INFO, logger="seer_kernels"):
+        for _ in range(3):
+            seer_kernels.sinkhorn(torch.randn(4, 3, dtype=torch.float16))
+    lines = [r.message for r in caplog.records if "seer_kernels.sinkhorn on cpu/float16" in r.message]
+    assert len(lines) == 1
+
+
+# ---- torch.library ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+def test_opcheck(backend):
+    s = cosine_scores(6, 10)
+    m = ref.sinkhorn_max(s, None, None, None, 1.0, 0)
+    f, g = torch.zeros(10), torch.zeros(6)
+    with use_backend(backend, op="sinkhorn"):
+        torch.library.opcheck(torch.ops.seer.sinkhorn.default, (s, 0.05, 3))
+        torch.library.opcheck(torch.ops.seer.sinkhorn_max.default, (s, None, None, None, 1.0, 0))
+        torch.library.opcheck(torch.ops.seer.sinkhorn_max.default, (s, m, f, g, 0.05, 1))
+        torch.library.opcheck(torch.ops.seer.sinkhorn_sumexp.default, (s, m, f, g, 0.05, 0, torch.tensor(0.0)))
+        torch.library.opcheck(torch.ops.seer.sinkhorn_finalize.default, (s, m, f, g, 0.05, 1.0))
+
+
+def test_compiles_fullgraph():
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def codes(z, c):
+        scores = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(c, dim=1).t()
+        return seer_kernels.sinkhorn(scores, 0.05, 3)
+
+    z, c = torch.randn(16, 8), torch.randn(30, 8)
+    got = codes(z, c)
+    want = swav_f64(torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(c, dim=1).t(), 0.05, 3)
+    assert max_abs_err(got, want) <= 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    s = cosine_scores(32, 3000, device="cuda")
+    seer_kernels.sinkhorn(s, check_finite=False)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = seer_kernels.sinkhorn(s)  # the finiteness check is skipped while capturing
+    s.copy_(cosine_scores(32, 3000, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert max_abs_err(out.cpu(), swav_f64(s.cpu(), 0.05, 3)) <= 1e-5
+
+
+# ---- distributed ------------------------------------------------------------------------------------
+
+def _dist_body(rank: int, world: int, layout: str, scores: torch.Tensor, eps: float, iters: int):
+    """Split the global matrix per ``layout`` and return this rank's codes block."""
+    b, k = scores.shape
+    if layout == "batch":
+        data, proto, dr, pr, dsize, psize = dist.group.WORLD, None, rank, 0, world, 1
+    elif layout == "proto":
+        data, proto, dr, pr, dsize, psize = None, dist.group.WORLD, 0, rank, 1, world
+    else:  # 2 x 2 mesh: rank = data_rank * 2 + proto_rank
+        dsize = psize = 2
+        dr, pr = divmod(rank, 2)
+        data_groups = [dist.new_group([p, p + 2]) for p in range(2)]
+        proto_groups = [dist.new_group([2 * d, 2 * d + 1]) for d in range(2)]
+        data, proto = data_groups[pr], proto_groups[dr]
+    bl, kl = b // dsize, k // psize
+    local = scores[dr * bl:(dr + 1) * bl, pr * kl:(pr + 1) * kl].contiguous()
+    return seer_kernels.sinkhorn(local, eps, iters, group=data, prototype_group=proto)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout,world", [("batch", 2), ("proto", 2), ("mesh", 4)])
+def test_distributed_matches_single_process(layout, world):
+    scores = cosine_scores(48, 90)
+    blocks = run_distributed(_dist_body, world, layout, scores, 0.03, 10)
+    if layout == "batch":
+        got = torch.cat(blocks, 0)
+    elif layout == "proto":
+        got = torch.cat(blocks, 1)
+    else:
+        got = torch.cat([torch.cat(blocks[0:2], 1), torch.cat(blocks[2:4], 1)], 0)
+    want = swav_f64(scores, 0.03, 10)
+    assert max_abs_err(got, want) <= 1e-5
+    assert max_abs_err(got, seer_kernels.sinkhorn(scores, 0.03, 10)) <= 1e-5
+
+
+def _dist_nan_body(rank: int, world: int, scores: torch.Tensor):
+    local = scores[rank * 4:(rank + 1) * 4].clone()
+    if rank == 1:
+        local[0, 0] = float("nan")
+    return seer_kernels.sinkhorn(local, group=dist.group.WORLD, check_finite=False)
+
+
+@pytest.mark.dist
+def test_distributed_nan_on_one_rank_poisons_every_rank():
+    blocks = run_distributed(_dist_nan_body, 2, cosine_scores(8, 10))
+    assert all(torch.isnan(b).all() for b in blocks)
+
+
+def test_reference_float64_is_the_same_algorithm():
+    s = cosine_scores(20, 30, dtype=torch.float64)
+    got = ref.sinkhorn(s, 0.05, 4)
+    assert got.dtype == torch.float64
+    assert max_abs_err(got, swav_f64(s, 0.05, 4)) <= 1e-12
+    assert math.isclose(float(got.sum()), 20.0, rel_tol=1e-12)
