@@ -4,6 +4,7 @@ Public ops (each a ``torch.library.custom_op`` in the ``seer`` namespace, with a
 ``torch.compile(fullgraph=True)``):
 
 * :func:`sinkhorn`: SwAV codes by Sinkhorn-Knopp, optionally distributed over process groups.
+* :func:`attention`: fused softmax attention for ViT shapes, differentiable.
 
 Backends are chosen per call by one dispatcher (:mod:`seer_kernels._backend`): CUDA C++, Triton or the
 pure-torch reference on GPUs; C++ CPU or the reference on CPUs. Force one with ``SEER_KERNELS_BACKEND`` /
@@ -11,9 +12,10 @@ pure-torch reference on GPUs; C++ CPU or the reference on CPUs. Force one with `
 """
 from . import _native
 from ._backend import BackendError, use_backend
+from .ops.attention import attention
 from .ops.sinkhorn import sinkhorn
 
-__all__ = ["BackendError", "sinkhorn", "use_backend", "native_status"]
+__all__ = ["BackendError", "attention", "sinkhorn", "use_backend", "native_status"]
 
 
 def native_status() -> str:

@@ -1,0 +1,43 @@
+"""Print the one-table summary of a bench/gpu_check.sh run: environment, build, tests, benchmarks."""
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def _read(path: Path, default: str = "missing") -> str:
+    return path.read_text().strip() if path.exists() else default
+
+
+def main(out_dir: str) -> int:
+    out = Path(out_dir)
+    print("=" * 100)
+    print(f"build: {_read(out / 'build.status')}")
+    xml = out / "tests.xml"
+    if xml.exists():
+        root = ET.parse(xml).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        tests, fails, errs, skips = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+        print(f"tests: {tests - fails - errs - skips} passed, {fails} failed, {errs} errors, {skips} skipped "
+              f"(rc {_read(out / 'tests.rc')})")
+        for case in suite.iter("testcase"):
+            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if bad is not None:
+                msg = (bad.get("message") or "").splitlines()[0][:150] if bad.get("message") else ""
+                print(f"  FAIL {case.get('classname')}::{case.get('name')}: {msg}")
+    else:
+        print(f"tests: no report (rc {_read(out / 'tests.rc')})")
+    bench = out / "bench.json"
+    print(f"benchmarks: rc {_read(out / 'bench.rc')}")
+    if bench.exists():
+        print(json.loads(bench.read_text())["table"])
+    else:
+        print("  no benchmark JSON")
+    print("=" * 100)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/gpu-latest"))
