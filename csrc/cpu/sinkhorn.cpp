@@ -2,10 +2,11 @@
 // distributed driver uses. Math, shifts and NaN policy: seer_kernels/reference/sinkhorn.py.
 //
 // Layout: scores are converted once to a contiguous float32 matrix X = (S - m) / eps (B rows of K),
-// kept in the output buffer; every step is then one pass over X computing exp(X + f + g - shift)
-// with a vectorised exp. Threads (at::parallel_for, OpenMP underneath) split rows, or fixed chunks
-// of 32 rows for per-prototype sums whose partials are added in a fixed order: the result does not
-// depend on the number of threads.
+// kept in the output buffer; a log-domain step is one pass over X computing exp(X + f + g - shift)
+// with a vectorised exp (the fused op then continues in the scale domain, see sinkhorn_fused_cpu).
+// Threads (at::parallel_for, OpenMP underneath) split rows, or tiles of 32 rows x 2048 columns for
+// per-prototype sums whose per-chunk partials are added in a fixed order: the result does not depend
+// on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +28,7 @@ namespace seer {
 namespace {
 
 constexpr int64_t kRowChunk = 32;    // rows per partial sum of a per-prototype reduction
+constexpr int64_t kColBlock = 2048;  // columns per task, so that a few rows still split across threads
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // ---- leaf loops over one row of K values (vectorised, multi-versioned) ----------------------
@@ -83,26 +85,49 @@ SEER_SIMD_CLONES void exp_row(const float* x, const float* f, float add, float* 
 
 // ---- whole-matrix reductions ---------------------------------------------------------------
 
+// Calls fn(c, j0, j1, k0, k1) for every tile of kRowChunk rows x kColBlock columns, in parallel. The
+// partition depends only on the shape, so per-chunk partials are the same whatever the thread count.
+template <typename Fn>
+void for_tiles(int64_t B, int64_t K, const Fn& fn) {
+  const int64_t chunks = (B + kRowChunk - 1) / kRowChunk, blocks = (K + kColBlock - 1) / kColBlock;
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t / blocks, kb = t % blocks;
+      fn(c, c * kRowChunk, std::min(B, (c + 1) * kRowChunk), kb * kColBlock, std::min(K, (kb + 1) * kColBlock));
+    }
+  });
+}
+
+// out[k] = sum over chunks c of part[c * K + k], chunks added in order (independent of threads).
+void sum_chunks(const float* part, int64_t chunks, int64_t K, float* out) {
+  at::parallel_for(0, K, 2048, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      float acc = part[k];
+      for (int64_t c = 1; c < chunks; ++c) acc += part[c * K + k];
+      out[k] = acc;
+    }
+  });
+}
+
 // Per-prototype reduction over rows: out[k] = reduce_j (x[j,k] + f[k] + g[j]) (max, or sum of
 // exp(... - shift[k])). Fixed 32-row chunks give partials that are combined in order.
 void reduce_over_rows(const float* x, int64_t B, int64_t K, const float* f, const float* g,
                       const float* shift, bool is_max, float* out) {
   const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
   std::vector<float> part(chunks * K, is_max ? -INFINITY : 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      float* acc = part.data() + c * K;
-      for (int64_t j = c * kRowChunk; j < std::min(B, (c + 1) * kRowChunk); ++j) {
-        const float add = g ? g[j] : 0.f;
-        if (is_max) acc_max_row(x + j * K, f, add, acc, K);
-        else acc_exp_row(x + j * K, f, add, shift, acc, K);
-      }
+  for_tiles(B, K, [&](int64_t c, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+    float* acc = part.data() + c * K + k0;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float add = g ? g[j] : 0.f;
+      if (is_max) acc_max_row(x + j * K + k0, f + k0, add, acc, k1 - k0);
+      else acc_exp_row(x + j * K + k0, f + k0, add, shift + k0, acc, k1 - k0);
     }
   });
+  if (!is_max) return sum_chunks(part.data(), chunks, K, out);
   at::parallel_for(0, K, 2048, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       float acc = part[k];
-      for (int64_t c = 1; c < chunks; ++c) acc = is_max ? max_nan(acc, part[c * K + k]) : acc + part[c * K + k];
+      for (int64_t c = 1; c < chunks; ++c) acc = max_nan(acc, part[c * K + k]);
       out[k] = acc;
     }
   });
@@ -125,10 +150,9 @@ void colmax_raw(const float* s, int64_t B, int64_t K, float* m) {
   const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
   std::vector<float> part(chunks * K, -INFINITY);
   std::vector<int32_t> bad(chunks * K, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t j = c * kRowChunk; j < std::min(B, (c + 1) * kRowChunk); ++j)
-        colmax_raw_row(s + j * K, part.data() + c * K, bad.data() + c * K, K);
+  for_tiles(B, K, [&](int64_t c, int64_t j0, int64_t j1, int64_t k0, int64_t k1) {
+    for (int64_t j = j0; j < j1; ++j)
+      colmax_raw_row(s + j * K + k0, part.data() + c * K + k0, bad.data() + c * K + k0, k1 - k0);
   });
   for (int64_t k = 0; k < K; ++k) {
     float acc = part[k];
@@ -228,35 +252,159 @@ at::Tensor sinkhorn_finalize_cpu(const at::Tensor& scores, const at::Tensor& m, 
   return x;
 }
 
+// Scale-domain helpers (targets are B-scaled: every row of the codes sums to 1).
+SEER_SIMD_CLONES float dot_row(const float* e, const float* a, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += e[k] * a[k];
+  return acc;
+}
+
+SEER_SIMD_CLONES void axpy_row(const float* e, float b, float* acc, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) acc[k] += e[k] * b;
+}
+
+SEER_SIMD_CLONES void scale_row(const float* e, const float* a, float b, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = e[k] * a[k] * b;
+}
+
+// Row sweeps that also accumulate per-prototype sums, in fixed chunks of rows: the partition depends
+// only on the shape, so the per-chunk partials, added in order, do not depend on the thread count.
+// A chunk holds about 2^18 elements: enough work per task, and few partial rows to add up.
+int64_t sweep_chunk(int64_t B, int64_t K) {
+  return std::min(B, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)));
+}
+
+// Calls fn(j, acc) for every row j, acc = that row's chunk partial (K floats); writes the column sums.
+// `part` is scratch memory kept across calls (fresh allocations would page-fault on every call).
+template <typename Fn>
+void sweep_rows(int64_t B, int64_t K, std::vector<float>& part, float* colsum, const Fn& fn) {
+  const int64_t rows = sweep_chunk(B, K), chunks = (B + rows - 1) / rows;
+  part.resize(chunks * K);
+  std::fill(part.begin(), part.end(), 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t j = c * rows; j < std::min(B, (c + 1) * rows); ++j) fn(j, part.data() + c * K);
+  });
+  sum_chunks(part.data(), chunks, K, colsum);
+}
+
+// The fused iteration runs in the scale domain, with the log domain kept underneath for safety:
+//
+//   E[j,k] = exp((S[j,k] - m[k]) / eps + f[k] + h[j])      (<= 1 at the start: f = h = 0)
+//   Q * B  = diag(b) E diag(a)                               (the B-scaled plan; rows end summing to 1)
+//
+// A prototype step is a[k] *= (B/K) / total[k], a sample step b[j] = 1 / sum_k E[j,k] a[k]; each round
+// is one sweep over E (a dot product per row, then that row's share of the next prototype totals), no
+// exp. The exp is taken once, to build E. Two guards keep every value that matters representable:
+// * rescue: a sample whose scores are all far below every prototype's best has its whole row of E
+//   underflow (sum_k E a < 1e-20); its row is rebuilt with h[j] = -max_k (X + f + log a), i.e. shifted by
+//   its own max, exactly what the log-domain reference does with its first-round max shift;
+// * absorb: when a scaling drifts beyond e^kAbsorb, a and b are folded into f and h and E is rebuilt, so
+//   an entry of E that underflowed (< 4e-38) can never grow past 4e-38 e^(2 kAbsorb) ~ 1e-20.
+constexpr float kAbsorb = 20.f;
+constexpr float kRescueBelow = 1e-20f;
+
+SEER_SIMD_CLONES void exp_logits_row(const float* s, const float* m, float eps, const float* f, float add, float* e,
+                                     int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) e[k] = expf_vec((s[k] - m[k]) / eps + f[k] + add);
+}
+
+SEER_SIMD_CLONES float max_logits_row(const float* s, const float* m, float eps, const float* f, const float* la,
+                                      int64_t n) {
+  float acc = -INFINITY;
+#pragma omp simd reduction(max : acc)
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = (s[k] - m[k]) / eps + f[k] + la[k];
+    acc = v > acc ? v : acc;
+  }
+  return acc;
+}
+
+struct ScaleState {
+  const float* s;  // scores, contiguous float32
+  const float* m;  // per-prototype max
+  float eps;
+  int64_t B, K;
+  float* e;        // E, B x K (the output buffer)
+  std::vector<float> f, h, a, b, total, log_a;
+  std::vector<float>& part;  // per-thread scratch reused across calls
+};
+
+void rebuild(ScaleState& st) {  // E from the potentials; a = b = 1; prototype totals of E
+  sweep_rows(st.B, st.K, st.part, st.total.data(), [&](int64_t j, float* acc) {
+    float* ej = st.e + j * st.K;
+    exp_logits_row(st.s + j * st.K, st.m, st.eps, st.f.data(), st.h[j], ej, st.K);
+    axpy_row(ej, 1.f, acc, st.K);
+  });
+  std::fill(st.a.begin(), st.a.end(), 1.f);
+  std::fill(st.b.begin(), st.b.end(), 1.f);
+}
+
+void absorb(ScaleState& st) {
+  for (int64_t k = 0; k < st.K; ++k) st.f[k] += std::log(st.a[k]);
+  for (int64_t j = 0; j < st.B; ++j) st.h[j] += std::log(st.b[j]);
+  rebuild(st);
+}
+
+// Sample step fused with the next prototype totals: b[j] = 1 / sum_k E a, total[k] = a[k] sum_j E b.
+void sample_step(ScaleState& st) {
+  const int64_t K = st.K;
+  bool have_log_a = false;
+  sweep_rows(st.B, K, st.part, st.total.data(), [&](int64_t j, float* acc) {
+    float* ej = st.e + j * K;
+    float c = dot_row(ej, st.a.data(), K);
+    if (!(c >= kRescueBelow)) {  // rare; log a is shared by every rescued row of this sweep
+#pragma omp critical(seer_sinkhorn_log_a)
+      if (!have_log_a) {
+        for (int64_t k = 0; k < K; ++k) st.log_a[k] = std::log(st.a[k]);
+        have_log_a = true;
+      }
+      st.h[j] = -max_logits_row(st.s + j * K, st.m, st.eps, st.f.data(), st.log_a.data(), K);
+      exp_logits_row(st.s + j * K, st.m, st.eps, st.f.data(), st.h[j], ej, K);
+      c = dot_row(ej, st.a.data(), K);
+    }
+    st.b[j] = 1.f / c;
+    axpy_row(ej, st.b[j], acc, K);
+  });
+  for (int64_t k = 0; k < K; ++k) st.total[k] *= st.a[k];
+}
+
 at::Tensor sinkhorn_fused_cpu(const at::Tensor& scores, double eps, int64_t iterations) {
   check_sinkhorn_fused_args(scores, eps, iterations, at::kCPU);
   const at::Tensor s = as_float_matrix(scores);
   const int64_t B = s.size(0), K = s.size(1);
-  const float log_b = std::log(static_cast<float>(B)), log_k = std::log(static_cast<float>(K));
   at::Tensor out = at::empty({B, K}, s.options());
-  std::vector<float> m(K), f(K, 0.f), g(B, 0.f), r(K), shift(K), c(B);
-  colmax_raw(s.data_ptr<float>(), B, K, m.data());
+  thread_local std::vector<float> scratch;
+  ScaleState st{s.data_ptr<float>(), nullptr, static_cast<float>(eps), B, K, out.data_ptr<float>(),
+                {}, {}, {}, {}, {}, {}, scratch};
+  std::vector<float> m(K);
+  colmax_raw(st.s, B, K, m.data());
   if (std::any_of(m.begin(), m.end(), [](float v) { return v != v; })) return out.fill_(kNaN);
-  float* x = out.data_ptr<float>();
-  logits(s.data_ptr<float>(), m.data(), static_cast<float>(eps), B, K, x);
+  st.m = m.data();
+  st.f.assign(K, 0.f), st.h.assign(B, 0.f), st.a.assign(K, 1.f), st.b.assign(B, 1.f);
+  st.total.assign(K, 0.f), st.log_a.assign(K, 0.f);
+  rebuild(st);  // E = exp((S - m) / eps): every column has max 1, so no prototype total underflows
+  const float target = static_cast<float>(B) / static_cast<float>(K);
   for (int64_t it = 0; it < iterations; ++it) {
-    // prototypes: f -= log K + LSE_j X
-    const float row_shift = it == 0 ? 0.f : -log_b;
-    std::fill(shift.begin(), shift.end(), row_shift);
-    reduce_over_rows(x, B, K, f.data(), g.data(), shift.data(), false, r.data());
-    for (int64_t k = 0; k < K; ++k) f[k] -= log_k + row_shift + std::log(r[k]);
-    // samples: g -= log B + LSE_k X (first round: shift by the true row max)
-    if (it == 0) {
-      reduce_over_cols(x, B, K, f.data(), g.data(), nullptr, 0, true, c.data());
-    } else {
-      std::fill(c.begin(), c.end(), -log_k);
+    float drift = 0.f;
+    for (int64_t k = 0; k < K; ++k) {  // prototype step: every total becomes B / K
+      st.a[k] *= target / st.total[k];
+      drift = std::max(drift, std::fabs(std::log(st.a[k])));
     }
-    std::vector<float> u(B);
-    reduce_over_cols(x, B, K, f.data(), g.data(), c.data(), 1, false, u.data());
-    for (int64_t j = 0; j < B; ++j) g[j] -= log_b + c[j] + std::log(u[j]);
+    for (int64_t j = 0; j < B; ++j) drift = std::max(drift, std::fabs(std::log(st.b[j])));
+    if (!(drift <= kAbsorb)) {
+      absorb(st);
+      for (int64_t k = 0; k < K; ++k) st.a[k] = target / st.total[k];
+    }
+    sample_step(st);
   }
+  float* e = st.e;
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / K), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) exp_row(x + j * K, f.data(), g[j] + log_b, x + j * K, K);
+    for (int64_t j = j0; j < j1; ++j) scale_row(e + j * K, st.a.data(), st.b[j], e + j * K, K);
   });
   return out;
 }
