@@ -218,7 +218,7 @@ at::Tensor sinkhorn_max_cpu(const at::Tensor& scores, const std::optional<at::Te
 at::Tensor sinkhorn_sumexp_cpu(const at::Tensor& scores, const at::Tensor& m, const at::Tensor& f,
                                const at::Tensor& g, double eps, int64_t dim, const at::Tensor& shift) {
   check_sinkhorn_step_args(scores, m, f, g, eps, dim, at::kCPU);
-  check_sinkhorn_shift(shift, scores.size(1 - dim));
+  check_sinkhorn_shift(shift, scores, scores.size(1 - dim));
   const at::Tensor s = as_float_matrix(scores);
   const int64_t B = s.size(0), K = s.size(1);
   const at::Tensor x = step_logits(s, m.to(at::kFloat).contiguous(), eps);

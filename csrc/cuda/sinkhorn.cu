@@ -1,4 +1,5 @@
 // Sinkhorn-Knopp on CUDA. Math, shifts and NaN policy: seer_kernels/reference/sinkhorn.py.
+// Divisions by epsilon are IEEE (__fdiv_rn) as in the reference; exp uses the fast __expf.
 //
 // sinkhorn_fused: when the matrix fits in the shared memory of the co-resident blocks, one
 // cooperative launch runs the whole iteration. Block b owns a slice of prototypes (columns) for all
@@ -77,7 +78,7 @@ __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t 
       bad |= nonfinite(v);
       acc = fmaxf(acc, v);
     } else {
-      const float x = (v - mk) / eps + fk + g[j];
+      const float x = __fdiv_rn(v - mk, eps) + fk + g[j];
       if (MODE == kMax) acc = max_nan(acc, x);
       else acc += __expf(x - sh);
     }
@@ -104,7 +105,7 @@ __global__ void reduce_cols_kernel(const T* __restrict__ s, int64_t sb, int64_t 
       bad |= nonfinite(v);
       acc = fmaxf(acc, v);
     } else {
-      const float x = (v - m[k]) / eps + f[k] + gj;
+      const float x = __fdiv_rn(v - m[k], eps) + f[k] + gj;
       if (MODE == kMax) acc = max_nan(acc, x);
       else acc += __expf(x - sh);
     }
@@ -141,7 +142,7 @@ __global__ void finalize_kernel(const T* __restrict__ s, int64_t sb, int64_t sk,
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int j = static_cast<int>(i / K), k = static_cast<int>(i % K);
-    const float x = (to_float(s[j * sb + k * sk]) - m[k]) / eps + f[k] + g[j];
+    const float x = __fdiv_rn(to_float(s[j * sb + k * sk]) - m[k], eps) + f[k] + g[j];
     out[i] = __expf(x + log_scale);
   }
 }
@@ -157,7 +158,7 @@ __global__ void update_potential_kernel(float* __restrict__ pot, const float* __
 
 struct CoopArgs {
   int64_t sb, sk;
-  int B, K, cols_per_block, ld;  // ld = cols_per_block + 1: odd row pitch, no bank conflicts per column
+  int B, K, cols_per_block, ld;  // ld = cols_per_block | 1: odd row pitch, no bank conflicts per column
   float eps, log_b, log_k;
   int iterations;
   float* out;
@@ -200,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
   __syncthreads();
   for (int idx = threadIdx.x; idx < B * kc; idx += blockDim.x) {
     const int j = idx / kc, c = idx - j * kc;
-    tile[j * ld + c] = (tile[j * ld + c] - mcol[c]) / a.eps;
+    tile[j * ld + c] = __fdiv_rn(tile[j * ld + c] - mcol[c], a.eps);
   }
   grid.sync();  // poison flag complete
   const float poison = *reinterpret_cast<volatile int*>(a.poison) ? NAN : 0.f;
@@ -288,7 +289,8 @@ void launch_reduce(const at::Tensor& s, const float* m, const float* f, const fl
   int splits = std::max(1, std::min((2 * sm_count() + line_blocks - 1) / line_blocks, (reduced + 255) / 256));
   const int per_split = (reduced + splits - 1) / splits;
   splits = (reduced + per_split - 1) / per_split;
-  at::Tensor partial = at::empty({splits, lines}, s.options().dtype(at::kFloat));
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, lines}, s.options().dtype(at::kFloat));
   float* pp = splits == 1 ? out : partial.data_ptr<float>();
   dispatch_dtype(s, [&](auto* sp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
@@ -334,7 +336,7 @@ at::Tensor sinkhorn_max_cuda(const at::Tensor& scores, const std::optional<at::T
 at::Tensor sinkhorn_sumexp_cuda(const at::Tensor& scores, const at::Tensor& m, const at::Tensor& f,
                                 const at::Tensor& g, double eps, int64_t dim, const at::Tensor& shift) {
   check_sinkhorn_step_args(scores, m, f, g, eps, dim, at::kCUDA);
-  check_sinkhorn_shift(shift, scores.size(1 - dim));
+  check_sinkhorn_shift(shift, scores, scores.size(1 - dim));
   c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor mv = f32(m), fv = f32(f), gv = f32(g), sh = f32(shift);
   at::Tensor out = at::empty({scores.size(1 - dim)}, scores.options().dtype(at::kFloat));
@@ -367,8 +369,8 @@ at::Tensor sinkhorn_finalize_cuda(const at::Tensor& scores, const at::Tensor& m,
   return out;
 }
 
-// Shared memory of the cooperative kernel for blocks of `cpb` columns, or -1 if it does not fit.
-int64_t coop_smem_bytes(int64_t B, int64_t cpb) { return 4 * (B * (cpb + 1) + B + 2 * cpb); }
+// Shared memory of the cooperative kernel for blocks of `cpb` columns (row pitch cpb | 1).
+int64_t coop_smem_bytes(int64_t B, int64_t cpb) { return 4 * (B * (cpb | 1) + B + 2 * cpb); }
 
 bool try_coop(const at::Tensor& s, float eps, int iterations, float log_b, float log_k, at::Tensor& out) {
   const int B = static_cast<int>(s.size(0)), K = static_cast<int>(s.size(1));
@@ -376,7 +378,8 @@ bool try_coop(const at::Tensor& s, float eps, int iterations, float log_b, float
   int coop = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (!coop) return false;
+  // Large B: every block would re-read B x blocks partials per round; the step kernels do better.
+  if (!coop || B > 4096) return false;
   const int sms = sm_count();
   const int cpb = (K + sms - 1) / sms;  // one block per SM
   const int64_t smem = coop_smem_bytes(B, cpb);
@@ -386,22 +389,28 @@ bool try_coop(const at::Tensor& s, float eps, int iterations, float log_b, float
   dispatch_dtype(s, [&](auto* sp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
     auto kernel = sinkhorn_coop_kernel<T>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+    // Always the device maximum, so concurrent callers with other shapes never shrink it.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
     if (per_sm * sms < blocks) return;  // not all blocks co-resident: use the step kernels
     at::Tensor scratch = at::empty({3 * static_cast<int64_t>(blocks) * B + 1}, out.options());
     C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr<float>() + 3 * static_cast<int64_t>(blocks) * B, 0,
                                    sizeof(int), at::cuda::getCurrentCUDAStream()));
-    CoopArgs a{s.stride(0), s.stride(1), B, K, cpb, cpb + 1, eps, log_b, log_k, iterations,
+    CoopArgs a{s.stride(0), s.stride(1), B, K, cpb, cpb | 1, eps, log_b, log_k, iterations,
                out.data_ptr<float>(), scratch.data_ptr<float>(),
                scratch.data_ptr<float>() + 2 * static_cast<int64_t>(blocks) * B,
                reinterpret_cast<int*>(scratch.data_ptr<float>() + 3 * static_cast<int64_t>(blocks) * B)};
     const T* sptr = sp;
     void* params[] = {reinterpret_cast<void*>(&sptr), reinterpret_cast<void*>(&a)};
-    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks), dim3(kThreads),
-                                               params, smem, at::cuda::getCurrentCUDAStream()));
+    const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks),
+                                                        dim3(kThreads), params, smem,
+                                                        at::cuda::getCurrentCUDAStream());
+    if (err == cudaErrorCooperativeLaunchTooLarge) {  // fewer co-resident blocks than the API said (MPS)
+      (void)cudaGetLastError();
+      return;
+    }
+    C10_CUDA_CHECK(err);
     launched = true;
   });
   return launched;

@@ -14,6 +14,7 @@ if $PY -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
   args+=(-DCUDA_TOOLKIT_ROOT_DIR="$cuda" -DCMAKE_CUDA_COMPILER="$cuda/bin/nvcc" -DSEER_PIP_NVIDIA_LIB="$nvlib")
 fi
-cmake "${args[@]}" ${SEER_CMAKE_ARGS:-} >"$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
+mkdir -p "$BUILD"
+cmake "${args[@]}" ${SEER_CMAKE_ARGS:-} >"$BUILD/configure.log" 2>&1 || { cat "$BUILD/configure.log"; exit 1; }
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
 ctest --test-dir "$BUILD" --output-on-failure

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
+#include <cstdint>
 #include <optional>
 
 #include "seer/checks.h"
@@ -14,6 +15,9 @@ inline void check_sinkhorn_scores(const at::Tensor& scores, c10::DeviceType dev)
   SEER_CHECK_DIM(scores, "scores", 2);
   SEER_CHECK_DEVICE(scores, "scores", dev);
   SEER_CHECK_ARG(scores.numel() > 0, "scores", "expected a non-empty matrix, got ", scores.sizes());
+  // Kernels index rows and columns with 32-bit ints (element offsets are 64-bit).
+  SEER_CHECK_ARG(scores.size(0) <= INT32_MAX && scores.size(1) <= INT32_MAX, "scores",
+                 "each dimension must be below 2^31, got ", scores.sizes());
   const auto dt = scores.scalar_type();
   SEER_CHECK_ARG(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "scores",
                  "expected float32, bfloat16 or float16, got ", dt);
@@ -24,10 +28,11 @@ inline void check_sinkhorn_eps(double eps) {
 }
 
 inline void check_sinkhorn_vec(const std::optional<at::Tensor>& t, const char* name, int64_t n,
-                               c10::DeviceType dev) {
+                               const at::Tensor& scores) {
   if (!t.has_value()) return;
   SEER_CHECK_DIM(*t, name, 1);
-  SEER_CHECK_DEVICE(*t, name, dev);
+  SEER_CHECK_ARG(t->device() == scores.device(), name, "expected a tensor on ", scores.device(),
+                 " (the device of 'scores'), got ", t->device());
   SEER_CHECK_ARG(t->size(0) == n, name, "expected ", n, " values, got ", t->size(0));
   SEER_CHECK_ARG(t->scalar_type() == at::kFloat, name, "expected float32, got ", t->scalar_type());
 }
@@ -38,21 +43,23 @@ inline void check_sinkhorn_step_args(const at::Tensor& scores, const std::option
   check_sinkhorn_scores(scores, dev);
   check_sinkhorn_eps(eps);
   SEER_CHECK_ARG(dim == 0 || dim == 1, "dim", "expected 0 or 1, got ", dim);
-  check_sinkhorn_vec(m, "m", scores.size(1), dev);
-  check_sinkhorn_vec(f, "f", scores.size(1), dev);
-  check_sinkhorn_vec(g, "g", scores.size(0), dev);
+  check_sinkhorn_vec(m, "m", scores.size(1), scores);
+  check_sinkhorn_vec(f, "f", scores.size(1), scores);
+  check_sinkhorn_vec(g, "g", scores.size(0), scores);
 }
 
-inline void check_sinkhorn_shift(const at::Tensor& shift, int64_t lines) {
+inline void check_sinkhorn_shift(const at::Tensor& shift, const at::Tensor& scores, int64_t lines) {
   SEER_CHECK_ARG(shift.dim() == 0 || (shift.dim() == 1 && shift.size(0) == lines), "shift",
                  "expected a scalar tensor or ", lines, " values, got shape ", shift.sizes());
+  SEER_CHECK_ARG(shift.device() == scores.device(), "shift", "expected a tensor on ", scores.device(),
+                 " (the device of 'scores'), got ", shift.device());
 }
 
 inline void check_sinkhorn_fused_args(const at::Tensor& scores, double eps, int64_t iterations,
                                       c10::DeviceType dev) {
   check_sinkhorn_scores(scores, dev);
   check_sinkhorn_eps(eps);
-  SEER_CHECK_ARG(iterations >= 1, "iterations", "expected >= 1, got ", iterations);
+  SEER_CHECK_ARG(iterations >= 1 && iterations <= INT32_MAX, "iterations", "expected >= 1, got ", iterations);
 }
 
 }  // namespace seer
