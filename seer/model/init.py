@@ -1,0 +1,79 @@
+"""Weight initialisation, separate from construction so that a model built on the meta device (no memory)
+can be materialised (``to_empty``) and initialised afterwards, shard by shard.
+
+Rules (timm's ViT scheme): Linear and patch-projection weights ~ N(0, std^2) truncated at +-2 std, biases 0;
+norm weights 1 and biases 0; LayerScale gamma = its init value; class token ~ N(0, 1e-12); position
+embedding ~ truncated N(0, std^2).
+
+With ``seed=None`` the global torch generator is used (as in any PyTorch module). With a seed, every tensor
+gets its own generator seeded from (seed, parameter name, shard coordinates), so the result does not depend
+on module order or on the global RNG, and each tensor-parallel or FSDP shard draws its own values: the
+sharded, meta-built 10B model is initialised on every rank at once without ever holding a full tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch < 2.4
+    from torch.distributed._tensor import DTensor
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (an alias of its storage), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_key(module: nn.Module, name: str, param: Tensor) -> str:
+    parts = []
+    if name in getattr(module, "tp_split_params", ()):
+        parts.append(f"tp{module.tp_rank}")
+    if isinstance(param, DTensor):
+        coord = param.device_mesh.get_coordinate() or []
+        parts.append("mesh" + ",".join(str(c) for c in coord))
+    return "/".join(parts)
+
+
+def _generator(seed: int, key: str, device: torch.device) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+@torch.no_grad()
+def _init_tensor(module: nn.Module, name: str, t: Tensor, std: float, gen: Optional[torch.Generator]) -> None:
+    if isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+        t.fill_(1.0 if name == "weight" else 0.0)
+    elif name == "bias":
+        t.zero_()
+    elif name == "gamma" and hasattr(module, "init_value"):
+        t.fill_(module.init_value)
+    elif name == "cls_token":
+        t.normal_(0.0, 1e-6, generator=gen)
+    else:  # Linear / Conv weights, position embedding
+        nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=gen)
+
+
+@torch.no_grad()
+def init_weights_(model: nn.Module, *, std: float = 0.02, seed: Optional[int] = None) -> nn.Module:
+    """Initialise every parameter (and reset BatchNorm running statistics) of ``model`` in place."""
+    for mod_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            t = local_tensor(param)
+            if t.device.type == "meta":
+                continue
+            gen = None
+            if seed is not None:
+                fqn = f"{mod_name}.{name}" if mod_name else name
+                gen = _generator(seed, f"{fqn}/{_shard_key(module, name, param)}", t.device)
+            _init_tensor(module, name, t, std, gen)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None \
+                and module.running_mean.device.type != "meta":
+            module.reset_running_stats()
+    return model

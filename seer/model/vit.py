@@ -1,0 +1,95 @@
+"""The Vision Transformer: single-device, readable like timm's ``VisionTransformer``.
+
+Multi-crop input (SwAV): ``model([crop_0, ..., crop_{V-1}])`` with crops (B, C, H_v, W_v). Consecutive crops
+of the same resolution are concatenated and go through the trunk in one pass (as swav's ResNet does); the
+output is the class token of every crop after the final norm, concatenated crop-major: (V*B, d), rows
+v*B ... (v+1)*B-1 for crop v. Each resolution uses the position embedding interpolated to its patch grid.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import ViTConfig, validate_vit_config
+from .init import init_weights_
+from .layers import Block, LayerNorm, PatchEmbed, interpolate_pos_embed
+
+
+def resolution_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive crops with the same (H, W)."""
+    groups, start = [], 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding + class token + learned position embedding, ``depth`` pre-norm blocks, final norm.
+
+    Args:
+        cfg: the architecture (:class:`ViTConfig`; presets from :func:`seer.model.vit_preset`).
+        device: where to create the parameters. ``"meta"`` allocates nothing (for the 10B model): move the
+            model with ``to_empty(device=...)`` (after :func:`seer.parallel.parallelize`, so that each rank only
+            materialises its shard) and then call :func:`seer.model.init_weights_`.
+    """
+
+    def __init__(self, cfg: ViTConfig, *, device: Optional[Union[str, torch.device]] = None):
+        super().__init__()
+        validate_vit_config(cfg)
+        self.cfg = cfg
+        self.embed_dim = self.num_features = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.base_grid = cfg.img_size // cfg.patch_size
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        with torch.device(device if device is not None else torch.get_default_device()):
+            self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.base_grid ** 2, cfg.embed_dim))
+            # Identity hook point: where sequence parallelism scatters the tokens (seer.parallel).
+            self.norm_pre = nn.Identity()
+            self.blocks = nn.ModuleList([
+                Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_dim, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                      layer_scale_init=cfg.layer_scale_init, drop_path=dpr[i], dropout=cfg.dropout,
+                      norm_eps=cfg.norm_eps)
+                for i in range(cfg.depth)])
+            self.norm = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.init_weights()
+
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """(Re-)initialise all parameters (see :mod:`seer.model.init`); a no-op for tensors on the meta device."""
+        init_weights_(self, std=self.cfg.init_std, seed=seed)
+
+    def _embed(self, x: Tensor) -> Tensor:
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.patch_embed(x)
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        return x + interpolate_pos_embed(self.pos_embed, grid, self.base_grid).to(x.dtype)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> normalised tokens (B, 1 + H/p * W/p, d), class token first."""
+        x = self.norm_pre(self._embed(x))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Tokens -> the class token (B, d)."""
+        return x[:, 0]
+
+    def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        """Images (B, C, H, W) -> (B, d), or a list of crops -> (sum of B_v, d), crop-major (see module doc)."""
+        if isinstance(x, Tensor):
+            return self.forward_head(self.forward_features(x))
+        crops = list(x)
+        if not crops or not all(isinstance(c, Tensor) and c.dim() == 4 for c in crops):
+            raise ValueError("VisionTransformer: expected a tensor (B, C, H, W) or a non-empty list of them")
+        out = []
+        for start, end in resolution_groups(crops):
+            batch = torch.cat(crops[start:end]) if end - start > 1 else crops[start]
+            out.append(self.forward_head(self.forward_features(batch)))
+        return torch.cat(out) if len(out) > 1 else out[0]

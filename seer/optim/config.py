@@ -1,0 +1,33 @@
+"""Optimizer config: SGD + LARC with SwAV's ImageNet bs-4096 values (seer_spec.md 1.10-1.11)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class OptimConfig:
+    """Attributes:
+        lr: peak learning rate (SwAV bs 4096: 4.8 = 0.3 x 4096/256; SEER-10B 9.3).
+        start_warmup_lr: learning rate at step 0 (SwAV 0.3; SEER 0.15).
+        final_lr: learning rate at the end of the cosine (peak / 1000).
+        warmup_steps: linear warm-up length in optimizer steps (SwAV: 10 epochs x 313 steps).
+        momentum: SGD momentum.
+        weight_decay: weight decay (SwAV 1e-6; SEER 1e-5), applied through LARC.
+        final_weight_decay: None for a constant weight decay, else cosine from weight_decay to this value.
+        trust_coefficient: LARC trust coefficient.
+        eps: LARC epsilon.
+        clip: LARC clipping (per-tensor lr = min(lr, eta)).
+        exclude_bias_and_norm: no weight decay and no adaptation for 1-D tensors (not SwAV/SEER's choice).
+    """
+    lr: float = 4.8
+    start_warmup_lr: float = 0.3
+    final_lr: float = 0.0048
+    warmup_steps: int = 3130
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    final_weight_decay: Optional[float] = None
+    trust_coefficient: float = 0.001
+    eps: float = 1e-8
+    clip: bool = False
+    exclude_bias_and_norm: bool = False

@@ -1,0 +1,53 @@
+"""Full (logical) tensors from a parallelised model: for export, for checks, for comparing layouts.
+
+Collective calls: every rank of the model's groups must call them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..model.init import DTensor
+from . import comm
+
+
+def unshard(t: Tensor, module: nn.Module, name: str) -> Tensor:
+    """The full tensor behind ``t``, the parameter ``name`` of ``module`` (or its gradient): FSDP2 shards are
+    all-gathered over their mesh, tensor-parallel slices over the TP group (q/k/v blocks put back in order)."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    size = getattr(module, "tp_size", 1)
+    if size == 1 or name not in getattr(module, "tp_split_params", ()):
+        return t
+    dim = module.tp_split_dim
+    gathered = comm.all_gather(t.contiguous(), module.tp_group, dim=dim)
+    chunks = module.tp_chunks
+    if chunks > 1:  # [rank 0: q0 k0 v0 | rank 1: q1 k1 v1] -> [q0 q1 | k0 k1 | v0 v1]
+        part = t.shape[0] // chunks
+        gathered = gathered.reshape(size, chunks, part, *t.shape[1:]).transpose(0, 1).reshape(
+            size * t.shape[0], *t.shape[1:])
+    return gathered
+
+
+def _named(model: nn.Module, grads: bool) -> dict[str, Optional[Tensor]]:
+    out = {}
+    for mod_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            fqn = f"{mod_name}.{name}" if mod_name else name
+            t = p.grad if grads else p
+            out[fqn] = unshard(t.detach(), module, name) if t is not None else None
+    return out
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Parameter name -> full tensor (names as in the single-device model), plus the buffers."""
+    out = _named(model, grads=False)
+    for name, b in model.named_buffers():
+        out[name] = b.full_tensor() if isinstance(b, DTensor) else b
+    return out
+
+
+def full_gradients(model: nn.Module) -> dict[str, Optional[Tensor]]:
+    """Parameter name -> full gradient (None where the gradient is None)."""
+    return _named(model, grads=True)

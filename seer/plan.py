@@ -1,0 +1,344 @@
+r"""``seer plan``: per-GPU memory, FLOPs and communication of one SwAV training step, before renting GPUs.
+
+    seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16 --checkpointing full
+
+Parameter counts are exact (the tests compare them with models built on the meta device). Memory and
+communication follow how this code runs; activations are estimates (validated on CPU against the tensors
+autograd actually saves in a block). Model quantities, with d = width, m = MLP width, L = depth,
+T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class token):
+
+* parameters per GPU: tensor-parallel slices / T + replicated tensors; FSDP divides by D the float32
+  master weights, the float32 gradients and the float32 momentum (SGD/LARS keeps one moment).
+* activations per token and block (bf16 autocast, float32 residual stream): float32 inputs of the two
+  norms (8 d bytes), bf16 inputs of qkv and fc1 (4 d), qkv output (6 d), attention output and projection
+  input (2 d + 2 d; one buffer when the kernel's output layout makes the reshape a view), MLP hidden
+  before and after GELU (4 m), QK-norm's float32 inputs and bf16 outputs (12 d):
+  without sequence parallelism  12 d + (10 d + 4 m) / T bytes  (+12 d / T with QK-norm);
+  with sequence parallelism     (22 d + 4 m) / T bytes; a checkpointed block keeps only its input.
+* forward FLOPs per token and block: 2 (4 d^2 + 2 d m) + 4 n_c d (attention); training = 3 x forward
+  (model FLOPs, used for MFU); recomputation adds one forward of the checkpointed blocks (hardware FLOPs).
+* communication per GPU (ring algorithms): tensor parallelism moves 2 (T - 1) / T x (tokens x d x 2 bytes)
+  per all-reduce, 2 per block forward and 2 per backward; FSDP all-gathers bf16 parameters (again in the
+  backward when resharding) and reduce-scatters float32 gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .model.config import PRESET_NAMES, UnknownPresetError, ViTConfig, vit_preset
+from .parallel.dims import checkpoint_every
+from .parallel.tensor_parallel import validate_tensor_parallel
+from .swav.config import SwAVHeadConfig, seer_head
+
+GiB = 1024 ** 3
+H100_BF16_TFLOPS = 989.4  # dense, SXM (perf_anchors.md section 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter counts
+
+@dataclass
+class ParamCount:
+    """Exact counts. ``split`` tensors are divided over the tensor-parallel ranks, ``replicated`` are not."""
+    trunk_split: int
+    trunk_replicated: int
+    block_split: int
+    block_replicated: int
+    head_projection: int
+    prototypes: int
+
+    @property
+    def trunk(self) -> int:
+        return self.trunk_split + self.trunk_replicated
+
+    @property
+    def head(self) -> int:
+        return self.head_projection + self.prototypes
+
+    @property
+    def total(self) -> int:
+        return self.trunk + self.head
+
+    def per_rank(self, tp: int) -> int:
+        """Parameters one tensor-parallel rank holds (before FSDP sharding)."""
+        return (self.trunk_split + self.prototypes) // tp + self.trunk_replicated + self.head_projection
+
+    def block_per_rank(self, tp: int) -> int:
+        return self.block_split // tp + self.block_replicated
+
+
+def count_parameters(cfg: ViTConfig, head: Optional[SwAVHeadConfig] = None) -> ParamCount:
+    d, m, p, L = cfg.embed_dim, cfg.mlp_dim, cfg.patch_size, cfg.depth
+    hd = d // cfg.num_heads
+    grid = cfg.img_size // p
+    block_split = (3 * d * d + (3 * d if cfg.qkv_bias else 0)   # qkv (column)
+                   + d * d                                        # proj weight (row)
+                   + d * m + m                                    # fc1 (column)
+                   + m * d)                                       # fc2 weight (row)
+    block_rep = (2 * d + 2 * d                                    # norm1, norm2
+                 + (4 * hd if cfg.qk_norm else 0)                 # q_norm, k_norm
+                 + d + d                                          # proj and fc2 biases
+                 + (2 * d if cfg.layer_scale_init is not None else 0))
+    embed = cfg.in_chans * p * p * d + d + d + (1 + grid * grid) * d + 2 * d  # patch, cls, pos, final norm
+    proj = protos = 0
+    if head is not None:
+        dims = [d, *head.hidden_dims, head.output_dim]
+        for i in range(len(dims) - 1):
+            proj += dims[i] * dims[i + 1] + dims[i + 1]
+            if head.batch_norm and i < len(dims) - 2:
+                proj += 2 * dims[i + 1]
+        protos = head.output_dim * head.num_prototypes
+    return ParamCount(L * block_split, L * block_rep + embed, block_split, block_rep, proj, protos)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations, FLOPs, communication
+
+def activation_bytes_per_token(cfg: ViTConfig, tp: int, sequence_parallel: bool) -> float:
+    """Bytes autograd keeps per token per (non-checkpointed) block (module doc; bf16 autocast)."""
+    d, m = cfg.embed_dim, cfg.mlp_dim
+    split = 6 * d + 2 * d + 2 * d + 4 * m + (12 * d if cfg.qk_norm else 0)  # qkv out, attn out, proj in, MLP
+    norms_in = 4 * d + 4 * d      # float32 inputs of norm1 and norm2
+    matmul_in = 2 * d + 2 * d     # bf16 inputs of qkv and fc1
+    # float32 mean/rstd of the norms (and of QK-norm per head), the attention's log-sum-exp per head
+    small = 16 + 4 * cfg.num_heads / tp + (16 * cfg.num_heads / tp if cfg.qk_norm else 0)
+    if sequence_parallel:
+        return (norms_in + matmul_in + split) / tp + small
+    return norms_in + matmul_in + split / tp + small
+
+
+def crop_tokens(cfg: ViTConfig, crops: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[(number of crops, tokens per crop)]."""
+    return [(n, (size // cfg.patch_size) ** 2 + 1) for n, size in crops]
+
+
+def forward_flops_per_image(cfg: ViTConfig, head: Optional[SwAVHeadConfig],
+                            crops: Sequence[tuple[int, int]]) -> float:
+    d, m, L = cfg.embed_dim, cfg.mlp_dim, cfg.depth
+    flops = 0.0
+    for n, tokens in crop_tokens(cfg, crops):
+        per_token = L * (2 * (4 * d * d + 2 * d * m) + 4 * tokens * d)
+        patch = 2 * cfg.in_chans * cfg.patch_size ** 2 * d * (tokens - 1)
+        flops += n * (tokens * per_token + patch)
+    if head is not None:
+        dims = [d, *head.hidden_dims, head.output_dim]
+        per_crop = sum(2 * dims[i] * dims[i + 1] for i in range(len(dims) - 1)) + 2 * head.output_dim * \
+            head.num_prototypes
+        flops += sum(n for n, _ in crops) * per_crop
+    return flops
+
+
+@dataclass
+class PlanInput:
+    model: ViTConfig
+    head: Optional[SwAVHeadConfig]
+    gpus: int
+    tp: int
+    micro_batch: int
+    crops: list[tuple[int, int]]
+    checkpointing: str = "none"
+    sequence_parallel: bool = False
+    fsdp: bool = True
+    reshard_after_forward: bool = True
+    sinkhorn_iterations: int = 3
+    gpu_memory_gib: float = 80.0
+    reserve_gib: float = 4.0
+    peak_tflops: float = H100_BF16_TFLOPS
+    mfu: float = 0.5
+    tp_bandwidth_gbps: float = 370.0
+    dp_bandwidth_gbps: float = 50.0
+
+
+def plan(inp: PlanInput) -> dict:
+    """Every number of the plan (bytes, FLOPs, seconds) as a flat dict."""
+    cfg, tp = inp.model, inp.tp
+    if inp.gpus % tp:
+        raise ValueError(f"--gpus {inp.gpus} is not divisible by --tp {tp}")
+    validate_tensor_parallel(cfg, inp.head, tp)
+    every = checkpoint_every(inp.checkpointing)
+    dp = inp.gpus // tp
+    shard = dp if (inp.fsdp and dp > 1) else 1
+    pc = count_parameters(cfg, inp.head)
+    p_rank = pc.per_rank(tp)
+
+    out: dict = {"model_params": pc.total, "trunk_params": pc.trunk, "head_params": pc.head, "dp": dp, "tp": tp,
+                 "global_batch": inp.micro_batch * dp, "params_per_gpu": p_rank / shard}
+    out["param_bytes"] = 4 * p_rank / shard
+    out["grad_bytes"] = 4 * p_rank / shard
+    out["optimizer_bytes"] = 4 * p_rank / shard       # LARS/SGD momentum, float32
+    if shard > 1:
+        # Gathered bf16 parameters of the running and the prefetched block, the block's unsharded float32
+        # gradients before the reduce-scatter, the float32 prototypes.
+        working = 2 * 2 * pc.block_per_rank(tp) + 4 * pc.block_per_rank(tp) + 4 * pc.prototypes / tp \
+            + 2 * pc.head_projection
+    else:
+        working = 2 * (pc.trunk_split / tp + pc.head_projection)  # autocast's bf16 copies of the weights
+    out["working_bytes"] = working
+
+    tokens = sum(n * t for n, t in crop_tokens(cfg, inp.crops)) * inp.micro_batch
+    residual = 2 if (shard > 1) else 4  # FSDP bf16 parameters make the residual stream bf16
+    per_block = activation_bytes_per_token(cfg, tp, inp.sequence_parallel) * tokens
+    ckpt_input = residual * cfg.embed_dim * tokens / (tp if inp.sequence_parallel else 1)
+    n_ckpt = len([i for i in range(cfg.depth) if every and i % every == 0])
+    stored = n_ckpt * ckpt_input + (cfg.depth - n_ckpt) * per_block
+    recompute = per_block if n_ckpt else 0.0           # one block re-materialised during its backward
+    grad_transient = 2 * 4 * cfg.embed_dim * tokens    # activation gradients in flight (float32)
+    images = 4 * cfg.in_chans * inp.micro_batch * sum(n * s * s for n, s in inp.crops)
+    out["activation_bytes"] = stored + recompute + grad_transient + images
+    out["total_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "working_bytes",
+                                               "activation_bytes"))
+    out["capacity_bytes"] = (inp.gpu_memory_gib - inp.reserve_gib) * GiB
+    out["fits"] = out["total_bytes"] <= out["capacity_bytes"]
+
+    fwd = forward_flops_per_image(cfg, inp.head, inp.crops) * inp.micro_batch / tp
+    trunk_fwd = forward_flops_per_image(cfg, None, inp.crops) * inp.micro_batch / tp
+    out["model_flops_per_gpu"] = 3 * fwd
+    out["hardware_flops_per_gpu"] = 3 * fwd + trunk_fwd * n_ckpt / cfg.depth
+    out["tokens_per_gpu"] = tokens
+
+    act = tokens * cfg.embed_dim * 2                   # one bf16 activation of the residual stream
+    ring = (tp - 1) / tp
+    passes = 2 + (1 if n_ckpt else 0)                  # forward, backward, recomputation
+    if tp > 1:
+        per_block_comm = 2 * 2 * ring * act * passes   # 2 collectives per pass, all-reduce = 2x ring
+        if inp.sequence_parallel:
+            per_block_comm += 2 * ring * act           # backward re-gathers the saved sequence shards
+        out["tp_comm_bytes"] = cfg.depth * per_block_comm
+    else:
+        out["tp_comm_bytes"] = 0.0
+    if shard > 1:
+        ring_dp = (dp - 1) / dp
+        gathers = 2 if inp.reshard_after_forward else 1
+        p_bf16 = p_rank - pc.prototypes / tp
+        out["fsdp_comm_bytes"] = ring_dp * (gathers * (2 * p_bf16 + 4 * pc.prototypes / tp) + 4 * p_rank)
+    else:
+        out["fsdp_comm_bytes"] = 0.0
+    k_local = inp.head.num_prototypes / tp if inp.head is not None else 0
+    out["sinkhorn_comm_bytes"] = 2 * (1 + inp.sinkhorn_iterations) * 4 * k_local * 2 if dp * tp > 1 else 0.0
+    out["compute_s_at_mfu"] = out["model_flops_per_gpu"] / (inp.mfu * inp.peak_tflops * 1e12)
+    out["tp_comm_s"] = out["tp_comm_bytes"] / (inp.tp_bandwidth_gbps * 1e9)
+    out["fsdp_comm_s"] = out["fsdp_comm_bytes"] / (inp.dp_bandwidth_gbps * 1e9)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+def parse_crops(spec: str) -> list[tuple[int, int]]:
+    """'2x224+4x98' -> [(2, 224), (4, 98)]."""
+    out = []
+    for part in spec.replace(",", "+").split("+"):
+        try:
+            n, size = part.lower().split("x")
+            out.append((int(n), int(size)))
+        except ValueError:
+            raise ValueError(f"--crops: expected NxSIZE[+NxSIZE...] such as 2x224+4x98, got {spec!r}") from None
+        if out[-1][0] < 1 or out[-1][1] < 1:
+            raise ValueError(f"--crops: counts and sizes must be positive, got {part!r}")
+    return out
+
+
+def default_crops(cfg: ViTConfig) -> str:
+    """SEER's 2 global + 4 local crops at patch 14 (224/98), SwAV's 2x224 + 6x96 at patch 16."""
+    if cfg.patch_size == 14:
+        return "2x224+4x98"
+    if cfg.patch_size == 16:
+        return "2x224+6x96"
+    return f"2x{cfg.img_size}+2x{cfg.img_size // 2 // cfg.patch_size * cfg.patch_size or cfg.patch_size}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="seer plan", description="Per-GPU memory, FLOPs and communication of one "
+                                 "SwAV training step, and whether it fits the GPU.")
+    ap.add_argument("--model", default="vit-10b", help=f"ViT preset: {', '.join(PRESET_NAMES)}")
+    ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (dp x tp)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (inside a node)")
+    ap.add_argument("--micro-batch", type=int, required=True, help="images per data-parallel rank per step")
+    ap.add_argument("--checkpointing", default="none", help="activation checkpointing: none, full, every-N")
+    ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                    help="sequence parallelism (default: on when --tp > 1)")
+    ap.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True,
+                    help="shard parameters, gradients and optimizer state over data-parallel ranks")
+    ap.add_argument("--crops", default=None, help="crops per image, e.g. 2x224+4x98 (default by patch size)")
+    ap.add_argument("--head", choices=("seer", "swav", "none"), default="seer",
+                    help="SwAV head: seer (8192-8192-256, 16384 prototypes), swav (2048-128, 3000), none")
+    ap.add_argument("--prototypes", type=int, default=None, help="number of prototypes K (overrides the head's)")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory (default 80)")
+    ap.add_argument("--mfu", type=float, default=0.5, help="MFU assumed for the compute-time estimate")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return ap
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:8.2f} GiB"
+
+
+def format_plan(inp: PlanInput, r: dict, model_name: str) -> str:
+    cfg = inp.model
+    crops = "+".join(f"{n}x{s}" for n, s in inp.crops)
+    lines = [
+        f"seer plan: {model_name} (d={cfg.embed_dim}, L={cfg.depth}, heads={cfg.num_heads}, mlp={cfg.mlp_dim}, "
+        f"patch {cfg.patch_size}) on {inp.gpus} GPUs = dp {r['dp']} x tp {r['tp']}; micro-batch {inp.micro_batch} "
+        f"images/dp rank (global batch {r['global_batch']}), crops {crops}, checkpointing {inp.checkpointing}, "
+        f"sequence parallel {'on' if inp.sequence_parallel else 'off'}, FSDP {'on' if inp.fsdp and r['dp'] > 1 else 'off'}",
+        f"  parameters          {r['model_params'] / 1e9:8.3f} B  (trunk {r['trunk_params'] / 1e9:.3f} B, head "
+        f"{r['head_params'] / 1e6:.1f} M); per GPU {r['params_per_gpu'] / 1e9:.3f} B",
+        "  memory per GPU",
+        f"    parameters (fp32) {_gib(r['param_bytes'])}",
+        f"    gradients (fp32)  {_gib(r['grad_bytes'])}",
+        f"    optimizer (fp32)  {_gib(r['optimizer_bytes'])}   (LARS momentum)",
+        f"    working copies    {_gib(r['working_bytes'])}   (bf16 weights in use, unsharded block grads)",
+        f"    activations       {_gib(r['activation_bytes'])}   ({r['tokens_per_gpu']:,} tokens)",
+        f"    total             {_gib(r['total_bytes'])}   of {inp.gpu_memory_gib:.0f} GiB "
+        f"({inp.reserve_gib:.0f} GiB reserved): {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+        f"  FLOPs per GPU per step: model {r['model_flops_per_gpu'] / 1e12:.1f} TFLOP (3x forward), hardware "
+        f"{r['hardware_flops_per_gpu'] / 1e12:.1f} TFLOP (with recomputation); "
+        f"{r['compute_s_at_mfu'] * 1e3:.0f} ms at {inp.mfu:.0%} MFU of {inp.peak_tflops:.0f} TFLOP/s",
+        f"  communication per GPU per step: tensor parallel {r['tp_comm_bytes'] / 1e9:.2f} GB "
+        f"({r['tp_comm_s'] * 1e3:.0f} ms at {inp.tp_bandwidth_gbps:.0f} GB/s), FSDP {r['fsdp_comm_bytes'] / 1e9:.2f} GB "
+        f"({r['fsdp_comm_s'] * 1e3:.0f} ms at {inp.dp_bandwidth_gbps:.0f} GB/s), Sinkhorn "
+        f"{r['sinkhorn_comm_bytes'] / 1e3:.1f} kB",
+    ]
+    if not r["fits"]:
+        lines.append("  to fit: more GPUs (FSDP divides the model state), --checkpointing full, "
+                     "--sequence-parallel, or a smaller --micro-batch")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``seer plan``; returns the exit status (0 ok, 2 bad arguments)."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = vit_preset(args.model)
+        for name in ("gpus", "tp", "micro_batch"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        head = {"seer": seer_head(), "swav": SwAVHeadConfig(), "none": None}[args.head]
+        if head is not None and args.prototypes is not None:
+            head.num_prototypes = args.prototypes
+        crops = parse_crops(args.crops or default_crops(cfg))
+        bad = [s for _, s in crops if s % cfg.patch_size]
+        if bad:
+            raise ValueError(f"--crops: sizes {bad} are not multiples of the patch size {cfg.patch_size}")
+        sp = args.sequence_parallel if args.sequence_parallel is not None else args.tp > 1
+        if sp and args.tp == 1:
+            raise ValueError("--sequence-parallel needs --tp > 1")
+        inp = PlanInput(cfg, head, args.gpus, args.tp, args.micro_batch, crops, checkpointing=args.checkpointing,
+                        sequence_parallel=sp, fsdp=args.fsdp, gpu_memory_gib=args.gpu_memory_gib, mfu=args.mfu)
+        result = plan(inp)
+    except (ValueError, UnknownPresetError) as e:
+        print(f"seer plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_plan(inp, result, args.model))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

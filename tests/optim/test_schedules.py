@@ -1,0 +1,44 @@
+"""Warm-up + cosine schedules and the scheduler's checkpointed state."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from seer.optim import LARS, Scheduler, WarmupCosine
+
+
+def test_warmup_then_cosine_values():
+    s = WarmupCosine(4.8, total_steps=110, warmup_steps=10, start=0.3, final=0.0048)
+    assert s(0) == pytest.approx(0.3)
+    assert s(5) == pytest.approx(0.3 + 4.5 * 0.5)
+    assert s(10) == pytest.approx(4.8)
+    assert s(60) == pytest.approx(0.0048 + 0.5 * (4.8 - 0.0048) * (1 + math.cos(math.pi * 0.5)))
+    assert s(110) == s(10_000) == pytest.approx(0.0048)
+    values = [s(t) for t in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # cosine part is non-increasing
+    assert WarmupCosine(1.0, total_steps=5)(0) == 1.0  # no warm-up starts at the peak
+
+
+def test_bad_lengths():
+    with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
+        WarmupCosine(1.0, total_steps=5, warmup_steps=6)
+
+
+def test_scheduler_sets_groups_and_resumes():
+    model = nn.Linear(3, 3)
+    opt = LARS([{"params": [model.weight]}, {"params": [model.bias], "lr_scale": 0.5}], lr=99.0)
+    lr = WarmupCosine(1.0, total_steps=20, warmup_steps=4, start=0.0, final=0.1)
+    wd = WarmupCosine(1e-4, total_steps=20, start=1e-4, final=1e-3)
+    sched = Scheduler(opt, lr, wd)
+    assert opt.param_groups[0]["lr"] == 0.0
+    for _ in range(6):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr(6)) and opt.param_groups[1]["lr"] == pytest.approx(lr(6) / 2)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(wd(6))
+    other = Scheduler(LARS(model.parameters(), lr=5.0), lr)
+    other.load_state_dict(sched.state_dict())
+    assert other.last_step == 6 and other.optimizer.param_groups[0]["lr"] == pytest.approx(lr(6))
+    assert sched.lr == pytest.approx(lr(6)) and torch.is_tensor(model.weight)

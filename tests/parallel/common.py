@@ -1,0 +1,98 @@
+"""Shared pieces of the distributed parity tests: a tiny SwAV model, deterministic crops, step loops.
+
+Every spawned body builds the same single-process reference on each rank (same seed), copies it, and
+parallelises the copy; the parent test only compares numbers returned by the ranks.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from seer.model import VisionTransformer, vit_preset
+from seer.optim import build_lars
+from seer.parallel import ParallelConfig, ParallelDims, full_gradients, full_state_dict, parallelize
+from seer.swav import PrototypeFreezer, SwAVHead, SwAVHeadConfig, SwAVModel, normalize_prototypes, swav_loss
+
+
+def build_model(seed: int = 0, **vit_kw) -> SwAVModel:
+    torch.manual_seed(seed)
+    head = SwAVHeadConfig(hidden_dims=[32], output_dim=16, num_prototypes=30, batch_norm=False)
+    model = SwAVModel(VisionTransformer(vit_preset("tiny", **vit_kw)), SwAVHead(64, head))
+    normalize_prototypes(model)
+    return model
+
+
+def make_crops(step: int, batch: int) -> list[torch.Tensor]:
+    """2 global (32 px) + 2 local (16 px) crops of ``batch`` images, the same on every rank."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(2)] + \
+        [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k] is not None)
+
+
+def parity_run(cfg: ParallelConfig, *, steps: int = 3, batch: int = 4, freeze: int = 1,
+               vit_kw: Optional[dict] = None) -> dict:
+    """Train the single-process reference on the global batch and the parallel copy on this rank's share
+    for ``steps`` LARS steps (prototypes frozen for ``freeze``); return the worst differences."""
+    vit_kw = vit_kw or {}
+    cfg = dataclasses.replace(cfg, param_dtype="float32")  # parity in float32 (bf16 is the production default)
+    ref = build_model(**vit_kw)
+    par = copy.deepcopy(ref)
+    dims = ParallelDims(cfg, "cpu")
+    parallelize(par, dims)
+    opt_ref, opt_par = build_lars(ref, lr=0.5, weight_decay=1e-4), build_lars(par, lr=0.5, weight_decay=1e-4)
+    fr_ref, fr_par = PrototypeFreezer(ref, freeze), PrototypeFreezer(par, freeze)
+    out = {"loss": [], "features": [], "grads": [], "ref_loss": []}
+    for step in range(steps):
+        crops = make_crops(step, batch * dims.dp)
+        local = [c[dims.dp_rank * batch:(dims.dp_rank + 1) * batch] for c in crops]
+        a, b = ref(crops), par(local)
+        la = swav_loss(a.scores)
+        lb = swav_loss(b.scores, group=dims.dp_group, prototype_group=dims.tp_group)
+        la.backward()
+        lb.backward()
+        mean = lb.detach().clone()
+        if dims.dp_group is not None:
+            dist.all_reduce(mean, group=dims.dp_group)
+        out["loss"].append(abs(float(mean) / dims.dp - float(la.detach())))
+        out["ref_loss"].append(float(la.detach()))
+        feats = a.features.reshape(4, dims.dp, batch, -1)[:, dims.dp_rank].reshape(4 * batch, -1)
+        out["features"].append(float((feats - b.features.float()).abs().max().detach()))
+        fr_ref.after_backward()
+        fr_par.after_backward()
+        out["grads"].append(max_diff(full_gradients(ref), full_gradients(par)))
+        for opt, model in ((opt_ref, ref), (opt_par, par)):
+            opt.step()
+            opt.zero_grad()
+            normalize_prototypes(model)
+    out["params"] = max_diff(full_state_dict(ref), full_state_dict(par))
+    out["scale"] = max(float(p.abs().max()) for p in ref.parameters())
+    return out
+
+
+def saved_bytes_per_token(block: torch.nn.Module, make_input: Callable[[int], torch.Tensor], batches: tuple,
+                          tokens_per_sample: int) -> float:
+    """Bytes autograd saves per (global) token in ``block`` under bf16 autocast: the slope between two batch
+    sizes, so per-layer constants (weights and their bf16 copies) cancel."""
+    sizes = []
+    for b in batches:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        x = make_input(b)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", torch.bfloat16):
+                block(x)
+        sizes.append(sum(seen.values()))
+    return (sizes[1] - sizes[0]) / ((batches[1] - batches[0]) * tokens_per_sample)

@@ -1,0 +1,66 @@
+"""Data parallelism with FSDP2 against one process on the same global batch, and the 2 x 2 (dp x tp) mesh."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seer.model.init import DTensor
+from seer.optim import build_lars
+from seer.parallel import ParallelConfig, ParallelDims, parallelize
+from seer.swav import swav_loss
+from tests.dist_utils import run_distributed
+from tests.parallel.common import build_model, make_crops, parity_run
+
+FP32_TOL = 2e-5
+
+
+def _fsdp_details() -> dict:
+    """FSDP2 shards the parameters and the LARS momentum; bf16 mixed precision keeps float32 prototype scores."""
+    model = build_model()
+    dims = ParallelDims(ParallelConfig(param_dtype="bfloat16"), "cpu")
+    parallelize(model, dims)
+    opt = build_lars(model, lr=0.5)
+    out = model(make_crops(0, 4))
+    loss = swav_loss(out.scores, group=dims.dp_group)
+    loss.backward()
+    opt.step()
+    w = model.backbone.blocks[0].mlp.fc1.weight
+    return {"sharded": isinstance(w, DTensor) and w.to_local().shape[0] * 2 == w.shape[0],
+            "momentum_dtensor": isinstance(opt.state[w]["momentum_buffer"], DTensor),
+            "features_dtype": out.features.dtype, "scores_dtype": out.scores[0].dtype,
+            "loss": float(loss.detach()), "finite": bool(torch.isfinite(loss))}
+
+
+def _dp_body(rank, world):
+    return {"fsdp": parity_run(ParallelConfig()),
+            "no_reshard": parity_run(ParallelConfig(fsdp_reshard_after_forward=False), steps=2),
+            "details": _fsdp_details()}
+
+
+def _mesh_body(rank, world):
+    return parity_run(ParallelConfig(tp=2, sequence_parallel=True, activation_checkpointing="every-2"),
+                      vit_kw={"qk_norm": True})
+
+
+def _assert_parity(r, where):
+    assert max(r["loss"]) < 1e-5, (where, r["loss"])
+    assert max(r["features"]) < FP32_TOL and max(r["grads"]) < FP32_TOL, (where, r)
+    assert r["params"] < FP32_TOL * r["scale"], (where, r["params"])
+    assert r["ref_loss"][0] != r["ref_loss"][-1]
+
+
+@pytest.mark.dist
+def test_fsdp_data_parallel_matches_one_process():
+    for rank, res in enumerate(run_distributed(_dp_body, 2)):
+        _assert_parity(res["fsdp"], ("fsdp", rank))
+        _assert_parity(res["no_reshard"], ("no_reshard", rank))
+        d = res["details"]
+        assert d["sharded"] and d["momentum_dtensor"] and d["finite"], d
+        assert d["features_dtype"] == torch.bfloat16 and d["scores_dtype"] == torch.float32
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_2x2_mesh_data_and_tensor_parallel_matches_one_process():
+    for rank, res in enumerate(run_distributed(_mesh_body, 4)):
+        _assert_parity(res, ("2x2", rank))

@@ -1,0 +1,89 @@
+"""The memory / throughput planner: CLI behaviour, and its formulas against what the code actually does."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from seer import plan
+from seer.model import VisionTransformer, vit_preset
+from seer.swav import SwAVHead, SwAVHeadConfig, SwAVModel
+from tests.parallel.common import saved_bytes_per_token
+
+
+def run(capsys, *args):
+    code = plan.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_vit_10b_on_8_gpus_fits_and_on_1_does_not(capsys):
+    code, out, _ = run(capsys, "--model", "vit-10b", "--gpus", "8", "--tp", "8", "--micro-batch", "16",
+                       "--checkpointing", "full")
+    assert code == 0 and "FITS" in out and "9.777 B" in out and "dp 1 x tp 8" in out
+    code, out, _ = run(capsys, "--model", "vit-10b", "--gpus", "1", "--micro-batch", "16")
+    assert code == 0 and "DOES NOT FIT" in out and "to fit:" in out
+
+
+def test_json_numbers_are_consistent(capsys):
+    code, out, _ = run(capsys, "--model", "vit-10b", "--gpus", "64", "--tp", "8", "--micro-batch", "16", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["dp"] == 8 and r["global_batch"] == 128
+    counts = plan.count_parameters(vit_preset("vit-10b"), plan.seer_head())
+    assert r["model_params"] == counts.total
+    assert r["param_bytes"] == pytest.approx(4 * counts.per_rank(8) / 8)
+    assert r["fsdp_comm_bytes"] > 0 and r["tp_comm_bytes"] > 0
+    total = sum(r[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "working_bytes", "activation_bytes"))
+    assert r["total_bytes"] == pytest.approx(total)
+
+
+def test_checkpointing_and_sequence_parallel_reduce_activations():
+    cfg, head = vit_preset("vit-10b"), plan.seer_head()
+    crops = plan.parse_crops("2x224+4x98")
+
+    def act(**kw):
+        base = dict(model=cfg, head=head, gpus=8, tp=8, micro_batch=16, crops=crops)
+        return plan.plan(plan.PlanInput(**{**base, **kw}))["activation_bytes"]
+
+    none, full = act(), act(checkpointing="full")
+    sp = act(sequence_parallel=True)
+    assert full < none / 3 and sp < none and act(checkpointing="every-2") < none
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--model", "vit10b", "--gpus", "8", "--micro-batch", "1"), "did you mean 'vit-10b'"),
+    (("--gpus", "12", "--tp", "12", "--micro-batch", "1"), "model.num_heads=32 is not divisible by parallel.tp=12"),
+    (("--gpus", "12", "--tp", "8", "--micro-batch", "1"), "--gpus 12 is not divisible by --tp 8"),
+    (("--gpus", "8", "--micro-batch", "1", "--crops", "2x224+4x96"), "not multiples of the patch size 14"),
+    (("--gpus", "8", "--micro-batch", "1", "--crops", "two"), "expected NxSIZE"),
+    (("--gpus", "8", "--micro-batch", "0"), "--micro-batch must be >= 1"),
+    (("--gpus", "8", "--micro-batch", "1", "--checkpointing", "half"), "activation_checkpointing must be"),
+])
+def test_bad_arguments(capsys, args, match):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and match in err
+
+
+def test_forward_flops_match_a_flop_counter():
+    """The planner's matmul FLOPs equal torch's count for the model; attention is added by formula (the fused
+    attention op is opaque to the counter)."""
+    cfg = vit_preset("tiny")
+    head = SwAVHeadConfig(hidden_dims=[48], output_dim=16, num_prototypes=40, batch_norm=False)
+    model = SwAVModel(VisionTransformer(cfg), SwAVHead(cfg.embed_dim, head))
+    crops = [(2, 32), (3, 16)]
+    images = 3
+    with FlopCounterMode(display=False) as counter:
+        model([torch.randn(images, 3, s, s) for n, s in crops for _ in range(n)])
+    attention = sum(n * images * t * cfg.depth * 4 * t * cfg.embed_dim for n, t in plan.crop_tokens(cfg, crops))
+    assert counter.get_total_flops() + attention == plan.forward_flops_per_image(cfg, head, crops) * images
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_activation_estimate_bounds_what_autograd_saves(qk_norm):
+    cfg = vit_preset("tiny", embed_dim=128, mlp_dim=512, qk_norm=qk_norm)
+    block = VisionTransformer(cfg).blocks[0]
+    measured = saved_bytes_per_token(block, lambda b: torch.randn(b, 17, 128, requires_grad=True), (8, 16), 17)
+    estimate = plan.activation_bytes_per_token(cfg, 1, False)
+    assert measured <= estimate <= 1.1 * measured, (measured, estimate)
