@@ -1,42 +1,283 @@
-"""The public attention op (PLACEHOLDER from the foundation: reference backend only).
+"""The public attention op: ``seer_kernels.attention`` and its ``torch.ops.seer`` custom ops.
 
-Issue 3 replaces this with the Triton kernels, the SDPA backends, the benchmark-driven selector table and
-full validation; the public signature ``attention(q, k, v, *, scale=None)`` stays.
+Backends (one dispatcher, :mod:`seer_kernels._backend`):
+
+    cuda tensors:  triton -> sdpa -> reference        cpu tensors:  sdpa -> reference
+
+* ``triton``: our FlashAttention-2 style kernels (:mod:`seer_kernels.triton.attention`), bfloat16/float16 on
+  GPUs (float32/float16 on the CPU under TRITON_INTERPRET=1, for tests). Chosen automatically only where
+  the selector table (:mod:`seer_kernels.ops.attention_table`, written by bench/attention_table.py from a
+  GPU benchmark) shows it ahead of the best torch SDPA backend for that GPU, head dim and sequence length,
+  and in deterministic mode; otherwise a *preference*, not a refusal, skips it, so forcing still works.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with torch's own autograd. Where the table
+  has a row, the SDPA backend the benchmark measured fastest (flash, cuDNN, memory-efficient or math) goes
+  first in torch's priority order; elsewhere torch picks. It never enters the custom ops below.
+* ``reference``: the float32 pure-torch specification, any device, any dtype (materialises N x N).
+
+The custom ops ``seer::attention_fwd`` (returns out and the log-sum-exp rows) and ``seer::attention_bwd``
+(gradients from those rows, P recomputed) are wired with ``register_autograd``: the forward saves q, k, v,
+out and lse, never the N x N matrix. They run the triton or reference backend.
+
+Determinism: ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``, or the environment
+variable SEER_KERNELS_DETERMINISTIC=1) makes every run give the same bits. The Triton backward then computes
+dq in its own pass (7 matmuls per tile pair instead of 5, no atomics, no float32 dq buffer) instead of
+accumulating dq with float32 atomics; on GPUs SDPA is skipped (its CUDA backward may use atomics) in favour
+of Triton (half precision) or the reference (float32/float64). The cost on an H100 is the `-det` rows of
+bench/bench_attention.py; docs/attention.md discusses it.
+
+Under ``torch.compile`` the backend is chosen while tracing (the choice is baked into the graph: changing
+``use_backend`` or the environment afterwards needs ``torch._dynamo.reset()``).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import re
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .._backend import Backend, BackendError, Dispatcher, triton_unavailable_reason
 from ..reference import attention as ref
+from . import attention_table
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The Triton kernel is chosen automatically only when the benchmark shows it at least this much faster than
+# the best SDPA backend: a margin against run-to-run noise flipping the choice.
+TRITON_MARGIN = 1.05
+MAX_GRID = 65535  # CUDA's limit on grid dims y and z (heads and batch)
+
+
+class _AttentionDispatcher(Dispatcher):
+    """The shared dispatcher, minus its log line while torch.compile traces (logging breaks the graph)."""
+
+    def _log(self, backend, device, dtype, how):
+        if torch.compiler.is_compiling():
+            return backend
+        return super()._log(backend, device, dtype, how)
+
+
+# 'meta' tensors (shape tracing, FLOP counting, meta-device model init) get SDPA's meta kernel.
+DISPATCH = _AttentionDispatcher("attention", priority={"cuda": ("triton", "sdpa", "reference"),
+                                                       "cpu": ("sdpa", "reference"), "meta": ("sdpa",)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selector evidence (the benchmark-derived table).
+
+_SLUGS: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _gpu_slug(index: int) -> str:
+    """The GPU's name as bench/harness.py spells it in file names, e.g. 'nvidia-h100-80gb-hbm3'."""
+    if index not in _SLUGS:
+        _SLUGS[index] = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(index).lower()).strip("-")
+    return _SLUGS[index]
+
+
+def _blocks(n: int) -> int:
+    return -(-n // 64)
+
+
+def evidence(where: torch.device, head_dim: int, n_q: int, n_kv: int) -> Optional[dict]:
+    """The benchmark row for this GPU, head dim and sequence lengths (same number of 64-token tiles), or None.
+
+    Rows are matched by head dim and by ceil(N / 64) for queries and keys (the tile count decides the cost
+    structure: 257 matches 257..320, 197 matches 193..256); the nearest measured N wins within a bucket.
+    """
+    if where.type != "cuda":
+        return None
+    rows = attention_table.TABLE.get(_gpu_slug(where.index if where.index is not None else 0))
+    if not rows:
+        return None
+    best, best_dist = None, None
+    for row in rows:
+        if row["head_dim"] == head_dim and _blocks(row["n_q"]) == _blocks(n_q) \
+                and _blocks(row["n_kv"]) == _blocks(n_kv):
+            dist = abs(row["n_q"] - n_q) + abs(row["n_kv"] - n_kv)
+            if best is None or dist < best_dist:
+                best, best_dist = row, dist
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends.
+
+def _tri():
+    from ..triton import attention as tri  # lazy: keeps `import triton` off the import path
+    return tri
+
+
+def _tile(row: Optional[dict], kernel: str):
+    if row is None or kernel not in row.get("tiles", {}):
+        return None
+    return _tri().Tile(*row["tiles"][kernel])
+
+
+def _triton_fwd(q, k, v, scale):
+    row = evidence(q.device, q.shape[3], q.shape[2], k.shape[2])
+    return _tri().attention_fwd(q, k, v, scale, tile=_tile(row, "fwd"))
+
+
+def _triton_bwd(dout, q, k, v, out, lse, scale, deterministic):
+    row = evidence(q.device, q.shape[3], q.shape[2], k.shape[2])
+    # Where the benchmark measured the dq pass faster than dq atomics, it is the default too.
+    det = deterministic or (row is not None and row.get("bwd_scheme") == "deterministic")
+    return _tri().attention_bwd(dout, q, k, v, out, lse, scale, det, dkdv_tile=_tile(row, "dkdv"),
+                                dq_tile=_tile(row, "dq"))
+
+
+def _triton_check(*, where, dt, head_dim, batch, heads, **_) -> list[str]:
+    out = []
+    if where.type == "cuda" and dt == torch.float32:
+        out.append("float32 on a GPU runs through SDPA or the reference (the Triton kernel is for bfloat16 "
+                   "and float16)")
+    if where.type == "cpu" and dt == torch.bfloat16:
+        out.append("the Triton interpreter computes bfloat16 wrongly; on CPU it takes float32 or float16")
+    if not (head_dim % 8 == 0 and 8 <= head_dim <= 256):
+        out.append(f"head dim {head_dim} is not supported (a multiple of 8 from 8 to 256)")
+    if batch > MAX_GRID or heads > MAX_GRID:
+        out.append(f"batch {batch} or heads {heads} exceed the launch grid limit {MAX_GRID}")
+    return out
+
+
+def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, **_) -> Optional[str]:
+    if where.type != "cuda":
+        return "the Triton interpreter is for tests, not speed (force it with use_backend('triton'))"
+    if deterministic:
+        return None  # bit-reproducible backward, unlike the CUDA SDPA backends
+    row = evidence(where, head_dim, n_q, n_kv)
+    if row is None:
+        return (f"no benchmark evidence on {_gpu_slug(where.index or 0)} for head dim {head_dim}, "
+                f"N {n_q}x{n_kv} (seer_kernels/ops/attention_table.py); SDPA is the safe default")
+    ratio = row["fwd_bwd"] if grad else row["fwd"]
+    if ratio < TRITON_MARGIN:
+        return (f"the benchmark has SDPA ({row['best_sdpa']}) ahead here: Triton x{ratio:.2f} "
+                f"{'forward+backward' if grad else 'forward'} (needs x{TRITON_MARGIN})")
+    return None
+
+
+def _sdpa_backends() -> dict:
+    from torch.nn.attention import SDPBackend
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def _sdpa_can_prioritise() -> bool:
+    import inspect
+
+    from torch.nn.attention import sdpa_kernel
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
+
+
+_SDPA_PRIORITY = _sdpa_can_prioritise()
+
+
+def sdpa_order(row: Optional[dict]) -> Optional[list]:
+    """SDPA backends in priority order with the benchmark's fastest first, or None (torch's own order).
+
+    Every backend stays enabled after the preferred one, so an input it cannot take falls through to the
+    next instead of failing.
+    """
+    names = _sdpa_backends()
+    best = None if row is None else row.get("best_sdpa")
+    if best not in names or not _SDPA_PRIORITY:
+        return None
+    return [names[best]] + [b for n, b in names.items() if n != best]
+
+
+def _sdpa(q, k, v, scale):
+    order = sdpa_order(evidence(q.device, q.shape[3], q.shape[2], k.shape[2]))
+    if order is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _sdpa_check(*, in_op, **_) -> list[str]:
+    if in_op:
+        return ["SDPA runs with torch's own autograd from seer_kernels.attention(), not inside the "
+                "seer::attention_fwd/bwd ops"]
+    return []
+
+
+def _sdpa_prefer(*, where, deterministic, **_) -> Optional[str]:
+    if deterministic and where.type == "cuda":
+        return "deterministic mode: the CUDA SDPA backward may accumulate with atomics"
+    return None
+
+
+DISPATCH.register(Backend(
+    "triton", SimpleNamespace(fwd=_triton_fwd, bwd=_triton_bwd), ("cuda", "cpu"), TRITON_DTYPES,
+    available=triton_unavailable_reason, check=_triton_check, prefer=_triton_prefer))
+DISPATCH.register(Backend(
+    "sdpa", SimpleNamespace(attention=_sdpa), ("cuda", "cpu", "meta"), DTYPES, check=_sdpa_check,
+    prefer=_sdpa_prefer))
+DISPATCH.register(Backend(
+    "reference", SimpleNamespace(fwd=ref.attention_fwd,
+                                 bwd=lambda dout, q, k, v, out, lse, scale, det:
+                                 ref.attention_bwd(dout, q, k, v, out, lse, scale)),
+    ("cuda", "cpu"), DTYPES))
+
+
+def _info(q: Tensor, k: Tensor, *, grad: bool, deterministic: bool, in_op: bool) -> dict:
+    # 'where' and 'dt' repeat select()'s device and dtype for the per-backend checks.
+    return dict(where=q.device, dt=q.dtype, head_dim=int(q.shape[3]), n_q=int(q.shape[2]), n_kv=int(k.shape[2]),
+                batch=int(q.shape[0]), heads=int(q.shape[1]), grad=grad, deterministic=deterministic,
+                in_op=in_op)
+
+
+def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend:
+    """The backend named by the caller (seer_kernels.attention passes its choice), else the dispatcher's."""
+    info = _info(q, k, grad=True, deterministic=deterministic, in_op=True)
+    if not name:
+        return DISPATCH.select(q.device, q.dtype, **info)
+    backend = DISPATCH.backends.get(name)
+    why = ["this op has no such backend"] if backend is None else backend.reasons(q.device, q.dtype, info)
+    if why:
+        raise BackendError(DISPATCH._refusal(q.device, q.dtype, info, f"backend {name!r} passed to the op",
+                                             {name: why}))
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Custom ops. Fake kernels give shapes and layouts so that torch.compile(fullgraph=True) traces through them.
 
 @torch.library.custom_op("seer::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return ref.attention_fwd(q, k, v, scale)
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool = False,
+            backend: str = "") -> tuple[Tensor, Tensor]:
+    """out (B, H, Nq, D) on (B, Nq, H, D) memory, lse (B, H, Nq) float32 (float64 for float64 inputs)."""
+    return _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, scale):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+@_fwd_op.register_fake
+def _(q, k, v, scale, deterministic=False, backend=""):
+    return ref.new_out(q, v), ref.new_lse(q)
 
 
 @torch.library.custom_op("seer::attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return ref.attention_bwd(dout, q, k, v, out, lse, scale)
+def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+            deterministic: bool = False, backend: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (contiguous) from the saved log-sum-exp rows."""
+    return _op_backend(backend, q, k, deterministic).impl.bwd(dout, q, k, v, out, lse, scale, deterministic)
 
 
-@_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, scale, deterministic=False, backend=""):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale = inputs[:4]
+    ctx.deterministic = bool(inputs[4]) if len(inputs) > 4 else False
+    ctx.backend = inputs[5] if len(inputs) > 5 else ""
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
@@ -45,16 +286,115 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.seer.attention_bwd(dout.contiguous(), q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = torch.ops.seer.attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic,
+                                              ctx.backend)
+    return dq, dk, dv, None, None, None
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None) -> Tensor:
-    """softmax(q k^T * scale) v for (B, H, N, D) tensors; scale defaults to 1/sqrt(D)."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = torch.ops.seer.attention_fwd(q, k, v, float(scale))
+# ---------------------------------------------------------------------------------------------------------
+# The public function.
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+              deterministic: Optional[bool] = None) -> Tensor:
+    r"""softmax(q k^T * scale) v for (B, H, N, D) tensors: non-causal self- or cross-attention.
+
+    Args:
+        q: (B, H, Nq, D) queries. Any strides (e.g. a slice of a fused qkv projection).
+        k, v: (B, H, Nkv, D) keys and values; Nkv may differ from Nq.
+        scale: multiplies the scores; defaults to 1/sqrt(D).
+        deterministic: same bits on every run, also for the gradients (see the module docstring for what it
+            changes and costs). None follows ``torch.are_deterministic_algorithms_enabled()`` or
+            SEER_KERNELS_DETERMINISTIC=1.
+
+    Dtypes: bfloat16 and float16 (the Triton kernel on GPUs where it wins, SDPA elsewhere), float32 and
+    float64 (SDPA or the reference). Under autocast, float32 inputs are cast to the autocast dtype, as SDPA
+    does. Differentiable in q, k and v; the forward keeps only the log-sum-exp rows for the backward.
+    Returns (B, H, Nq, D) in the input dtype.
+    """
+    _validate(q, k, v)
+    q, k, v = _autocast(q, k, v)
+    scale = _scale(scale, q.shape[3])
+    det = _deterministic(deterministic)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    backend = DISPATCH.select(q.device, q.dtype, **_info(q, k, grad=grad, deterministic=det, in_op=False))
+    if backend.name == "sdpa":
+        return backend.impl.attention(q, k, v, scale)
+    out, _ = torch.ops.seer.attention_fwd(q, k, v, scale, det, backend.name)
     return out
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, *, deterministic: Optional[bool] = None,
+            grad: bool = True) -> dict[str, list[str]]:
+    """For every backend, why seer_kernels.attention would not pick it for these inputs ([] = it would run).
+
+    Unlike :meth:`Dispatcher.explain` this includes the soft preferences (the benchmark table), so it answers
+    "why does my GPU run SDPA here?".
+    """
+    _validate(q, k, v)
+    info = _info(q, k, grad=grad, deterministic=_deterministic(deterministic), in_op=False)
+    out = DISPATCH.explain(q.device, q.dtype, **info)
+    for name, backend in DISPATCH.backends.items():
+        if not out[name] and backend.prefer is not None:
+            soft = backend.prefer(**info)
+            if soft:
+                out[name] = [f"(preference) {soft}"]
+    return out
+
+
+def _validate(q, k, v) -> None:
+    tensors = (("q", q), ("k", k), ("v", v))
+    for name, t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in tensors:
+        if t.dim() != 4:
+            raise ValueError(f"attention: argument '{name}' must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
+    for name, t in tensors:
+        if t.dtype not in DTYPES:
+            raise TypeError(f"attention: argument '{name}' must be float32, bfloat16, float16 or float64, got "
+                            f"{t.dtype}")
+    for name, t in tensors[1:]:
+        if t.dtype != q.dtype:
+            raise TypeError(f"attention: argument '{name}' has dtype {t.dtype} but 'q' has {q.dtype}; q, k and v "
+                            f"must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"attention: argument '{name}' is on {t.device} but 'q' is on {q.device}")
+    for name, t in tensors:
+        if t.numel() == 0:
+            raise ValueError(f"attention: argument '{name}' must be non-empty, got shape {tuple(t.shape)}")
+    for name, t in tensors[1:]:
+        for dim, what in ((0, "batch size"), (1, "heads"), (3, "head dim")):
+            if t.shape[dim] != q.shape[dim]:
+                raise ValueError(f"attention: argument '{name}' has {what} {t.shape[dim]} (dim {dim}) but 'q' has "
+                                 f"{q.shape[dim]}; expected q (B, H, Nq, D) and k, v (B, H, Nkv, D)")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: argument 'v' has {v.shape[2]} keys (dim 2) but 'k' has {k.shape[2]}")
+
+
+def _scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"attention: argument 'scale' must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _deterministic(flag) -> bool:
+    if flag is None:
+        return torch.are_deterministic_algorithms_enabled() or \
+            os.environ.get("SEER_KERNELS_DETERMINISTIC", "") == "1"
+    if not isinstance(flag, bool):
+        raise TypeError(f"attention: argument 'deterministic' must be True, False or None, got {flag!r}")
+    return flag
+
+
+def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 inputs run in the autocast dtype when autocast is on, as torch's SDPA does."""
+    kind = q.device.type
+    if q.dtype == torch.float32 and kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        dt = torch.get_autocast_dtype(kind)
+        return q.to(dt), k.to(dt), v.to(dt)
+    return q, k, v

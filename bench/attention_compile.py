@@ -1,0 +1,137 @@
+"""Compile every attention kernel variant for a GPU target without a GPU, and report its resources.
+
+    python -m bench.attention_compile                 # sm_90 (H100), all candidate tiles, bf16 + fp16
+    python -m bench.attention_compile --arch 80 --head-dims 64 128 --dtypes bf16
+
+For each (kernel, head dim, dtype, tile) it runs Triton's full pipeline to a cubin (ptxas included) and
+prints shared memory, registers per thread and spills. A variant that fails to compile, needs more shared
+memory than the GPU has, or spills counts as a failure (exit status 1): a bug to fix before a GPU runs it.
+Needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled). Integer arguments are marked
+divisible by 16 where a real launch would specialise them the same way (strides of 64/128-wide heads).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from seer_kernels.triton import attention as tri
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+    params = list(inspect.signature(fn.fn).parameters)
+    sig, attrs = {}, {}
+    for i, name in enumerate(params):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name[0].isupper() and name not in ("H", "N_Q", "N_KV"):
+            sig[name] = "*fp32" if name in ("LSE", "DELTA", "DQ_ACC") and not (
+                name == "DQ_ACC" and not constexprs.get("ATOMIC_DQ", True)) else f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("s"):  # strides: multiples of 16 elements for the head dims we check
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int):
+    cx = dict(constexprs)
+    if "BLOCK_M" in inspect.signature(fn.fn).parameters:
+        cx["BLOCK_M"] = tile.block_m
+    if "BLOCK_N" in inspect.signature(fn.fn).parameters:
+        cx["BLOCK_N"] = tile.block_n
+    sig, attrs = _signature(fn, dtype, cx)
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[object, object]:
+    """(registers per thread, spill bytes) from Triton's bundled ptxas -v; ('-', '-') if unavailable."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        return "-", "-"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        res = subprocess.run([ptxas, f"-arch={sm}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", res.stderr)
+    return (int(regs.group(1)) if regs else "-"), (int(spills.group(1)) if spills else "-")
+
+
+def variants(head_dims, dtypes, defaults_only=False):
+    """(name, kernel, head dim, dtype, constexprs, tile) for every candidate (or only the default) tile."""
+    def tiles(table, cls):
+        return table[cls][:1] if defaults_only else table[cls]
+
+    for d in head_dims:
+        cls = tri.tile_class(d)
+        base = dict(HEAD_DIM=d, D_PAD=tri.d_pad(d))
+        for dt in dtypes:
+            yield "delta", tri._bwd_delta_kernel, d, dt, base, tri.Tile(tri.DELTA_BLOCK, 16, 4, 1)
+            for tile in tiles(tri.FWD_TILES, cls):
+                yield "fwd", tri._fwd_kernel, d, dt, base, tile
+            for tile in tiles(tri.DKDV_TILES, cls):
+                yield "dkdv+atomic", tri._bwd_dkdv_kernel, d, dt, dict(base, ATOMIC_DQ=True), tile
+                yield "dkdv", tri._bwd_dkdv_kernel, d, dt, dict(base, ATOMIC_DQ=False), tile
+            for tile in tiles(tri.DQ_TILES, cls):
+                yield "dq", tri._bwd_dq_kernel, d, dt, base, tile
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 80, 88, 128, 256])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
+    ap.add_argument("--defaults-only", action="store_true", help="only the default tile of each kernel")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
+    bad = 0
+    print(f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s} {'smem KB':>8s} {'regs':>5s} "
+          f"{'spills':>6s} {'s':>5s}")
+    count = 0
+    for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only):
+        t0 = time.time()
+        count += 1
+        try:
+            c = compile_one(fn, dt, cx, tile, args.arch)
+        except Exception as exc:  # report every failure, then exit non-zero
+            bad += 1
+            print(f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s} FAILED: {str(exc).splitlines()[0][:200]}")
+            continue
+        smem = c.metadata.shared
+        regs, spills = ptxas_usage(c.asm["ptx"], args.arch)
+        flag = ""
+        if smem > limit:
+            flag, bad = " SMEM>LIMIT", bad + 1
+        if isinstance(spills, int) and spills > 0:
+            flag, bad = flag + " SPILLS", bad + 1
+        print(f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} "
+              f"{time.time() - t0:5.1f}{flag}")
+    print(f"{count} variants, {bad} failures")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

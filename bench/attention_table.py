@@ -1,0 +1,107 @@
+"""Turn a GPU benchmark JSON into the attention selector table (seer_kernels/ops/attention_table.py).
+
+    bash bench/gpu_check.sh OUT                       # writes OUT/bench.json (among others)
+    python -m bench.attention_table OUT/bench.json    # rewrites the table for that GPU, keeps other GPUs
+
+bench/bench_attention.py writes, per shape, rows with ours == "triton" and mode "fwd", "fwdbwd" (dq by
+float32 atomics) and "fwdbwd-det" (dq by its own pass), each with ratio = best SDPA backend's median time /
+ours (same run), the shape, the best SDPA backend and the tiles the benchmark found fastest. Each shape
+becomes one table row:
+
+    fwd       forward-only speed-up (the selector uses it when no gradient is needed)
+    best_sdpa the fastest correct SDPA backend for forward+backward: the SDPA path puts it first
+    fwd_bwd   the better of the two backward schemes' forward+backward speed-ups
+    bwd_scheme which scheme that was ("atomic" or "deterministic"): the default for that shape
+    tiles     fwd tile and the dkdv / dq tiles of that scheme
+
+The selector (seer_kernels/ops/attention.py) picks Triton where the relevant ratio is >= TRITON_MARGIN.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pprint
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "seer_kernels" / "ops" / "attention_table.py"
+MODES = ("fwd", "fwdbwd", "fwdbwd-det")
+
+HEADER = '''"""Selector evidence for seer_kernels.attention (written by bench/attention_table.py; do not edit by hand).
+
+Regenerate after a GPU check:
+
+    bash bench/gpu_check.sh OUT && python -m bench.attention_table OUT/bench.json
+
+TABLE maps a GPU slug (e.g. "nvidia-h100-80gb-hbm3") to benchmark rows: head_dim, n_q, n_kv, batch, heads,
+dtype, fwd and fwd_bwd (speed-up of the Triton kernel over the best SDPA backend, same run), best_sdpa,
+bwd_scheme ("atomic" or "deterministic", whichever was faster) and the best tiles per kernel.
+"""
+'''
+
+
+def rows_from_benchmark(data: dict) -> list[dict]:
+    """One selector row per benchmarked shape that has all three modes."""
+    by_case: dict[str, dict] = {}
+    for row in data["rows"]:
+        if row.get("op") != "attention" or row.get("ours") != "triton" or row.get("mode") not in MODES:
+            continue
+        base = row["case"][: -len(row["mode"]) - 1]
+        by_case.setdefault(base, {})[row["mode"]] = row
+    out = []
+    for base, modes in sorted(by_case.items()):
+        if set(modes) != set(MODES):
+            print(f"skipping {base}: modes {sorted(modes)} (need {MODES})", file=sys.stderr)
+            continue
+        fwd, atomic, det = modes["fwd"], modes["fwdbwd"], modes["fwdbwd-det"]
+        b, h, nq, nkv, d = fwd["shape"]
+        best = det if det["ratio"] > atomic["ratio"] else atomic
+        out.append({
+            "case": base, "head_dim": d, "n_q": nq, "n_kv": nkv, "batch": b, "heads": h, "dtype": fwd["dtype"],
+            "fwd": round(fwd["ratio"], 3), "fwd_bwd": round(best["ratio"], 3),
+            "fwd_bwd_atomic": round(atomic["ratio"], 3), "fwd_bwd_det": round(det["ratio"], 3),
+            "best_sdpa": best.get("best_sdpa"), "best_sdpa_fwd": fwd.get("best_sdpa"),
+            "bwd_scheme": "deterministic" if best is det else "atomic",
+            "tiles": {"fwd": fwd["tiles"]["fwd"], "dkdv": best["tiles"]["dkdv"], "dq": best["tiles"]["dq"]},
+        })
+    return out
+
+
+def _existing(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    ns: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), ns)
+    return dict(ns.get("TABLE", {}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bench_json", help="JSON written by `pytest bench --bench-device cuda --bench-json FILE`")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="table module to (re)write")
+    args = ap.parse_args(argv)
+    data = json.loads(Path(args.bench_json).read_text())
+    env = data["environment"]
+    rows = rows_from_benchmark(data)
+    if not rows:
+        print(f"no attention rows with all of {MODES} in {args.bench_json}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    table = _existing(out)
+    table[env["device"]] = rows
+    source = {k: env.get(k) for k in ("device", "gpu", "torch", "triton", "cuda", "git", "date")}
+    source["json"] = str(args.bench_json)
+    text = (HEADER + "\n# Last written from: " + json.dumps(source) + "\n"
+            + "SOURCE = " + pprint.pformat(source, width=110, sort_dicts=True) + "\n"
+            + "TABLE: dict = " + pprint.pformat(table, width=110, sort_dicts=True) + "\n")
+    out.write_text(text)
+    for r in rows:
+        pick = "triton" if r["fwd_bwd"] >= 1.05 else "sdpa"
+        print(f"{env['device']} {r['case']:32s} fwd x{r['fwd']:.2f}  fwd+bwd x{r['fwd_bwd']:.2f} "
+              f"({r['bwd_scheme']})  vs {r['best_sdpa']}  -> training uses {pick}")
+    print(f"wrote {len(rows)} rows for {env['device']} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Attention: our Triton kernels against every torch SDPA backend (flash, cuDNN, memory-efficient, math),
+all timed in the same run, interleaved; ratio = best SDPA backend's median / ours.
+
+GPU rows, per ViT shape (bfloat16):
+
+    attention:<case>-fwd          forward only (no autograd)
+    attention:<case>-fwdbwd       forward + backward, dq by float32 atomics (the default scheme)
+    attention:<case>-fwdbwd-det   forward + backward, deterministic (dq by its own pass)
+    attention:<case>-auto         what seer_kernels.attention picks on its own (the selector), fwd + bwd
+
+Before timing a shape, every candidate tile of each kernel is timed and checked against SDPA's output; the
+rows use the fastest, and record it (tiles) together with the shape, the best SDPA backend, TFLOP/s and the
+share of the memory-bandwidth floor reached (floor_pct: bytes that must move / ceiling / time; at N ~ 257
+attention is memory-bound on an H100). bench/attention_table.py turns these rows into the selector table.
+FLOPs follow FlashAttention's convention: 4 B H Nq Nkv D forward, 2.5x that backward.
+
+CPU rows measure the dispatch path (validation, backend choice) against calling torch SDPA directly:
+
+    attention:cpu-dispatch-<case>-fwd / -fwdbwd
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seer_kernels
+from bench import harness
+from seer_kernels.ops import attention as ops
+from seer_kernels.testing import max_abs_err
+
+# (case, B, H, N, D) from the issue: ViT-10B under TP 4, ViT-L/16, ViT-g/14, 96-px local crops (patch 16, 14).
+GPU_SHAPES = [
+    ("vit10b-tp4-B32H8N257D128", 32, 8, 257, 128),
+    ("vitl-B64H16N197D64", 64, 16, 197, 64),
+    ("vitg-B32H16N257D88", 32, 16, 257, 88),
+    ("local-B192H16N37D64", 192, 16, 37, 64),
+    ("local-B192H16N50D64", 192, 16, 50, 64),
+]
+# Issue targets on an H100: fwd+bwd >= 1.2x the best SDPA at N = 257, D = 128; the selector's choice never
+# below 0.9x anywhere. Reported as metrics; the gate floors live in bench/floors/<gpu>.json.
+TARGETS = {"vit10b-tp4-B32H8N257D128-fwdbwd": 1.2}
+AUTO_TARGET = 0.9
+CPU_SHAPES = [
+    ("vitb-B2H12N197D64", 2, 12, 197, 64),
+    ("local-B8H6N37D64", 8, 6, 37, 64),
+    ("tiny-B1H2N16D32", 1, 2, 16, 32),
+]
+DTYPE = torch.bfloat16
+GPU_TIMING = dict(min_time=0.05, max_rounds=40, min_rounds=5)  # kernels take 20-500 us
+
+
+def _sdpa_backends() -> dict:
+    from torch.nn.attention import SDPBackend
+    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
+
+
+def _fwd_bwd(fn, q, k, v, dout):
+    out = fn(q, k, v)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def _inputs(b, h, n, d, device, dtype, grad):
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=grad) for _ in range(3))
+    return q, k, v, torch.randn(b, h, n, d, device=device, dtype=dtype)
+
+
+def _flops(b, h, n, d, mode):
+    fwd = 4.0 * b * h * n * n * d
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def _bytes(b, h, n, d, elt, mode):
+    x = b * h * n * d * elt
+    fwd = 4 * x + b * h * n * 4  # read q, k, v; write out and lse
+    return fwd if mode == "fwd" else fwd + 8 * x + b * h * n * 4  # + read q k v out dout lse, write dq dk dv
+
+
+@contextlib.contextmanager
+def _table_row(device: str, row: dict):
+    """Make the selector table hold ``row`` for this GPU while timing (so the op runs the swept tiles)."""
+    slug = harness.device_slug(device)
+    saved = dict(ops.attention_table.TABLE)
+    ops.attention_table.TABLE[slug] = [row]
+    try:
+        yield
+    finally:
+        ops.attention_table.TABLE.clear()
+        ops.attention_table.TABLE.update(saved)
+
+
+def _available_sdpa(q, k, v, dout, want) -> tuple[dict, list]:
+    """SDPA backends that run these inputs forward and backward correctly: (name -> callable, rejected).
+
+    A backend that raises is skipped; one whose output disagrees with float32 math is rejected and reported
+    (older cuDNN attention is wrong at lengths not divisible by 128, and 257 is one: a wrong kernel must not
+    become the baseline of the selector's evidence).
+    """
+    from torch.nn.attention import sdpa_kernel
+    out, rejected = {}, []
+    for name, backend in _sdpa_backends().items():
+        def fn(q, k, v, backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v)
+        try:
+            _fwd_bwd(fn, q, k, v, dout)
+            with torch.no_grad():
+                err = max_abs_err(fn(q, k, v), want)
+            torch.cuda.synchronize()
+        except RuntimeError:  # this backend does not take these inputs (head dim, dtype, GPU)
+            continue
+        if err > 3e-2:
+            rejected.append(f"{name}: max error {err:.3g}")
+            continue
+        out[name] = fn
+    return out, rejected
+
+
+def _sweep(device, q, k, v, dout, want_out, cls):
+    """Fastest correct tile per kernel: fwd, dkdv for the atomic scheme, (dkdv, dq) for the deterministic one.
+
+    Forward tiles are checked against float32 math (``want_out``), backward tiles against each other.
+    """
+    from seer_kernels.triton import attention as tri
+    scale = 1 / math.sqrt(q.shape[-1])
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    fns = {}
+    for tile in tri.FWD_TILES[cls]:
+        out, _ = tri.attention_fwd(qd, kd, vd, scale, tile)
+        err = max_abs_err(out, want_out)
+        assert err < 3e-2, f"fwd tile {tile} is wrong: max error {err:.3g} against float32 math"
+        fns[tile] = lambda tile=tile: tri.attention_fwd(qd, kd, vd, scale, tile)
+    t = harness.compare(fns, device, min_time=0.03, max_rounds=15, min_rounds=3)
+    fwd = min(t, key=lambda x: t[x].median_s)
+    out, lse = tri.attention_fwd(qd, kd, vd, scale, fwd)
+    ref_grads = tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, True)
+    fns = {}
+    for dkdv, dq in zip(tri.DKDV_TILES[cls], tri.DQ_TILES[cls]):
+        for det in (False, True):
+            got = tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq)
+            err = max(max_abs_err(a, b) / max(1.0, float(b.abs().max())) for a, b in zip(got, ref_grads))
+            assert err < 3e-2, f"bwd tiles {dkdv}, {dq} (deterministic={det}) disagree: {err:.3g}"
+            fns[(det, dkdv, dq)] = (lambda det=det, dkdv=dkdv, dq=dq:
+                                    tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq))
+    t = harness.compare(fns, device, min_time=0.03, max_rounds=15, min_rounds=3)
+    atomic = min((x for x in t if not x[0]), key=lambda x: t[x].median_s)
+    det = min((x for x in t if x[0]), key=lambda x: t[x].median_s)
+    return fwd, atomic, det
+
+
+def _gpu_cases():
+    if not torch.cuda.is_available():
+        return []
+    return [pytest.param(s, id=s[0]) for s in GPU_SHAPES]
+
+
+@pytest.mark.parametrize("shape", _gpu_cases())
+def bench_attention_gpu(bench_record, bench_device, shape):
+    if not bench_device.startswith("cuda"):
+        pytest.skip("GPU shapes")
+    from seer_kernels.triton import attention as tri
+    case, b, h, n, d = shape
+    q, k, v, dout = _inputs(b, h, n, d, bench_device, DTYPE, grad=True)
+    with torch.no_grad():  # float32 math: the yardstick for every kernel timed below
+        want = torch.softmax(q.float() @ k.float().transpose(-1, -2) / math.sqrt(d), -1) @ v.float()
+    sdpa, rejected = _available_sdpa(q, k, v, dout, want)
+    assert sdpa, f"no SDPA backend runs these inputs correctly ({rejected})"
+    fwd_tile, atomic, det = _sweep(bench_device, q, k, v, dout, want, tri.tile_class(d))
+    ceiling = harness.bandwidth_ceiling(bench_device)
+
+    def run(mode, fns, ours, extra):
+        best = _best(bench_device, {n_: f for n_, f in fns.items() if n_.startswith("sdpa")})
+        flops, nbytes = _flops(b, h, n, d, mode), _bytes(b, h, n, d, 2, mode)
+
+        def metrics(t):
+            row = {"mode": mode, "shape": [b, h, n, n, d], "dtype": str(DTYPE)[6:], "best_sdpa": best[5:],
+                   "tflops": harness.tflops(flops, t[ours].median_s),
+                   "tflops_best_sdpa": harness.tflops(flops, t[best].median_s)}
+            row.update({f"x_{name[5:]}": t[name].median_s / t[ours].median_s for name in t if name != ours})
+            if ceiling:
+                row["floor_pct"] = 100 * nbytes / (ceiling * 1e9) / t[ours].median_s
+            target = TARGETS.get(f"{case}-{mode}", AUTO_TARGET if mode == "auto" else None)
+            if target is not None:
+                row["target"] = target
+                row["meets_target"] = t[best].median_s / t[ours].median_s >= target
+            if rejected:
+                row["sdpa_rejected"] = "; ".join(rejected)
+            row.update(extra)
+            return row
+        bench_record("attention", f"{case}-{mode}", fns, ours=ours, baseline=best, metrics=metrics, **GPU_TIMING)
+
+    tiles = {"fwd": fwd_tile.as_list(), "dkdv": atomic[1].as_list(), "dq": atomic[2].as_list()}
+    tiles_det = {"fwd": fwd_tile.as_list(), "dkdv": det[1].as_list(), "dq": det[2].as_list()}
+    row = dict(head_dim=d, n_q=n, n_kv=n, fwd=99.0, fwd_bwd=99.0, best_sdpa="-", bwd_scheme="atomic", tiles=tiles)
+
+    def triton(deterministic):
+        def fn(q_, k_, v_):
+            with seer_kernels.use_backend("triton", op="attention"):
+                return seer_kernels.attention(q_, k_, v_, deterministic=deterministic)
+        return fn
+
+    with _table_row(bench_device, row):
+        qn, kn, vn = (t.detach() for t in (q, k, v))
+        fns = {"triton": lambda: triton(False)(qn, kn, vn)}
+        fns.update({name: (lambda f=f: f(qn, kn, vn)) for name, f in sdpa.items()})
+        with torch.no_grad():
+            run("fwd", fns, "triton", {"tiles": tiles})
+        for mode, deterministic, tl_ in (("fwdbwd", False, tiles), ("fwdbwd-det", True, tiles_det)):
+            if deterministic:
+                row["tiles"] = tiles_det
+            fns = {"triton": lambda dt=deterministic: _fwd_bwd(triton(dt), q, k, v, dout)}
+            fns.update({name: (lambda f=f: _fwd_bwd(f, q, k, v, dout)) for name, f in sdpa.items()})
+            run(mode, fns, "triton", {"tiles": tl_})
+    # The selector as shipped (the real table): what a model calling seer_kernels.attention gets.
+    fns = {"seer": lambda: _fwd_bwd(seer_kernels.attention, q, k, v, dout)}
+    fns.update({name: (lambda f=f: _fwd_bwd(f, q, k, v, dout)) for name, f in sdpa.items()})
+    chosen = ops.DISPATCH.select(q.device, q.dtype, **ops._info(q, k, grad=True, deterministic=False,
+                                                                 in_op=False)).name
+    run("auto", fns, "seer", {"chosen": chosen})
+
+
+def _best(device, fns) -> str:
+    """The fastest SDPA backend for these inputs (a short timing; the row re-times it with ours)."""
+    if len(fns) == 1:
+        return next(iter(fns))
+    t = harness.compare(fns, device, min_time=0.03, max_rounds=10, min_rounds=3)
+    return min(t, key=lambda name: t[name].median_s)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", [pytest.param(s, id=s[0]) for s in CPU_SHAPES])
+def bench_attention_cpu_dispatch(bench_record, bench_device, shape, mode):
+    """seer_kernels.attention (validation + backend choice, then SDPA) against torch SDPA called directly."""
+    if bench_device != "cpu":
+        pytest.skip("CPU dispatch overhead")
+    case, b, h, n, d = shape
+    grad = mode == "fwdbwd"
+    q, k, v, dout = _inputs(b, h, n, d, "cpu", torch.float32, grad)
+    if grad:
+        fns = {"seer": lambda: _fwd_bwd(seer_kernels.attention, q, k, v, dout),
+               "sdpa": lambda: _fwd_bwd(F.scaled_dot_product_attention, q, k, v, dout)}
+    else:
+        fns = {"seer": lambda: seer_kernels.attention(q, k, v),
+               "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    chosen = ops.DISPATCH.select(q.device, q.dtype, **ops._info(q, k, grad=grad, deterministic=False,
+                                                                 in_op=False)).name
+    assert chosen == "sdpa"
+
+    def metrics(t):
+        return {"mode": mode, "shape": [b, h, n, n, d], "chosen": chosen,
+                "overhead_us": (t["seer"].median_s - t["sdpa"].median_s) * 1e6,
+                "gflops": harness.tflops(_flops(b, h, n, d, mode), t["seer"].median_s) * 1e3}
+
+    bench_record("attention", f"cpu-dispatch-{case}-{mode}", fns, ours="seer", baseline="sdpa", metrics=metrics)

@@ -1,0 +1,401 @@
+"""Triton kernels for attention, FlashAttention-2 style (math: seer_kernels/reference/attention.py).
+
+Forward: one program per (query tile, head, batch) walks the keys in tiles with the online softmax (running
+max m and running sum l), and writes out and the log-sum-exp rows lse = m + log l. The N x N matrix never
+exists. The bookkeeping is in natural-log units: exp(s - m) subtracts first and exponentiates a small number
+(on GPUs exp is ex2 of x * log2e), where the usual exp2(s * scale * log2e - m2) subtracts two large log2-unit
+numbers; that costs one multiply per score and keeps float32 close to PyTorch's own error when the scores
+are large (peaked attention).
+
+Backward, from lse (P = exp(S - lse) is recomputed per tile):
+
+* ``delta`` kernel: delta_i = dout_i . out_i (float32), read once instead of per tile pair;
+* ``dkdv`` kernel: one program per key tile walks every query tile and accumulates dk, dv in registers;
+  with ``ATOMIC_DQ`` it also adds its dq share into a float32 buffer with atomics (FlashAttention-2's
+  scheme: 5 matmuls per tile pair, but the order of the additions, hence the bits of dq, vary run to run);
+* ``dq`` kernel: one program per query tile walks every key tile (the deterministic scheme: 7 matmuls per
+  tile pair instead of 5, no atomics, no float32 dq buffer; every output element has one owner).
+
+Masking, for any N: the last query and key tiles are partial. Loops run over full tiles without masks and
+then over the one partial tile with masks (the ``MASK_*`` constexpr copies). Padded key columns get score
+-inf; padded query rows load lse = +inf so that their recomputed probabilities are exactly 0 and nothing
+padded can turn into inf * 0 = NaN in a stored value or an atomic.
+
+Head dims: any multiple of 8 up to 256. Tiles are D_PAD = next power of two (at least 16, the smallest
+tl.dot) wide; the D axis is masked when HEAD_DIM < D_PAD (80, 88, 96: 128 wide). HEAD_DIM is a
+constexpr, so the mask folds away for 64 and 128 and loads stay vectorised.
+
+Tile sizes at ViT lengths (tile quantisation): a pass over an Nq x Nk score matrix costs
+ceil(Nq / BLOCK_M) * BLOCK_M x ceil(Nk / BLOCK_N) * BLOCK_N. At N = 257 (256 patches + class token):
+128 x 128 tiles do 384^2 (45% useful), 64 x 64 do 320^2 (64.5%), 64 x 32 do 320 x 288 (71.7%), 32 x 32 do
+288^2 (79.6%). At N = 197: 64 x 64 -> 256^2 (59%), 64 x 32 -> 256 x 224 (68%). At N = 37 / 50 one 64-row
+tile holds the whole sequence. The candidate sets below therefore use 64-row query tiles with 32- or 64-wide
+key tiles (128-row tiles only as alternatives); the benchmark
+(bench/bench_attention.py) times every candidate per shape and bench/attention_table.py records the best one
+in the selector table (seer_kernels/ops/attention_table.py). Fixed tiles per shape, not run-time autotuning,
+keep results bit-identical from one process to the next, which the deterministic mode promises.
+
+Inputs need a unit stride on the head dim (the launchers copy otherwise), any other strides are fine
+(slices of a fused qkv projection run without copies). bfloat16 and float16 use the tensor cores with
+float32 accumulation; float32 is supported for the CPU interpreter only (tests), where dots are exact.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference.attention import new_lse, new_out
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Launch shape of one kernel: BLOCK_M query rows x BLOCK_N key rows per tile."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def as_list(self) -> list[int]:
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages]
+
+
+# Candidate tiles per padded head dim (the first is the default when the selector table has no entry).
+# dkdv programs own BLOCK_N keys and walk queries BLOCK_M at a time; dq programs own BLOCK_M queries.
+# Every entry compiles for sm_90 without register spills and within 180 KB of shared memory at bf16/fp16
+# (python -m bench.attention_compile prints both); the 64-row query tiles map onto Hopper's 64-row wgmma.
+FWD_TILES = {
+    64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3)),
+    128: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 2)),
+    256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
+}
+DKDV_TILES = {
+    64: (Tile(32, 64, 4, 3), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2)),
+    128: (Tile(32, 64, 8, 3), Tile(64, 64, 8, 2), Tile(32, 128, 8, 2)),
+    256: (Tile(32, 32, 8, 2), Tile(64, 32, 8, 2)),
+}
+DQ_TILES = {
+    64: (Tile(64, 32, 4, 3), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2)),
+    128: (Tile(64, 32, 4, 3), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
+    256: (Tile(32, 64, 8, 2), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
+}
+DELTA_BLOCK = 64
+
+
+def d_pad(head_dim: int) -> int:
+    """Width of the register tiles along the head dim: next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_class(head_dim: int) -> int:
+    """Key of the candidate tables: 16- and 32-wide heads use the 64-wide candidates."""
+    return max(64, d_pad(head_dim))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _load_rows(base, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A (rows, D_PAD) tile; padded rows and head-dim columns read as 0."""
+    ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+    if MASK_ROWS:
+        if HEAD_DIM == D_PAD:
+            x = tl.load(ptrs, mask=(offs_rows < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(offs_rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if HEAD_DIM == D_PAD:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(base, x, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+    if HEAD_DIM == D_PAD:
+        tl.store(ptrs, x, mask=(offs_rows < n_rows)[:, None])
+    else:
+        tl.store(ptrs, x, mask=(offs_rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, start, end, N_KV, scale,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    """Online softmax over key tiles [start, end): m_i running max of the scaled scores, l_i sum exp(s - m_i)."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, MASK_N)
+        s = tl.dot(q, tl.trans(k)) * scale
+        if MASK_N:
+            s = tl.where((offs_n < N_KV)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, MASK_N)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _fwd_kernel(Q, K, V, O, LSE,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                H, N_Q, N_KV, scale,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride overflows int32 on large activations
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, 0, n_full, N_KV, scale,
+                               HEAD_DIM, D_PAD, BLOCK_N, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, n_full, N_KV, N_KV, scale,
+                               HEAD_DIM, D_PAD, BLOCK_N, True)
+    # Every row saw at least one real key (N_KV >= 1), so l_i >= 1 and the division is safe.
+    out = acc / l_i[:, None]
+    _store_rows(O + b * sob + h * soh, out.to(O.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
+    lse = m_i + tl.log(l_i)
+    tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+@triton.jit(do_not_specialize=["N_Q"])
+def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, H, N_Q,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = dout_i . out_i in float32."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    o = _load_rows(O + b * sob + h * soh, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD, True).to(tl.float32)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, True).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
+                offs_d, start, end, N_Q, scale,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr):
+    """Accumulate dk, dv of one key tile over query tiles [start, end), working on S^T (keys x queries)."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, MASK_M)
+        do = _load_rows(do_base, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, MASK_M)
+        if MASK_M:  # padded query rows: lse = +inf gives p = 0 exactly
+            lse = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf"))
+            delta = tl.load(delta_row + offs_m, mask=offs_m < N_Q, other=0.0)
+        else:
+            lse = tl.load(lse_row + offs_m)
+            delta = tl.load(delta_row + offs_m)
+        s_t = tl.dot(k, tl.trans(q)) * scale + key_bias[:, None]
+        p_t = tl.exp(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+            ptrs = dq_base + offs_m[:, None] * sdqn + offs_d[None, :]
+            if MASK_M:
+                tl.atomic_add(ptrs, dq, mask=(offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :],
+                              sem="relaxed")
+            elif HEAD_DIM == D_PAD:
+                tl.atomic_add(ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(ptrs, dq, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+                     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqn,
+                     H, N_Q, N_KV, scale,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k = _load_rows(K + b * skb + h * skh, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, True)
+    v = _load_rows(V + b * svb + h * svh, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, True)
+    # Padded keys get score -inf: p = 0, so their (never stored) gradients and dq's share stay exact zeros.
+    key_bias = tl.where(offs_n < N_KV, 0.0, float("-inf"))
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    dq_base = DQ_ACC + b * sdqb + h * sdqh
+    lse_row = LSE + (b * H + h) * N_Q
+    delta_row = DELTA + (b * H + h) * N_Q
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
+                         offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
+                         offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, True, ATOMIC_DQ)
+    _store_rows(DK + b * sdkb + h * sdkh, (dk * scale).to(DK.dtype.element_ty), offs_n, offs_d, sdkn, N_KV,
+                HEAD_DIM, D_PAD)
+    _store_rows(DV + b * sdvb + h * sdvh, dv.to(DV.dtype.element_ty), offs_n, offs_d, sdvn, N_KV, HEAD_DIM, D_PAD)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, start, end, N_KV, scale,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, MASK_N)
+        v = _load_rows(v_base, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, MASK_N)
+        s = tl.dot(q, tl.trans(k)) * scale
+        if MASK_N:
+            s = tl.where((offs_n < N_KV)[None, :], s, float("-inf"))
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+                   H, N_Q, N_KV, scale,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
+    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, True)
+    row = (b * H + h) * N_Q
+    lse = tl.load(LSE + row + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    delta = tl.load(DELTA + row + offs_m, mask=offs_m < N_Q, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, 0, n_full, N_KV, scale,
+                   HEAD_DIM, D_PAD, BLOCK_N, False)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, n_full, N_KV, N_KV, scale,
+                   HEAD_DIM, D_PAD, BLOCK_N, True)
+    _store_rows(DQ + b * sdqb + h * sdqh, (dq * scale).to(DQ.dtype.element_ty), offs_m, offs_d, sdqn, N_Q,
+                HEAD_DIM, D_PAD)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the inputs' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """The kernels index the head dim without a stride (vectorised loads); copy the rare other layout."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides3(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _run(kernel, grid_of, tiles: Sequence[Tile], args: tuple, constexprs: dict) -> Tile:
+    """Launch with the first tile that fits the GPU (shared memory, registers); return the one used."""
+    errors = []
+    for tile in tiles:
+        try:
+            kernel[grid_of(tile)](*args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
+                                  num_stages=tile.num_stages, **constexprs)
+            return tile
+        except _OUT_OF_RESOURCES as exc:  # a tile too big for this GPU: try the next candidate
+            errors.append(f"{tile}: {exc}")
+    raise RuntimeError("seer_kernels.attention: no candidate tile fits this GPU:\n" + "\n".join(errors))
+
+
+try:  # where Triton 3.x raises "shared memory / registers exceeded" at the first launch of a variant
+    from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
+except ImportError:  # pragma: no cover
+    _OUT_OF_RESOURCES = getattr(triton.runtime, "OutOfResources", ())
+
+
+def _candidates(table: dict, head_dim: int, tile: Optional[Tile]) -> list[Tile]:
+    rest = list(table[tile_class(head_dim)])
+    return [tile] + [t for t in rest if t != tile] if tile is not None else rest
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[Tile] = None
+                  ) -> tuple[Tensor, Tensor]:
+    """out (B, H, Nq, D) on (B, Nq, H, D) memory, lse (B, H, Nq) float32."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    out, lse = new_out(q, v), new_lse(q)
+    with _on_device(q):
+        _run(_fwd_kernel, lambda t: (triton.cdiv(NQ, t.block_m), H, B), _candidates(FWD_TILES, D, tile),
+             (q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), H, NQ, NK,
+              float(scale)),
+             dict(HEAD_DIM=D, D_PAD=d_pad(D)))
+    return out, lse
+
+
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+                  deterministic: bool, dkdv_tile: Optional[Tile] = None, dq_tile: Optional[Tile] = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (contiguous). ``deterministic``: dq by its own pass instead of float32 atomics."""
+    with _on_device(q):
+        return _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile)
+
+
+def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
+    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    lse = lse.contiguous()
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    dev = q.device
+    cx = dict(HEAD_DIM=D, D_PAD=d_pad(D))
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
+    _bwd_delta_kernel[(triton.cdiv(NQ, DELTA_BLOCK), H, B)](
+        out, dout, delta, *_strides3(out), *_strides3(dout), H, NQ, BLOCK_M=DELTA_BLOCK, **cx)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    if deterministic:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        dq_acc = dq  # unused by the kernel without ATOMIC_DQ
+    else:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+    common = (H, NQ, NK, float(scale))
+    _run(_bwd_dkdv_kernel, lambda t: (triton.cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
+         (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
+          *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
+         dict(ATOMIC_DQ=not deterministic, **cx))
+    if deterministic:
+        _run(_bwd_dq_kernel, lambda t: (triton.cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
+             (q, k, v, dout, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
+              *_strides3(dq), *common),
+             cx)
+    else:
+        dq = dq_acc.to(q.dtype)
+    return dq, dk, dv

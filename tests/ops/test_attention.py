@@ -1,0 +1,688 @@
+"""seer_kernels.attention: every backend that can run here against a float64 reference (FlashAttention's rule).
+
+The rule: max |ours - ref64| <= 2 x max |PyTorch math in the same dtype - ref64| + atol, for the output and for
+dq, dk, dv; atol is twice the rounding of the dtype at the reference's values (FlashAttention's choice), so
+the bound follows what the dtype can do. Inputs are fresh random tensors every run (tests/conftest.py).
+
+On a machine without a GPU the Triton kernels run under TRITON_INTERPRET=1 in float32 and float16 on small
+shapes; the full shape matrix (N in {1, 37, 50, 113, 197, 257}, D in {64, 80, 128}, bfloat16 and float16,
+Nq != Nkv, slices of a fused qkv) runs on a GPU through bench/gpu_check.sh.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import pytest
+import torch
+
+import seer_kernels
+from seer_kernels import BackendError, use_backend
+from seer_kernels.ops import attention as ops
+from seer_kernels.ops.attention import DISPATCH
+from seer_kernels.reference import attention as ref
+from seer_kernels.testing import assert_close_to_ref, max_abs_err, triton_device
+
+TRITON_DEV = triton_device()
+HAS_CUDA = torch.cuda.is_available()
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+@pytest.fixture
+def poison_empty():
+    """Uninitialised memory from torch.empty is NaN while the test runs (unwritten outputs show up)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+# ---- inputs and oracles ---------------------------------------------------------------------------------
+
+def make_qkv(b, h, nq, nkv, d, dtype, device, layout="contiguous", spread=1.0):
+    """q, k, v with the given memory layout.
+
+    contiguous: (B, H, N, D). fused: slices of one (B, N, 3, H, D) projection, as the ViT makes them (self-
+    attention) or of a (B, Nkv, 2, H, D) key/value projection plus a (B, Nq, H, D) query (cross-attention).
+    ``spread`` scales q so that the scores are large and peaked (the online softmax must rescale).
+    """
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float32)
+
+    if layout == "contiguous":
+        q, k, v = rnd(b, h, nq, d), rnd(b, h, nkv, d), rnd(b, h, nkv, d)
+    elif layout == "fused" and nq == nkv:
+        qkv = rnd(b, nq, 3, h, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+    elif layout == "fused":
+        q = rnd(b, nq, h, d).transpose(1, 2)
+        kv = rnd(b, nkv, 2, h, d).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+    else:
+        raise ValueError(layout)
+    q = q * spread
+    return tuple(t.to(dtype) for t in (q, k, v))
+
+
+def math_attention(q, k, v, scale):
+    """Plain PyTorch math in the inputs' dtype: the error baseline of the 2x rule."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def dtype_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """Twice the rounding error of ``dtype`` at the reference's values (FlashAttention's atol)."""
+    x = ref64.to(dtype)
+    return 2 * float(((x + 0.3) - 0.3 - x).abs().max()) + 1e-7
+
+
+def cancellation_atol(dout64, out64, other64, scale, dtype) -> float:
+    """What rounding out to ``dtype`` costs dq (other = k) or dk (other = q) in every fused kernel.
+
+    Fused backwards use delta_i = dout_i . out_i with out rounded to the dtype, where the math path
+    differentiates the softmax directly. The two agree to eps * |dout_i| |out_i| in ds_ij - which is all of
+    dq and dk when they cancel to 0 (Nkv = 1: the softmax is constant), and the math path's own error there is
+    exactly 0. Bound: |scale| * max|other| * eps(dtype) * max_i |dout_i| |out_i| (x2).
+    """
+    eps = torch.finfo(dtype).eps
+    rows = float((dout64.norm(dim=-1) * out64.norm(dim=-1)).max())
+    return 2 * abs(scale) * float(other64.abs().max()) * eps * rows
+
+
+def recompute_atol(ref64, score_max: float) -> float:
+    """What recomputing P = exp(s - lse) in float32 costs, against a math path that keeps its softmax.
+
+    Every kernel that saves only the log-sum-exp rows (ours, FlashAttention's, the reference's backward)
+    rounds exp's argument at the scores' magnitude: relative error ~ eps_fp32 * (|s| + |lse|) in p, so in
+    everything computed from p. Negligible next to bfloat16/float16 rounding; in float32 it is the floor.
+    """
+    return 4 * torch.finfo(torch.float32).eps * score_max * float(ref64.abs().max())
+
+
+def run_backend(backend, q, k, v, dout, scale=None, deterministic=None):
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))  # detach keeps the strides
+    with use_backend(backend, op="attention"):
+        out = seer_kernels.attention(qg, kg, vg, scale=scale, deterministic=deterministic)
+        grads = torch.autograd.grad(out, (qg, kg, vg), dout)
+    return (out, *grads)
+
+
+def check_against_float64(backend, q, k, v, scale=None, deterministic=None):
+    """Output and gradients within 2x PyTorch's own error in this dtype (+ atol).
+
+    PyTorch's own error: its math path for our kernels; for the ``sdpa`` backend, torch's SDPA called
+    directly (what is checked there is our plumbing: dispatch, scale, layouts, not torch's kernels).
+    """
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dout = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=torch.float32).to(q.dtype)
+    got = run_backend(backend, q, k, v, dout, scale, deterministic)
+    q64, k64, v64, do64 = (t.detach().cpu().double() for t in (q, k, v, dout))
+    o64, lse64 = ref.attention_fwd(q64, k64, v64, scale)
+    want = (o64, *ref.attention_bwd(do64, q64, k64, v64, o64, lse64, scale))
+    qp, kp, vp = (t.detach().requires_grad_() for t in (q, k, v))
+    if backend == "sdpa":
+        op = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale)
+    else:
+        op = math_attention(qp, kp, vp, scale)
+    torch_same = (op, *torch.autograd.grad(op, (qp, kp, vp), dout))
+    score_max = max(float((torch.matmul(q64, k64.transpose(-1, -2)) * scale).abs().max()),
+                    float(lse64.abs().max()))
+    extra = [cancellation_atol(do64, o64, k64, scale, q.dtype), cancellation_atol(do64, o64, q64, scale, q.dtype)]
+    extra = [recompute_atol(w, score_max) + e for w, e in zip(want, [0.0, *extra, 0.0])]
+    for name, g, w, t, e in zip(("out", "dq", "dk", "dv"), got, want, torch_same, extra):
+        assert g.shape == w.shape and g.dtype == q.dtype, name
+        assert_close_to_ref(g.cpu(), w, t.cpu(), atol=dtype_atol(w, q.dtype) + e, name=f"{backend}: {name}")
+
+
+# ---- the parameter matrix ---------------------------------------------------------------------------------
+
+GPU_N = (1, 37, 50, 113, 197, 257)
+GPU_D = (64, 80, 128)
+# (B, H, Nq, Nkv, D) with Nq != Nkv: local-to-global crops and the degenerate one-token sides.
+CROSS = ((2, 3, 197, 50, 64), (2, 3, 37, 257, 80), (1, 2, 257, 113, 128), (2, 2, 1, 257, 64), (2, 2, 257, 1, 64))
+# The interpreter is slow: a few small shapes that still cover one- and multi-tile passes with partial tiles,
+# the padded head dims (24 -> 32, 80 -> 128) and Nq != Nkv.
+INTERP = ((2, 3, 1, 1, 16), (1, 2, 37, 37, 64), (2, 2, 70, 70, 24), (1, 2, 50, 37, 80), (1, 2, 17, 70, 32))
+
+
+def _id(shape):
+    b, h, nq, nkv, d = shape
+    return f"B{b}H{h}-{nq}x{nkv}-D{d}"
+
+
+# Shapes that also run as slices of a fused projection (the ViT's layout).
+FUSED = {(2, 3, 50, 50, 128), (2, 3, 257, 257, 128), (2, 3, 197, 197, 80), CROSS[0], INTERP[2], INTERP[3]}
+
+
+def matrix():
+    """(backend, device, dtype, shape, layout, deterministic) cases that can run here."""
+    full = [(2, 3, n, n, d) for n in GPU_N for d in GPU_D] + list(CROSS)
+    some = full[:18:4] + list(CROSS)  # every N, rotating through the head dims
+    out = []
+
+    def add(backend, device, dtype, shapes, marks, det_values=(None,)):
+        for shape in shapes:
+            for layout in ("contiguous", "fused"):
+                if layout == "fused" and shape not in FUSED:
+                    continue
+                for det in det_values:
+                    name = f"{backend}-{device}-{str(dtype)[6:]}-{_id(shape)}-{layout}" + (
+                        "" if det is None else ("-det" if det else "-atomic"))
+                    out.append(pytest.param(backend, device, dtype, shape, layout, det, id=name, marks=marks))
+
+    for dt in (F32, BF16, F16):
+        add("sdpa", "cpu", dt, full, [])
+        add("reference", "cpu", dt, some, [])
+    if TRITON_DEV == "cpu":
+        add("triton", "cpu", F32, INTERP, [pytest.mark.triton], (False, True))
+        add("triton", "cpu", F16, INTERP[1:4], [pytest.mark.triton], (False,))
+    # On a GPU every Triton case runs (both dtypes, both backward schemes in bf16); SDPA (the default GPU path)
+    # runs the full matrix in bf16 and subsets elsewhere; the reference is the CPU-tested code on another device.
+    cuda = [pytest.mark.cuda]
+    for dt in (BF16, F16):
+        add("triton", "cuda", dt, full, cuda + [pytest.mark.triton], (False,))
+    add("triton", "cuda", BF16, full, cuda + [pytest.mark.triton], (True,))
+    add("sdpa", "cuda", BF16, full, cuda)
+    add("sdpa", "cuda", F16, some, cuda)
+    add("sdpa", "cuda", F32, some, cuda)
+    add("reference", "cuda", BF16, some, cuda)
+    return out
+
+
+@pytest.mark.parametrize("backend,device,dtype,shape,layout,det", matrix())
+def test_matches_float64(backend, device, dtype, shape, layout, det, poison_empty):
+    q, k, v = make_qkv(*shape, dtype, device, layout)
+    check_against_float64(backend, q, k, v, deterministic=det)
+
+
+def _triton_dtypes():
+    return (F32, F16) if TRITON_DEV == "cpu" else (BF16, F16)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("spread", [4.0, 12.0])
+def test_triton_peaked_scores(spread, poison_empty):
+    # Scores of std 4..12 (max ~40): exp overflows without the running-max shift.
+    dtype = _triton_dtypes()[0]
+    q, k, v = make_qkv(1, 2, 50, 70, 64, dtype, TRITON_DEV, spread=spread)
+    check_against_float64("triton", q, k, v, deterministic=False)
+    check_against_float64("triton", q, k, v, scale=-0.3, deterministic=True)  # any finite scale
+
+
+@pytest.mark.triton
+def test_triton_all_scores_very_negative(poison_empty):
+    # Every score ~ -100, so lse ~ -96: a padded key (score 0 if unmasked) would get p = exp(96) = inf in
+    # float32, and inf * 0 = NaN would reach dq through the atomics. Nkv = 45 leaves padded keys in a tile.
+    dtype = _triton_dtypes()[1]
+    d = 64
+    c = (100 / math.sqrt(d)) ** 0.5  # scale * c^2 * d = 100
+    q = torch.full((1, 2, 33, d), c) + 0.05 * torch.randn(1, 2, 33, d)
+    k = torch.full((1, 2, 45, d), -c) + 0.05 * torch.randn(1, 2, 45, d)
+    v = torch.randn(1, 2, 45, d)
+    q, k, v = (t.to(device=TRITON_DEV, dtype=dtype) for t in (q, k, v))
+    for det in (False, True):
+        check_against_float64("triton", q, k, v, deterministic=det)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("head_dim", [8, 32, 88, 96, 256] if TRITON_DEV == "cuda" else [8, 40, 136])
+def test_triton_head_dims(head_dim, poison_empty):
+    # On a GPU one dtype per head dim (each is a separate compile; float16 runs in the main matrix).
+    n = 70 if TRITON_DEV == "cuda" else 20
+    for dtype in _triton_dtypes()[:1] if TRITON_DEV == "cuda" else _triton_dtypes():
+        q, k, v = make_qkv(2, 2, n, n + 3, head_dim, dtype, TRITON_DEV)
+        check_against_float64("triton", q, k, v, deterministic=False)
+
+
+def _tile_classes():
+    return (64, 128, 256) if TRITON_DEV == "cpu" else (128,)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cls", _tile_classes())
+def test_triton_every_candidate_tile(cls, poison_empty):
+    """Each tile of the candidate sets (what the benchmark may record as best) gives the right answer."""
+    from seer_kernels.triton import attention as tri
+    dtype = _triton_dtypes()[0]
+    d = {64: 48, 128: 80, 256: 256}[cls] if TRITON_DEV == "cpu" else 128
+    nq, nkv = (70, 45) if TRITON_DEV == "cpu" else (197, 257)
+    q, k, v = make_qkv(1, 2, nq, nkv, d, dtype, TRITON_DEV)
+    scale = d ** -0.5
+    q64, k64, v64 = (t.cpu().double() for t in (q, k, v))
+    o64, lse64 = ref.attention_fwd(q64, k64, v64, scale)
+    do = torch.randn(o64.shape).to(device=q.device, dtype=dtype)
+    want = (o64, *ref.attention_bwd(do.cpu().double(), q64, k64, v64, o64, lse64, scale))
+    qp, kp, vp = (t.detach().requires_grad_() for t in (q, k, v))
+    op = math_attention(qp, kp, vp, scale)
+    same = (op, *torch.autograd.grad(op, (qp, kp, vp), do))
+
+    score_max = max(float((torch.matmul(q64, k64.transpose(-1, -2)) * scale).abs().max()),
+                    float(lse64.abs().max()))
+    extra = [0.0, cancellation_atol(do.cpu().double(), o64, k64, scale, dtype),
+             cancellation_atol(do.cpu().double(), o64, q64, scale, dtype), 0.0]
+
+    def check(name, got, i):
+        atol = dtype_atol(want[i], dtype) + recompute_atol(want[i], score_max) + extra[i]
+        assert_close_to_ref(got.cpu(), want[i], same[i].cpu(), atol=atol, name=name)
+
+    for tile in tri.FWD_TILES[cls]:
+        out, lse = tri.attention_fwd(q, k, v, scale, tile)
+        check(f"out {tile}", out, 0)
+        assert max_abs_err(lse.cpu(), lse64) <= 1e-3, tile
+    out, lse = tri.attention_fwd(q, k, v, scale)
+    for dkdv, dq in zip(tri.DKDV_TILES[cls], tri.DQ_TILES[cls]):
+        for det in (False, True):
+            got = tri.attention_bwd(do, q, k, v, out, lse, scale, det, dkdv, dq)
+            for i, (name, g) in enumerate(zip(("dq", "dk", "dv"), got)):
+                check(f"{name} dkdv={dkdv} dq={dq} det={det}", g, i + 1)
+
+
+@pytest.mark.triton
+def test_triton_deterministic_mode_repeats_bits():
+    dtype = _triton_dtypes()[0]
+    q, k, v = make_qkv(2, 3, 113 if TRITON_DEV == "cuda" else 37, 70, 64, dtype, TRITON_DEV, layout="fused")
+    dout = torch.randn(q.shape, device=q.device).to(dtype)
+    first = run_backend("triton", q, k, v, dout, deterministic=True)
+    for _ in range(3):
+        again = run_backend("triton", q, k, v, dout, deterministic=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.slow
+def test_default_kernels_compile_for_hopper_without_spills():
+    """Without a GPU: Triton's full pipeline to an sm_90 cubin (ptxas included) for the default tiles.
+
+    Catches what only a GPU run would otherwise show: compile errors, shared memory beyond the H100's
+    227 KB, register spills (python -m bench.attention_compile checks every candidate tile). A subprocess,
+    because this process runs Triton interpreted.
+    """
+    import os
+    import subprocess
+    import sys
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "bench.attention_compile", "--arch", "90", "--head-dims", "80", "128",
+                          "--dtypes", "bf16", "--defaults-only"], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "10 variants, 0 failures" in res.stdout, res.stdout
+
+
+@pytest.mark.cuda
+def test_long_sequence_4096():
+    q, k, v = make_qkv(1, 2, 4096, 4096, 64, BF16, "cuda")
+    check_against_float64("triton", q, k, v, deterministic=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_cuda_inputs_from_a_vit_block_under_autocast(backend):
+    # The ViT's call: non-contiguous bf16 slices of a fused projection, float32 weights under autocast.
+    x = torch.randn(4, 257, 256, device="cuda")
+    w = torch.randn(3 * 256, 256, device="cuda", requires_grad=True) / 16
+    with torch.autocast("cuda", dtype=BF16), \
+            use_backend(backend, op="attention") if backend else contextlib.nullcontext():
+        qkv = torch.nn.functional.linear(x, w).view(4, 257, 3, 2, 128).permute(2, 0, 3, 1, 4)
+        out = seer_kernels.attention(qkv[0], qkv[1], qkv[2])
+        want = torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+    assert out.dtype == BF16
+    out.float().sum().backward()
+    assert torch.isfinite(w.grad).all()
+    assert max_abs_err(out, want) <= 2e-2
+
+
+# ---- float64 gradcheck, opcheck, compile ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_gradcheck_float64(backend):
+    q, k, v = (torch.randn(1, 2, n, 5, dtype=F64, requires_grad=True) for n in (3, 4, 4))
+    with use_backend(backend, op="attention"):
+        assert torch.autograd.gradcheck(lambda a, b, c: seer_kernels.attention(a, b, c, scale=0.7), (q, k, v))
+
+
+def _opcheck_cases():
+    out = [pytest.param("reference", "cpu", F32, id="reference-cpu")]
+    if TRITON_DEV is not None:
+        out.append(pytest.param("triton", TRITON_DEV, _triton_dtypes()[1], id=f"triton-{TRITON_DEV}",
+                                marks=pytest.mark.triton))
+    out.append(pytest.param("reference", "cuda", BF16, id="reference-cuda", marks=pytest.mark.cuda))
+    return out
+
+
+@pytest.mark.parametrize("backend,device,dtype", _opcheck_cases())
+def test_opcheck(backend, device, dtype):
+    d = 16 if device == "cpu" else 64  # on a GPU, a head dim the matrix has compiled already
+    q, k, v = make_qkv(2, 2, 19, 23, d, dtype, device, layout="fused")
+    out, lse = torch.ops.seer.attention_fwd(q, k, v, 0.25, False, backend)
+    dout = torch.randn_like(out)
+    for det in (False, True):
+        torch.library.opcheck(torch.ops.seer.attention_fwd.default, (q, k, v, 0.25, det, backend))
+        torch.library.opcheck(torch.ops.seer.attention_bwd.default, (dout, q, k, v, out, lse, 0.25, det, backend))
+    # With every argument defaulted the ops choose their backend themselves.
+    torch.library.opcheck(torch.ops.seer.attention_fwd.default, (q, k, v, 0.25))
+
+
+def _compile_cases():
+    out = [pytest.param(None, "cpu", id="auto-cpu"), pytest.param("reference", "cpu", id="reference-cpu")]
+    if TRITON_DEV is not None:
+        out.append(pytest.param("triton", TRITON_DEV, id=f"triton-{TRITON_DEV}", marks=pytest.mark.triton))
+    out.append(pytest.param(None, "cuda", id="auto-cuda", marks=pytest.mark.cuda))
+    return out
+
+
+@pytest.mark.parametrize("backend,device", _compile_cases())
+def test_compiles_fullgraph(backend, device):
+    """A ViT-style block (fused qkv slices, transpose-reshape back) compiles without graph breaks, any N."""
+    torch._dynamo.reset()
+    dtype = F32 if device == "cpu" else BF16
+    heads, d = 2, 16 if device == "cpu" else 64
+
+    def block(x, w):
+        b, n, _ = x.shape
+        qkv = (x @ w).view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+        return seer_kernels.attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, n, heads * d)
+
+    compiled = torch.compile(block, fullgraph=True)
+    w = torch.randn(heads * d, 3 * heads * d, device=device, dtype=dtype) / math.sqrt(heads * d)
+    for n in (17, 50):  # a second length exercises the dynamic-shape recompile
+        x = torch.randn(2, n, heads * d, device=device, dtype=dtype, requires_grad=True)
+        with use_backend(backend, op="attention") if backend else contextlib.nullcontext():
+            y = compiled(x, w)
+            (gx,) = torch.autograd.grad(y.float().sum(), x)
+            y_eager = block(x, w)
+            (gx_eager,) = torch.autograd.grad(y_eager.float().sum(), x)
+        tol = 1e-4 if dtype == F32 else 3e-2
+        assert max_abs_err(y, y_eager) <= tol and max_abs_err(gx, gx_eager) <= tol * 10
+
+
+def test_autocast_casts_float32_like_sdpa():
+    q, k, v = make_qkv(2, 2, 37, 37, 32, F32, "cpu")
+    with torch.autocast("cpu", dtype=BF16):
+        got = seer_kernels.attention(q, k, v)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        with use_backend("reference", op="attention"):
+            got_ref = seer_kernels.attention(q, k, v)
+    assert got.dtype == want.dtype == got_ref.dtype == BF16
+    assert max_abs_err(got, want) == 0.0
+    assert max_abs_err(got_ref, want) <= 3e-2
+
+
+def test_meta_tensors_give_shapes():
+    # Shape tracing / FLOP counting / meta-device init run the model on 'meta' tensors.
+    q, k, v = (torch.empty(2, 3, n, 16, device="meta", requires_grad=True) for n in (7, 9, 9))
+    out = seer_kernels.attention(q, k, v)
+    assert out.device.type == "meta" and out.shape == (2, 3, 7, 16)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and v.grad.shape == v.shape
+
+
+def test_float64_inputs():
+    q, k, v = make_qkv(2, 2, 13, 9, 8, F64, "cpu")
+    for backend in ("sdpa", "reference"):
+        with use_backend(backend, op="attention"):
+            out = seer_kernels.attention(q, k, v)
+        assert out.dtype == F64
+        assert max_abs_err(out, ref.attention_fwd(q, k, v, 8 ** -0.5)[0]) <= 1e-12
+
+
+def test_output_layout_and_saved_tensors():
+    """out lives on (B, N, H, D) memory (the ViT's transpose-reshape is free); backward keeps no N x N."""
+    q, k, v = make_qkv(2, 3, 40, 40, 16, F32, "cpu", layout="fused")
+    q.requires_grad_()
+    saved = []
+    with use_backend("reference", op="attention"), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = seer_kernels.attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()
+    assert out.transpose(1, 2).reshape(2, 40, 48).data_ptr() == out.data_ptr()
+    assert all(s[-1] != 40 or len(s) != 4 or s[-2] != 40 for s in saved), saved  # no (.., N, N) tensor saved
+    assert (2, 3, 40) in saved  # the log-sum-exp rows
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+def _t(*shape, dtype=F32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize("args,kw,exc,match", [
+    ((_t(2, 3, 5), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), {}, ValueError, "'q' must be 4-D"),
+    ((_t(2, 3, 5, 8), _t(3, 5, 8), _t(2, 3, 5, 8)), {}, ValueError, "'k' must be 4-D"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(1, 2, 3, 5, 8)), {}, ValueError, "'v' must be 4-D"),
+    ((_t(2, 3, 5, 8), _t(4, 3, 5, 8), _t(4, 3, 5, 8)), {}, ValueError, "'k' has batch size 4 .* 'q' has 2"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 1, 5, 8)), {}, ValueError, "'v' has heads 1 .* 'q' has 3"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 16), _t(2, 3, 5, 16)), {}, ValueError, "'k' has head dim 16 .* 'q' has 8"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 4)), {}, ValueError, "'v' has head dim 4"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 6, 8), _t(2, 3, 7, 8)), {}, ValueError, "'v' has 7 keys .* 'k' has 6"),
+    ((_t(2, 3, 0, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), {}, ValueError, "'q' must be non-empty"),
+    ((_t(2, 3, 5, 8, dtype=torch.int64), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), {}, TypeError,
+     "'q' must be float32, bfloat16, float16 or float64, got torch.int64"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8, dtype=torch.int32), _t(2, 3, 5, 8)), {}, TypeError, "'k' must be float32"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8, dtype=torch.bool)), {}, TypeError, "'v' must be float32"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8, dtype=F16), _t(2, 3, 5, 8)), {}, TypeError,
+     "'k' has dtype torch.float16 but 'q' has torch.float32"),
+    (([[1.0]], _t(2, 3, 5, 8), _t(2, 3, 5, 8)), {}, TypeError, "'q' must be a torch.Tensor, got list"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(scale=float("nan")), ValueError, "'scale' must be"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(scale=True), ValueError, "'scale' must be"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(scale="0.1"), ValueError, "'scale' must be"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(deterministic=1), TypeError, "'deterministic' must"),
+])
+def test_bad_input(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        seer_kernels.attention(*args, **kw)
+
+
+@pytest.mark.cuda
+def test_inputs_on_different_devices():
+    q = _t(2, 3, 5, 8)
+    with pytest.raises(ValueError, match="'k' is on cuda:0 but 'q' is on cpu"):
+        seer_kernels.attention(q, q.cuda(), q)
+    with pytest.raises(ValueError, match="'v' is on cpu but 'q' is on cuda:0"):
+        seer_kernels.attention(q.cuda(), q.cuda(), q)
+
+
+def test_inputs_on_different_devices_meta():
+    # The same check without a GPU: 'meta' is a second device on every machine.
+    q = _t(2, 3, 5, 8)
+    with pytest.raises(ValueError, match="'v' is on meta but 'q' is on cpu"):
+        seer_kernels.attention(q, q, q.to("meta"))
+
+
+@pytest.mark.parametrize("head_dim,match", [(12, "head dim 12 is not supported"), (264, "head dim 264"),
+                                            (4, "head dim 4")])
+def test_forced_triton_refuses_unsupported_head_dim(head_dim, match):
+    q = _t(1, 2, 5, head_dim)
+    with use_backend("triton", op="attention"), pytest.raises(BackendError, match=match) as info:
+        seer_kernels.attention(q, q, q)
+    msg = str(info.value)
+    assert "backend 'triton' forced by use_backend()" in msg
+    for name in ("triton", "sdpa", "reference"):
+        assert f"  {name}: " in msg
+
+
+def test_forced_triton_refuses_float64_and_cpu_bfloat16():
+    with use_backend("triton", op="attention"), pytest.raises(BackendError, match="does not support float64"):
+        seer_kernels.attention(*(_t(1, 1, 4, 16, dtype=F64),) * 3)
+    if TRITON_DEV == "cpu":
+        with use_backend("triton", op="attention"), pytest.raises(BackendError, match="computes bfloat16 wrongly"):
+            seer_kernels.attention(*(_t(1, 1, 4, 16, dtype=BF16),) * 3)
+
+
+def test_ops_refuse_sdpa_and_unknown_backends():
+    q = _t(1, 2, 5, 8)
+    with pytest.raises(BackendError, match="SDPA runs with torch's own autograd"):
+        torch.ops.seer.attention_fwd(q, q, q, 0.3, False, "sdpa")
+    with pytest.raises(BackendError, match="this op has no such backend"):
+        torch.ops.seer.attention_fwd(q, q, q, 0.3, False, "cuda")
+    # Inside the ops, automatic selection skips SDPA (it has no log-sum-exp output).
+    with use_backend("sdpa", op="attention"), pytest.raises(BackendError, match="SDPA runs with torch's own"):
+        torch.ops.seer.attention_fwd(q, q, q, 0.3)
+
+
+# ---- dispatch and the selector table --------------------------------------------------------------------
+
+def test_cpu_chooses_sdpa_and_logs_once(caplog):
+    q = _t(2, 3, 5, 8, dtype=F16)
+    assert ops.explain(q, q, q)["sdpa"] == []
+    DISPATCH._logged.clear()
+    with caplog.at_level(logging.INFO, logger="seer_kernels"):
+        for _ in range(3):
+            seer_kernels.attention(q, q, q)
+    lines = [r.message for r in caplog.records if "seer_kernels.attention on cpu/float16" in r.message]
+    assert len(lines) == 1 and "using backend sdpa (automatic)" in lines[0]
+
+
+def test_environment_forces_the_backend(monkeypatch):
+    q = _t(2, 3, 5, 8)
+    monkeypatch.setenv("SEER_KERNELS_BACKEND_ATTENTION", "reference")
+    DISPATCH._logged.clear()
+    assert DISPATCH.select(q.device, q.dtype, **ops._info(q, q, grad=True, deterministic=False,
+                                                          in_op=False)).name == "reference"
+    with use_backend("sdpa", op="attention"):  # the context manager wins
+        assert DISPATCH.select(q.device, q.dtype, **ops._info(q, q, grad=True, deterministic=False,
+                                                              in_op=False)).name == "sdpa"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Run the selector for a pretend GPU 'fake-gpu' with a table the test fills in."""
+    monkeypatch.setattr(ops, "_gpu_slug", lambda index: "fake-gpu")
+    table: dict = {}
+    monkeypatch.setattr(ops.attention_table, "TABLE", table)
+
+    def select(n_q=257, n_kv=None, d=128, grad=True, det=False, dtype=BF16):
+        n_kv = n_q if n_kv is None else n_kv
+        info = dict(where=torch.device("cuda", 0), dt=dtype, head_dim=d, n_q=n_q, n_kv=n_kv, batch=32, heads=8,
+                    grad=grad, deterministic=det, in_op=False)
+        return DISPATCH.select(torch.device("cuda", 0), dtype, **info).name
+    return table, select
+
+
+def _row(n=257, d=128, fwd=1.1, fwd_bwd=1.3, **kw):
+    row = dict(head_dim=d, n_q=n, n_kv=n, batch=32, heads=8, dtype="bfloat16", fwd=fwd, fwd_bwd=fwd_bwd,
+               best_sdpa="flash", bwd_scheme="atomic", tiles={})
+    row.update(kw)
+    return row
+
+
+@pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
+def test_selector_uses_sdpa_without_evidence(fake_gpu):
+    table, select = fake_gpu
+    assert select() == "sdpa"
+    assert select(det=True) == "triton"  # deterministic: Triton's backward repeats its bits
+    assert select(dtype=F32, det=True) == "reference"
+    assert select(dtype=F32) == "sdpa"
+
+
+@pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
+def test_selector_follows_the_table(fake_gpu):
+    table, select = fake_gpu
+    table["fake-gpu"] = [_row(257, fwd=0.95, fwd_bwd=1.3), _row(197, fwd=1.2, fwd_bwd=0.8),
+                         _row(37, d=64, fwd_bwd=0.7), _row(50, d=64, fwd_bwd=1.2)]
+    assert select(257) == "triton"
+    assert select(257, grad=False) == "sdpa"  # inference uses the forward-only ratio
+    assert select(300) == "triton" and select(320) == "triton"  # same number of 64-token tiles as 257
+    assert select(321) == "sdpa" and select(256) == "sdpa"
+    assert select(197) == "sdpa" and select(197, grad=False) == "triton"
+    assert select(257, d=80) == "sdpa"  # another head dim is not evidence
+    assert select(40, d=64) == "sdpa" and select(48, d=64) == "triton"  # nearest measured N in the bucket
+    assert select(257, 197) == "sdpa"  # cross shapes need their own row
+    table["fake-gpu"] = [_row(257, fwd_bwd=ops.TRITON_MARGIN - 0.01)]
+    assert select(257) == "sdpa"  # within noise of SDPA is not a win
+
+
+@pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
+def test_selector_rows_pass_their_tiles_and_scheme(monkeypatch):
+    from seer_kernels.triton import attention as tri
+    row = _row(257, bwd_scheme="deterministic",
+               tiles=dict(fwd=[64, 32, 4, 3], dkdv=[32, 128, 8, 2], dq=[128, 32, 8, 2]))
+    monkeypatch.setattr(ops, "evidence", lambda where, d, nq, nkv: row if (d, nq, nkv) == (128, 257, 257) else None)
+    calls = {}
+    monkeypatch.setattr(tri, "attention_fwd", lambda *a, **kw: calls.setdefault("fwd", kw))
+    monkeypatch.setattr(tri, "attention_bwd", lambda *a, **kw: calls.setdefault("bwd", (a, kw)))
+    q = torch.empty(1, 1, 257, 128)
+    ops._triton_fwd(q, q, q, 0.1)
+    ops._triton_bwd(q, q, q, q, q, q, 0.1, False)
+    assert calls["fwd"]["tile"] == tri.Tile(64, 32, 4, 3)
+    args, kw = calls["bwd"]
+    assert args[7] is True  # the row measured the deterministic scheme faster: it is the default there
+    assert kw["dkdv_tile"] == tri.Tile(32, 128, 8, 2) and kw["dq_tile"] == tri.Tile(128, 32, 8, 2)
+    calls.clear()
+    q = torch.empty(1, 1, 50, 128)  # no row: default tiles, atomic dq unless asked
+    ops._triton_fwd(q, q, q, 0.1)
+    ops._triton_bwd(q, q, q, q, q, q, 0.1, False)
+    assert calls["fwd"]["tile"] is None and calls["bwd"][0][7] is False
+
+
+def test_sdpa_path_puts_the_measured_best_backend_first(monkeypatch):
+    from torch.nn.attention import SDPBackend
+    assert ops.sdpa_order(None) is None and ops.sdpa_order(_row(best_sdpa="nonsense")) is None
+    order = ops.sdpa_order(_row(best_sdpa="cudnn"))
+    assert order[0] == SDPBackend.CUDNN_ATTENTION and len(order) == 4  # the others stay enabled after it
+    # On the CPU, with a row that prefers math: same result as torch's own choice (flash on CPU).
+    monkeypatch.setattr(ops, "evidence", lambda where, d, nq, nkv: _row(best_sdpa="math"))
+    q, k, v = make_qkv(2, 2, 37, 37, 32, F32, "cpu")
+    got = ops._sdpa(q, k, v, 0.2)
+    assert max_abs_err(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.2)) <= 1e-5
+
+
+def test_explain_reports_preferences():
+    q = _t(1, 2, 5, 16)
+    why = ops.explain(q, q, q)
+    assert why["sdpa"] == [] and why["reference"] == []
+    if TRITON_DEV == "cpu":
+        assert "interpreter is for tests" in why["triton"][0]
+
+
+def test_deterministic_follows_torch_and_environment(monkeypatch):
+    assert ops._deterministic(None) is False
+    monkeypatch.setenv("SEER_KERNELS_DETERMINISTIC", "1")
+    assert ops._deterministic(None) is True
+    assert ops._deterministic(False) is False
+    monkeypatch.delenv("SEER_KERNELS_DETERMINISTIC")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert ops._deterministic(None) is True
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
+    import json
+
+    from bench import attention_table as script
+    rows = []
+    for case, fwd_ratio, fb_ratio, det_ratio in (("vit10b-tp4-B32H8N257D128", 1.1, 1.3, 1.35),
+                                                 ("local-B192H16N37D64", 0.8, 0.9, 0.7)):
+        for mode, ratio in (("fwd", fwd_ratio), ("fwdbwd", fb_ratio), ("fwdbwd-det", det_ratio)):
+            shape = [32, 8, 257, 257, 128] if "vit" in case else [192, 16, 37, 37, 64]
+            rows.append({"key": f"attention:{case}-{mode}", "op": "attention", "case": f"{case}-{mode}",
+                         "ours": "triton", "mode": mode, "ratio": ratio, "best_sdpa": "cudnn", "shape": shape,
+                         "dtype": "bfloat16",
+                         "tiles": {"fwd": [64, 32, 4, 3], "dkdv": [32, 64, 8, 3], "dq": [64, 32, 4, 3]}})
+    rows.append({"key": "attention:cpu-dispatch-fwd", "op": "attention", "case": "cpu-dispatch-fwd", "ours": "seer",
+                 "mode": "fwd", "ratio": 0.9})
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps({"environment": {"device": "nvidia-h100-80gb-hbm3", "git": "abc", "date": "today",
+                                               "gpu": "NVIDIA H100 80GB HBM3"}, "rows": rows}))
+    out = tmp_path / "table.py"
+    assert script.main([str(src), "--out", str(out)]) == 0
+    ns: dict = {}
+    exec(out.read_text(), ns)
+    got = ns["TABLE"]["nvidia-h100-80gb-hbm3"]
+    assert len(got) == 2
+    big = next(r for r in got if r["head_dim"] == 128)
+    assert (big["n_q"], big["n_kv"], big["batch"], big["heads"]) == (257, 257, 32, 8)
+    assert big["fwd"] == 1.1 and big["fwd_bwd"] == 1.35 and big["bwd_scheme"] == "deterministic"
+    small = next(r for r in got if r["head_dim"] == 64)
+    assert small["fwd_bwd"] == 0.9 and small["bwd_scheme"] == "atomic" and small["best_sdpa"] == "cudnn"
+    assert small["best_sdpa_fwd"] == "cudnn"
+    assert ns["SOURCE"]["gpu"] == "NVIDIA H100 80GB HBM3"
