@@ -9,4 +9,11 @@ TORCH_LIBRARY(seer_C, m) {
   m.def("sinkhorn_sumexp(Tensor scores, Tensor m, Tensor f, Tensor g, float epsilon, int dim, Tensor shift)"
         " -> Tensor");
   m.def("sinkhorn_finalize(Tensor scores, Tensor m, Tensor f, Tensor g, float epsilon, float log_scale) -> Tensor");
+  // Multi-crop augmentation (seer_kernels/reference/multicrop.py is the specification; the layout of
+  // `params`, a float32 CPU matrix of one row per crop, is in csrc/include/seer/multicrop.h).
+  m.def("multicrop_apply(Tensor[] images, Tensor params, int size, float[] mean, float[] std, ScalarType out_dtype)"
+        " -> Tensor");
+  // The CUDA stages run serially on the CPU: a test harness for the GPU code, not a fast path.
+  m.def("multicrop_apply_emulated(Tensor[] images, Tensor params, int size, float[] mean, float[] std,"
+        " ScalarType out_dtype) -> Tensor");
 }

@@ -1,0 +1,65 @@
+// The CUDA multi-crop stages (seer/multicrop_stages.h) run serially on the CPU: the same bodies, the
+// same scratch layout, the same order of stages. Not a production path (it is slow): it exists so that
+// the CPU test suite checks the indexing of the GPU code on machines that have no GPU. The only part of
+// csrc/cuda/multicrop.cu it does not cover is the launch plumbing and the block reduction of stage 2.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "seer/checks.h"
+#include "seer/multicrop.h"
+#include "seer/multicrop_stages.h"
+
+namespace seer {
+namespace {
+
+at::Tensor multicrop_apply_emulated_cpu(const std::vector<at::Tensor>& images, const at::Tensor& params,
+                                        int64_t size, c10::ArrayRef<double> mean, c10::ArrayRef<double> std,
+                                        at::ScalarType out_dtype) {
+  const std::vector<double> mean_v(mean.begin(), mean.end()), std_v(std.begin(), std.end());
+  check_multicrop_args(images, params, size, mean_v, std_v, out_dtype, at::kCPU);
+  const int64_t n = params.size(0), plane = size * size;
+  at::Tensor out = at::empty({n, 3, size, size}, images[0].options().dtype(out_dtype));
+  if (n == 0) return out;
+  const at::Tensor p = params.contiguous();
+  std::vector<ImageDesc> table;
+  for (const auto& im : images)
+    table.push_back({im.data_ptr<uint8_t>(), im.size(1), im.size(2), im.stride(0), im.stride(1), im.stride(2)});
+  // Scratch like the CUDA op's: uninitialised (NaN under torch's fill_uninitialized_memory in tests).
+  const auto fopts = images[0].options().dtype(at::kFloat);
+  at::Tensor a = at::empty({n, 3, size, size}, fopts), b = at::empty({n, 3, size, size}, fopts);
+  at::Tensor means = at::empty({n}, fopts);
+  StageArgs args{};
+  args.images = table.data();
+  args.params = p.data_ptr<float>();
+  args.n = n;
+  args.S = static_cast<int>(size);
+  args.a = a.data_ptr<float>();
+  args.b = b.data_ptr<float>();
+  args.means = means.data_ptr<float>();
+  args.out = out.data_ptr();
+  args.out_kind = out_kind_of(out_dtype);
+  for (int c = 0; c < 3; ++c) {
+    args.mean[c] = static_cast<float>(mean_v[c]);
+    args.inv_std[c] = static_cast<float>(1.0 / std_v[c]);
+  }
+  for (int64_t i = 0; i < n * plane; ++i) stage_resample(args, i / plane, i % plane);
+  for (int64_t c = 0; c < n; ++c) {
+    if (!load_crop(args.params + c * kCols).needs_mean) continue;
+    double total = 0.0;
+    for (int64_t q = 0; q < plane; ++q) total += stage_gray(args, c, q);
+    args.means[c] = static_cast<float>(total / static_cast<double>(plane));
+  }
+  for (int64_t i = 0; i < n * plane; ++i) stage_color(args, i / plane, i % plane);
+  for (int64_t i = 0; i < n * plane; ++i) stage_blur_h(args, i / plane, i % plane);
+  for (int64_t i = 0; i < n * plane; ++i) stage_blur_v(args, i / plane, i % plane);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seer_C, CPU, m) { m.impl("multicrop_apply_emulated", &multicrop_apply_emulated_cpu); }
+
+}  // namespace seer

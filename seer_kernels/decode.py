@@ -1,0 +1,116 @@
+r"""Decoding encoded images for the multi-crop op, with JPEG draft mode (Pillow).
+
+**Draft mode.** libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size by running a smaller inverse
+DCT per 8 x 8 block (Pillow: ``Image.draft``). That skips most of the IDCT, colour conversion and chroma
+upsampling work (the entropy decoding remains), so a 1/2-size decode costs well under half of a full one.
+Pixel k of the image decoded at 1/r covers the full-size pixels [k r, (k + 1) r), so a crop box
+(top, left, h, w) becomes the window (top, left, h, w) / r of the reduced image, which the kernels
+resample with the same triangle filter (the box is sampled from the full-size image first, so the
+random crops do not depend on the decoding).
+
+**Its effect.** The result differs slightly from decoding at full size and then resampling: the scaled
+IDCT is a different low-pass filter than the part of the antialiasing triangle it replaces, and, more
+stubbornly, the colour path differs: a full-size decode upsamples subsampled chroma (4:2:0, the JPEG
+default) and converts YCbCr to RGB with clipping per full-size pixel, a reduced decode converts averaged
+values. Averaging by the later downscale shrinks the first difference but not the second (measured on
+the photos of scikit-image and scikit-learn: a few grey levels in saturated regions even after a 16x
+reduction), and the colour jitter multiplies any difference by its brightness, contrast and saturation
+factors (up to 1.8 each). The rule therefore reduces by r only when, for **every** crop of the image,
+``min(h, w) / size >= DRAFT_MARGIN * r * gain`` with ``gain`` the product of the crop's brightness,
+contrast and saturation factors above 1, and never by r = 2 when the chroma is subsampled (at 1/2 the
+chroma planes are not filtered at all). Measured on real photos with SwAV's augmentations, crops then
+stay within the op's tolerance (mean |diff| <= 1/255, 99.9th percentile <= 4/255 per crop; test:
+tests/ops/test_multicrop.py::test_draft_decode_within_tolerance).
+
+In practice the rule fires for large photos and small crops (e.g. r = 4 for 96-pixel crops of boxes
+of >= 1728 pixels); with SwAV's 224-pixel global crops, photos up to about 4000 pixels decode at full
+size. ``multicrop(..., draft=False)`` turns it off.
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .multicrop_params import CropParams
+
+DRAFT_FACTORS = (8, 4, 2)
+DRAFT_MARGIN = 4.5
+
+Encoded = Union[bytes, bytearray, memoryview]
+
+
+def _open(data: Encoded):
+    from PIL import Image
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"decode: argument 'data' must be bytes, bytearray or memoryview, got {type(data).__name__}")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, ...
+        raise ValueError(f"decode: argument 'data' is not an image Pillow can read ({exc})") from exc
+
+
+def image_size(data: Encoded) -> tuple[int, int]:
+    """(height, width) of an encoded image, from its header (nothing is decoded)."""
+    with _open(data) as im:
+        return im.height, im.width
+
+
+def probe(data: Encoded) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """(height, width) from the header, and the reductions draft mode may use for this image: none unless
+    it is a JPEG, and not 2 when its chroma is subsampled (see the module docstring)."""
+    from PIL import JpegImagePlugin
+
+    with _open(data) as im:
+        hw = (im.height, im.width)
+        if im.format != "JPEG":
+            return hw, ()
+        sampling = JpegImagePlugin.get_sampling(im) if im.mode not in ("L", "1") else 0
+        return hw, DRAFT_FACTORS if sampling == 0 else tuple(r for r in DRAFT_FACTORS if r != 2)
+
+
+def jitter_gain(params: CropParams) -> Tensor:
+    """(n,) product of the brightness, contrast and saturation factors above 1 (1 without jitter)."""
+    f = params.jitter_factors[:, :3].double().clamp(min=1).prod(dim=1)
+    return torch.where(params.jitter, f, torch.ones_like(f))
+
+
+def draft_factor(params: CropParams, sizes: Sequence[int], allowed: Sequence[int] = DRAFT_FACTORS,
+                 margin: float = DRAFT_MARGIN) -> int:
+    """The largest r in ``allowed`` with ``min(h, w) / size >= margin * r * gain`` for every crop, else 1.
+
+    ``params``: every crop of one image (full-size boxes); ``sizes`` (n,): their output sizes.
+    """
+    if len(params) == 0:
+        return 1
+    side = torch.minimum(params.box[:, 2], params.box[:, 3]).double()
+    shrink = float((side / (torch.as_tensor(sizes, dtype=torch.float64) * jitter_gain(params))).min())
+    for r in sorted(allowed, reverse=True):
+        if shrink >= margin * r:
+            return r
+    return 1
+
+
+def decode_image(data: Encoded, reduce: int = 1) -> tuple[Tensor, int]:
+    """Decode to a uint8 (3, h, w) tensor (a channels-last view) and the reduction r actually used.
+
+    With ``reduce`` in (2, 4, 8) a JPEG is decoded in draft mode at 1/r of its size, h = ceil(H / r),
+    w = ceil(W / r); other formats (and reduce = 1) decode at full size, r = 1.
+    """
+    if reduce not in (1, 2, 4, 8):
+        raise ValueError(f"decode_image: argument 'reduce' must be 1, 2, 4 or 8, got {reduce!r}")
+    with _open(data) as im:
+        r = 1
+        if reduce > 1 and im.format == "JPEG":
+            width, height = im.size
+            drafted = im.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
+            if drafted is not None:
+                r = int(round(width / drafted[1][2]))
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        pixels = np.array(im)  # (h, w, 3), writable
+    return torch.from_numpy(pixels).permute(2, 0, 1), r

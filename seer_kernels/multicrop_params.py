@@ -1,0 +1,427 @@
+r"""Multi-crop parameters as data: :class:`CropParams`, the sampler with SwAV's distributions
+(:func:`sample_crop_params`) and the recipe of a whole multi-crop (:class:`MultiCropSpec`).
+
+Every random choice of a crop is drawn up front from an explicit ``torch.Generator``; applying given
+parameters (:func:`seer_kernels.augment_crops`) is deterministic. The distributions are SwAV's
+(src/multicropdataset.py), with torchvision's semantics:
+
+* **RandomResizedCrop** (image of H x W, area A = HW): up to 10 tries of
+  ``a ~ U(scale) * A``, ``r = exp(U(log ratio))``, ``w = round(sqrt(a r))``, ``h = round(sqrt(a / r))``;
+  the first try with ``0 < w <= W`` and ``0 < h <= H`` wins, placed uniformly:
+  ``top ~ U{0..H-h}``, ``left ~ U{0..W-w}``. If all 10 fail: the centred crop of the whole image,
+  narrowed to the nearest allowed aspect ratio (``w = W, h = round(W / min(ratio))`` if
+  ``W/H < min(ratio)``; ``h = H, w = round(H max(ratio))`` if ``W/H > max(ratio)``; else the image).
+  ``round`` is Python's (half to even).
+* **flip** with probability ``flip_p`` (0.5).
+* **colour jitter** with probability ``jitter_p`` (0.8): brightness, contrast and saturation factors
+  ``U[max(0, 1 - s), 1 + s]`` for strengths s = 0.8, hue shift ``U[-0.2, 0.2]``, in a uniformly random
+  order (a permutation of the op ids 0 brightness, 1 contrast, 2 saturation, 3 hue). A strength of 0
+  gives the identity factor (1, or 0 for hue). Crops without jitter get the identity factors.
+* **grayscale** with probability ``grayscale_p`` (0.2), 3-channel output.
+* **Gaussian blur** with probability ``blur_p`` (0.5), ``sigma ~ U(blur_sigma)`` = U(0.1, 2.0) in pixels
+  of the output crop (PIL's radius in SwAV); 0 = no blur.
+* **solarize** with probability ``solarize_p`` (0: SwAV and SEER do not solarize).
+
+A probability p applies an op when ``u < p`` for a uniform u in [0, 1), so p = 0 never and p = 1 always
+applies it. All uniforms of n crops come from one ``torch.rand((n, 36), generator=..., dtype=float64)``
+call, so a sampler call always consumes the same amount of the generator's stream (the arithmetic on
+them runs in numpy: a sampler call costs tens of microseconds, not hundreds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
+
+# Columns of CropParams.pack(); must match csrc/include/seer/multicrop.h.
+PACK_COLUMNS = ("image", "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast",
+                "saturation", "hue", "order0", "order1", "order2", "order3", "grayscale", "sigma", "solarize")
+COL = {name: i for i, name in enumerate(PACK_COLUMNS)}
+
+_TRIES = 10  # torchvision's RandomResizedCrop tries before its fallback
+_UNIFORMS = 2 * _TRIES + 16
+
+
+@dataclass
+class CropParams:
+    """The parameters of n crops of one image, as CPU tensors (see the module docstring for their law).
+
+    Fields:
+        box: (n, 4) int64: top, left, height, width in source pixels.
+        flip: (n,) bool: horizontal flip.
+        jitter: (n,) bool: whether the colour jitter is applied.
+        jitter_factors: (n, 4) float32: brightness, contrast, saturation factors and hue shift.
+        jitter_order: (n, 4) int64: a permutation of 0..3 (brightness, contrast, saturation, hue): the
+            order in which the four jitter ops are applied.
+        grayscale: (n,) bool.
+        blur_sigma: (n,) float32: Gaussian blur sigma in output pixels, 0 = no blur.
+        solarize: (n,) bool: solarize with threshold 0.5.
+    """
+
+    box: Tensor
+    flip: Tensor
+    jitter: Tensor
+    jitter_factors: Tensor
+    jitter_order: Tensor
+    grayscale: Tensor
+    blur_sigma: Tensor
+    solarize: Tensor
+
+    def __len__(self) -> int:
+        return int(self.box.shape[0])
+
+    def __getitem__(self, index) -> "CropParams":
+        """The parameters of a subset of the crops (an int, slice, index tensor or mask)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        return CropParams(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
+    @staticmethod
+    def cat(params: Sequence["CropParams"]) -> "CropParams":
+        """The crops of several CropParams, in order."""
+        if not params:
+            raise ValueError("CropParams.cat: argument 'params' must hold at least one CropParams")
+        return CropParams(**{f.name: torch.cat([getattr(p, f.name) for p in params])
+                             for f in dataclasses.fields(CropParams)})
+
+    @staticmethod
+    def identity(boxes: Union[Tensor, Sequence[Sequence[int]]]) -> "CropParams":
+        """Plain resized crops of the given (n, 4) boxes: no flip, jitter, grayscale, blur or solarize."""
+        box = torch.as_tensor(boxes, dtype=torch.int64).reshape(-1, 4)
+        n = box.shape[0]
+        return CropParams(
+            box=box, flip=torch.zeros(n, dtype=torch.bool), jitter=torch.zeros(n, dtype=torch.bool),
+            jitter_factors=torch.tensor(IDENTITY_FACTORS, dtype=torch.float32).repeat(n, 1),
+            jitter_order=torch.arange(4).repeat(n, 1), grayscale=torch.zeros(n, dtype=torch.bool),
+            blur_sigma=torch.zeros(n, dtype=torch.float32), solarize=torch.zeros(n, dtype=torch.bool))
+
+    def replace(self, **fields) -> "CropParams":
+        return dataclasses.replace(self, **fields)
+
+    def validate(self, image_hw: Optional[tuple[int, int]] = None, *, name: str = "params",
+                 where: str = "augment_crops", values: bool = True) -> None:
+        """Raise TypeError/ValueError naming argument ``name`` if the fields are malformed.
+
+        With ``values`` (skipped while compiling: the native op checks values itself), also checks the
+        values: boxes non-empty and inside an image of ``image_hw``, orders permutations, factors in range.
+        """
+        n = len(self) if isinstance(self.box, Tensor) and self.box.dim() >= 1 else -1
+        spec = {"box": ((n, 4), "int"), "flip": ((n,), "bool"), "jitter": ((n,), "bool"),
+                "jitter_factors": ((n, 4), "float"), "jitter_order": ((n, 4), "int"),
+                "grayscale": ((n,), "bool"), "blur_sigma": ((n,), "float"), "solarize": ((n,), "bool")}
+        for fname, (shape, kind) in spec.items():
+            t = getattr(self, fname)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{where}: argument '{name}': field '{fname}' must be a torch.Tensor, "
+                                f"got {type(t).__name__}")
+            ok_kind = {"int": not t.is_floating_point() and t.dtype != torch.bool and not t.is_complex(),
+                       "bool": t.dtype == torch.bool, "float": t.is_floating_point()}[kind]
+            if not ok_kind:
+                raise TypeError(f"{where}: argument '{name}': field '{fname}' must be a {kind} tensor, "
+                                f"got {t.dtype}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{where}: argument '{name}': field '{fname}' must have shape {shape} "
+                                 f"(n = {n} crops), got {tuple(t.shape)}")
+        if not values or n == 0:
+            return
+        box = self.box.cpu().numpy()
+        if (box[:, 2:] <= 0).any():
+            raise ValueError(f"{where}: argument '{name}': every box needs height and width > 0, got "
+                             f"{box[(box[:, 2:] <= 0).any(1)][0].tolist()}")
+        if image_hw is not None:
+            h, w = image_hw
+            bad = (box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 0] + box[:, 2] > h) | (box[:, 1] + box[:, 3] > w)
+            if bad.any():
+                raise ValueError(f"{where}: argument '{name}': box {box[bad][0].tolist()} (top, left, height, width) "
+                                 f"lies outside the image of size {h}x{w}")
+        order = self.jitter_order.cpu().numpy()
+        if not (np.sort(order, axis=1) == np.arange(4)).all():
+            raise ValueError(f"{where}: argument '{name}': every jitter_order row must be a permutation of "
+                             f"0..3, got {order.tolist()}")
+        f = self.jitter_factors.cpu().numpy().astype(np.float64)
+        if not np.isfinite(f).all() or (f[:, :3] < 0).any() or (np.abs(f[:, 3]) > 0.5).any():
+            raise ValueError(f"{where}: argument '{name}': jitter_factors must be finite, brightness, contrast and "
+                             f"saturation >= 0 and hue in [-0.5, 0.5]")
+        sig = self.blur_sigma.cpu().numpy().astype(np.float64)
+        if not np.isfinite(sig).all() or (sig < 0).any() or (sig > 1000).any():
+            raise ValueError(f"{where}: argument '{name}': blur_sigma must lie in [0, 1000] (0 = no blur)")
+
+    def pack(self, image_index=0, reduce=1.0) -> Tensor:
+        """The (n, 18) float32 CPU matrix the native ops read (columns: ``PACK_COLUMNS``).
+
+        ``image_index``: the crops' image in the op's image list (an int, or one per crop). ``reduce``
+        divides the boxes (a float, or one per crop): the source image was decoded at 1/reduce of its size
+        (JPEG draft mode).
+        """
+        n = len(self)
+        out = np.empty((n, len(PACK_COLUMNS)), dtype=np.float32)
+        out[:, COL["image"]] = image_index
+        box = self.box.cpu().numpy().astype(np.float64)
+        reduce = np.asarray(reduce, dtype=np.float64)
+        out[:, COL["top"]:COL["width"] + 1] = box / (reduce[:, None] if reduce.ndim else reduce)
+        out[:, COL["flip"]] = self.flip.cpu().numpy()
+        out[:, COL["jitter"]] = self.jitter.cpu().numpy()
+        out[:, COL["brightness"]:COL["hue"] + 1] = self.jitter_factors.cpu().numpy()
+        out[:, COL["order0"]:COL["order3"] + 1] = self.jitter_order.cpu().numpy()
+        out[:, COL["grayscale"]] = self.grayscale.cpu().numpy()
+        out[:, COL["sigma"]] = self.blur_sigma.cpu().numpy()
+        out[:, COL["solarize"]] = self.solarize.cpu().numpy()
+        return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sampler.
+
+def _check_range(where: str, name: str, value, lo: float = 0.0, hi: float = math.inf, positive: bool = False):
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+    if ok:
+        a, b = float(value[0]), float(value[1])
+        ok = lo <= a <= b <= hi and (a > 0 or not positive)
+    if not ok:
+        bound = f"{'0 <' if positive else f'{lo} <='} min <= max <= {hi}"
+        raise ValueError(f"{where}: argument '{name}' must be a (min, max) pair with {bound}, got {value!r}")
+    return float(value[0]), float(value[1])
+
+
+def _check_number(where: str, name: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (lo <= value <= hi):
+        raise ValueError(f"{where}: argument '{name}' must be a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def rrc_boxes(image_hw, area_frac, log_ratio, pos, ratio: tuple[float, float]) -> np.ndarray:
+    """torchvision's RandomResizedCrop box from given uniforms: (n, 4) int64 top, left, height, width.
+
+    ``image_hw``: (height, width) of the image, or an (n, 2) array with one per crop; ``area_frac`` (n, T):
+    target area / image area per try; ``log_ratio`` (n, T): log aspect ratio (width / height) per try;
+    ``pos`` (n, 2): uniforms in [0, 1) placing the box (arrays or tensors). See the module docstring.
+    """
+    area_frac, log_ratio, pos = (np.asarray(a, dtype=np.float64) for a in (area_frac, log_ratio, pos))
+    hw = np.broadcast_to(np.asarray(image_hw, dtype=np.float64), (len(area_frac), 2))
+    height, width = hw[:, 0], hw[:, 1]
+    target = (height * width)[:, None] * area_frac
+    aspect = np.exp(log_ratio)
+    w = np.rint(np.sqrt(target * aspect))  # rint: half to even, like Python's round
+    h = np.rint(np.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = ok.argmax(axis=1)  # the first successful try (0 when none: replaced below)
+    rows = np.arange(len(first))
+    h, w = h[rows, first], w[rows, first]
+    top = np.minimum(np.floor(pos[:, 0] * (height - h + 1)), height - h)
+    left = np.minimum(np.floor(pos[:, 1] * (width - w + 1)), width - w)
+    # Fallback: the centred crop of the whole image at the nearest allowed aspect ratio.
+    lo, hi = min(ratio), max(ratio)
+    in_ratio = width / height
+    fw = np.where(in_ratio > hi, np.rint(height * hi), width)
+    fh = np.where(in_ratio < lo, np.rint(width / lo), height)
+    fallback = np.stack([(height - fh) // 2, (width - fw) // 2, fh, fw], axis=1)
+    box = np.where(ok.any(axis=1)[:, None], np.stack([top, left, h, w], axis=1), fallback)
+    return box.astype(np.int64)
+
+
+def check_mean_std(where: str, mean, std) -> tuple[list[float], list[float]]:
+    """``mean`` and ``std`` as lists of 3 floats (finite; std non-zero), or ValueError naming the argument."""
+    out = []
+    for name, v in (("mean", mean), ("std", std)):
+        if isinstance(v, Tensor):
+            v = v.tolist()
+        ok = (isinstance(v, (tuple, list)) and len(v) == 3
+              and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+        if not ok or (name == "std" and any(x == 0 for x in v)):
+            what = "non-zero " if name == "std" else ""
+            raise ValueError(f"{where}: argument '{name}' must hold 3 finite {what}numbers (one per channel), "
+                             f"got {v!r}")
+        out.append([float(x) for x in v])
+    return out[0], out[1]
+
+
+def _factor_range(where: str, name: str, strength) -> tuple[float, float]:
+    s = _check_number(where, name, strength, 0.0, math.inf)
+    return max(0.0, 1.0 - s), 1.0 + s
+
+
+def sample_crop_params(image_hw: tuple[int, int], n: int, scale: tuple[float, float],
+                       generator: torch.Generator, *, ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                       flip_p: float = 0.5, jitter_p: float = 0.8, brightness: float = 0.8, contrast: float = 0.8,
+                       saturation: float = 0.8, hue: float = 0.2, jitter_strength: Optional[float] = None,
+                       grayscale_p: float = 0.2, blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+                       solarize_p: float = 0.0) -> CropParams:
+    """Draw the parameters of ``n`` crops of an image of ``image_hw`` = (H, W) with SwAV's distributions.
+
+    Args:
+        image_hw: (height, width) of the source image in pixels (of the full-size image, also when it will
+            be decoded at reduced size).
+        n: number of crops (>= 0).
+        scale: RandomResizedCrop area range, e.g. (0.14, 1.0) for SwAV's global and (0.05, 0.14) for its
+            local crops.
+        generator: the CPU ``torch.Generator`` every choice is drawn from.
+        ratio: aspect ratio (width / height) range.
+        flip_p, jitter_p, grayscale_p, blur_p, solarize_p: probabilities of the ops.
+        brightness, contrast, saturation, hue: jitter strengths (torchvision's ColorJitter arguments).
+        jitter_strength: if given, SimCLR's strength s: brightness = contrast = saturation = 0.8 s,
+            hue = 0.2 s (overrides the four above).
+        blur_sigma: range of the blur sigma, in output pixels.
+
+    Returns:
+        :class:`CropParams` of the n crops (CPU tensors).
+    """
+    where = "sample_crop_params"
+    if (not isinstance(image_hw, (tuple, list, torch.Size)) or len(image_hw) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in image_hw)):
+        raise ValueError(f"{where}: argument 'image_hw' must be a (height, width) pair of integers > 0, "
+                         f"got {image_hw!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"{where}: argument 'n' must be an integer >= 0, got {n!r}")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got "
+                        f"{type(generator).__name__ if not isinstance(generator, torch.Generator) else generator.device}")
+    law = CropLaw.make(where, scale, ratio=ratio, flip_p=flip_p, jitter_p=jitter_p, brightness=brightness,
+                       contrast=contrast, saturation=saturation, hue=hue, jitter_strength=jitter_strength,
+                       grayscale_p=grayscale_p, blur_p=blur_p, blur_sigma=blur_sigma, solarize_p=solarize_p)
+    return law.draw((int(image_hw[0]), int(image_hw[1])), int(n), generator)
+
+
+@dataclass(frozen=True)
+class CropLaw:
+    """The validated distribution of one crop group (what :func:`sample_crop_params` draws from)."""
+
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    log_ratio: tuple[float, float]
+    probs: tuple[float, ...]  # flip, jitter, grayscale, blur, solarize
+    factor_lo: np.ndarray
+    factor_hi: np.ndarray
+    sigma: tuple[float, float]
+
+    @staticmethod
+    def make(where: str, scale, *, ratio, flip_p, jitter_p, brightness, contrast, saturation, hue, jitter_strength,
+             grayscale_p, blur_p, blur_sigma, solarize_p) -> "CropLaw":
+        scale = _check_range(where, "scale", scale, positive=True)
+        ratio = _check_range(where, "ratio", ratio, positive=True)
+        probs = tuple(_check_number(where, k, v, 0.0, 1.0) for k, v in
+                      (("flip_p", flip_p), ("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p),
+                       ("solarize_p", solarize_p)))
+        if jitter_strength is not None:
+            s = _check_number(where, "jitter_strength", jitter_strength, 0.0, 2.5)
+            brightness = contrast = saturation = 0.8 * s
+            hue = 0.2 * s
+        ranges = [_factor_range(where, "brightness", brightness), _factor_range(where, "contrast", contrast),
+                  _factor_range(where, "saturation", saturation)]
+        h = _check_number(where, "hue", hue, 0.0, 0.5)
+        ranges.append((-h, h))
+        sigma = _check_range(where, "blur_sigma", blur_sigma, positive=True)
+        return CropLaw(scale, ratio, (math.log(ratio[0]), math.log(ratio[1])), probs,
+                       np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges]), sigma)
+
+    def draw(self, image_hw, n: int, generator: torch.Generator) -> CropParams:
+        """Parameters of n crops of an image of image_hw (arguments already validated); ``image_hw`` may
+        also be an (n, 2) array, one image size per crop (several images drawn in one call)."""
+        u = torch.rand((n, _UNIFORMS), generator=generator, dtype=torch.float64).numpy()
+        t = _TRIES
+        (s0, s1), (r0, r1) = self.scale, self.log_ratio
+        box = rrc_boxes(image_hw, s0 + (s1 - s0) * u[:, :t], r0 + (r1 - r0) * u[:, t:2 * t], u[:, 2 * t:2 * t + 2],
+                        self.ratio)
+        c = 2 * t + 2
+        flip_p, jitter_p, grayscale_p, blur_p, solarize_p = self.probs
+        jitter = u[:, c + 1] < jitter_p
+        lo, hi = self.factor_lo, self.factor_hi
+        factors = np.where(jitter[:, None], lo + (hi - lo) * u[:, c + 2:c + 6], IDENTITY_FACTORS).astype(np.float32)
+        order = np.argsort(u[:, c + 6:c + 10], axis=1)  # a uniformly random permutation
+        blur = u[:, c + 11] < blur_p
+        sigma = np.where(blur, self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, c + 12], 0.0).astype(np.float32)
+        t_ = torch.from_numpy
+        return CropParams(box=t_(box), flip=t_(u[:, c] < flip_p), jitter=t_(jitter), jitter_factors=t_(factors),
+                          jitter_order=t_(order.astype(np.int64)), grayscale=t_(u[:, c + 10] < grayscale_p),
+                          blur_sigma=t_(sigma), solarize=t_(u[:, c + 13] < solarize_p))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole multi-crop recipe.
+
+@dataclass(frozen=True)
+class CropGroup:
+    """``count`` crops of ``size`` x ``size`` pixels with RandomResizedCrop area range ``scale``."""
+
+    count: int
+    size: int
+    scale: tuple[float, float]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+VISSL_STD = (0.229, 0.224, 0.225)  # VISSL and every SEER config
+SWAV_STD = (0.228, 0.224, 0.225)  # the swav repository
+
+
+@dataclass(frozen=True)
+class MultiCropSpec:
+    """A multi-crop recipe: crop groups plus the augmentation distributions and the normalisation.
+
+    The default is SwAV's 2 x 224 (0.14, 1) + 6 x 96 (0.05, 0.14) with VISSL's std; see
+    :meth:`swav` (the swav repository's std 0.228) and :meth:`seer_10b` (2 x 160 + 4 x 96).
+    """
+
+    groups: tuple[CropGroup, ...] = (CropGroup(2, 224, (0.14, 1.0)), CropGroup(6, 96, (0.05, 0.14)))
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.2
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = VISSL_STD
+    out_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        where = "MultiCropSpec"
+        if not self.groups or not all(isinstance(g, CropGroup) for g in self.groups):
+            raise ValueError(f"{where}: argument 'groups' must be a non-empty tuple of CropGroup, got {self.groups!r}")
+        for g in self.groups:
+            if isinstance(g.count, bool) or not isinstance(g.count, int) or g.count < 1:
+                raise ValueError(f"{where}: argument 'groups': count must be an integer >= 1, got {g.count!r}")
+            if isinstance(g.size, bool) or not isinstance(g.size, int) or not 1 <= g.size <= 16384:
+                raise ValueError(f"{where}: argument 'groups': size must be an integer in [1, 16384], got {g.size!r}")
+            _check_range(where, "groups' scale", g.scale, positive=True)
+        check_mean_std(where, self.mean, self.std)
+        if self.out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{where}: argument 'out_dtype' must be float32, bfloat16 or float16, got {self.out_dtype}")
+        self.laws  # validates the distributions: a bad spec fails at construction
+
+    @classmethod
+    def swav(cls, **overrides) -> "MultiCropSpec":
+        """SwAV (facebookresearch/swav): 2 x 224 + 6 x 96, std (0.228, 0.224, 0.225)."""
+        return cls(**{"std": SWAV_STD, **overrides})
+
+    @classmethod
+    def seer_10b(cls, **overrides) -> "MultiCropSpec":
+        """SEER 10B (VISSL regnet10B.yaml): 2 x 160 (0.14, 1) + 4 x 96 (0.05, 0.14)."""
+        groups = (CropGroup(2, 160, (0.14, 1.0)), CropGroup(4, 96, (0.05, 0.14)))
+        return cls(**{"groups": groups, **overrides})
+
+    @functools.cached_property
+    def laws(self) -> tuple[CropLaw, ...]:
+        """The validated distribution of each group (cached: multicrop draws from these directly)."""
+        opts = self.sampler_options()
+        return tuple(CropLaw.make("MultiCropSpec", g.scale, jitter_strength=None, **opts) for g in self.groups)
+
+    def sampler_options(self) -> dict:
+        """Keyword arguments of :func:`sample_crop_params` for this recipe."""
+        return dict(ratio=self.ratio, flip_p=self.flip_p, jitter_p=self.jitter_p, brightness=self.brightness,
+                    contrast=self.contrast, saturation=self.saturation, hue=self.hue,
+                    grayscale_p=self.grayscale_p, blur_p=self.blur_p, blur_sigma=self.blur_sigma,
+                    solarize_p=self.solarize_p)

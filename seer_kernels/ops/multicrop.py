@@ -1,0 +1,273 @@
+"""The public multi-crop ops: ``augment_crops``, ``augment_crops_batch``, ``multicrop`` and the custom op
+``torch.ops.seer.multicrop_apply`` behind them.
+
+Semantics (torchvision.transforms.v2 on float images): seer_kernels/reference/multicrop.py. Backends:
+CUDA C++ (up to five launches per resolution, each over every crop of the batch), C++ CPU (one task per
+crop, vectorised rows) and the batched pure-torch reference. Parameters are drawn by
+seer_kernels.multicrop_params and passed as a packed float32 CPU matrix, so GPU calls never wait for the host.
+
+Use in DataLoader workers (CPU)::
+
+    class Crops(torch.utils.data.Dataset):
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(epoch_seed * len(self) + i)  # or one generator per worker
+            return seer_kernels.multicrop([self.jpeg_bytes[i]], SPEC, g)  # [(2, 3, 224, 224), (6, 3, 96, 96)]
+
+A worker runs the op on one thread (the DataLoader sets torch.set_num_threads(1) in workers); to give
+workers more, call torch.set_num_threads(k) in worker_init_fn *and* use multiprocessing_context="spawn"
+(GNU OpenMP cannot start threads in a process forked from one that already ran them: that hangs any torch
+op). Returning a whole batch from one worker call (a batch sampler) gives crop-major tensors directly.
+
+On the GPU: decode to uint8 (3, H, W) CUDA tensors, then ``multicrop(list_of_cuda_images, SPEC, g)`` (or
+``augment_crops_batch`` with parameters drawn elsewhere) returns one CUDA tensor per resolution,
+(count N, 3, size, size), crop-major, ready for the trunk.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _native
+from .._backend import Backend, Dispatcher
+from ..multicrop_params import CropParams, MultiCropSpec, check_mean_std
+from ..reference import multicrop as ref
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+DISPATCH = Dispatcher("multicrop")
+
+
+def _native_apply(images, params, size, mean, std, out_dtype):
+    return torch.ops.seer_C.multicrop_apply(images, params, size, mean, std, out_dtype)
+
+
+DISPATCH.register(Backend(
+    "cuda", _native_apply, ("cuda",), (torch.uint8,),
+    available=lambda d: _native.unavailable_reason("multicrop_apply", "CUDA")))
+DISPATCH.register(Backend(
+    "cpp", _native_apply, ("cpu",), (torch.uint8,),
+    available=lambda d: _native.unavailable_reason("multicrop_apply", "CPU")))
+DISPATCH.register(Backend("reference", ref.multicrop_apply, ("cuda", "cpu"), (torch.uint8,)))
+
+
+@torch.library.custom_op("seer::multicrop_apply", mutates_args=())
+def _apply_op(images: list[Tensor], params: Tensor, size: int, mean: list[float], std: list[float],
+              out_dtype: torch.dtype) -> Tensor:
+    backend = DISPATCH.select(images[0].device, images[0].dtype)
+    return backend.impl(images, params, size, mean, std, out_dtype)
+
+
+@_apply_op.register_fake
+def _(images, params, size, mean, std, out_dtype):
+    return images[0].new_empty((params.shape[0], 3, size, size), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation (messages name the argument).
+
+def _check_image(where: str, name: str, image) -> None:
+    if not isinstance(image, Tensor):
+        raise TypeError(f"{where}: argument '{name}' must be a torch.Tensor, got {type(image).__name__}")
+    if image.dtype != torch.uint8:
+        raise TypeError(f"{where}: argument '{name}' must be uint8 (decoded pixels in 0..255), got {image.dtype}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"{where}: argument '{name}' must have shape (3, H, W) (RGB, channels first), "
+                         f"got {tuple(image.shape)}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"{where}: argument '{name}' must be non-empty, got shape {tuple(image.shape)}")
+
+
+def _check_size(where: str, size) -> int:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or not 1 <= size <= 16384:
+        raise ValueError(f"{where}: argument 'size' must be an integer in [1, 16384], got {size!r}")
+    return int(size)
+
+
+def _check_out_dtype(where: str, out_dtype) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{where}: argument 'out_dtype' must be torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {out_dtype!r}")
+
+
+def _check_params(where: str, name: str, params, image_hw) -> None:
+    if not isinstance(params, CropParams):
+        raise TypeError(f"{where}: argument '{name}' must be a seer_kernels.CropParams, got {type(params).__name__}")
+    params.validate(image_hw, name=name, where=where, values=not torch.compiler.is_compiling())
+
+
+def _check_windows(where: str, packed: Tensor, sizes: list[tuple[int, int]]) -> None:
+    """Every packed window (box / reduce) inside its decoded image, as the native kernels require."""
+    p = packed.double()
+    img = p[:, 0].long()
+    hw = torch.tensor(sizes, dtype=torch.float64)[img]
+    bad = (p[:, 1] < 0) | (p[:, 2] < 0) | (p[:, 1] + p[:, 3] > hw[:, 0]) | (p[:, 2] + p[:, 4] > hw[:, 1])
+    if bad.any():
+        r = int(bad.nonzero()[0])
+        raise ValueError(f"{where}: argument 'params': the box of crop {r} scaled by 1/reduce, "
+                         f"{p[r, 1:5].tolist()}, lies outside image {int(img[r])} of size "
+                         f"{int(hw[r, 0])}x{int(hw[r, 1])}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public functions.
+
+def augment_crops(image: Tensor, params: CropParams, size: int, mean: Sequence[float], std: Sequence[float],
+                  out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Augmented, normalised crops (n, 3, size, size) of one uint8 image (3, H, W), on its device.
+
+    Crop r follows ``params[r]``: resized_crop (bilinear, antialias) -> hflip -> colour jitter ops in the
+    drawn order -> grayscale -> Gaussian blur -> solarize -> normalize(mean, std), exactly as
+    torchvision.transforms.v2.functional on ``image / 255`` (seer_kernels/reference/multicrop.py), cast to
+    ``out_dtype`` (float32, bfloat16 or float16). ``image`` may be planar (C, H, W) memory or a
+    channels-last view of an (H, W, 3) array (``torch.from_numpy(a).permute(2, 0, 1)``): both are read
+    in place.
+    """
+    where = "augment_crops"
+    _check_image(where, "image", image)
+    _check_params(where, "params", params, tuple(image.shape[1:]))
+    size = _check_size(where, size)
+    mean, std = check_mean_std(where, mean, std)
+    _check_out_dtype(where, out_dtype)
+    return torch.ops.seer.multicrop_apply([image], params.pack(0), size, mean, std, out_dtype)
+
+
+def augment_crops_batch(images: Sequence[Tensor], params: Sequence, size: Union[int, Sequence[int]],
+                        mean: Sequence[float], std: Sequence[float], out_dtype: torch.dtype = torch.float32, *,
+                        reduce: Optional[Sequence[float]] = None) -> Union[Tensor, list[Tensor]]:
+    """The crops of N images of any sizes, crop-major, one tensor per crop resolution.
+
+    With ``size`` an int, ``params[i]`` is the CropParams of the V crops of ``images[i]`` (the same V for
+    every image) and the result is (V N, 3, size, size), row v N + i = crop v of image i: the layout SwAV
+    feeds its trunk for one resolution (``out.view(V, N, 3, size, size)[v]`` = crop v of the batch).
+    With ``size`` a list of G sizes, ``params[i]`` is a list of G CropParams (e.g. global then local
+    crops) and the result a list of G such tensors. One tensor is one launch per stage on the GPU.
+    ``reduce[i]`` (default 1) says that image i was decoded at 1 / reduce[i] of the size its boxes refer
+    to (JPEG draft mode, see seer_kernels.decode).
+    """
+    where = "augment_crops_batch"
+    if isinstance(images, Tensor) or not isinstance(images, (list, tuple)) or not images:
+        raise TypeError(f"{where}: argument 'images' must be a non-empty list of uint8 (3, H, W) tensors")
+    grouped = isinstance(size, (list, tuple))
+    sizes = [_check_size(where, s) for s in size] if grouped else [_check_size(where, size)]
+    if grouped and not sizes:
+        raise ValueError(f"{where}: argument 'size' must be an int or a non-empty list of ints")
+    what = f"a list of {len(sizes)} CropParams (one per size)" if grouped else "a CropParams"
+    if not isinstance(params, (list, tuple)) or len(params) != len(images):
+        raise ValueError(f"{where}: argument 'params' must be a list with one entry per image ({len(images)}), "
+                         f"each {what}")
+    per_group = [[p[g] if grouped else p for p in params] for g in range(len(sizes))]
+    if grouped and not all(isinstance(p, (list, tuple)) and len(p) == len(sizes) for p in params):
+        raise ValueError(f"{where}: argument 'params': every entry must be {what}")
+    if reduce is None:
+        reduce = [1.0] * len(images)
+    elif len(reduce) != len(images) or not all(isinstance(r, numbers.Real) and r >= 1 for r in reduce):
+        raise ValueError(f"{where}: argument 'reduce' must hold one factor >= 1 per image, got {reduce!r}")
+    for i, image in enumerate(images):
+        _check_image(where, f"images[{i}]", image)
+        if image.device != images[0].device:
+            raise ValueError(f"{where}: argument 'images' must all be on one device, images[{i}] is on "
+                             f"{image.device} and images[0] on {images[0].device}")
+    for g, group in enumerate(per_group):
+        for i, p in enumerate(group):
+            name = f"params[{i}][{g}]" if grouped else f"params[{i}]"
+            # With a reduction the windows (box / reduce) are checked against the decoded image below.
+            _check_params(where, name, p, tuple(images[i].shape[1:]) if reduce[i] == 1 else None)
+            if len(p) != len(group[0]):
+                raise ValueError(f"{where}: argument 'params' must hold the same number of crops for every image, "
+                                 f"got {len(group[0])} for image 0 and {len(p)} for image {i}")
+    mean, std = check_mean_std(where, mean, std)
+    _check_out_dtype(where, out_dtype)
+    outs = []
+    for group, s in zip(per_group, sizes):
+        packed = _pack_crop_major(group, reduce)
+        if any(r != 1 for r in reduce) and not torch.compiler.is_compiling():
+            _check_windows(where, packed, [tuple(im.shape[1:]) for im in images])
+        outs.append(torch.ops.seer.multicrop_apply(list(images), packed, s, mean, std, out_dtype))
+    return outs if grouped else outs[0]
+
+
+def _pack_crop_major(params: Sequence[CropParams], reduce: Sequence[float]) -> Tensor:
+    """(V N, 18): row v N + i = crop v of image i."""
+    packed = torch.stack([p.pack(i, float(r)) for i, (p, r) in enumerate(zip(params, reduce))], dim=1)
+    return packed.reshape(-1, packed.shape[-1])
+
+
+ImageLike = Union[Tensor, bytes, bytearray, memoryview]
+
+
+def multicrop(images: Union[Sequence[ImageLike], Tensor], spec: MultiCropSpec, generator: torch.Generator, *,
+              draft: bool = True, return_params: bool = False):
+    """Sample the crops of ``spec`` for every image from ``generator``, then apply them.
+
+    Args:
+        images: a list of uint8 (3, H, W) tensors (any sizes, one device), of encoded images (bytes:
+            decoded on the CPU with Pillow, in JPEG draft mode when every crop of the image allows it, see
+            seer_kernels.decode), or a uint8 (N, 3, H, W) tensor.
+        spec: the recipe (:class:`MultiCropSpec`), e.g. ``MultiCropSpec.swav()``.
+        generator: CPU ``torch.Generator``; parameters are drawn group by group, each for all images in one
+            call (so ``multicrop([image], ...)`` draws exactly what :func:`sample_crop_params` would, group
+            after group).
+        draft: allow JPEG draft mode for encoded images (see seer_kernels.decode for its rule and effect).
+        return_params: also return the parameters, ``params[i][g]`` for image i and group g.
+
+    Returns:
+        One tensor per group of ``spec`` (per resolution), (count N, 3, size, size), crop-major as in
+        :func:`augment_crops_batch`; with ``return_params``, ``(tensors, params)``.
+    """
+    where = "multicrop"
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"{where}: argument 'images' as a tensor must be (N, 3, H, W), got {tuple(images.shape)}")
+        images = list(images.unbind(0))
+    if not isinstance(images, (list, tuple)) or not images:
+        raise TypeError(f"{where}: argument 'images' must be a non-empty list of images, got {type(images).__name__}")
+    if not isinstance(spec, MultiCropSpec):
+        raise TypeError(f"{where}: argument 'spec' must be a seer_kernels.MultiCropSpec, got {type(spec).__name__}")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {type(generator).__name__}")
+    from .. import decode
+
+    sizes, factors = [], []
+    for i, item in enumerate(images):
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            hw, f = decode.probe(item)
+        else:
+            _check_image(where, f"images[{i}]", item)
+            hw, f = tuple(item.shape[1:]), ()
+        sizes.append(hw)
+        factors.append(f)
+    # One draw per group for the whole batch (rows image-major): the spec's laws are validated and the
+    # parameters valid by construction, so there are no per-call checks.
+    n = len(images)
+    drawn = [law.draw(np.repeat(np.asarray(sizes), g.count, axis=0), g.count * n, generator)
+             for law, g in zip(spec.laws, spec.groups)]
+
+
+    def of_image(i: int) -> list[CropParams]:
+        return [d[i * g.count:(i + 1) * g.count] for d, g in zip(drawn, spec.groups)]
+
+    decoded, reduce = [], []
+    for i, item in enumerate(images):
+        r = 1
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            if draft and factors[i]:
+                r = decode.draft_factor(CropParams.cat(of_image(i)), [g.size for g in spec.groups for _ in range(g.count)],
+                                        factors[i])
+            item, r = decode.decode_image(item, r)
+        decoded.append(item)
+        reduce.append(r)
+    if any(im.device != decoded[0].device for im in decoded):
+        raise ValueError(f"{where}: argument 'images' must all be on one device (encoded images decode on the CPU), "
+                         f"got {sorted({str(im.device) for im in decoded})}")
+    mean, std = list(spec.mean), list(spec.std)
+    outs = []
+    for d, group in zip(drawn, spec.groups):
+        rows = np.arange(n).repeat(group.count)  # image of each drawn row (image-major)
+        packed = d.pack(rows, np.asarray(reduce, dtype=np.float64)[rows])
+        packed = packed.view(n, group.count, -1).transpose(0, 1).reshape(n * group.count, -1)  # crop-major
+        outs.append(torch.ops.seer.multicrop_apply(decoded, packed, group.size, mean, std, spec.out_dtype))
+    return (outs, [of_image(i) for i in range(n)]) if return_params else outs

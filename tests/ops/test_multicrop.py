@@ -1,0 +1,317 @@
+"""seer_kernels.augment_crops / augment_crops_batch / multicrop against torchvision.transforms.v2 (float path),
+on real photos, for every backend that can run here (the CUDA stages through their CPU emulation)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seer_kernels
+from seer_kernels import CropGroup, CropParams, MultiCropSpec, use_backend
+from tests.ops.multicrop_oracle import (EXACT, MEAN, STD, apply, assert_within_tolerance, crops, photos,
+                                        random_params, torchvision_crops)
+
+
+def backend_params(cuda: bool = True):
+    out = [pytest.param("cpp", "cpu", marks=pytest.mark.ext, id="cpp"),
+           pytest.param("reference", "cpu", id="reference"),
+           pytest.param("emulated", "cpu", marks=pytest.mark.ext, id="cuda-stages-emulated")]
+    if cuda:
+        out += [pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, pytest.mark.ext], id="cuda"),
+                pytest.param("reference", "cuda", marks=pytest.mark.cuda, id="reference-cuda")]
+    return out
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator seeded from the test's fresh random seed (tests/conftest.py prints it on failure)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+
+
+@pytest.fixture
+def poison_empty():
+    """Uninitialised memory from torch.empty / at::empty is NaN while the test runs."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+def special_boxes(h: int, w: int, size: int) -> torch.Tensor:
+    """Boxes at the image borders and corners, the whole image, single pixels and rows, and boxes smaller
+    than the output (upsampling), plus one in the middle."""
+    bh, bw = max(1, h // 3), max(1, w // 4)
+    small_h, small_w = max(1, min(h, size // 3)), max(1, min(w, size // 2 + 1))
+    return torch.tensor([
+        [0, 0, h, w], [0, 0, bh, bw], [h - bh, w - bw, bh, bw], [0, w - bw, h, bw], [h - 1, 0, 1, w],
+        [h - 1, w - 1, 1, 1], [0, 0, 1, 1], [(h - small_h) // 2, (w - small_w) // 2, small_h, small_w],
+        [h - small_h, 0, small_h, small_w], [h // 5, w // 7, max(1, h // 2), max(1, w // 3)]])
+
+
+# ---- against torchvision ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("size", [96, 37])
+def test_resized_crop_at_borders_and_upsampling(backend, device, size, poison_empty):
+    for name, image in photos().items():
+        h, w = image.shape[1:]
+        params = CropParams.identity(special_boxes(h, w, size))
+        got = crops(backend, image, params, size, device)
+        assert got.shape == (len(params), 3, size, size) and got.device.type == device
+        assert_within_tolerance(got, torchvision_crops(image, params, size), what=f"{name} {backend}")
+
+
+STAGES = ["flip", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "solarize", "normalize"]
+
+
+def single_stage(stage: str, box: torch.Tensor, gen: torch.Generator) -> CropParams:
+    """Random crops with exactly one stage switched on, with random strength."""
+    n = box.shape[0]
+    p = CropParams.identity(box)
+    u = torch.rand(n, generator=gen)
+    if stage == "flip":
+        return p.replace(flip=torch.ones(n, dtype=torch.bool))
+    if stage in ("brightness", "contrast", "saturation", "hue"):
+        op = ["brightness", "contrast", "saturation", "hue"].index(stage)
+        f = p.jitter_factors.clone()
+        f[:, op] = (u - 0.5) * 0.98 if stage == "hue" else u * 1.8 + 0.1
+        return p.replace(jitter=torch.ones(n, dtype=torch.bool), jitter_factors=f)
+    if stage == "grayscale":
+        return p.replace(grayscale=torch.ones(n, dtype=torch.bool))
+    if stage == "blur":
+        return p.replace(blur_sigma=0.1 + 2.9 * u)
+    if stage == "solarize":
+        return p.replace(solarize=torch.ones(n, dtype=torch.bool))
+    return p  # normalize: random mean and std below
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_matches_torchvision(backend, device, stage, gen, poison_empty):
+    mean = tuple((torch.rand(3, generator=gen) * 0.6 + 0.2).tolist())
+    std = tuple((torch.rand(3, generator=gen) * 0.4 + 0.1).tolist())
+    for name in ("astronaut", "chelsea_portrait", "tiny"):
+        image = photos()[name]
+        params = single_stage(stage, random_params(tuple(image.shape[1:]), 3, (0.05, 1.0), gen).box, gen)
+        got = crops(backend, image, params, 53, device, mean=mean, std=std)
+        want = torchvision_crops(image, params, 53, mean, std)
+        assert_within_tolerance(got, want, std, what=f"{stage} on {name} ({backend})")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_random_pipelines_match_torchvision(backend, device, gen, poison_empty):
+    # SwAV's distributions plus solarize; the emulation of the CUDA stages is slow, so fewer crops there.
+    n = 2 if backend == "emulated" else 4
+    for name, image in photos().items():
+        for size, scale in ((224, (0.14, 1.0)), (96, (0.05, 0.14)), (37, (0.01, 1.0))):
+            params = random_params(tuple(image.shape[1:]), n, scale, gen, solarize_p=0.5)
+            got = crops(backend, image, params, size, device)
+            assert_within_tolerance(got, torchvision_crops(image, params, size), what=f"{name} {size} {backend}")
+
+
+# ---- properties of the op ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_output_is_the_rounded_float32_output(backend, device, dtype, gen, poison_empty):
+    image = photos()["coffee"]
+    params = random_params(tuple(image.shape[1:]), 4, (0.05, 1.0), gen, solarize_p=0.5)
+    f32 = crops(backend, image, params, 40, device)
+    low = crops(backend, image, params, 40, device, out_dtype=dtype)
+    assert low.dtype == dtype
+    assert torch.equal(low, f32.to(dtype))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_memory_layouts_give_the_same_crops(backend, device, gen):
+    image = photos()["rocket"]
+    hwc = image.permute(1, 2, 0).contiguous()
+    big = torch.zeros(3, 500, 700, dtype=torch.uint8)
+    big[:, 30:457, 40:680] = image
+    layouts = {
+        "channels-last view of an HWC array": hwc.permute(2, 0, 1),
+        "view inside a larger image": big[:, 30:457, 40:680],
+        "transposed twice (arbitrary strides)": image.transpose(1, 2).contiguous().transpose(1, 2),
+    }
+    params = random_params(tuple(image.shape[1:]), 4, (0.05, 1.0), gen)
+    want = crops(backend, image, params, 48, device)
+    for name, view in layouts.items():
+        # planar and interleaved rows take different vector loops (FMA contraction): rounding only
+        assert float((crops(backend, view, params, 48, device) - want).abs().max()) <= 1e-5, name
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_several_images_in_one_call(backend, device, gen, poison_empty):
+    names = ["astronaut", "strip", "tiny", "coffee"]
+    images = [photos()[k].to(device) for k in names]
+    per_image = [random_params(tuple(im.shape[1:]), 3, (0.05, 1.0), gen) for im in images]
+    packed = torch.cat([p.pack(i) for i, p in enumerate(per_image)])
+    perm = torch.randperm(packed.shape[0], generator=gen)  # rows in any order
+    got = apply(backend, images, packed[perm], 40)
+    want = torch.cat([torchvision_crops(photos()[k], p, 40) for k, p in zip(names, per_image)])[perm]
+    assert_within_tolerance(got, want, what=backend)
+
+
+@pytest.mark.ext
+def test_deterministic_and_independent_of_thread_count(gen):
+    image = photos()["astronaut"]
+    params = random_params(tuple(image.shape[1:]), 8, (0.05, 1.0), gen)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = seer_kernels.augment_crops(image, params, 96, MEAN, STD)
+        torch.set_num_threads(max(2, prev))
+        b = seer_kernels.augment_crops(image, params, 96, MEAN, STD)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(a, b)
+
+
+def test_augment_crops_batch_is_crop_major(gen):
+    images = [photos()[k] for k in ("astronaut", "chelsea_portrait", "tiny")]
+    params = [random_params(tuple(im.shape[1:]), 3, (0.05, 1.0), gen) for im in images]
+    out = seer_kernels.augment_crops_batch(images, params, 32, MEAN, STD)
+    assert out.shape == (9, 3, 32, 32)
+    view = out.view(3, 3, 3, 32, 32)  # (crop, image, ...)
+    for i, (image, p) in enumerate(zip(images, params)):
+        single = seer_kernels.augment_crops(image, p, 32, MEAN, STD)
+        for v in range(3):
+            assert torch.equal(view[v, i], single[v])
+
+
+def test_augment_crops_batch_by_resolution(gen):
+    images = [photos()[k] for k in ("coffee", "strip")]
+    params = [[random_params(tuple(im.shape[1:]), n, scale, gen) for n, scale in ((2, (0.14, 1.0)), (3, (0.05, 0.14)))]
+              for im in images]
+    outs = seer_kernels.augment_crops_batch(images, params, [48, 24], MEAN, STD)
+    assert [tuple(o.shape) for o in outs] == [(4, 3, 48, 48), (6, 3, 24, 24)]
+    for g, size in enumerate((48, 24)):
+        single = seer_kernels.augment_crops_batch(images, [p[g] for p in params], size, MEAN, STD)
+        assert torch.equal(outs[g], single)
+
+
+def test_empty_crop_list():
+    image = photos()["tiny"]
+    out = seer_kernels.augment_crops(image, CropParams.identity(torch.zeros(0, 4)), 16, MEAN, STD)
+    assert out.shape == (0, 3, 16, 16)
+
+
+# ---- multicrop --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [MultiCropSpec.swav(), MultiCropSpec.seer_10b()], ids=["swav", "seer10b"])
+def test_multicrop_recipes_and_determinism(spec, gen):
+    images = [photos()[k] for k in ("coffee", "chelsea_portrait", "astronaut")]
+    seed = int(torch.randint(0, 2**62, ()))
+    outs, params = seer_kernels.multicrop(images, spec, torch.Generator().manual_seed(seed), return_params=True)
+    assert [tuple(o.shape) for o in outs] == [(g.count * 3, 3, g.size, g.size) for g in spec.groups]
+    again = seer_kernels.multicrop(images, spec, torch.Generator().manual_seed(seed))
+    assert all(torch.equal(a, b) for a, b in zip(outs, again))
+    other = seer_kernels.multicrop(images, spec, torch.Generator().manual_seed(seed + 1))
+    assert not torch.equal(outs[0], other[0])
+    # Each tensor is crop-major and equals torchvision with the returned parameters.
+    for g, group in enumerate(spec.groups):
+        view = outs[g].view(group.count, len(images), 3, group.size, group.size)
+        for i, image in enumerate(images):
+            want = torchvision_crops(image, params[i][g], group.size, spec.mean, spec.std)
+            assert_within_tolerance(view[:, i], want, spec.std, what=f"group {g} image {i}")
+
+
+def test_multicrop_accepts_jpeg_bytes_and_batched_tensors():
+    from tests.ops.multicrop_oracle import jpeg_bytes
+
+    spec = MultiCropSpec(groups=(CropGroup(2, 64, (0.14, 1.0)), CropGroup(3, 24, (0.05, 0.14))))
+    images = [photos()[k] for k in ("coffee", "rocket")]
+    encoded = [jpeg_bytes(im) for im in images]
+    decoded = [seer_kernels.decode.decode_image(b)[0] for b in encoded]
+    a = seer_kernels.multicrop(encoded, spec, torch.Generator().manual_seed(3))
+    b = seer_kernels.multicrop(decoded, spec, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    stacked = torch.stack([photos()["coffee"], photos()["coffee"]])
+    c = seer_kernels.multicrop(stacked, spec, torch.Generator().manual_seed(3))
+    d = seer_kernels.multicrop(list(stacked), spec, torch.Generator().manual_seed(3))
+    assert all(torch.equal(x, y) for x, y in zip(c, d))
+
+
+# ---- torch.library ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", [pytest.param("cpp", "cpu", marks=pytest.mark.ext), ("reference", "cpu"),
+                                            pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, pytest.mark.ext])])
+def test_opcheck(backend, device, gen):
+    images = [photos()["tiny"].to(device), photos()["strip"][:, :, :50].to(device)]
+    packed = torch.cat([random_params(tuple(im.shape[1:]), 2, (0.1, 1.0), gen).pack(i) for i, im in enumerate(images)])
+    with use_backend(backend, op="multicrop"):
+        torch.library.opcheck(torch.ops.seer.multicrop_apply.default,
+                              (images, packed, 12, list(MEAN), list(STD), torch.float32))
+
+
+def test_compiles_fullgraph(gen):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def batch(image, packed):
+        return torch.ops.seer.multicrop_apply([image], packed, 20, list(MEAN), list(STD), torch.bfloat16).float() * 2
+
+    image = photos()["tiny"]
+    packed = random_params(tuple(image.shape[1:]), 3, (0.1, 1.0), gen).pack()
+    want = torch.ops.seer.multicrop_apply([image], packed, 20, list(MEAN), list(STD), torch.bfloat16).float() * 2
+    assert torch.equal(batch(image, packed), want)
+
+
+# ---- the CUDA kernels (run by bench/gpu_check.sh) ---------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.ext
+@pytest.mark.parametrize("size", [224, 96, 37])
+def test_cuda_matches_the_cpu_kernel(size, gen, poison_empty):
+    """Needs only torch (the GPU machine has no torchvision): the CUDA kernels against the C++ CPU kernel,
+    which the CPU suite checks against torchvision, on border and upsampling boxes, every single stage and
+    random pipelines."""
+    for name, image in photos().items():
+        h, w = image.shape[1:]
+        boxes = random_params((h, w), len(STAGES), (0.01, 1.0), gen).box
+        params = CropParams.cat([CropParams.identity(special_boxes(h, w, size)),
+                                 random_params((h, w), 6, (0.01, 1.0), gen, solarize_p=0.5)]
+                                + [single_stage(stage, boxes[i:i + 1], gen) for i, stage in enumerate(STAGES)])
+        got = crops("cuda", image, params, size, "cuda")
+        want = crops("cpp", image, params, size, "cpu")
+        assert_within_tolerance(got, want, what=f"{name} cuda vs cpp")
+
+
+@pytest.mark.cuda
+@pytest.mark.ext
+def test_cuda_is_deterministic_and_matches_its_cpu_emulation(gen):
+    images = [photos()[k] for k in ("astronaut", "strip", "tiny", "china")]
+    packed = torch.cat([random_params(tuple(im.shape[1:]), 4, (0.05, 1.0), gen, solarize_p=0.5).pack(i)
+                        for i, im in enumerate(images)])
+    on_gpu = [im.cuda() for im in images]
+    a = apply("cuda", on_gpu, packed, 64)
+    b = apply("cuda", on_gpu, packed, 64)
+    assert torch.equal(a, b)
+    emulated = apply("emulated", images, packed, 64)
+    assert float((a.cpu() - emulated).abs().max()) <= EXACT / min(STD)
+
+
+@pytest.mark.cuda
+@pytest.mark.ext
+def test_cuda_multicrop_batch_matches_cpu(gen):
+    images = [photos()[k] for k in ("coffee", "chelsea_portrait", "rocket", "tiny")]
+    spec = MultiCropSpec.swav(out_dtype=torch.bfloat16)
+    seed = int(torch.randint(0, 2**62, ()))
+    gpu = seer_kernels.multicrop([im.cuda() for im in images], spec, torch.Generator().manual_seed(seed))
+    cpu = seer_kernels.multicrop(images, spec, torch.Generator().manual_seed(seed))
+    for g, c in zip(gpu, cpu):
+        assert g.device.type == "cuda" and g.dtype == torch.bfloat16
+        # bf16 rounding of values that differ by float rounding may differ by one bf16 step
+        assert float((g.cpu().float() - c.float()).abs().max()) <= 2 ** -6
+
+
+@pytest.mark.cuda
+@pytest.mark.ext
+def test_cuda_rejects_a_box_outside_the_image_before_launching():
+    image = photos()["tiny"].cuda()
+    packed = CropParams.identity([[0, 0, 24, 10]]).pack()  # 24 rows > 23
+    with pytest.raises(ValueError, match="argument 'params': crop 0: box"):
+        torch.ops.seer_C.multicrop_apply([image], packed, 8, list(MEAN), list(STD), torch.float32)
+    torch.cuda.synchronize()

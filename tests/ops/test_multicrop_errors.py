@@ -1,0 +1,163 @@
+"""Bad input to the multi-crop ops: a clear exception naming the argument, never a crash or a silent result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seer_kernels
+from seer_kernels import CropParams, MultiCropSpec, use_backend
+from seer_kernels.multicrop_params import COL
+from tests.ops.multicrop_oracle import MEAN, STD
+
+IMAGE = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+GOOD = CropParams.identity([[0, 0, 40, 50], [5, 7, 20, 30]])
+
+
+@pytest.mark.parametrize("image,exc,match", [
+    ([[1, 2]], TypeError, "'image' must be a torch.Tensor"),
+    (IMAGE.float(), TypeError, "'image' must be uint8"),
+    (IMAGE.to(torch.int16), TypeError, "'image' must be uint8"),
+    (IMAGE[:2], ValueError, r"'image' must have shape \(3, H, W\)"),
+    (torch.zeros(4, 40, 50, dtype=torch.uint8), ValueError, r"'image' must have shape \(3, H, W\)"),
+    (IMAGE.permute(1, 2, 0).contiguous(), ValueError, r"'image' must have shape \(3, H, W\)"),
+    (IMAGE[0], ValueError, r"'image' must have shape \(3, H, W\)"),
+    (torch.zeros(3, 0, 5, dtype=torch.uint8), ValueError, "'image' must be non-empty"),
+    (torch.zeros(3, 5, 0, dtype=torch.uint8), ValueError, "'image' must be non-empty"),
+])
+def test_bad_image(image, exc, match):
+    with pytest.raises(exc, match=match):
+        seer_kernels.augment_crops(image, GOOD, 16, MEAN, STD)
+
+
+@pytest.mark.parametrize("box", [[35, 0, 10, 10], [0, 45, 10, 10], [-1, 0, 10, 10], [0, -3, 10, 10],
+                                 [0, 0, 41, 50], [0, 0, 40, 51], [39, 49, 2, 2]])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+def test_box_outside_the_image(box, backend):
+    with use_backend(backend, op="multicrop"), pytest.raises(ValueError, match="'params'.* lies outside the image"):
+        seer_kernels.augment_crops(IMAGE, CropParams.identity([box]), 16, MEAN, STD)
+
+
+@pytest.mark.parametrize("box", [[0, 0, 0, 10], [0, 0, 10, 0], [0, 0, -5, 10]])
+def test_empty_box(box):
+    with pytest.raises(ValueError, match="'params': every box needs height and width > 0"):
+        seer_kernels.augment_crops(IMAGE, CropParams.identity([box]), 16, MEAN, STD)
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True, "96", 20000])
+def test_bad_size(size):
+    with pytest.raises(ValueError, match="'size' must be an integer"):
+        seer_kernels.augment_crops(IMAGE, GOOD, size, MEAN, STD)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(mean=(0.5, 0.5)), "'mean' must hold 3"), (dict(mean=(0.5,) * 4), "'mean' must hold 3"),
+    (dict(std=(0.2, 0.2)), "'std' must hold 3"), (dict(std=(0.2, 0.0, 0.2)), "'std' must hold 3 finite non-zero"),
+    (dict(mean=(0.5, float("nan"), 0.5)), "'mean'"), (dict(std=(0.2, 0.2, float("inf"))), "'std'"),
+    (dict(mean=0.5), "'mean' must hold 3"), (dict(out_dtype=torch.float64), "'out_dtype'"),
+    (dict(out_dtype=torch.uint8), "'out_dtype'"),
+])
+def test_bad_normalisation_and_dtype(kw, match):
+    args = dict(mean=MEAN, std=STD)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        seer_kernels.augment_crops(IMAGE, GOOD, 16, **args)
+
+
+@pytest.mark.parametrize("field,value,exc,match", [
+    ("box", torch.zeros(2, 3, dtype=torch.int64), ValueError, "field 'box' must have shape"),
+    ("box", torch.zeros(2, 4), TypeError, "field 'box' must be a int tensor"),
+    ("flip", torch.zeros(2), TypeError, "field 'flip' must be a bool tensor"),
+    ("flip", torch.zeros(3, dtype=torch.bool), ValueError, "field 'flip' must have shape"),
+    ("jitter_factors", torch.ones(2, 3), ValueError, "field 'jitter_factors' must have shape"),
+    ("jitter_order", torch.tensor([[0, 1, 2, 2], [0, 1, 2, 3]]), ValueError, "permutation of 0..3"),
+    ("jitter_factors", torch.tensor([[1.0, 1.0, 1.0, 0.7], [1.0, 1.0, 1.0, 0.0]]), ValueError, "hue in"),
+    ("jitter_factors", torch.tensor([[-1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]]), ValueError, ">= 0"),
+    ("blur_sigma", torch.tensor([-0.5, 0.0]), ValueError, "blur_sigma must lie in"),
+    ("blur_sigma", torch.tensor([float("nan"), 0.0]), ValueError, "blur_sigma must lie in"),
+    ("solarize", [True, False], TypeError, "field 'solarize' must be a torch.Tensor"),
+])
+def test_bad_params_fields(field, value, exc, match):
+    with pytest.raises(exc, match=f"argument 'params': .*{match}"):
+        seer_kernels.augment_crops(IMAGE, GOOD.replace(**{field: value}), 16, MEAN, STD)
+
+
+def test_params_must_be_crop_params():
+    with pytest.raises(TypeError, match="'params' must be a seer_kernels.CropParams"):
+        seer_kernels.augment_crops(IMAGE, GOOD.pack(), 16, MEAN, STD)
+
+
+def test_bad_batch_arguments():
+    other = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    with pytest.raises(TypeError, match="'images' must be a non-empty list"):
+        seer_kernels.augment_crops_batch(IMAGE, [GOOD], 16, MEAN, STD)
+    with pytest.raises(ValueError, match="'params' must be a list with one entry per image"):
+        seer_kernels.augment_crops_batch([IMAGE, other], [GOOD], 16, MEAN, STD)
+    with pytest.raises(ValueError, match="'params': every entry must be a list of 2 CropParams"):
+        seer_kernels.augment_crops_batch([IMAGE], [GOOD], [16, 8], MEAN, STD)
+    with pytest.raises(ValueError, match="'size' must be an integer"):
+        seer_kernels.augment_crops_batch([IMAGE], [[GOOD, GOOD]], [16, 0], MEAN, STD)
+    with pytest.raises(ValueError, match="the same number of crops for every image"):
+        seer_kernels.augment_crops_batch([IMAGE, other], [GOOD, CropParams.identity([[0, 0, 5, 5]])], 16, MEAN, STD)
+    with pytest.raises(ValueError, match=r"'params\[1\]'.* lies outside"):
+        seer_kernels.augment_crops_batch([IMAGE, other], [GOOD, GOOD], 16, MEAN, STD)
+    with pytest.raises(ValueError, match="'reduce' must hold one factor >= 1"):
+        seer_kernels.augment_crops_batch([IMAGE], [GOOD], 16, MEAN, STD, reduce=[0.5])
+    with pytest.raises(ValueError, match="scaled by 1/reduce.* lies outside image 0"):
+        seer_kernels.augment_crops_batch([IMAGE[:, :19, :25]], [GOOD], 16, MEAN, STD, reduce=[2])
+
+
+def test_bad_multicrop_arguments():
+    g = torch.Generator()
+    with pytest.raises(TypeError, match="'images' must be a non-empty list"):
+        seer_kernels.multicrop([], MultiCropSpec(), g)
+    with pytest.raises(TypeError, match="'spec' must be a seer_kernels.MultiCropSpec"):
+        seer_kernels.multicrop([IMAGE], {"groups": 2}, g)
+    with pytest.raises(TypeError, match="'generator' must be a CPU torch.Generator"):
+        seer_kernels.multicrop([IMAGE], MultiCropSpec(), 0)
+    with pytest.raises(ValueError, match=r"'images\[0\]' must have shape"):
+        seer_kernels.multicrop([IMAGE[:1]], MultiCropSpec(), g)
+    pytest.importorskip("PIL")
+    with pytest.raises(ValueError, match="'data' is not an image Pillow can read"):
+        seer_kernels.multicrop([b"not a jpeg"], MultiCropSpec(), g)
+
+
+# ---- the native ops check everything themselves (they may be called directly) ------------------------
+
+def _packed(**cols):
+    p = GOOD.pack()
+    for name, v in cols.items():
+        p[0, COL[name]] = v
+    return p
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("op", ["multicrop_apply", "multicrop_apply_emulated"])
+@pytest.mark.parametrize("args,match", [
+    (dict(packed=_packed(image=1)), "'params': crop 0: image index 1"),
+    (dict(packed=_packed(image=0.5)), "'params': crop 0: image index"),
+    (dict(packed=_packed(top=35)), "'params': crop 0: box .* lies outside image 0"),
+    (dict(packed=_packed(left=-0.5)), "'params': crop 0: box"),
+    (dict(packed=_packed(height=0)), "'params': crop 0: box .* is empty"),
+    (dict(packed=_packed(flip=0.5)), "'params': crop 0: column 5 must be 0 or 1"),
+    (dict(packed=_packed(order0=1)), "'params': crop 0: jitter order must be a permutation"),
+    (dict(packed=_packed(order2=7)), "'params': crop 0: jitter order must hold op ids"),
+    (dict(packed=_packed(hue=0.6)), "'params': crop 0: hue shift"),
+    (dict(packed=_packed(saturation=-1)), "'params': crop 0: jitter factor 2"),
+    (dict(packed=_packed(sigma=5000)), "'params': crop 0: blur sigma"),
+    (dict(packed=_packed(brightness=float("inf"))), "'params': crop 0: column 7 is not finite"),
+    (dict(packed=GOOD.pack()[:, :10]), r"'params': expected shape \(n, 18\)"),
+    (dict(packed=GOOD.pack().double()), "'params': expected float32"),
+    (dict(images=[]), "'images': expected at least one image"),
+    (dict(images=[IMAGE.float()]), "'images': image 0: expected uint8"),
+    (dict(images=[IMAGE[:1]]), r"'images': image 0: expected shape \(3, H, W\)"),
+    (dict(images=[IMAGE[:, :0]]), "'images': image 0: expected a non-empty image"),
+    (dict(size=0), "'size': expected an integer"),
+    (dict(mean=[0.5, 0.5]), "'mean': expected 3 values"),
+    (dict(std=[0.5, 0.0, 0.5]), "'std': expected finite non-zero"),
+    (dict(dtype=torch.int32), "'out_dtype': expected float32, bfloat16 or float16"),
+])
+def test_native_ops_check_their_arguments(op, args, match):
+    a = dict(images=[IMAGE], packed=GOOD.pack(), size=16, mean=list(MEAN), std=list(STD), dtype=torch.float32)
+    a.update(args)
+    with pytest.raises(ValueError, match=match):
+        getattr(torch.ops.seer_C, op)(a["images"], a["packed"], a["size"], a["mean"], a["std"], a["dtype"])
