@@ -66,10 +66,7 @@ def bench_record(request, bench_device, benchmark):
     return record
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not _ROWS:
-        return
-    config = session.config
+def _write(config, final: bool) -> None:
     device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     env = harness.environment(device)
     lines = [f"seer benchmarks on {env['device']} ({env['cpu']}, {env['torch_threads']} threads; torch "
@@ -82,12 +79,30 @@ def pytest_sessionfinish(session, exitstatus):
         lines.append(f"{r['key']:58s} {r['times_ms'][r['ours']]:10.4f} {r['times_ms'][r['baseline']]:10.4f} "
                      f"{r['ratio']:7.2f} {floor:>6s}  "
                      + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
-    text = "\n".join(lines)
+    out = config.getoption("--bench-json") or os.path.join(".benchmarks", f"seer-{env['device']}.json")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"environment": env, "rows": _ROWS, "table": "\n".join(lines),
+                                     "complete": final}, indent=1))
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    if final and reporter is not None:
         reporter.write_line("")
         for line in lines:
             reporter.write_line(line)
-    out = config.getoption("--bench-json") or os.path.join(".benchmarks", f"seer-{env['device']}.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"environment": env, "rows": _ROWS, "table": text}, indent=1))
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    # Rewrite the JSON after every benchmark, so a run stopped by a time limit keeps what it measured.
+    if _ROWS and _CONFIG:
+        _write(_CONFIG[0], final=False)
+
+
+_CONFIG: list = []
+
+
+def pytest_configure(config):
+    _CONFIG.append(config)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _ROWS:
+        _write(session.config, final=True)
