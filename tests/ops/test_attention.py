@@ -29,17 +29,6 @@ HAS_CUDA = torch.cuda.is_available()
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
 
-@pytest.fixture
-def poison_empty():
-    """Uninitialised memory from torch.empty is NaN while the test runs (unwritten outputs show up)."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
 
 # ---- inputs and oracles ---------------------------------------------------------------------------------
 

@@ -27,17 +27,6 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
 
 
-@pytest.fixture
-def poison_empty():
-    """Uninitialised memory from torch.empty / at::empty is NaN while the test runs."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
 
 def special_boxes(h: int, w: int, size: int) -> torch.Tensor:
     """Boxes at the image borders and corners, the whole image, single pixels and rows, and boxes smaller

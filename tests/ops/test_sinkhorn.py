@@ -14,17 +14,9 @@ from seer_kernels.ops.sinkhorn import DISPATCH
 from seer_kernels.reference import sinkhorn as ref
 from seer_kernels.testing import max_abs_err, triton_device
 from tests.dist_utils import run_distributed
+from tests.oracles import swav_sinkhorn_f64 as swav_f64
 
 
-def swav_f64(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """SwAV's distributed_sinkhorn for one process, written out plainly, in float64 (the oracle)."""
-    q = torch.exp(scores.double() / epsilon).t()
-    k, b = q.shape
-    q = q / q.sum()
-    for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / b
-    return (q * b).t()
 
 
 def cosine_scores(b: int, k: int, device="cpu", dtype=torch.float32, dim: int = 32) -> torch.Tensor:
@@ -54,17 +46,6 @@ def backend_params():
 def _interpreted(device: str) -> bool:
     return device == "cpu"
 
-
-@pytest.fixture
-def poison_empty():
-    """Uninitialised memory from torch.empty / at::empty is NaN while the test runs."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
 # Shapes from the issue; the Triton interpreter runs the small ones only.

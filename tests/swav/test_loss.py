@@ -9,17 +9,7 @@ import torch.nn.functional as F
 
 from seer.parallel.cross_entropy import soft_cross_entropy
 from seer.swav import swav_loss
-
-
-def plain_sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """swav's distributed_sinkhorn for one process, in float64 (no overflow for these epsilons)."""
-    q = torch.exp(scores.double() / epsilon).t()
-    k, b = q.shape
-    q = q / q.sum()
-    for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / k
-        q = q / q.sum(dim=0, keepdim=True) / b
-    return (q * b).t()
+from tests.oracles import swav_sinkhorn_f64 as plain_sinkhorn
 
 
 def plain_swav_loss(scores, crops_for_assign, temperature, epsilon, iterations, queue_scores=None):
