@@ -167,6 +167,15 @@ struct CoopArgs {
   int* poison;       // one int, zeroed before launch
 };
 
+// The sample step's shift for row j: the true row max in round 0 (combined from every block's partial),
+// -log K afterwards (see the reference).
+__device__ __forceinline__ float sample_shift(const CoopArgs& a, int it, int j, int nblk) {
+  if (it != 0) return -a.log_k;
+  float sh = -INFINITY;
+  for (int b = 0; b < nblk; ++b) sh = max_nan(sh, a.part_max[static_cast<int64_t>(b) * a.B + j]);
+  return sh;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __restrict__ s, CoopArgs a) {
   cg::grid_group grid = cg::this_grid();
@@ -230,13 +239,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
       grid.sync();
     }
     for (int j = warp; j < B; j += kWarps) {
-      float sh;
-      if (it == 0) {
-        sh = -INFINITY;
-        for (int b = 0; b < nblk; ++b) sh = max_nan(sh, a.part_max[static_cast<int64_t>(b) * B + j]);
-      } else {
-        sh = -a.log_k;
-      }
+      const float sh = sample_shift(a, it, j, nblk);
       float acc = 0.f;
       for (int c = lane; c < kc; c += 32) acc += __expf(tile[j * ld + c] + f[c] + g[j] - sh);
       acc = warp_sum(acc);
@@ -244,13 +247,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
     }
     grid.sync();
     for (int j = threadIdx.x; j < B; j += blockDim.x) {
-      float sh;
-      if (it == 0) {
-        sh = -INFINITY;
-        for (int b = 0; b < nblk; ++b) sh = max_nan(sh, a.part_max[static_cast<int64_t>(b) * B + j]);
-      } else {
-        sh = -a.log_k;
-      }
+      const float sh = sample_shift(a, it, j, nblk);
       float u = 0.f;
       for (int b = 0; b < nblk; ++b) u += part[static_cast<int64_t>(b) * B + j];
       g[j] = g[j] - (a.log_b + sh + logf(u));
