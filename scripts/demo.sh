@@ -5,4 +5,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-python -m seer_kernels "$@"
+python -m seer train --preset demo --out runs/demo "$@"

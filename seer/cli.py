@@ -1,0 +1,224 @@
+"""The ``seer`` command (also ``python -m seer``).
+
+    seer train --preset demo --out runs/demo                   # the README's first command
+    seer train --config run.yaml --set train.max_steps=100 --out runs/x
+    torchrun --nproc_per_node=8 -m seer train --preset seer-vit-10b --set parallel.tp=8 --out runs/big
+    seer eval knn --checkpoint runs/demo [--dataset digits|FOLDER] [--random-init]
+    seer export --checkpoint runs/demo --format timm --out vit.safetensors
+    seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
+    seer data check FOLDER
+    seer bench [PYTEST ARGS]
+
+Bad input (unknown preset or key, wrong value type, missing files) prints one line naming the argument and
+exits with status 2; ``SEER_DEBUG=1`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import config as C
+
+log = logging.getLogger("seer")
+
+
+class CLIError(Exception):
+    """Bad command-line input (exit status 2)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seer", description="SEER-style SwAV pretraining of Vision Transformers.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="pretrain (resumes from OUT/checkpoints when present)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help=f"one of: {', '.join(C.PRESETS)}")
+    src.add_argument("--config", help="a YAML config (may start from a preset with 'preset: NAME')")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=100 (repeatable)")
+    t.add_argument("--out", help="output folder (config, metrics, checkpoints, plot, eval.json)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    e = sub.add_parser("eval", help="kNN or linear-probe evaluation of a pretrained backbone")
+    e.add_argument("protocol", choices=["knn", "linear"])
+    e.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
+    e.add_argument("--dataset", help="'digits' or a folder with one subfolder per class (default: eval.dataset "
+                                     "of the run)")
+    e.add_argument("--random-init", action="store_true", help="evaluate the same architecture at its random "
+                                                               "initialisation instead")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an eval.* key, e.g. --set eval.knn_k=10")
+    e.add_argument("--json", help="also write the result to this JSON file")
+
+    x = sub.add_parser("export", help="export the backbone (timm layout, safetensors + JSON of timm arguments)")
+    x.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    x.add_argument("--format", required=True, choices=["timm"])
+    x.add_argument("--out", required=True, help="FILE.safetensors (FILE.json is written next to it)")
+
+    sub.add_parser("plan", help="memory/FLOPs/communication planner (seer plan --help)", add_help=False)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dc = dsub.add_parser("check", help="decode every image and report the unreadable ones")
+    dc.add_argument("source", help="folder, list file or tar shards")
+    dc.add_argument("--workers", type=int, default=4)
+    dc.add_argument("--report", help="write the unreadable files (path<TAB>reason) to this file")
+    dc.add_argument("--fail-on-bad", action="store_true", help="exit with status 1 if any file is unreadable")
+
+    sub.add_parser("bench", help="run the benchmark suites (pytest bench ...)", add_help=False)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _resolve_config(args) -> C.RunConfig:
+    cfg = C.preset(args.preset) if args.preset else C.load_yaml(args.config)
+    cfg = C.apply_overrides(cfg, args.overrides)
+    return C.validate(cfg)
+
+
+def cmd_train(args) -> int:
+    cfg = _resolve_config(args)
+    if args.print_config:
+        print(C.dumps(cfg), end="")
+        return 0
+    if not args.out:
+        raise CLIError("--out DIR is required (the run's output folder)")
+    from .train import Trainer
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, args.out)
+    if trainer.resumed_from is not None and trainer.dist.is_main:
+        print(f"resuming from {trainer.resumed_from} (step {trainer.step} of {cfg.train.max_steps})", flush=True)
+    result = trainer.fit()
+    if trainer.dist.is_main:
+        _print_summary(result, time.perf_counter() - t0)
+    return 0
+
+
+def _print_summary(result: dict, seconds: float) -> None:
+    out = Path(result.get("out", "."))
+    print(f"done: step {result['step']} in {seconds:.0f} s; outputs in {out}", flush=True)
+    ev = result.get("eval")
+    if ev:
+        for key, name in (("knn_top1", "kNN top-1"), ("linear_top1", "linear probe top-1")):
+            if key in ev:
+                base = ev.get(f"{key}_random_init")
+                extra = f" vs {base:.1f}% at random initialisation ({ev[key] - base:+.1f} points)" if base is not None \
+                    else ""
+                print(f"{name}: {ev[key]:.1f}%{extra}", flush=True)
+        print(f"evaluation: {out / 'eval.json'}", flush=True)
+    if result.get("plot"):
+        print(f"plot: {result['plot']}", flush=True)
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .eval import Evaluator
+    from .pretrained import checkpoint_config, load_pretrained
+    bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
+    if bad:
+        raise CLIError(f"--set accepts only eval.* keys, got {bad[0]!r}")
+    ckpt = Path(args.checkpoint)
+    if ckpt.suffix == ".safetensors":
+        from .export import read_export
+        from .pretrained import export_info
+        info = export_info(ckpt)
+        cfg = C.RunConfig()
+        cfg.model = read_export(ckpt)[0]
+        cfg.data.crops.mean, cfg.data.crops.std = info["mean"], info["std"]
+        cfg.eval.image_size = info["image_size"]
+    else:
+        cfg = checkpoint_config(ckpt)
+    cfg = C.apply_overrides(cfg, args.overrides)
+    if args.dataset:
+        cfg.eval.dataset = args.dataset
+    C.validate(cfg)
+    if args.random_init:
+        from .train.build import build_backbone
+        backbone = build_backbone(cfg).eval()
+    else:
+        backbone = load_pretrained(ckpt)
+    ev = Evaluator(cfg.eval, image_size=cfg.data.crops.global_size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
+                   digits_size=cfg.data.digits_size, device=torch.device("cpu"))
+    res = ev.evaluate(backbone, knn=args.protocol == "knn", linear=args.protocol == "linear")
+    res = {"protocol": args.protocol, "checkpoint": str(ckpt), "random_init": args.random_init,
+           "dataset": cfg.eval.dataset, **res}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_timm
+    st, js = export_timm(args.checkpoint, args.out)
+    print(f"wrote {st} and {js}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    if args.data_command != "check":
+        raise CLIError("expected an action: check")
+    from .data.check import check_dataset
+    report = check_dataset(args.source, workers=args.workers)
+    print(report.format())
+    if args.report:
+        Path(args.report).write_text("".join(f"{n}\t{r}\n" for n, r in report.bad))
+    return 1 if (args.fail_on_bad and report.bad) else 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parent.parent
+    bench = root / "bench"
+    if not bench.is_dir():
+        raise CLIError(f"the benchmark suites live in the source tree ({bench} not found); run it "
+                       f"from a checkout of the repository")
+    cmd = [sys.executable, "-m", "pytest", str(bench), "-q", "-p", "no:cacheprovider", *argv]
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=root)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plan":
+        from .plan import main as plan_main
+        return plan_main(argv[1:])
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
+    from .data.dataset import DataError
+    from .train.safe_load import UnsafeCheckpointError
+    from .train.trainer import NonFiniteLossError
+    try:
+        return handlers[args.command](args)
+    except Exception as e:
+        # Bad input (2), a run that cannot go on (1), a refused checkpoint (3): one line naming the cause.
+        status = {UnsafeCheckpointError: 3, NonFiniteLossError: 1, DataError: 1}.get(type(e))
+        if status is None and isinstance(e, (CLIError, ValueError, FileNotFoundError, FileExistsError, KeyError)):
+            status = 2
+        if status is None or os.environ.get("SEER_DEBUG"):
+            raise
+        print(f"seer {args.command}: error: {e}", file=sys.stderr)
+        return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

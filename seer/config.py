@@ -1,0 +1,569 @@
+"""The run configuration: one typed dataclass tree, YAML files, dotted overrides and named presets.
+
+The tree composes the model side's configs (``model``: :class:`seer.model.ViTConfig`, ``head`` and ``loss``:
+:mod:`seer.swav`, ``optim``: :class:`seer.optim.OptimConfig`, ``parallel``: :class:`seer.parallel.ParallelConfig`)
+with the run's own sections (``data``, ``train``, ``checkpoint``, ``eval``, ``logging``), defined here.
+
+    cfg = preset("demo")                                   # a complete config
+    cfg = apply_overrides(cfg, ["train.max_steps=50"])     # dotted keys, YAML-typed values
+    cfg = load_yaml("run.yaml")                            # optional top-level 'preset: NAME' to start from
+    save_yaml(cfg, "out/config.yaml")                      # what every run writes next to its outputs
+
+An unknown key is a :class:`ConfigError` that names the key and suggests the nearest valid ones; a value of
+the wrong type names the key and the expected type. Semantic checks (ranges, divisibility) are in
+:func:`validate`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .model.config import ViTConfig, validate_vit_config, vit_preset
+from .optim.config import OptimConfig
+from .parallel.dims import ParallelConfig, checkpoint_every
+from .swav.config import SwAVHeadConfig, SwAVLossConfig, seer_head, seer_loss
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run's own sections.
+
+@dataclass
+class CropsConfig:
+    """Multi-crop and its augmentations (seer_spec.md 1.2-1.3; ``seer_kernels.MultiCropSpec`` semantics).
+
+    Global crops come first (they are the assignment crops), then local crops. ``rotation_degrees`` and
+    ``noise_std`` are not part of SwAV: they are applied after the multi-crop op, for data such as the
+    digits demo where colour jitter and local crops destroy the signal (demo_notes.md).
+    """
+    global_count: int = 2
+    global_size: int = 224
+    global_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])
+    local_count: int = 6
+    local_size: int = 96
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.2
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: float = 0.0
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    rotation_degrees: float = 0.0
+    noise_std: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Unlabelled training images.
+
+    Attributes:
+        source: 'digits' (scikit-learn's digits, built in), a folder (searched recursively), a text file
+            with one image path per line, or webdataset-style tar shards (a .tar file, a folder of them, or
+            a glob such as 'shards/train-*.tar').
+        format: 'auto' (from ``source``), 'folder', 'list', 'tar' or 'digits'.
+        batch_size: images per data-parallel rank per step.
+        augment_on: 'workers' (decode and multi-crop in DataLoader worker processes, the C++ CPU op) or
+            'device' (workers only decode; the multi-crop op runs on the training device).
+        num_workers: DataLoader worker processes (0 = in the training process).
+        prefetch_factor: batches prefetched per worker.
+        digits_size: side of the upscaled digits images (source 'digits').
+        digits_split: 'train' (the 1200 images that are not in the evaluation's test split) or 'all'.
+        max_image_pixels: larger images are skipped as decompression bombs.
+        max_bad_fraction: stop with an error if more than this fraction of the dataset turns out unreadable
+            (a wrong path or format, not a few bad files); 1.0 never stops.
+    """
+    source: str = "digits"
+    format: str = "auto"
+    batch_size: int = 64
+    augment_on: str = "workers"
+    num_workers: int = 4
+    prefetch_factor: int = 2
+    digits_size: int = 32
+    digits_split: str = "train"
+    max_image_pixels: int = 178_956_970
+    max_bad_fraction: float = 0.5
+    crops: CropsConfig = field(default_factory=CropsConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        max_steps: optimizer steps of the whole run (the schedules span them).
+        device: 'auto' (CUDA if available), 'cpu' or 'cuda'.
+        seed: seeds the model initialisation, the data order and every augmentation.
+        precision: 'bf16' (autocast; float32 master weights), 'fp16' (autocast + gradient scaler), 'fp32', or
+            'auto': bf16 where the hardware computes it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or
+            AMX), else fp32 (emulated bf16 on an older CPU is slower than fp32).
+        optimizer: 'lars' (SGD + LARC, SwAV/SEER) or 'adamw'.
+        adamw_betas: AdamW's betas (optimizer 'adamw').
+        grad_clip: clip the global gradient norm to this value (0 = off; SwAV/SEER do not clip).
+        max_nonfinite_steps: stop after this many consecutive steps with a NaN/inf loss (each is skipped).
+        threads: torch intra-op threads per process (0 = torch's default).
+        attention_backend: 'auto' or a ``seer_kernels`` attention backend to force ('sdpa', 'reference',
+            'triton').
+        collapse_warmup_steps: steps before collapse warnings may fire (early training is naturally
+            near-uniform); -1 = 10% of max_steps.
+    """
+    max_steps: int = 1000
+    device: str = "auto"
+    seed: int = 31
+    precision: str = "bf16"
+    optimizer: str = "lars"
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 0.0
+    max_nonfinite_steps: int = 20
+    threads: int = 0
+    attention_backend: str = "auto"
+    collapse_warmup_steps: int = -1
+
+
+@dataclass
+class CheckpointConfig:
+    """Attributes:
+        every: save every this many steps (0 = only at the end).
+        keep: number of complete checkpoints kept (older ones are deleted after a new one is complete).
+        dir: checkpoint folder ('' = OUT/checkpoints).
+        resume: 'auto' (resume from the latest complete checkpoint in ``dir`` if there is one), 'never'
+            (refuse to start over existing checkpoints), or the path of a checkpoint to start from.
+        at_end: save when the run finishes.
+    """
+    every: int = 1000
+    keep: int = 3
+    dir: str = ""
+    resume: str = "auto"
+    at_end: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """kNN and linear-probe evaluation on frozen class-token features (seer_spec.md 4).
+
+    Attributes:
+        dataset: 'digits' or a folder with one subfolder per class (or with 'train/' and 'val/' folders
+            that each have one subfolder per class).
+        every: evaluate every this many training steps (0 = not during training).
+        at_end: evaluate after training and write eval.json.
+        random_init_baseline: also evaluate the same model at its random initialisation.
+        knn: run the kNN evaluation.  knn_k, knn_temperature: DINO's k = 20, T = 0.07, cosine.
+        linear: run the linear probe.
+        linear_weight_decays: L2 strengths tried on a validation split of the training features.
+        linear_max_iter: L-BFGS iterations of the probe.
+        test_fraction: held-out fraction when the dataset has no train/val split.
+        split_seed: seed of that split.
+        image_size: side of the evaluation images (0 = data.crops.global_size); photos are resized
+            (shorter side to size * 8/7) and centre-cropped.
+        batch_size: images per forward pass when extracting features.
+        max_images: cap on the images used from each split (0 = all).
+    """
+    dataset: str = "digits"
+    every: int = 0
+    at_end: bool = True
+    random_init_baseline: bool = False
+    knn: bool = True
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear: bool = True
+    linear_weight_decays: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
+    linear_max_iter: int = 200
+    test_fraction: float = 0.33
+    split_seed: int = 0
+    image_size: int = 0
+    batch_size: int = 256
+    max_images: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    """Attributes:
+        every: log metrics (metrics.jsonl, TensorBoard, progress bar) every this many steps.
+        tensorboard: write TensorBoard events to OUT/tensorboard.
+        progress: 'auto' (a progress bar when stderr is a terminal), 'on' or 'off'.
+        plot: write OUT/plot.png (loss and throughput) at the end.
+        nvtx: NVTX ranges around data, forward, backward, optimizer and communication.
+    """
+    every: int = 10
+    tensorboard: bool = True
+    progress: str = "auto"
+    plot: bool = True
+    nvtx: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as OUT/config.yaml."""
+    description: str = ""
+    model: ViTConfig = field(default_factory=ViTConfig)
+    head: SwAVHeadConfig = field(default_factory=SwAVHeadConfig)
+    loss: SwAVLossConfig = field(default_factory=SwAVLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets.
+
+def _tiny() -> RunConfig:
+    return RunConfig(
+        description="tiny: seconds per step on a CPU, for tests (2 x 32 px + 2 x 16 px crops of the digits).",
+        model=vit_preset("tiny"),
+        head=SwAVHeadConfig(hidden_dims=[64], output_dim=16, batch_norm=True, num_prototypes=32),
+        loss=SwAVLossConfig(freeze_prototypes_iters=2, queue_length=0, queue_start_epoch=0),
+        optim=OptimConfig(lr=0.3, start_warmup_lr=0.0, final_lr=0.0003, warmup_steps=2, weight_decay=1e-6),
+        parallel=ParallelConfig(param_dtype="float32"),
+        data=DataConfig(source="digits", batch_size=8, num_workers=0, augment_on="device",
+                        crops=CropsConfig(global_size=32, global_scale=[0.3, 1.0], local_count=2, local_size=16,
+                                          local_scale=[0.1, 0.3])),
+        train=TrainConfig(max_steps=6, precision="fp32"),
+        checkpoint=CheckpointConfig(every=3, keep=2),
+        eval=EvalConfig(at_end=False, max_images=200),
+        logging=LoggingConfig(every=1, tensorboard=False, plot=False),
+    )
+
+
+def _demo() -> RunConfig:
+    # demo_notes.md: what reached kNN 85-87% vs 62-64% at random initialisation in under 5 min on 2 cores.
+    # Departures from the SwAV recipe, because the data calls for them: 32 px digits (8 x 8 upscaled) have
+    # no colour and little detail, so colour jitter, grayscale, blur and local crops make every view
+    # ambiguous and the loss sticks at ln K; flips change digits. Small rotations and pixel noise take
+    # their place. AdamW instead of LARS, and a queue because the batch (64) is tiny.
+    # Measured (docs/training.md): lr 3e-4 and 2e-4 collapse once the queue starts; 1.5e-4 works for seed 0
+    # (kNN 84.9%) but collapsed mid-run for seed 2 (gradient clipping at 3 did not prevent it); 1e-4 trains
+    # every seed tried (0, 1, 2).
+    # 1300 steps = 72 epochs of the 1,200 training images; the queue starts at epoch 10 (15% of the run).
+    # Two cores, no oversubscription: the model on one thread, multi-crop in one DataLoader worker (two
+    # threads on two cores are faster only while nothing else runs: 0.13 s vs 0.19 s per step idle, but
+    # 0.5-0.7 s as soon as another process takes a core). Attention runs on the reference path: at 17
+    # tokens in bf16 on a CPU it costs 0.17 s per step against 0.26 s for torch's SDPA kernel.
+    return RunConfig(
+        description=("demo: SwAV on scikit-learn's digits (labels hidden), 2 CPU cores, under 5 minutes. "
+                     "Departs from SwAV for this data: no colour jitter/grayscale/blur/flip, no local crops, "
+                     "rotations of up to 10 degrees and pixel noise instead; AdamW; queue of 512."),
+        model=ViTConfig(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, mlp_dim=768),
+        head=SwAVHeadConfig(hidden_dims=[512], output_dim=32, batch_norm=True, num_prototypes=300),
+        loss=SwAVLossConfig(epsilon=0.05, sinkhorn_iterations=3, temperature=0.1, freeze_prototypes_iters=30,
+                            queue_length=512, queue_start_epoch=10),
+        optim=OptimConfig(lr=1e-4, start_warmup_lr=0.0, final_lr=1e-6, warmup_steps=65, weight_decay=0.05),
+        parallel=ParallelConfig(param_dtype="float32"),
+        data=DataConfig(source="digits", batch_size=64, num_workers=1, augment_on="workers",
+                        crops=CropsConfig(global_size=32, global_scale=[0.5, 1.0], local_count=0, flip_p=0.0,
+                                          jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, mean=[0.5, 0.5, 0.5],
+                                          std=[0.5, 0.5, 0.5], rotation_degrees=10.0, noise_std=0.03)),
+        train=TrainConfig(max_steps=1300, precision="auto", optimizer="adamw", seed=0, threads=1,
+                          attention_backend="reference"),
+        checkpoint=CheckpointConfig(every=500, keep=2),
+        eval=EvalConfig(dataset="digits", at_end=True, random_init_baseline=True),
+        logging=LoggingConfig(every=10, tensorboard=True, plot=True),
+    )
+
+
+def _swav_vit_small() -> RunConfig:
+    # SwAV's ImageNet recipe (bs 4096 = 64 ranks x 64, 2 x 224 + 6 x 96) on ViT-S/16.
+    return RunConfig(
+        description="swav-vit-small: SwAV's ImageNet recipe (seer_spec.md 1) on a ViT-S/16; set data.source.",
+        model=vit_preset("small"), head=SwAVHeadConfig(), loss=SwAVLossConfig(), optim=OptimConfig(),
+        data=DataConfig(source="", batch_size=64, num_workers=8),
+        train=TrainConfig(max_steps=313 * 100, precision="bf16", optimizer="lars"),
+        checkpoint=CheckpointConfig(every=1000, keep=3),
+        eval=EvalConfig(at_end=False),
+    )
+
+
+def _seer_vit_10b() -> RunConfig:
+    # SEER-10B's recipe (seer_spec.md 2.4) on the dense ViT-10B, SEER head, eps 0.03. SEER's 2 x 160 + 4 x 96
+    # does not tile with patch 14: 2 x 224 + 4 x 98 (257 and 50 tokens, seer_spec.md 3.3).
+    return RunConfig(
+        description="seer-vit-10b: SEER-10B's recipe on the dense ViT-10B; set data.source and parallel.tp.",
+        model=vit_preset("vit-10b"), head=seer_head(), loss=seer_loss(),
+        optim=OptimConfig(lr=9.3, start_warmup_lr=0.15, final_lr=0.0093, warmup_steps=5500, weight_decay=1e-5),
+        parallel=ParallelConfig(tp=8, activation_checkpointing="full"),
+        data=DataConfig(source="", batch_size=16, num_workers=8,
+                        crops=CropsConfig(global_size=224, local_count=4, local_size=98)),
+        train=TrainConfig(max_steps=124_500, precision="bf16", optimizer="lars"),
+        checkpoint=CheckpointConfig(every=500, keep=2),
+        eval=EvalConfig(at_end=False),
+    )
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "swav-vit-small": _swav_vit_small, "seer-vit-10b": _seer_vit_10b}
+
+
+def preset(name: str) -> RunConfig:
+    """A complete run config by name (one of :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys, overrides, YAML.
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return (" (did you mean " + " or ".join(repr(c) for c in close) + "?)") if close else ""
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config tree, e.g. 'train.max_steps'."""
+    obj = obj if obj is not None else RunConfig()
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    # Compare whole dotted keys, then the last part alone (a misspelt field in the right section).
+    hint = _suggest(key, valid)
+    if not hint:
+        tail = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tail), n=3, cutoff=0.6)
+        hint = (" (did you mean " + " or ".join(repr(tail[c]) for c in close) + "?)") if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """``value`` (from YAML) as type ``tp``, or ConfigError naming the key and the expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        if value is None and type(None) in args:
+            return None
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} expects a list of {_type_name(args[0])}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r} expects true or false, got {value!r}")
+    if isinstance(value, str) and tp in (int, float):
+        try:  # YAML 1.1 reads '2e-4' (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans ('progress: off')
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
+            return str(value)
+        raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
+    raise ConfigError(f"config key {key!r}: unsupported type {tp}")  # pragma: no cover - a new field type
+
+
+def _set(cfg: Any, key: str, value: Any, path: str = "") -> None:
+    head, _, rest = key.partition(".")
+    full = path + head
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names:
+        raise _unknown(path + key, all_keys())
+    current = getattr(cfg, head)
+    if dataclasses.is_dataclass(current):
+        if not rest:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    _set(current, str(k), v, full + ".")
+                return
+            raise ConfigError(f"config key {full!r} is a section; set its fields, e.g. "
+                              f"{all_keys(current, full + '.')[0]!r}")
+        _set(current, rest, value, full + ".")
+        return
+    if rest:
+        raise _unknown(path + key, all_keys())
+    setattr(cfg, head, _coerce(full, value, _hints(type(cfg))[head]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.max_steps=100")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {e}") from None
+    return key, value
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of ``cfg`` with each 'dotted.key=value' applied in order."""
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, base: Optional[RunConfig] = None) -> RunConfig:
+    """A config from a nested mapping; an optional top-level 'preset' names the starting point."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("preset", None)
+    cfg = preset(str(name)) if name is not None else copy.deepcopy(base if base is not None else RunConfig())
+    for key, value in data.items():
+        _set(cfg, str(key), value)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    return from_dict(data)
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def dumps(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Semantic checks.
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+                          f"{_suggest(str(value), choices)}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise ConfigError naming the key for values no run can use; return ``cfg``."""
+    try:
+        validate_vit_config(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("ViTConfig.", "model.")) from None
+    d, t, c = cfg.data, cfg.train, cfg.data.crops
+    _check(d.batch_size >= 1, "data.batch_size", "an integer >= 1", d.batch_size)
+    _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    _check(d.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", d.prefetch_factor)
+    _choice("data.format", d.format, ("auto", "folder", "list", "tar", "digits"))
+    _choice("data.augment_on", d.augment_on, ("workers", "device"))
+    _choice("data.digits_split", d.digits_split, ("train", "all"))
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
+    _check(c.global_count >= 1, "data.crops.global_count", "an integer >= 1", c.global_count)
+    _check(c.local_count >= 0, "data.crops.local_count", "an integer >= 0", c.local_count)
+    p = cfg.model.patch_size
+    for name, size, count in (("global_size", c.global_size, c.global_count), ("local_size", c.local_size,
+                                                                               c.local_count)):
+        if count:
+            _check(size >= p and size % p == 0, f"data.crops.{name}", f"a multiple of model.patch_size ({p})",
+                   size)
+    for name in ("global_scale", "local_scale", "ratio", "blur_sigma"):
+        v = getattr(c, name)
+        _check(len(v) == 2 and 0 < v[0] <= v[1], f"data.crops.{name}", "a [low, high] pair with 0 < low <= high",
+               v)
+    for name in ("mean", "std"):
+        v = getattr(c, name)
+        _check(len(v) == 3 and (name == "mean" or min(v) > 0), f"data.crops.{name}", "3 numbers (std > 0)", v)
+    for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        v = getattr(c, name)
+        _check(0.0 <= v <= 1.0, f"data.crops.{name}", "a probability in [0, 1]", v)
+    _check(c.rotation_degrees >= 0 and c.noise_std >= 0, "data.crops.rotation_degrees/noise_std", ">= 0",
+           (c.rotation_degrees, c.noise_std))
+    n_crops = c.global_count + c.local_count
+    assign = cfg.loss.crops_for_assign
+    _check(n_crops >= 2, "data.crops.global_count", "such that there are at least 2 crops (global + local)",
+           c.global_count)
+    _check(bool(assign) and all(0 <= a < c.global_count for a in assign), "loss.crops_for_assign",
+           f"indices of global crops (< data.crops.global_count = {c.global_count})", assign)
+    _check(t.max_steps >= 1, "train.max_steps", "an integer >= 1", t.max_steps)
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _choice("train.optimizer", t.optimizer, ("lars", "adamw"))
+    _choice("train.attention_backend", t.attention_backend, ("auto", "sdpa", "reference", "triton"))
+    _check(len(t.adamw_betas) == 2 and all(0 <= b < 1 for b in t.adamw_betas), "train.adamw_betas",
+           "two numbers in [0, 1)", t.adamw_betas)
+    _check(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 = off)", t.grad_clip)
+    _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1", t.max_nonfinite_steps)
+    _check(t.threads >= 0, "train.threads", "an integer >= 0", t.threads)
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "an integer >= 0 (steps; 0 = only at the end)",
+           cfg.checkpoint.every)
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
+    e = cfg.eval
+    _check(e.every >= 0, "eval.every", "an integer >= 0", e.every)
+    _check(e.knn_k >= 1, "eval.knn_k", "an integer >= 1", e.knn_k)
+    _check(e.knn_temperature > 0, "eval.knn_temperature", "> 0", e.knn_temperature)
+    _check(0 < e.test_fraction < 1, "eval.test_fraction", "in (0, 1)", e.test_fraction)
+    _check(bool(e.linear_weight_decays) and min(e.linear_weight_decays) >= 0, "eval.linear_weight_decays",
+           "a non-empty list of numbers >= 0", e.linear_weight_decays)
+    _check(e.image_size == 0 or e.image_size % p == 0, "eval.image_size",
+           f"0 or a multiple of model.patch_size ({p})", e.image_size)
+    _check(cfg.logging.every >= 1, "logging.every", "an integer >= 1", cfg.logging.every)
+    _choice("logging.progress", cfg.logging.progress, ("auto", "on", "off"))
+    _check(cfg.head.num_prototypes >= 2, "head.num_prototypes", "an integer >= 2", cfg.head.num_prototypes)
+    _check(cfg.loss.queue_length >= 0, "loss.queue_length", "an integer >= 0", cfg.loss.queue_length)
+    _check(cfg.loss.epsilon > 0, "loss.epsilon", "> 0", cfg.loss.epsilon)
+    _check(cfg.parallel.tp >= 1, "parallel.tp", "an integer >= 1", cfg.parallel.tp)
+    try:
+        checkpoint_every(cfg.parallel.activation_checkpointing)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg

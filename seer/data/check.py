@@ -1,0 +1,99 @@
+"""``seer data check DIR``: read and fully decode every image of a dataset and report the unreadable ones.
+
+Uses the same sources and decoder as training (so what it reports is exactly what training would skip),
+in parallel worker processes. Prints a summary (count, formats, size range) and one line per bad file.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .dataset import check_pixels, decode
+from .sources import ImageSource, open_source
+
+
+@dataclass
+class CheckReport:
+    total: int
+    bad: list[tuple[str, str]]
+    formats: dict[str, int]
+    min_hw: Optional[tuple[int, int]]
+    max_hw: Optional[tuple[int, int]]
+    seconds: float
+
+    @property
+    def ok(self) -> int:
+        return self.total - len(self.bad)
+
+    def format(self, limit: int = 50) -> str:
+        lines = [f"{self.total} images, {self.ok} readable, {len(self.bad)} unreadable ({self.seconds:.1f} s)"]
+        if self.formats:
+            lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())))
+        if self.min_hw:
+            lines.append(f"smallest {self.min_hw[1]} x {self.min_hw[0]}, largest {self.max_hw[1]} x {self.max_hw[0]} "
+                         f"(width x height)")
+        for name, reason in self.bad[:limit]:
+            lines.append(f"BAD {name}\t{reason}")
+        if len(self.bad) > limit:
+            lines.append(f"... and {len(self.bad) - limit} more (see the report file)")
+        if self.bad:
+            lines.append("training skips these files (and logs them); remove them to silence the warnings")
+        return "\n".join(lines)
+
+
+class _CheckDataset(Dataset):
+    def __init__(self, source: ImageSource, max_pixels: int):
+        self.source, self.max_pixels = source, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        name = self.source.name(i)
+        try:
+            data = self.source.read(i)
+            fmt = _format_of(data)
+            check_pixels(data, self.max_pixels)
+            img = decode(data)
+            return name, None, fmt, (int(img.shape[1]), int(img.shape[2]))
+        except Exception as e:  # report anything a file can raise
+            return name, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300], \
+                None, None
+
+
+def _format_of(data) -> str:
+    if isinstance(data, torch.Tensor):
+        return "tensor"
+    from PIL import Image
+    import io
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.format or "unknown"
+    except Exception:
+        return "not an image"
+
+
+def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixels: int = 178_956_970) -> CheckReport:
+    t0 = time.perf_counter()
+    src = open_source(source, fmt)
+    loader = DataLoader(_CheckDataset(src, max_pixels), batch_size=64, num_workers=workers,
+                        collate_fn=lambda items: items)
+    bad, formats = [], collections.Counter()
+    min_hw = max_hw = None
+    for batch in loader:
+        for name, reason, f, hw in batch:
+            if reason is not None:
+                bad.append((name, reason))
+                continue
+            formats[f] += 1
+            area = hw[0] * hw[1]
+            if min_hw is None or area < min_hw[0] * min_hw[1]:
+                min_hw = hw
+            if max_hw is None or area > max_hw[0] * max_hw[1]:
+                max_hw = hw
+    return CheckReport(len(src), bad, dict(formats), min_hw, max_hw, time.perf_counter() - t0)

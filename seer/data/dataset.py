@@ -1,0 +1,145 @@
+"""Datasets that never stop on a bad file.
+
+An image that cannot be read or decoded (missing, truncated, corrupt, not an image, too many pixels) is
+replaced by the next index of the dataset, deterministically, and its name and the reason travel with the
+batch, so that the trainer counts and logs it (OUT/skipped_files.txt) while every batch keeps its size (the
+SwAV queue and the data-parallel ranks need equal batches). More than ``max_consecutive_bad`` failures in a
+row mean the source itself is wrong, which is an error.
+
+Items are addressed by (epoch, index) so that the augmentation generator can be seeded from them (see
+:mod:`seer.data.augment`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from seer_kernels import MultiCropSpec
+from seer_kernels import decode as _decode
+
+from ..config import CropsConfig
+from .augment import multicrop_images
+from .sampler import mix_seed
+from .sources import ImageSource
+
+
+class DataError(RuntimeError):
+    """The data cannot be used at all (not a single bad file: those are skipped)."""
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+def check_pixels(data: Union[bytes, Tensor], max_pixels: int) -> tuple[int, int]:
+    """(H, W) from the header, or ValueError for an image with more than ``max_pixels`` pixels."""
+    if isinstance(data, Tensor):
+        return int(data.shape[-2]), int(data.shape[-1])
+    h, w = _decode.image_size(data)
+    if h * w > max_pixels:
+        raise ValueError(f"{w} x {h} pixels exceed data.max_image_pixels={max_pixels} (decompression-bomb guard)")
+    if h == 0 or w == 0:
+        raise ValueError("the image is empty")
+    return h, w
+
+
+def decode(data: Union[bytes, Tensor]) -> Tensor:
+    """uint8 (3, H, W) from encoded bytes (or a decoded tensor, returned as is)."""
+    if isinstance(data, Tensor):
+        return data
+    return _decode.decode_image(data)[0]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class _RobustDataset(Dataset):
+    def __init__(self, source: ImageSource, *, max_pixels: int, max_consecutive_bad: int = 50):
+        self.source = source
+        self.max_pixels = max_pixels
+        self.max_consecutive_bad = max_consecutive_bad
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _load(self, epoch: int, index: int):
+        raise NotImplementedError
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        skipped: list[Skipped] = []
+        n = len(self.source)
+        for attempt in range(self.max_consecutive_bad):
+            j = (index + attempt) % n
+            try:
+                return self._load(epoch, j), skipped
+            except (KeyboardInterrupt, SystemExit, MemoryError):
+                raise
+            except Exception as exc:  # anything a bad file can raise: OSError, ValueError, SyntaxError (PIL) ...
+                skipped.append(Skipped(self.source.name(j), _reason(exc)))
+        raise DataError(f"{self.max_consecutive_bad} unreadable images in a row from {skipped[0].name!r}: is "
+                        f"data.source right? last error: {skipped[-1].reason}")
+
+
+class MultiCropDataset(_RobustDataset):
+    """The worker path: item -> (crops of each group (count, 3, S, S), skipped) on the CPU, with the C++ op."""
+
+    def __init__(self, source: ImageSource, spec: MultiCropSpec, crops: CropsConfig, seed: int, *,
+                 max_pixels: int, max_consecutive_bad: int = 50):
+        super().__init__(source, max_pixels=max_pixels, max_consecutive_bad=max_consecutive_bad)
+        self.spec, self.crops, self.seed = spec, crops, seed
+
+    def _load(self, epoch: int, index: int) -> list[Tensor]:
+        data = self.source.read(index)
+        check_pixels(data, self.max_pixels)
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        return multicrop_images([data], self.spec, self.crops, gen)
+
+
+class DecodedDataset(_RobustDataset):
+    """The device path: item -> (decoded uint8 (3, H, W), skipped); multi-crop happens on the device."""
+
+    def _load(self, epoch: int, index: int) -> Tensor:
+        data = self.source.read(index)
+        check_pixels(data, self.max_pixels)
+        return decode(data)
+
+
+@dataclass
+class Batch:
+    """What a loader yields: ``crops`` (V tensors (B, 3, S, S), worker path) or ``images`` (B uint8 images,
+    device path), and the files skipped while assembling it."""
+    crops: list[Tensor] = field(default_factory=list)
+    images: list[Tensor] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True): page-locked tensors make the copies to the GPU asynchronous."""
+        return Batch([c.pin_memory() for c in self.crops], [im.pin_memory() for im in self.images], self.skipped)
+
+
+def collate_crops(items) -> Batch:
+    groups = [torch.stack([crops[g] for crops, _ in items], dim=1) for g in range(len(items[0][0]))]
+    crops = [c for t in groups for c in t.unbind(0)]  # (count, B, 3, S, S) -> count tensors (B, 3, S, S)
+    return Batch(crops=crops, skipped=[s for _, sk in items for s in sk])
+
+
+def collate_images(items) -> Batch:
+    return Batch(images=[im for im, _ in items], skipped=[s for _, sk in items for s in sk])
+
+
+def worker_init(_worker_id: int) -> None:
+    # One intra-op thread per worker: the workers are the parallelism (the multi-crop op's own rule).
+    torch.set_num_threads(1)
+
+
+__all__ = ["Batch", "DataError", "DecodedDataset", "MultiCropDataset", "Skipped", "check_pixels", "collate_crops",
+           "collate_images", "decode", "worker_init"]

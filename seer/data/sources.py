@@ -1,0 +1,262 @@
+"""Where unlabelled images come from: a folder (recursive), a list file, or webdataset-style tar shards.
+
+Each source is first *indexed* into files under a cache folder (normally OUT/data): the sorted list of
+image paths, or for tar shards the shard, byte offset and size of every image member. Training reads only
+the index, memory-mapped (:mod:`seer.data.mapped`), so that
+
+* millions of entries cost no Python objects and no per-worker copies;
+* the order is fixed for the whole run: images added to the folder later do not shift the data order of
+  a resumed run (delete OUT/data to re-index).
+
+An index entry is not checked when it is written; unreadable files are found, skipped and logged when they
+are read (:mod:`seer.data.dataset`) or ahead of time by ``seer data check``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from .mapped import MappedArray, StringList, normalise_list_file, save_array, write_lines
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+
+class DataSourceError(ValueError):
+    """``data.source`` cannot be used (missing, empty, or of an unknown kind)."""
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class ImageSource:
+    """N images addressed by index: ``read(i)`` gives the encoded bytes (or a decoded uint8 (3, H, W)
+    tensor for in-memory sources) and ``name(i)`` what to print when image i is unreadable."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, i: int) -> Union[bytes, torch.Tensor]:
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+
+class FileSource(ImageSource):
+    """Image files listed in a :class:`StringList` (paths relative to ``root`` unless absolute)."""
+
+    def __init__(self, paths: StringList, root: str = ""):
+        self.paths = paths
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i]) if self.root else self.paths[i]
+
+    def read(self, i: int) -> bytes:
+        with open(self.name(i), "rb") as f:
+            return f.read()
+
+
+class TarSource(ImageSource):
+    """Image members of uncompressed tar shards, read by seeking to their recorded offsets."""
+
+    def __init__(self, shards: list[str], shard_id: MappedArray, offset: MappedArray, size: MappedArray,
+                 members: StringList):
+        self.shards, self.shard_id, self.offset, self.size, self.members = shards, shard_id, offset, size, members
+        self._files: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def name(self, i: int) -> str:
+        return f"{self.shards[int(self.shard_id[i])]}:{self.members[i]}"
+
+    def read(self, i: int) -> bytes:
+        sid = int(self.shard_id[i])
+        f = self._files.get(sid)
+        if f is None:  # one handle per shard per process (workers open their own after unpickling)
+            f = self._files[sid] = open(self.shards[sid], "rb")
+        f.seek(int(self.offset[i]))
+        return f.read(int(self.size[i]))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+
+class TensorSource(ImageSource):
+    """Decoded uint8 images (N, 3, H, W) held in memory (the built-in digits)."""
+
+    def __init__(self, images: torch.Tensor, label: str = "tensor"):
+        self.images = images
+        self.label = label
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def read(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+    def name(self, i: int) -> str:
+        return f"{self.label}[{i}]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scanning and indexing.
+
+def scan_folder(root: str | os.PathLike) -> Iterator[str]:
+    """Image files under ``root`` (recursive, following no symlinked folders), as paths relative to it, in a
+    deterministic order: each folder's entries sorted by name, sub-folders visited in that order. Streams;
+    never holds more than one folder listing."""
+    root = os.fspath(root)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = sorted(os.scandir(os.path.join(root, rel)), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            path = os.path.join(rel, e.name) if rel else e.name
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(path)
+            elif is_image_name(e.name) and e.is_file():
+                yield path
+        stack.extend(reversed(subdirs))
+
+
+def index_tar_shards(shards: list[str], cache: Path) -> int:
+    """Record shard, offset and size of every image member of ``shards`` under ``cache``; return the count.
+
+    webdataset layout: a sample is the run of members sharing a basename ('key.jpg', 'key.json', ...); the
+    image member of each sample is used, other members are ignored.
+    """
+    ids, offs, sizes = [], [], []
+    names = []
+
+    def member_names():
+        for sid, shard in enumerate(shards):
+            try:
+                with tarfile.open(shard, "r:") as tf:
+                    for m in tf:
+                        if m.isfile() and is_image_name(m.name):
+                            ids.append(sid)
+                            offs.append(m.offset_data)
+                            sizes.append(m.size)
+                            yield m.name
+            except (tarfile.TarError, OSError) as e:
+                raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
+                                      f"uncompressed .tar files in the webdataset layout)") from None
+
+    names = write_lines(member_names(), cache / "members.txt", cache / "members.offsets.npy")
+    save_array(cache / "shard_id.npy", np.asarray(ids, dtype=np.int32))
+    save_array(cache / "offset.npy", np.asarray(offs, dtype=np.int64))
+    save_array(cache / "size.npy", np.asarray(sizes, dtype=np.int64))
+    return len(names)
+
+
+def detect_format(source: str) -> str:
+    """'digits', 'folder', 'list' or 'tar' for a ``data.source`` value."""
+    if source == "digits":
+        return "digits"
+    if not source:
+        raise DataSourceError("data.source is empty: set it to a folder of images, a text file of image paths, "
+                              "tar shards (e.g. 'shards/*.tar'), or 'digits'")
+    if any(ch in source for ch in "*?["):
+        return "tar"
+    p = Path(source)
+    if p.is_dir():
+        has_tar = any(e.name.endswith(".tar") for e in os.scandir(p) if e.is_file())
+        return "tar" if has_tar else "folder"
+    if p.is_file():
+        return "tar" if p.suffix == ".tar" else "list"
+    raise DataSourceError(f"data.source {source!r} does not exist (expected a folder of images, a text file of "
+                          f"image paths, tar shards, or 'digits')")
+
+
+def tar_shards(source: str) -> list[str]:
+    if any(ch in source for ch in "*?["):
+        shards = sorted(glob.glob(source))
+    elif Path(source).is_dir():
+        shards = sorted(str(Path(source) / e.name) for e in os.scandir(source) if e.name.endswith(".tar"))
+    else:
+        shards = [source]
+    if not shards:
+        raise DataSourceError(f"data.source {source!r} matches no .tar shards")
+    return [os.path.abspath(s) for s in shards]
+
+
+def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
+    """Index ``source`` into ``cache`` (once: an existing index of the same source is kept); return its
+    description. Call on one process, then :func:`open_index` on all."""
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    meta_path = cache / "index.json"
+    source_abs = source if fmt == "digits" else os.path.abspath(source) if not any(c in source for c in "*?[") \
+        else source
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("source") == source_abs and meta.get("format") == fmt:
+            return meta
+        raise DataSourceError(f"{cache} holds the index of data.source {meta.get('source')!r}, not {source_abs!r}: "
+                              f"use another output folder, or delete {cache} to index the new source")
+    meta = {"source": source_abs, "format": fmt}
+    if fmt == "digits":
+        meta["count"] = 0
+    elif fmt == "folder":
+        if not Path(source).is_dir():
+            raise DataSourceError(f"data.source {source!r} is not a folder")
+        meta["root"] = source_abs
+        meta["count"] = len(write_lines(scan_folder(source), cache / "images.txt", cache / "images.offsets.npy"))
+    elif fmt == "list":
+        if not Path(source).is_file():
+            raise DataSourceError(f"data.source {source!r} is not a list file")
+        meta["root"] = ""
+        meta["count"] = normalise_list_file(source, cache / "images.txt", base=Path(source_abs).parent)
+        StringList.from_text_file(cache / "images.txt", cache / "images.offsets.npy")
+    elif fmt == "tar":
+        meta["shards"] = tar_shards(source)
+        meta["count"] = index_tar_shards(meta["shards"], cache)
+    else:
+        raise DataSourceError(f"data.format {fmt!r} is not one of 'auto', 'folder', 'list', 'tar', 'digits'")
+    if fmt != "digits" and meta["count"] == 0:
+        raise DataSourceError(f"data.source {source!r} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)  # the index is complete only once index.json exists
+    return meta
+
+
+def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32,
+               digits_split: str = "train") -> ImageSource:
+    cache = Path(cache)
+    fmt = meta["format"]
+    if fmt == "digits":
+        from .digits import digits_images
+        return TensorSource(digits_images(digits_size, digits_split), label="digits")
+    if fmt in ("folder", "list"):
+        return FileSource(StringList(cache / "images.txt", cache / "images.offsets.npy"), meta.get("root", ""))
+    return TarSource(meta["shards"], MappedArray(cache / "shard_id.npy"), MappedArray(cache / "offset.npy"),
+                     MappedArray(cache / "size.npy"), StringList(cache / "members.txt", cache / "members.offsets.npy"))
+
+
+def open_source(source: str, fmt: str = "auto", cache: Optional[str | os.PathLike] = None, **kw) -> ImageSource:
+    """Index (if needed) and open ``source`` in one process (tests, ``seer data check``)."""
+    import tempfile
+    if cache is None:
+        cache = tempfile.mkdtemp(prefix="seer-index-")
+    return open_index(build_index(source, fmt, cache), cache, **kw)

@@ -1,0 +1,98 @@
+"""Labelled evaluation data: the built-in digits, or an image folder with one subfolder per class.
+
+A folder either has ``train/`` and ``val/`` (or ``test/``) subfolders, each with one subfolder per class,
+or just one subfolder per class, which is split into train and test by a fixed seeded permutation
+(``eval.test_fraction``, ``eval.split_seed``). Unreadable images are skipped and reported, as in training.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..data.sources import is_image_name, scan_folder
+
+
+@dataclass
+class LabelledSplit:
+    """``images``: a uint8 tensor (N, 3, H, W) or a list of N file paths; ``labels``: int64 (N,)."""
+    images: Union[Tensor, list[str]]
+    labels: Tensor
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx: Tensor) -> "LabelledSplit":
+        imgs = self.images[idx] if isinstance(self.images, Tensor) else [self.images[int(i)] for i in idx]
+        return LabelledSplit(imgs, self.labels[idx], self.classes)
+
+
+def _class_folder(root: Path) -> tuple[list[str], Tensor, list[str]]:
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if len(classes) < 2:
+        raise ValueError(f"eval.dataset {str(root)!r} must hold one subfolder per class (at least 2), found "
+                         f"{len(classes)}")
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        found = [str(root / name / p) for p in scan_folder(root / name) if is_image_name(p)]
+        paths += found
+        labels += [c] * len(found)
+    if not paths:
+        raise ValueError(f"eval.dataset {str(root)!r} has class folders but no images")
+    return paths, torch.tensor(labels, dtype=torch.int64), classes
+
+
+def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int = 0, digits_size: int = 32,
+                  max_images: int = 0) -> dict[str, LabelledSplit]:
+    """{'train': LabelledSplit, 'test': LabelledSplit} for ``eval.dataset``."""
+    if dataset == "digits":
+        from ..data.digits import digits_split
+        d = digits_split(digits_size)
+        out = {k: LabelledSplit(x, y, [str(i) for i in range(10)]) for k, (x, y) in d.items()}
+    else:
+        root = Path(dataset)
+        if not root.is_dir():
+            raise ValueError(f"eval.dataset {dataset!r} is neither 'digits' nor a folder")
+        val = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+        if (root / "train").is_dir() and val is not None:
+            tr, ytr, classes = _class_folder(root / "train")
+            te, yte, classes_te = _class_folder(val)
+            if classes_te != classes:
+                raise ValueError(f"eval.dataset: {root / 'train'} and {val} have different class folders")
+            out = {"train": LabelledSplit(tr, ytr, classes), "test": LabelledSplit(te, yte, classes)}
+        else:
+            paths, labels, classes = _class_folder(root)
+            perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(split_seed))
+            n_test = max(1, int(round(len(paths) * test_fraction)))
+            full = LabelledSplit(paths, labels, classes)
+            out = {"train": full.subset(perm[n_test:]), "test": full.subset(perm[:n_test])}
+    if max_images:
+        for k, s in out.items():
+            if len(s) > max_images:
+                out[k] = s.subset(torch.arange(max_images))
+    return out
+
+
+def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 (3, H, W) -> normalised float (3, size, size): resize the shorter side to size * 8/7 (DINO's
+    256 for 224; skipped when the image already is size x size), centre crop, normalise."""
+    import torchvision.transforms.v2.functional as TF
+    if tuple(image.shape[1:]) != (size, size):
+        image = TF.resize(image, [round(size * 8 / 7)], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        image = TF.center_crop(image, [size, size])
+    return (image.float() / 255 - mean) / std
+
+
+def load_image(path: str) -> Optional[Tensor]:
+    """Decoded uint8 (3, H, W), or None if the file cannot be read."""
+    from seer_kernels import decode
+    try:
+        with open(path, "rb") as f:
+            return decode.decode_image(f.read())[0]
+    except Exception:  # a bad file: skipped and counted by the caller
+        return None

@@ -1,0 +1,72 @@
+"""kNN and linear-probe evaluation of a backbone, during pretraining (every ``eval.every`` steps) and after."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import EvalConfig
+from .datasets import load_labelled
+from .features import extract_features
+from .knn import knn_top1
+from .linear import linear_probe
+
+
+class Evaluator:
+    """Loads the labelled data once; :meth:`evaluate` extracts features and scores them.
+
+    Args:
+        cfg: the ``eval`` section.
+        image_size: evaluation image side (``eval.image_size`` or the global crop size).
+        mean, std: the normalisation the backbone was trained with.
+        device: where the backbone runs.
+        group: data-parallel group the feature extraction is split over.
+        compute: whether this process computes the scores (global rank 0); others only extract features.
+        digits_size: side of the built-in digits.
+    """
+
+    def __init__(self, cfg: EvalConfig, *, image_size: int, mean, std, device: torch.device = torch.device("cpu"),
+                 group: Optional[dist.ProcessGroup] = None, compute: bool = True, digits_size: int = 32,
+                 autocast_dtype: Optional[torch.dtype] = None):
+        self.cfg = cfg
+        self.image_size = cfg.image_size or image_size
+        self.mean, self.std = list(mean), list(std)
+        self.device, self.group, self.compute = device, group, compute
+        self.autocast_dtype = autocast_dtype
+        self.splits = load_labelled(cfg.dataset, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
+                                    digits_size=digits_size, max_images=cfg.max_images)
+
+    def features(self, backbone: nn.Module):
+        out = {}
+        skipped = 0
+        for name, split in self.splits.items():
+            f, y, bad = extract_features(backbone, split, image_size=self.image_size, mean=self.mean, std=self.std,
+                                         batch_size=self.cfg.batch_size, device=self.device, group=self.group,
+                                         autocast_dtype=self.autocast_dtype)
+            out[name] = (f, y)
+            skipped += bad
+        return out, skipped
+
+    def evaluate(self, backbone: nn.Module, *, knn: Optional[bool] = None, linear: Optional[bool] = None) -> dict:
+        """{'knn_top1', 'linear_top1' (percent, as enabled), 'n_train', 'n_test', 'skipped', 'seconds'}; only
+        on the computing process (others return {})."""
+        t0 = time.perf_counter()
+        knn = self.cfg.knn if knn is None else knn
+        linear = self.cfg.linear if linear is None else linear
+        feats, skipped = self.features(backbone)
+        if not self.compute:
+            return {}
+        (ftr, ytr), (fte, yte) = feats["train"], feats["test"]
+        out = {"n_train": int(ftr.shape[0]), "n_test": int(fte.shape[0]), "skipped": skipped}
+        if knn:
+            out["knn_top1"] = knn_top1(ftr, ytr, fte, yte, k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
+        if linear:
+            probe = linear_probe(ftr, ytr, fte, yte, weight_decays=self.cfg.linear_weight_decays,
+                                 max_iter=self.cfg.linear_max_iter)
+            out["linear_top1"] = probe["top1"]
+            out["linear_weight_decay"] = probe["weight_decay"]
+        out["seconds"] = time.perf_counter() - t0
+        return out

@@ -1,0 +1,89 @@
+"""Export the pretrained backbone in timm's ``VisionTransformer`` layout.
+
+``seer export --checkpoint DIR --format timm --out vit.safetensors`` writes
+
+* ``vit.safetensors``: the backbone's tensors under timm's names (seer's ViT uses timm's module layout, so
+  the names are the same: cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1,attn.qkv,attn.q_norm,
+  attn.k_norm,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*, norm.*); no head, no optimizer.
+* ``vit.json``: ``{"timm_class": ..., "kwargs": {...}}``, the constructor arguments of
+  ``timm.models.vision_transformer.VisionTransformer`` that build exactly this network (``num_classes=0``
+  so that the model returns the class-token features), plus the normalisation the backbone was trained
+  with and seer's own ViT config (to rebuild it without timm).
+
+Loading into timm::
+
+    info = json.load(open("vit.json"))
+    model = timm.models.vision_transformer.VisionTransformer(**info["kwargs"])
+    model.load_state_dict(safetensors.torch.load_file("vit.safetensors"), strict=True)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .model import ViTConfig
+
+TIMM_CLASS = "timm.models.vision_transformer.VisionTransformer"
+
+
+def timm_kwargs(cfg: ViTConfig) -> dict:
+    """Constructor arguments of timm's VisionTransformer for seer's ViT ``cfg``.
+
+    Class-token pooling after the final norm, no fc_norm, no pre-norm, the position embedding covering the
+    class token (``no_embed_class=False``), LayerNorm eps from the config, exact GELU, and
+    ``dynamic_img_size`` so that other resolutions interpolate the position embedding as seer does.
+    """
+    return {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "in_chans": cfg.in_chans, "num_classes": 0,
+            "global_pool": "token", "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
+            "mlp_ratio": cfg.mlp_dim / cfg.embed_dim, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm,
+            "init_values": cfg.layer_scale_init, "class_token": True, "no_embed_class": False, "pre_norm": False,
+            "fc_norm": False, "dynamic_img_size": True}
+
+
+def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Write OUT.safetensors and OUT.json (module doc) from a training checkpoint; return both paths."""
+    from safetensors.torch import save_file
+
+    from .pretrained import checkpoint_backbone_state, checkpoint_config
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end with .safetensors, got {str(out)!r}")
+    cfg = checkpoint_config(checkpoint)
+    vit, state = checkpoint_backbone_state(checkpoint)
+    if vit.norm_eps != 1e-6:
+        raise ValueError(f"model.norm_eps={vit.norm_eps}: timm's VisionTransformer uses LayerNorm eps 1e-6; only "
+                         f"such models export to the timm layout")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    save_file(tensors, str(out), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
+    info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
+            "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
+            "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)"}
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(info, indent=1))
+    return out, json_path
+
+
+def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """(seer ViT config, state dict) of an exported file."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    info_path = path.with_suffix(".json")
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} (written by seer export next to the .safetensors) is missing")
+    info = json.loads(info_path.read_text())
+    return ViTConfig(**info["seer_vit_config"]), load_file(str(path))
+
+
+def load_timm(path: str | Path):
+    """The exported backbone as a timm VisionTransformer (strict load); needs timm."""
+    import timm.models.vision_transformer as tv
+    from safetensors.torch import load_file
+    info = json.loads(Path(path).with_suffix(".json").read_text())
+    model = tv.VisionTransformer(**info["kwargs"])
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model.eval()

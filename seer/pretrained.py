@@ -1,0 +1,70 @@
+"""Loading a pretrained backbone in one process: from a training checkpoint or from an exported file.
+
+``seer.load_pretrained(path)`` accepts a run folder (its latest checkpoint), a checkpoints folder, one
+``step_*`` checkpoint, or a ``.safetensors`` file written by ``seer export`` (with its ``.json`` next to it).
+Checkpoints written under tensor parallelism are merged back into full tensors; under FSDP they are read
+as the full tensors DCP stores. Nothing is unpickled (restricted index reader, safetensors).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from .config import RunConfig, from_dict
+from .model import ViTConfig, VisionTransformer
+from .train.checkpoint import quiet_single_process, read_meta, resolve_checkpoint
+from .train.safe_load import SafeFileSystemReader, SafeLoadPlanner
+from .train.state import merge_tensor_parallel
+
+
+def checkpoint_config(path: str | Path) -> RunConfig:
+    """The resolved run config a checkpoint was written with."""
+    ckpt = resolve_checkpoint(path)
+    return from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
+
+
+def checkpoint_backbone_state(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """(ViT config, full backbone state dict with the single-device names) from a training checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
+    layout = read_meta(ckpt).get("tp_layout", {})
+    reader = SafeFileSystemReader(ckpt)
+    meta = reader.read_metadata()
+    prefix = "model/backbone."
+    dest = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+            if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not dest:
+        raise ValueError(f"{ckpt} holds no backbone tensors")
+    with quiet_single_process():
+        dcp.load(dest, storage_reader=SafeFileSystemReader(ckpt), planner=SafeLoadPlanner(), no_dist=True)
+    backbone_layout = {k[len("backbone."):]: v for k, v in layout.items() if k.startswith("backbone.")}
+    return cfg.model, merge_tensor_parallel(dest, backbone_layout, prefix=prefix)
+
+
+def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> VisionTransformer:
+    """The pretrained backbone as a module in eval mode: images (N, 3, H, W) -> class-token features (N, D).
+
+    H and W must be multiples of the patch size; other sizes than the training crop use the interpolated
+    position embedding. Inputs are expected normalised as in training (``data.crops.mean/std`` of the run
+    config, saved next to the checkpoint and in the export's JSON).
+    """
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from .export import read_export
+        cfg, state = read_export(p)
+    else:
+        cfg, state = checkpoint_backbone_state(p)
+    with torch.device("meta"):
+        model = VisionTransformer(cfg, device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def export_info(path: str | Path) -> dict:
+    """The JSON written next to an exported .safetensors file."""
+    return json.loads(Path(path).with_suffix(".json").read_text())

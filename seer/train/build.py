@@ -1,0 +1,114 @@
+"""Building the training objects from a run config: the parallelised SwAV model, the optimizer and its
+schedule, and the global gradient-norm clip that is correct under FSDP2 and tensor parallelism."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig
+from ..model import VisionTransformer, init_weights_
+from ..model.init import DTensor, local_tensor
+from ..optim import OptimConfig, Scheduler, WarmupCosine, build_optimizer
+from ..parallel import ParallelDims, comm, parallelize, tensor_parallel_group, tensor_parallel_params
+from ..swav import SwAVHead, SwAVModel
+
+
+def build_model(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> SwAVModel:
+    """Trunk + head built on the meta device, parallelised, then materialised on ``device`` and initialised
+    from ``train.seed`` (so every process, whatever its shard, draws the same model)."""
+    with torch.device("meta"):
+        backbone = VisionTransformer(cfg.model, device="meta")
+        head = SwAVHead(cfg.model.embed_dim, cfg.head)
+        model = SwAVModel(backbone, head)
+    parallelize(model, dims, cfg.parallel)
+    model.to_empty(device=device)
+    init_weights_(model, std=cfg.model.init_std, seed=cfg.train.seed)
+    return model
+
+
+def build_backbone(cfg: RunConfig, device: torch.device = torch.device("cpu")) -> VisionTransformer:
+    """The single-device trunk of ``cfg`` initialised as training initialises it (the random-init baseline)."""
+    with torch.device("meta"):
+        backbone = VisionTransformer(cfg.model, device="meta")
+    backbone.to_empty(device=device)
+    init_weights_(backbone, std=cfg.model.init_std, seed=cfg.train.seed)
+    return backbone
+
+
+def build_optimizer_and_schedule(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Scheduler]:
+    """LARS (``train.optimizer='lars'``, the issue-4 optimizer) or AdamW, with the warm-up + cosine schedule
+    of ``optim`` over ``train.max_steps``."""
+    o: OptimConfig = cfg.optim
+    total = cfg.train.max_steps
+    if cfg.train.optimizer == "lars":
+        return build_optimizer(model, o, total)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(cfg.train.adamw_betas), weight_decay=o.weight_decay,
+                            foreach=True)
+    lr = WarmupCosine(o.lr, total, min(o.warmup_steps, total), start=o.start_warmup_lr, final=o.final_lr)
+    wd = None
+    if o.final_weight_decay is not None:
+        wd = WarmupCosine(o.weight_decay, total, 0, start=o.weight_decay, final=o.final_weight_decay)
+    return opt, Scheduler(opt, lr, wd)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Scale every gradient by min(1, max_norm / ||g||) with ||g|| the norm of the *full* gradient.
+
+    Shards are summed once: FSDP2 shards (DTensors) over their mesh, tensor-parallel slices over the TP group;
+    replicated tensors are counted once. Returns ||g|| before clipping."""
+    tp_ids = {id(p) for p in tensor_parallel_params(model)}
+    tp_group = tensor_parallel_group(model)
+    buckets: dict[tuple, Tensor] = {}
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        g = local_tensor(p.grad)
+        grads.append(g)
+        groups = []
+        if isinstance(p.grad, DTensor):
+            groups += [p.grad.device_mesh.get_group(d) for d, pl in enumerate(p.grad.placements) if pl.is_shard()]
+        if id(p) in tp_ids:
+            groups.append(tp_group)
+        key = tuple(g for g in groups if comm.group_size(g) > 1)
+        sq = g.float().square().sum()
+        buckets[key] = buckets[key] + sq if key in buckets else sq
+    total = torch.zeros((), device=grads[0].device if grads else "cpu")
+    for groups, sq in buckets.items():
+        for pg in groups:
+            sq = comm.all_reduce(sq, pg)
+        total = total + sq
+    norm = float(total.sqrt())
+    if math.isfinite(norm) and norm > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (else autocast to bf16 is emulated and slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:  # not Linux: be conservative
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]

@@ -1,0 +1,180 @@
+"""Checkpoints: sharded (torch.distributed.checkpoint), atomic, the last N kept, loaded without unpickling.
+
+Layout of one checkpoint, OUT/checkpoints/step_00001000/:
+
+    .metadata, __*_*.distcp    model and optimizer tensors (DCP: every rank writes its shards in parallel;
+                               a different number of data-parallel ranks can read them back)
+    rank_00000.pt, ...         per-rank state: RNG states, the SwAV queue (plain tensors and numbers)
+    meta.json                  step, data position, counters, world layout, tensor layout
+    config.yaml                the resolved run config
+
+Atomicity: everything is written into ``.tmp-step_00001000``; only when every rank has finished does rank 0
+write meta.json and rename the folder to ``step_00001000``. A rename is atomic on POSIX file systems, so a
+folder named ``step_*`` is always complete; a process killed while writing leaves only a ``.tmp-*`` folder,
+which is ignored (and removed by the next run). Old checkpoints are deleted only after a new one is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+
+from .safe_load import SafeFileSystemReader, SafeLoadPlanner, load_rank_file
+
+log = logging.getLogger("seer.checkpoint")
+
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns on every call without a process group that it assumes one process; that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return bool(_NAME.match(path.name)) and (path / "meta.json").is_file() and (path / ".metadata").is_file()
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A complete checkpoint folder from a checkpoint folder, a checkpoints folder or a run folder."""
+    p = Path(path)
+    if is_complete(p):
+        return p
+    for candidate in (p, p / "checkpoints"):
+        latest = latest_checkpoint(candidate)
+        if latest is not None:
+            return latest
+    if p.name.startswith(".tmp-"):
+        raise FileNotFoundError(f"{p} is an incomplete checkpoint (its writer was interrupted); use a complete one")
+    raise FileNotFoundError(f"no complete checkpoint at {str(p)!r} (expected a step_* folder, or a run or "
+                            f"checkpoints folder containing one)")
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Writes and finds the checkpoints of one run.
+
+    Args:
+        directory: OUT/checkpoints.
+        keep: complete checkpoints kept.
+        rank: global rank (rank 0 commits and prunes).
+        barrier: a collective barrier over every process (no-op in one process).
+    """
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, *, rank: int = 0,
+                 barrier: Callable[[], None] = lambda: None):
+        self.dir = Path(directory)
+        self.keep = keep
+        self.rank = rank
+        self.barrier = barrier
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".tmp-step_*"):
+                log.warning("removing incomplete checkpoint %s (its writer was interrupted)", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+
+    def latest(self) -> Optional[Path]:
+        return latest_checkpoint(self.dir)
+
+    def save(self, step: int, tensors: dict[str, Tensor], rank_state: dict, meta: dict, config_yaml: str) -> Path:
+        """Write checkpoint ``step`` (collective: every rank calls it with its own shards and state)."""
+        final = self.dir / step_dir_name(step)
+        tmp = self.dir / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        with quiet_single_process():
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
+        _write_file(tmp / f"rank_{self.rank:05d}.pt", lambda p: torch.save(rank_state, p))
+        self.barrier()
+        if self.rank == 0:
+            _write_file(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
+            _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+            self._commit(tmp, final)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        if final.exists():  # the same step saved again (e.g. at the end right after a periodic save)
+            old = final.with_name(f".old-{final.name}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.dir)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor]) -> None:
+    """Fill ``dest`` (key -> tensor or DTensor of the right shape) in place from checkpoint ``path``
+    (collective under torch.distributed; DCP reshards DTensors to the current layout)."""
+    # Read the index once here so that a refused (tampered) file raises UnsafeCheckpointError itself, not
+    # wrapped in DCP's collective error report.
+    SafeFileSystemReader(Path(path)).read_metadata()
+    with quiet_single_process():
+        dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner(),
+                 no_dist=not _distributed())
+
+
+def load_rank_state(path: str | os.PathLike, rank: int) -> Optional[dict]:
+    """This rank's state file, or None if the checkpoint was written by fewer ranks."""
+    f = Path(path) / f"rank_{rank:05d}.pt"
+    return load_rank_file(f) if f.is_file() else None

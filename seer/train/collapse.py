@@ -1,0 +1,127 @@
+r"""Collapse signals and the warning that names the remedies (seer_spec.md 1.14; user_needs.md item 1).
+
+From the prototype scores S (B, K) of the first assignment crop, on logging steps only:
+
+* ``assign_entropy``: mean over images of H(q_i) / ln K, with q = Sinkhorn(S) the codes the loss trains
+  towards. 1 means every image is assigned uniformly to all prototypes: the targets carry no information,
+  and the loss sits at ln K.
+* ``pred_entropy``: the same for the predictions softmax(S_i / tau).
+* ``prototypes_used``: distinct prototypes that are the arg-max of some image of the global batch (at most
+  min(global batch, K)); very few means the embeddings collapsed onto a few prototypes.
+* ``embedding_std``: the per-dimension standard deviation of the L2-normalised embeddings over the batch,
+  times sqrt(D) (about 1 for embeddings spread over the sphere, 0 for a constant representation).
+* ``loss_over_lnk``: loss / ln K.
+
+The monitor warns (rate-limited) when, after the warm-up, the loss stays within 2% of ln K, or the
+assignments stay near uniform, or the representation is constant.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import seer_kernels
+
+from ..parallel import comm
+
+log = logging.getLogger("seer.train")
+
+REMEDIES = ("usual remedies (seer_spec.md 1.14, the swav README): lower the Sinkhorn epsilon "
+            "(loss.epsilon=0.03), use a queue when the batch is small (loss.queue_length, loss.queue_start_epoch), "
+            "freeze the prototypes longer at the start (loss.freeze_prototypes_iters), lower the learning rate "
+            "(optim.lr), use softer augmentations or fewer local crops (data.crops.*), remove BatchNorm from the "
+            "projection head (head.batch_norm=false)")
+
+
+def _entropy(p: Tensor, prototype_group) -> Tensor:
+    h = -(p * p.clamp_min(1e-30).log()).sum(1)
+    return comm.all_reduce(h, prototype_group)
+
+
+@torch.no_grad()
+def collapse_signals(scores: Tensor, embeddings: Tensor, *, num_prototypes: int, temperature: float,
+                     epsilon: float, iterations: int, group: Optional[dist.ProcessGroup] = None,
+                     prototype_group: Optional[dist.ProcessGroup] = None) -> dict[str, float]:
+    """Signals of one batch (module doc). ``scores``: (B, K or K/T) float32; ``embeddings``: (N, D).
+    Collective over ``group`` (data parallel) and ``prototype_group`` (tensor parallel)."""
+    scores = scores.detach().float()
+    ln_k = math.log(num_prototypes)
+    codes = seer_kernels.sinkhorn(scores, epsilon, iterations, group=group, prototype_group=prototype_group)
+    # softmax over the full K (split over the prototype group): global max and sum.
+    logits = scores / temperature
+    m = comm.all_reduce(logits.max(1, keepdim=True).values, prototype_group, op="max")
+    e = (logits - m).exp()
+    pred = e / comm.all_reduce(e.sum(1, keepdim=True), prototype_group)
+    # Arg-max over the full K: gather each rank's best (value, global index).
+    k_local = scores.shape[1]
+    best, idx = codes.max(1)
+    idx = idx + comm.group_rank(prototype_group) * k_local
+    all_best = comm.all_gather(best[None], prototype_group, dim=0)
+    all_idx = comm.all_gather(idx[None], prototype_group, dim=0)
+    winner = all_idx.gather(0, all_best.argmax(0, keepdim=True))[0]
+    counts = torch.zeros(num_prototypes, device=scores.device)
+    counts.index_add_(0, winner, torch.ones_like(winner, dtype=counts.dtype))
+    counts = comm.all_reduce(counts, group)
+    z = embeddings.detach().float()
+    stats = torch.stack([
+        _entropy(codes, prototype_group).mean() / ln_k,
+        _entropy(pred, prototype_group).mean() / ln_k,
+        z.std(0).mean() * math.sqrt(z.shape[1]),
+    ])
+    stats = comm.all_reduce(stats, group) / comm.group_size(group)
+    assign_h, pred_h, emb_std = stats.tolist()
+    return {"assign_entropy": assign_h, "pred_entropy": pred_h, "prototypes_used": int((counts > 0).sum()),
+            "embedding_std": emb_std}
+
+
+class CollapseMonitor:
+    """Decides when to warn, from a window of recent logged values.
+
+    Args:
+        num_prototypes: K.
+        warmup_steps: no warning before this step (training starts near uniform).
+        window: logged points averaged.
+        every: minimum steps between two warnings.
+    """
+
+    def __init__(self, num_prototypes: int, warmup_steps: int, window: int = 5, every: int = 500):
+        self.ln_k = math.log(num_prototypes)
+        self.warmup_steps = warmup_steps
+        self.loss = deque(maxlen=window)
+        self.assign = deque(maxlen=window)
+        self.std = deque(maxlen=window)
+        self.every = every
+        self.last_warning: Optional[int] = None
+        self.warnings = 0
+
+    def update(self, step: int, loss: float, signals: dict) -> Optional[str]:
+        """Record one logged step; return the warning text if one is due (also logged)."""
+        self.loss.append(loss)
+        self.assign.append(signals["assign_entropy"])
+        self.std.append(signals["embedding_std"])
+        if step < self.warmup_steps or len(self.loss) < self.loss.maxlen:
+            return None
+        if self.last_warning is not None and step - self.last_warning < self.every:
+            return None
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        reasons = []
+        if mean(self.loss) >= 0.98 * self.ln_k:
+            reasons.append(f"the loss ({mean(self.loss):.3f}) sits at ln K = {self.ln_k:.3f}")
+        if mean(self.assign) >= 0.97:
+            reasons.append(f"the code assignments are near uniform (entropy {mean(self.assign):.2f} x ln K)")
+        if mean(self.std) < 0.05:
+            reasons.append(f"the embeddings are almost constant over the batch (std x sqrt(D) = {mean(self.std):.3f})")
+        if not reasons:
+            return None
+        self.last_warning = step
+        self.warnings += 1
+        text = (f"step {step}: possible collapse: {'; '.join(reasons)}. The features are probably not learning. "
+                f"The {REMEDIES}.")
+        log.warning(text)
+        return text

@@ -1,0 +1,122 @@
+"""Where metrics go: OUT/metrics.jsonl (one JSON object per logged step), TensorBoard, the progress bar.
+
+A resumed run first drops the records of steps after its checkpoint (they were computed by the
+interrupted run and are computed again), so metrics.jsonl reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("seer.train")
+
+# bf16 dense peak FLOP/s by GPU name (for MFU); other GPUs report no MFU.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "B200": 2250e12, "GH200": 989.4e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: ignore it
+                continue
+    return out
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+class MetricsWriter:
+    """Rank 0's sink for logged steps (other ranks get an inactive writer)."""
+
+    def __init__(self, out: str | Path, *, active: bool, tensorboard: bool, progress: str, total_steps: int,
+                 start_step: int = 0):
+        self.active = active
+        self.path = Path(out) / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not active:
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            except ImportError:  # pragma: no cover - tensorboard is optional
+                log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+        show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+        if show:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}",
+                                 refresh=False)
+
+    def write_eval(self, step: int, result: dict) -> None:
+        """An evaluation during training: OUT/eval_history.jsonl and TensorBoard ('eval/...')."""
+        if not self.active:
+            return
+        with open(self.path.with_name("eval_history.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **{k: _clean(v) for k, v in result.items()}}) + "\n")
+        if self.tb is not None:
+            for k, v in result.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"eval/{k}", v, step)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        """A line for the terminal that does not break the progress bar."""
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.active:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,412 @@
+"""The SwAV training loop (seer_spec.md 1.1): data -> forward -> loss -> backward -> freeze -> step ->
+renormalise prototypes -> queue, with metrics, collapse warnings, checkpoints, evaluation and a plot.
+
+    trainer = Trainer(cfg, out="runs/x")     # resumes from OUT/checkpoints when there is a checkpoint
+    result = trainer.fit()                    # {'step', 'eval', 'plot', ...}
+
+A step whose loss is NaN/inf (on any rank) is skipped on every rank: no update, no queue push, counted;
+``train.max_nonfinite_steps`` such steps in a row stop the run with :class:`NonFiniteLossError`, leaving the
+last checkpoint (written before the first bad step, so it holds finite weights) as the place to resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import config as C
+from ..data import TrainData
+from ..data.sampler import mix_seed
+from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
+from ..swav import PrototypeFreezer, SwAVQueue, normalize_prototypes, swav_loss
+from . import state as S
+from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
+from .checkpoint import CheckpointManager, load_rank_state, load_tensors, read_meta, resolve_checkpoint
+from .collapse import CollapseMonitor, collapse_signals
+from .distributed import all_reduce_sum, barrier, init_distributed
+from .metrics import MetricsWriter, peak_flops, read_metrics
+from .modules import BackboneView, nvtx_range
+from .plot import plot_metrics
+
+log = logging.getLogger("seer.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """One run in OUT (see the module doc). Collective: every process of a torchrun launch constructs one."""
+
+    def __init__(self, cfg: C.RunConfig, out: str | Path):
+        self.cfg = C.validate(cfg)
+        self.out = Path(out)
+        t = cfg.train
+        self.dist = init_distributed(t.device)
+        self.device = self.dist.device
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.attention_backend != "auto":
+            # Process-wide (the backward may run on autograd's own threads, which a context manager misses);
+            # an explicit environment setting wins.
+            os.environ.setdefault("SEER_KERNELS_BACKEND_ATTENTION", t.attention_backend)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            C.save_yaml(cfg, self.out / "config.yaml")
+            _log_to_file(self.out / "train.log")
+        self.dims = ParallelDims(cfg.parallel, self.device.type, self.dist.world)
+        seed_parallel_rng(t.seed, self.dims)
+        self.model = build_model(cfg, self.dims, self.device)
+        self.backbone = BackboneView(self.model)
+        self.opt, self.sched = build_optimizer_and_schedule(cfg, self.model)
+        self.freezer = PrototypeFreezer(self.model, cfg.loss.freeze_prototypes_iters)
+        self.queue = SwAVQueue(cfg.loss.queue_length, cfg.head.output_dim, batch_size=cfg.data.batch_size,
+                               crops_for_assign=cfg.loss.crops_for_assign, start_epoch=cfg.loss.queue_start_epoch,
+                               world_size=self.dims.dp)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.amp = autocast_dtype(self.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.data = TrainData(cfg.data, seed=t.seed, cache=self.out / "data", rank=self.dims.dp_rank,
+                              world=self.dims.dp, device=self.device, barrier=barrier,
+                              is_index_writer=self.dist.is_main)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep,
+                                      rank=self.dist.rank, barrier=barrier)
+        self.step = 0
+        self.counters = {"nonfinite_total": 0, "nonfinite_in_row": 0}
+        self.bad_files: set[str] = set()
+        warm = t.collapse_warmup_steps if t.collapse_warmup_steps >= 0 else max(50, t.max_steps // 10)
+        self.monitor = CollapseMonitor(cfg.head.num_prototypes, warm)
+        self.flops_per_image = _train_flops_per_image(cfg)
+        self._stop_signal = None
+        self.resumed_from: Optional[Path] = None
+        self._evaluator = None
+        normalize_prototypes(self.model)
+        self._maybe_resume()
+
+    # -----------------------------------------------------------------------------------------------------
+    # Checkpoints.
+
+    def _maybe_resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "never":
+            if self.ckpt.latest() is not None:
+                raise FileExistsError(f"{self.ckpt.dir} already holds checkpoints and checkpoint.resume='never': "
+                                      f"use another --out, or checkpoint.resume=auto to continue that run")
+            return
+        path = self.ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
+        if path is not None:
+            self.load(path)
+
+    def save(self) -> Path:
+        tp_rank = self.dims.tp_rank
+        tensors = S.model_tensors(self.model, tp_rank)
+        optim, slots = S.optimizer_tensors(self.model, self.opt, tp_rank)
+        tensors.update(optim)
+        rank_state = {"rng": S.rng_state(), "tracker": get_rng_tracker().state_dict(),
+                      "queue": self.queue.state_dict(), "bad_files": sorted(self.bad_files)}
+        meta = {"step": self.step, "data": self.data.state_dict(), "scheduler": self.sched.state_dict(),
+                "freezer": self.freezer.state_dict(), "counters": dict(self.counters),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "world_size": self.dist.world, "dp": self.dims.dp, "tp": self.dims.tp,
+                "optim_slots": slots, "tp_layout": S.tp_layout(self.model), "time": time.time()}
+        with nvtx_range("checkpoint", self.cfg.logging.nvtx):
+            path = self.ckpt.save(self.step, tensors, rank_state, meta, C.dumps(self.cfg))
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def load(self, path: Path) -> None:
+        meta = read_meta(path)
+        _check_compatible(path, self.cfg)
+        if meta["tp"] != self.dims.tp:
+            raise ValueError(f"checkpoint {path} was written with parallel.tp={meta['tp']}; resuming needs the same "
+                             f"parallel.tp (the data-parallel size may change), got parallel.tp={self.dims.tp}")
+        tp_rank = self.dims.tp_rank
+        dest = S.model_tensors(self.model, tp_rank)
+        dest.update(S.optimizer_destination(self.model, self.opt, meta["optim_slots"], tp_rank))
+        load_tensors(path, dest)
+        S.load_model_tensors(self.model, dest, tp_rank)
+        self.step = int(meta["step"])
+        self.sched.load_state_dict(meta["scheduler"])
+        self.freezer.load_state_dict(meta["freezer"])
+        self.counters.update(meta["counters"])
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.data.load_state_dict(meta["data"])
+        rank_state = load_rank_state(path, self.dist.rank) if meta["world_size"] == self.dist.world else None
+        if rank_state is not None:
+            S.set_rng_state(rank_state["rng"])
+            get_rng_tracker().load_state_dict(rank_state["tracker"])
+            self.queue.load_state_dict(rank_state["queue"])
+            self.bad_files = set(rank_state["bad_files"])
+        else:
+            # Another number of processes: fresh per-rank streams, deterministic in (seed, step); empty queue.
+            seed_parallel_rng(mix_seed(self.cfg.train.seed, self.step), self.dims)
+            log.warning("resuming %s written by %d processes with %d: RNG streams reseeded, SwAV queue restarts "
+                        "empty, the remaining images of the epoch are split over the new ranks",
+                        path, meta["world_size"], self.dist.world)
+        self.resumed_from = path
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    # -----------------------------------------------------------------------------------------------------
+    # The step.
+
+    def train_step(self, crops: list[torch.Tensor], epoch: int, want_signals: bool) -> dict:
+        cfg, nv = self.cfg, self.cfg.logging.nvtx
+        lc = cfg.loss
+        with nvtx_range("forward", nv):
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                out = self.model(crops, queue=self.queue.embeddings())
+            loss = swav_loss(out.scores, crops_for_assign=lc.crops_for_assign, temperature=lc.temperature,
+                             epsilon=lc.epsilon, iterations=lc.sinkhorn_iterations, queue_scores=out.queue_scores,
+                             group=self.dims.dp_group, prototype_group=self.dims.tp_group)
+        with nvtx_range("communication", nv):
+            # One small all-reduce: the mean loss over processes (any NaN on any rank makes it NaN, so every
+            # rank skips together) and the stop flag of a pending SIGTERM.
+            flags = torch.stack([loss.detach().float(), torch.tensor(float(self._stop_signal is not None),
+                                                                        device=loss.device)])
+            flags = all_reduce_sum(flags).cpu() / torch.tensor([self.dist.world, 1.0])  # NCCL: on the device
+        loss_value, stop = float(flags[0]), bool(flags[1] > 0)
+        record = {"loss": loss_value}
+        if not math.isfinite(loss_value):
+            self.opt.zero_grad(set_to_none=True)
+            self.counters["nonfinite_total"] += 1
+            self.counters["nonfinite_in_row"] += 1
+        else:
+            self.counters["nonfinite_in_row"] = 0
+            with nvtx_range("backward", nv):
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            frozen = self.freezer.after_backward()
+            with nvtx_range("optimizer", nv):
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.opt)
+                if cfg.train.grad_clip > 0:
+                    record["grad_norm"] = clip_grad_norm(self.model, cfg.train.grad_clip)
+                if self.scaler is not None:
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                normalize_prototypes(self.model)
+            self.queue.push(out.embeddings.detach(), epoch)
+            record["prototypes_frozen"] = frozen
+            if want_signals:
+                a = lc.crops_for_assign[0]
+                b = crops[0].shape[0]
+                record.update(collapse_signals(out.scores[a], out.embeddings[a * b:(a + 1) * b],
+                                               num_prototypes=cfg.head.num_prototypes, temperature=lc.temperature,
+                                               epsilon=lc.epsilon, iterations=lc.sinkhorn_iterations,
+                                               group=self.dims.dp_group, prototype_group=self.dims.tp_group))
+        self.sched.step()
+        self.step += 1
+        record["stop"] = stop
+        return record
+
+    # -----------------------------------------------------------------------------------------------------
+    # The loop.
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        main = self.dist.is_main
+        metrics = MetricsWriter(self.out, active=main, tensorboard=cfg.logging.tensorboard,
+                                progress=cfg.logging.progress, total_steps=t.max_steps, start_step=self.step)
+        baseline = self._random_init_eval(metrics)
+        old_handler = _install_stop_handler(self)
+        last_log_t, last_log_step, wait_acc, paused = time.perf_counter(), self.step, 0.0, 0.0
+        peak = peak_flops(self.device)
+        try:
+            while self.step < t.max_steps:
+                log_now = (self.step + 1) % cfg.logging.every == 0 or self.step + 1 == t.max_steps
+                epoch = self.data.epoch
+                with nvtx_range("data", cfg.logging.nvtx):
+                    crops, skipped = self.data.next()
+                wait_acc += self.data.last_wait
+                self._record_skipped(skipped)
+                rec = self.train_step(crops, epoch, want_signals=log_now)
+                metrics.advance()
+                if self.counters["nonfinite_in_row"] >= t.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{self.counters['nonfinite_in_row']} steps in a row with a non-finite loss (train."
+                        f"max_nonfinite_steps={t.max_nonfinite_steps}); the last checkpoint "
+                        f"({self.ckpt.latest() or 'none yet'}) holds finite weights. Lower optim.lr, set "
+                        f"train.grad_clip, or use train.precision=bf16/fp32")
+                if log_now:
+                    now = time.perf_counter()
+                    dt = max(now - last_log_t - paused, 1e-9)  # evaluation and checkpoint time excluded
+                    n_steps = self.step - last_log_step
+                    ips = n_steps * cfg.data.batch_size * self.dims.dp / dt
+                    record = {"step": self.step, "epoch": epoch, "loss": rec["loss"], "lr": self.sched.lr,
+                              "images_per_s": ips, "data_wait": min(1.0, wait_acc / dt),
+                              "step_time": dt / max(n_steps, 1),
+                              "nonfinite_skipped": self.counters["nonfinite_total"],
+                              "skipped_files": self._total_skipped(),
+                              "queue_active": self.queue.full}
+                    record.update({k: v for k, v in rec.items() if k not in ("loss", "stop")})
+                    if peak:
+                        record["mfu"] = ips * self.flops_per_image / (peak * self.dist.world)
+                    if "assign_entropy" in rec:
+                        warning = self.monitor.update(self.step, rec["loss"], rec)
+                        if warning and main:
+                            metrics.message("WARNING " + warning)
+                    metrics.write(record)
+                    last_log_t, last_log_step, wait_acc, paused = now, self.step, 0.0, 0.0
+                t_pause = time.perf_counter()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < t.max_steps:
+                    res = self.evaluate()
+                    if main:
+                        metrics.write_eval(self.step, res)
+                        metrics.message(f"step {self.step}: " + _format_eval(res))
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.max_steps:
+                    self.save()
+                paused += time.perf_counter() - t_pause
+                if rec["stop"]:
+                    self.save()
+                    metrics.message(f"stopped by signal at step {self.step}; rerun the same command to resume")
+                    return {"step": self.step, "stopped": True}
+            if cfg.checkpoint.at_end and (self.ckpt.latest() is None or
+                                          read_meta(self.ckpt.latest())["step"] != self.step):
+                self.save()
+        finally:
+            _restore_stop_handler(old_handler)
+            self.data.close()
+            metrics.close()
+        return self._finish(baseline)
+
+    def _finish(self, baseline: Optional[dict]) -> dict:
+        cfg = self.cfg
+        result: dict = {"step": self.step, "out": str(self.out)}
+        if cfg.eval.at_end:
+            res = self.evaluate()
+            if self.dist.is_main:
+                ev = {k: res[k] for k in ("knn_top1", "linear_top1") if k in res}
+                if baseline:
+                    ev.update({f"{k}_random_init": baseline[k] for k in ("knn_top1", "linear_top1") if k in baseline})
+                ev.update({"step": self.step, "dataset": cfg.eval.dataset, "knn_k": cfg.eval.knn_k,
+                           "knn_temperature": cfg.eval.knn_temperature, "n_train": res.get("n_train"),
+                           "n_test": res.get("n_test")})
+                (self.out / "eval.json").write_text(json.dumps(ev, indent=1))
+                result["eval"] = ev
+        if self.dist.is_main and cfg.logging.plot:
+            result["plot"] = plot_metrics(read_metrics(self.out / "metrics.jsonl"), self.out / "plot.png",
+                                          num_prototypes=cfg.head.num_prototypes, title=str(self.out))
+        return result
+
+    # -----------------------------------------------------------------------------------------------------
+    # Evaluation.
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from ..eval import Evaluator
+            c = self.cfg
+            self._evaluator = Evaluator(c.eval, image_size=c.data.crops.global_size, mean=c.data.crops.mean,
+                                        std=c.data.crops.std, device=self.device, group=self.dims.dp_group,
+                                        compute=self.dist.is_main, digits_size=c.data.digits_size,
+                                        autocast_dtype=self.amp)
+        return self._evaluator
+
+    def evaluate(self) -> dict:
+        with nvtx_range("eval", self.cfg.logging.nvtx):
+            return self.evaluator.evaluate(self.backbone)
+
+    def _random_init_eval(self, metrics: MetricsWriter) -> Optional[dict]:
+        """kNN/linear of the model at its initialisation, computed before the first step (kept in
+        OUT/eval_random_init.json for resumed runs)."""
+        e = self.cfg.eval
+        if not (e.at_end and e.random_init_baseline):
+            return None
+        path = self.out / "eval_random_init.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        if self.step > 0:
+            log.warning("no random-initialisation evaluation recorded before step %d; eval.json will lack it",
+                        self.step)
+            return None
+        res = self.evaluate()
+        if self.dist.is_main:
+            path.write_text(json.dumps(res, indent=1))
+            metrics.message("random initialisation: " + _format_eval(res))
+        return res
+
+    # -----------------------------------------------------------------------------------------------------
+
+    def _record_skipped(self, skipped) -> None:
+        """Log and count each unreadable file once (it is met again every epoch, and a run of bad files is
+        met once per index pointing into it)."""
+        new = [s for s in skipped if s.name not in self.bad_files]
+        if not new:
+            return
+        with open(self.out / "skipped_files.txt", "a") as f:
+            for s in new:
+                self.bad_files.add(s.name)
+                f.write(f"{s.name}\t{s.reason}\n")
+                log.warning("skipped unreadable image %s (%s)", s.name, s.reason)
+
+    def _total_skipped(self) -> int:
+        """Unreadable files met so far, summed over ranks (a file met by two ranks counts twice)."""
+        return int(all_reduce_sum(torch.tensor([float(len(self.bad_files))], device=self.device))[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _format_eval(res: dict) -> str:
+    parts = [f"{k} {res[k]:.1f}%" for k in ("knn_top1", "linear_top1") if k in res]
+    return ", ".join(parts) or "(no scores)"
+
+
+def _train_flops_per_image(cfg: C.RunConfig) -> float:
+    from ..plan import forward_flops_per_image
+    c = cfg.data.crops
+    crops = [(c.global_count, c.global_size)] + ([(c.local_count, c.local_size)] if c.local_count else [])
+    return 3.0 * forward_flops_per_image(cfg.model, cfg.head, crops)
+
+
+_ARCH_SECTIONS = ("model", "head")
+
+
+def _check_compatible(path: Path, cfg: C.RunConfig) -> None:
+    """Refuse, with the differing keys, a checkpoint whose architecture differs from the config's."""
+    saved_path = path / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = C.to_dict(cfg)
+    diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r}, config {v!r}" for sec in _ARCH_SECTIONS
+             for k, v in now[sec].items() if sec in saved and saved[sec].get(k) != v]
+    if diffs:
+        raise C.ConfigError(f"checkpoint {path} has another architecture than the config: " + "; ".join(diffs))
+
+
+def _log_to_file(path: Path) -> None:
+    root = logging.getLogger("seer")
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        return
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(h)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+
+
+def _install_stop_handler(trainer: Trainer):
+    """SIGTERM (preemption, scancel) -> save a checkpoint at the end of the current step and exit cleanly."""
+    def handler(signum, frame):
+        trainer._stop_signal = signum
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _restore_stop_handler(old) -> None:
+    if old is not None:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, old)

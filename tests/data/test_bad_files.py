@@ -1,0 +1,56 @@
+"""Corrupt, truncated, empty and non-image files are skipped, counted and named; they never stop a run."""
+import pytest
+import torch
+
+from seer.config import CropsConfig
+from seer.data import DataError, DecodedDataset, MultiCropDataset, open_source
+from seer.data.augment import crop_spec
+from seer.data.check import check_dataset
+from tests.images import write_bad_images, write_good_images
+
+CROPS = CropsConfig(global_size=32, local_count=2, local_size=16)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    write_good_images(tmp_path / "data", 12)
+    bad = write_bad_images(tmp_path / "data" / "junk")
+    return tmp_path / "data", {str(p) for p in bad.values()}
+
+
+def test_every_item_is_a_good_image_and_the_bad_ones_are_reported(mixed_folder):
+    root, bad = mixed_folder
+    src = open_source(str(root))
+    ds = MultiCropDataset(src, crop_spec(CROPS), CROPS, seed=0, max_pixels=10**8)
+    skipped = set()
+    for i in range(len(ds)):
+        crops, sk = ds[(0, i)]
+        assert [tuple(c.shape) for c in crops] == [(2, 3, 32, 32), (2, 3, 16, 16)]
+        assert all(torch.isfinite(c).all() for c in crops)
+        skipped |= {s.name for s in sk}
+        assert all(s.reason for s in sk)
+    assert skipped == bad
+    # The same (epoch, index) gives the same crops (the generator is seeded from them).
+    assert torch.equal(ds[(3, 5)][0][0], ds[(3, 5)][0][0])
+    assert not torch.equal(ds[(3, 5)][0][0], ds[(4, 5)][0][0])
+
+
+def test_decompression_bomb_guard_and_only_bad_files(mixed_folder, tmp_path):
+    root, _ = mixed_folder
+    ds = DecodedDataset(open_source(str(root)), max_pixels=100)  # every image is "too large"
+    with pytest.raises(DataError, match="unreadable images in a row.*data.source"):
+        ds[(0, 0)]
+    only_bad = write_bad_images(tmp_path / "only_bad")
+    ds = DecodedDataset(open_source(str(tmp_path / "only_bad")), max_pixels=10**8, max_consecutive_bad=len(only_bad))
+    with pytest.raises(DataError):
+        ds[(0, 0)]
+
+
+def test_data_check_reports_exactly_the_bad_files(mixed_folder):
+    root, bad = mixed_folder
+    report = check_dataset(str(root), workers=0)
+    assert report.total == 16 and report.ok == 12
+    assert {name for name, _ in report.bad} == bad
+    text = report.format()
+    assert "4 unreadable" in text and all(name in text for name in bad)
+    assert set(report.formats) == {"PNG", "JPEG", "WEBP"}

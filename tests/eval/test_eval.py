@@ -1,0 +1,79 @@
+"""kNN (DINO's weighted vote) against a direct implementation, the linear probe, and labelled folders."""
+import numpy as np
+import pytest
+import torch
+
+from seer.eval import Evaluator, knn_predict, knn_top1, linear_probe, load_labelled
+from seer.config import EvalConfig
+from tests.images import image_bytes
+
+
+def _knn_reference(train, ytrain, test, k, t, c):
+    """Per test point: cosine to every training point, the k best vote exp(s / T) for their class."""
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    out = []
+    for x in test:
+        s = train @ x
+        best = np.argsort(-s, kind="stable")[:k]
+        votes = np.zeros(c)
+        for j in best:
+            votes[ytrain[j]] += np.exp(s[j] / t)
+        out.append(int(np.argmax(votes)))
+    return np.array(out)
+
+
+def test_knn_matches_the_definition():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 12, generator=g), torch.randn(50, 12, generator=g)
+    y = torch.randint(0, 5, (300,), generator=g)
+    for k, t in ((20, 0.07), (1, 0.1), (7, 1.0)):
+        got = knn_predict(train, y, test, k=k, temperature=t, num_classes=5, chunk=16)
+        want = _knn_reference(train.double().numpy(), y.numpy(), test.double().numpy(), k, t, 5)
+        assert (got.numpy() == want).mean() >= 0.98  # float ties may differ
+    assert knn_top1(train, y, train, y, k=1) == 100.0
+
+
+def test_linear_probe_learns_a_linear_rule_and_picks_the_regularisation():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 20, generator=g)
+    w = torch.randn(20, 4, generator=g)
+    y = (x @ w).argmax(1)
+    res = linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=[1e-4, 1.0], max_iter=100)
+    assert res["top1"] > 90 and res["weight_decay"] == 1e-4
+    noise = linear_probe(x[:300], torch.randint(0, 4, (300,), generator=g), x[300:], y[300:], max_iter=50)
+    assert noise["top1"] < 50
+
+
+def test_class_folders_with_and_without_a_split(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            d = tmp_path / "a" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                (d / f"{i}.png").write_bytes(image_bytes(i + (10 if c == "dog" else 0), (20, 30)))
+    (tmp_path / "a" / "train" / "dog" / "broken.png").write_bytes(b"junk")
+    s = load_labelled(str(tmp_path / "a"))
+    assert len(s["train"]) == 7 and len(s["test"]) == 6 and s["train"].classes == ["cat", "dog"]
+    flat = load_labelled(str(tmp_path / "a" / "train"), test_fraction=0.3)
+    assert len(flat["train"]) + len(flat["test"]) == 7 and len(flat["test"]) == 2
+    with pytest.raises(ValueError, match="one subfolder per class"):
+        load_labelled(str(tmp_path / "a" / "train" / "cat"))
+
+    class Mean(torch.nn.Module):  # a "backbone": per-channel means and stds of the image
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    ev = Evaluator(EvalConfig(dataset=str(tmp_path / "a"), knn_k=3, linear_weight_decays=[1e-3]), image_size=16,
+                   mean=[0.5] * 3, std=[0.25] * 3)
+    res = ev.evaluate(Mean())
+    assert res["skipped"] == 1 and res["n_train"] == 6 and res["n_test"] == 6
+    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
+
+
+def test_digits_split_is_fixed_and_labels_hidden_from_training():
+    from seer.data.digits import digits_images, digits_split
+    d = digits_split(16)
+    assert len(d["train"][0]) == 1200 and len(d["test"][0]) == 597
+    assert torch.equal(digits_images(16, "train"), d["train"][0])
+    assert d["train"][0].dtype == torch.uint8 and tuple(d["train"][0].shape[1:]) == (3, 16, 16)

@@ -1,0 +1,72 @@
+"""The ``seer`` command: bad input gets one line naming the argument (exit status 2); every subcommand runs."""
+import json
+
+import pytest
+
+from seer.cli import main
+from seer.config import apply_overrides, preset
+from seer.train import Trainer
+from tests.images import write_bad_images, write_good_images
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--preset", "tinyy", "--out", "x"], "unknown preset 'tinyy' (did you mean 'tiny'?)"),
+    (["train", "--preset", "tiny", "--set", "train.max_step=3", "--out", "x"], "did you mean 'train.max_steps'"),
+    (["train", "--preset", "tiny", "--set", "train.max_steps=three", "--out", "x"], "expects an integer"),
+    (["train", "--preset", "tiny", "--set", "checkpoint.every", "--out", "x"], "key=value"),
+    (["train", "--preset", "tiny"], "--out DIR is required"),
+    (["train", "--config", "/does/not/exist.yaml", "--out", "x"], "does not exist"),
+    (["train", "--preset", "tiny", "--set", "data.source=/no/such/folder", "--out", "{tmp}/r"], "does not exist"),
+    (["train", "--preset", "tiny", "--set", "parallel.tp=3", "--out", "{tmp}/r"], "parallel.tp=3"),
+    (["eval", "knn", "--checkpoint", "/no/such/run"], "no complete checkpoint"),
+    (["eval", "knn", "--checkpoint", "{tmp}", "--set", "train.max_steps=2"], "only eval.* keys"),
+    (["data"], "expected an action: check"),
+])
+def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_argparse_errors_exit_2(capsys):
+    for argv in (["train"], ["export", "--checkpoint", "x", "--format", "onnx", "--out", "a.safetensors"],
+                 ["frobnicate"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert main([]) == 2
+
+
+def test_print_config_and_plan(capsys):
+    assert main(["train", "--preset", "demo", "--set", "train.max_steps=7", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "description: 'demo:" in out
+    assert main(["plan", "--model", "tiny", "--gpus", "1", "--tp", "1", "--micro-batch", "2"]) == 0
+    assert "GiB" in capsys.readouterr().out
+
+
+def test_export_eval_and_data_check_commands(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1"]), run).fit()
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run), "--format", "timm", "--out", str(tmp_path / "v.safetensors")]) == 0
+    assert (tmp_path / "v.json").is_file()
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "v.safetensors"), "--set", "eval.max_images=100",
+                 "--json", str(tmp_path / "knn.json")]) == 0
+    res = json.loads((tmp_path / "knn.json").read_text())
+    assert res["protocol"] == "knn" and 0 <= res["knn_top1"] <= 100 and "linear_top1" not in res
+    capsys.readouterr()
+    assert main(["eval", "linear", "--checkpoint", str(run), "--random-init", "--set", "eval.max_images=100",
+                 "--set", "eval.linear_weight_decays=[0.001]"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["random_init"] is True and 0 <= res["linear_top1"] <= 100
+    data = tmp_path / "data"
+    write_good_images(data, 5)
+    bad = write_bad_images(data / "bad")
+    assert main(["data", "check", str(data), "--workers", "0", "--report", str(tmp_path / "bad.tsv")]) == 0
+    out = capsys.readouterr().out
+    assert "9 images, 5 readable, 4 unreadable" in out
+    assert {line.split("\t")[0] for line in (tmp_path / "bad.tsv").read_text().splitlines()} == \
+        {str(p) for p in bad.values()}
+    assert main(["data", "check", str(data), "--workers", "0", "--fail-on-bad"]) == 1

@@ -1,0 +1,61 @@
+"""seer.load_pretrained and the timm export: strict load into timm gives the same features."""
+import json
+
+import pytest
+import torch
+
+from seer import load_pretrained
+from seer.config import apply_overrides, preset
+from seer.export import export_timm, load_timm, timm_kwargs
+from seer.train import Trainer
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    # QK-norm and LayerScale exercise the optional timm layers too.
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=2", "model.qk_norm=true", "model.layer_scale_init=0.1",
+                                           "train.threads=1"])
+    Trainer(cfg, out).fit()
+    return out
+
+
+def test_load_pretrained_maps_images_to_class_token_features(run):
+    model = load_pretrained(run)
+    assert not model.training
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        f = model(x)
+    assert f.shape == (5, 64) and torch.isfinite(f).all()
+    with torch.no_grad():
+        assert torch.equal(f, model.forward_features(x)[:, 0])
+
+
+def test_export_loads_strictly_into_timm_with_the_same_features(run, tmp_path):
+    st, js = export_timm(run, tmp_path / "vit.safetensors")
+    info = json.loads(js.read_text())
+    assert info["timm_class"] == "timm.models.vision_transformer.VisionTransformer"
+    assert info["kwargs"]["qk_norm"] is True and info["kwargs"]["init_values"] == 0.1
+    timm_model = load_timm(st)  # strict=True inside: no missing or unexpected keys
+    direct = timm.models.vision_transformer.VisionTransformer(**info["kwargs"])
+    from safetensors.torch import load_file
+    missing, unexpected = direct.load_state_dict(load_file(str(st)), strict=True)
+    assert not missing and not unexpected
+    ours = load_pretrained(run)
+    for size in (32, 48):  # the training resolution and an interpolated position embedding
+        x = torch.randn(4, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(timm_model(x), ours(x), rtol=1e-5, atol=1e-5)
+    reloaded = load_pretrained(st)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), ours(x))
+
+
+def test_timm_kwargs_cover_the_architecture():
+    kw = timm_kwargs(preset("demo").model)
+    assert kw["embed_dim"] == 192 and kw["depth"] == 6 and kw["mlp_ratio"] == 4.0 and kw["num_classes"] == 0
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        export_timm("unused", "vit.pt")

@@ -1,0 +1,66 @@
+"""Helpers for the training tests: run the CLI in a subprocess (optionally killed at a chosen point)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A tiny run that exercises every piece of state: multi-crop in 2 DataLoader workers over image files, an
+# epoch boundary (24 images / 8 per step), the queue (filled from the second epoch), prototype freezing
+# across the resume point, drop-path (the torch RNG), LARS momentum and the warm-up + cosine schedule.
+RESUME_SETTINGS = ["train.max_steps=6", "checkpoint.every=3", "logging.every=1", "data.augment_on=workers",
+                   "data.num_workers=2", "loss.queue_length=16", "loss.queue_start_epoch=1",
+                   "loss.freeze_prototypes_iters=4", "model.drop_path_rate=0.1", "train.threads=1"]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def seer(*args: str, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "seer", *args], capture_output=True, text=True, env=env(),
+                          timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"seer {' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def seer_killed(patch: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``seer ARGS`` in a process that first executes ``patch`` (Python source that may arrange for the
+    process to SIGKILL itself at a chosen point); return the finished process."""
+    code = "import os, signal, sys\n" + patch + "\nfrom seer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env(),
+                          timeout=timeout, cwd=ROOT)
+
+
+KILL_AT_STEP = """
+import seer.train.trainer as _t
+_orig = _t.Trainer.train_step
+def _step(self, *a, **k):
+    if self.step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _orig(self, *a, **k)
+_t.Trainer.train_step = _step
+"""
+
+KILL_IN_COMMIT = """
+import seer.train.checkpoint as _c
+_orig = _c.CheckpointManager._commit
+def _commit(self, tmp, final):
+    if final.name == "{name}":
+        os.kill(os.getpid(), signal.SIGKILL)  # every file written, the rename not done
+    return _orig(self, tmp, final)
+_c.CheckpointManager._commit = _commit
+"""
+
+
+def losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in recs}

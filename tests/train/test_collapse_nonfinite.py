@@ -1,0 +1,72 @@
+"""Collapse signals and warnings; non-finite losses are skipped, counted, and stop the run after a limit."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seer.train.trainer as trainer_mod
+from seer.config import apply_overrides, preset
+from seer.train import CollapseMonitor, NonFiniteLossError, Trainer, collapse_signals
+from seer.train.collapse import REMEDIES
+
+
+def test_signals_separate_collapsed_from_healthy_assignments():
+    k, b, d = 64, 256, 16
+    z = F.normalize(torch.randn(b, d), dim=1)
+    protos = F.normalize(torch.randn(k, d), dim=1)
+    healthy = collapse_signals(z @ protos.T * 8, z, num_prototypes=k, temperature=0.1, epsilon=0.05, iterations=3)
+    const = F.normalize(torch.randn(1, d), dim=1).expand(b, d)
+    collapsed = collapse_signals(const @ protos.T, const, num_prototypes=k, temperature=0.1, epsilon=0.05,
+                                 iterations=3)
+    assert healthy["assign_entropy"] < 0.9 < collapsed["assign_entropy"] <= 1.0 + 1e-6
+    assert healthy["prototypes_used"] > 20 and collapsed["embedding_std"] < 1e-3 < 0.5 < healthy["embedding_std"]
+
+
+def test_monitor_warns_after_warmup_with_the_remedies():
+    mon = CollapseMonitor(num_prototypes=300, warmup_steps=20, window=3, every=100)
+    flat = {"assign_entropy": 0.99, "embedding_std": 0.5}
+    assert all(mon.update(s, math.log(300), flat) is None for s in range(0, 20, 5))  # warm-up
+    text = [mon.update(s, math.log(300), flat) for s in range(20, 40, 5)]
+    assert text[0] is not None and "ln K" in text[0] and "near uniform" in text[0] and REMEDIES in text[0]
+    for remedy in ("loss.epsilon", "loss.queue_length", "loss.freeze_prototypes_iters", "optim.lr"):
+        assert remedy in text[0]
+    assert text[1:] == [None, None, None]  # rate-limited
+    ok = CollapseMonitor(num_prototypes=300, warmup_steps=0, window=2)
+    assert [ok.update(s, 3.0, {"assign_entropy": 0.6, "embedding_std": 0.9}) for s in range(4)] == [None] * 4
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    real = trainer_mod.swav_loss
+    bad_steps = {2, 3}
+
+    def flaky(scores, **kw):
+        loss = real(scores, **kw)
+        return loss * float("nan") if _step[0] in bad_steps else loss
+
+    _step = [0]
+    orig_step = Trainer.train_step
+
+    def counting(self, *a, **k):
+        _step[0] = self.step + 1
+        return orig_step(self, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "swav_loss", flaky)
+    monkeypatch.setattr(Trainer, "train_step", counting)
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=5", "train.max_nonfinite_steps=3", "train.threads=1",
+                                           "checkpoint.every=0"])
+    t = Trainer(cfg, tmp_path / "a")
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.fit()
+    recs = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in recs] == [0, 1, 2, 2, 2]
+    assert recs[1]["loss"] == "nan" and isinstance(recs[0]["loss"], float)
+    assert t.step == 5 and any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+    bad_steps.update(range(1, 100))
+    t = Trainer(apply_overrides(cfg, ["checkpoint.resume=never"]), tmp_path / "b")
+    w0 = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row with a non-finite loss"):
+        t.fit()
+    assert all(torch.equal(w0[k], v) for k, v in t.model.named_parameters())  # no update from a NaN step

@@ -1,0 +1,78 @@
+"""The run config: presets, YAML round trip, dotted overrides, and errors that name the key."""
+import pytest
+
+from seer import config as C
+
+
+@pytest.mark.parametrize("name", list(C.PRESETS))
+def test_presets_are_valid_and_round_trip_through_yaml(name, tmp_path):
+    cfg = C.validate(C.preset(name))
+    C.save_yaml(cfg, tmp_path / "c.yaml")
+    assert C.load_yaml(tmp_path / "c.yaml") == cfg
+
+
+def test_contract_keys_exist():
+    keys = set(C.all_keys())
+    for key in ("train.max_steps", "train.device", "checkpoint.every", "parallel.tp", "model.depth",
+                "loss.epsilon", "optim.lr", "data.source", "eval.knn_k", "logging.every"):
+        assert key in keys
+
+
+def test_overrides_are_typed_and_do_not_touch_the_input():
+    base = C.preset("tiny")
+    cfg = C.apply_overrides(base, ["train.max_steps=12", "optim.lr=0.5", "data.crops.global_scale=[0.2, 0.9]",
+                                   "model.qk_norm=true", "data.source=/some/dir", "head.hidden_dims=[]",
+                                   "logging.progress=off"])
+    assert (cfg.train.max_steps, cfg.optim.lr, cfg.data.crops.global_scale) == (12, 0.5, [0.2, 0.9])
+    assert cfg.model.qk_norm is True and cfg.data.source == "/some/dir" and cfg.head.hidden_dims == []
+    assert cfg.logging.progress == "off"
+    assert base.train.max_steps == C.preset("tiny").train.max_steps  # a copy was changed, not the preset
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_step=3", "did you mean 'train.max_steps'"),
+    ("trian.max_steps=3", "did you mean 'train.max_steps'"),
+    ("checkpoint.evry=5", "did you mean 'checkpoint.every'"),
+    ("parallel.tpp=2", "did you mean 'parallel.tp'"),
+])
+def test_unknown_key_suggests_the_nearest(override, fragment):
+    with pytest.raises(C.ConfigError, match="unknown config key") as e:
+        C.apply_overrides(C.preset("tiny"), [override])
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_steps=abc", "'train.max_steps' expects an integer"),
+    ("optim.lr=[1]", "'optim.lr' expects a number"),
+    ("model.qk_norm=3", "'model.qk_norm' expects true or false"),
+    ("train", "key=value"),
+    ("model=3", "'model' is a section"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(C.ConfigError) as e:
+        C.apply_overrides(C.preset("tiny"), [override])
+    assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.device=gpu", "train.device"), ("data.batch_size=0", "data.batch_size"),
+    ("data.crops.global_size=30", "data.crops.global_size"), ("checkpoint.every=-1", "checkpoint.every"),
+    ("loss.crops_for_assign=[0, 5]", "loss.crops_for_assign"), ("train.precision=fp8", "train.precision"),
+    ("model.num_heads=5", "model.embed_dim"), ("data.crops.std=[1, 0, 1]", "data.crops.std"),
+])
+def test_validate_names_the_key(override, key):
+    with pytest.raises(C.ConfigError) as e:
+        C.validate(C.apply_overrides(C.preset("tiny"), [override]))
+    assert key in str(e.value)
+
+
+def test_yaml_file_starting_from_a_preset(tmp_path):
+    (tmp_path / "run.yaml").write_text("preset: tiny\ntrain:\n  max_steps: 9\ndata:\n  crops:\n    local_count: 0\n")
+    cfg = C.load_yaml(tmp_path / "run.yaml")
+    assert cfg.train.max_steps == 9 and cfg.data.crops.local_count == 0
+    assert cfg.model == C.preset("tiny").model
+    (tmp_path / "bad.yaml").write_text("train:\n  max_stepz: 9\n")
+    with pytest.raises(C.ConfigError, match="train.max_steps"):
+        C.load_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(C.ConfigError, match="unknown preset 'tinny'.*did you mean 'tiny'"):
+        C.preset("tinny")

@@ -1,0 +1,65 @@
+"""Exact resume: 6 steps straight == 3 steps, SIGKILL, the same command again (bit for bit on CPU); a
+checkpoint killed while being written is never used."""
+import signal
+
+import pytest
+import torch
+
+from seer import load_pretrained
+from seer.train import list_checkpoints
+from tests.images import write_good_images
+
+from .common import KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, losses, seer, seer_killed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    write_good_images(root, 24)
+    return root
+
+
+def _args(images, out):
+    sets = [a for s in RESUME_SETTINGS + [f"data.source={images}"] for a in ("--set", s)]
+    return ["train", "--preset", "tiny", "--out", str(out), *sets]
+
+
+@pytest.fixture(scope="module")
+def straight(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    seer(*_args(images, out))
+    return out
+
+
+def _same_weights(a, b):
+    sa, sb = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_kill_and_rerun_gives_the_same_losses_bit_for_bit(images, straight, tmp_path):
+    out = tmp_path / "killed"
+    proc = seer_killed(KILL_AT_STEP.format(step=3), *_args(images, out))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
+    rerun = seer(*_args(images, out))
+    assert "resuming from" in rerun.stdout and "step 3 of 6" in rerun.stdout
+    expected, got = losses(straight), losses(out)
+    assert sorted(got) == list(range(1, 7))
+    assert got == expected  # exact float equality, every step
+    assert _same_weights(straight, out)
+
+
+def test_checkpoint_killed_while_being_written_is_not_used(images, straight, tmp_path):
+    out = tmp_path / "killed_in_save"
+    proc = seer_killed(KILL_IN_COMMIT.format(name="step_00000006"), *_args(images, out))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ckpts = out / "checkpoints"
+    assert (ckpts / ".tmp-step_00000006").is_dir()  # fully written, never committed
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000003"]
+    rerun = seer(*_args(images, out))
+    assert "step 3 of 6" in rerun.stdout  # the previous, complete checkpoint
+    assert not (ckpts / ".tmp-step_00000006").exists()
+    assert losses(out) == losses(straight)
+    assert _same_weights(straight, out)

@@ -1,0 +1,103 @@
+"""End-to-end runs of a few steps: one process (the CLI, every output), CPU multi-crop in DataLoader workers,
+and torchrun with 2 processes for data parallelism (then resumed by 1 process) and tensor parallelism."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seer import load_pretrained
+from seer.config import apply_overrides, preset
+from seer.train import Trainer
+from seer.train.checkpoint import list_checkpoints, read_meta
+from tests.images import write_bad_images, write_good_images
+
+from .common import ROOT, env, seer
+
+pytestmark = pytest.mark.slow
+
+METRIC_KEYS = {"step", "epoch", "loss", "lr", "images_per_s", "data_wait", "assign_entropy", "prototypes_used"}
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_process_cli_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    proc = seer("train", "--preset", "tiny", "--out", str(out), "--set", "train.max_steps=4", "--set",
+                "eval.at_end=true", "--set", "eval.random_init_baseline=true", "--set", "eval.max_images=150",
+                "--set", "logging.plot=true", "--set", "logging.tensorboard=true", "--set", "logging.every=2",
+                "--set", "eval.every=2")
+    for name in ("config.yaml", "metrics.jsonl", "eval.json", "eval_random_init.json", "plot.png", "train.log"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    recs = _records(out)
+    assert [r["step"] for r in recs] == [2, 4] and all(METRIC_KEYS <= set(r) for r in recs)
+    during = [json.loads(line) for line in (out / "eval_history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in during] == [2] and 0 <= during[0]["knn_top1"] <= 100
+    ev = json.loads((out / "eval.json").read_text())
+    for key in ("knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init"):
+        assert 0.0 <= ev[key] <= 100.0
+    assert "kNN top-1" in proc.stdout and "at random initialisation" in proc.stdout and "plot.png" in proc.stdout
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003", "step_00000004"]
+    again = seer("train", "--preset", "tiny", "--out", str(out), "--set", "train.max_steps=4")
+    assert "step 4 of 4" in again.stdout  # nothing left to do: resumes at the end and exits
+
+
+def test_multicrop_in_workers_over_files_with_bad_ones(tmp_path):
+    data = tmp_path / "images"
+    write_good_images(data, 12)
+    bad = write_bad_images(data / "junk")
+    cfg = apply_overrides(preset("tiny"), [f"data.source={data}", "data.augment_on=workers", "data.num_workers=2",
+                                           "train.max_steps=2", "train.threads=1"])
+    result = Trainer(cfg, tmp_path / "run").fit()  # 16 files, 8 per step: 2 steps read every file once
+    assert result["step"] == 2
+    skipped = (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()
+    assert {line.split("\t")[0] for line in skipped} == {str(p) for p in bad.values()}
+    assert _records(tmp_path / "run")[-1]["skipped_files"] == 4
+
+
+def _torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def test_torchrun_data_parallel_then_resume_with_one_process(tmp_path):
+    out = tmp_path / "dp"
+    _torchrun("-m", "seer", "train", "--preset", "tiny", "--out", str(out), "--set", "train.max_steps=4",
+              "--set", "checkpoint.every=2", "--set", "train.threads=1", "--set", "loss.freeze_prototypes_iters=0",
+              "--set", "train.grad_clip=1.0")
+    ckpt = list_checkpoints(out / "checkpoints")[-1]
+    meta = read_meta(ckpt)
+    assert (meta["world_size"], meta["dp"], meta["step"]) == (2, 2, 4)
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
+    saved = load_pretrained(out).state_dict()
+    # One process resumes the 2-process run: model and optimizer state resharded by DCP.
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=6", "train.threads=1", "loss.freeze_prototypes_iters=0"])
+    trainer = Trainer(cfg, out)
+    assert trainer.step == 4 and trainer.data.state_dict()["offset"] == meta["data"]["offset"]
+    live = trainer.model.backbone.state_dict()
+    assert all(torch.equal(saved[k], live[k]) for k in saved)
+    momentum = [s["momentum_buffer"] for s in trainer.opt.state.values()]
+    assert len(momentum) == len(list(trainer.model.parameters())) and all(m.abs().sum() > 0 for m in momentum)
+    trainer.fit()
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_torchrun_tensor_parallel_and_the_merged_checkpoint(tmp_path):
+    out = tmp_path / "tp"
+    _torchrun(str(ROOT / "tests" / "train" / "dist_features.py"), str(out), "parallel.tp=2", "train.max_steps=3",
+              "checkpoint.every=3", "train.threads=1", "model.qk_norm=true", "train.grad_clip=1.0")
+    meta = read_meta(list_checkpoints(out / "checkpoints")[-1])
+    assert meta["tp"] == 2 and meta["dp"] == 1
+    assert "backbone.blocks.0.attn.qkv.weight" in meta["tp_layout"] and meta["tp_layout"]["head.prototypes.weight"]
+    # The checkpoint's per-rank slices merged back: the single-process backbone computes what the
+    # tensor-parallel one computed.
+    ref = torch.load(out / "features.pt")
+    model = load_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["x"]), ref["features"], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,38 @@
+"""Step options: global gradient clipping, fp16 with a checkpointed gradient scaler, precision 'auto'."""
+import torch
+
+from seer.config import apply_overrides, preset
+from seer.train import Trainer
+from seer.train.build import clip_grad_norm, resolve_precision
+from seer.train.checkpoint import read_meta
+
+
+def test_clip_grad_norm_matches_torch_on_one_process():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 7), torch.nn.Linear(5, 7)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 5)
+    for m in (a, b):
+        (m(x) ** 2).sum().backward()
+    ours = clip_grad_norm(a, 0.5)
+    ref = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+    assert abs(ours - float(ref)) < 1e-5 * float(ref)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_scaler_state_is_checkpointed_and_restored(tmp_path):
+    cfg = apply_overrides(preset("tiny"), ["train.precision=fp16", "train.max_steps=3", "checkpoint.every=2",
+                                           "train.grad_clip=1.0", "train.threads=1"])
+    t = Trainer(cfg, tmp_path)
+    assert t.scaler is not None
+    t.fit()
+    scale = t.scaler.get_scale()
+    assert read_meta(tmp_path / "checkpoints" / "step_00000003")["scaler"]["scale"] == scale
+    again = Trainer(cfg, tmp_path)
+    assert again.step == 3 and again.scaler.get_scale() == scale
+
+
+def test_precision_auto_resolves_to_a_concrete_choice():
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
