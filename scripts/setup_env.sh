@@ -24,5 +24,8 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda  # torch's own guess picks the wrong folder on GPU-less machines
 fi
 echo "[setup] building seer_kernels._C (C++ CPU kernels; CUDA kernels too when nvcc is found)"
-(cd "$ROOT" && python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -vE "^\s*$|DEPRECATION|egg_info|WheelFile|!!" || true)
-python -c "import seer_kernels, sys; s = seer_kernels.native_status(); print('[setup] native kernels:', 'loaded' if not s else s); sys.exit(1 if s else 0)"
+# pip's own chatter (editable-install banners, deprecation notes) is dropped; errors still show.
+(cd "$ROOT" && python -m pip install -q --no-build-isolation --no-deps -e . 2>&1 \
+  | grep -vE "^\s*$|DEPRECATION|egg_info|WheelFile|!!|\*{8}|BuildBackendWarning|Please be careful|name as your package" || true)
+# A failed native build is an error, unless native code was skipped on purpose.
+python -c "import os, seer_kernels, sys; s = seer_kernels.native_status(); print('[setup] native kernels:', 'loaded' if not s else s); sys.exit(1 if s and os.environ.get('SEER_KERNELS_SKIP_NATIVE') != '1' else 0)"
