@@ -54,6 +54,54 @@ def _open(data: Encoded):
         raise ValueError(f"decode: argument 'data' is not an image Pillow can read ({exc})") from exc
 
 
+class EncodedImage:
+    """An encoded image opened once: its size and the draft reductions it allows come from the header,
+    then :meth:`decode` decodes it from the same open file, at the reduction the caller picked meanwhile
+    (``multicrop`` samples the crops in between). Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, data: Encoded):
+        self._im = _open(data)
+        self.hw = (self._im.height, self._im.width)  # (height, width) at full size
+        self.reductions = _draft_reductions(self._im)
+
+    def decode(self, reduce: int = 1) -> tuple[Tensor, int]:
+        """:func:`decode_image` of this image (which can then be decoded no more), and close it."""
+        im, r = self._im, 1
+        try:
+            if reduce not in (1, 2, 4, 8):
+                raise ValueError(f"decode_image: argument 'reduce' must be 1, 2, 4 or 8, got {reduce!r}")
+            if reduce > 1 and im.format == "JPEG":
+                width, height = im.size
+                drafted = im.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
+                if drafted is not None:
+                    r = int(round(width / drafted[1][2]))
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            pixels = np.array(im)  # (h, w, 3), writable: the one copy out of Pillow's 4-byte pixels
+        finally:
+            self.close()
+        return torch.from_numpy(pixels).permute(2, 0, 1), r
+
+    def close(self) -> None:
+        self._im.close()
+
+    def __enter__(self) -> "EncodedImage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _draft_reductions(im) -> tuple[int, ...]:
+    """The reductions draft mode may use: none unless a JPEG, and not 2 when its chroma is subsampled."""
+    from PIL import JpegImagePlugin
+
+    if im.format != "JPEG":
+        return ()
+    sampling = JpegImagePlugin.get_sampling(im) if im.mode not in ("L", "1") else 0
+    return DRAFT_FACTORS if sampling == 0 else tuple(r for r in DRAFT_FACTORS if r != 2)
+
+
 def image_size(data: Encoded) -> tuple[int, int]:
     """(height, width) of an encoded image, from its header (nothing is decoded)."""
     with _open(data) as im:
@@ -63,20 +111,38 @@ def image_size(data: Encoded) -> tuple[int, int]:
 def probe(data: Encoded) -> tuple[tuple[int, int], tuple[int, ...]]:
     """(height, width) from the header, and the reductions draft mode may use for this image: none unless
     it is a JPEG, and not 2 when its chroma is subsampled (see the module docstring)."""
-    from PIL import JpegImagePlugin
+    with EncodedImage(data) as e:
+        return e.hw, e.reductions
 
-    with _open(data) as im:
-        hw = (im.height, im.width)
-        if im.format != "JPEG":
-            return hw, ()
-        sampling = JpegImagePlugin.get_sampling(im) if im.mode not in ("L", "1") else 0
-        return hw, DRAFT_FACTORS if sampling == 0 else tuple(r for r in DRAFT_FACTORS if r != 2)
+
+def _gain(jitter: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    f = np.maximum(factors[:, :3].astype(np.float64), 1.0)
+    return np.where(jitter, f[:, 0] * f[:, 1] * f[:, 2], 1.0)
 
 
 def jitter_gain(params: CropParams) -> Tensor:
     """(n,) product of the brightness, contrast and saturation factors above 1 (1 without jitter)."""
-    f = params.jitter_factors[:, :3].double().clamp(min=1).prod(dim=1)
-    return torch.where(params.jitter, f, torch.ones_like(f))
+    return torch.from_numpy(_gain(params.jitter.cpu().numpy(), params.jitter_factors.cpu().numpy()))
+
+
+def crop_shrink(fields: dict, sizes) -> np.ndarray:
+    """(n,) ``min(h, w) / (size * gain)`` of each crop, what the draft rule compares with ``margin * r``.
+
+    ``fields``: CropParams fields as numpy arrays (``box``, ``jitter``, ``jitter_factors``, as
+    :func:`seer_kernels.multicrop_params.draw_fields` returns them); ``sizes`` (n,): output sizes.
+    """
+    box = fields["box"]
+    side = np.minimum(box[:, 2], box[:, 3]).astype(np.float64)
+    return side / (np.asarray(sizes, dtype=np.float64) * _gain(fields["jitter"], fields["jitter_factors"]))
+
+
+def largest_reduction(shrink: float, allowed: Sequence[int] = DRAFT_FACTORS, margin: float = DRAFT_MARGIN) -> int:
+    """The largest r in ``allowed`` with ``shrink >= margin * r`` (shrink: the smallest of the image's
+    :func:`crop_shrink`), else 1."""
+    for r in sorted(allowed, reverse=True):
+        if shrink >= margin * r:
+            return r
+    return 1
 
 
 def draft_factor(params: CropParams, sizes: Sequence[int], allowed: Sequence[int] = DRAFT_FACTORS,
@@ -87,12 +153,9 @@ def draft_factor(params: CropParams, sizes: Sequence[int], allowed: Sequence[int
     """
     if len(params) == 0:
         return 1
-    side = torch.minimum(params.box[:, 2], params.box[:, 3]).double()
-    shrink = float((side / (torch.as_tensor(sizes, dtype=torch.float64) * jitter_gain(params))).min())
-    for r in sorted(allowed, reverse=True):
-        if shrink >= margin * r:
-            return r
-    return 1
+    fields = {"box": params.box.cpu().numpy(), "jitter": params.jitter.cpu().numpy(),
+              "jitter_factors": params.jitter_factors.cpu().numpy()}
+    return largest_reduction(float(crop_shrink(fields, sizes).min()), allowed, margin)
 
 
 def decode_image(data: Encoded, reduce: int = 1) -> tuple[Tensor, int]:
@@ -101,16 +164,5 @@ def decode_image(data: Encoded, reduce: int = 1) -> tuple[Tensor, int]:
     With ``reduce`` in (2, 4, 8) a JPEG is decoded in draft mode at 1/r of its size, h = ceil(H / r),
     w = ceil(W / r); other formats (and reduce = 1) decode at full size, r = 1.
     """
-    if reduce not in (1, 2, 4, 8):
-        raise ValueError(f"decode_image: argument 'reduce' must be 1, 2, 4 or 8, got {reduce!r}")
-    with _open(data) as im:
-        r = 1
-        if reduce > 1 and im.format == "JPEG":
-            width, height = im.size
-            drafted = im.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
-            if drafted is not None:
-                r = int(round(width / drafted[1][2]))
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        pixels = np.array(im)  # (h, w, 3), writable
-    return torch.from_numpy(pixels).permute(2, 0, 1), r
+    with EncodedImage(data) as e:
+        return e.decode(reduce)

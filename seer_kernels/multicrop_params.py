@@ -24,8 +24,13 @@ parameters (:func:`seer_kernels.augment_crops`) is deterministic. The distributi
 
 A probability p applies an op when ``u < p`` for a uniform u in [0, 1), so p = 0 never and p = 1 always
 applies it. All uniforms of n crops come from one ``torch.rand((n, 36), generator=..., dtype=float64)``
-call, so a sampler call always consumes the same amount of the generator's stream (the arithmetic on
-them runs in numpy: a sampler call costs tens of microseconds, not hundreds).
+call, row r for crop r (columns: ``U_*`` below), so a sampler call always consumes the same amount of the
+generator's stream. Since one (N n, 36) draw is exactly N consecutive (n, 36) draws from the same generator,
+:meth:`MultiCropSpec.sample` (and :func:`seer_kernels.multicrop`) draws every crop of a whole batch in one
+call, group after group, and still gives exactly what :func:`sample_crop_params` gives called group by
+group, image by image. The arithmetic on the uniforms runs in numpy, vectorised over every crop of the
+call (about 40 small array operations per call whatever the number of crops and groups): tens of
+microseconds per call, not per crop.
 """
 from __future__ import annotations
 
@@ -50,6 +55,16 @@ COL = {name: i for i, name in enumerate(PACK_COLUMNS)}
 
 _TRIES = 10  # torchvision's RandomResizedCrop tries before its fallback
 _UNIFORMS = 2 * _TRIES + 16
+
+# Columns of a crop's row of uniforms (the draw order is part of the sampler's contract: fixed seeds must
+# keep giving the same parameters).
+U_AREA = slice(0, _TRIES)  # RandomResizedCrop: area fraction of each try
+U_LOG_RATIO = slice(_TRIES, 2 * _TRIES)  # and its log aspect ratio
+U_POS = slice(2 * _TRIES, 2 * _TRIES + 2)  # top, left placement
+U_FLAGS = [22, 23, 32, 33, 35]  # flip, jitter, grayscale, blur, solarize (op applied when u < p)
+U_FACTORS = slice(24, 28)  # brightness, contrast, saturation, hue
+U_ORDER = slice(28, 32)  # argsort -> jitter order
+U_SIGMA = 34
 
 
 @dataclass
@@ -163,20 +178,30 @@ class CropParams:
         divides the boxes (a float, or one per crop): the source image was decoded at 1/reduce of its size
         (JPEG draft mode).
         """
-        n = len(self)
-        out = np.empty((n, len(PACK_COLUMNS)), dtype=np.float32)
-        out[:, COL["image"]] = image_index
-        box = self.box.cpu().numpy().astype(np.float64)
-        reduce = np.asarray(reduce, dtype=np.float64)
-        out[:, COL["top"]:COL["width"] + 1] = box / (reduce[:, None] if reduce.ndim else reduce)
-        out[:, COL["flip"]] = self.flip.cpu().numpy()
-        out[:, COL["jitter"]] = self.jitter.cpu().numpy()
-        out[:, COL["brightness"]:COL["hue"] + 1] = self.jitter_factors.cpu().numpy()
-        out[:, COL["order0"]:COL["order3"] + 1] = self.jitter_order.cpu().numpy()
-        out[:, COL["grayscale"]] = self.grayscale.cpu().numpy()
-        out[:, COL["sigma"]] = self.blur_sigma.cpu().numpy()
-        out[:, COL["solarize"]] = self.solarize.cpu().numpy()
-        return torch.from_numpy(out)
+        fields = {f.name: getattr(self, f.name).cpu().numpy() for f in dataclasses.fields(self)}
+        return torch.from_numpy(pack_fields(fields, image_index, reduce))
+
+    @staticmethod
+    def from_numpy(fields: dict) -> "CropParams":
+        """CropParams sharing the memory of numpy arrays (the fields as :func:`draw_fields` returns them)."""
+        return CropParams(**{name: torch.from_numpy(a) for name, a in fields.items()})
+
+
+def pack_fields(fields: dict, image_index=0, reduce=1.0) -> np.ndarray:
+    """:meth:`CropParams.pack` of CropParams fields given as numpy arrays: the (n, 18) float32 matrix."""
+    box = fields["box"]
+    out = np.empty((len(box), len(PACK_COLUMNS)), dtype=np.float32)
+    out[:, COL["image"]] = image_index
+    reduce = np.asarray(reduce, dtype=np.float64)
+    out[:, COL["top"]:COL["width"] + 1] = box.astype(np.float64) / (reduce[:, None] if reduce.ndim else reduce)
+    out[:, COL["flip"]] = fields["flip"]
+    out[:, COL["jitter"]] = fields["jitter"]
+    out[:, COL["brightness"]:COL["hue"] + 1] = fields["jitter_factors"]
+    out[:, COL["order0"]:COL["order3"] + 1] = fields["jitter_order"]
+    out[:, COL["grayscale"]] = fields["grayscale"]
+    out[:, COL["sigma"]] = fields["blur_sigma"]
+    out[:, COL["solarize"]] = fields["solarize"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,34 +225,79 @@ def _check_number(where: str, name: str, value, lo: float, hi: float) -> float:
     return float(value)
 
 
-def rrc_boxes(image_hw, area_frac, log_ratio, pos, ratio: tuple[float, float]) -> np.ndarray:
+def rrc_boxes(image_hw, area_frac, log_ratio, pos, ratio) -> np.ndarray:
     """torchvision's RandomResizedCrop box from given uniforms: (n, 4) int64 top, left, height, width.
 
     ``image_hw``: (height, width) of the image, or an (n, 2) array with one per crop; ``area_frac`` (n, T):
     target area / image area per try; ``log_ratio`` (n, T): log aspect ratio (width / height) per try;
-    ``pos`` (n, 2): uniforms in [0, 1) placing the box (arrays or tensors). See the module docstring.
+    ``pos`` (n, 2): uniforms in [0, 1) placing the box (arrays or tensors); ``ratio``: the (min, max)
+    aspect ratio the fallback narrows to, or an (n, 2) array with one pair per crop. See the module docstring.
     """
     area_frac, log_ratio, pos = (np.asarray(a, dtype=np.float64) for a in (area_frac, log_ratio, pos))
-    hw = np.broadcast_to(np.asarray(image_hw, dtype=np.float64), (len(area_frac), 2))
-    height, width = hw[:, 0], hw[:, 1]
-    target = (height * width)[:, None] * area_frac
+    hw = np.asarray(image_hw, dtype=np.float64).reshape(-1, 2)  # (1 or n, 2)
+    height, width = hw[:, :1], hw[:, 1:]  # columns, to broadcast against the tries
+    target = (height * width) * area_frac
     aspect = np.exp(log_ratio)
     w = np.rint(np.sqrt(target * aspect))  # rint: half to even, like Python's round
     h = np.rint(np.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    ok = (np.minimum(w, h) > 0) & (w <= width) & (h <= height)
+    rows = np.arange(len(ok))
     first = ok.argmax(axis=1)  # the first successful try (0 when none: replaced below)
-    rows = np.arange(len(first))
-    h, w = h[rows, first], w[rows, first]
-    top = np.minimum(np.floor(pos[:, 0] * (height - h + 1)), height - h)
-    left = np.minimum(np.floor(pos[:, 1] * (width - w + 1)), width - w)
-    # Fallback: the centred crop of the whole image at the nearest allowed aspect ratio.
-    lo, hi = min(ratio), max(ratio)
+    box = np.empty((len(ok), 4))
+    box[:, 2] = h[rows, first]
+    box[:, 3] = w[rows, first]
+    free = hw - box[:, 2:]  # top ~ U{0..H-h}, left ~ U{0..W-w}
+    box[:, :2] = np.minimum(np.floor(pos * (free + 1)), free)
+    found = ok.any(axis=1)
+    if not found.all():  # rare with useful scales: most calls skip the fallback's arithmetic
+        box = np.where(found[:, None], box, _fallback_boxes(hw, ratio))
+    return box.astype(np.int64)
+
+
+def _fallback_boxes(hw: np.ndarray, ratio) -> np.ndarray:
+    """torchvision's fallback box: the centred crop of the whole image at the nearest allowed aspect ratio."""
+    ratio = np.asarray(ratio, dtype=np.float64).reshape(-1, 2)
+    lo, hi = ratio.min(axis=1), ratio.max(axis=1)
+    height, width = hw[:, 0], hw[:, 1]
     in_ratio = width / height
     fw = np.where(in_ratio > hi, np.rint(height * hi), width)
     fh = np.where(in_ratio < lo, np.rint(width / lo), height)
-    fallback = np.stack([(height - fh) // 2, (width - fw) // 2, fh, fw], axis=1)
-    box = np.where(ok.any(axis=1)[:, None], np.stack([top, left, h, w], axis=1), fallback)
-    return box.astype(np.int64)
+    return np.stack([(height - fh) // 2, (width - fw) // 2, fh, fw], axis=1)
+
+
+# Columns of CropLaw.coef: each law as one float64 row, so that a draw mixing several laws (the groups of
+# a MultiCropSpec) gathers one row per crop and maps every uniform with array arithmetic.
+K_AREA, K_LOG_RATIO, K_SIGMA = (0, 1), (2, 3), (4, 5)  # (lo, span): value = lo + span * u
+K_PROBS = slice(6, 11)  # flip, jitter, grayscale, blur, solarize (the order of U_FLAGS)
+K_FACTOR_LO, K_FACTOR_SPAN = slice(11, 15), slice(15, 19)
+K_RATIO = slice(19, 21)  # (min, max) aspect ratio of the fallback
+
+
+def _affine(coef: np.ndarray, k: tuple[int, int], u: np.ndarray) -> np.ndarray:
+    """lo + span * u with (lo, span) = columns k of coef, one row per crop (or one for all)."""
+    lo, span = coef[:, k[0]], coef[:, k[1]]
+    if u.ndim == 2:
+        lo, span = lo[:, None], span[:, None]
+    return lo + span * u
+
+
+def draw_fields(coef: np.ndarray, image_hw, n: int, generator: torch.Generator) -> dict[str, np.ndarray]:
+    """The CropParams fields, as numpy arrays, of n crops from one ``torch.rand((n, 36))`` call.
+
+    Crop r follows the law whose :attr:`CropLaw.coef` is ``coef[r]`` (``coef`` (n, K), or (1, K): one law
+    for all) on an image of ``image_hw[r]`` (an (n, 2) array, or one (height, width) for all). Arguments
+    are not checked: callers pass validated laws.
+    """
+    u = torch.rand((n, _UNIFORMS), generator=generator, dtype=torch.float64).numpy()
+    box = rrc_boxes(image_hw, _affine(coef, K_AREA, u[:, U_AREA]), _affine(coef, K_LOG_RATIO, u[:, U_LOG_RATIO]),
+                    u[:, U_POS], coef[:, K_RATIO])
+    flip, jitter, grayscale, blur, solarize = np.ascontiguousarray((u[:, U_FLAGS] < coef[:, K_PROBS]).T)
+    factors = coef[:, K_FACTOR_LO] + coef[:, K_FACTOR_SPAN] * u[:, U_FACTORS]
+    sigma = np.where(blur, _affine(coef, K_SIGMA, u[:, U_SIGMA]), 0.0)
+    return dict(box=box, flip=flip, jitter=jitter,
+                jitter_factors=np.where(jitter[:, None], factors, IDENTITY_FACTORS).astype(np.float32),
+                jitter_order=np.argsort(u[:, U_ORDER], axis=1).astype(np.int64, copy=False),  # uniform permutation
+                grayscale=grayscale, blur_sigma=sigma.astype(np.float32), solarize=solarize)
 
 
 def check_mean_std(where: str, mean, std) -> tuple[list[float], list[float]]:
@@ -324,26 +394,18 @@ class CropLaw:
         return CropLaw(scale, ratio, (math.log(ratio[0]), math.log(ratio[1])), probs,
                        np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges]), sigma)
 
+    @functools.cached_property
+    def coef(self) -> np.ndarray:
+        """This law as one row of numbers (columns ``K_*``), the form :func:`draw_fields` takes."""
+        (s0, s1), (r0, r1), (g0, g1) = self.scale, self.log_ratio, self.sigma
+        # The spans are the differences the scalar formulas lo + (hi - lo) u use: draws stay bit-identical.
+        return np.concatenate([[s0, s1 - s0, r0, r1 - r0, g0, g1 - g0], self.probs, self.factor_lo,
+                               self.factor_hi - self.factor_lo, self.ratio])
+
     def draw(self, image_hw, n: int, generator: torch.Generator) -> CropParams:
         """Parameters of n crops of an image of image_hw (arguments already validated); ``image_hw`` may
         also be an (n, 2) array, one image size per crop (several images drawn in one call)."""
-        u = torch.rand((n, _UNIFORMS), generator=generator, dtype=torch.float64).numpy()
-        t = _TRIES
-        (s0, s1), (r0, r1) = self.scale, self.log_ratio
-        box = rrc_boxes(image_hw, s0 + (s1 - s0) * u[:, :t], r0 + (r1 - r0) * u[:, t:2 * t], u[:, 2 * t:2 * t + 2],
-                        self.ratio)
-        c = 2 * t + 2
-        flip_p, jitter_p, grayscale_p, blur_p, solarize_p = self.probs
-        jitter = u[:, c + 1] < jitter_p
-        lo, hi = self.factor_lo, self.factor_hi
-        factors = np.where(jitter[:, None], lo + (hi - lo) * u[:, c + 2:c + 6], IDENTITY_FACTORS).astype(np.float32)
-        order = np.argsort(u[:, c + 6:c + 10], axis=1)  # a uniformly random permutation
-        blur = u[:, c + 11] < blur_p
-        sigma = np.where(blur, self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, c + 12], 0.0).astype(np.float32)
-        t_ = torch.from_numpy
-        return CropParams(box=t_(box), flip=t_(u[:, c] < flip_p), jitter=t_(jitter), jitter_factors=t_(factors),
-                          jitter_order=t_(order.astype(np.int64)), grayscale=t_(u[:, c + 10] < grayscale_p),
-                          blur_sigma=t_(sigma), solarize=t_(u[:, c + 13] < solarize_p))
+        return CropParams.from_numpy(draw_fields(self.coef[None], image_hw, n, generator))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,9 +481,104 @@ class MultiCropSpec:
         opts = self.sampler_options()
         return tuple(CropLaw.make("MultiCropSpec", g.scale, jitter_strength=None, **opts) for g in self.groups)
 
+    @functools.cached_property
+    def coef(self) -> np.ndarray:
+        """(G, K): the law of each group as one row (:attr:`CropLaw.coef`), gathered per crop by :meth:`draw`."""
+        return np.stack([law.coef for law in self.laws])
+
+    def draw(self, image_hw, generator: torch.Generator) -> "CropDraw":
+        """Every crop of N images of sizes ``image_hw`` ((N, 2) ints, not checked) in one ``torch.rand`` call:
+        see :class:`CropDraw` for the row order and :meth:`sample` for the semantics."""
+        layout = row_layout(tuple(g.count for g in self.groups), len(image_hw))
+        hw = np.asarray(image_hw, dtype=np.int64)[layout.image]
+        return CropDraw(layout, draw_fields(self.coef[layout.group], hw, layout.rows, generator))
+
+    def sample(self, image_hw: Sequence[tuple[int, int]], generator: torch.Generator) -> list[list[CropParams]]:
+        """The parameters ``multicrop(images, self, generator)`` draws for N images of sizes ``image_hw``
+        ((height, width) each): ``params[i][g]``, the crops of group g of image i.
+
+        The whole batch comes from one ``torch.rand`` call, group after group, image after image within a
+        group: exactly what :func:`sample_crop_params` gives called for group 0 of image 0, ..., group 0 of
+        image N - 1, group 1 of image 0, ... with this recipe's options, from the same generator.
+        """
+        where = "MultiCropSpec.sample"
+        hw = np.asarray(image_hw) if isinstance(image_hw, (list, tuple)) and image_hw else None
+        if (hw is None or hw.ndim != 2 or hw.shape[1] != 2 or not np.issubdtype(hw.dtype, np.integer)
+                or (hw <= 0).any()):
+            raise ValueError(f"{where}: argument 'image_hw' must be a non-empty list of (height, width) pairs of "
+                             f"integers > 0, got {image_hw!r}")
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {generator!r}")
+        return self.draw(hw, generator).params()
+
     def sampler_options(self) -> dict:
         """Keyword arguments of :func:`sample_crop_params` for this recipe."""
         return dict(ratio=self.ratio, flip_p=self.flip_p, jitter_p=self.jitter_p, brightness=self.brightness,
                     contrast=self.contrast, saturation=self.saturation, hue=self.hue,
                     grayscale_p=self.grayscale_p, blur_p=self.blur_p, blur_sigma=self.blur_sigma,
                     solarize_p=self.solarize_p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A batched draw: every crop of a batch in one array per field.
+
+@dataclass(frozen=True)
+class RowLayout:
+    """The rows of a batched draw of N images (:meth:`MultiCropSpec.draw`): group after group, image after
+    image within a group, crop after crop within an image (row ``bounds[g][0] + i count_g + v`` = crop v of
+    group g of image i). Arrays are read-only: layouts are cached and shared."""
+
+    counts: tuple[int, ...]
+    n_images: int
+    group: np.ndarray  # (R,) group of each row
+    image: np.ndarray  # (R,) image of each row
+    crop_major: np.ndarray  # (R,) the rows as the ops take them: in group g, row v N + i = crop v of image i
+    bounds: tuple[tuple[int, int], ...]  # rows [start, stop) of each group, in both orders
+
+    @property
+    def rows(self) -> int:
+        return len(self.group)
+
+    def of(self, image: int, group: int) -> slice:
+        """The rows of one image's crops of one group."""
+        start = self.bounds[group][0] + image * self.counts[group]
+        return slice(start, start + self.counts[group])
+
+
+@functools.lru_cache(maxsize=64)
+def row_layout(counts: tuple[int, ...], n_images: int) -> RowLayout:
+    """The :class:`RowLayout` of ``n_images`` images with ``counts[g]`` crops in group g (cached: a data
+    loader asks for the same few batch sizes over and over)."""
+    group, image, crop_major, bounds, start = [], [], [], [], 0
+    for g, c in enumerate(counts):
+        group.append(np.full(c * n_images, g))
+        image.append(np.repeat(np.arange(n_images), c))
+        crop_major.append(start + (np.arange(n_images)[None, :] * c + np.arange(c)[:, None]).ravel())
+        bounds.append((start, start + c * n_images))
+        start += c * n_images
+    arrays = [np.concatenate(a) for a in (group, image, crop_major)]
+    for a in arrays:
+        a.setflags(write=False)
+    return RowLayout(tuple(counts), n_images, *arrays, tuple(bounds))
+
+
+@dataclass(frozen=True)
+class CropDraw:
+    """The parameters of every crop of a batch (:meth:`MultiCropSpec.draw`): the CropParams fields as numpy
+    arrays, one row per crop in ``layout`` order. Nothing per crop or per image is built until asked for."""
+
+    layout: RowLayout
+    fields: dict
+
+    def params(self) -> list[list[CropParams]]:
+        """``params[i][g]``: the CropParams of group g of image i (views of one set of tensors)."""
+        every, lay = CropParams.from_numpy(self.fields), self.layout
+        return [[every[lay.of(i, g)] for g in range(len(lay.counts))] for i in range(lay.n_images)]
+
+    def packed(self, reduce) -> list[Tensor]:
+        """For each group, the (count N, 18) matrix the native op reads (:meth:`CropParams.pack`), crop-major
+        (row v N + i = crop v of image i), the boxes of image i divided by ``reduce[i]``."""
+        lay = self.layout
+        rows = pack_fields(self.fields, lay.image, np.asarray(reduce, dtype=np.float64)[lay.image])[lay.crop_major]
+        every = torch.from_numpy(rows)
+        return [every[start:stop] for start, stop in lay.bounds]

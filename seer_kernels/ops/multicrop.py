@@ -24,6 +24,7 @@ On the GPU: decode to uint8 (3, H, W) CUDA tensors, then ``multicrop(list_of_cud
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Optional, Sequence, Union
 
@@ -31,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _native
+from .. import _native, decode
 from .._backend import Backend, Dispatcher
-from ..multicrop_params import CropParams, MultiCropSpec, check_mean_std
+from ..multicrop_params import CropDraw, CropParams, MultiCropSpec, check_mean_std
 from ..reference import multicrop as ref
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -229,45 +230,50 @@ def multicrop(images: Union[Sequence[ImageLike], Tensor], spec: MultiCropSpec, g
         raise TypeError(f"{where}: argument 'spec' must be a seer_kernels.MultiCropSpec, got {type(spec).__name__}")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {type(generator).__name__}")
-    from .. import decode
-
-    sizes, factors = [], []
-    for i, item in enumerate(images):
-        if isinstance(item, (bytes, bytearray, memoryview)):
-            hw, f = decode.probe(item)
-        else:
-            _check_image(where, f"images[{i}]", item)
-            hw, f = tuple(item.shape[1:]), ()
-        sizes.append(hw)
-        factors.append(f)
-    # One draw per group for the whole batch (rows image-major): the spec's laws are validated and the
-    # parameters valid by construction, so there are no per-call checks.
-    n = len(images)
-    drawn = [law.draw(np.repeat(np.asarray(sizes), g.count, axis=0), g.count * n, generator)
-             for law, g in zip(spec.laws, spec.groups)]
-
-
-    def of_image(i: int) -> list[CropParams]:
-        return [d[i * g.count:(i + 1) * g.count] for d, g in zip(drawn, spec.groups)]
-
-    decoded, reduce = [], []
-    for i, item in enumerate(images):
-        r = 1
-        if isinstance(item, (bytes, bytearray, memoryview)):
-            if draft and factors[i]:
-                r = decode.draft_factor(CropParams.cat(of_image(i)), [g.size for g in spec.groups for _ in range(g.count)],
-                                        factors[i])
-            item, r = decode.decode_image(item, r)
-        decoded.append(item)
-        reduce.append(r)
+    with contextlib.ExitStack() as opened:  # encoded images stay open from their header to their decode
+        sources = [_source(where, i, item, opened) for i, item in enumerate(images)]
+        draw = spec.draw([s.hw if isinstance(s, decode.EncodedImage) else tuple(s.shape[1:]) for s in sources],
+                         generator)
+        decoded, reduce = _decode_sources(sources, draw, spec, draft)
     if any(im.device != decoded[0].device for im in decoded):
         raise ValueError(f"{where}: argument 'images' must all be on one device (encoded images decode on the CPU), "
                          f"got {sorted({str(im.device) for im in decoded})}")
     mean, std = list(spec.mean), list(spec.std)
-    outs = []
-    for d, group in zip(drawn, spec.groups):
-        rows = np.arange(n).repeat(group.count)  # image of each drawn row (image-major)
-        packed = d.pack(rows, np.asarray(reduce, dtype=np.float64)[rows])
-        packed = packed.view(n, group.count, -1).transpose(0, 1).reshape(n * group.count, -1)  # crop-major
-        outs.append(torch.ops.seer.multicrop_apply(decoded, packed, group.size, mean, std, spec.out_dtype))
-    return (outs, [of_image(i) for i in range(n)]) if return_params else outs
+    outs = [torch.ops.seer.multicrop_apply(decoded, packed, group.size, mean, std, spec.out_dtype)
+            for packed, group in zip(draw.packed(reduce), spec.groups)]
+    return (outs, draw.params()) if return_params else outs
+
+
+def _source(where: str, i: int, item, opened: contextlib.ExitStack):
+    """An encoded item opened (its header read, nothing decoded), or a checked image tensor."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return opened.enter_context(decode.EncodedImage(item))
+    _check_image(where, f"images[{i}]", item)
+    return item
+
+
+def _decode_sources(sources: list, draw: CropDraw, spec: MultiCropSpec, draft: bool) -> tuple[list[Tensor], list[int]]:
+    """The images as tensors and the reduction each was decoded at: each encoded one at the largest draft
+    reduction that every one of its crops allows (seer_kernels.decode), or 1."""
+    shrink = None  # per image, computed only when some image may use draft mode
+    decoded, reduce = [], []
+    for i, source in enumerate(sources):
+        r = 1
+        if isinstance(source, decode.EncodedImage):
+            if draft and source.reductions:
+                if shrink is None:
+                    shrink = _image_shrink(draw, spec)
+                r = decode.largest_reduction(float(shrink[i]), source.reductions)
+            source, r = source.decode(r)
+        decoded.append(source)
+        reduce.append(r)
+    return decoded, reduce
+
+
+def _image_shrink(draw: CropDraw, spec: MultiCropSpec) -> np.ndarray:
+    """(N,) the smallest :func:`seer_kernels.decode.crop_shrink` over each image's crops."""
+    lay = draw.layout
+    per_crop = decode.crop_shrink(draw.fields, np.array([g.size for g in spec.groups])[lay.group])
+    out = np.full(lay.n_images, np.inf)
+    np.minimum.at(out, lay.image, per_crop)
+    return out

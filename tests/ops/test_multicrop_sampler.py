@@ -196,3 +196,38 @@ def test_seer_10b_recipe_runs(gen):
     image = torch.randint(0, 256, (3, 120, 90), dtype=torch.uint8, generator=gen)
     outs = seer_kernels.multicrop([image, image[:, :70]], MultiCropSpec.seer_10b(), gen)
     assert [tuple(o.shape) for o in outs] == [(4, 3, 160, 160), (8, 3, 96, 96)]
+
+
+def test_batched_draw_is_the_per_image_draws_in_order(gen):
+    # MultiCropSpec.sample draws a whole batch in one torch.rand call; it must equal sample_crop_params
+    # called group by group, image by image (the sampler's documented stream contract), and consume the
+    # generator exactly as those calls do.
+    spec = MultiCropSpec(groups=(CropGroup(2, 64, (0.14, 1.0)), CropGroup(3, 24, (0.05, 0.14)),
+                                 CropGroup(1, 32, (0.3, 0.5))), solarize_p=0.3, jitter_p=0.6)
+    sizes = [(300, 451), (17, 1000), (64, 64), (5, 3)]  # (5, 3): the fallback box for many tries
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    batched = spec.sample(sizes, g1)
+    want = [[None] * len(spec.groups) for _ in sizes]
+    for g, group in enumerate(spec.groups):
+        for i, hw in enumerate(sizes):
+            want[i][g] = sample_crop_params(hw, group.count, group.scale, g2, **spec.sampler_options())
+    assert torch.equal(g1.get_state(), g2.get_state())
+    for i in range(len(sizes)):
+        for g in range(len(spec.groups)):
+            a, b = batched[i][g], want[i][g]
+            assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__), (i, g)
+    # multicrop draws exactly these parameters.
+    images = [torch.randint(0, 256, (3, *hw), dtype=torch.uint8, generator=gen) for hw in sizes]
+    _, used = seer_kernels.multicrop(images, spec, torch.Generator().manual_seed(seed), return_params=True)
+    assert all(torch.equal(getattr(used[i][g], f), getattr(batched[i][g], f)) for i in range(len(sizes))
+               for g in range(len(spec.groups)) for f in CropParams.__dataclass_fields__)
+
+
+def test_batched_draw_bad_arguments():
+    spec = MultiCropSpec.swav()
+    for bad in [[], [(10,)], [(10, 0)], [(10.5, 3)], "abc", None]:
+        with pytest.raises(ValueError, match="'image_hw'"):
+            spec.sample(bad, torch.Generator())
+    with pytest.raises(TypeError, match="'generator'"):
+        spec.sample([(10, 10)], None)
