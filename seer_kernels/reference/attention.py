@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import autocast_off
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -44,6 +46,7 @@ def new_lse(q: Tensor) -> Tensor:
     return torch.empty(q.shape[:-1], dtype=compute_dtype(q.dtype), device=q.device)
 
 
+@autocast_off
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     ct = compute_dtype(q.dtype)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
@@ -54,6 +57,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     return out, lse
 
 
+@autocast_off
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous) from the saved log-sum-exp."""

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..multicrop_params import COL
+from . import autocast_off
 
 GRAY = (0.2989, 0.587, 0.114)
 
@@ -173,6 +174,7 @@ def augment(image: Tensor, p: Tensor, size: int) -> Tensor:
     return torch.where(sol & (x >= 0.5), 1 - x, x)
 
 
+@autocast_off
 def multicrop_apply(images: Sequence[Tensor], params: Tensor, size: int, mean: Sequence[float],
                     std: Sequence[float], out_dtype: torch.dtype) -> Tensor:
     """Crops (n, 3, S, S) of ``out_dtype`` for the packed CPU parameter matrix ``params`` (n, 18).

@@ -400,7 +400,13 @@ def test_autocast_casts_float32_like_sdpa():
             got_ref = seer_kernels.attention(q, k, v)
     assert got.dtype == want.dtype == got_ref.dtype == BF16
     assert max_abs_err(got, want) == 0.0
-    assert max_abs_err(got_ref, want) <= 3e-2
+    # The reference is held to the house rule against float64 on the bf16-cast inputs (a fixed tolerance
+    # against SDPA's bf16 output fails now and then: both round to bf16, up to 0.05 apart at |out| ~ 2).
+    qb, kb, vb = (t.to(BF16) for t in (q, k, v))
+    ref64 = math_attention(qb.double(), kb.double(), vb.double(), 32 ** -0.5)
+    assert_close_to_ref(got_ref, ref64, math_attention(qb, kb, vb, 32 ** -0.5), atol=dtype_atol(ref64, BF16))
+    with use_backend("reference", op="attention"):
+        assert torch.equal(got_ref, seer_kernels.attention(qb, kb, vb))  # autocast stays out of the reference
 
 
 def test_meta_tensors_give_shapes():

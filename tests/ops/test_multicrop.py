@@ -304,3 +304,14 @@ def test_cuda_rejects_a_box_outside_the_image_before_launching():
     with pytest.raises(ValueError, match="argument 'params': crop 0: box"):
         torch.ops.seer_C.multicrop_apply([image], packed, 8, list(MEAN), list(STD), torch.float32)
     torch.cuda.synchronize()
+
+
+def test_reference_ignores_the_callers_autocast(gen):
+    # Under autocast the reference's matmuls would run in bfloat16; its output must not change.
+    image = torch.randint(0, 256, (3, 61, 83), dtype=torch.uint8, generator=gen)
+    params = seer_kernels.sample_crop_params((61, 83), 5, (0.05, 1.0), gen)
+    with use_backend("reference", op="multicrop"):
+        want = seer_kernels.augment_crops(image, params, 24, MEAN, STD)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = seer_kernels.augment_crops(image, params, 24, MEAN, STD)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
