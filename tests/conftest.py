@@ -69,3 +69,25 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "seed":
                 item.add_report_section("call", "seed", f"torch.manual_seed({value})")
+
+
+@pytest.fixture
+def sm90_compile():
+    """Run one of bench/*_compile.py (Triton's full pipeline to an sm_90 cubin, ptxas included, no GPU
+    needed) and return its report. A subprocess, because this process may run Triton interpreted."""
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton has no bundled ptxas to compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(module: str, *args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", module, "--arch", "90", *args], capture_output=True, text=True,
+                             env=env, cwd=root, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    return run

@@ -42,20 +42,22 @@ SEER_PIXEL_KERNEL(blur_h_kernel, stage_blur_h)
 SEER_PIXEL_KERNEL(blur_v_kernel, stage_blur_v)
 
 // means[n] = mean grey level of crop n (crops whose jitter includes contrast); one block per crop.
+// Sums in double, like the CPU kernels: each thread adds S^2 / 256 values (65536 at S = 4096), and a
+// float sum of that many drifts by up to ~1e-3 relative, which contrast passes on to every pixel.
 __global__ void __launch_bounds__(kThreads) mean_kernel(StageArgs a) {
   const int64_t n = blockIdx.x;
   if (!load_crop(a.params + n * kCols).needs_mean) return;  // uniform across the block
   const int64_t plane = static_cast<int64_t>(a.S) * a.S;
-  float acc = 0.f;
+  double acc = 0.0;
   for (int64_t q = threadIdx.x; q < plane; q += blockDim.x) acc += stage_gray(a, n, q);
   for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  __shared__ float partial[kThreads / 32];
+  __shared__ double partial[kThreads / 32];
   if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
-    float total = 0.f;
+    double total = 0.0;
     for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
-    a.means[n] = total / static_cast<float>(plane);
+    a.means[n] = static_cast<float>(total / static_cast<double>(plane));
   }
 }
 

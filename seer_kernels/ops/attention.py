@@ -133,7 +133,7 @@ def _triton_bwd(dout, q, k, v, out, lse, scale, deterministic):
                                 dq_tile=_tile(row, "dq"))
 
 
-def _triton_check(*, where, dt, head_dim, batch, heads, **_) -> list[str]:
+def _triton_check(*, where, dt, head_dim, n_q, n_kv, batch, heads, **_) -> list[str]:
     out = []
     if where.type == "cuda" and dt == torch.float32:
         out.append("float32 on a GPU runs through SDPA or the reference (the Triton kernel is for bfloat16 "
@@ -144,6 +144,8 @@ def _triton_check(*, where, dt, head_dim, batch, heads, **_) -> list[str]:
         out.append(f"head dim {head_dim} is not supported (a multiple of 8 from 8 to 256)")
     if batch > MAX_GRID or heads > MAX_GRID:
         out.append(f"batch {batch} or heads {heads} exceed the launch grid limit {MAX_GRID}")
+    if max(n_q, n_kv) * head_dim >= 2**31:
+        out.append(f"N {max(n_q, n_kv)} x head dim {head_dim} passes the kernels' int32 row offsets (2^31)")
     return out
 
 

@@ -313,9 +313,19 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _rows_fit_int32(t: Tensor) -> bool:
+    """Inside one (batch, head) slice the kernels offset rows in int32: (N - 1) * stride + D < 2^31.
+
+    (Batch and head offsets are int64 in the kernels.) A fused projection's (B, N, 3, H, D) layout passes
+    2^31 at N * 3 * H * D, e.g. N = 87k tokens at H * D = 8192; int32 would wrap to a wrong address there.
+    """
+    return (t.shape[2] - 1) * t.stride(2) + t.shape[3] < 2**31
+
+
 def _unit_last(t: Tensor) -> Tensor:
-    """The kernels index the head dim without a stride (vectorised loads); copy the rare other layout."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """The kernels index the head dim without a stride (vectorised loads) and rows with int32 offsets; copy
+    the rare other layouts (contiguous rows fit int32 up to N * D < 2^31, which the op checks)."""
+    return t if t.stride(-1) == 1 and _rows_fit_int32(t) else t.contiguous()
 
 
 def _strides3(t: Tensor) -> tuple[int, int, int]:
@@ -353,11 +363,15 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     out, lse = new_out(q, v), new_lse(q)
+    # out's (B, N, H, D) rows are H * D apart: past int32 row offsets, write (B, H, N, D) rows and copy.
+    dst = out if _rows_fit_int32(out) else torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     with _on_device(q):
         _run(_fwd_kernel, lambda t: (triton.cdiv(NQ, t.block_m), H, B), _candidates(FWD_TILES, D, tile),
-             (q, k, v, out, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), H, NQ, NK,
+             (q, k, v, dst, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dst), H, NQ, NK,
               float(scale)),
              dict(HEAD_DIM=D, D_PAD=d_pad(D)))
+        if dst is not out:
+            out.copy_(dst)
     return out, lse
 
 

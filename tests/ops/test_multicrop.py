@@ -100,6 +100,42 @@ def test_random_pipelines_match_torchvision(backend, device, gen, poison_empty):
             assert_within_tolerance(got, torchvision_crops(image, params, size), what=f"{name} {size} {backend}")
 
 
+def _guarded(image: torch.Tensor, hwc: bool) -> torch.Tensor:
+    """A view of ``image`` inside a larger buffer of 255s (planar, or an HWC array's channels-last view):
+    a read past any edge of the image pulls 255s into the crop."""
+    c, h, w = image.shape
+    if hwc:
+        big = torch.full((h + 4, w + 4, c), 255, dtype=torch.uint8)
+        big[2:2 + h, 2:2 + w] = image.permute(1, 2, 0)
+        return big[2:2 + h, 2:2 + w].permute(2, 0, 1)
+    big = torch.full((c, h + 4, w + 4), 255, dtype=torch.uint8)
+    big[:, 2:2 + h, 2:2 + w] = image
+    return big[:, 2:2 + h, 2:2 + w]
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("backend", ["cpp", "emulated"])
+@pytest.mark.parametrize("hw", [(1, 1), (1, 7), (9, 1), (5, 3)])
+def test_tiny_images_fractional_windows_and_guarded_views(backend, hw, gen, poison_empty):
+    """1-pixel images, rows and columns; whole-image, corner and fractional (draft-decoded) windows touching
+    the borders; outputs of 1 pixel and upsampled ones; a blur radius far beyond the crop (reflection folds
+    again); every crop read from views inside a 255 border, so that no tap may reach past the image."""
+    h, w = hw
+    image = torch.randint(0, 200, (3, h, w), generator=gen, dtype=torch.uint8)
+    windows = [[0, 0, h, w], [h - 1, w - 1, 1, 1], [0.25, 0.5, h - 0.5, w - 0.75], [h - 0.25, w - 0.125, 0.25, 0.125]]
+    packed = CropParams.identity([[0, 0, 1, 1]] * len(windows)).pack().repeat(2, 1)
+    packed[:, 1:5] = torch.tensor(windows, dtype=torch.float32).repeat(2, 1)
+    packed[1::2, 5] = 1                                    # flip
+    packed[:, 6], packed[:, 7], packed[:, 8] = 1, 1.3, 0.6  # brightness and contrast
+    packed[::3, 15] = 1                                    # grayscale
+    packed[:4, 16], packed[4:, 16] = 0.7, 1000.0           # blur sigma
+    for size in (1, 5):
+        want = apply("reference", [image], packed, size)
+        for hwc in (False, True):
+            got = apply(backend, [_guarded(image, hwc)], packed, size)
+            assert float((got - want).abs().max()) <= EXACT / min(STD), f"size {size} hwc {hwc}"
+
+
 # ---- properties of the op ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -315,3 +351,49 @@ def test_reference_ignores_the_callers_autocast(gen):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = seer_kernels.augment_crops(image, params, 24, MEAN, STD)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.ext
+def test_cuda_contrast_mean_of_a_large_crop_matches_the_cpu_kernel():
+    """Contrast blends towards the grey mean of all S^2 pixels; the CUDA block reduction sums S^2 / 256
+    values per thread (65536 here), which in float32 drifts by ~1e-3 relative on a flat image."""
+    image = torch.full((3, 8, 8), 128, dtype=torch.uint8)
+    params = CropParams.identity([[0, 0, 8, 8]]).replace(
+        jitter=torch.ones(1, dtype=torch.bool), jitter_factors=torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    got = crops("cuda", image, params, 4096, "cuda")
+    want = crops("cpp", image, params, 4096, "cpu")
+    assert float((got.cpu() - want).abs().max()) <= EXACT / min(STD)
+
+
+@pytest.mark.cuda
+@pytest.mark.ext
+def test_cuda_runs_on_the_current_stream(gen):
+    """The image is written on a side stream behind a long sleep: launched on any other stream, the
+    kernels would read it before it is written."""
+    image = photos()["coffee"]
+    params = random_params(tuple(image.shape[1:]), 4, (0.05, 1.0), gen, solarize_p=0.5)
+    want = crops("cpp", image, params, 48, "cpu")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        on_gpu = torch.zeros(image.shape, dtype=torch.uint8, device="cuda")
+        torch.cuda._sleep(200_000_000)
+        on_gpu.copy_(image.pin_memory(), non_blocking=True)
+        got = crops("cuda", on_gpu, params, 48, "cuda")
+    side.synchronize()
+    assert_within_tolerance(got, want, what="cuda on a side stream vs cpp")
+
+
+@pytest.mark.cuda
+@pytest.mark.ext
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_images_on_the_second_device(gen):
+    """Device guard: images on cuda:1 while cuda:0 is current (scratch, tables and launches on cuda:1)."""
+    images = [photos()[k] for k in ("tiny", "strip")]
+    packed = torch.cat([random_params(tuple(im.shape[1:]), 3, (0.05, 1.0), gen, solarize_p=0.5).pack(i)
+                        for i, im in enumerate(images)])
+    with torch.cuda.device(0):
+        got = apply("cuda", [im.to("cuda:1") for im in images], packed, 32)
+        torch.cuda.synchronize(1)
+    assert got.device == torch.device("cuda:1")
+    assert_within_tolerance(got, apply("cpp", images, packed, 32), what="cuda:1 vs cpp")

@@ -398,3 +398,11 @@ def test_reference_float64_is_the_same_algorithm():
     assert got.dtype == torch.float64
     assert max_abs_err(got, swav_f64(s, 0.05, 4)) <= 1e-12
     assert math.isclose(float(got.sum()), 20.0, rel_tol=1e-12)
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper_without_spills(sm90_compile):
+    """Without a GPU: the step kernels and a sample of the fused tiles compiled for sm_90 (python -m
+    bench.sinkhorn_compile checks every tile the launchers can ask for)."""
+    out = sm90_compile("bench.sinkhorn_compile", "--quick")
+    assert "11 variants, 0 failures" in out, out
