@@ -89,8 +89,10 @@ def _git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
+        # bench/results/ does not count: the run being recorded rewrites its own file there.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)bench/results"], capture_output=True, text=True,
+                               cwd=os.path.dirname(__file__), timeout=10).stdout.strip()
         return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
