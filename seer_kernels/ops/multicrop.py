@@ -58,6 +58,7 @@ DISPATCH.register(Backend("reference", ref.multicrop_apply, ("cuda", "cpu"), (to
 @torch.library.custom_op("seer::multicrop_apply", mutates_args=())
 def _apply_op(images: list[Tensor], params: Tensor, size: int, mean: list[float], std: list[float],
               out_dtype: torch.dtype) -> Tensor:
+    _check_not_capturing("seer::multicrop_apply", images[0])
     backend = DISPATCH.select(images[0].device, images[0].dtype)
     return backend.impl(images, params, size, mean, std, out_dtype)
 
@@ -80,6 +81,16 @@ def _check_image(where: str, name: str, image) -> None:
                          f"got {tuple(image.shape)}")
     if image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"{where}: argument '{name}' must be non-empty, got shape {tuple(image.shape)}")
+    _check_not_capturing(where, image)
+
+
+def _check_not_capturing(where: str, image: Tensor) -> None:
+    """Also checked inside the op at run time, which is where a compiled region (opaque to it) gets it."""
+    if image.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        # The parameters live on the host and reach the GPU through a staging copy that a graph would
+        # freeze: every replay would give the captured crops again, silently, whatever params hold then.
+        raise RuntimeError(f"{where}: cannot run inside CUDA graph capture: the crop parameters are host data "
+                           "drawn per call; run the augmentation outside the graph (a few launches per batch)")
 
 
 def _check_size(where: str, size) -> int:

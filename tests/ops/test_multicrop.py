@@ -397,3 +397,15 @@ def test_cuda_images_on_the_second_device(gen):
         torch.cuda.synchronize(1)
     assert got.device == torch.device("cuda:1")
     assert_within_tolerance(got, apply("cpp", images, packed, 32), what="cuda:1 vs cpp")
+
+
+@pytest.mark.cuda
+def test_refuses_cuda_graph_capture(gen):
+    # A captured graph would replay the crops of the captured parameters forever: refuse, clearly.
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=gen).cuda()
+    params = seer_kernels.sample_crop_params((40, 50), 2, (0.1, 1.0), gen)
+    seer_kernels.augment_crops(image, params, 16, MEAN, STD)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            seer_kernels.augment_crops(image, params, 16, MEAN, STD)
