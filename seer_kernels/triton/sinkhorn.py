@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..reference.sinkhorn import SinkhornSteps, sinkhorn_loop
 
-FUSED_MAX_ELEMENTS = 8192  # every tile up to this size compiles without spills (bench.sinkhorn_compile)
+FUSED_MAX_ELEMENTS = 8192  # every tile up to this size compiles for sm_90 without real spills (bench.sinkhorn_compile)
 
 
 @triton.jit
@@ -244,8 +244,9 @@ def sinkhorn_fused(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
 
 
 def fused_num_warps(block_b: int, block_k: int) -> int:
-    """Warps of the fused kernel: at most 8 elements of a tile per thread from 1024 elements on. At 8 warps,
-    some 4096- and 8192-element tiles spill on sm_90 (ptxas); python -m bench.sinkhorn_compile checks every
-    tile the launcher can ask for. One program runs the whole problem, so more warps cost nothing else."""
+    """Warps of the fused kernel: 4 below 1024 elements, 8 below 4096, 16 from there (at most 16 elements of
+    a tile per thread). At 8 warps, some 4096- and 8192-element tiles spill on sm_90 (ptxas); python -m
+    bench.sinkhorn_compile checks every tile the launcher can ask for. One program runs the whole problem,
+    so more warps cost nothing else."""
     n = block_b * block_k
     return 16 if n >= 4096 else 8 if n >= 1024 else 4
