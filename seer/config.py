@@ -257,7 +257,7 @@ def _demo() -> RunConfig:
     # Two cores, no oversubscription: the model on one thread, multi-crop in one DataLoader worker (two
     # threads on two cores are faster only while nothing else runs: 0.13 s vs 0.19 s per step idle, but
     # 0.5-0.7 s as soon as another process takes a core). Attention runs on the reference path: at 17
-    # tokens in bf16 on a CPU it costs 0.17 s per step against 0.26 s for torch's SDPA kernel.
+    # tokens in bf16 on a CPU it costs 0.17-0.18 s per step against 0.26 s for torch's SDPA kernel.
     return RunConfig(
         description=("demo: SwAV on scikit-learn's digits (labels hidden), 2 CPU cores, under 5 minutes. "
                      "Departs from SwAV for this data: no colour jitter/grayscale/blur/flip, no local crops, "
