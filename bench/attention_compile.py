@@ -12,21 +12,16 @@ divisible by 16 where a real launch would specialise them the same way (strides 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
-import os
-import re
-import subprocess
 import sys
-import tempfile
-import time
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench.triton_compile import interpreted, report
 from seer_kernels.triton import attention as tri
-
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -60,23 +55,6 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def ptxas_usage(ptx: str, arch: int) -> tuple[object, object]:
-    """(registers per thread, spill bytes) from Triton's bundled ptxas -v; ('-', '-') if unavailable."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        return "-", "-"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        res = subprocess.run([ptxas, f"-arch={sm}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", res.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", res.stderr)
-    return (int(regs.group(1)) if regs else "-"), (int(spills.group(1)) if spills else "-")
-
-
 def variants(head_dims, dtypes, defaults_only=False):
     """(name, kernel, head dim, dtype, constexprs, tile) for every candidate (or only the default) tile."""
     def tiles(table, cls):
@@ -103,34 +81,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
     ap.add_argument("--defaults-only", action="store_true", help="only the default tile of each kernel")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+    if interpreted():
         return 2
-    limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
-    bad = 0
-    print(f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s} {'smem KB':>8s} {'regs':>5s} "
-          f"{'spills':>6s} {'s':>5s}")
-    count = 0
-    for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only):
-        t0 = time.time()
-        count += 1
-        try:
-            c = compile_one(fn, dt, cx, tile, args.arch)
-        except Exception as exc:  # report every failure, then exit non-zero
-            bad += 1
-            print(f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s} FAILED: {str(exc).splitlines()[0][:200]}")
-            continue
-        smem = c.metadata.shared
-        regs, spills = ptxas_usage(c.asm["ptx"], args.arch)
-        flag = ""
-        if smem > limit:
-            flag, bad = " SMEM>LIMIT", bad + 1
-        if isinstance(spills, int) and spills > 0:
-            flag, bad = flag + " SPILLS", bad + 1
-        print(f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} "
-              f"{time.time() - t0:5.1f}{flag}")
-    print(f"{count} variants, {bad} failures")
-    return 1 if bad else 0
+    rows = ((f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s}",
+             functools.partial(compile_one, fn, dt, cx, tile, args.arch))
+            for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only))
+    return report(rows, args.arch, f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s}")
 
 
 if __name__ == "__main__":

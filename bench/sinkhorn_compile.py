@@ -11,16 +11,15 @@ the GPU's, or register spills beyond a few bytes: the things only a GPU run woul
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import os
 import sys
-import time
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench.attention_compile import SMEM_LIMIT, ptxas_usage
+from bench.triton_compile import interpreted, report
 from seer_kernels.triton import sinkhorn as tri
 
 # A few bytes of spill per thread are let through: ptxas spills 12 bytes for the (2, 4096) float32 tile at any
@@ -78,32 +77,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="float32 scores and a sample of the fused tiles")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+    if interpreted():
         return 2
-    limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
-    bad = count = 0
-    print(f"{'kernel':16s} {'dtype':5s} {'warps':>5s} {'smem KB':>8s} {'regs':>5s} {'spills':>6s} {'s':>5s}")
-    for name, fn, dt, cx, warps in variants(args.quick):
-        t0 = time.time()
-        count += 1
-        try:
-            c = compile_one(fn, dt, cx, warps, args.arch)
-        except Exception as exc:  # report every failure, then exit non-zero
-            bad += 1
-            print(f"{name:16s} {dt:5s} {warps:5d} FAILED: {str(exc).splitlines()[0][:200]}")
-            continue
-        smem = c.metadata.shared
-        regs, spills = ptxas_usage(c.asm["ptx"], args.arch)
-        flag = ""
-        if smem > limit:
-            flag, bad = " SMEM>LIMIT", bad + 1
-        if isinstance(spills, int) and spills > SPILL_BUDGET:
-            flag, bad = flag + " SPILLS", bad + 1
-        print(f"{name:16s} {dt:5s} {warps:5d} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} "
-              f"{time.time() - t0:5.1f}{flag}")
-    print(f"{count} variants, {bad} failures")
-    return 1 if bad else 0
+    rows = ((f"{name:22s} {dt:5s} {warps:5d}", functools.partial(compile_one, fn, dt, cx, warps, args.arch))
+            for name, fn, dt, cx, warps in variants(args.quick))
+    return report(rows, args.arch, f"{'kernel':22s} {'dtype':5s} {'warps':>5s}", spill_budget=SPILL_BUDGET)
 
 
 if __name__ == "__main__":
