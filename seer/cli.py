@@ -92,6 +92,7 @@ def cmd_train(args) -> int:
     if not args.out:
         raise CLIError("--out DIR is required (the run's output folder)")
     from .train import Trainer
+    from .train.distributed import shutdown_distributed
     t0 = time.perf_counter()
     trainer = Trainer(cfg, args.out)
     if trainer.resumed_from is not None and trainer.dist.is_main:
@@ -99,6 +100,7 @@ def cmd_train(args) -> int:
     result = trainer.fit()
     if trainer.dist.is_main:
         _print_summary(result, time.perf_counter() - t0)
+    shutdown_distributed()
     return 0
 
 

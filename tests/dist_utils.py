@@ -34,7 +34,8 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
     except BaseException:  # report the traceback to the parent
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a body may have ended it itself (seer train does)
+            dist.destroy_process_group()
     # Leave without interpreter finalisation: once, in a full CI run (not reproduced in 30 reruns under load),
     # a worker died with "terminate called without an active exception" (SIGABRT) after its body's last
     # output, the signature of a native thread still joinable when the interpreter tears down. The parent

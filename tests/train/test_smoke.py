@@ -101,3 +101,20 @@ def test_torchrun_tensor_parallel_and_the_merged_checkpoint(tmp_path):
     model = load_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(model(ref["x"]), ref["features"], rtol=1e-4, atol=1e-4)
+
+
+def _train_then_report_process_group(rank, world, out):
+    import torch.distributed as dist
+
+    from seer.cli import main
+    code = main(["train", "--preset", "tiny", "--out", out, "--set", "train.max_steps=1", "--set",
+                 "train.threads=1", "--set", "logging.progress=off"])
+    return {"code": code, "initialized": dist.is_initialized()}
+
+
+def test_seer_train_destroys_its_process_group(tmp_path):
+    # Left to interpreter teardown, a gloo process group can abort the process ("terminate called without an
+    # active exception") after a finished run, and NCCL warns of leaked resources.
+    from tests.dist_utils import run_distributed
+    for res in run_distributed(_train_then_report_process_group, 2, str(tmp_path / "run")):
+        assert res == {"code": 0, "initialized": False}
