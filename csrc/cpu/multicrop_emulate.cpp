@@ -24,27 +24,13 @@ at::Tensor multicrop_apply_emulated_cpu(const std::vector<at::Tensor>& images, c
   at::Tensor out = at::empty({n, 3, size, size}, images[0].options().dtype(out_dtype));
   if (n == 0) return out;
   const at::Tensor p = params.contiguous();
-  std::vector<ImageDesc> table;
-  for (const auto& im : images)
-    table.push_back({im.data_ptr<uint8_t>(), im.size(1), im.size(2), im.stride(0), im.stride(1), im.stride(2)});
+  const std::vector<ImageDesc> table = image_table(images);
   // Scratch like the CUDA op's: uninitialised (NaN under torch's fill_uninitialized_memory in tests).
   const auto fopts = images[0].options().dtype(at::kFloat);
   at::Tensor a = at::empty({n, 3, size, size}, fopts), b = at::empty({n, 3, size, size}, fopts);
   at::Tensor means = at::empty({n}, fopts);
-  StageArgs args{};
-  args.images = table.data();
-  args.params = p.data_ptr<float>();
-  args.n = n;
-  args.S = static_cast<int>(size);
-  args.a = a.data_ptr<float>();
-  args.b = b.data_ptr<float>();
-  args.means = means.data_ptr<float>();
-  args.out = out.data_ptr();
-  args.out_kind = out_kind_of(out_dtype);
-  for (int c = 0; c < 3; ++c) {
-    args.mean[c] = static_cast<float>(mean_v[c]);
-    args.inv_std[c] = static_cast<float>(1.0 / std_v[c]);
-  }
+  const StageArgs args = stage_args(table.data(), p.data_ptr<float>(), n, size, a.data_ptr<float>(),
+                                    b.data_ptr<float>(), means.data_ptr<float>(), out, mean_v, std_v);
   for (int64_t i = 0; i < n * plane; ++i) stage_resample(args, i / plane, i % plane);
   for (int64_t c = 0; c < n; ++c) {
     if (!load_crop(args.params + c * kCols).needs_mean) continue;

@@ -87,10 +87,7 @@ at::Tensor multicrop_apply_cuda(const std::vector<at::Tensor>& images, const at:
     any_mean |= d.needs_mean;
     any_blur |= d.sigma > 0.f;
   }
-  std::vector<ImageDesc> table;
-  table.reserve(images.size());
-  for (const auto& im : images)
-    table.push_back({im.data_ptr<uint8_t>(), im.size(1), im.size(2), im.stride(0), im.stride(1), im.stride(2)});
+  const std::vector<ImageDesc> table = image_table(images);
   const at::Tensor table_dev =
       to_device_async(table.data(), static_cast<int64_t>(table.size() * sizeof(ImageDesc)), opts);
   const at::Tensor params_dev = to_device_async(p.data_ptr<float>(), n * kCols * static_cast<int64_t>(sizeof(float)), opts);
@@ -99,20 +96,10 @@ at::Tensor multicrop_apply_cuda(const std::vector<at::Tensor>& images, const at:
   at::Tensor a = at::empty({n, 3, size, size}, fopts);
   at::Tensor b = at::empty({any_blur ? n * 3 * plane : 1}, fopts);
   at::Tensor means = at::empty({n}, fopts);
-  StageArgs args{};
-  args.images = reinterpret_cast<const ImageDesc*>(table_dev.data_ptr());
-  args.params = reinterpret_cast<const float*>(params_dev.data_ptr());
-  args.n = n;
-  args.S = static_cast<int>(size);
-  args.a = a.data_ptr<float>();
-  args.b = b.data_ptr<float>();
-  args.means = means.data_ptr<float>();
-  args.out = out.data_ptr();
-  args.out_kind = out_kind_of(out_dtype);
-  for (int c = 0; c < 3; ++c) {
-    args.mean[c] = static_cast<float>(mean_v[c]);
-    args.inv_std[c] = static_cast<float>(1.0 / std_v[c]);
-  }
+  const StageArgs args =
+      stage_args(reinterpret_cast<const ImageDesc*>(table_dev.data_ptr()),
+                 reinterpret_cast<const float*>(params_dev.data_ptr()), n, size, a.data_ptr<float>(),
+                 b.data_ptr<float>(), means.data_ptr<float>(), out, mean_v, std_v);
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t total = n * plane;

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "seer/image_ops.h"
 #include "seer/multicrop.h"
@@ -151,6 +152,39 @@ SEER_HD void stage_blur_v(const StageArgs& a, int64_t n, int64_t p) {
   float v[3];
   for (int c = 0; c < 3; ++c) v[c] = blur_at(a.b + (n * 3 + c) * plane, S, y, x, false, sigma);
   finish_pixel(a, d, n, p, v[0], v[1], v[2]);
+}
+
+// ---- host side: what the CUDA launcher and its CPU emulation fill in the same way ------------------
+
+// One descriptor per image (data, size, strides), in the order `params` indexes them.
+inline std::vector<ImageDesc> image_table(const std::vector<at::Tensor>& images) {
+  std::vector<ImageDesc> table;
+  table.reserve(images.size());
+  for (const auto& im : images)
+    table.push_back({im.data_ptr<uint8_t>(), im.size(1), im.size(2), im.stride(0), im.stride(1), im.stride(2)});
+  return table;
+}
+
+// The stages' arguments: `images` and `params` where the stages run (device copies for the kernels),
+// scratch `a`, `b`, `means` and `out` as the stage comments above describe; mean/std already checked.
+inline StageArgs stage_args(const ImageDesc* images, const float* params, int64_t n, int64_t size, float* a,
+                            float* b, float* means, const at::Tensor& out, const std::vector<double>& mean,
+                            const std::vector<double>& std) {
+  StageArgs args{};
+  args.images = images;
+  args.params = params;
+  args.n = n;
+  args.S = static_cast<int>(size);
+  args.a = a;
+  args.b = b;
+  args.means = means;
+  args.out = out.data_ptr();
+  args.out_kind = out_kind_of(out.scalar_type());
+  for (int c = 0; c < 3; ++c) {
+    args.mean[c] = static_cast<float>(mean[c]);
+    args.inv_std[c] = static_cast<float>(1.0 / std[c]);
+  }
+  return args;
 }
 
 }  // namespace seer
