@@ -395,8 +395,7 @@ at::Tensor readable(const at::Tensor& im) { return is_planar(im) || is_interleav
 
 at::Tensor multicrop_apply_cpu(const std::vector<at::Tensor>& images, const at::Tensor& params, int64_t size,
                                c10::ArrayRef<double> mean, c10::ArrayRef<double> std, at::ScalarType out_dtype) {
-  const std::vector<double> mean_v(mean.begin(), mean.end()), std_v(std.begin(), std.end());
-  check_multicrop_args(images, params, size, mean_v, std_v, out_dtype, at::kCPU);
+  check_multicrop_args(images, params, size, mean, std, out_dtype, at::kCPU);
   const int S = static_cast<int>(size);
   const int64_t n = params.size(0);
   at::Tensor out = at::empty({n, 3, size, size}, images[0].options().dtype(out_dtype));
@@ -419,8 +418,8 @@ at::Tensor multicrop_apply_cpu(const std::vector<at::Tensor>& images, const at::
     j.sy = im.stride(1);
     j.interleaved = !is_planar(im);
     for (int c = 0; c < 3; ++c) {
-      j.mean[c] = static_cast<float>(mean_v[c]);
-      j.inv_std[c] = static_cast<float>(1.0 / std_v[c]);
+      j.mean[c] = static_cast<float>(mean[c]);
+      j.inv_std[c] = static_cast<float>(1.0 / std[c]);
     }
     j.out_kind = kind;
     j.out = static_cast<char*>(out.data_ptr()) + i * 3 * size * size * elem;

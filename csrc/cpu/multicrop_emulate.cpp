@@ -18,8 +18,7 @@ namespace {
 at::Tensor multicrop_apply_emulated_cpu(const std::vector<at::Tensor>& images, const at::Tensor& params,
                                         int64_t size, c10::ArrayRef<double> mean, c10::ArrayRef<double> std,
                                         at::ScalarType out_dtype) {
-  const std::vector<double> mean_v(mean.begin(), mean.end()), std_v(std.begin(), std.end());
-  check_multicrop_args(images, params, size, mean_v, std_v, out_dtype, at::kCPU);
+  check_multicrop_args(images, params, size, mean, std, out_dtype, at::kCPU);
   const int64_t n = params.size(0), plane = size * size;
   at::Tensor out = at::empty({n, 3, size, size}, images[0].options().dtype(out_dtype));
   if (n == 0) return out;
@@ -30,7 +29,7 @@ at::Tensor multicrop_apply_emulated_cpu(const std::vector<at::Tensor>& images, c
   at::Tensor a = at::empty({n, 3, size, size}, fopts), b = at::empty({n, 3, size, size}, fopts);
   at::Tensor means = at::empty({n}, fopts);
   const StageArgs args = stage_args(table.data(), p.data_ptr<float>(), n, size, a.data_ptr<float>(),
-                                    b.data_ptr<float>(), means.data_ptr<float>(), out, mean_v, std_v);
+                                    b.data_ptr<float>(), means.data_ptr<float>(), out, mean, std);
   for (int64_t i = 0; i < n * plane; ++i) stage_resample(args, i / plane, i % plane);
   for (int64_t c = 0; c < n; ++c) {
     if (!load_crop(args.params + c * kCols).needs_mean) continue;

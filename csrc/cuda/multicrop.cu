@@ -72,8 +72,7 @@ at::Tensor to_device_async(const void* src, int64_t bytes, const at::TensorOptio
 
 at::Tensor multicrop_apply_cuda(const std::vector<at::Tensor>& images, const at::Tensor& params, int64_t size,
                                 c10::ArrayRef<double> mean, c10::ArrayRef<double> std, at::ScalarType out_dtype) {
-  const std::vector<double> mean_v(mean.begin(), mean.end()), std_v(std.begin(), std.end());
-  check_multicrop_args(images, params, size, mean_v, std_v, out_dtype, at::kCUDA);
+  check_multicrop_args(images, params, size, mean, std, out_dtype, at::kCUDA);
   c10::cuda::CUDAGuard guard(images[0].device());
   const int64_t n = params.size(0), plane = size * size;
   const auto opts = images[0].options();
@@ -99,7 +98,7 @@ at::Tensor multicrop_apply_cuda(const std::vector<at::Tensor>& images, const at:
   const StageArgs args =
       stage_args(reinterpret_cast<const ImageDesc*>(table_dev.data_ptr()),
                  reinterpret_cast<const float*>(params_dev.data_ptr()), n, size, a.data_ptr<float>(),
-                 b.data_ptr<float>(), means.data_ptr<float>(), out, mean_v, std_v);
+                 b.data_ptr<float>(), means.data_ptr<float>(), out, mean, std);
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t total = n * plane;

@@ -91,7 +91,7 @@ inline int out_kind_of(at::ScalarType t) {
 // Checks every argument and every crop (params are host data even for CUDA images, so this never
 // synchronises). A window must lie inside its image: the kernels rely on it for memory safety.
 inline void check_multicrop_args(const std::vector<at::Tensor>& images, const at::Tensor& params, int64_t size,
-                                 const std::vector<double>& mean, const std::vector<double>& std,
+                                 c10::ArrayRef<double> mean, c10::ArrayRef<double> std,
                                  at::ScalarType out_dtype, c10::DeviceType dev) {
   SEER_CHECK_ARG(!images.empty(), "images", "expected at least one image");
   for (size_t i = 0; i < images.size(); ++i) {

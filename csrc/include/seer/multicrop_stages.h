@@ -118,18 +118,22 @@ SEER_HD void stage_color(const StageArgs& a, int64_t n, int64_t p) {
   }
 }
 
-// Normalised Gaussian of radius ceil(3 sigma) along one axis of plane `src`, around (y, x), reflecting.
-SEER_HD float blur_at(const float* src, int S, int y, int x, bool horizontal, float sigma) {
+// Normalised Gaussian of radius ceil(3 sigma) along one axis of the three planes of crop `rgb` (planes
+// `plane` apart), around (y, x), reflecting, into out[3]. The channels share one pass over the taps, so
+// each weight is evaluated once, not once per channel.
+SEER_HD void blur_at(const float* rgb, int64_t plane, int S, int y, int x, bool horizontal, float sigma,
+                     float out[3]) {
   const int radius = img::blur_radius(sigma);
-  float acc = 0.f, ws = 0.f;
+  float acc[3] = {0.f, 0.f, 0.f}, ws = 0.f;
   for (int k = -radius; k <= radius; ++k) {
     const float w = img::blur_weight(k, sigma);
     const int yy = horizontal ? y : img::reflect_index(y + k, S);
     const int xx = horizontal ? img::reflect_index(x + k, S) : x;
-    acc += w * src[static_cast<int64_t>(yy) * S + xx];
+    const int64_t q = static_cast<int64_t>(yy) * S + xx;
+    for (int c = 0; c < 3; ++c) acc[c] += w * rgb[c * plane + q];
     ws += w;
   }
-  return acc / ws;
+  for (int c = 0; c < 3; ++c) out[c] = acc[c] / ws;
 }
 
 SEER_HD void stage_blur_h(const StageArgs& a, int64_t n, int64_t p) {
@@ -137,20 +141,19 @@ SEER_HD void stage_blur_h(const StageArgs& a, int64_t n, int64_t p) {
   if (!(sigma > 0.f)) return;
   const int S = a.S;
   const int64_t plane = static_cast<int64_t>(S) * S;
-  const int y = static_cast<int>(p / S), x = static_cast<int>(p % S);
-  for (int c = 0; c < 3; ++c)
-    a.b[(n * 3 + c) * plane + p] = blur_at(a.a + (n * 3 + c) * plane, S, y, x, true, sigma);
+  float v[3];
+  blur_at(a.a + n * 3 * plane, plane, S, static_cast<int>(p / S), static_cast<int>(p % S), true, sigma, v);
+  for (int c = 0; c < 3; ++c) a.b[(n * 3 + c) * plane + p] = v[c];
 }
 
 SEER_HD void stage_blur_v(const StageArgs& a, int64_t n, int64_t p) {
   const float sigma = a.params[n * kCols + kColSigma];
-  if (!(sigma > 0.f)) return;
+  if (!(sigma > 0.f)) return;  // before decoding the whole row: most pixels of a batch are not blurred
   const CropDesc d = load_crop(a.params + n * kCols);
   const int S = a.S;
   const int64_t plane = static_cast<int64_t>(S) * S;
-  const int y = static_cast<int>(p / S), x = static_cast<int>(p % S);
   float v[3];
-  for (int c = 0; c < 3; ++c) v[c] = blur_at(a.b + (n * 3 + c) * plane, S, y, x, false, sigma);
+  blur_at(a.b + n * 3 * plane, plane, S, static_cast<int>(p / S), static_cast<int>(p % S), false, sigma, v);
   finish_pixel(a, d, n, p, v[0], v[1], v[2]);
 }
 
@@ -168,8 +171,8 @@ inline std::vector<ImageDesc> image_table(const std::vector<at::Tensor>& images)
 // The stages' arguments: `images` and `params` where the stages run (device copies for the kernels),
 // scratch `a`, `b`, `means` and `out` as the stage comments above describe; mean/std already checked.
 inline StageArgs stage_args(const ImageDesc* images, const float* params, int64_t n, int64_t size, float* a,
-                            float* b, float* means, const at::Tensor& out, const std::vector<double>& mean,
-                            const std::vector<double>& std) {
+                            float* b, float* means, const at::Tensor& out, c10::ArrayRef<double> mean,
+                            c10::ArrayRef<double> std) {
   StageArgs args{};
   args.images = images;
   args.params = params;

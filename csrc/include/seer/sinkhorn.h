@@ -31,8 +31,7 @@ inline void check_sinkhorn_vec(const std::optional<at::Tensor>& t, const char* n
                                const at::Tensor& scores) {
   if (!t.has_value()) return;
   SEER_CHECK_DIM(*t, name, 1);
-  SEER_CHECK_ARG(t->device() == scores.device(), name, "expected a tensor on ", scores.device(),
-                 " (the device of 'scores'), got ", t->device());
+  SEER_CHECK_SAME_DEVICE(*t, name, scores, "scores");
   SEER_CHECK_ARG(t->size(0) == n, name, "expected ", n, " values, got ", t->size(0));
   SEER_CHECK_ARG(t->scalar_type() == at::kFloat, name, "expected float32, got ", t->scalar_type());
 }
@@ -51,8 +50,7 @@ inline void check_sinkhorn_step_args(const at::Tensor& scores, const std::option
 inline void check_sinkhorn_shift(const at::Tensor& shift, const at::Tensor& scores, int64_t lines) {
   SEER_CHECK_ARG(shift.dim() == 0 || (shift.dim() == 1 && shift.size(0) == lines), "shift",
                  "expected a scalar tensor or ", lines, " values, got shape ", shift.sizes());
-  SEER_CHECK_ARG(shift.device() == scores.device(), "shift", "expected a tensor on ", scores.device(),
-                 " (the device of 'scores'), got ", shift.device());
+  SEER_CHECK_SAME_DEVICE(shift, "shift", scores, "scores");
 }
 
 inline void check_sinkhorn_fused_args(const at::Tensor& scores, double eps, int64_t iterations,
