@@ -124,6 +124,10 @@ class Backend:
             out.extend(self.check(**info))
         return out
 
+    def preference(self, info: dict) -> Optional[str]:
+        """Why the automatic choice should pass over this backend although it can run (None: no objection)."""
+        return self.prefer(**info) if self.prefer is not None else None
+
 
 @dataclass
 class Dispatcher:
@@ -144,26 +148,30 @@ class Dispatcher:
         """The backend to run for inputs on ``device`` of ``dtype``; ``info`` feeds per-call checks."""
         forced, source = forced_backend(self.op)
         if forced is not None:
-            chosen = self.backends.get(forced)
-            why = ["this op has no such backend"] if chosen is None else chosen.reasons(device, dtype, info)
-            if why:
-                raise BackendError(self._refusal(device, dtype, info, f"backend {forced!r} forced by {source}",
-                                                 {forced: why}))
-            return self._log(chosen, device, dtype, f"forced by {source}")
+            how = f"forced by {source}"
+            return self._log(self.require(forced, device, dtype, info, how), device, dtype, how)
         refused: dict[str, list[str]] = {}
         for name in self.priority.get(device.type, ()):
             backend = self.backends.get(name)
             if backend is None:
                 continue
             why = backend.reasons(device, dtype, info)
-            if not why and backend.prefer is not None:
-                soft = backend.prefer(**info)
+            if not why:
+                soft = backend.preference(info)
                 if soft:
                     why = [soft]
             if not why:
                 return self._log(backend, device, dtype, "automatic")
             refused[name] = why
         raise BackendError(self._refusal(device, dtype, info, "no backend can run these inputs", refused))
+
+    def require(self, name: str, device: torch.device, dtype: torch.dtype, info: dict, how: str) -> Backend:
+        """Backend ``name`` for these inputs, or a BackendError that says who asked for it (``how``)."""
+        chosen = self.backends.get(name)
+        why = ["this op has no such backend"] if chosen is None else chosen.reasons(device, dtype, info)
+        if why:
+            raise BackendError(self._refusal(device, dtype, info, f"backend {name!r} {how}", {name: why}))
+        return chosen
 
     def explain(self, device: torch.device, dtype: torch.dtype, **info: Any) -> dict[str, list[str]]:
         """For every backend of the op, the reasons it cannot run these inputs (empty list: it can)."""

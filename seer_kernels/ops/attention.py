@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import Backend, BackendError, Dispatcher, triton_unavailable_reason
+from .._backend import Backend, Dispatcher, triton_unavailable_reason
 from ..reference import attention as ref
 from . import attention_table
 
@@ -241,12 +241,7 @@ def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend
     info = _info(q, k, grad=True, deterministic=deterministic, in_op=True)
     if not name:
         return DISPATCH.select(q.device, q.dtype, **info)
-    backend = DISPATCH.backends.get(name)
-    why = ["this op has no such backend"] if backend is None else backend.reasons(q.device, q.dtype, info)
-    if why:
-        raise BackendError(DISPATCH._refusal(q.device, q.dtype, info, f"backend {name!r} passed to the op",
-                                             {name: why}))
-    return backend
+    return DISPATCH.require(name, q.device, q.dtype, info, "passed to the op")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,10 +334,9 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, deterministic: Optional[bool] = 
     info = _info(q, k, grad=grad, deterministic=_deterministic(deterministic), in_op=False)
     out = DISPATCH.explain(q.device, q.dtype, **info)
     for name, backend in DISPATCH.backends.items():
-        if not out[name] and backend.prefer is not None:
-            soft = backend.prefer(**info)
-            if soft:
-                out[name] = [f"(preference) {soft}"]
+        soft = None if out[name] else backend.preference(info)
+        if soft:
+            out[name] = [f"(preference) {soft}"]
     return out
 
 
