@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .model.config import ViTConfig, validate_vit_config, vit_preset
+from .model.config import ViTConfig, suggest, validate_vit_config, vit_preset
 from .optim.config import OptimConfig
 from .parallel.dims import ParallelConfig, checkpoint_every
 from .swav.config import SwAVHeadConfig, SwAVLossConfig, seer_head, seer_loss
@@ -314,17 +314,13 @@ PRESETS = {"tiny": _tiny, "demo": _demo, "swav-vit-small": _swav_vit_small, "see
 def preset(name: str) -> RunConfig:
     """A complete run config by name (one of :data:`PRESETS`)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}{_suggest(name, PRESETS)}; available: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}{suggest(name, PRESETS, cutoff=0.5)}; "
+                          f"available: {', '.join(PRESETS)}")
     return PRESETS[name]()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Keys, overrides, YAML.
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return (" (did you mean " + " or ".join(repr(c) for c in close) + "?)") if close else ""
-
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -345,7 +341,7 @@ def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
     # Compare whole dotted keys, then the last part alone (a misspelt field in the right section).
-    hint = _suggest(key, valid)
+    hint = suggest(key, valid, cutoff=0.5)
     if not hint:
         tail = {k.rsplit(".", 1)[-1]: k for k in valid}
         close = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(tail), n=3, cutoff=0.6)
@@ -491,7 +487,7 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}"
-                          f"{_suggest(str(value), choices)}")
+                          f"{suggest(str(value), choices, cutoff=0.5)}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:

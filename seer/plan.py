@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .model.config import PRESET_NAMES, UnknownPresetError, ViTConfig, vit_preset
-from .parallel.dims import checkpoint_every
+from .parallel.dims import checkpointed_blocks
 from .parallel.tensor_parallel import validate_tensor_parallel
 from .swav.config import SwAVHeadConfig, seer_head
 
@@ -159,7 +159,7 @@ def plan(inp: PlanInput) -> dict:
     if inp.gpus % tp:
         raise ValueError(f"--gpus {inp.gpus} is not divisible by --tp {tp}")
     validate_tensor_parallel(cfg, inp.head, tp)
-    every = checkpoint_every(inp.checkpointing)
+    n_ckpt = len(checkpointed_blocks(cfg.depth, inp.checkpointing))
     dp = inp.gpus // tp
     shard = dp if (inp.fsdp and dp > 1) else 1
     pc = count_parameters(cfg, inp.head)
@@ -183,7 +183,6 @@ def plan(inp: PlanInput) -> dict:
     residual = 2 if (shard > 1) else 4  # FSDP bf16 parameters make the residual stream bf16
     per_block = activation_bytes_per_token(cfg, tp, inp.sequence_parallel) * tokens
     ckpt_input = residual * cfg.embed_dim * tokens / (tp if inp.sequence_parallel else 1)
-    n_ckpt = len([i for i in range(cfg.depth) if every and i % every == 0])
     stored = n_ckpt * ckpt_input + (cfg.depth - n_ckpt) * per_block
     recompute = per_block if n_ckpt else 0.0           # one block re-materialised during its backward
     grad_transient = 2 * 4 * cfg.embed_dim * tokens    # activation gradients in flight (float32)

@@ -69,9 +69,10 @@ class UnknownPresetError(ValueError):
     pass
 
 
-def suggest(name: str, choices) -> str:
-    """' (did you mean 'x' or 'y'?)' for the closest names in ``choices``, or '' if none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.4)
+def suggest(name: str, choices, *, cutoff: float = 0.4) -> str:
+    """' (did you mean 'x' or 'y'?)' for the (at most 3) closest names in ``choices``, or '' if none is close
+    (difflib similarity ratio below ``cutoff``)."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=cutoff)
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

@@ -25,8 +25,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..model.init import DTensor, local_tensor
+from ..model.init import local_tensor
 from ..parallel import comm
+from ..parallel.state import shard_reduce_groups
 from ..parallel.tensor_parallel import tensor_parallel_group, tensor_parallel_params
 
 
@@ -53,26 +54,23 @@ class LARS(Optimizer):
 
     def _reduce_groups(self, group: dict, p: Tensor) -> tuple:
         """The process groups over which ``p``'s squared norms must be summed (possibly none)."""
-        out = []
-        if isinstance(p, DTensor):
-            out += [p.device_mesh.get_group(dim) for dim, pl in enumerate(p.placements) if pl.is_shard()]
-        if group["tensor_parallel"]:
-            out.append(self.tensor_parallel_group)
-        return tuple(g for g in out if comm.group_size(g) > 1)
+        return shard_reduce_groups(p, self.tensor_parallel_group if group["tensor_parallel"] else None)
 
-    def _squared_norms(self, entries: list[tuple[dict, Tensor]]) -> Tensor:
+    def _squared_norms(self, entries: list[tuple[dict, Tensor, Tensor, Tensor]]) -> Tensor:
         """(2, n) float32: squared norms of the full logical weights (row 0) and gradients (row 1).
+
+        ``entries``: (param group, parameter, its local tensor, its gradient's local tensor) per column.
 
         Tensors are bucketed by the groups they are sharded over; each bucket's norms go through one
         all-reduce per group (one bucket for FSDP alone, two for FSDP x TP).
         """
         buckets: dict[tuple, list[int]] = {}
-        for i, (group, p) in enumerate(entries):
+        for i, (group, p, _, _) in enumerate(entries):
             buckets.setdefault(self._reduce_groups(group, p), []).append(i)
         columns: list[Tensor] = [None] * len(entries)  # type: ignore[list-item]
         for groups, idx in buckets.items():
-            ws = [local_tensor(entries[i][1]) for i in idx]
-            gs = [local_tensor(entries[i][1].grad) for i in idx]
+            ws = [entries[i][2] for i in idx]
+            gs = [entries[i][3] for i in idx]
             sq = torch.stack([torch.stack([n.float() for n in torch._foreach_norm(ws)]),
                               torch.stack([n.float() for n in torch._foreach_norm(gs)])]).square()
             for pg in groups:
@@ -91,19 +89,22 @@ class LARS(Optimizer):
         groups = [(g, ps) for g, ps in groups if ps]
         if not groups:
             return loss
-        norms = self._squared_norms([(g, p) for g, ps in groups for p in ps]).sqrt()
+        # Local tensors (the shards of DTensors), built once per step for the norms and the update.
+        local = [([local_tensor(p) for p in ps], [local_tensor(p.grad) for p in ps]) for _, ps in groups]
+        norms = self._squared_norms([(g, p, w, gr) for (g, ps), (ws, gs) in zip(groups, local)
+                                     for p, w, gr in zip(ps, ws, gs)]).sqrt()
         start = 0
-        for group, params in groups:
+        for (group, params), (ws, gs) in zip(groups, local):
             wn, gn = norms[:, start:start + len(params)]
             start += len(params)
-            self._update(group, params, wn, gn)
+            self._update(group, params, ws, gs, wn, gn)
         return loss
 
-    def _update(self, group: dict, params: list[Tensor], wn: Tensor, gn: Tensor) -> None:
+    def _update(self, group: dict, params: list[Tensor], ws: list[Tensor], gs: list[Tensor], wn: Tensor,
+                gn: Tensor) -> None:
+        """One group's step; ``ws`` / ``gs``: the local tensors of ``params`` and of their gradients."""
         # Hyper-parameters are Python numbers (kernel arguments): no host-to-device copy, no sync.
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        ws = [local_tensor(p) for p in params]
-        gs = [local_tensor(p.grad) for p in params]
         if group["lars"]:
             adapt = (wn > 0) & (gn > 0)
             eta = group["trust_coefficient"] * wn / (gn + wd * wn + group["eps"])
@@ -116,22 +117,23 @@ class LARS(Optimizer):
                 torch._foreach_addcmul_(d, ws, list((adapt.float() * (wd * eta)).unbind()))
         else:
             d = torch._foreach_add(gs, ws, alpha=wd) if wd != 0 else [g.clone() for g in gs]
-        bufs, fresh = [], []
+        all_bufs, bufs, fresh = [], [], []
         for p, u in zip(params, d):
             state = self.state[p]
-            if "momentum_buffer" not in state:
+            new = "momentum_buffer" not in state
+            if new:
                 # Same type as the parameter (a DTensor under FSDP2), so that distributed checkpoints shard
                 # it like the parameter; updated through its local tensor.
                 state["momentum_buffer"] = torch.zeros_like(p)
-                fresh.append((local_tensor(state["momentum_buffer"]), u))
-            else:
-                bufs.append((local_tensor(state["momentum_buffer"]), u))
+            buf = local_tensor(state["momentum_buffer"])
+            (fresh if new else bufs).append((buf, u))
+            all_bufs.append(buf)
         if fresh:
             torch._foreach_copy_([b for b, _ in fresh], [u for _, u in fresh])
         if bufs:
             torch._foreach_mul_([b for b, _ in bufs], momentum)
             torch._foreach_add_([b for b, _ in bufs], [u for _, u in bufs])
-        torch._foreach_add_(ws, [local_tensor(self.state[p]["momentum_buffer"]) for p in params], alpha=-lr)
+        torch._foreach_add_(ws, all_bufs, alpha=-lr)
 
 
 def lars_param_groups(model: nn.Module, *, exclude_bias_and_norm: bool = False) -> list[dict]:

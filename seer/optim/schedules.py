@@ -16,6 +16,8 @@ from typing import Optional
 
 from torch.optim import Optimizer
 
+from .config import OptimConfig
+
 
 @dataclass(frozen=True)
 class WarmupCosine:
@@ -76,3 +78,15 @@ class Scheduler:
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["last_step"])
         self._apply()
+
+
+def build_schedule(optimizer: Optimizer, cfg: OptimConfig, total_steps: int) -> Scheduler:
+    """The per-step :class:`Scheduler` of ``cfg`` over ``total_steps``: learning rate warm-up (at most
+    ``total_steps``) then cosine, and the weight decay cosine from ``weight_decay`` to ``final_weight_decay``
+    if that is set."""
+    warmup = min(cfg.warmup_steps, total_steps)
+    lr = WarmupCosine(cfg.lr, total_steps, warmup, start=cfg.start_warmup_lr, final=cfg.final_lr)
+    wd = None
+    if cfg.final_weight_decay is not None:
+        wd = WarmupCosine(cfg.weight_decay, total_steps, 0, start=cfg.weight_decay, final=cfg.final_weight_decay)
+    return Scheduler(optimizer, lr, wd)

@@ -13,7 +13,7 @@ from typing import Optional
 import torch.utils.checkpoint as ckpt
 from torch import Tensor, nn
 
-from .dims import checkpoint_every
+from .dims import checkpointed_blocks
 from .random import RNGStatesTracker, checkpoint_context_fn
 
 
@@ -30,8 +30,7 @@ def apply_activation_checkpointing(blocks: nn.ModuleList, mode: str,
     ``tracker``: the RNG tracker whose streams dropout/drop-path use inside the blocks (tensor parallelism);
     its states are restored for the recomputation so that masks are identical.
     """
-    every = checkpoint_every(mode)
-    chosen = [i for i in range(len(blocks)) if every and i % every == 0]
+    chosen = checkpointed_blocks(len(blocks), mode)
     context_fn = checkpoint_context_fn(tracker) if tracker is not None else None
     for i in chosen:
         block = blocks[i]

@@ -53,6 +53,13 @@ def checkpoint_every(mode: str) -> int:
     raise ValueError(f"parallel.activation_checkpointing must be {AC_MODES_HELP}, got {mode!r}")
 
 
+def checkpointed_blocks(depth: int, mode: str) -> list[int]:
+    """Indices of the blocks (of ``depth``) that ``mode`` checkpoints: every N-th block from block 0 (none for
+    'none'); ValueError naming the setting for an invalid mode."""
+    every = checkpoint_every(mode)
+    return [i for i in range(depth) if every and i % every == 0]
+
+
 def validate_parallel_config(cfg: ParallelConfig, world_size: int) -> int:
     """Check ``cfg`` against ``world_size`` before any process group or model work; return dp."""
     if isinstance(cfg.tp, bool) or not isinstance(cfg.tp, int) or cfg.tp < 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..model.init import DTensor
@@ -28,6 +29,19 @@ def unshard(t: Tensor, module: nn.Module, name: str) -> Tensor:
         gathered = gathered.reshape(size, chunks, part, *t.shape[1:]).transpose(0, 1).reshape(
             size * t.shape[0], *t.shape[1:])
     return gathered
+
+
+def shard_reduce_groups(t: Tensor, tp_group: Optional[dist.ProcessGroup] = None) -> tuple:
+    """The process groups over which a per-rank sum over ``t`` (a squared norm) must be all-reduced to cover
+    the full logical tensor, in reduction order: the mesh groups of the FSDP2 shard dimensions of ``t`` (a
+    DTensor), then ``tp_group`` (pass it for a tensor-parallel slice, else None). Groups of size 1 are
+    dropped, so a replicated tensor gets ``()`` and is counted once."""
+    out = []
+    if isinstance(t, DTensor):
+        out += [t.device_mesh.get_group(dim) for dim, pl in enumerate(t.placements) if pl.is_shard()]
+    if tp_group is not None:
+        out.append(tp_group)
+    return tuple(g for g in out if comm.group_size(g) > 1)
 
 
 def _named(model: nn.Module, grads: bool) -> dict[str, Optional[Tensor]]:

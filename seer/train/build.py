@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..model import VisionTransformer, init_weights_
-from ..model.init import DTensor, local_tensor
-from ..optim import OptimConfig, Scheduler, WarmupCosine, build_optimizer
+from ..model.init import local_tensor
+from ..optim import OptimConfig, Scheduler, build_optimizer, build_schedule
 from ..parallel import ParallelDims, comm, parallelize, tensor_parallel_group, tensor_parallel_params
+from ..parallel.state import shard_reduce_groups
 from ..swav import SwAVHead, SwAVModel
 
 
@@ -52,11 +53,7 @@ def build_optimizer_and_schedule(cfg: RunConfig, model: nn.Module) -> tuple[torc
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(cfg.train.adamw_betas), weight_decay=o.weight_decay,
                             foreach=True)
-    lr = WarmupCosine(o.lr, total, min(o.warmup_steps, total), start=o.start_warmup_lr, final=o.final_lr)
-    wd = None
-    if o.final_weight_decay is not None:
-        wd = WarmupCosine(o.weight_decay, total, 0, start=o.weight_decay, final=o.final_weight_decay)
-    return opt, Scheduler(opt, lr, wd)
+    return opt, build_schedule(opt, o, total)
 
 
 @torch.no_grad()
@@ -74,12 +71,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
             continue
         g = local_tensor(p.grad)
         grads.append(g)
-        groups = []
-        if isinstance(p.grad, DTensor):
-            groups += [p.grad.device_mesh.get_group(d) for d, pl in enumerate(p.grad.placements) if pl.is_shard()]
-        if id(p) in tp_ids:
-            groups.append(tp_group)
-        key = tuple(g for g in groups if comm.group_size(g) > 1)
+        key = shard_reduce_groups(p.grad, tp_group if id(p) in tp_ids else None)
         sq = g.float().square().sum()
         buckets[key] = buckets[key] + sq if key in buckets else sq
     total = torch.zeros((), device=grads[0].device if grads else "cpu")
