@@ -124,21 +124,28 @@ def cmd_eval(args) -> int:
     import torch
 
     from .eval import Evaluator
-    from .pretrained import checkpoint_config, load_pretrained
+    from .pretrained import backbone_module, checkpoint_backbone_state, checkpoint_config, load_pretrained
+    from .train.checkpoint import resolve_checkpoint
     bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
     if bad:
         raise CLIError(f"--set accepts only eval.* keys, got {bad[0]!r}")
     ckpt = Path(args.checkpoint)
     if ckpt.suffix == ".safetensors":
-        from .export import read_export
+        from safetensors import safe_open
+
+        from .model import ViTConfig
         from .pretrained import export_info
         info = export_info(ckpt)
+        vit = ViTConfig(**info["seer_vit_config"])
+        with safe_open(str(ckpt), framework="pt"):
+            pass  # header only: a missing or corrupt file fails here, as loading its tensors would
         cfg = C.RunConfig()
-        cfg.model = read_export(ckpt)[0]
+        cfg.model = vit
         cfg.data.crops.mean, cfg.data.crops.std = info["mean"], info["std"]
         cfg.eval.image_size = info["image_size"]
     else:
-        cfg = checkpoint_config(ckpt)
+        ckpt_dir = resolve_checkpoint(ckpt)
+        cfg = saved = checkpoint_config(ckpt_dir)
     cfg = C.apply_overrides(cfg, args.overrides)
     if args.dataset:
         cfg.eval.dataset = args.dataset
@@ -146,8 +153,10 @@ def cmd_eval(args) -> int:
     if args.random_init:
         from .train.build import build_backbone
         backbone = build_backbone(cfg).eval()
-    else:
+    elif ckpt.suffix == ".safetensors":
         backbone = load_pretrained(ckpt)
+    else:
+        backbone = backbone_module(saved.model, checkpoint_backbone_state(ckpt_dir, saved)[1])
     ev = Evaluator(cfg.eval, image_size=cfg.data.crops.global_size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
                    digits_size=cfg.data.digits_size, device=torch.device("cpu"))
     res = ev.evaluate(backbone, knn=args.protocol == "knn", linear=args.protocol == "linear")

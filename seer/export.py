@@ -47,13 +47,13 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     """Write OUT.safetensors and OUT.json (module doc) from a training checkpoint; return both paths."""
     from safetensors.torch import save_file
 
-    from .pretrained import checkpoint_backbone_state, checkpoint_config
+    from .pretrained import checkpoint_backbone_state
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end with .safetensors, got {str(out)!r}")
-    cfg = checkpoint_config(checkpoint)
-    vit, state = checkpoint_backbone_state(checkpoint)
+    cfg, state = checkpoint_backbone_state(checkpoint)
+    vit = cfg.model
     if vit.norm_eps != 1e-6:
         raise ValueError(f"model.norm_eps={vit.norm_eps}: timm's VisionTransformer uses LayerNorm eps 1e-6; only "
                          f"such models export to the timm layout")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -24,14 +25,21 @@ from .train.state import merge_tensor_parallel
 
 def checkpoint_config(path: str | Path) -> RunConfig:
     """The resolved run config a checkpoint was written with."""
-    ckpt = resolve_checkpoint(path)
+    return _read_config(resolve_checkpoint(path))
+
+
+def _read_config(ckpt: Path) -> RunConfig:
     return from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
 
 
-def checkpoint_backbone_state(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """(ViT config, full backbone state dict with the single-device names) from a training checkpoint."""
+def checkpoint_backbone_state(path: str | Path, cfg: Optional[RunConfig] = None
+                              ) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """(run config, full backbone state dict with the single-device names) from a training checkpoint; the
+    ViT config is the run config's ``model``. ``cfg``: the checkpoint's config when the caller has read it
+    already (:func:`checkpoint_config` of the same checkpoint), so that it is not parsed again."""
     ckpt = resolve_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
+    if cfg is None:
+        cfg = _read_config(ckpt)
     layout = read_meta(ckpt).get("tp_layout", {})
     reader = SafeFileSystemReader(ckpt)
     meta = reader.read_metadata()
@@ -43,7 +51,7 @@ def checkpoint_backbone_state(path: str | Path) -> tuple[ViTConfig, dict[str, to
     with quiet_single_process():
         dcp.load(dest, storage_reader=SafeFileSystemReader(ckpt), planner=SafeLoadPlanner(), no_dist=True)
     backbone_layout = {k[len("backbone."):]: v for k, v in layout.items() if k.startswith("backbone.")}
-    return cfg.model, merge_tensor_parallel(dest, backbone_layout, prefix=prefix)
+    return cfg, merge_tensor_parallel(dest, backbone_layout, prefix=prefix)
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> VisionTransformer:
@@ -56,11 +64,18 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> 
     p = Path(path)
     if p.suffix == ".safetensors":
         from .export import read_export
-        cfg, state = read_export(p)
+        vit, state = read_export(p)
     else:
         cfg, state = checkpoint_backbone_state(p)
+        vit = cfg.model
+    return backbone_module(vit, state, device=device)
+
+
+def backbone_module(vit: ViTConfig, state: dict[str, torch.Tensor], *,
+                    device: str | torch.device = "cpu") -> VisionTransformer:
+    """The backbone built from its config and (full, single-device) state dict, in eval mode."""
     with torch.device("meta"):
-        model = VisionTransformer(cfg, device="meta")
+        model = VisionTransformer(vit, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
 

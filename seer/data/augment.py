@@ -35,10 +35,6 @@ def crop_spec(c: CropsConfig) -> MultiCropSpec:
                          solarize_p=c.solarize_p, mean=tuple(c.mean), std=tuple(c.std))
 
 
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def rotate(crops: Tensor, degrees: float, gen: torch.Generator) -> Tensor:
     """Rotate each crop (N, C, S, S) by its own angle ~ U(-degrees, degrees) about its centre (bilinear;
     the corners take the nearest border pixel, i.e. background for centred objects such as digits)."""

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .dataset import check_pixels, decode
+from .dataset import _reason, decode_checked
 from .sources import ImageSource, open_source
 
 
@@ -58,12 +58,10 @@ class _CheckDataset(Dataset):
         try:
             data = self.source.read(i)
             fmt = _format_of(data)
-            check_pixels(data, self.max_pixels)
-            img = decode(data)
+            img = decode_checked(data, self.max_pixels)
             return name, None, fmt, (int(img.shape[1]), int(img.shape[2]))
         except Exception as e:  # report anything a file can raise
-            return name, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300], \
-                None, None
+            return name, _reason(e), None, None
 
 
 def _format_of(data) -> str:

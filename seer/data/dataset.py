@@ -41,7 +41,11 @@ def check_pixels(data: Union[bytes, Tensor], max_pixels: int) -> tuple[int, int]
     """(H, W) from the header, or ValueError for an image with more than ``max_pixels`` pixels."""
     if isinstance(data, Tensor):
         return int(data.shape[-2]), int(data.shape[-1])
-    h, w = _decode.image_size(data)
+    return _check_hw(_decode.image_size(data), max_pixels)
+
+
+def _check_hw(hw: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    h, w = hw
     if h * w > max_pixels:
         raise ValueError(f"{w} x {h} pixels exceed data.max_image_pixels={max_pixels} (decompression-bomb guard)")
     if h == 0 or w == 0:
@@ -54,6 +58,15 @@ def decode(data: Union[bytes, Tensor]) -> Tensor:
     if isinstance(data, Tensor):
         return data
     return _decode.decode_image(data)[0]
+
+
+def decode_checked(data: Union[bytes, Tensor], max_pixels: int) -> Tensor:
+    """:func:`check_pixels`, then :func:`decode`, with the same errors, opening the encoded image once."""
+    if isinstance(data, Tensor):
+        return data
+    with _decode.EncodedImage(data) as image:
+        _check_hw(image.hw, max_pixels)
+        return image.decode()[0]
 
 
 def _reason(exc: BaseException) -> str:
@@ -108,9 +121,7 @@ class DecodedDataset(_RobustDataset):
     """The device path: item -> (decoded uint8 (3, H, W), skipped); multi-crop happens on the device."""
 
     def _load(self, epoch: int, index: int) -> Tensor:
-        data = self.source.read(index)
-        check_pixels(data, self.max_pixels)
-        return decode(data)
+        return decode_checked(self.source.read(index), self.max_pixels)
 
 
 @dataclass
@@ -142,4 +153,4 @@ def worker_init(_worker_id: int) -> None:
 
 
 __all__ = ["Batch", "DataError", "DecodedDataset", "MultiCropDataset", "Skipped", "check_pixels", "collate_crops",
-           "collate_images", "decode", "worker_init"]
+           "collate_images", "decode", "decode_checked", "worker_init"]

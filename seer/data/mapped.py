@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, TextIO
 
 import numpy as np
 
@@ -92,7 +92,7 @@ class StringList:
     @classmethod
     def from_text_file(cls, text_path: str | os.PathLike, offsets_path: str | os.PathLike) -> "StringList":
         """Index an existing list file with one entry per line (a user's file goes through
-        :func:`normalise_list_file` first, which drops blank lines and '#' comments)."""
+        :func:`normalise_list_file` and :func:`write_lines` instead, which drop blank lines and '#' comments)."""
         size = os.path.getsize(text_path)
         text = np.memmap(text_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
         # Vectorised newline search: no Python object per line even for 10^9 lines.
@@ -128,20 +128,20 @@ def write_lines(lines: Iterable[str], text_path: str | os.PathLike, offsets_path
     return StringList(text_path, offsets_path)
 
 
-def normalise_list_file(src: str | os.PathLike, dst: str | os.PathLike, base: Optional[Path] = None) -> int:
-    """Copy a user's list file to ``dst`` without blank lines or '#' comments, resolving relative paths
-    against ``base``; return the number of entries. Streams line by line."""
-    n = 0
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    with open(src, "r", encoding="utf-8", errors="surrogateescape") as fin, \
-            open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fout:
+def normalise_list_file(src: str | os.PathLike, base: Optional[Path] = None) -> Iterator[str]:
+    """The entries of a user's list file without blank lines or '#' comments, relative paths resolved against
+    ``base``, for :func:`write_lines`. Streams line by line; the file is opened now (an unreadable one fails
+    before anything is written)."""
+    fin = open(src, "r", encoding="utf-8", errors="surrogateescape")
+    return _clean_lines(fin, base)
+
+
+def _clean_lines(fin: TextIO, base: Optional[Path]) -> Iterator[str]:
+    with fin:
         for line in fin:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             if base is not None and not os.path.isabs(line):
                 line = str(base / line)
-            fout.write(line + "\n")
-            n += 1
-    os.replace(tmp, dst)
-    return n
+            yield line

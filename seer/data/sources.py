@@ -226,8 +226,8 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
         if not Path(source).is_file():
             raise DataSourceError(f"data.source {source!r} is not a list file")
         meta["root"] = ""
-        meta["count"] = normalise_list_file(source, cache / "images.txt", base=Path(source_abs).parent)
-        StringList.from_text_file(cache / "images.txt", cache / "images.offsets.npy")
+        meta["count"] = len(write_lines(normalise_list_file(source, base=Path(source_abs).parent),
+                                        cache / "images.txt", cache / "images.offsets.npy"))
     elif fmt == "tar":
         meta["shards"] = tar_shards(source)
         meta["count"] = index_tar_shards(meta["shards"], cache)

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..data.sources import is_image_name, scan_folder
+from ..data.sources import scan_folder
 
 
 @dataclass
@@ -39,7 +39,7 @@ def _class_folder(root: Path) -> tuple[list[str], Tensor, list[str]]:
                          f"{len(classes)}")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        found = [str(root / name / p) for p in scan_folder(root / name) if is_image_name(p)]
+        found = [str(root / name / p) for p in scan_folder(root / name)]
         paths += found
         labels += [c] * len(found)
     if not paths:

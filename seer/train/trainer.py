@@ -84,7 +84,7 @@ class Trainer:
         self.bad_files: set[str] = set()
         warm = t.collapse_warmup_steps if t.collapse_warmup_steps >= 0 else max(50, t.max_steps // 10)
         self.monitor = CollapseMonitor(cfg.head.num_prototypes, warm)
-        self.flops_per_image = _train_flops_per_image(cfg)
+        self.flops_per_image = _train_flops_per_image(cfg, self.data.spec)
         self._stop_signal = None
         self.resumed_from: Optional[Path] = None
         self._evaluator = None
@@ -169,12 +169,14 @@ class Trainer:
                              group=self.dims.dp_group, prototype_group=self.dims.tp_group)
         with nvtx_range("communication", nv):
             # One small all-reduce: the mean loss over processes (any NaN on any rank makes it NaN, so every
-            # rank skips together) and the stop flag of a pending SIGTERM.
-            flags = torch.stack([loss.detach().float(), torch.tensor(float(self._stop_signal is not None),
-                                                                        device=loss.device)])
-            flags = all_reduce_sum(flags).cpu() / torch.tensor([self.dist.world, 1.0])  # NCCL: on the device
+            # rank skips together), the stop flag of a pending SIGTERM, and the unreadable files met so far
+            # (summed over ranks: a file met by two ranks counts twice).
+            flags = torch.stack([loss.detach().float(),
+                                 torch.tensor(float(self._stop_signal is not None), device=loss.device),
+                                 torch.tensor(float(len(self.bad_files)), device=loss.device)])
+            flags = all_reduce_sum(flags).cpu() / torch.tensor([self.dist.world, 1.0, 1.0])  # NCCL: on the device
         loss_value, stop = float(flags[0]), bool(flags[1] > 0)
-        record = {"loss": loss_value}
+        record = {"loss": loss_value, "skipped_files": int(flags[2])}
         if not math.isfinite(loss_value):
             self.opt.zero_grad(set_to_none=True)
             self.counters["nonfinite_total"] += 1
@@ -247,9 +249,9 @@ class Trainer:
                               "images_per_s": ips, "data_wait": min(1.0, wait_acc / dt),
                               "step_time": dt / max(n_steps, 1),
                               "nonfinite_skipped": self.counters["nonfinite_total"],
-                              "skipped_files": self._total_skipped(),
+                              "skipped_files": rec["skipped_files"],
                               "queue_active": self.queue.full}
-                    record.update({k: v for k, v in rec.items() if k not in ("loss", "stop")})
+                    record.update({k: v for k, v in rec.items() if k not in ("loss", "skipped_files", "stop")})
                     if peak:
                         record["mfu"] = ips * self.flops_per_image / (peak * self.dist.world)
                     if "assign_entropy" in rec:
@@ -350,10 +352,6 @@ class Trainer:
                 f.write(f"{s.name}\t{s.reason}\n")
                 log.warning("skipped unreadable image %s (%s)", s.name, s.reason)
 
-    def _total_skipped(self) -> int:
-        """Unreadable files met so far, summed over ranks (a file met by two ranks counts twice)."""
-        return int(all_reduce_sum(torch.tensor([float(len(self.bad_files))], device=self.device))[0])
-
 
 # ---------------------------------------------------------------------------------------------------------
 
@@ -362,10 +360,10 @@ def _format_eval(res: dict) -> str:
     return ", ".join(parts) or "(no scores)"
 
 
-def _train_flops_per_image(cfg: C.RunConfig) -> float:
+def _train_flops_per_image(cfg: C.RunConfig, spec) -> float:
+    """Training FLOPs per image for the crops of ``spec`` (the run's ``MultiCropSpec``)."""
     from ..plan import forward_flops_per_image
-    c = cfg.data.crops
-    crops = [(c.global_count, c.global_size)] + ([(c.local_count, c.local_size)] if c.local_count else [])
+    crops = [(g.count, g.size) for g in spec.groups]
     return 3.0 * forward_flops_per_image(cfg.model, cfg.head, crops)
 
 
