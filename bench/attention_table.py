@@ -24,6 +24,8 @@ import pprint
 import sys
 from pathlib import Path
 
+from seer_kernels.ops.attention import TRITON_MARGIN
+
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "seer_kernels" / "ops" / "attention_table.py"
 MODES = ("fwd", "fwdbwd", "fwdbwd-det")
 
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
             + "TABLE: dict = " + pprint.pformat(table, width=110, sort_dicts=True) + "\n")
     out.write_text(text)
     for r in rows:
-        pick = "triton" if r["fwd_bwd"] >= 1.05 else "sdpa"
+        pick = "triton" if r["fwd_bwd"] >= TRITON_MARGIN else "sdpa"
         print(f"{env['device']} {r['case']:32s} fwd x{r['fwd']:.2f}  fwd+bwd x{r['fwd_bwd']:.2f} "
               f"({r['bwd_scheme']})  vs {r['best_sdpa']}  -> training uses {pick}")
     print(f"wrote {len(rows)} rows for {env['device']} to {out}")

@@ -24,6 +24,7 @@ import torch
 
 import seer_kernels
 from seer_kernels import MultiCropSpec
+from tests.ops.multicrop_oracle import chw, jpeg_bytes, synthetic_photo
 
 SPEC = MultiCropSpec.swav()
 SIZES = {"500x375": (500, 375), "1024x768": (1024, 768)}
@@ -41,8 +42,6 @@ def photos(kind: str) -> list[np.ndarray]:
         from skimage import data
         from sklearn.datasets import load_sample_images
     except ImportError:
-        from tests.ops.multicrop_oracle import synthetic_photo
-
         w, h = SIZES[kind]
         return [synthetic_photo(h, w, i).permute(1, 2, 0).numpy() for i in range(4 if kind == "500x375" else 2)]
 
@@ -55,14 +54,6 @@ def photos(kind: str) -> list[np.ndarray]:
         a = a[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
         out.append(np.asarray(Image.fromarray(a).resize(SIZES[kind], Image.LANCZOS)))
     return out
-
-
-def _jpeg(a: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 # ---- the baselines --------------------------------------------------------------------------------
@@ -122,16 +113,16 @@ def bench_multicrop_cpu(bench_record, bench_device, inp, kind, threads):
     from torchvision.io import decode_jpeg
 
     arrays = photos(kind)
-    chw = [torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous() for a in arrays]
+    images = [chw(a) for a in arrays]
     pil = [Image.fromarray(a) for a in arrays]
-    encoded = [_jpeg(a) for a in arrays]
+    encoded = [jpeg_bytes(im) for im in images]  # quality 90, Pillow's default subsampling
     encoded_t = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
     swav, v2 = swav_pipeline(SPEC), v2_pipeline(SPEC)
     gen = torch.Generator().manual_seed(0)
 
     if inp == "decoded":
-        fns = {"seer": lambda: [seer_kernels.multicrop([im], SPEC, gen) for im in chw],
-               "v2": lambda: [[t(im) for t in v2] for im in chw],
+        fns = {"seer": lambda: [seer_kernels.multicrop([im], SPEC, gen) for im in images],
+               "v2": lambda: [[t(im) for t in v2] for im in images],
                "swav_pil": lambda: [[t(im) for t in swav] for im in pil]}
     else:
         def swav_jpeg():
@@ -172,8 +163,7 @@ def bench_multicrop_cuda(bench_record, bench_device, kind, baseline):
     if not bench_device.startswith("cuda"):
         pytest.skip("GPU rows")
     arrays = photos(kind)
-    images = [torch.from_numpy(arrays[i % len(arrays)].copy()).permute(2, 0, 1).contiguous().to(bench_device)
-              for i in range(GPU_BATCH)]
+    images = [chw(arrays[i % len(arrays)]).to(bench_device) for i in range(GPU_BATCH)]
     gen = torch.Generator().manual_seed(0)
     fns = {"seer": lambda: seer_kernels.multicrop(images, SPEC, gen)}
     if baseline == "v2":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bench.bench_sinkhorn import swav_original
 from seer.model import VisionTransformer, vit_preset
 from seer.optim import build_lars
 from seer.parallel import ParallelConfig, ParallelDims, parallelize
@@ -97,23 +98,11 @@ class PlainSwAV(nn.Module):
             return self.prototypes(z)
 
 
-@torch.no_grad()
-def plain_sinkhorn(scores, eps=0.05, iters=3):
-    q = torch.exp(scores / eps).t()
-    b, k = q.shape[1], q.shape[0]
-    q /= q.sum()
-    for _ in range(iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    return (q * b).t()
-
-
 def plain_loss(scores, n_crops, batch, temperature=0.1):
     loss = 0
     for a in (0, 1):
-        q = plain_sinkhorn(scores[a * batch:(a + 1) * batch].detach())
+        with torch.no_grad():  # SwAV's Sinkhorn-Knopp, eps 0.05, 3 iterations
+            q = swav_original(scores[a * batch:(a + 1) * batch].detach(), 0.05, 3)
         sub = 0
         for v in range(n_crops):
             if v != a:

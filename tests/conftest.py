@@ -64,6 +64,12 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture
+def gen(_fresh_seed) -> torch.Generator:
+    """A generator seeded from the test's fresh random seed (printed on failure)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+
+
 def pytest_runtest_makereport(item, call):
     if call.when == "call" and call.excinfo is not None:
         for key, value in item.user_properties:

@@ -19,7 +19,8 @@ STD = (0.229, 0.224, 0.225)
 EXACT = 1e-4
 
 
-def _chw(a: np.ndarray) -> Tensor:
+def chw(a: np.ndarray) -> Tensor:
+    """An (H, W, 3) array as a contiguous uint8 (3, H, W) tensor (a copy)."""
     return torch.from_numpy(np.array(a, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
@@ -64,7 +65,7 @@ def photos() -> dict[str, Tensor]:
         "strip": data.rocket()[200:241],          # 41 x 640: aspect ratio far outside (3/4, 4/3)
         "tiny": np.asarray(Image.fromarray(data.coffee()).resize((31, 23), Image.LANCZOS)),  # 23 x 31
     }
-    return {k: _chw(v) for k, v in out.items()}
+    return {k: chw(v) for k, v in out.items()}
 
 
 def jpeg_bytes(image: Tensor, quality: int = 90, subsampling: int = -1) -> bytes:

@@ -100,6 +100,30 @@ def run_backend(backend, q, k, v, dout, scale=None, deterministic=None):
     return (out, *grads)
 
 
+def float64_expectation(q, k, v, dout, scale, sdpa=False):
+    """The float64 oracle and the bounds of the 2x rule for out, dq, dk, dv given the output gradient ``dout``.
+
+    Returns (want, same, atols, lse64): the float64 reference (out, dq, dk, dv); PyTorch's own result in the
+    inputs' dtype (its math path, or torch's SDPA called directly with ``sdpa``); each one's atol (the dtype's
+    rounding + the float32 recompute of P + for dq and dk the cancellation term); the reference log-sum-exp.
+    """
+    q64, k64, v64, do64 = (t.detach().cpu().double() for t in (q, k, v, dout))
+    o64, lse64 = ref.attention_fwd(q64, k64, v64, scale)
+    want = (o64, *ref.attention_bwd(do64, q64, k64, v64, o64, lse64, scale))
+    qp, kp, vp = (t.detach().requires_grad_() for t in (q, k, v))
+    if sdpa:
+        op = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale)
+    else:
+        op = math_attention(qp, kp, vp, scale)
+    same = (op, *torch.autograd.grad(op, (qp, kp, vp), dout))
+    score_max = max(float((torch.matmul(q64, k64.transpose(-1, -2)) * scale).abs().max()),
+                    float(lse64.abs().max()))
+    extra = [cancellation_atol(do64, o64, k64, scale, q.dtype), cancellation_atol(do64, o64, q64, scale, q.dtype)]
+    extra = [recompute_atol(w, score_max) + e for w, e in zip(want, [0.0, *extra, 0.0])]
+    atols = [dtype_atol(w, q.dtype) + e for w, e in zip(want, extra)]
+    return want, same, atols, lse64
+
+
 def check_against_float64(backend, q, k, v, scale=None, deterministic=None):
     """Output and gradients within 2x PyTorch's own error in this dtype (+ atol).
 
@@ -109,22 +133,10 @@ def check_against_float64(backend, q, k, v, scale=None, deterministic=None):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=torch.float32).to(q.dtype)
     got = run_backend(backend, q, k, v, dout, scale, deterministic)
-    q64, k64, v64, do64 = (t.detach().cpu().double() for t in (q, k, v, dout))
-    o64, lse64 = ref.attention_fwd(q64, k64, v64, scale)
-    want = (o64, *ref.attention_bwd(do64, q64, k64, v64, o64, lse64, scale))
-    qp, kp, vp = (t.detach().requires_grad_() for t in (q, k, v))
-    if backend == "sdpa":
-        op = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale)
-    else:
-        op = math_attention(qp, kp, vp, scale)
-    torch_same = (op, *torch.autograd.grad(op, (qp, kp, vp), dout))
-    score_max = max(float((torch.matmul(q64, k64.transpose(-1, -2)) * scale).abs().max()),
-                    float(lse64.abs().max()))
-    extra = [cancellation_atol(do64, o64, k64, scale, q.dtype), cancellation_atol(do64, o64, q64, scale, q.dtype)]
-    extra = [recompute_atol(w, score_max) + e for w, e in zip(want, [0.0, *extra, 0.0])]
-    for name, g, w, t, e in zip(("out", "dq", "dk", "dv"), got, want, torch_same, extra):
+    want, torch_same, atols, _ = float64_expectation(q, k, v, dout, scale, sdpa=backend == "sdpa")
+    for name, g, w, t, atol in zip(("out", "dq", "dk", "dv"), got, want, torch_same, atols):
         assert g.shape == w.shape and g.dtype == q.dtype, name
-        assert_close_to_ref(g.cpu(), w, t.cpu(), atol=dtype_atol(w, q.dtype) + e, name=f"{backend}: {name}")
+        assert_close_to_ref(g.cpu(), w, t.cpu(), atol=atol, name=f"{backend}: {name}")
 
 
 # ---- the parameter matrix ---------------------------------------------------------------------------------
@@ -272,22 +284,11 @@ def test_triton_every_candidate_tile(cls, poison_empty):
     nq, nkv = (70, 45) if TRITON_DEV == "cpu" else (197, 257)
     q, k, v = make_qkv(1, 2, nq, nkv, d, dtype, TRITON_DEV)
     scale = d ** -0.5
-    q64, k64, v64 = (t.cpu().double() for t in (q, k, v))
-    o64, lse64 = ref.attention_fwd(q64, k64, v64, scale)
-    do = torch.randn(o64.shape).to(device=q.device, dtype=dtype)
-    want = (o64, *ref.attention_bwd(do.cpu().double(), q64, k64, v64, o64, lse64, scale))
-    qp, kp, vp = (t.detach().requires_grad_() for t in (q, k, v))
-    op = math_attention(qp, kp, vp, scale)
-    same = (op, *torch.autograd.grad(op, (qp, kp, vp), do))
-
-    score_max = max(float((torch.matmul(q64, k64.transpose(-1, -2)) * scale).abs().max()),
-                    float(lse64.abs().max()))
-    extra = [0.0, cancellation_atol(do.cpu().double(), o64, k64, scale, dtype),
-             cancellation_atol(do.cpu().double(), o64, q64, scale, dtype), 0.0]
+    do = torch.randn(q.shape[:-1] + (v.shape[-1],)).to(device=q.device, dtype=dtype)
+    want, same, atols, lse64 = float64_expectation(q, k, v, do, scale)
 
     def check(name, got, i):
-        atol = dtype_atol(want[i], dtype) + recompute_atol(want[i], score_max) + extra[i]
-        assert_close_to_ref(got.cpu(), want[i], same[i].cpu(), atol=atol, name=name)
+        assert_close_to_ref(got.cpu(), want[i], same[i].cpu(), atol=atols[i], name=name)
 
     for tile in tri.FWD_TILES[cls]:
         out, lse = tri.attention_fwd(q, k, v, scale, tile)

@@ -21,13 +21,6 @@ def backend_params(cuda: bool = True):
     return out
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A generator seeded from the test's fresh random seed (tests/conftest.py prints it on failure)."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-
-
-
 def special_boxes(h: int, w: int, size: int) -> torch.Tensor:
     """Boxes at the image borders and corners, the whole image, single pixels and rows, and boxes smaller
     than the output (upsampling), plus one in the middle."""

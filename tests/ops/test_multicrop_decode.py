@@ -4,27 +4,17 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import seer_kernels
 from seer_kernels import CropGroup, CropParams, MultiCropSpec, decode
-from tests.ops.multicrop_oracle import assert_within_tolerance, jpeg_bytes, photos
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+from tests.ops.multicrop_oracle import assert_within_tolerance, chw, jpeg_bytes, photos
 
 
 @functools.lru_cache(maxsize=None)
 def large_photos() -> dict[str, torch.Tensor]:
     data = pytest.importorskip("skimage.data")
-
-    def chw(a):
-        return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).contiguous()
-
     return {"retina": chw(data.retina()), "hubble": chw(data.hubble_deep_field()),
             "china": photos()["china"], "coffee": photos()["coffee"]}
 

@@ -14,11 +14,6 @@ from seer_kernels.multicrop_params import COL, PACK_COLUMNS, SWAV_STD, VISSL_STD
 N = 20000  # crops per statistical test: ~10 ms to draw
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-
-
 def _torchvision_boxes(hw, scale, ratio, n):
     T = pytest.importorskip("torchvision.transforms")
     img = torch.zeros(1, *hw)

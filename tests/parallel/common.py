@@ -17,6 +17,8 @@ from seer.optim import build_lars
 from seer.parallel import ParallelConfig, ParallelDims, full_gradients, full_state_dict, parallelize
 from seer.swav import PrototypeFreezer, SwAVHead, SwAVHeadConfig, SwAVModel, normalize_prototypes, swav_loss
 
+FP32_TOL = 2e-5
+
 
 def build_model(seed: int = 0, **vit_kw) -> SwAVModel:
     torch.manual_seed(seed)
@@ -75,6 +77,14 @@ def parity_run(cfg: ParallelConfig, *, steps: int = 3, batch: int = 4, freeze: i
     out["params"] = max_diff(full_state_dict(ref), full_state_dict(par))
     out["scale"] = max(float(p.abs().max()) for p in ref.parameters())
     return out
+
+
+def assert_parity(r: dict, where) -> None:
+    """What parity_run returned matches the single process (float32 tolerances) and the steps really trained."""
+    assert max(r["loss"]) < 1e-5, (where, r["loss"])
+    assert max(r["features"]) < FP32_TOL and max(r["grads"]) < FP32_TOL, (where, r)
+    assert r["params"] < FP32_TOL * r["scale"], (where, r["params"])
+    assert r["ref_loss"][0] != r["ref_loss"][-1]
 
 
 def saved_bytes_per_token(block: torch.nn.Module, make_input: Callable[[int], torch.Tensor], batches: tuple,

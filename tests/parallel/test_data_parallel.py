@@ -9,9 +9,7 @@ from seer.optim import build_lars
 from seer.parallel import ParallelConfig, ParallelDims, parallelize
 from seer.swav import swav_loss
 from tests.dist_utils import run_distributed
-from tests.parallel.common import build_model, make_crops, parity_run
-
-FP32_TOL = 2e-5
+from tests.parallel.common import assert_parity, build_model, make_crops, parity_run
 
 
 def _fsdp_details() -> dict:
@@ -42,18 +40,11 @@ def _mesh_body(rank, world):
                       vit_kw={"qk_norm": True})
 
 
-def _assert_parity(r, where):
-    assert max(r["loss"]) < 1e-5, (where, r["loss"])
-    assert max(r["features"]) < FP32_TOL and max(r["grads"]) < FP32_TOL, (where, r)
-    assert r["params"] < FP32_TOL * r["scale"], (where, r["params"])
-    assert r["ref_loss"][0] != r["ref_loss"][-1]
-
-
 @pytest.mark.dist
 def test_fsdp_data_parallel_matches_one_process():
     for rank, res in enumerate(run_distributed(_dp_body, 2)):
-        _assert_parity(res["fsdp"], ("fsdp", rank))
-        _assert_parity(res["no_reshard"], ("no_reshard", rank))
+        assert_parity(res["fsdp"], ("fsdp", rank))
+        assert_parity(res["no_reshard"], ("no_reshard", rank))
         d = res["details"]
         assert d["sharded"] and d["momentum_dtensor"] and d["finite"], d
         assert d["features_dtype"] == torch.bfloat16 and d["scores_dtype"] == torch.float32
@@ -63,4 +54,4 @@ def test_fsdp_data_parallel_matches_one_process():
 @pytest.mark.slow
 def test_2x2_mesh_data_and_tensor_parallel_matches_one_process():
     for rank, res in enumerate(run_distributed(_mesh_body, 4)):
-        _assert_parity(res, ("2x2", rank))
+        assert_parity(res, ("2x2", rank))

@@ -17,9 +17,8 @@ from seer.plan import activation_bytes_per_token, count_parameters
 from seer.swav import (SwAVHead, SwAVHeadConfig, SwAVModel, build_swav_model, normalize_prototypes, seer_head,
                        swav_loss)
 from tests.dist_utils import run_distributed
-from tests.parallel.common import build_model, make_crops, max_diff, parity_run, saved_bytes_per_token
-
-FP32_TOL = 2e-5
+from tests.parallel.common import (FP32_TOL, assert_parity, build_model, make_crops, max_diff, parity_run,
+                                   saved_bytes_per_token)
 
 
 def _dropout_checks(dims_cfg: ParallelConfig) -> dict:
@@ -101,11 +100,8 @@ def test_tensor_parallel_matches_single_process():
     results = run_distributed(_tp_body, 2)
     for rank, res in enumerate(results):
         for mode in ("tp", "sp"):
-            r = res[mode]
-            assert max(r["loss"]) < 1e-5, (rank, mode, r["loss"])
-            assert max(r["features"]) < FP32_TOL and max(r["grads"]) < FP32_TOL, (rank, mode, r)
-            assert r["params"] < FP32_TOL * r["scale"], (rank, mode, r["params"])
-            assert r["ref_loss"][0] != r["ref_loss"][2]  # the three steps really trained
+            assert len(res[mode]["ref_loss"]) == 3  # parity_run's default steps: [-1] is the third step
+            assert_parity(res[mode], (rank, mode))
         for mode in ("drop", "drop_sp"):
             assert res[mode]["ckpt_vs_plain"] < FP32_TOL, (rank, mode, res[mode]["ckpt_vs_plain"])
         # the planner's activation estimate is an upper bound within 10% of what autograd saves

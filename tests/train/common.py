@@ -61,6 +61,10 @@ _c.CheckpointManager._commit = _commit
 """
 
 
+def records(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The JSON records of OUT/NAME, one per line (the trainer writes no blank lines)."""
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
 def losses(out: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in recs}
+    return {r["step"]: r["loss"] for r in records(out)}

@@ -1,5 +1,4 @@
 """Collapse signals and warnings; non-finite losses are skipped, counted, and stop the run after a limit."""
-import json
 import math
 
 import pytest
@@ -10,6 +9,8 @@ import seer.train.trainer as trainer_mod
 from seer.config import apply_overrides, preset
 from seer.train import CollapseMonitor, NonFiniteLossError, Trainer, collapse_signals
 from seer.train.collapse import REMEDIES
+
+from .common import records
 
 
 def test_signals_separate_collapsed_from_healthy_assignments():
@@ -59,7 +60,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     t = Trainer(cfg, tmp_path / "a")
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     t.fit()
-    recs = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    recs = records(tmp_path / "a")
     assert [r["nonfinite_skipped"] for r in recs] == [0, 1, 2, 2, 2]
     assert recs[1]["loss"] == "nan" and isinstance(recs[0]["loss"], float)
     assert t.step == 5 and any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())

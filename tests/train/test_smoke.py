@@ -13,15 +13,11 @@ from seer.train import Trainer
 from seer.train.checkpoint import list_checkpoints, read_meta
 from tests.images import write_bad_images, write_good_images
 
-from .common import ROOT, env, seer
+from .common import ROOT, env, records, seer
 
 pytestmark = pytest.mark.slow
 
 METRIC_KEYS = {"step", "epoch", "loss", "lr", "images_per_s", "data_wait", "assign_entropy", "prototypes_used"}
-
-
-def _records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_one_process_cli_writes_every_output(tmp_path):
@@ -33,9 +29,9 @@ def test_one_process_cli_writes_every_output(tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "eval_random_init.json", "plot.png", "train.log"):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
-    recs = _records(out)
+    recs = records(out)
     assert [r["step"] for r in recs] == [2, 4] and all(METRIC_KEYS <= set(r) for r in recs)
-    during = [json.loads(line) for line in (out / "eval_history.jsonl").read_text().splitlines()]
+    during = records(out, "eval_history.jsonl")
     assert [r["step"] for r in during] == [2] and 0 <= during[0]["knn_top1"] <= 100
     ev = json.loads((out / "eval.json").read_text())
     for key in ("knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init"):
@@ -56,7 +52,7 @@ def test_multicrop_in_workers_over_files_with_bad_ones(tmp_path):
     assert result["step"] == 2
     skipped = (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()
     assert {line.split("\t")[0] for line in skipped} == {str(p) for p in bad.values()}
-    assert _records(tmp_path / "run")[-1]["skipped_files"] == 4
+    assert records(tmp_path / "run")[-1]["skipped_files"] == 4
 
 
 def _torchrun(*args, timeout=300):
@@ -74,7 +70,7 @@ def test_torchrun_data_parallel_then_resume_with_one_process(tmp_path):
     ckpt = list_checkpoints(out / "checkpoints")[-1]
     meta = read_meta(ckpt)
     assert (meta["world_size"], meta["dp"], meta["step"]) == (2, 2, 4)
-    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
     saved = load_pretrained(out).state_dict()
     # One process resumes the 2-process run: model and optimizer state resharded by DCP.
     cfg = apply_overrides(preset("tiny"), ["train.max_steps=6", "train.threads=1", "loss.freeze_prototypes_iters=0"])
@@ -85,7 +81,7 @@ def test_torchrun_data_parallel_then_resume_with_one_process(tmp_path):
     momentum = [s["momentum_buffer"] for s in trainer.opt.state.values()]
     assert len(momentum) == len(list(trainer.model.parameters())) and all(m.abs().sum() > 0 for m in momentum)
     trainer.fit()
-    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_torchrun_tensor_parallel_and_the_merged_checkpoint(tmp_path):
