@@ -35,6 +35,12 @@ def main(out_dir: str) -> int:
         print(json.loads(bench.read_text())["table"])
     else:
         print("  no benchmark JSON")
+    sweep = out / "sweep.json"
+    print(f"attention tile sweep: rc {_read(out / 'sweep.rc')}")
+    if sweep.exists():
+        for row in json.loads(sweep.read_text())["rows"]:
+            print(f"  {row['case']:36s} x{row['ratio']:.3f} vs {row['best_sdpa']:10s} {row['us']:8.1f} us "
+                  f"tiles {row['tiles']}")
     print("=" * 100)
     return 0
 
