@@ -23,6 +23,10 @@ from triton.compiler import ASTSource
 from bench.triton_compile import interpreted, report
 from seer_kernels.triton import attention as tri
 
+# The fastest dkdv tile measured at 128-wide heads on an H200, (32, 64, 4 warps), spills 24 bytes per thread
+# with dq atomics at D = 128 and 48 at D = 80 (padded to 128); real register pressure spills hundreds.
+SPILL_BUDGET = 48
+
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     params = list(inspect.signature(fn.fn).parameters)
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
     rows = ((f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s}",
              functools.partial(compile_one, fn, dt, cx, tile, args.arch))
             for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only))
-    return report(rows, args.arch, f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s}")
+    return report(rows, args.arch, f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s}",
+                  spill_budget=SPILL_BUDGET)
 
 
 if __name__ == "__main__":

@@ -45,11 +45,13 @@ bwd_scheme ("atomic" or "deterministic", whichever was faster) and the best tile
 def rows_from_benchmark(data: dict) -> list[dict]:
     """One selector row per benchmarked shape that has all three modes."""
     by_case: dict[str, dict] = {}
+    graphs: dict[str, dict] = {}
     for row in data["rows"]:
-        if row.get("op") != "attention" or row.get("ours") != "triton" or row.get("mode") not in MODES:
+        mode = row.get("mode", "")
+        if row.get("op") != "attention" or row.get("ours") != "triton" or mode.removesuffix("-graph") not in MODES:
             continue
-        base = row["case"][: -len(row["mode"]) - 1]
-        by_case.setdefault(base, {})[row["mode"]] = row
+        base = row["case"][: -len(mode) - 1]
+        (graphs if mode.endswith("-graph") else by_case).setdefault(base, {})[mode] = row
     out = []
     for base, modes in sorted(by_case.items()):
         if set(modes) != set(MODES):
@@ -66,6 +68,11 @@ def rows_from_benchmark(data: dict) -> list[dict]:
             "bwd_scheme": "deterministic" if best is det else "atomic",
             "tiles": {"fwd": fwd["tiles"]["fwd"], "dkdv": best["tiles"]["dkdv"], "dq": best["tiles"]["dq"]},
         })
+        # GPU time alone (CUDA-graph replays), where the benchmark captured them: evidence, not the selector's input.
+        for mode, key in (("fwd", "fwd_graph"), ("fwdbwd", "fwd_bwd_atomic_graph"),
+                          ("fwdbwd-det", "fwd_bwd_det_graph")):
+            if f"{mode}-graph" in graphs.get(base, {}):
+                out[-1][key] = round(graphs[base][f"{mode}-graph"]["ratio"], 3)
     return out
 
 

@@ -7,6 +7,9 @@ GPU rows, per ViT shape (bfloat16):
     attention:<case>-fwdbwd       forward + backward, dq by float32 atomics (the default scheme)
     attention:<case>-fwdbwd-det   forward + backward, deterministic (dq by its own pass)
     attention:<case>-auto         what seer_kernels.attention picks on its own (the selector), fwd + bwd
+    attention:<case>-<mode>-graph the three modes above with every callable captured in a CUDA graph: the
+                                  GPU's time alone, without the Python and launch overhead of each call
+                                  (a backend that cannot be captured is left out of that row)
 
 Before timing a shape, every candidate tile of each kernel is timed and checked against SDPA's output; the
 rows use the fastest, and record it (tiles) together with the shape, the best SDPA backend, TFLOP/s and the
@@ -71,13 +74,13 @@ def _inputs(b, h, n, d, device, dtype, grad):
 
 def _flops(b, h, n, d, mode):
     fwd = 4.0 * b * h * n * n * d
-    return fwd if mode == "fwd" else 3.5 * fwd
+    return fwd if "bwd" not in mode else 3.5 * fwd
 
 
 def _bytes(b, h, n, d, elt, mode):
     x = b * h * n * d * elt
     fwd = 4 * x + b * h * n * 4  # read q, k, v; write out and lse
-    return fwd if mode == "fwd" else fwd + 8 * x + b * h * n * 4  # + read q k v out dout lse, write dq dk dv
+    return fwd if "bwd" not in mode else fwd + 8 * x + b * h * n * 4  # + read q k v out dout lse, write dq dk dv
 
 
 @contextlib.contextmanager
@@ -203,24 +206,37 @@ def bench_attention_gpu(bench_record, bench_device, shape):
                 return seer_kernels.attention(q_, k_, v_, deterministic=deterministic)
         return fn
 
-    with _table_row(bench_device, row):
-        qn, kn, vn = (t.detach() for t in (q, k, v))
-        fns = {"triton": lambda: triton(False)(qn, kn, vn)}
-        fns.update({name: (lambda f=f: f(qn, kn, vn)) for name, f in sdpa.items()})
-        with torch.no_grad():
-            run("fwd", fns, "triton", {"tiles": tiles})
-        for mode, deterministic, tl_ in (("fwdbwd", False, tiles), ("fwdbwd-det", True, tiles_det)):
-            if deterministic:
-                row["tiles"] = tiles_det
-            fns = {"triton": lambda dt=deterministic: _fwd_bwd(triton(dt), q, k, v, dout)}
-            fns.update({name: (lambda f=f: _fwd_bwd(f, q, k, v, dout)) for name, f in sdpa.items()})
-            run(mode, fns, "triton", {"tiles": tl_})
     # The selector as shipped (the real table): what a model calling seer_kernels.attention gets.
     fns = {"seer": lambda: _fwd_bwd(seer_kernels.attention, q, k, v, dout)}
     fns.update({name: (lambda f=f: _fwd_bwd(f, q, k, v, dout)) for name, f in sdpa.items()})
     chosen = ops.DISPATCH.select(q.device, q.dtype, **ops._info(q, k, grad=True, deterministic=False,
                                                                  in_op=False)).name
     run("auto", fns, "seer", {"chosen": chosen})
+    # Then each backward scheme forced, with this shape's swept tiles; the CUDA-graph rows come last (a
+    # backend that fails its capture must not cost the eager rows).
+    with _table_row(bench_device, row):
+        qn, kn, vn = (t.detach() for t in (q, k, v))
+        fns = {"triton": lambda: triton(False)(qn, kn, vn)}
+        fns.update({name: (lambda f=f: f(qn, kn, vn)) for name, f in sdpa.items()})
+        with torch.no_grad():
+            run("fwd", fns, "triton", {"tiles": tiles})
+        graphed = {"fwd": (fns, tiles)}
+        for mode, deterministic, tl_ in (("fwdbwd", False, tiles), ("fwdbwd-det", True, tiles_det)):
+            if deterministic:
+                row["tiles"] = tiles_det
+            fns = {"triton": lambda dt=deterministic: _fwd_bwd(triton(dt), q, k, v, dout)}
+            fns.update({name: (lambda f=f: _fwd_bwd(f, q, k, v, dout)) for name, f in sdpa.items()})
+            run(mode, fns, "triton", {"tiles": tl_})
+            graphed[mode] = (fns, tl_)
+        for mode, (fns, tl_) in graphed.items():
+            row["tiles"] = tl_
+            with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                replays = {name: harness.cuda_graphed(fn) for name, fn in fns.items()}
+            left_out = sorted(name for name, r in replays.items() if r is None)
+            replays = {name: r for name, r in replays.items() if r is not None}
+            if "triton" in replays and len(replays) > 1:
+                run(f"{mode}-graph", replays, "triton", {"tiles": tl_, "not_capturable": left_out})
+            del replays
 
 
 def _best(device, fns) -> str:

@@ -78,6 +78,25 @@ def compare(fns: dict[str, Callable[[], object]], device: str, *, min_time: floa
     return out
 
 
+def cuda_graphed(fn: Callable[[], object]) -> Optional[Callable[[], object]]:
+    """``fn`` captured in a CUDA graph; timing its replay measures the GPU work alone, without Python or
+    launch overhead. None if ``fn`` cannot be captured (a host sync, a backend that refuses capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy init, autotuning, workspace allocation
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
 def device_slug(device: str) -> str:
     """'cpu', or the GPU's name as a file-name-safe slug (floors are stored per GPU type)."""
     if device.startswith("cuda"):

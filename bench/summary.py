@@ -15,20 +15,21 @@ def main(out_dir: str) -> int:
     out = Path(out_dir)
     print("=" * 100)
     print(f"build: {_read(out / 'build.status')}")
-    xml = out / "tests.xml"
-    if xml.exists():
+    for name in ("tests", "tests-matrix"):
+        xml = out / f"{name}.xml"
+        if not xml.exists():
+            print(f"{name}: no report (rc {_read(out / f'{name}.rc')})")
+            continue
         root = ET.parse(xml).getroot()
         suite = root if root.tag == "testsuite" else root.find("testsuite")
         tests, fails, errs, skips = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
-        print(f"tests: {tests - fails - errs - skips} passed, {fails} failed, {errs} errors, {skips} skipped "
-              f"(rc {_read(out / 'tests.rc')})")
+        print(f"{name}: {tests - fails - errs - skips} passed, {fails} failed, {errs} errors, {skips} skipped "
+              f"(rc {_read(out / f'{name}.rc')})")
         for case in suite.iter("testcase"):
             bad = case.find("failure") if case.find("failure") is not None else case.find("error")
             if bad is not None:
                 msg = (bad.get("message") or "").splitlines()[0][:150] if bad.get("message") else ""
                 print(f"  FAIL {case.get('classname')}::{case.get('name')}: {msg}")
-    else:
-        print(f"tests: no report (rc {_read(out / 'tests.rc')})")
     bench = out / "bench.json"
     print(f"benchmarks: rc {_read(out / 'bench.rc')}")
     if bench.exists():
@@ -36,11 +37,15 @@ def main(out_dir: str) -> int:
     else:
         print("  no benchmark JSON")
     sweep = out / "sweep.json"
-    print(f"attention tile sweep: rc {_read(out / 'sweep.rc')}")
     if sweep.exists():
+        print(f"attention tile sweep: rc {_read(out / 'sweep.rc')}")
         for row in json.loads(sweep.read_text())["rows"]:
             print(f"  {row['case']:36s} x{row['ratio']:.3f} vs {row['best_sdpa']:10s} {row['us']:8.1f} us "
                   f"tiles {row['tiles']}")
+    profile = out / "profile.log"
+    if profile.exists():
+        print("host and device time per call (bench/gpu_profile.py):")
+        print("\n".join(line for line in profile.read_text().splitlines() if " host " in line))
     print("=" * 100)
     return 0
 

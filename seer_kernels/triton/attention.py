@@ -68,21 +68,24 @@ class Tile:
 
 # Candidate tiles per padded head dim (the first is the default when the selector table has no entry).
 # dkdv programs own BLOCK_N keys and walk queries BLOCK_M at a time; dq programs own BLOCK_M queries.
-# Every entry compiles for sm_90 without register spills and within 180 KB of shared memory at bf16/fp16
-# (python -m bench.attention_compile prints both); the 64-row query tiles map onto Hopper's 64-row wgmma.
+# The first of each is the fastest of a 116-135-variant sweep per ViT shape on an H200 (bench/attention_sweep.py,
+# bench/results/gpu-attention-sweep.json); the others are the runners-up. Every entry compiles for sm_90
+# within 180 KB of shared memory at bf16/fp16, and spills at most 48 bytes per thread (python -m
+# bench.attention_compile prints both): the fastest dkdv tile at 128-wide heads, (32, 64, 4 warps), spills
+# 24 bytes with dq atomics (48 at D = 80) and was still the fastest measured. 64-row query tiles map onto Hopper's 64-row wgmma.
 FWD_TILES = {
     64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3)),
-    128: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 2)),
+    128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2)),
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
 DKDV_TILES = {
-    64: (Tile(32, 64, 4, 3), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2)),
-    128: (Tile(32, 64, 8, 3), Tile(64, 64, 8, 2), Tile(32, 128, 8, 2)),
+    64: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2)),
+    128: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(32, 64, 8, 3), Tile(32, 128, 8, 2)),
     256: (Tile(32, 32, 8, 2), Tile(64, 32, 8, 2)),
 }
 DQ_TILES = {
-    64: (Tile(64, 32, 4, 3), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2)),
-    128: (Tile(64, 32, 4, 3), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
+    64: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2)),
+    128: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
     256: (Tile(32, 64, 8, 2), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
 }
 DELTA_BLOCK = 64

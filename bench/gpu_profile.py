@@ -1,0 +1,135 @@
+"""Where a GPU op's time goes: host time per call against device (kernel) time per call, and the top kernels.
+
+    python -m bench.gpu_profile [--only attention sinkhorn] [--iters 20]
+
+For each case it prints
+  host_us   wall time of the Python call alone (launch, dispatch, allocation), calls queued without a sync;
+  gpu_us    sum of the CUDA kernels' durations per call (torch.profiler), the work the GPU does;
+  wall_us   synchronised time per call (CUDA events over the calls): max(host, gpu) when nothing else runs;
+and the kernels that take the device time. host_us > gpu_us means a loop of these calls is launch-bound: it
+is the Python path, not the kernel, that a benchmark of the op alone measures.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+
+
+def measure(name: str, fn, iters: int, top: int = 6) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = (time.perf_counter() - t0) / iters
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    wall = start.elapsed_time(end) / 1e3 / iters
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.self_device_time_total for e in kernels) / iters / 1e6
+    print(f"{name:52s} host {host * 1e6:8.1f} us  gpu {gpu * 1e6:8.1f} us  wall {wall * 1e6:8.1f} us", flush=True)
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"      {e.self_device_time_total / iters:8.1f} us x{e.count // iters:<3d} {e.key[:110]}")
+    return {"case": name, "host_us": host * 1e6, "gpu_us": gpu * 1e6, "wall_us": wall * 1e6}
+
+
+def attention_cases(iters: int) -> list:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import seer_kernels
+    from seer_kernels.triton import attention as tri
+    out = []
+    for case, b, h, n, d in (("vit10b-tp4-B32H8N257D128", 32, 8, 257, 128), ("local-B192H16N37D64", 192, 16, 37, 64)):
+        q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3)
+                         for i in range(4))
+        qd, kd, vd = (t.detach() for t in (q, k, v))
+        scale = 1 / math.sqrt(d)
+
+        def op(det):
+            def f():
+                with seer_kernels.use_backend("triton", op="attention"):
+                    o = seer_kernels.attention(q, k, v, deterministic=det)
+                return torch.autograd.grad(o, (q, k, v), dout)
+            return f
+
+        def op_fwd():
+            with torch.no_grad(), seer_kernels.use_backend("triton", op="attention"):
+                return seer_kernels.attention(qd, kd, vd)
+
+        def sdpa(backend, grad):
+            def f():
+                with sdpa_kernel([backend]):
+                    if not grad:
+                        with torch.no_grad():
+                            return F.scaled_dot_product_attention(qd, kd, vd)
+                    o = F.scaled_dot_product_attention(q, k, v)
+                    return torch.autograd.grad(o, (q, k, v), dout)
+            return f
+
+        o, lse = tri.attention_fwd(qd, kd, vd, scale)
+        cases = {"triton kernels fwd (direct)": lambda: tri.attention_fwd(qd, kd, vd, scale),
+                 "triton kernels bwd atomic (direct)":
+                     lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False),
+                 "triton kernels bwd det (direct)": lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True),
+                 "op fwd (triton)": op_fwd, "op fwd+bwd atomic (triton)": op(False),
+                 "op fwd+bwd det (triton)": op(True)}
+        for nm, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                       ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            cases[f"sdpa-{nm} fwd"] = sdpa(be, False)
+            cases[f"sdpa-{nm} fwd+bwd"] = sdpa(be, True)
+        for nm, fn in cases.items():
+            try:
+                out.append(measure(f"attention {case} {nm}", fn, iters))
+            except Exception as exc:  # report and go on: one failing case must not hide the others
+                print(f"attention {case} {nm}: {str(exc).splitlines()[0][:100]}")
+    return out
+
+
+def sinkhorn_cases(iters: int) -> list:
+    import seer_kernels
+    out = []
+    for b, k in ((32, 16384), (4096, 16384)):
+        scores = torch.randn(b, k, device="cuda")
+        for backend in ("cuda", "triton", "reference"):
+            def f(backend=backend):
+                with seer_kernels.use_backend(backend, op="sinkhorn"):
+                    return seer_kernels.sinkhorn(scores, 0.05, 3)
+            try:
+                out.append(measure(f"sinkhorn {b}x{k} it3 {backend}", f, iters))
+            except Exception as exc:  # report and go on
+                print(f"sinkhorn {b}x{k} {backend}: {str(exc).splitlines()[0][:100]}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", default=["sinkhorn", "attention"])
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
+    for what in args.only:
+        {"attention": attention_cases, "sinkhorn": sinkhorn_cases}[what](args.iters)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
