@@ -98,7 +98,26 @@ def attention_cases(iters: int) -> list:
                 out.append(measure(f"attention {case} {nm}", fn, iters))
             except Exception as exc:  # report and go on: one failing case must not hide the others
                 print(f"attention {case} {nm}: {str(exc).splitlines()[0][:100]}")
+        python_profile(f"attention {case} op fwd+bwd atomic (triton)", op(False), iters)
     return out
+
+
+def python_profile(name: str, fn, iters: int, top: int = 22) -> None:
+    """Where the host time of ``fn`` goes, by Python function (cProfile, own time)."""
+    import cProfile
+    import io
+    import pstats
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    print(f"--- cProfile: {name}, {iters} calls, by own time")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-4000:])
 
 
 def sinkhorn_cases(iters: int) -> list:

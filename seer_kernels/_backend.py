@@ -37,6 +37,10 @@ DEFAULT_PRIORITY: dict[str, tuple[str, ...]] = {
 # (op or None for all ops) -> backend name; innermost use_backend() wins.
 _forced: contextvars.ContextVar[tuple[tuple[Optional[str], str], ...]] = contextvars.ContextVar(
     "seer_kernels_forced", default=())
+# What torch.compile reads instead: Dynamo in torch 2.11 cannot trace ContextVar.get (fullgraph fails), and it
+# guards on a module global, so a compiled graph is re-traced when use_backend() changes it. Written by
+# use_backend() next to the ContextVar; only the thread that last entered or left a block is reflected here.
+_compile_view: tuple[tuple[Optional[str], str], ...] = ()
 
 
 class BackendError(RuntimeError):
@@ -52,25 +56,39 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
     """
     if name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    global _compile_view
     token = _forced.set(_forced.get() + ((op, name),))
+    saved, _compile_view = _compile_view, _forced.get()
     try:
         yield
     finally:
         _forced.reset(token)
+        _compile_view = saved
 
 
 def forced_backend(op: str) -> tuple[Optional[str], str]:
     """The backend forced for ``op`` and where the request came from (``(None, "")`` when none)."""
-    for target, name in reversed(_forced.get()):
+    for target, name in reversed(_compile_view if torch.compiler.is_compiling() else _forced.get()):
         if target is None or target == op:
             return name, "use_backend()"
+    setting = _env_forcing(op)
+    if setting:
+        var, value = setting.split("=", 1)
+        return value, var
+    return None, ""
+
+
+@torch.compiler.assume_constant_result  # read once per trace: torch.compile need not trace os.environ
+def _env_forcing(op: str) -> str:
+    """'VAR=backend' for the environment variable that forces a backend for ``op`` ('' for none); raises
+    on a value that is not a backend."""
     for var in (f"SEER_KERNELS_BACKEND_{op.upper()}", "SEER_KERNELS_BACKEND"):
         value = os.environ.get(var, "").strip()
         if value:
             if value not in BACKENDS:
                 raise BackendError(f"{var}={value!r} is not a backend; expected one of {', '.join(BACKENDS)}")
-            return value, var
-    return None, ""
+            return f"{var}={value}"
+    return ""
 
 
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:

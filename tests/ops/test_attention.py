@@ -333,7 +333,7 @@ def test_long_sequence_4096():
 def test_cuda_inputs_from_a_vit_block_under_autocast(backend):
     # The ViT's call: non-contiguous bf16 slices of a fused projection, float32 weights under autocast.
     x = torch.randn(4, 257, 256, device="cuda")
-    w = torch.randn(3 * 256, 256, device="cuda", requires_grad=True) / 16
+    w = (torch.randn(3 * 256, 256, device="cuda") / 16).requires_grad_()  # a leaf: its .grad must fill
     with torch.autocast("cuda", dtype=BF16), \
             use_backend(backend, op="attention") if backend else contextlib.nullcontext():
         qkv = torch.nn.functional.linear(x, w).view(4, 257, 3, 2, 128).permute(2, 0, 3, 1, 4)
@@ -407,6 +407,25 @@ def test_compiles_fullgraph(backend, device):
             (gx_eager,) = torch.autograd.grad(y_eager.float().sum(), x)
         tol = 1e-4 if dtype == F32 else 3e-2
         assert max_abs_err(y, y_eager) <= tol and max_abs_err(gx, gx_eager) <= tol * 10
+
+
+def test_compiled_code_follows_use_backend(monkeypatch):
+    """A compiled caller re-traces when use_backend() changes: the forced backend is read from a module global
+    that torch.compile guards on (not traced from the ContextVar, which torch 2.11's Dynamo refuses)."""
+    torch._dynamo.reset()
+    ref_backend = ops.DISPATCH.backends["reference"]
+    calls = []
+    fwd = ref_backend.impl.fwd
+    monkeypatch.setattr(ref_backend.impl, "fwd", lambda *a: calls.append(1) or fwd(*a))
+    compiled = torch.compile(lambda q, k, v: seer_kernels.attention(q, k, v), fullgraph=True)
+    q, k, v = make_qkv(1, 2, 9, 9, 16, F32, "cpu")
+    want = compiled(q, k, v)
+    assert calls == []  # automatic choice on CPU: SDPA
+    with use_backend("reference", op="attention"):
+        got = compiled(q, k, v)
+    assert calls == [1] and max_abs_err(got, want) <= 1e-5
+    compiled(q, k, v)
+    assert calls == [1]  # back to SDPA outside the block
 
 
 def test_autocast_casts_float32_like_sdpa():
