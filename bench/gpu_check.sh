@@ -28,6 +28,10 @@ else
   echo "failed (rc $?)" >"$OUT/build.status"; tail -40 "$OUT/build.log"
 fi
 
+phase "C++ error path of the native ops (log: $OUT/native_errors.log)"
+timeout 120 $PY -m bench.native_errors >"$OUT/native_errors.log" 2>&1
+echo $? >"$OUT/native_errors.rc"
+
 # pytest-xdist, where installed, spreads the Triton compiles over the cores, and a test that crashes its
 # process (a bad kernel) costs one worker instead of the whole report. Each worker gets its share of the
 # cores for torch's CPU threads: 8 workers x all cores of spinning OpenMP threads made every test ~18 s.

@@ -2,10 +2,15 @@
 
     python -m bench.native_errors            # one subprocess per case; prints ok / crashed (signal) per case
 
-Each case calls a native op directly (torch.ops.seer_C.*) with an argument its C++ check refuses. A case
-whose process dies (a signal instead of a ValueError) is a crash of the error path itself: on the GPU
-machine the CUDA multi-crop op's refusal of a box outside its image segfaulted (first GPU check). The CPU
-op's identical check shows whether it is the C++ exception machinery or the CUDA translation unit.
+Each case calls a native op directly (torch.ops.seer_C.*) with an argument its C++ check refuses; the
+public ops validate in Python first, so only direct callers of the private ops reach these checks.
+
+Found on the GPU machine (H200 image, torch 2.11, extension built by its /opt/gcc/bin/g++): both the CPU and
+the CUDA op die with SIGSEGV while c10::str formats the first integer of the message. The backtrace has
+std::ostream::_M_insert<long> inside seer_kernels/_C.abi3.so, where a normal build imports it from
+libstdc++.so.6 (``nm -C _C.abi3.so | grep _M_insert`` shows ``U`` here): that toolchain put a private copy
+of libstdc++'s number formatting into the extension, which crashes against the process's own libstdc++.
+This script prints that symbol check too, and the native frames of a crash (cuda-gdb, where installed).
 """
 from __future__ import annotations
 
@@ -29,9 +34,30 @@ except ValueError as exc:
 """
 
 
+def libstdcxx_copy() -> str:
+    """'' if the extension imports libstdc++'s ostream code, else a line naming the symbols it defines."""
+    import glob
+    import os
+
+    import seer_kernels
+    libs = glob.glob(os.path.join(os.path.dirname(seer_kernels.__file__), "_C*.so"))
+    if not libs or not shutil.which("nm"):
+        return ""
+    syms = subprocess.run(["nm", "-C", "--defined-only", libs[0]], capture_output=True, text=True).stdout
+    own = [line.split(" ", 2)[-1] for line in syms.splitlines() if "std::ostream::_M_insert" in line
+           or "std::basic_ostream<char, std::char_traits<char> >::_M_insert" in line]
+    return f"{libs[0]} defines its own libstdc++ stream code: {', '.join(own[:3])}" if own else ""
+
+
 def main() -> int:
+    copy = libstdcxx_copy()
+    print(f"WARNING  {copy}" if copy else "ok       the extension imports libstdc++'s stream code")
     bad = 0
+    import torch
     for name, dev in CASES.items():
+        if dev == "cuda" and not torch.cuda.is_available():
+            print(f"skipped  {name}: no GPU")
+            continue
         res = subprocess.run([sys.executable, "-c", SNIPPET.format(dev=dev)], capture_output=True, text=True,
                              timeout=120)
         if res.returncode == 0:

@@ -20,7 +20,6 @@
 #include <vector>
 
 #include "seer/checks.h"
-#include "seer/cuda_launchers.h"
 #include "seer/multicrop.h"
 #include "seer/multicrop_stages.h"
 
@@ -71,12 +70,9 @@ at::Tensor to_device_async(const void* src, int64_t bytes, const at::TensorOptio
   return dev;
 }
 
-}  // namespace
-
-// Arguments checked by the caller (csrc/cuda/register.cpp).
-at::Tensor multicrop_apply_cuda_unchecked(const std::vector<at::Tensor>& images, const at::Tensor& params,
-                                          int64_t size, c10::ArrayRef<double> mean, c10::ArrayRef<double> std,
-                                          at::ScalarType out_dtype) {
+at::Tensor multicrop_apply_cuda(const std::vector<at::Tensor>& images, const at::Tensor& params, int64_t size,
+                                c10::ArrayRef<double> mean, c10::ArrayRef<double> std, at::ScalarType out_dtype) {
+  check_multicrop_args(images, params, size, mean, std, out_dtype, at::kCUDA);
   c10::cuda::CUDAGuard guard(images[0].device());
   const int64_t n = params.size(0), plane = size * size;
   const auto opts = images[0].options();
@@ -125,5 +121,8 @@ at::Tensor multicrop_apply_cuda_unchecked(const std::vector<at::Tensor>& images,
   return out;
 }
 
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seer_C, CUDA, m) { m.impl("multicrop_apply", &multicrop_apply_cuda); }
 
 }  // namespace seer

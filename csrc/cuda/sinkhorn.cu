@@ -23,7 +23,6 @@
 #include <optional>
 
 #include "seer/checks.h"
-#include "seer/cuda_launchers.h"
 #include "seer/sinkhorn.h"
 
 namespace cg = cooperative_groups;
@@ -315,6 +314,7 @@ at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 at::Tensor sinkhorn_max_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& m,
                              const std::optional<at::Tensor>& f, const std::optional<at::Tensor>& g, double eps,
                              int64_t dim) {
+  check_sinkhorn_step_args(scores, m, f, g, eps, dim, at::kCUDA);
   c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), K = scores.size(1);
   at::Tensor out = at::empty({dim == 0 ? K : B}, scores.options().dtype(at::kFloat));
@@ -332,6 +332,8 @@ at::Tensor sinkhorn_max_cuda(const at::Tensor& scores, const std::optional<at::T
 
 at::Tensor sinkhorn_sumexp_cuda(const at::Tensor& scores, const at::Tensor& m, const at::Tensor& f,
                                 const at::Tensor& g, double eps, int64_t dim, const at::Tensor& shift) {
+  check_sinkhorn_step_args(scores, m, f, g, eps, dim, at::kCUDA);
+  check_sinkhorn_shift(shift, scores, scores.size(1 - dim));
   c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor mv = f32(m), fv = f32(f), gv = f32(g), sh = f32(shift);
   at::Tensor out = at::empty({scores.size(1 - dim)}, scores.options().dtype(at::kFloat));
@@ -355,6 +357,7 @@ void launch_finalize(const at::Tensor& s, const float* m, const float* f, const 
 
 at::Tensor sinkhorn_finalize_cuda(const at::Tensor& scores, const at::Tensor& m, const at::Tensor& f,
                                   const at::Tensor& g, double eps, double log_scale) {
+  check_sinkhorn_step_args(scores, m, f, g, eps, 0, at::kCUDA);
   c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor mv = f32(m), fv = f32(f), gv = f32(g);
   at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
@@ -411,6 +414,7 @@ bool try_coop(const at::Tensor& s, float eps, int iterations, float log_b, float
 }
 
 at::Tensor sinkhorn_fused_cuda(const at::Tensor& scores, double eps_d, int64_t iterations) {
+  check_sinkhorn_fused_args(scores, eps_d, iterations, at::kCUDA);
   c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), K = scores.size(1);
   const float eps = static_cast<float>(eps_d);
@@ -457,22 +461,11 @@ at::Tensor sinkhorn_fused_cuda(const at::Tensor& scores, double eps_d, int64_t i
 
 }  // namespace
 
-// Arguments checked by the caller (csrc/cuda/register.cpp).
-at::Tensor sinkhorn_fused_cuda_unchecked(const at::Tensor& scores, double eps, int64_t iterations) {
-  return sinkhorn_fused_cuda(scores, eps, iterations);
-}
-at::Tensor sinkhorn_max_cuda_unchecked(const at::Tensor& scores, const std::optional<at::Tensor>& m,
-                                       const std::optional<at::Tensor>& f, const std::optional<at::Tensor>& g,
-                                       double eps, int64_t dim) {
-  return sinkhorn_max_cuda(scores, m, f, g, eps, dim);
-}
-at::Tensor sinkhorn_sumexp_cuda_unchecked(const at::Tensor& scores, const at::Tensor& m, const at::Tensor& f,
-                                          const at::Tensor& g, double eps, int64_t dim, const at::Tensor& shift) {
-  return sinkhorn_sumexp_cuda(scores, m, f, g, eps, dim, shift);
-}
-at::Tensor sinkhorn_finalize_cuda_unchecked(const at::Tensor& scores, const at::Tensor& m, const at::Tensor& f,
-                                            const at::Tensor& g, double eps, double log_scale) {
-  return sinkhorn_finalize_cuda(scores, m, f, g, eps, log_scale);
+TORCH_LIBRARY_IMPL(seer_C, CUDA, m) {
+  m.impl("sinkhorn_fused", &sinkhorn_fused_cuda);
+  m.impl("sinkhorn_max", &sinkhorn_max_cuda);
+  m.impl("sinkhorn_sumexp", &sinkhorn_sumexp_cuda);
+  m.impl("sinkhorn_finalize", &sinkhorn_finalize_cuda);
 }
 
 }  // namespace seer
