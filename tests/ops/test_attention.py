@@ -409,6 +409,47 @@ def test_compiles_fullgraph(backend, device):
         assert max_abs_err(y, y_eager) <= tol and max_abs_err(gx, gx_eager) <= tol * 10
 
 
+def _eager_calls(monkeypatch) -> list:
+    calls: list = []
+    apply = ops._EagerAttention.apply
+    monkeypatch.setattr(ops._EagerAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_DEV == "cpu" else []))
+def test_eager_path_matches_the_ops(backend, monkeypatch):
+    """Plain eager calls skip torch.library's wrapper (_EagerAttention) and must give the ops' bits exactly."""
+    calls = _eager_calls(monkeypatch)
+    q, k, v = make_qkv(2, 3, 37, 50, 64, F32, "cpu", "fused" if backend == "reference" else "contiguous")
+    dout = torch.randn(2, 3, 37, 64)
+    with use_backend(backend, op="attention"):
+        got = run_backend(backend, q, k, v, dout, 0.3, False)
+    assert calls == [1]
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out, _ = torch.ops.seer.attention_fwd(qg, kg, vg, 0.3, False, backend)
+    want = (out, *torch.autograd.grad(out, (qg, kg, vg), dout))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_eager_path_only_for_plain_eager_calls(monkeypatch):
+    """Under a dispatch mode (FLOP counting, FakeTensor), torch.compile or a tensor subclass the op runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    calls = _eager_calls(monkeypatch)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 9, 9, 16, F32, "cpu"))
+    with use_backend("reference", op="attention"):
+        with FlopCounterMode(display=False):
+            out = seer_kernels.attention(q, k, v)
+        assert calls == []
+        out.sum().backward()
+        assert calls == [] and q.grad is not None
+        with pytest.raises(RuntimeError, match="once_differentiable|double backward|not require grad"):
+            o = seer_kernels.attention(q, k, v)
+            (g,) = torch.autograd.grad(o.sum(), q, create_graph=True)
+            g.sum().backward()
+        assert calls == [1]
+
+
 def test_compiled_code_follows_use_backend(monkeypatch):
     """A compiled caller re-traces when use_backend() changes: the forced backend is read from a module global
     that torch.compile guards on (not traced from the ContextVar, which torch 2.11's Dynamo refuses)."""
