@@ -22,7 +22,10 @@ start=$(date +%s)
 phase() { echo "[gpu_check] $(( $(date +%s) - start ))s: $*"; }
 
 phase "building seer_kernels._C (log: $OUT/build.log)"
-if MAX_JOBS=${MAX_JOBS:-8} timeout ${BUILD_TIMEOUT:-200} $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+# The compilers matter: on the H200 image, CC/CXX point at /opt/gcc, whose build of the extension carries its
+# own copy of libstdc++'s stream code (bench/native_errors.py checks for it after the build).
+echo "CC=${CC:-} CXX=${CXX:-} c++: $(${CXX:-c++} --version 2>&1 | head -1)" >"$OUT/build.log"
+if MAX_JOBS=${MAX_JOBS:-8} timeout ${BUILD_TIMEOUT:-200} $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
   echo ok >"$OUT/build.status"
 else
   echo "failed (rc $?)" >"$OUT/build.status"; tail -40 "$OUT/build.log"

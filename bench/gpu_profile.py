@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from bench import harness
+
 
 def measure(name: str, fn, iters: int, top: int = 6) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -29,13 +31,7 @@ def measure(name: str, fn, iters: int, top: int = 6) -> dict:
         fn()
     host = (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    wall = start.elapsed_time(end) / 1e3 / iters
+    wall = harness._time_once(fn, "cuda", iters)  # CUDA events around the calls
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
