@@ -36,44 +36,71 @@ Regenerate after a GPU check:
     bash bench/gpu_check.sh OUT && python -m bench.attention_table OUT/bench.json
 
 TABLE maps a GPU slug (e.g. "nvidia-h100-80gb-hbm3") to benchmark rows: head_dim, n_q, n_kv, batch, heads,
-dtype, fwd and fwd_bwd (speed-up of the Triton kernel over the best SDPA backend, same run), best_sdpa,
-bwd_scheme ("atomic" or "deterministic", whichever was faster) and the best tiles per kernel.
+dtype, fwd and fwd_bwd (speed-up of the Triton kernel over the best SDPA backend, same run; None where only
+the SDPA backends were timed), best_sdpa (put first by the SDPA path), bwd_scheme ("atomic" or
+"deterministic", whichever was faster), the best tiles per kernel, and where measured the same ratios in
+GPU time alone (*_graph: CUDA-graph replays; evidence only).
 """
 '''
 
 
 def rows_from_benchmark(data: dict) -> list[dict]:
-    """One selector row per benchmarked shape that has all three modes."""
+    """One selector row per benchmarked shape.
+
+    A shape with all three Triton modes gets the full row. A shape with only the ``-auto`` row (and perhaps
+    ``-fwd``) still tells which SDPA backend is fastest there: it gets an SDPA-only row, ``fwd_bwd`` None
+    (no Triton evidence, so the selector keeps SDPA), ``best_sdpa`` from the ``-auto`` timing.
+    """
     by_case: dict[str, dict] = {}
     graphs: dict[str, dict] = {}
     for row in data["rows"]:
         mode = row.get("mode", "")
-        if row.get("op") != "attention" or row.get("ours") != "triton" or mode.removesuffix("-graph") not in MODES:
+        if row.get("op") != "attention" or "shape" not in row:
             continue
         base = row["case"][: -len(mode) - 1]
-        (graphs if mode.endswith("-graph") else by_case).setdefault(base, {})[mode] = row
+        if mode == "auto":
+            by_case.setdefault(base, {})[mode] = row
+        elif row.get("ours") == "triton" and mode.removesuffix("-graph") in MODES:
+            (graphs if mode.endswith("-graph") else by_case).setdefault(base, {})[mode] = row
     out = []
     for base, modes in sorted(by_case.items()):
-        if set(modes) != set(MODES):
-            print(f"skipping {base}: modes {sorted(modes)} (need {MODES})", file=sys.stderr)
+        if set(MODES) <= set(modes):
+            out.append(_triton_row(base, modes))
+        elif "auto" in modes:
+            out.append(_sdpa_row(base, modes))
+        else:
+            print(f"skipping {base}: modes {sorted(modes)} (need {MODES} or auto)", file=sys.stderr)
             continue
-        fwd, atomic, det = modes["fwd"], modes["fwdbwd"], modes["fwdbwd-det"]
-        b, h, nq, nkv, d = fwd["shape"]
-        best = det if det["ratio"] > atomic["ratio"] else atomic
-        out.append({
-            "case": base, "head_dim": d, "n_q": nq, "n_kv": nkv, "batch": b, "heads": h, "dtype": fwd["dtype"],
-            "fwd": round(fwd["ratio"], 3), "fwd_bwd": round(best["ratio"], 3),
-            "fwd_bwd_atomic": round(atomic["ratio"], 3), "fwd_bwd_det": round(det["ratio"], 3),
-            "best_sdpa": best.get("best_sdpa"), "best_sdpa_fwd": fwd.get("best_sdpa"),
-            "bwd_scheme": "deterministic" if best is det else "atomic",
-            "tiles": {"fwd": fwd["tiles"]["fwd"], "dkdv": best["tiles"]["dkdv"], "dq": best["tiles"]["dq"]},
-        })
         # GPU time alone (CUDA-graph replays), where the benchmark captured them: evidence, not the selector's input.
         for mode, key in (("fwd", "fwd_graph"), ("fwdbwd", "fwd_bwd_atomic_graph"),
                           ("fwdbwd-det", "fwd_bwd_det_graph")):
             if f"{mode}-graph" in graphs.get(base, {}):
                 out[-1][key] = round(graphs[base][f"{mode}-graph"]["ratio"], 3)
     return out
+
+
+def _shape(base: str, row: dict) -> dict:
+    b, h, nq, nkv, d = row["shape"]
+    return {"case": base, "head_dim": d, "n_q": nq, "n_kv": nkv, "batch": b, "heads": h, "dtype": row["dtype"]}
+
+
+def _triton_row(base: str, modes: dict) -> dict:
+    fwd, atomic, det = modes["fwd"], modes["fwdbwd"], modes["fwdbwd-det"]
+    best = det if det["ratio"] > atomic["ratio"] else atomic
+    return dict(_shape(base, fwd), **{
+        "fwd": round(fwd["ratio"], 3), "fwd_bwd": round(best["ratio"], 3),
+        "fwd_bwd_atomic": round(atomic["ratio"], 3), "fwd_bwd_det": round(det["ratio"], 3),
+        "best_sdpa": best.get("best_sdpa"), "best_sdpa_fwd": fwd.get("best_sdpa"),
+        "bwd_scheme": "deterministic" if best is det else "atomic",
+        "tiles": {"fwd": fwd["tiles"]["fwd"], "dkdv": best["tiles"]["dkdv"], "dq": best["tiles"]["dq"]}})
+
+
+def _sdpa_row(base: str, modes: dict) -> dict:
+    auto, fwd = modes["auto"], modes.get("fwd")
+    return dict(_shape(base, auto), **{
+        "fwd": round(fwd["ratio"], 3) if fwd else None, "fwd_bwd": None,
+        "best_sdpa": auto.get("best_sdpa"), "best_sdpa_fwd": (fwd or auto).get("best_sdpa"),
+        "bwd_scheme": "atomic", "tiles": {"fwd": fwd["tiles"]["fwd"]} if fwd and "tiles" in fwd else {}})
 
 
 def _existing(path: Path) -> dict:
@@ -86,29 +113,40 @@ def _existing(path: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench_json", help="JSON written by `pytest bench --bench-device cuda --bench-json FILE`")
+    ap.add_argument("bench_json", nargs="+", help="JSON written by `pytest bench --bench-device cuda --bench-json "
+                    "FILE`; with several (of one GPU type), a later file's shape replaces an earlier one's")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="table module to (re)write")
     args = ap.parse_args(argv)
-    data = json.loads(Path(args.bench_json).read_text())
-    env = data["environment"]
-    rows = rows_from_benchmark(data)
+    merged: dict[str, dict] = {}
+    sources = []
+    for path in args.bench_json:
+        data = json.loads(Path(path).read_text())
+        env = data["environment"]
+        merged.update((r["case"], r) for r in rows_from_benchmark(data))
+        sources.append(dict({k: env.get(k) for k in ("device", "gpu", "torch", "triton", "cuda", "git", "date")},
+                            json=str(path)))
+    if len({s["device"] for s in sources}) != 1:
+        print(f"the files come from different GPUs: {sorted({s['device'] for s in sources})}", file=sys.stderr)
+        return 1
+    rows = [merged[c] for c in sorted(merged)]
+    device = sources[0]["device"]
     if not rows:
-        print(f"no attention rows with all of {MODES} in {args.bench_json}", file=sys.stderr)
+        print(f"no attention rows with all of {MODES} or an auto row in {args.bench_json}", file=sys.stderr)
         return 1
     out = Path(args.out)
     table = _existing(out)
-    table[env["device"]] = rows
-    source = {k: env.get(k) for k in ("device", "gpu", "torch", "triton", "cuda", "git", "date")}
-    source["json"] = str(args.bench_json)
+    table[device] = rows
+    source = sources[-1] if len(sources) == 1 else {"device": device, "runs": sources}
     text = (HEADER + "\n# Last written from: " + json.dumps(source) + "\n"
             + "SOURCE = " + pprint.pformat(source, width=110, sort_dicts=True) + "\n"
             + "TABLE: dict = " + pprint.pformat(table, width=110, sort_dicts=True) + "\n")
     out.write_text(text)
     for r in rows:
-        pick = "triton" if r["fwd_bwd"] >= TRITON_MARGIN else "sdpa"
-        print(f"{env['device']} {r['case']:32s} fwd x{r['fwd']:.2f}  fwd+bwd x{r['fwd_bwd']:.2f} "
-              f"({r['bwd_scheme']})  vs {r['best_sdpa']}  -> training uses {pick}")
-    print(f"wrote {len(rows)} rows for {env['device']} to {out}")
+        fb = r["fwd_bwd"]
+        pick = "triton" if fb is not None and fb >= TRITON_MARGIN else "sdpa"
+        ratios = f"fwd+bwd x{fb:.2f} ({r['bwd_scheme']})" if fb is not None else "fwd+bwd not measured"
+        print(f"{device} {r['case']:32s} {ratios}  vs {r['best_sdpa']}  -> training uses {pick}")
+    print(f"wrote {len(rows)} rows for {device} to {out}")
     return 0
 
 

@@ -159,6 +159,9 @@ def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, **_) -> O
         return (f"no benchmark evidence on {_gpu_slug(where.index or 0)} for head dim {head_dim}, "
                 f"N {n_q}x{n_kv} (seer_kernels/ops/attention_table.py); SDPA is the safe default")
     ratio = row["fwd_bwd"] if grad else row["fwd"]
+    if ratio is None:
+        return (f"the benchmark timed only the SDPA backends on {_gpu_slug(where.index or 0)} for head dim "
+                f"{head_dim}, N {n_q}x{n_kv}; SDPA ({row['best_sdpa']}) it is")
     if ratio < TRITON_MARGIN:
         return (f"the benchmark has SDPA ({row['best_sdpa']}) ahead here: Triton x{ratio:.2f} "
                 f"{'forward+backward' if grad else 'forward'} (needs x{TRITON_MARGIN})")

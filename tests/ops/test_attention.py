@@ -676,6 +676,11 @@ def test_selector_follows_the_table(fake_gpu):
     assert select(257, 197) == "sdpa"  # cross shapes need their own row
     table["fake-gpu"] = [_row(257, fwd_bwd=ops.TRITON_MARGIN - 0.01)]
     assert select(257) == "sdpa"  # within noise of SDPA is not a win
+    table["fake-gpu"] = [_row(257, fwd=None, fwd_bwd=None, best_sdpa="cudnn")]  # only SDPA was timed
+    assert select(257) == "sdpa" and select(257, grad=False) == "sdpa"
+    why = ops.DISPATCH.backends["triton"].preference(dict(where=torch.device("cuda", 0), head_dim=128, n_q=257,
+                                                          n_kv=257, grad=True, deterministic=False))
+    assert "timed only the SDPA backends" in why
 
 
 @pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
@@ -750,19 +755,28 @@ def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
                          "tiles": {"fwd": [64, 32, 4, 3], "dkdv": [32, 64, 8, 3], "dq": [64, 32, 4, 3]}})
     rows.append({"key": "attention:cpu-dispatch-fwd", "op": "attention", "case": "cpu-dispatch-fwd", "ours": "seer",
                  "mode": "fwd", "ratio": 0.9})
-    src = tmp_path / "bench.json"
-    src.write_text(json.dumps({"environment": {"device": "nvidia-h100-80gb-hbm3", "git": "abc", "date": "today",
-                                               "gpu": "NVIDIA H100 80GB HBM3"}, "rows": rows}))
+    # A second run with only the SDPA backends timed (the -auto row) at another shape, and a stale row for
+    # the big shape that the first file (given later) replaces.
+    auto = {"op": "attention", "case": "vitl-B64H16N197D64-auto", "ours": "seer", "mode": "auto", "ratio": 0.8,
+            "best_sdpa": "cudnn", "shape": [64, 16, 197, 197, 64], "dtype": "bfloat16"}
+    stale = dict(rows[0], ratio=0.5)
+    env = {"device": "nvidia-h100-80gb-hbm3", "git": "abc", "date": "today", "gpu": "NVIDIA H100 80GB HBM3"}
+    src, older = tmp_path / "bench.json", tmp_path / "older.json"
+    src.write_text(json.dumps({"environment": env, "rows": rows}))
+    older.write_text(json.dumps({"environment": dict(env, git="old"), "rows": [auto, stale]}))
     out = tmp_path / "table.py"
-    assert script.main([str(src), "--out", str(out)]) == 0
+    assert script.main([str(older), str(src), "--out", str(out)]) == 0
     ns: dict = {}
     exec(out.read_text(), ns)
     got = ns["TABLE"]["nvidia-h100-80gb-hbm3"]
-    assert len(got) == 2
+    assert len(got) == 3
+    sdpa_only = next(r for r in got if r["n_q"] == 197)
+    assert sdpa_only["fwd_bwd"] is None and sdpa_only["best_sdpa"] == "cudnn" and sdpa_only["head_dim"] == 64
+    got = [r for r in got if r["n_q"] != 197]
     big = next(r for r in got if r["head_dim"] == 128)
     assert (big["n_q"], big["n_kv"], big["batch"], big["heads"]) == (257, 257, 32, 8)
     assert big["fwd"] == 1.1 and big["fwd_bwd"] == 1.35 and big["bwd_scheme"] == "deterministic"
     small = next(r for r in got if r["head_dim"] == 64)
     assert small["fwd_bwd"] == 0.9 and small["bwd_scheme"] == "atomic" and small["best_sdpa"] == "cudnn"
     assert small["best_sdpa_fwd"] == "cudnn"
-    assert ns["SOURCE"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert [r["git"] for r in ns["SOURCE"]["runs"]] == ["old", "abc"]
