@@ -145,7 +145,7 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     """
     scores = _validate(scores, epsilon, iterations, group, prototype_group)
     if check_finite and not _tracing(scores):
-        if not bool(torch.isfinite(scores).all()):
+        if not _all_finite(scores):
             raise ValueError("sinkhorn: argument 'scores' contains NaN or inf; the codes would be all NaN. "
                              "Check the embeddings (L2-normalised?) and the prototype weights.")
     data_size = dist.get_world_size(group) if group is not None else 1
@@ -159,6 +159,16 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
         proto_max=_reducer("max", prototype_group if proto_size > 1 else None),
         proto_sum=_reducer("sum", prototype_group if proto_size > 1 else None))
     return ref.sinkhorn_loop(scores, float(epsilon), int(iterations), OP_STEPS, comm)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """No NaN or inf in ``t``, from one read of it: min and max propagate NaN, and +-inf is an extreme.
+
+    (``torch.isfinite(t).all()`` makes several passes over t and a bool copy of it: at 4096 x 16384 it took
+    185 ms against 5.5 ms on the 2-core CPU, and its four kernels 0.3 ms of a 2.4 ms call on an H200.)
+    """
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _reducer(op: str, group):

@@ -170,6 +170,25 @@ def test_non_finite_scores(backend, device):
         assert torch.isnan(out).all(), f"{bad}: expected every code NaN"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finiteness_check_sees_every_non_finite_value(dtype):
+    """The check reads min and max once: NaN anywhere (also beside an inf), +inf and -inf in any dtype and
+    layout are refused; large finite values are not."""
+    base = cosine_scores(9, 70).to(dtype)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("nan")],
+                [float("-inf"), float("inf")]):
+        s = base.clone()
+        for i, v in enumerate(bad):
+            s[(4 + 3 * i) % 9, (11 + 17 * i) % 70] = v
+        for view in (s, s.t().contiguous().t(), s[::2]):
+            if not torch.isfinite(view).all():
+                with pytest.raises(ValueError, match="'scores' contains NaN or inf"):
+                    seer_kernels.sinkhorn(view)
+    big = base.clone()
+    big[0, 0] = torch.finfo(dtype).max
+    assert torch.isfinite(seer_kernels.sinkhorn(big)).all()
+
+
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_non_contiguous_input(backend, device):
     big = cosine_scores(40, 60, device=device)
