@@ -5,7 +5,8 @@
 
 For each (kernel, head dim, dtype, tile) it runs Triton's full pipeline to a cubin (ptxas included) and
 prints shared memory, registers per thread and spills. A variant that fails to compile, needs more shared
-memory than the GPU has, or spills counts as a failure (exit status 1): a bug to fix before a GPU runs it.
+memory than the GPU has, or spills more than SPILL_BUDGET bytes per thread counts as a failure (exit
+status 1): a bug to fix before a GPU runs it.
 Needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled). Integer arguments are marked
 divisible by 16 where a real launch would specialise them the same way (strides of 64/128-wide heads).
 """

@@ -11,8 +11,9 @@ Per ViT shape of bench/bench_attention.py (the N = 257, D = 128 target first), i
 2. times each kernel's tiles on their own (fwd; dkdv with and without atomic dq; dq), interleaved;
 3. times the whole forward, forward+backward (atomic) and forward+backward (deterministic) at the fastest
    tiles against the best correct torch SDPA backend, in the same run, and writes rows in the benchmark's
-   format (op, case, mode, ratio, shape, dtype, best_sdpa, tiles), so that ``python -m bench.attention_table
-   OUT.json`` can turn them into the selector table.
+   format (op, case, mode, ratio, shape, dtype, best_sdpa, tiles). These call the kernels directly, without
+   the op's dispatch: evidence for the candidate tiles, not for the selector table, which is written from
+   the benchmark (bench/bench_attention.py) through the op.
 The JSON is rewritten after each shape, so a run stopped at its budget keeps what it finished.
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ import os
 import sys
 import time
 
-# Variants that spill more than 32 bytes per thread for sm_90 in bf16 (``--compile-check --head-dims 128 64``,
-# Triton 3.8): (tile class, block_m, block_n, warps, stages). Not worth a GPU's compile and timing time.
+# Variants that spill more than 32 bytes per thread for sm_90 in bf16 (read off ``--compile-check --head-dims
+# 128 64``, which lists every spill, Triton 3.8): (tile class, block_m, block_n, warps, stages). Not worth a
+# GPU's compile and timing time.
 SPILLING = {
     "fwd": {
         (64, 128, 128, 4, 2), (64, 128, 128, 4, 3), (128, 128, 64, 4, 2), (128, 128, 64, 4, 3), (128, 128, 128, 4, 2),

@@ -12,6 +12,7 @@ followed by torch.optim.SGD. ratio = baseline median / ours median.
 """
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -202,11 +203,17 @@ def bench_train_step_gpu(bench_record, bench_device, checkpointing):
     cfg = vit_preset("giant")
     head = SwAVHeadConfig(hidden_dims=[8192, 8192], output_dim=256, batch_norm=False, num_prototypes=16384)
     spec, batch = [(2, 224), (4, 98)], 32
+    ours = plain = None
     try:
         ours, plain = make_steps(cfg, head, _crops(spec, batch, bench_device), bench_device,
                                  checkpointing=checkpointing, dtype=torch.bfloat16)
         ours(), plain()
+        fits = True
     except torch.OutOfMemoryError:
+        fits = False
+    if not fits:  # outside the except block, so the traceback's frames no longer hold the models
+        ours = plain = None
+        gc.collect()
         torch.cuda.empty_cache()
         pytest.skip("does not fit this GPU")
     flops = 3 * forward_flops_per_image(cfg, head, spec) * batch

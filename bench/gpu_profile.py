@@ -68,6 +68,12 @@ def attention_cases(iters: int) -> list:
             with torch.no_grad(), seer_kernels.use_backend("triton", op="attention"):
                 return seer_kernels.attention(qd, kd, vd)
 
+        def custom_op(det):  # through torch.ops.seer.*, the path traced code takes
+            def f():
+                o, _ = torch.ops.seer.attention_fwd(q, k, v, scale, det, "triton")
+                return torch.autograd.grad(o, (q, k, v), dout)
+            return f
+
         def sdpa(backend, grad):
             def f():
                 with sdpa_kernel([backend]):
@@ -83,8 +89,9 @@ def attention_cases(iters: int) -> list:
                  "triton kernels bwd atomic (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False),
                  "triton kernels bwd det (direct)": lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True),
-                 "op fwd (triton)": op_fwd, "op fwd+bwd atomic (triton)": op(False),
-                 "op fwd+bwd det (triton)": op(True)}
+                 "attention() fwd (triton)": op_fwd, "attention() fwd+bwd atomic (triton)": op(False),
+                 "attention() fwd+bwd det (triton)": op(True),
+                 "torch.ops.seer fwd+bwd atomic (triton)": custom_op(False)}
         for nm, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                        ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
             cases[f"sdpa-{nm} fwd"] = sdpa(be, False)
@@ -94,7 +101,7 @@ def attention_cases(iters: int) -> list:
                 out.append(measure(f"attention {case} {nm}", fn, iters))
             except Exception as exc:  # report and go on: one failing case must not hide the others
                 print(f"attention {case} {nm}: {str(exc).splitlines()[0][:100]}")
-        python_profile(f"attention {case} op fwd+bwd atomic (triton)", op(False), iters)
+        python_profile(f"attention {case} attention() fwd+bwd atomic (triton)", op(False), iters)
     return out
 
 

@@ -39,7 +39,9 @@ _forced: contextvars.ContextVar[tuple[tuple[Optional[str], str], ...]] = context
     "seer_kernels_forced", default=())
 # What torch.compile reads instead: Dynamo in torch 2.11 cannot trace ContextVar.get (fullgraph fails), and it
 # guards on a module global, so a compiled graph is re-traced when use_backend() changes it. Written by
-# use_backend() next to the ContextVar; only the thread that last entered or left a block is reflected here.
+# use_backend() next to the ContextVar: it holds the state of the thread that last entered or left a block,
+# so with blocks open in several threads at once, code compiled or run compiled in one thread may see
+# another thread's forcing (eager code never does).
 _compile_view: tuple[tuple[Optional[str], str], ...] = ()
 
 
@@ -58,12 +60,12 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
         raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     global _compile_view
     token = _forced.set(_forced.get() + ((op, name),))
-    saved, _compile_view = _compile_view, _forced.get()
+    _compile_view = _forced.get()
     try:
         yield
     finally:
         _forced.reset(token)
-        _compile_view = saved
+        _compile_view = _forced.get()  # this thread's state after the block, not a stale snapshot
 
 
 def forced_backend(op: str) -> tuple[Optional[str], str]:

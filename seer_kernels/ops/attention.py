@@ -16,17 +16,22 @@ Backends (one dispatcher, :mod:`seer_kernels._backend`):
 
 The custom ops ``seer::attention_fwd`` (returns out and the log-sum-exp rows) and ``seer::attention_bwd``
 (gradients from those rows, P recomputed) are wired with ``register_autograd``: the forward saves q, k, v,
-out and lse, never the N x N matrix. They run the triton or reference backend.
+out and lse, never the N x N matrix. They run the triton or reference backend. Plain eager calls of
+``attention`` run the same backend functions through an ``autograd.Function`` instead (torch.library's
+per-call wrapper cost more host time than the kernels at ViT shapes); anything that traces or intercepts
+the call (compile, export, jit.trace, FakeTensor, dispatch modes, functorch transforms, tensor subclasses)
+gets the ops.
 
 Determinism: ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``, or the environment
 variable SEER_KERNELS_DETERMINISTIC=1) makes every run give the same bits. The Triton backward then computes
 dq in its own pass (7 matmuls per tile pair instead of 5, no atomics, no float32 dq buffer) instead of
 accumulating dq with float32 atomics; on GPUs SDPA is skipped (its CUDA backward may use atomics) in favour
-of Triton (half precision) or the reference (float32/float64). The cost on an H100 is the `-det` rows of
+of Triton (half precision) or the reference (float32/float64). The cost is the `-det` rows of
 bench/bench_attention.py; docs/attention.md discusses it.
 
-Under ``torch.compile`` the backend is chosen while tracing (the choice is baked into the graph: changing
-``use_backend`` or the environment afterwards needs ``torch._dynamo.reset()``).
+Under ``torch.compile`` the backend is chosen while tracing; compiled code is guarded on ``use_backend``
+(entering or leaving a block re-traces), while the environment variables are read once per trace (changing
+them afterwards needs ``torch._dynamo.reset()``).
 """
 from __future__ import annotations
 
@@ -160,8 +165,9 @@ def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, **_) -> O
                 f"N {n_q}x{n_kv} (seer_kernels/ops/attention_table.py); SDPA is the safe default")
     ratio = row["fwd_bwd"] if grad else row["fwd"]
     if ratio is None:
-        return (f"the benchmark timed only the SDPA backends on {_gpu_slug(where.index or 0)} for head dim "
-                f"{head_dim}, N {n_q}x{n_kv}; SDPA ({row['best_sdpa']}) it is")
+        return (f"the benchmark has no Triton {'forward+backward' if grad else 'forward'} timing on "
+                f"{_gpu_slug(where.index or 0)} for head dim {head_dim}, N {n_q}x{n_kv} (only the SDPA "
+                f"backends were compared); SDPA ({row['best_sdpa']}) it is")
     if ratio < TRITON_MARGIN:
         return (f"the benchmark has SDPA ({row['best_sdpa']}) ahead here: Triton x{ratio:.2f} "
                 f"{'forward+backward' if grad else 'forward'} (needs x{TRITON_MARGIN})")
@@ -250,11 +256,20 @@ def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend
 # ---------------------------------------------------------------------------------------------------------
 # Custom ops. Fake kernels give shapes and layouts so that torch.compile(fullgraph=True) traces through them.
 
+def _run_fwd(q, k, v, scale, deterministic, backend):
+    """(out, lse) from the backend named by the caller (or the dispatcher's choice): both paths below."""
+    return _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
+
+
+def _run_bwd(dout, q, k, v, out, lse, scale, deterministic, backend):
+    return _op_backend(backend, q, k, deterministic).impl.bwd(dout, q, k, v, out, lse, scale, deterministic)
+
+
 @torch.library.custom_op("seer::attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool = False,
             backend: str = "") -> tuple[Tensor, Tensor]:
     """out (B, H, Nq, D) on (B, Nq, H, D) memory, lse (B, H, Nq) float32 (float64 for float64 inputs)."""
-    return _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
+    return _run_fwd(q, k, v, scale, deterministic, backend)
 
 
 @_fwd_op.register_fake
@@ -266,7 +281,7 @@ def _(q, k, v, scale, deterministic=False, backend=""):
 def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
             deterministic: bool = False, backend: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous) from the saved log-sum-exp rows."""
-    return _op_backend(backend, q, k, deterministic).impl.bwd(dout, q, k, v, out, lse, scale, deterministic)
+    return _run_bwd(dout, q, k, v, out, lse, scale, deterministic, backend)
 
 
 @_bwd_op.register_fake
@@ -274,13 +289,16 @@ def _(dout, q, k, v, out, lse, scale, deterministic=False, backend=""):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _save(ctx, q, k, v, out, lse, scale, deterministic, backend):
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale, ctx.deterministic, ctx.backend = scale, bool(deterministic), backend
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, scale = inputs[:4]
-    ctx.deterministic = bool(inputs[4]) if len(inputs) > 4 else False
-    ctx.backend = inputs[5] if len(inputs) > 5 else ""
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
+    _save(ctx, q, k, v, out, lse, scale, inputs[4] if len(inputs) > 4 else False,
+          inputs[5] if len(inputs) > 5 else "")
     ctx.mark_non_differentiable(lse)
 
 
@@ -300,33 +318,33 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     """seer::attention_fwd + its registered backward, as a plain autograd.Function.
 
-    On the GPU machine (torch 2.11) a call of a torch.library.custom_op costs about 0.5 ms of host time in
-    the op's backend wrapper (bench/gpu_profile.py: 1.2 ms of host time for forward + backward through the
-    ops against 0.3 ms for the same kernels called directly), several times what the kernels take at ViT
-    shapes. Plain eager calls take this path; torch.compile, export, FakeTensor, dispatch modes, functorch
-    transforms and tensor subclasses go through the ops, which they understand (see :func:`_plain_eager`).
+    On the GPU machine (H200, torch 2.11) a forward+backward through the ops cost 1.2 ms of host time
+    against 0.3 ms for the same kernels called directly (the forward alone 0.23 ms against 0.10 ms), several
+    times what the kernels take at ViT shapes; cProfile put the difference in torch.library's per-call
+    wrapper (bench/results/nvidia-h200-profile.txt). Plain eager calls take this path; anything that traces
+    or intercepts the call goes through the ops, which it understands (see :func:`_plain_eager`).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, scale, deterministic, backend):
-        out, lse = _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.deterministic, ctx.backend = scale, deterministic, backend
+        out, lse = _run_fwd(q, k, v, scale, deterministic, backend)
+        _save(ctx, q, k, v, out, lse, scale, deterministic, backend)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # like the op: no double backward
     def backward(ctx, dout):
+        if torch.compiler.is_compiling():  # compiled autograd traces this: give it the op
+            return _backward(ctx, dout, None)
         q, k, v, out, lse = ctx.saved_tensors
-        impl = _op_backend(ctx.backend, q, k, ctx.deterministic).impl
-        dq, dk, dv = impl.bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic)
+        dq, dk, dv = _run_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic, ctx.backend)
         return dq, dk, dv, None, None, None
 
 
 def _plain_eager(*tensors: Tensor) -> bool:
     """True when nothing traces or intercepts this call: plain tensors, no compile, no dispatch or function
     mode, no functorch transform (vmap, grad). Only then may the op be bypassed."""
-    if torch.compiler.is_compiling() or any(type(t) is not Tensor for t in tensors):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or any(type(t) is not Tensor for t in tensors):
         return False
     try:  # private probes; where a torch version lacks one, the op path is the safe answer
         from torch.utils._python_dispatch import _get_current_dispatch_mode

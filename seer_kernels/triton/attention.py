@@ -68,8 +68,10 @@ class Tile:
 
 # Candidate tiles per padded head dim (the first is the default when the selector table has no entry).
 # dkdv programs own BLOCK_N keys and walk queries BLOCK_M at a time; dq programs own BLOCK_M queries.
-# The first of each is the fastest of a 116-135-variant sweep per ViT shape on an H200 (bench/attention_sweep.py,
-# bench/results/nvidia-h200-attention-sweep.json); the others are the runners-up. Every entry compiles for sm_90
+# From a 116-135-variant sweep per ViT shape on an H200 (bench/attention_sweep.py,
+# bench/results/nvidia-h200-attention-sweep.json): the first of each was the fastest at one of the measured
+# shapes (ViT-10B/TP4 for the 128 class, ViT-L or local crops for the 64 class), the others at another shape
+# or close behind; the benchmark times them all per shape and the selector table keeps the fastest. Every entry compiles for sm_90
 # within 180 KB of shared memory at bf16/fp16, and spills at most 48 bytes per thread (python -m
 # bench.attention_compile prints both): the fastest dkdv tile at 128-wide heads, (32, 64, 4 warps), spills
 # 24 bytes with dq atomics (48 at D = 80) and was still the fastest measured. 64-row query tiles map onto Hopper's 64-row wgmma.
