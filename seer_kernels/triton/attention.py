@@ -71,10 +71,11 @@ class Tile:
 # From a 116-135-variant sweep per ViT shape on an H200 (bench/attention_sweep.py,
 # bench/results/nvidia-h200-attention-sweep.json): the first of each was the fastest at one of the measured
 # shapes (ViT-10B/TP4 for the 128 class, ViT-L or local crops for the 64 class), the others at another shape
-# or close behind; the benchmark times them all per shape and the selector table keeps the fastest. Every entry compiles for sm_90
-# within 180 KB of shared memory at bf16/fp16, and spills at most 48 bytes per thread (python -m
-# bench.attention_compile prints both): the fastest dkdv tile at 128-wide heads, (32, 64, 4 warps), spills
-# 24 bytes with dq atomics (48 at D = 80) and was still the fastest measured. 64-row query tiles map onto Hopper's 64-row wgmma.
+# or close behind; the benchmark times them all per shape and the selector table keeps the fastest.
+# Every entry compiles for sm_90 within 180 KB of shared memory at bf16/fp16 and spills at most 48 bytes per
+# thread (python -m bench.attention_compile prints both): the fastest dkdv tile at 128-wide heads,
+# (32, 64, 4 warps), spills 24 bytes with dq atomics (48 at D = 80) and was still the fastest measured.
+# The 64-row query tiles map onto Hopper's 64-row wgmma.
 FWD_TILES = {
     64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3)),
     128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2)),
