@@ -246,8 +246,9 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
       if (lane == 0) part[static_cast<int64_t>(blockIdx.x) * B + j] = acc;
     }
     grid.sync();
-    // Measured on an H200 at (32, 16384): this kernel takes 155 us for 3 iterations, most of it here and in
-    // sample_shift: one thread per row walks all nblk (132) partials, dependent L2 loads, ~20 us a round.
+    // Measured on an H200 at (32, 16384): this kernel takes 155 us for 3 iterations. Most of it is likely
+    // here and in sample_shift (read from the code, not profiled per line): one thread per row walks all
+    // nblk (132) partials with serial L2 loads, about 20 us a round by estimate.
     // The known fix, not yet made for want of a GPU to check it on: a warp per row summing the partials in
     // a fixed lane order (the same in every block, so still deterministic), the round-0 shifts once per
     // block in shared memory.
