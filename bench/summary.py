@@ -15,11 +15,12 @@ def main(out_dir: str) -> int:
     out = Path(out_dir)
     print("=" * 100)
     print(f"build: {_read(out / 'build.status')}")
-    errors = out / "native_errors.log"
-    if errors.exists():
-        print("native error path (bench/native_errors.py):")
-        print("\n".join("  " + line for line in errors.read_text().splitlines()
-                        if line.startswith(("ok ", "WARNING", "CRASHED", "FAILED"))))
+    for name, what in (("native_errors.log", "first build"), ("native_errors-system.log", "/usr/bin/g++ build")):
+        errors = out / name
+        if errors.exists():
+            print(f"native error path (bench/native_errors.py), {what}:")
+            print("\n".join("  " + line for line in errors.read_text().splitlines()
+                            if line.startswith(("ok ", "WARNING", "CRASHED", "FAILED"))))
     for name in ("tests", "tests-matrix"):
         xml = out / f"{name}.xml"
         if not xml.exists():
