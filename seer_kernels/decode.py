@@ -122,7 +122,8 @@ def _gain(jitter: np.ndarray, factors: np.ndarray) -> np.ndarray:
 
 def jitter_gain(params: CropParams) -> Tensor:
     """(n,) product of the brightness, contrast and saturation factors above 1 (1 without jitter)."""
-    return torch.from_numpy(_gain(params.jitter.cpu().numpy(), params.jitter_factors.cpu().numpy()))
+    fields = params.to_numpy()
+    return torch.from_numpy(_gain(fields["jitter"], fields["jitter_factors"]))
 
 
 def crop_shrink(fields: dict, sizes) -> np.ndarray:
@@ -153,9 +154,7 @@ def draft_factor(params: CropParams, sizes: Sequence[int], allowed: Sequence[int
     """
     if len(params) == 0:
         return 1
-    fields = {"box": params.box.cpu().numpy(), "jitter": params.jitter.cpu().numpy(),
-              "jitter_factors": params.jitter_factors.cpu().numpy()}
-    return largest_reduction(float(crop_shrink(fields, sizes).min()), allowed, margin)
+    return largest_reduction(float(crop_shrink(params.to_numpy(), sizes).min()), allowed, margin)
 
 
 def decode_image(data: Encoded, reduce: int = 1) -> tuple[Tensor, int]:

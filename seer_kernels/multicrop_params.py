@@ -178,8 +178,11 @@ class CropParams:
         divides the boxes (a float, or one per crop): the source image was decoded at 1/reduce of its size
         (JPEG draft mode).
         """
-        fields = {f.name: getattr(self, f.name).cpu().numpy() for f in dataclasses.fields(self)}
-        return torch.from_numpy(pack_fields(fields, image_index, reduce))
+        return torch.from_numpy(pack_fields(self.to_numpy(), image_index, reduce))
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """The fields as numpy arrays (CPU; shared memory for CPU tensors): the inverse of :meth:`from_numpy`."""
+        return {f.name: getattr(self, f.name).cpu().numpy() for f in dataclasses.fields(self)}
 
     @staticmethod
     def from_numpy(fields: dict) -> "CropParams":
