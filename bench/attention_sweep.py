@@ -135,7 +135,7 @@ def _warm(job):
 def _shape_rows(case, shape, pool, workers, deadline, dev, dtype, per_grid):
     import torch
     from bench import harness
-    from bench.bench_attention import _available_sdpa, _best, _fwd_bwd, _inputs
+    from bench.bench_attention import _available_sdpa, _best, _float32_math, _fwd_bwd, _inputs
     from seer_kernels.testing import max_abs_err
     from seer_kernels.triton import attention as tri
     b, h, n, d = shape
@@ -149,8 +149,7 @@ def _shape_rows(case, shape, pool, workers, deadline, dev, dtype, per_grid):
     scale = 1 / math.sqrt(d)
     q, k, v, dout = _inputs(b, h, n, d, dev, dtype, grad=True)
     qd, kd, vd = (t.detach() for t in (q, k, v))
-    with torch.no_grad():
-        want = torch.softmax(qd.float() @ kd.float().transpose(-1, -2) * scale, -1) @ vd.float()
+    want = _float32_math(qd, kd, vd)
     out, lse = tri.attention_fwd(qd, kd, vd, scale)
     per_kernel, best = {}, {}
     for label, kernel, atomic in _kernels():

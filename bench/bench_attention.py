@@ -57,9 +57,15 @@ GPU_TIMING = dict(min_time=0.05, max_rounds=40, min_rounds=5)  # kernels take 20
 
 
 def _sdpa_backends() -> dict:
-    from torch.nn.attention import SDPBackend
-    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}
+    """Every torch SDPA backend by row name ("sdpa-flash", ...), in the op's order."""
+    return {f"sdpa-{name}": backend for name, backend in ops._sdpa_backends().items()}
+
+
+@torch.no_grad()
+def _float32_math(q, k, v):
+    """softmax(q k^T / sqrt(D)) v in float32: the yardstick every timed kernel is checked against."""
+    s = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(s, -1) @ v.float()
 
 
 def _fwd_bwd(fn, q, k, v, dout):
@@ -168,8 +174,7 @@ def bench_attention_gpu(bench_record, bench_device, shape):
     from seer_kernels.triton import attention as tri
     case, b, h, n, d = shape
     q, k, v, dout = _inputs(b, h, n, d, bench_device, DTYPE, grad=True)
-    with torch.no_grad():  # float32 math: the yardstick for every kernel timed below
-        want = torch.softmax(q.float() @ k.float().transpose(-1, -2) / math.sqrt(d), -1) @ v.float()
+    want = _float32_math(q, k, v)
     sdpa, rejected = _available_sdpa(q, k, v, dout, want)
     assert sdpa, f"no SDPA backend runs these inputs correctly ({rejected})"
     fwd_tile, atomic, det = _sweep(bench_device, q, k, v, dout, want, tri.tile_class(d))

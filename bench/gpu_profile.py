@@ -46,9 +46,10 @@ def measure(name: str, fn, iters: int, top: int = 6) -> dict:
 
 def attention_cases(iters: int) -> list:
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     import seer_kernels
+    from seer_kernels.ops import attention as ops
     from seer_kernels.triton import attention as tri
     out = []
     for case, b, h, n, d in (("vit10b-tp4-B32H8N257D128", 32, 8, 257, 128), ("local-B192H16N37D64", 192, 16, 37, 64)):
@@ -92,8 +93,9 @@ def attention_cases(iters: int) -> list:
                  "attention() fwd (triton)": op_fwd, "attention() fwd+bwd atomic (triton)": op(False),
                  "attention() fwd+bwd det (triton)": op(True),
                  "torch.ops.seer fwd+bwd atomic (triton)": custom_op(False)}
-        for nm, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                       ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for nm, be in ops._sdpa_backends().items():
+            if nm == "math":  # O(N^2) memory; not a contender
+                continue
             cases[f"sdpa-{nm} fwd"] = sdpa(be, False)
             cases[f"sdpa-{nm} fwd+bwd"] = sdpa(be, True)
         for nm, fn in cases.items():
