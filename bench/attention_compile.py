@@ -48,12 +48,17 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     return sig, attrs
 
 
-def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int):
+def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq_len: int = 257):
+    """``seq_len`` sets the tail tiles (``tri.tail_block``); 257 leaves one row, so both paths compile."""
     cx = dict(constexprs)
-    if "BLOCK_M" in inspect.signature(fn.fn).parameters:
+    params = inspect.signature(fn.fn).parameters
+    if "BLOCK_M" in params:
         cx["BLOCK_M"] = tile.block_m
-    if "BLOCK_N" in inspect.signature(fn.fn).parameters:
+    if "BLOCK_N" in params:
         cx["BLOCK_N"] = tile.block_n
+    if "TAIL_M" in params:
+        cx["TAIL_M"] = tri.tail_block(seq_len, tile.block_m, tile.split_tail)
+        cx["TAIL_N"] = tri.tail_block(seq_len, tile.block_n, tile.split_tail)
     sig, attrs = _signature(fn, dtype, cx)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
@@ -85,11 +90,12 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 80, 88, 128, 256])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
     ap.add_argument("--defaults-only", action="store_true", help="only the default tile of each kernel")
+    ap.add_argument("--seq-len", type=int, default=257, help="sets the tail tiles (257: one leftover row)")
     args = ap.parse_args(argv)
     if interpreted():
         return 2
     rows = ((f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s}",
-             functools.partial(compile_one, fn, dt, cx, tile, args.arch))
+             functools.partial(compile_one, fn, dt, cx, tile, args.arch, args.seq_len))
             for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only))
     return report(rows, args.arch, f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s}",
                   spill_budget=SPILL_BUDGET)

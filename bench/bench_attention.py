@@ -130,9 +130,13 @@ def _available_sdpa(q, k, v, dout, want) -> tuple[dict, list]:
 
 
 def _sweep(device, q, k, v, dout, want_out, cls):
-    """Fastest correct tile per kernel: fwd, dkdv for the atomic scheme, (dkdv, dq) for the deterministic one.
+    """Fastest correct tile per kernel: fwd, dkdv for the atomic scheme, (dkdv, dq) for the deterministic one,
+    and every candidate's time (µs).
 
-    Forward tiles are checked against float32 math (``want_out``), backward tiles against each other.
+    Forward tiles are checked against float32 math (``want_out``), backward tiles against each other. On a
+    GPU the candidates are timed as CUDA-graph replays: eager calls of these kernels at ViT shapes are bound
+    by host time (about 140 µs per backward call at local crops on an H200, for every tile alike), which
+    would pick tiles by noise.
     """
     from seer_kernels.triton import attention as tri
     scale = 1 / math.sqrt(q.shape[-1])
@@ -143,8 +147,9 @@ def _sweep(device, q, k, v, dout, want_out, cls):
         err = max_abs_err(out, want_out)
         assert err < 3e-2, f"fwd tile {tile} is wrong: max error {err:.3g} against float32 math"
         fns[tile] = lambda tile=tile: tri.attention_fwd(qd, kd, vd, scale, tile)
-    t = harness.compare(fns, device, min_time=0.03, max_rounds=15, min_rounds=3)
+    t = harness.compare_gpu_time(fns, device, min_time=0.03, max_rounds=15, min_rounds=3)
     fwd = min(t, key=lambda x: t[x].median_s)
+    candidate_us = {"fwd": {str(x.as_list()): t[x].median_s * 1e6 for x in t}}
     out, lse = tri.attention_fwd(qd, kd, vd, scale, fwd)
     ref_grads = tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, True)
     fns = {}
@@ -155,10 +160,12 @@ def _sweep(device, q, k, v, dout, want_out, cls):
             assert err < 3e-2, f"bwd tiles {dkdv}, {dq} (deterministic={det}) disagree: {err:.3g}"
             fns[(det, dkdv, dq)] = (lambda det=det, dkdv=dkdv, dq=dq:
                                     tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq))
-    t = harness.compare(fns, device, min_time=0.03, max_rounds=15, min_rounds=3)
+    t = harness.compare_gpu_time(fns, device, min_time=0.03, max_rounds=15, min_rounds=3)
     atomic = min((x for x in t if not x[0]), key=lambda x: t[x].median_s)
     det = min((x for x in t if x[0]), key=lambda x: t[x].median_s)
-    return fwd, atomic, det
+    candidate_us["bwd"] = {f"{'det' if x[0] else 'atomic'} dkdv={x[1].as_list()} dq={x[2].as_list()}":
+                           t[x].median_s * 1e6 for x in t}
+    return fwd, atomic, det, candidate_us
 
 
 def _gpu_cases():
@@ -177,7 +184,7 @@ def bench_attention_gpu(bench_record, bench_device, shape):
     want = _float32_math(q, k, v)
     sdpa, rejected = _available_sdpa(q, k, v, dout, want)
     assert sdpa, f"no SDPA backend runs these inputs correctly ({rejected})"
-    fwd_tile, atomic, det = _sweep(bench_device, q, k, v, dout, want, tri.tile_class(d))
+    fwd_tile, atomic, det, candidate_us = _sweep(bench_device, q, k, v, dout, want, tri.tile_class(d))
     ceiling = harness.bandwidth_ceiling(bench_device)
 
     def run(mode, fns, ours, extra):
@@ -224,14 +231,14 @@ def bench_attention_gpu(bench_record, bench_device, shape):
         fns = {"triton": lambda: triton(False)(qn, kn, vn)}
         fns.update({name: (lambda f=f: f(qn, kn, vn)) for name, f in sdpa.items()})
         with torch.no_grad():
-            run("fwd", fns, "triton", {"tiles": tiles})
+            run("fwd", fns, "triton", {"tiles": tiles, "candidate_us": candidate_us["fwd"]})
         graphed = {"fwd": (fns, tiles)}
         for mode, deterministic, tl_ in (("fwdbwd", False, tiles), ("fwdbwd-det", True, tiles_det)):
             if deterministic:
                 row["tiles"] = tiles_det
             fns = {"triton": lambda dt=deterministic: _fwd_bwd(triton(dt), q, k, v, dout)}
             fns.update({name: (lambda f=f: _fwd_bwd(f, q, k, v, dout)) for name, f in sdpa.items()})
-            run(mode, fns, "triton", {"tiles": tl_})
+            run(mode, fns, "triton", {"tiles": tl_, "candidate_us": candidate_us["bwd"]})
             graphed[mode] = (fns, tl_)
         for mode, (fns, tl_) in graphed.items():
             row["tiles"] = tl_

@@ -97,6 +97,19 @@ def cuda_graphed(fn: Callable[[], object]) -> Optional[Callable[[], object]]:
     return graph.replay
 
 
+def compare_gpu_time(fns: dict, device: str, **kwargs) -> dict[str, Timing]:
+    """:func:`compare` of the GPU work alone where it can be had: on a GPU each callable runs as a CUDA-graph
+    replay (one that cannot be captured runs eagerly). For choosing between kernel variants whose eager
+    calls are bound by host time, where every variant would time the same launch overhead."""
+    gpu = device.startswith("cuda")
+    runs = {name: (cuda_graphed(fn) or fn) if gpu else fn for name, fn in fns.items()}
+    try:
+        return compare(runs, device, **kwargs)
+    finally:
+        runs.clear()  # the graphs' private memory pools go with them
+        _sync(device)
+
+
 def device_slug(device: str) -> str:
     """'cpu', or the GPU's name as a file-name-safe slug (floors are stored per GPU type)."""
     if device.startswith("cuda"):

@@ -21,14 +21,21 @@ then over the one partial tile with masks (the ``MASK_*`` constexpr copies). Pad
 -inf; padded query rows load lse = +inf so that their recomputed probabilities are exactly 0 and nothing
 padded can turn into inf * 0 = NaN in a stored value or an atomic.
 
+Tail tiles: the partial last tile runs as a smaller tile, ``TAIL_M`` / ``TAIL_N`` rows (``tail_block``: the
+smallest power of two >= the leftover rows, at least 16), on both axes: the masked tail iteration of each
+loop, and the program that owns the last query tile (fwd, dq) or key tile (dkdv), which branches once,
+uniformly, to a copy of its body compiled at the tail size. The class token makes ViT lengths one more than
+a multiple of 64 (257 = 4 * 64 + 1), so without this one row costs a full 64-row tile on each axis.
+
 Head dims: any multiple of 8 up to 256. Tiles are D_PAD = next power of two (at least 16, the smallest
 tl.dot) wide; the D axis is masked when HEAD_DIM < D_PAD (80, 88, 96: 128 wide). HEAD_DIM is a
 constexpr, so the mask folds away for 64 and 128 and loads stay vectorised.
 
-Tile sizes at ViT lengths (tile quantisation): a pass over an Nq x Nk score matrix costs
-ceil(Nq / BLOCK_M) * BLOCK_M x ceil(Nk / BLOCK_N) * BLOCK_N. At N = 257 (256 patches + class token):
+Tile sizes at ViT lengths (tile quantisation): without tail tiles a pass over an Nq x Nk score matrix
+costs ceil(Nq / BLOCK_M) * BLOCK_M x ceil(Nk / BLOCK_N) * BLOCK_N. At N = 257 (256 patches + class token):
 128 x 128 tiles do 384^2 (45% useful), 64 x 64 do 320^2 (64.5%), 64 x 32 do 320 x 288 (71.7%), 32 x 32 do
-288^2 (79.6%). At N = 197: 64 x 64 -> 256^2 (59%), 64 x 32 -> 256 x 224 (68%). At N = 37 / 50 one 64-row
+288^2 (79.6%); with tail tiles any of 64 x 64, 64 x 32, 32 x 32 does 272^2 (89.3%). At N = 197: 64 x 64 ->
+256^2 (59%), 64 x 32 -> 256 x 224 (68%), with tail tiles 208^2 (89.7%). At N = 37 / 50 one 64-row
 tile holds the whole sequence. The candidate sets below therefore use 64-row query tiles with 32- or 64-wide
 key tiles (128-row tiles only as alternatives); the benchmark
 (bench/bench_attention.py) times every candidate per shape and bench/attention_table.py records the best one
@@ -55,15 +62,20 @@ from ..reference.attention import new_lse, new_out
 
 @dataclass(frozen=True)
 class Tile:
-    """Launch shape of one kernel: BLOCK_M query rows x BLOCK_N key rows per tile."""
+    """Launch shape of one kernel: BLOCK_M query rows x BLOCK_N key rows per tile.
+
+    ``split_tail``: the partial last tile on each axis runs as a smaller tile (see ``tail_block``) instead of
+    a padded full one. Tables written before it existed hold 4-element lists, read as split_tail=True.
+    """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    split_tail: bool = True
 
     def as_list(self) -> list[int]:
-        return [self.block_m, self.block_n, self.num_warps, self.num_stages]
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail)]
 
 
 # Candidate tiles per padded head dim (the first is the default when the selector table has no entry).
@@ -76,22 +88,49 @@ class Tile:
 # thread (python -m bench.attention_compile prints both): the fastest dkdv tile at 128-wide heads,
 # (32, 64, 4 warps), spills 24 bytes with dq atomics (48 at D = 80) and was still the fastest measured.
 # The 64-row query tiles map onto Hopper's 64-row wgmma.
+# Every tile splits its tail (tail_block) except the last entry of the 64 and 128 classes: the default tile
+# without the split, so that the GPU benchmark times the split against the tiles measured before it, in the
+# same run, and the table keeps whichever is faster. (The split is not timed on a GPU yet: it removes work,
+# 28 % of the padded score tiles at N = 257, but compiles a second copy of each loop for the tail tile; on
+# sm_90 that copy uses mma instead of wgmma, and the main loops keep their software pipelining.)
 FWD_TILES = {
-    64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3)),
-    128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2)),
+    64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3, split_tail=False)),
+    128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2),
+          Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
 DKDV_TILES = {
-    64: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2)),
-    128: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(32, 64, 8, 3), Tile(32, 128, 8, 2)),
+    64: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2),
+         Tile(32, 64, 4, 2, split_tail=False)),
+    128: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(32, 64, 8, 3), Tile(32, 128, 8, 2),
+          Tile(32, 64, 4, 2, split_tail=False)),
     256: (Tile(32, 32, 8, 2), Tile(64, 32, 8, 2)),
 }
 DQ_TILES = {
-    64: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2)),
-    128: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
+    64: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2),
+         Tile(64, 32, 4, 3, split_tail=False)),
+    128: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2),
+          Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(32, 64, 8, 2), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
 }
 DELTA_BLOCK = 64
+
+
+def tail_block(n: int, block: int, split: bool = True) -> int:
+    """Rows of the tile that covers the last ``n % block`` rows of an axis of length n.
+
+    The smallest power of two that holds them, at least 16 (tl.dot's minimum), at most ``block``; the full
+    block where n divides evenly or ``split`` is off. At N = 257 (256 patches + class token) the one leftover
+    row then costs a 16-row tile instead of a 64-row one: with 64 x 32 tiles a pass over the 257 x 257 score
+    matrix does 272 x 272 instead of 320 x 288 (89 % useful instead of 72 %); at N = 197 with 64 x 32 tiles,
+    208 x 208 instead of 256 x 224. Correctness does not depend on the value (the tail loops are masked and
+    step by it); only the work does. It is a constexpr, so each distinct value is its own compiled variant
+    (at most log2(block) - 3 of them per tile).
+    """
+    rem = n % block
+    if not split or rem == 0:
+        return block
+    return min(block, max(16, triton.next_power_of_2(rem)))
 
 
 def d_pad(head_dim: int) -> int:
@@ -155,18 +194,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, start, end, N
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_KV"])
-def _fwd_kernel(Q, K, V, O, LSE,
-                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                H, N_Q, N_KV, scale,
-                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride overflows int32 on large activations
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+@triton.jit
+def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start_m, N_Q, N_KV, scale,
+              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              TAIL_N: tl.constexpr):
+    """Query rows [start_m, start_m + BLOCK_M) of one (batch, head): out and lse."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -176,12 +209,33 @@ def _fwd_kernel(Q, K, V, O, LSE,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, 0, n_full, N_KV, scale,
                                HEAD_DIM, D_PAD, BLOCK_N, False)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, n_full, N_KV, N_KV, scale,
-                               HEAD_DIM, D_PAD, BLOCK_N, True)
+                               HEAD_DIM, D_PAD, TAIL_N, True)
     # Every row saw at least one real key (N_KV >= 1), so l_i >= 1 and the division is safe.
     out = acc / l_i[:, None]
-    _store_rows(O + b * sob + h * soh, out.to(O.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
-    lse = m_i + tl.log(l_i)
-    tl.store(LSE + (b * H + h) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    _store_rows(o_base, out.to(o_base.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
+    tl.store(lse_row + offs_m, m_i + tl.log(l_i), mask=offs_m < N_Q)
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _fwd_kernel(Q, K, V, O, LSE,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                H, N_Q, N_KV, scale,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride overflows int32 on large activations
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    o_base = O + b * sob + h * soh
+    lse_row = LSE + (b * H + h) * N_Q
+    if TAIL_M < BLOCK_M and start_m + BLOCK_M > N_Q:  # the partial last query tile, in a TAIL_M-row tile
+        _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start_m, N_Q, N_KV, scale,
+                  HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N)
+    else:
+        _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start_m, N_Q, N_KV, scale,
+                  HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N)
 
 
 @triton.jit(do_not_specialize=["N_Q"])
@@ -233,37 +287,56 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
     return dk, dv
 
 
+@triton.jit
+def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base,
+               skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TAIL_M: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dk, dv of key rows [start_n, start_n + BLOCK_N) of one (batch, head), from every query."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k = _load_rows(k_base, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, True)
+    v = _load_rows(v_base, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, True)
+    # Padded keys get score -inf: p = 0, so their (never stored) gradients and dq's share stay exact zeros.
+    key_bias = tl.where(offs_n < N_KV, 0.0, float("-inf"))
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    m_full = (N_Q // BLOCK_M) * BLOCK_M
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
+                         offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
+                         offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, TAIL_M, True, ATOMIC_DQ)
+    _store_rows(dk_base, (dk * scale).to(dk_base.dtype.element_ty), offs_n, offs_d, sdkn, N_KV, HEAD_DIM, D_PAD)
+    _store_rows(dv_base, dv.to(dv_base.dtype.element_ty), offs_n, offs_d, sdvn, N_KV, HEAD_DIM, D_PAD)
+
+
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                      sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqn,
                      H, N_Q, N_KV, scale,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr):
-    pid_n = tl.program_id(0)
+                     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    k = _load_rows(K + b * skb + h * skh, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, True)
-    v = _load_rows(V + b * svb + h * svh, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, True)
-    # Padded keys get score -inf: p = 0, so their (never stored) gradients and dq's share stay exact zeros.
-    key_bias = tl.where(offs_n < N_KV, 0.0, float("-inf"))
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
+    dk_base = DK + b * sdkb + h * sdkh
+    dv_base = DV + b * sdvb + h * sdvh
     dq_base = DQ_ACC + b * sdqb + h * sdqh
     lse_row = LSE + (b * H + h) * N_Q
     delta_row = DELTA + (b * H + h) * N_Q
-    m_full = (N_Q // BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
-                         offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ)
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
-                         offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, True, ATOMIC_DQ)
-    _store_rows(DK + b * sdkb + h * sdkh, (dk * scale).to(DK.dtype.element_ty), offs_n, offs_d, sdkn, N_KV,
-                HEAD_DIM, D_PAD)
-    _store_rows(DV + b * sdvb + h * sdvh, dv.to(DV.dtype.element_ty), offs_n, offs_d, sdvn, N_KV, HEAD_DIM, D_PAD)
+    if TAIL_N < BLOCK_N and start_n + BLOCK_N > N_KV:  # the partial last key tile, in a TAIL_N-row tile
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base,
+                   skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
+                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, ATOMIC_DQ)
+    else:
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base,
+                   skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
+                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, ATOMIC_DQ)
 
 
 @triton.jit
@@ -283,31 +356,48 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, start, en
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_KV"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
-                   H, N_Q, N_KV, scale,
-                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+@triton.jit
+def _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, skn, svn, sdqn, start_m,
+             N_Q, N_KV, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
+    """dq of query rows [start_m, start_m + BLOCK_M) of one (batch, head), from every key."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    q = _load_rows(Q + b * sqb + h * sqh, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
-    do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, True)
-    row = (b * H + h) * N_Q
-    lse = tl.load(LSE + row + offs_m, mask=offs_m < N_Q, other=float("inf"))
-    delta = tl.load(DELTA + row + offs_m, mask=offs_m < N_Q, other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
+    do = _load_rows(do_base, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, True)
+    lse = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    delta = tl.load(delta_row + offs_m, mask=offs_m < N_Q, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, 0, n_full, N_KV, scale,
                    HEAD_DIM, D_PAD, BLOCK_N, False)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, n_full, N_KV, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_N, True)
-    _store_rows(DQ + b * sdqb + h * sdqh, (dq * scale).to(DQ.dtype.element_ty), offs_m, offs_d, sdqn, N_Q,
-                HEAD_DIM, D_PAD)
+                   HEAD_DIM, D_PAD, TAIL_N, True)
+    _store_rows(dq_base, (dq * scale).to(dq_base.dtype.element_ty), offs_m, offs_d, sdqn, N_Q, HEAD_DIM, D_PAD)
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+                   H, N_Q, N_KV, scale,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq_base = DQ + b * sdqb + h * sdqh
+    lse_row = LSE + (b * H + h) * N_Q
+    delta_row = DELTA + (b * H + h) * N_Q
+    if TAIL_M < BLOCK_M and start_m + BLOCK_M > N_Q:  # the partial last query tile, in a TAIL_M-row tile
+        _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, skn, svn, sdqn,
+                 start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N)
+    else:
+        _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, skn, svn, sdqn,
+                 start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,13 +428,15 @@ def _strides3(t: Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _run(kernel, grid_of, tiles: Sequence[Tile], args: tuple, constexprs: dict) -> Tile:
+def _run(kernel, grid_of, tiles: Sequence[Tile], args: tuple, constexprs: dict, n_q: int, n_kv: int) -> Tile:
     """Launch with the first tile that fits the GPU (shared memory, registers); return the one used."""
     errors = []
     for tile in tiles:
         try:
-            kernel[grid_of(tile)](*args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.num_warps,
-                                  num_stages=tile.num_stages, **constexprs)
+            kernel[grid_of(tile)](*args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                                  TAIL_M=tail_block(n_q, tile.block_m, tile.split_tail),
+                                  TAIL_N=tail_block(n_kv, tile.block_n, tile.split_tail),
+                                  num_warps=tile.num_warps, num_stages=tile.num_stages, **constexprs)
             return tile
         except _OUT_OF_RESOURCES as exc:  # a tile too big for this GPU: try the next candidate
             errors.append(f"{tile}: {exc}")
@@ -375,7 +467,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
         _run(_fwd_kernel, lambda t: (triton.cdiv(NQ, t.block_m), H, B), _candidates(FWD_TILES, D, tile),
              (q, k, v, dst, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dst), H, NQ, NK,
               float(scale)),
-             dict(HEAD_DIM=D, D_PAD=d_pad(D)))
+             dict(HEAD_DIM=D, D_PAD=d_pad(D)), NQ, NK)
         if dst is not out:
             out.copy_(dst)
     return out, lse
@@ -410,12 +502,12 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     _run(_bwd_dkdv_kernel, lambda t: (triton.cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
          (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
           *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
-         dict(ATOMIC_DQ=not deterministic, **cx))
+         dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK)
     if deterministic:
         _run(_bwd_dq_kernel, lambda t: (triton.cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
              (q, k, v, dout, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
               *_strides3(dq), *common),
-             cx)
+             cx, NQ, NK)
     else:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv

@@ -274,14 +274,35 @@ def _tile_classes():
     return (64, 128, 256) if TRITON_DEV == "cpu" else (128,)
 
 
+# (Nq, Nkv) for the candidate-tile test. With the default tiles, (65, 81) and (81, 65) leave 1 or 17 rows
+# after the full tiles: tail tiles of 16 and 32 rows on every axis that has one (test_tail_block checks it).
+TILE_SHAPES = ((70, 45), (65, 81), (81, 65)) if TRITON_DEV == "cpu" else ((197, 257), (257, 197))
+
+
+def test_tail_block():
+    from seer_kernels.triton import attention as tri
+    assert [tri.tail_block(n, 64) for n in (257, 197, 65, 81, 100, 40, 256, 1)] == [16, 16, 16, 32, 64, 64, 64, 16]
+    assert [tri.tail_block(n, 32) for n in (257, 50, 37, 17, 32)] == [16, 32, 16, 32, 32]
+    assert tri.tail_block(257, 64, split=False) == 64 and tri.tail_block(5, 16) == 16
+    # The test shapes above reach a 16- and a 32-row tail on both axes of each kernel's default tile.
+    for table in (tri.FWD_TILES, tri.DKDV_TILES, tri.DQ_TILES):
+        for cls in (64, 128):
+            t = table[cls][0]
+            for block in (t.block_m, t.block_n):
+                got = {tri.tail_block(n, block) for n in (65, 81)}
+                assert got & {16} and (block == 32 or got & {32}), (t, block, got)
+            assert not table[cls][-1].split_tail and tri.Tile(*table[cls][-1].as_list()) == table[cls][-1]
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("cls", _tile_classes())
-def test_triton_every_candidate_tile(cls, poison_empty):
-    """Each tile of the candidate sets (what the benchmark may record as best) gives the right answer."""
+@pytest.mark.parametrize("nq,nkv", TILE_SHAPES)
+def test_triton_every_candidate_tile(cls, nq, nkv, poison_empty):
+    """Each tile of the candidate sets (what the benchmark may record as best) gives the right answer, with
+    and without the split tail tiles."""
     from seer_kernels.triton import attention as tri
     dtype = _triton_dtypes()[0]
     d = {64: 48, 128: 80, 256: 256}[cls] if TRITON_DEV == "cpu" else 128
-    nq, nkv = (70, 45) if TRITON_DEV == "cpu" else (197, 257)
     q, k, v = make_qkv(1, 2, nq, nkv, d, dtype, TRITON_DEV)
     scale = d ** -0.5
     do = torch.randn(q.shape[:-1] + (v.shape[-1],)).to(device=q.device, dtype=dtype)
