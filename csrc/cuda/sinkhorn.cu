@@ -54,6 +54,57 @@ enum Mode : int { kMaxRaw = 0, kMax = 1, kSumExp = 2 };
 template <int MODE>
 __device__ __forceinline__ float reduce_init() { return MODE == kSumExp ? 0.f : -INFINITY; }
 
+// Memory-level parallelism for ordered reductions. Each thread below runs one sequential chain of
+// additions (that order is what makes the results deterministic), and each step needs a load. Compiled
+// as plain loops, nvcc places each load next to its use and every IEEE division (__fdiv_rn) becomes a
+// branch in SASS, so a thread has 1 to 4 loads in flight (the SASS of these loops for sm_90): the step
+// kernels read the scores at about 0.8 TB/s on an H200 (bench/results/nvidia-h200-profile.txt) and the
+// cooperative kernel's combine waits on dozens of L2 round trips per round. ordered_loop loads kBatch
+// steps into registers first, then consumes them in the same order as the plain loop: same operations,
+// same order, same bits. An empty asm statement that reads and writes every loaded value keeps the
+// compiler from sinking the loads back between the uses.
+constexpr int kBatch = 16;
+
+template <int W>
+struct Vals { float x[W]; };  // what one step loads (score, then the per-row or per-column terms)
+
+template <int W>
+struct Batch { float v[W][kBatch]; };
+
+#define SEER_F16(a) "+f"(a[0]), "+f"(a[1]), "+f"(a[2]), "+f"(a[3]), "+f"(a[4]), "+f"(a[5]), "+f"(a[6]), \
+    "+f"(a[7]), "+f"(a[8]), "+f"(a[9]), "+f"(a[10]), "+f"(a[11]), "+f"(a[12]), "+f"(a[13]), "+f"(a[14]), "+f"(a[15])
+static_assert(kBatch == 16, "SEER_F16 lists 16 operands");
+__device__ __forceinline__ void loads_done(Batch<1>& b) { asm volatile("" : SEER_F16(b.v[0])); }
+__device__ __forceinline__ void loads_done(Batch<2>& b) { asm volatile("" : SEER_F16(b.v[0]), SEER_F16(b.v[1])); }
+__device__ __forceinline__ void loads_done(Batch<3>& b) {
+  asm volatile("" : SEER_F16(b.v[0]), SEER_F16(b.v[1]), SEER_F16(b.v[2]));
+}
+#undef SEER_F16
+
+// use(load(i)) for i = first, first + step, ... < end, in that order; load returns Vals<W>.
+template <int W, typename Load, typename Use>
+__device__ __forceinline__ void ordered_loop(int first, int end, int step, Load&& load, Use&& use) {
+  int i = first;
+  for (; end - i > (kBatch - 1) * step; i += kBatch * step) {
+    Batch<W> b;
+#pragma unroll
+    for (int t = 0; t < kBatch; ++t) {
+      const Vals<W> r = load(i + t * step);
+#pragma unroll
+      for (int w = 0; w < W; ++w) b.v[w][t] = r.x[w];
+    }
+    loads_done(b);
+#pragma unroll
+    for (int t = 0; t < kBatch; ++t) {
+      Vals<W> r;
+#pragma unroll
+      for (int w = 0; w < W; ++w) r.x[w] = b.v[w][t];
+      use(r);
+    }
+  }
+  for (; i < end; i += step) use(load(i));
+}
+
 // ---- step kernels --------------------------------------------------------------------------
 
 // Per-prototype partials over a split of rows: partial[split][k]. One thread per column k, so the
@@ -72,17 +123,25 @@ __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t 
   const float mk = MODE == kMaxRaw ? 0.f : m[k];
   const float fk = MODE == kMaxRaw ? 0.f : f[k];
   const float sh = MODE == kSumExp ? shift[k * shift_stride] : 0.f;
-  for (int j = j0; j < j1; ++j) {
-    const float v = to_float(s[j * sb + k * sk]);
-    if (MODE == kMaxRaw) {
-      bad |= nonfinite(v);
-      acc = fmaxf(acc, v);
-    } else {
-      const float x = __fdiv_rn(v - mk, eps) + fk + g[j];
-      if (MODE == kMax) acc = max_nan(acc, x);
-      else acc += __expf(x - sh);
-    }
-  }
+  constexpr int W = MODE == kMaxRaw ? 1 : 2;  // the score, then g_j
+  ordered_loop<W>(
+      j0, j1, 1,
+      [&](int j) {
+        Vals<W> r;
+        r.x[0] = to_float(s[j * sb + k * sk]);
+        if constexpr (W > 1) r.x[1] = g[j];
+        return r;
+      },
+      [&](const Vals<W>& r) {
+        if constexpr (MODE == kMaxRaw) {
+          bad |= nonfinite(r.x[0]);
+          acc = fmaxf(acc, r.x[0]);
+        } else {
+          const float x = __fdiv_rn(r.x[0] - mk, eps) + fk + r.x[W - 1];
+          if (MODE == kMax) acc = max_nan(acc, x);
+          else acc += __expf(x - sh);
+        }
+      });
   partial[static_cast<int64_t>(blockIdx.y) * K + k] = bad ? NAN : acc;
 }
 
@@ -99,17 +158,28 @@ __global__ void reduce_cols_kernel(const T* __restrict__ s, int64_t sb, int64_t 
   const float sh = MODE == kSumExp ? shift[j * shift_stride] : 0.f;
   float acc = reduce_init<MODE>();
   bool bad = false;
-  for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) {
-    const float v = to_float(s[j * sb + k * sk]);
-    if (MODE == kMaxRaw) {
-      bad |= nonfinite(v);
-      acc = fmaxf(acc, v);
-    } else {
-      const float x = __fdiv_rn(v - m[k], eps) + f[k] + gj;
-      if (MODE == kMax) acc = max_nan(acc, x);
-      else acc += __expf(x - sh);
-    }
-  }
+  constexpr int W = MODE == kMaxRaw ? 1 : 3;  // the score, then m_k and f_k
+  ordered_loop<W>(
+      k0 + static_cast<int>(threadIdx.x), k1, static_cast<int>(blockDim.x),
+      [&](int k) {
+        Vals<W> r;
+        r.x[0] = to_float(s[j * sb + k * sk]);
+        if constexpr (W > 1) {
+          r.x[1] = m[k];
+          r.x[2] = f[k];
+        }
+        return r;
+      },
+      [&](const Vals<W>& r) {
+        if constexpr (MODE == kMaxRaw) {
+          bad |= nonfinite(r.x[0]);
+          acc = fmaxf(acc, r.x[0]);
+        } else {
+          const float x = __fdiv_rn(r.x[0] - r.x[1], eps) + r.x[W - 1] + gj;
+          if (MODE == kMax) acc = max_nan(acc, x);
+          else acc += __expf(x - sh);
+        }
+      });
   if (MODE == kMaxRaw && bad) acc = NAN;
   __shared__ float red[kWarps];
   acc = MODE == kSumExp ? warp_sum(acc) : warp_max(acc);
@@ -172,7 +242,8 @@ struct CoopArgs {
 __device__ __forceinline__ float sample_shift(const CoopArgs& a, int it, int j, int nblk) {
   if (it != 0) return -a.log_k;
   float sh = -INFINITY;
-  for (int b = 0; b < nblk; ++b) sh = max_nan(sh, a.part_max[static_cast<int64_t>(b) * a.B + j]);
+  ordered_loop<1>(0, nblk, 1, [&](int b) { return Vals<1>{{a.part_max[static_cast<int64_t>(b) * a.B + j]}}; },
+                  [&](const Vals<1>& v) { sh = max_nan(sh, v.x[0]); });
   return sh;
 }
 
@@ -246,16 +317,17 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
       if (lane == 0) part[static_cast<int64_t>(blockIdx.x) * B + j] = acc;
     }
     grid.sync();
-    // Measured on an H200 at (32, 16384): this kernel takes 155 us for 3 iterations. Most of it is likely
-    // here and in sample_shift (read from the code, not profiled per line): one thread per row walks all
-    // nblk (132) partials with serial L2 loads, about 20 us a round by estimate.
-    // The known fix, not yet made for want of a GPU to check it on: a warp per row summing the partials in
-    // a fixed lane order (the same in every block, so still deterministic), the round-0 shifts once per
-    // block in shared memory.
+    // Measured on an H200 at (32, 16384): this kernel took 155 us for 3 iterations, before ordered_loop.
+    // Most of it was likely here and in sample_shift (read from the code, not profiled per line): one
+    // thread per row walks all nblk (132) partials, about 3 L2 loads in flight at a time. ordered_loop
+    // keeps 16 in flight, with the same additions in the same order. Not yet timed on a GPU. If it is
+    // still slow, the next step is a warp per row summing the partials in a fixed lane order (the same in
+    // every block, so still deterministic, but other bits than today's).
     for (int j = threadIdx.x; j < B; j += blockDim.x) {
       const float sh = sample_shift(a, it, j, nblk);
       float u = 0.f;
-      for (int b = 0; b < nblk; ++b) u += part[static_cast<int64_t>(b) * B + j];
+      ordered_loop<1>(0, nblk, 1, [&](int b) { return Vals<1>{{part[static_cast<int64_t>(b) * B + j]}}; },
+                      [&](const Vals<1>& v) { u += v.x[0]; });
       g[j] = g[j] - (a.log_b + sh + logf(u));
     }
     __syncthreads();
