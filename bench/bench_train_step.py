@@ -6,9 +6,10 @@ attention, the same head, swav's per-pair loss loop with its plain Sinkhorn, and
 followed by torch.optim.SGD. ratio = baseline median / ours median.
 
     train_step:cpu-<shape>      2-core CPU, float32 (gated by bench/floors/cpu.json: ours not slower)
-    train_step:gpu-giant        one GPU, bf16 autocast, activation checkpointing, 2x224 + 4x98 crops;
-                                reports model TFLOP/s and MFU (model FLOPs = 3 x forward, seer.plan's formula,
-                                against the dense bf16 peak of an H100, 989 TFLOP/s)
+    train_step:gpu-giant-*      one GPU, bf16 autocast, 2x224 + 4x98 crops; with full activation
+                                checkpointing (-ac), without (-noac), and without under parallel.compile
+                                (-noac-compile); reports model TFLOP/s and MFU (model FLOPs = 3 x forward,
+                                seer.plan's formula, against the dense bf16 peak of an H100, 989 TFLOP/s)
 """
 from __future__ import annotations
 
@@ -138,13 +139,13 @@ class PlainLARC:
 # ---------------------------------------------------------------------------------------------------------
 # The two steps
 
-def make_steps(cfg, head, crops, device, *, checkpointing=False, dtype=None):
+def make_steps(cfg, head, crops, device, *, checkpointing=False, dtype=None, compile=False):
     torch.manual_seed(0)
     with torch.device(device):  # built and initialised where they run (a 1B model inits in ms on a GPU)
         ours = SwAVModel(VisionTransformer(cfg), SwAVHead(cfg.embed_dim, head))
         plain = PlainSwAV(cfg, head, checkpointing)
-    parallelize(ours, ParallelDims(ParallelConfig(activation_checkpointing="full" if checkpointing else "none"),
-                                   device.split(":")[0], world_size=1))
+    parallelize(ours, ParallelDims(ParallelConfig(activation_checkpointing="full" if checkpointing else "none",
+                                                  compile=compile), device.split(":")[0], world_size=1))
     normalize_prototypes(ours)
     opt = build_lars(ours, lr=0.3)
     plain_opt = PlainLARC(plain.parameters(), lr=0.3)
@@ -191,12 +192,17 @@ def bench_train_step_cpu(bench_record, bench_device, case):
                  min_time=1.0, min_rounds=6)
 
 
-@pytest.mark.parametrize("checkpointing", [True, False], ids=["ac", "noac"])
-def bench_train_step_gpu(bench_record, bench_device, checkpointing):
+# The compiled case runs last: its first step compiles the blocks (a minute or more), and where the GPU
+# check's benchmark time limit stops it, the eager rows are already written.
+@pytest.mark.parametrize("checkpointing,compile", [(True, False), (False, False), (False, True)],
+                         ids=["ac", "noac", "noac-compile"])
+def bench_train_step_gpu(bench_record, bench_device, checkpointing, compile):
     """The largest preset that fits one 80 GB GPU with its plain twin: giant (ViT-g/14, 1.0B), SEER head.
 
     With full activation checkpointing (``ac``: the forward runs twice, so MFU, which counts 3 x forward, is
-    at most 75% of the GPU's busy rate) and without it (``noac``: where the activations fit).
+    at most 75% of the GPU's busy rate), without it (``noac``: where the activations fit), and without it
+    with ``parallel.compile`` (``noac-compile``: every block under torch.compile; the plain twin stays
+    eager, as the baseline is what one writes without seer).
     """
     if not bench_device.startswith("cuda"):
         pytest.skip("GPU case")
@@ -206,7 +212,7 @@ def bench_train_step_gpu(bench_record, bench_device, checkpointing):
     ours = plain = None
     try:
         ours, plain = make_steps(cfg, head, _crops(spec, batch, bench_device), bench_device,
-                                 checkpointing=checkpointing, dtype=torch.bfloat16)
+                                 checkpointing=checkpointing, dtype=torch.bfloat16, compile=compile)
         ours(), plain()
         fits = True
     except torch.OutOfMemoryError:
@@ -224,10 +230,11 @@ def bench_train_step_gpu(bench_record, bench_device, checkpointing):
                 "plain_mfu": flops / t["plain"].median_s / (H100_BF16_TFLOPS * 1e12),
                 "images_per_s": batch / t["ours"].median_s}
 
-    row = bench_record("train_step", f"gpu-giant-2x224+4x98-b32-bf16-{'ac' if checkpointing else 'noac'}",
+    label = ("ac" if checkpointing else "noac") + ("-compile" if compile else "")
+    row = bench_record("train_step", f"gpu-giant-2x224+4x98-b32-bf16-{label}",
                        {"ours": ours, "plain": plain},
                        ours="ours", baseline="plain", metrics=metrics, min_time=0.0, min_rounds=4, max_rounds=4,
                        warmup=1)
-    print(f"\ntrain_step giant ({'ac' if checkpointing else 'noac'}): {row['times_ms']['ours']:.0f} ms/step, "
+    print(f"\ntrain_step giant ({label}): {row['times_ms']['ours']:.0f} ms/step, "
           f"{row['model_tflops']:.0f} TFLOP/s, "
           f"MFU {100 * row['mfu']:.1f}% (plain eager {100 * row['plain_mfu']:.1f}%)")
