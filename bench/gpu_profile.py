@@ -130,14 +130,23 @@ def sinkhorn_cases(iters: int) -> list:
     out = []
     for b, k in ((32, 16384), (4096, 16384)):
         scores = torch.randn(b, k, device="cuda")
+        cases = {}
         for backend in ("cuda", "triton", "reference"):
-            def f(backend=backend):
+            def f(backend=backend, check=True):
                 with seer_kernels.use_backend(backend, op="sinkhorn"):
-                    return seer_kernels.sinkhorn(scores, 0.05, 3)
+                    return seer_kernels.sinkhorn(scores, 0.05, 3, check_finite=check)
+            cases[backend] = f
+        # What the benchmark rows time (no finite check: its device-to-host copy syncs every call), and the
+        # native op alone: the difference is the Python path's host time.
+        cases["cuda, check_finite=False"] = lambda: cases["cuda"](check=False)
+        cases["cuda, torch.ops.seer_C directly"] = lambda: torch.ops.seer_C.sinkhorn_fused(scores, 0.05, 3)
+        for name, f in cases.items():
             try:
-                out.append(measure(f"sinkhorn {b}x{k} it3 {backend}", f, iters))
+                out.append(measure(f"sinkhorn {b}x{k} it3 {name}", f, iters))
             except Exception as exc:  # report and go on
-                print(f"sinkhorn {b}x{k} {backend}: {str(exc).splitlines()[0][:100]}")
+                print(f"sinkhorn {b}x{k} {name}: {str(exc).splitlines()[0][:100]}")
+        if b == 32:
+            python_profile(f"sinkhorn {b}x{k} it3 cuda, check_finite=False", cases["cuda, check_finite=False"], iters)
     return out
 
 
