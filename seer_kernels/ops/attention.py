@@ -257,7 +257,8 @@ def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend
 # Custom ops. Fake kernels give shapes and layouts so that torch.compile(fullgraph=True) traces through them.
 
 def _run_fwd(q, k, v, scale, deterministic, backend):
-    """(out, lse) from the backend named by the caller (or the dispatcher's choice): both paths below."""
+    """(out, lse) from the backend named by the caller (or the dispatcher's choice), for the ops below (the
+    eager path runs the Backend that seer_kernels.attention selected directly)."""
     return _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
 
 
@@ -326,9 +327,12 @@ class _EagerAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, deterministic, backend):
-        out, lse = _run_fwd(q, k, v, scale, deterministic, backend)
-        _save(ctx, q, k, v, out, lse, scale, deterministic, backend)
+    def forward(ctx, q, k, v, scale, deterministic, backend: Backend):
+        # ``backend`` is what seer_kernels.attention just selected for these inputs: run it as is (the ops
+        # take a name and check it again, a few µs of Python per call on this host-bound path).
+        out, lse = backend.impl.fwd(q, k, v, scale)
+        _save(ctx, q, k, v, out, lse, scale, deterministic, backend.name)
+        ctx.impl = backend.impl
         return out
 
     @staticmethod
@@ -337,7 +341,7 @@ class _EagerAttention(torch.autograd.Function):
         if torch.compiler.is_compiling():  # compiled autograd traces this: give it the op
             return _backward(ctx, dout, None)
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _run_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic, ctx.backend)
+        dq, dk, dv = ctx.impl.bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
@@ -383,7 +387,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     if backend.name == "sdpa":
         return backend.impl.attention(q, k, v, scale)
     if _plain_eager(q, k, v):
-        return _EagerAttention.apply(q, k, v, scale, det, backend.name)
+        return _EagerAttention.apply(q, k, v, scale, det, backend)
     out, _ = torch.ops.seer.attention_fwd(q, k, v, scale, det, backend.name)
     return out
 

@@ -58,6 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.attention import new_lse, new_out
+from .host_math import cdiv, next_pow2
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,12 @@ def tail_block(n: int, block: int, split: bool = True) -> int:
     rem = n % block
     if not split or rem == 0:
         return block
-    return min(block, max(16, triton.next_power_of_2(rem)))
+    return min(block, max(16, next_pow2(rem)))
 
 
 def d_pad(head_dim: int) -> int:
     """Width of the register tiles along the head dim: next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_pow2(head_dim))
 
 
 def tile_class(head_dim: int) -> int:
@@ -424,8 +425,8 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 and _rows_fit_int32(t) else t.contiguous()
 
 
-def _strides3(t: Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides3(t: Tensor) -> tuple[int, ...]:
+    return t.stride()[:3]
 
 
 def _run(kernel, grid_of, tiles: Sequence[Tile], args: tuple, constexprs: dict, n_q: int, n_kv: int) -> Tile:
@@ -464,7 +465,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
     # out's (B, N, H, D) rows are H * D apart: past int32 row offsets, write (B, H, N, D) rows and copy.
     dst = out if _rows_fit_int32(out) else torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     with _on_device(q):
-        _run(_fwd_kernel, lambda t: (triton.cdiv(NQ, t.block_m), H, B), _candidates(FWD_TILES, D, tile),
+        _run(_fwd_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(FWD_TILES, D, tile),
              (q, k, v, dst, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dst), H, NQ, NK,
               float(scale)),
              dict(HEAD_DIM=D, D_PAD=d_pad(D)), NQ, NK)
@@ -489,7 +490,7 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     dev = q.device
     cx = dict(HEAD_DIM=D, D_PAD=d_pad(D))
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
-    _bwd_delta_kernel[(triton.cdiv(NQ, DELTA_BLOCK), H, B)](
+    _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
         out, dout, delta, *_strides3(out), *_strides3(dout), H, NQ, BLOCK_M=DELTA_BLOCK, **cx)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
@@ -499,12 +500,12 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     else:
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
     common = (H, NQ, NK, float(scale))
-    _run(_bwd_dkdv_kernel, lambda t: (triton.cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
+    _run(_bwd_dkdv_kernel, lambda t: (cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
          (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
           *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
          dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK)
     if deterministic:
-        _run(_bwd_dq_kernel, lambda t: (triton.cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
+        _run(_bwd_dq_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
              (q, k, v, dout, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
               *_strides3(dq), *common),
              cx, NQ, NK)

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.sinkhorn import SinkhornSteps, sinkhorn_loop
+from .host_math import cdiv, next_pow2
 
 FUSED_MAX_ELEMENTS = 8192  # every tile up to this size compiles for sm_90 without real spills (bench.sinkhorn_compile)
 
@@ -174,15 +175,15 @@ def _launch_reduce(scores: Tensor, m, f, g, epsilon: float, dim: int, mode: int,
     n_lines, n_reduce = (K, B) if dim == 0 else (B, K)
     block_b, block_k = (32, 64) if dim == 0 else (4, 256)
     line_block = block_k if dim == 0 else block_b
-    grid_lines = triton.cdiv(n_lines, line_block)
+    grid_lines = cdiv(n_lines, line_block)
     red_block = block_b if dim == 0 else block_k
     # Split the reduced dimension when there are too few lines to fill the GPU.
     splits = 1
     if dev.type == "cuda":
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        splits = max(1, min(triton.cdiv(2 * sms, grid_lines), triton.cdiv(n_reduce, 4 * red_block)))
-    per_split = triton.cdiv(triton.cdiv(n_reduce, splits), red_block) * red_block
-    splits = triton.cdiv(n_reduce, per_split)
+        splits = max(1, min(cdiv(2 * sms, grid_lines), cdiv(n_reduce, 4 * red_block)))
+    per_split = cdiv(cdiv(n_reduce, splits), red_block) * red_block
+    splits = cdiv(n_reduce, per_split)
     out = torch.empty((splits, n_lines), device=dev, dtype=torch.float32)
     dummy = out
     if shift is None:
@@ -213,7 +214,7 @@ def sinkhorn_sumexp(scores, m, f, g, epsilon, dim, shift):
 def sinkhorn_finalize(scores, m, f, g, epsilon, log_scale):
     B, K = scores.shape
     out = torch.empty((B, K), device=scores.device, dtype=torch.float32)
-    grid = (triton.cdiv(K, 64), triton.cdiv(B, 32))
+    grid = (cdiv(K, 64), cdiv(B, 32))
     _finalize_kernel[grid](scores, _f32(m), _f32(f), _f32(g), out, B, K, scores.stride(0), scores.stride(1),
                            float(epsilon), float(log_scale), BLOCK_B=32, BLOCK_K=64)
     return out
@@ -227,7 +228,7 @@ STEPS = SinkhornSteps(sinkhorn_max, sinkhorn_sumexp, sinkhorn_finalize)
 
 
 def fused_fits(B: int, K: int) -> bool:
-    return triton.next_power_of_2(B) * triton.next_power_of_2(K) <= FUSED_MAX_ELEMENTS
+    return next_pow2(B) * next_pow2(K) <= FUSED_MAX_ELEMENTS
 
 
 def sinkhorn_fused(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
@@ -236,7 +237,7 @@ def sinkhorn_fused(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
     if not fused_fits(B, K):
         return sinkhorn_loop(scores, epsilon, iterations, STEPS)
     out = torch.empty((B, K), device=scores.device, dtype=torch.float32)
-    block_b, block_k = triton.next_power_of_2(B), triton.next_power_of_2(K)
+    block_b, block_k = next_pow2(B), next_pow2(K)
     _fused_kernel[(1,)](scores, out, B, K, scores.stride(0), scores.stride(1), float(epsilon), int(iterations),
                         math.log(B), math.log(K), BLOCK_B=block_b, BLOCK_K=block_k,
                         num_warps=fused_num_warps(block_b, block_k))
