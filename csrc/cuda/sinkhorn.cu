@@ -107,6 +107,23 @@ __device__ __forceinline__ void ordered_loop(int first, int end, int step, Load&
 
 // ---- step kernels --------------------------------------------------------------------------
 
+// One step of a row or column reduction: score v of sample j, prototype k.
+//   kMaxRaw: max of the raw scores (non-finite ones flagged in `bad`);
+//   kMax:    max of x = (v - m_k) / eps + f_k + g_j;
+//   kSumExp: sum of exp(x - shift).
+template <int MODE>
+__device__ __forceinline__ void reduce_step(float& acc, bool& bad, float v, float mk, float fk, float gj, float eps,
+                                            float sh) {
+  if constexpr (MODE == kMaxRaw) {
+    bad |= nonfinite(v);
+    acc = fmaxf(acc, v);
+  } else {
+    const float x = __fdiv_rn(v - mk, eps) + fk + gj;
+    if constexpr (MODE == kMax) acc = max_nan(acc, x);
+    else acc += __expf(x - sh);
+  }
+}
+
 // Per-prototype partials over a split of rows: partial[split][k]. One thread per column k, so the
 // loads of a warp are contiguous along k.
 template <typename T, int MODE>
@@ -132,16 +149,7 @@ __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t 
         if constexpr (W > 1) r.x[1] = g[j];
         return r;
       },
-      [&](const Vals<W>& r) {
-        if constexpr (MODE == kMaxRaw) {
-          bad |= nonfinite(r.x[0]);
-          acc = fmaxf(acc, r.x[0]);
-        } else {
-          const float x = __fdiv_rn(r.x[0] - mk, eps) + fk + r.x[W - 1];
-          if (MODE == kMax) acc = max_nan(acc, x);
-          else acc += __expf(x - sh);
-        }
-      });
+      [&](const Vals<W>& r) { reduce_step<MODE>(acc, bad, r.x[0], mk, fk, r.x[W - 1], eps, sh); });
   partial[static_cast<int64_t>(blockIdx.y) * K + k] = bad ? NAN : acc;
 }
 
@@ -170,16 +178,7 @@ __global__ void reduce_cols_kernel(const T* __restrict__ s, int64_t sb, int64_t 
         }
         return r;
       },
-      [&](const Vals<W>& r) {
-        if constexpr (MODE == kMaxRaw) {
-          bad |= nonfinite(r.x[0]);
-          acc = fmaxf(acc, r.x[0]);
-        } else {
-          const float x = __fdiv_rn(r.x[0] - r.x[1], eps) + r.x[W - 1] + gj;
-          if (MODE == kMax) acc = max_nan(acc, x);
-          else acc += __expf(x - sh);
-        }
-      });
+      [&](const Vals<W>& r) { reduce_step<MODE>(acc, bad, r.x[0], r.x[W > 1 ? 1 : 0], r.x[W - 1], gj, eps, sh); });
   if (MODE == kMaxRaw && bad) acc = NAN;
   __shared__ float red[kWarps];
   acc = MODE == kSumExp ? warp_sum(acc) : warp_max(acc);
