@@ -9,7 +9,8 @@ are large (peaked attention).
 
 Backward, from lse (P = exp(S - lse) is recomputed per tile):
 
-* ``delta`` kernel: delta_i = dout_i . out_i (float32), read once instead of per tile pair;
+* delta_i = dout_i . out_i (float32), once per row instead of per tile pair: by the ``delta`` kernel in the
+  atomic scheme, by the ``dq`` kernel for its own rows in the deterministic one (which runs it first);
 * ``dkdv`` kernel: one program per key tile walks every query tile and accumulates dk, dv in registers;
   with ``ATOMIC_DQ`` it also adds its dq share into a float32 buffer with atomics (FlashAttention-2's
   scheme: 5 matmuls per tile pair, but the order of the additions, hence the bits of dq, vary run to run);
@@ -358,16 +359,20 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, start, en
 
 
 @triton.jit
-def _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, skn, svn, sdqn, start_m,
-             N_Q, N_KV, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+def _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, son, skn, svn, sdqn,
+             start_m, N_Q, N_KV, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
-    """dq of query rows [start_m, start_m + BLOCK_M) of one (batch, head), from every key."""
+    """dq of query rows [start_m, start_m + BLOCK_M) of one (batch, head), from every key; also writes their
+    delta = dout . out (float32), which the dkdv kernel reads next (the deterministic scheme runs this pass
+    first, so it needs no delta kernel of its own)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
     do = _load_rows(do_base, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, True)
+    o = _load_rows(o_base, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # padded rows: 0
+    tl.store(delta_row + offs_m, delta, mask=offs_m < N_Q)
     lse = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf"))
-    delta = tl.load(delta_row + offs_m, mask=offs_m < N_Q, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, 0, n_full, N_KV, scale,
@@ -378,8 +383,8 @@ def _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, 
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sob, soh, son, sdqb, sdqh, sdqn,
                    H, N_Q, N_KV, scale,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
@@ -388,17 +393,18 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     b = tl.program_id(2).to(tl.int64)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
+    o_base = O + b * sob + h * soh
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq_base = DQ + b * sdqb + h * sdqh
     lse_row = LSE + (b * H + h) * N_Q
     delta_row = DELTA + (b * H + h) * N_Q
     if TAIL_M < BLOCK_M and start_m + BLOCK_M > N_Q:  # the partial last query tile, in a TAIL_M-row tile
-        _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, skn, svn, sdqn,
-                 start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N)
+        _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, son, skn, svn,
+                 sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N)
     else:
-        _dq_rows(q_base, do_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, skn, svn, sdqn,
-                 start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N)
+        _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, son, skn, svn,
+                 sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -490,25 +496,23 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     dev = q.device
     cx = dict(HEAD_DIM=D, D_PAD=d_pad(D))
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
-    _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
-        out, dout, delta, *_strides3(out), *_strides3(dout), H, NQ, BLOCK_M=DELTA_BLOCK, **cx)
+    common = (H, NQ, NK, float(scale))
+    if deterministic:  # the dq pass first: it writes delta as it goes
+        dq = dq_acc = torch.empty(q.shape, dtype=q.dtype, device=dev)  # dq_acc: unused without ATOMIC_DQ
+        _run(_bwd_dq_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
+             (q, k, v, dout, out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
+              *_strides3(out), *_strides3(dq), *common),
+             cx, NQ, NK)
+    else:
+        _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
+            out, dout, delta, *_strides3(out), *_strides3(dout), H, NQ, BLOCK_M=DELTA_BLOCK, **cx)
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-    if deterministic:
-        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-        dq_acc = dq  # unused by the kernel without ATOMIC_DQ
-    else:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
-    common = (H, NQ, NK, float(scale))
     _run(_bwd_dkdv_kernel, lambda t: (cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
          (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
           *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
          dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK)
-    if deterministic:
-        _run(_bwd_dq_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
-             (q, k, v, dout, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
-              *_strides3(dq), *common),
-             cx, NQ, NK)
-    else:
+    if not deterministic:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv
