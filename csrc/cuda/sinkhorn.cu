@@ -81,25 +81,29 @@ __device__ __forceinline__ void loads_done(Batch<3>& b) {
 }
 #undef SEER_F16
 
-// use(load(i)) for i = first, first + step, ... < end, in that order; load returns Vals<W>.
-template <int W, typename Load, typename Use>
+// use(load(i)) for i = first, first + step, ... < end, in that order; load returns Vals<W>. BATCHED = false
+// is the plain loop: the batch holds W x 16 more registers per thread (a step kernel went from about 30 to
+// 57-72), which costs occupancy where a thread has too few steps to fill a batch (see launch_reduce).
+template <int W, bool BATCHED = true, typename Load, typename Use>
 __device__ __forceinline__ void ordered_loop(int first, int end, int step, Load&& load, Use&& use) {
   int i = first;
-  for (; end - i > (kBatch - 1) * step; i += kBatch * step) {
-    Batch<W> b;
+  if constexpr (BATCHED) {
+    for (; end - i > (kBatch - 1) * step; i += kBatch * step) {
+      Batch<W> b;
 #pragma unroll
-    for (int t = 0; t < kBatch; ++t) {
-      const Vals<W> r = load(i + t * step);
+      for (int t = 0; t < kBatch; ++t) {
+        const Vals<W> r = load(i + t * step);
 #pragma unroll
-      for (int w = 0; w < W; ++w) b.v[w][t] = r.x[w];
-    }
-    loads_done(b);
+        for (int w = 0; w < W; ++w) b.v[w][t] = r.x[w];
+      }
+      loads_done(b);
 #pragma unroll
-    for (int t = 0; t < kBatch; ++t) {
-      Vals<W> r;
+      for (int t = 0; t < kBatch; ++t) {
+        Vals<W> r;
 #pragma unroll
-      for (int w = 0; w < W; ++w) r.x[w] = b.v[w][t];
-      use(r);
+        for (int w = 0; w < W; ++w) r.x[w] = b.v[w][t];
+        use(r);
+      }
     }
   }
   for (; i < end; i += step) use(load(i));
@@ -126,7 +130,7 @@ __device__ __forceinline__ void reduce_step(float& acc, bool& bad, float v, floa
 
 // Per-prototype partials over a split of rows: partial[split][k]. One thread per column k, so the
 // loads of a warp are contiguous along k.
-template <typename T, int MODE>
+template <typename T, int MODE, bool BATCHED>
 __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t sk, int B, int K,
                                    const float* __restrict__ m, const float* __restrict__ f,
                                    const float* __restrict__ g, const float* __restrict__ shift, int shift_stride,
@@ -141,7 +145,7 @@ __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t 
   const float fk = MODE == kMaxRaw ? 0.f : f[k];
   const float sh = MODE == kSumExp ? shift[k * shift_stride] : 0.f;
   constexpr int W = MODE == kMaxRaw ? 1 : 2;  // the score, then g_j
-  ordered_loop<W>(
+  ordered_loop<W, BATCHED>(
       j0, j1, 1,
       [&](int j) {
         Vals<W> r;
@@ -154,7 +158,7 @@ __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t 
 }
 
 // Per-sample partials over a split of columns: partial[split][j]; one block per (row, split).
-template <typename T, int MODE>
+template <typename T, int MODE, bool BATCHED>
 __global__ void reduce_cols_kernel(const T* __restrict__ s, int64_t sb, int64_t sk, int B, int K,
                                    const float* __restrict__ m, const float* __restrict__ f,
                                    const float* __restrict__ g, const float* __restrict__ shift, int shift_stride,
@@ -167,7 +171,7 @@ __global__ void reduce_cols_kernel(const T* __restrict__ s, int64_t sb, int64_t 
   float acc = reduce_init<MODE>();
   bool bad = false;
   constexpr int W = MODE == kMaxRaw ? 1 : 3;  // the score, then m_k and f_k
-  ordered_loop<W>(
+  ordered_loop<W, BATCHED>(
       k0 + static_cast<int>(threadIdx.x), k1, static_cast<int>(blockDim.x),
       [&](int k) {
         Vals<W> r;
@@ -366,16 +370,20 @@ void launch_reduce(const at::Tensor& s, const float* m, const float* f, const fl
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, lines}, s.options().dtype(at::kFloat));
   float* pp = splits == 1 ? out : partial.data_ptr<float>();
+  // Batched loads pay off where each thread has at least two batches of steps (rows for dim 0, columns
+  // strided by the block for dim 1); below that the plain loop keeps the occupancy.
+  const int steps_per_thread = dim == 0 ? per_split : (per_split + kThreads - 1) / kThreads;
+  const bool batched = steps_per_thread >= 2 * kBatch;
   dispatch_dtype(s, [&](auto* sp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
     if (dim == 0) {
       dim3 grid(line_blocks, splits);
-      reduce_rows_kernel<T, MODE><<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, shift, shift_stride,
-                                                                eps, per_split, pp);
+      auto kernel = batched ? reduce_rows_kernel<T, MODE, true> : reduce_rows_kernel<T, MODE, false>;
+      kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, shift, shift_stride, eps, per_split, pp);
     } else {
       dim3 grid(B, splits);
-      reduce_cols_kernel<T, MODE><<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, shift, shift_stride,
-                                                                eps, per_split, pp);
+      auto kernel = batched ? reduce_cols_kernel<T, MODE, true> : reduce_cols_kernel<T, MODE, false>;
+      kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, shift, shift_stride, eps, per_split, pp);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
