@@ -101,8 +101,15 @@ def compare_gpu_time(fns: dict, device: str, **kwargs) -> dict[str, Timing]:
     """:func:`compare` of the GPU work alone where it can be had: on a GPU each callable runs as a CUDA-graph
     replay (one that cannot be captured runs eagerly). For choosing between kernel variants whose eager
     calls are bound by host time, where every variant would time the same launch overhead."""
-    gpu = device.startswith("cuda")
-    runs = {name: (cuda_graphed(fn) or fn) if gpu else fn for name, fn in fns.items()}
+    runs = dict(fns)
+    if device.startswith("cuda"):
+        graphs = {name: cuda_graphed(fn) for name, fn in fns.items()}
+        failed = sorted(name for name, g in graphs.items() if g is None)
+        if failed:  # one eager time among replays would compare host time with GPU time: all run eagerly
+            print(f"compare_gpu_time: {failed} cannot be captured in a CUDA graph; timing every callable eagerly")
+        else:
+            runs = graphs
+        del graphs
     try:
         return compare(runs, device, **kwargs)
     finally:

@@ -67,7 +67,8 @@ class Tile:
     """Launch shape of one kernel: BLOCK_M query rows x BLOCK_N key rows per tile.
 
     ``split_tail``: the partial last tile on each axis runs as a smaller tile (see ``tail_block``) instead of
-    a padded full one. Tables written before it existed hold 4-element lists, read as split_tail=True.
+    a padded full one. Selector tables written before it existed hold 4-element lists; the selector runs
+    those without the split, as they were measured (seer_kernels/ops/attention.py ``_tile``).
     """
 
     block_m: int
@@ -75,6 +76,9 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 2
     split_tail: bool = True
+
+    def __post_init__(self):  # from a table's 0/1: a bool, so that equal tiles print and compare alike
+        object.__setattr__(self, "split_tail", bool(self.split_tail))
 
     def as_list(self) -> list[int]:
         return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail)]
@@ -86,9 +90,10 @@ class Tile:
 # bench/results/nvidia-h200-attention-sweep.json): the first of each was the fastest at one of the measured
 # shapes (ViT-10B/TP4 for the 128 class, ViT-L or local crops for the 64 class), the others at another shape
 # or close behind; the benchmark times them all per shape and the selector table keeps the fastest.
-# Every entry compiles for sm_90 within 180 KB of shared memory at bf16/fp16 and spills at most 48 bytes per
+# Every entry compiles for sm_90 within 180 KB of shared memory at bf16/fp16 and spills at most 64 bytes per
 # thread (python -m bench.attention_compile prints both): the fastest dkdv tile at 128-wide heads,
-# (32, 64, 4 warps), spills 24 bytes with dq atomics (48 at D = 80) and was still the fastest measured.
+# (32, 64, 4 warps), spills 24 bytes with dq atomics (48 at D = 80, up to 64 with a 32-row tail tile) and
+# was still the fastest measured.
 # The 64-row query tiles map onto Hopper's 64-row wgmma.
 # Every tile splits its tail (tail_block) except the last entry of the 64 and 128 classes: the default tile
 # without the split, so that the GPU benchmark times the split against the tiles measured before it, in the
@@ -127,7 +132,7 @@ def tail_block(n: int, block: int, split: bool = True) -> int:
     matrix does 272 x 272 instead of 320 x 288 (89 % useful instead of 72 %); at N = 197 with 64 x 32 tiles,
     208 x 208 instead of 256 x 224. Correctness does not depend on the value (the tail loops are masked and
     step by it); only the work does. It is a constexpr, so each distinct value is its own compiled variant
-    (at most log2(block) - 3 of them per tile).
+    (at most log2(block) - 3 values per axis, so up to 9 variants of a 128 x 128 tile).
     """
     rem = n % block
     if not split or rem == 0:

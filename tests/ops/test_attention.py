@@ -276,7 +276,9 @@ def _tile_classes():
 
 # (Nq, Nkv) for the candidate-tile test. With the default tiles, (65, 81) and (81, 65) leave 1 or 17 rows
 # after the full tiles: tail tiles of 16 and 32 rows on every axis that has one (test_tail_block checks it).
-TILE_SHAPES = ((70, 45), (65, 81), (81, 65)) if TRITON_DEV == "cpu" else ((197, 257), (257, 197))
+# On a GPU (compiled layouts, which the interpreter does not exercise): 16-row tails at 197 and 257, 32-row
+# ones at 145, and a 64-row tail of the 128-row tiles at 161.
+TILE_SHAPES = ((70, 45), (65, 81), (81, 65)) if TRITON_DEV == "cpu" else ((197, 257), (257, 197), (145, 161))
 
 
 def test_tail_block():
@@ -292,6 +294,45 @@ def test_tail_block():
                 got = {tri.tail_block(n, block) for n in (65, 81)}
                 assert got & {16} and (block == 32 or got & {32}), (t, block, got)
             assert not table[cls][-1].split_tail and tri.Tile(*table[cls][-1].as_list()) == table[cls][-1]
+
+
+def test_launchers_pass_the_tail_tiles(monkeypatch):
+    """The launchers hand each kernel the tail sizes of its own axes (queries and keys), and the full block
+    where a tile does not split: what the kernels then compute is checked by the tests around this one."""
+    from seer_kernels.triton import attention as tri
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.name, grid, kw))
+
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel"):
+        monkeypatch.setattr(tri, name, Recorder(name))
+    q = torch.zeros(2, 3, 257, 64)
+    k = v = torch.zeros(2, 3, 145, 64)
+    lse = torch.zeros(2, 3, 257)
+    for split in (True, False):
+        launches.clear()
+        fwd, dkdv, dq = tri.Tile(64, 32, 4, 3, split), tri.Tile(32, 64, 4, 2, split), tri.Tile(64, 16, 4, 3, split)
+        tri.attention_fwd(q, k, v, 0.1, fwd)
+        tri.attention_bwd(q, q, k, v, q, lse, 0.1, True, dkdv, dq)
+        got = {name: (grid, kw["TAIL_M"], kw["TAIL_N"]) for name, grid, kw in launches if "TAIL_M" in kw}
+        # 257 = 4 x 64 + 1 = 8 x 32 + 1; 145 = 2 x 64 + 17 = 4 x 32 + 17 = 9 x 16 + 1
+        assert got["_fwd_kernel"] == ((5, 3, 2), 16 if split else 64, 32)
+        assert got["_bwd_dkdv_kernel"] == ((3, 3, 2), 16 if split else 32, 32 if split else 64)
+        assert got["_bwd_dq_kernel"] == ((5, 3, 2), 16 if split else 64, 16)
+
+
+def test_tables_written_before_the_split_keep_their_tiles():
+    """4-element tile lists (recorded before tail tiles existed) run as measured, without the split."""
+    from seer_kernels.ops import attention as ops
+    assert ops._tile({"tiles": {"fwd": [64, 32, 4, 3]}}, "fwd").split_tail is False
+    assert ops._tile({"tiles": {"fwd": [64, 32, 4, 3, 1]}}, "fwd").split_tail is True
+    assert ops._tile({"tiles": {"fwd": [64, 32, 4, 3, 0]}}, "fwd").split_tail is False
+    assert ops._tile({"tiles": {}}, "fwd") is None and ops._tile(None, "fwd") is None
 
 
 @pytest.mark.triton
@@ -338,10 +379,14 @@ def test_triton_deterministic_mode_repeats_bits():
 def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile):
     """Without a GPU: the default tiles compiled for sm_90. Catches what only a GPU run would otherwise show:
     compile errors, shared memory beyond the H100's 227 KB, register spills beyond the budget of
-    bench.attention_compile (48 bytes: the fastest dkdv tile measured spills 24-48; real register pressure
-    spills hundreds). python -m bench.attention_compile checks every candidate tile."""
-    out = sm90_compile("bench.attention_compile", "--head-dims", "80", "128", "--dtypes", "bf16", "--defaults-only")
-    assert "10 variants, 0 failures" in out, out
+    bench.attention_compile (64 bytes: the fastest dkdv tile measured spills 24-64 with atomic dq, depending on
+    the head dim and the tail tile; real register pressure spills hundreds). python -m bench.attention_compile
+    checks every candidate tile."""
+    # N = 257 leaves 16-row tail tiles, N = 145 32-row ones (the largest split tails of the 64-row tiles).
+    for n in ("257", "145"):
+        out = sm90_compile("bench.attention_compile", "--head-dims", "80", "128", "--dtypes", "bf16",
+                           "--defaults-only", "--seq-len", n)
+        assert "10 variants, 0 failures" in out, (n, out)
 
 
 @pytest.mark.cuda
@@ -750,7 +795,7 @@ def test_selector_follows_the_table(fake_gpu):
 def test_selector_rows_pass_their_tiles_and_scheme(monkeypatch):
     from seer_kernels.triton import attention as tri
     row = _row(257, bwd_scheme="deterministic",
-               tiles=dict(fwd=[64, 32, 4, 3], dkdv=[32, 128, 8, 2], dq=[128, 32, 8, 2]))
+               tiles=dict(fwd=[64, 32, 4, 3, 1], dkdv=[32, 128, 8, 2, 0], dq=[128, 32, 8, 2]))
     monkeypatch.setattr(ops, "evidence", lambda where, d, nq, nkv: row if (d, nq, nkv) == (128, 257, 257) else None)
     calls = {}
     monkeypatch.setattr(tri, "attention_fwd", lambda *a, **kw: calls.setdefault("fwd", kw))
@@ -761,7 +806,8 @@ def test_selector_rows_pass_their_tiles_and_scheme(monkeypatch):
     assert calls["fwd"]["tile"] == tri.Tile(64, 32, 4, 3)
     args, kw = calls["bwd"]
     assert args[7] is True  # the row measured the deterministic scheme faster: it is the default there
-    assert kw["dkdv_tile"] == tri.Tile(32, 128, 8, 2) and kw["dq_tile"] == tri.Tile(128, 32, 8, 2)
+    assert kw["dkdv_tile"] == tri.Tile(32, 128, 8, 2, split_tail=False)
+    assert kw["dq_tile"] == tri.Tile(128, 32, 8, 2, split_tail=False)  # a 4-element list: as measured
     calls.clear()
     q = torch.empty(1, 1, 50, 128)  # no row: default tiles, atomic dq unless asked
     ops._triton_fwd(q, q, q, 0.1)
