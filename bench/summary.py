@@ -39,7 +39,9 @@ def main(out_dir: str) -> int:
     bench = out / "bench.json"
     print(f"benchmarks: rc {_read(out / 'bench.rc')}")
     if bench.exists():
-        print(json.loads(bench.read_text())["table"])
+        data = json.loads(bench.read_text())
+        print(data["table"])
+        _tail_tiles(data["rows"])
     else:
         print("  no benchmark JSON")
     sweep = out / "sweep.json"
@@ -54,6 +56,24 @@ def main(out_dir: str) -> int:
         print("\n".join(line for line in profile.read_text().splitlines() if " host " in line))
     print("=" * 100)
     return 0
+
+
+def _tail_tiles(rows: list) -> None:
+    """Each attention candidate with split tail tiles against its unsplit twin (``candidate_us`` of the
+    ``-fwd`` and ``-fwdbwd`` rows: GPU time, same run)."""
+    lines = []
+    for row in rows:
+        if row.get("op") != "attention" or row.get("mode") not in ("fwd", "fwdbwd"):
+            continue
+        cands = row.get("candidate_us") or {}
+        for key, us in cands.items():
+            twin = key.replace(", 1]", ", 0]")
+            if twin != key and twin in cands:
+                lines.append(f"  {row['case'][:-len(row['mode']) - 1]:32s} {key:52s} split {us:8.1f} us, unsplit "
+                             f"{cands[twin]:8.1f} us: {cands[twin] / us:.2f}x")
+    if lines:
+        print("attention tail tiles (GPU time of each candidate; >1x: the split is faster):")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
