@@ -11,6 +11,8 @@ std::ostream::_M_insert<long> inside seer_kernels/_C.abi3.so, where a normal bui
 libstdc++.so.6 (``nm -C _C.abi3.so | grep _M_insert`` shows ``U`` here): that toolchain put a private copy
 of libstdc++'s number formatting into the extension, which crashes against the process's own libstdc++.
 This script prints that symbol check too, and the native frames of a crash (cuda-gdb, where installed).
+Since then the checks format their messages without streams (csrc/include/seer/message.h); the symbol check
+still warns about a private copy, which other (internal) error paths of torch's inline code could reach.
 """
 from __future__ import annotations
 

@@ -351,7 +351,7 @@ void dispatch_dtype(const at::Tensor& s, Fn&& fn) {
     case at::kFloat: fn(s.data_ptr<float>()); break;
     case at::kBFloat16: fn(reinterpret_cast<const __nv_bfloat16*>(s.data_ptr<at::BFloat16>())); break;
     case at::kHalf: fn(reinterpret_cast<const __half*>(s.data_ptr<at::Half>())); break;
-    default: TORCH_CHECK_VALUE(false, "argument 'scores': unsupported dtype ", s.scalar_type());
+    default: SEER_CHECK_ARG(false, "scores", "unsupported dtype ", s.scalar_type());
   }
 }
 

@@ -2,9 +2,15 @@
 // these keep the native ops safe when called directly through torch.ops.seer_C.
 #pragma once
 
-#include <c10/util/Exception.h>
+#include "seer/message.h"
 
-#define SEER_CHECK_ARG(cond, name, ...) TORCH_CHECK_VALUE((cond), "argument '", name, "': ", __VA_ARGS__)
+// ValueError "argument '<name>': <message parts>" unless cond; the parts are formatted without C++ streams
+// (seer/message.h says why).
+#define SEER_CHECK_ARG(cond, name, ...)                                                               \
+  do {                                                                                                \
+    if (C10_UNLIKELY(!(cond))) ::seer::msg::throw_value_error(::seer::msg::cat("argument '", name, "': ", \
+                                                                               __VA_ARGS__));         \
+  } while (0)
 
 #define SEER_CHECK_DEVICE(t, name, dev)                                                         \
   SEER_CHECK_ARG((t).device().type() == (dev), name, "expected a tensor on ", (dev), ", got ", \
