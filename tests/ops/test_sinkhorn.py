@@ -279,6 +279,30 @@ def test_native_ops_check_their_arguments():
         ops.sinkhorn_sumexp(torch.randn(3, 4), z, z, torch.zeros(3), 0.05, 0, torch.zeros(7))
 
 
+@pytest.mark.ext
+def test_native_messages_format_every_kind_of_value():
+    """The checks format their messages without C++ streams (csrc/include/seer/message.h): integers, sizes,
+    floats (as %g, like an ostream) and dtypes must still read as torch prints them. (Devices go through
+    libc10's Device::str(); a wrong-device call of a CPU op never reaches it here, dispatch picks the device.)"""
+    ops = torch.ops.seer_C
+    cases = [
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3, 4), 0.05, 3),
+         "argument 'scores': expected a 2-D tensor, got 3-D"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(0, 3), 0.05, 3),
+         "argument 'scores': expected a non-empty matrix, got [0, 3]"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3, dtype=torch.float64), 0.05, 3), "got Double"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), -1e-7, 3), "expected a finite value > 0, got -1e-07"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), -2.5, 3), "expected a finite value > 0, got -2.5"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), 0.05, -4), "argument 'iterations': expected >= 1, got -4"),
+        (lambda: ops.sinkhorn_sumexp(torch.zeros(2, 3), torch.zeros(3), torch.zeros(3), torch.zeros(2), 0.05, 0,
+                                     torch.zeros(5, 1)), "expected a scalar tensor or 3 values, got shape [5, 1]"),
+    ]
+    for call, want in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert want in str(info.value), (want, str(info.value))
+
+
 # ---- dispatch -------------------------------------------------------------------------------------
 
 def test_forced_backend_refusal_lists_every_backend(monkeypatch):
