@@ -215,3 +215,17 @@ class Dispatcher:
             log.info("seer_kernels.%s on %s/%s: using backend %s (%s)", self.op, device.type,
                      str(dtype).replace("torch.", ""), backend.name, how)
         return backend
+
+
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """True when nothing traces or intercepts this call: plain tensors, no compile, no dispatch or function
+    mode, no functorch transform (vmap, grad). Only then may an op's public function skip its custom op
+    (torch.library's per-call wrapper) and run the selected backend directly."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or any(type(t) is not torch.Tensor for t in tensors):
+        return False
+    try:  # private probes; where a torch version lacks one, the op path is the safe answer
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+        return not (torch._C._are_functorch_transforms_active() or torch._C._is_torch_function_mode_enabled()
+                    or _get_current_dispatch_mode() is not None)
+    except (AttributeError, ImportError):  # pragma: no cover
+        return False

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backend import Backend, Dispatcher, triton_unavailable_reason
+from .._backend import Backend, Dispatcher, plain_eager, triton_unavailable_reason
 from ..reference import attention as ref
 from . import attention_table
 
@@ -325,7 +325,7 @@ class _EagerAttention(torch.autograd.Function):
     against 0.3 ms for the same kernels called directly (the forward alone 0.23 ms against 0.10 ms), several
     times what the kernels take at ViT shapes; cProfile put the difference in torch.library's per-call
     wrapper (bench/results/nvidia-h200-profile.txt). Plain eager calls take this path; anything that traces
-    or intercepts the call goes through the ops, which it understands (see :func:`_plain_eager`).
+    or intercepts the call goes through the ops, which it understands (see ``_backend.plain_eager``).
     """
 
     @staticmethod
@@ -345,19 +345,6 @@ class _EagerAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.impl.bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic)
         return dq, dk, dv, None, None, None
-
-
-def _plain_eager(*tensors: Tensor) -> bool:
-    """True when nothing traces or intercepts this call: plain tensors, no compile, no dispatch or function
-    mode, no functorch transform (vmap, grad). Only then may the op be bypassed."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or any(type(t) is not Tensor for t in tensors):
-        return False
-    try:  # private probes; where a torch version lacks one, the op path is the safe answer
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-        return not (torch._C._are_functorch_transforms_active() or torch._C._is_torch_function_mode_enabled()
-                    or _get_current_dispatch_mode() is not None)
-    except (AttributeError, ImportError):  # pragma: no cover
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,7 +375,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     backend = DISPATCH.select(q.device, q.dtype, **_info(q, k, grad=grad, deterministic=det, in_op=False))
     if backend.name == "sdpa":
         return backend.impl.attention(q, k, v, scale)
-    if _plain_eager(q, k, v):
+    if plain_eager(q, k, v):
         return _EagerAttention.apply(q, k, v, scale, det, backend)
     out, _ = torch.ops.seer.attention_fwd(q, k, v, scale, det, backend.name)
     return out

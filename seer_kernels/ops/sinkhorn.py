@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _native
-from .._backend import Backend, Dispatcher, triton_unavailable_reason
+from .._backend import Backend, Dispatcher, plain_eager, triton_unavailable_reason
 from ..reference import sinkhorn as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -151,6 +151,8 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     data_size = dist.get_world_size(group) if group is not None else 1
     proto_size = dist.get_world_size(prototype_group) if prototype_group is not None else 1
     if data_size == 1 and proto_size == 1:
+        if plain_eager(scores):  # the selected backend directly, without torch.library's per-call wrapper
+            return _impl(scores).fused(scores, float(epsilon), int(iterations))
         return torch.ops.seer.sinkhorn(scores, float(epsilon), int(iterations))
     comm = ref.SinkhornComm(
         data_size, proto_size,

@@ -373,6 +373,24 @@ def test_compiles_fullgraph():
     assert max_abs_err(got, want) <= 1e-5
 
 
+def test_plain_eager_calls_skip_the_op_with_the_same_bits(monkeypatch):
+    """A plain call runs the selected backend directly (no torch.library wrapper); anything that traces or
+    intercepts it (here FakeTensor and a dispatch mode) gets the custom op. Both give the same result."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from seer_kernels.ops import sinkhorn as ops
+    s = cosine_scores(24, 40)
+    direct = seer_kernels.sinkhorn(s, 0.05, 3)
+    with FlopCounterMode(display=False):
+        via_op = seer_kernels.sinkhorn(s, 0.05, 3)
+    assert torch.equal(direct, via_op)
+    with FakeTensorMode() as mode:
+        assert seer_kernels.sinkhorn(mode.from_tensor(s), 0.05, 3, check_finite=False).shape == s.shape
+    seen = []
+    monkeypatch.setattr(ops, "plain_eager", lambda *t: seen.append(1) or False)
+    assert torch.equal(seer_kernels.sinkhorn(s, 0.05, 3), direct) and seen == [1]
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture():
     s = cosine_scores(32, 3000, device="cuda")
