@@ -49,15 +49,22 @@ def status() -> str:
     return _REASON
 
 
+_FOUND: set = set()  # (op, dispatch key) pairs seen registered: the extension never unregisters a kernel
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``seer_C::<op>`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     if not _LOADED:
         return False
-    name = f"seer_C::{op}"
+    if (op, dispatch_key) in _FOUND:  # the dispatcher query costs ~2 us, on every op call's backend choice
+        return True
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"seer_C::{op}", dispatch_key)
     except RuntimeError:  # schema not registered at all
         return False
+    if found:
+        _FOUND.add((op, dispatch_key))
+    return found
 
 
 def unavailable_reason(op: str, dispatch_key: str) -> str | None:
