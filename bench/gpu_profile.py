@@ -146,7 +146,11 @@ def sinkhorn_cases(iters: int) -> list:
             except Exception as exc:  # report and go on
                 print(f"sinkhorn {b}x{k} {name}: {str(exc).splitlines()[0][:100]}")
         if b == 32:
-            python_profile(f"sinkhorn {b}x{k} it3 cuda, check_finite=False", cases["cuda, check_finite=False"], iters)
+            try:
+                python_profile(f"sinkhorn {b}x{k} it3 cuda, check_finite=False", cases["cuda, check_finite=False"],
+                               iters)
+            except Exception as exc:  # e.g. no CUDA backend (a failed build): the attention cases still run
+                print(f"sinkhorn {b}x{k} cProfile: {str(exc).splitlines()[0][:100]}")
     return out
 
 

@@ -104,7 +104,7 @@ def compare_gpu_time(fns: dict, device: str, **kwargs) -> dict[str, Timing]:
     runs = dict(fns)
     if device.startswith("cuda"):
         graphs = {name: cuda_graphed(fn) for name, fn in fns.items()}
-        failed = sorted(name for name, g in graphs.items() if g is None)
+        failed = sorted(str(name) for name, g in graphs.items() if g is None)  # names may be Tiles, unordered
         if failed:  # one eager time among replays would compare host time with GPU time: all run eagerly
             print(f"compare_gpu_time: {failed} cannot be captured in a CUDA graph; timing every callable eagerly")
         else:

@@ -6,8 +6,9 @@
 // extension, and every argument error then died with SIGSEGV against the process's libstdc++ while
 // formatting its first integer (bench/results/nvidia-h200-native-errors.txt). Here numbers go through
 // std::to_string / snprintf and torch types through their own libc10 string functions, and the check
-// macros hand c10 one finished std::string, which c10 passes on without a stream: no stream code of ours
-// runs on an error path, whatever compiler built us.
+// macros hand c10 one finished C string, which it passes on without a stream: no stream code of ours runs
+// on an argument-error path, whatever compiler built us (checked with objdump on this build). Types with no
+// put() overload (bool, char, other enums) do not compile, rather than print differently from c10.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -24,7 +25,6 @@ namespace seer::msg {
 
 inline void put(std::string& s, const char* v) { s += v; }
 inline void put(std::string& s, const std::string& v) { s += v; }
-inline void put(std::string& s, bool v) { s += v ? "true" : "false"; }
 template <typename T,
           std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool> && !std::is_same_v<T, char>, int> = 0>
 inline void put(std::string& s, T v) {
@@ -55,7 +55,11 @@ std::string cat(const Args&... args) {
   return s;
 }
 
-// ValueError with a finished message (one std::string argument: c10 formats nothing).
-[[noreturn]] inline void throw_value_error(const std::string& message) { TORCH_CHECK_VALUE(false, message); }
+// ValueError with a finished message. Passed as one C string: c10 hands that on as it is, where a
+// std::string argument would go through c10::str's generic (ostringstream) path, compiled into this
+// extension like any template.
+[[noreturn]] inline void throw_value_error(const std::string& message) {
+  TORCH_CHECK_VALUE(false, message.c_str());
+}
 
 }  // namespace seer::msg
