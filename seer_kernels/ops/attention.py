@@ -399,6 +399,8 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, deterministic: Optional[bool] = 
 
 
 def _validate(q, k, v) -> None:
+    if _plainly_valid(q, k, v):
+        return
     tensors = (("q", q), ("k", k), ("v", v))
     for name, t in tensors:
         if not isinstance(t, Tensor):
@@ -426,6 +428,19 @@ def _validate(q, k, v) -> None:
                                  f"{q.shape[dim]}; expected q (B, H, Nq, D) and k, v (B, H, Nkv, D)")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"attention: argument 'v' has {v.shape[2]} keys (dim 2) but 'k' has {k.shape[2]}")
+
+
+def _plainly_valid(q, k, v) -> bool:
+    """The common case of :func:`_validate` in one pass (it runs on every call: about 5 µs of Python for the
+    checks one by one on the 2-core CPU); False sends the inputs through the checks that name the problem.
+    Accepts nothing that those checks refuse."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    dt = q.dtype
+    return (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and dt in DTYPES and k.dtype == dt and v.dtype == dt
+            and qs[0] == ks[0] == vs[0] and qs[1] == ks[1] == vs[1] and qs[3] == ks[3] == vs[3]
+            and ks[2] == vs[2] and 0 not in qs and ks[2] != 0 and k.device == q.device and v.device == q.device)
 
 
 def _scale(scale, head_dim: int) -> float:
