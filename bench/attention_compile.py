@@ -52,15 +52,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq_len: int = 257):
     """``seq_len`` sets the tail tiles (``tri.tail_block``); 257 leaves one row, so both paths compile."""
-    cx = dict(constexprs)
-    params = inspect.signature(fn.fn).parameters
-    if "BLOCK_M" in params:
-        cx["BLOCK_M"] = tile.block_m
-    if "BLOCK_N" in params:
-        cx["BLOCK_N"] = tile.block_n
-    if "TAIL_M" in params:
-        cx["TAIL_M"] = tri.tail_block(seq_len, tile.block_m, tile.split_tail)
-        cx["TAIL_N"] = tri.tail_block(seq_len, tile.block_n, tile.split_tail)
+    params = inspect.signature(fn.fn).parameters  # the delta kernel takes BLOCK_M only
+    cx = dict(constexprs, **{k: v for k, v in tile.constexprs(seq_len, seq_len).items() if k in params})
     sig, attrs = _signature(fn, dtype, cx)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}

@@ -83,6 +83,11 @@ class Tile:
     def as_list(self) -> list[int]:
         return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail)]
 
+    def constexprs(self, n_q: int, n_kv: int) -> dict:
+        """The kernels' tile constexprs for an Nq x Nkv pass: block sizes and tail sizes (``tail_block``)."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, TAIL_M=tail_block(n_q, self.block_m, self.split_tail),
+                    TAIL_N=tail_block(n_kv, self.block_n, self.split_tail))
+
 
 # Candidate tiles per padded head dim (the first is the default when the selector table has no entry).
 # dkdv programs own BLOCK_N keys and walk queries BLOCK_M at a time; dq programs own BLOCK_M queries.
@@ -445,10 +450,8 @@ def _run(kernel, grid_of, tiles: Sequence[Tile], args: tuple, constexprs: dict, 
     errors = []
     for tile in tiles:
         try:
-            kernel[grid_of(tile)](*args, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                                  TAIL_M=tail_block(n_q, tile.block_m, tile.split_tail),
-                                  TAIL_N=tail_block(n_kv, tile.block_n, tile.split_tail),
-                                  num_warps=tile.num_warps, num_stages=tile.num_stages, **constexprs)
+            kernel[grid_of(tile)](*args, **tile.constexprs(n_q, n_kv), num_warps=tile.num_warps,
+                                  num_stages=tile.num_stages, **constexprs)
             return tile
         except _OUT_OF_RESOURCES as exc:  # a tile too big for this GPU: try the next candidate
             errors.append(f"{tile}: {exc}")
