@@ -35,7 +35,9 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     params = list(inspect.signature(fn.fn).parameters)
     sig, attrs = {}, {}
     for i, name in enumerate(params):
-        if name in constexprs:
+        if name == "DQ_DESC" and constexprs.get("DQ_TMA"):  # what a launch with a TensorDescriptor compiles
+            sig[name] = f"tensordesc<fp32[1,{constexprs['BLOCK_M']},{constexprs['D_PAD']}]>"
+        elif name in constexprs:
             sig[name] = "constexpr"
         elif name[0].isupper() and name not in ("H", "N_Q", "N_KV"):
             sig[name] = "*fp32" if name in ("LSE", "DELTA", "DQ_ACC") and not (
@@ -61,9 +63,12 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
 
 
 def variants(head_dims, dtypes, defaults_only=False):
-    """(name, kernel, head dim, dtype, constexprs, tile) for every candidate (or only the default) tile."""
+    """(name, kernel, head dim, dtype, constexprs, tile) for every candidate tile, or only the default ones
+    (the first of each table, and the first ``dq_tma`` dkdv tile)."""
     def tiles(table, cls):
-        return table[cls][:1] if defaults_only else table[cls]
+        if not defaults_only:
+            return table[cls]
+        return list(table[cls][:1]) + [t for t in table[cls] if t.dq_tma][:1]
 
     for d in head_dims:
         cls = tri.tile_class(d)
@@ -73,8 +78,12 @@ def variants(head_dims, dtypes, defaults_only=False):
             for tile in tiles(tri.FWD_TILES, cls):
                 yield "fwd", tri._fwd_kernel, d, dt, base, tile
             for tile in tiles(tri.DKDV_TILES, cls):
-                yield "dkdv+atomic", tri._bwd_dkdv_kernel, d, dt, dict(base, ATOMIC_DQ=True), tile
-                yield "dkdv", tri._bwd_dkdv_kernel, d, dt, dict(base, ATOMIC_DQ=False), tile
+                if tile.dq_tma:  # only the atomic scheme reads the flag; the deterministic kernel is the same
+                    yield "dkdv+tma", tri._bwd_dkdv_kernel, d, dt, dict(base, ATOMIC_DQ=True, DQ_TMA=True), tile
+                    continue
+                plain = dict(base, DQ_TMA=False, DQ_DESC=None)
+                yield "dkdv+atomic", tri._bwd_dkdv_kernel, d, dt, dict(plain, ATOMIC_DQ=True), tile
+                yield "dkdv", tri._bwd_dkdv_kernel, d, dt, dict(plain, ATOMIC_DQ=False), tile
             for tile in tiles(tri.DQ_TILES, cls):
                 yield "dq", tri._bwd_dq_kernel, d, dt, base, tile
 

@@ -141,9 +141,23 @@ def _sweep(device, q, k, v, dout, want_out, cls):
     from seer_kernels.triton import attention as tri
     scale = 1 / math.sqrt(q.shape[-1])
     qd, kd, vd = (t.detach() for t in (q, k, v))
+    failed = {}
+
+    def first_call(label, fn):
+        """fn(), or None where this candidate fails to compile or launch (reported in the rows, not timed;
+        a wrong result still fails the benchmark)."""
+        try:
+            return fn()
+        except Exception as exc:  # e.g. a Triton without some feature a candidate uses
+            failed[label] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            return None
+
     fns = {}
     for tile in tri.FWD_TILES[cls]:
-        out, _ = tri.attention_fwd(qd, kd, vd, scale, tile)
+        got = first_call(f"fwd {tile.as_list()}", lambda: tri.attention_fwd(qd, kd, vd, scale, tile))
+        if got is None:
+            continue
+        out = got[0]
         err = max_abs_err(out, want_out)
         assert err < 3e-2, f"fwd tile {tile} is wrong: max error {err:.3g} against float32 math"
         fns[tile] = lambda tile=tile: tri.attention_fwd(qd, kd, vd, scale, tile)
@@ -153,18 +167,21 @@ def _sweep(device, q, k, v, dout, want_out, cls):
     out, lse = tri.attention_fwd(qd, kd, vd, scale, fwd)
     ref_grads = tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, True)
     fns = {}
-    for dkdv, dq in zip(tri.DKDV_TILES[cls], tri.DQ_TILES[cls]):
-        for det in (False, True):
-            got = tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq)
-            err = max(max_abs_err(a, b) / max(1.0, float(b.abs().max())) for a, b in zip(got, ref_grads))
-            assert err < 3e-2, f"bwd tiles {dkdv}, {dq} (deterministic={det}) disagree: {err:.3g}"
-            fns[(det, dkdv, dq)] = (lambda det=det, dkdv=dkdv, dq=dq:
-                                    tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq))
+    for det, dkdv, dq in tri.bwd_candidates(cls):
+        got = first_call(f"{'det' if det else 'atomic'} dkdv={dkdv.as_list()} dq={dq.as_list()}",
+                         lambda: tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq))
+        if got is None:
+            continue
+        err = max(max_abs_err(a, b) / max(1.0, float(b.abs().max())) for a, b in zip(got, ref_grads))
+        assert err < 3e-2, f"bwd tiles {dkdv}, {dq} (deterministic={det}) disagree: {err:.3g}"
+        fns[(det, dkdv, dq)] = (lambda det=det, dkdv=dkdv, dq=dq:
+                                tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq))
     t = harness.compare_gpu_time(fns, device, min_time=0.03, max_rounds=15, min_rounds=3)
     atomic = min((x for x in t if not x[0]), key=lambda x: t[x].median_s)
     det = min((x for x in t if x[0]), key=lambda x: t[x].median_s)
     candidate_us["bwd"] = {f"{'det' if x[0] else 'atomic'} dkdv={x[1].as_list()} dq={x[2].as_list()}":
                            t[x].median_s * 1e6 for x in t}
+    candidate_us["failed"] = failed
     return fwd, atomic, det, candidate_us
 
 
@@ -231,14 +248,16 @@ def bench_attention_gpu(bench_record, bench_device, shape):
         fns = {"triton": lambda: triton(False)(qn, kn, vn)}
         fns.update({name: (lambda f=f: f(qn, kn, vn)) for name, f in sdpa.items()})
         with torch.no_grad():
-            run("fwd", fns, "triton", {"tiles": tiles, "candidate_us": candidate_us["fwd"]})
+            run("fwd", fns, "triton", {"tiles": tiles, "candidate_us": candidate_us["fwd"],
+                                       "candidate_failures": candidate_us["failed"]})
         graphed = {"fwd": (fns, tiles)}
         for mode, deterministic, tl_ in (("fwdbwd", False, tiles), ("fwdbwd-det", True, tiles_det)):
             if deterministic:
                 row["tiles"] = tiles_det
             fns = {"triton": lambda dt=deterministic: _fwd_bwd(triton(dt), q, k, v, dout)}
             fns.update({name: (lambda f=f: _fwd_bwd(f, q, k, v, dout)) for name, f in sdpa.items()})
-            run(mode, fns, "triton", {"tiles": tl_, "candidate_us": candidate_us["bwd"]})
+            run(mode, fns, "triton", {"tiles": tl_, "candidate_us": candidate_us["bwd"],
+                                      "candidate_failures": candidate_us["failed"]})
             graphed[mode] = (fns, tl_)
         for mode, (fns, tl_) in graphed.items():
             row["tiles"] = tl_

@@ -89,6 +89,9 @@ def attention_cases(iters: int) -> list:
         cases = {"triton kernels fwd (direct)": lambda: tri.attention_fwd(qd, kd, vd, scale),
                  "triton kernels bwd atomic (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False),
+                 "triton kernels bwd atomic tma-dq (direct)":  # Tile.dq_tma: dq shares by TMA reductions
+                     lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False,
+                                               tri.Tile(32, 64, 4, 2, dq_tma=True)),
                  "triton kernels bwd det (direct)": lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True),
                  "attention() fwd (triton)": op_fwd, "attention() fwd+bwd atomic (triton)": op(False),
                  "attention() fwd+bwd det (triton)": op(True),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -58,21 +59,41 @@ def main(out_dir: str) -> int:
     return 0
 
 
+def _with_flag(key: str, index: int, first_only: bool) -> str:
+    """``key`` with element ``index`` of its tile lists set to 0 (of the first list only: a dkdv tile)."""
+    parts, done = [], False
+    for piece in re.split(r"(\[[\d, ]+\])", key):
+        if piece.startswith("[") and not (first_only and done):
+            tile = [int(x) for x in piece[1:-1].split(",")]
+            if len(tile) > index:
+                tile[index] = 0
+            piece, done = str(tile), True
+        parts.append(piece)
+    return "".join(parts)
+
+
 def _tail_tiles(rows: list) -> None:
-    """Each attention candidate with split tail tiles against its unsplit twin (``candidate_us`` of the
-    ``-fwd`` and ``-fwdbwd`` rows: GPU time, same run)."""
+    """Each attention candidate against its twin without one feature, from the ``candidate_us`` of the
+    ``-fwd`` and ``-fwdbwd`` rows (GPU time, same run): split tail tiles (tile element 4) against the unsplit
+    tile, and dq by TMA reductions (dkdv element 5) against the same dkdv tile with pointer atomics."""
     lines = []
     for row in rows:
         if row.get("op") != "attention" or row.get("mode") not in ("fwd", "fwdbwd"):
             continue
         cands = row.get("candidate_us") or {}
+        case = row["case"][:-len(row["mode"]) - 1]
+        if row["mode"] == "fwd":  # the same failures are in every row of the shape: print them once
+            lines += [f"  {case:32s} {key:64s} FAILED: {why}" for key, why in row.get("candidate_failures", {}).items()]
         for key, us in cands.items():
-            twin = key.replace(", 1]", ", 0]")
-            if twin != key and twin in cands:
-                lines.append(f"  {row['case'][:-len(row['mode']) - 1]:32s} {key:52s} split {us:8.1f} us, unsplit "
-                             f"{cands[twin]:8.1f} us: {cands[twin] / us:.2f}x")
+            # The atomic scheme's candidates share one dq tile (not launched): its twins differ in dkdv only.
+            for what, index, label in (("split", 4, "unsplit"), ("tma dq", 5, "atomics")):
+                twins = [t for t in (_with_flag(key, index, False), _with_flag(key, index, True))
+                         if t != key and t in cands]
+                if twins:
+                    lines.append(f"  {case:32s} {key:64s} {what} {us:8.1f} us, {label} {cands[twins[0]]:8.1f} us: "
+                                 f"{cands[twins[0]] / us:.2f}x")
     if lines:
-        print("attention tail tiles (GPU time of each candidate; >1x: the split is faster):")
+        print("attention tile features (GPU time of each candidate against its twin; >1x: the feature is faster):")
         print("\n".join(lines))
 
 

@@ -58,3 +58,31 @@ def triton_device() -> Optional[str]:
             return None
         return "cpu"
     return None
+
+
+def emulate_descriptor_reduce() -> bool:
+    """Teach Triton's CPU interpreter the tensor-descriptor reduction ``desc.atomic_add`` where it lacks it
+    (Triton 3.8's interpreter has no ``create_descriptor_reduce``), so that tests run the attention kernel's
+    TMA dq path (``Tile.dq_tma``) on the CPU. The emulation does what the TMA unit does: an elementwise
+    atomic add of the box into the tensor, dropping the elements that fall outside it. Returns whether the
+    interpreter can now reduce (False where Triton or its interpreter is missing)."""
+    try:
+        import numpy as np
+        from triton._C.libtriton import interpreter as native
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        return True
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != interpreter._ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"descriptor reduction {kind}: only add is emulated")
+        ptrs, mask = desc.materialize_pointers(indices)
+        op = native.RMW_OP.FADD if np.issubdtype(value.data.dtype, np.floating) else native.RMW_OP.ADD
+        native.atomic_rmw(op, ptrs.data, value.data, mask, native.MEM_SEMANTIC.RELAXED)
+        return None
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
+    return True

@@ -13,7 +13,8 @@ Backward, from lse (P = exp(S - lse) is recomputed per tile):
   atomic scheme, by the ``dq`` kernel for its own rows in the deterministic one (which runs it first);
 * ``dkdv`` kernel: one program per key tile walks every query tile and accumulates dk, dv in registers;
   with ``ATOMIC_DQ`` it also adds its dq share into a float32 buffer with atomics (FlashAttention-2's
-  scheme: 5 matmuls per tile pair, but the order of the additions, hence the bits of dq, vary run to run);
+  scheme: 5 matmuls per tile pair, but the order of the additions, hence the bits of dq, vary run to run;
+  with ``Tile.dq_tma`` on sm_90+ each query tile's share is one TMA bulk reduction instead);
 * ``dq`` kernel: one program per query tile walks every key tile (the deterministic scheme: 7 matmuls per
   tile pair instead of 5, no atomics, no float32 dq buffer; every output element has one owner).
 
@@ -51,7 +52,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -69,6 +70,12 @@ class Tile:
     ``split_tail``: the partial last tile on each axis runs as a smaller tile (see ``tail_block``) instead of
     a padded full one. Selector tables written before it existed hold 4-element lists; the selector runs
     those without the split, as they were measured (seer_kernels/ops/attention.py ``_tile``).
+
+    ``dq_tma`` (dkdv tiles, atomic scheme only): each query tile's dq share goes to the float32 buffer as one
+    tensor-memory-accelerator reduction (``cp.reduce.async.bulk.tensor ... add``: the registers are staged
+    in shared memory and the TMA unit adds the whole box into global memory asynchronously) instead of
+    per-thread vector atomics. FlashAttention-3 accumulates dq this way on Hopper. Needs sm_90+ (and a
+    Triton with tensor descriptors, 3.4+); elsewhere the tile runs with ordinary atomics (``tma_reduce_ok``).
     """
 
     block_m: int
@@ -76,12 +83,15 @@ class Tile:
     num_warps: int = 4
     num_stages: int = 2
     split_tail: bool = True
+    dq_tma: bool = False
 
-    def __post_init__(self):  # from a table's 0/1: a bool, so that equal tiles print and compare alike
+    def __post_init__(self):  # from a table's 0/1: bools, so that equal tiles print and compare alike
         object.__setattr__(self, "split_tail", bool(self.split_tail))
+        object.__setattr__(self, "dq_tma", bool(self.dq_tma))
 
     def as_list(self) -> list[int]:
-        return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail)]
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail),
+                int(self.dq_tma)]
 
     def constexprs(self, n_q: int, n_kv: int) -> dict:
         """The kernels' tile constexprs for an Nq x Nkv pass: block sizes and tail sizes (``tail_block``)."""
@@ -113,9 +123,9 @@ FWD_TILES = {
 }
 DKDV_TILES = {
     64: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2),
-         Tile(32, 64, 4, 2, split_tail=False)),
+         Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 4, 2, dq_tma=True), Tile(32, 64, 4, 2, split_tail=False)),
     128: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(32, 64, 8, 3), Tile(32, 128, 8, 2),
-          Tile(32, 64, 4, 2, split_tail=False)),
+          Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 8, 2, dq_tma=True), Tile(32, 64, 4, 2, split_tail=False)),
     256: (Tile(32, 32, 8, 2), Tile(64, 32, 8, 2)),
 }
 DQ_TILES = {
@@ -126,6 +136,18 @@ DQ_TILES = {
     256: (Tile(32, 64, 8, 2), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
 }
 DELTA_BLOCK = 64
+
+
+def bwd_candidates(cls: int) -> list[tuple[bool, Tile, Tile]]:
+    """(deterministic, dkdv tile, dq tile) for every backward candidate of a tile class: each dkdv tile in
+    the atomic scheme (with the default dq tile, which that scheme does not launch), and the dkdv and dq
+    tiles pairwise in the deterministic one, where ``dq_tma`` does nothing (the shorter list repeats its
+    default). What the benchmark times and the tests check."""
+    atomic = [(False, t, DQ_TILES[cls][0]) for t in DKDV_TILES[cls]]
+    dkdv, dq = [t for t in DKDV_TILES[cls] if not t.dq_tma], DQ_TILES[cls]
+    det = [(True, dkdv[i] if i < len(dkdv) else dkdv[0], dq[i] if i < len(dq) else dq[0])
+           for i in range(max(len(dkdv), len(dq)))]
+    return atomic + det
 
 
 def tail_block(n: int, block: int, split: bool = True) -> int:
@@ -265,11 +287,15 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, H, N_Q,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
-                offs_d, start, end, N_Q, scale,
+def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, dq_desc, bh, sqn, sdon,
+                sdqn, offs_d, start, end, N_Q, scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr):
-    """Accumulate dk, dv of one key tile over query tiles [start, end), working on S^T (keys x queries)."""
+                ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+    """Accumulate dk, dv of one key tile over query tiles [start, end), working on S^T (keys x queries).
+
+    With ``DQ_TMA`` the dq share goes through ``dq_desc`` (a (B * H, N_Q, HEAD_DIM) float32 descriptor with
+    BLOCK_M x D_PAD boxes; the TMA unit drops the rows past N_Q and the columns past HEAD_DIM); tail tiles
+    of another row count use the pointer atomics."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, MASK_M)
@@ -288,22 +314,25 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
         dk += tl.dot(ds_t.to(q.dtype), q)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
-            ptrs = dq_base + offs_m[:, None] * sdqn + offs_d[None, :]
-            if MASK_M:
-                tl.atomic_add(ptrs, dq, mask=(offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :],
-                              sem="relaxed")
-            elif HEAD_DIM == D_PAD:
-                tl.atomic_add(ptrs, dq, sem="relaxed")
+            if DQ_TMA:
+                dq_desc.atomic_add([bh, start_m, 0], dq.reshape([1, BLOCK_M, D_PAD]))
             else:
-                tl.atomic_add(ptrs, dq, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
+                ptrs = dq_base + offs_m[:, None] * sdqn + offs_d[None, :]
+                if MASK_M:
+                    tl.atomic_add(ptrs, dq, mask=(offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :],
+                                  sem="relaxed")
+                elif HEAD_DIM == D_PAD:
+                    tl.atomic_add(ptrs, dq, sem="relaxed")
+                else:
+                    tl.atomic_add(ptrs, dq, mask=(offs_d < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base,
+def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, dq_desc, bh,
                skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL_M: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               TAIL_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
     """dk, dv of key rows [start_n, start_n + BLOCK_N) of one (batch, head), from every query."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -314,10 +343,14 @@ def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
-                         offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ)
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, sqn, sdon, sdqn,
-                         offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, TAIL_M, True, ATOMIC_DQ)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, dq_desc, bh,
+                         sqn, sdon, sdqn, offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ,
+                         DQ_TMA)
+    # The tail tile's box is the descriptor's only where it has BLOCK_M rows (no split); the TMA unit drops
+    # the rows past N_Q.
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, dq_desc, bh,
+                         sqn, sdon, sdqn, offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, TAIL_M, True, ATOMIC_DQ,
+                         DQ_TMA and TAIL_M == BLOCK_M)
     _store_rows(dk_base, (dk * scale).to(dk_base.dtype.element_ty), offs_n, offs_d, sdkn, N_KV, HEAD_DIM, D_PAD)
     _store_rows(dv_base, dv.to(dv_base.dtype.element_ty), offs_n, offs_d, sdvn, N_KV, HEAD_DIM, D_PAD)
 
@@ -326,10 +359,12 @@ def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                      sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqn,
-                     H, N_Q, N_KV, scale,
+                     H, N_Q, N_KV, scale, DQ_DESC,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+    """DQ_DESC: None, or with ``DQ_TMA`` the descriptor of DQ_ACC for the TMA reduction (``Tile.dq_tma``)."""
     start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(2) * H + tl.program_id(1)  # the descriptor's leading coordinate (int32, < 2^32 grid)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     k_base = K + b * skb + h * skh
@@ -342,13 +377,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     lse_row = LSE + (b * H + h) * N_Q
     delta_row = DELTA + (b * H + h) * N_Q
     if TAIL_N < BLOCK_N and start_n + BLOCK_N > N_KV:  # the partial last key tile, in a TAIL_N-row tile
-        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base,
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, DQ_DESC, bh,
                    skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, ATOMIC_DQ)
+                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, ATOMIC_DQ, DQ_TMA)
     else:
-        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base,
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, DQ_DESC, bh,
                    skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, ATOMIC_DQ)
+                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, ATOMIC_DQ, DQ_TMA)
 
 
 @triton.jit
@@ -445,13 +480,16 @@ def _strides3(t: Tensor) -> tuple[int, ...]:
     return t.stride()[:3]
 
 
-def _run(kernel, grid_of, tiles: Sequence[Tile], args: tuple, constexprs: dict, n_q: int, n_kv: int) -> Tile:
-    """Launch with the first tile that fits the GPU (shared memory, registers); return the one used."""
+def _run(kernel, grid_of, tiles: Sequence[Tile], args: tuple, constexprs: dict, n_q: int, n_kv: int,
+         per_tile: Optional[Callable[[Tile], dict]] = None) -> Tile:
+    """Launch with the first tile that fits the GPU (shared memory, registers); return the one used.
+    ``per_tile(tile)``: keyword arguments that depend on the tile (the dq descriptor's box)."""
     errors = []
     for tile in tiles:
         try:
+            extra = per_tile(tile) if per_tile is not None else {}
             kernel[grid_of(tile)](*args, **tile.constexprs(n_q, n_kv), num_warps=tile.num_warps,
-                                  num_stages=tile.num_stages, **constexprs)
+                                  num_stages=tile.num_stages, **constexprs, **extra)
             return tile
         except _OUT_OF_RESOURCES as exc:  # a tile too big for this GPU: try the next candidate
             errors.append(f"{tile}: {exc}")
@@ -462,6 +500,41 @@ try:  # where Triton 3.x raises "shared memory / registers exceeded" at the firs
     from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
 except ImportError:  # pragma: no cover
     _OUT_OF_RESOURCES = getattr(triton.runtime, "OutOfResources", ())
+
+
+try:  # Triton 3.4+: host tensor descriptors and their reductions (torch 2.6-2.7 bring older Tritons)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+    if not hasattr(getattr(tl.core, "tensor_descriptor_base", None), "atomic_add"):
+        _TensorDescriptor = None
+except ImportError:  # pragma: no cover
+    _TensorDescriptor = None
+
+_TMA_DEVICES: dict = {}
+
+
+def tma_reduce_ok(t: Tensor) -> bool:
+    """Whether ``Tile.dq_tma`` runs as a TMA reduction on t's device: a GPU of compute capability 9.0 or
+    newer (the TMA unit) and a Triton with tensor descriptors; on the CPU, a Triton interpreter that can
+    emulate the descriptor reduction (``seer_kernels.testing.emulate_descriptor_reduce``, for tests)."""
+    if _TensorDescriptor is None:
+        return False
+    if t.is_cuda:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        ok = _TMA_DEVICES.get(index)
+        if ok is None:
+            ok = _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+        return ok
+    from triton.runtime import interpreter
+    return hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce")
+
+
+def _dq_descriptor(dq_acc: Tensor, block_m: int) -> object:
+    """dq_acc (B, H, N, D) float32, contiguous, as a (B * H, N, D) descriptor with (1, block_m, D_PAD) boxes.
+
+    Rows past N and columns past D fall outside the tensor: the TMA unit drops them, so one (batch, head)
+    never adds into the next. Row strides are D * 4 bytes, a multiple of 16 as TMA needs (D % 8 == 0)."""
+    B, H, N, D = dq_acc.shape
+    return _TensorDescriptor(dq_acc.view(B * H, N, D), [B * H, N, D], [N * D, D, 1], [1, block_m, d_pad(D)])
 
 
 def _candidates(table: dict, head_dim: int, tile: Optional[Tile]) -> list[Tile]:
@@ -517,10 +590,17 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    tma = not deterministic and B * H < 2**31 and tma_reduce_ok(q)  # TMA coordinates are int32
+
+    def dq_reduction(tile):
+        if tma and tile.dq_tma:
+            return dict(DQ_DESC=_dq_descriptor(dq_acc, tile.block_m), DQ_TMA=True)
+        return dict(DQ_DESC=None, DQ_TMA=False)
+
     _run(_bwd_dkdv_kernel, lambda t: (cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
          (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
           *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
-         dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK)
+         dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK, dq_reduction)
     if not deterministic:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv

@@ -22,9 +22,11 @@ from seer_kernels import BackendError, use_backend
 from seer_kernels.ops import attention as ops
 from seer_kernels.ops.attention import DISPATCH
 from seer_kernels.reference import attention as ref
-from seer_kernels.testing import assert_close_to_ref, max_abs_err, triton_device
+from seer_kernels.testing import assert_close_to_ref, emulate_descriptor_reduce, max_abs_err, triton_device
 
 TRITON_DEV = triton_device()
+if TRITON_DEV == "cpu":  # the interpreter lacks the TMA reduction of Tile.dq_tma: emulate it (testing.py)
+    emulate_descriptor_reduce()
 HAS_CUDA = torch.cuda.is_available()
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
@@ -357,11 +359,77 @@ def test_triton_every_candidate_tile(cls, nq, nkv, poison_empty):
         check(f"out {tile}", out, 0)
         assert max_abs_err(lse.cpu(), lse64) <= 1e-3, tile
     out, lse = tri.attention_fwd(q, k, v, scale)
-    for dkdv, dq in zip(tri.DKDV_TILES[cls], tri.DQ_TILES[cls]):
-        for det in (False, True):
-            got = tri.attention_bwd(do, q, k, v, out, lse, scale, det, dkdv, dq)
-            for i, (name, g) in enumerate(zip(("dq", "dk", "dv"), got)):
-                check(f"{name} dkdv={dkdv} dq={dq} det={det}", g, i + 1)
+    for det, dkdv, dq in tri.bwd_candidates(cls):
+        got = tri.attention_bwd(do, q, k, v, out, lse, scale, det, dkdv, dq)
+        for i, (name, g) in enumerate(zip(("dq", "dk", "dv"), got)):
+            check(f"{name} dkdv={dkdv} dq={dq} det={det}", g, i + 1)
+
+
+def test_backward_candidates_cover_every_tile():
+    from seer_kernels.triton import attention as tri
+    for cls in (64, 128, 256):
+        got = tri.bwd_candidates(cls)
+        assert {t for _, t, _ in got} == set(tri.DKDV_TILES[cls])
+        assert {t for det, _, t in got if det} == set(tri.DQ_TILES[cls])
+        assert any(t.dq_tma for _, t, _ in got) == (cls != 256)  # no benchmark shape has 256-wide heads
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("nq,nkv", ((70, 45), (65, 81)) if TRITON_DEV == "cpu" else ((257, 257), (197, 145)))
+def test_triton_dq_by_tma_reduction(nq, nkv, monkeypatch, poison_empty):
+    """``Tile.dq_tma``: dq's shares added by TMA reductions give dq within float32 rounding of the pointer
+    atomics, and on the CPU (the interpreter, with the emulated reduction) the reduction really runs: once per
+    full query tile per key tile, the partial last query tile going through the pointer atomics."""
+    from seer_kernels.triton import attention as tri
+    dtype = _triton_dtypes()[0]
+    q, k, v = make_qkv(2, 3, nq, nkv, 80, dtype, TRITON_DEV, layout="fused")
+    do = torch.randn(q.shape, device=q.device).to(dtype)
+    out, lse = tri.attention_fwd(q, k, v, 0.1)
+    tile, plain = tri.Tile(32, 64, 4, 2, dq_tma=True), tri.Tile(32, 64, 4, 2)
+    calls = []
+    if TRITON_DEV == "cpu":
+        from triton.runtime import interpreter
+        reduce = interpreter.InterpreterBuilder.create_descriptor_reduce
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce",
+                            lambda self, *a: calls.append(a) or reduce(self, *a))
+    want = tri.attention_bwd(do, q, k, v, out, lse, 0.1, False, plain)
+    got = tri.attention_bwd(do, q, k, v, out, lse, 0.1, False, tile)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        if TRITON_DEV == "cpu" and name != "dq":  # the same kernel code computes dk, dv
+            assert torch.equal(a, b), name
+        # dq: the same float32 shares, added in another order on a GPU; one rounding of the output dtype
+        top = float(b.abs().max())
+        assert max_abs_err(a, b) <= 1e-5 * max(1.0, top) + (dtype != torch.float32) * 2 * torch.finfo(dtype).eps * top
+    if TRITON_DEV == "cpu":
+        assert tri.tma_reduce_ok(q)
+        assert len(calls) == 2 * 3 * math.ceil(nkv / 64) * (nq // 32)
+
+
+def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
+    """A ``dq_tma`` tile (a selector table may hold one) runs with pointer atomics where the TMA reduction is
+    not available: GPUs before sm_90, Triton without tensor descriptors, the interpreter without emulation."""
+    from seer_kernels.triton import attention as tri
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append(kw)
+
+    for name in ("_bwd_dkdv_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(tri, name, Recorder())
+    q = torch.zeros(2, 3, 40, 64)
+    lse = torch.zeros(2, 3, 40)
+    for ok in (False, True):
+        launches.clear()
+        monkeypatch.setattr(tri, "tma_reduce_ok", lambda t, ok=ok: ok)
+        tri.attention_bwd(q, q, q, q, q, lse, 0.1, False, tri.Tile(32, 64, 4, 2, dq_tma=True))
+        tri.attention_bwd(q, q, q, q, q, lse, 0.1, True, tri.Tile(32, 64, 4, 2, dq_tma=True))  # no atomics
+        tri.attention_bwd(q, q, q, q, q, lse, 0.1, False, tri.Tile(32, 64, 4, 2))
+        dkdv = [kw for kw in launches if "ATOMIC_DQ" in kw]
+        assert [kw["DQ_TMA"] for kw in dkdv] == [ok, False, False]
+        assert (dkdv[0]["DQ_DESC"] is not None) == ok and dkdv[1]["DQ_DESC"] is None
+        if ok:
+            assert dkdv[0]["DQ_DESC"].block_shape == [1, 32, 64] and dkdv[0]["DQ_DESC"].shape == [6, 40, 64]
 
 
 @pytest.mark.triton
@@ -377,7 +445,9 @@ def test_triton_deterministic_mode_repeats_bits():
 
 @pytest.mark.slow
 def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile):
-    """Without a GPU: the default tiles compiled for sm_90. Catches what only a GPU run would otherwise show:
+    """Without a GPU: the default tiles (and the first dq_tma dkdv tile: TMA reductions at 257, and in the tail
+    tile too at 145, whose 17 leftover rows take a full 32-row tile) compiled for sm_90. Catches what only a
+    GPU run would otherwise show:
     compile errors, shared memory beyond the H100's 227 KB, register spills beyond the budget of
     bench.attention_compile (64 bytes: the fastest dkdv tile measured spills 24-64 with atomic dq, depending on
     the head dim and the tail tile; real register pressure spills hundreds). python -m bench.attention_compile
@@ -386,7 +456,7 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
     for n in ("257", "145"):
         out = sm90_compile("bench.attention_compile", "--head-dims", "80", "128", "--dtypes", "bf16",
                            "--defaults-only", "--seq-len", n)
-        assert "10 variants, 0 failures" in out, (n, out)
+        assert "12 variants, 0 failures" in out and "dkdv+tma" in out, (n, out)
 
 
 @pytest.mark.cuda
@@ -892,3 +962,18 @@ def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
     assert small["fwd_bwd"] == 0.9 and small["bwd_scheme"] == "atomic" and small["best_sdpa"] == "cudnn"
     assert small["best_sdpa_fwd"] == "cudnn"
     assert [r["git"] for r in ns["SOURCE"]["runs"]] == ["old", "abc"]
+
+
+def test_summary_pairs_each_candidate_with_its_twin(capsys):
+    """bench/summary.py prints each tile feature (split tails, dq by TMA) against the same tile without it."""
+    from bench import summary
+    fwdbwd = {"atomic dkdv=[32, 64, 4, 2, 1, 1] dq=[64, 32, 4, 3, 1, 0]": 90.0,
+              "atomic dkdv=[32, 64, 4, 2, 1, 0] dq=[64, 32, 4, 3, 1, 0]": 120.0,
+              "atomic dkdv=[32, 64, 4, 2, 0, 0] dq=[64, 32, 4, 3, 1, 0]": 150.0,
+              "det dkdv=[16, 64, 4, 2, 1, 0] dq=[64, 32, 4, 3, 1, 0]": 100.0}
+    summary._tail_tiles([{"op": "attention", "mode": "fwdbwd", "case": "c-fwdbwd", "candidate_us": fwdbwd},
+                         {"op": "attention", "mode": "fwd", "case": "c-fwd",
+                          "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0}}])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x"], lines
+    assert "tma dq" in lines[0] and "split" in lines[1] and "split" in lines[2]
