@@ -10,7 +10,8 @@ are large (peaked attention).
 Backward, from lse (P = exp(S - lse) is recomputed per tile):
 
 * delta_i = dout_i . out_i (float32), once per row instead of per tile pair: by the ``delta`` kernel in the
-  atomic scheme, by the ``dq`` kernel for its own rows in the deterministic one (which runs it first);
+  atomic scheme (which also zeroes the float32 dq buffer), by the ``dq`` kernel for its own rows in the
+  deterministic one (which runs it first);
 * ``dkdv`` kernel: one program per key tile walks every query tile and accumulates dk, dv in registers;
   with ``ATOMIC_DQ`` it also adds its dq share into a float32 buffer with atomics (FlashAttention-2's
   scheme: 5 matmuls per tile pair, but the order of the additions, hence the bits of dq, vary run to run;
@@ -273,9 +274,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit(do_not_specialize=["N_Q"])
-def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, H, N_Q,
+def _bwd_delta_kernel(O, DO, DELTA, DQ_ACC, sob, soh, son, sdob, sdoh, sdon, sdqb, sdqh, sdqn, H, N_Q,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta_i = dout_i . out_i in float32."""
+    """delta_i = dout_i . out_i in float32, and zeros into the same rows of the float32 dq buffer (which the
+    dkdv kernel then accumulates into): one launch instead of a separate fill, as FlashAttention-3's
+    preprocessing kernel does."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -284,6 +287,8 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdob, sdoh, sdon, H, N_Q,
     o = _load_rows(O + b * sob + h * soh, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD, True).to(tl.float32)
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, True).to(tl.float32)
     tl.store(DELTA + (b * H + h) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+    _store_rows(DQ_ACC + b * sdqb + h * sdqh, tl.zeros([BLOCK_M, D_PAD], tl.float32), offs_m, offs_d, sdqn, N_Q,
+                HEAD_DIM, D_PAD)
 
 
 @triton.jit
@@ -584,10 +589,11 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
              (q, k, v, dout, out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
               *_strides3(out), *_strides3(dq), *common),
              cx, NQ, NK)
-    else:
+    else:  # the delta kernel also zeroes dq_acc
+        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=dev)
         _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
-            out, dout, delta, *_strides3(out), *_strides3(dout), H, NQ, BLOCK_M=DELTA_BLOCK, **cx)
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+            out, dout, delta, dq_acc, *_strides3(out), *_strides3(dout), *_strides3(dq_acc), H, NQ,
+            BLOCK_M=DELTA_BLOCK, **cx)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     tma = not deterministic and B * H < 2**31 and tma_reduce_ok(q)  # TMA coordinates are int32
