@@ -37,6 +37,9 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     for i, name in enumerate(params):
         if name == "DQ_DESC" and constexprs.get("DQ_TMA"):  # what a launch with a TensorDescriptor compiles
             sig[name] = f"tensordesc<fp32[1,{constexprs['BLOCK_M']},{constexprs['D_PAD']}]>"
+        elif name.endswith("_DESC") and name != "DQ_DESC" and constexprs.get("TMA_LOAD"):
+            rows = constexprs["BLOCK_M" if name in ("Q_DESC", "DO_DESC") else "BLOCK_N"]
+            sig[name] = f"tensordesc<{dtype}[1,1,{rows},{constexprs['D_PAD']}]>"
         elif name in constexprs:
             sig[name] = "constexpr"
         elif name[0].isupper() and name not in ("H", "N_Q", "N_KV"):
@@ -56,6 +59,10 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
     """``seq_len`` sets the tail tiles (``tri.tail_block``); 257 leaves one row, so both paths compile."""
     params = inspect.signature(fn.fn).parameters  # the delta kernel takes BLOCK_M only
     cx = dict(constexprs, **{k: v for k, v in tile.constexprs(seq_len, seq_len).items() if k in params})
+    if "TMA_LOAD" in params:  # descriptors where the tile loads through them, None (a constexpr) otherwise
+        cx["TMA_LOAD"] = tile.tma_load
+        if not tile.tma_load:
+            cx.update({name: None for name in params if name.endswith("_DESC") and name != "DQ_DESC"})
     sig, attrs = _signature(fn, dtype, cx)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
@@ -64,11 +71,12 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
 
 def variants(head_dims, dtypes, defaults_only=False):
     """(name, kernel, head dim, dtype, constexprs, tile) for every candidate tile, or only the default ones
-    (the first of each table, and the first ``dq_tma`` dkdv tile)."""
+    (the first of each table, and its first tile with each Hopper feature: ``dq_tma``, ``tma_load``)."""
     def tiles(table, cls):
         if not defaults_only:
             return table[cls]
-        return list(table[cls][:1]) + [t for t in table[cls] if t.dq_tma][:1]
+        return (list(table[cls][:1]) + [t for t in table[cls] if t.dq_tma][:1]
+                + [t for t in table[cls] if t.tma_load and not t.dq_tma][:1])
 
     for d in head_dims:
         cls = tri.tile_class(d)

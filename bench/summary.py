@@ -75,7 +75,8 @@ def _with_flag(key: str, index: int, first_only: bool) -> str:
 def _tail_tiles(rows: list) -> None:
     """Each attention candidate against its twin without one feature, from the ``candidate_us`` of the
     ``-fwd`` and ``-fwdbwd`` rows (GPU time, same run): split tail tiles (tile element 4) against the unsplit
-    tile, and dq by TMA reductions (dkdv element 5) against the same dkdv tile with pointer atomics."""
+    tile, dq by TMA reductions (dkdv element 5) against the same dkdv tile with pointer atomics, and loads
+    through TMA descriptors (element 6) against pointer loads."""
     lines = []
     for row in rows:
         if row.get("op") != "attention" or row.get("mode") not in ("fwd", "fwdbwd"):
@@ -86,7 +87,8 @@ def _tail_tiles(rows: list) -> None:
             lines += [f"  {case:32s} {key:64s} FAILED: {why}" for key, why in row.get("candidate_failures", {}).items()]
         for key, us in cands.items():
             # The atomic scheme's candidates share one dq tile (not launched): its twins differ in dkdv only.
-            for what, index, label in (("split", 4, "unsplit"), ("tma dq", 5, "atomics")):
+            for what, index, label in (("split", 4, "unsplit"), ("tma dq", 5, "atomics"),
+                                       ("tma load", 6, "pointers")):
                 twins = [t for t in (_with_flag(key, index, False), _with_flag(key, index, True))
                          if t != key and t in cands]
                 if twins:

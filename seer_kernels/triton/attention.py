@@ -48,6 +48,10 @@ keep results bit-identical from one process to the next, which the deterministic
 Inputs need a unit stride on the head dim (the launchers copy otherwise), any other strides are fine
 (slices of a fused qkv projection run without copies). bfloat16 and float16 use the tensor cores with
 float32 accumulation; float32 is supported for the CPU interpreter only (tests), where dots are exact.
+
+Hopper features, per candidate tile (``Tile``): ``tma_load`` loads the full tiles of each loop through tensor
+descriptors (the TMA unit), ``dq_tma`` adds dq's shares with TMA bulk reductions. Both fall back to the
+pointer code where the GPU, the Triton or the tensor's layout does not allow them.
 """
 from __future__ import annotations
 
@@ -77,6 +81,12 @@ class Tile:
     in shared memory and the TMA unit adds the whole box into global memory asynchronously) instead of
     per-thread vector atomics. FlashAttention-3 accumulates dq this way on Hopper. Needs sm_90+ (and a
     Triton with tensor descriptors, 3.4+); elsewhere the tile runs with ordinary atomics (``tma_reduce_ok``).
+
+    ``tma_load``: the loop loads of full tiles (K and V in the forward and dq kernels, Q and dO in dkdv) go
+    through the tensor memory accelerator (``desc.load`` on a (B, H, N, D) descriptor: the unit computes the
+    addresses and writes shared memory, which wgmma reads directly, synchronised by mbarriers) instead of
+    per-thread ``cp.async``. Same sm_90+ condition (``tma_load_ok``), and the tensors' base and batch, head and
+    row strides must be multiples of 16 bytes (``_row_descriptor``); otherwise the tile loads by pointers.
     """
 
     block_m: int
@@ -85,14 +95,15 @@ class Tile:
     num_stages: int = 2
     split_tail: bool = True
     dq_tma: bool = False
+    tma_load: bool = False
 
     def __post_init__(self):  # from a table's 0/1: bools, so that equal tiles print and compare alike
-        object.__setattr__(self, "split_tail", bool(self.split_tail))
-        object.__setattr__(self, "dq_tma", bool(self.dq_tma))
+        for flag in ("split_tail", "dq_tma", "tma_load"):
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
 
     def as_list(self) -> list[int]:
         return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail),
-                int(self.dq_tma)]
+                int(self.dq_tma), int(self.tma_load)]
 
     def constexprs(self, n_q: int, n_kv: int) -> dict:
         """The kernels' tile constexprs for an Nq x Nkv pass: block sizes and tail sizes (``tail_block``)."""
@@ -116,24 +127,31 @@ class Tile:
 # same run, and the table keeps whichever is faster. (The split is not timed on a GPU yet: it removes work,
 # 28 % of the padded score tiles at N = 257, but compiles a second copy of each loop for the tail tile; on
 # sm_90 that copy uses mma instead of wgmma, and the main loops keep their software pipelining.)
+# The Hopper features (Tile.dq_tma, Tile.tma_load; not timed on a GPU yet either) come the same way: as the
+# default tile with the feature, whose twin without it is timed in the same run (bench/summary.py prints
+# each pair). In DKDV_TILES and DQ_TILES the tiles without dq_tma pair up by position for the deterministic
+# scheme (bwd_candidates).
 FWD_TILES = {
-    64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3, split_tail=False)),
+    64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3, tma_load=True),
+         Tile(64, 64, 4, 3, split_tail=False)),
     128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2),
-          Tile(64, 32, 4, 3, split_tail=False)),
+          Tile(64, 32, 4, 3, tma_load=True), Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
 DKDV_TILES = {
     64: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2),
-         Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 4, 2, dq_tma=True), Tile(32, 64, 4, 2, split_tail=False)),
+         Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 4, 2, dq_tma=True), Tile(32, 64, 4, 2, tma_load=True),
+         Tile(32, 64, 4, 2, dq_tma=True, tma_load=True), Tile(32, 64, 4, 2, split_tail=False)),
     128: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(32, 64, 8, 3), Tile(32, 128, 8, 2),
-          Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 8, 2, dq_tma=True), Tile(32, 64, 4, 2, split_tail=False)),
+          Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 8, 2, dq_tma=True), Tile(32, 64, 4, 2, tma_load=True),
+          Tile(32, 64, 4, 2, dq_tma=True, tma_load=True), Tile(32, 64, 4, 2, split_tail=False)),
     256: (Tile(32, 32, 8, 2), Tile(64, 32, 8, 2)),
 }
 DQ_TILES = {
     64: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2),
-         Tile(64, 32, 4, 3, split_tail=False)),
+         Tile(64, 32, 4, 3, tma_load=True), Tile(64, 32, 4, 3, split_tail=False)),
     128: (Tile(64, 32, 4, 3), Tile(64, 16, 4, 3), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2),
-          Tile(64, 32, 4, 3, split_tail=False)),
+          Tile(64, 32, 4, 3, tma_load=True), Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(32, 64, 8, 2), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
 }
 DELTA_BLOCK = 64
@@ -201,6 +219,21 @@ def _load_rows(base, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.constex
 
 
 @triton.jit
+def _load_tile(base, desc, start, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.constexpr,
+               D_PAD: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """Rows offs_rows = start + arange(ROWS) of this program's (batch, head) as a (ROWS, D_PAD) tile: through
+    the tensor memory accelerator for the full tiles of a ``Tile.tma_load`` tile (``desc``: a (B, H, N, D)
+    descriptor with (1, 1, ROWS, D_PAD) boxes; columns past D read as 0; every kernel here runs batch on grid
+    axis 2 and head on axis 1), by pointers otherwise (the masked tail, whose row count differs from the
+    box where it is split)."""
+    if TMA_LOAD and not MASK_ROWS:
+        x = desc.load([tl.program_id(2), tl.program_id(1), start, 0]).reshape([ROWS, D_PAD])
+    else:
+        x = _load_rows(base, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM, D_PAD, MASK_ROWS)
+    return x
+
+
+@triton.jit
 def _store_rows(base, x, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
     if HEAD_DIM == D_PAD:
@@ -210,12 +243,13 @@ def _store_rows(base, x, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.con
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, start, end, N_KV, scale,
-               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start, end, N_KV, scale,
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+               TMA_LOAD: tl.constexpr):
     """Online softmax over key tiles [start, end): m_i running max of the scaled scores, l_i sum exp(s - m_i)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, MASK_N)
+        k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
         s = tl.dot(q, tl.trans(k)) * scale
         if MASK_N:
             s = tl.where((offs_n < N_KV)[None, :], s, float("-inf"))
@@ -223,16 +257,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, start, end, N
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, MASK_N)
+        v = _load_tile(v_base, v_desc, start_n, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start_m, N_Q, N_KV, scale,
-              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              TAIL_N: tl.constexpr):
+def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, k_desc, v_desc, sqn, skn, svn, son, start_m, N_Q,
+              N_KV, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
     """Query rows [start_m, start_m + BLOCK_M) of one (batch, head): out and lse."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -241,10 +275,10 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, 0, n_full, N_KV, scale,
-                               HEAD_DIM, D_PAD, BLOCK_N, False)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_d, n_full, N_KV, N_KV, scale,
-                               HEAD_DIM, D_PAD, TAIL_N, True)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, 0,
+                               n_full, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d,
+                               n_full, N_KV, N_KV, scale, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
     # Every row saw at least one real key (N_KV >= 1), so l_i >= 1 and the division is safe.
     out = acc / l_i[:, None]
     _store_rows(o_base, out.to(o_base.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
@@ -254,9 +288,10 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                H, N_Q, N_KV, scale,
+                H, N_Q, N_KV, scale, K_DESC, V_DESC,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
+                TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """K_DESC, V_DESC: None, or with ``TMA_LOAD`` descriptors of K and V (``Tile.tma_load``)."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride overflows int32 on large activations
@@ -266,11 +301,11 @@ def _fwd_kernel(Q, K, V, O, LSE,
     o_base = O + b * sob + h * soh
     lse_row = LSE + (b * H + h) * N_Q
     if TAIL_M < BLOCK_M and start_m + BLOCK_M > N_Q:  # the partial last query tile, in a TAIL_M-row tile
-        _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start_m, N_Q, N_KV, scale,
-                  HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N)
+        _fwd_rows(q_base, k_base, v_base, o_base, lse_row, K_DESC, V_DESC,
+                  sqn, skn, svn, son, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N, TMA_LOAD)
     else:
-        _fwd_rows(q_base, k_base, v_base, o_base, lse_row, sqn, skn, svn, son, start_m, N_Q, N_KV, scale,
-                  HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N)
+        _fwd_rows(q_base, k_base, v_base, o_base, lse_row, K_DESC, V_DESC,
+                  sqn, skn, svn, son, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N, TMA_LOAD)
 
 
 @triton.jit(do_not_specialize=["N_Q"])
@@ -292,10 +327,10 @@ def _bwd_delta_kernel(O, DO, DELTA, DQ_ACC, sob, soh, son, sdob, sdoh, sdon, sdq
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, dq_desc, bh, sqn, sdon,
-                sdqn, offs_d, start, end, N_Q, scale,
+def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc, dq_desc, bh,
+                sqn, sdon, sdqn, offs_d, start, end, N_Q, scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+                ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOAD: tl.constexpr):
     """Accumulate dk, dv of one key tile over query tiles [start, end), working on S^T (keys x queries).
 
     With ``DQ_TMA`` the dq share goes through ``dq_desc`` (a (B * H, N_Q, HEAD_DIM) float32 descriptor with
@@ -303,8 +338,9 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
     of another row count use the pointer atomics."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, MASK_M)
-        do = _load_rows(do_base, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, MASK_M)
+        q = _load_tile(q_base, q_desc, start_m, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, BLOCK_M, MASK_M, TMA_LOAD)
+        do = _load_tile(do_base, do_desc, start_m, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, BLOCK_M, MASK_M,
+                        TMA_LOAD)
         if MASK_M:  # padded query rows: lse = +inf gives p = 0 exactly
             lse = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf"))
             delta = tl.load(delta_row + offs_m, mask=offs_m < N_Q, other=0.0)
@@ -334,10 +370,10 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
 
 
 @triton.jit
-def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, dq_desc, bh,
-               skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
+def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, q_desc, do_desc,
+               dq_desc, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+               TAIL_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOAD: tl.constexpr):
     """dk, dv of key rows [start_n, start_n + BLOCK_N) of one (batch, head), from every query."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -348,14 +384,14 @@ def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, dq_desc, bh,
-                         sqn, sdon, sdqn, offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False, ATOMIC_DQ,
-                         DQ_TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc,
+                         dq_desc, bh, sqn, sdon, sdqn, offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False,
+                         ATOMIC_DQ, DQ_TMA, TMA_LOAD)
     # The tail tile's box is the descriptor's only where it has BLOCK_M rows (no split); the TMA unit drops
     # the rows past N_Q.
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, dq_desc, bh,
-                         sqn, sdon, sdqn, offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, TAIL_M, True, ATOMIC_DQ,
-                         DQ_TMA and TAIL_M == BLOCK_M)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc,
+                         dq_desc, bh, sqn, sdon, sdqn, offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, TAIL_M, True,
+                         ATOMIC_DQ, DQ_TMA and TAIL_M == BLOCK_M, TMA_LOAD)
     _store_rows(dk_base, (dk * scale).to(dk_base.dtype.element_ty), offs_n, offs_d, sdkn, N_KV, HEAD_DIM, D_PAD)
     _store_rows(dv_base, dv.to(dv_base.dtype.element_ty), offs_n, offs_d, sdvn, N_KV, HEAD_DIM, D_PAD)
 
@@ -364,10 +400,12 @@ def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                      sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqn,
-                     H, N_Q, N_KV, scale, DQ_DESC,
+                     H, N_Q, N_KV, scale, DQ_DESC, Q_DESC, DO_DESC,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
-    """DQ_DESC: None, or with ``DQ_TMA`` the descriptor of DQ_ACC for the TMA reduction (``Tile.dq_tma``)."""
+                     TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                     TMA_LOAD: tl.constexpr):
+    """DQ_DESC: None, or with ``DQ_TMA`` the descriptor of DQ_ACC for the TMA reduction (``Tile.dq_tma``);
+    Q_DESC, DO_DESC: None, or with ``TMA_LOAD`` descriptors of Q and DO (``Tile.tma_load``)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(2) * H + tl.program_id(1)  # the descriptor's leading coordinate (int32, < 2^32 grid)
     h = tl.program_id(1).to(tl.int64)
@@ -382,22 +420,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     lse_row = LSE + (b * H + h) * N_Q
     delta_row = DELTA + (b * H + h) * N_Q
     if TAIL_N < BLOCK_N and start_n + BLOCK_N > N_KV:  # the partial last key tile, in a TAIL_N-row tile
-        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, DQ_DESC, bh,
-                   skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, ATOMIC_DQ, DQ_TMA)
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, Q_DESC, DO_DESC,
+                   DQ_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
+                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
     else:
-        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, DQ_DESC, bh,
-                   skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, ATOMIC_DQ, DQ_TMA)
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, Q_DESC, DO_DESC,
+                   DQ_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
+                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, start, end, N_KV, scale,
-              HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start, end, N_KV,
+              scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+              TMA_LOAD: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, MASK_N)
-        v = _load_rows(v_base, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, MASK_N)
+        k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
+        v = _load_tile(v_base, v_desc, start_n, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
         s = tl.dot(q, tl.trans(k)) * scale
         if MASK_N:
             s = tl.where((offs_n < N_KV)[None, :], s, float("-inf"))
@@ -409,9 +448,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, start, en
 
 
 @triton.jit
-def _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, son, skn, svn, sdqn,
-             start_m, N_Q, N_KV, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr):
+def _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, k_desc, v_desc, sqn,
+             sdon, son, skn, svn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
     """dq of query rows [start_m, start_m + BLOCK_M) of one (batch, head), from every key; also writes their
     delta = dout . out (float32), which the dkdv kernel reads next (the deterministic scheme runs this pass
     first, so it needs no delta kernel of its own)."""
@@ -425,19 +464,19 @@ def _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_ro
     lse = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf"))
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, 0, n_full, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_N, False)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_d, n_full, N_KV, N_KV, scale,
-                   HEAD_DIM, D_PAD, TAIL_N, True)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, 0, n_full,
+                   N_KV, scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, n_full, N_KV,
+                   N_KV, scale, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
     _store_rows(dq_base, (dq * scale).to(dq_base.dtype.element_ty), offs_m, offs_d, sdqn, N_Q, HEAD_DIM, D_PAD)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
 def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sob, soh, son, sdqb, sdqh, sdqn,
-                   H, N_Q, N_KV, scale,
+                   H, N_Q, N_KV, scale, K_DESC, V_DESC,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   TAIL_M: tl.constexpr, TAIL_N: tl.constexpr):
+                   TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -450,11 +489,13 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ,
     lse_row = LSE + (b * H + h) * N_Q
     delta_row = DELTA + (b * H + h) * N_Q
     if TAIL_M < BLOCK_M and start_m + BLOCK_M > N_Q:  # the partial last query tile, in a TAIL_M-row tile
-        _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, son, skn, svn,
-                 sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N)
+        _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, K_DESC, V_DESC, sqn,
+                 sdon, son, skn, svn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N,
+                 TMA_LOAD)
     else:
-        _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, sqn, sdon, son, skn, svn,
-                 sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N)
+        _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, K_DESC, V_DESC, sqn,
+                 sdon, son, skn, svn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N,
+                 TMA_LOAD)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -517,6 +558,15 @@ except ImportError:  # pragma: no cover
 _TMA_DEVICES: dict = {}
 
 
+def _tma_gpu(t: Tensor) -> bool:
+    """t is on a GPU with a TMA unit (compute capability 9.0 or newer)."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    ok = _TMA_DEVICES.get(index)
+    if ok is None:
+        ok = _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return ok
+
+
 def tma_reduce_ok(t: Tensor) -> bool:
     """Whether ``Tile.dq_tma`` runs as a TMA reduction on t's device: a GPU of compute capability 9.0 or
     newer (the TMA unit) and a Triton with tensor descriptors; on the CPU, a Triton interpreter that can
@@ -524,13 +574,39 @@ def tma_reduce_ok(t: Tensor) -> bool:
     if _TensorDescriptor is None:
         return False
     if t.is_cuda:
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        ok = _TMA_DEVICES.get(index)
-        if ok is None:
-            ok = _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
-        return ok
+        return _tma_gpu(t)
     from triton.runtime import interpreter
     return hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce")
+
+
+def tma_load_ok(t: Tensor) -> bool:
+    """Whether ``Tile.tma_load`` loads through descriptors on t's device: as ``tma_reduce_ok``; Triton's
+    interpreter loads through descriptors itself (by pointers, with the unit's zero padding)."""
+    if _TensorDescriptor is None:
+        return False
+    return _tma_gpu(t) if t.is_cuda else True
+
+
+def _row_descriptor(t: Tensor, rows: int) -> object:
+    """t (B, H, N, D), unit stride on D, as a descriptor with (1, 1, rows, D_PAD) boxes; None where the TMA
+    unit cannot address it: its base and its batch, head and row strides must be multiples of 16 bytes
+    (true for slices of a fused qkv projection when H * D is a multiple of 8). Columns past D read as 0.
+    The stride of a size-1 dim is never used; it is set to 16 bytes so that it cannot refuse the tensor."""
+    step = 16 // t.element_size()
+    strides = [st if size > 1 else step for st, size in zip(t.stride()[:3], t.shape[:3])] + [1]
+    if t.data_ptr() % 16 or any(st <= 0 or st % step for st in strides[:3]):
+        return None
+    return _TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, d_pad(t.shape[3])])
+
+
+def _tma_loads(tile: Tile, rows: int, **tensors: Tensor) -> dict:
+    """Kernel arguments for the loop loads: descriptors (``Tile.tma_load`` where every tensor allows it) or
+    None, and the TMA_LOAD constexpr."""
+    if tile.tma_load and tma_load_ok(next(iter(tensors.values()))):
+        descs = {name: _row_descriptor(t, rows) for name, t in tensors.items()}
+        if all(d is not None for d in descs.values()):
+            return dict(descs, TMA_LOAD=True)
+    return dict(dict.fromkeys(tensors), TMA_LOAD=False)
 
 
 def _dq_descriptor(dq_acc: Tensor, block_m: int) -> object:
@@ -560,7 +636,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
         _run(_fwd_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(FWD_TILES, D, tile),
              (q, k, v, dst, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dst), H, NQ, NK,
               float(scale)),
-             dict(HEAD_DIM=D, D_PAD=d_pad(D)), NQ, NK)
+             dict(HEAD_DIM=D, D_PAD=d_pad(D)), NQ, NK, lambda t: _tma_loads(t, t.block_n, K_DESC=k, V_DESC=v))
         if dst is not out:
             out.copy_(dst)
     return out, lse
@@ -588,7 +664,7 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
         _run(_bwd_dq_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
              (q, k, v, dout, out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
               *_strides3(out), *_strides3(dq), *common),
-             cx, NQ, NK)
+             cx, NQ, NK, lambda t: _tma_loads(t, t.block_n, K_DESC=k, V_DESC=v))
     else:  # the delta kernel also zeroes dq_acc
         dq_acc = torch.empty(q.shape, dtype=torch.float32, device=dev)
         _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
@@ -598,15 +674,16 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     tma = not deterministic and B * H < 2**31 and tma_reduce_ok(q)  # TMA coordinates are int32
 
-    def dq_reduction(tile):
+    def dq_reduction_and_loads(tile):
+        loads = _tma_loads(tile, tile.block_m, Q_DESC=q, DO_DESC=dout)
         if tma and tile.dq_tma:
-            return dict(DQ_DESC=_dq_descriptor(dq_acc, tile.block_m), DQ_TMA=True)
-        return dict(DQ_DESC=None, DQ_TMA=False)
+            return dict(loads, DQ_DESC=_dq_descriptor(dq_acc, tile.block_m), DQ_TMA=True)
+        return dict(loads, DQ_DESC=None, DQ_TMA=False)
 
     _run(_bwd_dkdv_kernel, lambda t: (cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
          (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
           *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
-         dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK, dq_reduction)
+         dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK, dq_reduction_and_loads)
     if not deterministic:
         dq = dq_acc.to(q.dtype)
     return dq, dk, dv

@@ -405,6 +405,65 @@ def test_triton_dq_by_tma_reduction(nq, nkv, monkeypatch, poison_empty):
         assert len(calls) == 2 * 3 * math.ceil(nkv / 64) * (nq // 32)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", ["fused", "contiguous"])
+def test_triton_loads_through_tma_descriptors(layout, monkeypatch, poison_empty):
+    """``Tile.tma_load``: the loop loads of full tiles go through (B, H, N, D) descriptors, slices of a fused
+    qkv projection included, and give the same results as the pointer loads; on the CPU (the interpreter
+    loads through descriptors itself) they really run: K and V per full key tile of each forward and dq
+    program, Q and dO per full query tile of each dkdv program."""
+    from seer_kernels.triton import attention as tri
+    dtype = _triton_dtypes()[0]
+    nq, nkv = (70, 45) if TRITON_DEV == "cpu" else (257, 197)
+    q, k, v = make_qkv(2, 3, nq, nkv, 80, dtype, TRITON_DEV, layout=layout)
+    do = torch.randn(q.shape, device=q.device).to(dtype)
+    fwd, dkdv, dq = tri.Tile(64, 32, 4, 3), tri.Tile(32, 64, 4, 2), tri.Tile(64, 32, 4, 3)
+    loads = []
+    if TRITON_DEV == "cpu":
+        from triton.runtime import interpreter
+        load = interpreter.InterpreterBuilder.create_descriptor_load
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_load",
+                            lambda self, *a: loads.append(a) or load(self, *a))
+    want = tri.attention_fwd(q, k, v, 0.1, fwd)
+    got = tri.attention_fwd(q, k, v, 0.1, tri.Tile(64, 32, 4, 3, tma_load=True))
+    n_fwd = len(loads)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    out, lse = want
+    for det in (True, False):
+        want = tri.attention_bwd(do, q, k, v, out, lse, 0.1, det, dkdv, dq)
+        got = tri.attention_bwd(do, q, k, v, out, lse, 0.1, det, tri.Tile(32, 64, 4, 2, tma_load=True),
+                                tri.Tile(64, 32, 4, 3, tma_load=True))
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            if det or name != "dq":  # the same additions in the same order
+                assert torch.equal(a, b), (name, det)
+            else:
+                assert max_abs_err(a, b) <= 1e-5 * max(1.0, float(b.abs().max())) + \
+                    (dtype != torch.float32) * 2 * torch.finfo(dtype).eps * float(b.abs().max())
+    if TRITON_DEV == "cpu":
+        programs, heads = math.ceil(nq / 64), 2 * 3
+        assert n_fwd == heads * programs * (nkv // 32) * 2  # K and V of each full 32-key tile
+        per_dkdv = heads * math.ceil(nkv / 64) * (nq // 32) * 2  # Q and dO of each full 32-query tile
+        assert len(loads) == n_fwd * 2 + per_dkdv * 2  # fwd, dq (det), dkdv x 2 (det, atomic)
+
+
+def test_row_descriptor_needs_16_byte_strides():
+    """TMA addresses a tensor only with a 16-byte aligned base and batch/head/row strides: otherwise the
+    launcher loads by pointers (``_row_descriptor`` says None)."""
+    from seer_kernels.triton import attention as tri
+    if tri._TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    x = torch.zeros(2, 3, 40, 64, dtype=torch.float16)
+    d = tri._row_descriptor(x, 32)
+    assert d.shape == [2, 3, 40, 64] and d.strides == [7680, 2560, 64, 1] and d.block_shape == [1, 1, 32, 64]
+    qkv = torch.zeros(2, 40, 3, 3, 80, dtype=torch.float16).permute(2, 0, 3, 1, 4)
+    assert tri._row_descriptor(qkv[1], 64).strides == [40 * 3 * 3 * 80, 80, 3 * 3 * 80, 1]
+    assert tri._row_descriptor(qkv[1], 64).block_shape == [1, 1, 64, 128]
+    assert tri._row_descriptor(torch.zeros(2 * 3 * 40 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 40, 64), 32) is None
+    assert tri._row_descriptor(torch.zeros(2, 3, 40, 68, dtype=torch.float16)[..., :64], 32) is None  # 136-byte rows
+    one = torch.zeros(1, 3, 40, 64, dtype=torch.float16).as_strided((1, 3, 40, 64), (5, 2560, 64, 1))
+    assert tri._row_descriptor(one, 32).strides[0] == 8  # batch 1: its stride is never used
+
+
 def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
     """A ``dq_tma`` tile (a selector table may hold one) runs with pointer atomics where the TMA reduction is
     not available: GPUs before sm_90, Triton without tensor descriptors, the interpreter without emulation."""
@@ -445,8 +504,9 @@ def test_triton_deterministic_mode_repeats_bits():
 
 @pytest.mark.slow
 def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile):
-    """Without a GPU: the default tiles (and the first dq_tma dkdv tile: TMA reductions at 257, and in the tail
-    tile too at 145, whose 17 leftover rows take a full 32-row tile) compiled for sm_90. Catches what only a
+    """Without a GPU: the default tiles and the first with each Hopper feature (tma_load; dq_tma: TMA
+    reductions at 257, and in the tail tile too at 145, whose 17 leftover rows take a full 32-row tile)
+    compiled for sm_90. Catches what only a
     GPU run would otherwise show:
     compile errors, shared memory beyond the H100's 227 KB, register spills beyond the budget of
     bench.attention_compile (64 bytes: the fastest dkdv tile measured spills 24-64 with atomic dq, depending on
@@ -456,7 +516,8 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
     for n in ("257", "145"):
         out = sm90_compile("bench.attention_compile", "--head-dims", "80", "128", "--dtypes", "bf16",
                            "--defaults-only", "--seq-len", n)
-        assert "12 variants, 0 failures" in out and "dkdv+tma" in out, (n, out)
+        assert "20 variants, 0 failures" in out and "dkdv+tma" in out, (n, out)
+        assert sum(", 1]" in line for line in out.splitlines()) == 8, out  # tma_load: fwd, dkdv x 2, dq
 
 
 @pytest.mark.cuda
@@ -967,13 +1028,15 @@ def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
 def test_summary_pairs_each_candidate_with_its_twin(capsys):
     """bench/summary.py prints each tile feature (split tails, dq by TMA) against the same tile without it."""
     from bench import summary
-    fwdbwd = {"atomic dkdv=[32, 64, 4, 2, 1, 1] dq=[64, 32, 4, 3, 1, 0]": 90.0,
-              "atomic dkdv=[32, 64, 4, 2, 1, 0] dq=[64, 32, 4, 3, 1, 0]": 120.0,
-              "atomic dkdv=[32, 64, 4, 2, 0, 0] dq=[64, 32, 4, 3, 1, 0]": 150.0,
-              "det dkdv=[16, 64, 4, 2, 1, 0] dq=[64, 32, 4, 3, 1, 0]": 100.0}
+    fwdbwd = {"atomic dkdv=[32, 64, 4, 2, 1, 1, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 90.0,
+              "atomic dkdv=[32, 64, 4, 2, 1, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 120.0,
+              "atomic dkdv=[32, 64, 4, 2, 0, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 150.0,
+              "det dkdv=[32, 64, 4, 2, 1, 0, 1] dq=[64, 32, 4, 3, 1, 0, 1]": 80.0,
+              "det dkdv=[32, 64, 4, 2, 1, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 100.0}
     summary._tail_tiles([{"op": "attention", "mode": "fwdbwd", "case": "c-fwdbwd", "candidate_us": fwdbwd},
                          {"op": "attention", "mode": "fwd", "case": "c-fwd",
-                          "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0}}])
+                          "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0},
+                          "candidate_failures": {"[64, 64, 4, 3, 1, 0, 1]": "no TMA here"}}])
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x"], lines
-    assert "tma dq" in lines[0] and "split" in lines[1] and "split" in lines[2]
+    assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x", "here", "1.25x"], lines
+    assert "tma dq" in lines[0] and "split" in lines[1] and "tma load" in lines[2] and "FAILED" in lines[3]
