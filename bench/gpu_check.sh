@@ -94,7 +94,7 @@ if [ "$SWEEP_TIMEOUT" -gt 0 ]; then
 fi
 
 phase "host and device time per call (log: $OUT/profile.log)"
-timeout -s INT -k 10 ${PROFILE_TIMEOUT:-60} $PY -m bench.gpu_profile >"$OUT/profile.log" 2>&1
+timeout -s INT -k 10 ${PROFILE_TIMEOUT:-90} $PY -m bench.gpu_profile >"$OUT/profile.log" 2>&1
 
 phase "done"
 $PY -m bench.summary "$OUT" | tee "$OUT/summary.txt"

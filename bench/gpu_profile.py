@@ -86,13 +86,21 @@ def attention_cases(iters: int) -> list:
             return f
 
         o, lse = tri.attention_fwd(qd, kd, vd, scale)
+        tma = tri.Tile(64, 32, 4, 3, tma_load=True)  # Tile.tma_load: loop loads through TMA descriptors
         cases = {"triton kernels fwd (direct)": lambda: tri.attention_fwd(qd, kd, vd, scale),
+                 "triton kernels fwd tma-load (direct)": lambda: tri.attention_fwd(qd, kd, vd, scale, tma),
                  "triton kernels bwd atomic (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False),
                  "triton kernels bwd atomic tma-dq (direct)":  # Tile.dq_tma: dq shares by TMA reductions
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False,
                                                tri.Tile(32, 64, 4, 2, dq_tma=True)),
                  "triton kernels bwd det (direct)": lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True),
+                 "triton kernels bwd det tma-load (direct)":
+                     lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True,
+                                               tri.Tile(32, 64, 4, 2, tma_load=True), tma),
+                 "triton kernels bwd atomic tma-dq tma-load (direct)":
+                     lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False,
+                                               tri.Tile(32, 64, 4, 2, dq_tma=True, tma_load=True)),
                  "attention() fwd (triton)": op_fwd, "attention() fwd+bwd atomic (triton)": op(False),
                  "attention() fwd+bwd det (triton)": op(True),
                  "torch.ops.seer fwd+bwd atomic (triton)": custom_op(False)}
