@@ -559,11 +559,11 @@ _TMA_DEVICES: dict = {}
 
 
 def _tma_gpu(t: Tensor) -> bool:
-    """t is on a GPU with a TMA unit (compute capability 9.0 or newer)."""
+    """t is on an NVIDIA GPU with a TMA unit (compute capability 9.0 or newer; ROCm reports 9.x for MI300)."""
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     ok = _TMA_DEVICES.get(index)
     if ok is None:
-        ok = _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+        ok = _TMA_DEVICES[index] = torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
     return ok
 
 

@@ -374,15 +374,26 @@ def test_backward_candidates_cover_every_tile():
         assert any(t.dq_tma for _, t, _ in got) == (cls != 256)  # no benchmark shape has 256-wide heads
 
 
+def _assert_tma_on_hopper(t):
+    """On a GPU with a TMA unit both features must really be on (not silently falling back)."""
+    from seer_kernels.triton import attention as tri
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9:
+        assert tri.tma_reduce_ok(t) and tri.tma_load_ok(t), "sm_90+: the TMA paths must run"
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize("nq,nkv", ((70, 45), (65, 81)) if TRITON_DEV == "cpu" else ((257, 257), (197, 145)))
+@pytest.mark.parametrize("nq,nkv", ((70, 45), (65, 81), (60, 33)) if TRITON_DEV == "cpu" else
+                         ((257, 257), (197, 145), (60, 33)))
 def test_triton_dq_by_tma_reduction(nq, nkv, monkeypatch, poison_empty):
     """``Tile.dq_tma``: dq's shares added by TMA reductions give dq within float32 rounding of the pointer
-    atomics, and on the CPU (the interpreter, with the emulated reduction) the reduction really runs: once per
-    full query tile per key tile, the partial last query tile going through the pointer atomics."""
+    atomics (the same bits on the CPU, where the programs run one after another), and on the CPU (the
+    interpreter, with the emulated reduction) the reduction really runs: once per full query tile per key
+    tile, and for the partial last one too where its tail tile has the full 32 rows (60 = 32 + 28), through
+    the pointer atomics where it is smaller (70 = 2 x 32 + 6, 65 = 2 x 32 + 1)."""
     from seer_kernels.triton import attention as tri
     dtype = _triton_dtypes()[0]
     q, k, v = make_qkv(2, 3, nq, nkv, 80, dtype, TRITON_DEV, layout="fused")
+    _assert_tma_on_hopper(q)
     do = torch.randn(q.shape, device=q.device).to(dtype)
     out, lse = tri.attention_fwd(q, k, v, 0.1)
     tile, plain = tri.Tile(32, 64, 4, 2, dq_tma=True), tri.Tile(32, 64, 4, 2)
@@ -395,28 +406,40 @@ def test_triton_dq_by_tma_reduction(nq, nkv, monkeypatch, poison_empty):
     want = tri.attention_bwd(do, q, k, v, out, lse, 0.1, False, plain)
     got = tri.attention_bwd(do, q, k, v, out, lse, 0.1, False, tile)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        if TRITON_DEV == "cpu" and name != "dq":  # the same kernel code computes dk, dv
+        if TRITON_DEV == "cpu":
             assert torch.equal(a, b), name
-        # dq: the same float32 shares, added in another order on a GPU; one rounding of the output dtype
-        top = float(b.abs().max())
-        assert max_abs_err(a, b) <= 1e-5 * max(1.0, top) + (dtype != torch.float32) * 2 * torch.finfo(dtype).eps * top
+        else:  # dq: the same float32 shares, added in another order; one rounding of the output dtype
+            top = float(b.abs().max())
+            assert max_abs_err(a, b) <= 1e-5 * max(1.0, top) + 2 * torch.finfo(dtype).eps * top, name
     if TRITON_DEV == "cpu":
         assert tri.tma_reduce_ok(q)
-        assert len(calls) == 2 * 3 * math.ceil(nkv / 64) * (nq // 32)
+        query_tiles = nq // 32 + (nq % 32 != 0 and tri.tail_block(nq, 32) == 32)
+        assert len(calls) == 2 * 3 * math.ceil(nkv / 64) * query_tiles
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("layout", ["fused", "contiguous"])
+@pytest.mark.parametrize("layout", ["fused", "contiguous", "nan-padded"])
 def test_triton_loads_through_tma_descriptors(layout, monkeypatch, poison_empty):
     """``Tile.tma_load``: the loop loads of full tiles go through (B, H, N, D) descriptors, slices of a fused
-    qkv projection included, and give the same results as the pointer loads; on the CPU (the interpreter
-    loads through descriptors itself) they really run: K and V per full key tile of each forward and dq
-    program, Q and dO per full query tile of each dkdv program."""
+    qkv projection included, and give the same results as the pointer loads; the columns past D = 80 in the
+    128-wide boxes read as 0, not as the NaN stored next to each row ("nan-padded": slices [..., :80] of
+    128-wide buffers). On the CPU (the interpreter loads through descriptors itself) they really run: K and
+    V per full key tile of each forward and dq program, Q and dO per full query tile of each dkdv program."""
     from seer_kernels.triton import attention as tri
     dtype = _triton_dtypes()[0]
     nq, nkv = (70, 45) if TRITON_DEV == "cpu" else (257, 197)
-    q, k, v = make_qkv(2, 3, nq, nkv, 80, dtype, TRITON_DEV, layout=layout)
-    do = torch.randn(q.shape, device=q.device).to(dtype)
+    if layout == "nan-padded":
+        q, k, v, do = (torch.full((2, 3, n, 128), float("nan"), device=TRITON_DEV, dtype=dtype)
+                       for n in (nq, nkv, nkv, nq))
+        for t in (q, k, v, do):
+            t[..., :80] = torch.randn(t.shape[:-1] + (80,), device=t.device).to(dtype)
+        q, k, v, do = (t[..., :80] for t in (q, k, v, do))
+    else:
+        q, k, v = make_qkv(2, 3, nq, nkv, 80, dtype, TRITON_DEV, layout=layout)
+        do = torch.randn(q.shape, device=q.device).to(dtype)
+    _assert_tma_on_hopper(q)
+    assert tri._tma_loads(tri.Tile(64, 32, tma_load=True), 32, K_DESC=k, V_DESC=v)["TMA_LOAD"] == \
+        tri.tma_load_ok(q)
     fwd, dkdv, dq = tri.Tile(64, 32, 4, 3), tri.Tile(32, 64, 4, 2), tri.Tile(64, 32, 4, 3)
     loads = []
     if TRITON_DEV == "cpu":
@@ -428,6 +451,7 @@ def test_triton_loads_through_tma_descriptors(layout, monkeypatch, poison_empty)
     got = tri.attention_fwd(q, k, v, 0.1, tri.Tile(64, 32, 4, 3, tma_load=True))
     n_fwd = len(loads)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.isfinite(got[0]).all()
     out, lse = want
     for det in (True, False):
         want = tri.attention_bwd(do, q, k, v, out, lse, 0.1, det, dkdv, dq)
