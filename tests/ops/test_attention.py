@@ -454,7 +454,18 @@ def test_triton_loads_through_tma_descriptors(layout, monkeypatch, poison_empty)
     want = tri.attention_fwd(q, k, v, 0.1, fwd)
     got = tri.attention_fwd(q, k, v, 0.1, tri.Tile(64, 32, 4, 3, tma_load=True))
     n_fwd = len(loads)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    def same(a, b, name):
+        """The same bits on the CPU (the same additions in the same order); on a GPU the compiled code around
+        the loads may differ, so one rounding of the dtype (and dq's atomics add in any order)."""
+        if TRITON_DEV == "cpu" and name != "dq atomic":
+            assert torch.equal(a, b), name
+        else:
+            top = float(b.abs().max())
+            assert max_abs_err(a, b) <= 1e-5 * max(1.0, top) + 2 * torch.finfo(dtype).eps * top, name
+
+    for name, a, b in zip(("out", "lse"), got, want):
+        same(a, b, name)
     assert torch.isfinite(got[0]).all()
     out, lse = want
     for det in (True, False):
@@ -462,11 +473,7 @@ def test_triton_loads_through_tma_descriptors(layout, monkeypatch, poison_empty)
         got = tri.attention_bwd(do, q, k, v, out, lse, 0.1, det, tri.Tile(32, 64, 4, 2, tma_load=True),
                                 tri.Tile(64, 32, 4, 3, tma_load=True))
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            if det or name != "dq":  # the same additions in the same order
-                assert torch.equal(a, b), (name, det)
-            else:
-                assert max_abs_err(a, b) <= 1e-5 * max(1.0, float(b.abs().max())) + \
-                    (dtype != torch.float32) * 2 * torch.finfo(dtype).eps * float(b.abs().max())
+            same(a, b, name if det else f"{name} atomic")
     if TRITON_DEV == "cpu":
         programs, heads = math.ceil(nq / 64), 2 * 3
         assert n_fwd == heads * programs * (nkv // 32) * 2  # K and V of each full 32-key tile
