@@ -16,6 +16,8 @@ def main(out_dir: str) -> int:
     out = Path(out_dir)
     print("=" * 100)
     print(f"build: {_read(out / 'build.status')}")
+    if (out / "tma.status").exists():
+        print(_read(out / "tma.status"))
     for name, what in (("native_errors.log", "first build"), ("native_errors-system.log", "/usr/bin/g++ build")):
         errors = out / name
         if errors.exists():
@@ -99,5 +101,17 @@ def _tail_tiles(rows: list) -> None:
         print("\n".join(lines))
 
 
+def failed(xml: str, *words: str) -> list:
+    """Names of the failed or errored test cases in a junit XML whose name contains one of ``words``."""
+    root = ET.parse(xml).getroot()
+    return [case.get("name", "") for case in root.iter("testcase")
+            if (case.find("failure") is not None or case.find("error") is not None)
+            and any(w in case.get("name", "").lower() for w in words)]
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--failed":  # exit 0 (and print them) if any such test failed
+        names = failed(sys.argv[2], *sys.argv[3:])
+        print("\n".join(names))
+        sys.exit(0 if names else 1)
     sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "bench/results/gpu-latest"))

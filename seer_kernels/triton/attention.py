@@ -56,6 +56,7 @@ pointer code where the GPU, the Triton or the tensor's layout does not allow the
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -559,7 +560,10 @@ _TMA_DEVICES: dict = {}
 
 
 def _tma_gpu(t: Tensor) -> bool:
-    """t is on an NVIDIA GPU with a TMA unit (compute capability 9.0 or newer; ROCm reports 9.x for MI300)."""
+    """t is on an NVIDIA GPU with a TMA unit (compute capability 9.0 or newer; ROCm reports 9.x for MI300),
+    and SEER_KERNELS_TMA=0 does not turn the TMA features off (read per call: only tiles with one get here)."""
+    if os.environ.get("SEER_KERNELS_TMA") == "0":
+        return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     ok = _TMA_DEVICES.get(index)
     if ok is None:
@@ -576,7 +580,8 @@ def tma_reduce_ok(t: Tensor) -> bool:
     if t.is_cuda:
         return _tma_gpu(t)
     from triton.runtime import interpreter
-    return hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce")
+    return hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce") and \
+        os.environ.get("SEER_KERNELS_TMA") != "0"
 
 
 def tma_load_ok(t: Tensor) -> bool:
@@ -584,7 +589,7 @@ def tma_load_ok(t: Tensor) -> bool:
     interpreter loads through descriptors itself (by pointers, with the unit's zero padding)."""
     if _TensorDescriptor is None:
         return False
-    return _tma_gpu(t) if t.is_cuda else True
+    return _tma_gpu(t) if t.is_cuda else os.environ.get("SEER_KERNELS_TMA") != "0"
 
 
 def _row_descriptor(t: Tensor, rows: int) -> object:
@@ -672,11 +677,10 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
             BLOCK_M=DELTA_BLOCK, **cx)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
-    tma = not deterministic and B * H < 2**31 and tma_reduce_ok(q)  # TMA coordinates are int32
-
     def dq_reduction_and_loads(tile):
         loads = _tma_loads(tile, tile.block_m, Q_DESC=q, DO_DESC=dout)
-        if tma and tile.dq_tma:
+        # TMA coordinates are int32
+        if tile.dq_tma and not deterministic and B * H < 2**31 and tma_reduce_ok(q):
             return dict(loads, DQ_DESC=_dq_descriptor(dq_acc, tile.block_m), DQ_TMA=True)
         return dict(loads, DQ_DESC=None, DQ_TMA=False)
 

@@ -481,6 +481,34 @@ def test_triton_loads_through_tma_descriptors(layout, monkeypatch, poison_empty)
         assert len(loads) == n_fwd * 2 + per_dkdv * 2  # fwd, dq (det), dkdv x 2 (det, atomic)
 
 
+@pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
+def test_environment_turns_the_tma_features_off(monkeypatch):
+    """SEER_KERNELS_TMA=0: every tile loads by pointers and adds dq with pointer atomics (the escape hatch
+    for a Triton or driver whose TMA path misbehaves; bench/gpu_check.sh sets it when the TMA tests fail)."""
+    from seer_kernels.triton import attention as tri
+    if tri._TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    x = torch.zeros(2, 3, 40, 64, dtype=torch.float16, device=TRITON_DEV)
+    tile = tri.Tile(32, 64, 4, 2, dq_tma=True, tma_load=True)
+    monkeypatch.setenv("SEER_KERNELS_TMA", "0")
+    assert not tri.tma_load_ok(x) and not tri.tma_reduce_ok(x)
+    assert tri._tma_loads(tile, 32, Q_DESC=x, DO_DESC=x) == dict(Q_DESC=None, DO_DESC=None, TMA_LOAD=False)
+    monkeypatch.delenv("SEER_KERNELS_TMA")
+    if TRITON_DEV == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert tri.tma_load_ok(x) and tri.tma_reduce_ok(x)
+
+
+def test_summary_finds_failed_tests_by_name(tmp_path):
+    """bench/gpu_check.sh turns the TMA features off for the benchmarks when a TMA test failed."""
+    from bench import summary
+    xml = tmp_path / "t.xml"
+    xml.write_text('<testsuites><testsuite><testcase name="test_triton_dq_by_tma_reduction[60-33]">'
+                   '<failure message="x"/></testcase><testcase name="test_triton_every_candidate_tile[a]"/>'
+                   '<testcase name="test_other"><error message="y"/></testcase></testsuite></testsuites>')
+    assert summary.failed(str(xml), "tma", "candidate_tile") == ["test_triton_dq_by_tma_reduction[60-33]"]
+    assert summary.failed(str(xml), "candidate_tile") == []
+
+
 def test_row_descriptor_needs_16_byte_strides():
     """TMA addresses a tensor only with a 16-byte aligned base and batch/head/row strides: otherwise the
     launcher loads by pointers (``_row_descriptor`` says None)."""
