@@ -6,6 +6,7 @@ import torch
 
 from seer.config import apply_overrides, preset
 from seer.train import Trainer
+from seer.train.distributed import shutdown_distributed
 
 out, overrides = sys.argv[1], sys.argv[2:]
 trainer = Trainer(apply_overrides(preset("tiny"), overrides), out)
@@ -16,3 +17,6 @@ with torch.no_grad():
     features = trainer.backbone(x)
 if trainer.dist.is_main:
     torch.save({"x": x, "features": features}, f"{out}/features.pt")
+# As the CLI does: a process group left to the interpreter's exit can abort in gloo ("terminate called without
+# an active exception", seen once in CI under load), failing the torchrun job after a finished run.
+shutdown_distributed()
