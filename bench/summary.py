@@ -86,7 +86,8 @@ def _tail_tiles(rows: list) -> None:
         cands = row.get("candidate_us") or {}
         case = row["case"][:-len(row["mode"]) - 1]
         if row["mode"] == "fwd":  # the same failures are in every row of the shape: print them once
-            lines += [f"  {case:32s} {key:64s} FAILED: {why}" for key, why in row.get("candidate_failures", {}).items()]
+            failures = row.get("candidate_failures", {})
+            lines += [f"  {case:32s} {key:64s} FAILED: {why}" for key, why in failures.items()]
         for key, us in cands.items():
             # The atomic scheme's candidates share one dq tile (not launched): its twins differ in dkdv only.
             for what, index, label in (("split", 4, "unsplit"), ("tma dq", 5, "atomics"),
