@@ -258,21 +258,11 @@ def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend
 # ---------------------------------------------------------------------------------------------------------
 # Custom ops. Fake kernels give shapes and layouts so that torch.compile(fullgraph=True) traces through them.
 
-def _run_fwd(q, k, v, scale, deterministic, backend):
-    """(out, lse) from the backend named by the caller (or the dispatcher's choice), for the ops below (the
-    eager path runs the Backend that seer_kernels.attention selected directly)."""
-    return _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
-
-
-def _run_bwd(dout, q, k, v, out, lse, scale, deterministic, backend):
-    return _op_backend(backend, q, k, deterministic).impl.bwd(dout, q, k, v, out, lse, scale, deterministic)
-
-
 @torch.library.custom_op("seer::attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool = False,
             backend: str = "") -> tuple[Tensor, Tensor]:
     """out (B, H, Nq, D) on (B, Nq, H, D) memory, lse (B, H, Nq) float32 (float64 for float64 inputs)."""
-    return _run_fwd(q, k, v, scale, deterministic, backend)
+    return _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
 
 
 @_fwd_op.register_fake
@@ -284,7 +274,7 @@ def _(q, k, v, scale, deterministic=False, backend=""):
 def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
             deterministic: bool = False, backend: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous) from the saved log-sum-exp rows."""
-    return _run_bwd(dout, q, k, v, out, lse, scale, deterministic, backend)
+    return _op_backend(backend, q, k, deterministic).impl.bwd(dout, q, k, v, out, lse, scale, deterministic)
 
 
 @_bwd_op.register_fake
