@@ -559,11 +559,14 @@ except ImportError:  # pragma: no cover
 _TMA_DEVICES: dict = {}
 
 
+def _tma_off() -> bool:
+    """This Triton has no tensor descriptors, or SEER_KERNELS_TMA=0 turns the TMA features off (read per call:
+    only tiles with such a feature ask)."""
+    return _TensorDescriptor is None or os.environ.get("SEER_KERNELS_TMA") == "0"
+
+
 def _tma_gpu(t: Tensor) -> bool:
-    """t is on an NVIDIA GPU with a TMA unit (compute capability 9.0 or newer; ROCm reports 9.x for MI300),
-    and SEER_KERNELS_TMA=0 does not turn the TMA features off (read per call: only tiles with one get here)."""
-    if os.environ.get("SEER_KERNELS_TMA") == "0":
-        return False
+    """t is on an NVIDIA GPU with a TMA unit (compute capability 9.0 or newer; ROCm reports 9.x for MI300)."""
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     ok = _TMA_DEVICES.get(index)
     if ok is None:
@@ -575,21 +578,18 @@ def tma_reduce_ok(t: Tensor) -> bool:
     """Whether ``Tile.dq_tma`` runs as a TMA reduction on t's device: a GPU of compute capability 9.0 or
     newer (the TMA unit) and a Triton with tensor descriptors; on the CPU, a Triton interpreter that can
     emulate the descriptor reduction (``seer_kernels.testing.emulate_descriptor_reduce``, for tests)."""
-    if _TensorDescriptor is None:
+    if _tma_off():
         return False
     if t.is_cuda:
         return _tma_gpu(t)
     from triton.runtime import interpreter
-    return hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce") and \
-        os.environ.get("SEER_KERNELS_TMA") != "0"
+    return hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce")
 
 
 def tma_load_ok(t: Tensor) -> bool:
     """Whether ``Tile.tma_load`` loads through descriptors on t's device: as ``tma_reduce_ok``; Triton's
     interpreter loads through descriptors itself (by pointers, with the unit's zero padding)."""
-    if _TensorDescriptor is None:
-        return False
-    return _tma_gpu(t) if t.is_cuda else os.environ.get("SEER_KERNELS_TMA") != "0"
+    return not _tma_off() and (not t.is_cuda or _tma_gpu(t))
 
 
 def _row_descriptor(t: Tensor, rows: int) -> object:
