@@ -298,10 +298,9 @@ def test_tail_block():
             assert not table[cls][-1].split_tail and tri.Tile(*table[cls][-1].as_list()) == table[cls][-1]
 
 
-def test_launchers_pass_the_tail_tiles(monkeypatch):
-    """The launchers hand each kernel the tail sizes of its own axes (queries and keys), and the full block
-    where a tile does not split: what the kernels then compute is checked by the tests around this one."""
-    from seer_kernels.triton import attention as tri
+def _record_launches(monkeypatch, tri, names) -> list:
+    """Replace the kernels ``names`` of the Triton module by recorders: (name, grid, keyword arguments) of
+    each launch, nothing run."""
     launches = []
 
     class Recorder:
@@ -311,8 +310,39 @@ def test_launchers_pass_the_tail_tiles(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((self.name, grid, kw))
 
-    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_bwd_delta_kernel"):
+    for name in names:
         monkeypatch.setattr(tri, name, Recorder(name))
+    return launches
+
+
+def _interpreter_calls(monkeypatch, method: str) -> list:
+    """The arguments of every later call of the Triton interpreter's builder ``method`` (stays empty on a
+    GPU, where nothing is interpreted)."""
+    calls = []
+    if TRITON_DEV == "cpu":
+        from triton.runtime import interpreter
+        wrapped = getattr(interpreter.InterpreterBuilder, method)
+        monkeypatch.setattr(interpreter.InterpreterBuilder, method,
+                            lambda self, *a: calls.append(a) or wrapped(self, *a))
+    return calls
+
+
+def _assert_same_as_pointer_path(a, b, dtype, name, exact):
+    """A TMA path's result against the pointer path's: the same bits where ``exact``; else within one
+    rounding of the dtype (compiled code around the loads may differ; dq's atomics add in any order)."""
+    if exact:
+        assert torch.equal(a, b), name
+    else:
+        top = float(b.abs().max())
+        assert max_abs_err(a, b) <= 1e-5 * max(1.0, top) + 2 * torch.finfo(dtype).eps * top, name
+
+
+def test_launchers_pass_the_tail_tiles(monkeypatch):
+    """The launchers hand each kernel the tail sizes of its own axes (queries and keys), and the full block
+    where a tile does not split: what the kernels then compute is checked by the tests around this one."""
+    from seer_kernels.triton import attention as tri
+    launches = _record_launches(monkeypatch, tri, ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
+                                                   "_bwd_delta_kernel"))
     q = torch.zeros(2, 3, 257, 64)
     k = v = torch.zeros(2, 3, 145, 64)
     lse = torch.zeros(2, 3, 257)
@@ -401,20 +431,11 @@ def test_triton_dq_by_tma_reduction(nq, nkv, monkeypatch, poison_empty):
     do = torch.randn(q.shape, device=q.device).to(dtype)
     out, lse = tri.attention_fwd(q, k, v, 0.1)
     tile, plain = tri.Tile(32, 64, 4, 2, dq_tma=True), tri.Tile(32, 64, 4, 2)
-    calls = []
-    if TRITON_DEV == "cpu":
-        from triton.runtime import interpreter
-        reduce = interpreter.InterpreterBuilder.create_descriptor_reduce
-        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce",
-                            lambda self, *a: calls.append(a) or reduce(self, *a))
+    calls = _interpreter_calls(monkeypatch, "create_descriptor_reduce")
     want = tri.attention_bwd(do, q, k, v, out, lse, 0.1, False, plain)
     got = tri.attention_bwd(do, q, k, v, out, lse, 0.1, False, tile)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        if TRITON_DEV == "cpu":
-            assert torch.equal(a, b), name
-        else:  # dq: the same float32 shares, added in another order; one rounding of the output dtype
-            top = float(b.abs().max())
-            assert max_abs_err(a, b) <= 1e-5 * max(1.0, top) + 2 * torch.finfo(dtype).eps * top, name
+        _assert_same_as_pointer_path(a, b, dtype, name, exact=TRITON_DEV == "cpu")
     if TRITON_DEV == "cpu":
         assert tri.tma_reduce_ok(q)
         query_tiles = nq // 32 + (nq % 32 != 0 and tri.tail_block(nq, 32) == 32)
@@ -445,24 +466,13 @@ def test_triton_loads_through_tma_descriptors(layout, monkeypatch, poison_empty)
     assert tri._tma_loads(tri.Tile(64, 32, tma_load=True), 32, K_DESC=k, V_DESC=v)["TMA_LOAD"] == \
         tri.tma_load_ok(q)
     fwd, dkdv, dq = tri.Tile(64, 32, 4, 3), tri.Tile(32, 64, 4, 2), tri.Tile(64, 32, 4, 3)
-    loads = []
-    if TRITON_DEV == "cpu":
-        from triton.runtime import interpreter
-        load = interpreter.InterpreterBuilder.create_descriptor_load
-        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_load",
-                            lambda self, *a: loads.append(a) or load(self, *a))
+    loads = _interpreter_calls(monkeypatch, "create_descriptor_load")
     want = tri.attention_fwd(q, k, v, 0.1, fwd)
     got = tri.attention_fwd(q, k, v, 0.1, tri.Tile(64, 32, 4, 3, tma_load=True))
     n_fwd = len(loads)
 
-    def same(a, b, name):
-        """The same bits on the CPU (the same additions in the same order); on a GPU the compiled code around
-        the loads may differ, so one rounding of the dtype (and dq's atomics add in any order)."""
-        if TRITON_DEV == "cpu" and name != "dq atomic":
-            assert torch.equal(a, b), name
-        else:
-            top = float(b.abs().max())
-            assert max_abs_err(a, b) <= 1e-5 * max(1.0, top) + 2 * torch.finfo(dtype).eps * top, name
+    def same(a, b, name):  # the same bits on the CPU, but for dq's atomics (added in another order)
+        _assert_same_as_pointer_path(a, b, dtype, name, exact=TRITON_DEV == "cpu" and name != "dq atomic")
 
     for name, a, b in zip(("out", "lse"), got, want):
         same(a, b, name)
@@ -531,14 +541,7 @@ def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
     """A ``dq_tma`` tile (a selector table may hold one) runs with pointer atomics where the TMA reduction is
     not available: GPUs before sm_90, Triton without tensor descriptors, the interpreter without emulation."""
     from seer_kernels.triton import attention as tri
-    launches = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: launches.append(kw)
-
-    for name in ("_bwd_dkdv_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel"):
-        monkeypatch.setattr(tri, name, Recorder())
+    launches = _record_launches(monkeypatch, tri, ("_bwd_dkdv_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel"))
     q = torch.zeros(2, 3, 40, 64)
     lse = torch.zeros(2, 3, 40)
     for ok in (False, True):
@@ -547,7 +550,7 @@ def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
         tri.attention_bwd(q, q, q, q, q, lse, 0.1, False, tri.Tile(32, 64, 4, 2, dq_tma=True))
         tri.attention_bwd(q, q, q, q, q, lse, 0.1, True, tri.Tile(32, 64, 4, 2, dq_tma=True))  # no atomics
         tri.attention_bwd(q, q, q, q, q, lse, 0.1, False, tri.Tile(32, 64, 4, 2))
-        dkdv = [kw for kw in launches if "ATOMIC_DQ" in kw]
+        dkdv = [kw for name, _, kw in launches if name == "_bwd_dkdv_kernel"]
         assert [kw["DQ_TMA"] for kw in dkdv] == [ok, False, False]
         assert (dkdv[0]["DQ_DESC"] is not None) == ok and dkdv[1]["DQ_DESC"] is None
         if ok:
