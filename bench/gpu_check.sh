@@ -6,11 +6,11 @@
 # benchmarks ~3 min, profile 15 s; that case, last in the benchmarks, compiles a 1B model's blocks, about
 # a minute more, and BENCH_TIMEOUT cuts it first; the attention candidates with TMA features, added since,
 # compile and time about a minute more in the benchmarks, hence the cap of 330 s and, for the profile's
-# new cases, 90 s); the wider attention tile sweep (SWEEP_TIMEOUT=90) adds
-# about 70 s, a rebuild with the system compiler (only where the C++ error path fails) about 35 s.
+# new cases, 90 s); the wider attention tile sweep (SWEEP_TIMEOUT=90) adds about 70 s, a rebuild with the
+# system compiler (only where the C++ error path fails) about 35 s.
 # Phase time limits, in seconds (caps, each phase usually ends well before): BUILD_TIMEOUT NATIVE_TIMEOUT
-# TEST_TIMEOUT MATRIX_TIMEOUT BENCH_TIMEOUT SWEEP_TIMEOUT (0: no sweep) PROFILE_TIMEOUT. Each phase has its own timeout and is
-# stopped with SIGINT, so pytest still writes its report and the table shows what ran.
+# TEST_TIMEOUT MATRIX_TIMEOUT BENCH_TIMEOUT SWEEP_TIMEOUT (0: no sweep) PROFILE_TIMEOUT. Each phase has its
+# own timeout and is stopped with SIGINT, so pytest still writes its report and the table shows what ran.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs, junit XML and bench JSON go to OUT_DIR
 #
