@@ -19,9 +19,14 @@ import triton
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
+def _bundled(tool: str) -> str:
+    """Path of a CUDA tool that Triton ships (ptxas, nvdisasm)."""
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
 def ptxas_usage(ptx: str, arch: int) -> tuple[object, object]:
     """(registers per thread, spill bytes) from Triton's bundled ptxas -v; ('-', '-') if unavailable."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = _bundled("ptxas")
     if not os.path.exists(ptxas):
         return "-", "-"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -36,6 +41,34 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[object, object]:
     return (int(regs.group(1)) if regs else "-"), (int(spills.group(1)) if spills else "-")
 
 
+_SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def largest_loop(cubin: bytes) -> object:
+    """SASS instructions in the body of the largest loop (a label and a predicated branch back to it): one
+    iteration of the kernel's main loop, the count that instruction-level changes move; 0 without a loop,
+    '-' without Triton's nvdisasm."""
+    nvdisasm = _bundled("nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return "-"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        lines = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+    finally:
+        os.unlink(f.name)
+    labels, best = {}, 0
+    for i, line in enumerate(lines):
+        label = re.match(r"^\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = i
+        # a predicated branch back: the unconditional ones return from out-of-line wait loops
+        back = re.search(r"@!?U?P\w+\s+BRA\s+`\(\.(L_x_\d+)\)", line)
+        if back and labels.get(back.group(1), i) < i:
+            best = max(best, sum(1 for body in lines[labels[back.group(1)]:i + 1] if _SASS_OP.match(body)))
+    return best
+
+
 def interpreted() -> bool:
     """True (with a message) under TRITON_INTERPRET=1, where kernels cannot be compiled."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -44,11 +77,16 @@ def interpreted() -> bool:
     return False
 
 
-def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_budget: int = 0) -> int:
-    """Compile each (label, compile thunk) row, print one line per row and a total; 1 if any failed, else 0."""
+def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_budget: int = 0,
+           forbidden_ptx: tuple[str, ...] = ()) -> int:
+    """Compile each (label, compile thunk) row, print one line per row and a total; 1 if any failed, else 0.
+
+    ``loop``: SASS instructions per iteration of the largest loop (``largest_loop``). ``forbidden_ptx``:
+    PTX instructions (matched with a trailing space or tab) that fail a variant, for code that must not come
+    back (a slower lowering)."""
     limit = SMEM_LIMIT.get(arch, 99 * 1024)
     bad = count = 0
-    print(f"{header} {'smem KB':>8s} {'regs':>5s} {'spills':>6s} {'s':>5s}")
+    print(f"{header} {'smem KB':>8s} {'regs':>5s} {'spills':>6s} {'loop':>5s} {'s':>5s}")
     for label, build in rows:
         t0 = time.time()
         count += 1
@@ -60,11 +98,15 @@ def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_b
             continue
         smem = c.metadata.shared
         regs, spills = ptxas_usage(c.asm["ptx"], arch)
+        loop = largest_loop(c.asm["cubin"]) if "cubin" in c.asm else "-"
         flag = ""
         if smem > limit:
             flag, bad = " SMEM>LIMIT", bad + 1
         if isinstance(spills, int) and spills > spill_budget:
             flag, bad = flag + " SPILLS", bad + 1
-        print(f"{label} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} {time.time() - t0:5.1f}{flag}")
+        found = [op for op in forbidden_ptx if re.search(re.escape(op) + r"[ \t]", c.asm["ptx"])]
+        if found:
+            flag, bad = flag + " PTX:" + ",".join(found), bad + 1
+        print(f"{label} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} {loop!s:>5s} {time.time() - t0:5.1f}{flag}")
     print(f"{count} variants, {bad} failures")
     return 1 if bad else 0

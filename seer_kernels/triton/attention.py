@@ -2,10 +2,14 @@
 
 Forward: one program per (query tile, head, batch) walks the keys in tiles with the online softmax (running
 max m and running sum l), and writes out and the log-sum-exp rows lse = m + log l. The N x N matrix never
-exists. The bookkeeping is in natural-log units: exp(s - m) subtracts first and exponentiates a small number
-(on GPUs exp is ex2 of x * log2e), where the usual exp2(s * scale * log2e - m2) subtracts two large log2-unit
-numbers; that costs one multiply per score and keeps float32 close to PyTorch's own error when the scores
-are large (peaked attention).
+exists. The bookkeeping is in log2 units, as FlashAttention-2 does: with c = scale * log2(e) >= 0 the
+running max is m = c * max_j s_ij (one multiply per row, not per score) and p = exp2(s * c - m) is one fma
+and one flush-to-zero ex2 per score, where tl.exp(s * scale - m) costs a multiply by scale, a subtraction, a
+multiply by log2(e) and a non-flush-to-zero ex2 that ptxas wraps in range-scaling multiplies (the sm_90 main
+loops lose 8-35 % of their instructions: docs/attention.md). The fma rounds once, at the small result, so
+float32 stays close to PyTorch's own error when the scores are large (peaked attention); flushing drops only
+probabilities below 2^-126. A negative scale runs as -q with |scale| (the max needs c >= 0); lse is stored
+in natural log (lse = (m + log2 l) * ln 2).
 
 Backward, from lse (P = exp(S - lse) is recomputed per tile):
 
@@ -244,19 +248,23 @@ def _store_rows(base, x, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.con
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start, end, N_KV, scale,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start, end, N_KV, qk_scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                TMA_LOAD: tl.constexpr):
-    """Online softmax over key tiles [start, end): m_i running max of the scaled scores, l_i sum exp(s - m_i)."""
+    """Online softmax over key tiles [start, end) in log2 units: with c = qk_scale = scale * log2(e) >= 0,
+    m_i is the running max of c * s and l_i the sum of exp2(c * s - m_i)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
-        s = tl.dot(q, tl.trans(k)) * scale
-        if MASK_N:
-            s = tl.where((offs_n < N_KV)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        s = tl.dot(q, tl.trans(k))
+        if MASK_N:  # the one tail tile: scale first, so that c = 0 cannot make -inf * 0 = NaN
+            s = tl.where((offs_n < N_KV)[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+        else:  # c >= 0: max(c * s) = c * max(s), and the exponent is one fma
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(v_base, v_desc, start_n, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -276,14 +284,15 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, k_desc, v_desc, sqn, skn,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
+    qk_scale = scale * 1.4426950408889634  # log2(e); the launcher makes scale >= 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, 0,
-                               n_full, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
+                               n_full, N_KV, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d,
-                               n_full, N_KV, N_KV, scale, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
+                               n_full, N_KV, N_KV, qk_scale, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
     # Every row saw at least one real key (N_KV >= 1), so l_i >= 1 and the division is safe.
     out = acc / l_i[:, None]
     _store_rows(o_base, out.to(o_base.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
-    tl.store(lse_row + offs_m, m_i + tl.log(l_i), mask=offs_m < N_Q)
+    tl.store(lse_row + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < N_Q)  # ln(2)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
@@ -329,14 +338,15 @@ def _bwd_delta_kernel(O, DO, DELTA, DQ_ACC, sob, soh, son, sdob, sdoh, sdon, sdq
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc, dq_desc, bh,
-                sqn, sdon, sdqn, offs_d, start, end, N_Q, scale,
+                sqn, sdon, sdqn, offs_d, start, end, N_Q, qk_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOAD: tl.constexpr):
+                MASK_KEYS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOAD: tl.constexpr):
     """Accumulate dk, dv of one key tile over query tiles [start, end), working on S^T (keys x queries).
 
     With ``DQ_TMA`` the dq share goes through ``dq_desc`` (a (B * H, N_Q, HEAD_DIM) float32 descriptor with
     BLOCK_M x D_PAD boxes; the TMA unit drops the rows past N_Q and the columns past HEAD_DIM); tail tiles
-    of another row count use the pointer atomics."""
+    of another row count use the pointer atomics. ``MASK_KEYS``: this key tile has padded rows (key_bias
+    -inf there); only the program of the last key tile can."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, q_desc, start_m, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, BLOCK_M, MASK_M, TMA_LOAD)
@@ -348,14 +358,18 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
         else:
             lse = tl.load(lse_row + offs_m)
             delta = tl.load(delta_row + offs_m)
-        s_t = tl.dot(k, tl.trans(q)) * scale + key_bias[:, None]
-        p_t = tl.exp(s_t - lse[None, :])
+        # p = exp(s * scale - lse) = exp2(s * c - lse * log2(e)): one fma and one ex2 per score (any sign
+        # of c: no max here)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale + (lse * -1.4426950408889634)[None, :]
+        if MASK_KEYS:
+            s_t += key_bias[:, None]
+        p_t = tl.exp2(s_t)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k)  # times scale in the conversion: once per element
             if DQ_TMA:
                 dq_desc.atomic_add([bh, start_m, 0], dq.reshape([1, BLOCK_M, D_PAD]))
             else:
@@ -374,7 +388,8 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
 def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, q_desc, do_desc,
                dq_desc, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL_M: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOAD: tl.constexpr):
+               TAIL_M: tl.constexpr, MASK_KEYS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+               TMA_LOAD: tl.constexpr):
     """dk, dv of key rows [start_n, start_n + BLOCK_N) of one (batch, head), from every query."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -385,14 +400,15 @@ def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
+    qk_scale = scale * 1.4426950408889634  # log2(e)
     dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc,
-                         dq_desc, bh, sqn, sdon, sdqn, offs_d, 0, m_full, N_Q, scale, HEAD_DIM, D_PAD, BLOCK_M, False,
-                         ATOMIC_DQ, DQ_TMA, TMA_LOAD)
+                         dq_desc, bh, sqn, sdon, sdqn, offs_d, 0, m_full, N_Q, qk_scale, HEAD_DIM, D_PAD,
+                         BLOCK_M, False, MASK_KEYS, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
     # The tail tile's box is the descriptor's only where it has BLOCK_M rows (no split); the TMA unit drops
     # the rows past N_Q.
     dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc,
-                         dq_desc, bh, sqn, sdon, sdqn, offs_d, m_full, N_Q, N_Q, scale, HEAD_DIM, D_PAD, TAIL_M, True,
-                         ATOMIC_DQ, DQ_TMA and TAIL_M == BLOCK_M, TMA_LOAD)
+                         dq_desc, bh, sqn, sdon, sdqn, offs_d, m_full, N_Q, N_Q, qk_scale, HEAD_DIM, D_PAD,
+                         TAIL_M, True, MASK_KEYS, ATOMIC_DQ, DQ_TMA and TAIL_M == BLOCK_M, TMA_LOAD)
     _store_rows(dk_base, (dk * scale).to(dk_base.dtype.element_ty), offs_n, offs_d, sdkn, N_KV, HEAD_DIM, D_PAD)
     _store_rows(dv_base, dv.to(dv_base.dtype.element_ty), offs_n, offs_d, sdvn, N_KV, HEAD_DIM, D_PAD)
 
@@ -405,8 +421,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
                      TMA_LOAD: tl.constexpr):
-    """DQ_DESC: None, or with ``DQ_TMA`` the descriptor of DQ_ACC for the TMA reduction (``Tile.dq_tma``);
-    Q_DESC, DO_DESC: None, or with ``TMA_LOAD`` descriptors of Q and DO (``Tile.tma_load``)."""
+    """DQ_ACC: with ``ATOMIC_DQ`` the float32 buffer that the dq shares add into, without ``scale`` (the
+    conversion applies it); DQ_DESC: None, or with ``DQ_TMA`` its descriptor for the TMA reduction
+    (``Tile.dq_tma``); Q_DESC, DO_DESC: None, or with ``TMA_LOAD`` descriptors of Q and DO (``Tile.tma_load``).
+    (A constant row stride for DQ_ACC's atomics cut 16 instructions per iteration with Triton 3.8 but made
+    Triton 3.6 spill 72 bytes at D = 80: not taken.)"""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(2) * H + tl.program_id(1)  # the descriptor's leading coordinate (int32, < 2^32 grid)
     h = tl.program_id(1).to(tl.int64)
@@ -420,28 +439,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     dq_base = DQ_ACC + b * sdqb + h * sdqh
     lse_row = LSE + (b * H + h) * N_Q
     delta_row = DELTA + (b * H + h) * N_Q
+    # Only the last key tile can have padded keys: with a split tail that is the TAIL_N copy alone, so the
+    # other programs skip the key mask (one add per score).
     if TAIL_N < BLOCK_N and start_n + BLOCK_N > N_KV:  # the partial last key tile, in a TAIL_N-row tile
         _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, Q_DESC, DO_DESC,
                    DQ_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
+                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, True, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
     else:
         _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, Q_DESC, DO_DESC,
                    DQ_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
+                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N == BLOCK_N, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start, end, N_KV,
-              scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start, end, N_KV,
+              qk_scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
               TMA_LOAD: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
         v = _load_tile(v_base, v_desc, start_n, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None]  # p = exp2(s * c - lse * log2(e)), one fma
         if MASK_N:
             s = tl.where((offs_n < N_KV)[None, :], s, float("-inf"))
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp2(s)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -462,13 +483,14 @@ def _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_ro
     o = _load_rows(o_base, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # padded rows: 0
     tl.store(delta_row + offs_m, delta, mask=offs_m < N_Q)
-    lse = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf"))
+    lse2 = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf")) * 1.4426950408889634  # log2(e)
+    qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, 0, n_full,
-                   N_KV, scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, n_full, N_KV,
-                   N_KV, scale, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, 0, n_full,
+                   N_KV, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, n_full, N_KV,
+                   N_KV, qk_scale, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
     _store_rows(dq_base, (dq * scale).to(dq_base.dtype.element_ty), offs_m, offs_d, sdqn, N_Q, HEAD_DIM, D_PAD)
 
 
@@ -632,9 +654,11 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
                   ) -> tuple[Tensor, Tensor]:
     """out (B, H, Nq, D) on (B, Nq, H, D) memory, lse (B, H, Nq) float32."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out, lse = new_out(q, v), new_lse(q)
+    if scale < 0:  # the kernel's running max needs scale >= 0: (q, scale) and (-q, -scale) give the same scores
+        q, scale = _unit_last(q.neg()), -scale
     B, H, NQ, D = q.shape
     NK = k.shape[2]
-    out, lse = new_out(q, v), new_lse(q)
     # out's (B, N, H, D) rows are H * D apart: past int32 row offsets, write (B, H, N, D) rows and copy.
     dst = out if _rows_fit_int32(out) else torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     with _on_device(q):
@@ -688,6 +712,6 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
          (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
           *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
          dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK, dq_reduction_and_loads)
-    if not deterministic:
-        dq = dq_acc.to(q.dtype)
+    if not deterministic:  # dq = scale * dq_acc in q's dtype: one elementwise kernel, like .to() alone
+        dq = torch.mul(dq_acc, float(scale), out=torch.empty(q.shape, dtype=q.dtype, device=dev))
     return dq, dk, dv

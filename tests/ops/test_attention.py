@@ -584,6 +584,29 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
                            "--defaults-only", "--seq-len", n)
         assert "20 variants, 0 failures" in out and "dkdv+tma" in out, (n, out)
         assert sum(", 1]" in line for line in out.splitlines()) == 8, out  # tma_load: fwd, dkdv x 2, dq
+        # The "loop" column (SASS per main-loop iteration) was read from each cubin: every kernel but delta
+        # has a main loop of at least its matmuls.
+        rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["fwd"], ["dkdv"], ["dq"])]
+        assert rows and all(int(r[-2]) > 50 for r in rows), out
+
+
+def test_compile_report_fails_a_variant_with_a_forbidden_instruction(capsys):
+    """bench.attention_compile fails a kernel whose PTX has the non-flush-to-zero ex2 of tl.exp (the softmax
+    must stay exp2 of one fma: 20-35 % fewer SASS instructions per main-loop iteration)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from bench import attention_compile, triton_compile
+
+    def compiled(ptx):
+        return lambda: SimpleNamespace(metadata=SimpleNamespace(shared=1024), asm={"ptx": ptx})
+
+    rows = [("exp  ", compiled("\tex2.approx.f32 \t%r1, %r0;\n")),
+            ("exp2 ", compiled("\tex2.approx.ftz.f32 \t%r1, %r0;\n"))]
+    assert triton_compile.report(rows, 90, "kernel", forbidden_ptx=attention_compile.FORBIDDEN_PTX) == 1
+    out = capsys.readouterr().out
+    assert "exp " in out and "PTX:ex2.approx.f32" in out.split("exp2")[0], out
+    assert "PTX:" not in out.split("exp2")[1] and "2 variants, 1 failures" in out, out
 
 
 @pytest.mark.cuda
