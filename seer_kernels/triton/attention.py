@@ -123,9 +123,9 @@ class Tile:
 # shapes (ViT-10B/TP4 for the 128 class, ViT-L or local crops for the 64 class), the others at another shape
 # or close behind; the benchmark times them all per shape and the selector table keeps the fastest.
 # Every entry compiles for sm_90 within 180 KB of shared memory at bf16/fp16 and spills at most 64 bytes per
-# thread (python -m bench.attention_compile prints both): the fastest dkdv tile at 128-wide heads,
-# (32, 64, 4 warps), spills 24 bytes with dq atomics (48 at D = 80, up to 64 with a 32-row tail tile) and
-# was still the fastest measured.
+# thread (python -m bench.attention_compile prints both; at most 48 with Triton 3.6, 32 with 3.8): the
+# fastest dkdv tile at 128-wide heads, (32, 64, 4 warps), spills 24-36 bytes with dq atomics and was still
+# the fastest measured.
 # The 64-row query tiles map onto Hopper's 64-row wgmma.
 # Every tile splits its tail (tail_block) except the last entry of the 64 and 128 classes: the default tile
 # without the split, so that the GPU benchmark times the split against the tiles measured before it, in the
