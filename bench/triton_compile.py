@@ -45,9 +45,10 @@ _SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*
 
 
 def largest_loop(cubin: bytes) -> object:
-    """SASS instructions in the body of the largest loop (a label and a predicated branch back to it): one
-    iteration of the kernel's main loop, the count that instruction-level changes move; 0 without a loop,
-    '-' without Triton's nvdisasm."""
+    """SASS instructions per iteration of the kernel's main loop: the largest loop (a label and a predicated
+    branch back to it) among those that issue wgmma (HGMMA) if any does, else mma (HMMA), else any. (The copy
+    of a loop compiled for a smaller tail tile uses mma and can be the larger one.) 0 without a loop, '-'
+    without Triton's nvdisasm. The count that instruction-level changes move."""
     nvdisasm = _bundled("nvdisasm")
     if not os.path.exists(nvdisasm):
         return "-"
@@ -57,7 +58,7 @@ def largest_loop(cubin: bytes) -> object:
         lines = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
     finally:
         os.unlink(f.name)
-    labels, best = {}, 0
+    labels, loops = {}, []
     for i, line in enumerate(lines):
         label = re.match(r"^\s*\.(L_x_\d+):", line)
         if label:
@@ -65,8 +66,10 @@ def largest_loop(cubin: bytes) -> object:
         # a predicated branch back: the unconditional ones return from out-of-line wait loops
         back = re.search(r"@!?U?P\w+\s+BRA\s+`\(\.(L_x_\d+)\)", line)
         if back and labels.get(back.group(1), i) < i:
-            best = max(best, sum(1 for body in lines[labels[back.group(1)]:i + 1] if _SASS_OP.match(body)))
-    return best
+            ops = [m.group(1) for m in map(_SASS_OP.match, lines[labels[back.group(1)]:i + 1]) if m]
+            loops.append((any(op.startswith("HGMMA") for op in ops), any(op.startswith("HMMA") for op in ops),
+                          len(ops)))
+    return max(loops, default=(False, False, 0))[2]
 
 
 def interpreted() -> bool:
@@ -101,12 +104,13 @@ def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_b
         loop = largest_loop(c.asm["cubin"]) if "cubin" in c.asm else "-"
         flag = ""
         if smem > limit:
-            flag, bad = " SMEM>LIMIT", bad + 1
+            flag += " SMEM>LIMIT"
         if isinstance(spills, int) and spills > spill_budget:
-            flag, bad = flag + " SPILLS", bad + 1
+            flag += " SPILLS"
         found = [op for op in forbidden_ptx if re.search(re.escape(op) + r"[ \t]", c.asm["ptx"])]
         if found:
-            flag, bad = flag + " PTX:" + ",".join(found), bad + 1
+            flag += " PTX:" + ",".join(found)
+        bad += bool(flag)  # one failure per variant, whatever it breaks
         print(f"{label} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} {loop!s:>5s} {time.time() - t0:5.1f}{flag}")
     print(f"{count} variants, {bad} failures")
     return 1 if bad else 0
