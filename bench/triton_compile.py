@@ -69,7 +69,8 @@ def largest_loop(cubin: bytes) -> object:
             ops = [m.group(1) for m in map(_SASS_OP.match, lines[labels[back.group(1)]:i + 1]) if m]
             loops.append((any(op.startswith("HGMMA") for op in ops), any(op.startswith("HMMA") for op in ops),
                           len(ops)))
-    return max(loops, default=(False, False, 0))[2]
+    # wgmma loops first, then mma ones, then the rest; the largest within the first group there is
+    return max(loops, key=lambda t: (t[0], t[0] or t[1], t[2]), default=(False, False, 0))[2]
 
 
 def interpreted() -> bool:

@@ -590,6 +590,32 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
         assert rows and all(int(r[-2]) > 50 for r in rows), out
 
 
+def test_compile_report_counts_the_main_loop(tmp_path, monkeypatch):
+    """The ``loop`` column counts the largest wgmma loop, even where a smaller one also issues mma (the dq
+    share of the atomic dkdv) or a larger mma-only one exists (a tail tile's copy), and skips the
+    unconditional branches back from out-of-line wait loops."""
+    pytest.importorskip("triton")
+    from bench import triton_compile
+
+    def op(i, text):
+        return f"        /*{i:04x}*/                   {text} ;"
+
+    sass = "\n".join([
+        ".L_x_1:", *(op(i, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24") if i == 0 else op(i, "FFMA R1, R2, R3, R4")
+                     for i in range(6)), "        /*0060*/               @P0 BRA `(.L_x_1) ;",
+        ".L_x_2:", op(7, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24"), op(8, "HMMA.16816.F32.BF16 R4, R8, R12, R4"),
+        "        /*0090*/               @P0 BRA `(.L_x_2) ;",
+        ".L_x_3:", *(op(10 + i, "HMMA.16816.F32.BF16 R4, R8, R12, R4") for i in range(20)),
+        "        /*0200*/               @P1 BRA `(.L_x_3) ;",
+        "        /*0210*/                   BRA `(.L_x_1) ;"])
+    fake = tmp_path / "nvdisasm"
+    fake.write_text("#!/bin/sh\ncat " + str(tmp_path / "sass.txt") + "\n")
+    fake.chmod(0o755)
+    (tmp_path / "sass.txt").write_text(sass + "\n")
+    monkeypatch.setattr(triton_compile, "_bundled", lambda tool: str(fake))
+    assert triton_compile.largest_loop(b"cubin") == 7  # .L_x_1: 6 instructions and its branch
+
+
 def test_compile_report_fails_a_variant_with_a_forbidden_instruction(capsys):
     """bench.attention_compile fails a kernel whose PTX has the non-flush-to-zero ex2 of tl.exp (the softmax
     must stay exp2 of one fma; with tl.exp the forward's and dq's sm_90 main loops had a third more SASS
