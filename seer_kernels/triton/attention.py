@@ -6,7 +6,7 @@ exists. The bookkeeping is in log2 units, as FlashAttention-2 does: with c = sca
 running max is m = c * max_j s_ij (one multiply per row, not per score) and p = exp2(s * c - m) is one fma
 and one flush-to-zero ex2 per score, where tl.exp(s * scale - m) costs a multiply by scale, a subtraction, a
 multiply by log2(e) and a non-flush-to-zero ex2 that ptxas wraps in range-scaling multiplies (the sm_90 main
-loops lose 8-35 % of their instructions: docs/attention.md). The fma rounds once, at the small result, so
+loops lose 14-35 % of their instructions: docs/attention.md). The fma rounds once, at the small result, so
 float32 stays close to PyTorch's own error when the scores are large (peaked attention); flushing drops only
 probabilities below 2^-126. A negative scale runs as -q with |scale| (the max needs c >= 0); lse is stored
 in natural log (lse = (m + log2 l) * ln 2).
