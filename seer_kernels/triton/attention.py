@@ -160,6 +160,9 @@ DQ_TILES = {
     256: (Tile(32, 64, 8, 2), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
 }
 DELTA_BLOCK = 64
+# The softmax runs in base 2 (module docstring): scores and lse convert with these.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def bwd_candidates(cls: int) -> list[tuple[bool, Tile, Tile]]:
@@ -284,7 +287,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, k_desc, v_desc, sqn, skn,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    qk_scale = scale * 1.4426950408889634  # log2(e); the launcher makes scale >= 0
+    qk_scale = scale * LOG2E  # the launcher makes scale >= 0
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, 0,
                                n_full, N_KV, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d,
@@ -292,7 +295,7 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, k_desc, v_desc, sqn, skn,
     # Every row saw at least one real key (N_KV >= 1), so l_i >= 1 and the division is safe.
     out = acc / l_i[:, None]
     _store_rows(o_base, out.to(o_base.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
-    tl.store(lse_row + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < N_Q)  # ln(2)
+    tl.store(lse_row + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N_Q)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
@@ -360,7 +363,7 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
             delta = tl.load(delta_row + offs_m)
         # p = exp(s * scale - lse) = exp2(s * c - lse * log2(e)): one fma and one ex2 per score (any sign
         # of c: no max here)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale + (lse * -1.4426950408889634)[None, :]
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale + (lse * -LOG2E)[None, :]
         if MASK_KEYS:
             s_t += key_bias[:, None]
         p_t = tl.exp2(s_t)
@@ -373,6 +376,8 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
             if DQ_TMA:
                 dq_desc.atomic_add([bh, start_m, 0], dq.reshape([1, BLOCK_M, D_PAD]))
             else:
+                # (HEAD_DIM for sdqn, dq_acc being contiguous, cut 16 instructions per iteration with Triton
+                # 3.8 but made Triton 3.6 spill 72 bytes at D = 80)
                 ptrs = dq_base + offs_m[:, None] * sdqn + offs_d[None, :]
                 if MASK_M:
                     tl.atomic_add(ptrs, dq, mask=(offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :],
@@ -400,7 +405,7 @@ def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
-    qk_scale = scale * 1.4426950408889634  # log2(e)
+    qk_scale = scale * LOG2E
     dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc,
                          dq_desc, bh, sqn, sdon, sdqn, offs_d, 0, m_full, N_Q, qk_scale, HEAD_DIM, D_PAD,
                          BLOCK_M, False, MASK_KEYS, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
@@ -423,9 +428,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                      TMA_LOAD: tl.constexpr):
     """DQ_ACC: with ``ATOMIC_DQ`` the float32 buffer that the dq shares add into, without ``scale`` (the
     conversion applies it); DQ_DESC: None, or with ``DQ_TMA`` its descriptor for the TMA reduction
-    (``Tile.dq_tma``); Q_DESC, DO_DESC: None, or with ``TMA_LOAD`` descriptors of Q and DO (``Tile.tma_load``).
-    (A constant row stride for DQ_ACC's atomics cut 16 instructions per iteration with Triton 3.8 but made
-    Triton 3.6 spill 72 bytes at D = 80: not taken.)"""
+    (``Tile.dq_tma``); Q_DESC, DO_DESC: None, or with ``TMA_LOAD`` descriptors of Q and DO (``Tile.tma_load``)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(2) * H + tl.program_id(1)  # the descriptor's leading coordinate (int32, < 2^32 grid)
     h = tl.program_id(1).to(tl.int64)
@@ -483,8 +486,8 @@ def _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_ro
     o = _load_rows(o_base, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # padded rows: 0
     tl.store(delta_row + offs_m, delta, mask=offs_m < N_Q)
-    lse2 = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf")) * 1.4426950408889634  # log2(e)
-    qk_scale = scale * 1.4426950408889634
+    lse2 = tl.load(lse_row + offs_m, mask=offs_m < N_Q, other=float("inf")) * LOG2E
+    qk_scale = scale * LOG2E
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, 0, n_full,
@@ -701,6 +704,7 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
             BLOCK_M=DELTA_BLOCK, **cx)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+
     def dq_reduction_and_loads(tile):
         loads = _tma_loads(tile, tile.block_m, Q_DESC=q, DO_DESC=dout)
         # TMA coordinates are int32
