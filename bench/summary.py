@@ -34,17 +34,15 @@ def main(out_dir: str) -> int:
         tests, fails, errs, skips = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
         print(f"{name}: {tests - fails - errs - skips} passed, {fails} failed, {errs} errors, {skips} skipped "
               f"(rc {_read(out / f'{name}.rc')})")
-        for case in suite.iter("testcase"):
-            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-            if bad is not None:
-                msg = (bad.get("message") or "").splitlines()[0][:150] if bad.get("message") else ""
-                print(f"  FAIL {case.get('classname')}::{case.get('name')}: {msg}")
+        for case, bad in _not_passed(suite):
+            msg = (bad.get("message") or "").splitlines()[0][:150] if bad.get("message") else ""
+            print(f"  FAIL {case.get('classname')}::{case.get('name')}: {msg}")
     bench = out / "bench.json"
     print(f"benchmarks: rc {_read(out / 'bench.rc')}")
     if bench.exists():
         data = json.loads(bench.read_text())
         print(data["table"])
-        _tail_tiles(data["rows"])
+        _feature_twins(data["rows"])
     else:
         print("  no benchmark JSON")
     sweep = out / "sweep.json"
@@ -74,7 +72,7 @@ def _with_flag(key: str, index: int, first_only: bool) -> str:
     return "".join(parts)
 
 
-def _tail_tiles(rows: list) -> None:
+def _feature_twins(rows: list) -> None:
     """Each attention candidate against its twin without one feature, from the ``candidate_us`` of the
     ``-fwd`` and ``-fwdbwd`` rows (GPU time, same run): split tail tiles (tile element 4) against the unsplit
     tile, dq by TMA reductions (dkdv element 5) against the same dkdv tile with pointer atomics, and loads
@@ -102,12 +100,20 @@ def _tail_tiles(rows: list) -> None:
         print("\n".join(lines))
 
 
+def _not_passed(root) -> list:
+    """(test case, its failure or error element) for each case under ``root`` of a junit XML that failed."""
+    out = []
+    for case in root.iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            out.append((case, bad))
+    return out
+
+
 def failed(xml: str, *words: str) -> list:
     """Names of the failed or errored test cases in a junit XML whose name contains one of ``words``."""
-    root = ET.parse(xml).getroot()
-    return [case.get("name", "") for case in root.iter("testcase")
-            if (case.find("failure") is not None or case.find("error") is not None)
-            and any(w in case.get("name", "").lower() for w in words)]
+    return [case.get("name", "") for case, _ in _not_passed(ET.parse(xml).getroot())
+            if any(w in case.get("name", "").lower() for w in words)]
 
 
 if __name__ == "__main__":

@@ -572,11 +572,10 @@ def test_triton_deterministic_mode_repeats_bits():
 def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile):
     """Without a GPU: the default tiles and the first with each Hopper feature (tma_load; dq_tma: TMA
     reductions at 257, and in the tail tile too at 145, whose 17 leftover rows take a full 32-row tile)
-    compiled for sm_90. Catches what only a
-    GPU run would otherwise show:
-    compile errors, shared memory beyond the H100's 227 KB, register spills beyond the budget of
-    bench.attention_compile (64 bytes: the fastest dkdv tile measured spills 24-64 with atomic dq, depending on
-    the head dim and the tail tile; real register pressure spills hundreds). python -m bench.attention_compile
+    compiled for sm_90. Catches what only a GPU run would otherwise show: compile errors, shared memory
+    beyond the H100's 227 KB, register spills beyond the budget of bench.attention_compile (64 bytes: the
+    fastest dkdv tile measured spills 12-36 with atomic dq, depending on the Triton, the head dim and the tail
+    tile; real register pressure spills hundreds), the slower exp lowering. python -m bench.attention_compile
     checks every candidate tile."""
     # N = 257 leaves 16-row tail tiles, N = 145 32-row ones (the largest split tails of the 64-row tiles).
     for n in ("257", "145"):
@@ -1149,10 +1148,10 @@ def test_summary_pairs_each_candidate_with_its_twin(capsys):
               "atomic dkdv=[32, 64, 4, 2, 0, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 150.0,
               "det dkdv=[32, 64, 4, 2, 1, 0, 1] dq=[64, 32, 4, 3, 1, 0, 1]": 80.0,
               "det dkdv=[32, 64, 4, 2, 1, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 100.0}
-    summary._tail_tiles([{"op": "attention", "mode": "fwdbwd", "case": "c-fwdbwd", "candidate_us": fwdbwd},
-                         {"op": "attention", "mode": "fwd", "case": "c-fwd",
-                          "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0},
-                          "candidate_failures": {"[64, 64, 4, 3, 1, 0, 1]": "no TMA here"}}])
+    summary._feature_twins([{"op": "attention", "mode": "fwdbwd", "case": "c-fwdbwd", "candidate_us": fwdbwd},
+                             {"op": "attention", "mode": "fwd", "case": "c-fwd",
+                              "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0},
+                              "candidate_failures": {"[64, 64, 4, 3, 1, 0, 1]": "no TMA here"}}])
     lines = capsys.readouterr().out.splitlines()[1:]
     assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x", "here", "1.25x"], lines
     assert "tma dq" in lines[0] and "split" in lines[1] and "tma load" in lines[2] and "FAILED" in lines[3]
