@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with an NVIDIA GPU and only torch, triton, ninja, nvcc, pytest and
 # pytest-benchmark installed (no network), build the extension, run every GPU test and every GPU
-# benchmark, time where each op's host and GPU time goes, and print one summary table. Budget: under 9
-# minutes (about 6 on an H200 before the compiled training-step case: build 35 s, tests 90 s + 40 s,
-# benchmarks ~3 min, profile 15 s; that case, last in the benchmarks, compiles a 1B model's blocks, about
-# a minute more, and BENCH_TIMEOUT cuts it first; the attention candidates with TMA features, added since,
-# compile and time about a minute more in the benchmarks, hence the cap of 330 s and, for the profile's
-# new cases, 90 s); the wider attention tile sweep (SWEEP_TIMEOUT=90) adds about 70 s, a rebuild with the
-# system compiler (only where the C++ error path fails) about 35 s.
+# benchmark, time where each op's host and GPU time goes, and print one summary table. Typical phases on an
+# H200: build 35 s, tests 90 s + 40 s, Nsight Compute ~40 s, benchmarks up to their cap of 330 s (the
+# attention candidates with TMA features take about a minute of it; the compiled training-step case, last,
+# compiles a 1B model's blocks and is what a cap cuts first), profile 15-90 s; the wider attention tile
+# sweep (SWEEP_TIMEOUT=90) adds about 70 s, a rebuild with the system compiler (only where the C++ error
+# path fails) about 35 s. The whole check stays within GPU_CHECK_BUDGET (below).
 # Phase time limits, in seconds (caps, each phase usually ends well before): BUILD_TIMEOUT NATIVE_TIMEOUT
-# TEST_TIMEOUT MATRIX_TIMEOUT BENCH_TIMEOUT SWEEP_TIMEOUT (0: no sweep) PROFILE_TIMEOUT. Each phase has its
-# own timeout and is stopped with SIGINT, so pytest still writes its report and the table shows what ran.
+# TEST_TIMEOUT MATRIX_TIMEOUT NCU_TIMEOUT (0: no Nsight Compute) BENCH_TIMEOUT SWEEP_TIMEOUT (0: no sweep)
+# PROFILE_TIMEOUT. Each phase has its own timeout and is stopped with SIGINT, so pytest still writes its
+# report and the table shows what ran. GPU_CHECK_BUDGET (default 570) bounds the whole check: a phase gets
+# its cap or what is left of the budget (less 15 s for the summary), whichever is smaller, and is skipped
+# when under 10 s are left, so that a run under a 600-second limit still ends with its summary.
+# Nsight Compute (ncu, about 40 s; bench/attention_ncu.py) profiles the attention kernels at the target shape
+# next to cuDNN's and FlashAttention's, before the benchmarks (whose last case, the compiled training step,
+# is the one the budget then cuts); it does not lock the GPU's clocks (--clock-control none).
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs, junit XML and bench JSON go to OUT_DIR
 #
@@ -26,6 +31,13 @@ export PYTHONDONTWRITEBYTECODE=1
 unset TRITON_INTERPRET SEER_KERNELS_BACKEND
 start=$(date +%s)
 phase() { echo "[gpu_check] $(( $(date +%s) - start ))s: $*"; }
+BUDGET=${GPU_CHECK_BUDGET:-570}
+# cap SECONDS: a phase's time limit, SECONDS or what is left of the budget (less 15 s for the summary); 0: skip
+cap() {
+  local left=$(( BUDGET - ($(date +%s) - start) - 15 ))
+  if [ "$left" -lt "$1" ]; then echo $(( left >= 10 ? left : 0 )); else echo "$1"; fi
+}
+skipped() { phase "skipped ($1): out of time (GPU_CHECK_BUDGET=$BUDGET)"; echo "skipped: out of time" >"$OUT/$1.rc"; }
 
 phase "building seer_kernels._C (log: $OUT/build.log)"
 # The compilers matter: on the H200 image, CC/CXX point at /opt/gcc, whose build of the extension carries its
@@ -70,16 +82,26 @@ if [ "$WORKERS" -ge 2 ] && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "$W
 THREADS=$(( $(nproc) / WORKERS )); [ "$THREADS" -ge 1 ] || THREADS=1
 # Two runs: every GPU test but the attention matrix first (the kernels that have never run elsewhere), then
 # the attention matrix (163 cases), each with its own time limit, so that neither can starve the other.
-phase "GPU tests (pytest -m 'cuda or triton' ${XDIST[*]+${XDIST[*]}}, $THREADS CPU threads each; log: $OUT/tests.log)"
-OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 ${TEST_TIMEOUT:-120} $PY -m pytest tests -m "cuda or triton" \
-  -k "not test_matches_float64" -q -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations=15 \
-  --junitxml="$OUT/tests.xml" -o addopts="" >"$OUT/tests.log" 2>&1
-echo $? >"$OUT/tests.rc"
-phase "attention test matrix (log: $OUT/tests-matrix.log)"
-OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 ${MATRIX_TIMEOUT:-120} $PY -m pytest tests -m "cuda or triton" \
-  -k "test_matches_float64" -q -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations=10 \
-  --junitxml="$OUT/tests-matrix.xml" -o addopts="" >"$OUT/tests-matrix.log" 2>&1
-echo $? >"$OUT/tests-matrix.rc"
+T=$(cap ${TEST_TIMEOUT:-120})
+if [ "$T" -gt 0 ]; then
+  phase "GPU tests (pytest -m 'cuda or triton' ${XDIST[*]+${XDIST[*]}}, $THREADS CPU threads each; log: $OUT/tests.log)"
+  OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 "$T" $PY -m pytest tests -m "cuda or triton" \
+    -k "not test_matches_float64" -q -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations=15 \
+    --junitxml="$OUT/tests.xml" -o addopts="" >"$OUT/tests.log" 2>&1
+  echo $? >"$OUT/tests.rc"
+else
+  skipped tests
+fi
+T=$(cap ${MATRIX_TIMEOUT:-120})
+if [ "$T" -gt 0 ]; then
+  phase "attention test matrix (log: $OUT/tests-matrix.log)"
+  OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 "$T" $PY -m pytest tests -m "cuda or triton" \
+    -k "test_matches_float64" -q -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations=10 \
+    --junitxml="$OUT/tests-matrix.xml" -o addopts="" >"$OUT/tests-matrix.log" 2>&1
+  echo $? >"$OUT/tests-matrix.rc"
+else
+  skipped tests-matrix
+fi
 
 # A TMA feature that fails its tests (or crashes a worker: an illegal instruction spoils the whole CUDA
 # context) must not take the benchmarks down with it: they and the profile then run without the TMA features.
@@ -88,22 +110,53 @@ if [ -f "$OUT/tests.xml" ] && $PY -m bench.summary --failed "$OUT/tests.xml" tma
   echo "TMA or candidate-tile tests failed: benchmarks and profile ran with SEER_KERNELS_TMA=0" >"$OUT/tma.status"
 fi
 
-phase "GPU benchmarks (log: $OUT/bench.log)"
-timeout -s INT -k 10 ${BENCH_TIMEOUT:-330} $PY -m pytest bench -q -p no:cacheprovider --bench-device cuda \
-  --bench-json "$OUT/bench.json" --benchmark-disable-gc >"$OUT/bench.log" 2>&1
-echo $? >"$OUT/bench.rc"
+NCU=$(command -v ncu || true)
+if [ -z "$NCU" ] && [ -x "$CUDA_HOME/bin/ncu" ]; then NCU="$CUDA_HOME/bin/ncu"; fi
+T=$(cap ${NCU_TIMEOUT:-75})
+if [ -z "$NCU" ]; then
+  echo "no ncu on PATH or in $CUDA_HOME/bin" >"$OUT/ncu.rc"
+elif [ "${NCU_TIMEOUT:-75}" -gt 0 ] && [ "$T" -gt 0 ]; then
+  phase "Nsight Compute on the attention kernels (log: $OUT/ncu.log)"
+  # --clock-control none: leave the GPU's clocks as they are (ncu would lock them to base otherwise).
+  # ncu writes its report at the end: the workload stops starting cases 25 s before the limit.
+  timeout -s INT -k 10 "$T" "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight \
+    --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section ComputeWorkloadAnalysis -f -o "$OUT/attention" \
+    $PY -m bench.attention_ncu run --labels "$OUT/ncu_cases.json" --budget-s $(( T - 25 )) >"$OUT/ncu.log" 2>&1
+  echo $? >"$OUT/ncu.rc"
+  if [ -f "$OUT/attention.ncu-rep" ]; then
+    timeout 30 "$NCU" --import "$OUT/attention.ncu-rep" --csv --page raw --print-units base \
+      >"$OUT/ncu.csv" 2>>"$OUT/ncu.log"
+  fi
+fi
+
+T=$(cap ${BENCH_TIMEOUT:-330})
+if [ "$T" -gt 0 ]; then
+  phase "GPU benchmarks (log: $OUT/bench.log)"
+  timeout -s INT -k 10 "$T" $PY -m pytest bench -q -p no:cacheprovider --bench-device cuda \
+    --bench-json "$OUT/bench.json" --benchmark-disable-gc >"$OUT/bench.log" 2>&1
+  echo $? >"$OUT/bench.rc"
+else
+  skipped bench
+fi
 
 SWEEP_TIMEOUT=${SWEEP_TIMEOUT:-0}
-if [ "$SWEEP_TIMEOUT" -gt 0 ]; then
+T=$(cap "$SWEEP_TIMEOUT")
+if [ "$SWEEP_TIMEOUT" -gt 0 ] && [ "$T" -gt 0 ]; then
   phase "attention tile sweep (log: $OUT/sweep.log)"
-  SWEEP_BUDGET=$(( SWEEP_TIMEOUT > 40 ? SWEEP_TIMEOUT - 20 : SWEEP_TIMEOUT / 2 ))  # room to write the JSON
-  timeout -s INT -k 10 "$SWEEP_TIMEOUT" $PY -m bench.attention_sweep "$OUT/sweep.json" --budget-s "$SWEEP_BUDGET" \
+  SWEEP_BUDGET=$(( T > 40 ? T - 20 : T / 2 ))  # room to write the JSON
+  timeout -s INT -k 10 "$T" $PY -m bench.attention_sweep "$OUT/sweep.json" --budget-s "$SWEEP_BUDGET" \
     >"$OUT/sweep.log" 2>&1
   echo $? >"$OUT/sweep.rc"
 fi
 
-phase "host and device time per call (log: $OUT/profile.log)"
-timeout -s INT -k 10 ${PROFILE_TIMEOUT:-90} $PY -m bench.gpu_profile >"$OUT/profile.log" 2>&1
+T=$(cap ${PROFILE_TIMEOUT:-90})
+if [ "$T" -gt 0 ]; then
+  phase "host and device time per call (log: $OUT/profile.log)"
+  timeout -s INT -k 10 "$T" $PY -m bench.gpu_profile >"$OUT/profile.log" 2>&1
+else
+  skipped profile
+fi
 
 phase "done"
 $PY -m bench.summary "$OUT" | tee "$OUT/summary.txt"

@@ -37,6 +37,7 @@ def main(out_dir: str) -> int:
         for case, bad in _not_passed(suite):
             msg = (bad.get("message") or "").splitlines()[0][:150] if bad.get("message") else ""
             print(f"  FAIL {case.get('classname')}::{case.get('name')}: {msg}")
+    _ncu(out)
     bench = out / "bench.json"
     print(f"benchmarks: rc {_read(out / 'bench.rc')}")
     if bench.exists():
@@ -57,6 +58,25 @@ def main(out_dir: str) -> int:
         print("\n".join(line for line in profile.read_text().splitlines() if " host " in line))
     print("=" * 100)
     return 0
+
+
+def _ncu(out: Path) -> None:
+    """Nsight Compute's table of the attention kernels (bench/attention_ncu.py), or why there is none."""
+    from bench import attention_ncu
+    if not (out / "ncu.rc").exists():
+        return
+    print(f"Nsight Compute, attention kernels (bench/attention_ncu.py; clocks not locked): rc {_read(out / 'ncu.rc')}")
+    report = out / "ncu.csv"
+    launches = attention_ncu.read(report.read_text(errors="replace")) if report.exists() else []
+    if launches:
+        try:
+            labels = json.loads((out / "ncu_cases.json").read_text())
+        except (OSError, ValueError):
+            labels = None
+        print(attention_ncu.table(launches, labels))
+        return
+    errors = [line for line in _read(out / "ncu.log", "").splitlines() if "==ERROR==" in line][:5]
+    print("\n".join("  " + line for line in errors) if errors else "  no profile (see ncu.log)")
 
 
 def _with_flag(key: str, index: int, first_only: bool) -> str:

@@ -1,0 +1,227 @@
+"""bench/attention_ncu.py (Nsight Compute's table of the attention kernels) and the GPU check's plumbing
+around it: ncu's CSV in both of its layouts, the summary, and bench/gpu_check.sh's time budget, run here
+with stand-ins for Python and ncu (the real ones only exist on the GPU machine)."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import attention_ncu, summary
+
+REPO = Path(__file__).resolve().parents[2]
+IDS = ["ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+       "Grid Size", "Device", "CC"]
+# (kernel, {metric: value}) in launch order; the metrics' names are Nsight Compute's, values made up
+STALL = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+LAUNCHES = [
+    ("spin_kernel(long)", {"gpu__time_duration.sum": "2,048"}),
+    ("_fwd_kernel", {"gpu__time_duration.sum": "53,600", "launch__grid_size": "1,280",
+                     "launch__registers_per_thread": "128", "launch__shared_mem_per_block_dynamic": "66,560",
+                     "launch__waves_per_multiprocessor": "3.23", "sm__maximum_warps_per_active_cycle_pct": "18.75",
+                     "sm__warps_active.avg.pct_of_peak_sustained_active": "17.2",
+                     "sm__throughput.avg.pct_of_peak_sustained_elapsed": "41.5",
+                     "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed": "22.0",
+                     "smsp__issue_active.avg.pct_of_peak_sustained_active": "35.1",
+                     "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": "33.3",
+                     "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active": "12.0",
+                     "smsp__average_warp_latency_per_inst_issued.ratio": "11.4",
+                     STALL.format("long_scoreboard"): "1.5", STALL.format("barrier"): "3.25",
+                     STALL.format("selected"): "1.0", STALL.format("wait"): "2.0",
+                     STALL.format("math_pipe_throttle"): "0.5", STALL.format("short_scoreboard"): "0.75"}),
+    ("spin_kernel(long)", {"gpu__time_duration.sum": "2,048"}),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128",
+     {"gpu__time_duration.sum": "42,000", "launch__registers_per_thread": "n/a"}),
+]
+
+
+def _raw_page(units_in_header: bool = False) -> str:
+    """ncu --csv --page raw: a column per metric, a units row under the header (or ``name [unit]``)."""
+    metrics = sorted({m for _, values in LAUNCHES for m in values})
+    unit = {m: "nsecond" if m.startswith("gpu__time") else "" for m in metrics}
+    buf = io.StringIO()
+    buf.write("==PROF== Connected to process 123 (python)\n==PROF== Disconnected from process 123\n")
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    w.writerow(IDS + [f"{m} [{unit[m]}]" if units_in_header and unit[m] else m for m in metrics])
+    if not units_in_header:
+        w.writerow([""] * len(IDS) + [unit[m] for m in metrics])
+    for i, (kernel, values) in enumerate(LAUNCHES):
+        w.writerow([str(i), "123", "python", "host", kernel, "1", "7", "(128, 1, 1)", "(5, 8, 32)", "0", "9.0"]
+                   + [values.get(m, "n/a") for m in metrics])
+    return buf.getvalue()
+
+
+def _details_page() -> str:
+    """ncu --csv (details page): one row per metric."""
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    w.writerow(IDS + ["Section Name", "Metric Name", "Metric Unit", "Metric Value"])
+    for i, (kernel, values) in enumerate(LAUNCHES):
+        for m, v in values.items():
+            w.writerow([str(i), "123", "python", "host", kernel, "1", "7", "(128, 1, 1)", "(5, 8, 32)", "0", "9.0",
+                        "raw", m, "nsecond" if m.startswith("gpu__time") else "", v])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("text", [_raw_page(), _raw_page(units_in_header=True), _details_page()],
+                         ids=["raw", "raw-units-in-header", "details"])
+def test_ncu_table_reads_every_layout(text):
+    launches = attention_ncu.read(text)
+    assert [launch["kernel"][:12] for launch in launches] == ["spin_kernel(", "_fwd_kernel", "spin_kernel(",
+                                                              "cudnn_genera"]
+    fwd = launches[1]
+    assert attention_ncu._duration_us(fwd) == pytest.approx(53.6)  # nanoseconds with thousands separators
+    assert attention_ncu._tensor_pct(fwd) == pytest.approx(33.3)  # the busiest tensor metric
+    # largest first; 'selected' (the issue cycle itself) is not a stall
+    assert attention_ncu.stalls(fwd) == [("barrier", 3.25, "cyc"), ("wait", 2.0, "cyc"),
+                                         ("long_scoreboard", 1.5, "cyc"), ("short_scoreboard", 0.75, "cyc")]
+    lines = attention_ncu.table(launches, ["vit10b: ours fwd", "vit10b: sdpa-cudnn fwd+bwd"]).splitlines()
+    assert lines[1] == "-- vit10b: ours fwd" and lines[3] == "-- vit10b: sdpa-cudnn fwd+bwd"
+    row = lines[2].split()
+    assert row[:10] == ["_fwd_kernel", "53.6", "1280", "3.23", "128", "65.0", "19/17", "42", "22", "35"]
+    assert row[10:14] == ["33", "11.4", "barrier", "3.2cyc"]
+    assert lines[4].split()[1:4] == ["42.0", "-", "-"]  # metrics a launch lacks (or 'n/a') print as '-'
+
+
+def test_ncu_stalls_from_pc_samples():
+    """Versions that report stalls as PC-sample counts: shares of all samples ('selected' counts in the
+    total, the '_not_issued' twins do not)."""
+    names = {"barrier": 30.0, "barrier_not_issued": 99.0, "wait": 10.0, "selected": 10.0, "long_scoreboard": 50.0}
+    launch = {"kernel": "k", "metrics": {f"smsp__pcsamp_warps_issue_stalled_{r}": (v, "") for r, v in names.items()}}
+    assert attention_ncu.stalls(launch, top=2) == [("long_scoreboard", 50.0, "%"), ("barrier", 30.0, "%")]
+    assert attention_ncu.stalls({"kernel": "k", "metrics": {}}) == []
+
+
+def test_ncu_table_without_labels_or_launches(tmp_path):
+    assert "-- case 2" in attention_ncu.table(attention_ncu.read(_raw_page()))
+    empty = tmp_path / "ncu.csv"
+    empty.write_text("==ERROR== ERR_NVGPUCTRPERM - The user does not have permission\n")
+    assert attention_ncu.read(empty.read_text()) == []
+    assert attention_ncu.main(["table", str(empty)]) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_ncu_workload_needs_a_gpu(capsys):
+    assert attention_ncu.main(["run"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_summary_prints_the_ncu_table_or_its_errors(tmp_path, capsys):
+    (tmp_path / "ncu.rc").write_text("0\n")
+    (tmp_path / "ncu.csv").write_text(_raw_page())
+    (tmp_path / "ncu_cases.json").write_text('["a: ours fwd", "a: sdpa-cudnn fwd+bwd"]')
+    summary._ncu(tmp_path)
+    out = capsys.readouterr().out
+    assert "Nsight Compute" in out and "-- a: ours fwd" in out and "_fwd_kernel" in out
+    (tmp_path / "ncu.csv").unlink()
+    (tmp_path / "ncu.log").write_text("==PROF== x\n==ERROR== ERR_NVGPUCTRPERM - no permission\n")
+    summary._ncu(tmp_path)
+    assert "  ==ERROR== ERR_NVGPUCTRPERM - no permission" in capsys.readouterr().out
+
+
+# ---- bench/gpu_check.sh with stand-ins --------------------------------------------------------------------
+
+def _script(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _gpu_check(tmp_path: Path, budget: int, with_ncu: bool) -> tuple[str, list[str], Path]:
+    """Run bench/gpu_check.sh with a stand-in Python that logs its arguments and succeeds (the summary runs
+    for real) and, optionally, a stand-in ncu that writes a report and prints _raw_page() on --import."""
+    log, out, bin_dir = tmp_path / "calls.log", tmp_path / "out", tmp_path / "bin"
+    bin_dir.mkdir()
+    csv_file = tmp_path / "fake.csv"
+    csv_file.write_text(_raw_page())
+    py = _script(tmp_path / "py", f"""#!/usr/bin/env bash
+echo "py $*" >>"{log}"
+if [ "$1 $2" = "-m bench.summary" ] && [ "${{3:-}}" != "--failed" ]; then exec "{sys.executable}" "$@"; fi
+exit 0
+""")
+    if with_ncu:
+        _script(bin_dir / "ncu", f"""#!/usr/bin/env bash
+echo "ncu $*" >>"{log}"
+case " $* " in *" --import "*) cat "{csv_file}"; exit 0;; esac
+while [ $# -gt 0 ]; do
+  case "$1" in -o) touch "$2.ncu-rep"; shift 2;; --profile-from-start|--clock-control|--section) shift 2;;
+  -f) shift;; *) break;; esac
+done
+exec "$@"
+""")
+    env = dict(os.environ, PYTHON=str(py), GPU_CHECK_BUDGET=str(budget), CUDA_HOME=str(tmp_path / "no-cuda"),
+               PATH=f"{bin_dir}:/usr/bin:/bin")
+    res = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout, log.read_text().splitlines(), out
+
+
+def test_gpu_check_runs_ncu_before_the_benchmarks(tmp_path):
+    stdout, calls, out = _gpu_check(tmp_path, budget=1000, with_ncu=True)
+    ncu = [i for i, c in enumerate(calls) if c.startswith("ncu ") and "--import" not in c]
+    bench = [i for i, c in enumerate(calls) if c.startswith("py -m pytest bench")]
+    assert len(ncu) == 1 and len(bench) == 1 and ncu[0] < bench[0]
+    assert "--clock-control none" in calls[ncu[0]]  # never lock the card's clocks
+    assert f"-m bench.attention_ncu run --labels {out}/ncu_cases.json --budget-s 50" in calls[ncu[0] + 1]
+    assert any("--import" in c and "--page raw" in c for c in calls)
+    assert "_fwd_kernel" in stdout and "Nsight Compute" in stdout
+    assert (out / "bench.rc").read_text().strip() == "0"
+
+
+def test_gpu_check_skips_phases_past_its_budget_and_still_summarises(tmp_path):
+    stdout, calls, out = _gpu_check(tmp_path, budget=20, with_ncu=False)
+    for phase in ("tests", "tests-matrix", "bench", "profile"):
+        assert (out / f"{phase}.rc").read_text().strip() == "skipped: out of time"
+    assert not any(c.startswith(("py -m pytest", "py -m bench.gpu_profile")) for c in calls)
+    assert "no ncu" in (out / "ncu.rc").read_text()
+    assert "benchmarks: rc skipped: out of time" in stdout and "=" * 100 in stdout
+
+
+def test_ncu_workload_profiles_what_runs_within_its_budget(tmp_path, monkeypatch, capsys):
+    """``run``'s bookkeeping with the CUDA calls stubbed: a case that raises in its warm-up is reported and
+    left out, a case past the time budget is not started, and the labels list what was profiled, in order."""
+    calls = []
+
+    def failing():
+        raise RuntimeError("no kernel for this shape\nsecond line")
+
+    def slow():  # the profiled call of the first case uses up the budget
+        calls.append("slow")
+        if calls.count("slow") == 3:
+            monkeypatch.setattr(attention_ncu, "T0", attention_ncu.time.monotonic() - 100)
+
+    fake = {"ours fwd": slow, "sdpa-cudnn fwd+bwd": failing, "ours bwd deterministic": lambda: calls.append("det")}
+    monkeypatch.setattr(attention_ncu, "cases", lambda *shape: fake)
+    for name in ("synchronize", "_sleep"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name: calls.append(name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append("stop"))
+    labels = tmp_path / "cases.json"
+    assert attention_ncu.main(["run", "--labels", str(labels), "--budget-s", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "sdpa-cudnn fwd+bwd: skipped (no kernel for this shape)" in out
+    assert "not profiled: ours bwd deterministic" in out
+    assert calls == ["slow", "slow", "det", "det", "synchronize", "start", "_sleep", "slow", "synchronize", "stop"]
+    assert labels.read_text() == '["vit10b-tp4-B32H8N257D128: ours fwd"]'
+
+
+@pytest.mark.triton
+def test_ncu_cases_run():
+    """Every case the ncu phase profiles runs (a small shape: the phase itself runs the target); on the CPU
+    our kernels under the interpreter in float32 (SDPA's GPU backends do not run there)."""
+    from seer_kernels.testing import triton_device
+    device = triton_device()
+    fns = attention_ncu.cases(1, 2, 19, 32, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    assert list(fns)[0] == "ours fwd" and {"ours bwd deterministic", "ours bwd atomic"} <= set(fns)
+    for label, fn in fns.items():
+        if device == "cuda" or label.startswith("ours"):
+            fn()
