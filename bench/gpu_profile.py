@@ -91,16 +91,20 @@ def attention_cases(iters: int) -> list:
                  "triton kernels fwd tma-load (direct)": lambda: tri.attention_fwd(qd, kd, vd, scale, tma),
                  "triton kernels bwd atomic (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False),
-                 "triton kernels bwd atomic tma-dq (direct)":  # Tile.dq_tma: dq shares by TMA reductions
+                 # Tile.dq_tma: dq shares by TMA reductions, against the same tile with pointer atomics
+                 # (the (16, 64) tile: ptxas serialises the (32, 64) one's wgmma with TMA reductions)
+                 "triton kernels bwd atomic 16x64 tma-dq (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False,
-                                               tri.Tile(32, 64, 4, 2, dq_tma=True)),
+                                               tri.Tile(16, 64, 4, 2, dq_tma=True)),
+                 "triton kernels bwd atomic 16x64 (direct)":
+                     lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False, tri.Tile(16, 64, 4, 2)),
                  "triton kernels bwd det (direct)": lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True),
                  "triton kernels bwd det tma-load (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True,
                                                tri.Tile(32, 64, 4, 2, tma_load=True), tma),
-                 "triton kernels bwd atomic tma-dq tma-load (direct)":
+                 "triton kernels bwd atomic 16x64 tma-dq tma-load (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False,
-                                               tri.Tile(32, 64, 4, 2, dq_tma=True, tma_load=True)),
+                                               tri.Tile(16, 64, 4, 2, dq_tma=True, tma_load=True)),
                  "attention() fwd (triton)": op_fwd, "attention() fwd+bwd atomic (triton)": op(False),
                  "attention() fwd+bwd det (triton)": op(True),
                  "torch.ops.seer fwd+bwd atomic (triton)": custom_op(False)}

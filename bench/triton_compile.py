@@ -1,8 +1,9 @@
 """Shared by bench/attention_compile.py and bench/sinkhorn_compile.py: compile Triton kernels for a GPU
 target without a GPU (Triton's full pipeline, ptxas included) and report shared memory, registers and spills.
 
-A variant that fails to compile, needs more shared memory than the GPU has, or spills more than its budget
-counts as a failure: a bug to fix before a GPU runs it.
+A variant that fails to compile, needs more shared memory than the GPU has, spills more than its budget,
+or whose wgmma ptxas serialises (sm_90: a wait after every matmul) counts as a failure: a bug to fix before
+a GPU runs it.
 """
 from __future__ import annotations
 
@@ -24,11 +25,15 @@ def _bundled(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def ptxas_usage(ptx: str, arch: int) -> tuple[object, object]:
-    """(registers per thread, spill bytes) from Triton's bundled ptxas -v; ('-', '-') if unavailable."""
+def ptxas_usage(ptx: str, arch: int) -> tuple[object, object, str]:
+    """(registers per thread, spill bytes, wgmma serialisation) from Triton's bundled ptxas -v; ('-', '-', '')
+    if unavailable. The third is ptxas's code (e.g. 'C7515') where it serialised the kernel's wgmma: a wait
+    after every wgmma, so no matmul overlaps anything, which it reports as a 'Potential Performance Loss'
+    (an accumulator written by other instructions while a wgmma is in flight, too few registers for the
+    pipeline, ...), else ''."""
     ptxas = _bundled("ptxas")
     if not os.path.exists(ptxas):
-        return "-", "-"
+        return "-", "-", ""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
@@ -38,7 +43,9 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[object, object]:
         os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", res.stderr)
     spills = re.search(r"(\d+) bytes spill stores", res.stderr)
-    return (int(regs.group(1)) if regs else "-"), (int(spills.group(1)) if spills else "-")
+    serial = re.search(r"\((C\d+)\)[^\n]*wgmma[^\n]*serialized", res.stderr)
+    return (int(regs.group(1)) if regs else "-"), (int(spills.group(1)) if spills else "-"), \
+        (serial.group(1) if serial else "")
 
 
 _SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
@@ -87,7 +94,7 @@ def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_b
 
     ``loop``: SASS instructions per iteration of the largest loop (``largest_loop``). ``forbidden_ptx``:
     PTX instructions (matched with a trailing space or tab) that fail a variant, for code that must not come
-    back (a slower lowering)."""
+    back (a slower lowering). A variant whose wgmma ptxas serialised fails too (``WGMMA-SERIAL:<code>``)."""
     limit = SMEM_LIMIT.get(arch, 99 * 1024)
     bad = count = 0
     print(f"{header} {'smem KB':>8s} {'regs':>5s} {'spills':>6s} {'loop':>5s} {'s':>5s}")
@@ -101,7 +108,7 @@ def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_b
             print(f"{label} FAILED: {str(exc).splitlines()[0][:200]}")
             continue
         smem = c.metadata.shared
-        regs, spills = ptxas_usage(c.asm["ptx"], arch)
+        regs, spills, serial = ptxas_usage(c.asm["ptx"], arch)
         loop = largest_loop(c.asm["cubin"]) if "cubin" in c.asm else "-"
         flag = ""
         if smem > limit:
@@ -111,6 +118,8 @@ def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_b
         found = [op for op in forbidden_ptx if re.search(re.escape(op) + r"[ \t]", c.asm["ptx"])]
         if found:
             flag += " PTX:" + ",".join(found)
+        if serial:
+            flag += " WGMMA-SERIAL:" + serial
         bad += bool(flag)  # one failure per variant, whatever it breaks
         print(f"{label} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} {loop!s:>5s} {time.time() - t0:5.1f}{flag}")
     print(f"{count} variants, {bad} failures")

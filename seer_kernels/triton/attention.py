@@ -126,14 +126,25 @@ class Tile:
 # thread (python -m bench.attention_compile prints both; at most 48 with Triton 3.6, 32 with 3.8): the
 # fastest dkdv tile at 128-wide heads, (32, 64, 4 warps), spills 24-36 bytes with dq atomics and was still
 # the fastest measured.
+# No entry has its wgmma serialised by ptxas with Triton 3.6 (the GPU machines') or 3.8 at the head dims
+# of its class (the compile check fails such a variant: a wait after every wgmma, so no matmul overlaps
+# anything). ptxas does that to some dkdv tiles ("non wgmma instructions defining accumulator registers of a
+# wgmma between start and end of the pipeline stage"): with Triton 3.6 every 3-stage dkdv tile, the
+# (32, 64, 4 warps) tile with TMA dq reductions at 80-128-wide heads and the (64, 64) one at 16-wide heads
+# with 32-row tails, with Triton 3.8 the (64, 64) tile at 64-wide heads with 32-row tails (atomic, and with
+# TMA reductions), and, with either Triton, the atomic (32, 128, 8 warps) tile at 64-wide heads and the
+# (32, 64) and (64, 64) atomic tiles at 32-wide ones (hence the 32 class). Which variants it hits moves with
+# small changes (the Triton, the tail size), so `python -m bench.attention_compile --seq-len 257` and
+# `--seq-len 145` with both Tritons is the check. The sweep above timed some serialised tiles.
 # The 64-row query tiles map onto Hopper's 64-row wgmma.
-# Every tile splits its tail (tail_block) except the last entry of the 64 and 128 classes: the default tile
-# without the split, so that the GPU benchmark times the split against the tiles measured before it, in the
-# same run, and the table keeps whichever is faster. (The split is not timed on a GPU yet: it removes work,
-# 28 % of the padded score tiles at N = 257, but compiles a second copy of each loop for the tail tile; on
-# sm_90 that copy uses mma instead of wgmma, and the main loops keep their software pipelining.)
-# The Hopper features (Tile.dq_tma, Tile.tma_load; not timed on a GPU yet either) come the same way: as the
-# default tile with the feature, whose twin without it is timed in the same run (bench/summary.py prints
+# Every tile splits its tail (tail_block) except the last entry of the 32, 64 and 128 classes: the default
+# tile without the split, so that the GPU benchmark times the split against the tiles measured before it,
+# in the same run, and the table keeps whichever is faster. (The split is not timed on a GPU yet: it
+# removes work, 28 % of the padded score tiles at N = 257, but compiles a second copy of each loop for the
+# tail tile; on sm_90 that copy uses mma instead of wgmma, and the main loops keep their software
+# pipelining.)
+# The Hopper features (Tile.dq_tma, Tile.tma_load; not timed on a GPU yet either) come the same way: as a
+# candidate tile with the feature whose twin without it is timed in the same run (bench/summary.py prints
 # each pair). In DKDV_TILES and DQ_TILES the tiles without dq_tma pair up by position for the deterministic
 # scheme (bwd_candidates).
 FWD_TILES = {
@@ -144,12 +155,17 @@ FWD_TILES = {
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
 DKDV_TILES = {
-    64: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 64, 4, 2), Tile(32, 128, 8, 2),
-         Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 4, 2, dq_tma=True), Tile(32, 64, 4, 2, tma_load=True),
+    # 16- and 32-wide heads (no benchmark shape; ViT presets use 64-128): the 64 class's tiles that ptxas
+    # does not serialise there
+    32: (Tile(16, 64, 4, 2), Tile(32, 32, 4, 2), Tile(64, 32, 4, 2), Tile(16, 64, 4, 2, dq_tma=True),
+         Tile(32, 32, 4, 2, tma_load=True), Tile(16, 64, 4, 2, split_tail=False)),
+    64: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 32, 4, 2), Tile(32, 32, 4, 2),
+         Tile(32, 64, 4, 2, dq_tma=True), Tile(16, 64, 4, 2, dq_tma=True), Tile(32, 64, 4, 2, tma_load=True),
          Tile(32, 64, 4, 2, dq_tma=True, tma_load=True), Tile(32, 64, 4, 2, split_tail=False)),
-    128: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(32, 64, 8, 3), Tile(32, 128, 8, 2),
-          Tile(32, 64, 4, 2, dq_tma=True), Tile(64, 64, 8, 2, dq_tma=True), Tile(32, 64, 4, 2, tma_load=True),
-          Tile(32, 64, 4, 2, dq_tma=True, tma_load=True), Tile(32, 64, 4, 2, split_tail=False)),
+    # The dq_tma tiles are the (16, 64) and (64, 64, 8 warps) tiles, each with its pointer-atomic twin here
+    128: (Tile(32, 64, 4, 2), Tile(16, 64, 4, 2), Tile(64, 64, 8, 2), Tile(32, 128, 8, 2),
+          Tile(16, 64, 4, 2, dq_tma=True), Tile(64, 64, 8, 2, dq_tma=True), Tile(32, 64, 4, 2, tma_load=True),
+          Tile(16, 64, 4, 2, dq_tma=True, tma_load=True), Tile(32, 64, 4, 2, split_tail=False)),
     256: (Tile(32, 32, 8, 2), Tile(64, 32, 8, 2)),
 }
 DQ_TILES = {
@@ -159,6 +175,11 @@ DQ_TILES = {
           Tile(64, 32, 4, 3, tma_load=True), Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(32, 64, 8, 2), Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
 }
+# The 32 class shares the 64 class's forward and dq tiles (no serialised wgmma there); its dq list drops
+# the 128-row tile so that the deterministic pairs line up by position (tma_load with tma_load, unsplit
+# with unsplit).
+FWD_TILES[32] = FWD_TILES[64]
+DQ_TILES[32] = tuple(t for t in DQ_TILES[64] if t.block_m != 128)
 DELTA_BLOCK = 64
 # The softmax runs in base 2 (module docstring): scores and lse convert with these.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -200,8 +221,8 @@ def d_pad(head_dim: int) -> int:
 
 
 def tile_class(head_dim: int) -> int:
-    """Key of the candidate tables: 16- and 32-wide heads use the 64-wide candidates."""
-    return max(64, d_pad(head_dim))
+    """Key of the candidate tables: the padded head dim, 32 for 8- to 32-wide heads (D_PAD 16 or 32)."""
+    return max(32, d_pad(head_dim))
 
 
 # ---------------------------------------------------------------------------------------------------------

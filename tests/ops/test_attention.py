@@ -273,7 +273,7 @@ def test_triton_int32_fallback_copies(monkeypatch, poison_empty):
 
 
 def _tile_classes():
-    return (64, 128, 256) if TRITON_DEV == "cpu" else (128,)
+    return (32, 64, 128, 256) if TRITON_DEV == "cpu" else (128,)
 
 
 # (Nq, Nkv) for the candidate-tile test. With the default tiles, (65, 81) and (81, 65) leave 1 or 17 rows
@@ -290,11 +290,11 @@ def test_tail_block():
     assert tri.tail_block(257, 64, split=False) == 64 and tri.tail_block(5, 16) == 16
     # The test shapes above reach a 16- and a 32-row tail on both axes of each kernel's default tile.
     for table in (tri.FWD_TILES, tri.DKDV_TILES, tri.DQ_TILES):
-        for cls in (64, 128):
+        for cls in (32, 64, 128):
             t = table[cls][0]
             for block in (t.block_m, t.block_n):
                 got = {tri.tail_block(n, block) for n in (65, 81)}
-                assert got & {16} and (block == 32 or got & {32}), (t, block, got)
+                assert got & {16} and (block <= 32 or got & {32}), (t, block, got)
             assert not table[cls][-1].split_tail and tri.Tile(*table[cls][-1].as_list()) == table[cls][-1]
 
 
@@ -377,7 +377,7 @@ def test_triton_every_candidate_tile(cls, nq, nkv, part, poison_empty):
     each scheme."""
     from seer_kernels.triton import attention as tri
     dtype = _triton_dtypes()[0]
-    d = {64: 48, 128: 80, 256: 256}[cls] if TRITON_DEV == "cpu" else 128
+    d = {32: 24, 64: 48, 128: 80, 256: 256}[cls] if TRITON_DEV == "cpu" else 128
     q, k, v = make_qkv(1, 2, nq, nkv, d, dtype, TRITON_DEV)
     scale = d ** -0.5
     do = torch.randn(q.shape[:-1] + (v.shape[-1],)).to(device=q.device, dtype=dtype)
@@ -399,9 +399,17 @@ def test_triton_every_candidate_tile(cls, nq, nkv, part, poison_empty):
             check(f"{name} dkdv={dkdv} dq={dq} det={det}", g, i + 1)
 
 
+def test_tile_classes_by_head_dim():
+    from seer_kernels.triton import attention as tri
+    assert [tri.tile_class(d) for d in (8, 16, 24, 32, 40, 64, 80, 88, 128, 136, 256)] == \
+        [32, 32, 32, 32, 64, 64, 128, 128, 128, 256, 256]
+    for table in (tri.FWD_TILES, tri.DKDV_TILES, tri.DQ_TILES):
+        assert set(table) == {32, 64, 128, 256}
+
+
 def test_backward_candidates_cover_every_tile():
     from seer_kernels.triton import attention as tri
-    for cls in (64, 128, 256):
+    for cls in (32, 64, 128, 256):
         got = tri.bwd_candidates(cls)
         assert {t for _, t, _ in got} == set(tri.DKDV_TILES[cls])
         assert {t for det, _, t in got if det} == set(tri.DQ_TILES[cls])
@@ -633,6 +641,32 @@ def test_compile_report_fails_a_variant_with_a_forbidden_instruction(capsys):
     out = capsys.readouterr().out
     assert "exp " in out and "PTX:ex2.approx.f32" in out.split("exp2")[0], out
     assert "PTX:" not in out.split("exp2")[1] and "2 variants, 1 failures" in out, out
+
+
+def test_compile_report_fails_a_variant_whose_wgmma_ptxas_serialises(tmp_path, monkeypatch, capsys):
+    """ptxas serialises a kernel's wgmma (a wait after each: no matmul overlaps anything) and says so only as
+    a 'Potential Performance Loss' note of -v; the compile check reads it and fails the variant."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from bench import triton_compile
+    note = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+            "due to non wgmma instructions defining accumulator registers of a wgmma between start and end of "
+            "the pipeline stage in the function 'k'")
+    fake = tmp_path / "ptxas"
+    fake.write_text("#!/bin/sh\ngrep -q SERIAL \"$3\" && echo \"" + note + "\" >&2\n"
+                    "echo 'ptxas info    : Used 168 registers, 0 bytes spill stores' >&2\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(triton_compile, "_bundled", lambda tool: str(fake))
+    assert triton_compile.ptxas_usage("// SERIAL", 90) == (168, 0, "C7515")
+    assert triton_compile.ptxas_usage("// fine", 90) == (168, 0, "")
+
+    def compiled(ptx):
+        return lambda: SimpleNamespace(metadata=SimpleNamespace(shared=1024), asm={"ptx": ptx})
+
+    assert triton_compile.report([("serial", compiled("// SERIAL")), ("fine  ", compiled("// ok"))], 90, "k") == 1
+    out = capsys.readouterr().out
+    assert "WGMMA-SERIAL:C7515" in out.split("fine")[0] and "SERIAL" not in out.split("fine")[1], out
 
 
 @pytest.mark.cuda
