@@ -82,26 +82,20 @@ if [ "$WORKERS" -ge 2 ] && $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "$W
 THREADS=$(( $(nproc) / WORKERS )); [ "$THREADS" -ge 1 ] || THREADS=1
 # Two runs: every GPU test but the attention matrix first (the kernels that have never run elsewhere), then
 # the attention matrix (163 cases), each with its own time limit, so that neither can starve the other.
-T=$(cap ${TEST_TIMEOUT:-120})
-if [ "$T" -gt 0 ]; then
-  phase "GPU tests (pytest -m 'cuda or triton' ${XDIST[*]+${XDIST[*]}}, $THREADS CPU threads each; log: $OUT/tests.log)"
-  OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 "$T" $PY -m pytest tests -m "cuda or triton" \
-    -k "not test_matches_float64" -q -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations=15 \
-    --junitxml="$OUT/tests.xml" -o addopts="" >"$OUT/tests.log" 2>&1
-  echo $? >"$OUT/tests.rc"
-else
-  skipped tests
-fi
-T=$(cap ${MATRIX_TIMEOUT:-120})
-if [ "$T" -gt 0 ]; then
-  phase "attention test matrix (log: $OUT/tests-matrix.log)"
-  OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 "$T" $PY -m pytest tests -m "cuda or triton" \
-    -k "test_matches_float64" -q -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations=10 \
-    --junitxml="$OUT/tests-matrix.xml" -o addopts="" >"$OUT/tests-matrix.log" 2>&1
-  echo $? >"$OUT/tests-matrix.rc"
-else
-  skipped tests-matrix
-fi
+# gpu_tests NAME CAP K_EXPRESSION DURATIONS WHAT: one pytest run of the GPU tests within the budget, its
+# log, junit XML and exit status as OUT/NAME.{log,xml,rc}
+gpu_tests() {
+  local t; t=$(cap "$2")
+  if [ "$t" -le 0 ]; then skipped "$1"; return; fi
+  phase "$5 (log: $OUT/$1.log)"
+  OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 "$t" $PY -m pytest tests -m "cuda or triton" -k "$3" -q \
+    -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations="$4" --junitxml="$OUT/$1.xml" \
+    -o addopts="" >"$OUT/$1.log" 2>&1
+  echo $? >"$OUT/$1.rc"
+}
+gpu_tests tests "${TEST_TIMEOUT:-120}" "not test_matches_float64" 15 \
+  "GPU tests (pytest -m 'cuda or triton' ${XDIST[*]+${XDIST[*]}}, $THREADS CPU threads each)"
+gpu_tests tests-matrix "${MATRIX_TIMEOUT:-120}" "test_matches_float64" 10 "attention test matrix"
 
 # A TMA feature that fails its tests (or crashes a worker: an illegal instruction spoils the whole CUDA
 # context) must not take the benchmarks down with it: they and the profile then run without the TMA features.
