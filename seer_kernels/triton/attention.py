@@ -155,7 +155,7 @@ FWD_TILES = {
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
 DKDV_TILES = {
-    # 16- and 32-wide heads (no benchmark shape; ViT presets use 64-128): the 64 class's tiles that ptxas
+    # 8- to 32-wide heads (no benchmark shape; the ViT presets above "tiny" use 64-128): tiles that ptxas
     # does not serialise there
     32: (Tile(16, 64, 4, 2), Tile(32, 32, 4, 2), Tile(64, 32, 4, 2), Tile(16, 64, 4, 2, dq_tma=True),
          Tile(32, 32, 4, 2, tma_load=True), Tile(16, 64, 4, 2, split_tail=False)),
