@@ -200,6 +200,8 @@ def test_ncu_workload_profiles_what_runs_within_its_budget(tmp_path, monkeypatch
 
     fake = {"ours fwd": slow, "sdpa-cudnn fwd+bwd": failing, "ours bwd deterministic": lambda: calls.append("det")}
     monkeypatch.setattr(attention_ncu, "cases", lambda *shape: fake)
+    # the budget counts from the module's import (the process's start under ncu): start it now
+    monkeypatch.setattr(attention_ncu, "T0", attention_ncu.time.monotonic())
     for name in ("synchronize", "_sleep"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, name=name: calls.append(name))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
