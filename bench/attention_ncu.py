@@ -19,6 +19,10 @@ bench/gpu_check.sh runs these (its ncu phase, NCU_TIMEOUT). ``--clock-control no
 otherwise locks the GPU's clocks to base for the run; we leave the card's settings alone, so durations are
 at whatever clock the GPU runs (compare kernels of the same run, not with other runs).
 
+The cases, in order (``cases``): our forward, cuDNN's forward+backward, our deterministic and atomic
+backward, FlashAttention's, then the Hopper features next to their twins (TMA loads in the forward; dq by
+TMA reductions against pointer atomics on the same dkdv tile).
+
 ``run`` warms every case up (Triton compiles, cuDNN plans) outside the profiled range, then runs each once
 between cudaProfilerStart and cudaProfilerStop, separated by a one-thread ``spin_kernel``
 (``torch.cuda._sleep``) so that ``table`` can tell which launches belong to which case.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -75,6 +80,19 @@ def cases(b: int, h: int, n: int, d: int, device: str = "cuda", dtype=None) -> d
     out["ours bwd atomic"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, False)
     if "flash" in backends:
         out["sdpa-flash fwd+bwd"] = sdpa(backends["flash"])
+    # Last (the budget cuts these first): the Hopper features against their twins without them, where the
+    # benchmark only says which is faster: the first candidate with TMA loads (forward), and the first with
+    # dq by TMA reductions next to the same tile with pointer atomics.
+    cls = tri.tile_class(d)
+    tma_fwd = next((t for t in tri.FWD_TILES[cls] if t.tma_load), None)
+    if tma_fwd is not None:
+        out[f"ours fwd {tma_fwd.as_list()} tma_load"] = lambda: tri.attention_fwd(q, k, v, scale, tma_fwd)
+    dq_tma = next((t for t in tri.DKDV_TILES[cls] if t.dq_tma and not t.tma_load), None)
+    if dq_tma is not None:
+        twin = dataclasses.replace(dq_tma, dq_tma=False)
+        for label, tile in (("dq_tma", dq_tma), ("pointer atomics", twin)):
+            out[f"ours bwd atomic {tile.as_list()[:4]} {label}"] = (
+                lambda tile=tile: tri.attention_bwd(dout, q, k, v, o, lse, scale, False, tile))
     return out
 
 
