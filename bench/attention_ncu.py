@@ -248,6 +248,14 @@ def stalls(launch: dict, top: int = 4) -> list[tuple[str, float, str]]:
     return []
 
 
+def short_name(kernel: str) -> str:
+    """A kernel's name without return type, namespaces, template arguments and parameters, and cuDNN's
+    generated prefix, so that the table's column tells the kernels apart (cuDNN's forward and backward differ
+    only after 44 characters)."""
+    name = re.sub(r"^void\s+", "", kernel.strip()).split("(")[0].split("<")[0].rsplit("::", 1)[-1]
+    return name.replace("cudnn_generated_fort_native_sdpa_", "cudnn_")
+
+
 def _fmt(value: Optional[float], spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -274,7 +282,7 @@ def table(launches: list[dict], labels: Optional[list] = None) -> str:
         theo = _get(launch, "sm__maximum_warps_per_active_cycle_pct")
         ach = _get(launch, "sm__warps_active.avg.pct_of_peak_sustained_active")
         lines.append(
-            f"{name[:44]:44s} {_fmt(_duration_us(launch), '.1f'):>7s} {_fmt(_get(launch, 'launch__grid_size')):>6s} "
+            f"{short_name(name)[:44]:44s} {_fmt(_duration_us(launch), '.1f'):>7s} {_fmt(_get(launch, 'launch__grid_size')):>6s} "
             f"{_fmt(_get(launch, 'launch__waves_per_multiprocessor'), '.2f'):>5s} "
             f"{_fmt(_get(launch, 'launch__registers_per_thread')):>4s} {_fmt(smem_kb, '.1f'):>6s} "
             f"{_fmt(theo) + '/' + _fmt(ach):>12s} "

@@ -99,6 +99,17 @@ def test_ncu_stalls_from_pc_samples():
     assert attention_ncu.stalls({"kernel": "k", "metrics": {}}) == []
 
 
+def test_ncu_kernel_names_are_told_apart():
+    assert attention_ncu.short_name("_fwd_kernel") == "_fwd_kernel"
+    assert attention_ncu.short_name(
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_1x4x1_cga1x1x1_kernel0_0"
+    )[:44] == "cudnn_sm90_flash_bprop_wgmma_f16_knob_26_64x"
+    assert attention_ncu.short_name("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, "
+                                    "false, false, cutlass::bfloat16_t>>(Flash_fwd_params)") == "flash_fwd_kernel"
+    assert attention_ncu.short_name("void cudnn::fusion::compute_dot_do_o_specialized<true, 128>(void const*)") == \
+        "compute_dot_do_o_specialized"
+
+
 def test_ncu_table_without_labels_or_launches(tmp_path):
     assert "-- case 2" in attention_ncu.table(attention_ncu.read(_raw_page()))
     empty = tmp_path / "ncu.csv"
