@@ -25,22 +25,31 @@ def _bundled(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
+def _run_bundled(tool: str, data, suffix: str, *args: str):
+    """Run Triton's bundled ``tool`` on ``data`` (str or bytes) written to a temporary ``suffix`` file, whose
+    path replaces the argument '{file}'; the completed process (text output), or None without the tool."""
+    path = _bundled(tool)
+    if not os.path.exists(path):
+        return None
+    with tempfile.NamedTemporaryFile("wb" if isinstance(data, bytes) else "w", suffix=suffix, delete=False) as f:
+        f.write(data)
+    try:
+        return subprocess.run([path, *(f.name if a == "{file}" else a for a in args)], capture_output=True,
+                              text=True)
+    finally:
+        os.unlink(f.name)
+
+
 def ptxas_usage(ptx: str, arch: int) -> tuple[object, object, str]:
     """(registers per thread, spill bytes, wgmma serialisation) from Triton's bundled ptxas -v; ('-', '-', '')
     if unavailable. The third is ptxas's code (e.g. 'C7515') where it serialised the kernel's wgmma: a wait
     after every wgmma, so no matmul overlaps anything, which it reports as a 'Potential Performance Loss'
     (an accumulator written by other instructions while a wgmma is in flight, too few registers for the
     pipeline, ...), else ''."""
-    ptxas = _bundled("ptxas")
-    if not os.path.exists(ptxas):
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    res = _run_bundled("ptxas", ptx, ".ptx", f"-arch={sm}", "-v", "{file}", "-o", os.devnull)
+    if res is None:
         return "-", "-", ""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        res = subprocess.run([ptxas, f"-arch={sm}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", res.stderr)
     spills = re.search(r"(\d+) bytes spill stores", res.stderr)
     serial = re.search(r"\((C\d+)\)[^\n]*wgmma[^\n]*serialized", res.stderr)
@@ -56,15 +65,10 @@ def largest_loop(cubin: bytes) -> object:
     branch back to it) among those that issue wgmma (HGMMA) if any does, else mma (HMMA), else any. (The copy
     of a loop compiled for a smaller tail tile uses mma and can be the larger one.) 0 without a loop, '-'
     without Triton's nvdisasm. The count that instruction-level changes move."""
-    nvdisasm = _bundled("nvdisasm")
-    if not os.path.exists(nvdisasm):
+    res = _run_bundled("nvdisasm", cubin, ".cubin", "-c", "{file}")
+    if res is None:
         return "-"
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        lines = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout.splitlines()
-    finally:
-        os.unlink(f.name)
+    lines = res.stdout.splitlines()
     labels, loops = {}, []
     for i, line in enumerate(lines):
         label = re.match(r"^\s*\.(L_x_\d+):", line)
