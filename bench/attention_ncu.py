@@ -109,7 +109,10 @@ def run(shape: str, labels_path: Optional[str], budget_s: float) -> int:
     if not torch.cuda.is_available():
         print("bench.attention_ncu run: needs a CUDA GPU", file=sys.stderr)
         return 2
-    b, h, n, d = _shapes()[shape]
+    shapes = _shapes()
+    if shape not in shapes:
+        raise ValueError(f"bench.attention_ncu.run: shape must be one of {sorted(shapes)}, got {shape!r}")
+    b, h, n, d = shapes[shape]
     ran = []
     for label, fn in cases(b, h, n, d).items():
         try:
@@ -198,12 +201,8 @@ def _read_long(header: list, rows: list, name_col: int) -> list[dict]:
     return list(launches.values())
 
 
-def _get(launch: dict, *names: str) -> Optional[float]:
-    for name in names:
-        value = launch["metrics"].get(name, (None, ""))[0]
-        if value is not None:
-            return value
-    return None
+def _get(launch: dict, name: str) -> Optional[float]:
+    return launch["metrics"].get(name, (None, ""))[0]
 
 
 def _duration_us(launch: dict) -> Optional[float]:
@@ -256,6 +255,16 @@ def short_name(kernel: str) -> str:
     return name.replace("cudnn_generated_fort_native_sdpa_", "cudnn_")
 
 
+def read_labels(path) -> Optional[list]:
+    """The case names that ``run --labels`` wrote, or None where the file is missing or unreadable (the table
+    then numbers the cases)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _fmt(value: Optional[float], spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -277,8 +286,9 @@ def table(launches: list[dict], labels: Optional[list] = None) -> str:
         static = _get(launch, "launch__shared_mem_per_block_static")
         smem_kb = None if smem is None and static is None else ((smem or 0) + (static or 0)) / 1024
         issue = _get(launch, "smsp__issue_active.avg.pct_of_peak_sustained_active")
-        if issue is None and _get(launch, "smsp__issue_active.avg.per_cycle_active") is not None:
-            issue = 100 * _get(launch, "smsp__issue_active.avg.per_cycle_active")
+        per_cycle = _get(launch, "smsp__issue_active.avg.per_cycle_active")
+        if issue is None and per_cycle is not None:
+            issue = 100 * per_cycle
         theo = _get(launch, "sm__maximum_warps_per_active_cycle_pct")
         ach = _get(launch, "sm__warps_active.avg.pct_of_peak_sustained_active")
         lines.append(
@@ -307,15 +317,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "run":
         return run(args.shape, args.labels, args.budget_s)
-    with open(args.csv, errors="replace") as f:
-        launches = read(f.read())
-    labels = None
-    if args.labels:
-        try:
-            with open(args.labels) as f:
-                labels = json.load(f)
-        except (OSError, ValueError):
-            labels = None
+    try:
+        with open(args.csv, errors="replace") as f:
+            launches = read(f.read())
+    except OSError as exc:
+        ap.error(f"csv: cannot read {args.csv}: {exc.strerror}")
+    labels = read_labels(args.labels) if args.labels else None
     if not launches:
         print(f"{args.csv}: no kernel launches in it")
         return 1

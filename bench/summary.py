@@ -69,11 +69,7 @@ def _ncu(out: Path) -> None:
     report = out / "ncu.csv"
     launches = attention_ncu.read(report.read_text(errors="replace")) if report.exists() else []
     if launches:
-        try:
-            labels = json.loads((out / "ncu_cases.json").read_text())
-        except (OSError, ValueError):
-            labels = None
-        print(attention_ncu.table(launches, labels))
+        print(attention_ncu.table(launches, attention_ncu.read_labels(out / "ncu_cases.json")))
         return
     errors = [line for line in _read(out / "ncu.log", "").splitlines() if "==ERROR==" in line][:5]
     print("\n".join("  " + line for line in errors) if errors else "  no profile (see ncu.log)")

@@ -124,6 +124,18 @@ def test_ncu_workload_needs_a_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_ncu_bad_arguments_are_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"shape must be one of \[.*'vit10b-tp4-B32H8N257D128'.*got 'vit-xl'"):
+        attention_ncu.run("vit-xl", None, 10.0)
+    with pytest.raises(SystemExit) as exc:
+        attention_ncu.main(["table", str(tmp_path / "missing.csv")])
+    assert exc.value.code == 2 and "csv: cannot read" in capsys.readouterr().err
+    assert attention_ncu.read_labels(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert attention_ncu.read_labels(tmp_path / "bad.json") is None
+
+
 def test_summary_prints_the_ncu_table_or_its_errors(tmp_path, capsys):
     (tmp_path / "ncu.rc").write_text("0\n")
     (tmp_path / "ncu.csv").write_text(_raw_page())
