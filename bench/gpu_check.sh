@@ -107,16 +107,20 @@ fi
 NCU=$(command -v ncu || true)
 if [ -z "$NCU" ] && [ -x "$CUDA_HOME/bin/ncu" ]; then NCU="$CUDA_HOME/bin/ncu"; fi
 T=$(cap ${NCU_TIMEOUT:-75})
+NCU_RESERVE=25  # ncu writes its report at the end: the workload starts no case in the phase's last 25 s
 if [ -z "$NCU" ]; then
   echo "no ncu on PATH or in $CUDA_HOME/bin" >"$OUT/ncu.rc"
-elif [ "${NCU_TIMEOUT:-75}" -gt 0 ] && [ "$T" -gt 0 ]; then
+elif [ "${NCU_TIMEOUT:-75}" -le 0 ]; then
+  :  # turned off
+elif [ "$T" -le "$NCU_RESERVE" ]; then
+  skipped ncu
+else
   phase "Nsight Compute on the attention kernels (log: $OUT/ncu.log)"
   # --clock-control none: leave the GPU's clocks as they are (ncu would lock them to base otherwise).
-  # ncu writes its report at the end: the workload stops starting cases 25 s before the limit.
   timeout -s INT -k 10 "$T" "$NCU" --profile-from-start off --clock-control none --section SpeedOfLight \
     --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
-    --section ComputeWorkloadAnalysis -f -o "$OUT/attention" \
-    $PY -m bench.attention_ncu run --labels "$OUT/ncu_cases.json" --budget-s $(( T - 25 )) >"$OUT/ncu.log" 2>&1
+    --section ComputeWorkloadAnalysis -f -o "$OUT/attention" $PY -m bench.attention_ncu run \
+    --labels "$OUT/ncu_cases.json" --budget-s $(( T - NCU_RESERVE )) >"$OUT/ncu.log" 2>&1
   echo $? >"$OUT/ncu.rc"
   if [ -f "$OUT/attention.ncu-rep" ]; then
     timeout 30 "$NCU" --import "$OUT/attention.ncu-rep" --csv --page raw --print-units base \

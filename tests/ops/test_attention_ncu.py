@@ -199,12 +199,14 @@ def test_gpu_check_runs_ncu_before_the_benchmarks(tmp_path):
     assert (out / "bench.rc").read_text().strip() == "0"
 
 
-def test_gpu_check_skips_phases_past_its_budget_and_still_summarises(tmp_path):
-    stdout, calls, out = _gpu_check(tmp_path, budget=20, with_ncu=False)
+@pytest.mark.parametrize("with_ncu", [False, True], ids=["no-ncu", "ncu"])
+def test_gpu_check_skips_phases_past_its_budget_and_still_summarises(tmp_path, with_ncu):
+    stdout, calls, out = _gpu_check(tmp_path, budget=20, with_ncu=with_ncu)
     for phase in ("tests", "tests-matrix", "bench", "profile"):
         assert (out / f"{phase}.rc").read_text().strip() == "skipped: out of time"
-    assert not any(c.startswith(("py -m pytest", "py -m bench.gpu_profile")) for c in calls)
-    assert "no ncu" in (out / "ncu.rc").read_text()
+    assert not any(c.startswith(("py -m pytest", "py -m bench.gpu_profile", "ncu ")) for c in calls)
+    ncu_rc = (out / "ncu.rc").read_text().strip()
+    assert ncu_rc == "skipped: out of time" if with_ncu else "no ncu" in ncu_rc
     assert "benchmarks: rc skipped: out of time" in stdout and "=" * 100 in stdout
 
 
