@@ -48,7 +48,9 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     for i, name in enumerate(params):
         if name == "DQ_DESC" and constexprs.get("DQ_TMA"):  # what a launch with a TensorDescriptor compiles
             sig[name] = f"tensordesc<fp32[1,{constexprs['BLOCK_M']},{constexprs['D_PAD']}]>"
-        elif name.endswith("_DESC") and name != "DQ_DESC" and constexprs.get("TMA_LOAD"):
+        elif name == "DS_DESC" and constexprs.get("DS_TMA"):
+            sig[name] = f"tensordesc<{dtype}[1,{constexprs['BLOCK_N']},{constexprs['BLOCK_M']}]>"
+        elif name.endswith("_DESC") and name not in ("DQ_DESC", "DS_DESC") and constexprs.get("TMA_LOAD"):
             rows = constexprs["BLOCK_M" if name in ("Q_DESC", "DO_DESC") else "BLOCK_N"]
             sig[name] = f"tensordesc<{dtype}[1,1,{rows},{constexprs['D_PAD']}]>"
         elif name in constexprs:
@@ -73,7 +75,7 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
     if "TMA_LOAD" in params:  # descriptors where the tile loads through them, None (a constexpr) otherwise
         cx["TMA_LOAD"] = tile.tma_load
         if not tile.tma_load:
-            cx.update({name: None for name in params if name.endswith("_DESC") and name != "DQ_DESC"})
+            cx.update({name: None for name in params if name.endswith("_DESC") and name not in ("DQ_DESC", "DS_DESC")})
     sig, attrs = _signature(fn, dtype, cx)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
@@ -93,18 +95,30 @@ def variants(head_dims, dtypes, defaults_only=False):
         cls = tri.tile_class(d)
         base = dict(HEAD_DIM=d, D_PAD=tri.d_pad(d))
         for dt in dtypes:
-            yield "delta", tri._bwd_delta_kernel, d, dt, base, tri.Tile(tri.DELTA_BLOCK, 16, 4, 1)
+            yield "delta", tri._bwd_delta_kernel, d, dt, dict(base, ZERO_DQ=True), tri.Tile(tri.DELTA_BLOCK, 16, 4, 1)
             for tile in tiles(tri.FWD_TILES, cls):
                 yield "fwd", tri._fwd_kernel, d, dt, base, tile
+            no_ds = dict(STORE_DS=False, DS_TMA=False, DS_DESC=None)
             for tile in tiles(tri.DKDV_TILES, cls):
                 if tile.dq_tma:  # only the atomic scheme reads the flag; the deterministic kernel is the same
-                    yield "dkdv+tma", tri._bwd_dkdv_kernel, d, dt, dict(base, ATOMIC_DQ=True, DQ_TMA=True), tile
+                    yield "dkdv+tma", tri._bwd_dkdv_kernel, d, dt, dict(base, ATOMIC_DQ=True, DQ_TMA=True,
+                                                                        **no_ds), tile
                     continue
-                plain = dict(base, DQ_TMA=False, DQ_DESC=None)
+                plain = dict(base, DQ_TMA=False, DQ_DESC=None, **no_ds)
                 yield "dkdv+atomic", tri._bwd_dkdv_kernel, d, dt, dict(plain, ATOMIC_DQ=True), tile
                 yield "dkdv", tri._bwd_dkdv_kernel, d, dt, dict(plain, ATOMIC_DQ=False), tile
             for tile in tiles(tri.DQ_TILES, cls):
                 yield "dq", tri._bwd_dq_kernel, d, dt, base, tile
+            # the stored-dS scheme: its dkdv tiles with the store (by TMA with dq_tma), and the dq-from-dS
+            # kernel's tiles
+            pairs = tri.DS_TILES[cls][:1] if defaults_only else tri.DS_TILES[cls]
+            for tile, _ in pairs:
+                ds = dict(base, ATOMIC_DQ=False, DQ_TMA=False, DQ_DESC=None, STORE_DS=True, DS_TMA=tile.dq_tma)
+                if not tile.dq_tma:
+                    ds["DS_DESC"] = None
+                yield "dkdv+ds", tri._bwd_dkdv_kernel, d, dt, ds, tile
+            for tile in dict.fromkeys(dq for _, dq in pairs):
+                yield "dq-ds", tri._bwd_dq_ds_kernel, d, dt, base, tile
 
 
 def main(argv=None) -> int:

@@ -19,9 +19,9 @@ bench/gpu_check.sh runs these (its ncu phase, NCU_TIMEOUT). ``--clock-control no
 otherwise locks the GPU's clocks to base for the run; we leave the card's settings alone, so durations are
 at whatever clock the GPU runs (compare kernels of the same run, not with other runs).
 
-The cases, in order (``cases``): our forward, cuDNN's forward+backward, our deterministic and atomic
-backward, FlashAttention's, then the Hopper features next to their twins (TMA loads in the forward; dq by
-TMA reductions against pointer atomics on the same dkdv tile).
+The cases, in order (``cases``): our forward, cuDNN's forward+backward, our deterministic, atomic and
+stored-dS backward (``Tile.store_ds``: its first candidate), FlashAttention's, then the Hopper features next
+to their twins (TMA loads in the forward; dq by TMA reductions against pointer atomics on the same dkdv tile).
 
 ``run`` warms every case up (Triton compiles, cuDNN plans) outside the profiled range, then runs each once
 between cudaProfilerStart and cudaProfilerStop, separated by a one-thread ``spin_kernel``
@@ -78,6 +78,9 @@ def cases(b: int, h: int, n: int, d: int, device: str = "cuda", dtype=None) -> d
         out["sdpa-cudnn fwd+bwd"] = sdpa(backends["cudnn"])
     out["ours bwd deterministic"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, True)
     out["ours bwd atomic"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, False)
+    if tri.DS_TILES[tri.tile_class(d)]:  # the stored-dS scheme's first candidate (dS stored by TMA)
+        ds_tiles = tri.DS_TILES[tri.tile_class(d)][0]
+        out["ours bwd stored dS"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, True, *ds_tiles)
     if "flash" in backends:
         out["sdpa-flash fwd+bwd"] = sdpa(backends["flash"])
     # Last (the budget cuts these first): the Hopper features against their twins without them, where the

@@ -86,7 +86,8 @@ def compile_check(arch: int, head_dims, dtype: str) -> int:
     for d in head_dims:
         base = dict(HEAD_DIM=d, D_PAD=tri.d_pad(d))
         for label, kernel, atomic in _kernels():
-            cx = base if atomic is None else dict(base, ATOMIC_DQ=atomic)
+            cx = base if atomic is None else dict(base, ATOMIC_DQ=atomic, DQ_TMA=False, DQ_DESC=None, STORE_DS=False,
+                                                  DS_TMA=False, DS_DESC=None)
             for tile in grid(kernel, tri.tile_class(d)):
                 rows.append((f"{label:12s} {d:4d} {str(tile.as_list()):20s}",
                              functools.partial(compile_one, fns[kernel], dtype, cx, tile, arch)))

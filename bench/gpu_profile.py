@@ -99,6 +99,14 @@ def attention_cases(iters: int) -> list:
                  "triton kernels bwd atomic 16x64 (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, False, tri.Tile(16, 64, 4, 2)),
                  "triton kernels bwd det (direct)": lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True),
+                 # Tile.store_ds: dq from a stored dS instead of the dq pass, dS stored by TMA and by pointers
+                 "triton kernels bwd det stored-dS tma (direct)":
+                     lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True,
+                                               tri.Tile(32, 64, 4, 2, store_ds=True, dq_tma=True),
+                                               tri.Tile(64, 64, 4, 3)),
+                 "triton kernels bwd det stored-dS (direct)":
+                     lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True,
+                                               tri.Tile(32, 64, 4, 2, store_ds=True), tri.Tile(64, 64, 4, 3)),
                  "triton kernels bwd det tma-load (direct)":
                      lambda: tri.attention_bwd(dout, qd, kd, vd, o, lse, scale, True,
                                                tri.Tile(32, 64, 4, 2, tma_load=True), tma),

@@ -75,6 +75,12 @@ def _ncu(out: Path) -> None:
     print("\n".join("  " + line for line in errors) if errors else "  no profile (see ncu.log)")
 
 
+def _flag(key: str, index: int) -> int:
+    """Element ``index`` of the first tile list in ``key`` (0 where the list is shorter)."""
+    tile = [int(x) for x in re.search(r"\[([\d, ]+)\]", key).group(1).split(",")]
+    return tile[index] if len(tile) > index else 0
+
+
 def _with_flag(key: str, index: int, first_only: bool) -> str:
     """``key`` with element ``index`` of its tile lists set to 0 (of the first list only: a dkdv tile)."""
     parts, done = [], False
@@ -91,8 +97,9 @@ def _with_flag(key: str, index: int, first_only: bool) -> str:
 def _feature_twins(rows: list) -> None:
     """Each attention candidate against its twin without one feature, from the ``candidate_us`` of the
     ``-fwd`` and ``-fwdbwd`` rows (GPU time, same run): split tail tiles (tile element 4) against the unsplit
-    tile, dq by TMA reductions (dkdv element 5) against the same dkdv tile with pointer atomics, and loads
-    through TMA descriptors (element 6) against pointer loads."""
+    tile, dq by TMA reductions (dkdv element 5) against the same dkdv tile with pointer atomics, loads
+    through TMA descriptors (element 6) against pointer loads, and dq from a stored dS (dkdv element 7)
+    against the fastest dq pass on the same dkdv tile."""
     lines = []
     for row in rows:
         if row.get("op") != "attention" or row.get("mode") not in ("fwd", "fwdbwd"):
@@ -111,6 +118,14 @@ def _feature_twins(rows: list) -> None:
                 if twins:
                     lines.append(f"  {case:32s} {key:64s} {what} {us:8.1f} us, {label} {cands[twins[0]]:8.1f} us: "
                                  f"{cands[twins[0]] / us:.2f}x")
+            # A stored-dS candidate (dkdv element 7) has its own dq tile: its twin is the fastest dq pass on
+            # the same dkdv tile without the store (and without dq_tma, which the dq pass does not read).
+            if key.startswith("det ") and _flag(key, 7):
+                dkdv = _with_flag(_with_flag(key, 7, True), 5, True).split(" dq=")[0]
+                passes = [t for k, t in cands.items() if k.startswith(dkdv + " dq=")]
+                if passes:
+                    lines.append(f"  {case:32s} {key:64s} stored dS {us:8.1f} us, dq pass {min(passes):8.1f} us: "
+                                 f"{min(passes) / us:.2f}x")
     if lines:
         print("attention tile features (GPU time of each candidate against its twin; >1x: the feature is faster):")
         print("\n".join(lines))

@@ -21,7 +21,11 @@ Backward, from lse (P = exp(S - lse) is recomputed per tile):
   scheme: 5 matmuls per tile pair, but the order of the additions, hence the bits of dq, vary run to run;
   with ``Tile.dq_tma`` on sm_90+ each query tile's share is one TMA bulk reduction instead);
 * ``dq`` kernel: one program per query tile walks every key tile (the deterministic scheme: 7 matmuls per
-  tile pair instead of 5, no atomics, no float32 dq buffer; every output element has one owner).
+  tile pair instead of 5, no atomics, no float32 dq buffer; every output element has one owner);
+* or, deterministic too, dq from a stored dS (``Tile.store_ds``): the dkdv kernel also writes its dS^T tiles
+  (rounded to the input dtype, as its dk matmul uses them) into a buffer, and the ``dq_ds`` kernel computes
+  dq = scale * dS K from it (5 matmuls per tile pair, no atomics; a buffer of B * H * Nkv * Nq elements,
+  bounded by ``ds_fits``; delta by the ``delta`` kernel first).
 
 Masking, for any N: the last query and key tiles are partial. Loops run over full tiles without masks and
 then over the one partial tile with masks (the ``MASK_*`` constexpr copies). Padded key columns get score
@@ -92,6 +96,15 @@ class Tile:
     addresses and writes shared memory, which wgmma reads directly, synchronised by mbarriers) instead of
     per-thread ``cp.async``. Same sm_90+ condition (``tma_load_ok``), and the tensors' base and batch, head and
     row strides must be multiples of 16 bytes (``_row_descriptor``); otherwise the tile loads by pointers.
+
+    ``store_ds`` (dkdv tiles, deterministic scheme only): dq from a stored dS instead of its own pass. The dkdv
+    kernel also writes each tile of dS^T = (P * (dP - delta))^T, in the input dtype (the rounding the dk and
+    dq matmuls apply to it anyway), into a (B, H, Nkv, Nq) buffer, and a third kernel computes
+    dq = scale * dS K, one matmul per tile pair, with the dq tile's block sizes (``_bwd_dq_ds_kernel``).
+    No atomics, so the same bits every run, and 5 matmuls per tile pair instead of the dq pass's 7, for a
+    dS buffer of B * H * Nkv * Nq elements written once and read once (``ds_fits`` bounds it; a larger one
+    runs the dq pass). With ``dq_tma`` too, each dS tile goes out as one TMA bulk store (sm_90+; pointer
+    stores elsewhere): ``dq_tma`` means dq's traffic through the TMA unit in either scheme.
     """
 
     block_m: int
@@ -101,14 +114,15 @@ class Tile:
     split_tail: bool = True
     dq_tma: bool = False
     tma_load: bool = False
+    store_ds: bool = False
 
     def __post_init__(self):  # from a table's 0/1: bools, so that equal tiles print and compare alike
-        for flag in ("split_tail", "dq_tma", "tma_load"):
+        for flag in ("split_tail", "dq_tma", "tma_load", "store_ds"):
             object.__setattr__(self, flag, bool(getattr(self, flag)))
 
     def as_list(self) -> list[int]:
         return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail),
-                int(self.dq_tma), int(self.tma_load)]
+                int(self.dq_tma), int(self.tma_load), int(self.store_ds)]
 
     def constexprs(self, n_q: int, n_kv: int) -> dict:
         """The kernels' tile constexprs for an Nq x Nkv pass: block sizes and tail sizes (``tail_block``)."""
@@ -180,6 +194,20 @@ DQ_TILES = {
 # with unsplit).
 FWD_TILES[32] = FWD_TILES[64]
 DQ_TILES[32] = tuple(t for t in DQ_TILES[64] if t.block_m != 128)
+# The stored-dS scheme (Tile.store_ds; deterministic): (dkdv tile that stores dS^T, tile of the dq-from-dS
+# kernel). Not timed on a GPU yet: the benchmark times these against the dq pass in the same run.
+DS_TILES = {
+    32: ((Tile(16, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
+         (Tile(16, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
+    64: ((Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
+         (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3)),
+         (Tile(16, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
+    128: ((Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
+          (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3)),
+          (Tile(16, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
+    256: (),
+}
+DS_MAX_RATIO = 4  # ds_fits: the dS^T buffer at most this many times the size of q, k and v
 DELTA_BLOCK = 64
 # The softmax runs in base 2 (module docstring): scores and lse convert with these.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -190,12 +218,13 @@ def bwd_candidates(cls: int) -> list[tuple[bool, Tile, Tile]]:
     """(deterministic, dkdv tile, dq tile) for every backward candidate of a tile class: each dkdv tile in
     the atomic scheme (with the default dq tile, which that scheme does not launch), and the dkdv and dq
     tiles pairwise in the deterministic one, where ``dq_tma`` does nothing (the shorter list repeats its
-    default). What the benchmark times and the tests check."""
+    default), then the stored-dS pairs of ``DS_TILES`` (deterministic too). What the benchmark times and the
+    tests check."""
     atomic = [(False, t, DQ_TILES[cls][0]) for t in DKDV_TILES[cls]]
     dkdv, dq = [t for t in DKDV_TILES[cls] if not t.dq_tma], DQ_TILES[cls]
     det = [(True, dkdv[i] if i < len(dkdv) else dkdv[0], dq[i] if i < len(dq) else dq[0])
            for i in range(max(len(dkdv), len(dq)))]
-    return atomic + det
+    return atomic + det + [(True, t, d) for t, d in DS_TILES[cls]]
 
 
 def tail_block(n: int, block: int, split: bool = True) -> int:
@@ -344,10 +373,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
 
 @triton.jit(do_not_specialize=["N_Q"])
 def _bwd_delta_kernel(O, DO, DELTA, DQ_ACC, sob, soh, son, sdob, sdoh, sdon, sdqb, sdqh, sdqn, H, N_Q,
-                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta_i = dout_i . out_i in float32, and zeros into the same rows of the float32 dq buffer (which the
-    dkdv kernel then accumulates into): one launch instead of a separate fill, as FlashAttention-3's
-    preprocessing kernel does."""
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQ: tl.constexpr):
+    """delta_i = dout_i . out_i in float32, and with ``ZERO_DQ`` zeros into the same rows of the float32 dq
+    buffer (which the dkdv kernel then accumulates into): one launch instead of a separate fill, as
+    FlashAttention-3's preprocessing kernel does. (The stored-dS scheme has no buffer to zero.)"""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -356,21 +385,26 @@ def _bwd_delta_kernel(O, DO, DELTA, DQ_ACC, sob, soh, son, sdob, sdoh, sdon, sdq
     o = _load_rows(O + b * sob + h * soh, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD, True).to(tl.float32)
     do = _load_rows(DO + b * sdob + h * sdoh, offs_m, offs_d, sdon, N_Q, HEAD_DIM, D_PAD, True).to(tl.float32)
     tl.store(DELTA + (b * H + h) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
-    _store_rows(DQ_ACC + b * sdqb + h * sdqh, tl.zeros([BLOCK_M, D_PAD], tl.float32), offs_m, offs_d, sdqn, N_Q,
-                HEAD_DIM, D_PAD)
+    if ZERO_DQ:
+        _store_rows(DQ_ACC + b * sdqb + h * sdqh, tl.zeros([BLOCK_M, D_PAD], tl.float32), offs_m, offs_d, sdqn, N_Q,
+                    HEAD_DIM, D_PAD)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc, dq_desc, bh,
-                sqn, sdon, sdqn, offs_d, start, end, N_Q, qk_scale,
+def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, ds_base, q_desc, do_desc,
+                dq_desc, ds_desc, bh, sqn, sdon, sdqn, sdsn, start_n, offs_n, offs_d, start, end, N_Q, N_KV, qk_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_M: tl.constexpr,
-                MASK_KEYS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOAD: tl.constexpr):
+                MASK_KEYS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TMA_LOAD: tl.constexpr,
+                STORE_DS: tl.constexpr, DS_TMA: tl.constexpr):
     """Accumulate dk, dv of one key tile over query tiles [start, end), working on S^T (keys x queries).
 
     With ``DQ_TMA`` the dq share goes through ``dq_desc`` (a (B * H, N_Q, HEAD_DIM) float32 descriptor with
     BLOCK_M x D_PAD boxes; the TMA unit drops the rows past N_Q and the columns past HEAD_DIM); tail tiles
     of another row count use the pointer atomics. ``MASK_KEYS``: this key tile has padded rows (key_bias
-    -inf there); only the program of the last key tile can."""
+    -inf there); only the program of the last key tile can. With ``STORE_DS`` the tile of dS^T (keys x
+    queries, in the input dtype) goes to ``ds_base`` (rows ``sdsn`` apart) for the dq kernel of that scheme,
+    with ``DS_TMA`` as one TMA bulk store through ``ds_desc`` ((B * H, N_KV, row length) with
+    (1, key rows, BLOCK_M) boxes; the tail tiles of other row counts store by pointers)."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, q_desc, start_m, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, BLOCK_M, MASK_M, TMA_LOAD)
@@ -392,6 +426,15 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
+        if STORE_DS:  # dS^T as computed (keys x queries): rows of the buffer are contiguous along queries
+            if DS_TMA:  # one bulk store of the box; the unit drops rows past N_KV, columns past the buffer's
+                ds_desc.store([bh, start_n, start_m], ds_t.to(q.dtype).reshape([1, ds_t.shape[0], BLOCK_M]))
+            else:
+                ds_ptrs = ds_base + offs_n[:, None] * sdsn + offs_m[None, :]
+                if MASK_M or MASK_KEYS:
+                    tl.store(ds_ptrs, ds_t.to(q.dtype), mask=(offs_n < N_KV)[:, None] & (offs_m < N_Q)[None, :])
+                else:
+                    tl.store(ds_ptrs, ds_t.to(q.dtype))
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k)  # times scale in the conversion: once per element
             if DQ_TMA:
@@ -411,11 +454,11 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
 
 
 @triton.jit
-def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, q_desc, do_desc,
-               dq_desc, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
+def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, ds_base, q_desc,
+               do_desc, dq_desc, ds_desc, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, sdsn, start_n, N_Q, N_KV, scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                TAIL_M: tl.constexpr, MASK_KEYS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-               TMA_LOAD: tl.constexpr):
+               TMA_LOAD: tl.constexpr, STORE_DS: tl.constexpr, DS_TMA: tl.constexpr):
     """dk, dv of key rows [start_n, start_n + BLOCK_N) of one (batch, head), from every query."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -427,29 +470,33 @@ def _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     qk_scale = scale * LOG2E
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc,
-                         dq_desc, bh, sqn, sdon, sdqn, offs_d, 0, m_full, N_Q, qk_scale, HEAD_DIM, D_PAD,
-                         BLOCK_M, False, MASK_KEYS, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, ds_base, q_desc,
+                         do_desc, dq_desc, ds_desc, bh, sqn, sdon, sdqn, sdsn, start_n, offs_n, offs_d, 0, m_full, N_Q,
+                         N_KV, qk_scale, HEAD_DIM, D_PAD, BLOCK_M, False, MASK_KEYS, ATOMIC_DQ, DQ_TMA, TMA_LOAD,
+                         STORE_DS, DS_TMA)
     # The tail tile's box is the descriptor's only where it has BLOCK_M rows (no split); the TMA unit drops
     # the rows past N_Q.
-    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, q_desc, do_desc,
-                         dq_desc, bh, sqn, sdon, sdqn, offs_d, m_full, N_Q, N_Q, qk_scale, HEAD_DIM, D_PAD,
-                         TAIL_M, True, MASK_KEYS, ATOMIC_DQ, DQ_TMA and TAIL_M == BLOCK_M, TMA_LOAD)
+    dk, dv = _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_base, ds_base, q_desc,
+                         do_desc, dq_desc, ds_desc, bh, sqn, sdon, sdqn, sdsn, start_n, offs_n, offs_d, m_full, N_Q,
+                         N_Q, N_KV, qk_scale, HEAD_DIM, D_PAD, TAIL_M, True, MASK_KEYS, ATOMIC_DQ,
+                         DQ_TMA and TAIL_M == BLOCK_M, TMA_LOAD, STORE_DS, DS_TMA and TAIL_M == BLOCK_M)
     _store_rows(dk_base, (dk * scale).to(dk_base.dtype.element_ty), offs_n, offs_d, sdkn, N_KV, HEAD_DIM, D_PAD)
     _store_rows(dv_base, dv.to(dv_base.dtype.element_ty), offs_n, offs_d, sdvn, N_KV, HEAD_DIM, D_PAD)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DS,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-                     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqn,
-                     H, N_Q, N_KV, scale, DQ_DESC, Q_DESC, DO_DESC,
+                     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqn, sdsb, sdsh, sdsn,
+                     H, N_Q, N_KV, scale, DQ_DESC, Q_DESC, DO_DESC, DS_DESC,
                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-                     TMA_LOAD: tl.constexpr):
+                     TMA_LOAD: tl.constexpr, STORE_DS: tl.constexpr, DS_TMA: tl.constexpr):
     """DQ_ACC: with ``ATOMIC_DQ`` the float32 buffer that the dq shares add into, without ``scale`` (the
     conversion applies it); DQ_DESC: None, or with ``DQ_TMA`` its descriptor for the TMA reduction
-    (``Tile.dq_tma``); Q_DESC, DO_DESC: None, or with ``TMA_LOAD`` descriptors of Q and DO (``Tile.tma_load``)."""
+    (``Tile.dq_tma``); Q_DESC, DO_DESC: None, or with ``TMA_LOAD`` descriptors of Q and DO (``Tile.tma_load``);
+    DS: with ``STORE_DS`` the (B, H, N_KV, >= N_Q) buffer that dS^T goes to (``Tile.store_ds``); DS_DESC: None,
+    or with ``DS_TMA`` its descriptor (``Tile.store_ds`` with ``Tile.dq_tma``)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(2) * H + tl.program_id(1)  # the descriptor's leading coordinate (int32, < 2^32 grid)
     h = tl.program_id(1).to(tl.int64)
@@ -461,18 +508,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     dk_base = DK + b * sdkb + h * sdkh
     dv_base = DV + b * sdvb + h * sdvh
     dq_base = DQ_ACC + b * sdqb + h * sdqh
+    ds_base = DS + b * sdsb + h * sdsh
     lse_row = LSE + (b * H + h) * N_Q
     delta_row = DELTA + (b * H + h) * N_Q
     # Only the last key tile can have padded keys: with a split tail that is the TAIL_N copy alone, so the
     # other programs skip the key mask (one add per score).
     if TAIL_N < BLOCK_N and start_n + BLOCK_N > N_KV:  # the partial last key tile, in a TAIL_N-row tile
-        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, Q_DESC, DO_DESC,
-                   DQ_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, True, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, ds_base, Q_DESC,
+                   DO_DESC, DQ_DESC, DS_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, sdsn, start_n, N_Q, N_KV,
+                   scale, HEAD_DIM, D_PAD, BLOCK_M, TAIL_N, TAIL_M, True, ATOMIC_DQ, DQ_TMA, TMA_LOAD, STORE_DS, False)
     else:
-        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, Q_DESC, DO_DESC,
-                   DQ_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, start_n, N_Q, N_KV, scale,
-                   HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N == BLOCK_N, ATOMIC_DQ, DQ_TMA, TMA_LOAD)
+        _dkdv_keys(k_base, v_base, q_base, do_base, dk_base, dv_base, lse_row, delta_row, dq_base, ds_base, Q_DESC,
+                   DO_DESC, DQ_DESC, DS_DESC, bh, skn, svn, sqn, sdon, sdkn, sdvn, sdqn, sdsn, start_n, N_Q, N_KV,
+                   scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_M, TAIL_N == BLOCK_N, ATOMIC_DQ, DQ_TMA, TMA_LOAD,
+                   STORE_DS, DS_TMA)
 
 
 @triton.jit
@@ -543,6 +592,59 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ,
         _dq_rows(q_base, do_base, o_base, k_base, v_base, dq_base, lse_row, delta_row, K_DESC, V_DESC, sqn,
                  sdon, son, skn, svn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, TAIL_N,
                  TMA_LOAD)
+
+
+@triton.jit
+def _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, start, end, N_Q, N_KV,
+                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
+                 MASK_N: tl.constexpr, TMA_LOAD: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = ds_base + offs_n[:, None] * sdsn + offs_m[None, :]
+        if MASK_M or MASK_N:  # past N_KV there is no row; past N_Q nothing was written
+            ds_t = tl.load(ptrs, mask=(offs_n < N_KV)[:, None] & (offs_m < N_Q)[None, :], other=0.0)
+        else:
+            ds_t = tl.load(ptrs)
+        k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
+        dq += tl.dot(tl.trans(ds_t), k)
+    return dq
+
+
+@triton.jit
+def _dq_ds_rows(ds_base, k_base, dq_base, k_desc, sdsn, skn, sdqn, start_m, N_Q, N_KV, scale,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                TAIL_N: tl.constexpr, MASK_M: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """dq = scale * dS K for query rows [start_m, start_m + BLOCK_M) of one (batch, head), from the dS^T tiles
+    that the dkdv kernel stored (``Tile.store_ds``): one matmul per key tile."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    dq = _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, 0, n_full, N_Q, N_KV,
+                      HEAD_DIM, D_PAD, BLOCK_N, MASK_M, False, TMA_LOAD)
+    dq = _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, n_full, N_KV, N_Q, N_KV,
+                      HEAD_DIM, D_PAD, TAIL_N, MASK_M, True, TMA_LOAD)
+    _store_rows(dq_base, (dq * scale).to(dq_base.dtype.element_ty), offs_m, offs_d, sdqn, N_Q, HEAD_DIM, D_PAD)
+
+
+@triton.jit(do_not_specialize=["N_Q", "N_KV"])
+def _bwd_dq_ds_kernel(DS, K, DQ, sdsb, sdsh, sdsn, skb, skh, skn, sdqb, sdqh, sdqn, N_Q, N_KV, scale, K_DESC,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """dq of the stored-dS scheme (``Tile.store_ds``): DS is the (B, H, N_KV, >= N_Q) buffer of dS^T, K_DESC
+    None or with ``TMA_LOAD`` a descriptor of K."""
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    ds_base = DS + b * sdsb + h * sdsh
+    k_base = K + b * skb + h * skh
+    dq_base = DQ + b * sdqb + h * sdqh
+    if start_m + BLOCK_M > N_Q:  # the partial last query tile: TAIL_M rows (BLOCK_M without the split), masked
+        _dq_ds_rows(ds_base, k_base, dq_base, K_DESC, sdsn, skn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD,
+                    TAIL_M, BLOCK_N, TAIL_N, True, TMA_LOAD)
+    else:
+        _dq_ds_rows(ds_base, k_base, dq_base, K_DESC, sdsn, skn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD,
+                    BLOCK_M, BLOCK_N, TAIL_N, False, TMA_LOAD)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -669,6 +771,13 @@ def _dq_descriptor(dq_acc: Tensor, block_m: int) -> object:
     return _TensorDescriptor(dq_acc.view(B * H, N, D), [B * H, N, D], [N * D, D, 1], [1, block_m, d_pad(D)])
 
 
+def _ds_descriptor(ds: Tensor, block_n: int, block_m: int) -> object:
+    """The stored-dS scheme's buffer (B, H, N_KV, ds_cols(N_Q)) as a (B * H, N_KV, ds_cols) descriptor with
+    (1, block_n, block_m) boxes: rows past N_KV and columns past the buffer's are dropped by the unit."""
+    B, H, NK, C = ds.shape
+    return _TensorDescriptor(ds.view(B * H, NK, C), [B * H, NK, C], [NK * C, C, 1], [1, block_n, block_m])
+
+
 def _candidates(table: dict, head_dim: int, tile: Optional[Tile]) -> list[Tile]:
     rest = list(table[tile_class(head_dim)])
     return [tile] + [t for t in rest if t != tile] if tile is not None else rest
@@ -703,6 +812,21 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         return _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile)
 
 
+def ds_fits(n_q: int, n_kv: int, head_dim: int) -> bool:
+    """Whether the stored-dS scheme (``Tile.store_ds``) may run: its dS^T buffer, N_kv x ``ds_cols(N_q)``
+    elements per (batch, head), is at most ``DS_MAX_RATIO`` times the size of q, k and v together (at D = 128
+    up to N ~ 1500, at D = 64 up to N ~ 770; ViT lengths are far below), and its rows fit int32 offsets.
+    Elsewhere the deterministic scheme computes dq in its own pass."""
+    elems = n_kv * ds_cols(n_q)
+    return elems <= DS_MAX_RATIO * head_dim * (n_q + 2 * n_kv) and elems < 2**31
+
+
+def ds_cols(n_q: int) -> int:
+    """Row length of the dS^T buffer: N_q rounded up to 16 elements, so that rows start 32-byte aligned and
+    the compiler, which sees the stride divisible by 16, vectorises the loads and stores."""
+    return cdiv(n_q, 16) * 16
+
+
 def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
@@ -712,31 +836,46 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     cx = dict(HEAD_DIM=D, D_PAD=d_pad(D))
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
     common = (H, NQ, NK, float(scale))
-    if deterministic:  # the dq pass first: it writes delta as it goes
+    # The stored-dS scheme where the table's (or the caller's) dkdv tile asks for it and the buffer is small.
+    store_ds = deterministic and dkdv_tile is not None and dkdv_tile.store_ds and ds_fits(NQ, NK, D)
+    ds = torch.empty((B, H, NK, ds_cols(NQ)), dtype=q.dtype, device=dev) if store_ds else delta  # else unused
+    ds_strides = _strides3(ds) if store_ds else (0, 0, 0)
+    if deterministic and not store_ds:  # the dq pass first: it writes delta as it goes
         dq = dq_acc = torch.empty(q.shape, dtype=q.dtype, device=dev)  # dq_acc: unused without ATOMIC_DQ
         _run(_bwd_dq_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
              (q, k, v, dout, out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
               *_strides3(out), *_strides3(dq), *common),
              cx, NQ, NK, lambda t: _tma_loads(t, t.block_n, K_DESC=k, V_DESC=v))
-    else:  # the delta kernel also zeroes dq_acc
-        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=dev)
+    else:  # delta first; with atomics the delta kernel also zeroes dq_acc
+        dq_acc = delta if deterministic else torch.empty(q.shape, dtype=torch.float32, device=dev)
         _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
-            out, dout, delta, dq_acc, *_strides3(out), *_strides3(dout), *_strides3(dq_acc), H, NQ,
-            BLOCK_M=DELTA_BLOCK, **cx)
+            out, dout, delta, dq_acc, *_strides3(out), *_strides3(dout),
+            *(_strides3(dq_acc) if not deterministic else (0, 0, 0)), H, NQ,
+            BLOCK_M=DELTA_BLOCK, ZERO_DQ=not deterministic, **cx)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
 
-    def dq_reduction_and_loads(tile):
-        loads = _tma_loads(tile, tile.block_m, Q_DESC=q, DO_DESC=dout)
-        # TMA coordinates are int32
-        if tile.dq_tma and not deterministic and B * H < 2**31 and tma_reduce_ok(q):
+    def dq_traffic_and_loads(tile):
+        loads = dict(_tma_loads(tile, tile.block_m, Q_DESC=q, DO_DESC=dout), DQ_DESC=None, DQ_TMA=False,
+                     DS_DESC=None, DS_TMA=False)
+        if not tile.dq_tma or B * H >= 2**31:  # TMA coordinates are int32
+            return loads
+        if not deterministic and tma_reduce_ok(q):
             return dict(loads, DQ_DESC=_dq_descriptor(dq_acc, tile.block_m), DQ_TMA=True)
-        return dict(loads, DQ_DESC=None, DQ_TMA=False)
+        if store_ds and tma_load_ok(q):  # the unit stores as it loads (the interpreter too)
+            return dict(loads, DS_DESC=_ds_descriptor(ds, tile.block_n, tile.block_m), DS_TMA=True)
+        return loads
 
     _run(_bwd_dkdv_kernel, lambda t: (cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
-         (q, k, v, dout, lse, delta, dk, dv, dq_acc, *_strides3(q), *_strides3(k), *_strides3(v),
-          *_strides3(dout), *_strides3(dk), *_strides3(dv), *_strides3(dq_acc), *common),
-         dict(ATOMIC_DQ=not deterministic, **cx), NQ, NK, dq_reduction_and_loads)
-    if not deterministic:  # dq = scale * dq_acc in q's dtype: one elementwise kernel, like .to() alone
+         (q, k, v, dout, lse, delta, dk, dv, dq_acc, ds, *_strides3(q), *_strides3(k), *_strides3(v),
+          *_strides3(dout), *_strides3(dk), *_strides3(dv),
+          *(_strides3(dq_acc) if not deterministic else (0, 0, 0)), *ds_strides, *common),
+         dict(ATOMIC_DQ=not deterministic, STORE_DS=store_ds, **cx), NQ, NK, dq_traffic_and_loads)
+    if store_ds:  # dq = scale * dS K from the buffer, any candidate dq tile (all fit this one-matmul kernel)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        _run(_bwd_dq_ds_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
+             (ds, k, dq, *ds_strides, *_strides3(k), *_strides3(dq), NQ, NK, float(scale)),
+             cx, NQ, NK, lambda t: _tma_loads(t, t.block_n, K_DESC=k))
+    elif not deterministic:  # dq = scale * dq_acc in q's dtype: one elementwise kernel, like .to() alone
         dq = torch.mul(dq_acc, float(scale), out=torch.empty(q.shape, dtype=q.dtype, device=dev))
     return dq, dk, dv

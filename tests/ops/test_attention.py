@@ -11,6 +11,7 @@ Nq != Nkv, slices of a fused qkv) runs on a GPU through bench/gpu_check.sh.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 
@@ -411,8 +412,12 @@ def test_backward_candidates_cover_every_tile():
     from seer_kernels.triton import attention as tri
     for cls in (32, 64, 128, 256):
         got = tri.bwd_candidates(cls)
-        assert {t for _, t, _ in got} == set(tri.DKDV_TILES[cls])
-        assert {t for det, _, t in got if det} == set(tri.DQ_TILES[cls])
+        ds = tri.DS_TILES[cls]
+        assert {t for _, t, _ in got} == set(tri.DKDV_TILES[cls]) | {t for t, _ in ds}
+        assert {t for det, _, t in got if det} == set(tri.DQ_TILES[cls]) | {t for _, t in ds}
+        assert all(t.store_ds for t, _ in ds) and not any(t.store_ds for t in tri.DKDV_TILES[cls])
+        assert all(det for det, t, _ in got if t.store_ds)
+        assert any(t.store_ds and t.dq_tma for t, _ in ds) == (cls != 256)
         assert any(t.dq_tma for _, t, _ in got) == (cls != 256)  # no benchmark shape has 256-wide heads
 
 
@@ -566,6 +571,68 @@ def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("nq,nkv", ((70, 45), (81, 65), (60, 33)) if TRITON_DEV == "cpu" else
+                         ((257, 257), (197, 145), (60, 33)))
+def test_triton_dq_from_stored_ds(nq, nkv, monkeypatch, poison_empty):
+    """``Tile.store_ds``: dq from the stored dS^T agrees with the dq pass within rounding (the sums run in
+    another order), and storing dS by TMA (``dq_tma`` too) gives the same bits as storing it by pointers,
+    run after run (no atomics: the scheme is deterministic). On
+    the CPU the TMA stores really run: one per key tile with the full 64 rows (45 and 33 keys: the masked
+    64-row tile, whose rows past N the unit drops) and query tile with the full 32 (81 = 2 x 32 + 17 and
+    60 = 32 + 28 end in one); the smaller tail tiles store by pointers."""
+    from seer_kernels.triton import attention as tri
+    dtype = _triton_dtypes()[0]
+    q, k, v = make_qkv(2, 3, nq, nkv, 80, dtype, TRITON_DEV, layout="fused")
+    _assert_tma_on_hopper(q)
+    do = torch.randn(q.shape, device=q.device).to(dtype)
+    out, lse = tri.attention_fwd(q, k, v, 0.1)
+    dq_tile = tri.Tile(64, 64, 4, 3)
+    stores = _interpreter_calls(monkeypatch, "create_descriptor_store")
+    want = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True, tri.Tile(32, 64, 4, 2), tri.Tile(64, 32, 4, 3))
+    by_pointers = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True, tri.Tile(32, 64, 4, 2, store_ds=True), dq_tile)
+    assert not stores
+    by_tma = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True,
+                               tri.Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), dq_tile)
+    n_stores = len(stores)
+    again = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True,
+                              tri.Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), dq_tile)
+    for name, a, b, c, d in zip(("dq", "dk", "dv"), by_pointers, by_tma, want, again):
+        assert torch.equal(a, b) and torch.equal(b, d), name  # same values stored, same dq kernel: same bits
+        _assert_same_as_pointer_path(a, c, dtype, name, exact=name != "dq")
+    if TRITON_DEV == "cpu":
+        key_tiles = nkv // 64 + (nkv % 64 != 0 and tri.tail_block(nkv, 64) == 64)
+        query_tiles = nq // 32 + (nq % 32 != 0 and tri.tail_block(nq, 32) == 32)
+        assert n_stores == 2 * 3 * key_tiles * query_tiles > 0
+
+
+def test_stored_ds_runs_where_asked_and_small(monkeypatch):
+    """The stored-dS scheme runs for a ``store_ds`` dkdv tile in deterministic mode only (delta first, with
+    no float32 buffer to zero; the dq-from-dS kernel last, no dq pass), and only while ``ds_fits``: a larger
+    dS buffer (here: a zero ratio) runs the dq pass; the atomic scheme ignores the flag."""
+    from seer_kernels.triton import attention as tri
+    names = ("_bwd_dkdv_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_dq_ds_kernel")
+    launches = _record_launches(monkeypatch, tri, names)
+    q = torch.zeros(2, 3, 40, 64)
+    lse = torch.zeros(2, 3, 40)
+    tile = tri.Tile(32, 64, 4, 2, store_ds=True)
+
+    def run(det):
+        launches.clear()
+        tri.attention_bwd(q, q, q, q, q, lse, 0.1, det, tile, tri.Tile(64, 64, 4, 3))
+        return [(name, kw.get("STORE_DS", kw.get("ZERO_DQ"))) for name, _, kw in launches]
+
+    assert run(True) == [("_bwd_delta_kernel", False), ("_bwd_dkdv_kernel", True), ("_bwd_dq_ds_kernel", None)]
+    assert run(False) == [("_bwd_delta_kernel", True), ("_bwd_dkdv_kernel", False)]
+    monkeypatch.setattr(tri, "DS_MAX_RATIO", 0)
+    assert run(True) == [("_bwd_dq_kernel", None), ("_bwd_dkdv_kernel", False)]
+    monkeypatch.undo()
+    # The buffer bound: ViT lengths fit, long sequences do not (at D = 128 it stops near N = 1500).
+    assert tri.ds_fits(257, 257, 128) and tri.ds_fits(37, 37, 64) and tri.ds_fits(1, 1, 8)
+    assert tri.ds_fits(1500, 1500, 128) and not tri.ds_fits(1600, 1600, 128) and not tri.ds_fits(4096, 4096, 256)
+    assert tri.ds_cols(257) == 272 and tri.ds_cols(16) == 16
+
+
+@pytest.mark.triton
 def test_triton_deterministic_mode_repeats_bits():
     dtype = _triton_dtypes()[0]
     q, k, v = make_qkv(2, 3, 113 if TRITON_DEV == "cuda" else 37, 70, 64, dtype, TRITON_DEV, layout="fused")
@@ -589,11 +656,14 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
     for n in ("257", "145"):
         out = sm90_compile("bench.attention_compile", "--head-dims", "80", "128", "--dtypes", "bf16",
                            "--defaults-only", "--seq-len", n)
-        assert "20 variants, 0 failures" in out and "dkdv+tma" in out, (n, out)
-        assert sum(", 1]" in line for line in out.splitlines()) == 8, out  # tma_load: fwd, dkdv x 2, dq
+        assert "24 variants, 0 failures" in out and "dkdv+tma" in out and "dkdv+ds" in out, (n, out)
+        tiles = [json.loads(line[line.index("["):line.index("]") + 1]) for line in out.splitlines() if "[" in line]
+        assert sum(t[6] for t in tiles) == 8, out  # tma_load: fwd, dkdv x 2, dq
+        assert sum(t[7] for t in tiles) == 2, out  # store_ds: the first candidate (dS by TMA) at D = 80 and 128
         # The "loop" column (SASS per main-loop iteration) was read from each cubin: every kernel but delta
         # has a main loop of at least its matmuls.
-        rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["fwd"], ["dkdv"], ["dq"])]
+        rows = [line.split() for line in out.splitlines()
+                if line.split()[:1] in (["fwd"], ["dkdv"], ["dq"], ["dkdv+ds"], ["dq-ds"])]
         assert rows and all(int(r[-2]) > 50 for r in rows), out
 
 
@@ -1181,11 +1251,16 @@ def test_summary_pairs_each_candidate_with_its_twin(capsys):
               "atomic dkdv=[32, 64, 4, 2, 1, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 120.0,
               "atomic dkdv=[32, 64, 4, 2, 0, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 150.0,
               "det dkdv=[32, 64, 4, 2, 1, 0, 1] dq=[64, 32, 4, 3, 1, 0, 1]": 80.0,
-              "det dkdv=[32, 64, 4, 2, 1, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 100.0}
+              "det dkdv=[32, 64, 4, 2, 1, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 100.0,
+              "det dkdv=[32, 64, 4, 2, 1, 0, 0, 0] dq=[64, 16, 4, 3, 1, 0, 0, 0]": 110.0,
+              "det dkdv=[32, 64, 4, 2, 1, 1, 0, 1] dq=[64, 64, 4, 3, 1, 0, 0, 0]": 80.0}
     summary._feature_twins([{"op": "attention", "mode": "fwdbwd", "case": "c-fwdbwd", "candidate_us": fwdbwd},
                              {"op": "attention", "mode": "fwd", "case": "c-fwd",
                               "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0},
                               "candidate_failures": {"[64, 64, 4, 3, 1, 0, 1]": "no TMA here"}}])
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x", "here", "1.25x"], lines
-    assert "tma dq" in lines[0] and "split" in lines[1] and "tma load" in lines[2] and "FAILED" in lines[3]
+    assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x", "1.38x", "here", "1.25x"], lines
+    assert "tma dq" in lines[0] and "split" in lines[1] and "tma load" in lines[2] and "FAILED" in lines[4]
+    # the stored-dS candidate against the faster of the two dq passes on its dkdv tile (110 us, not 100:
+    # the 7-element key is another tile list)
+    assert "stored dS" in lines[3] and "dq pass    110.0 us" in lines[3], lines
