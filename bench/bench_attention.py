@@ -168,6 +168,8 @@ def _sweep(device, q, k, v, dout, want_out, cls):
     ref_grads = tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, True)
     fns = {}
     for det, dkdv, dq in tri.bwd_candidates(cls):
+        if dkdv.store_ds and not tri.ds_fits(q.shape[2], k.shape[2], q.shape[3]):
+            continue  # it would run the dq pass (the dS buffer is too large here): not this candidate
         got = first_call(f"{'det' if det else 'atomic'} dkdv={dkdv.as_list()} dq={dq.as_list()}",
                          lambda: tri.attention_bwd(dout, qd, kd, vd, out, lse, scale, det, dkdv, dq))
         if got is None:

@@ -111,8 +111,9 @@ def _feature_twins(rows: list) -> None:
             lines += [f"  {case:32s} {key:64s} FAILED: {why}" for key, why in failures.items()]
         for key, us in cands.items():
             # The atomic scheme's candidates share one dq tile (not launched): its twins differ in dkdv only.
-            for what, index, label in (("split", 4, "unsplit"), ("tma dq", 5, "atomics"),
-                                       ("tma load", 6, "pointers")):
+            stored = _flag(key, 7)  # a stored-dS candidate: its dq_tma element is the dS store's
+            tma_dq = ("tma dS store", 5, "pointer stores") if stored else ("tma dq", 5, "atomics")
+            for what, index, label in (("split", 4, "unsplit"), tma_dq, ("tma load", 6, "pointers")):
                 twins = [t for t in (_with_flag(key, index, False), _with_flag(key, index, True))
                          if t != key and t in cands]
                 if twins:
@@ -120,7 +121,7 @@ def _feature_twins(rows: list) -> None:
                                  f"{cands[twins[0]] / us:.2f}x")
             # A stored-dS candidate (dkdv element 7) has its own dq tile: its twin is the fastest dq pass on
             # the same dkdv tile without the store (and without dq_tma, which the dq pass does not read).
-            if key.startswith("det ") and _flag(key, 7):
+            if key.startswith("det ") and stored:
                 dkdv = _with_flag(_with_flag(key, 7, True), 5, True).split(" dq=")[0]
                 passes = [t for k, t in cands.items() if k.startswith(dkdv + " dq=")]
                 if passes:

@@ -14,8 +14,8 @@ in natural log (lse = (m + log2 l) * ln 2).
 Backward, from lse (P = exp(S - lse) is recomputed per tile):
 
 * delta_i = dout_i . out_i (float32), once per row instead of per tile pair: by the ``delta`` kernel in the
-  atomic scheme (which also zeroes the float32 dq buffer), by the ``dq`` kernel for its own rows in the
-  deterministic one (which runs it first);
+  atomic scheme (which also zeroes the float32 dq buffer) and the stored-dS one, by the ``dq`` kernel for its
+  own rows in the dq-pass one (which runs it first);
 * ``dkdv`` kernel: one program per key tile walks every query tile and accumulates dk, dv in registers;
   with ``ATOMIC_DQ`` it also adds its dq share into a float32 buffer with atomics (FlashAttention-2's
   scheme: 5 matmuls per tile pair, but the order of the additions, hence the bits of dq, vary run to run;
@@ -85,10 +85,10 @@ class Tile:
     a padded full one. Selector tables written before it existed hold 4-element lists; the selector runs
     those without the split, as they were measured (seer_kernels/ops/attention.py ``_tile``).
 
-    ``dq_tma`` (dkdv tiles, atomic scheme only): each query tile's dq share goes to the float32 buffer as one
-    tensor-memory-accelerator reduction (``cp.reduce.async.bulk.tensor ... add``: the registers are staged
-    in shared memory and the TMA unit adds the whole box into global memory asynchronously) instead of
-    per-thread vector atomics. FlashAttention-3 accumulates dq this way on Hopper. Needs sm_90+ (and a
+    ``dq_tma`` (dkdv tiles; the atomic scheme, and the stored-dS one below): each query tile's dq share goes
+    to the float32 buffer as one tensor-memory-accelerator reduction (``cp.reduce.async.bulk.tensor ... add``:
+    the registers are staged in shared memory and the TMA unit adds the whole box into global memory
+    asynchronously) instead of per-thread vector atomics. FlashAttention-3 accumulates dq this way on Hopper. Needs sm_90+ (and a
     Triton with tensor descriptors, 3.4+); elsewhere the tile runs with ordinary atomics (``tma_reduce_ok``).
 
     ``tma_load``: the loop loads of full tiles (K and V in the forward and dq kernels, Q and dO in dkdv) go
@@ -99,11 +99,11 @@ class Tile:
 
     ``store_ds`` (dkdv tiles, deterministic scheme only): dq from a stored dS instead of its own pass. The dkdv
     kernel also writes each tile of dS^T = (P * (dP - delta))^T, in the input dtype (the rounding the dk and
-    dq matmuls apply to it anyway), into a (B, H, Nkv, Nq) buffer, and a third kernel computes
+    dq matmuls apply to it anyway), into a (B, H, Nkv, ``ds_cols(Nq)``) buffer, and a third kernel computes
     dq = scale * dS K, one matmul per tile pair, with the dq tile's block sizes (``_bwd_dq_ds_kernel``).
     No atomics, so the same bits every run, and 5 matmuls per tile pair instead of the dq pass's 7, for a
-    dS buffer of B * H * Nkv * Nq elements written once and read once (``ds_fits`` bounds it; a larger one
-    runs the dq pass). With ``dq_tma`` too, each dS tile goes out as one TMA bulk store (sm_90+; pointer
+    dS buffer of about B * H * Nkv * Nq elements written once and read once (``ds_fits`` bounds it; a larger
+    one runs the dq pass, with the default dq tiles). With ``dq_tma`` too, each dS tile goes out as one TMA bulk store (sm_90+; pointer
     stores elsewhere): ``dq_tma`` means dq's traffic through the TMA unit in either scheme.
     """
 
@@ -809,15 +809,17 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                   deterministic: bool, dkdv_tile: Optional[Tile] = None, dq_tile: Optional[Tile] = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (contiguous). ``deterministic``: dq by its own pass instead of float32 atomics."""
+    """dq, dk, dv (contiguous). ``deterministic``: no atomics: dq by its own pass, or from a stored dS where
+    ``dkdv_tile.store_ds`` and ``ds_fits``; otherwise dq by float32 atomics."""
     with _on_device(q):
         return _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile)
 
 
 def ds_fits(n_q: int, n_kv: int, head_dim: int) -> bool:
     """Whether the stored-dS scheme (``Tile.store_ds``) may run: its dS^T buffer, N_kv x ``ds_cols(N_q)``
-    elements per (batch, head), is at most ``DS_MAX_RATIO`` times the size of q, k and v together (at D = 128
-    up to N ~ 1500, at D = 64 up to N ~ 770; ViT lengths are far below), and its rows fit int32 offsets.
+    elements per (batch, head), is at most ``DS_MAX_RATIO`` times the size of q, k and v together (self-
+    attention at D = 128 up to N = 1536, at D = 64 up to N = 768; ViT lengths are far below), and its rows
+    fit int32 offsets.
     Elsewhere the deterministic scheme computes dq in its own pass."""
     elems = n_kv * ds_cols(n_q)
     return elems <= DS_MAX_RATIO * head_dim * (n_q + 2 * n_kv) and elems < 2**31
@@ -840,6 +842,8 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     common = (H, NQ, NK, float(scale))
     # The stored-dS scheme where the table's (or the caller's) dkdv tile asks for it and the buffer is small.
     store_ds = deterministic and dkdv_tile is not None and dkdv_tile.store_ds and ds_fits(NQ, NK, D)
+    if deterministic and not store_ds and dkdv_tile is not None and dkdv_tile.store_ds:
+        dq_tile = None  # that pair's dq tile is the dq-from-dS kernel's: the dq pass takes its own candidates
     ds = torch.empty((B, H, NK, ds_cols(NQ)), dtype=q.dtype, device=dev) if store_ds else delta  # else unused
     ds_strides = _strides3(ds) if store_ds else (0, 0, 0)
     if deterministic and not store_ds:  # the dq pass first: it writes delta as it goes

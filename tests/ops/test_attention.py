@@ -552,7 +552,8 @@ def test_row_descriptor_needs_16_byte_strides():
 
 def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
     """A ``dq_tma`` tile (a selector table may hold one) runs with pointer atomics where the TMA reduction is
-    not available: GPUs before sm_90, Triton without tensor descriptors, the interpreter without emulation."""
+    not available: GPUs before sm_90, Triton without tensor descriptors, the interpreter without emulation;
+    with ``store_ds`` it stores dS by pointers where TMA is not available."""
     from seer_kernels.triton import attention as tri
     launches = _record_launches(monkeypatch, tri, ("_bwd_dkdv_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel"))
     q = torch.zeros(2, 3, 40, 64)
@@ -568,6 +569,18 @@ def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
         assert (dkdv[0]["DQ_DESC"] is not None) == ok and dkdv[1]["DQ_DESC"] is None
         if ok:
             assert dkdv[0]["DQ_DESC"].block_shape == [1, 32, 64] and dkdv[0]["DQ_DESC"].shape == [6, 40, 64]
+    # The stored-dS scheme's TMA store (dq_tma on a store_ds tile): a (B * H, Nkv, ds_cols) descriptor of the
+    # dS^T buffer with (1, 64 keys, 32 queries) boxes where the unit stores, pointer stores elsewhere.
+    _record_launches(monkeypatch, tri, ("_bwd_dq_ds_kernel",))  # not run
+    for ok in (False, True):
+        launches.clear()
+        monkeypatch.setattr(tri, "tma_load_ok", lambda t, ok=ok: ok)
+        tri.attention_bwd(q, q, q, q, q, lse, 0.1, True, tri.Tile(32, 64, 4, 2, dq_tma=True, store_ds=True),
+                          tri.Tile(64, 64, 4, 3))
+        kw = next(kw for name, _, kw in launches if name == "_bwd_dkdv_kernel")
+        assert kw["STORE_DS"] and kw["DS_TMA"] == ok and not kw["DQ_TMA"] and kw["DQ_DESC"] is None
+        assert (kw["DS_DESC"].shape, kw["DS_DESC"].block_shape) == ([6, 40, 48], [1, 64, 32]) if ok else \
+            kw["DS_DESC"] is None
 
 
 @pytest.mark.triton
@@ -587,6 +600,11 @@ def test_triton_dq_from_stored_ds(nq, nkv, monkeypatch, poison_empty):
     do = torch.randn(q.shape, device=q.device).to(dtype)
     out, lse = tri.attention_fwd(q, k, v, 0.1)
     dq_tile = tri.Tile(64, 64, 4, 3)
+    assert tri.ds_fits(nq, nkv, 80)
+    dq_ds_launches = []
+    kernel = tri._bwd_dq_ds_kernel
+    monkeypatch.setattr(tri, "_bwd_dq_ds_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: dq_ds_launches.append(grid) or kernel[grid]})())
     stores = _interpreter_calls(monkeypatch, "create_descriptor_store")
     want = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True, tri.Tile(32, 64, 4, 2), tri.Tile(64, 32, 4, 3))
     by_pointers = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True, tri.Tile(32, 64, 4, 2, store_ds=True), dq_tile)
@@ -594,6 +612,7 @@ def test_triton_dq_from_stored_ds(nq, nkv, monkeypatch, poison_empty):
     by_tma = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True,
                                tri.Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), dq_tile)
     n_stores = len(stores)
+    assert len(dq_ds_launches) == 2  # both ran the stored-dS scheme (not the dq pass)
     again = tri.attention_bwd(do, q, k, v, out, lse, 0.1, True,
                               tri.Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), dq_tile)
     for name, a, b, c, d in zip(("dq", "dk", "dv"), by_pointers, by_tma, want, again):
@@ -628,10 +647,14 @@ def test_stored_ds_runs_where_asked_and_small(monkeypatch):
     assert run(False) == [("_bwd_delta_kernel", True), ("_bwd_dkdv_kernel", False)]
     monkeypatch.setattr(tri, "DS_MAX_RATIO", 0)
     assert run(True) == [("_bwd_dq_kernel", None), ("_bwd_dkdv_kernel", False)]
+    # the dq pass takes its own first candidate, not the stored-dS pair's dq tile (64 x 64)
+    assert (launches[0][2]["BLOCK_M"], launches[0][2]["BLOCK_N"]) == (64, 32)
     monkeypatch.undo()
-    # The buffer bound: ViT lengths fit, long sequences do not (at D = 128 it stops near N = 1500).
+    # The buffer bound: ViT lengths fit, long sequences do not (self-attention: N = 1536 at D = 128, 768 at 64).
     assert tri.ds_fits(257, 257, 128) and tri.ds_fits(37, 37, 64) and tri.ds_fits(1, 1, 8)
-    assert tri.ds_fits(1500, 1500, 128) and not tri.ds_fits(1600, 1600, 128) and not tri.ds_fits(4096, 4096, 256)
+    assert tri.ds_fits(1536, 1536, 128) and not tri.ds_fits(1537, 1537, 128) and not tri.ds_fits(4096, 4096, 256)
+    assert tri.ds_fits(768, 768, 64) and not tri.ds_fits(769, 769, 64)
+    assert not tri.ds_fits(16, 2**28, 256)  # a ratio that holds, rows past int32 offsets
     assert tri.ds_cols(257) == 272 and tri.ds_cols(16) == 16
 
 
@@ -1256,14 +1279,17 @@ def test_summary_pairs_each_candidate_with_its_twin(capsys):
               "det dkdv=[32, 64, 4, 2, 1, 0, 1] dq=[64, 32, 4, 3, 1, 0, 1]": 80.0,
               "det dkdv=[32, 64, 4, 2, 1, 0, 0] dq=[64, 32, 4, 3, 1, 0, 0]": 100.0,
               "det dkdv=[32, 64, 4, 2, 1, 0, 0, 0] dq=[64, 16, 4, 3, 1, 0, 0, 0]": 110.0,
-              "det dkdv=[32, 64, 4, 2, 1, 1, 0, 1] dq=[64, 64, 4, 3, 1, 0, 0, 0]": 80.0}
+              "det dkdv=[32, 64, 4, 2, 1, 1, 0, 1] dq=[64, 64, 4, 3, 1, 0, 0, 0]": 80.0,
+              "det dkdv=[32, 64, 4, 2, 1, 0, 0, 1] dq=[64, 64, 4, 3, 1, 0, 0, 0]": 96.0}
     summary._feature_twins([{"op": "attention", "mode": "fwdbwd", "case": "c-fwdbwd", "candidate_us": fwdbwd},
                              {"op": "attention", "mode": "fwd", "case": "c-fwd",
                               "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0},
                               "candidate_failures": {"[64, 64, 4, 3, 1, 0, 1]": "no TMA here"}}])
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x", "1.38x", "here", "1.25x"], lines
-    assert "tma dq" in lines[0] and "split" in lines[1] and "tma load" in lines[2] and "FAILED" in lines[4]
-    # the stored-dS candidate against the faster of the two dq passes on its dkdv tile (110 us, not 100:
-    # the 7-element key is another tile list)
-    assert "stored dS" in lines[3] and "dq pass    110.0 us" in lines[3], lines
+    assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x", "1.20x", "1.38x", "1.15x", "here",
+                                                    "1.25x"], lines
+    assert "tma dq" in lines[0] and "split" in lines[1] and "tma load" in lines[2] and "FAILED" in lines[6]
+    # the stored-dS candidates: the TMA store against its pointer twin (not "tma dq ... atomics"), each
+    # against the faster dq pass on its dkdv tile (110 us, not 100: the 7-element key is another tile list)
+    assert "tma dS store" in lines[3] and "pointer stores" in lines[3] and "atomics" not in lines[3], lines
+    assert all("stored dS" in line and "dq pass    110.0 us" in line for line in lines[4:6]), lines
