@@ -586,7 +586,7 @@ def test_dq_tma_falls_back_where_there_is_no_tma(monkeypatch):
 @pytest.mark.triton
 @pytest.mark.parametrize("nq,nkv", ((70, 45), (81, 65), (60, 33)) if TRITON_DEV == "cpu" else
                          ((257, 257), (197, 145), (60, 33)))
-def test_triton_dq_from_stored_ds(nq, nkv, monkeypatch, poison_empty):
+def test_triton_dq_from_stored_ds_by_pointers_and_tma(nq, nkv, monkeypatch, poison_empty):
     """``Tile.store_ds``: dq from the stored dS^T agrees with the dq pass within rounding (the sums run in
     another order), storing dS by TMA (``dq_tma`` too) gives what storing it by pointers gives, and the
     same bits run after run (no atomics: the scheme is deterministic). On the CPU the TMA stores really
