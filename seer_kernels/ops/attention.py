@@ -27,8 +27,8 @@ variable SEER_KERNELS_DETERMINISTIC=1) makes every run give the same bits. The T
 dq in its own pass (7 matmuls per tile pair instead of 5, no atomics, no float32 dq buffer), or from a
 stored dS where the selector table's dkdv tile has ``store_ds`` (5 matmuls, no atomics, a dS buffer),
 instead of accumulating dq with float32 atomics; on GPUs SDPA is skipped (its CUDA backward may use
-atomics) in favour of Triton (half precision) or the reference (float32/float64). The cost is the `-det` rows of
-bench/bench_attention.py; docs/attention.md discusses it.
+atomics) in favour of Triton (half precision) or the reference (float32/float64). The cost is the `-det`
+rows of bench/bench_attention.py; docs/attention.md discusses it.
 
 Under ``torch.compile`` the backend is chosen while tracing; compiled code is guarded on ``use_backend``
 (entering or leaving a block re-traces), while the environment variables are read once per trace (changing

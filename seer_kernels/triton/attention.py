@@ -88,8 +88,9 @@ class Tile:
     ``dq_tma`` (dkdv tiles; the atomic scheme, and the stored-dS one below): each query tile's dq share goes
     to the float32 buffer as one tensor-memory-accelerator reduction (``cp.reduce.async.bulk.tensor ... add``:
     the registers are staged in shared memory and the TMA unit adds the whole box into global memory
-    asynchronously) instead of per-thread vector atomics. FlashAttention-3 accumulates dq this way on Hopper. Needs sm_90+ (and a
-    Triton with tensor descriptors, 3.4+); elsewhere the tile runs with ordinary atomics (``tma_reduce_ok``).
+    asynchronously) instead of per-thread vector atomics. FlashAttention-3 accumulates dq this way on Hopper.
+    Needs sm_90+ (and a Triton with tensor descriptors, 3.4+); elsewhere the tile runs with ordinary atomics
+    (``tma_reduce_ok``).
 
     ``tma_load``: the loop loads of full tiles (K and V in the forward and dq kernels, Q and dO in dkdv) go
     through the tensor memory accelerator (``desc.load`` on a (B, H, N, D) descriptor: the unit computes the
@@ -103,8 +104,9 @@ class Tile:
     dq = scale * dS K, one matmul per tile pair, with the dq tile's block sizes (``_bwd_dq_ds_kernel``).
     No atomics, so the same bits every run, and 5 matmuls per tile pair instead of the dq pass's 7, for a
     dS buffer of about B * H * Nkv * Nq elements written once and read once (``ds_fits`` bounds it; a larger
-    one runs the dq pass, with the default dq tiles). With ``dq_tma`` too, each dS tile goes out as one TMA bulk store (sm_90+; pointer
-    stores elsewhere): ``dq_tma`` means dq's traffic through the TMA unit in either scheme.
+    one runs the dq pass, with the default dq tiles). With ``dq_tma`` too, each dS tile goes out as one TMA
+    bulk store (sm_90+; pointer stores elsewhere): ``dq_tma`` means dq's traffic through the TMA unit in
+    either scheme.
     """
 
     block_m: int
