@@ -159,6 +159,10 @@ class Tile:
 # removes work, 28 % of the padded score tiles at N = 257, but compiles a second copy of each loop for the
 # tail tile; on sm_90 that copy uses mma instead of wgmma, and the main loops keep their software
 # pipelining.)
+# The forward's (128, 32, 8 warps, 3 stages) tile was 1 % behind the fastest at ViT-10B/TP4 in that sweep,
+# before tail tiles: 128-row query tiles then padded 257 queries to 384 (64-row ones to 320); with the split
+# both do 272, so the 128-row tiles lose 33 % of their work there against 20 % for the 64-row ones (not timed
+# yet; 128 registers, no spills, 80 KB of shared memory with Triton 3.6 at D = 128).
 # The Hopper features (Tile.dq_tma, Tile.tma_load; not timed on a GPU yet either) come the same way: as a
 # candidate tile with the feature whose twin without it is timed in the same run (bench/summary.py prints
 # each pair). In DKDV_TILES and DQ_TILES the tiles without dq_tma pair up by position for the deterministic
@@ -166,7 +170,7 @@ class Tile:
 FWD_TILES = {
     64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3, tma_load=True),
          Tile(64, 64, 4, 3, split_tail=False)),
-    128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2),
+    128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2),
           Tile(64, 32, 4, 3, tma_load=True), Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
