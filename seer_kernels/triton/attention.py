@@ -205,14 +205,18 @@ DQ_TILES[32] = tuple(t for t in DQ_TILES[64] if t.block_m != 128)
 # store by TMA (dq_tma) and its pointer twin on the dkdv tile that was fastest on the H200 (for the 32 class,
 # the one ptxas does not serialise there). Compiled for sm_90 by Triton 3.6 at D = 128 the store adds 30
 # SASS instructions per iteration by TMA, 92 by pointers (266 -> 296 / 358); the (16, 64) tile was left out:
-# 257 per iteration for half the scores (0.25 per score against 0.145).
+# 257 per iteration for half the scores (0.25 per score against 0.145). At 80-128-wide heads also the
+# (32, 128, 8 warps) tile with the TMA store: 283 per warp and iteration for twice the scores with twice the
+# warps (0.138 per score and warp of 4; 231 registers, no spills), and the one whose work the split tails cut
+# most at N = 257 (32 x 128 tiles: 288 x 384 -> 272 x 272 score rows, 33 %, against 20 % for 32 x 64).
 DS_TILES = {
     32: ((Tile(16, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
          (Tile(16, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
     64: ((Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
          (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
     128: ((Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
-          (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
+          (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3)),
+          (Tile(32, 128, 8, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3))),
     256: (),
 }
 DS_MAX_RATIO = 4  # ds_fits: the dS^T buffer at most this many times the size of q, k and v
