@@ -41,6 +41,9 @@ SPILL_BUDGET = 64
 # main loops had a third more SASS instructions per iteration on sm_90). A variant whose PTX has it fails.
 FORBIDDEN_PTX = ("ex2.approx.f32",)
 
+# Descriptors of outputs (dq's TMA reduction, the dS store): typed by their own flags, not by TMA_LOAD
+OUTPUT_DESCS = ("DQ_DESC", "DS_DESC")
+
 
 def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     params = list(inspect.signature(fn.fn).parameters)
@@ -50,7 +53,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = f"tensordesc<fp32[1,{constexprs['BLOCK_M']},{constexprs['D_PAD']}]>"
         elif name == "DS_DESC" and constexprs.get("DS_TMA"):
             sig[name] = f"tensordesc<{dtype}[1,{constexprs['BLOCK_N']},{constexprs['BLOCK_M']}]>"
-        elif name.endswith("_DESC") and name not in ("DQ_DESC", "DS_DESC") and constexprs.get("TMA_LOAD"):
+        elif name.endswith("_DESC") and name not in OUTPUT_DESCS and constexprs.get("TMA_LOAD"):
             rows = constexprs["BLOCK_M" if name in ("Q_DESC", "DO_DESC") else "BLOCK_N"]
             sig[name] = f"tensordesc<{dtype}[1,1,{rows},{constexprs['D_PAD']}]>"
         elif name in constexprs:
@@ -75,7 +78,7 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
     if "TMA_LOAD" in params:  # descriptors where the tile loads through them, None (a constexpr) otherwise
         cx["TMA_LOAD"] = tile.tma_load
         if not tile.tma_load:
-            cx.update({name: None for name in params if name.endswith("_DESC") and name not in ("DQ_DESC", "DS_DESC")})
+            cx.update({name: None for name in params if name.endswith("_DESC") and name not in OUTPUT_DESCS})
     sig, attrs = _signature(fn, dtype, cx)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}

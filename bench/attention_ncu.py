@@ -78,15 +78,15 @@ def cases(b: int, h: int, n: int, d: int, device: str = "cuda", dtype=None) -> d
         out["sdpa-cudnn fwd+bwd"] = sdpa(backends["cudnn"])
     out["ours bwd deterministic"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, True)
     out["ours bwd atomic"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, False)
-    if tri.DS_TILES[tri.tile_class(d)]:  # the stored-dS scheme's first candidate (dS stored by TMA)
-        ds_tiles = tri.DS_TILES[tri.tile_class(d)][0]
+    cls = tri.tile_class(d)
+    if tri.DS_TILES[cls]:  # the stored-dS scheme's first candidate (dS stored by TMA)
+        ds_tiles = tri.DS_TILES[cls][0]
         out["ours bwd stored dS"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, True, *ds_tiles)
     if "flash" in backends:
         out["sdpa-flash fwd+bwd"] = sdpa(backends["flash"])
     # Last (the budget cuts these first): the Hopper features against their twins without them, where the
     # benchmark only says which is faster: the first candidate with TMA loads (forward), and the first with
     # dq by TMA reductions next to the same tile with pointer atomics.
-    cls = tri.tile_class(d)
     tma_fwd = next((t for t in tri.FWD_TILES[cls] if t.tma_load), None)
     if tma_fwd is not None:
         out[f"ours fwd {tma_fwd.as_list()} tma_load"] = lambda: tri.attention_fwd(q, k, v, scale, tma_fwd)

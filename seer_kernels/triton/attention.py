@@ -856,17 +856,18 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
         dq_tile = None  # that pair's dq tile is the dq-from-dS kernel's: the dq pass takes its own candidates
     ds = torch.empty((B, H, NK, ds_cols(NQ)), dtype=q.dtype, device=dev) if store_ds else delta  # else unused
     ds_strides = _strides3(ds) if store_ds else (0, 0, 0)
+    # The float32 buffer the atomics add dq into; without atomics a placeholder that is never read.
+    dq_acc = delta if deterministic else torch.empty(q.shape, dtype=torch.float32, device=dev)
+    acc_strides = (0, 0, 0) if deterministic else _strides3(dq_acc)
     if deterministic and not store_ds:  # the dq pass first: it writes delta as it goes
-        dq = dq_acc = torch.empty(q.shape, dtype=q.dtype, device=dev)  # dq_acc: unused without ATOMIC_DQ
+        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
         _run(_bwd_dq_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
              (q, k, v, dout, out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
               *_strides3(out), *_strides3(dq), *common),
              cx, NQ, NK, lambda t: _tma_loads(t, t.block_n, K_DESC=k, V_DESC=v))
     else:  # delta first; with atomics the delta kernel also zeroes dq_acc
-        dq_acc = delta if deterministic else torch.empty(q.shape, dtype=torch.float32, device=dev)
         _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
-            out, dout, delta, dq_acc, *_strides3(out), *_strides3(dout),
-            *(_strides3(dq_acc) if not deterministic else (0, 0, 0)), H, NQ,
+            out, dout, delta, dq_acc, *_strides3(out), *_strides3(dout), *acc_strides, H, NQ,
             BLOCK_M=DELTA_BLOCK, ZERO_DQ=not deterministic, **cx)
     dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
     dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
@@ -885,7 +886,7 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     _run(_bwd_dkdv_kernel, lambda t: (cdiv(NK, t.block_n), H, B), _candidates(DKDV_TILES, D, dkdv_tile),
          (q, k, v, dout, lse, delta, dk, dv, dq_acc, ds, *_strides3(q), *_strides3(k), *_strides3(v),
           *_strides3(dout), *_strides3(dk), *_strides3(dv),
-          *(_strides3(dq_acc) if not deterministic else (0, 0, 0)), *ds_strides, *common),
+          *acc_strides, *ds_strides, *common),
          dict(ATOMIC_DQ=not deterministic, STORE_DS=store_ds, **cx), NQ, NK, dq_traffic_and_loads)
     if store_ds:  # dq = scale * dS K from the buffer, any candidate dq tile (all fit this one-matmul kernel)
         dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
