@@ -13,8 +13,14 @@ becomes one table row:
     fwd_bwd   the better of the two backward schemes' forward+backward speed-ups
     bwd_scheme which scheme that was ("atomic" or "deterministic"): the default for that shape
     tiles     fwd tile and the dkdv / dq tiles of that scheme
+    basis     what the ratios above measure: "gpu_time" (the -graph rows: CUDA-graph replays, the GPU's work
+              alone) where the run captured all three modes, else "eager" (calls from Python, which at these
+              shapes time the host's launch path as much as the kernels)
 
-The selector (seer_kernels/ops/attention.py) picks Triton where the relevant ratio is >= TRITON_MARGIN.
+GPU time decides because a training step keeps the GPU busy: the host queues the attention's launches while
+the GPU still runs the matmuls before it, so what the op adds to a step is its GPU time (the eager ratios of
+an op timed alone are kept as evidence, ``*_eager``). The selector (seer_kernels/ops/attention.py) picks
+Triton where the relevant ratio is >= TRITON_MARGIN.
 """
 from __future__ import annotations
 
@@ -38,8 +44,9 @@ Regenerate after a GPU check:
 TABLE maps a GPU slug (e.g. "nvidia-h100-80gb-hbm3") to benchmark rows: head_dim, n_q, n_kv, batch, heads,
 dtype, fwd and fwd_bwd (speed-up of the Triton kernel over the best SDPA backend, same run; None where only
 the SDPA backends were timed), best_sdpa (put first by the SDPA path), bwd_scheme ("atomic" or
-"deterministic", whichever was faster), the best tiles per kernel, and where measured the same ratios in
-GPU time alone (*_graph: CUDA-graph replays; evidence only).
+"deterministic", whichever was faster), the best tiles per kernel, basis (what fwd and fwd_bwd measure:
+"gpu_time", CUDA-graph replays, where the run captured them, else "eager" calls), and the ratios of both
+kinds as evidence (*_graph: CUDA-graph replays; *_eager: eager calls).
 """
 '''
 
@@ -64,18 +71,18 @@ def rows_from_benchmark(data: dict) -> list[dict]:
             (graphs if mode.endswith("-graph") else by_case).setdefault(base, {})[mode] = row
     out = []
     for base, modes in sorted(by_case.items()):
+        graph = graphs.get(base, {})
         if set(MODES) <= set(modes):
-            out.append(_triton_row(base, modes))
+            out.append(_triton_row(base, modes, graph))
         elif "auto" in modes:
             out.append(_sdpa_row(base, modes))
         else:
             print(f"skipping {base}: modes {sorted(modes)} (need {MODES} or auto)", file=sys.stderr)
             continue
-        # GPU time alone (CUDA-graph replays), where the benchmark captured them: evidence, not the selector's input.
         for mode, key in (("fwd", "fwd_graph"), ("fwdbwd", "fwd_bwd_atomic_graph"),
                           ("fwdbwd-det", "fwd_bwd_det_graph")):
-            if f"{mode}-graph" in graphs.get(base, {}):
-                out[-1][key] = round(graphs[base][f"{mode}-graph"]["ratio"], 3)
+            if f"{mode}-graph" in graph:
+                out[-1][key] = round(graph[f"{mode}-graph"]["ratio"], 3)
     return out
 
 
@@ -84,14 +91,21 @@ def _shape(base: str, row: dict) -> dict:
     return {"case": base, "head_dim": d, "n_q": nq, "n_kv": nkv, "batch": b, "heads": h, "dtype": row["dtype"]}
 
 
-def _triton_row(base: str, modes: dict) -> dict:
-    fwd, atomic, det = modes["fwd"], modes["fwdbwd"], modes["fwdbwd-det"]
-    best = det if det["ratio"] > atomic["ratio"] else atomic
+def _triton_row(base: str, modes: dict, graph: dict) -> dict:
+    """The row of a shape with all three Triton modes; its ratios in GPU time where ``graph`` has all three."""
+    gpu_time = all(f"{m}-graph" in graph for m in MODES)
+    basis = {m: graph[f"{m}-graph"] if gpu_time else modes[m] for m in MODES}  # rows the ratios come from
+    ratio = {m: basis[m]["ratio"] for m in MODES}
+    det_wins = ratio["fwdbwd-det"] > ratio["fwdbwd"]
+    scheme = "fwdbwd-det" if det_wins else "fwdbwd"
+    best, fwd = modes[scheme], modes["fwd"]
     return dict(_shape(base, fwd), **{
-        "fwd": round(fwd["ratio"], 3), "fwd_bwd": round(best["ratio"], 3),
-        "fwd_bwd_atomic": round(atomic["ratio"], 3), "fwd_bwd_det": round(det["ratio"], 3),
-        "best_sdpa": best.get("best_sdpa"), "best_sdpa_fwd": fwd.get("best_sdpa"),
-        "bwd_scheme": "deterministic" if best is det else "atomic",
+        "basis": "gpu_time" if gpu_time else "eager",
+        "fwd": round(ratio["fwd"], 3), "fwd_bwd": round(max(ratio["fwdbwd"], ratio["fwdbwd-det"]), 3),
+        "fwd_bwd_atomic": round(ratio["fwdbwd"], 3), "fwd_bwd_det": round(ratio["fwdbwd-det"], 3),
+        "fwd_eager": round(fwd["ratio"], 3), "fwd_bwd_eager": round(best["ratio"], 3),
+        "best_sdpa": basis[scheme].get("best_sdpa"), "best_sdpa_fwd": basis["fwd"].get("best_sdpa"),
+        "bwd_scheme": "deterministic" if det_wins else "atomic",
         "tiles": {"fwd": fwd["tiles"]["fwd"], "dkdv": best["tiles"]["dkdv"], "dq": best["tiles"]["dq"]}})
 
 
@@ -144,7 +158,8 @@ def main(argv=None) -> int:
     for r in rows:
         fb = r["fwd_bwd"]
         pick = "triton" if fb is not None and fb >= TRITON_MARGIN else "sdpa"
-        ratios = f"fwd+bwd x{fb:.2f} ({r['bwd_scheme']})" if fb is not None else "fwd+bwd not measured"
+        ratios = (f"fwd+bwd x{fb:.2f} ({r['bwd_scheme']}, {r['basis']})" if fb is not None
+                  else "fwd+bwd not measured")
         print(f"{device} {r['case']:32s} {ratios}  vs {r['best_sdpa']}  -> training uses {pick}")
     print(f"wrote {len(rows)} rows for {device} to {out}")
     return 0

@@ -18,7 +18,8 @@ def main(out_dir: str) -> int:
     print(f"build: {_read(out / 'build.status')}")
     if (out / "tma.status").exists():
         print(_read(out / "tma.status"))
-    for name, what in (("native_errors.log", "first build"), ("native_errors-system.log", "/usr/bin/g++ build")):
+    for name, what in (("native_errors.log", "the build used"),
+                       ("native_errors-system.log", "/usr/bin/g++ rebuild (checks before 2026-11-26)")):
         errors = out / name
         if errors.exists():
             print(f"native error path (bench/native_errors.py), {what}:")

@@ -9,6 +9,10 @@ Backends (one dispatcher, :mod:`seer_kernels._backend`):
   the selector table (:mod:`seer_kernels.ops.attention_table`, written by bench/attention_table.py from a
   GPU benchmark) shows it ahead of the best torch SDPA backend for that GPU, head dim and sequence length,
   and in deterministic mode; otherwise a *preference*, not a refusal, skips it, so forcing still works.
+  "Ahead" is in GPU time (CUDA-graph replays) where the benchmark measured it: in a training step the host
+  queues the launches while the GPU runs the matmuls before them, so the op costs the step its GPU time.
+  Called alone from Python at ViT shapes the op is bound by host time instead (its launches take longer
+  than its kernels); a host-bound loop can force SDPA with ``use_backend("sdpa", op="attention")``.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with torch's own autograd. Where the table
   has a row, the SDPA backend the benchmark measured fastest (flash, cuDNN, memory-efficient or math) goes
   first in torch's priority order; elsewhere torch picks. It never enters the custom ops below.
@@ -172,8 +176,9 @@ def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, **_) -> O
                 f"{_gpu_slug(where.index or 0)} for head dim {head_dim}, N {n_q}x{n_kv} (only the SDPA "
                 f"backends were compared); SDPA ({row['best_sdpa']}) it is")
     if ratio < TRITON_MARGIN:
+        basis = "GPU time" if row.get("basis") == "gpu_time" else "eager calls"
         return (f"the benchmark has SDPA ({row['best_sdpa']}) ahead here: Triton x{ratio:.2f} "
-                f"{'forward+backward' if grad else 'forward'} (needs x{TRITON_MARGIN})")
+                f"{'forward+backward' if grad else 'forward'} in {basis} (needs x{TRITON_MARGIN})")
     return None
 
 

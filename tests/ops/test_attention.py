@@ -1163,11 +1163,14 @@ def test_selector_follows_the_table(fake_gpu):
     assert select(257, 197) == "sdpa"  # cross shapes need their own row
     table["fake-gpu"] = [_row(257, fwd_bwd=ops.TRITON_MARGIN - 0.01)]
     assert select(257) == "sdpa"  # within noise of SDPA is not a win
+    info = dict(where=torch.device("cuda", 0), head_dim=128, n_q=257, n_kv=257, grad=True, deterministic=False)
+    prefer = ops.DISPATCH.backends["triton"].preference
+    assert "in eager calls" in prefer(info)  # a row without a basis is from eager calls (tables before it)
+    table["fake-gpu"][0]["basis"] = "gpu_time"
+    assert "x1.04 forward+backward in GPU time (needs x1.05)" in prefer(info)
     table["fake-gpu"] = [_row(257, fwd=None, fwd_bwd=None, best_sdpa="cudnn")]  # only SDPA was timed
     assert select(257) == "sdpa" and select(257, grad=False) == "sdpa"
-    why = ops.DISPATCH.backends["triton"].preference(dict(where=torch.device("cuda", 0), head_dim=128, n_q=257,
-                                                          n_kv=257, grad=True, deterministic=False))
-    assert "no Triton forward+backward timing" in why
+    assert "no Triton forward+backward timing" in prefer(info)
 
 
 @pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
@@ -1243,6 +1246,13 @@ def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
                          "tiles": {"fwd": [64, 32, 4, 3], "dkdv": [32, 64, 8, 3], "dq": [64, 32, 4, 3]}})
     rows.append({"key": "attention:cpu-dispatch-fwd", "op": "attention", "case": "cpu-dispatch-fwd", "ours": "seer",
                  "mode": "fwd", "ratio": 0.9})
+    # GPU time (CUDA-graph replays) for the small shape: it decides there, not the host-bound eager calls,
+    # and it has the atomic scheme ahead where the eager calls had the deterministic one (and another SDPA)
+    for i, (mode, ratio) in enumerate((("fwd", 1.4), ("fwdbwd", 1.3), ("fwdbwd-det", 1.2))):
+        rows.append(dict(rows[3 + i], case=f"local-B192H16N37D64-{mode}-graph", mode=f"{mode}-graph", ratio=ratio,
+                         best_sdpa="efficient"))
+    rows[5].update(ratio=0.95, tiles={"fwd": [64, 32, 4, 3], "dkdv": [16, 64, 4, 2], "dq": [64, 16, 4, 3]})
+    # (eager: deterministic ahead of atomic, 0.9, with its own tiles)
     # A second run with only the SDPA backends timed (the -auto row) at another shape, and a stale row for
     # the big shape that the first file (given later) replaces.
     auto = {"op": "attention", "case": "vitl-B64H16N197D64-auto", "ours": "seer", "mode": "auto", "ratio": 0.8,
@@ -1264,9 +1274,14 @@ def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
     big = next(r for r in got if r["head_dim"] == 128)
     assert (big["n_q"], big["n_kv"], big["batch"], big["heads"]) == (257, 257, 32, 8)
     assert big["fwd"] == 1.1 and big["fwd_bwd"] == 1.35 and big["bwd_scheme"] == "deterministic"
+    assert big["basis"] == "eager" and "fwd_graph" not in big  # no CUDA-graph rows: the eager ratios decide
     small = next(r for r in got if r["head_dim"] == 64)
-    assert small["fwd_bwd"] == 0.9 and small["bwd_scheme"] == "atomic" and small["best_sdpa"] == "cudnn"
-    assert small["best_sdpa_fwd"] == "cudnn"
+    assert small["basis"] == "gpu_time" and small["fwd"] == 1.4 and small["fwd_bwd"] == 1.3
+    assert small["bwd_scheme"] == "atomic" and small["fwd_bwd_atomic"] == 1.3 and small["fwd_bwd_det"] == 1.2
+    assert small["fwd_eager"] == 0.8 and small["fwd_bwd_eager"] == 0.9  # the chosen (atomic) scheme's
+    assert small["fwd_graph"] == 1.4 and small["fwd_bwd_det_graph"] == 1.2
+    assert small["best_sdpa"] == small["best_sdpa_fwd"] == "efficient"  # the GPU-time rows' fastest SDPA
+    assert small["tiles"] == {"fwd": [64, 32, 4, 3], "dkdv": [32, 64, 8, 3], "dq": [64, 32, 4, 3]}
     assert [r["git"] for r in ns["SOURCE"]["runs"]] == ["old", "abc"]
 
 

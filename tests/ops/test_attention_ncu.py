@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -157,14 +158,21 @@ def _script(path: Path, text: str) -> Path:
     return path
 
 
-def _gpu_check(tmp_path: Path, budget: int, with_ncu: bool) -> tuple[str, list[str], Path]:
-    """Run bench/gpu_check.sh with a stand-in Python that logs its arguments and succeeds (the summary runs
-    for real) and, optionally, a stand-in ncu that writes a report and prints _raw_page() on --import."""
+def _gpu_check(tmp_path: Path, budget: int, with_ncu: bool, system_build_fails: bool = False,
+               env_extra: Optional[dict] = None) -> tuple[str, list[str], Path]:
+    """Run bench/gpu_check.sh with a stand-in Python that logs its arguments (builds: and CXX) and succeeds
+    (the summary runs for real; a build with /usr/bin/g++ fails if asked) and, optionally, a stand-in ncu
+    that writes a report and prints _raw_page() on --import."""
     log, out, bin_dir = tmp_path / "calls.log", tmp_path / "out", tmp_path / "bin"
     bin_dir.mkdir()
     csv_file = tmp_path / "fake.csv"
     csv_file.write_text(_raw_page())
     py = _script(tmp_path / "py", f"""#!/usr/bin/env bash
+if [ "$1" = setup.py ]; then
+  echo "py $* CXX=${{CXX:-}}" >>"{log}"
+  if [ "{int(system_build_fails)}" = 1 ] && [ "${{CXX:-}}" = /usr/bin/g++ ]; then exit 1; fi
+  exit 0
+fi
 echo "py $*" >>"{log}"
 if [ "$1 $2" = "-m bench.summary" ] && [ "${{3:-}}" != "--failed" ]; then exec "{sys.executable}" "$@"; fi
 exit 0
@@ -180,7 +188,9 @@ done
 exec "$@"
 """)
     env = dict(os.environ, PYTHON=str(py), GPU_CHECK_BUDGET=str(budget), CUDA_HOME=str(tmp_path / "no-cuda"),
-               PATH=f"{bin_dir}:/usr/bin:/bin")
+               PATH=f"{bin_dir}:/usr/bin:/bin", CXX="/opt/gcc/bin/g++", **(env_extra or {}))
+    if "GPU_CHECK_CXX" not in (env_extra or {}):
+        env.pop("GPU_CHECK_CXX", None)
     res = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -197,6 +207,29 @@ def test_gpu_check_runs_ncu_before_the_benchmarks(tmp_path):
     assert any("--import" in c and "--page raw" in c for c in calls)
     assert "_fwd_kernel" in stdout and "Nsight Compute" in stdout
     assert (out / "bench.rc").read_text().strip() == "0"
+
+
+@pytest.mark.skipif(not (os.access("/usr/bin/g++", os.X_OK) and os.access("/usr/bin/gcc", os.X_OK)),
+                    reason="needs a system compiler at /usr/bin/g++")
+@pytest.mark.parametrize("case", ["system", "system-fails", "env"])
+def test_gpu_check_builds_with_the_system_compiler_first(tmp_path, case):
+    """The GPU images' CXX (/opt/gcc) builds an extension with its own copy of libstdc++'s stream code: the
+    check builds with /usr/bin/g++ first, falls back to CXX when that build fails, and keeps CXX when told."""
+    stdout, calls, out = _gpu_check(tmp_path, budget=20, with_ncu=False, system_build_fails=case == "system-fails",
+                                    env_extra={"GPU_CHECK_CXX": "env"} if case == "env" else None)
+    builds = [c for c in calls if c.startswith("py setup.py build_ext")]
+    status = (out / "build.status").read_text().strip()
+    if case == "system":
+        assert builds == ["py setup.py build_ext --inplace CXX=/usr/bin/g++"]
+        assert status == "ok (/usr/bin/g++; CXX was /opt/gcc/bin/g++)"
+    elif case == "system-fails":
+        assert builds == ["py setup.py build_ext --inplace CXX=/usr/bin/g++",
+                          "py setup.py build_ext --inplace --force CXX=/opt/gcc/bin/g++"]
+        assert status == "ok (CXX=/opt/gcc/bin/g++: the /usr/bin/g++ build failed)"
+    else:
+        assert builds == ["py setup.py build_ext --inplace CXX=/opt/gcc/bin/g++"] and status == "ok"
+    assert f"build: {status}" in stdout
+    assert any(c == "py -m bench.native_errors" for c in calls)  # the error path of the build used
 
 
 @pytest.mark.parametrize("with_ncu", [False, True], ids=["no-ncu", "ncu"])
