@@ -9,8 +9,10 @@ that fails to compile, needs more shared memory than the GPU has, spills more th
 thread, has an instruction of FORBIDDEN_PTX or whose wgmma ptxas serialises (WGMMA-SERIAL) counts as a
 failure (exit status 1): a bug to fix before a GPU runs it. Which variants ptxas serialises depends on the
 Triton and on the tail tiles: run it with the GPU machines' Triton (3.6) too, at --seq-len 257 and 145.
-Needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled). Integer arguments are marked
-divisible by 16 where a real launch would specialise them the same way (strides of 64/128-wide heads).
+Needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled). The strides are those of contiguous
+(B, H, N, D) inputs: marked divisible by 16 where D is a multiple of 16, as a real launch specialises them,
+unmarked otherwise. A variant whose main loop loads or stores global memory 1 or 2 bytes at a time fails
+too (NARROW), as every loop did at 88-wide heads before the kernels told the compiler their rows' alignment.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ FORBIDDEN_PTX = ("ex2.approx.f32",)
 OUTPUT_DESCS = ("DQ_DESC", "DS_DESC")
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+def _signature(fn, dtype: str, constexprs: dict, strides16: bool) -> tuple[dict, dict]:
     params = list(inspect.signature(fn.fn).parameters)
     sig, attrs = {}, {}
     for i, name in enumerate(params):
@@ -66,7 +68,8 @@ def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name.startswith("s"):  # strides: multiples of 16 elements for the head dims we check
+            # strides specialised as multiples of 16 elements; the dS buffer's always are (ds_cols)
+            if name.startswith("s") and (strides16 or name.startswith("sds")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -79,7 +82,9 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
         cx["TMA_LOAD"] = tile.tma_load
         if not tile.tma_load:
             cx.update({name: None for name in params if name.endswith("_DESC") and name not in OUTPUT_DESCS})
-    sig, attrs = _signature(fn, dtype, cx)
+    # Contiguous inputs' row stride is D: Triton specialises the strides as multiples of 16 where D is one;
+    # elsewhere only the kernels' own hint (_row_ptrs) keeps the loads 16 bytes wide.
+    sig, attrs = _signature(fn, dtype, cx, strides16=cx["HEAD_DIM"] % 16 == 0)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
              functools.partial(compile_one, fn, dt, cx, tile, args.arch, args.seq_len))
             for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only))
     return report(rows, args.arch, f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s}",
-                  spill_budget=SPILL_BUDGET, forbidden_ptx=FORBIDDEN_PTX)
+                  spill_budget=SPILL_BUDGET, forbidden_ptx=FORBIDDEN_PTX, narrow_access=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import triton
 
@@ -60,14 +60,14 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[object, object, str]:
 _SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def largest_loop(cubin: bytes) -> object:
-    """SASS instructions per iteration of the kernel's main loop: the largest loop (a label and a predicated
-    branch back to it) among those that issue wgmma (HGMMA) if any does, else mma (HMMA), else any. (The copy
-    of a loop compiled for a smaller tail tile uses mma and can be the larger one.) 0 without a loop, '-'
-    without Triton's nvdisasm. The count that instruction-level changes move."""
+def main_loop(cubin: bytes) -> Optional[list[str]]:
+    """The SASS opcodes of one iteration of the kernel's main loop: the largest loop (a label and a
+    predicated branch back to it) among those that issue wgmma (HGMMA) if any does, else mma (HMMA), else
+    any ([] without a loop). (The copy of a loop compiled for a smaller tail tile uses mma and can be the
+    larger one.) None without Triton's nvdisasm."""
     res = _run_bundled("nvdisasm", cubin, ".cubin", "-c", "{file}")
     if res is None:
-        return "-"
+        return None
     lines = res.stdout.splitlines()
     labels, loops = {}, []
     for i, line in enumerate(lines):
@@ -79,9 +79,26 @@ def largest_loop(cubin: bytes) -> object:
         if back and labels.get(back.group(1), i) < i:
             ops = [m.group(1) for m in map(_SASS_OP.match, lines[labels[back.group(1)]:i + 1]) if m]
             loops.append((any(op.startswith("HGMMA") for op in ops), any(op.startswith("HMMA") for op in ops),
-                          len(ops)))
+                          ops))
     # wgmma loops first, then mma ones, then the rest; the largest within the first group there is
-    return max(loops, key=lambda t: (t[0], t[0] or t[1], t[2]), default=(False, False, 0))[2]
+    return max(loops, key=lambda t: (t[0], t[0] or t[1], len(t[2])), default=(False, False, []))[2]
+
+
+def largest_loop(cubin: bytes) -> object:
+    """SASS instructions per iteration of the kernel's main loop (``main_loop``): the count that
+    instruction-level changes move. 0 without a loop, '-' without Triton's nvdisasm."""
+    ops = main_loop(cubin)
+    return "-" if ops is None else len(ops)
+
+
+# Global loads and stores of 1 or 2 bytes per thread (LDG.E.U16, STG.E.U8, ...): what half-precision rows
+# compile to when the compiler cannot prove that they start 16 bytes aligned.
+_NARROW = re.compile(r"^(?:LDG|STG)\.E(?:\.\w+)*\.(?:U8|S8|U16|S16)$")
+
+
+def narrow_accesses(ops: list[str]) -> int:
+    """How many of these SASS opcodes load or store global memory 1 or 2 bytes at a time."""
+    return sum(bool(_NARROW.match(op)) for op in ops)
 
 
 def interpreted() -> bool:
@@ -93,12 +110,13 @@ def interpreted() -> bool:
 
 
 def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_budget: int = 0,
-           forbidden_ptx: tuple[str, ...] = ()) -> int:
+           forbidden_ptx: tuple[str, ...] = (), narrow_access: bool = False) -> int:
     """Compile each (label, compile thunk) row, print one line per row and a total; 1 if any failed, else 0.
 
     ``loop``: SASS instructions per iteration of the largest loop (``largest_loop``). ``forbidden_ptx``:
     PTX instructions (matched with a trailing space or tab) that fail a variant, for code that must not come
-    back (a slower lowering). A variant whose wgmma ptxas serialised fails too (``WGMMA-SERIAL:<code>``)."""
+    back (a slower lowering). A variant whose wgmma ptxas serialised fails too (``WGMMA-SERIAL:<code>``), and
+    with ``narrow_access`` one whose main loop has 1- or 2-byte global loads or stores (``NARROW:<count>``)."""
     limit = SMEM_LIMIT.get(arch, 99 * 1024)
     bad = count = 0
     print(f"{header} {'smem KB':>8s} {'regs':>5s} {'spills':>6s} {'loop':>5s} {'s':>5s}")
@@ -113,7 +131,8 @@ def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_b
             continue
         smem = c.metadata.shared
         regs, spills, serial = ptxas_usage(c.asm["ptx"], arch)
-        loop = largest_loop(c.asm["cubin"]) if "cubin" in c.asm else "-"
+        ops = main_loop(c.asm["cubin"]) if "cubin" in c.asm else None
+        loop = "-" if ops is None else len(ops)
         flag = ""
         if smem > limit:
             flag += " SMEM>LIMIT"
@@ -124,6 +143,9 @@ def report(rows: Iterable[tuple[str, Callable]], arch: int, header: str, spill_b
             flag += " PTX:" + ",".join(found)
         if serial:
             flag += " WGMMA-SERIAL:" + serial
+        narrow = narrow_accesses(ops) if narrow_access and ops else 0
+        if narrow:
+            flag += f" NARROW:{narrow}"
         bad += bool(flag)  # one failure per variant, whatever it breaks
         print(f"{label} {smem / 1024:8.1f} {regs!s:>5s} {spills!s:>6s} {loop!s:>5s} {time.time() - t0:5.1f}{flag}")
     print(f"{count} variants, {bad} failures")

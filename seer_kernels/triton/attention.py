@@ -53,8 +53,10 @@ key tiles (128-row tiles only as alternatives); the benchmark
 in the selector table (seer_kernels/ops/attention_table.py). Fixed tiles per shape, not run-time autotuning,
 keep results bit-identical from one process to the next, which the deterministic mode promises.
 
-Inputs need a unit stride on the head dim (the launchers copy otherwise), any other strides are fine
-(slices of a fused qkv projection run without copies). bfloat16 and float16 use the tensor cores with
+Inputs need a unit stride on the head dim and rows that start 16 bytes aligned (base and strides multiples
+of 16 bytes; the launchers copy other layouts, ``_kernel_layout``), other strides are free (slices of a
+fused qkv projection run without copies). The kernels tell the compiler of that alignment (``_row_ptrs``):
+Triton itself knows only strides that are multiples of 16 elements, which 88-wide heads' are not. bfloat16 and float16 use the tensor cores with
 float32 accumulation; float32 is supported for the CPU interpreter only (tests), where dots are exact.
 
 Hopper features, per candidate tile (``Tile``): ``tma_load`` loads the full tiles of each loop through tensor
@@ -271,10 +273,21 @@ def tile_class(head_dim: int) -> int:
 
 
 @triton.jit
+def _row_ptrs(base, offs_rows, offs_d, stride_row):
+    """Pointers to a (rows, D_PAD) tile whose rows start 16 bytes aligned, and the compiler told so.
+
+    The launchers copy any other layout (``_kernel_layout``). Triton knows it by itself only where every
+    stride is a multiple of 16 elements: at 88-wide heads (strides 88 and 257 x 88) each load and store of
+    a row went 2 bytes at a time and the loops lost cp.async (sm_90 SASS: the forward's main loop 579
+    instructions, 265 with this)."""
+    return tl.multiple_of(base + offs_rows[:, None] * stride_row + offs_d[None, :], [1, 16])
+
+
+@triton.jit
 def _load_rows(base, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                MASK_ROWS: tl.constexpr):
     """A (rows, D_PAD) tile; padded rows and head-dim columns read as 0."""
-    ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+    ptrs = _row_ptrs(base, offs_rows, offs_d, stride_row)
     if MASK_ROWS:
         if HEAD_DIM == D_PAD:
             x = tl.load(ptrs, mask=(offs_rows < n_rows)[:, None], other=0.0)
@@ -305,7 +318,7 @@ def _load_tile(base, desc, start, offs_rows, offs_d, stride_row, n_rows, HEAD_DI
 
 @triton.jit
 def _store_rows(base, x, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
-    ptrs = base + offs_rows[:, None] * stride_row + offs_d[None, :]
+    ptrs = _row_ptrs(base, offs_rows, offs_d, stride_row)
     if HEAD_DIM == D_PAD:
         tl.store(ptrs, x, mask=(offs_rows < n_rows)[:, None])
     else:
@@ -444,7 +457,10 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
             else:
                 ds_ptrs = ds_base + offs_n[:, None] * sdsn + offs_m[None, :]
                 if MASK_M or MASK_KEYS:
-                    tl.store(ds_ptrs, ds_t.to(q.dtype), mask=(offs_n < N_KV)[:, None] & (offs_m < N_Q)[None, :])
+                    # Columns up to the buffer's row length (sdsn, a multiple of 16: ds_cols), not N_Q: the
+                    # padded queries' dS is exactly 0 (p = 0, dO = 0), and a bound that the compiler knows
+                    # to be a multiple of 16 keeps the stores 16 bytes wide.
+                    tl.store(ds_ptrs, ds_t.to(q.dtype), mask=(offs_n < N_KV)[:, None] & (offs_m < sdsn)[None, :])
                 else:
                     tl.store(ds_ptrs, ds_t.to(q.dtype))
         if ATOMIC_DQ:
@@ -454,7 +470,7 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
             else:
                 # (HEAD_DIM for sdqn, dq_acc being contiguous, cut 16 instructions per iteration with Triton
                 # 3.8 but made Triton 3.6 spill 72 bytes at D = 80)
-                ptrs = dq_base + offs_m[:, None] * sdqn + offs_d[None, :]
+                ptrs = _row_ptrs(dq_base, offs_m, offs_d, sdqn)
                 if MASK_M:
                     tl.atomic_add(ptrs, dq, mask=(offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :],
                                   sem="relaxed")
@@ -613,8 +629,8 @@ def _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, start, 
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         ptrs = ds_base + offs_n[:, None] * sdsn + offs_m[None, :]
-        if MASK_M or MASK_N:  # past N_KV there is no row; past N_Q nothing was written
-            ds_t = tl.load(ptrs, mask=(offs_n < N_KV)[:, None] & (offs_m < N_Q)[None, :], other=0.0)
+        if MASK_M or MASK_N:  # past N_KV there is no row; the buffer's row ends at sdsn (zeros past N_Q)
+            ds_t = tl.load(ptrs, mask=(offs_n < N_KV)[:, None] & (offs_m < sdsn)[None, :], other=0.0)
         else:
             ds_t = tl.load(ptrs)
         k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
@@ -677,10 +693,20 @@ def _rows_fit_int32(t: Tensor) -> bool:
     return (t.shape[2] - 1) * t.stride(2) + t.shape[3] < 2**31
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    """The kernels index the head dim without a stride (vectorised loads) and rows with int32 offsets; copy
-    the rare other layouts (contiguous rows fit int32 up to N * D < 2^31, which the op checks)."""
-    return t if t.stride(-1) == 1 and _rows_fit_int32(t) else t.contiguous()
+def _rows_aligned(t: Tensor) -> bool:
+    """Every row of t (B, H, N, D) starts 16 bytes aligned: its base and its batch, head and row strides are
+    multiples of 16 bytes (the stride of a size-1 dim multiplies index 0 only: it does not count)."""
+    step = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st % step == 0 for st, size in zip(t.stride()[:3], t.shape[:3])
+                                           if size > 1)
+
+
+def _kernel_layout(t: Tensor) -> Tensor:
+    """The kernels index the head dim without a stride, rows with int32 offsets, and tell the compiler that
+    rows start 16 bytes aligned (``_row_ptrs``: vectorised loads); copy the rare other layouts (contiguous
+    rows fit int32 up to N * D < 2^31, which the op checks, and start aligned as D % 8 == 0). Slices of a
+    fused qkv projection qualify."""
+    return t if t.stride(-1) == 1 and _rows_fit_int32(t) and _rows_aligned(t) else t.contiguous()
 
 
 def _strides3(t: Tensor) -> tuple[int, ...]:
@@ -759,7 +785,7 @@ def _row_descriptor(t: Tensor, rows: int) -> object:
     The stride of a size-1 dim is never used; it is set to 16 bytes so that it cannot refuse the tensor."""
     step = 16 // t.element_size()
     strides = [st if size > 1 else step for st, size in zip(t.stride()[:3], t.shape[:3])] + [1]
-    if t.data_ptr() % 16 or any(st <= 0 or st % step for st in strides[:3]):
+    if not _rows_aligned(t) or any(st <= 0 for st in strides[:3]):
         return None
     return _TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, d_pad(t.shape[3])])
 
@@ -798,10 +824,10 @@ def _candidates(table: dict, head_dim: int, tile: Optional[Tile]) -> list[Tile]:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[Tile] = None
                   ) -> tuple[Tensor, Tensor]:
     """out (B, H, Nq, D) on (B, Nq, H, D) memory, lse (B, H, Nq) float32."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     out, lse = new_out(q, v), new_lse(q)
     if scale < 0:  # the kernel's running max needs scale >= 0: (q, scale) and (-q, -scale) give the same scores
-        q, scale = _unit_last(q.neg()), -scale
+        q, scale = _kernel_layout(q.neg()), -scale
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     # out's (B, N, H, D) rows are H * D apart: past int32 row offsets, write (B, H, N, D) rows and copy.
@@ -842,7 +868,7 @@ def ds_cols(n_q: int) -> int:
 
 
 def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
-    dout, q, k, v, out = (_unit_last(t) for t in (dout, q, k, v, out))
+    dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     B, H, NQ, D = q.shape
     NK = k.shape[2]

@@ -273,6 +273,29 @@ def test_triton_int32_fallback_copies(monkeypatch, poison_empty):
     check_against_float64("triton", q, k, v, deterministic=False)
 
 
+@pytest.mark.triton
+def test_triton_copies_rows_that_do_not_start_16_byte_aligned(poison_empty):
+    """The kernels tell the compiler that every row starts 16 bytes aligned (without it, 88-wide heads loaded
+    and stored 2 bytes at a time): inputs whose rows do not (a row stride of 44 half-precision elements, a
+    base 2 bytes off) are copied first and give right results; slices of a fused qkv projection at 88-wide
+    heads (strides multiples of 8 elements, not of 16) and size-1 dims of any stride run as they are."""
+    from seer_kernels.triton import attention as tri
+
+    def wide():  # rows 88 bytes apart
+        return torch.randn(2, 3, 19, 44, device=TRITON_DEV).to(F16)[..., :40]
+
+    shifted = torch.randn(2 * 3 * 19 * 40 + 1, device=TRITON_DEV).to(F16)[1:].view(2, 3, 19, 40)
+    for t in (wide(), shifted):
+        assert not tri._rows_aligned(t) and tri._kernel_layout(t).is_contiguous()
+    fused = make_qkv(2, 3, 19, 19, 88, F16, TRITON_DEV, layout="fused")
+    assert all(tri._kernel_layout(t) is t for t in fused) and fused[0].stride(1) == 88
+    single = torch.randn(1, 3, 19, 40, device=TRITON_DEV).to(F16).as_strided((1, 3, 19, 40), (7, 760, 40, 1))
+    assert tri._rows_aligned(single)
+    for det in (False, True):
+        check_against_float64("triton", wide(), shifted, wide(), deterministic=det)
+        check_against_float64("triton", *fused, deterministic=det)
+
+
 def _tile_classes():
     return (32, 64, 128, 256) if TRITON_DEV == "cpu" else (128,)
 
@@ -679,13 +702,15 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
     tile; real register pressure spills hundreds), the slower exp lowering. python -m bench.attention_compile
     checks every candidate tile."""
     # N = 257 leaves 16-row tail tiles, N = 145 32-row ones (the largest split tails of the 64-row tiles).
+    # D = 88: strides that Triton does not know to be multiples of 16 (the kernels' own hint must keep every
+    # main loop's loads 16 bytes wide: NARROW fails a variant otherwise).
     for n in ("257", "145"):
-        out = sm90_compile("bench.attention_compile", "--head-dims", "80", "128", "--dtypes", "bf16",
+        out = sm90_compile("bench.attention_compile", "--head-dims", "88", "128", "--dtypes", "bf16",
                            "--defaults-only", "--seq-len", n)
         assert "24 variants, 0 failures" in out and "dkdv+tma" in out and "dkdv+ds" in out, (n, out)
         tiles = [json.loads(line[line.index("["):line.index("]") + 1]) for line in out.splitlines() if "[" in line]
         assert sum(t[6] for t in tiles) == 8, out  # tma_load: fwd, dkdv x 2, dq
-        assert sum(t[7] for t in tiles) == 2, out  # store_ds: the first candidate (dS by TMA) at D = 80 and 128
+        assert sum(t[7] for t in tiles) == 2, out  # store_ds: the first candidate (dS by TMA) at D = 88 and 128
         # The "loop" column (SASS per main-loop iteration) was read from each cubin: every kernel but delta
         # has a main loop of at least its matmuls.
         rows = [line.split() for line in out.splitlines()
@@ -717,6 +742,42 @@ def test_compile_report_counts_the_main_loop(tmp_path, monkeypatch):
     (tmp_path / "sass.txt").write_text(sass + "\n")
     monkeypatch.setattr(triton_compile, "_bundled", lambda tool: str(fake))
     assert triton_compile.largest_loop(b"cubin") == 7  # .L_x_1: 6 instructions and its branch
+
+
+def test_compile_report_fails_a_variant_with_narrow_loads_in_its_main_loop(tmp_path, monkeypatch, capsys):
+    """bench.attention_compile fails a kernel whose main loop loads or stores global memory 2 bytes at a time
+    (what 88-wide heads compiled to before the kernels told the compiler their rows' alignment); such
+    accesses outside the main loop (a masked tail) do not count."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from bench import triton_compile
+
+    def sass(loop_load):
+        return "\n".join([
+            "        /*0000*/                   LDG.E.U16 R9, desc[UR4][R2.64] ;",
+            ".L_x_1:", "        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;",
+            f"        /*0020*/                   {loop_load} R8, desc[UR4][R2.64] ;",
+            "        /*0030*/                   STG.E.128 desc[UR4][R6.64], R12 ;",
+            "        /*0040*/               @P0 BRA `(.L_x_1) ;"]) + "\n"
+
+    tools = {}
+    for tool, text in (("ptxas", "#!/bin/sh\necho 'ptxas info    : Used 128 registers, 0 bytes spill stores' >&2\n"),
+                       ("nvdisasm", "#!/bin/sh\ncat \"$2\"\n")):
+        tools[tool] = tmp_path / tool
+        tools[tool].write_text(text)
+        tools[tool].chmod(0o755)
+    monkeypatch.setattr(triton_compile, "_bundled", lambda tool: str(tools[tool]))
+
+    def compiled(loop_load):
+        return lambda: SimpleNamespace(metadata=SimpleNamespace(shared=1024),
+                                       asm={"ptx": "", "cubin": sass(loop_load).encode()})
+
+    rows = [("narrow ", compiled("LDG.E.U16")), ("vector ", compiled("LDG.E.128"))]
+    assert triton_compile.report(rows, 90, "kernel", narrow_access=True) == 1
+    out = capsys.readouterr().out
+    assert "NARROW:1" in out.split("vector")[0] and "NARROW" not in out.split("vector")[1], out
+    assert triton_compile.narrow_accesses(["LDG.E.U16", "STG.E.U8", "LDG.E.64", "LDGSTS.E.BYPASS.128"]) == 2
 
 
 def test_compile_report_fails_a_variant_with_a_forbidden_instruction(capsys):
