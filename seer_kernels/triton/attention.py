@@ -56,8 +56,9 @@ keep results bit-identical from one process to the next, which the deterministic
 Inputs need a unit stride on the head dim and rows that start 16 bytes aligned (base and strides multiples
 of 16 bytes; the launchers copy other layouts, ``_kernel_layout``), other strides are free (slices of a
 fused qkv projection run without copies). The kernels tell the compiler of that alignment (``_row_ptrs``):
-Triton itself knows only strides that are multiples of 16 elements, which 88-wide heads' are not. bfloat16 and float16 use the tensor cores with
-float32 accumulation; float32 is supported for the CPU interpreter only (tests), where dots are exact.
+Triton itself knows only strides that are multiples of 16 elements, which 88-wide heads' are not.
+bfloat16 and float16 use the tensor cores with float32 accumulation; float32 is supported for the CPU
+interpreter only (tests), where dots are exact.
 
 Hopper features, per candidate tile (``Tile``): ``tma_load`` loads the full tiles of each loop through tensor
 descriptors (the TMA unit), ``dq_tma`` adds dq's shares with TMA bulk reductions. Both fall back to the
