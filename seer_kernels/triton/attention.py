@@ -707,7 +707,9 @@ def _kernel_layout(t: Tensor) -> Tensor:
     rows start 16 bytes aligned (``_row_ptrs``: vectorised loads); copy the rare other layouts (contiguous
     rows fit int32 up to N * D < 2^31, which the op checks, and start aligned as D % 8 == 0). Slices of a
     fused qkv projection qualify."""
-    return t if t.stride(-1) == 1 and _rows_fit_int32(t) and _rows_aligned(t) else t.contiguous()
+    if t.stride(-1) == 1 and _rows_fit_int32(t) and _rows_aligned(t):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)  # a copy even of a contiguous view 2 bytes off
 
 
 def _strides3(t: Tensor) -> tuple[int, ...]:
