@@ -274,14 +274,15 @@ def tile_class(head_dim: int) -> int:
 
 
 @triton.jit
-def _row_ptrs(base, offs_rows, offs_d, stride_row):
-    """Pointers to a (rows, D_PAD) tile whose rows start 16 bytes aligned, and the compiler told so.
+def _row_ptrs(base, offs_rows, offs_cols, stride_row):
+    """Pointers to a tile of rows (of q, k, v, out, their gradients, dq's float32 buffer or the dS buffer)
+    that start 16 bytes aligned, and the compiler told so.
 
-    The launchers copy any other layout (``_kernel_layout``). Triton knows it by itself only where every
-    stride is a multiple of 16 elements: at 88-wide heads (strides 88 and 257 x 88) each load and store of
-    a row went 2 bytes at a time and the loops lost cp.async (sm_90 SASS: the forward's main loop 579
-    instructions, 265 with this)."""
-    return tl.multiple_of(base + offs_rows[:, None] * stride_row + offs_d[None, :], [1, 16])
+    The launchers copy any other input layout (``_kernel_layout``); the buffers are allocated so. Triton
+    knows it by itself only where every stride is a multiple of 16 elements: at 88-wide heads (strides 88
+    and 257 x 88) each load and store of a row went 2 bytes at a time and the loops lost cp.async (sm_90
+    SASS: the forward's main loop 579 instructions, 265 with this)."""
+    return tl.multiple_of(base + offs_rows[:, None] * stride_row + offs_cols[None, :], [1, 16])
 
 
 @triton.jit
@@ -456,7 +457,7 @@ def _dkdv_inner(dk, dv, k, v, key_bias, q_base, do_base, lse_row, delta_row, dq_
             if DS_TMA:  # one bulk store of the box; the unit drops rows past N_KV, columns past the buffer's
                 ds_desc.store([bh, start_n, start_m], ds_t.to(q.dtype).reshape([1, ds_t.shape[0], BLOCK_M]))
             else:
-                ds_ptrs = ds_base + offs_n[:, None] * sdsn + offs_m[None, :]
+                ds_ptrs = _row_ptrs(ds_base, offs_n, offs_m, sdsn)
                 if MASK_M or MASK_KEYS:
                     # Columns up to the buffer's row length (sdsn, a multiple of 16: ds_cols), not N_Q: the
                     # padded queries' dS is exactly 0 (p = 0, dO = 0), and a bound that the compiler knows
@@ -624,12 +625,12 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, start, end, N_Q, N_KV,
+def _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, start, end, N_KV,
                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_M: tl.constexpr,
                  MASK_N: tl.constexpr, TMA_LOAD: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        ptrs = ds_base + offs_n[:, None] * sdsn + offs_m[None, :]
+        ptrs = _row_ptrs(ds_base, offs_n, offs_m, sdsn)
         if MASK_M or MASK_N:  # past N_KV there is no row; the buffer's row ends at sdsn (zeros past N_Q)
             ds_t = tl.load(ptrs, mask=(offs_n < N_KV)[:, None] & (offs_m < sdsn)[None, :], other=0.0)
         else:
@@ -649,9 +650,9 @@ def _dq_ds_rows(ds_base, k_base, dq_base, k_desc, sdsn, skn, sdqn, start_m, N_Q,
     offs_d = tl.arange(0, D_PAD)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    dq = _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, 0, n_full, N_Q, N_KV,
+    dq = _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, 0, n_full, N_KV,
                       HEAD_DIM, D_PAD, BLOCK_N, MASK_M, False, TMA_LOAD)
-    dq = _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, n_full, N_KV, N_Q, N_KV,
+    dq = _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, n_full, N_KV, N_KV,
                       HEAD_DIM, D_PAD, TAIL_N, MASK_M, True, TMA_LOAD)
     _store_rows(dq_base, (dq * scale).to(dq_base.dtype.element_ty), offs_m, offs_d, sdqn, N_Q, HEAD_DIM, D_PAD)
 
