@@ -38,9 +38,25 @@ def timm_kwargs(cfg: ViTConfig) -> dict:
     """
     return {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "in_chans": cfg.in_chans, "num_classes": 0,
             "global_pool": "token", "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
-            "mlp_ratio": cfg.mlp_dim / cfg.embed_dim, "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm,
-            "init_values": cfg.layer_scale_init, "class_token": True, "no_embed_class": False, "pre_norm": False,
-            "fc_norm": False, "dynamic_img_size": True}
+            "mlp_ratio": _mlp_ratio(cfg.embed_dim, cfg.mlp_dim), "qkv_bias": cfg.qkv_bias, "qk_norm": cfg.qk_norm,
+            "init_values": _init_values(cfg.layer_scale_init), "class_token": True, "no_embed_class": False,
+            "pre_norm": False, "fc_norm": False, "dynamic_img_size": True}
+
+
+def _mlp_ratio(embed_dim: int, mlp_dim: int) -> float:
+    """The ratio for which timm's ``int(embed_dim * mlp_ratio)`` gives back ``mlp_dim``: mlp_dim / embed_dim
+    where that survives the float rounding (every preset), else a ratio aimed at mlp_dim + 1/2 (1408 and
+    3840 give 3839 with the plain quotient)."""
+    for ratio in (mlp_dim / embed_dim, (mlp_dim + 0.5) / embed_dim):
+        if int(embed_dim * ratio) == mlp_dim:
+            return ratio
+    raise ValueError(f"model.mlp_dim={mlp_dim} has no timm mlp_ratio at model.embed_dim={embed_dim}")
+
+
+def _init_values(layer_scale_init):
+    """timm builds LayerScale only for a truthy ``init_values``; seer for any value but None. The exported
+    gammas replace the initial value on loading, so a LayerScale that started at 0 exports with 1.0."""
+    return 1.0 if layer_scale_init is not None and layer_scale_init == 0 else layer_scale_init
 
 
 def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:

@@ -316,6 +316,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name in ("gpus", "tp", "micro_batch"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not 0 < args.mfu <= 1:
+            raise ValueError(f"--mfu must be a fraction in (0, 1], got {args.mfu}")
+        if args.prototypes is not None and args.prototypes < 1:
+            raise ValueError(f"--prototypes must be >= 1, got {args.prototypes}")
+        reserve = PlanInput.__dataclass_fields__["reserve_gib"].default
+        if not reserve < args.gpu_memory_gib < float("inf"):
+            raise ValueError(f"--gpu-memory-gib must be more than the {reserve:g} GiB the plan reserves, got "
+                             f"{args.gpu_memory_gib}")
         head = {"seer": seer_head(), "swav": SwAVHeadConfig(), "none": None}[args.head]
         if head is not None and args.prototypes is not None:
             head.num_prototypes = args.prototypes

@@ -57,5 +57,21 @@ def test_export_loads_strictly_into_timm_with_the_same_features(run, tmp_path):
 def test_timm_kwargs_cover_the_architecture():
     kw = timm_kwargs(preset("demo").model)
     assert kw["embed_dim"] == 192 and kw["depth"] == 6 and kw["mlp_ratio"] == 4.0 and kw["num_classes"] == 0
+
+
+@pytest.mark.parametrize("vit_kw", [dict(embed_dim=88, num_heads=2, mlp_dim=120),  # 88 * (120 / 88) -> 119
+                                    dict(layer_scale_init=0.0)])  # timm: no LayerScale for a falsy init
+def test_timm_rebuilds_awkward_configs_exactly(vit_kw):
+    from seer.model import VisionTransformer, vit_preset
+    cfg = vit_preset("tiny", **vit_kw)
+    ours = VisionTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    theirs = timm.models.vision_transformer.VisionTransformer(**timm_kwargs(cfg)).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         export_timm("unused", "vit.pt")

@@ -60,6 +60,10 @@ def test_checkpointing_and_sequence_parallel_reduce_activations():
     (("--gpus", "8", "--micro-batch", "1", "--crops", "two"), "expected NxSIZE"),
     (("--gpus", "8", "--micro-batch", "0"), "--micro-batch must be >= 1"),
     (("--gpus", "8", "--micro-batch", "1", "--checkpointing", "half"), "activation_checkpointing must be"),
+    (("--gpus", "8", "--micro-batch", "1", "--mfu", "0"), "--mfu must be a fraction in (0, 1]"),
+    (("--gpus", "8", "--micro-batch", "1", "--mfu", "-1"), "--mfu must be a fraction in (0, 1]"),
+    (("--gpus", "8", "--micro-batch", "1", "--prototypes", "-16"), "--prototypes must be >= 1"),
+    (("--gpus", "8", "--micro-batch", "1", "--gpu-memory-gib", "-5"), "--gpu-memory-gib must be more than"),
 ])
 def test_bad_arguments(capsys, args, match):
     code, _, err = run(capsys, *args)

@@ -11,6 +11,7 @@ Items are addressed by (epoch, index) so that the augmentation generator can be 
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -150,6 +151,16 @@ def collate_images(items) -> Batch:
 def worker_init(_worker_id: int) -> None:
     # One intra-op thread per worker: the workers are the parallelism (the multi-crop op's own rule).
     torch.set_num_threads(1)
+    # scancel and preemption send SIGTERM to every process of the job, workers included; torch's own worker
+    # handler would end the worker, and the main process would then fail on the lost worker before it
+    # saves the stop checkpoint. The first SIGTERM only arms the default action: the main process shuts its
+    # workers down itself after saving, and a second SIGTERM (the loader's terminate() of a worker that did
+    # not stop, the job's next signal) ends the worker as usual.
+    signal.signal(signal.SIGTERM, _first_sigterm)
+
+
+def _first_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 __all__ = ["Batch", "DataError", "DecodedDataset", "MultiCropDataset", "Skipped", "check_pixels", "collate_crops",

@@ -74,8 +74,22 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
     if max_images:
         for k, s in out.items():
             if len(s) > max_images:
-                out[k] = s.subset(torch.arange(max_images))
+                out[k] = s.subset(_stratified(s.labels, max_images, split_seed))
     return out
+
+
+def _stratified(labels: Tensor, count: int, seed: int) -> Tensor:
+    """``count`` indices of ``labels`` drawn by a seeded permutation, the classes taking turns (as evenly as
+    their sizes allow), in ascending order. The first ``count`` would hold only the first classes of a
+    folder dataset (its files are listed class by class)."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    ranked = labels[perm]
+    turn = torch.empty_like(perm)  # each image's position among its class's images in the permutation
+    for c in ranked.unique():
+        where = ranked == c
+        turn[where] = torch.arange(int(where.sum()))
+    order = torch.sort(turn, stable=True).indices
+    return perm[order[:count]].sort().values
 
 
 def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -105,6 +106,16 @@ def validate_vit_config(cfg: ViTConfig) -> None:
     if cfg.img_size % cfg.patch_size:
         raise ValueError(f"ViTConfig.img_size ({cfg.img_size}) must be a multiple of patch_size "
                          f"({cfg.patch_size})")
+    for name in ("qkv_bias", "qk_norm"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"ViTConfig.{name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("drop_path_rate", "dropout", "norm_eps", "init_std", "layer_scale_init"):
+        value = getattr(cfg, name)
+        if value is None and name == "layer_scale_init":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"ViTConfig.{name} must be a finite number{' or None' if name == 'layer_scale_init' else ''}"
+                             f", got {value!r}")
     for name in ("drop_path_rate", "dropout"):
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:

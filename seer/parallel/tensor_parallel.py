@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..model import VisionTransformer
@@ -53,16 +54,29 @@ def _fork(module: nn.Module, tracker: RNGStatesTracker) -> nn.Module:
 
 
 def _make_sequence_hooks(trunk: VisionTransformer, group, tp: int) -> None:
+    # Sequences the scatter hook added in eval mode, for the gather hook to drop (the forward between them is
+    # one call: the hooks of a trunk never interleave).
+    padded = [0]
+
     def scatter(module, inputs, output):
-        if output.shape[0] % tp:
+        extra = -output.shape[0] % tp
+        if extra and trunk.training:
             raise ValueError(f"sequence parallelism splits the {output.shape[0]} sequences of a resolution group "
                              f"(crops x images per rank) over parallel.tp={tp} ranks: make the per-rank batch "
                              f"size a multiple of {tp} or turn parallel.sequence_parallel off")
+        # In eval mode (features for kNN / the linear probe, inference) any batch runs: zero sequences fill it
+        # up to a multiple of tp and are dropped after the gather. Sequences never mix (attention and the norms
+        # are per sequence), so the real ones come out unchanged.
+        padded[0] = extra
+        if extra:
+            output = torch.cat([output, output.new_zeros((extra,) + tuple(output.shape[1:]))])
         return scatter_to_sequence_region(output, group)
 
     def gather(module, inputs, output):
         # What follows (class-token pooling, the head) is replicated: the backward only splits.
-        return gather_from_sequence_region(output, group, to_tensor_parallel=False)
+        out = gather_from_sequence_region(output, group, to_tensor_parallel=False)
+        extra, padded[0] = padded[0], 0
+        return out[:out.shape[0] - extra] if extra else out
 
     trunk.norm_pre.register_forward_hook(scatter)
     trunk.norm.register_forward_hook(gather)

@@ -54,7 +54,11 @@ def step_dir_name(step: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return bool(_NAME.match(path.name)) and (path / "meta.json").is_file() and (path / ".metadata").is_file()
+    return bool(_NAME.match(path.name)) and _complete_files(path)
+
+
+def _complete_files(path: Path) -> bool:
+    return (path / "meta.json").is_file() and (path / ".metadata").is_file()
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -116,6 +120,15 @@ class CheckpointManager:
         self.barrier = barrier
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
+            for old in self.dir.glob(".old-step_*"):
+                # A re-save of one step moves the complete copy aside before renaming the new one into place:
+                # killed in between, the aside copy is the checkpoint (the new one is removed below).
+                final = old.with_name(old.name[len(".old-"):])
+                if final.exists() or not _complete_files(old):
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    log.warning("restoring checkpoint %s (a re-save of it was interrupted)", final)
+                    os.replace(old, final)
             for stale in self.dir.glob(".tmp-step_*"):
                 log.warning("removing incomplete checkpoint %s (its writer was interrupted)", stale)
                 shutil.rmtree(stale, ignore_errors=True)

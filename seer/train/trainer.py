@@ -122,6 +122,10 @@ class Trainer:
         log.info("saved checkpoint %s", path)
         return path
 
+    def _saved_this_step(self) -> bool:
+        latest = self.ckpt.latest()
+        return latest is not None and read_meta(latest)["step"] == self.step
+
     def load(self, path: Path) -> None:
         meta = read_meta(path)
         _check_compatible(path, self.cfg)
@@ -270,11 +274,11 @@ class Trainer:
                     self.save()
                 paused += time.perf_counter() - t_pause
                 if rec["stop"]:
-                    self.save()
+                    if not self._saved_this_step():  # (a periodic save may just have written it)
+                        self.save()
                     metrics.message(f"stopped by signal at step {self.step}; rerun the same command to resume")
-                    return {"step": self.step, "stopped": True}
-            if cfg.checkpoint.at_end and (self.ckpt.latest() is None or
-                                          read_meta(self.ckpt.latest())["step"] != self.step):
+                    return {"step": self.step, "stopped": True, "out": str(self.out)}
+            if cfg.checkpoint.at_end and not self._saved_this_step():
                 self.save()
         finally:
             _restore_stop_handler(old_handler)

@@ -34,6 +34,30 @@ def test_knn_matches_the_definition():
     assert knn_top1(train, y, train, y, k=1) == 100.0
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), "k must be a positive int"), (dict(k=-3), "k must be a positive int"),
+    (dict(k=2.5), "k must be a positive int"), (dict(temperature=0.0), "temperature must be a positive"),
+    (dict(temperature=-0.07), "temperature must be a positive"),
+    (dict(temperature=float("nan")), "temperature must be a positive"), (dict(chunk=0), "chunk must be"),
+    (dict(train_labels=torch.zeros(11, dtype=torch.int64)), "train_labels must be a 1-D integer tensor"),
+    (dict(train_labels=torch.zeros(10)), "train_labels must be a 1-D integer tensor"),
+    (dict(train_labels=-torch.ones(10, dtype=torch.int64)), "train_labels must be"),
+    (dict(test_features=torch.randn(4, 5)), "test_features have 5 dims"),
+    (dict(train_features=torch.randn(10)), "train_features must be a 2-D float tensor"),
+    (dict(train_features=torch.zeros(0, 6)), "no training features"),
+])
+def test_knn_refuses_bad_arguments(kwargs, match):
+    args = dict(train_features=torch.randn(10, 6), train_labels=torch.arange(10) % 3,
+                test_features=torch.randn(4, 6))
+    if "train_features" in kwargs and kwargs["train_features"].shape[:1] == (0,):
+        args["train_labels"] = torch.zeros(0, dtype=torch.int64)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        knn_predict(**args)
+    with pytest.raises(ValueError, match="test_labels must be"):
+        knn_top1(torch.randn(10, 6), torch.arange(10) % 3, torch.randn(4, 6), torch.arange(3))
+
+
 def test_linear_probe_learns_a_linear_rule_and_picks_the_regularisation():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 20, generator=g)
@@ -59,6 +83,11 @@ def test_class_folders_with_and_without_a_split(tmp_path):
     assert len(flat["train"]) + len(flat["test"]) == 7 and len(flat["test"]) == 2
     with pytest.raises(ValueError, match="one subfolder per class"):
         load_labelled(str(tmp_path / "a" / "train" / "cat"))
+    # a cap on the images keeps every class (the folder lists them class by class), the same ones every time
+    capped = load_labelled(str(tmp_path / "a"), max_images=4)
+    assert len(capped["train"]) == 4 and capped["train"].labels.tolist().count(0) == 2
+    assert capped["test"].labels.tolist().count(1) == 2
+    assert capped["train"].images == load_labelled(str(tmp_path / "a"), max_images=4)["train"].images
 
     class Mean(torch.nn.Module):  # a "backbone": per-channel means and stds of the image
         def forward(self, x):

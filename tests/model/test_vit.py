@@ -86,6 +86,8 @@ def test_bad_inputs():
     model = tiny()
     with pytest.raises(ValueError, match="multiples of the patch size 8"):
         model(torch.randn(2, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\)"):
+        model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="non-empty list"):
         model([])
 
@@ -108,7 +110,11 @@ def test_presets_and_unknown_names():
 @pytest.mark.parametrize("kw, match", [({"num_heads": 5}, "embed_dim .* divisible by num_heads"),
                                        ({"img_size": 30}, "img_size .* multiple of patch_size"),
                                        ({"depth": 0}, "depth must be a positive integer"),
-                                       ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\)")])
+                                       ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\)"),
+                                       ({"qk_norm": "yes"}, "qk_norm must be true or false"),
+                                       ({"dropout": "0.1"}, "dropout must be a finite number"),
+                                       ({"layer_scale_init": float("nan")}, "layer_scale_init must be a finite"),
+                                       ({"norm_eps": None}, "norm_eps must be a finite number")])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         VisionTransformer(vit_preset("tiny", **kw))

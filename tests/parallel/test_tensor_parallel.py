@@ -92,7 +92,29 @@ def _tp_body(rank, world):
     swav_loss(b.scores, prototype_group=dist.group.WORLD).backward()
     res["bf16"] = float((a.features.float() - b.features.float()).abs().max())
     res["bf16_grads_finite"] = all(torch.isfinite(p.grad).all() for p in par.parameters() if p.grad is not None)
+    res["sp_eval"] = _sequence_parallel_odd_batches()
     return res
+
+
+def _sequence_parallel_odd_batches() -> dict:
+    """Sequence parallelism in eval mode takes any batch (evaluation's last partial batch, a rank's dummy
+    batch of 1), padding it for the split and dropping the padding; training mode refuses an odd batch."""
+    ref, par = build_model(), build_model()
+    parallelize(par, ParallelDims(ParallelConfig(tp=2, sequence_parallel=True), "cpu"))
+    ref.eval(), par.eval()
+    out = {}
+    with torch.no_grad():
+        for n in (1, 3, 4):
+            x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+            a, b = ref.backbone(x), par.backbone(x)
+            out[n] = (tuple(b.shape), float((a - b).abs().max()))
+    par.train()
+    try:
+        par.backbone(torch.randn(3, 3, 32, 32))
+        out["train_odd"] = "ran"
+    except ValueError as exc:
+        out["train_odd"] = str(exc)
+    return out
 
 
 @pytest.mark.dist
@@ -108,6 +130,10 @@ def test_tensor_parallel_matches_single_process():
         for key in ("act", "act_sp"):
             assert 0.9 <= res[key] <= 1.0 + 1e-9, (rank, key, res[key])
         assert res["bf16"] < 0.1 and res["bf16_grads_finite"]
+        for n in (1, 3, 4):
+            shape, diff = res["sp_eval"][n]
+            assert shape == (n, 64) and diff < FP32_TOL, (rank, n, shape, diff)
+        assert "multiple of 2" in res["sp_eval"]["train_odd"], res["sp_eval"]["train_odd"]
     m0, m1 = results[0]["meta"], results[1]["meta"]
     assert all(torch.equal(m0["replicated"][k], m1["replicated"][k]) for k in m0["replicated"])
     weights = [k for k in m0["split"] if m0["split"][k].dim() > 1]  # (split biases start at zero everywhere)

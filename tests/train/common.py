@@ -34,10 +34,11 @@ def seer(*args: str, timeout: int = 240, check: bool = True) -> subprocess.Compl
 
 def seer_killed(patch: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``seer ARGS`` in a process that first executes ``patch`` (Python source that may arrange for the
-    process to SIGKILL itself at a chosen point); return the finished process."""
+    process to SIGKILL itself at a chosen point); return the finished process. The process leads a session
+    of its own, so that a patch may signal its whole process group (its DataLoader workers) as SLURM does."""
     code = "import os, signal, sys\n" + patch + "\nfrom seer.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env(),
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, start_new_session=True)
 
 
 KILL_AT_STEP = """
@@ -46,6 +47,19 @@ _orig = _t.Trainer.train_step
 def _step(self, *a, **k):
     if self.step == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
+    return _orig(self, *a, **k)
+_t.Trainer.train_step = _step
+"""
+
+# scancel / preemption: SIGTERM to every process of the job, the DataLoader workers included, from another
+# process (torch's workers exit quietly on a SIGTERM from their parent, but not on one from SLURM).
+TERM_GROUP_AT_STEP = """
+import subprocess
+import seer.train.trainer as _t
+_orig = _t.Trainer.train_step
+def _step(self, *a, **k):
+    if self.step == {step}:
+        subprocess.run(["kill", "-TERM", "--", f"-{{os.getpgid(0)}}"])
     return _orig(self, *a, **k)
 _t.Trainer.train_step = _step
 """

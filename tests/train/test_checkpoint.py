@@ -35,6 +35,29 @@ def test_keep_last_n_and_incomplete_folders_are_ignored(tmp_path):
     assert torch.equal(dest["w"], torch.full((3,), 7.0))
 
 
+def test_resave_killed_between_its_renames_keeps_the_checkpoint(tmp_path, monkeypatch):
+    mgr = CheckpointManager(tmp_path, keep=1)
+    _save(mgr, 3, 3)
+
+    def killed(src, dst):  # the process dies after moving the complete copy aside
+        if str(src).endswith("step_00000003") and ".old-" in str(dst):
+            real_replace(src, dst)
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    real_replace = os.replace
+    monkeypatch.setattr("seer.train.checkpoint.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(mgr, 3, 9)
+    monkeypatch.setattr("seer.train.checkpoint.os.replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".old-step_00000003", ".tmp-step_00000003"]
+    mgr = CheckpointManager(tmp_path, keep=1)  # the next run: the copy moved aside is the checkpoint again
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000003"]
+    dest = {"w": torch.zeros(3)}
+    load_tensors(mgr.latest(), dest)
+    assert torch.equal(dest["w"], torch.full((3,), 3.0))
+
+
 class _Evil:
     """Unpickling this runs a command (what a tampered pickle can do)."""
 

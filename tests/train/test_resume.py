@@ -9,7 +9,7 @@ from seer import load_pretrained
 from seer.train import list_checkpoints
 from tests.images import write_good_images
 
-from .common import KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, losses, seer, seer_killed
+from .common import KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, TERM_GROUP_AT_STEP, losses, seer, seer_killed
 
 pytestmark = pytest.mark.slow
 
@@ -61,5 +61,19 @@ def test_checkpoint_killed_while_being_written_is_not_used(images, straight, tmp
     rerun = seer(*_args(images, out))
     assert "step 3 of 6" in rerun.stdout  # the previous, complete checkpoint
     assert not (ckpts / ".tmp-step_00000006").exists()
+    assert losses(out) == losses(straight)
+    assert _same_weights(straight, out)
+
+
+def test_sigterm_to_the_whole_job_saves_and_the_rerun_continues(images, straight, tmp_path):
+    """SIGTERM reaches the DataLoader workers too (scancel, preemption): the run still saves at the end of the
+    step and exits 0. Here it arrives during step 3, a periodic-save step: one save, not two."""
+    out = tmp_path / "terminated"
+    proc = seer_killed(TERM_GROUP_AT_STEP.format(step=2), *_args(images, out))
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped by signal at step 3" in proc.stdout and f"outputs in {out}" in proc.stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+    rerun = seer(*_args(images, out))
+    assert "step 3 of 6" in rerun.stdout
     assert losses(out) == losses(straight)
     assert _same_weights(straight, out)
