@@ -216,13 +216,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
     from .data.dataset import DataError
+    from .train.checkpoint import CorruptCheckpointError
     from .train.safe_load import UnsafeCheckpointError
     from .train.trainer import NonFiniteLossError
     try:
         return handlers[args.command](args)
     except Exception as e:
-        # Bad input (2), a run that cannot go on (1), a refused checkpoint (3): one line naming the cause.
-        status = {UnsafeCheckpointError: 3, NonFiniteLossError: 1, DataError: 1}.get(type(e))
+        # Bad input (2), a run that cannot go on (1), a refused or unreadable checkpoint (3): one line naming
+        # the cause.
+        status = {UnsafeCheckpointError: 3, CorruptCheckpointError: 3, NonFiniteLossError: 1,
+                  DataError: 1}.get(type(e))
         if status is None and isinstance(e, (CLIError, ValueError, FileNotFoundError, FileExistsError, KeyError)):
             status = 2
         if status is None or os.environ.get("SEER_DEBUG"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -550,13 +551,32 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < e.test_fraction < 1, "eval.test_fraction", "in (0, 1)", e.test_fraction)
     _check(bool(e.linear_weight_decays) and min(e.linear_weight_decays) >= 0, "eval.linear_weight_decays",
            "a non-empty list of numbers >= 0", e.linear_weight_decays)
-    _check(e.image_size == 0 or e.image_size % p == 0, "eval.image_size",
-           f"0 or a multiple of model.patch_size ({p})", e.image_size)
+    _check(e.image_size == 0 or e.image_size > 0 and e.image_size % p == 0, "eval.image_size",
+           f"0 or a positive multiple of model.patch_size ({p})", e.image_size)
     _check(cfg.logging.every >= 1, "logging.every", "an integer >= 1", cfg.logging.every)
     _choice("logging.progress", cfg.logging.progress, ("auto", "on", "off"))
     _check(cfg.head.num_prototypes >= 2, "head.num_prototypes", "an integer >= 2", cfg.head.num_prototypes)
     _check(cfg.loss.queue_length >= 0, "loss.queue_length", "an integer >= 0", cfg.loss.queue_length)
     _check(cfg.loss.epsilon > 0, "loss.epsilon", "> 0", cfg.loss.epsilon)
+    _check(cfg.loss.temperature > 0, "loss.temperature", "> 0", cfg.loss.temperature)
+    _check(cfg.loss.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "an integer >= 1",
+           cfg.loss.sinkhorn_iterations)
+    _check(cfg.loss.freeze_prototypes_iters >= 0, "loss.freeze_prototypes_iters", "an integer >= 0",
+           cfg.loss.freeze_prototypes_iters)
+    _check(cfg.loss.queue_start_epoch >= 0, "loss.queue_start_epoch", "an integer >= 0", cfg.loss.queue_start_epoch)
+    o = cfg.optim
+    # A negative learning rate would train by gradient ascent without an error.
+    for name in ("lr", "start_warmup_lr", "final_lr", "weight_decay", "trust_coefficient", "eps"):
+        v = getattr(o, name)
+        _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"optim.{name}", "a finite number >= 0", v)
+    _check(o.final_weight_decay is None or o.final_weight_decay >= 0, "optim.final_weight_decay", "None or >= 0",
+           o.final_weight_decay)
+    _check(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    _check(e.batch_size >= 1, "eval.batch_size", "an integer >= 1", e.batch_size)
+    _check(e.max_images >= 0, "eval.max_images", "an integer >= 0 (0 = all)", e.max_images)
+    _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "an integer >= 1", e.linear_max_iter)
+    _check(d.digits_size >= 8, "data.digits_size", "an integer >= 8 (the digits are 8 x 8)", d.digits_size)
     _check(cfg.parallel.tp >= 1, "parallel.tp", "an integer >= 1", cfg.parallel.tp)
     try:
         checkpoint_every(cfg.parallel.activation_checkpointing)

@@ -81,6 +81,12 @@ class SwAVQueue:
         return {"queue": self.queue.clone() if self.queue is not None else None, "filled": self.filled,
                 "local_length": self.local_length, "dim": self.dim}
 
+    def to(self, device: torch.device) -> "SwAVQueue":
+        """Move the stored embeddings (a checkpoint loads them on the CPU) to the training device."""
+        if self.queue is not None:
+            self.queue = self.queue.to(device)
+        return self
+
     def load_state_dict(self, state: dict) -> None:
         if state["local_length"] != self.local_length or state["dim"] != self.dim:
             raise ValueError(f"SwAVQueue.load_state_dict: saved queue has {state['local_length']} rows of dim "

@@ -28,9 +28,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import Tensor
 
-from .safe_load import SafeFileSystemReader, SafeLoadPlanner, load_rank_file
+from .safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, load_rank_file
 
 log = logging.getLogger("seer.checkpoint")
 
@@ -90,8 +91,27 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                             f"checkpoints folder containing one)")
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
+class CorruptCheckpointError(RuntimeError):
+    """A complete-looking checkpoint whose files cannot be read back (truncated, emptied, edited)."""
+
+
+def _corrupt(path, what: str, exc: Exception) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                                  f"; move this checkpoint away to resume from the one before it")
+
+
+def read_meta(path: str | os.PathLike, required: tuple[str, ...] = ("step",)) -> dict:
+    """meta.json of checkpoint ``path``, with at least the keys ``required``."""
+    f = Path(path) / "meta.json"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise _corrupt(path, "meta.json", e) from None
+    missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CorruptCheckpointError(f"{f} lacks {', '.join(missing)}: not a checkpoint this version of seer "
+                                     f"wrote, or edited; move this checkpoint away to resume from the one before it")
+    return meta
 
 
 def _write_file(path: Path, write: Callable[[Path], None]) -> None:
@@ -182,12 +202,29 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor]) -> None:
     # Read the index once here so that a refused (tampered) file raises UnsafeCheckpointError itself, not
     # wrapped in DCP's collective error report.
     SafeFileSystemReader(Path(path)).read_metadata()
-    with quiet_single_process():
-        dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner(),
-                 no_dist=not _distributed())
+    try:
+        with quiet_single_process():
+            dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner(),
+                     no_dist=not _distributed())
+    except UnsafeCheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # a truncated shard file, ... (DCP's report names no file)
+        failures = list(getattr(e, "failures", {}).values())  # DCP's exception (a BaseException) gathers
+        raise _corrupt(path, "tensors", failures[0] if failures else e) from None
 
 
-def load_rank_state(path: str | os.PathLike, rank: int) -> Optional[dict]:
-    """This rank's state file, or None if the checkpoint was written by fewer ranks."""
+def load_rank_state(path: str | os.PathLike, rank: int, *, required: bool = False) -> Optional[dict]:
+    """This rank's state file, or None if the checkpoint was written by fewer ranks (``required``: it was
+    written by as many ranks as now run, so the file must be there)."""
     f = Path(path) / f"rank_{rank:05d}.pt"
-    return load_rank_file(f) if f.is_file() else None
+    if not f.is_file():
+        if required:
+            raise CorruptCheckpointError(f"{f} is missing although the checkpoint was written by as many processes "
+                                         f"as now run; move this checkpoint away to resume from the one before it")
+        return None
+    try:
+        return load_rank_file(f)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:
+        raise _corrupt(f, "per-rank state", e) from None

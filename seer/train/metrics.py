@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -63,8 +64,14 @@ class MetricsWriter:
         self.bar = None
         if not active:
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # A resumed run redoes the steps after its checkpoint: drop what an earlier attempt logged for them
+        # (written to a temporary file and renamed: a kill here must not lose the history before them).
+        for path in (self.path, self.path.with_name("eval_history.jsonl")):
+            if path.is_file():
+                kept = [r for r in read_metrics(path) if r.get("step", 0) <= start_step]
+                tmp = path.with_name(path.name + ".part")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, path)
         self.file = open(self.path, "a", buffering=1)
         if tensorboard:
             try:

@@ -24,12 +24,14 @@ import torch
 
 from .. import config as C
 from ..data import TrainData
+from ..data.dataset import DataError
 from ..data.sampler import mix_seed
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
-from .checkpoint import CheckpointManager, load_rank_state, load_tensors, read_meta, resolve_checkpoint
+from .checkpoint import (CheckpointManager, list_checkpoints, load_rank_state, load_tensors, read_meta,
+                         resolve_checkpoint)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, init_distributed
 from .metrics import MetricsWriter, peak_flops, read_metrics
@@ -60,7 +62,6 @@ class Trainer:
             os.environ.setdefault("SEER_KERNELS_BACKEND_ATTENTION", t.attention_backend)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            C.save_yaml(cfg, self.out / "config.yaml")
             _log_to_file(self.out / "train.log")
         self.dims = ParallelDims(cfg.parallel, self.device.type, self.dist.world)
         seed_parallel_rng(t.seed, self.dims)
@@ -87,9 +88,13 @@ class Trainer:
         self.flops_per_image = _train_flops_per_image(cfg, self.data.spec)
         self._stop_signal = None
         self.resumed_from: Optional[Path] = None
+        # The checkpoint an explicit checkpoint.resume started this lineage from (kept in every checkpoint)
+        self.origin: Optional[str] = None
         self._evaluator = None
         normalize_prototypes(self.model)
         self._maybe_resume()
+        if self.dist.is_main:  # only once the resume checks passed: a refused run leaves the run's config alone
+            _write_atomic(self.out / "config.yaml", C.dumps(cfg))
 
     # -----------------------------------------------------------------------------------------------------
     # Checkpoints.
@@ -101,9 +106,37 @@ class Trainer:
                 raise FileExistsError(f"{self.ckpt.dir} already holds checkpoints and checkpoint.resume='never': "
                                       f"use another --out, or checkpoint.resume=auto to continue that run")
             return
-        path = self.ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
-        if path is not None:
-            self.load(path)
+        if mode == "auto":
+            path = self.ckpt.latest()
+            if path is not None:
+                self.load(path)
+            return
+        requested = resolve_checkpoint(mode)
+        path = self._explicit_start(requested)
+        self.load(path)
+        if path == requested:  # a new lineage starts here; its checkpoints say so (_explicit_start)
+            self.origin = str(requested.resolve())
+
+    def _explicit_start(self, path: Path) -> Path:
+        """Where ``checkpoint.resume=PATH`` resumes: PATH, or the latest checkpoint of this run if that one
+        continues a run started from PATH (the same command rerun after a stop or a preemption).
+
+        A newer checkpoint of another lineage in this run's folder would shadow the new run's checkpoints
+        (the next automatic resume, and the pruning of old ones, go by step): refused, naming it."""
+        latest = self.ckpt.latest()
+        if latest is None or latest.resolve() == path.resolve():
+            return path
+        if read_meta(latest).get("origin") == str(path.resolve()):
+            log.info("checkpoint.resume=%s: continuing the run started from it at %s", path, latest)
+            return latest
+        start = int(read_meta(path)["step"])
+        newer = [p.name for p in list_checkpoints(self.ckpt.dir)
+                 if int(read_meta(p)["step"]) >= start and p.resolve() != path.resolve()]
+        if newer:
+            raise FileExistsError(f"checkpoint.resume={path} (step {start}): {self.ckpt.dir} already holds "
+                                  f"{', '.join(newer)} of another run, which would be taken for this run's newer "
+                                  f"checkpoints; move them away, or use another --out")
+        return path
 
     def save(self) -> Path:
         tp_rank = self.dims.tp_rank
@@ -116,7 +149,8 @@ class Trainer:
                 "freezer": self.freezer.state_dict(), "counters": dict(self.counters),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "world_size": self.dist.world, "dp": self.dims.dp, "tp": self.dims.tp,
-                "optim_slots": slots, "tp_layout": S.tp_layout(self.model), "time": time.time()}
+                "optim_slots": slots, "tp_layout": S.tp_layout(self.model), "time": time.time(),
+                "origin": self.origin}
         with nvtx_range("checkpoint", self.cfg.logging.nvtx):
             path = self.ckpt.save(self.step, tensors, rank_state, meta, C.dumps(self.cfg))
         log.info("saved checkpoint %s", path)
@@ -127,7 +161,7 @@ class Trainer:
         return latest is not None and read_meta(latest)["step"] == self.step
 
     def load(self, path: Path) -> None:
-        meta = read_meta(path)
+        meta = read_meta(path, required=_META_KEYS)
         _check_compatible(path, self.cfg)
         if meta["tp"] != self.dims.tp:
             raise ValueError(f"checkpoint {path} was written with parallel.tp={meta['tp']}; resuming needs the same "
@@ -144,11 +178,13 @@ class Trainer:
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.data.load_state_dict(meta["data"])
-        rank_state = load_rank_state(path, self.dist.rank) if meta["world_size"] == self.dist.world else None
+        same_world = meta["world_size"] == self.dist.world
+        rank_state = load_rank_state(path, self.dist.rank, required=True) if same_world else None
         if rank_state is not None:
             S.set_rng_state(rank_state["rng"])
             get_rng_tracker().load_state_dict(rank_state["tracker"])
             self.queue.load_state_dict(rank_state["queue"])
+            self.queue.to(self.device)  # (read onto the CPU)
             self.bad_files = set(rank_state["bad_files"])
         else:
             # Another number of processes: fresh per-rank streams, deterministic in (seed, step); empty queue.
@@ -157,6 +193,7 @@ class Trainer:
                         "empty, the remaining images of the epoch are split over the new ranks",
                         path, meta["world_size"], self.dist.world)
         self.resumed_from = path
+        self.origin = meta.get("origin")
         log.info("resumed from %s (step %d)", path, self.step)
 
     # -----------------------------------------------------------------------------------------------------
@@ -238,6 +275,7 @@ class Trainer:
                 self._record_skipped(skipped)
                 rec = self.train_step(crops, epoch, want_signals=log_now)
                 metrics.advance()
+                self._check_bad_fraction(rec["skipped_files"], epoch)
                 if self.counters["nonfinite_in_row"] >= t.max_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{self.counters['nonfinite_in_row']} steps in a row with a non-finite loss (train."
@@ -331,23 +369,40 @@ class Trainer:
             return None
         path = self.out / "eval_random_init.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                return json.loads(path.read_text())
+            except ValueError:  # written by a version that did not write it atomically, and cut short
+                log.warning("%s is unreadable; eval.json will lack the random-initialisation scores", path)
+                return None
         if self.step > 0:
             log.warning("no random-initialisation evaluation recorded before step %d; eval.json will lack it",
                         self.step)
             return None
         res = self.evaluate()
         if self.dist.is_main:
-            path.write_text(json.dumps(res, indent=1))
+            _write_atomic(path, json.dumps(res, indent=1))
             metrics.message("random initialisation: " + _format_eval(res))
         return res
 
     # -----------------------------------------------------------------------------------------------------
 
+    def _check_bad_fraction(self, skipped_files: int, epoch: int) -> None:
+        """Stop when more than data.max_bad_fraction of the dataset is unreadable (a wrong path or format).
+
+        ``skipped_files`` sums every rank's distinct bad files: exact in the first epoch, where the ranks
+        read disjoint shares (later epochs may show one file to two ranks), so it is judged there; the
+        value is the same on every rank, which all stop together."""
+        limit = self.cfg.data.max_bad_fraction
+        if epoch == 0 and skipped_files > limit * len(self.data):
+            raise DataError(f"{skipped_files} of the {len(self.data)} images of data.source are unreadable so far, "
+                            f"more than data.max_bad_fraction={limit} of them (listed in "
+                            f"{self.out / 'skipped_files.txt'}): check data.source and data.format, or raise "
+                            f"data.max_bad_fraction")
+
     def _record_skipped(self, skipped) -> None:
         """Log and count each unreadable file once (it is met again every epoch, and a run of bad files is
         met once per index pointing into it)."""
-        new = [s for s in skipped if s.name not in self.bad_files]
+        new = list({s.name: s for s in skipped if s.name not in self.bad_files}.values())
         if not new:
             return
         with open(self.out / "skipped_files.txt", "a") as f:
@@ -386,6 +441,23 @@ def _check_compatible(path: Path, cfg: C.RunConfig) -> None:
              for k, v in now[sec].items() if sec in saved and saved[sec].get(k) != v]
     if diffs:
         raise C.ConfigError(f"checkpoint {path} has another architecture than the config: " + "; ".join(diffs))
+    saved_opt = (saved.get("train") or {}).get("optimizer")
+    if saved_opt is not None and saved_opt != cfg.train.optimizer:
+        raise C.ConfigError(f"checkpoint {path} holds {saved_opt} optimizer state but train.optimizer="
+                            f"{cfg.train.optimizer!r}: resume with train.optimizer={saved_opt!r}, or start a new "
+                            f"run from its weights")
+
+
+# What Trainer.load reads from meta.json (read_meta refuses a file without them: an edited or foreign file)
+_META_KEYS = ("step", "data", "scheduler", "freezer", "counters", "world_size", "tp", "optim_slots")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the
+    new one, never a part."""
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _log_to_file(path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from seer import load_pretrained
 from seer.config import apply_overrides, preset
-from seer.train import CheckpointManager, Trainer, UnsafeCheckpointError, list_checkpoints
+from seer.train import CheckpointManager, CorruptCheckpointError, Trainer, UnsafeCheckpointError, list_checkpoints
 from seer.train.checkpoint import load_rank_state, load_tensors, read_meta
 
 
@@ -113,3 +113,95 @@ def test_resume_needs_the_same_architecture(run, tmp_path):
         Trainer(other, _copy(out, tmp_path / "arch"))
     with pytest.raises(FileExistsError, match="checkpoint.resume='never'"):
         Trainer(apply_overrides(cfg, ["checkpoint.resume=never"]), _copy(out, tmp_path / "never"))
+
+
+def test_refused_run_leaves_the_run_config_alone(run, tmp_path):
+    out, cfg = run
+    copy = _copy(out, tmp_path / "cfg")
+    before = (copy / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="another architecture"):
+        Trainer(apply_overrides(cfg, ["model.depth=3"]), copy)
+    with pytest.raises(ValueError, match="train.optimizer='adamw'"):  # its state is LARS's
+        Trainer(apply_overrides(cfg, ["train.optimizer=adamw"]), copy)
+    assert (copy / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("damage, error, match", [
+    ("truncate_shard", CorruptCheckpointError, "unreadable tensors"),
+    ("truncate_rank", CorruptCheckpointError, "unreadable per-rank state"),
+    ("delete_rank", CorruptCheckpointError, "rank_00000.pt is missing"),
+    ("empty_meta", CorruptCheckpointError, "unreadable meta.json"),
+    ("meta_without_data", CorruptCheckpointError, "meta.json lacks data"),
+])
+def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage, error, match):
+    import json
+    out, cfg = run
+    copy = _copy(out, tmp_path / damage)
+    ckpt = list_checkpoints(copy / "checkpoints")[-1]
+    if damage == "truncate_shard":
+        shard = next(ckpt.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    elif damage == "truncate_rank":
+        f = ckpt / "rank_00000.pt"
+        f.write_bytes(f.read_bytes()[:50])
+    elif damage == "delete_rank":
+        (ckpt / "rank_00000.pt").unlink()
+    elif damage == "empty_meta":
+        (ckpt / "meta.json").write_text("")
+    else:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        del meta["data"]
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(error, match=match):
+        Trainer(cfg, copy)
+
+
+def test_explicit_resume_starts_a_lineage_that_reruns_continue(run, tmp_path):
+    """checkpoint.resume=<step 2 of another run>: the rerun of that same command (after a stop) continues the
+    new run instead of starting over; a folder whose newer checkpoints belong to another lineage is refused
+    rather than shadowing the new run's."""
+    out, cfg = run
+    start = list_checkpoints(out / "checkpoints")[-1]
+    longer = apply_overrides(cfg, [f"checkpoint.resume={start}", "train.max_steps=6", "checkpoint.every=2"])
+    new = tmp_path / "branch"
+    t = Trainer(apply_overrides(longer, ["train.max_steps=4"]), new)
+    assert t.step == 2
+    t.fit()  # saves step 4, as if stopped there
+    again = Trainer(longer, new)  # the same command again
+    assert again.resumed_from.name == "step_00000004" and again.step == 4
+    rollback = Trainer(apply_overrides(cfg, [f"checkpoint.resume={new / 'checkpoints' / 'step_00000004'}",
+                                              "train.max_steps=8", "checkpoint.every=2"]), new)
+    assert rollback.step == 4  # from its own latest checkpoint: nothing newer to shadow
+    elsewhere = list_checkpoints(_copy(out, tmp_path / "elsewhere") / "checkpoints")[-1]  # another step 2
+    with pytest.raises(FileExistsError, match="step_00000004 of another run"):
+        Trainer(apply_overrides(cfg, [f"checkpoint.resume={elsewhere}", "train.max_steps=8"]), new)
+
+
+def test_resumed_run_drops_what_an_earlier_attempt_logged_after_its_checkpoint(tmp_path):
+    import json
+
+    from seer.train.metrics import MetricsWriter
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)))
+    (tmp_path / "eval_history.jsonl").write_text("".join(json.dumps({"step": s, "knn_top1": 50.0}) + "\n"
+                                                         for s in (2, 4)))
+    MetricsWriter(tmp_path, active=True, tensorboard=False, progress="off", total_steps=9, start_step=3).close()
+    steps = {name: [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()]
+             for name in ("metrics.jsonl", "eval_history.jsonl")}
+    assert steps == {"metrics.jsonl": [1, 2, 3], "eval_history.jsonl": [2]}
+
+
+def test_unreadable_random_init_scores_are_dropped_not_fatal(run, tmp_path):
+    out, cfg = run
+    copy = _copy(out, tmp_path / "init")
+    (copy / "eval_random_init.json").write_text("")  # cut short by a kill (older versions wrote it in place)
+    t = Trainer(apply_overrides(cfg, ["eval.at_end=true", "eval.random_init_baseline=true"]), copy)
+    assert t.step == 2 and t._random_init_eval(metrics=None) is None
+
+
+def test_queue_moves_to_the_training_device():
+    from seer.swav import SwAVQueue
+    q = SwAVQueue(8, 4, batch_size=4, crops_for_assign=(0,), start_epoch=0)
+    q.push(torch.randn(4, 4), epoch=0)
+    loaded = SwAVQueue(8, 4, batch_size=4, crops_for_assign=(0,), start_epoch=0)
+    loaded.load_state_dict(q.state_dict())
+    assert loaded.to(torch.device("meta")).queue.device.type == "meta"

@@ -59,6 +59,11 @@ def test_bad_values_name_the_key(override, fragment):
     ("data.crops.global_size=30", "data.crops.global_size"), ("checkpoint.every=-1", "checkpoint.every"),
     ("loss.crops_for_assign=[0, 5]", "loss.crops_for_assign"), ("train.precision=fp8", "train.precision"),
     ("model.num_heads=5", "model.embed_dim"), ("data.crops.std=[1, 0, 1]", "data.crops.std"),
+    ("optim.start_warmup_lr=-5", "optim.start_warmup_lr"), ("optim.final_lr=-1", "optim.final_lr"),
+    ("optim.momentum=1.0", "optim.momentum"), ("loss.temperature=0", "loss.temperature"),
+    ("loss.sinkhorn_iterations=0", "loss.sinkhorn_iterations"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("eval.batch_size=0", "eval.batch_size"), ("eval.image_size=-8", "eval.image_size"),
+    ("eval.max_images=-1", "eval.max_images"), ("data.digits_size=0", "data.digits_size"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:

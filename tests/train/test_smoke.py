@@ -9,6 +9,7 @@ import torch
 
 from seer import load_pretrained
 from seer.config import apply_overrides, preset
+from seer.data.dataset import DataError
 from seer.train import Trainer
 from seer.train.checkpoint import list_checkpoints, read_meta
 from tests.images import write_bad_images, write_good_images
@@ -53,6 +54,9 @@ def test_multicrop_in_workers_over_files_with_bad_ones(tmp_path):
     skipped = (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()
     assert {line.split("\t")[0] for line in skipped} == {str(p) for p in bad.values()}
     assert records(tmp_path / "run")[-1]["skipped_files"] == 4
+    # 4 of the 16 files are bad: more than a fifth of the dataset stops the run, naming the key
+    with pytest.raises(DataError, match="more than data.max_bad_fraction=0.2"):
+        Trainer(apply_overrides(cfg, ["data.max_bad_fraction=0.2"]), tmp_path / "strict").fit()
 
 
 def _torchrun(*args, timeout=300):
