@@ -248,6 +248,7 @@ class Trainer:
                                                num_prototypes=cfg.head.num_prototypes, temperature=lc.temperature,
                                                epsilon=lc.epsilon, iterations=lc.sinkhorn_iterations,
                                                group=self.dims.dp_group, prototype_group=self.dims.tp_group))
+        record["lr"] = self.sched.lr  # the rate this step's update used (the step below moves to the next)
         self.sched.step()
         self.step += 1
         record["stop"] = stop
@@ -287,7 +288,7 @@ class Trainer:
                     dt = max(now - last_log_t - paused, 1e-9)  # evaluation and checkpoint time excluded
                     n_steps = self.step - last_log_step
                     ips = n_steps * cfg.data.batch_size * self.dims.dp / dt
-                    record = {"step": self.step, "epoch": epoch, "loss": rec["loss"], "lr": self.sched.lr,
+                    record = {"step": self.step, "epoch": epoch, "loss": rec["loss"], "lr": rec["lr"],
                               "images_per_s": ips, "data_wait": min(1.0, wait_acc / dt),
                               "step_time": dt / max(n_steps, 1),
                               "nonfinite_skipped": self.counters["nonfinite_total"],
