@@ -1292,6 +1292,21 @@ def test_deterministic_follows_torch_and_environment(monkeypatch):
         torch.use_deterministic_algorithms(prev)
 
 
+def test_benchmark_takes_a_tma_tile_only_when_it_wins_by_more_than_its_host_cost():
+    from bench.bench_attention import HOST_TIE, _bwd_descriptors, fastest
+    from seer_kernels.triton.attention import Tile
+    plain, tma, other = Tile(64, 32, 4, 3), Tile(64, 32, 4, 3, tma_load=True), Tile(64, 64, 4, 3)
+    uses = lambda t: t.tma_load  # noqa: E731
+    assert fastest({plain: 1.0, tma: 0.99, other: 1.2}, uses) == plain  # 1 % is within HOST_TIE
+    assert fastest({plain: 1.0, tma: 1.0 / (HOST_TIE + 0.01), other: 1.2}, uses) == tma
+    assert fastest({plain: 1.0, tma: 1.1, other: 0.9}, uses) == other
+    assert fastest({tma: 1.0}, uses) == tma
+    det = (True, Tile(32, 64, 4, 2), Tile(64, 32, 4, 3))
+    det_tma = (True, Tile(32, 64, 4, 2, tma_load=True), Tile(64, 32, 4, 3, tma_load=True))
+    assert fastest({det: 144.9, det_tma: 144.1}, _bwd_descriptors) == det  # the H100's ViT-10B/TP4 pair
+    assert _bwd_descriptors((False, Tile(16, 64, 4, 2, dq_tma=True), Tile(64, 32, 4, 3)))
+
+
 def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
     import json
 
