@@ -29,6 +29,7 @@ import torch
 log = logging.getLogger("seer_kernels")
 
 BACKENDS = ("cuda", "triton", "cpp", "sdpa", "reference")
+OPS = ("sinkhorn", "attention", "multicrop")  # what use_backend(op=...) and the environment may name
 DEFAULT_PRIORITY: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpp", "reference"),
@@ -58,6 +59,8 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
     """
     if name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if op is not None and op not in OPS:  # a misspelt op would leave everything unforced without a word
+        raise ValueError(f"use_backend: unknown op {op!r}; expected None (every op) or one of {', '.join(OPS)}")
     global _compile_view
     token = _forced.set(_forced.get() + ((op, name),))
     _compile_view = _forced.get()
@@ -157,6 +160,10 @@ class Dispatcher:
     priority: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PRIORITY))
     backends: dict[str, Backend] = field(default_factory=dict)
     _logged: set = field(default_factory=set)
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"Dispatcher: op {self.op!r} is not in seer_kernels._backend.OPS")
 
     def register(self, backend: Backend) -> Backend:
         if backend.name not in BACKENDS:

@@ -334,9 +334,12 @@ class _EagerAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # like the op: no double backward
     def backward(ctx, dout):
-        if torch.compiler.is_compiling():  # compiled autograd traces this: give it the op
+        # Compiled autograd traces this: give it the op. With create_graph=True, the op too: its gradients
+        # carry a node that refuses a second backward, as the op path does. (once_differentiable refuses only
+        # when dout itself requires grad; a gradient penalty's first gradients would come back as constants
+        # and its second-order term would silently vanish.)
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
             return _backward(ctx, dout, None)
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.impl.bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic)
@@ -363,8 +366,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     does. Differentiable in q, k and v; the forward keeps only the log-sum-exp rows for the backward.
     Returns (B, H, Nq, D) in the input dtype.
     """
-    _validate(q, k, v)
     q, k, v = _autocast(q, k, v)
+    _validate(q, k, v)
     scale = _scale(scale, q.shape[3])
     det = _deterministic(deterministic)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -442,9 +445,12 @@ def _plainly_valid(q, k, v) -> bool:
 def _scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # Comparisons, not math.isfinite: torch.compile passes a scale that varies between calls as a SymFloat,
+    # and a comparison becomes a guard where math.isfinite breaks the graph.
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)) \
+            or not -math.inf < scale < math.inf:
         raise ValueError(f"attention: argument 'scale' must be a finite number or None, got {scale!r}")
-    return float(scale)
+    return scale if isinstance(scale, torch.SymFloat) else float(scale)
 
 
 def _deterministic(flag) -> bool:
@@ -456,10 +462,18 @@ def _deterministic(flag) -> bool:
     return flag
 
 
-def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """float32 inputs run in the autocast dtype when autocast is on, as torch's SDPA does."""
-    kind = q.device.type
-    if q.dtype == torch.float32 and kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
-        dt = torch.get_autocast_dtype(kind)
-        return q.to(dt), k.to(dt), v.to(dt)
-    return q, k, v
+def _autocast(q, k, v) -> tuple:
+    """Under autocast, every floating-point input other than float64 on the autocast device runs in the
+    autocast dtype, as torch's SDPA (a lower-precision autocast op) does: float32 q and k with a bfloat16 v
+    (e.g. after a float32 rotary embedding) run in bfloat16, and so do float16 inputs under bfloat16
+    autocast. Anything else is left for the validation that follows."""
+    kind = q.device.type if isinstance(q, Tensor) else None
+    if kind not in ("cuda", "cpu") or not torch.is_autocast_enabled(kind):
+        return q, k, v
+    dt = torch.get_autocast_dtype(kind)
+
+    def cast(t):
+        eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 \
+            and t.device.type == kind
+        return t.to(dt) if eligible else t
+    return cast(q), cast(k), cast(v)

@@ -959,13 +959,27 @@ def test_eager_path_only_for_plain_eager_calls(monkeypatch):
         traced = torch.jit.trace(lambda a, b, c: seer_kernels.attention(a, b, c),
                                  tuple(t.detach() for t in (q, k, v)), check_trace=False)
         assert calls == [] and "seer::attention_fwd" in str(traced.graph)
-        # No double backward, as through the op: the first gradients come back without a graph, so
-        # differentiating them again raises instead of silently giving a wrong second derivative.
+        # No double backward, as through the op: differentiating the first gradients again raises instead of
+        # silently giving a wrong second derivative, also where dout does not require grad (a gradient
+        # penalty: the task's gradient taken with create_graph, then task + penalty backward together).
         o = seer_kernels.attention(q, k, v)
         (g,) = torch.autograd.grad(o.sum(), q, create_graph=True)
-        assert calls == [1] and not g.requires_grad
-        with pytest.raises(RuntimeError, match="does not require grad"):
+        assert calls == [1] and g.requires_grad
+        with pytest.raises(RuntimeError, match="no autograd formula"):
             g.sum().backward()
+        o = seer_kernels.attention(q, k, v)
+        task = (o * torch.randn_like(o)).sum()
+        (g,) = torch.autograd.grad(task, q, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            (task + g.pow(2).sum()).backward()
+
+
+def test_use_backend_refuses_an_unknown_op():
+    with pytest.raises(ValueError, match="unknown op 'atention'"):
+        with use_backend("reference", op="atention"):  # would otherwise force nothing, silently
+            pass
+    with use_backend("reference", op="attention"):
+        pass
 
 
 def test_use_backend_in_overlapping_threads_leaves_nothing_forced():
@@ -1030,6 +1044,33 @@ def test_autocast_casts_float32_like_sdpa():
     assert_close_to_ref(got_ref, ref64, math_attention(qb, kb, vb, 32 ** -0.5), atol=dtype_atol(ref64, BF16))
     with use_backend("reference", op="attention"):
         assert torch.equal(got_ref, seer_kernels.attention(qb, kb, vb))  # autocast stays out of the reference
+
+
+def test_autocast_takes_mixed_and_half_inputs_like_sdpa():
+    """Autocast casts every floating input but float64 to its dtype first, as SDPA: float32 q, k with a bf16 v
+    (a float32 rotary embedding before it) run, and float16 inputs under bf16 autocast come out bf16 on every
+    backend."""
+    q, k, v = make_qkv(1, 2, 9, 9, 16, F32, "cpu")
+    for inputs in ((q, k, v.to(BF16)), (q.half(), k.half(), v.half())):
+        with torch.autocast("cpu", dtype=BF16):
+            want = torch.nn.functional.scaled_dot_product_attention(*inputs)
+            for backend in ("sdpa", "reference"):
+                with use_backend(backend, op="attention"):
+                    got = seer_kernels.attention(*inputs)
+                assert got.dtype == want.dtype == BF16, backend
+                assert max_abs_err(got, want) <= 2e-2, backend
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_compiled_with_a_scale_that_varies_between_calls(backend):
+    """torch.compile passes a scale that changes between calls as a SymFloat: no graph break, right values."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 5, 7, 16, F32, "cpu")
+    f = torch.compile(lambda q, k, v, s: seer_kernels.attention(q, k, v, scale=s), fullgraph=True)
+    with use_backend(backend, op="attention"):
+        for s in (0.1, 0.2, -0.3):
+            want = math_attention(q.double(), k.double(), v.double(), s)
+            assert max_abs_err(f(q, k, v, s), want) <= 1e-5, s
 
 
 def test_meta_tensors_give_shapes():
