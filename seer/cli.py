@@ -129,6 +129,8 @@ def cmd_eval(args) -> int:
     bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
     if bad:
         raise CLIError(f"--set accepts only eval.* keys, got {bad[0]!r}")
+    if args.json:
+        _output_file(args.json, "--json")
     ckpt = Path(args.checkpoint)
     if ckpt.suffix == ".safetensors":
         from safetensors import safe_open
@@ -169,6 +171,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _output_file(path: str, flag: str) -> None:
+    """Refuse an output path that cannot be written before the work, not after it."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{flag} {path!r} is a folder; expected a file path")
+    if not p.parent.is_dir():
+        raise CLIError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise CLIError(f"{flag} {path!r} is not writable")
+
+
 def cmd_export(args) -> int:
     from .export import export_timm
     st, js = export_timm(args.checkpoint, args.out)
@@ -180,6 +193,8 @@ def cmd_data(args) -> int:
     if args.data_command != "check":
         raise CLIError("expected an action: check")
     from .data.check import check_dataset
+    if args.report:
+        _output_file(args.report, "--report")
     report = check_dataset(args.source, workers=args.workers)
     print(report.format())
     if args.report:
@@ -226,8 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # the cause.
         status = {UnsafeCheckpointError: 3, CorruptCheckpointError: 3, NonFiniteLossError: 1,
                   DataError: 1}.get(type(e))
-        if status is None and isinstance(e, (CLIError, ValueError, FileNotFoundError, FileExistsError, KeyError)):
-            status = 2
+        if status is None and isinstance(e, (CLIError, ValueError, OSError, KeyError)):
+            status = 2  # OSError: a path the user gave (missing, a folder, no permission, ...)
         if status is None or os.environ.get("SEER_DEBUG"):
             raise
         print(f"seer {args.command}: error: {e}", file=sys.stderr)

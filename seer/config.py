@@ -434,12 +434,37 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """A copy of ``cfg`` with each 'dotted.key=value' applied in order."""
+    """A copy of ``cfg`` with each 'dotted.key=value' applied in order.
+
+    The value of a string key (a path, a name) is taken as written, not as YAML: 'data.source=photos #1'
+    is that folder, not 'photos' (YAML comment), '010' stays '010' (not 8), 'no' stays 'no' (not false).
+    Quotes around it are removed; an optional string key takes 'null' or '~' for None."""
     cfg = copy.deepcopy(cfg)
     for text in overrides:
         key, value = parse_override(text)
+        kind = _leaf_type(cfg, key)
+        if kind in (str, Optional[str]):
+            raw = text.partition("=")[2].strip()
+            if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+                raw = raw[1:-1]
+            elif kind is not str and raw in ("null", "~", "None"):
+                raw = None
+            value = raw
         _set(cfg, key, value)
     return cfg
+
+
+def _leaf_type(cfg: Any, key: str) -> Any:
+    """The annotated type of the dotted ``key`` of ``cfg``, or None where it is not a leaf field."""
+    obj = cfg
+    parts = key.strip().split(".")
+    for i, name in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+            return None
+        if i == len(parts) - 1:
+            return _hints(type(obj))[name]
+        obj = getattr(obj, name)
+    return None
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -21,12 +21,37 @@ from tests.images import write_bad_images, write_good_images
     (["eval", "knn", "--checkpoint", "/no/such/run"], "no complete checkpoint"),
     (["eval", "knn", "--checkpoint", "{tmp}", "--set", "train.max_steps=2"], "only eval.* keys"),
     (["data"], "expected an action: check"),
+    (["data", "check", "{tmp}", "--report", "{tmp}"], "--report '{tmp}' is a folder"),  # before the check
+    (["data", "check", "{tmp}", "--report", "/no/such/dir/r.tsv"], "the folder '/no/such/dir' does not exist"),
+    (["eval", "knn", "--checkpoint", "/no/such/run", "--json", "{tmp}"], "--json '{tmp}' is a folder"),
 ])
 def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert fragment in err and "Traceback" not in err
+    assert fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+
+
+def test_os_errors_on_the_users_paths_are_one_line(tmp_path, monkeypatch, capsys):
+    import seer.data.check as check
+
+    def denied(source, **kw):  # what a non-root user gets from a folder without read permission
+        raise PermissionError(13, "Permission denied", source)
+
+    monkeypatch.setattr(check, "check_dataset", denied)
+    assert main(["data", "check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "Traceback" not in err
+
+
+def test_data_check_leaves_no_index_behind(tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    write_good_images(tmp_path / "imgs", 3)
+    assert main(["data", "check", str(tmp_path / "imgs"), "--workers", "0"]) == 0
+    assert main(["data", "check", str(tmp_path / "missing")]) == 2
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_argparse_errors_exit_2(capsys):

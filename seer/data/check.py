@@ -6,6 +6,7 @@ in parallel worker processes. Prints a summary (count, formats, size range) and 
 from __future__ import annotations
 
 import collections
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -76,11 +77,22 @@ def _format_of(data) -> str:
         return "not an image"
 
 
+def _as_list(items):  # a module-level function: workers started by forkserver or spawn pickle it
+    return items
+
+
 def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixels: int = 178_956_970) -> CheckReport:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
     t0 = time.perf_counter()
-    src = open_source(source, fmt)
-    loader = DataLoader(_CheckDataset(src, max_pixels), batch_size=64, num_workers=workers,
-                        collate_fn=lambda items: items)
+    with tempfile.TemporaryDirectory(prefix="seer-index-") as cache:  # the index lives as long as the check
+        src = open_source(source, fmt, cache)
+        loader = DataLoader(_CheckDataset(src, max_pixels), batch_size=64, num_workers=workers,
+                            collate_fn=_as_list)
+        return _tally(src, loader, t0)
+
+
+def _tally(src, loader, t0: float) -> CheckReport:
     bad, formats = [], collections.Counter()
     min_hw = max_hw = None
     for batch in loader:

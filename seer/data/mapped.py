@@ -7,6 +7,7 @@ sends only the file names, and each process maps the same page cache.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, TextIO
@@ -111,17 +112,22 @@ def write_lines(lines: Iterable[str], text_path: str | os.PathLike, offsets_path
     chunk: list[int] = []
     pos = 0
     parts = []
-    with open(tmp, "wb") as f:
-        for line in lines:
-            if "\n" in line:
-                raise ValueError(f"entry {line!r} contains a newline")
-            data = line.encode("utf-8", errors="surrogateescape") + b"\n"
-            f.write(data)
-            pos += len(data)
-            chunk.append(pos)
-            if len(chunk) >= 1 << 16:  # flush offsets as compact arrays, not a growing Python list
-                parts.append(np.asarray(chunk, dtype=np.int64))
-                chunk = []
+    try:
+        with open(tmp, "wb") as f:
+            for line in lines:
+                if "\n" in line:
+                    raise ValueError(f"entry {line!r} contains a newline")
+                data = line.encode("utf-8", errors="surrogateescape") + b"\n"
+                f.write(data)
+                pos += len(data)
+                chunk.append(pos)
+                if len(chunk) >= 1 << 16:  # flush offsets as compact arrays, not a growing Python list
+                    parts.append(np.asarray(chunk, dtype=np.int64))
+                    chunk = []
+    except BaseException:  # the source failed part-way: leave no partial index behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     parts.append(np.asarray(chunk, dtype=np.int64))
     os.replace(tmp, text_path)
     save_array(offsets_path, np.concatenate([np.asarray(offsets, np.int64)] + parts))
@@ -132,13 +138,16 @@ def normalise_list_file(src: str | os.PathLike, base: Optional[Path] = None) -> 
     """The entries of a user's list file without blank lines or '#' comments, relative paths resolved against
     ``base``, for :func:`write_lines`. Streams line by line; the file is opened now (an unreadable one fails
     before anything is written)."""
-    fin = open(src, "r", encoding="utf-8", errors="surrogateescape")
-    return _clean_lines(fin, base)
+    fin = open(src, "r", encoding="utf-8-sig", errors="surrogateescape")  # -sig: a BOM is not part of a path
+    return _clean_lines(fin, base, str(src))
 
 
-def _clean_lines(fin: TextIO, base: Optional[Path]) -> Iterator[str]:
+def _clean_lines(fin: TextIO, base: Optional[Path], src: str = "the list file") -> Iterator[str]:
     with fin:
-        for line in fin:
+        for number, line in enumerate(fin, 1):
+            if "\x00" in line:  # a binary file (an image, a compressed archive) taken for a list of paths
+                raise ValueError(f"data.source {src!r} is not a text file of image paths (line {number} holds a "
+                                 f"NUL byte)")
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

@@ -136,6 +136,10 @@ class ResumableSampler:
         if int(state["n"]) != self.n:
             raise ValueError(f"the checkpoint's data position is for {state['n']} images, the dataset now has {self.n}:"
                              f" the data index changed (resume needs the same data.source and OUT/data index)")
+        if "seed" in state and int(state["seed"]) != self.seed:  # another order: the epoch's rest would repeat
+            raise ValueError(f"the checkpoint's data order was drawn with train.seed={state['seed']}, this run has "
+                             f"train.seed={self.seed}: resume with the same seed (another one would repeat and skip "
+                             f"images in the current epoch)")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 

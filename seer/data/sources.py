@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from .mapped import MappedArray, StringList, normalise_list_file, save_array, write_lines
+
+log = logging.getLogger("seer.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
@@ -117,21 +120,34 @@ class TensorSource(ImageSource):
 # Scanning and indexing.
 
 def scan_folder(root: str | os.PathLike) -> Iterator[str]:
-    """Image files under ``root`` (recursive, following no symlinked folders), as paths relative to it, in a
-    deterministic order: each folder's entries sorted by name, sub-folders visited in that order. Streams;
-    never holds more than one folder listing."""
+    """Image files under ``root`` (recursive, symlinked folders followed once each), as paths relative to it,
+    in a deterministic order: each folder's entries sorted by name, sub-folders visited in that order.
+    Streams; never holds more than one folder listing.
+
+    A folder that cannot be listed raises :class:`DataSourceError` naming it (skipping it would train on
+    part of the data without a word); a file name with a newline, which the index cannot hold, is left out
+    with a warning. A symlinked folder seen before (a loop, or two links to one folder) is visited once."""
     root = os.fspath(root)
     stack = [""]
+    seen: set[tuple[int, int]] = set()
     while stack:
         rel = stack.pop()
+        where = os.path.join(root, rel)
         try:
-            entries = sorted(os.scandir(os.path.join(root, rel)), key=lambda e: e.name)
-        except OSError:
-            continue
+            st = os.stat(where)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(where), key=lambda e: e.name)
+        except OSError as e:
+            raise DataSourceError(f"data.source: cannot list folder {where!r} ({type(e).__name__}: {e.strerror}): "
+                                  f"fix its permissions or move it out of the source") from None
         subdirs = []
         for e in entries:
             path = os.path.join(rel, e.name) if rel else e.name
-            if e.is_dir(follow_symlinks=False):
+            if "\n" in e.name:
+                log.warning("data.source: leaving out %r (a newline in its name)", path)
+            elif e.is_dir():
                 subdirs.append(path)
             elif is_image_name(e.name) and e.is_file():
                 yield path
@@ -141,8 +157,9 @@ def scan_folder(root: str | os.PathLike) -> Iterator[str]:
 def index_tar_shards(shards: list[str], cache: Path) -> int:
     """Record shard, offset and size of every image member of ``shards`` under ``cache``; return the count.
 
-    webdataset layout: a sample is the run of members sharing a basename ('key.jpg', 'key.json', ...); the
-    image member of each sample is used, other members are ignored.
+    webdataset layout: a sample is the run of members sharing a key, the member name up to the first dot of
+    its base name ('dir/key.jpg', 'dir/key.json', 'dir/key.mask.png'); the first image member of each sample
+    is used, other members (a second image such as a mask, metadata) are ignored.
     """
     ids, offs, sizes = [], [], []
     names = []
@@ -151,12 +168,22 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
         for sid, shard in enumerate(shards):
             try:
                 with tarfile.open(shard, "r:") as tf:
+                    last_key = None
                     for m in tf:
-                        if m.isfile() and is_image_name(m.name):
-                            ids.append(sid)
-                            offs.append(m.offset_data)
-                            sizes.append(m.size)
-                            yield m.name
+                        if not (m.isfile() and is_image_name(m.name)):
+                            continue
+                        key = sample_key(m.name)
+                        if key == last_key:  # another image of the same sample
+                            continue
+                        last_key = key
+                        if "\n" in m.name:
+                            log.warning("data.source: leaving out member %r of %s (a newline in its name)",
+                                        m.name, shard)
+                            continue
+                        ids.append(sid)
+                        offs.append(m.offset_data)
+                        sizes.append(m.size)
+                        yield m.name
             except (tarfile.TarError, OSError) as e:
                 raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
                                       f"uncompressed .tar files in the webdataset layout)") from None
@@ -168,6 +195,25 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
     return len(names)
 
 
+def sample_key(member: str) -> str:
+    """webdataset's sample key of a tar member: its name up to the first dot of the base name."""
+    head, _, base = member.rpartition("/")
+    return f"{head}/{base.split('.', 1)[0]}" if head else base.split(".", 1)[0]
+
+
+def _is_tar(name: str) -> bool:
+    return name.lower().endswith(".tar")
+
+
+def _compressed_tar(name: str) -> bool:
+    return name.lower().endswith((".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst"))
+
+
+def _is_glob(source: str) -> bool:
+    """A pattern of tar shards: wildcards in a path that does not exist as written ('photos [2020]' may)."""
+    return any(ch in source for ch in "*?[") and not os.path.exists(source)
+
+
 def detect_format(source: str) -> str:
     """'digits', 'folder', 'list' or 'tar' for a ``data.source`` value."""
     if source == "digits":
@@ -175,23 +221,35 @@ def detect_format(source: str) -> str:
     if not source:
         raise DataSourceError("data.source is empty: set it to a folder of images, a text file of image paths, "
                               "tar shards (e.g. 'shards/*.tar'), or 'digits'")
-    if any(ch in source for ch in "*?["):
+    if _is_glob(source):
         return "tar"
     p = Path(source)
     if p.is_dir():
-        has_tar = any(e.name.endswith(".tar") for e in os.scandir(p) if e.is_file())
-        return "tar" if has_tar else "folder"
+        try:
+            files = [e.name for e in os.scandir(p) if e.is_file()]
+        except OSError as e:
+            raise DataSourceError(f"data.source: cannot list folder {source!r} ({type(e).__name__}: "
+                                  f"{e.strerror})") from None
+        tars, images = any(map(_is_tar, files)), any(map(is_image_name, files))
+        if tars and images:  # which one the user meant is not ours to guess: either would drop the other
+            raise DataSourceError(f"data.source {source!r} holds both image files and .tar shards: set "
+                                  f"data.format=folder (the .tar files are ignored) or data.format=tar (the "
+                                  f"loose images are ignored)")
+        return "tar" if tars else "folder"
     if p.is_file():
-        return "tar" if p.suffix == ".tar" else "list"
+        if _compressed_tar(p.name):
+            raise DataSourceError(f"data.source {source!r} is a compressed tar: tar shards must be uncompressed "
+                                  f".tar files (their members are read in place)")
+        return "tar" if _is_tar(p.name) else "list"
     raise DataSourceError(f"data.source {source!r} does not exist (expected a folder of images, a text file of "
                           f"image paths, tar shards, or 'digits')")
 
 
 def tar_shards(source: str) -> list[str]:
-    if any(ch in source for ch in "*?["):
+    if _is_glob(source):
         shards = sorted(glob.glob(source))
     elif Path(source).is_dir():
-        shards = sorted(str(Path(source) / e.name) for e in os.scandir(source) if e.name.endswith(".tar"))
+        shards = sorted(str(Path(source) / e.name) for e in os.scandir(source) if _is_tar(e.name))
     else:
         shards = [source]
     if not shards:
@@ -206,8 +264,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     meta_path = cache / "index.json"
-    source_abs = source if fmt == "digits" else os.path.abspath(source) if not any(c in source for c in "*?[") \
-        else source
+    source_abs = source if fmt == "digits" or _is_glob(source) else os.path.abspath(source)
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("source") == source_abs and meta.get("format") == fmt:

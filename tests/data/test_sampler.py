@@ -59,3 +59,5 @@ def test_too_small_dataset_and_changed_dataset_are_errors():
     s = ResumableSampler(50, 4)
     with pytest.raises(ValueError, match="dataset now has"):
         ResumableSampler(60, 4).load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="train.seed=0, this run has train.seed=1"):
+        ResumableSampler(50, 4, seed=1).load_state_dict(s.state_dict())

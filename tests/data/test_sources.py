@@ -93,3 +93,72 @@ def test_path_list_pickles_as_file_names_not_contents(tmp_path):
     again = StringList.from_text_file(tmp_path / "p10.txt", tmp_path / "again.npy")
     assert list(again) == list(StringList(tmp_path / "p10.txt", tmp_path / "p10.npy"))
     assert os.path.getsize(tmp_path / "p100000.npy") < 100_000 * 8 + 1024  # 8 bytes per entry, no objects
+
+
+def test_a_folder_with_images_and_a_tar_is_refused_not_guessed(tmp_path):
+    write_good_images(tmp_path / "mixed", 3, nested=False)
+    _write_shard(tmp_path / "mixed" / "backup.tar", 0, 1)
+    with pytest.raises(DataSourceError, match="both image files and .tar shards: set data.format"):
+        detect_format(str(tmp_path / "mixed"))
+    assert len(open_index(build_index(str(tmp_path / "mixed"), "folder", tmp_path / "i1"), tmp_path / "i1")) == 3
+    (tmp_path / "upper").mkdir()
+    _write_shard(tmp_path / "upper" / "SHARD.TAR", 0, 2)
+    assert detect_format(str(tmp_path / "upper" / "SHARD.TAR")) == "tar" == detect_format(str(tmp_path / "upper"))
+
+
+def test_compressed_tars_and_binary_lists_are_refused(tmp_path):
+    (tmp_path / "shard.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))
+    with pytest.raises(DataSourceError, match="compressed tar"):
+        detect_format(str(tmp_path / "shard.tar.gz"))
+    (tmp_path / "photo.bin").write_bytes(image_bytes(0))
+    with pytest.raises(ValueError, match="not a text file of image paths"):
+        build_index(str(tmp_path / "photo.bin"), "auto", tmp_path / "idx")
+    assert not list((tmp_path / "idx").glob("*.tmp-*"))  # no partial index left behind
+
+
+def test_paths_with_wildcard_characters_are_paths(tmp_path):
+    folder = tmp_path / "photos [2020]"
+    write_good_images(folder, 3, nested=False)
+    assert detect_format(str(folder)) == "folder"
+    assert len(open_index(build_index(str(folder), "auto", tmp_path / "idx"), tmp_path / "idx")) == 3
+
+
+def test_symlinked_folders_are_followed_once_and_odd_names_left_out(tmp_path, caplog):
+    write_good_images(tmp_path / "real", 4, nested=False)
+    root = tmp_path / "src"
+    write_good_images(root, 2, nested=False)
+    (root / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    (root / "again").symlink_to(tmp_path / "real", target_is_directory=True)  # the same folder twice
+    (tmp_path / "real" / "loop").symlink_to(root, target_is_directory=True)  # and a loop back
+    (root / "odd\nname.png").write_bytes(image_bytes(7))
+    found = list(scan_folder(root))
+    assert len(found) == 6 and sum(f.startswith("again/") for f in found) == 4  # 'again' sorts first
+    assert "a newline in its name" in caplog.text
+
+
+def test_an_unreadable_folder_is_an_error_not_a_silent_gap(tmp_path, monkeypatch):
+    write_good_images(tmp_path / "src", 4)
+    locked = tmp_path / "src" / "locked"
+    locked.mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path):  # what a folder without read permission gives a non-root user
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataSourceError, match="cannot list folder .*locked.* Permission denied"):
+        list(scan_folder(tmp_path / "src"))
+
+
+def test_one_image_per_webdataset_sample(tmp_path):
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for i in range(3):
+            for suffix in (".jpg", ".mask.png", ".json"):
+                data = image_bytes(i, (16, 16), "PNG") if suffix != ".json" else b"{}"
+                info = tarfile.TarInfo(f"d/{i:06d}{suffix}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    src = open_index(build_index(str(tmp_path / "s.tar"), "auto", tmp_path / "idx"), tmp_path / "idx")
+    assert len(src) == 3 and src.name(1).endswith("d/000001.jpg")

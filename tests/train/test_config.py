@@ -29,6 +29,13 @@ def test_overrides_are_typed_and_do_not_touch_the_input():
     assert base.train.max_steps == C.preset("tiny").train.max_steps  # a copy was changed, not the preset
 
 
+def test_string_values_are_taken_as_written():
+    cfg = C.apply_overrides(C.preset("tiny"), ["data.source=photos #1", "checkpoint.resume=010", "eval.dataset='a b'",
+                                               "logging.progress=off", "checkpoint.dir=~", "train.device=cpu"])
+    assert (cfg.data.source, cfg.checkpoint.resume, cfg.eval.dataset) == ("photos #1", "010", "a b")
+    assert (cfg.logging.progress, cfg.checkpoint.dir, cfg.train.device) == ("off", "~", "cpu")
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("train.max_step=3", "did you mean 'train.max_steps'"),
     ("trian.max_steps=3", "did you mean 'train.max_steps'"),
