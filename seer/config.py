@@ -299,11 +299,14 @@ def _seer_vit_10b() -> RunConfig:
     return RunConfig(
         description="seer-vit-10b: SEER-10B's recipe on the dense ViT-10B; set data.source and parallel.tp.",
         model=vit_preset("vit-10b"), head=seer_head(), loss=seer_loss(),
-        optim=OptimConfig(lr=9.3, start_warmup_lr=0.15, final_lr=0.0093, warmup_steps=5500, weight_decay=1e-5),
+        optim=OptimConfig(lr=9.3, start_warmup_lr=0.15, final_lr=0.0093, warmup_steps=5500, weight_decay=1e-5,
+                          cosine="global"),
         parallel=ParallelConfig(tp=8, activation_checkpointing="full"),
         data=DataConfig(source="", batch_size=16, num_workers=8,
                         crops=CropsConfig(global_size=224, local_count=4, local_size=98)),
-        train=TrainConfig(max_steps=124_500, precision="bf16", optimizer="lars"),
+        # One epoch of ~1B images at a global batch of 7936 (16 x 496 GPUs): the schedule's length, seer_spec.md
+        # 2.4 (the released checkpoint is iteration 124,500 of it).
+        train=TrainConfig(max_steps=126_008, precision="bf16", optimizer="lars"),
         checkpoint=CheckpointConfig(every=500, keep=2),
         eval=EvalConfig(at_end=False),
     )
@@ -598,6 +601,7 @@ def validate(cfg: RunConfig) -> RunConfig:
            o.final_weight_decay)
     _check(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    _choice("optim.cosine", o.cosine, ("after_warmup", "global"))
     _check(e.batch_size >= 1, "eval.batch_size", "an integer >= 1", e.batch_size)
     _check(e.max_images >= 0, "eval.max_images", "an integer >= 0 (0 = all)", e.max_images)
     _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "an integer >= 1", e.linear_max_iter)

@@ -3,7 +3,9 @@ can be materialised (``to_empty``) and initialised afterwards, shard by shard.
 
 Rules (timm's ViT scheme): Linear and patch-projection weights ~ N(0, std^2) truncated at +-2 std, biases 0;
 norm weights 1 and biases 0; LayerScale gamma = its init value; class token ~ N(0, 1e-12); position
-embedding ~ truncated N(0, std^2).
+embedding ~ truncated N(0, std^2). Inside a module that sets ``torch_default_init`` (the SwAV head, whose
+reference code keeps PyTorch's defaults, seer_spec.md 1.5) Linear weights and biases are PyTorch's default
+instead, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the fan-in of the whole, unsplit layer.
 
 With ``seed=None`` the global torch generator is used (as in any PyTorch module). With a seed, every tensor
 gets its own generator seeded from (seed, parameter name, shard coordinates), so the result does not depend
@@ -60,9 +62,17 @@ def _init_tensor(module: nn.Module, name: str, t: Tensor, std: float, gen: Optio
         nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std, generator=gen)
 
 
+def _full_fan_in(module: nn.Module) -> int:
+    """in_features of the whole layer: a row-parallel shard holds 1/tp of them."""
+    tp = getattr(module, "tp_size", 1) if getattr(module, "tp_split_dim", 0) == 1 else 1
+    return module.in_features * tp
+
+
 @torch.no_grad()
 def init_weights_(model: nn.Module, *, std: float = 0.02, seed: Optional[int] = None) -> nn.Module:
     """Initialise every parameter (and reset BatchNorm running statistics) of ``model`` in place."""
+    torch_default = {id(m) for top in model.modules() if getattr(top, "torch_default_init", False)
+                     for m in top.modules()}
     for mod_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             t = local_tensor(param)
@@ -72,6 +82,10 @@ def init_weights_(model: nn.Module, *, std: float = 0.02, seed: Optional[int] = 
             if seed is not None:
                 fqn = f"{mod_name}.{name}" if mod_name else name
                 gen = _generator(seed, f"{fqn}/{_shard_key(module, name, param)}", t.device)
+            if id(module) in torch_default and isinstance(module, nn.Linear):
+                bound = _full_fan_in(module) ** -0.5  # nn.Linear.reset_parameters' bound, for weight and bias
+                t.uniform_(-bound, bound, generator=gen)
+                continue
             _init_tensor(module, name, t, std, gen)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None \
                 and module.running_mean.device.type != "meta":

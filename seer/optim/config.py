@@ -12,6 +12,8 @@ class OptimConfig:
         start_warmup_lr: learning rate at step 0 (SwAV 0.3; SEER 0.15).
         final_lr: learning rate at the end of the cosine (peak / 1000).
         warmup_steps: linear warm-up length in optimizer steps (SwAV: 10 epochs x 313 steps).
+        cosine: 'after_warmup' (swav's main_swav.py: the cosine runs from the end of the warm-up) or 'global'
+            (VISSL's composite schedule, SEER: the cosine is evaluated on the whole run's progress).
         momentum: SGD momentum.
         weight_decay: weight decay (SwAV 1e-6; SEER 1e-5), applied through LARC.
         final_weight_decay: None for a constant weight decay, else cosine from weight_decay to this value.
@@ -24,6 +26,7 @@ class OptimConfig:
     start_warmup_lr: float = 0.3
     final_lr: float = 0.0048
     warmup_steps: int = 3130
+    cosine: str = "after_warmup"
     momentum: float = 0.9
     weight_decay: float = 1e-6
     final_weight_decay: Optional[float] = None

@@ -26,8 +26,10 @@ class SwAVHeadConfig:
 
 
 def seer_head() -> SwAVHeadConfig:
-    """SEER's head: 3-layer MLP without BatchNorm (trunk -> 8192 -> 8192 -> 256), 16384 prototypes."""
-    return SwAVHeadConfig(hidden_dims=[8192, 8192], output_dim=256, batch_norm=False, num_prototypes=16384)
+    """SEER's head: 3-layer MLP without BatchNorm (trunk -> 8192 -> 8192 -> 256), 16000 prototypes
+    ("proto16k", regnet10B.yaml's num_prototypes [16000]; seer_spec.md 2.4). 16000 splits evenly over tensor
+    parallelism up to 128 ranks."""
+    return SwAVHeadConfig(hidden_dims=[8192, 8192], output_dim=256, batch_norm=False, num_prototypes=16000)
 
 
 @dataclass

@@ -25,6 +25,10 @@ class SwAVHead(nn.Module):
     error of ~0.1 in the exponent (seer_spec.md 1.5).
     """
 
+    # seer.model.init_weights_ gives the head PyTorch's default Linear init, as SwAV's and VISSL's heads keep
+    # (seer_spec.md 1.5), not the trunk's truncated normal.
+    torch_default_init = True
+
     def __init__(self, in_dim: int, cfg: SwAVHeadConfig):
         super().__init__()
         validate_head_config(cfg)

@@ -58,6 +58,11 @@ class PrototypeFreezer:
         self.step += 1
         return frozen
 
+    def skip(self) -> None:
+        """A step without an update (its loss was not finite): it still counts as one of the ``iterations``,
+        as it does for the learning-rate schedule (SwAV counts iterations, not updates)."""
+        self.step += 1
+
     def state_dict(self) -> dict:
         return {"step": self.step, "iterations": self.iterations}
 

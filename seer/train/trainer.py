@@ -220,6 +220,7 @@ class Trainer:
         record = {"loss": loss_value, "skipped_files": int(flags[2])}
         if not math.isfinite(loss_value):
             self.opt.zero_grad(set_to_none=True)
+            self.freezer.skip()
             self.counters["nonfinite_total"] += 1
             self.counters["nonfinite_in_row"] += 1
         else:

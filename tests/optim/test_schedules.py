@@ -22,6 +22,24 @@ def test_warmup_then_cosine_values():
     assert WarmupCosine(1.0, total_steps=5)(0) == 1.0  # no warm-up starts at the peak
 
 
+def test_vissl_global_cosine_for_seer():
+    """VISSL's composite schedule (SEER-10B, seer_spec.md 1.11 and 2.4): the cosine is evaluated on the whole
+    run's progress t / T, so it drops a little below the peak where the warm-up ends."""
+    T, W = 126_008, 5_500
+    s = WarmupCosine(9.3, total_steps=T, warmup_steps=W, start=0.15, final=0.0093, cosine="global")
+    vissl = lambda t: 0.0093 + 0.5 * (9.3 - 0.0093) * (1 + math.cos(math.pi * t / T))  # noqa: E731
+    assert s(0) == pytest.approx(0.15) and s(W // 2) == pytest.approx(0.15 + (9.3 - 0.15) / 2)
+    for t in (W, 63_004, T - 1):
+        assert s(t) == pytest.approx(vissl(t), rel=1e-12)
+    assert s(W) == pytest.approx(9.256, abs=1e-3) and s(63_004) == pytest.approx(4.655, abs=1e-3)
+    assert s(T) == pytest.approx(0.0093)
+    from seer.config import preset
+    o = preset("seer-vit-10b").optim
+    assert (o.cosine, o.warmup_steps, preset("seer-vit-10b").train.max_steps) == ("global", W, T)
+    with pytest.raises(ValueError, match="cosine must be one of"):
+        WarmupCosine(1.0, total_steps=5, cosine="vissl")
+
+
 def test_bad_lengths():
     with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
         WarmupCosine(1.0, total_steps=5, warmup_steps=6)

@@ -28,7 +28,7 @@ def test_head_layouts():
     seer = SwAVHead(4096, seer_head())
     assert [type(m) for m in seer.projection] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
     assert [m.out_features for m in seer.projection if isinstance(m, nn.Linear)] == [8192, 8192, 256]
-    assert seer.prototypes.weight.shape == (16384, 256)
+    assert seer.prototypes.weight.shape == (16000, 256)  # regnet10B.yaml: num_prototypes [16000]
     with pytest.raises(ValueError, match="num_prototypes"):
         SwAVHead(8, SwAVHeadConfig(num_prototypes=0))
 
@@ -124,3 +124,24 @@ def test_model_scores_the_queue_with_current_prototypes_without_gradient():
 def test_model_rejects_ragged_batches():
     with pytest.raises(ValueError, match="same images"):
         small_model()([torch.randn(4, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+
+
+def test_head_gets_pytorch_default_init_and_the_trunk_timm_init():
+    """seer_spec.md 1.5: SwAV's head keeps PyTorch's default Linear init (then the prototypes are renormalised);
+    the trunk keeps the ViT's truncated normal. Under tensor parallelism the bound uses the whole layer's
+    fan-in."""
+    from seer.model import init_weights_
+    from seer.model.init import _full_fan_in
+    from seer.parallel.layers import RowParallelLinear
+    model = SwAVModel(VisionTransformer(vit_preset("tiny")),
+                      SwAVHead(64, SwAVHeadConfig(hidden_dims=[512], output_dim=256, batch_norm=False,
+                                                  num_prototypes=4000)))
+    init_weights_(model, std=0.02, seed=3)
+    for layer, fan_in in ((model.head.projection[0], 64), (model.head.projection[2], 512),
+                          (model.head.prototypes, 256)):
+        bound = fan_in ** -0.5
+        w = layer.weight.detach()
+        assert float(w.abs().max()) <= bound and abs(float(w.std()) - bound / 3 ** 0.5) < 0.05 * bound
+    assert abs(float(model.backbone.blocks[0].mlp.fc1.weight.std()) - 0.02 * 0.88) < 0.003  # truncated N(0, .02)
+    row = RowParallelLinear(torch.nn.Parameter(torch.empty(8, 16)), None, group=None, tp_rank=0, tp_size=4)
+    assert _full_fan_in(row) == 64 and _full_fan_in(model.head.prototypes) == 256

@@ -64,6 +64,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     assert [r["nonfinite_skipped"] for r in recs] == [0, 1, 2, 2, 2]
     assert recs[1]["loss"] == "nan" and isinstance(recs[0]["loss"], float)
     assert t.step == 5 and any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert t.freezer.step == t.sched.last_step == 5  # skipped steps count as iterations for both
 
     bad_steps.update(range(1, 100))
     t = Trainer(apply_overrides(cfg, ["checkpoint.resume=never"]), tmp_path / "b")
