@@ -142,6 +142,6 @@ def test_head_gets_pytorch_default_init_and_the_trunk_timm_init():
         bound = fan_in ** -0.5
         w = layer.weight.detach()
         assert float(w.abs().max()) <= bound and abs(float(w.std()) - bound / 3 ** 0.5) < 0.05 * bound
-    assert abs(float(model.backbone.blocks[0].mlp.fc1.weight.std()) - 0.02 * 0.88) < 0.003  # truncated N(0, .02)
+    assert abs(float(model.backbone.blocks[0].mlp.fc1.weight.detach().std()) - 0.02 * 0.88) < 0.003  # trunc. N(0, .02)
     row = RowParallelLinear(torch.nn.Parameter(torch.empty(8, 16)), None, group=None, tp_rank=0, tp_size=4)
     assert _full_fan_in(row) == 64 and _full_fan_in(model.head.prototypes) == 256
