@@ -75,6 +75,8 @@ class EncodedImage:
                 drafted = im.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
                 if drafted is not None:
                     r = int(round(width / drafted[1][2]))
+            if im.mode in HIGH_BIT_DEPTH_MODES:
+                im = _to_8_bit(im)
             if im.mode != "RGB":
                 im = im.convert("RGB")
             pixels = np.array(im)  # (h, w, 3), writable: the one copy out of Pillow's 4-byte pixels
@@ -90,6 +92,26 @@ class EncodedImage:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Pillow's single-channel modes of more than 8 bits. Its convert("RGB") clips their values to 255 instead of
+# scaling them (a 16-bit PNG came out almost all white), so _to_8_bit converts them first.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _to_8_bit(im):
+    """A greyscale image of more than 8 bits as mode L, its values scaled from 16 bits: v >> 8, the high byte,
+    which is also what Pillow keeps of a 16-bit RGB PNG. Mode I (32-bit integers; what Pillow made of 16-bit
+    PNGs before mode I;16) is read as 16-bit data too, clipped to [0, 65535]. Mode F (32-bit float, from TIFF)
+    has no agreed range (0..1, 0..255, physical units): refused rather than guessed."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise ValueError("decode: argument 'data' is a 32-bit floating-point image (Pillow mode F), whose value "
+                         "range is not defined; convert it to 8 or 16 bits per channel first")
+    a = np.asarray(im)  # uint16 (either byte order) for I;16*, int32 for I
+    a = (np.clip(a, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+    return Image.fromarray(a)  # uint8 (h, w): mode L
 
 
 def _draft_reductions(im) -> tuple[int, ...]:
@@ -161,7 +183,8 @@ def decode_image(data: Encoded, reduce: int = 1) -> tuple[Tensor, int]:
     """Decode to a uint8 (3, h, w) tensor (a channels-last view) and the reduction r actually used.
 
     With ``reduce`` in (2, 4, 8) a JPEG is decoded in draft mode at 1/r of its size, h = ceil(H / r),
-    w = ceil(W / r); other formats (and reduce = 1) decode at full size, r = 1.
+    w = ceil(W / r); other formats (and reduce = 1) decode at full size, r = 1. 16-bit greyscale keeps its
+    high byte; 32-bit floating-point images raise ValueError (see ``_to_8_bit``).
     """
     with EncodedImage(data) as e:
         return e.decode(reduce)

@@ -303,6 +303,9 @@ def draw_fields(coef: np.ndarray, image_hw, n: int, generator: torch.Generator) 
                 grayscale=grayscale, blur_sigma=sigma.astype(np.float32), solarize=solarize)
 
 
+_FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
+
 def check_mean_std(where: str, mean, std) -> tuple[list[float], list[float]]:
     """``mean`` and ``std`` as lists of 3 floats (finite; std non-zero), or ValueError naming the argument."""
     out = []
@@ -311,8 +314,9 @@ def check_mean_std(where: str, mean, std) -> tuple[list[float], list[float]]:
             v = v.tolist()
         ok = (isinstance(v, (tuple, list)) and len(v) == 3
               and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v))
-        if not ok or (name == "std" and any(x == 0 for x in v)):
-            what = "non-zero " if name == "std" else ""
+        # The kernels multiply by 1 / std in float32: a std below the smallest normal float32 makes it inf.
+        if not ok or (name == "std" and any(abs(x) < _FLOAT32_TINY for x in v)):
+            what = f"non-zero (|std| >= {_FLOAT32_TINY:g}) " if name == "std" else ""
             raise ValueError(f"{where}: argument '{name}' must hold 3 finite {what}numbers (one per channel), "
                              f"got {v!r}")
         out.append([float(x) for x in v])

@@ -98,13 +98,23 @@ void for_tiles(int64_t B, int64_t K, const Fn& fn) {
   });
 }
 
-// out[k] = sum over chunks c of part[c * K + k], chunks added in order (independent of threads).
+// out[k] = sum over chunks c of part[c * K + k], chunks added in order (independent of threads). In
+// double: a tall matrix has thousands of chunks, and a float running sum of that many positive partials
+// drifts by up to ~chunks ulp, which biases the prototype totals and hence every code. Columns go in
+// blocks of kSumBlock, so that each chunk's partial row is read contiguously.
 void sum_chunks(const float* part, int64_t chunks, int64_t K, float* out) {
+  constexpr int64_t kSumBlock = 256;
   at::parallel_for(0, K, 2048, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      float acc = part[k];
-      for (int64_t c = 1; c < chunks; ++c) acc += part[c * K + k];
-      out[k] = acc;
+    double acc[kSumBlock];
+    for (int64_t b0 = k0; b0 < k1; b0 += kSumBlock) {
+      const int64_t n = std::min(kSumBlock, k1 - b0);
+      for (int64_t k = 0; k < n; ++k) acc[k] = part[b0 + k];
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* p = part + c * K + b0;
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) acc[k] += p[k];
+      }
+      for (int64_t k = 0; k < n; ++k) out[b0 + k] = static_cast<float>(acc[k]);
     }
   });
 }
@@ -272,9 +282,13 @@ SEER_SIMD_CLONES void scale_row(const float* e, const float* a, float b, float* 
 
 // Row sweeps that also accumulate per-prototype sums, in fixed chunks of rows: the partition depends
 // only on the shape, so the per-chunk partials, added in order, do not depend on the thread count.
-// A chunk holds about 2^18 elements: enough work per task, and few partial rows to add up.
+// A chunk holds about 2^18 elements (enough work per task, and few partial rows to add up), and at
+// most kSweepRows rows: its partials are float running sums over its rows, whose rounding grows with
+// the row count (a tall, narrow matrix, e.g. 100000 x 3, would otherwise sum 87381 rows in float and
+// miss the float64 codes by 3e-5); the chunks are then added in double (sum_chunks).
+constexpr int64_t kSweepRows = 64;
 int64_t sweep_chunk(int64_t B, int64_t K) {
-  return std::min(B, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1)));
+  return std::min({B, kSweepRows, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1))});
 }
 
 // Calls fn(j, acc) for every row j, acc = that row's chunk partial (K floats); writes the column sums.

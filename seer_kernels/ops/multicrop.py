@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from .. import _native, decode
-from .._backend import Backend, Dispatcher
-from ..multicrop_params import CropDraw, CropParams, MultiCropSpec, check_mean_std
+from .._backend import Backend, Dispatcher, plain_eager
+from ..multicrop_params import COL, PACK_COLUMNS, CropDraw, CropParams, MultiCropSpec, check_mean_std
 from ..reference import multicrop as ref
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,13 +58,29 @@ DISPATCH.register(Backend("reference", ref.multicrop_apply, ("cuda", "cpu"), (to
 @torch.library.custom_op("seer::multicrop_apply", mutates_args=())
 def _apply_op(images: list[Tensor], params: Tensor, size: int, mean: list[float], std: list[float],
               out_dtype: torch.dtype) -> Tensor:
-    _check_not_capturing("seer::multicrop_apply", images[0])
+    # Checked here, before dispatch, so that every backend refuses the same input with the same message
+    # (the reference would otherwise read uninitialised rows or return NaN; the native kernels check too,
+    # for direct calls of torch.ops.seer_C).
+    _check_apply_args("seer::multicrop_apply", images, params, size, mean, std, out_dtype)
     backend = DISPATCH.select(images[0].device, images[0].dtype)
     return backend.impl(images, params, size, mean, std, out_dtype)
 
 
+def _apply_checked(images: list[Tensor], params: Tensor, size: int, mean: list[float], std: list[float],
+                   out_dtype: torch.dtype) -> Tensor:
+    """The op for arguments that a public function has checked: in plain eager mode the selected backend
+    directly (neither torch.library's per-call wrapper nor a second check), else the custom op."""
+    if plain_eager(params, *images):
+        _check_not_capturing("seer::multicrop_apply", images[0])
+        return DISPATCH.select(images[0].device, images[0].dtype).impl(images, params, size, mean, std, out_dtype)
+    return torch.ops.seer.multicrop_apply(images, params, size, mean, std, out_dtype)
+
+
 @_apply_op.register_fake
 def _(images, params, size, mean, std, out_dtype):
+    if not images:
+        raise ValueError("seer::multicrop_apply: argument 'images' must be a non-empty list of uint8 (3, H, W) "
+                         "tensors")
     return images[0].new_empty((params.shape[0], 3, size, size), dtype=out_dtype)
 
 
@@ -111,6 +127,74 @@ def _check_params(where: str, name: str, params, image_hw) -> None:
     params.validate(image_hw, name=name, where=where, values=not torch.compiler.is_compiling())
 
 
+# Largest image side the native kernels accept (they compute pixel positions in float32).
+MAX_SIDE = (1 << 24) - 1
+# Largest accepted `reduce` of augment_crops_batch. JPEG draft mode decodes at 1/2, 1/4 or 1/8; other scaled
+# decoders may use other factors, but beyond 64 a box of a few pixels becomes a window of a small fraction
+# of a decoded pixel: almost surely a mistake (a scale passed instead of its inverse, an unrelated number).
+MAX_REDUCE = 64.0
+
+
+def _check_apply_args(where: str, images, params, size, mean, std, out_dtype) -> None:
+    """The checks of the native kernels (csrc/include/seer/multicrop.h), for every backend of the op."""
+    if not isinstance(images, (list, tuple)) or not images:
+        raise ValueError(f"{where}: argument 'images' must be a non-empty list of uint8 (3, H, W) tensors")
+    for i, image in enumerate(images):
+        _check_image(where, f"images[{i}]", image)
+        if image.device != images[0].device:
+            raise ValueError(f"{where}: argument 'images' must all be on one device, images[{i}] is on "
+                             f"{image.device} and images[0] on {images[0].device}")
+        if max(image.shape[1:]) > MAX_SIDE:
+            raise ValueError(f"{where}: argument 'images[{i}]' sides must be below 2^24 pixels, got shape "
+                             f"{tuple(image.shape)}")
+    if not isinstance(params, Tensor):
+        raise TypeError(f"{where}: argument 'params' must be a torch.Tensor, got {type(params).__name__}")
+    if params.device.type != "cpu" or params.dtype != torch.float32 or params.dim() != 2 \
+            or params.shape[1] != len(PACK_COLUMNS):
+        raise ValueError(f"{where}: argument 'params' must be a float32 CPU tensor of shape (n, {len(PACK_COLUMNS)}) "
+                         f"(CropParams.pack), got {params.dtype} on {params.device} of shape {tuple(params.shape)}")
+    _check_size(where, size)
+    check_mean_std(where, mean, std)
+    _check_out_dtype(where, out_dtype)
+    _check_packed(where, params.detach().numpy(), [tuple(im.shape[1:]) for im in images])
+
+
+def _check_packed(where: str, p: np.ndarray, sizes: list[tuple[int, int]]) -> None:
+    """Every row of a packed (n, 18) matrix valid for images of ``sizes``; the first bad row is named."""
+
+    def check(bad: np.ndarray, what: str, cols: slice) -> None:
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{where}: argument 'params': crop {r}: {what}, got {p[r, cols].tolist()}")
+
+    if len(p) == 0:
+        return
+    check(~np.isfinite(p).all(1), "every value must be finite", slice(None))
+    idx = p[:, COL["image"]]
+    check((idx != np.floor(idx)) | (idx < 0) | (idx >= len(sizes)),
+          f"the image index must be an integer in [0, {len(sizes)})", slice(0, 1))
+    hw = np.asarray(sizes, dtype=np.float64)[idx.astype(np.int64)]
+    box = slice(COL["top"], COL["width"] + 1)
+    top, left, h, w = p[:, box].astype(np.float64).T
+    check((h <= 0) | (w <= 0), "the box (top, left, height, width) must have height and width > 0", box)
+    outside = (top < 0) | (left < 0) | (top + h > hw[:, 0]) | (left + w > hw[:, 1])
+    if outside.any():
+        r = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"{where}: argument 'params': crop {r}: the box (top, left, height, width) "
+                         f"{p[r, box].tolist()} lies outside image {int(idx[r])} of size "
+                         f"{int(hw[r, 0])}x{int(hw[r, 1])}")
+    for name in ("flip", "jitter", "grayscale", "solarize"):
+        check(~np.isin(p[:, COL[name]], (0.0, 1.0)), f"{name} must be 0 or 1", slice(COL[name], COL[name] + 1))
+    order = slice(COL["order0"], COL["order3"] + 1)
+    check((np.sort(p[:, order], axis=1) != np.arange(4)).any(1), "the jitter order must be a permutation of 0..3",
+          order)
+    factors = slice(COL["brightness"], COL["hue"] + 1)
+    check((p[:, factors][:, :3] < 0).any(1) | (np.abs(p[:, COL["hue"]]) > 0.5),
+          "the jitter factors must be >= 0 (brightness, contrast, saturation) and in [-0.5, 0.5] (hue)", factors)
+    sigma = slice(COL["sigma"], COL["sigma"] + 1)
+    check((p[:, COL["sigma"]] < 0) | (p[:, COL["sigma"]] > 1000), "the blur sigma must lie in [0, 1000]", sigma)
+
+
 def _check_windows(where: str, packed: Tensor, sizes: list[tuple[int, int]]) -> None:
     """Every packed window (box / reduce) inside its decoded image, as the native kernels require."""
     p = packed.double()
@@ -144,7 +228,7 @@ def augment_crops(image: Tensor, params: CropParams, size: int, mean: Sequence[f
     size = _check_size(where, size)
     mean, std = check_mean_std(where, mean, std)
     _check_out_dtype(where, out_dtype)
-    return torch.ops.seer.multicrop_apply([image], params.pack(0), size, mean, std, out_dtype)
+    return _apply_checked([image], params.pack(0), size, mean, std, out_dtype)
 
 
 def augment_crops_batch(images: Sequence[Tensor], params: Sequence, size: Union[int, Sequence[int]],
@@ -176,8 +260,10 @@ def augment_crops_batch(images: Sequence[Tensor], params: Sequence, size: Union[
         raise ValueError(f"{where}: argument 'params': every entry must be {what}")
     if reduce is None:
         reduce = [1.0] * len(images)
-    elif len(reduce) != len(images) or not all(isinstance(r, numbers.Real) and r >= 1 for r in reduce):
-        raise ValueError(f"{where}: argument 'reduce' must hold one factor >= 1 per image, got {reduce!r}")
+    elif len(reduce) != len(images) or not all(isinstance(r, numbers.Real) and not isinstance(r, bool)
+                                               and 1 <= r <= MAX_REDUCE for r in reduce):
+        raise ValueError(f"{where}: argument 'reduce' must hold one factor in [1, {MAX_REDUCE:g}] per image "
+                         f"(JPEG draft mode: 1, 2, 4 or 8), got {reduce!r}")
     for i, image in enumerate(images):
         _check_image(where, f"images[{i}]", image)
         if image.device != images[0].device:
@@ -198,7 +284,7 @@ def augment_crops_batch(images: Sequence[Tensor], params: Sequence, size: Union[
         packed = _pack_crop_major(group, reduce)
         if any(r != 1 for r in reduce) and not torch.compiler.is_compiling():
             _check_windows(where, packed, [tuple(im.shape[1:]) for im in images])
-        outs.append(torch.ops.seer.multicrop_apply(list(images), packed, s, mean, std, out_dtype))
+        outs.append(_apply_checked(list(images), packed, s, mean, std, out_dtype))
     return outs if grouped else outs[0]
 
 
@@ -250,7 +336,7 @@ def multicrop(images: Union[Sequence[ImageLike], Tensor], spec: MultiCropSpec, g
         raise ValueError(f"{where}: argument 'images' must all be on one device (encoded images decode on the CPU), "
                          f"got {sorted({str(im.device) for im in decoded})}")
     mean, std = list(spec.mean), list(spec.std)
-    outs = [torch.ops.seer.multicrop_apply(decoded, packed, group.size, mean, std, spec.out_dtype)
+    outs = [_apply_checked(decoded, packed, group.size, mean, std, spec.out_dtype)
             for packed, group in zip(draw.packed(reduce), spec.groups)]
     return (outs, draw.params()) if return_params else outs
 

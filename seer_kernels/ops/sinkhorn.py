@@ -21,6 +21,8 @@ from .._backend import Backend, Dispatcher, plain_eager, triton_unavailable_reas
 from ..reference import sinkhorn as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EPSILON_MIN = torch.finfo(torch.float32).tiny
+ITERATIONS_MAX = 2**31 - 1
 
 DISPATCH = Dispatcher("sinkhorn")
 
@@ -74,6 +76,9 @@ def _impl(scores: Tensor):
 
 @torch.library.custom_op("seer::sinkhorn", mutates_args=())
 def _sinkhorn_op(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
+    # The checks of sinkhorn(), so that every backend refuses the same input with the same message (the
+    # reference and Triton backends would otherwise return NaN or wrong codes for a bad epsilon or count).
+    scores = _validate(scores, epsilon, iterations, None, None)
     return _impl(scores).fused(scores, epsilon, iterations)
 
 
@@ -129,9 +134,10 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     Args:
         scores: (B, K) prototype scores of the local batch (float32, bfloat16, float16; float64 is accepted
             and computed in float32). Not differentiated: the codes are constants of the loss.
-        epsilon: entropy regularisation, > 0. Q = exp(scores / epsilon) up to the scalings below; any value
-            is safe (the exponent is shifted per prototype, which changes nothing mathematically).
-        iterations: number of (prototype, sample) normalisation rounds, >= 1.
+        epsilon: entropy regularisation, >= the smallest normal float32 (1.2e-38). Q = exp(scores / epsilon)
+            up to the scalings below; any such value is safe (the exponent is shifted per prototype, which
+            changes nothing mathematically).
+        iterations: number of (prototype, sample) normalisation rounds, in [1, 2^31 - 1].
         group: process group over which the batch is split; the global batch B_global = B x its size.
         prototype_group: process group over which K is split (a tensor-parallel prototype layer).
         check_finite: raise ``ValueError`` if ``scores`` holds NaN or inf. This costs one device-to-host
@@ -200,11 +206,17 @@ def _validate(scores, epsilon, iterations, group, prototype_group) -> Tensor:
         scores = scores.float()
     if scores.dtype not in DTYPES:
         raise TypeError(f"sinkhorn: argument 'scores' must be float32, bfloat16 or float16, got {scores.dtype}")
+    # Every backend divides by epsilon in float32: below the smallest normal float32 it rounds to 0 or a
+    # subnormal, and the logits (S - m) / epsilon become NaN or -inf for whole rows (all codes NaN).
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not math.isfinite(epsilon) \
-            or epsilon <= 0:
-        raise ValueError(f"sinkhorn: argument 'epsilon' must be a finite number > 0, got {epsilon!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
-        raise ValueError(f"sinkhorn: argument 'iterations' must be an integer >= 1, got {iterations!r}")
+            or epsilon < EPSILON_MIN:
+        raise ValueError(f"sinkhorn: argument 'epsilon' must be a finite number >= {EPSILON_MIN:g} (the smallest "
+                         f"normal float32), got {epsilon!r}")
+    # The native kernels count iterations in 32 bits.
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) \
+            or not 1 <= iterations <= ITERATIONS_MAX:
+        raise ValueError(f"sinkhorn: argument 'iterations' must be an integer in [1, {ITERATIONS_MAX}], "
+                         f"got {iterations!r}")
     for name, g in (("group", group), ("prototype_group", prototype_group)):
         if g is not None and not isinstance(g, dist.ProcessGroup):
             raise TypeError(f"sinkhorn: argument '{name}' must be a torch.distributed.ProcessGroup or None, "

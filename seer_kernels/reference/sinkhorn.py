@@ -69,8 +69,9 @@ def sinkhorn_sumexp(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: fl
 
 def sinkhorn_finalize(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float,
                       log_scale: float) -> Tensor:
-    """The codes ``exp(X + log_scale)``."""
-    return torch.exp(_logits(_compute(scores), m, f, g, epsilon) + log_scale)
+    """The codes ``exp(X + log_scale)``, contiguous (the ops' fake kernels promise that layout; element-wise
+    math on a transposed ``scores`` would hand its strides on)."""
+    return torch.exp(_logits(_compute(scores), m, f, g, epsilon) + log_scale).contiguous()
 
 
 def _compute(scores: Tensor) -> Tensor:

@@ -129,6 +129,27 @@ def test_tiny_images_fractional_windows_and_guarded_views(backend, hw, gen, pois
             assert float((got - want).abs().max()) <= EXACT / min(STD), f"size {size} hwc {hwc}"
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("backend", ["cpp", "emulated"])
+def test_windows_narrower_than_float32_resolution(backend, gen, poison_empty):
+    """Windows below half a float32 ulp of their start (a box divided by a large reduce): at an integer start,
+    start + width rounds to start (the range of source columns came out empty: out-of-bounds reads, or the
+    previous crop's scratch row on the same thread); at a fractional one, every tap's coverage rounds to 0
+    (0 / 0 weights, NaN crops). The float64 reference takes the pixel that holds the window; so must we.
+    Each narrow crop follows a whole-image one, so that a thread meets it with its scratch already used."""
+    image = torch.randint(0, 256, (3, 8, 1001), generator=gen, dtype=torch.uint8)
+    narrow = [[2, 5, 3, 1e-7], [1, 5.5, 4, 1e-8], [0, 1000, 3, 2.0**-16], [1, 1000.5, 3, 7.5e-9],
+              [5, 7, 1e-7, 3], [4.5, 3, 1e-8, 2]]
+    windows = [w for n in narrow for w in ([0, 0, 8, 1001], n)]
+    packed = CropParams.identity([[0, 0, 1, 1]] * len(windows)).pack()
+    packed[:, 1:5] = torch.tensor(windows, dtype=torch.float64).float()
+    for size in (1, 4):
+        want = apply("reference", [image], packed, size)
+        got = apply(backend, [image], packed, size)
+        assert torch.isfinite(got).all(), f"size {size}: NaN crops {torch.isnan(got).flatten(1).any(1).nonzero()}"
+        assert float((got - want).abs().max()) <= EXACT / min(STD), f"size {size}"
+
+
 # ---- properties of the op ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", backend_params())

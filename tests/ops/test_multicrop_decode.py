@@ -42,6 +42,32 @@ def test_decode_sizes_and_probe():
     assert g.shape == (3, 427, 640) and torch.equal(g[0], g[1])
 
 
+def test_high_bit_depth_images_scale_to_8_bits(gen):
+    """16-bit greyscale (Pillow modes I;16 from PNG, I;16B and I from TIFF) keeps its high byte; Pillow's own
+    convert("RGB") clipped every value above 255 to white. 32-bit float images (mode F) have no agreed range:
+    refused, by name, rather than guessed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    a = torch.randint(0, 65536, (37, 53), generator=gen, dtype=torch.int64).numpy()
+    a[0, :4] = [0, 255, 256, 65535]
+    want = torch.from_numpy((a >> 8).astype(np.uint8))
+    for im, fmt in ((Image.fromarray(a.astype(np.uint16)), "PNG"),
+                    (Image.frombytes("I;16B", (53, 37), a.astype(">u2").tobytes()), "TIFF"),
+                    (Image.fromarray(a.astype(np.int32)), "TIFF")):
+        data = io.BytesIO()
+        im.save(data, fmt)
+        got, r = decode.decode_image(data.getvalue())
+        assert r == 1 and got.shape == (3, 37, 53) and got.dtype == torch.uint8
+        for c in range(3):
+            assert torch.equal(got[c], want), f"{im.mode} as {fmt}, channel {c}"
+    data = io.BytesIO()
+    Image.fromarray(a.astype(np.float32) / 65535).save(data, "TIFF")
+    with pytest.raises(ValueError, match="'data' is a 32-bit floating-point image"):
+        decode.decode_image(data.getvalue())
+
+
 def test_draft_rule():
     p = CropParams.identity([[0, 0, 900, 1000], [0, 0, 600, 700]])
     assert decode.draft_factor(p, [32, 32]) == 4  # min shrink 600 / 32 = 18.75 >= 4.5 * 4

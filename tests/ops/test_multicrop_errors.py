@@ -52,6 +52,7 @@ def test_bad_size(size):
 @pytest.mark.parametrize("kw,match", [
     (dict(mean=(0.5, 0.5)), "'mean' must hold 3"), (dict(mean=(0.5,) * 4), "'mean' must hold 3"),
     (dict(std=(0.2, 0.2)), "'std' must hold 3"), (dict(std=(0.2, 0.0, 0.2)), "'std' must hold 3 finite non-zero"),
+    (dict(std=(0.2, 1e-320, 0.2)), "'std' must hold 3 finite non-zero"),  # 1 / std would be inf in float32
     (dict(mean=(0.5, float("nan"), 0.5)), "'mean'"), (dict(std=(0.2, 0.2, float("inf"))), "'std'"),
     (dict(mean=0.5), "'mean' must hold 3"), (dict(out_dtype=torch.float64), "'out_dtype'"),
     (dict(out_dtype=torch.uint8), "'out_dtype'"),
@@ -100,8 +101,10 @@ def test_bad_batch_arguments():
         seer_kernels.augment_crops_batch([IMAGE, other], [GOOD, CropParams.identity([[0, 0, 5, 5]])], 16, MEAN, STD)
     with pytest.raises(ValueError, match=r"'params\[1\]'.* lies outside"):
         seer_kernels.augment_crops_batch([IMAGE, other], [GOOD, GOOD], 16, MEAN, STD)
-    with pytest.raises(ValueError, match="'reduce' must hold one factor >= 1"):
-        seer_kernels.augment_crops_batch([IMAGE], [GOOD], 16, MEAN, STD, reduce=[0.5])
+    # Factors above 64 (JPEG draft mode uses 2, 4 and 8) made windows of a sliver of a pixel: refused.
+    for r in (0.5, 65, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match=r"'reduce' must hold one factor in \[1, 64\] per image"):
+            seer_kernels.augment_crops_batch([IMAGE], [GOOD], 16, MEAN, STD, reduce=[r])
     with pytest.raises(ValueError, match="scaled by 1/reduce.* lies outside image 0"):
         seer_kernels.augment_crops_batch([IMAGE[:, :19, :25]], [GOOD], 16, MEAN, STD, reduce=[2])
 
@@ -161,3 +164,39 @@ def test_native_ops_check_their_arguments(op, args, match):
     a.update(args)
     with pytest.raises(ValueError, match=match):
         getattr(torch.ops.seer_C, op)(a["images"], a["packed"], a["size"], a["mean"], a["std"], a["dtype"])
+
+
+# ---- the custom op checks everything before dispatch: every backend refuses the same input alike --------
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+@pytest.mark.parametrize("args,exc,match", [
+    (dict(images=[]), ValueError, "'images' must be a non-empty list"),
+    (dict(images=[IMAGE.float()]), TypeError, r"'images\[0\]' must be uint8"),
+    (dict(images=[torch.zeros(4, 40, 50, dtype=torch.uint8)]), ValueError, r"'images\[0\]' must have shape"),
+    (dict(packed=_packed(image=0.5)), ValueError, r"'params': crop 0: the image index must be an integer in \[0, 1\)"),
+    (dict(packed=_packed(image=1)), ValueError, "'params': crop 0: the image index"),
+    (dict(packed=_packed(width=51)), ValueError, "'params': crop 0: the box .* lies outside image 0 of size 40x50"),
+    (dict(packed=_packed(top=-3)), ValueError, "'params': crop 0: the box .* lies outside"),
+    (dict(packed=_packed(height=0)), ValueError, "'params': crop 0: the box .* must have height and width > 0"),
+    (dict(packed=_packed(sigma=float("nan"))), ValueError, "'params': crop 0: every value must be finite"),
+    (dict(packed=_packed(jitter=1, order0=7)), ValueError, "'params': crop 0: the jitter order must be a permutation"),
+    (dict(packed=_packed(flip=0.5)), ValueError, "'params': crop 0: flip must be 0 or 1"),
+    (dict(packed=_packed(hue=0.6)), ValueError, "'params': crop 0: the jitter factors"),
+    (dict(packed=_packed(saturation=-1)), ValueError, "'params': crop 0: the jitter factors"),
+    (dict(packed=_packed(sigma=5000)), ValueError, "'params': crop 0: the blur sigma"),
+    (dict(packed=GOOD.pack().double()), ValueError, "'params' must be a float32 CPU tensor of shape"),
+    (dict(packed=GOOD.pack()[:, :10]), ValueError, "'params' must be a float32 CPU tensor of shape"),
+    (dict(size=0), ValueError, "'size' must be an integer"),
+    (dict(size=-3), ValueError, "'size' must be an integer"),
+    (dict(mean=[0.5, 0.5]), ValueError, "'mean' must hold 3"),
+    (dict(std=[0.0, 1.0, 1.0]), ValueError, "'std' must hold 3 finite non-zero"),
+    (dict(dtype=torch.int32), ValueError, "'out_dtype' must be"),
+])
+def test_custom_op_checks_its_arguments_on_every_backend(backend, args, exc, match):
+    """torch.ops.seer.multicrop_apply checks before it dispatches: the reference backend returned
+    uninitialised memory for a fractional image index, NaN for a box outside the image, an empty tensor for
+    size 0, and took an invalid jitter order, float64 params and an int32 out_dtype."""
+    a = dict(images=[IMAGE], packed=GOOD.pack(), size=16, mean=list(MEAN), std=list(STD), dtype=torch.float32)
+    a.update(args)
+    with use_backend(backend, op="multicrop"), pytest.raises(exc, match=f"seer::multicrop_apply: .*{match}"):
+        torch.ops.seer.multicrop_apply(a["images"], a["packed"], a["size"], a["mean"], a["std"], a["dtype"])

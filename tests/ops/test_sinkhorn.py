@@ -102,6 +102,24 @@ def test_small_epsilon_never_overflows(backend, device):
     assert max_abs_err(got.cpu(), want) <= 1e-5
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("shape,iters", [((100000, 3), 3), ((50000, 4), 10), ((5000, 2), 100)],
+                         ids=["100000x3-it3", "50000x4-it10", "5000x2-it100"])
+def test_tall_narrow_scores(backend, device, shape, iters):
+    # Many samples, few prototypes: every prototype total sums a whole column. Summed in float32 one row
+    # after the other, such totals drift by ~B ulp, which moves every code (the fused C++ kernel missed the
+    # float64 codes by 3e-5 at 100000 x 3, ten times torch's own float32 error). The bound is the rule for
+    # every backend: twice the error of the float32 torch reference, plus 1e-5.
+    if backend == "triton" and _interpreted(device):
+        pytest.skip("the Triton interpreter is too slow for this size; the GPU check runs it")
+    scores = (torch.rand(*shape, dtype=torch.float64) * 2 - 1).float()
+    want = swav_f64(scores, 0.05, iters)
+    bound = 2 * max_abs_err(ref.sinkhorn(scores, 0.05, iters), want) + 1e-5
+    with use_backend(backend, op="sinkhorn"):
+        got = seer_kernels.sinkhorn(scores.to(device), 0.05, iters)
+    assert max_abs_err(got.cpu(), want) <= bound
+
+
 def test_outlier_sample_far_below_every_prototype():
     # One sample scores 1.8 below each prototype's best: exp(-180) underflows float32 in any single
     # shift, yet its codes are a proper distribution; the first sample step's max shift keeps it.
@@ -240,18 +258,39 @@ def test_bad_scores(scores, exc, match):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(epsilon=0.0), "'epsilon' must be a finite number > 0"),
+    (dict(epsilon=0.0), "'epsilon' must be a finite number >= 1.17549e-38 \\(the smallest normal float32\\)"),
     (dict(epsilon=-0.1), "'epsilon'"),
+    (dict(epsilon=1e-39), "'epsilon' must be a finite number >= 1.17549e-38"),  # subnormal in float32
+    (dict(epsilon=1e-50), "'epsilon' must be a finite number >= 1.17549e-38"),  # 0 in float32
     (dict(epsilon=float("nan")), "'epsilon'"),
     (dict(epsilon=float("inf")), "'epsilon'"),
     (dict(epsilon=True), "'epsilon'"),
-    (dict(iterations=0), "'iterations' must be an integer >= 1"),
+    (dict(iterations=0), "'iterations' must be an integer in \\[1, 2147483647\\]"),
+    (dict(iterations=2**31), "'iterations' must be an integer in \\[1, 2147483647\\]"),
     (dict(iterations=2.5), "'iterations'"),
     (dict(iterations=True), "'iterations'"),
 ])
 def test_bad_parameters(kw, match):
     with pytest.raises(ValueError, match=match):
         seer_kernels.sinkhorn(torch.randn(4, 3), **kw)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("args,exc,match", [
+    ((torch.randn(4, 5), 0.0, 3), ValueError, "'epsilon' must be a finite number >= 1.17549e-38"),
+    ((torch.randn(4, 5), -0.05, 3), ValueError, "'epsilon'"),
+    ((torch.randn(4, 5), 1e-39, 3), ValueError, "'epsilon'"),
+    ((torch.randn(4, 5), 0.05, 0), ValueError, "'iterations' must be an integer in"),
+    ((torch.randn(4, 5), 0.05, -5), ValueError, "'iterations'"),
+    ((torch.randn(5), 0.05, 3), ValueError, "'scores' must be 2-D"),
+    ((torch.randn(0, 5), 0.05, 3), ValueError, "'scores' must be non-empty"),
+], ids=["eps0", "eps-neg", "eps-subnormal", "it0", "it-neg", "1-D", "empty"])
+def test_custom_op_checks_its_arguments_on_every_backend(backend, device, args, exc, match):
+    """torch.ops.seer.sinkhorn runs sinkhorn()'s checks itself: the reference and Triton backends gave NaN codes
+    for epsilon 0, ran with a negative one and returned the unnormalised rows for 0 or negative iterations."""
+    scores, eps, iters = args
+    with use_backend(backend, op="sinkhorn"), pytest.raises(exc, match=match):
+        torch.ops.seer.sinkhorn(scores.to(device), eps, iters)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(group=3), "'group' must be a torch.distributed.ProcessGroup"),
@@ -291,9 +330,14 @@ def test_native_messages_format_every_kind_of_value():
         (lambda: ops.sinkhorn_fused(torch.zeros(0, 3), 0.05, 3),
          "argument 'scores': expected a non-empty matrix, got [0, 3]"),
         (lambda: ops.sinkhorn_fused(torch.zeros(2, 3, dtype=torch.float64), 0.05, 3), "got Double"),
-        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), -1e-7, 3), "expected a finite value > 0, got -1e-07"),
-        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), -2.5, 3), "expected a finite value > 0, got -2.5"),
-        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), 0.05, -4), "argument 'iterations': expected >= 1, got -4"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), -1e-7, 3),
+         "expected a finite value >= 1.17549e-38 (the smallest normal float32), got -1e-07"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), -2.5, 3), "expected a finite value >= 1.17549e-38"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), 1e-39, 3), "got 1e-39"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), 0.05, -4),
+         "argument 'iterations': expected an integer in [1, 2147483647], got -4"),
+        (lambda: ops.sinkhorn_fused(torch.zeros(2, 3), 0.05, 2**31),
+         "argument 'iterations': expected an integer in [1, 2147483647], got 2147483648"),
         (lambda: ops.sinkhorn_sumexp(torch.zeros(2, 3), torch.zeros(3), torch.zeros(3), torch.zeros(2), 0.05, 0,
                                      torch.zeros(5, 1)), "expected a scalar tensor or 3 values, got shape [5, 1]"),
     ]
@@ -357,6 +401,25 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.seer.sinkhorn_max.default, (s, m, f, g, 0.05, 1))
         torch.library.opcheck(torch.ops.seer.sinkhorn_sumexp.default, (s, m, f, g, 0.05, 0, torch.tensor(0.0)))
         torch.library.opcheck(torch.ops.seer.sinkhorn_finalize.default, (s, m, f, g, 0.05, 1.0))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+def test_opcheck_and_compile_on_a_transposed_input(backend):
+    # The fake kernels promise contiguous codes; the reference used to hand on the input's strides, which
+    # opcheck reports and which broke compiled code that views the result (aot_eager: "view size is not
+    # compatible"; inductor: a stride assertion).
+    base = cosine_scores(10, 6)
+    s = base.t()
+    m = ref.sinkhorn_max(s, None, None, None, 1.0, 0)
+    f, g = torch.randn(10), torch.randn(6)
+    with use_backend(backend, op="sinkhorn"):
+        torch.library.opcheck(torch.ops.seer.sinkhorn.default, (s, 0.05, 3))
+        torch.library.opcheck(torch.ops.seer.sinkhorn_finalize.default, (s, m, f, g, 0.05, 1.0))
+        torch._dynamo.reset()
+        codes = torch.compile(lambda x: seer_kernels.sinkhorn(x.t(), 0.05, 3).view(-1), fullgraph=True,
+                              backend="aot_eager")
+        got = codes(base).view(6, 10)
+    assert max_abs_err(got, swav_f64(s, 0.05, 3)) <= 1e-5
 
 
 def test_compiles_fullgraph():

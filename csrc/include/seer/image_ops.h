@@ -85,6 +85,12 @@ SEER_HD Taps resample_taps(int i, int n, float start, float len, int lo, int hi)
   t.invscale = invscale;
   t.beg = (start - static_cast<float>(lo)) - static_cast<float>(first);
   t.end = t.beg + len;
+  // A window narrower than half a float32 ulp of beg has end == beg: every coverage would be 0 and the
+  // normalised weights 0 / 0 (NaN crops). It is widened to the whole pixel that holds it, which then gets
+  // all the weight: what the float64 reference computes for such a window.
+  const bool empty = !(t.end > t.beg);
+  t.beg = empty ? floorf(t.beg) : t.beg;
+  t.end = empty ? t.beg + 1.f : t.end;
   return t;
 }
 
@@ -101,9 +107,13 @@ SEER_HD int window_lo(float start) {
   const int lo = static_cast<int>(floorf(start));
   return lo < 0 ? 0 : lo;
 }
+// At least lo + 1: a window narrower than half a float32 ulp of its integer start has start + len ==
+// start, so ceilf would give lo and an empty range, while resample_taps still returns one tap there.
 SEER_HD int window_hi(float start, float len, int size) {
   const int hi = static_cast<int>(ceilf(start + len));
-  return hi > size ? size : hi;
+  const int lo1 = window_lo(start) + 1;
+  const int h = hi > lo1 ? hi : lo1;
+  return h > size ? size : h;
 }
 
 // ---- colour operations (float images in [0, 1]; torchvision v2 functional semantics) ----------------

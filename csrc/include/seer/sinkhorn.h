@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #include "seer/checks.h"
@@ -23,8 +24,12 @@ inline void check_sinkhorn_scores(const at::Tensor& scores, c10::DeviceType dev)
                  "expected float32, bfloat16 or float16, got ", dt);
 }
 
+// The kernels divide by eps rounded to float32: below the smallest normal float32 it is 0 or subnormal,
+// and (S - m) / eps is NaN (0 / 0) or -inf for whole rows, which makes every code NaN.
 inline void check_sinkhorn_eps(double eps) {
-  SEER_CHECK_ARG(std::isfinite(eps) && eps > 0, "epsilon", "expected a finite value > 0, got ", eps);
+  SEER_CHECK_ARG(std::isfinite(eps) && eps >= std::numeric_limits<float>::min(), "epsilon",
+                 "expected a finite value >= ", std::numeric_limits<float>::min(),
+                 " (the smallest normal float32), got ", eps);
 }
 
 inline void check_sinkhorn_vec(const std::optional<at::Tensor>& t, const char* name, int64_t n,
@@ -57,7 +62,8 @@ inline void check_sinkhorn_fused_args(const at::Tensor& scores, double eps, int6
                                       c10::DeviceType dev) {
   check_sinkhorn_scores(scores, dev);
   check_sinkhorn_eps(eps);
-  SEER_CHECK_ARG(iterations >= 1 && iterations <= INT32_MAX, "iterations", "expected >= 1, got ", iterations);
+  SEER_CHECK_ARG(iterations >= 1 && iterations <= INT32_MAX, "iterations", "expected an integer in [1, ", INT32_MAX,
+                 "], got ", iterations);
 }
 
 }  // namespace seer
