@@ -61,7 +61,11 @@ def cases(b: int, h: int, n: int, d: int, device: str = "cuda", dtype=None) -> d
 
     q, k, v, dout = (torch.randn(b, h, n, d, device=device, dtype=dtype or torch.bfloat16) for _ in range(4))
     scale = 1 / math.sqrt(d)
-    o, lse = tri.attention_fwd(q, k, v, scale)
+    try:  # a failing Triton forward must not cost the SDPA backends' profiles
+        o, lse = tri.attention_fwd(q, k, v, scale)
+    except Exception as exc:
+        print(f"triton forward failed, its cases left out: {str(exc).splitlines()[0][:160]}")
+        o = lse = None
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
 
     def sdpa(backend):

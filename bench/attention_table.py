@@ -117,6 +117,21 @@ def _sdpa_row(base: str, modes: dict) -> dict:
         "bwd_scheme": "atomic", "tiles": {"fwd": fwd["tiles"]["fwd"]} if fwd and "tiles" in fwd else {}})
 
 
+def _merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """The GPU's rows: ``new`` replaces the old row of each of its shapes, shapes it lacks keep their old row
+    (a run cut short reaches only some shapes), and an old row measured in GPU time is kept where the new one
+    only has eager calls (its -graph rows were cut), with a warning."""
+    by_case = {r["case"]: r for r in old}
+    for r in new:
+        prev = by_case.get(r["case"])
+        if prev is not None and prev.get("basis") == "gpu_time" and r.get("basis") != "gpu_time":
+            print(f"keeping the GPU-time row of {r['case']}: this run has no CUDA-graph rows for it",
+                  file=sys.stderr)
+            continue
+        by_case[r["case"]] = r
+    return [by_case[c] for c in sorted(by_case)]
+
+
 def _existing(path: Path) -> dict:
     if not path.exists():
         return {}
@@ -136,6 +151,14 @@ def main(argv=None) -> int:
     for path in args.bench_json:
         data = json.loads(Path(path).read_text())
         env = data["environment"]
+        settings = env.get("settings") or {}
+        if settings:  # e.g. SEER_KERNELS_TMA=0 after a failed TMA test: not the kernels users run
+            print(f"{path}: the benchmarks ran with {settings}; the table is written only from runs without "
+                  f"SEER_KERNELS_* settings", file=sys.stderr)
+            return 1
+        if not data.get("complete", False):
+            print(f"{path}: the run was cut short (complete: false); its shapes replace only their own rows",
+                  file=sys.stderr)
         merged.update((r["case"], r) for r in rows_from_benchmark(data))
         sources.append(dict({k: env.get(k) for k in ("device", "gpu", "torch", "triton", "cuda", "git", "date")},
                             json=str(path)))
@@ -149,7 +172,8 @@ def main(argv=None) -> int:
         return 1
     out = Path(args.out)
     table = _existing(out)
-    table[device] = rows
+    table[device] = _merge(table.get(device, []), rows)
+    rows = table[device]
     source = sources[-1] if len(sources) == 1 else {"device": device, "runs": sources}
     text = (HEADER + "\n# Last written from: " + json.dumps(source) + "\n"
             + "SOURCE = " + pprint.pformat(source, width=110, sort_dicts=True) + "\n"

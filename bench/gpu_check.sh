@@ -146,9 +146,14 @@ T=$(cap ${PROFILE_TIMEOUT:-90})
 if [ "$T" -gt 0 ]; then
   phase "host and device time per call (log: $OUT/profile.log)"
   timeout -s INT -k 10 "$T" $PY -m bench.gpu_profile >"$OUT/profile.log" 2>&1
+  echo $? >"$OUT/profile.rc"
 else
   skipped profile
 fi
 
 phase "done"
 $PY -m bench.summary "$OUT" | tee "$OUT/summary.txt"
+# Everything in one file next to the summary and the JSON: a caller that can bring back only a few files
+# (the device tool returns about 8) copies these three: summary.txt, bench.json, bundle.tar.gz.
+BUNDLE=$(mktemp "${TMPDIR:-/tmp}/seer-bundle.XXXXXX")
+tar -czf "$BUNDLE" -C "$OUT" --exclude=bundle.tar.gz . 2>/dev/null && mv "$BUNDLE" "$OUT/bundle.tar.gz" || rm -f "$BUNDLE"

@@ -168,6 +168,9 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
         env["cuda"] = torch.version.cuda
+    # Settings that change what the kernels run (gpu_check.sh turns TMA off after a failed TMA test): a run
+    # with them is not one the selector table may be written from (bench/attention_table.py refuses it).
+    env["settings"] = {k: os.environ[k] for k in sorted(os.environ) if k.startswith("SEER_KERNELS_")}
     return env
 
 

@@ -18,16 +18,33 @@ def main(out_dir: str) -> int:
     print(f"build: {_read(out / 'build.status')}")
     if (out / "tma.status").exists():
         print(_read(out / "tma.status"))
+    # Each section on its own: a phase cut short by its time limit leaves a truncated or empty file, which
+    # must not take the other sections (the benchmarks, above all) with it.
+    for section in (_native_errors, _tests, _ncu, _benchmarks, _sweep, _profile):
+        try:
+            section(out)
+        except Exception as exc:  # report it and go on
+            print(f"{section.__name__.strip('_')}: unreadable ({type(exc).__name__}: {exc})")
+    print("=" * 100)
+    return 0
+
+
+def _native_errors(out: Path) -> None:
     for name, what in (("native_errors.log", "the build used"),
                        ("native_errors-system.log", "/usr/bin/g++ rebuild (checks before 2026-11-26)")):
         errors = out / name
         if errors.exists():
-            print(f"native error path (bench/native_errors.py), {what}:")
-            print("\n".join("  " + line for line in errors.read_text().splitlines()
-                            if line.startswith(("ok ", "WARNING", "CRASHED", "FAILED"))))
+            rc = f" (rc {_read(out / 'native_errors.rc')})" if name == "native_errors.log" else ""
+            print(f"native error path (bench/native_errors.py), {what}{rc}:")
+            lines = [line for line in errors.read_text().splitlines()
+                     if line.startswith(("ok ", "WARNING", "CRASHED", "FAILED"))]
+            print("\n".join("  " + line for line in lines) if lines else "  no result lines (see the log)")
+
+
+def _tests(out: Path) -> None:
     for name in ("tests", "tests-matrix"):
         xml = out / f"{name}.xml"
-        if not xml.exists():
+        if not xml.exists() or xml.stat().st_size == 0:
             print(f"{name}: no report (rc {_read(out / f'{name}.rc')})")
             continue
         root = ET.parse(xml).getroot()
@@ -38,27 +55,36 @@ def main(out_dir: str) -> int:
         for case, bad in _not_passed(suite):
             msg = (bad.get("message") or "").splitlines()[0][:150] if bad.get("message") else ""
             print(f"  FAIL {case.get('classname')}::{case.get('name')}: {msg}")
-    _ncu(out)
+
+
+def _benchmarks(out: Path) -> None:
     bench = out / "bench.json"
     print(f"benchmarks: rc {_read(out / 'bench.rc')}")
     if bench.exists():
         data = json.loads(bench.read_text())
+        if not data.get("complete", True):
+            print("  (cut short: the rows below are what was measured before the time limit)")
         print(data["table"])
         _feature_twins(data["rows"])
     else:
         print("  no benchmark JSON")
+
+
+def _sweep(out: Path) -> None:
     sweep = out / "sweep.json"
     if sweep.exists():
         print(f"attention tile sweep: rc {_read(out / 'sweep.rc')}")
         for row in json.loads(sweep.read_text())["rows"]:
             print(f"  {row['case']:36s} x{row['ratio']:.3f} vs {row['best_sdpa']:10s} {row['us']:8.1f} us "
                   f"tiles {row['tiles']}")
+
+
+def _profile(out: Path) -> None:
     profile = out / "profile.log"
-    if profile.exists():
-        print("host and device time per call (bench/gpu_profile.py):")
-        print("\n".join(line for line in profile.read_text().splitlines() if " host " in line))
-    print("=" * 100)
-    return 0
+    if profile.exists() or (out / "profile.rc").exists():
+        print(f"host and device time per call (bench/gpu_profile.py): rc {_read(out / 'profile.rc')}")
+        if profile.exists():
+            print("\n".join(line for line in profile.read_text().splitlines() if " host " in line))
 
 
 def _ncu(out: Path) -> None:

@@ -1400,6 +1400,26 @@ def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
     assert small["best_sdpa"] == small["best_sdpa_fwd"] == "efficient"  # the GPU-time rows' fastest SDPA
     assert small["tiles"] == {"fwd": [64, 32, 4, 3], "dkdv": [32, 64, 8, 3], "dq": [64, 32, 4, 3]}
     assert [r["git"] for r in ns["SOURCE"]["runs"]] == ["old", "abc"]
+    # A later run cut short after the big shape, without its CUDA-graph rows: the other shapes keep their rows,
+    # and the big shape's eager row replaces only an eager one (here it was eager too)
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({"environment": env, "rows": [dict(r, ratio=1.5) for r in rows[:3]],
+                               "complete": False}))
+    assert script.main([str(cut), "--out", str(out)]) == 0
+    ns = {}
+    exec(out.read_text(), ns)
+    got = {r["case"]: r for r in ns["TABLE"]["nvidia-h100-80gb-hbm3"]}
+    assert len(got) == 3 and got["vit10b-tp4-B32H8N257D128"]["fwd"] == 1.5
+    small_only_eager = tmp_path / "small.json"
+    small_only_eager.write_text(json.dumps({"environment": env, "rows": rows[3:6]}))
+    assert script.main([str(small_only_eager), "--out", str(out)]) == 0
+    ns = {}
+    exec(out.read_text(), ns)
+    kept = next(r for r in ns["TABLE"]["nvidia-h100-80gb-hbm3"] if r["case"] == "local-B192H16N37D64")
+    assert kept["basis"] == "gpu_time" and kept["fwd"] == 1.4  # not replaced by eager-only evidence
+    tma_off = tmp_path / "tma_off.json"
+    tma_off.write_text(json.dumps({"environment": dict(env, settings={"SEER_KERNELS_TMA": "0"}), "rows": rows}))
+    assert script.main([str(tma_off), "--out", str(out)]) == 1
 
 
 def test_summary_pairs_each_candidate_with_its_twin(capsys):

@@ -206,7 +206,28 @@ def test_gpu_check_runs_ncu_before_the_benchmarks(tmp_path):
     assert f"-m bench.attention_ncu run --labels {out}/ncu_cases.json --budget-s 50" in calls[ncu[0] + 1]
     assert any("--import" in c and "--page raw" in c for c in calls)
     assert "_fwd_kernel" in stdout and "Nsight Compute" in stdout
-    assert (out / "bench.rc").read_text().strip() == "0"
+    assert (out / "bench.rc").read_text().strip() == "0" and (out / "profile.rc").read_text().strip() == "0"
+    # every file of the run in one archive, for a caller that can bring back only a few files
+    import tarfile
+    with tarfile.open(out / "bundle.tar.gz") as tf:
+        names = set(tf.getnames())
+    assert {"./summary.txt", "./bench.rc", "./ncu.csv", "./build.log"} <= names and "./bundle.tar.gz" not in names
+
+
+def test_summary_survives_files_cut_short(tmp_path, capsys):
+    """A phase stopped by its time limit leaves an empty junit XML or a truncated JSON: the summary names
+    that section unreadable and goes on with the others."""
+    (tmp_path / "tests.xml").write_text("")
+    (tmp_path / "tests-matrix.xml").write_text("<testsuites><testsuite tests='3'")
+    (tmp_path / "bench.rc").write_text("124\n")
+    (tmp_path / "bench.json").write_text('{"environment": {}, "rows": [{"key": "a"')
+    (tmp_path / "profile.rc").write_text("124\n")
+    (tmp_path / "profile.log").write_text("attention x fwd host 10.0 us  gpu 5.0 us\n")
+    assert summary.main(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "tests: no report" in out and "tests: unreadable (ParseError" in out
+    assert "benchmarks: rc 124" in out and "benchmarks: unreadable (JSONDecodeError" in out
+    assert "bench/gpu_profile.py): rc 124" in out and "fwd host 10.0 us" in out
 
 
 @pytest.mark.skipif(not (os.access("/usr/bin/g++", os.X_OK) and os.access("/usr/bin/gcc", os.X_OK)),

@@ -1,0 +1,76 @@
+"""The benchmark plumbing (bench/conftest.py): the ratio's baseline is the fastest candidate in the same
+timings, and a run stopped by a time limit says so in its JSON."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE = '''
+import time
+
+
+def bench_a(bench_record):
+    # "slow" is what a short pre-timing might have picked; in these timings "fast" is the faster baseline
+    fns = {{"ours": lambda: time.sleep(0.001), "slow": lambda: time.sleep(0.004),
+            "fast": lambda: time.sleep(0.002)}}
+    bench_record("fake", "a", fns, ours="ours", baseline=("slow", "fast"), min_time=0.05, min_rounds=3)
+
+
+def bench_b(bench_record):
+    if {sleep}:
+        time.sleep({sleep})
+    bench_record("fake", "b", {{"ours": lambda: None, "base": lambda: None}}, ours="ours", baseline="base",
+                 min_time=0.01)
+'''
+
+
+def _project(tmp_path: Path, sleep: float) -> Path:
+    proj = tmp_path / "proj"
+    (proj / "bench").mkdir(parents=True)
+    for name in ("__init__.py", "conftest.py", "gate.py", "harness.py"):
+        shutil.copy(ROOT / "bench" / name, proj / "bench" / name)
+    (proj / "bench" / "bench_fake.py").write_text(FAKE.format(sleep=sleep))
+    (proj / "pytest.ini").write_text("[pytest]\npython_files = bench_*.py\npython_functions = bench_*\n")
+    return proj
+
+
+def _run(proj: Path, timeout: float = None) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--bench-device", "cpu",
+           "--bench-json", "out.json", "--no-gate"]
+    proc = subprocess.Popen(cmd, cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if timeout is not None:
+        time.sleep(timeout)
+        proc.send_signal(2)  # what `timeout -s INT` sends at a phase's limit
+    out, _ = proc.communicate(timeout=120)
+    return json.loads((proj / "out.json").read_text())
+
+
+@pytest.mark.slow
+def test_baseline_is_the_fastest_candidate_in_the_same_timings_and_runs_say_if_complete(tmp_path):
+    data = _run(_project(tmp_path, 0))
+    row = next(r for r in data["rows"] if r["case"] == "a")
+    assert row["baseline"] == "fast" and row["ratio"] == pytest.approx(
+        row["times_ms"]["fast"] / row["times_ms"]["ours"])
+    assert data["complete"] is True and len(data["rows"]) == 2
+    cut = _run(_project(tmp_path / "cut", 60), timeout=8)  # stopped while bench_b sleeps
+    assert cut["complete"] is False and [r["case"] for r in cut["rows"]] == ["a"]
+
+
+def test_gate_fails_a_complete_run_that_lacks_a_floors_row(tmp_path, capsys):
+    from bench import gate
+    floors = gate.load_floors("cpu")
+    key = next(k for k in floors if k.startswith("sinkhorn:"))
+    rows = [{"key": k, "ratio": 99.0} for k in floors if k.startswith("sinkhorn:") and k != key]
+    for complete, status in ((True, 1), (False, 0)):
+        path = tmp_path / f"r{complete}.json"
+        path.write_text(json.dumps({"environment": {"device": "cpu"}, "rows": rows, "complete": complete}))
+        assert gate.main([str(path)]) == status
+        assert (f"{key}: no row" in capsys.readouterr().out) == complete
