@@ -170,9 +170,12 @@ def _not_passed(root) -> list:
 
 
 def failed(xml: str, *words: str) -> list:
-    """Names of the failed or errored test cases in a junit XML whose name contains one of ``words``."""
+    """Names of the failed or errored test cases in a junit XML that contain one of ``words`` as a word of
+    the name (between underscores, brackets or its ends: 'tma' matches test_dq_by_tma_reduction, not
+    test_log_softmax)."""
+    patterns = [re.compile(rf"(^|[_\[\]-]){re.escape(w.lower())}($|[_\[\]-])") for w in words]
     return [case.get("name", "") for case, _ in _not_passed(ET.parse(xml).getroot())
-            if any(w in case.get("name", "").lower() for w in words)]
+            if any(p.search(case.get("name", "").lower()) for p in patterns)]
 
 
 if __name__ == "__main__":

@@ -550,7 +550,9 @@ def test_summary_finds_failed_tests_by_name(tmp_path):
     xml = tmp_path / "t.xml"
     xml.write_text('<testsuites><testsuite><testcase name="test_triton_dq_by_tma_reduction[60-33]">'
                    '<failure message="x"/></testcase><testcase name="test_triton_every_candidate_tile[a]"/>'
-                   '<testcase name="test_other"><error message="y"/></testcase></testsuite></testsuites>')
+                   '<testcase name="test_other"><error message="y"/></testcase>'
+                   '<testcase name="test_log_softmax_rows"><failure message="z"/></testcase>'
+                   '</testsuite></testsuites>')
     assert summary.failed(str(xml), "tma", "candidate_tile") == ["test_triton_dq_by_tma_reduction[60-33]"]
     assert summary.failed(str(xml), "candidate_tile") == []
 
