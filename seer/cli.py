@@ -178,7 +178,9 @@ def _output_file(path: str, flag: str) -> None:
         raise CLIError(f"{flag} {path!r} is a folder; expected a file path")
     if not p.parent.is_dir():
         raise CLIError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist")
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    # An existing file is written in place: its own permission counts (a writable file in a read-only folder,
+    # /dev/stdout); a new one needs a writable folder.
+    if not os.access(p if p.exists() else p.parent, os.W_OK):
         raise CLIError(f"{flag} {path!r} is not writable")
 
 
@@ -241,8 +243,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # the cause.
         status = {UnsafeCheckpointError: 3, CorruptCheckpointError: 3, NonFiniteLossError: 1,
                   DataError: 1}.get(type(e))
-        if status is None and isinstance(e, (CLIError, ValueError, OSError, KeyError)):
-            status = 2  # OSError: a path the user gave (missing, a folder, no permission, ...)
+        # The OSErrors of a path the user gave (missing, a folder, no permission) are bad input; others (a full
+        # disk, an I/O error) are not, and keep their traceback.
+        if status is None and isinstance(e, (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError,
+                                             IsADirectoryError, NotADirectoryError, PermissionError)):
+            status = 2
         if status is None or os.environ.get("SEER_DEBUG"):
             raise
         print(f"seer {args.command}: error: {e}", file=sys.stderr)

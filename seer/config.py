@@ -444,15 +444,16 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     Quotes around it are removed; an optional string key takes 'null' or '~' for None."""
     cfg = copy.deepcopy(cfg)
     for text in overrides:
-        key, value = parse_override(text)
-        kind = _leaf_type(cfg, key)
-        if kind in (str, Optional[str]):
-            raw = text.partition("=")[2].strip()
+        kind = _leaf_type(cfg, text.partition("=")[0]) if "=" in text else None
+        if kind in (str, Optional[str]):  # as written: not even parsed as YAML ('[2020] photos', '*.tar')
+            key, raw = text.partition("=")[0].strip(), text.partition("=")[2].strip()
             if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
                 raw = raw[1:-1]
             elif kind is not str and raw in ("null", "~", "None"):
                 raw = None
             value = raw
+        else:
+            key, value = parse_override(text)
         _set(cfg, key, value)
     return cfg
 

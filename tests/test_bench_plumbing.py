@@ -42,9 +42,9 @@ def _project(tmp_path: Path, sleep: float) -> Path:
     return proj
 
 
-def _run(proj: Path, timeout: float = None) -> dict:
+def _run(proj: Path, timeout: float = None, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--bench-device", "cpu",
-           "--bench-json", "out.json", "--no-gate"]
+           "--bench-json", "out.json", "--no-gate", *extra]
     proc = subprocess.Popen(cmd, cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if timeout is not None:
         time.sleep(timeout)
@@ -62,6 +62,8 @@ def test_baseline_is_the_fastest_candidate_in_the_same_timings_and_runs_say_if_c
     assert data["complete"] is True and len(data["rows"]) == 2
     cut = _run(_project(tmp_path / "cut", 60), timeout=8)  # stopped while bench_b sleeps
     assert cut["complete"] is False and [r["case"] for r in cut["rows"]] == ["a"]
+    subset = _run(_project(tmp_path / "subset", 0), None, "-k", "bench_a")  # a selection is not the suite
+    assert subset["complete"] is False and [r["case"] for r in subset["rows"]] == ["a"]
 
 
 def test_gate_fails_a_complete_run_that_lacks_a_floors_row(tmp_path, capsys):

@@ -43,6 +43,13 @@ def test_os_errors_on_the_users_paths_are_one_line(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "Permission denied" in err and "Traceback" not in err
 
+    def disk_full(source, **kw):  # not the user's input: keeps its traceback (and not exit status 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(check, "check_dataset", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(["data", "check", str(tmp_path)])
+
 
 def test_data_check_leaves_no_index_behind(tmp_path, monkeypatch):
     import tempfile

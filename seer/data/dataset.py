@@ -11,7 +11,9 @@ Items are addressed by (epoch, index) so that the augmentation generator can be 
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -159,8 +161,18 @@ def worker_init(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, _first_sigterm)
 
 
+# How long a worker outlives that first SIGTERM before it leaves by itself (exit status 0, which the main
+# process's worker watch does not count as a failure): longer than SLURM's usual grace before its SIGKILL,
+# and a bound on the wait of an interpreter that exits with a loader still open (it terminates its workers
+# once and joins them).
+WORKER_STOP_GRACE_S = 120.0
+
+
 def _first_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    timer = threading.Timer(WORKER_STOP_GRACE_S, os._exit, (0,))
+    timer.daemon = True
+    timer.start()
 
 
 __all__ = ["Batch", "DataError", "DecodedDataset", "MultiCropDataset", "Skipped", "check_pixels", "collate_crops",

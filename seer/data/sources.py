@@ -147,9 +147,15 @@ def scan_folder(root: str | os.PathLike) -> Iterator[str]:
             path = os.path.join(rel, e.name) if rel else e.name
             if "\n" in e.name:
                 log.warning("data.source: leaving out %r (a newline in its name)", path)
-            elif e.is_dir():
+                continue
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()  # (following a link: a loop raises ELOOP here)
+            except OSError as exc:
+                log.warning("data.source: leaving out %r (%s)", path, exc.strerror or exc)
+                continue
+            if is_dir:
                 subdirs.append(path)
-            elif is_image_name(e.name) and e.is_file():
+            elif is_file and is_image_name(e.name):
                 yield path
         stack.extend(reversed(subdirs))
 
@@ -168,12 +174,13 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
         for sid, shard in enumerate(shards):
             try:
                 with tarfile.open(shard, "r:") as tf:
-                    last_key = None
+                    last_key, dropped = None, []
                     for m in tf:
                         if not (m.isfile() and is_image_name(m.name)):
                             continue
                         key = sample_key(m.name)
                         if key == last_key:  # another image of the same sample
+                            dropped.append(m.name)
                             continue
                         last_key = key
                         if "\n" in m.name:
@@ -184,6 +191,11 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
                         offs.append(m.offset_data)
                         sizes.append(m.size)
                         yield m.name
+                    if dropped:  # said, not silent: names like 'clip/frame.0001.png' share a key too
+                        log.warning("data.source: %d image members of %s left out as further images of a "
+                                    "webdataset sample (members sharing the name up to the first dot, e.g. %r "
+                                    "after its sample's first image); rename them if each is an image of its "
+                                    "own", len(dropped), shard, dropped[0])
             except (tarfile.TarError, OSError) as e:
                 raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
                                       f"uncompressed .tar files in the webdataset layout)") from None

@@ -210,7 +210,12 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor]) -> None:
         raise
     except (Exception, CheckpointException) as e:  # a truncated shard file, ... (DCP's report names no file)
         failures = list(getattr(e, "failures", {}).values())  # DCP's exception (a BaseException) gathers
-        raise _corrupt(path, "tensors", failures[0] if failures else e) from None
+        cause = failures[0] if failures else e
+        # Not the files' fault: an I/O error of the machine, memory. Raised as they are, not as a damaged
+        # checkpoint that the message would tell the user to move away.
+        if isinstance(cause, MemoryError) or isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            raise cause from None
+        raise _corrupt(path, "tensors", cause) from None
 
 
 def load_rank_state(path: str | os.PathLike, rank: int, *, required: bool = False) -> Optional[dict]:

@@ -121,8 +121,10 @@ class Trainer:
         """Where ``checkpoint.resume=PATH`` resumes: PATH, or the latest checkpoint of this run if that one
         continues a run started from PATH (the same command rerun after a stop or a preemption).
 
-        A newer checkpoint of another lineage in this run's folder would shadow the new run's checkpoints
-        (the next automatic resume, and the pruning of old ones, go by step): refused, naming it."""
+        Newer checkpoints in this run's folder would shadow the new run's (the next automatic resume, and the
+        pruning of old ones, go by step). A rollback to an earlier checkpoint of this folder moves them aside
+        into ``superseded-<time>/`` (kept, out of the way); newer checkpoints of a run started elsewhere (or
+        written before checkpoints recorded their origin) are refused, named."""
         latest = self.ckpt.latest()
         if latest is None or latest.resolve() == path.resolve():
             return path
@@ -130,13 +132,25 @@ class Trainer:
             log.info("checkpoint.resume=%s: continuing the run started from it at %s", path, latest)
             return latest
         start = int(read_meta(path)["step"])
-        newer = [p.name for p in list_checkpoints(self.ckpt.dir)
+        newer = [p for p in list_checkpoints(self.ckpt.dir)
                  if int(read_meta(p)["step"]) >= start and p.resolve() != path.resolve()]
-        if newer:
-            raise FileExistsError(f"checkpoint.resume={path} (step {start}): {self.ckpt.dir} already holds "
-                                  f"{', '.join(newer)} of another run, which would be taken for this run's newer "
-                                  f"checkpoints; move them away, or use another --out")
-        return path
+        if not newer:
+            return path
+        if path.parent.resolve() == self.ckpt.dir.resolve():  # a rollback within this run
+            aside = self.ckpt.dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+            barrier()  # every rank has listed the folder (the same decision) before rank 0 changes it
+            if self.dist.is_main:
+                aside.mkdir(exist_ok=True)
+                for p in newer:
+                    os.replace(p, aside / p.name)
+                log.warning("checkpoint.resume=%s: rolling back; the newer checkpoints %s moved to %s", path,
+                            ", ".join(p.name for p in newer), aside)
+            barrier()
+            return path
+        raise FileExistsError(f"checkpoint.resume={path} (step {start}): {self.ckpt.dir} already holds "
+                              f"{', '.join(p.name for p in newer)}, which do not continue from it and would be "
+                              f"taken for this run's newer checkpoints: use checkpoint.resume=auto to continue "
+                              f"them, move them away, or use another --out")
 
     def save(self) -> Path:
         tp_rank = self.dims.tp_rank
@@ -389,15 +403,24 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------------
 
     def _check_bad_fraction(self, skipped_files: int, epoch: int) -> None:
-        """Stop when more than data.max_bad_fraction of the dataset is unreadable (a wrong path or format).
+        """Stop every rank when more than data.max_bad_fraction of the dataset is unreadable (a wrong path or
+        format, not a few bad files), judged in the first epoch (later ones meet the same files again).
 
-        ``skipped_files`` sums every rank's distinct bad files: exact in the first epoch, where the ranks
-        read disjoint shares (later epochs may show one file to two ranks), so it is judged there; the
-        value is the same on every rank, which all stop together."""
-        limit = self.cfg.data.max_bad_fraction
-        if epoch == 0 and skipped_files > limit * len(self.data):
-            raise DataError(f"{skipped_files} of the {len(self.data)} images of data.source are unreadable so far, "
-                            f"more than data.max_bad_fraction={limit} of them (listed in "
+        ``skipped_files`` (the same on every rank) sums the ranks' own counts: an upper bound of the distinct
+        files, which counts a file once per tensor-parallel rank (they read the same images) and again where
+        several ranks walk past it to a replacement. Only when that bound passes the limit are the ranks' file
+        names gathered for the exact count (a collective that every rank enters, as the bound is shared)."""
+        limit = self.cfg.data.max_bad_fraction * len(self.data)
+        if epoch != 0 or skipped_files <= limit:
+            return
+        names = set(self.bad_files)
+        if self.dist.world > 1:
+            gathered: list = [None] * self.dist.world
+            torch.distributed.all_gather_object(gathered, sorted(self.bad_files))
+            names = set().union(*gathered)
+        if len(names) > limit:
+            raise DataError(f"{len(names)} of the {len(self.data)} images of data.source are unreadable so far, more "
+                            f"than data.max_bad_fraction={self.cfg.data.max_bad_fraction} of them (listed in "
                             f"{self.out / 'skipped_files.txt'}): check data.source and data.format, or raise "
                             f"data.max_bad_fraction")
 

@@ -471,6 +471,8 @@ def _autocast(q, k, v) -> tuple:
     if kind not in ("cuda", "cpu") or not torch.is_autocast_enabled(kind):
         return q, k, v
     dt = torch.get_autocast_dtype(kind)
+    if q.dtype == dt and getattr(k, "dtype", None) == dt and getattr(v, "dtype", None) == dt:
+        return q, k, v  # the common case in bf16 training: nothing to cast, no per-call .to() (host time)
 
     def cast(t):
         eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 \

@@ -1,4 +1,9 @@
 """Corrupt, truncated, empty and non-image files are skipped, counted and named; they never stop a run."""
+import subprocess
+import sys
+import textwrap
+import time
+
 import pytest
 import torch
 
@@ -54,3 +59,23 @@ def test_data_check_reports_exactly_the_bad_files(mixed_folder):
     text = report.format()
     assert "4 unreadable" in text and all(name in text for name in bad)
     assert set(report.formats) == {"PNG", "JPEG", "WEBP"}
+
+
+def test_worker_outlives_its_first_sigterm_then_leaves_by_itself():
+    """A DataLoader worker's first SIGTERM (SLURM signals every process of the job) does not end it, so the
+    main process can save; after WORKER_STOP_GRACE_S it exits by itself with status 0 (no hang at exit)."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        from seer.data import dataset
+        dataset.WORKER_STOP_GRACE_S = 1.0
+        dataset.worker_init(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        print("alive", flush=True)
+        time.sleep(30)
+        print("not reached", flush=True)
+    """)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["alive"], proc.stderr
+    assert time.monotonic() - t0 < 25

@@ -131,6 +131,7 @@ def test_symlinked_folders_are_followed_once_and_odd_names_left_out(tmp_path, ca
     (root / "again").symlink_to(tmp_path / "real", target_is_directory=True)  # the same folder twice
     (tmp_path / "real" / "loop").symlink_to(root, target_is_directory=True)  # and a loop back
     (root / "odd\nname.png").write_bytes(image_bytes(7))
+    (root / "self.png").symlink_to(root / "self.png")  # a link to itself: ELOOP when followed
     found = list(scan_folder(root))
     assert len(found) == 6 and sum(f.startswith("again/") for f in found) == 4  # 'again' sorts first
     assert "a newline in its name" in caplog.text
@@ -152,7 +153,7 @@ def test_an_unreadable_folder_is_an_error_not_a_silent_gap(tmp_path, monkeypatch
         list(scan_folder(tmp_path / "src"))
 
 
-def test_one_image_per_webdataset_sample(tmp_path):
+def test_one_image_per_webdataset_sample(tmp_path, caplog):
     with tarfile.open(tmp_path / "s.tar", "w") as tf:
         for i in range(3):
             for suffix in (".jpg", ".mask.png", ".json"):
@@ -162,3 +163,4 @@ def test_one_image_per_webdataset_sample(tmp_path):
                 tf.addfile(info, io.BytesIO(data))
     src = open_index(build_index(str(tmp_path / "s.tar"), "auto", tmp_path / "idx"), tmp_path / "idx")
     assert len(src) == 3 and src.name(1).endswith("d/000001.jpg")
+    assert "3 image members of" in caplog.text and "'d/000000.mask.png'" in caplog.text  # said, not silent

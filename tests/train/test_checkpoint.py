@@ -173,8 +173,23 @@ def test_explicit_resume_starts_a_lineage_that_reruns_continue(run, tmp_path):
                                               "train.max_steps=8", "checkpoint.every=2"]), new)
     assert rollback.step == 4  # from its own latest checkpoint: nothing newer to shadow
     elsewhere = list_checkpoints(_copy(out, tmp_path / "elsewhere") / "checkpoints")[-1]  # another step 2
-    with pytest.raises(FileExistsError, match="step_00000004 of another run"):
+    with pytest.raises(FileExistsError, match="step_00000004, which do not continue from it"):
         Trainer(apply_overrides(cfg, [f"checkpoint.resume={elsewhere}", "train.max_steps=8"]), new)
+
+
+def test_rollback_within_a_run_moves_the_newer_checkpoints_aside(run, tmp_path):
+    out, cfg = run
+    copy = _copy(out, tmp_path / "rb")
+    Trainer(apply_overrides(cfg, ["train.max_steps=6", "checkpoint.every=2", "checkpoint.keep=5"]), copy).fit()
+    ckpts = copy / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000004", "step_00000006"]
+    back = Trainer(apply_overrides(cfg, [f"checkpoint.resume={ckpts / 'step_00000002'}", "train.max_steps=6",
+                                         "checkpoint.every=2", "checkpoint.keep=5"]), copy)
+    assert back.step == 2 and [p.name for p in list_checkpoints(ckpts)] == ["step_00000002"]
+    aside = next(ckpts.glob("superseded-*"))
+    assert sorted(p.name for p in aside.iterdir()) == ["step_00000004", "step_00000006"]  # kept, out of the way
+    back.fit()
+    assert Trainer(cfg, copy).resumed_from.name == "step_00000006"  # the new branch's latest, not the old one
 
 
 def test_resumed_run_drops_what_an_earlier_attempt_logged_after_its_checkpoint(tmp_path):
@@ -205,3 +220,18 @@ def test_queue_moves_to_the_training_device():
     loaded = SwAVQueue(8, 4, batch_size=4, crops_for_assign=(0,), start_epoch=0)
     loaded.load_state_dict(q.state_dict())
     assert loaded.to(torch.device("meta")).queue.device.type == "meta"
+
+
+def test_machine_errors_while_loading_are_not_called_damage(run, tmp_path, monkeypatch):
+    """An I/O error of the machine is raised as it is: the damaged-checkpoint message would tell the user to
+    move a good checkpoint away."""
+    import seer.train.checkpoint as ck
+    out, cfg = run
+
+    def io_error(*a, **k):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(ck.dcp, "load", io_error)
+    with pytest.raises(OSError, match="Input/output error") as e:
+        Trainer(cfg, _copy(out, tmp_path / "io"))
+    assert not isinstance(e.value, CorruptCheckpointError)

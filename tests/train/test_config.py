@@ -33,6 +33,8 @@ def test_string_values_are_taken_as_written():
     cfg = C.apply_overrides(C.preset("tiny"), ["data.source=photos #1", "checkpoint.resume=010", "eval.dataset='a b'",
                                                "logging.progress=off", "checkpoint.dir=~", "train.device=cpu"])
     assert (cfg.data.source, cfg.checkpoint.resume, cfg.eval.dataset) == ("photos #1", "010", "a b")
+    for value in ("[2020] photos", "shards/*.tar", "@list.txt", "a\tb"):  # not YAML either
+        assert C.apply_overrides(C.preset("tiny"), [f"data.source={value}"]).data.source == value
     assert (cfg.logging.progress, cfg.checkpoint.dir, cfg.train.device) == ("off", "~", "cpu")
 
 

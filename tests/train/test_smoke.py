@@ -66,6 +66,23 @@ def _torchrun(*args, timeout=300):
     return proc
 
 
+@pytest.mark.dist
+def test_bad_fraction_counts_distinct_files_over_processes(tmp_path):
+    """4 of 16 files unreadable, side by side: two processes both walk past them to replacements, so their
+    summed counts pass 0.3 of the dataset; the distinct count (gathered) does not, and the run goes on. A
+    limit below 0.25 stops it."""
+    data = tmp_path / "images"
+    write_good_images(data, 12)
+    write_bad_images(data / "junk")
+    base = ["-m", "seer", "train", "--preset", "tiny", "--set", f"data.source={data}", "--set", "train.max_steps=2",
+            "--set", "train.threads=1", "--set", "logging.progress=off"]
+    _torchrun(*base, "--out", str(tmp_path / "ok"), "--set", "data.max_bad_fraction=0.3")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base,
+           "--out", str(tmp_path / "stop"), "--set", "data.max_bad_fraction=0.2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "4 of the 16 images of data.source are unreadable" in proc.stderr
+
+
 def test_torchrun_data_parallel_then_resume_with_one_process(tmp_path):
     out = tmp_path / "dp"
     _torchrun("-m", "seer", "train", "--preset", "tiny", "--out", str(out), "--set", "train.max_steps=4",
