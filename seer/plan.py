@@ -264,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="shard parameters, gradients and optimizer state over data-parallel ranks")
     ap.add_argument("--crops", default=None, help="crops per image, e.g. 2x224+4x98 (default by patch size)")
     ap.add_argument("--head", choices=("seer", "swav", "none"), default="seer",
-                    help="SwAV head: seer (8192-8192-256, 16384 prototypes), swav (2048-128, 3000), none")
+                    help="SwAV head: seer (8192-8192-256, 16000 prototypes), swav (2048-128, 3000), none")
     ap.add_argument("--prototypes", type=int, default=None, help="number of prototypes K (overrides the head's)")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory (default 80)")
     ap.add_argument("--mfu", type=float, default=0.5, help="MFU assumed for the compute-time estimate")
