@@ -102,8 +102,9 @@ HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 def _to_8_bit(im):
     """A greyscale image of more than 8 bits as mode L, its values scaled from 16 bits: v >> 8, the high byte,
     which is also what Pillow keeps of a 16-bit RGB PNG. Mode I (32-bit integers; what Pillow made of 16-bit
-    PNGs before mode I;16) is read as 16-bit data too, clipped to [0, 65535], unless every value lies in
-    [0, 255] (8-bit data stored wide, as some TIFFs do), which is kept as it is. Mode F (32-bit float, from TIFF)
+    PNGs before mode I;16) is read as 16-bit data too, clipped to [0, 65535]: one rule for every image (a rule
+    that looked at the values would brighten some images of a dataset and not others), so 8-bit values stored
+    as 32-bit integers come out dark. Mode F (32-bit float, from TIFF)
     has no agreed range (0..1, 0..255, physical units): refused rather than guessed."""
     from PIL import Image
 
@@ -111,8 +112,6 @@ def _to_8_bit(im):
         raise ValueError("decode: argument 'data' is a 32-bit floating-point image (Pillow mode F), whose value "
                          "range is not defined; convert it to 8 or 16 bits per channel first")
     a = np.asarray(im)  # uint16 (either byte order) for I;16*, int32 for I
-    if im.mode == "I" and a.size and a.max() <= 255 and a.min() >= 0:
-        return Image.fromarray(a.astype(np.uint8))  # 8-bit values stored as 32-bit integers (some TIFFs)
     a = (np.clip(a, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
     return Image.fromarray(a)  # uint8 (h, w): mode L
 

@@ -13,6 +13,7 @@ are read (:mod:`seer.data.dataset`) or ahead of time by ``seer data check``.
 """
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
@@ -149,9 +150,12 @@ def scan_folder(root: str | os.PathLike) -> Iterator[str]:
                 log.warning("data.source: leaving out %r (a newline in its name)", path)
                 continue
             try:
-                is_dir, is_file = e.is_dir(), e.is_file()  # (following a link: a loop raises ELOOP here)
+                is_dir, is_file = e.is_dir(), e.is_file()  # following a link
             except OSError as exc:
-                log.warning("data.source: leaving out %r (%s)", path, exc.strerror or exc)
+                if exc.errno != errno.ELOOP:  # a link to what cannot be read: as a folder that cannot be listed
+                    raise DataSourceError(f"data.source: cannot read {os.path.join(root, path)!r} "
+                                          f"({type(exc).__name__}: {exc.strerror})") from None
+                log.warning("data.source: leaving out %r (a symbolic link loop)", path)
                 continue
             if is_dir:
                 subdirs.append(path)

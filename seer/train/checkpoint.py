@@ -209,8 +209,10 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor]) -> None:
     except UnsafeCheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # a truncated shard file, ... (DCP's report names no file)
-        failures = list(getattr(e, "failures", {}).values())  # DCP's exception (a BaseException) gathers
+        # DCP's exception (a BaseException) gathers the ranks' failures as (exception, traceback) pairs
+        failures = list(getattr(e, "failures", {}).values())
         cause = failures[0] if failures else e
+        cause = cause[0] if isinstance(cause, tuple) else cause
         # Not the files' fault: an I/O error of the machine, memory. Raised as they are, not as a damaged
         # checkpoint that the message would tell the user to move away.
         if isinstance(cause, MemoryError) or isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):

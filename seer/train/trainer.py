@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -111,46 +112,57 @@ class Trainer:
             if path is not None:
                 self.load(path)
             return
+        latest = self.ckpt.latest()
+        if latest is not None and read_meta(latest).get("origin") == str(Path(mode).resolve()):
+            # The same command again after a stop or a preemption (its starting checkpoint may be pruned by now)
+            log.info("checkpoint.resume=%s: continuing the run started from it at %s", mode, latest)
+            self.load(latest)
+            return
         requested = resolve_checkpoint(mode)
-        path = self._explicit_start(requested)
-        self.load(path)
+        path, newer = self._explicit_start(requested)
+        self.load(path)  # every check (architecture, optimizer, layout, readable files) before anything moves
+        if newer:
+            self._move_aside(path, newer)
         if path == requested:  # a new lineage starts here; its checkpoints say so (_explicit_start)
             self.origin = str(requested.resolve())
 
-    def _explicit_start(self, path: Path) -> Path:
-        """Where ``checkpoint.resume=PATH`` resumes: PATH, or the latest checkpoint of this run if that one
-        continues a run started from PATH (the same command rerun after a stop or a preemption).
+    def _explicit_start(self, path: Path) -> tuple[Path, list[Path]]:
+        """Where ``checkpoint.resume=PATH`` resumes, and this folder's checkpoints to move aside first.
 
-        Newer checkpoints in this run's folder would shadow the new run's (the next automatic resume, and the
-        pruning of old ones, go by step). A rollback to an earlier checkpoint of this folder moves them aside
-        into ``superseded-<time>/`` (kept, out of the way); newer checkpoints of a run started elsewhere (or
-        written before checkpoints recorded their origin) are refused, named."""
+        PATH, or the latest checkpoint of this run if that one continues a run started from PATH (the same
+        command rerun after a stop or a preemption). Newer checkpoints in this run's folder would shadow the
+        new run's (the next automatic resume, and the pruning of old ones, go by step): a rollback to an
+        earlier checkpoint of this folder moves them aside (``_move_aside``, once the checkpoint has loaded);
+        newer checkpoints of a run started elsewhere (or written before checkpoints recorded their origin) are
+        refused, named."""
         latest = self.ckpt.latest()
         if latest is None or latest.resolve() == path.resolve():
-            return path
+            return path, []
         if read_meta(latest).get("origin") == str(path.resolve()):
             log.info("checkpoint.resume=%s: continuing the run started from it at %s", path, latest)
-            return latest
+            return latest, []
         start = int(read_meta(path)["step"])
         newer = [p for p in list_checkpoints(self.ckpt.dir)
                  if int(read_meta(p)["step"]) >= start and p.resolve() != path.resolve()]
-        if not newer:
-            return path
-        if path.parent.resolve() == self.ckpt.dir.resolve():  # a rollback within this run
-            aside = self.ckpt.dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
-            barrier()  # every rank has listed the folder (the same decision) before rank 0 changes it
-            if self.dist.is_main:
-                aside.mkdir(exist_ok=True)
-                for p in newer:
-                    os.replace(p, aside / p.name)
-                log.warning("checkpoint.resume=%s: rolling back; the newer checkpoints %s moved to %s", path,
-                            ", ".join(p.name for p in newer), aside)
-            barrier()
-            return path
+        if not newer or path.parent.resolve() == self.ckpt.dir.resolve():  # nothing newer, or a rollback
+            return path, newer
         raise FileExistsError(f"checkpoint.resume={path} (step {start}): {self.ckpt.dir} already holds "
                               f"{', '.join(p.name for p in newer)}, which do not continue from it and would be "
                               f"taken for this run's newer checkpoints: use checkpoint.resume=auto to continue "
                               f"them, move them away, or use another --out")
+
+    def _move_aside(self, path: Path, newer: list[Path]) -> None:
+        """A rollback to ``path``: this run's ``newer`` checkpoints go into a new ``superseded-*`` folder of
+        the checkpoint folder (kept, out of the way of latest() and the pruning)."""
+        barrier()  # every rank has listed the folder (the same decision) before rank 0 changes it
+        if self.dist.is_main:
+            aside = Path(tempfile.mkdtemp(prefix=f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                          dir=self.ckpt.dir))
+            for p in newer:
+                os.replace(p, aside / p.name)
+            log.warning("checkpoint.resume=%s: rolling back; the newer checkpoints %s moved to %s", path,
+                        ", ".join(p.name for p in newer), aside)
+        barrier()
 
     def save(self) -> Path:
         tp_rank = self.dims.tp_rank

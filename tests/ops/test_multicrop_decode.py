@@ -62,10 +62,6 @@ def test_high_bit_depth_images_scale_to_8_bits(gen):
         assert r == 1 and got.shape == (3, 37, 53) and got.dtype == torch.uint8
         for c in range(3):
             assert torch.equal(got[c], want), f"{im.mode} as {fmt}, channel {c}"
-    small = (a % 256).astype(np.int32)  # 8-bit values in a 32-bit integer TIFF: kept, not shifted to black
-    data = io.BytesIO()
-    Image.fromarray(small).save(data, "TIFF")
-    assert torch.equal(decode.decode_image(data.getvalue())[0][0], torch.from_numpy(small.astype(np.uint8)))
     data = io.BytesIO()
     Image.fromarray(a.astype(np.float32) / 65535).save(data, "TIFF")
     with pytest.raises(ValueError, match="'data' is a 32-bit floating-point image"):

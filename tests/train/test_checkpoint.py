@@ -192,6 +192,25 @@ def test_rollback_within_a_run_moves_the_newer_checkpoints_aside(run, tmp_path):
     assert Trainer(cfg, copy).resumed_from.name == "step_00000006"  # the new branch's latest, not the old one
 
 
+def test_refused_rollback_moves_nothing_and_reruns_outlive_the_pruned_start(run, tmp_path):
+    out, cfg = run
+    copy = _copy(out, tmp_path / "rb2")
+    Trainer(apply_overrides(cfg, ["train.max_steps=6", "checkpoint.every=2", "checkpoint.keep=5"]), copy).fit()
+    ckpts = copy / "checkpoints"
+    before = sorted(p.name for p in ckpts.iterdir())
+    with pytest.raises(ValueError, match="another architecture"):  # refused after its checks: nothing moved
+        Trainer(apply_overrides(cfg, [f"checkpoint.resume={ckpts / 'step_00000002'}", "model.depth=3"]), copy)
+    assert sorted(p.name for p in ckpts.iterdir()) == before
+    # A rollback to step 2 with keep=1: the new branch's saves prune step 2, the checkpoint it started from;
+    # the same command again still continues the new branch.
+    again = apply_overrides(cfg, [f"checkpoint.resume={ckpts / 'step_00000002'}", "train.max_steps=6",
+                                  "checkpoint.every=2", "checkpoint.keep=1"])
+    Trainer(apply_overrides(again, ["train.max_steps=4"]), copy).fit()
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000004"]
+    rerun = Trainer(again, copy)
+    assert rerun.resumed_from.name == "step_00000004" and rerun.step == 4
+
+
 def test_resumed_run_drops_what_an_earlier_attempt_logged_after_its_checkpoint(tmp_path):
     import json
 
@@ -225,13 +244,13 @@ def test_queue_moves_to_the_training_device():
 def test_machine_errors_while_loading_are_not_called_damage(run, tmp_path, monkeypatch):
     """An I/O error of the machine is raised as it is: the damaged-checkpoint message would tell the user to
     move a good checkpoint away."""
-    import seer.train.checkpoint as ck
+    from seer.train.safe_load import SafeFileSystemReader
     out, cfg = run
 
-    def io_error(*a, **k):
+    def io_error(*a, **k):  # inside DCP's load, which gathers it into its own exception
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(ck.dcp, "load", io_error)
+    monkeypatch.setattr(SafeFileSystemReader, "read_data", io_error)
     with pytest.raises(OSError, match="Input/output error") as e:
         Trainer(cfg, _copy(out, tmp_path / "io"))
     assert not isinstance(e.value, CorruptCheckpointError)
