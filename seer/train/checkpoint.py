@@ -114,7 +114,9 @@ def read_meta(path: str | os.PathLike, required: tuple[str, ...] = ("step",)) ->
     return meta
 
 
-def _write_file(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename tmp to ``path`` (fsynced): a kill leaves the old file or the new one, never
+    a part."""
     tmp = path.with_name(path.name + ".part")
     write(tmp)
     with open(tmp, "rb") as f:
@@ -167,11 +169,11 @@ class CheckpointManager:
         self.barrier()
         with quiet_single_process():
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
-        _write_file(tmp / f"rank_{self.rank:05d}.pt", lambda p: torch.save(rank_state, p))
+        write_atomic(tmp / f"rank_{self.rank:05d}.pt", lambda p: torch.save(rank_state, p))
         self.barrier()
         if self.rank == 0:
-            _write_file(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
-            _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+            write_atomic(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
+            write_atomic(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
             self._commit(tmp, final)
             self._prune()
         self.barrier()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .checkpoint import write_atomic
 
 log = logging.getLogger("seer.train")
 
@@ -68,10 +69,8 @@ class MetricsWriter:
         # (written to a temporary file and renamed: a kill here must not lose the history before them).
         for path in (self.path, self.path.with_name("eval_history.jsonl")):
             if path.is_file():
-                kept = [r for r in read_metrics(path) if r.get("step", 0) <= start_step]
-                tmp = path.with_name(path.name + ".part")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                os.replace(tmp, path)
+                kept = "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= start_step)
+                write_atomic(path, lambda p: p.write_text(kept))
         self.file = open(self.path, "a", buffering=1)
         if tensorboard:
             try:

@@ -32,7 +32,7 @@ from ..swav import PrototypeFreezer, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
 from .checkpoint import (CheckpointManager, list_checkpoints, load_rank_state, load_tensors, read_meta,
-                         resolve_checkpoint)
+                         resolve_checkpoint, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, init_distributed
 from .metrics import MetricsWriter, peak_flops, read_metrics
@@ -95,7 +95,7 @@ class Trainer:
         normalize_prototypes(self.model)
         self._maybe_resume()
         if self.dist.is_main:  # only once the resume checks passed: a refused run leaves the run's config alone
-            _write_atomic(self.out / "config.yaml", C.dumps(cfg))
+            write_atomic(self.out / "config.yaml", lambda p: p.write_text(C.dumps(cfg)))
 
     # -----------------------------------------------------------------------------------------------------
     # Checkpoints.
@@ -408,7 +408,7 @@ class Trainer:
             return None
         res = self.evaluate()
         if self.dist.is_main:
-            _write_atomic(path, json.dumps(res, indent=1))
+            write_atomic(path, lambda p: p.write_text(json.dumps(res, indent=1)))
             metrics.message("random initialisation: " + _format_eval(res))
         return res
 
@@ -487,14 +487,6 @@ def _check_compatible(path: Path, cfg: C.RunConfig) -> None:
 
 # What Trainer.load reads from meta.json (read_meta refuses a file without them: an edited or foreign file)
 _META_KEYS = ("step", "data", "scheduler", "freezer", "counters", "world_size", "tp", "optim_slots")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old file or the
-    new one, never a part."""
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _log_to_file(path: Path) -> None:
