@@ -173,11 +173,10 @@ def _check_packed(where: str, p: np.ndarray, sizes: list[tuple[int, int]]) -> No
     idx = p[:, COL["image"]]
     check((idx != np.floor(idx)) | (idx < 0) | (idx >= len(sizes)),
           f"the image index must be an integer in [0, {len(sizes)})", slice(0, 1))
-    hw = np.asarray(sizes, dtype=np.float64)[idx.astype(np.int64)]
     box = slice(COL["top"], COL["width"] + 1)
-    top, left, h, w = p[:, box].astype(np.float64).T
-    check((h <= 0) | (w <= 0), "the box (top, left, height, width) must have height and width > 0", box)
-    outside = (top < 0) | (left < 0) | (top + h > hw[:, 0]) | (left + w > hw[:, 1])
+    check((p[:, COL["height"]] <= 0) | (p[:, COL["width"]] <= 0),
+          "the box (top, left, height, width) must have height and width > 0", box)
+    outside, hw = _boxes_outside(p.astype(np.float64), sizes)
     if outside.any():
         r = int(np.flatnonzero(outside)[0])
         raise ValueError(f"{where}: argument 'params': crop {r}: the box (top, left, height, width) "
@@ -195,16 +194,22 @@ def _check_packed(where: str, p: np.ndarray, sizes: list[tuple[int, int]]) -> No
     check((p[:, COL["sigma"]] < 0) | (p[:, COL["sigma"]] > 1000), "the blur sigma must lie in [0, 1000]", sigma)
 
 
+def _boxes_outside(p: np.ndarray, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """For packed rows ``p`` (float64, valid image indices): which boxes (top, left, height, width) leave
+    their image, and each row's image (height, width)."""
+    hw = np.asarray(sizes, dtype=np.float64)[p[:, COL["image"]].astype(np.int64)]
+    top, left, h, w = p[:, COL["top"]:COL["width"] + 1].T
+    return (top < 0) | (left < 0) | (top + h > hw[:, 0]) | (left + w > hw[:, 1]), hw
+
+
 def _check_windows(where: str, packed: Tensor, sizes: list[tuple[int, int]]) -> None:
     """Every packed window (box / reduce) inside its decoded image, as the native kernels require."""
-    p = packed.double()
-    img = p[:, 0].long()
-    hw = torch.tensor(sizes, dtype=torch.float64)[img]
-    bad = (p[:, 1] < 0) | (p[:, 2] < 0) | (p[:, 1] + p[:, 3] > hw[:, 0]) | (p[:, 2] + p[:, 4] > hw[:, 1])
+    p = packed.double().numpy()
+    bad, hw = _boxes_outside(p, sizes)
     if bad.any():
-        r = int(bad.nonzero()[0])
+        r = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{where}: argument 'params': the box of crop {r} scaled by 1/reduce, "
-                         f"{p[r, 1:5].tolist()}, lies outside image {int(img[r])} of size "
+                         f"{p[r, 1:5].tolist()}, lies outside image {int(p[r, COL['image']])} of size "
                          f"{int(hw[r, 0])}x{int(hw[r, 1])}")
 
 
