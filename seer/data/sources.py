@@ -18,6 +18,7 @@ import glob
 import json
 import logging
 import os
+import posixpath
 import tarfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -170,6 +171,23 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
     webdataset layout: a sample is the run of members sharing a key, the member name up to the first dot of
     its base name ('dir/key.jpg', 'dir/key.json', 'dir/key.mask.png'); the first image member of each sample
     is used, other members (a second image such as a mask, metadata) are ignored.
+
+    An image member is a member named like an image that extraction turns into a file: a regular member, a
+    hard link or a symbolic link. A link is indexed with its target's offset and size, so it reads the
+    bytes that extracting the shard gives under the link's name; it counts as an image of its own sample
+    (by its own name) like a regular member. Resolution follows tar: a hard link names a member earlier in
+    the same shard (the last one of that name before it); a symbolic link is relative to its own folder and
+    names the last member of that path in the shard. A member that cannot be read in place is left out of
+    the index with a warning naming the shard and the member, and its sample gets no image (a further image
+    such as 'key.mask.png' does not stand in for it):
+
+    * a link whose target is missing, not a file, outside the shard (an absolute path, '..' above the
+      shard's root) or a loop of symbolic links;
+    * a sparse member (GNU ``--sparse``), or a link to one: its stored bytes are the file's data blocks
+      without the holes, so reading them in place would give wrong bytes.
+
+    Directories are not images; devices, fifos and members of unknown type named like images are left out
+    with a warning.
     """
     ids, offs, sizes = [], [], []
     names = []
@@ -178,37 +196,131 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
         for sid, shard in enumerate(shards):
             try:
                 with tarfile.open(shard, "r:") as tf:
-                    last_key, dropped = None, []
-                    for m in tf:
-                        if not (m.isfile() and is_image_name(m.name)):
-                            continue
-                        key = sample_key(m.name)
-                        if key == last_key:  # another image of the same sample
-                            dropped.append(m.name)
-                            continue
-                        last_key = key
-                        if "\n" in m.name:
-                            log.warning("data.source: leaving out member %r of %s (a newline in its name)",
-                                        m.name, shard)
-                            continue
-                        ids.append(sid)
-                        offs.append(m.offset_data)
-                        sizes.append(m.size)
-                        yield m.name
-                    if dropped:  # said, not silent: names like 'clip/frame.0001.png' share a key too
-                        log.warning("data.source: %d image members of %s left out as further images of a "
-                                    "webdataset sample (members sharing the name up to the first dot, e.g. %r "
-                                    "after its sample's first image); rename them if each is an image of its "
-                                    "own", len(dropped), shard, dropped[0])
+                    entries = _shard_image_members(tf, shard)
             except (tarfile.TarError, OSError) as e:
                 raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
                                       f"uncompressed .tar files in the webdataset layout)") from None
+            for name, offset, size in entries:
+                ids.append(sid)
+                offs.append(offset)
+                sizes.append(size)
+                yield name
 
     names = write_lines(member_names(), cache / "members.txt", cache / "members.offsets.npy")
     save_array(cache / "shard_id.npy", np.asarray(ids, dtype=np.int32))
     save_array(cache / "offset.npy", np.asarray(offs, dtype=np.int64))
     save_array(cache / "size.npy", np.asarray(sizes, dtype=np.int64))
     return len(names)
+
+
+# What a path of a shard holds, as :func:`_shard_image_members` tracks it: ("data", offset, size) for bytes
+# that can be read in place, ("sym", path) for a symbolic link to a path inside the shard (resolved once the
+# whole shard is read, as extraction does), or ("bad", why) for anything else.
+_Entry = tuple
+
+# Members named in the warning about those left out of one shard.
+_NAMED_IN_WARNING = 10
+
+# Linux's limit on symbolic links followed in one path lookup (MAXSYMLINKS); more is taken as a loop.
+_MAX_SYMLINK_HOPS = 40
+
+
+def _tar_path(name: str) -> str:
+    """The path a member name (or a hard link's target) extracts to, relative to the shard's root:
+    'a.jpg', './a.jpg', '/a.jpg' and 'd/../a.jpg' are the same file."""
+    return posixpath.normpath(name).lstrip("/")
+
+
+def _symlink_target(member: tarfile.TarInfo) -> Optional[str]:
+    """The shard path a symbolic link member points to, or None where it points outside the shard."""
+    if member.linkname.startswith("/"):  # the host's file system, not the shard
+        return None
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(_tar_path(member.name)), member.linkname))
+    return None if target == ".." or target.startswith("../") else target
+
+
+def _member_entry(member: tarfile.TarInfo, table: dict[str, _Entry]) -> _Entry:
+    """What ``member`` holds, given what the members before it left (``table``)."""
+    if member.isreg():  # regular and contiguous files, and sparse ones
+        if member.issparse():
+            return ("bad", "a sparse member: its stored bytes are not the file's bytes in order")
+        return ("data", member.offset_data, member.size)
+    if member.islnk():
+        # The target as it is now: a later member of the target's name does not change the link.
+        target = table.get(_tar_path(member.linkname))
+        if target is None:
+            return ("bad", f"a hard link to {member.linkname!r}, which is not a member earlier in the shard")
+        return ("bad", f"a hard link to {member.linkname!r}: {target[1]}") if target[0] == "bad" else target
+    if member.issym():
+        target = _symlink_target(member)
+        if target is None:
+            return ("bad", f"a symbolic link to {member.linkname!r}, outside the shard")
+        return ("sym", target)
+    if member.isdir():
+        return ("bad", "a folder")
+    kind = _NOT_FILES.get(member.type, f"of tar member type {member.type.decode('ascii', 'replace')!r}")
+    return ("bad", f"not a file ({kind})")
+
+
+_NOT_FILES = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a fifo"}
+
+
+def _resolve(entry: _Entry, table: dict[str, _Entry]) -> _Entry:
+    """Follow symbolic links in the finished shard's ``table``: a ("data", ...) or a ("bad", why) entry."""
+    for _ in range(_MAX_SYMLINK_HOPS):
+        if entry[0] != "sym":
+            return entry
+        path = entry[1]
+        target = table.get(path)
+        if target is None:
+            return ("bad", f"a symbolic link to {path!r}, which is not in the shard")
+        entry = ("bad", f"a symbolic link to {path!r}: {target[1]}") if target[0] == "bad" else target
+    return entry if entry[0] != "sym" else ("bad", "a loop of symbolic links")
+
+
+def _shard_image_members(tf: tarfile.TarFile, shard: str) -> list[tuple[str, int, int]]:
+    """(member name, offset, size) of the image of each sample of one open shard, in member order, with
+    the rules of :func:`index_tar_shards`; warns about the members left out."""
+    table: dict[str, _Entry] = {}  # shard path -> what extraction leaves there so far (later members win)
+    samples: list[tuple[str, _Entry]] = []
+    last_key, dropped, left_out = None, [], []
+    for m in tf:
+        entry = _member_entry(m, table)
+        # Links resolve by path, so every member is recorded, image or not ('blob' may be a link's target).
+        table[_tar_path(m.name)] = entry
+        if m.isdir() or not is_image_name(m.name):
+            continue
+        if not (m.isreg() or m.islnk() or m.issym()):  # a device, a fifo: never an image, not part of a sample
+            left_out.append((m.name, entry[1]))
+            continue
+        key = sample_key(m.name)
+        if key == last_key:  # another image of the same sample
+            dropped.append(m.name)
+            continue
+        last_key = key
+        if "\n" in m.name:
+            log.warning("data.source: leaving out member %r of %s (a newline in its name)", m.name, shard)
+            continue
+        samples.append((m.name, entry))
+    if dropped:  # said, not silent: names like 'clip/frame.0001.png' share a key too
+        log.warning("data.source: %d image members of %s left out as further images of a webdataset sample "
+                    "(members sharing the name up to the first dot, e.g. %r after its sample's first image); "
+                    "rename them if each is an image of its own", len(dropped), shard, dropped[0])
+    out = []
+    # Symbolic links are resolved only now: one may point to a member further on in the shard.
+    for name, entry in samples:
+        entry = _resolve(entry, table)
+        if entry[0] == "data":
+            out.append((name, entry[1], entry[2]))
+        else:
+            left_out.append((name, entry[1]))
+    if left_out:  # one warning per shard naming the first members: a shard of 10^4 links is one line
+        shown = "; ".join(f"{name!r}: {why}" for name, why in left_out[:_NAMED_IN_WARNING])
+        more = f"; and {len(left_out) - _NAMED_IN_WARNING} more" if len(left_out) > _NAMED_IN_WARNING else ""
+        log.warning("data.source: %d image members of %s cannot be read in place and are left out (%s%s); to "
+                    "keep them, write the shard with each image as a plain file (GNU tar: --dereference "
+                    "--hard-dereference, no --sparse)", len(left_out), shard, shown, more)
+    return out
 
 
 def sample_key(member: str) -> str:
