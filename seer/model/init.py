@@ -7,10 +7,13 @@ embedding ~ truncated N(0, std^2). Inside a module that sets ``torch_default_ini
 reference code keeps PyTorch's defaults, seer_spec.md 1.5) Linear weights and biases are PyTorch's default
 instead, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with the fan-in of the whole, unsplit layer.
 
-With ``seed=None`` the global torch generator is used (as in any PyTorch module). With a seed, every tensor
-gets its own generator seeded from (seed, parameter name, shard coordinates), so the result does not depend
-on module order or on the global RNG, and each tensor-parallel or FSDP shard draws its own values: the
-sharded, meta-built 10B model is initialised on every rank at once without ever holding a full tensor.
+With a seed, every tensor gets its own generator seeded from (seed, parameter name, shard coordinates), so the
+result does not depend on module order or on the global RNG, and each tensor-parallel or FSDP shard draws its
+own values: the sharded, meta-built 10B model is initialised on every rank at once without ever holding a
+full tensor. With ``seed=None`` an unsharded model draws from the global torch generator, as any PyTorch
+module does; a sharded one (tensor-parallel layers or DTensor parameters) takes that keyed path with one seed
+drawn from the global generator, because drawing shards straight from the global generator would give every
+shard the same values on ranks whose generators agree (as they do inside a tensor-parallel group).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import hashlib
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 try:
@@ -68,9 +72,35 @@ def _full_fan_in(module: nn.Module) -> int:
     return module.in_features * tp
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    return any(getattr(m, "tp_size", 1) > 1 for m in model.modules()) or \
+        any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _drawn_seed() -> int:
+    """One seed from the global generator (so torch.manual_seed makes it reproducible), rank 0's under
+    torch.distributed."""
+    seed = int(torch.randint(0, 2 ** 62, ()).item())
+    # Ranks' generators need not agree (seed_parallel_rng gives each data-parallel rank its own stream on
+    # purpose, and any rank-dependent draw before this shifts one), but a replicated tensor must come out
+    # the same on every rank: they all use rank 0's draw. Every rank drew one, so their streams stay in step.
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
+
+
 @torch.no_grad()
 def init_weights_(model: nn.Module, *, std: float = 0.02, seed: Optional[int] = None) -> nn.Module:
-    """Initialise every parameter (and reset BatchNorm running statistics) of ``model`` in place."""
+    """Initialise every parameter (and reset BatchNorm running statistics) of ``model`` in place.
+
+    ``seed=None``: an unsharded model draws from the global generator; a sharded one uses a seed drawn from
+    it (module doc). Under torch.distributed that case is a collective over the default group (rank 0's seed
+    is broadcast): every rank calls it, as every rank must to initialise its own shards.
+    """
+    if seed is None and _is_sharded(model):
+        seed = _drawn_seed()
     torch_default = {id(m) for top in model.modules() if getattr(top, "torch_default_init", False)
                      for m in top.modules()}
     for mod_name, module in model.named_modules():

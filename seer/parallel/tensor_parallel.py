@@ -18,7 +18,8 @@ from ..model.config import ViTConfig
 from ..model.layers import DropPath, LayerNorm, LayerScale
 from ..swav.config import SwAVHeadConfig
 from ..swav.head import SwAVHead
-from .layers import ColumnParallelLinear, RowParallelLinear, make_tensor_parallel_replicated
+from .layers import (ColumnParallelLinear, RowParallelLinear, TPLayerNorm, TPLayerScale,
+                     make_tensor_parallel_replicated)
 from .mappings import gather_from_sequence_region, scatter_to_sequence_region
 from .random import ForkedRNG, RNGStatesTracker, get_rng_tracker
 
@@ -45,6 +46,14 @@ def validate_tensor_parallel(vit: ViTConfig, head: Optional[SwAVHeadConfig], tp:
         if value % tp:
             raise ValueError(f"{name}={value} is not divisible by parallel.tp={tp}: tensor parallelism gives every "
                              f"rank {name.split('.')[1]}/tp {what}")
+
+
+def split_module(model: nn.Module) -> Optional[str]:
+    """Name and class of the first module that tensor parallelism put in ``model``; None if there is none."""
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, TPLayerNorm, TPLayerScale)):
+            return f"{name} ({type(module).__name__})"
+    return None
 
 
 def _fork(module: nn.Module, tracker: RNGStatesTracker) -> nn.Module:
@@ -87,12 +96,17 @@ def apply_tensor_parallel(model: nn.Module, *, group, tp_rank: int, tp_size: int
     """Split ``model`` (VisionTransformer or SwAVModel) for rank ``tp_rank`` of ``tp_size`` in place.
 
     ``group`` may be None to only reshape the parameters (e.g. checking a meta-device model's shards in one
-    process); the forward then needs the real group.
+    process); the forward then needs the real group. A model that is already split is refused (ValueError):
+    splitting it again would silently cut each shard into smaller ones.
     """
     trunk, head = model_parts(model)
     validate_tensor_parallel(trunk.cfg, head.cfg if head is not None else None, tp_size)
     if tp_size == 1:
         return model
+    split = split_module(model)
+    if split is not None:
+        raise ValueError(f"apply_tensor_parallel: the model is already tensor-parallel ({split}); "
+                         f"apply it once, to the single-device model")
     tracker = tracker if tracker is not None else get_rng_tracker()
     sp = sequence_parallel
     kw = dict(group=group, tp_rank=tp_rank, tp_size=tp_size)
