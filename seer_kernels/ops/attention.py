@@ -23,8 +23,11 @@ The custom ops ``seer::attention_fwd`` (returns out and the log-sum-exp rows) an
 out and lse, never the N x N matrix. They run the triton or reference backend. Plain eager calls of
 ``attention`` run the same backend functions through an ``autograd.Function`` instead (torch.library's
 per-call wrapper cost more host time than the kernels at ViT shapes); anything that traces or intercepts
-the call (compile, export, jit.trace, FakeTensor, dispatch modes, functorch transforms, tensor subclasses)
-gets the ops.
+the call (compile, export, jit.trace, FakeTensor, dispatch modes, tensor subclasses) gets the ops. Under
+functorch transforms (``torch.func.grad``, ``vjp``, ``jacrev``, ``vmap`` and their compositions) the ops run
+inside an ``autograd.Function`` with a separate ``setup_context``: torch.func cannot differentiate a
+``register_autograd`` op itself (pytorch/pytorch#170834). ``vmap`` folds its dim into the batch dim (the
+ops' vmap rules). Neither path has a double backward or a forward-mode (jvp) rule.
 
 Determinism: ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``, or the environment
 variable SEER_KERNELS_DETERMINISTIC=1) makes every run give the same bits. The Triton backward then computes
@@ -311,6 +314,82 @@ def _backward(ctx, dout, dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _fold(info, in_dims, tensors):
+    """The tensors with vmap's dim folded into the batch dim: (V, B, ...) -> (V * B, ...), an unbatched one
+    broadcast to V copies (every (b, h) slice of attention is independent, so a vmap is a bigger batch)."""
+    out = []
+    for t, dim in zip(tensors, in_dims):
+        t = t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+        out.append(t.flatten(0, 1))
+    return out
+
+
+@_fwd_op.register_vmap
+def _(info, in_dims, q, k, v, scale, deterministic=False, backend=""):
+    n = info.batch_size
+    out, lse = torch.ops.seer.attention_fwd(*_fold(info, in_dims[:3], (q, k, v)), scale, deterministic, backend)
+    return (out.unflatten(0, (n, -1)), lse.unflatten(0, (n, -1))), (0, 0)
+
+
+@_bwd_op.register_vmap
+def _(info, in_dims, dout, q, k, v, out, lse, scale, deterministic=False, backend=""):
+    n = info.batch_size
+    grads = torch.ops.seer.attention_bwd(*_fold(info, in_dims[:6], (dout, q, k, v, out, lse)), scale,
+                                         deterministic, backend)
+    return tuple(g.unflatten(0, (n, -1)) for g in grads), (0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The functorch path (torch.func.grad, vjp, jacrev, vmap and their compositions).
+#
+# torch.library builds register_autograd's autograd.Function without a setup_context, and Function.apply
+# refuses such a Function whenever a functorch transform is active ("it must override the setup_context
+# staticmethod": pytorch/pytorch#170834, open in torch 2.14), so torch.func.grad cannot differentiate
+# seer::attention_fwd itself. seer_kernels.attention runs the ops through these two Functions instead: they
+# split forward from setup_context and let torch generate their vmap rules from the ops' (above), which is
+# what functorch needs at every level.
+
+class _FuncAttention(torch.autograd.Function):
+    """seer::attention_fwd with the ops' backward, in the form functorch transforms accept."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, scale, deterministic, backend):
+        return torch.ops.seer.attention_fwd(q, k, v, scale, deterministic, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _FuncAttentionBwd.apply(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic, ctx.backend)
+        return dq, dk, dv, None, None, None
+
+
+class _FuncAttentionBwd(torch.autograd.Function):
+    """seer::attention_bwd. torch.func.grad always differentiates with create_graph, so the gradients carry
+    this node: differentiating them again (hessian, jacrev of grad) raises, as through the op."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dout, q, k, v, out, lse, scale, deterministic, backend):
+        return torch.ops.seer.attention_bwd(dout, q, k, v, out, lse, scale, deterministic, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("Trying to backward through seer::attention_bwd but no autograd formula was "
+                           "registered: seer_kernels.attention has no double backward on the triton and "
+                           "reference backends (second derivatives need the sdpa backend)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The eager path: the same backend functions as the ops above, without torch.library's per-call wrapper.
 
@@ -376,6 +455,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         return backend.impl.attention(q, k, v, scale)
     if plain_eager(q, k, v):
         return _EagerAttention.apply(q, k, v, scale, det, backend)
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        out, _ = _FuncAttention.apply(q, k, v, scale, det, backend.name)
+        return out
     out, _ = torch.ops.seer.attention_fwd(q, k, v, scale, det, backend.name)
     return out
 

@@ -976,6 +976,49 @@ def test_eager_path_only_for_plain_eager_calls(monkeypatch):
             (task + g.pow(2).sum()).backward()
 
 
+@pytest.mark.parametrize("backend,dtype", [("reference", F32), ("reference", F64), ("sdpa", F64)]
+                         + ([("triton", F32)] if TRITON_DEV == "cpu" else []))
+def test_torch_func_grad_vjp_and_vmap_of_grad(backend, dtype):
+    """torch.func.grad, vjp and vmap(grad) give torch.autograd.grad's bits. (torch.func refuses the
+    autograd.Function that register_autograd generates - no setup_context - so these raised through the op.)"""
+    q, k, v = make_qkv(2, 2, 9, 13, 16, dtype, "cpu", "fused" if backend == "reference" else "contiguous")
+    w = torch.randn(2, 2, 9, 16, dtype=dtype)
+
+    def loss(q_, k_, v_):
+        return (seer_kernels.attention(q_, k_, v_, scale=0.3) * w).sum()
+
+    def autograd_grads(q_, k_, v_):
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q_, k_, v_))
+        return torch.autograd.grad(loss(qg, kg, vg), (qg, kg, vg))
+
+    with use_backend(backend, op="attention"):
+        want = autograd_grads(q, k, v)
+        got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        for g, r in zip(got, want):
+            assert torch.equal(g, r)
+        out, vjp = torch.func.vjp(lambda *t: seer_kernels.attention(*t, scale=0.3), q, k, v)
+        assert torch.equal(out, seer_kernels.attention(q, k, v, scale=0.3))
+        for g, r in zip(vjp(w), want):
+            assert torch.equal(g, r)
+        # per-example gradients: q batched in dim 0, k in dim 2, v shared (the ops' vmap rules fold the dim
+        # into the batch, so every example gets the bits of its own call)
+        qs, ks = torch.randn(3, *q.shape, dtype=dtype), torch.randn(2, 2, 3, 13, 16, dtype=dtype)
+        gq, gk = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(0, 2, None))(qs, ks, v)
+        for i in range(3):
+            want_q, want_k, _ = autograd_grads(qs[i], ks[:, :, i], v)
+            assert torch.allclose(gq[i], want_q, rtol=1e-6, atol=1e-6)
+            assert torch.allclose(gk[i], want_k, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_DEV == "cpu" else []))
+def test_torch_func_has_no_second_derivative_of_the_ops(backend):
+    """A second reverse derivative through the ops raises, under torch.func as under torch.autograd."""
+    q, k, v = make_qkv(1, 2, 9, 9, 16, F32, "cpu")
+    with use_backend(backend, op="attention"):
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            torch.func.jacrev(torch.func.grad(lambda x: seer_kernels.attention(x, k, v).pow(2).sum()))(q)
+
+
 def test_use_backend_refuses_an_unknown_op():
     with pytest.raises(ValueError, match="unknown op 'atention'"):
         with use_backend("reference", op="atention"):  # would otherwise force nothing, silently
