@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 
 import torch
@@ -35,6 +36,128 @@ def _load() -> None:
         return
     _LOADED = True
     _REASON = ""
+    _register_fakes()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels of the native ops, so that FakeTensor, meta tensors, torch.compile and opcheck can
+# trace a direct call of torch.ops.seer_C.<op> (the public torch.ops.seer ops have their own). Each returns
+# what both the CPU and the CUDA kernel return: a new contiguous tensor on the input's device, float32 for
+# the Sinkhorn ops, ``out_dtype`` for multi-crop. They repeat the kernels' argument checks that need no
+# data (csrc/include/seer/*.h, same messages), so that a trace refuses what the kernel would refuse; the
+# checks on values (the crops in ``params``) happen when the kernel runs.
+
+_SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EPS_MIN = torch.finfo(torch.float32).tiny
+_INT32_MAX = 2**31 - 1
+_MULTICROP_COLS = 18  # kCols in csrc/include/seer/multicrop.h
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _arg(cond, name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"argument '{name}': {message}")
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+            torch.uint8: "Byte"}.get(dt, str(dt).replace("torch.", ""))
+
+
+def _check_scores(scores) -> None:
+    _arg(scores.dim() == 2, "scores", f"expected a 2-D tensor, got {scores.dim()}-D")
+    _arg(scores.numel() > 0, "scores", f"expected a non-empty matrix, got {list(scores.shape)}")
+    _arg(scores.shape[0] <= _INT32_MAX and scores.shape[1] <= _INT32_MAX, "scores",
+         f"each dimension must be below 2^31, got {list(scores.shape)}")
+    _arg(scores.dtype in _SCORE_DTYPES, "scores",
+         f"expected float32, bfloat16 or float16, got {_dtype_name(scores.dtype)}")
+
+
+def _check_eps(eps) -> None:
+    _arg(math.isfinite(eps) and eps >= _EPS_MIN, "epsilon",
+         f"expected a finite value >= {_EPS_MIN:g} (the smallest normal float32), got {eps:g}")
+
+
+def _check_vec(t, name: str, n, scores) -> None:
+    if t is None:
+        return
+    _arg(t.dim() == 1, name, f"expected a 1-D tensor, got {t.dim()}-D")
+    _arg(t.device == scores.device, name, f"expected a tensor on {scores.device} (the device of 'scores'), got "
+                                          f"{t.device}")
+    _arg(t.shape[0] == n, name, f"expected {n} values, got {t.shape[0]}")
+    _arg(t.dtype == torch.float32, name, f"expected float32, got {_dtype_name(t.dtype)}")
+
+
+def _check_step(scores, m, f, g, eps, dim) -> None:
+    _check_scores(scores)
+    _check_eps(eps)
+    _arg(dim in (0, 1), "dim", f"expected 0 or 1, got {dim}")
+    _check_vec(m, "m", scores.shape[1], scores)
+    _check_vec(f, "f", scores.shape[1], scores)
+    _check_vec(g, "g", scores.shape[0], scores)
+
+
+def _fake_sinkhorn_fused(scores, epsilon, iterations):
+    _check_scores(scores)
+    _check_eps(epsilon)
+    _arg(1 <= iterations <= _INT32_MAX, "iterations", f"expected an integer in [1, {_INT32_MAX}], got {iterations}")
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
+def _fake_sinkhorn_max(scores, m, f, g, epsilon, dim):
+    _check_step(scores, m, f, g, epsilon, dim)
+    return scores.new_empty((scores.shape[1 - dim],), dtype=torch.float32)
+
+
+def _fake_sinkhorn_sumexp(scores, m, f, g, epsilon, dim, shift):
+    _check_step(scores, m, f, g, epsilon, dim)
+    lines = scores.shape[1 - dim]
+    _arg(shift.dim() == 0 or (shift.dim() == 1 and shift.shape[0] == lines), "shift",
+         f"expected a scalar tensor or {lines} values, got shape {list(shift.shape)}")
+    _arg(shift.device == scores.device, "shift", f"expected a tensor on {scores.device} (the device of 'scores'), "
+                                                 f"got {shift.device}")
+    return scores.new_empty((lines,), dtype=torch.float32)
+
+
+def _fake_sinkhorn_finalize(scores, m, f, g, epsilon, log_scale):
+    _check_step(scores, m, f, g, epsilon, 0)
+    return scores.new_empty(scores.shape, dtype=torch.float32)
+
+
+def _fake_multicrop_apply(images, params, size, mean, std, out_dtype):
+    _arg(len(images) > 0, "images", "expected at least one image")
+    for i, im in enumerate(images):
+        _arg(im.device == images[0].device, "images", f"every image must be on the same device, image {i} is on "
+                                                      f"{im.device} and image 0 on {images[0].device}")
+        _arg(im.dtype == torch.uint8, "images", f"image {i}: expected uint8, got {_dtype_name(im.dtype)}")
+        _arg(im.dim() == 3 and im.shape[0] == 3, "images", f"image {i}: expected shape (3, H, W), got "
+                                                          f"{list(im.shape)}")
+        _arg(im.shape[1] > 0 and im.shape[2] > 0, "images", f"image {i}: expected a non-empty image, got "
+                                                            f"{list(im.shape)}")
+        _arg(im.shape[1] < 2**24 and im.shape[2] < 2**24, "images", f"image {i}: sides must be below 2^24 "
+                                                                    f"pixels, got {list(im.shape)}")
+    _arg(params.device.type in ("cpu", "meta"), "params", f"expected a CPU tensor, got {params.device}")
+    _arg(params.dtype == torch.float32, "params", f"expected float32, got {_dtype_name(params.dtype)}")
+    _arg(params.dim() == 2 and params.shape[1] == _MULTICROP_COLS, "params",
+         f"expected shape (n, {_MULTICROP_COLS}), got {list(params.shape)}")
+    _arg(1 <= size <= 16384, "size", f"expected an integer in [1, 16384], got {size}")
+    _arg(len(mean) == 3, "mean", f"expected 3 values, got {len(mean)}")
+    _arg(len(std) == 3, "std", f"expected 3 values, got {len(std)}")
+    for mu, sd in zip(mean, std):
+        _arg(math.isfinite(mu), "mean", f"expected finite values, got {mu:g}")
+        _arg(math.isfinite(sd) and sd != 0.0, "std", f"expected finite non-zero values, got {sd:g}")
+    _arg(out_dtype in _OUT_DTYPES, "out_dtype", f"expected float32, bfloat16 or float16, got {out_dtype}")
+    return images[0].new_empty((params.shape[0], 3, size, size), dtype=out_dtype)
+
+
+_FAKES = {"sinkhorn_fused": _fake_sinkhorn_fused, "sinkhorn_max": _fake_sinkhorn_max,
+          "sinkhorn_sumexp": _fake_sinkhorn_sumexp, "sinkhorn_finalize": _fake_sinkhorn_finalize,
+          "multicrop_apply": _fake_multicrop_apply, "multicrop_apply_emulated": _fake_multicrop_apply}
+
+
+def _register_fakes() -> None:
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"seer_C::{name}", fake)
 
 
 _load()

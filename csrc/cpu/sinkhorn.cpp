@@ -314,25 +314,39 @@ void sweep_rows(int64_t B, int64_t K, std::vector<float>& part, float* colsum, c
 // is one sweep over E (a dot product per row, then that row's share of the next prototype totals), no
 // exp. The exp is taken once, to build E. Two guards keep every value that matters representable:
 // * rescue: a sample whose scores are all far below every prototype's best has its whole row of E
-//   underflow (sum_k E a < 1e-20); its row is rebuilt with h[j] = -max_k (X + f + log a), i.e. shifted by
-//   its own max, exactly what the log-domain reference does with its first-round max shift;
+//   underflow (sum_k E a < 1e-20); its row is rebuilt in the reference's row frame: shifted first by its
+//   best score r[j] = max_k (S - m) in score units (the row's best entry is then exactly 0, its neighbours
+//   exact differences), then by h[j] = -max_k (Y / eps + f + log a) with Y = S - m - r[j]. (h[j] holding the
+//   whole shift, as it once did, rounded the O(1) terms beside it away: 3e-5 of error in the codes of cosine
+//   scores at eps = 1e-5, rows summing to up to B from |max X| ~ 2^24 on.)
 // * absorb: when a scaling drifts beyond e^kAbsorb, a and b are folded into f and h and E is rebuilt, so
 //   an entry of E that underflowed (< 4e-38) can never grow past 4e-38 e^(2 kAbsorb) ~ 1e-20.
 constexpr float kAbsorb = 20.f;
 constexpr float kRescueBelow = 1e-20f;
 
-SEER_SIMD_CLONES void exp_logits_row(const float* s, const float* m, float eps, const float* f, float add, float* e,
-                                     int64_t n) {
+// r: the row's shift in score units (0 unless rescued; (x - 0) is x, so unrescued rows keep their bits)
+SEER_SIMD_CLONES void exp_logits_row(const float* s, const float* m, float r, float eps, const float* f, float add,
+                                     float* e, int64_t n) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) e[k] = expf_vec((s[k] - m[k]) / eps + f[k] + add);
+  for (int64_t k = 0; k < n; ++k) e[k] = expf_vec(((s[k] - m[k]) - r) / eps + f[k] + add);
 }
 
-SEER_SIMD_CLONES float max_logits_row(const float* s, const float* m, float eps, const float* f, const float* la,
-                                      int64_t n) {
+SEER_SIMD_CLONES float max_diff_row(const float* s, const float* m, int64_t n) {
   float acc = -INFINITY;
 #pragma omp simd reduction(max : acc)
   for (int64_t k = 0; k < n; ++k) {
-    const float v = (s[k] - m[k]) / eps + f[k] + la[k];
+    const float v = s[k] - m[k];
+    acc = v > acc ? v : acc;
+  }
+  return acc;
+}
+
+SEER_SIMD_CLONES float max_logits_row(const float* s, const float* m, float r, float eps, const float* f,
+                                      const float* la, int64_t n) {
+  float acc = -INFINITY;
+#pragma omp simd reduction(max : acc)
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = ((s[k] - m[k]) - r) / eps + f[k] + la[k];
     acc = v > acc ? v : acc;
   }
   return acc;
@@ -344,14 +358,14 @@ struct ScaleState {
   float eps;
   int64_t B, K;
   float* e;        // E, B x K (the output buffer)
-  std::vector<float> f, h, a, b, total, log_a;
+  std::vector<float> f, h, r, a, b, total, log_a;  // r: rows' shifts in score units (the rescue)
   std::vector<float>& part;  // per-thread scratch reused across calls
 };
 
 void rebuild(ScaleState& st) {  // E from the potentials; a = b = 1; prototype totals of E
   sweep_rows(st.B, st.K, st.part, st.total.data(), [&](int64_t j, float* acc) {
     float* ej = st.e + j * st.K;
-    exp_logits_row(st.s + j * st.K, st.m, st.eps, st.f.data(), st.h[j], ej, st.K);
+    exp_logits_row(st.s + j * st.K, st.m, st.r[j], st.eps, st.f.data(), st.h[j], ej, st.K);
     axpy_row(ej, 1.f, acc, st.K);
   });
   std::fill(st.a.begin(), st.a.end(), 1.f);
@@ -377,8 +391,9 @@ void sample_step(ScaleState& st) {
         for (int64_t k = 0; k < K; ++k) st.log_a[k] = std::log(st.a[k]);
         have_log_a = true;
       }
-      st.h[j] = -max_logits_row(st.s + j * K, st.m, st.eps, st.f.data(), st.log_a.data(), K);
-      exp_logits_row(st.s + j * K, st.m, st.eps, st.f.data(), st.h[j], ej, K);
+      st.r[j] = max_diff_row(st.s + j * K, st.m, K);
+      st.h[j] = -max_logits_row(st.s + j * K, st.m, st.r[j], st.eps, st.f.data(), st.log_a.data(), K);
+      exp_logits_row(st.s + j * K, st.m, st.r[j], st.eps, st.f.data(), st.h[j], ej, K);
       c = dot_row(ej, st.a.data(), K);
     }
     st.b[j] = 1.f / c;
@@ -394,12 +409,12 @@ at::Tensor sinkhorn_fused_cpu(const at::Tensor& scores, double eps, int64_t iter
   at::Tensor out = at::empty({B, K}, s.options());
   thread_local std::vector<float> scratch;
   ScaleState st{s.data_ptr<float>(), nullptr, static_cast<float>(eps), B, K, out.data_ptr<float>(),
-                {}, {}, {}, {}, {}, {}, scratch};
+                {}, {}, {}, {}, {}, {}, {}, scratch};
   std::vector<float> m(K);
   colmax_raw(st.s, B, K, m.data());
   if (std::any_of(m.begin(), m.end(), [](float v) { return v != v; })) return out.fill_(kNaN);
   st.m = m.data();
-  st.f.assign(K, 0.f), st.h.assign(B, 0.f), st.a.assign(K, 1.f), st.b.assign(B, 1.f);
+  st.f.assign(K, 0.f), st.h.assign(B, 0.f), st.r.assign(B, 0.f), st.a.assign(K, 1.f), st.b.assign(B, 1.f);
   st.total.assign(K, 0.f), st.log_a.assign(K, 0.f);
   rebuild(st);  // E = exp((S - m) / eps): every column has max 1, so no prototype total underflows
   const float target = static_cast<float>(B) / static_cast<float>(K);

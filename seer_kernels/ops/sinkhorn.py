@@ -140,9 +140,13 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
         iterations: number of (prototype, sample) normalisation rounds, in [1, 2^31 - 1].
         group: process group over which the batch is split; the global batch B_global = B x its size.
         prototype_group: process group over which K is split (a tensor-parallel prototype layer).
-        check_finite: raise ``ValueError`` if ``scores`` holds NaN or inf. This costs one device-to-host
-            copy on a GPU; it is skipped while compiling or capturing a CUDA graph. Without the check,
-            NaN or inf anywhere (on any rank) makes every code NaN, which a training loop sees in its loss.
+        check_finite: raise ``ValueError`` if ``scores`` holds NaN or inf, or is spread so widely for this
+            epsilon that a sample's logits (S - max_j S) / epsilon all overflow float32 (more than 3.4e38 x
+            epsilon below every prototype's best score: |S| ~ 1e38 at epsilon = 0.05; never cosine scores).
+            This costs one device-to-host copy on a GPU (and one more pass over such extreme scores); it is
+            skipped while compiling or capturing a CUDA graph. Without the check, NaN or inf anywhere (on
+            any rank) makes every code NaN, which a training loop sees in its loss, and so does such a
+            sample on every backend but the reference.
 
     Semantics (SwAV): Q = exp(S / eps), normalised to sum 1; then ``iterations`` times every prototype's
     total over the global batch is set to 1/K and every sample's total to 1/B_global; finally Q * B_global.
@@ -151,9 +155,12 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     """
     scores = _validate(scores, epsilon, iterations, group, prototype_group)
     if check_finite and not _tracing(scores):
-        if not _all_finite(scores):
+        finite, may_overflow = _all_finite(scores, epsilon)
+        if not finite:
             raise ValueError("sinkhorn: argument 'scores' contains NaN or inf; the codes would be all NaN. "
                              "Check the embeddings (L2-normalised?) and the prototype weights.")
+        if may_overflow:
+            _check_logits_finite(scores, epsilon)
     data_size = dist.get_world_size(group) if group is not None else 1
     proto_size = dist.get_world_size(prototype_group) if prototype_group is not None else 1
     if data_size == 1 and proto_size == 1:
@@ -169,14 +176,43 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     return ref.sinkhorn_loop(scores, float(epsilon), int(iterations), OP_STEPS, comm)
 
 
-def _all_finite(t: Tensor) -> bool:
-    """No NaN or inf in ``t``, from one read of it: min and max propagate NaN, and +-inf is an extreme.
+def _all_finite(t: Tensor, epsilon: float) -> tuple[bool, bool]:
+    """(no NaN or inf in ``t``, whether some logit (S - m) / epsilon may overflow float32), from one read of t
+    and one device-to-host copy: min and max propagate NaN, +-inf is an extreme, and no logit is below
+    -(max - min) / epsilon.
 
     (``torch.isfinite(t).all()`` makes several passes over t and a bool copy of it: at 4096 x 16384 it took
     185 ms against 5.5 ms on the 2-core CPU, and its four kernels 0.3 ms of a 2.4 ms call on an H200.)
     """
     lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    lo, hi = lo.float(), hi.float()
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    spread = (hi - lo) / epsilon  # in float32, as every backend computes (S - m) / epsilon
+    finite, may_overflow = torch.stack([finite, torch.isinf(spread)]).tolist()
+    return finite, finite and may_overflow
+
+
+def _check_logits_finite(scores: Tensor, epsilon: float) -> None:
+    """ValueError if a sample's logits (S - m) / epsilon all overflow float32 to -inf (m: each prototype's
+    best score).
+
+    Only scores spread over more than 3.4e38 x epsilon get here (e.g. |S| ~ 1e38 at epsilon = 0.05; never
+    cosine scores, epsilon >= 1.2e-38 keeps 2 / epsilon finite). A logit that overflows is harmless where
+    its sample has a finite one (exp gives 0 either way), but a sample with none has no row maximum to
+    shift by: every backend's kernels would return NaN codes for finite input. The single-process
+    reference could compute them (it shifts in score units, see seer_kernels.reference.sinkhorn); the
+    op refuses them on every backend instead, so that all backends do the same.
+    """
+    s = scores.float()
+    row_max = ((s - s.amax(dim=0)) / epsilon).amax(dim=1)
+    bad = torch.nonzero(row_max == -math.inf)
+    if bad.numel():
+        j = int(bad[0, 0])
+        raise ValueError(
+            f"sinkhorn: argument 'scores' is out of range for epsilon={epsilon!r}: sample {j} (and "
+            f"{bad.shape[0] - 1} more) scores more than 3.4e38 x epsilon below each prototype's best score, so "
+            "its logits (scores - max) / epsilon all overflow float32 and its codes would be NaN. Rescale the "
+            "scores (L2-normalised embeddings and prototypes give cosine scores in [-1, 1]) or raise epsilon.")
 
 
 def _reducer(op: str, group):

@@ -30,6 +30,20 @@ range without a separate max pass, except in the first iteration:
   and the sum is B * (mass of prototype k), which the previous steps bound to [1/K, B];
 * later sample steps: symmetrically shift = -log K and the sum lies in [1/B, K].
 
+Row frame. After the first prototype step every later step runs on ``Y = D - max_k D[j, k]`` (D = S - m) in
+place of S - m, that is with ``X = Y / eps + f + h``, where h = g + max_k D[j, k] / eps. In exact arithmetic
+this is the same X; in floating point it is what keeps the codes right when a sample's best score lies far
+below every prototype's best (D[j, k] / eps = A_j << 0): the first sample step would put -A_j into g[j], and
+from there on X = D / eps + f + g adds O(1) terms (log B, log K, the log of each sum) to two numbers of size
+|A_j| and rounds them at |A_j| x 2^-24. With cosine scores that already cost 7.5e-5 of absolute error in the
+codes at eps = 1e-4 (2.2e-6 at 1e-3, 7x the tests' bound at 1e-4), and from |A_j| ~ 2^24 on (eps = 1e-7, or
+scores of 1e37 at eps = 0.05) rows summed to up to B instead of 1. Y is formed in score units, where the
+row's best entry is exactly 0 and its near neighbours are exact differences (Sterbenz), and h stays within
+a few log B + log K. The Triton fused kernel uses the same frame, and the C++ CPU kernel (which normalises
+in the scale domain) for the rows it rescues; the CUDA kernels behind ``seer_C::sinkhorn_fused`` do not yet
+(that change needs a GPU to test; README, "Sinkhorn-Knopp"). The step kernels need nothing: this driver
+hands them Y with m = 0.
+
 Non-finite input: NaN or +-inf anywhere in the scores (on any rank) makes every code NaN, never a silently
 finite answer; :func:`seer_kernels.sinkhorn` raises on such input first unless ``check_finite=False``.
 
@@ -129,22 +143,28 @@ def sinkhorn_loop(scores: Tensor, epsilon: float, iterations: int,
     f = torch.zeros(k_local, device=dev, dtype=cdt)
     g = torch.zeros(b_local, device=dev, dtype=cdt)
     zero = torch.zeros((), device=dev, dtype=cdt)
+    # First prototype step on X = (S - m) / eps (shift 0, see above).
+    s = comm.data_sum(steps.sumexp(scores, m, f, g, epsilon, 0, zero) + poison)
+    f = f - (log_k + torch.log(s))
+    # The row frame (module doc): from here on the steps run on Y = D - max_k D with m = 0, and g is h.
+    sc = _compute(scores)
+    d = sc - m.to(sc.dtype)
+    y = d - comm.proto_max(d.amax(dim=1)).unsqueeze(1)
+    m = torch.zeros_like(m)
     for it in range(iterations):
-        row_shift = zero if it == 0 else zero - log_b
-        s = steps.sumexp(scores, m, f, g, epsilon, 0, row_shift)
+        if it > 0:
+            s = comm.data_sum(steps.sumexp(y, m, f, g, epsilon, 0, zero - log_b))
+            f = f - (log_k - log_b + torch.log(s))
         if it == 0:
-            s = s + poison
-        s = comm.data_sum(s)
-        f = f - (log_k + row_shift + torch.log(s))
-        if it == 0:
-            col_shift = comm.proto_max(steps.max(scores, m, f, g, epsilon, 1))
+            col_shift = comm.proto_max(steps.max(y, m, f, g, epsilon, 1))
         else:
             col_shift = zero - log_k
-        u = comm.proto_sum(steps.sumexp(scores, m, f, g, epsilon, 1, col_shift))
+        u = comm.proto_sum(steps.sumexp(y, m, f, g, epsilon, 1, col_shift))
         g = g - (log_b + col_shift + torch.log(u))
-    return steps.finalize(scores, m, f, g, epsilon, log_b)
+    return steps.finalize(y, m, f, g, epsilon, log_b)
 
 
 def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3) -> Tensor:
-    """Reference codes for one process: float32 math (float64 math and output for float64 scores)."""
+    """Reference codes for one process: float32 math (float64 math and output for float64 scores).
+    Returns contiguous codes (like :func:`sinkhorn_finalize`) whatever the strides of ``scores``."""
     return sinkhorn_loop(scores, epsilon, iterations)

@@ -152,14 +152,18 @@ def _fused_kernel(s_ptr, out_ptr, B, K, stride_b, stride_k, epsilon, iterations,
     poison = tl.where(tl.sum(tl.sum(nonfinite.to(tl.int32), axis=1), axis=0) > 0, float("nan"), 0.0)
     m = tl.max(tl.where(mask, s, float("-inf")), axis=0)
     m = tl.where(mask_k, m, 0.0)
-    x = tl.where(mask, tl.math.div_rn(s - m[None, :], epsilon), float("-inf"))
-    f = tl.zeros([BLOCK_K], tl.float32)
+    d = s - m[None, :]
+    # First prototype step on X = (S - m) / eps (g = 0, shift 0); then the row frame of the reference
+    # module: x = Y / eps with Y = D - max_k D, and g is h there.
+    x = tl.where(mask, tl.math.div_rn(d, epsilon), float("-inf"))
+    f = tl.where(mask_k, -(log_k + tl.log(tl.sum(tl.exp(x), axis=0) + poison)), 0.0)
+    d = tl.where(mask, d, float("-inf"))
+    x = tl.where(mask, tl.math.div_rn(d - tl.max(d, axis=1)[:, None], epsilon), float("-inf"))
     g = tl.zeros([BLOCK_B], tl.float32)
     for it in range(iterations):
-        row_shift = tl.where(it == 0, 0.0, -log_b)
-        e = tl.exp(x + f[None, :] + g[:, None] - row_shift)
-        r = tl.sum(e, axis=0) + poison
-        f = tl.where(mask_k, f - (log_k + row_shift + tl.log(r)), 0.0)
+        if it > 0:
+            e = tl.exp(x + f[None, :] + g[:, None] + log_b)
+            f = tl.where(mask_k, f - (log_k - log_b + tl.log(tl.sum(e, axis=0))), 0.0)
         xf = x + f[None, :] + g[:, None]
         col_shift = tl.where(it == 0, tl.max(xf, axis=1), -log_k)
         col_shift = tl.where(mask_b, col_shift, 0.0)

@@ -285,6 +285,31 @@ def test_opcheck(backend, device, gen):
                               (images, packed, 12, list(MEAN), list(STD), torch.float32))
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("name", ["multicrop_apply", "multicrop_apply_emulated"])
+def test_native_ops_have_fake_kernels(name, gen):
+    """The private seer_C ops trace like the public one: FakeTensor and meta tensors get the kernel's (N, 3,
+    size, size) in out_dtype, contiguous, on the images' device, opcheck passes, and the fake refuses a bad
+    argument with the kernel's message (the crops themselves are data: checked when the kernel runs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    op = getattr(torch.ops.seer_C, name).default
+    images = [photos()["tiny"], photos()["strip"][:, :, :50]]
+    packed = torch.cat([random_params(tuple(im.shape[1:]), 2, (0.1, 1.0), gen).pack(i) for i, im in enumerate(images)])
+    args = (images, packed, 12, list(MEAN), list(STD), torch.bfloat16)
+    torch.library.opcheck(op, args)
+    real = op(*args)
+    short = packed[:, :17].contiguous()
+    with FakeTensorMode() as mode:
+        fake = op([mode.from_tensor(im) for im in images], mode.from_tensor(packed), *args[2:])
+        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
+        with pytest.raises(ValueError, match="argument 'out_dtype': expected float32, bfloat16 or float16"):
+            op([mode.from_tensor(images[0])], mode.from_tensor(packed), 12, list(MEAN), list(STD), torch.float64)
+        with pytest.raises(ValueError, match=r"argument 'params': expected shape \(n, 18\), got \[4, 17\]"):
+            op([mode.from_tensor(images[0])], mode.from_tensor(short), 12, list(MEAN), list(STD), torch.float32)
+    meta = op([im.to("meta") for im in images], packed.to("meta"), *args[2:])
+    assert (meta.shape, meta.dtype, meta.device.type) == (real.shape, real.dtype, "meta")
+
+
 def test_compiles_fullgraph(gen):
     torch._dynamo.reset()
 
