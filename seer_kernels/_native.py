@@ -146,7 +146,7 @@ def _fake_multicrop_apply(images, params, size, mean, std, out_dtype):
     for mu, sd in zip(mean, std):
         _arg(math.isfinite(mu), "mean", f"expected finite values, got {mu:g}")
         _arg(math.isfinite(sd) and sd != 0.0, "std", f"expected finite non-zero values, got {sd:g}")
-    _arg(out_dtype in _OUT_DTYPES, "out_dtype", f"expected float32, bfloat16 or float16, got {out_dtype}")
+    _arg(out_dtype in _OUT_DTYPES, "out_dtype", f"expected float32, bfloat16 or float16, got {_dtype_name(out_dtype)}")
     return images[0].new_empty((params.shape[0], 3, size, size), dtype=out_dtype)
 
 

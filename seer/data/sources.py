@@ -182,12 +182,14 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
     such as 'key.mask.png' does not stand in for it):
 
     * a link whose target is missing, not a file, outside the shard (an absolute path, '..' above the
-      shard's root) or a loop of symbolic links;
+      shard's root) or a loop of symbolic links; a hard link to a symbolic link (GNU tar links the symbolic
+      link itself, whose target then resolves from the hard link's folder; Python's tarfile reads the
+      symbolic link's target);
     * a sparse member (GNU ``--sparse``), or a link to one: its stored bytes are the file's data blocks
       without the holes, so reading them in place would give wrong bytes.
 
     Directories are not images; devices, fifos and members of unknown type named like images are left out
-    with a warning.
+    with a warning, and their sample gets no image either.
     """
     ids, offs, sizes = [], [], []
     names = []
@@ -250,6 +252,10 @@ def _member_entry(member: tarfile.TarInfo, table: dict[str, _Entry]) -> _Entry:
         target = table.get(_tar_path(member.linkname))
         if target is None:
             return ("bad", f"a hard link to {member.linkname!r}, which is not a member earlier in the shard")
+        if target[0] == "sym":  # GNU tar links the symlink itself (its target then read from the hard link's
+            # folder), Python's tarfile the symlink's target: no one right answer
+            return ("bad", f"a hard link to the symbolic link {member.linkname!r} (extractors differ on what it "
+                           f"reads)")
         return ("bad", f"a hard link to {member.linkname!r}: {target[1]}") if target[0] == "bad" else target
     if member.issym():
         target = _symlink_target(member)
@@ -290,14 +296,14 @@ def _shard_image_members(tf: tarfile.TarFile, shard: str) -> list[tuple[str, int
         table[_tar_path(m.name)] = entry
         if m.isdir() or not is_image_name(m.name):
             continue
-        if not (m.isreg() or m.islnk() or m.issym()):  # a device, a fifo: never an image, not part of a sample
-            left_out.append((m.name, entry[1]))
-            continue
         key = sample_key(m.name)
         if key == last_key:  # another image of the same sample
             dropped.append(m.name)
             continue
         last_key = key
+        if not (m.isreg() or m.islnk() or m.issym()):  # a device, a fifo: its sample gets no image
+            left_out.append((m.name, entry[1]))
+            continue
         if "\n" in m.name:
             log.warning("data.source: leaving out member %r of %s (a newline in its name)", m.name, shard)
             continue

@@ -80,7 +80,7 @@ def _is_sharded(model: nn.Module) -> bool:
 def _drawn_seed() -> int:
     """One seed from the global generator (so torch.manual_seed makes it reproducible), rank 0's under
     torch.distributed."""
-    seed = int(torch.randint(0, 2 ** 62, ()).item())
+    seed = int(torch.randint(0, 2 ** 62, (), device="cpu").item())  # the CPU generator, whatever the default device
     # Ranks' generators need not agree (seed_parallel_rng gives each data-parallel rank its own stream on
     # purpose, and any rank-dependent draw before this shifts one), but a replicated tensor must come out
     # the same on every rank: they all use rank 0's draw. Every rank drew one, so their streams stay in step.

@@ -145,8 +145,10 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
             epsilon below every prototype's best score: |S| ~ 1e38 at epsilon = 0.05; never cosine scores).
             This costs one device-to-host copy on a GPU (and one more pass over such extreme scores); it is
             skipped while compiling or capturing a CUDA graph. Without the check, NaN or inf anywhere (on
-            any rank) makes every code NaN, which a training loop sees in its loss, and so does such a
-            sample on every backend but the reference.
+            any rank) makes every code NaN, which a training loop sees in its loss; such a sample's codes
+            are NaN on the CUDA backend (the others compute them). Under ``group`` each rank checks its own
+            scores (against its own column max): the rank that raises leaves the others in their next
+            collective, which torchrun ends when it tears the job down.
 
     Semantics (SwAV): Q = exp(S / eps), normalised to sum 1; then ``iterations`` times every prototype's
     total over the global batch is set to 1/K and every sample's total to 1/B_global; finally Q * B_global.
@@ -199,9 +201,9 @@ def _check_logits_finite(scores: Tensor, epsilon: float) -> None:
     Only scores spread over more than 3.4e38 x epsilon get here (e.g. |S| ~ 1e38 at epsilon = 0.05; never
     cosine scores, epsilon >= 1.2e-38 keeps 2 / epsilon finite). A logit that overflows is harmless where
     its sample has a finite one (exp gives 0 either way), but a sample with none has no row maximum to
-    shift by: every backend's kernels would return NaN codes for finite input. The single-process
-    reference could compute them (it shifts in score units, see seer_kernels.reference.sinkhorn); the
-    op refuses them on every backend instead, so that all backends do the same.
+    shift by in the CUDA kernels, which return NaN codes for it. The row frame of the other backends
+    (seer_kernels.reference.sinkhorn) shifts in score units and computes them; the op refuses such input
+    on every backend, so that all backends do the same.
     """
     s = scores.float()
     row_max = ((s - s.amax(dim=0)) / epsilon).amax(dim=1)

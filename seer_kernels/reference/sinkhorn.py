@@ -150,6 +150,7 @@ def sinkhorn_loop(scores: Tensor, epsilon: float, iterations: int,
     sc = _compute(scores)
     d = sc - m.to(sc.dtype)
     y = d - comm.proto_max(d.amax(dim=1)).unsqueeze(1)
+    del sc, d  # B x K each: only y lives on
     m = torch.zeros_like(m)
     for it in range(iterations):
         if it > 0:

@@ -58,3 +58,17 @@ def test_unseeded_init_of_sharded_models_draws_per_shard():
         assert not torch.equal(r["same"]["split"]["head.prototypes.weight"], r["next"]["split"]["head.prototypes.weight"])
         assert not torch.equal(r["same"]["replicated"]["backbone.pos_embed"], r["next"]["replicated"]["backbone.pos_embed"])
     assert not torch.equal(r0["fsdp_fc1"], r1["fsdp_fc1"])  # FSDP shards of one weight: different rows
+
+
+def test_unseeded_init_of_a_sharded_model_under_a_meta_default_device():
+    """The seed is drawn from the CPU generator: under ``with torch.device("meta")`` (how models are built
+    for sharding) a draw on the default device could not be read."""
+    from seer.parallel import apply_tensor_parallel
+    model = apply_tensor_parallel(build_model(depth=1), group=None, tp_rank=0, tp_size=2)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        init_weights_(model)
+    again = apply_tensor_parallel(build_model(depth=1), group=None, tp_rank=0, tp_size=2)
+    torch.manual_seed(0)
+    init_weights_(again)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
