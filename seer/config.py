@@ -27,7 +27,7 @@ from typing import Any, Optional
 import yaml
 
 from .model.config import ViTConfig, suggest, validate_vit_config, vit_preset
-from .optim.config import OptimConfig
+from .optim.config import COSINE_SHAPES, OptimConfig
 from .parallel.dims import ParallelConfig, checkpoint_every
 from .swav.config import SwAVHeadConfig, SwAVLossConfig, seer_head, seer_loss
 
@@ -602,7 +602,7 @@ def validate(cfg: RunConfig) -> RunConfig:
            o.final_weight_decay)
     _check(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
-    _choice("optim.cosine", o.cosine, ("after_warmup", "global"))
+    _choice("optim.cosine", o.cosine, COSINE_SHAPES)
     _check(e.batch_size >= 1, "eval.batch_size", "an integer >= 1", e.batch_size)
     _check(e.max_images >= 0, "eval.max_images", "an integer >= 0 (0 = all)", e.max_images)
     _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "an integer >= 1", e.linear_max_iter)

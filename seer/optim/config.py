@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+COSINE_SHAPES = ("after_warmup", "global")  # OptimConfig.cosine (seer/optim/schedules.py)
+
+
 @dataclass
 class OptimConfig:
     """Attributes:

@@ -20,10 +20,7 @@ from typing import Optional
 
 from torch.optim import Optimizer
 
-from .config import OptimConfig
-
-
-COSINE_SHAPES = ("after_warmup", "global")
+from .config import COSINE_SHAPES, OptimConfig
 
 
 @dataclass(frozen=True)
