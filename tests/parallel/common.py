@@ -28,6 +28,21 @@ def build_model(seed: int = 0, **vit_kw) -> SwAVModel:
     return model
 
 
+# Models that cannot split 4 ways (what is too small, the refusal naming it): parallelize and
+# apply_tensor_parallel both refuse them before changing anything.
+UNSPLITTABLE = [
+    ({"num_heads": 2, "embed_dim": 64}, {}, "model.num_heads=2 is not divisible by parallel.tp=4"),
+    ({"mlp_dim": 250}, {}, "model.mlp_dim=250 is not divisible by parallel.tp=4"),
+    ({}, {"num_prototypes": 30}, "head.num_prototypes=30 is not divisible by parallel.tp=4"),
+]
+
+
+def unsplittable_model(vit_kw: dict, head_kw: dict, **head_defaults) -> SwAVModel:
+    """A tiny SwAV model with one of UNSPLITTABLE's changes (32 prototypes otherwise)."""
+    return SwAVModel(VisionTransformer(vit_preset("tiny", **vit_kw)),
+                     SwAVHead(64, SwAVHeadConfig(**{"num_prototypes": 32, **head_defaults, **head_kw})))
+
+
 def make_crops(step: int, batch: int) -> list[torch.Tensor]:
     """2 global (32 px) + 2 local (16 px) crops of ``batch`` images, the same on every rank."""
     g = torch.Generator().manual_seed(1000 + step)

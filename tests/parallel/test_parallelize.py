@@ -2,8 +2,6 @@
 with a ValueError / TypeError naming the setting, before the model changes."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from seer.model import VisionTransformer, vit_preset
 from seer.parallel import ParallelConfig, ParallelDims, apply_tensor_parallel, parallelize, validate_parallel_config
 from seer.swav import SwAVHead, SwAVHeadConfig, SwAVModel
 from tests.dist_utils import run_distributed
-from tests.parallel.common import build_model
+from tests.parallel.common import UNSPLITTABLE, build_model, unsplittable_model
 
 
 def layout(cfg: ParallelConfig, world: int, device_type: str = "cpu") -> ParallelDims:
@@ -73,15 +71,9 @@ def test_wrong_argument_types():
     assert_refused(model, layout(TP2, 2), {"tp": 2}, TypeError, "cfg must be a ParallelConfig or None .* got dict")
 
 
-@pytest.mark.parametrize("vit_kw, head_kw, match", [
-    ({"num_heads": 2, "embed_dim": 64}, {}, "model.num_heads=2 is not divisible by parallel.tp=4"),
-    ({"mlp_dim": 250}, {}, "model.mlp_dim=250 is not divisible by parallel.tp=4"),
-    ({}, {"num_prototypes": 30}, "head.num_prototypes=30 is not divisible by parallel.tp=4"),
-])
+@pytest.mark.parametrize("vit_kw, head_kw, match", UNSPLITTABLE)
 def test_model_must_split_tp_ways(vit_kw, head_kw, match):
-    model = SwAVModel(VisionTransformer(vit_preset("tiny", **vit_kw)),
-                      SwAVHead(64, SwAVHeadConfig(**{"num_prototypes": 32, "hidden_dims": [30], "output_dim": 18,
-                                                     **head_kw})))
+    model = unsplittable_model(vit_kw, head_kw, hidden_dims=[30], output_dim=18)
     assert_refused(model, layout(ParallelConfig(tp=4), 4), None, ValueError, match)
 
 

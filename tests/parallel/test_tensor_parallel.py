@@ -17,8 +17,8 @@ from seer.plan import activation_bytes_per_token, count_parameters
 from seer.swav import (SwAVHead, SwAVHeadConfig, SwAVModel, build_swav_model, normalize_prototypes, seer_head,
                        swav_loss)
 from tests.dist_utils import run_distributed
-from tests.parallel.common import (FP32_TOL, assert_parity, build_model, make_crops, max_diff, parity_run,
-                                   saved_bytes_per_token)
+from tests.parallel.common import (FP32_TOL, UNSPLITTABLE, assert_parity, build_model, make_crops, max_diff,
+                                   parity_run, saved_bytes_per_token, unsplittable_model)
 
 
 def _dropout_checks(dims_cfg: ParallelConfig) -> dict:
@@ -191,14 +191,9 @@ def test_bad_parallel_configs(cfg, world, match):
         validate_parallel_config(cfg, world)
 
 
-@pytest.mark.parametrize("vit_kw, head_kw, match", [
-    ({"num_heads": 2, "embed_dim": 64}, {}, "model.num_heads=2 is not divisible by parallel.tp=4"),
-    ({"mlp_dim": 250}, {}, "model.mlp_dim=250 is not divisible by parallel.tp=4"),
-    ({}, {"num_prototypes": 30}, "head.num_prototypes=30 is not divisible by parallel.tp=4"),
-])
+@pytest.mark.parametrize("vit_kw, head_kw, match", UNSPLITTABLE)
 def test_bad_tensor_parallel_models(vit_kw, head_kw, match):
-    model = SwAVModel(VisionTransformer(vit_preset("tiny", **vit_kw)),
-                      SwAVHead(64, SwAVHeadConfig(**{"num_prototypes": 32, **head_kw})))
+    model = unsplittable_model(vit_kw, head_kw)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=match):
         apply_tensor_parallel(model, group=None, tp_rank=0, tp_size=4)
