@@ -8,11 +8,14 @@ sends only the file names, and each process maps the same page cache.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, TextIO
 
 import numpy as np
+
+log = logging.getLogger("seer.data")
 
 
 class MappedArray:
@@ -143,14 +146,26 @@ def normalise_list_file(src: str | os.PathLike, base: Optional[Path] = None) -> 
 
 
 def _clean_lines(fin: TextIO, base: Optional[Path], src: str = "the list file") -> Iterator[str]:
+    """Each entry as written, minus its line ending (\\n, \\r\\n): spaces at either end belong to the path,
+    as a name that ``find`` or ``ls`` printed may hold them. Lines of spaces only and lines whose first
+    non-blank character is '#' are skipped. Entries with spaces at an end are counted into one warning, the
+    likely cause should such files then be missing."""
+    spaced, first = 0, 0
     with fin:
         for number, line in enumerate(fin, 1):
             if "\x00" in line:  # a binary file (an image, a compressed archive) taken for a list of paths
                 raise ValueError(f"data.source {src!r} is not a text file of image paths (line {number} holds a "
                                  f"NUL byte)")
-            line = line.strip()
-            if not line or line.startswith("#"):
+            line = line[:-1] if line.endswith("\n") else line
+            line = line[:-1] if line.endswith("\r") else line
+            bare = line.strip()
+            if not bare or bare.startswith("#"):
                 continue
+            if bare != line:
+                spaced, first = spaced + 1, first or number
             if base is not None and not os.path.isabs(line):
                 line = str(base / line)
             yield line
+    if spaced:
+        log.warning("data.source: lines of %s with spaces at the start or end: %d (first: line %d); the spaces "
+                    "are kept as part of the file name", src, spaced, first)

@@ -44,6 +44,23 @@ def test_list_file_with_relative_paths_and_comments(tmp_path):
     assert [src.read(i) for i in range(4)] == [p.read_bytes() for p in paths[:3] + [paths[4]]]
 
 
+def test_list_file_entries_keep_their_spaces(tmp_path, caplog):
+    # A name with spaces at an end is a legal file name (find and ls print it so): the entry is the path as
+    # written. Lines of spaces, and comments indented or not, are skipped; CRLF line endings are not names.
+    imgs = tmp_path / "imgs"
+    write_good_images(imgs, 1, nested=False)
+    data = next(imgs.iterdir()).read_bytes()
+    for name in (" lead.png", "trail.png ", "plain.png"):
+        (imgs / name).write_bytes(data + name.encode())
+    lst = tmp_path / "files.txt"
+    lst.write_bytes(b"imgs/ lead.png\r\n   \r\n  # indented comment\nimgs/trail.png \nimgs/plain.png")
+    with caplog.at_level("WARNING", logger="seer.data"):
+        src = open_index(build_index(str(lst), "auto", tmp_path / "idx"), tmp_path / "idx")
+    assert [src.read(i) for i in range(len(src))] == [data + n.encode() for n in (" lead.png", "trail.png ",
+                                                                                   "plain.png")]
+    assert "start or end: 1 (first: line 4)" in caplog.text
+
+
 def _write_shard(path, start, n):
     with tarfile.open(path, "w") as tf:
         for i in range(start, start + n):
