@@ -68,12 +68,25 @@ def bench_record(request, bench_device, benchmark):
         benchmark.extra_info.setdefault("rows", []).append(row)
         if not used:  # pytest-benchmark's fixture times once per test; a test may record several rows
             used.append(key)
-            benchmark.pedantic(fns[ours], rounds=3, iterations=1, warmup_rounds=0)
+            benchmark.pedantic(_synced(fns[ours], bench_device), rounds=3, iterations=1, warmup_rounds=0)
         if msg and not no_gate:
             pytest.fail(msg)
         return row
 
     return record
+
+
+def _synced(fn, device: str):
+    """fn, waiting for the GPU before it returns: pytest-benchmark's side table times calls on the host, and
+    without the wait a CUDA call would count its launches alone (harness.compare times with events)."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
 
 
 # Row fields the printed table leaves out (they stay in the JSON): the per-candidate timings of the attention

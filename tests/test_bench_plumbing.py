@@ -76,3 +76,17 @@ def test_gate_fails_a_complete_run_that_lacks_a_floors_row(tmp_path, capsys):
         path.write_text(json.dumps({"environment": {"device": "cpu"}, "rows": rows, "complete": complete}))
         assert gate.main([str(path)]) == status
         assert (f"{key}: no row" in capsys.readouterr().out) == complete
+
+
+def test_side_table_timing_waits_for_the_gpu(monkeypatch):
+    # pytest-benchmark times on the host: a CUDA call must include the wait for its kernels to finish.
+    from bench.conftest import _synced
+    import torch
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+
+    def fn():
+        calls.append("fn")
+        return 7
+    assert _synced(fn, "cpu") is fn
+    assert _synced(fn, "cuda:0")() == 7 and calls == ["fn", "sync"]
