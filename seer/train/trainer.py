@@ -84,6 +84,7 @@ class Trainer:
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_row": 0}
         self.bad_files: set[str] = set()
+        self._bad_gathered = (0, 0)  # (the summed count, the distinct count) at the last gather of names
         warm = t.collapse_warmup_steps if t.collapse_warmup_steps >= 0 else max(50, t.max_steps // 10)
         self.monitor = CollapseMonitor(cfg.head.num_prototypes, warm)
         self.flops_per_image = _train_flops_per_image(cfg, self.data.spec)
@@ -421,15 +422,19 @@ class Trainer:
         ``skipped_files`` (the same on every rank) sums the ranks' own counts: an upper bound of the distinct
         files, which counts a file once per tensor-parallel rank (they read the same images) and again where
         several ranks walk past it to a replacement. Only when that bound passes the limit are the ranks' file
-        names gathered for the exact count (a collective that every rank enters, as the bound is shared)."""
+        names gathered for the exact count (a collective that every rank enters, as the bound is shared), and
+        again only once the files met since could take the last exact count past the limit: that count grows
+        by at most what the bound grew (the check runs every step; a gather pickles every name)."""
         limit = self.cfg.data.max_bad_fraction * len(self.data)
-        if epoch != 0 or skipped_files <= limit:
+        bound_then, distinct_then = self._bad_gathered
+        if epoch != 0 or skipped_files <= limit or distinct_then + (skipped_files - bound_then) <= limit:
             return
         names = set(self.bad_files)
         if self.dist.world > 1:
             gathered: list = [None] * self.dist.world
             torch.distributed.all_gather_object(gathered, sorted(self.bad_files))
             names = set().union(*gathered)
+        self._bad_gathered = (skipped_files, len(names))
         if len(names) > limit:
             raise DataError(f"{len(names)} of the {len(self.data)} images of data.source are unreadable so far, more "
                             f"than data.max_bad_fraction={self.cfg.data.max_bad_fraction} of them (listed in "

@@ -3,6 +3,7 @@ and torchrun with 2 processes for data parallelism (then resumed by 1 process) a
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,30 @@ def test_multicrop_in_workers_over_files_with_bad_ones(tmp_path):
     # 4 of the 16 files are bad: more than a fifth of the dataset stops the run, naming the key
     with pytest.raises(DataError, match="more than data.max_bad_fraction=0.2"):
         Trainer(apply_overrides(cfg, ["data.max_bad_fraction=0.2"]), tmp_path / "strict").fit()
+
+
+def test_bad_fraction_gathers_names_again_only_when_the_limit_may_be_passed(monkeypatch):
+    # 10 images, limit 5. The summed counts overstate the distinct files (here 2 processes x the same 3
+    # files): once the sum passes the limit the names are gathered (3 distinct), and again only when the
+    # files met since could take 3 past 5, i.e. when the sum has grown by 3 more.
+    from types import SimpleNamespace
+    gathers = []
+
+    def gather(out, names):
+        gathers.append(list(names))
+        out[:] = [names, names]
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    fake = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(max_bad_fraction=0.5)), data=[0] * 10,
+                           dist=SimpleNamespace(world=2), bad_files={"a", "b", "c"}, _bad_gathered=(0, 0),
+                           out=Path("OUT"))
+    for total in (4, 5, 6, 7, 8):
+        Trainer._check_bad_fraction(fake, total, epoch=0)
+    assert len(gathers) == 1 and fake._bad_gathered == (6, 3)
+    fake.bad_files |= {"d", "e", "f"}
+    with pytest.raises(DataError, match="6 of the 10 images"):
+        Trainer._check_bad_fraction(fake, 9, epoch=0)  # 3 + (9 - 6) > 5: gathered again
+    Trainer._check_bad_fraction(fake, 99, epoch=1)  # later epochs meet the same files: never checked
+    assert len(gathers) == 2
 
 
 def _torchrun(*args, timeout=300):
