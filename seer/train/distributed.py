@@ -8,7 +8,11 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -81,3 +85,44 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def check_shared_folders(folders: dict[str, Path], *, wait_s: float = 10.0) -> None:
+    """Refuse, on every process, a run whose output folders some process does not share.
+
+    Rank 0 indexes the data into OUT/data, and commits every checkpoint by renaming the folder into which all
+    ranks wrote their shards: both need one folder that every process reads and writes (a shared
+    filesystem). A node-local OUT in a multi-node run would otherwise train until its first save and leave
+    checkpoints missing other nodes' shards. Rank 0 writes a probe file with a random name into each folder;
+    every process looks for it (for up to ``wait_s``, for filesystems that show a new file late).
+    ``folders``: what the error calls each folder (e.g. 'OUT', 'checkpoint.dir') -> its path, which rank 0
+    has created. A collective: every process calls it.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    main = dist.get_rank() == 0
+    name = [f".seer-shared-{uuid.uuid4().hex}" if main else None]
+    if main:
+        for folder in folders.values():
+            (Path(folder) / name[0]).write_bytes(b"")
+    dist.broadcast_object_list(name, src=0)  # rank 0 wrote the probes before it sent their name
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = {what: str(folder) for what, folder in folders.items() if not (Path(folder) / name[0]).is_file()}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), missing))
+    if main:
+        for folder in folders.values():
+            (Path(folder) / name[0]).unlink(missing_ok=True)
+    blind = [(rank, host, what) for rank, (host, what) in enumerate(views) if what]
+    if blind:
+        lines = "; ".join(f"rank {rank} on {host} cannot see {', '.join(f'{w} ({p})' for w, p in what.items())}"
+                          for rank, host, what in blind[:8])
+        more = f" (and {len(blind) - 8} more ranks)" if len(blind) > 8 else ""
+        raise RuntimeError(
+            f"the run's folders are not shared by every process: {lines}{more}. Rank 0 writes the data index and "
+            "commits each checkpoint from every rank's shards in these folders, so every process must reach the "
+            "same ones: put --out (and checkpoint.dir) on a filesystem that every node mounts")

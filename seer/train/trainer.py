@@ -34,7 +34,7 @@ from .build import autocast_dtype, build_model, build_optimizer_and_schedule, cl
 from .checkpoint import (CheckpointManager, list_checkpoints, load_rank_state, load_tensors, read_meta,
                          resolve_checkpoint, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
-from .distributed import all_reduce_sum, barrier, init_distributed
+from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .metrics import MetricsWriter, peak_flops, read_metrics
 from .modules import BackboneView, nvtx_range
 from .plot import plot_metrics
@@ -64,6 +64,11 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _log_to_file(self.out / "train.log")
+        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out / "checkpoints"
+        if self.dist.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        check_shared_folders({"OUT": self.out, "checkpoint.dir": ckpt_dir} if cfg.checkpoint.dir else
+                             {"OUT": self.out})
         self.dims = ParallelDims(cfg.parallel, self.device.type, self.dist.world)
         seed_parallel_rng(t.seed, self.dims)
         self.model = build_model(cfg, self.dims, self.device)
@@ -79,7 +84,7 @@ class Trainer:
         self.data = TrainData(cfg.data, seed=t.seed, cache=self.out / "data", rank=self.dims.dp_rank,
                               world=self.dims.dp, device=self.device, barrier=barrier,
                               is_index_writer=self.dist.is_main)
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir or self.out / "checkpoints", cfg.checkpoint.keep,
+        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep,
                                       rank=self.dist.rank, barrier=barrier)
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_row": 0}
