@@ -47,6 +47,8 @@ from torch import Tensor
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
+MAX_SIGMA = 1000.0  # largest blur sigma the kernels take, in output pixels
+MAX_STRENGTH = 1e38  # largest jitter strength: its factor 1 + s stays finite in float32, the kernels' arithmetic
 
 # Columns of CropParams.pack(); must match csrc/include/seer/multicrop.h.
 PACK_COLUMNS = ("image", "top", "left", "height", "width", "flip", "jitter", "brightness", "contrast",
@@ -147,28 +149,35 @@ class CropParams:
             if tuple(t.shape) != shape:
                 raise ValueError(f"{where}: argument '{name}': field '{fname}' must have shape {shape} "
                                  f"(n = {n} crops), got {tuple(t.shape)}")
+        for fname in ("jitter_factors", "blur_sigma"):
+            t = getattr(self, fname)
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise TypeError(f"{where}: argument '{name}': field '{fname}' must be float16, bfloat16, float32 "
+                                f"or float64, got {t.dtype}")
         if not values or n == 0:
             return
-        box = self.box.cpu().numpy()
+        box = self.box.detach().cpu().numpy()
         if (box[:, 2:] <= 0).any():
             raise ValueError(f"{where}: argument '{name}': every box needs height and width > 0, got "
                              f"{box[(box[:, 2:] <= 0).any(1)][0].tolist()}")
         if image_hw is not None:
             h, w = image_hw
-            bad = (box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 0] + box[:, 2] > h) | (box[:, 1] + box[:, 3] > w)
+            # top > h - height, not top + height > h: the sum of two huge int64 values wraps around.
+            bad = (box[:, 0] < 0) | (box[:, 1] < 0) | (box[:, 0] > h - box[:, 2]) | (box[:, 1] > w - box[:, 3])
             if bad.any():
                 raise ValueError(f"{where}: argument '{name}': box {box[bad][0].tolist()} (top, left, height, width) "
                                  f"lies outside the image of size {h}x{w}")
-        order = self.jitter_order.cpu().numpy()
+        order = self.jitter_order.detach().cpu().numpy()
         if not (np.sort(order, axis=1) == np.arange(4)).all():
             raise ValueError(f"{where}: argument '{name}': every jitter_order row must be a permutation of "
                              f"0..3, got {order.tolist()}")
-        f = self.jitter_factors.cpu().numpy().astype(np.float64)
+        # As the kernels read them: float32 (a float64 factor of 1e39 is finite, and inf once packed).
+        f = self.jitter_factors.detach().cpu().float().numpy().astype(np.float64)
         if not np.isfinite(f).all() or (f[:, :3] < 0).any() or (np.abs(f[:, 3]) > 0.5).any():
-            raise ValueError(f"{where}: argument '{name}': jitter_factors must be finite, brightness, contrast and "
-                             f"saturation >= 0 and hue in [-0.5, 0.5]")
-        sig = self.blur_sigma.cpu().numpy().astype(np.float64)
-        if not np.isfinite(sig).all() or (sig < 0).any() or (sig > 1000).any():
+            raise ValueError(f"{where}: argument '{name}': jitter_factors must be finite in float32 (|x| < 3.4e38), "
+                             f"brightness, contrast and saturation >= 0 and hue in [-0.5, 0.5]")
+        sig = self.blur_sigma.detach().cpu().double().numpy()
+        if not np.isfinite(sig).all() or (sig < 0).any() or (sig > MAX_SIGMA).any():
             raise ValueError(f"{where}: argument '{name}': blur_sigma must lie in [0, 1000] (0 = no blur)")
 
     def pack(self, image_index=0, reduce=1.0) -> Tensor:
@@ -181,8 +190,13 @@ class CropParams:
         return torch.from_numpy(pack_fields(self.to_numpy(), image_index, reduce))
 
     def to_numpy(self) -> dict[str, np.ndarray]:
-        """The fields as numpy arrays (CPU; shared memory for CPU tensors): the inverse of :meth:`from_numpy`."""
-        return {f.name: getattr(self, f.name).cpu().numpy() for f in dataclasses.fields(self)}
+        """The fields as numpy arrays (CPU; shared memory for CPU tensors, bfloat16 as float32, which numpy
+        lacks): the inverse of :meth:`from_numpy`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name).detach().cpu()
+            out[f.name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        return out
 
     @staticmethod
     def from_numpy(fields: dict) -> "CropParams":
@@ -196,7 +210,7 @@ def pack_fields(fields: dict, image_index=0, reduce=1.0) -> np.ndarray:
     out = np.empty((len(box), len(PACK_COLUMNS)), dtype=np.float32)
     out[:, COL["image"]] = image_index
     reduce = np.asarray(reduce, dtype=np.float64)
-    out[:, COL["top"]:COL["width"] + 1] = box.astype(np.float64) / (reduce[:, None] if reduce.ndim else reduce)
+    out[:, COL["top"]:COL["width"] + 1] = _windows32(box, reduce[:, None] if reduce.ndim else reduce)
     out[:, COL["flip"]] = fields["flip"]
     out[:, COL["jitter"]] = fields["jitter"]
     out[:, COL["brightness"]:COL["hue"] + 1] = fields["jitter_factors"]
@@ -205,6 +219,27 @@ def pack_fields(fields: dict, image_index=0, reduce=1.0) -> np.ndarray:
     out[:, COL["sigma"]] = fields["blur_sigma"]
     out[:, COL["solarize"]] = fields["solarize"]
     return out
+
+
+def _windows32(box: np.ndarray, reduce) -> np.ndarray:
+    """(top, left, height, width) / reduce in float32, each window ending no later than its box does.
+
+    Rounded one by one, start and length can end past the box's end by an ulp when reduce does not divide
+    them (box (1, 0, 29, 30) at reduce 3: 0.33333334 + 9.666667 > 10), and the kernels then refuse a box
+    that fits its image (the image decoded at 1/reduce). There the length is the largest float32 that ends
+    at or before the rounded end, which lies inside the image when the box does (rounding is monotone and
+    the image's side is an integer). Exact where reduce divides the box (1, 2, 4, 8: the JPEG reductions).
+    """
+    b = box.astype(np.float64)
+    start = (b[:, :2] / reduce).astype(np.float32)
+    length = (b[:, 2:] / reduce).astype(np.float32)
+    end = ((b[:, :2] + b[:, 2:]) / reduce).astype(np.float32).astype(np.float64)
+    over = start.astype(np.float64) + length.astype(np.float64) > end
+    if over.any():
+        fit = (end - start.astype(np.float64)).astype(np.float32)
+        fit = np.where(start.astype(np.float64) + fit.astype(np.float64) > end, np.nextafter(fit, np.float32(0)), fit)
+        length = np.where(over, fit, length)
+    return np.concatenate([start, length], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,8 +276,9 @@ def rrc_boxes(image_hw, area_frac, log_ratio, pos, ratio) -> np.ndarray:
     height, width = hw[:, :1], hw[:, 1:]  # columns, to broadcast against the tries
     target = (height * width) * area_frac
     aspect = np.exp(log_ratio)
-    w = np.rint(np.sqrt(target * aspect))  # rint: half to even, like Python's round
-    h = np.rint(np.sqrt(target / aspect))
+    with np.errstate(over="ignore"):  # an extreme ratio's inf side fails the test below, as it should
+        w = np.rint(np.sqrt(target * aspect))  # rint: half to even, like Python's round
+        h = np.rint(np.sqrt(target / aspect))
     ok = (np.minimum(w, h) > 0) & (w <= width) & (h <= height)
     rows = np.arange(len(ok))
     first = ok.argmax(axis=1)  # the first successful try (0 when none: replaced below)
@@ -263,8 +299,10 @@ def _fallback_boxes(hw: np.ndarray, ratio) -> np.ndarray:
     lo, hi = ratio.min(axis=1), ratio.max(axis=1)
     height, width = hw[:, 0], hw[:, 1]
     in_ratio = width / height
-    fw = np.where(in_ratio > hi, np.rint(height * hi), width)
-    fh = np.where(in_ratio < lo, np.rint(width / lo), height)
+    # At least 1 pixel: an extreme ratio (10 on a 5 x 5 image) rounds the narrow side to 0, an empty box.
+    with np.errstate(over="ignore"):  # np.where computes both branches: an inf one is never taken
+        fw = np.where(in_ratio > hi, np.maximum(np.rint(height * hi), 1), width)
+        fh = np.where(in_ratio < lo, np.maximum(np.rint(width / lo), 1), height)
     return np.stack([(height - fh) // 2, (width - fw) // 2, fh, fw], axis=1)
 
 
@@ -324,7 +362,7 @@ def check_mean_std(where: str, mean, std) -> tuple[list[float], list[float]]:
 
 
 def _factor_range(where: str, name: str, strength) -> tuple[float, float]:
-    s = _check_number(where, name, strength, 0.0, math.inf)
+    s = _check_number(where, name, strength, 0.0, MAX_STRENGTH)
     return max(0.0, 1.0 - s), 1.0 + s
 
 
@@ -397,7 +435,7 @@ class CropLaw:
                   _factor_range(where, "saturation", saturation)]
         h = _check_number(where, "hue", hue, 0.0, 0.5)
         ranges.append((-h, h))
-        sigma = _check_range(where, "blur_sigma", blur_sigma, positive=True)
+        sigma = _check_range(where, "blur_sigma", blur_sigma, hi=MAX_SIGMA, positive=True)
         return CropLaw(scale, ratio, (math.log(ratio[0]), math.log(ratio[1])), probs,
                        np.array([r[0] for r in ranges]), np.array([r[1] for r in ranges]), sigma)
 

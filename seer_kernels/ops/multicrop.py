@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import _native, decode
 from .._backend import Backend, Dispatcher, plain_eager
-from ..multicrop_params import COL, PACK_COLUMNS, CropDraw, CropParams, MultiCropSpec, check_mean_std
+from ..multicrop_params import COL, MAX_SIGMA, PACK_COLUMNS, CropDraw, CropParams, MultiCropSpec, check_mean_std
 from ..reference import multicrop as ref
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -97,6 +97,9 @@ def _check_image(where: str, name: str, image) -> None:
                          f"got {tuple(image.shape)}")
     if image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"{where}: argument '{name}' must be non-empty, got shape {tuple(image.shape)}")
+    if max(image.shape[1:]) > MAX_SIDE:  # every backend: the native kernels' float32 pixel positions
+        raise ValueError(f"{where}: argument '{name}' sides must be below 2^24 pixels, got shape "
+                         f"{tuple(image.shape)}")
     _check_not_capturing(where, image)
 
 
@@ -144,9 +147,6 @@ def _check_apply_args(where: str, images, params, size, mean, std, out_dtype) ->
         if image.device != images[0].device:
             raise ValueError(f"{where}: argument 'images' must all be on one device, images[{i}] is on "
                              f"{image.device} and images[0] on {images[0].device}")
-        if max(image.shape[1:]) > MAX_SIDE:
-            raise ValueError(f"{where}: argument 'images[{i}]' sides must be below 2^24 pixels, got shape "
-                             f"{tuple(image.shape)}")
     if not isinstance(params, Tensor):
         raise TypeError(f"{where}: argument 'params' must be a torch.Tensor, got {type(params).__name__}")
     if params.device.type != "cpu" or params.dtype != torch.float32 or params.dim() != 2 \
@@ -191,7 +191,7 @@ def _check_packed(where: str, p: np.ndarray, sizes: list[tuple[int, int]]) -> No
     check((p[:, factors][:, :3] < 0).any(1) | (np.abs(p[:, COL["hue"]]) > 0.5),
           "the jitter factors must be >= 0 (brightness, contrast, saturation) and in [-0.5, 0.5] (hue)", factors)
     sigma = slice(COL["sigma"], COL["sigma"] + 1)
-    check((p[:, COL["sigma"]] < 0) | (p[:, COL["sigma"]] > 1000), "the blur sigma must lie in [0, 1000]", sigma)
+    check((p[:, COL["sigma"]] < 0) | (p[:, COL["sigma"]] > MAX_SIGMA), "the blur sigma must lie in [0, 1000]", sigma)
 
 
 def _boxes_outside(p: np.ndarray, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -260,9 +260,9 @@ def augment_crops_batch(images: Sequence[Tensor], params: Sequence, size: Union[
     if not isinstance(params, (list, tuple)) or len(params) != len(images):
         raise ValueError(f"{where}: argument 'params' must be a list with one entry per image ({len(images)}), "
                          f"each {what}")
-    per_group = [[p[g] if grouped else p for p in params] for g in range(len(sizes))]
     if grouped and not all(isinstance(p, (list, tuple)) and len(p) == len(sizes) for p in params):
         raise ValueError(f"{where}: argument 'params': every entry must be {what}")
+    per_group = [[p[g] if grouped else p for p in params] for g in range(len(sizes))]
     if reduce is None:
         reduce = [1.0] * len(images)
     elif len(reduce) != len(images) or not all(isinstance(r, numbers.Real) and not isinstance(r, bool)
@@ -302,6 +302,19 @@ def _pack_crop_major(params: Sequence[CropParams], reduce: Sequence[float]) -> T
 ImageLike = Union[Tensor, bytes, bytearray, memoryview]
 
 
+def _host_only(fn):
+    """fn run eagerly under torch.compile, nothing in it traced (a graph break; fullgraph=True refuses it
+    with the reason)."""
+    reason = (f"{fn.__name__} draws the crop parameters with numpy and decodes images on the host, which "
+              "torch.compile does not trace: call it outside the compiled function, or draw with "
+              "MultiCropSpec.sample and compile augment_crops_batch, which traces")
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch < 2.7: no reason argument
+        return torch.compiler.disable(fn)
+
+
+@_host_only
 def multicrop(images: Union[Sequence[ImageLike], Tensor], spec: MultiCropSpec, generator: torch.Generator, *,
               draft: bool = True, return_params: bool = False):
     """Sample the crops of ``spec`` for every image from ``generator``, then apply them.
@@ -320,14 +333,20 @@ def multicrop(images: Union[Sequence[ImageLike], Tensor], spec: MultiCropSpec, g
     Returns:
         One tensor per group of ``spec`` (per resolution), (count N, 3, size, size), crop-major as in
         :func:`augment_crops_batch`; with ``return_params``, ``(tensors, params)``.
+
+    Under ``torch.compile`` this host-side function runs eagerly (a graph break), and
+    ``fullgraph=True`` refuses it, saying why; the op it calls, ``seer::multicrop_apply``, traces.
     """
     where = "multicrop"
+    batch = images if isinstance(images, Tensor) else None
     if isinstance(images, Tensor):
         if images.dim() != 4:
             raise ValueError(f"{where}: argument 'images' as a tensor must be (N, 3, H, W), got {tuple(images.shape)}")
         images = list(images.unbind(0))
     if not isinstance(images, (list, tuple)) or not images:
-        raise TypeError(f"{where}: argument 'images' must be a non-empty list of images, got {type(images).__name__}")
+        got = f"a tensor of shape {tuple(batch.shape)}" if batch is not None else \
+            "an empty list" if isinstance(images, (list, tuple)) else type(images).__name__
+        raise TypeError(f"{where}: argument 'images' must be a non-empty list of images, got {got}")
     if not isinstance(spec, MultiCropSpec):
         raise TypeError(f"{where}: argument 'spec' must be a seer_kernels.MultiCropSpec, got {type(spec).__name__}")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":

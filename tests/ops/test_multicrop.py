@@ -324,6 +324,18 @@ def test_compiles_fullgraph(gen):
     assert torch.equal(batch(image, packed), want)
 
 
+def test_multicrop_under_compile_runs_eagerly_or_says_why(gen):
+    # The sampler and decoder are host code (numpy, Pillow): a plain compile runs them eagerly, with the
+    # draws eager gives; fullgraph refuses with a message that says what to compile instead.
+    torch._dynamo.reset()
+    image, spec = photos()["tiny"], seer_kernels.MultiCropSpec(groups=(seer_kernels.CropGroup(2, 16, (0.2, 1.0)),))
+    want = seer_kernels.multicrop([image], spec, torch.Generator().manual_seed(3))
+    got = torch.compile(lambda im, g: seer_kernels.multicrop([im], spec, g))(image, torch.Generator().manual_seed(3))
+    assert torch.equal(got[0], want[0])
+    with pytest.raises(Exception, match="multicrop draws the crop parameters with numpy"):
+        torch.compile(lambda im, g: seer_kernels.multicrop([im], spec, g), fullgraph=True)(image, gen)
+
+
 # ---- the CUDA kernels (run by bench/gpu_check.sh) ---------------------------------------------------------
 
 @pytest.mark.cuda

@@ -76,10 +76,37 @@ def test_bad_normalisation_and_dtype(kw, match):
     ("blur_sigma", torch.tensor([-0.5, 0.0]), ValueError, "blur_sigma must lie in"),
     ("blur_sigma", torch.tensor([float("nan"), 0.0]), ValueError, "blur_sigma must lie in"),
     ("solarize", [True, False], TypeError, "field 'solarize' must be a torch.Tensor"),
+    # finite in float64, inf once packed in float32: the reference computed NaN crops from it
+    ("jitter_factors", torch.tensor([[1e39, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.float64), ValueError,
+     "finite in float32"),
+    ("box", torch.tensor([[2**63 - 1, 0, 2**63 - 1, 5], [0, 0, 5, 5]]), ValueError, "lies outside"),  # wraps
 ])
 def test_bad_params_fields(field, value, exc, match):
     with pytest.raises(exc, match=f"argument 'params': .*{match}"):
         seer_kernels.augment_crops(IMAGE, GOOD.replace(**{field: value}), 16, MEAN, STD)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+def test_params_fields_of_other_float_dtypes_and_with_grad_work(backend):
+    bf16 = GOOD.replace(jitter=torch.tensor([True, True]),
+                        jitter_factors=torch.tensor([[1.5, 0.5, 1.25, 0.125]] * 2, dtype=torch.bfloat16),
+                        blur_sigma=torch.tensor([1.5, 0.0], dtype=torch.bfloat16))
+    f32 = bf16.replace(jitter_factors=bf16.jitter_factors.float(), blur_sigma=bf16.blur_sigma.float())
+    grad = f32.replace(jitter_factors=f32.jitter_factors.requires_grad_(), blur_sigma=f32.blur_sigma.requires_grad_())
+    with use_backend(backend, op="multicrop"):
+        want = seer_kernels.augment_crops(IMAGE, f32, 16, MEAN, STD)
+        for p in (bf16, grad):
+            assert torch.equal(seer_kernels.augment_crops(IMAGE, p, 16, MEAN, STD), want)
+    with pytest.raises(TypeError, match="field 'blur_sigma' must be float16, bfloat16, float32 or float64"):
+        seer_kernels.augment_crops(IMAGE, GOOD.replace(blur_sigma=torch.zeros(2, dtype=torch.float8_e4m3fn)), 16,
+                                   MEAN, STD)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+def test_image_sides_of_2_to_the_24_are_refused_on_every_backend(backend):
+    wide = torch.zeros(3, 1, 2**24, dtype=torch.uint8).expand(3, 1, 2**24)
+    with use_backend(backend, op="multicrop"), pytest.raises(ValueError, match="'image' sides must be below 2"):
+        seer_kernels.augment_crops(wide, CropParams.identity([[0, 0, 1, 5]]), 4, MEAN, STD)
 
 
 def test_params_must_be_crop_params():
@@ -107,12 +134,31 @@ def test_bad_batch_arguments():
             seer_kernels.augment_crops_batch([IMAGE], [GOOD], 16, MEAN, STD, reduce=[r])
     with pytest.raises(ValueError, match="scaled by 1/reduce.* lies outside image 0"):
         seer_kernels.augment_crops_batch([IMAGE[:, :19, :25]], [GOOD], 16, MEAN, STD, reduce=[2])
+    with pytest.raises(ValueError, match="'params': every entry must be a list of 2 CropParams"):
+        seer_kernels.augment_crops_batch([IMAGE], [[GOOD]], [16, 8], MEAN, STD)  # was a bare IndexError
+
+
+@pytest.mark.parametrize("reduce", [3, 5, 6, 7, 2.5, 63.7])
+def test_boxes_that_fit_fit_at_any_reduce(reduce):
+    # Windows box / reduce rounded to float32 one number at a time used to end an ulp past a box that ends
+    # at the image's edge (0.33333334 + 9.666667 > 10), and the op refused it.
+    g = torch.Generator().manual_seed(int(reduce * 10))
+    for side in torch.randint(5, 70, (20,), generator=g).tolist():
+        image = torch.randint(0, 256, (3, side, side + 1), dtype=torch.uint8)
+        full_h, full_w = int(side * reduce), int((side + 1) * reduce)  # the size the boxes refer to
+        tops = torch.randint(0, full_h // 2, (4,), generator=g).tolist()
+        boxes = [[t, t % 7, full_h - t, full_w - t % 7] for t in tops]
+        out = seer_kernels.augment_crops_batch([image], [CropParams.identity(boxes)], 8, MEAN, STD,
+                                               reduce=[reduce])
+        assert out.shape == (4, 3, 8, 8) and torch.isfinite(out).all()
 
 
 def test_bad_multicrop_arguments():
     g = torch.Generator()
-    with pytest.raises(TypeError, match="'images' must be a non-empty list"):
+    with pytest.raises(TypeError, match="'images' must be a non-empty list of images, got an empty list"):
         seer_kernels.multicrop([], MultiCropSpec(), g)
+    with pytest.raises(TypeError, match=r"non-empty list of images, got a tensor of shape \(0, 3, 5, 5\)"):
+        seer_kernels.multicrop(torch.zeros(0, 3, 5, 5, dtype=torch.uint8), MultiCropSpec(), g)
     with pytest.raises(TypeError, match="'spec' must be a seer_kernels.MultiCropSpec"):
         seer_kernels.multicrop([IMAGE], {"groups": 2}, g)
     with pytest.raises(TypeError, match="'generator' must be a CPU torch.Generator"):

@@ -56,6 +56,17 @@ def test_fallback_after_ten_failed_tries_matches_torchvision(hw, gen):
     assert torch.equal(ours.double(), theirs)
 
 
+@pytest.mark.parametrize("hw,ratio", [((5, 5), (10.0, 20.0)), ((5, 5), (0.01, 0.05)), ((3, 7), (1e-320, 1e-310)),
+                                      ((7, 3), (1e300, 1e308))])
+def test_fallback_of_an_extreme_ratio_keeps_a_pixel(hw, ratio, gen):
+    # The narrow side rounded to 0 gave an empty box, which the op then refused; torchvision fails there too.
+    params = sample_crop_params(hw, 4, (2.0, 2.0), gen, ratio=ratio)
+    assert (params.box[:, 2:] >= 1).all() and (params.box[:, 0] + params.box[:, 2] <= hw[0]).all()
+    assert (params.box[:, 1] + params.box[:, 3] <= hw[1]).all()
+    image = torch.randint(0, 256, (3, *hw), dtype=torch.uint8)
+    assert torch.isfinite(seer_kernels.augment_crops(image, params, 4, (0.5,) * 3, (0.25,) * 3)).all()
+
+
 @pytest.mark.parametrize("hw,scale", [((375, 500), (0.14, 1.0)), ((375, 500), (0.05, 0.14)),
                                       ((600, 200), (0.14, 1.0)), ((31, 23), (0.05, 0.14))])
 def test_box_distribution_matches_torchvision(hw, scale, gen):
@@ -135,6 +146,8 @@ def test_same_seed_same_params_and_fixed_stream_use():
     (dict(ratio=(2.0, 1.0)), "'ratio'"), (dict(flip_p=1.5), "'flip_p'"), (dict(jitter_p=-0.1), "'jitter_p'"),
     (dict(hue=0.6), "'hue'"), (dict(brightness=-1.0), "'brightness'"), (dict(blur_sigma=(0.0, 1.0)), "'blur_sigma'"),
     (dict(solarize_p=True), "'solarize_p'"), (dict(jitter_strength=3.0), "'jitter_strength'"),
+    # accepted once, then refused by the op under the name 'params' (or inf factors, NaN reference crops)
+    (dict(blur_sigma=(999.0, 2000.0)), "'blur_sigma'"), (dict(brightness=1e39), "'brightness'"),
 ])
 def test_bad_sampler_arguments(kw, match):
     args = dict(image_hw=(10, 10), n=2, scale=(0.1, 1.0), generator=torch.Generator())
