@@ -146,7 +146,10 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
             This costs one device-to-host copy on a GPU (and one more pass over such extreme scores); it is
             skipped while compiling or capturing a CUDA graph. Without the check, NaN or inf anywhere (on
             any rank) makes every code NaN, which a training loop sees in its loss; such a sample's codes
-            are NaN on the CUDA backend (the others compute them). Under ``group`` each rank checks its own
+            are NaN on the CUDA backend (the others compute them, unless the scores spread over more than
+            float32 holds, |S| > 1.7e38, where S - m overflows: then every code is NaN on every backend).
+            Float64 scores are computed in float32: beyond its range (|S| > 3.4e38) they are refused as
+            such. Under ``group`` each rank checks its own
             scores (against its own column max): the rank that raises leaves the others in their next
             collective, which torchrun ends when it tears the job down.
 
@@ -155,10 +158,14 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     Computed in float32 in the log domain (see :mod:`seer_kernels.reference.sinkhorn`), so it never
     overflows: epsilon = 0.01 on cosine scores gives finite codes.
     """
+    given = scores
     scores = _validate(scores, epsilon, iterations, group, prototype_group)
     if check_finite and not _tracing(scores):
         finite, may_overflow = _all_finite(scores, epsilon)
         if not finite:
+            if given.dtype == torch.float64 and bool(torch.isfinite(given).all()):
+                raise ValueError("sinkhorn: argument 'scores' (float64) holds values beyond the float32 range "
+                                 "(|x| > 3.4e38), in which the codes are computed. Rescale the scores.")
             raise ValueError("sinkhorn: argument 'scores' contains NaN or inf; the codes would be all NaN. "
                              "Check the embeddings (L2-normalised?) and the prototype weights.")
         if may_overflow:
@@ -206,15 +213,19 @@ def _check_logits_finite(scores: Tensor, epsilon: float) -> None:
     on every backend, so that all backends do the same.
     """
     s = scores.float()
-    row_max = ((s - s.amax(dim=0)) / epsilon).amax(dim=1)
+    gap = s - s.amax(dim=0)  # itself -inf where the scores spread over more than float32 holds (|S| > 1.7e38)
+    row_max = (gap / epsilon).amax(dim=1)
     bad = torch.nonzero(row_max == -math.inf)
     if bad.numel():
         j = int(bad[0, 0])
+        spread = bool(torch.isinf(gap[j]).all())  # no epsilon helps then
+        why = ("more than 3.4e38 below each prototype's best score (the difference itself overflows float32)"
+               if spread else "more than 3.4e38 x epsilon below each prototype's best score")
         raise ValueError(
             f"sinkhorn: argument 'scores' is out of range for epsilon={epsilon!r}: sample {j} (and "
-            f"{bad.shape[0] - 1} more) scores more than 3.4e38 x epsilon below each prototype's best score, so "
-            "its logits (scores - max) / epsilon all overflow float32 and its codes would be NaN. Rescale the "
-            "scores (L2-normalised embeddings and prototypes give cosine scores in [-1, 1]) or raise epsilon.")
+            f"{bad.shape[0] - 1} more) scores {why}, so its logits (scores - max) / epsilon all overflow float32 "
+            "and its codes would be NaN. Rescale the scores (L2-normalised embeddings and prototypes give cosine "
+            f"scores in [-1, 1]){'' if spread else ' or raise epsilon'}.")
 
 
 def _reducer(op: str, group):

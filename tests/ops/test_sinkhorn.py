@@ -645,6 +645,16 @@ def test_logits_overflowing_for_a_whole_sample_are_refused(backend, device):
         seer_kernels.sinkhorn(scores.to(device), 0.05, 3)
     with use_backend(backend, op="sinkhorn"):
         assert torch.isfinite(seer_kernels.sinkhorn(scores.to(device), 1.0, 3)).all()  # logits fit at eps = 1
+    # Scores beyond +-1.7e38: S - m itself overflows (at any epsilon), which the message says rather than
+    # blaming epsilon; float64 scores beyond float32 are not "NaN or inf".
+    wide = torch.tensor([[3e38, 3e38], [-3e38, -2e38]])
+    with use_backend(backend, op="sinkhorn"), pytest.raises(ValueError, match=r"sample 1 .*\(the difference itself "
+                                                                              r"overflows float32\)") as info:
+        seer_kernels.sinkhorn(wide.to(device), 1e38, 3)
+    assert "raise epsilon" not in str(info.value)
+    with use_backend(backend, op="sinkhorn"), pytest.raises(ValueError, match=r"\(float64\) holds values beyond "
+                                                                              "the float32 range"):
+        seer_kernels.sinkhorn(torch.tensor([[1e300, 0.0], [0.0, 1.0]], dtype=torch.float64).to(device), 0.05, 3)
 
 
 def test_reference_float64_is_the_same_algorithm():
