@@ -18,20 +18,28 @@ from seer_kernels import _backend
 
 
 def _ops_table(device: torch.device) -> None:
-    from seer_kernels.ops.sinkhorn import DISPATCH as SINKHORN
-    dispatchers = [SINKHORN]
-    try:
-        from seer_kernels.ops.attention import DISPATCH as ATTENTION
-        dispatchers.append(ATTENTION)
-    except ImportError:
-        pass
-    for disp in dispatchers:
-        for dtype in (torch.float32, torch.bfloat16):
-            try:
-                chosen = disp.select(device, dtype).name
-            except _backend.BackendError:
-                chosen = "none"
-            print(f"  {disp.op:10s} {device.type}/{str(dtype).replace('torch.', ''):9s} -> {chosen}")
+    """The backend each op picks here, for a typical input (the choice may depend on the shape)."""
+    from seer_kernels.ops import attention, multicrop, sinkhorn
+
+    def pick(disp, dtype, **info) -> str:
+        try:
+            return disp.select(device, dtype, **info).name
+        except _backend.BackendError:
+            return "none"
+
+    for dtype in (torch.float32, torch.bfloat16):
+        shape = (4096, 3000)
+        print(f"  sinkhorn   {_dt(device, dtype)} {str(shape):22s} -> "
+              f"{pick(sinkhorn.DISPATCH, dtype, shape=shape)}")
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.empty(32, 8, 257, 128, dtype=dtype, device=device)  # ViT-10B under tensor parallelism 4
+        info = attention._info(q, q, grad=True, deterministic=False, in_op=False)
+        print(f"  attention  {_dt(device, dtype)} {str(tuple(q.shape)):22s} -> {pick(attention.DISPATCH, dtype, **info)}")
+    print(f"  multicrop  {_dt(device, torch.uint8)} {'(3, H, W) images':22s} -> {pick(multicrop.DISPATCH, torch.uint8)}")
+
+
+def _dt(device: torch.device, dtype: torch.dtype) -> str:
+    return f"{device.type}/{str(dtype).replace('torch.', ''):9s}"
 
 
 def demo(device: torch.device) -> None:
