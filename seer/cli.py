@@ -232,6 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
+    from seer_kernels import BackendError
+
     from .data.dataset import DataError
     from .train.checkpoint import CorruptCheckpointError
     from .train.safe_load import UnsafeCheckpointError
@@ -246,7 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The OSErrors of a path the user gave (missing, a folder, no permission) are bad input; others (a full
         # disk, an I/O error) are not, and keep their traceback.
         if status is None and isinstance(e, (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError,
-                                             IsADirectoryError, NotADirectoryError, PermissionError)):
+                                             IsADirectoryError, NotADirectoryError, PermissionError,
+                                             BackendError)):  # a forced backend that cannot run: its reasons
             status = 2
         if status is None or os.environ.get("SEER_DEBUG"):
             raise

@@ -120,9 +120,10 @@ class TrainConfig:
         max_nonfinite_steps: stop after this many consecutive steps with a NaN/inf loss (each is skipped).
         threads: torch intra-op threads per process (0 = torch's default).
         attention_backend: 'auto' or a ``seer_kernels`` attention backend to force ('sdpa', 'reference',
-            'triton').
+            'triton') while the run trains and evaluates (SEER_KERNELS_BACKEND_ATTENTION, if set, wins); one
+            that cannot run the model on this device and precision is refused at the start.
         collapse_warmup_steps: steps before collapse warnings may fire (early training is naturally
-            near-uniform); -1 = 10% of max_steps.
+            near-uniform); -1 = max(50, 10% of max_steps).
     """
     max_steps: int = 1000
     device: str = "auto"

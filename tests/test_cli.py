@@ -32,6 +32,13 @@ def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, capsys):
     assert fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
 
 
+def test_a_backend_forced_that_cannot_run_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SEER_KERNELS_BACKEND", "bogus")
+    assert main(["train", "--preset", "tiny", "--set", "train.max_steps=1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "SEER_KERNELS_BACKEND='bogus' is not a backend" in err and "Traceback" not in err
+
+
 def test_os_errors_on_the_users_paths_are_one_line(tmp_path, monkeypatch, capsys):
     import seer.data.check as check
 

@@ -57,10 +57,6 @@ class Trainer:
         self.device = self.dist.device
         if t.threads:
             torch.set_num_threads(t.threads)
-        if t.attention_backend != "auto":
-            # Process-wide (the backward may run on autograd's own threads, which a context manager misses);
-            # an explicit environment setting wins.
-            os.environ.setdefault("SEER_KERNELS_BACKEND_ATTENTION", t.attention_backend)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _log_to_file(self.out / "train.log")
@@ -80,6 +76,7 @@ class Trainer:
                                world_size=self.dims.dp)
         self.precision = resolve_precision(t.precision, self.device)
         self.amp = autocast_dtype(self.precision)
+        _check_attention_backend(cfg, self.device, self.amp)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.data = TrainData(cfg.data, seed=t.seed, cache=self.out / "data", rank=self.dims.dp_rank,
                               world=self.dims.dp, device=self.device, barrier=barrier,
@@ -291,6 +288,11 @@ class Trainer:
     # The loop.
 
     def fit(self) -> dict:
+        """Train to ``train.max_steps`` (resumed where the last checkpoint left off); evaluate at the end."""
+        with _forced_attention(self.cfg.train.attention_backend):
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         main = self.dist.is_main
         metrics = MetricsWriter(self.out, active=main, tensorboard=cfg.logging.tensorboard,
@@ -392,7 +394,7 @@ class Trainer:
         return self._evaluator
 
     def evaluate(self) -> dict:
-        with nvtx_range("eval", self.cfg.logging.nvtx):
+        with _forced_attention(self.cfg.train.attention_backend), nvtx_range("eval", self.cfg.logging.nvtx):
             return self.evaluator.evaluate(self.backbone)
 
     def _random_init_eval(self, metrics: MetricsWriter) -> Optional[dict]:
@@ -464,6 +466,43 @@ class Trainer:
 def _format_eval(res: dict) -> str:
     parts = [f"{k} {res[k]:.1f}%" for k in ("knn_top1", "linear_top1") if k in res]
     return ", ".join(parts) or "(no scores)"
+
+
+_ATTENTION_VAR = "SEER_KERNELS_BACKEND_ATTENTION"
+
+
+@contextlib.contextmanager
+def _forced_attention(name: str):
+    """train.attention_backend forced process-wide while the run computes, and undone after it (another run
+    in this process chooses its own). Through the environment, not ``use_backend``: the backward runs on
+    autograd's own threads, which a context variable misses. An explicit environment setting wins."""
+    if name == "auto" or os.environ.get(_ATTENTION_VAR):
+        yield
+        return
+    os.environ[_ATTENTION_VAR] = name
+    try:
+        yield
+    finally:
+        os.environ.pop(_ATTENTION_VAR, None)
+
+
+def _check_attention_backend(cfg: C.RunConfig, device: torch.device, amp: Optional[torch.dtype]) -> None:
+    """ValueError naming train.attention_backend where the forced backend cannot run this model here (the
+    Triton kernel on a CPU, in float32, at an unsupported head dim), before any work."""
+    name = cfg.train.attention_backend
+    if name == "auto" or os.environ.get(_ATTENTION_VAR):
+        return
+    from seer_kernels.ops import attention as op
+    m = cfg.model
+    tokens = (cfg.data.crops.global_size // m.patch_size) ** 2 + 1
+    dtype = amp or torch.float32
+    info = dict(where=device, dt=dtype, head_dim=m.embed_dim // m.num_heads, n_q=tokens, n_kv=tokens, batch=1,
+                heads=m.num_heads // cfg.parallel.tp, grad=True, deterministic=False, in_op=False)
+    why = op.DISPATCH.backends[name].reasons(device, dtype, info)
+    if why:
+        raise ValueError(f"train.attention_backend={name!r} cannot run this model on {device.type} in "
+                         f"{str(dtype).replace('torch.', '')}: {'; '.join(why)}. Use 'auto' (or another of sdpa, "
+                         "reference)")
 
 
 def _train_flops_per_image(cfg: C.RunConfig, spec) -> float:

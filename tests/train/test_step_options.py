@@ -36,3 +36,32 @@ def test_fp16_scaler_state_is_checkpointed_and_restored(tmp_path):
 def test_precision_auto_resolves_to_a_concrete_choice():
     assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+def test_attention_backend_is_forced_during_the_run_only(tmp_path, monkeypatch):
+    # The run's choice reaches the backward's threads through the environment, and is undone afterwards:
+    # another run in this process (here one with 'auto') must not inherit it.
+    from seer_kernels import _backend
+    from seer_kernels.ops import attention as op
+    monkeypatch.delenv("SEER_KERNELS_BACKEND_ATTENTION", raising=False)
+    monkeypatch.delenv("SEER_KERNELS_BACKEND", raising=False)
+    seen = []
+    real = op._sdpa
+
+    def spy(*args):
+        seen.append(_backend.forced_backend("attention")[0])
+        return real(*args)
+    monkeypatch.setattr(op.DISPATCH.backends["sdpa"].impl, "attention", spy)
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "train.attention_backend=sdpa",
+                                           "eval.at_end=false"])
+    Trainer(cfg, tmp_path / "a").fit()
+    assert seen and set(seen) == {"sdpa"}
+    assert _backend.forced_backend("attention") == (None, "")
+
+
+def test_attention_backend_that_cannot_run_is_refused_by_its_key(tmp_path, monkeypatch):
+    import pytest
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests' CPU Triton interpreter off: Triton needs a GPU
+    cfg = apply_overrides(preset("tiny"), ["train.attention_backend=triton", "train.device=cpu"])
+    with pytest.raises(ValueError, match="train.attention_backend='triton' cannot run this model on cpu"):
+        Trainer(cfg, tmp_path)
