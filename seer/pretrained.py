@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .config import RunConfig, from_dict
 from .model import ViTConfig, VisionTransformer
-from .train.checkpoint import quiet_single_process, read_meta, resolve_checkpoint
-from .train.safe_load import SafeFileSystemReader, SafeLoadPlanner
+from .train.checkpoint import load_tensors, read_meta, read_tensor_index, resolve_checkpoint
 from .train.state import merge_tensor_parallel
 
 
@@ -41,15 +39,13 @@ def checkpoint_backbone_state(path: str | Path, cfg: Optional[RunConfig] = None
     if cfg is None:
         cfg = _read_config(ckpt)
     layout = read_meta(ckpt).get("tp_layout", {})
-    reader = SafeFileSystemReader(ckpt)
-    meta = reader.read_metadata()
+    meta = read_tensor_index(ckpt)
     prefix = "model/backbone."
     dest = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     if not dest:
         raise ValueError(f"{ckpt} holds no backbone tensors")
-    with quiet_single_process():
-        dcp.load(dest, storage_reader=SafeFileSystemReader(ckpt), planner=SafeLoadPlanner(), no_dist=True)
+    load_tensors(ckpt, dest, single_process=True)  # a damaged file: CorruptCheckpointError naming it
     backbone_layout = {k[len("backbone."):]: v for k, v in layout.items() if k.startswith("backbone.")}
     return cfg, merge_tensor_parallel(dest, backbone_layout, prefix=prefix)
 

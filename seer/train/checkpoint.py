@@ -198,16 +198,30 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor]) -> None:
+def read_tensor_index(path: str | os.PathLike):
+    """The DCP index (``.metadata``) of checkpoint ``path``: UnsafeCheckpointError for a tampered one,
+    CorruptCheckpointError naming the file for a truncated or missing one."""
+    try:
+        return SafeFileSystemReader(Path(path)).read_metadata()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:
+        if isinstance(e, MemoryError) or isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise  # the machine's fault, not the file's
+        raise _corrupt(Path(path) / ".metadata", "tensor index", e) from None
+
+
+def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_process: bool = False) -> None:
     """Fill ``dest`` (key -> tensor or DTensor of the right shape) in place from checkpoint ``path``
-    (collective under torch.distributed; DCP reshards DTensors to the current layout)."""
+    (collective under torch.distributed unless ``single_process``; DCP reshards DTensors to the current
+    layout). A damaged file raises CorruptCheckpointError."""
     # Read the index once here so that a refused (tampered) file raises UnsafeCheckpointError itself, not
     # wrapped in DCP's collective error report.
-    SafeFileSystemReader(Path(path)).read_metadata()
+    read_tensor_index(path)
     try:
         with quiet_single_process():
             dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner(),
-                     no_dist=not _distributed())
+                     no_dist=single_process or not _distributed())
     except UnsafeCheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # a truncated shard file, ... (DCP's report names no file)

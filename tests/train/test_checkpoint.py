@@ -156,6 +156,29 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
         Trainer(cfg, copy)
 
 
+@pytest.mark.parametrize("damage", ["truncate_shard", "truncate_index"])
+def test_damaged_checkpoint_is_named_by_eval_and_export_too(run, tmp_path, damage, capsys):
+    from seer import load_pretrained
+    from seer.cli import main
+    out, cfg = run
+    copy = _copy(out, tmp_path / damage)
+    ckpt = list_checkpoints(copy / "checkpoints")[-1]
+    f = next(ckpt.glob("*.distcp")) if damage == "truncate_shard" else ckpt / ".metadata"
+    f.write_bytes(f.read_bytes()[:100])
+    # (a truncated index fails the safe unpickler first, which says so: UnsafeCheckpointError, also exit 3)
+    match = "unreadable tensors" if damage == "truncate_shard" else r"\.metadata: unreadable checkpoint index"
+    errors = (CorruptCheckpointError, UnsafeCheckpointError)
+    with pytest.raises(errors, match=match):
+        load_pretrained(copy)
+    for argv in (["export", "--checkpoint", str(copy), "--format", "timm", "--out", str(tmp_path / "v.safetensors")],
+                 ["eval", "knn", "--checkpoint", str(copy), "--set", "eval.max_images=50"]):
+        assert main(argv) == 3
+        err = capsys.readouterr().err
+        assert "CorruptCheckpointError" not in err and "Traceback" not in err and "unreadable" in err
+    with pytest.raises(errors, match=match):
+        Trainer(cfg, copy)
+
+
 def test_explicit_resume_starts_a_lineage_that_reruns_continue(run, tmp_path):
     """checkpoint.resume=<step 2 of another run>: the rerun of that same command (after a stop) continues the
     new run instead of starting over; a folder whose newer checkpoints belong to another lineage is refused
