@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,6 +522,16 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
                           f"{suggest(str(value), choices, cutoff=0.5)}")
 
 
+def _check_crop_law(c: CropsConfig) -> None:
+    """The rest of data.crops (colour jitter strengths, blur range, ...) as the multi-crop sampler checks
+    them, its message naming the key."""
+    from .data.augment import crop_spec
+    try:
+        crop_spec(c)
+    except ValueError as e:
+        raise ConfigError(re.sub(r"^MultiCropSpec: argument '(\w+)'", r"config key 'data.crops.\1'", str(e))) from None
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError naming the key for values no run can use; return ``cfg``."""
     try:
@@ -555,6 +566,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(0.0 <= v <= 1.0, f"data.crops.{name}", "a probability in [0, 1]", v)
     _check(c.rotation_degrees >= 0 and c.noise_std >= 0, "data.crops.rotation_degrees/noise_std", ">= 0",
            (c.rotation_degrees, c.noise_std))
+    _check_crop_law(c)
     n_crops = c.global_count + c.local_count
     assign = cfg.loss.crops_for_assign
     _check(n_crops >= 2, "data.crops.global_count", "such that there are at least 2 crops (global + local)",
@@ -577,7 +589,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "an integer >= 0", e.every)
     _check(e.knn_k >= 1, "eval.knn_k", "an integer >= 1", e.knn_k)
-    _check(e.knn_temperature > 0, "eval.knn_temperature", "> 0", e.knn_temperature)
+    _check(0 < e.knn_temperature < math.inf, "eval.knn_temperature", "a finite number > 0", e.knn_temperature)
     _check(0 < e.test_fraction < 1, "eval.test_fraction", "in (0, 1)", e.test_fraction)
     _check(bool(e.linear_weight_decays) and min(e.linear_weight_decays) >= 0, "eval.linear_weight_decays",
            "a non-empty list of numbers >= 0", e.linear_weight_decays)
@@ -587,8 +599,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("logging.progress", cfg.logging.progress, ("auto", "on", "off"))
     _check(cfg.head.num_prototypes >= 2, "head.num_prototypes", "an integer >= 2", cfg.head.num_prototypes)
     _check(cfg.loss.queue_length >= 0, "loss.queue_length", "an integer >= 0", cfg.loss.queue_length)
-    _check(cfg.loss.epsilon > 0, "loss.epsilon", "> 0", cfg.loss.epsilon)
-    _check(cfg.loss.temperature > 0, "loss.temperature", "> 0", cfg.loss.temperature)
+    _check(0 < cfg.loss.epsilon < math.inf, "loss.epsilon", "a finite number > 0", cfg.loss.epsilon)
+    _check(0 < cfg.loss.temperature < math.inf, "loss.temperature", "a finite number > 0", cfg.loss.temperature)
+    h = cfg.head
+    for name, dims in (("head.hidden_dims", list(h.hidden_dims)), ("head.output_dim", [h.output_dim])):
+        _check(all(not isinstance(v, bool) and isinstance(v, int) and v >= 1 for v in dims), name,
+               "positive integers" if name == "head.hidden_dims" else "an integer >= 1",
+               h.hidden_dims if name == "head.hidden_dims" else h.output_dim)
+    for name in ("param_dtype", "reduce_dtype"):
+        _choice(f"parallel.{name}", getattr(cfg.parallel, name), ("bfloat16", "float16", "float32"))
     _check(cfg.loss.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "an integer >= 1",
            cfg.loss.sinkhorn_iterations)
     _check(cfg.loss.freeze_prototypes_iters >= 0, "loss.freeze_prototypes_iters", "an integer >= 0",

@@ -73,6 +73,12 @@ def test_bad_values_name_the_key(override, fragment):
     ("loss.sinkhorn_iterations=0", "loss.sinkhorn_iterations"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
     ("eval.batch_size=0", "eval.batch_size"), ("eval.image_size=-8", "eval.image_size"),
     ("eval.max_images=-1", "eval.max_images"), ("data.digits_size=0", "data.digits_size"),
+    # once caught only after the run had started, by classes the user never named
+    ("head.output_dim=0", "head.output_dim"), ("head.hidden_dims=[0]", "head.hidden_dims"),
+    ("data.crops.hue=5", "data.crops.hue"), ("data.crops.brightness=-1", "data.crops.brightness"),
+    ("data.crops.blur_sigma=[1, 2000]", "data.crops.blur_sigma"), ("parallel.param_dtype=foo", "parallel.param_dtype"),
+    ("parallel.reduce_dtype=int8", "parallel.reduce_dtype"), ("loss.epsilon=.inf", "loss.epsilon"),
+    ("loss.temperature=.inf", "loss.temperature"), ("eval.knn_temperature=.inf", "eval.knn_temperature"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
