@@ -1,4 +1,4 @@
-r"""Collapse signals and the warning that names the remedies (seer_spec.md 1.14; user_needs.md item 1).
+r"""Collapse signals and the warning that names the remedies (those of the swav README's training tips).
 
 From the prototype scores S (B, K) of the first assignment crop, on logging steps only:
 
@@ -32,7 +32,7 @@ from ..parallel import comm
 
 log = logging.getLogger("seer.train")
 
-REMEDIES = ("usual remedies (seer_spec.md 1.14, the swav README): lower the Sinkhorn epsilon "
+REMEDIES = ("usual remedies (the swav README's training tips): lower the Sinkhorn epsilon "
             "(loss.epsilon=0.03), use a queue when the batch is small (loss.queue_length, loss.queue_start_epoch), "
             "freeze the prototypes longer at the start (loss.freeze_prototypes_iters), lower the learning rate "
             "(optim.lr), use softer augmentations or fewer local crops (data.crops.*), remove BatchNorm from the "
@@ -101,17 +101,22 @@ class CollapseMonitor:
         self.warnings = 0
 
     def update(self, step: int, loss: float, signals: dict) -> Optional[str]:
-        """Record one logged step; return the warning text if one is due (also logged)."""
+        """Record one logged step; return the warning text if one is due (also logged). Steps of the warm-up
+        are not recorded: the window after it would otherwise average in the first losses, which start above
+        ln K (a shortened run warned of collapse while its loss fell below ln K)."""
+        if step < self.warmup_steps:
+            return None
         self.loss.append(loss)
         self.assign.append(signals["assign_entropy"])
         self.std.append(signals["embedding_std"])
-        if step < self.warmup_steps or len(self.loss) < self.loss.maxlen:
+        if len(self.loss) < self.loss.maxlen:
             return None
         if self.last_warning is not None and step - self.last_warning < self.every:
             return None
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         reasons = []
-        if mean(self.loss) >= 0.98 * self.ln_k:
+        # Within 2% of ln K: a uniform prediction's loss. Far above it is a confident wrong prediction, no collapse.
+        if abs(mean(self.loss) - self.ln_k) <= 0.02 * self.ln_k:
             reasons.append(f"the loss ({mean(self.loss):.3f}) sits at ln K = {self.ln_k:.3f}")
         if mean(self.assign) >= 0.97:
             reasons.append(f"the code assignments are near uniform (entropy {mean(self.assign):.2f} x ln K)")

@@ -29,13 +29,25 @@ def test_monitor_warns_after_warmup_with_the_remedies():
     mon = CollapseMonitor(num_prototypes=300, warmup_steps=20, window=3, every=100)
     flat = {"assign_entropy": 0.99, "embedding_std": 0.5}
     assert all(mon.update(s, math.log(300), flat) is None for s in range(0, 20, 5))  # warm-up
-    text = [mon.update(s, math.log(300), flat) for s in range(20, 40, 5)]
-    assert text[0] is not None and "ln K" in text[0] and "near uniform" in text[0] and REMEDIES in text[0]
+    text = [mon.update(s, math.log(300), flat) for s in range(20, 50, 5)]
+    assert text[:2] == [None, None]  # the window fills with steps after the warm-up only
+    assert text[2] is not None and "ln K" in text[2] and "near uniform" in text[2] and REMEDIES in text[2]
     for remedy in ("loss.epsilon", "loss.queue_length", "loss.freeze_prototypes_iters", "optim.lr"):
-        assert remedy in text[0]
-    assert text[1:] == [None, None, None]  # rate-limited
+        assert remedy in text[2]
+    assert text[3:] == [None, None, None]  # rate-limited
     ok = CollapseMonitor(num_prototypes=300, warmup_steps=0, window=2)
     assert [ok.update(s, 3.0, {"assign_entropy": 0.6, "embedding_std": 0.9}) for s in range(4)] == [None] * 4
+
+
+def test_monitor_does_not_call_a_falling_loss_collapse():
+    # A shortened demo: losses above ln K in the warm-up, below it after; the window once averaged both.
+    ln_k, learning = math.log(300), {"assign_entropy": 0.8, "embedding_std": 0.6}
+    mon = CollapseMonitor(num_prototypes=300, warmup_steps=50, window=5)
+    losses = [ln_k * 1.1] * 5 + [ln_k * 0.94] * 10
+    assert [mon.update(10 * i, loss, learning) for i, loss in enumerate(losses)] == [None] * len(losses)
+    # far above ln K is a confident wrong prediction, not a uniform one
+    high = CollapseMonitor(num_prototypes=300, warmup_steps=0, window=2)
+    assert [high.update(s, ln_k * 1.5, learning) for s in range(4)] == [None] * 4
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
