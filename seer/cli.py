@@ -91,6 +91,8 @@ def cmd_train(args) -> int:
         return 0
     if not args.out:
         raise CLIError("--out DIR is required (the run's output folder)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out!r} is a file; expected the run's output folder (new or existing)")
     from .train import Trainer
     from .train.distributed import shutdown_distributed
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -76,6 +77,11 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in state.items()}
     save_file(tensors, str(out), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
+    # safetensors creates the file readable by its owner alone (0600); give it the mode any new file of this
+    # process gets (the JSON beside it), so that a shared export is readable by those who read the JSON.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
             "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)"}
@@ -87,12 +93,23 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
 def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     """(seer ViT config, state dict) of an exported file."""
     from safetensors.torch import load_file
+    info = export_info(path)
+    return ViTConfig(**info["seer_vit_config"]), load_file(str(path))
+
+
+def export_info(path: str | Path) -> dict:
+    """The JSON that seer export wrote next to the .safetensors file ``path``; FileNotFoundError naming
+    whichever of the two is missing."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such exported file (seer export writes FILE.safetensors and FILE.json)")
     info_path = path.with_suffix(".json")
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} (written by seer export next to the .safetensors) is missing")
-    info = json.loads(info_path.read_text())
-    return ViTConfig(**info["seer_vit_config"]), load_file(str(path))
+    try:
+        return json.loads(info_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{info_path}: not the JSON that seer export writes ({e})") from None
 
 
 def load_timm(path: str | Path):

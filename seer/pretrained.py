@@ -7,7 +7,6 @@ as the full tensors DCP stores. Nothing is unpickled (restricted index reader, s
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -77,5 +76,6 @@ def backbone_module(vit: ViTConfig, state: dict[str, torch.Tensor], *,
 
 
 def export_info(path: str | Path) -> dict:
-    """The JSON written next to an exported .safetensors file."""
-    return json.loads(Path(path).with_suffix(".json").read_text())
+    """The JSON written next to an exported .safetensors file (:func:`seer.export.export_info`)."""
+    from .export import export_info as info
+    return info(path)

@@ -24,9 +24,15 @@ from tests.images import write_bad_images, write_good_images
     (["data", "check", "{tmp}", "--report", "{tmp}"], "--report '{tmp}' is a folder"),  # before the check
     (["data", "check", "{tmp}", "--report", "/no/such/dir/r.tsv"], "the folder '/no/such/dir' does not exist"),
     (["eval", "knn", "--checkpoint", "/no/such/run", "--json", "{tmp}"], "--json '{tmp}' is a folder"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/file"], "--out '{tmp}/file' is a file"),
+    (["train", "--config", "{tmp}", "--out", "x"], "config file '{tmp}' is a folder"),
+    (["train", "--preset", "tiny", "--set", "train.max_steps=[1", "--out", "x"],
+     "cannot parse the value: expected ',' or ']', but got '<stream end>' (line 1, column 3)\n"),
+    (["eval", "knn", "--checkpoint", "{tmp}/v.safetensors"], "{tmp}/v.safetensors: no such exported file"),
 ])
 def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    (tmp_path / "file").write_text("")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err

@@ -52,6 +52,19 @@ def test_export_loads_strictly_into_timm_with_the_same_features(run, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), ours(x))
+    assert st.stat().st_mode & 0o777 == js.stat().st_mode & 0o777  # not safetensors' owner-only 0600
+
+
+def test_missing_export_files_are_named(run, tmp_path):
+    import pytest
+
+    from seer.export import export_info
+    with pytest.raises(FileNotFoundError, match="no such exported file"):
+        export_info(tmp_path / "missing.safetensors")
+    st, js = export_timm(run, tmp_path / "vit.safetensors")
+    js.unlink()
+    with pytest.raises(FileNotFoundError, match=r"vit.json \(written by seer export next to the .safetensors\)"):
+        load_pretrained(st)
 
 
 def test_timm_kwargs_cover_the_architecture():
