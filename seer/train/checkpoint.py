@@ -81,7 +81,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if is_complete(p):
         return p
-    for candidate in (p, p / "checkpoints"):
+    for candidate in (p, p / "checkpoints", *_run_checkpoint_dir(p)):
         latest = latest_checkpoint(candidate)
         if latest is not None:
             return latest
@@ -89,6 +89,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{p} is an incomplete checkpoint (its writer was interrupted); use a complete one")
     raise FileNotFoundError(f"no complete checkpoint at {str(p)!r} (expected a step_* folder, or a run or "
                             f"checkpoints folder containing one)")
+
+
+def _run_checkpoint_dir(run: Path) -> list[Path]:
+    """The checkpoint.dir recorded in a run folder's config.yaml, if the run set one (a relative one is taken
+    from the current folder, as the run took it)."""
+    import yaml
+    try:
+        where = yaml.safe_load((run / "config.yaml").read_text())["checkpoint"]["dir"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):  # not a run folder, or no such key
+        return []
+    return [Path(where).expanduser()] if isinstance(where, str) and where else []
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -60,7 +60,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             _log_to_file(self.out / "train.log")
-        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out / "checkpoints"
+        ckpt_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else self.out / "checkpoints"
         if self.dist.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         check_shared_folders({"OUT": self.out, "checkpoint.dir": ckpt_dir} if cfg.checkpoint.dir else

@@ -158,7 +158,6 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
 
 @pytest.mark.parametrize("damage", ["truncate_shard", "truncate_index"])
 def test_damaged_checkpoint_is_named_by_eval_and_export_too(run, tmp_path, damage, capsys):
-    from seer import load_pretrained
     from seer.cli import main
     out, cfg = run
     copy = _copy(out, tmp_path / damage)
@@ -177,6 +176,17 @@ def test_damaged_checkpoint_is_named_by_eval_and_export_too(run, tmp_path, damag
         assert "CorruptCheckpointError" not in err and "Traceback" not in err and "unreadable" in err
     with pytest.raises(errors, match=match):
         Trainer(cfg, copy)
+
+
+def test_a_run_with_its_own_checkpoint_dir_is_found_from_its_folder(tmp_path, monkeypatch):
+    from seer.train.checkpoint import resolve_checkpoint
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "eval.at_end=false",
+                                           "checkpoint.dir=~/ckpts"])
+    Trainer(cfg, tmp_path / "run").fit()
+    assert list_checkpoints(tmp_path / "home" / "ckpts")  # ~ is the home folder, not a folder named '~'
+    assert resolve_checkpoint(tmp_path / "run") == list_checkpoints(tmp_path / "home" / "ckpts")[-1]
+    load_pretrained(tmp_path / "run")
 
 
 def test_explicit_resume_starts_a_lineage_that_reruns_continue(run, tmp_path):
