@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dc = dsub.add_parser("check", help="decode every image and report the unreadable ones")
     dc.add_argument("source", help="folder, list file or tar shards")
-    dc.add_argument("--workers", type=int, default=4)
+    dc.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="decoding processes (default: 4, at most the CPU count)")
     dc.add_argument("--report", help="write the unreadable files (path<TAB>reason) to this file")
     dc.add_argument("--fail-on-bad", action="store_true", help="exit with status 1 if any file is unreadable")
 

@@ -597,6 +597,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "an integer >= 0", e.every)
+    _check(e.dataset.strip() != "", "eval.dataset", "'digits' or a folder of class folders (not empty)", e.dataset)
     _check(e.knn_k >= 1, "eval.knn_k", "an integer >= 1", e.knn_k)
     _check(0 < e.knn_temperature < math.inf, "eval.knn_temperature", "a finite number > 0", e.knn_temperature)
     _check(0 < e.test_fraction < 1, "eval.test_fraction", "in (0, 1)", e.test_fraction)

@@ -12,6 +12,7 @@ Items are addressed by (epoch, index) so that the augmentation generator can be 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -73,7 +74,10 @@ def decode_checked(data: Union[bytes, Tensor], max_pixels: int) -> Tensor:
 
 
 def _reason(exc: BaseException) -> str:
+    """The first line of the error, without object addresses (PIL's "cannot identify image file
+    <_io.BytesIO object at 0x7f...>"), which would make every report of the same file differ."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", text)
     return f"{type(exc).__name__}: {text}"[:300]
 
 

@@ -64,6 +64,9 @@ class VisionTransformer(nn.Module):
         init_weights_(self, std=self.cfg.init_std, seed=seed)
 
     def _embed(self, x: Tensor) -> Tensor:
+        if not x.is_floating_point():  # uint8 pixels would be cast, not normalised: meaningless features
+            raise TypeError(f"VisionTransformer: argument 'x' must be floating-point images normalised as in "
+                            f"training ((x / 255 - mean) / std), got {x.dtype}")
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.patch_embed(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)

@@ -69,10 +69,12 @@ def collapse_signals(scores: Tensor, embeddings: Tensor, *, num_prototypes: int,
     counts.index_add_(0, winner, torch.ones_like(winner, dtype=counts.dtype))
     counts = comm.all_reduce(counts, group)
     z = embeddings.detach().float()
+    # One embedding has no spread to measure: NaN (the monitor's test ignores it), without torch's warning.
+    spread = z.std(0).mean() * math.sqrt(z.shape[1]) if z.shape[0] > 1 else z.new_tensor(math.nan)
     stats = torch.stack([
         _entropy(codes, prototype_group).mean() / ln_k,
         _entropy(pred, prototype_group).mean() / ln_k,
-        z.std(0).mean() * math.sqrt(z.shape[1]),
+        spread,
     ])
     stats = comm.all_reduce(stats, group) / comm.group_size(group)
     assign_h, pred_h, emb_std = stats.tolist()

@@ -90,6 +90,8 @@ def test_bad_inputs():
         model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="non-empty list"):
         model([])
+    with pytest.raises(TypeError, match="argument 'x' must be floating-point images normalised"):
+        model(torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8))
 
 
 def test_presets_and_unknown_names():

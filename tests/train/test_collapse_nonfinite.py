@@ -23,6 +23,14 @@ def test_signals_separate_collapsed_from_healthy_assignments():
                                  iterations=3)
     assert healthy["assign_entropy"] < 0.9 < collapsed["assign_entropy"] <= 1.0 + 1e-6
     assert healthy["prototypes_used"] > 20 and collapsed["embedding_std"] < 1e-3 < 0.5 < healthy["embedding_std"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "degrees of freedom <= 0" for a batch of one
+        one = collapse_signals(z[:1] @ protos.T, z[:1], num_prototypes=k, temperature=0.1, epsilon=0.05,
+                               iterations=3)
+    assert math.isnan(one["embedding_std"])
+    mon = CollapseMonitor(num_prototypes=k, warmup_steps=0, window=2)
+    assert [mon.update(s, 3.0, {"assign_entropy": 0.5, "embedding_std": math.nan}) for s in range(3)] == [None] * 3
 
 
 def test_monitor_warns_after_warmup_with_the_remedies():

@@ -79,6 +79,7 @@ def test_bad_values_name_the_key(override, fragment):
     ("data.crops.blur_sigma=[1, 2000]", "data.crops.blur_sigma"), ("parallel.param_dtype=foo", "parallel.param_dtype"),
     ("parallel.reduce_dtype=int8", "parallel.reduce_dtype"), ("loss.epsilon=.inf", "loss.epsilon"),
     ("loss.temperature=.inf", "loss.temperature"), ("eval.knn_temperature=.inf", "eval.knn_temperature"),
+    ("eval.dataset=", "eval.dataset"),  # was the current folder
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
