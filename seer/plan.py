@@ -159,6 +159,14 @@ def plan(inp: PlanInput) -> dict:
     if inp.gpus % tp:
         raise ValueError(f"--gpus {inp.gpus} is not divisible by --tp {tp}")
     validate_tensor_parallel(cfg, inp.head, tp)
+    if inp.sequence_parallel:  # as the trainer refuses it (seer.parallel.tensor_parallel's scatter hook)
+        odd = [(n, s) for n, s in inp.crops if n * inp.micro_batch % tp]
+        if odd:
+            n, s = odd[0]
+            raise ValueError(f"--micro-batch {inp.micro_batch}: the {n}x{s} crops make {n * inp.micro_batch} "
+                             f"sequences per rank, which sequence parallelism cannot split over --tp {tp} (training "
+                             f"refuses it); use a micro-batch that makes them a multiple of {tp}, or "
+                             f"--no-sequence-parallel")
     n_ckpt = len(checkpointed_blocks(cfg.depth, inp.checkpointing))
     dp = inp.gpus // tp
     shard = dp if (inp.fsdp and dp > 1) else 1
@@ -324,6 +332,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not reserve < args.gpu_memory_gib < float("inf"):
             raise ValueError(f"--gpu-memory-gib must be more than the {reserve:g} GiB the plan reserves, got "
                              f"{args.gpu_memory_gib}")
+        if args.head == "none" and args.prototypes is not None:
+            raise ValueError("--prototypes needs a head (--head seer or swav), got --head none")
         head = {"seer": seer_head(), "swav": SwAVHeadConfig(), "none": None}[args.head]
         if head is not None and args.prototypes is not None:
             head.num_prototypes = args.prototypes

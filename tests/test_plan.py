@@ -64,6 +64,9 @@ def test_checkpointing_and_sequence_parallel_reduce_activations():
     (("--gpus", "8", "--micro-batch", "1", "--mfu", "-1"), "--mfu must be a fraction in (0, 1]"),
     (("--gpus", "8", "--micro-batch", "1", "--prototypes", "-16"), "--prototypes must be >= 1"),
     (("--gpus", "8", "--micro-batch", "1", "--gpu-memory-gib", "-5"), "--gpu-memory-gib must be more than"),
+    # layouts training refuses: 6 sequences per group over tp 8; a prototype count without a head
+    (("--gpus", "8", "--tp", "8", "--micro-batch", "3"), "make 6 sequences per rank, which sequence parallelism"),
+    (("--gpus", "8", "--micro-batch", "1", "--head", "none", "--prototypes", "100"), "--prototypes needs a head"),
 ])
 def test_bad_arguments(capsys, args, match):
     code, _, err = run(capsys, *args)
