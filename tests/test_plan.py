@@ -94,3 +94,20 @@ def test_activation_estimate_bounds_what_autograd_saves(qk_norm):
     measured = saved_bytes_per_token(block, lambda b: torch.randn(b, 17, 128, requires_grad=True), (8, 16), 17)
     estimate = plan.activation_bytes_per_token(cfg, 1, False)
     assert measured <= estimate <= 1.1 * measured, (measured, estimate)
+
+
+def test_model_md_parameter_table_matches_the_counts():
+    # docs/model.md's "+ SEER head" column had drifted 0.13 M from the models.
+    import re
+    from pathlib import Path
+
+    from seer.model import vit_preset
+    from seer.plan import count_parameters
+    from seer.swav.config import seer_head
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text()
+    rows = re.findall(r"^\| (\S+)(?: \(tests\))? \|.*\| ([\d.]+) M \| ([\d.]+) M \|$", text, re.M)
+    assert len(rows) == 7
+    for name, trunk, total in rows:
+        cfg = vit_preset(name)
+        assert float(trunk) == round(count_parameters(cfg).trunk / 1e6, 1), name
+        assert float(total) == round(count_parameters(cfg, seer_head()).total / 1e6, 1), name
