@@ -367,6 +367,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if value is None and type(None) in args:
             return None
         return _coerce(key, value, inner[0])
+    if isinstance(value, _Plain):  # a string key takes the text as written, any other the YAML value
+        value = value.text if tp is str else value.value
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
@@ -496,6 +498,36 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
+class _Plain:
+    """An unquoted YAML scalar that YAML 1.1 resolved to a number or a boolean, with its text: a string key of
+    a config file takes the text, as ``--set`` does ('source: 010' is the folder '010', not '8'; 'resume: no'
+    is 'no', not false)."""
+
+    __slots__ = ("value", "text")
+
+    def __init__(self, value, text: str):
+        self.value, self.text = value, text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, keeping the text of the scalars it resolves to numbers and booleans."""
+
+
+def _keep_text(construct):
+    return lambda loader, node: _Plain(construct(loader, node), node.value)
+
+
+for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float),
+                         ("bool", yaml.SafeLoader.construct_yaml_bool)):
+    _ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_text(_construct))
+
+
 def load_yaml(path: str | Path) -> RunConfig:
     path = Path(path)
     if path.is_dir():
@@ -503,7 +535,7 @@ def load_yaml(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_ConfigLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
     return from_dict(data)
