@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -159,10 +160,10 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
     # scancel and preemption send SIGTERM to every process of the job, workers included; torch's own worker
     # handler would end the worker, and the main process would then fail on the lost worker before it
-    # saves the stop checkpoint. The first SIGTERM only arms the default action: the main process shuts its
-    # workers down itself after saving, and a second SIGTERM (the loader's terminate() of a worker that did
-    # not stop, the job's next signal) ends the worker as usual.
-    signal.signal(signal.SIGTERM, _first_sigterm)
+    # saves the stop checkpoint. The first SIGTERM (and its echoes, below) does not end the worker: the
+    # main process shuts its workers down itself after saving, and a later SIGTERM (the loader's
+    # terminate() of a worker that did not stop, the job's next signal) ends the worker as usual.
+    signal.signal(signal.SIGTERM, _sigterm)
 
 
 # How long a worker outlives that first SIGTERM before it leaves by itself (exit status 0, which the main
@@ -172,11 +173,25 @@ def worker_init(_worker_id: int) -> None:
 WORKER_STOP_GRACE_S = 120.0
 
 
-def _first_sigterm(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    timer = threading.Timer(WORKER_STOP_GRACE_S, os._exit, (0,))
-    timer.daemon = True
-    timer.start()
+# SIGTERMs this soon after the first are the same stop arriving again: under `srun torchrun`, SLURM signals
+# every process and torchrun forwards its own SIGTERM to each rank's process group (os.killpg), so a worker
+# gets two within milliseconds. Ending the worker on the echo made the rank fail before its stop checkpoint.
+SIGTERM_ECHO_S = 10.0
+_first_sigterm_at: list = []
+
+
+def _sigterm(signum, frame) -> None:
+    now = time.monotonic()
+    if not _first_sigterm_at:
+        _first_sigterm_at.append(now)
+        timer = threading.Timer(WORKER_STOP_GRACE_S, os._exit, (0,))
+        timer.daemon = True
+        timer.start()
+        return
+    if now - _first_sigterm_at[0] < SIGTERM_ECHO_S:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a later SIGTERM: the default action, as torch would
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 __all__ = ["Batch", "DataError", "DecodedDataset", "MultiCropDataset", "Skipped", "check_pixels", "collate_crops",

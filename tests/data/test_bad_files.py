@@ -1,4 +1,5 @@
 """Corrupt, truncated, empty and non-image files are skipped, counted and named; they never stop a run."""
+import signal
 import subprocess
 import sys
 import textwrap
@@ -80,3 +81,25 @@ def test_worker_outlives_its_first_sigterm_then_leaves_by_itself():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.split() == ["alive"], proc.stderr
     assert time.monotonic() - t0 < 25
+
+
+def test_worker_outlives_the_echo_of_its_first_sigterm_but_not_a_later_one():
+    """Under `srun torchrun`, torchrun forwards the job's SIGTERM to each rank's process group: a worker gets
+    two within milliseconds, and the second used to end it (the rank then failed before saving). A SIGTERM
+    after the echo window ends the worker as torch's default would."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        from seer.data import dataset
+        dataset.SIGTERM_ECHO_S = 1.0
+        dataset.worker_init(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the echo
+        time.sleep(0.2)
+        print("alive", flush=True)
+        time.sleep(1.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        print("not reached", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and proc.stdout.split() == ["alive"], (proc.returncode, proc.stderr)

@@ -52,14 +52,16 @@ _t.Trainer.train_step = _step
 """
 
 # scancel / preemption: SIGTERM to every process of the job, the DataLoader workers included, from another
-# process (torch's workers exit quietly on a SIGTERM from their parent, but not on one from SLURM).
+# process (torch's workers exit quietly on a SIGTERM from their parent, but not on one from SLURM); twice, as
+# under `srun torchrun`, whose agent forwards the job's SIGTERM to each rank's process group.
 TERM_GROUP_AT_STEP = """
 import subprocess
 import seer.train.trainer as _t
 _orig = _t.Trainer.train_step
 def _step(self, *a, **k):
     if self.step == {step}:
-        subprocess.run(["kill", "-TERM", "--", f"-{{os.getpgid(0)}}"])
+        for _ in range(2):
+            subprocess.run(["kill", "-TERM", "--", f"-{{os.getpgid(0)}}"])
     return _orig(self, *a, **k)
 _t.Trainer.train_step = _step
 """
