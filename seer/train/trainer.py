@@ -35,6 +35,7 @@ from .checkpoint import (CheckpointManager, list_checkpoints, load_rank_state, l
                          resolve_checkpoint, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
+from .lock import RunLock
 from .metrics import MetricsWriter, peak_flops, read_metrics
 from .modules import BackboneView, nvtx_range
 from .plot import plot_metrics
@@ -57,8 +58,24 @@ class Trainer:
         self.device = self.dist.device
         if t.threads:
             torch.set_num_threads(t.threads)
+        self._lock: Optional[RunLock] = None
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = RunLock(self.out)  # before anything here writes: another live run refuses this one
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Unlock OUT for other processes (fit does it when it ends; idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, cfg: C.RunConfig) -> None:
+        t = cfg.train
+        if self.dist.is_main:
             _log_to_file(self.out / "train.log")
         ckpt_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else self.out / "checkpoints"
         if self.dist.is_main:
@@ -289,8 +306,11 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to ``train.max_steps`` (resumed where the last checkpoint left off); evaluate at the end."""
-        with _forced_attention(self.cfg.train.attention_backend):
-            return self._fit()
+        try:
+            with _forced_attention(self.cfg.train.attention_backend):
+                return self._fit()
+        finally:
+            self.release()
 
     def _fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
