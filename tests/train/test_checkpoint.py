@@ -132,6 +132,10 @@ def test_refused_run_leaves_the_run_config_alone(run, tmp_path):
     ("delete_rank", CorruptCheckpointError, "rank_00000.pt is missing"),
     ("empty_meta", CorruptCheckpointError, "unreadable meta.json"),
     ("meta_without_data", CorruptCheckpointError, "meta.json lacks data"),
+    # the architecture check reads it: a traceback (truncated, a list), or no check at all (deleted)
+    ("truncate_config", CorruptCheckpointError, "config.yaml: unreadable run config"),
+    ("list_config", CorruptCheckpointError, "config.yaml: unreadable run config"),
+    ("delete_config", CorruptCheckpointError, "config.yaml is missing, so the checkpoint's architecture"),
 ])
 def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage, error, match):
     import json
@@ -148,6 +152,12 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
         (ckpt / "rank_00000.pt").unlink()
     elif damage == "empty_meta":
         (ckpt / "meta.json").write_text("")
+    elif damage == "truncate_config":
+        (ckpt / "config.yaml").write_text((ckpt / "config.yaml").read_text()[:30] + "\n  - [")
+    elif damage == "list_config":
+        (ckpt / "config.yaml").write_text("- 1\n")
+    elif damage == "delete_config":
+        (ckpt / "config.yaml").unlink()
     else:
         meta = json.loads((ckpt / "meta.json").read_text())
         del meta["data"]
