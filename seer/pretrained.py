@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .config import RunConfig, from_dict
 from .model import ViTConfig, VisionTransformer
-from .train.checkpoint import load_tensors, read_meta, read_tensor_index, resolve_checkpoint
+from .train.checkpoint import load_tensors, read_meta, read_saved_config, read_tensor_index, resolve_checkpoint
 from .train.state import merge_tensor_parallel
 
 
@@ -26,7 +25,7 @@ def checkpoint_config(path: str | Path) -> RunConfig:
 
 
 def _read_config(ckpt: Path) -> RunConfig:
-    return from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()) or {})
+    return from_dict(read_saved_config(ckpt))
 
 
 def checkpoint_backbone_state(path: str | Path, cfg: Optional[RunConfig] = None

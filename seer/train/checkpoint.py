@@ -125,6 +125,26 @@ def read_meta(path: str | os.PathLike, required: tuple[str, ...] = ("step",)) ->
     return meta
 
 
+def read_saved_config(path: str | os.PathLike) -> dict:
+    """The run config saved in checkpoint ``path`` (config.yaml), as a mapping of sections; every checkpoint
+    is written with one, so a missing or unreadable one is a damaged checkpoint."""
+    f = Path(path) / "config.yaml"
+    if not f.is_file():
+        raise CorruptCheckpointError(
+            f"{f} is missing, so the checkpoint's architecture cannot be checked against the config; if the "
+            f"run's {Path(path).parent.parent / 'config.yaml'} describes it, copy that file there, else move this "
+            f"checkpoint away to resume from the one before it")
+    import yaml
+    try:
+        saved = yaml.safe_load(f.read_text()) or {}
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(s, {}), dict) for s in ("model", "head",
+                                                                                               "train")):
+            raise ValueError("not a mapping of config sections")
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise _corrupt(f, "run config", e) from None
+    return saved
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` then rename tmp to ``path`` (fsynced): a kill leaves the old file or the new one, never
     a part."""

@@ -31,9 +31,8 @@ from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
-from .checkpoint import (CheckpointManager, CorruptCheckpointError, list_checkpoints, load_rank_state, load_tensors,
-                         read_meta, resolve_checkpoint, write_atomic)
-from .checkpoint import _corrupt as corrupt_checkpoint
+from .checkpoint import (CheckpointManager, list_checkpoints, load_rank_state, load_tensors, read_meta,
+                         read_saved_config, resolve_checkpoint, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .lock import RunLock
@@ -538,19 +537,7 @@ _ARCH_SECTIONS = ("model", "head")
 
 def _check_compatible(path: Path, cfg: C.RunConfig) -> None:
     """Refuse, with the differing keys, a checkpoint whose architecture differs from the config's."""
-    saved_path = path / "config.yaml"
-    if not saved_path.is_file():  # every checkpoint is written with one: without it nothing can be checked
-        raise CorruptCheckpointError(
-            f"{saved_path} is missing, so the checkpoint's architecture cannot be checked against the config; "
-            f"if the run's {path.parent.parent / 'config.yaml'} describes it, copy that file there, else move this "
-            f"checkpoint away to resume from the one before it")
-    import yaml
-    try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        if not isinstance(saved, dict) or not all(isinstance(saved.get(s, {}), dict) for s in _ARCH_SECTIONS):
-            raise ValueError("not a mapping of config sections")
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        raise corrupt_checkpoint(saved_path, "run config", e) from None
+    saved = read_saved_config(path)
     now = C.to_dict(cfg)
     diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r}, config {v!r}" for sec in _ARCH_SECTIONS
              for k, v in now[sec].items() if sec in saved and saved[sec].get(k) != v]

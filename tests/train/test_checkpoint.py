@@ -164,6 +164,10 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
         (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(error, match=match):
         Trainer(cfg, copy)
+    if "config" in damage:  # eval and export read it too
+        from seer import load_pretrained
+        with pytest.raises(error, match=match):
+            load_pretrained(copy)
 
 
 @pytest.mark.parametrize("damage", ["truncate_shard", "truncate_index"])
