@@ -16,6 +16,7 @@ which is ignored (and removed by the next run). Old checkpoints are deleted only
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -100,6 +101,11 @@ def _run_checkpoint_dir(run: Path) -> list[Path]:
     except (OSError, yaml.YAMLError, KeyError, TypeError):  # not a run folder, or no such key
         return []
     return [Path(where).expanduser()] if isinstance(where, str) and where else []
+
+
+# Free space below which a failed checkpoint write is reported as a full disk (the writers' own errors do
+# not say so).
+FULL_DISK_BYTES = 256 * 2**20
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -198,17 +204,52 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        with quiet_single_process():
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), no_dist=not _distributed())
-        write_atomic(tmp / f"rank_{self.rank:05d}.pt", lambda p: torch.save(rank_state, p))
-        self.barrier()
-        if self.rank == 0:
-            write_atomic(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
-            write_atomic(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
-            self._commit(tmp, final)
-            self._prune()
+        try:
+            with quiet_single_process():
+                dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+                         no_dist=not _distributed())
+            write_atomic(tmp / f"rank_{self.rank:05d}.pt", lambda p: torch.save(rank_state, p))
+            self.barrier()
+            if self.rank == 0:
+                write_atomic(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
+                write_atomic(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+                self._commit(tmp, final)
+                self._prune()
+        except (Exception, CheckpointException) as e:
+            full = self._full_disk(e, final)
+            if full is None:
+                raise
+            raise full from e
         self.barrier()
         return final
+
+    def _full_disk(self, exc: BaseException, final: Path) -> Optional[OSError]:
+        """The error to raise instead of ``exc`` when the disk ran full while writing ``final`` (torch's
+        writers report it as 'unexpected pos 704 vs 598', nowhere 'No space'), else None."""
+        seen, stack = set(), [exc]
+        enospc = False
+        while stack:  # the exception chain, and the ranks' failures that DCP collects
+            e = stack.pop()
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            enospc |= isinstance(e, OSError) and e.errno == errno.ENOSPC
+            stack += [e.__cause__, e.__context__]
+            stack += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            free = None
+        if not enospc and (free is None or free >= FULL_DISK_BYTES):
+            return None
+        latest = self.latest()
+        where = f"{free / 2**20:.0f} MiB free there" if free is not None else "no space left"
+        then = (f"The last complete checkpoint ({latest.name}) is intact: free some space and rerun the same "
+                f"command to continue from it" if latest else "No checkpoint was complete yet: free some space "
+                "and rerun the same command")
+        return OSError(errno.ENOSPC, f"writing checkpoint {final.name} into {self.dir} failed ({where}: the disk is "
+                                     f"full; {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                                     f"{then}")
 
     def _commit(self, tmp: Path, final: Path) -> None:
         if final.exists():  # the same step saved again (e.g. at the end right after a periodic save)

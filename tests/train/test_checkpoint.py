@@ -35,6 +35,29 @@ def test_keep_last_n_and_incomplete_folders_are_ignored(tmp_path):
     assert torch.equal(dest["w"], torch.full((3,), 7.0))
 
 
+def test_a_full_disk_is_named_with_the_checkpoint_that_survives(tmp_path, monkeypatch):
+    # torch's writers report a full disk as "unexpected pos 704 vs 598"; the error says what happened
+    import errno
+    import shutil
+    from collections import namedtuple
+    mgr = CheckpointManager(tmp_path, keep=2)
+    _save(mgr, 3, 3)
+
+    def broken(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr("seer.train.checkpoint.dcp.save", broken)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError, match=r"failed \(1 MiB free there: the disk is full; RuntimeError: .*unexpected pos"
+                                      r".*\(step_00000003\) is intact") as e:
+        _save(mgr, 4, 4)
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 0, 10 * 2**30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space: the error as it was
+        _save(mgr, 4, 4)
+    assert mgr.latest().name == "step_00000003"
+
+
 def test_resave_killed_between_its_renames_keeps_the_checkpoint(tmp_path, monkeypatch):
     mgr = CheckpointManager(tmp_path, keep=1)
     _save(mgr, 3, 3)
