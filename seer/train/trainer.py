@@ -543,6 +543,11 @@ def _check_compatible(path: Path, cfg: C.RunConfig) -> None:
              for k, v in now[sec].items() if sec in saved and saved[sec].get(k) != v]
     if diffs:
         raise C.ConfigError(f"checkpoint {path} has another architecture than the config: " + "; ".join(diffs))
+    steps = (saved.get("train") or {}).get("max_steps")
+    if steps is not None and steps != cfg.train.max_steps:  # allowed (extending a run), but not silently
+        log.warning("train.max_steps is %d, the checkpoint's run had %s: the learning-rate and weight-decay "
+                    "schedules (warm-up, cosine) are recomputed over the new length from step %s on",
+                    cfg.train.max_steps, steps, path.name.split("_")[-1].lstrip("0") or "0")
     saved_opt = (saved.get("train") or {}).get("optimizer")
     if saved_opt is not None and saved_opt != cfg.train.optimizer:
         raise C.ConfigError(f"checkpoint {path} holds {saved_opt} optimizer state but train.optimizer="

@@ -138,6 +138,14 @@ def test_resume_needs_the_same_architecture(run, tmp_path):
         Trainer(apply_overrides(cfg, ["checkpoint.resume=never"]), _copy(out, tmp_path / "never"))
 
 
+def test_a_new_max_steps_on_resume_is_said(run, tmp_path, caplog):
+    out, cfg = run
+    with caplog.at_level("WARNING", logger="seer.train"):
+        t = Trainer(apply_overrides(cfg, ["train.max_steps=5"]), _copy(out, tmp_path / "longer"))
+    assert t.step == 2 and "train.max_steps is 5, the checkpoint's run had 2" in caplog.text
+    assert "recomputed over the new length from step 2 on" in caplog.text
+
+
 def test_refused_run_leaves_the_run_config_alone(run, tmp_path):
     out, cfg = run
     copy = _copy(out, tmp_path / "cfg")
