@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,7 +88,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def check_shared_folders(folders: dict[str, Path], *, wait_s: float = 10.0) -> None:
+class MainRankError(RuntimeError):
+    """Rank 0 could not set the run up; raised on the other ranks with its message."""
+
+
+def check_shared_folders(folders: dict[str, Path], *, wait_s: float = 10.0,
+                         main_setup: Optional[Callable[[], None]] = None) -> None:
     """Refuse, on every process, a run whose output folders some process does not share.
 
     Rank 0 indexes the data into OUT/data, and commits every checkpoint by renaming the folder into which all
@@ -95,17 +101,31 @@ def check_shared_folders(folders: dict[str, Path], *, wait_s: float = 10.0) -> N
     filesystem). A node-local OUT in a multi-node run would otherwise train until its first save and leave
     checkpoints missing other nodes' shards. Rank 0 writes a probe file with a random name into each folder;
     every process looks for it (for up to ``wait_s``, for filesystems that show a new file late).
-    ``folders``: what the error calls each folder (e.g. 'OUT', 'checkpoint.dir') -> its path, which rank 0
-    has created. A collective: every process calls it.
+    ``folders``: what the error calls each folder (e.g. 'OUT', 'checkpoint.dir') -> its path.
+    ``main_setup``: what rank 0 does first (create the folders, lock them; also without a process group):
+    if it raises, so does every rank (MainRankError with its message), instead of waiting in a collective
+    for a rank 0 that left. A collective: every process calls it.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    main = dist.get_rank() == 0
-    name = [f".seer-shared-{uuid.uuid4().hex}" if main else None]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    main = not distributed or dist.get_rank() == 0
+    name: list = [None]
     if main:
-        for folder in folders.values():
-            (Path(folder) / name[0]).write_bytes(b"")
+        try:
+            if main_setup is not None:
+                main_setup()
+            if distributed:
+                name[0] = f".seer-shared-{uuid.uuid4().hex}"
+                for folder in folders.values():
+                    (Path(folder) / name[0]).write_bytes(b"")
+        except Exception as e:
+            if distributed:  # tell the others, then fail here with the error itself
+                dist.broadcast_object_list([("error", f"{type(e).__name__}: {e}")], src=0)
+            raise
+    if not distributed:
+        return
     dist.broadcast_object_list(name, src=0)  # rank 0 wrote the probes before it sent their name
+    if isinstance(name[0], tuple):
+        raise MainRankError(f"rank 0 could not start the run: {name[0][1]}")
     deadline = time.monotonic() + wait_s
     while True:
         missing = {what: str(folder) for what, folder in folders.items() if not (Path(folder) / name[0]).is_file()}

@@ -50,6 +50,25 @@ class RunLock:
             self._finalizer()
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: a flock belongs to the
+    open file, which fork shares, so a child outliving rank 0 (or its release) would keep the folder locked.
+    Closing a copy does not unlock the parent's."""
+    global _mutex
+    _mutex = threading.Lock()  # another thread of the parent may have held it at the fork
+    for fd, _ in _held.values():
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _drop(key: str) -> None:
     with _mutex:
         entry = _held.get(key)

@@ -58,10 +58,7 @@ class Trainer:
         self.device = self.dist.device
         if t.threads:
             torch.set_num_threads(t.threads)
-        self._lock: Optional[RunLock] = None
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._lock = RunLock(self.out)  # before anything here writes: another live run refuses this one
+        self._locks: list[RunLock] = []
         try:
             self._setup(cfg)
         except BaseException:
@@ -69,19 +66,24 @@ class Trainer:
             raise
 
     def release(self) -> None:
-        """Unlock OUT for other processes (fit does it when it ends; idempotent)."""
-        if self._lock is not None:
-            self._lock.release()
+        """Unlock OUT (and checkpoint.dir) for other processes (fit does it when it ends; idempotent)."""
+        for lock in self._locks:
+            lock.release()
 
     def _setup(self, cfg: C.RunConfig) -> None:
         t = cfg.train
-        if self.dist.is_main:
-            _log_to_file(self.out / "train.log")
         ckpt_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else self.out / "checkpoints"
-        if self.dist.is_main:
+        folders = {"OUT": self.out, "checkpoint.dir": ckpt_dir} if cfg.checkpoint.dir else {"OUT": self.out}
+
+        def main_setup():  # rank 0; before anything here writes, another live run on a folder refuses this one
+            for folder in folders.values():
+                folder.mkdir(parents=True, exist_ok=True)
+                if folder == self.out or self.out.resolve() not in folder.resolve().parents:
+                    self._locks.append(RunLock(folder))
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-        check_shared_folders({"OUT": self.out, "checkpoint.dir": ckpt_dir} if cfg.checkpoint.dir else
-                             {"OUT": self.out})
+            _log_to_file(self.out / "train.log")
+        # Every rank sees the folders (and fails, not waits, where rank 0 could not set them up).
+        check_shared_folders(folders, main_setup=main_setup if self.dist.is_main else None)
         self.dims = ParallelDims(cfg.parallel, self.device.type, self.dist.world)
         seed_parallel_rng(t.seed, self.dims)
         self.model = build_model(cfg, self.dims, self.device)

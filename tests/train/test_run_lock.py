@@ -60,3 +60,41 @@ def test_a_live_run_on_the_folder_refuses_another(tmp_path):
     again.release()
     other = subprocess.run([sys.executable, "-c", TRY, str(out)], capture_output=True, text=True, timeout=120)
     assert other.stdout.strip() == "free", other.stdout + other.stderr  # released once fit ended
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    # DataLoader workers are forked children: a flock is shared with them unless they close their copies.
+    import os
+    import time
+
+    from seer.train.lock import RunLock
+    lock = RunLock(tmp_path)
+    pid = os.fork()
+    if pid == 0:  # the child outlives the parent's release by a few seconds
+        time.sleep(4)
+        os._exit(0)
+    try:
+        lock.release()
+        other = subprocess.run([sys.executable, "-c", TRY, str(tmp_path)], capture_output=True, text=True,
+                               timeout=120)
+        assert other.stdout.strip() == "free", other.stdout + other.stderr
+        again = RunLock(tmp_path)  # and this process may take it again
+        again.release()
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_shared_checkpoint_dir_outside_out_is_locked_too(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ckpts)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"{ckpts} is in use by another seer run"):
+            Trainer(apply_overrides(_cfg(), [f"checkpoint.dir={ckpts}"]), tmp_path / "other_out")
+    finally:
+        holder.kill()
+        holder.wait()
+    t = Trainer(apply_overrides(_cfg(), [f"checkpoint.dir={ckpts}"]), tmp_path / "other_out")
+    t.fit()
+    assert list_checkpoints(ckpts)[-1].name == "step_00000002"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer.train.distributed import check_shared_folders
+from seer.train.distributed import MainRankError, check_shared_folders
 from tests.dist_utils import run_distributed
 
 
@@ -45,3 +45,21 @@ def test_a_shared_folder_passes_and_keeps_no_probe(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "train.log").write_text("")
     assert run_distributed(_check_shared, 2, str(tmp_path / "out")) == [["train.log"], ["train.log"]]
+
+
+def _setup_fails(rank, world, out):
+    def setup():
+        raise FileExistsError(f"{out} is in use by another seer run (pid 1 on elsewhere)")
+    try:
+        check_shared_folders({"OUT": Path(out)}, wait_s=0.5, main_setup=setup if rank == 0 else None)
+    except (MainRankError, FileExistsError) as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+@pytest.mark.dist
+def test_rank_0_failing_to_set_up_stops_every_rank(tmp_path):
+    # (before, the other ranks waited in the probe's broadcast until the process group's timeout)
+    errors = run_distributed(_setup_fails, 2, str(tmp_path))
+    assert errors[0] == ("FileExistsError", f"{tmp_path} is in use by another seer run (pid 1 on elsewhere)")
+    assert errors[1] == ("MainRankError", f"rank 0 could not start the run: FileExistsError: {errors[0][1]}")
