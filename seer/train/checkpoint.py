@@ -103,9 +103,10 @@ def _run_checkpoint_dir(run: Path) -> list[Path]:
     return [Path(where).expanduser()] if isinstance(where, str) and where else []
 
 
-# Free space below which a failed checkpoint write is reported as a full disk (the writers' own errors do
-# not say so).
+# Free space below which a failed write of torch's stream writer (_WRITER_FAILED) is reported as a full disk:
+# its errors do not say so ("unexpected pos 704 vs 598").
 FULL_DISK_BYTES = 256 * 2**20
+_WRITER_FAILED = re.compile(r"unexpected pos|PytorchStreamWriter failed|file write failed")
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -227,20 +228,25 @@ class CheckpointManager:
         """The error to raise instead of ``exc`` when the disk ran full while writing ``final`` (torch's
         writers report it as 'unexpected pos 704 vs 598', nowhere 'No space'), else None."""
         seen, stack = set(), [exc]
-        enospc = False
+        enospc = other_os_error = writer_failed = False
         while stack:  # the exception chain, and the ranks' failures that DCP collects
             e = stack.pop()
             if e is None or id(e) in seen:
                 continue
             seen.add(id(e))
-            enospc |= isinstance(e, OSError) and e.errno == errno.ENOSPC
+            if isinstance(e, OSError) and e.errno is not None:
+                enospc |= e.errno == errno.ENOSPC
+                other_os_error |= e.errno != errno.ENOSPC
+            writer_failed |= bool(_WRITER_FAILED.search(str(e)))
             stack += [e.__cause__, e.__context__]
             stack += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
         try:
             free = shutil.disk_usage(self.dir).free
         except OSError:
             free = None
-        if not enospc and (free is None or free >= FULL_DISK_BYTES):
+        # Only where the disk said so, or torch's writer failed with the disk nearly full: a permission error
+        # or a failed collective stays what it is, however little space is left.
+        if not enospc and (other_os_error or not writer_failed or free is None or free >= FULL_DISK_BYTES):
             return None
         latest = self.latest()
         where = f"{free / 2**20:.0f} MiB free there" if free is not None else "no space left"

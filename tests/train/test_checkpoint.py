@@ -52,6 +52,12 @@ def test_a_full_disk_is_named_with_the_checkpoint_that_survives(tmp_path, monkey
                                       r".*\(step_00000003\) is intact") as e:
         _save(mgr, 4, 4)
     assert e.value.errno == errno.ENOSPC
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+    monkeypatch.setattr("seer.train.checkpoint.dcp.save", denied)
+    with pytest.raises(PermissionError):  # another cause stays itself, however little space is left
+        _save(mgr, 4, 4)
+    monkeypatch.setattr("seer.train.checkpoint.dcp.save", broken)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 0, 10 * 2**30))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space: the error as it was
         _save(mgr, 4, 4)
