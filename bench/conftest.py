@@ -84,7 +84,7 @@ def _synced(fn, device: str):
 
     def run():
         out = fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         return out
     return run
 

@@ -68,13 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dc = dsub.add_parser("check", help="decode every image and report the unreadable ones")
     dc.add_argument("source", help="folder, list file or tar shards")
-    dc.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                    help="decoding processes (default: 4, at most the CPU count)")
+    dc.add_argument("--workers", type=int, default=min(4, _usable_cpus()),
+                    help="decoding processes (default: 4, at most the CPUs this process may use)")
     dc.add_argument("--report", help="write the unreadable files (path<TAB>reason) to this file")
     dc.add_argument("--fail-on-bad", action="store_true", help="exit with status 1 if any file is unreadable")
 
     sub.add_parser("bench", help="run the benchmark suites (pytest bench ...)", add_help=False)
     return p
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM or cgroup CPU set, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

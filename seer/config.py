@@ -524,7 +524,8 @@ def _keep_text(construct):
 
 
 for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float),
-                         ("bool", yaml.SafeLoader.construct_yaml_bool)):
+                         ("bool", yaml.SafeLoader.construct_yaml_bool),
+                         ("timestamp", yaml.SafeLoader.construct_yaml_timestamp)):  # 'source: 2024-01-15'
     _ConfigLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_text(_construct))
 
 
@@ -535,7 +536,8 @@ def load_yaml(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.load(path.read_text(), Loader=_ConfigLoader) or {}
+        data = yaml.load(path.read_text(), Loader=_ConfigLoader)
+        data = (data.value if isinstance(data, _Plain) else data) or {}  # a file of just 'false' or '0
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
     return from_dict(data)
@@ -570,7 +572,10 @@ def _check_crop_law(c: CropsConfig) -> None:
     try:
         crop_spec(c)
     except ValueError as e:
-        raise ConfigError(re.sub(r"^MultiCropSpec: argument '(\w+)'", r"config key 'data.crops.\1'", str(e))) from None
+        keys = {f.name for f in dataclasses.fields(CropsConfig)}
+        raise ConfigError(re.sub(r"^MultiCropSpec: argument '(\w+)'",
+                                 lambda m: f"config key 'data.crops.{m[1]}'" if m[1] in keys else
+                                 "data.crops (global_*/local_* sizes and scales)", str(e))) from None
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -77,16 +77,14 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in state.items()}
     save_file(tensors, str(out), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
-    # safetensors creates the file readable by its owner alone (0600); give it the mode any new file of this
-    # process gets (the JSON beside it), so that a shared export is readable by those who read the JSON.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
             "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)"}
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(info, indent=1))
+    # safetensors creates its file readable by the owner alone (0600): give it the JSON's mode (what any new
+    # file of this process gets), so that whoever can read the export's JSON can read its weights.
+    os.chmod(out, json_path.stat().st_mode & 0o777)
     return out, json_path
 
 

@@ -310,7 +310,7 @@ def _host_only(fn):
               "MultiCropSpec.sample and compile augment_crops_batch, which traces")
     try:
         return torch.compiler.disable(fn, reason=reason)
-    except TypeError:  # torch < 2.7: no reason argument
+    except TypeError:  # older torch (the argument came with pytorch#150341, 2025): no reason to show
         return torch.compiler.disable(fn)
 
 

@@ -103,10 +103,15 @@ def test_yaml_file_string_keys_are_taken_as_written(tmp_path):
     # As with --set: YAML 1.1 would make the folder 010 the number 8, and 'no' false ('off').
     (tmp_path / "run.yaml").write_text("preset: tiny\ndata: {source: 010}\ncheckpoint: {resume: no, dir: 1e3}\n"
                                        "logging: {progress: off}\ntrain: {max_steps: 0x10, grad_clip: 1e-1, "
-                                       "threads: 2}\neval: {knn_temperature: 7}\nmodel: {qk_norm: yes}\n")
+                                       "threads: 2}\neval: {knn_temperature: 7, dataset: 2024-01-15}\n"
+                                       "model: {qk_norm: yes}\n")
     cfg = C.load_yaml(tmp_path / "run.yaml")
     assert (cfg.data.source, cfg.checkpoint.resume, cfg.checkpoint.dir, cfg.logging.progress) == \
         ("010", "no", "1e3", "off")
     assert (cfg.train.max_steps, cfg.train.grad_clip, cfg.train.threads, cfg.eval.knn_temperature) == (16, 0.1, 2, 7.0)
-    assert cfg.model.qk_norm is True
+    assert cfg.model.qk_norm is True and cfg.eval.dataset == "2024-01-15"  # a date-named folder
+    (tmp_path / "false.yaml").write_text("false\n")
+    assert C.load_yaml(tmp_path / "false.yaml") == C.RunConfig()  # as an empty file
+    with pytest.raises(C.ConfigError, match=r"config key 'data.crops' \(global|data.crops \(global_\*/local_\*"):
+        C.validate(C.apply_overrides(C.preset("tiny"), ["data.crops.global_size=100000", "model.img_size=100000"]))
     assert C.load_yaml(tmp_path / "run.yaml") == cfg and C.from_dict(C.to_dict(cfg)) == cfg  # round trip
