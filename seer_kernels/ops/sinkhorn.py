@@ -149,9 +149,9 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
             are NaN on the CUDA backend (the others compute them, unless the scores spread over more than
             float32 holds, |S| > 1.7e38, where S - m overflows: then every code is NaN on every backend).
             Float64 scores are computed in float32: beyond its range (|S| > 3.4e38) they are refused as
-            such. Under ``group`` each rank checks its own
-            scores (against its own column max): the rank that raises leaves the others in their next
-            collective, which torchrun ends when it tears the job down.
+            such. Under ``group`` or ``prototype_group`` the ranks decide together (one small all-reduce
+            per group; for such extreme scores a few more, with the global column max): all of them raise,
+            those without the bad input saying it is on another rank.
 
     Semantics (SwAV): Q = exp(S / eps), normalised to sum 1; then ``iterations`` times every prototype's
     total over the global batch is set to 1/K and every sample's total to 1/B_global; finally Q * B_global.
@@ -162,14 +162,20 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     scores = _validate(scores, epsilon, iterations, group, prototype_group)
     if check_finite and not _tracing(scores):
         finite, may_overflow = _all_finite(scores, epsilon)
+        finite_here = finite
+        if group is not None or prototype_group is not None:  # every rank decides alike: all raise, or none
+            finite, may_overflow = _agree(finite, may_overflow, scores.device, group, prototype_group)
         if not finite:
-            if given.dtype == torch.float64 and bool(torch.isfinite(given).all()):
+            elsewhere = "" if not finite_here else " (on another rank)"
+            if finite_here:
+                pass
+            elif given.dtype == torch.float64 and bool(torch.isfinite(given).all()):
                 raise ValueError("sinkhorn: argument 'scores' (float64) holds values beyond the float32 range "
                                  "(|x| > 3.4e38), in which the codes are computed. Rescale the scores.")
-            raise ValueError("sinkhorn: argument 'scores' contains NaN or inf; the codes would be all NaN. "
-                             "Check the embeddings (L2-normalised?) and the prototype weights.")
+            raise ValueError(f"sinkhorn: argument 'scores' contains NaN or inf{elsewhere}; the codes would be all "
+                             "NaN. Check the embeddings (L2-normalised?) and the prototype weights.")
         if may_overflow:
-            _check_logits_finite(scores, epsilon)
+            _check_logits_finite(scores, epsilon, group, prototype_group)
     data_size = dist.get_world_size(group) if group is not None else 1
     proto_size = dist.get_world_size(prototype_group) if prototype_group is not None else 1
     if data_size == 1 and proto_size == 1:
@@ -201,7 +207,17 @@ def _all_finite(t: Tensor, epsilon: float) -> tuple[bool, bool]:
     return finite, finite and may_overflow
 
 
-def _check_logits_finite(scores: Tensor, epsilon: float) -> None:
+def _agree(finite: bool, may_overflow: bool, device, group, prototype_group) -> tuple[bool, bool]:
+    """The flags of :func:`_all_finite` over every rank of the groups (one small all-reduce per group)."""
+    flags = torch.tensor([0.0 if finite else 1.0, 1.0 if may_overflow else 0.0], device=device)
+    for g in (group, prototype_group):
+        if g is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=g)
+    bad, over = flags.tolist()
+    return bad == 0.0, over == 1.0
+
+
+def _check_logits_finite(scores: Tensor, epsilon: float, group=None, prototype_group=None) -> None:
     """ValueError if a sample's logits (S - m) / epsilon all overflow float32 to -inf (m: each prototype's
     best score).
 
@@ -213,9 +229,24 @@ def _check_logits_finite(scores: Tensor, epsilon: float) -> None:
     on every backend, so that all backends do the same.
     """
     s = scores.float()
-    gap = s - s.amax(dim=0)  # itself -inf where the scores spread over more than float32 holds (|S| > 1.7e38)
+    m = s.amax(dim=0)
+    if group is not None:  # each prototype's best over the global batch, as the kernels shift by it
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    gap = s - m  # itself -inf where the scores spread over more than float32 holds (|S| > 1.7e38)
     row_max = (gap / epsilon).amax(dim=1)
+    if prototype_group is not None:  # a sample's best logit over all K
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=prototype_group)
     bad = torch.nonzero(row_max == -math.inf)
+    if group is not None or prototype_group is not None:  # every rank raises if any rank has such a sample
+        count = torch.tensor([float(bad.shape[0])], device=scores.device)
+        for g in (group, prototype_group):
+            if g is not None:
+                dist.all_reduce(count, op=dist.ReduceOp.MAX, group=g)
+        if count.item() and not bad.numel():
+            raise ValueError(f"sinkhorn: argument 'scores' is out of range for epsilon={epsilon!r}: on another "
+                             "rank a sample's logits (scores - max) / epsilon all overflow float32, so its codes "
+                             "would be NaN. Rescale the scores (L2-normalised embeddings and prototypes give "
+                             "cosine scores in [-1, 1]) or raise epsilon.")
     if bad.numel():
         j = int(bad[0, 0])
         spread = bool(torch.isinf(gap[j]).all())  # no epsilon helps then

@@ -572,6 +572,40 @@ def test_distributed_nan_on_one_rank_poisons_every_rank():
     assert all(torch.isnan(b).all() for b in blocks)
 
 
+def _dist_refusal_body(rank: int, world: int, layout: str, bad: str):
+    """Rank 1 alone holds the bad input; every rank must raise (one raising left the others in a collective)."""
+    local = cosine_scores(4, 6)
+    if rank == 1 and bad == "nan":
+        local[0, 0] = float("nan")
+    if bad == "spread":
+        # A sample of rank 1 scores 1e38 below every prototype's best, which the other rank holds when the
+        # batch is split; split over prototypes, each rank holds half of that sample's scores.
+        local = local * 1e36
+        if rank == 1:
+            local[2] = -1e38
+        elif layout == "batch":
+            local[0] = 1e36
+    kw = {"group": dist.group.WORLD} if layout == "batch" else {"prototype_group": dist.group.WORLD}
+    try:
+        codes = seer_kernels.sinkhorn(local, 0.05, 3, **kw)
+    except ValueError as exc:
+        return str(exc)
+    return "finite codes" if bool(torch.isfinite(codes).all()) else "NaN codes"
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", ["batch", "proto"])
+@pytest.mark.parametrize("bad", ["nan", "spread"])
+def test_distributed_refusal_is_raised_on_every_rank(layout, bad):
+    errors = run_distributed(_dist_refusal_body, 2, layout, bad)
+    if bad == "nan":
+        assert "contains NaN or inf (on another rank)" in errors[0] and "contains NaN or inf;" in errors[1]
+    elif layout == "batch":
+        assert "on another rank a sample's logits" in errors[0] and "sample 2 (and 0 more)" in errors[1]
+    else:  # the sample's other half of the prototypes (rank 0's) gives it finite logits: no refusal
+        assert errors == ["finite codes", "finite codes"]  # (rank 1 used to refuse it from its half alone)
+
+
 def swav_log(scores: torch.Tensor, epsilon: float, iterations: int, dtype=torch.float64) -> torch.Tensor:
     """SwAV's loop on the log of the matrix itself, normalised in place (float64 result). In float64, S / eps
     fits for any float32 scores and epsilon >= 1.2e-38, and each normalisation subtracts a row's or column's
