@@ -166,12 +166,10 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
         if group is not None or prototype_group is not None:  # every rank decides alike: all raise, or none
             finite, may_overflow = _agree(finite, may_overflow, scores.device, group, prototype_group)
         if not finite:
-            elsewhere = "" if not finite_here else " (on another rank)"
-            if finite_here:
-                pass
-            elif given.dtype == torch.float64 and bool(torch.isfinite(given).all()):
+            if not finite_here and given.dtype == torch.float64 and bool(torch.isfinite(given).all()):
                 raise ValueError("sinkhorn: argument 'scores' (float64) holds values beyond the float32 range "
                                  "(|x| > 3.4e38), in which the codes are computed. Rescale the scores.")
+            elsewhere = " (on another rank)" if finite_here else ""
             raise ValueError(f"sinkhorn: argument 'scores' contains NaN or inf{elsewhere}; the codes would be all "
                              "NaN. Check the embeddings (L2-normalised?) and the prototype weights.")
         if may_overflow:
