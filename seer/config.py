@@ -29,6 +29,7 @@ import yaml
 
 from .model.config import ViTConfig, suggest, validate_vit_config, vit_preset
 from .optim.config import COSINE_SHAPES, OptimConfig
+from .parallel.dims import DTYPES as PARALLEL_DTYPES
 from .parallel.dims import ParallelConfig, checkpoint_every
 from .swav.config import SwAVHeadConfig, SwAVLossConfig, seer_head, seer_loss
 
@@ -565,6 +566,10 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
                           f"{suggest(str(value), choices, cutoff=0.5)}")
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def _check_crop_law(c: CropsConfig) -> None:
     """The rest of data.crops (colour jitter strengths, blur range, ...) as the multi-crop sampler checks
     them, its message naming the key."""
@@ -649,12 +654,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(0 < cfg.loss.epsilon < math.inf, "loss.epsilon", "a finite number > 0", cfg.loss.epsilon)
     _check(0 < cfg.loss.temperature < math.inf, "loss.temperature", "a finite number > 0", cfg.loss.temperature)
     h = cfg.head
-    for name, dims in (("head.hidden_dims", list(h.hidden_dims)), ("head.output_dim", [h.output_dim])):
-        _check(all(not isinstance(v, bool) and isinstance(v, int) and v >= 1 for v in dims), name,
-               "positive integers" if name == "head.hidden_dims" else "an integer >= 1",
-               h.hidden_dims if name == "head.hidden_dims" else h.output_dim)
+    _check(all(_positive_int(d) for d in h.hidden_dims), "head.hidden_dims", "positive integers", h.hidden_dims)
+    _check(_positive_int(h.output_dim), "head.output_dim", "an integer >= 1", h.output_dim)
     for name in ("param_dtype", "reduce_dtype"):
-        _choice(f"parallel.{name}", getattr(cfg.parallel, name), ("bfloat16", "float16", "float32"))
+        _choice(f"parallel.{name}", getattr(cfg.parallel, name), tuple(PARALLEL_DTYPES))
     _check(cfg.loss.sinkhorn_iterations >= 1, "loss.sinkhorn_iterations", "an integer >= 1",
            cfg.loss.sinkhorn_iterations)
     _check(cfg.loss.freeze_prototypes_iters >= 0, "loss.freeze_prototypes_iters", "an integer >= 0",

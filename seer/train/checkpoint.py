@@ -238,8 +238,7 @@ class CheckpointManager:
                 enospc |= e.errno == errno.ENOSPC
                 other_os_error |= e.errno != errno.ENOSPC
             writer_failed |= bool(_WRITER_FAILED.search(str(e)))
-            stack += [e.__cause__, e.__context__]
-            stack += [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+            stack += [e.__cause__, e.__context__, *_rank_failures(e)]
         try:
             free = shutil.disk_usage(self.dir).free
         except OSError:
@@ -284,9 +283,21 @@ def read_tensor_index(path: str | os.PathLike):
     except UnsafeCheckpointError:
         raise
     except Exception as e:
-        if isinstance(e, MemoryError) or isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            raise  # the machine's fault, not the file's
+        if _machine_fault(e):
+            raise
         raise _corrupt(Path(path) / ".metadata", "tensor index", e) from None
+
+
+def _machine_fault(e: BaseException) -> bool:
+    """An error of the machine (an I/O error, memory), not of the checkpoint's files: raised as it is, not
+    as a damaged checkpoint that the message would tell the user to move away. A missing file is the files'."""
+    return isinstance(e, MemoryError) or isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
+
+
+def _rank_failures(e: BaseException) -> list[BaseException]:
+    """The ranks' exceptions that DCP's CheckpointException (a BaseException) gathers as (exception,
+    traceback) pairs; [] for any other exception."""
+    return [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
 
 
 def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_process: bool = False) -> None:
@@ -303,13 +314,8 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_pro
     except UnsafeCheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # a truncated shard file, ... (DCP's report names no file)
-        # DCP's exception (a BaseException) gathers the ranks' failures as (exception, traceback) pairs
-        failures = list(getattr(e, "failures", {}).values())
-        cause = failures[0] if failures else e
-        cause = cause[0] if isinstance(cause, tuple) else cause
-        # Not the files' fault: an I/O error of the machine, memory. Raised as they are, not as a damaged
-        # checkpoint that the message would tell the user to move away.
-        if isinstance(cause, MemoryError) or isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        cause = (_rank_failures(e) or [e])[0]
+        if _machine_fault(cause):
             raise cause from None
         raise _corrupt(path, "tensors", cause) from None
 

@@ -80,7 +80,6 @@ class Trainer:
                 folder.mkdir(parents=True, exist_ok=True)
                 if folder == self.out or self.out.resolve() not in folder.resolve().parents:
                     self._locks.append(RunLock(folder))
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
             _log_to_file(self.out / "train.log")
         # Every rank sees the folders (and fails, not waits, where rank 0 could not set them up).
         check_shared_folders(folders, main_setup=main_setup if self.dist.is_main else None)
@@ -210,7 +209,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         meta = read_meta(path, required=_META_KEYS)
-        _check_compatible(path, self.cfg)
+        _check_compatible(path, self.cfg, int(meta["step"]))
         if meta["tp"] != self.dims.tp:
             raise ValueError(f"checkpoint {path} was written with parallel.tp={meta['tp']}; resuming needs the same "
                              f"parallel.tp (the data-parallel size may change), got parallel.tp={self.dims.tp}")
@@ -537,8 +536,9 @@ def _train_flops_per_image(cfg: C.RunConfig, spec) -> float:
 _ARCH_SECTIONS = ("model", "head")
 
 
-def _check_compatible(path: Path, cfg: C.RunConfig) -> None:
-    """Refuse, with the differing keys, a checkpoint whose architecture differs from the config's."""
+def _check_compatible(path: Path, cfg: C.RunConfig, step: int) -> None:
+    """Refuse, with the differing keys, a checkpoint (of ``step``) whose architecture differs from the
+    config's."""
     saved = read_saved_config(path)
     now = C.to_dict(cfg)
     diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r}, config {v!r}" for sec in _ARCH_SECTIONS
@@ -548,8 +548,8 @@ def _check_compatible(path: Path, cfg: C.RunConfig) -> None:
     steps = (saved.get("train") or {}).get("max_steps")
     if steps is not None and steps != cfg.train.max_steps:  # allowed (extending a run), but not silently
         log.warning("train.max_steps is %d, the checkpoint's run had %s: the learning-rate and weight-decay "
-                    "schedules (warm-up, cosine) are recomputed over the new length from step %s on",
-                    cfg.train.max_steps, steps, path.name.split("_")[-1].lstrip("0") or "0")
+                    "schedules (warm-up, cosine) are recomputed over the new length from step %d on",
+                    cfg.train.max_steps, steps, step)
     saved_opt = (saved.get("train") or {}).get("optimizer")
     if saved_opt is not None and saved_opt != cfg.train.optimizer:
         raise C.ConfigError(f"checkpoint {path} holds {saved_opt} optimizer state but train.optimizer="

@@ -208,11 +208,15 @@ def _all_finite(t: Tensor, epsilon: float) -> tuple[bool, bool]:
 def _agree(finite: bool, may_overflow: bool, device, group, prototype_group) -> tuple[bool, bool]:
     """The flags of :func:`_all_finite` over every rank of the groups (one small all-reduce per group)."""
     flags = torch.tensor([0.0 if finite else 1.0, 1.0 if may_overflow else 0.0], device=device)
-    for g in (group, prototype_group):
-        if g is not None:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=g)
-    bad, over = flags.tolist()
+    bad, over = _max_over(flags, group, prototype_group).tolist()
     return bad == 0.0, over == 1.0
+
+
+def _max_over(t: Tensor, *groups) -> Tensor:
+    """``t``'s elementwise max over every rank of each group given (None: none)."""
+    for g in groups:
+        t = _reducer("max", g)(t)
+    return t
 
 
 def _check_logits_finite(scores: Tensor, epsilon: float, group=None, prototype_group=None) -> None:
@@ -227,19 +231,12 @@ def _check_logits_finite(scores: Tensor, epsilon: float, group=None, prototype_g
     on every backend, so that all backends do the same.
     """
     s = scores.float()
-    m = s.amax(dim=0)
-    if group is not None:  # each prototype's best over the global batch, as the kernels shift by it
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = _max_over(s.amax(dim=0), group)  # each prototype's best over the global batch (the kernels' shift)
     gap = s - m  # itself -inf where the scores spread over more than float32 holds (|S| > 1.7e38)
-    row_max = (gap / epsilon).amax(dim=1)
-    if prototype_group is not None:  # a sample's best logit over all K
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=prototype_group)
+    row_max = _max_over((gap / epsilon).amax(dim=1), prototype_group)  # a sample's best logit over all K
     bad = torch.nonzero(row_max == -math.inf)
     if group is not None or prototype_group is not None:  # every rank raises if any rank has such a sample
-        count = torch.tensor([float(bad.shape[0])], device=scores.device)
-        for g in (group, prototype_group):
-            if g is not None:
-                dist.all_reduce(count, op=dist.ReduceOp.MAX, group=g)
+        count = _max_over(torch.tensor([float(bad.shape[0])], device=scores.device), group, prototype_group)
         if count.item() and not bad.numel():
             raise ValueError(f"sinkhorn: argument 'scores' is out of range for epsilon={epsilon!r}: on another "
                              "rank a sample's logits (scores - max) / epsilon all overflow float32, so its codes "
