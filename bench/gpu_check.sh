@@ -19,6 +19,10 @@
 #   bash bench/gpu_check.sh [OUT_DIR]        # logs, junit XML and bench JSON go to OUT_DIR
 #
 # Every op adds itself by having tests marked `cuda` or `triton` and a bench/bench_<op>.py file.
+#
+# GPU_CHECK_OPS="sinkhorn multicrop" narrows a re-check after a change to some ops: the GPU tests of
+# tests/ops/test_<op>.py only, bench/bench_<op>.py only, the profile of those ops; the attention matrix and
+# Nsight Compute run only when attention is named. Unset: everything (model, trainer and train-step too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-bench/results/gpu-latest}}
@@ -31,6 +35,23 @@ unset TRITON_INTERPRET SEER_KERNELS_BACKEND
 start=$(date +%s)
 phase() { echo "[gpu_check] $(( $(date +%s) - start ))s: $*"; }
 BUDGET=${GPU_CHECK_BUDGET:-570}
+OPS=${GPU_CHECK_OPS:-}
+TEST_PATHS=(tests); BENCH_PATHS=(bench); PROFILE_ONLY=()
+if [ -n "$OPS" ]; then
+  TEST_PATHS=(); BENCH_PATHS=(); PROFILE_ONLY=(--only)
+  for op in $OPS; do
+    [ -f "tests/ops/test_$op.py" ] || { echo "GPU_CHECK_OPS: no tests/ops/test_$op.py" >&2; exit 2; }
+    TEST_PATHS+=("tests/ops/test_$op.py"); [ -f "bench/bench_$op.py" ] && BENCH_PATHS+=("bench/bench_$op.py")
+    case "$op" in attention|sinkhorn) PROFILE_ONLY+=("$op");; esac
+  done
+  case " $OPS " in
+    *" attention "*) ;;
+    *) MATRIX_TIMEOUT=0; NCU_TIMEOUT=0
+       for f in tests-matrix ncu; do echo "not run (GPU_CHECK_OPS=$OPS)" >"$OUT/$f.rc"; done;;
+  esac
+  [ "${#PROFILE_ONLY[@]}" -gt 1 ] || PROFILE_TIMEOUT=0
+  phase "only the ops $OPS (GPU_CHECK_OPS)"
+fi
 # cap SECONDS: a phase's time limit, SECONDS or what is left of the budget (less 15 s for the summary); 0: skip
 cap() {
   local left=$(( BUDGET - ($(date +%s) - start) - 15 ))
@@ -82,14 +103,16 @@ gpu_tests() {
   local t; t=$(cap "$2")
   if [ "$t" -le 0 ]; then skipped "$1"; return; fi
   phase "$5 (log: $OUT/$1.log)"
-  OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 "$t" $PY -m pytest tests -m "cuda or triton" -k "$3" -q \
+  OMP_NUM_THREADS=$THREADS timeout -s INT -k 10 "$t" $PY -m pytest "${TEST_PATHS[@]}" -m "cuda or triton" -k "$3" -q \
     -p no:cacheprovider --maxfail=30 ${XDIST[@]+"${XDIST[@]}"} --durations="$4" --junitxml="$OUT/$1.xml" \
     -o addopts="" >"$OUT/$1.log" 2>&1
   echo $? >"$OUT/$1.rc"
 }
 gpu_tests tests "${TEST_TIMEOUT:-120}" "not test_matches_float64" 15 \
   "GPU tests (pytest -m 'cuda or triton' ${XDIST[*]+${XDIST[*]}}, $THREADS CPU threads each)"
-gpu_tests tests-matrix "${MATRIX_TIMEOUT:-120}" "test_matches_float64" 10 "attention test matrix"
+if [ "${MATRIX_TIMEOUT:-120}" -gt 0 ]; then
+  gpu_tests tests-matrix "${MATRIX_TIMEOUT:-120}" "test_matches_float64" 10 "attention test matrix"
+fi
 
 # A TMA feature that fails its tests (or crashes a worker: an illegal instruction spoils the whole CUDA
 # context) must not take the benchmarks down with it: they and the profile then run without the TMA features.
@@ -125,7 +148,7 @@ fi
 T=$(cap ${BENCH_TIMEOUT:-330})
 if [ "$T" -gt 0 ]; then
   phase "GPU benchmarks (log: $OUT/bench.log)"
-  timeout -s INT -k 10 "$T" $PY -m pytest bench -q -p no:cacheprovider --bench-device cuda \
+  timeout -s INT -k 10 "$T" $PY -m pytest "${BENCH_PATHS[@]}" -q -p no:cacheprovider --bench-device cuda \
     --bench-json "$OUT/bench.json" --benchmark-disable-gc >"$OUT/bench.log" 2>&1
   echo $? >"$OUT/bench.rc"
 else
@@ -145,7 +168,7 @@ fi
 T=$(cap ${PROFILE_TIMEOUT:-90})
 if [ "$T" -gt 0 ]; then
   phase "host and device time per call (log: $OUT/profile.log)"
-  timeout -s INT -k 10 "$T" $PY -m bench.gpu_profile >"$OUT/profile.log" 2>&1
+  timeout -s INT -k 10 "$T" $PY -m bench.gpu_profile ${PROFILE_ONLY[@]+"${PROFILE_ONLY[@]}"} >"$OUT/profile.log" 2>&1
   echo $? >"$OUT/profile.rc"
 else
   skipped profile

@@ -1,5 +1,11 @@
-// Sinkhorn-Knopp on CUDA. Math, shifts and NaN policy: seer_kernels/reference/sinkhorn.py.
+// Sinkhorn-Knopp on CUDA. Math, shifts, row frame and NaN policy: seer_kernels/reference/sinkhorn.py.
 // Divisions by epsilon are IEEE (__fdiv_rn) as in the reference; exp uses the fast __expf.
+//
+// Row frame: after the first prototype step every step runs on Y = D - max_k D[j, k] (D = S - m), formed
+// in score units before the division by epsilon, as the reference does. Without it a sample whose best
+// score lies far below every prototype's best (scores near 1e37, or a tiny epsilon) had its potential g
+// absorb a huge -A_j, and the O(1) terms of each step rounded away beside it: on an H200 4 of the 6 huge-
+// logit cases of tests/ops/test_sinkhorn.py missed the float64 codes (rows summing to up to B).
 //
 // sinkhorn_fused: when the matrix fits in the shared memory of the co-resident blocks, one
 // cooperative launch runs the whole iteration. Block b owns a slice of prototypes (columns) for all
@@ -115,26 +121,28 @@ __device__ __forceinline__ void ordered_loop(int first, int end, int step, Load&
 //   kMaxRaw: max of the raw scores (non-finite ones flagged in `bad`);
 //   kMax:    max of x = (v - m_k) / eps + f_k + g_j;
 //   kSumExp: sum of exp(x - shift).
+//   rj: the row frame's shift of sample j (0 outside the frame: (v - mk) - 0 is v - mk, bit for bit).
 template <int MODE>
-__device__ __forceinline__ void reduce_step(float& acc, bool& bad, float v, float mk, float fk, float gj, float eps,
-                                            float sh) {
+__device__ __forceinline__ void reduce_step(float& acc, bool& bad, float v, float mk, float fk, float gj, float rj,
+                                            float eps, float sh) {
   if constexpr (MODE == kMaxRaw) {
     bad |= nonfinite(v);
     acc = fmaxf(acc, v);
   } else {
-    const float x = __fdiv_rn(v - mk, eps) + fk + gj;
+    const float x = __fdiv_rn((v - mk) - rj, eps) + fk + gj;
     if constexpr (MODE == kMax) acc = max_nan(acc, x);
     else acc += __expf(x - sh);
   }
 }
 
 // Per-prototype partials over a split of rows: partial[split][k]. One thread per column k, so the
-// loads of a warp are contiguous along k.
-template <typename T, int MODE, bool BATCHED>
+// loads of a warp are contiguous along k. FRAME: x takes the row frame's shift r[j] (else r is unused).
+template <typename T, int MODE, bool BATCHED, bool FRAME>
 __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t sk, int B, int K,
                                    const float* __restrict__ m, const float* __restrict__ f,
-                                   const float* __restrict__ g, const float* __restrict__ shift, int shift_stride,
-                                   float eps, int rows_per_split, float* __restrict__ partial) {
+                                   const float* __restrict__ g, const float* __restrict__ r,
+                                   const float* __restrict__ shift, int shift_stride, float eps, int rows_per_split,
+                                   float* __restrict__ partial) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
   if (k >= K) return;
   const int j0 = blockIdx.y * rows_per_split;
@@ -144,29 +152,34 @@ __global__ void reduce_rows_kernel(const T* __restrict__ s, int64_t sb, int64_t 
   const float mk = MODE == kMaxRaw ? 0.f : m[k];
   const float fk = MODE == kMaxRaw ? 0.f : f[k];
   const float sh = MODE == kSumExp ? shift[k * shift_stride] : 0.f;
-  constexpr int W = MODE == kMaxRaw ? 1 : 2;  // the score, then g_j
+  constexpr int W = MODE == kMaxRaw ? 1 : (FRAME ? 3 : 2);  // the score, then g_j, then r_j
   ordered_loop<W, BATCHED>(
       j0, j1, 1,
       [&](int j) {
-        Vals<W> r;
-        r.x[0] = to_float(s[j * sb + k * sk]);
-        if constexpr (W > 1) r.x[1] = g[j];
-        return r;
+        Vals<W> val;
+        val.x[0] = to_float(s[j * sb + k * sk]);
+        if constexpr (W > 1) val.x[1] = g[j];
+        if constexpr (W > 2) val.x[2] = r[j];
+        return val;
       },
-      [&](const Vals<W>& r) { reduce_step<MODE>(acc, bad, r.x[0], mk, fk, r.x[W - 1], eps, sh); });
+      [&](const Vals<W>& val) {
+        reduce_step<MODE>(acc, bad, val.x[0], mk, fk, val.x[W > 1 ? 1 : 0], W > 2 ? val.x[W - 1] : 0.f, eps, sh);
+      });
   partial[static_cast<int64_t>(blockIdx.y) * K + k] = bad ? NAN : acc;
 }
 
 // Per-sample partials over a split of columns: partial[split][j]; one block per (row, split).
-template <typename T, int MODE, bool BATCHED>
+template <typename T, int MODE, bool BATCHED, bool FRAME>
 __global__ void reduce_cols_kernel(const T* __restrict__ s, int64_t sb, int64_t sk, int B, int K,
                                    const float* __restrict__ m, const float* __restrict__ f,
-                                   const float* __restrict__ g, const float* __restrict__ shift, int shift_stride,
-                                   float eps, int cols_per_split, float* __restrict__ partial) {
+                                   const float* __restrict__ g, const float* __restrict__ r,
+                                   const float* __restrict__ shift, int shift_stride, float eps, int cols_per_split,
+                                   float* __restrict__ partial) {
   const int j = blockIdx.x;
   const int k0 = blockIdx.y * cols_per_split;
   const int k1 = min(K, k0 + cols_per_split);
   const float gj = MODE == kMaxRaw ? 0.f : g[j];
+  const float rj = FRAME && MODE != kMaxRaw ? r[j] : 0.f;
   const float sh = MODE == kSumExp ? shift[j * shift_stride] : 0.f;
   float acc = reduce_init<MODE>();
   bool bad = false;
@@ -174,15 +187,17 @@ __global__ void reduce_cols_kernel(const T* __restrict__ s, int64_t sb, int64_t 
   ordered_loop<W, BATCHED>(
       k0 + static_cast<int>(threadIdx.x), k1, static_cast<int>(blockDim.x),
       [&](int k) {
-        Vals<W> r;
-        r.x[0] = to_float(s[j * sb + k * sk]);
+        Vals<W> val;
+        val.x[0] = to_float(s[j * sb + k * sk]);
         if constexpr (W > 1) {
-          r.x[1] = m[k];
-          r.x[2] = f[k];
+          val.x[1] = m[k];
+          val.x[2] = f[k];
         }
-        return r;
+        return val;
       },
-      [&](const Vals<W>& r) { reduce_step<MODE>(acc, bad, r.x[0], r.x[W > 1 ? 1 : 0], r.x[W - 1], gj, eps, sh); });
+      [&](const Vals<W>& val) {
+        reduce_step<MODE>(acc, bad, val.x[0], val.x[W > 1 ? 1 : 0], val.x[W - 1], gj, rj, eps, sh);
+      });
   if (MODE == kMaxRaw && bad) acc = NAN;
   __shared__ float red[kWarps];
   acc = MODE == kSumExp ? warp_sum(acc) : warp_max(acc);
@@ -207,15 +222,18 @@ __global__ void combine_partials_kernel(const float* __restrict__ partial, int s
   out[i] = acc;
 }
 
+// r: the row frame's shifts, or null (outside the frame).
 template <typename T>
 __global__ void finalize_kernel(const T* __restrict__ s, int64_t sb, int64_t sk, int B, int K,
                                 const float* __restrict__ m, const float* __restrict__ f,
-                                const float* __restrict__ g, float eps, float log_scale, float* __restrict__ out) {
+                                const float* __restrict__ g, const float* __restrict__ r, float eps, float log_scale,
+                                float* __restrict__ out) {
   const int64_t n = static_cast<int64_t>(B) * K;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int j = static_cast<int>(i / K), k = static_cast<int>(i % K);
-    const float x = __fdiv_rn(to_float(s[j * sb + k * sk]) - m[k], eps) + f[k] + g[j];
+    const float rj = r != nullptr ? r[j] : 0.f;
+    const float x = __fdiv_rn((to_float(s[j * sb + k * sk]) - m[k]) - rj, eps) + f[k] + g[j];
     out[i] = __expf(x + log_scale);
   }
 }
@@ -237,6 +255,7 @@ struct CoopArgs {
   float* out;
   float* part;       // [2][gridDim][B] per-block partial row sums (double-buffered by iteration parity)
   float* part_max;   // [gridDim][B]
+  float* part_dmax;  // [gridDim][B] per-block partial row maxima of D = S - m (the row frame)
   int* poison;       // one int, zeroed before launch
 };
 
@@ -274,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
   }
   for (int j = threadIdx.x; j < B; j += blockDim.x) g[j] = 0.f;
   if (__syncthreads_or(bad) && threadIdx.x == 0) atomicOr(a.poison, 1);
-  // Column max, then X = (S - m) / eps in place; f = 0.
+  // Column max, then D = S - m in place (score units); f = 0.
   for (int c = warp; c < kc; c += kWarps) {
     float mx = -INFINITY;
     for (int j = lane; j < B; j += 32) mx = fmaxf(mx, tile[j * ld + c]);
@@ -284,23 +303,49 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
   __syncthreads();
   for (int idx = threadIdx.x; idx < B * kc; idx += blockDim.x) {
     const int j = idx / kc, c = idx - j * kc;
-    tile[j * ld + c] = __fdiv_rn(tile[j * ld + c] - mcol[c], a.eps);
+    tile[j * ld + c] = tile[j * ld + c] - mcol[c];
   }
-  grid.sync();  // poison flag complete
+  __syncthreads();
+  // The row frame's shift max_k D[j, k]: per-block partials now, combined after the barrier.
+  for (int j = warp; j < B; j += kWarps) {
+    float mx = -INFINITY;
+    for (int c = lane; c < kc; c += 32) mx = max_nan(mx, tile[j * ld + c]);
+    mx = warp_max(mx);
+    if (lane == 0) a.part_dmax[static_cast<int64_t>(blockIdx.x) * B + j] = mx;
+  }
+  grid.sync();  // poison flag and row-max partials complete
   const float poison = *reinterpret_cast<volatile int*>(a.poison) ? NAN : 0.f;
+  // First prototype step on X = D / eps (f = g = 0, shift 0): f_c = -(log K + log sum_j exp(X)).
+  for (int c = warp; c < kc; c += kWarps) {
+    float acc = 0.f;
+    for (int j = lane; j < B; j += 32) acc += __expf(__fdiv_rn(tile[j * ld + c], a.eps) + 0.f + g[j]);
+    acc = warp_sum(acc) + poison;
+    if (lane == 0) f[c] = f[c] - (a.log_k + 0.f + logf(acc));
+  }
+  __syncthreads();
+  // Into the row frame: X = Y / eps with Y = D - max_k D (m = 0 from here on; g, still 0, is h).
+  for (int j = threadIdx.x; j < B; j += blockDim.x) {
+    float r = -INFINITY;
+    ordered_loop<1>(0, nblk, 1, [&](int b) { return Vals<1>{{a.part_dmax[static_cast<int64_t>(b) * B + j]}}; },
+                    [&](const Vals<1>& v) { r = max_nan(r, v.x[0]); });
+    for (int c = 0; c < kc; ++c) tile[j * ld + c] = __fdiv_rn(tile[j * ld + c] - r, a.eps);
+  }
   __syncthreads();
 
   for (int it = 0; it < a.iterations; ++it) {
-    // Prototype step (local): f_c -= log K + shift + log sum_j exp(X + f_c + g_j - shift).
-    const float row_shift = it == 0 ? 0.f : -a.log_b;
-    for (int c = warp; c < kc; c += kWarps) {
-      float acc = 0.f;
-      const float fc = f[c];
-      for (int j = lane; j < B; j += 32) acc += __expf(tile[j * ld + c] + fc + g[j] - row_shift);
-      acc = warp_sum(acc) + poison;
-      if (lane == 0) f[c] = fc - (a.log_k + row_shift + logf(acc));
+    // Prototype step (local; round 0's came before the frame): f_c -= log K - log B + log sum_j
+    // exp(X + f_c + g_j + log B).
+    if (it > 0) {
+      const float row_shift = -a.log_b;
+      for (int c = warp; c < kc; c += kWarps) {
+        float acc = 0.f;
+        const float fc = f[c];
+        for (int j = lane; j < B; j += 32) acc += __expf(tile[j * ld + c] + fc + g[j] - row_shift);
+        acc = warp_sum(acc);
+        if (lane == 0) f[c] = fc - (a.log_k + row_shift + logf(acc));
+      }
+      __syncthreads();
     }
-    __syncthreads();
     // Sample step: per-block partials over my columns, barrier, combine in block order.
     float* part = a.part + static_cast<int64_t>(it & 1) * nblk * B;
     if (it == 0) {
@@ -355,9 +400,10 @@ void dispatch_dtype(const at::Tensor& s, Fn&& fn) {
   }
 }
 
+// r: the row frame's shifts (x = ((v - m_k) - r_j) / eps + f_k + g_j), or null outside the frame.
 template <int MODE>
-void launch_reduce(const at::Tensor& s, const float* m, const float* f, const float* g, const float* shift,
-                   int shift_stride, float eps, int64_t dim, float* out) {
+void launch_reduce(const at::Tensor& s, const float* m, const float* f, const float* g, const float* r,
+                   const float* shift, int shift_stride, float eps, int64_t dim, float* out) {
   const int B = static_cast<int>(s.size(0)), K = static_cast<int>(s.size(1));
   const int64_t sb = s.stride(0), sk = s.stride(1);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -374,16 +420,19 @@ void launch_reduce(const at::Tensor& s, const float* m, const float* f, const fl
   // strided by the block for dim 1); below that the plain loop keeps the occupancy.
   const int steps_per_thread = dim == 0 ? per_split : (per_split + kThreads - 1) / kThreads;
   const bool batched = steps_per_thread >= 2 * kBatch;
+  const bool frame = r != nullptr;
   dispatch_dtype(s, [&](auto* sp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
     if (dim == 0) {
       dim3 grid(line_blocks, splits);
-      auto kernel = batched ? reduce_rows_kernel<T, MODE, true> : reduce_rows_kernel<T, MODE, false>;
-      kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, shift, shift_stride, eps, per_split, pp);
+      auto kernel = batched ? (frame ? reduce_rows_kernel<T, MODE, true, true> : reduce_rows_kernel<T, MODE, true, false>)
+                            : (frame ? reduce_rows_kernel<T, MODE, false, true> : reduce_rows_kernel<T, MODE, false, false>);
+      kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, r, shift, shift_stride, eps, per_split, pp);
     } else {
       dim3 grid(B, splits);
-      auto kernel = batched ? reduce_cols_kernel<T, MODE, true> : reduce_cols_kernel<T, MODE, false>;
-      kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, shift, shift_stride, eps, per_split, pp);
+      auto kernel = batched ? (frame ? reduce_cols_kernel<T, MODE, true, true> : reduce_cols_kernel<T, MODE, true, false>)
+                            : (frame ? reduce_cols_kernel<T, MODE, false, true> : reduce_cols_kernel<T, MODE, false, false>);
+      kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, r, shift, shift_stride, eps, per_split, pp);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -404,13 +453,13 @@ at::Tensor sinkhorn_max_cuda(const at::Tensor& scores, const std::optional<at::T
   const int64_t B = scores.size(0), K = scores.size(1);
   at::Tensor out = at::empty({dim == 0 ? K : B}, scores.options().dtype(at::kFloat));
   if (!m.has_value()) {
-    launch_reduce<kMaxRaw>(scores, nullptr, nullptr, nullptr, nullptr, 0, 1.f, dim, out.data_ptr<float>());
+    launch_reduce<kMaxRaw>(scores, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 1.f, dim, out.data_ptr<float>());
     return out;
   }
   const at::Tensor mv = f32(*m);
   const at::Tensor fv = f.has_value() ? f32(*f) : at::zeros({K}, out.options());
   const at::Tensor gv = g.has_value() ? f32(*g) : at::zeros({B}, out.options());
-  launch_reduce<kMax>(scores, mv.data_ptr<float>(), fv.data_ptr<float>(), gv.data_ptr<float>(), nullptr, 0,
+  launch_reduce<kMax>(scores, mv.data_ptr<float>(), fv.data_ptr<float>(), gv.data_ptr<float>(), nullptr, nullptr, 0,
                       static_cast<float>(eps), dim, out.data_ptr<float>());
   return out;
 }
@@ -422,20 +471,20 @@ at::Tensor sinkhorn_sumexp_cuda(const at::Tensor& scores, const at::Tensor& m, c
   c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor mv = f32(m), fv = f32(f), gv = f32(g), sh = f32(shift);
   at::Tensor out = at::empty({scores.size(1 - dim)}, scores.options().dtype(at::kFloat));
-  launch_reduce<kSumExp>(scores, mv.data_ptr<float>(), fv.data_ptr<float>(), gv.data_ptr<float>(),
+  launch_reduce<kSumExp>(scores, mv.data_ptr<float>(), fv.data_ptr<float>(), gv.data_ptr<float>(), nullptr,
                          sh.data_ptr<float>(), sh.dim() == 0 ? 0 : 1, static_cast<float>(eps), dim,
                          out.data_ptr<float>());
   return out;
 }
 
-void launch_finalize(const at::Tensor& s, const float* m, const float* f, const float* g, float eps,
+void launch_finalize(const at::Tensor& s, const float* m, const float* f, const float* g, const float* r, float eps,
                      float log_scale, float* out) {
   const int64_t n = s.numel();
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 32LL * sm_count()));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_dtype(s, [&](auto* sp) {
     finalize_kernel<<<blocks, kThreads, 0, stream>>>(sp, s.stride(0), s.stride(1), static_cast<int>(s.size(0)),
-                                                    static_cast<int>(s.size(1)), m, f, g, eps, log_scale, out);
+                                                    static_cast<int>(s.size(1)), m, f, g, r, eps, log_scale, out);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -446,7 +495,7 @@ at::Tensor sinkhorn_finalize_cuda(const at::Tensor& scores, const at::Tensor& m,
   c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor mv = f32(m), fv = f32(f), gv = f32(g);
   at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
-  launch_finalize(scores, mv.data_ptr<float>(), fv.data_ptr<float>(), gv.data_ptr<float>(),
+  launch_finalize(scores, mv.data_ptr<float>(), fv.data_ptr<float>(), gv.data_ptr<float>(), nullptr,
                   static_cast<float>(eps), static_cast<float>(log_scale), out.data_ptr<float>());
   return out;
 }
@@ -476,13 +525,12 @@ bool try_coop(const at::Tensor& s, float eps, int iterations, float log_b, float
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
     if (per_sm * sms < blocks) return;  // not all blocks co-resident: use the step kernels
-    at::Tensor scratch = at::empty({3 * static_cast<int64_t>(blocks) * B + 1}, out.options());
-    C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr<float>() + 3 * static_cast<int64_t>(blocks) * B, 0,
-                                   sizeof(int), at::cuda::getCurrentCUDAStream()));
+    const int64_t nb = static_cast<int64_t>(blocks) * B;
+    at::Tensor scratch = at::empty({4 * nb + 1}, out.options());
+    float* sp0 = scratch.data_ptr<float>();
+    C10_CUDA_CHECK(cudaMemsetAsync(sp0 + 4 * nb, 0, sizeof(int), at::cuda::getCurrentCUDAStream()));
     CoopArgs a{s.stride(0), s.stride(1), B, K, cpb, cpb | 1, eps, log_b, log_k, iterations,
-               out.data_ptr<float>(), scratch.data_ptr<float>(),
-               scratch.data_ptr<float>() + 2 * static_cast<int64_t>(blocks) * B,
-               reinterpret_cast<int*>(scratch.data_ptr<float>() + 3 * static_cast<int64_t>(blocks) * B)};
+               out.data_ptr<float>(), sp0, sp0 + 2 * nb, sp0 + 3 * nb, reinterpret_cast<int*>(sp0 + 4 * nb)};
     const T* sptr = sp;
     void* params[] = {reinterpret_cast<void*>(&sptr), reinterpret_cast<void*>(&a)};
     const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks),
@@ -508,39 +556,45 @@ at::Tensor sinkhorn_fused_cuda(const at::Tensor& scores, double eps_d, int64_t i
   at::Tensor out = at::empty({B, K}, fopts);
   if (try_coop(scores, eps, static_cast<int>(iterations), log_b, log_k, out)) return out;
 
-  // Step kernels, same iteration as the reference driver (no host synchronisation).
+  // Step kernels, same iteration as the reference driver (no host synchronisation), with the row frame's
+  // shifts r as a vector (the driver materialises Y = D - r instead; B x K floats we need not allocate).
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor m = at::empty({K}, fopts), f = at::zeros({K}, fopts), g = at::zeros({B}, fopts);
-  at::Tensor r = at::empty({K}, fopts), u = at::empty({B}, fopts), c = at::empty({B}, fopts);
+  at::Tensor r = at::empty({B}, fopts);
+  at::Tensor rs = at::empty({K}, fopts), u = at::empty({B}, fopts), c = at::empty({B}, fopts);
   // Shifts as device scalars (at::full launches a fill kernel: no host synchronisation).
   const at::Tensor zero = at::full({1}, 0.0, fopts), neg_log_b = at::full({1}, -log_b, fopts);
   const at::Tensor neg_log_k = at::full({1}, -log_k, fopts);
+  float *mp = m.data_ptr<float>(), *fp = f.data_ptr<float>(), *gp = g.data_ptr<float>(), *rp = r.data_ptr<float>();
   // A non-finite score makes its column max NaN, hence that prototype's f, hence every g: all NaN.
-  launch_reduce<kMaxRaw>(scores, nullptr, nullptr, nullptr, nullptr, 0, 1.f, 0, m.data_ptr<float>());
+  launch_reduce<kMaxRaw>(scores, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 1.f, 0, mp);
+  // r_j = max_k D[j, k]: the kMax reduction at eps = 1 with f = g = 0 (both still zero) is D itself, exactly.
+  launch_reduce<kMax>(scores, mp, fp, gp, nullptr, nullptr, 0, 1.f, 1, rp);
+  // First prototype step, before the frame: X = D / eps, shift 0.
+  launch_reduce<kSumExp>(scores, mp, fp, gp, nullptr, zero.data_ptr<float>(), 0, eps, 0, rs.data_ptr<float>());
+  update_potential_kernel<<<(K + kThreads - 1) / kThreads, kThreads, 0, stream>>>(fp, rs.data_ptr<float>(), nullptr,
+                                                                                  log_k, static_cast<int>(K));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t it = 0; it < iterations; ++it) {
-    const float* row_shift = (it == 0 ? zero : neg_log_b).data_ptr<float>();
-    launch_reduce<kSumExp>(scores, m.data_ptr<float>(), f.data_ptr<float>(), g.data_ptr<float>(), row_shift, 0, eps,
-                           0, r.data_ptr<float>());
-    update_potential_kernel<<<(K + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        f.data_ptr<float>(), r.data_ptr<float>(), nullptr, log_k + (it == 0 ? 0.f : -log_b), static_cast<int>(K));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (it > 0) {
+      launch_reduce<kSumExp>(scores, mp, fp, gp, rp, neg_log_b.data_ptr<float>(), 0, eps, 0, rs.data_ptr<float>());
+      update_potential_kernel<<<(K + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+          fp, rs.data_ptr<float>(), nullptr, log_k - log_b, static_cast<int>(K));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (it == 0) {
-      launch_reduce<kMax>(scores, m.data_ptr<float>(), f.data_ptr<float>(), g.data_ptr<float>(), nullptr, 0, eps, 1,
-                          c.data_ptr<float>());
-      launch_reduce<kSumExp>(scores, m.data_ptr<float>(), f.data_ptr<float>(), g.data_ptr<float>(),
-                             c.data_ptr<float>(), 1, eps, 1, u.data_ptr<float>());
+      launch_reduce<kMax>(scores, mp, fp, gp, rp, nullptr, 0, eps, 1, c.data_ptr<float>());
+      launch_reduce<kSumExp>(scores, mp, fp, gp, rp, c.data_ptr<float>(), 1, eps, 1, u.data_ptr<float>());
       update_potential_kernel<<<(B + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-          g.data_ptr<float>(), u.data_ptr<float>(), c.data_ptr<float>(), log_b, static_cast<int>(B));
+          gp, u.data_ptr<float>(), c.data_ptr<float>(), log_b, static_cast<int>(B));
     } else {
-      launch_reduce<kSumExp>(scores, m.data_ptr<float>(), f.data_ptr<float>(), g.data_ptr<float>(),
-                             neg_log_k.data_ptr<float>(), 0, eps, 1, u.data_ptr<float>());
+      launch_reduce<kSumExp>(scores, mp, fp, gp, rp, neg_log_k.data_ptr<float>(), 0, eps, 1, u.data_ptr<float>());
       update_potential_kernel<<<(B + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-          g.data_ptr<float>(), u.data_ptr<float>(), nullptr, log_b - log_k, static_cast<int>(B));
+          gp, u.data_ptr<float>(), nullptr, log_b - log_k, static_cast<int>(B));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  launch_finalize(scores, m.data_ptr<float>(), f.data_ptr<float>(), g.data_ptr<float>(), eps, log_b,
-                  out.data_ptr<float>());
+  launch_finalize(scores, mp, fp, gp, rp, eps, log_b, out.data_ptr<float>());
   return out;
 }
 
