@@ -259,14 +259,13 @@ struct CoopArgs {
   int* poison;       // one int, zeroed before launch
 };
 
-// The sample step's shift for row j: the true row max in round 0 (combined from every block's partial),
-// -log K afterwards (see the reference).
-__device__ __forceinline__ float sample_shift(const CoopArgs& a, int it, int j, int nblk) {
-  if (it != 0) return -a.log_k;
-  float sh = -INFINITY;
-  ordered_loop<1>(0, nblk, 1, [&](int b) { return Vals<1>{{a.part_max[static_cast<int64_t>(b) * a.B + j]}}; },
-                  [&](const Vals<1>& v) { sh = max_nan(sh, v.x[0]); });
-  return sh;
+// Row j's max over every block's partial, by one warp (call from all its lanes): a max is exact, so the
+// lanes may take the partials in any order and every block still gets the same bits (sums, below, keep
+// one fixed order instead). All nblk loads are in flight at once: one L2 round trip, not nblk / 16.
+__device__ __forceinline__ float max_over_blocks(const float* __restrict__ part, int B, int j, int nblk, int lane) {
+  float mx = -INFINITY;
+  for (int b = lane; b < nblk; b += 32) mx = max_nan(mx, part[static_cast<int64_t>(b) * B + j]);
+  return warp_max(mx);
 }
 
 template <typename T>
@@ -280,6 +279,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
   float* g = tile + static_cast<int64_t>(B) * ld;  // B
   float* f = g + B;                         // cols_per_block
   float* mcol = f + a.cols_per_block;       // cols_per_block
+  float* shift0 = mcol + a.cols_per_block;  // B: round 0's sample-step shifts (each row's max of X)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int nblk = gridDim.x;
 
@@ -324,11 +324,9 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
   }
   __syncthreads();
   // Into the row frame: X = Y / eps with Y = D - max_k D (m = 0 from here on; g, still 0, is h).
-  for (int j = threadIdx.x; j < B; j += blockDim.x) {
-    float r = -INFINITY;
-    ordered_loop<1>(0, nblk, 1, [&](int b) { return Vals<1>{{a.part_dmax[static_cast<int64_t>(b) * B + j]}}; },
-                    [&](const Vals<1>& v) { r = max_nan(r, v.x[0]); });
-    for (int c = 0; c < kc; ++c) tile[j * ld + c] = __fdiv_rn(tile[j * ld + c] - r, a.eps);
+  for (int j = warp; j < B; j += kWarps) {
+    const float r = max_over_blocks(a.part_dmax, B, j, nblk, lane);
+    for (int c = lane; c < kc; c += 32) tile[j * ld + c] = __fdiv_rn(tile[j * ld + c] - r, a.eps);
   }
   __syncthreads();
 
@@ -356,23 +354,28 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_coop_kernel(const T* __rest
         if (lane == 0) a.part_max[static_cast<int64_t>(blockIdx.x) * B + j] = mx;
       }
       grid.sync();
+      for (int j = warp; j < B; j += kWarps) {  // the true row max (see the reference)
+        const float mx = max_over_blocks(a.part_max, B, j, nblk, lane);
+        if (lane == 0) shift0[j] = mx;
+      }
+      __syncthreads();
     }
     for (int j = warp; j < B; j += kWarps) {
-      const float sh = sample_shift(a, it, j, nblk);
+      const float sh = it == 0 ? shift0[j] : -a.log_k;
       float acc = 0.f;
       for (int c = lane; c < kc; c += 32) acc += __expf(tile[j * ld + c] + f[c] + g[j] - sh);
       acc = warp_sum(acc);
       if (lane == 0) part[static_cast<int64_t>(blockIdx.x) * B + j] = acc;
     }
     grid.sync();
-    // Measured on an H200 at (32, 16384): this kernel took 155 us for 3 iterations, before ordered_loop.
-    // Most of it was likely here and in sample_shift (read from the code, not profiled per line): one
-    // thread per row walks all nblk (132) partials, about 3 L2 loads in flight at a time. ordered_loop
-    // keeps 16 in flight, with the same additions in the same order. Not yet timed on a GPU. If it is
-    // still slow, the next step is a warp per row summing the partials in a fixed lane order (the same in
-    // every block, so still deterministic, but other bits than today's).
+    // The sums in block order, one thread per row (the same order in every block: the same bits).
+    // Measured on an H200 at (32, 16384), 3 iterations: this kernel took 155 us when these loops had about
+    // 3 L2 loads in flight; with ordered_loop's 16 (same additions, same order) the whole op took 97.6 us
+    // of GPU time (329f20b). The maxima above need no order and take a warp per row. If the sums are still
+    // slow, the next step is a warp per row summing the partials in a fixed lane order (the same in every
+    // block, so still deterministic, but other bits than today's).
     for (int j = threadIdx.x; j < B; j += blockDim.x) {
-      const float sh = sample_shift(a, it, j, nblk);
+      const float sh = it == 0 ? shift0[j] : -a.log_k;
       float u = 0.f;
       ordered_loop<1>(0, nblk, 1, [&](int b) { return Vals<1>{{part[static_cast<int64_t>(b) * B + j]}}; },
                       [&](const Vals<1>& v) { u += v.x[0]; });
@@ -500,8 +503,9 @@ at::Tensor sinkhorn_finalize_cuda(const at::Tensor& scores, const at::Tensor& m,
   return out;
 }
 
-// Shared memory of the cooperative kernel for blocks of `cpb` columns (row pitch cpb | 1).
-int64_t coop_smem_bytes(int64_t B, int64_t cpb) { return 4 * (B * (cpb | 1) + B + 2 * cpb); }
+// Shared memory of the cooperative kernel for blocks of `cpb` columns (row pitch cpb | 1): the tile, g and
+// round 0's shifts (B each), f and the column maxima (cpb each).
+int64_t coop_smem_bytes(int64_t B, int64_t cpb) { return 4 * (B * (cpb | 1) + 2 * B + 2 * cpb); }
 
 bool try_coop(const at::Tensor& s, float eps, int iterations, float log_b, float log_k, at::Tensor& out) {
   const int B = static_cast<int>(s.size(0)), K = static_cast<int>(s.size(1));

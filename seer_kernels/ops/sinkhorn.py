@@ -225,10 +225,10 @@ def _check_logits_finite(scores: Tensor, epsilon: float, group=None, prototype_g
 
     Only scores spread over more than 3.4e38 x epsilon get here (e.g. |S| ~ 1e38 at epsilon = 0.05; never
     cosine scores, epsilon >= 1.2e-38 keeps 2 / epsilon finite). A logit that overflows is harmless where
-    its sample has a finite one (exp gives 0 either way), but a sample with none has no row maximum to
-    shift by in the CUDA kernels, which return NaN codes for it. The row frame of the other backends
-    (seer_kernels.reference.sinkhorn) shifts in score units and computes them; the op refuses such input
-    on every backend, so that all backends do the same.
+    its sample has a finite one (exp gives 0 either way), but a sample with none has no finite row maximum
+    of its logits: the kernels returned NaN codes for it until every backend took the row frame
+    (seer_kernels.reference.sinkhorn), which shifts in score units. The op still refuses such input, on
+    every backend alike: scores this far apart are a bug upstream (unnormalised embeddings), not data.
     """
     s = scores.float()
     m = _max_over(s.amax(dim=0), group)  # each prototype's best over the global batch (the kernels' shift)

@@ -39,10 +39,11 @@ from there on X = D / eps + f + g adds O(1) terms (log B, log K, the log of each
 codes at eps = 1e-4 (2.2e-6 at 1e-3, 7x the tests' bound at 1e-4), and from |A_j| ~ 2^24 on (eps = 1e-7, or
 scores of 1e37 at eps = 0.05) rows summed to up to B instead of 1. Y is formed in score units, where the
 row's best entry is exactly 0 and its near neighbours are exact differences (Sterbenz), and h stays within
-a few log B + log K. The Triton fused kernel uses the same frame, and the C++ CPU kernel (which normalises
-in the scale domain) for the rows it rescues; the CUDA kernels behind ``seer_C::sinkhorn_fused`` do not yet
-(that change needs a GPU to test; README, "Sinkhorn-Knopp"). The step kernels need nothing: this driver
-hands them Y with m = 0.
+a few log B + log K. The Triton fused kernel and the CUDA kernels behind ``seer_C::sinkhorn_fused`` use the
+same frame (the CUDA step kernels take the shifts max_k D as a vector instead of a B x K buffer Y), and the
+C++ CPU kernel (which normalises in the scale domain) for the rows it rescues. On an H200, before the CUDA
+kernels took it, 4 of the 6 huge-logit cases of tests/ops/test_sinkhorn.py failed there. The step ops need
+nothing: this driver hands them Y with m = 0.
 
 Non-finite input: NaN or +-inf anywhere in the scores (on any rank) makes every code NaN, never a silently
 finite answer; :func:`seer_kernels.sinkhorn` raises on such input first unless ``check_finite=False``.
