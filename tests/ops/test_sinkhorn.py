@@ -649,13 +649,21 @@ def test_huge_logits_match_float64(backend, device, case):
     the O(1) terms beside them: 7.5e-5 of error with cosine scores at eps = 1e-4 (Triton, reference), rows
     summing to up to B at 1e37; the C++ kernel's rescued rows 3e-5 at eps = 1e-5; on an H200 the CUDA
     kernels, before they took the row frame, failed 4 of the first 6 cases. The rule: twice PyTorch's own
-    float32 error (the same loop in float32) plus 1e-5."""
+    float32 error plus 1e-5, where PyTorch's error is the larger of SwAV's loop in float32 and our reference's
+    (float32, on the CPU). Each is one draw of rounding luck: at eps = 1e-4 a code split 0.15 / 0.85 moves by
+    3e-5 for half an ulp of a potential near 2^12, and on an H200 one seed (2474895554) had SwAV's float32
+    loop at 9.2e-6 where the reference, the C++ kernel and Triton all made 3.27e-5."""
     if backend == "triton" and _interpreted(device) and case.endswith("-tall"):
         pytest.skip("20 s each in the Triton interpreter; '-steps' covers its step kernels, the GPU check this")
+    if backend == "reference" and device == "cpu":
+        pytest.skip("the bound includes this very computation; test_reference_float64_keeps_huge_logits_normalised "
+                    "checks the reference's algorithm")
     scores, eps = _huge_logit_cases()[case]
     want = swav_log(scores, eps, 3)
     torch.testing.assert_close(want.sum(1), torch.ones(want.shape[0], dtype=torch.float64), atol=1e-9, rtol=0)
-    bound = 2 * max_abs_err(swav_log(scores, eps, 3, torch.float32), want) + 1e-5
+    torch_error = max(max_abs_err(swav_log(scores, eps, 3, torch.float32), want),
+                      max_abs_err(ref.sinkhorn(scores, eps, 3), want))
+    bound = 2 * torch_error + 1e-5
     with use_backend(backend, op="sinkhorn"):
         got = seer_kernels.sinkhorn(scores.to(device), eps, 3).cpu()
     assert max_abs_err(got, want) <= bound
