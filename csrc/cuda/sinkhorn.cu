@@ -262,7 +262,8 @@ struct CoopArgs {
 // Row j's max over every block's partial, by one warp (call from all its lanes): a max is exact, so the
 // lanes may take the partials in any order and every block still gets the same bits (sums, below, keep
 // one fixed order instead). All nblk loads are in flight at once: one L2 round trip, not nblk / 16.
-__device__ __forceinline__ float max_over_blocks(const float* __restrict__ part, int B, int j, int nblk, int lane) {
+// (No __restrict__ on part: other blocks wrote it in this launch, so it must not go through the read-only cache.)
+__device__ __forceinline__ float max_over_blocks(const float* part, int B, int j, int nblk, int lane) {
   float mx = -INFINITY;
   for (int b = lane; b < nblk; b += 32) mx = max_nan(mx, part[static_cast<int64_t>(b) * B + j]);
   return warp_max(mx);
@@ -423,18 +424,19 @@ void launch_reduce(const at::Tensor& s, const float* m, const float* f, const fl
   // strided by the block for dim 1); below that the plain loop keeps the occupancy.
   const int steps_per_thread = dim == 0 ? per_split : (per_split + kThreads - 1) / kThreads;
   const bool batched = steps_per_thread >= 2 * kBatch;
-  const bool frame = r != nullptr;
+  constexpr bool kF = MODE != kMaxRaw;  // the raw max has no frame: no such kernels to build
+  const bool frame = kF && r != nullptr;
   dispatch_dtype(s, [&](auto* sp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(sp)>>;
     if (dim == 0) {
       dim3 grid(line_blocks, splits);
-      auto kernel = batched ? (frame ? reduce_rows_kernel<T, MODE, true, true> : reduce_rows_kernel<T, MODE, true, false>)
-                            : (frame ? reduce_rows_kernel<T, MODE, false, true> : reduce_rows_kernel<T, MODE, false, false>);
+      auto kernel = batched ? (frame ? reduce_rows_kernel<T, MODE, true, kF> : reduce_rows_kernel<T, MODE, true, false>)
+                            : (frame ? reduce_rows_kernel<T, MODE, false, kF> : reduce_rows_kernel<T, MODE, false, false>);
       kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, r, shift, shift_stride, eps, per_split, pp);
     } else {
       dim3 grid(B, splits);
-      auto kernel = batched ? (frame ? reduce_cols_kernel<T, MODE, true, true> : reduce_cols_kernel<T, MODE, true, false>)
-                            : (frame ? reduce_cols_kernel<T, MODE, false, true> : reduce_cols_kernel<T, MODE, false, false>);
+      auto kernel = batched ? (frame ? reduce_cols_kernel<T, MODE, true, kF> : reduce_cols_kernel<T, MODE, true, false>)
+                            : (frame ? reduce_cols_kernel<T, MODE, false, kF> : reduce_cols_kernel<T, MODE, false, false>);
       kernel<<<grid, kThreads, 0, stream>>>(sp, sb, sk, B, K, m, f, g, r, shift, shift_stride, eps, per_split, pp);
     }
   });
