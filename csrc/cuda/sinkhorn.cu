@@ -557,7 +557,9 @@ at::Tensor sinkhorn_fused_cuda(const at::Tensor& scores, double eps_d, int64_t i
   c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), K = scores.size(1);
   const float eps = static_cast<float>(eps_d);
-  const float log_b = std::log(static_cast<float>(B)), log_k = std::log(static_cast<float>(K));
+  // Rounded once from double, as the reference's math.log(B) reaches its float32 ops (logf may be 1 ulp off).
+  const float log_b = static_cast<float>(std::log(static_cast<double>(B)));
+  const float log_k = static_cast<float>(std::log(static_cast<double>(K)));
   auto fopts = scores.options().dtype(at::kFloat);
   at::Tensor out = at::empty({B, K}, fopts);
   if (try_coop(scores, eps, static_cast<int>(iterations), log_b, log_k, out)) return out;
