@@ -650,9 +650,10 @@ def test_huge_logits_match_float64(backend, device, case):
     summing to up to B at 1e37; the C++ kernel's rescued rows 3e-5 at eps = 1e-5; on an H200 the CUDA
     kernels, before they took the row frame, failed 4 of the first 6 cases. The rule: twice PyTorch's own
     float32 error plus 1e-5, where PyTorch's error is the larger of SwAV's loop in float32 and our reference's
-    (float32, on the CPU). Each is one draw of rounding luck: at eps = 1e-4 a code split 0.15 / 0.85 moves by
-    3e-5 for half an ulp of a potential near 2^12, and on an H200 one seed (2474895554) had SwAV's float32
-    loop at 9.2e-6 where the reference, the C++ kernel and Triton all made 3.27e-5."""
+    (float32, on the CPU). Each is one draw of rounding luck: at eps = 1e-4 half an ulp of a score (3e-8 near
+    0.5, in S - m or in SwAV's S / eps) is 3e-4 of a logit, which moves a code split 0.15 / 0.85 by 4e-5; on
+    an H200 one seed (2474895554) had SwAV's float32 loop at 9.2e-6 where the reference, the C++ kernel and
+    Triton all made 3.27e-5."""
     if backend == "triton" and _interpreted(device) and case.endswith("-tall"):
         pytest.skip("20 s each in the Triton interpreter; '-steps' covers its step kernels, the GPU check this")
     if backend == "reference" and device == "cpu":
