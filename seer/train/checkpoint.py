@@ -5,8 +5,15 @@ Layout of one checkpoint, OUT/checkpoints/step_00001000/:
     .metadata, __*_*.distcp    model and optimizer tensors (DCP: every rank writes its shards in parallel;
                                a different number of data-parallel ranks can read them back)
     rank_00000.pt, ...         per-rank state: RNG states, the SwAV queue (plain tensors and numbers)
-    meta.json                  step, data position, counters, world layout, tensor layout
+    meta.json                  step, data position, counters, world layout, tensor layout, and the CRC32 of
+                               every file above as written (``checksums``) and of itself (``meta_crc32``)
     config.yaml                the resolved run config
+
+Checksums: each rank reads back what it wrote (still in the page cache: zlib's CRC32 runs at about 2 GB/s)
+and loading checks every tensor and per-rank file against them, the ranks splitting the files, before any is
+used: a bit flip in a shard, which loads without an error, would otherwise resume training with a wrong
+weight. Checkpoints written before checksums load as they did. (config.yaml has none: a run's config.yaml
+may be copied in to replace a lost one, and the architecture check reads it against the tensors.)
 
 Atomicity: everything is written into ``.tmp-step_00001000``; only when every rank has finished does rank 0
 write meta.json and rename the folder to ``step_00001000``. A rename is atomic on POSIX file systems, so a
@@ -23,6 +30,7 @@ import os
 import re
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -113,6 +121,42 @@ class CorruptCheckpointError(RuntimeError):
     """A complete-looking checkpoint whose files cannot be read back (truncated, emptied, edited)."""
 
 
+class ChecksumMismatch(ValueError):
+    """A checkpoint file whose CRC32 differs from the one recorded when it was written."""
+
+
+CHECKSUMS = "checksums"  # meta.json: file name -> CRC32 (8 hex digits) of the tensor and per-rank files
+META_CRC = "meta_crc32"  # meta.json: CRC32 of meta.json's other keys (sorted JSON)
+_CRC_CHUNK = 16 * 2**20
+
+
+def file_crc32(path: Path) -> str:
+    """CRC32 of a file's bytes as 8 hex digits (zlib's, in 16 MiB chunks)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _meta_crc(meta: dict) -> str:
+    """CRC32 of meta's keys but META_CRC, as sorted JSON of what meta.json reads back (a JSON round trip
+    first: integer keys become strings, and would sort otherwise than after reading)."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != META_CRC}))
+    return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
+
+
+def _mismatch(got: str, want: str) -> ChecksumMismatch:
+    return ChecksumMismatch(f"its bytes changed after it was written: CRC32 {got}, written as {want}")
+
+
+def _own_files(folder: Path, rank: int) -> list[str]:
+    """The files of checkpoint folder ``folder`` that rank ``rank`` wrote: its DCP shards (``__<rank>_*``),
+    its per-rank state, and, for rank 0 (DCP's coordinator), the tensor index."""
+    names = sorted(p.name for p in folder.glob(f"__{rank}_*.distcp")) + [f"rank_{rank:05d}.pt"]
+    return names + [".metadata"] if rank == 0 else names
+
+
 def _corrupt(path, what: str, exc: Exception) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                                   f"; move this checkpoint away to resume from the one before it")
@@ -125,6 +169,9 @@ def read_meta(path: str | os.PathLike, required: tuple[str, ...] = ("step",)) ->
         meta = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise _corrupt(path, "meta.json", e) from None
+    crc = meta.get(META_CRC) if isinstance(meta, dict) else None
+    if crc is not None and crc != _meta_crc(meta):
+        raise _corrupt(path, "meta.json", _mismatch(_meta_crc(meta), str(crc)))
     missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CorruptCheckpointError(f"{f} lacks {', '.join(missing)}: not a checkpoint this version of seer "
@@ -210,8 +257,12 @@ class CheckpointManager:
                 dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
                          no_dist=not _distributed())
             write_atomic(tmp / f"rank_{self.rank:05d}.pt", lambda p: torch.save(rank_state, p))
+            sums = {name: file_crc32(tmp / name) for name in _own_files(tmp, self.rank)}
+            write_atomic(tmp / f".crc-{self.rank:05d}.json", lambda p: p.write_text(json.dumps(sums)))
             self.barrier()
             if self.rank == 0:
+                meta = dict(meta, **{CHECKSUMS: self._gather_checksums(tmp)})
+                meta[META_CRC] = _meta_crc(meta)
                 write_atomic(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
                 write_atomic(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
                 self._commit(tmp, final)
@@ -223,6 +274,18 @@ class CheckpointManager:
             raise full from e
         self.barrier()
         return final
+
+    def _gather_checksums(self, tmp: Path) -> dict[str, str]:
+        """Every rank's CRC32s (its ``.crc-*.json``, removed here), plus those of any tensor file no rank
+        claimed (a DCP that names its shards otherwise): file name -> CRC32."""
+        sums: dict[str, str] = {}
+        for f in sorted(tmp.glob(".crc-*.json")):
+            sums.update(json.loads(f.read_text()))
+            f.unlink()
+        for f in sorted(tmp.iterdir()):
+            if f.is_file() and f.name not in sums and (f.name == ".metadata" or f.suffix in (".distcp", ".pt")):
+                sums[f.name] = file_crc32(f)
+        return sums
 
     def _full_disk(self, exc: BaseException, final: Path) -> Optional[OSError]:
         """The error to raise instead of ``exc`` when the disk ran full while writing ``final`` (torch's
@@ -307,6 +370,7 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_pro
     # Read the index once here so that a refused (tampered) file raises UnsafeCheckpointError itself, not
     # wrapped in DCP's collective error report.
     read_tensor_index(path)
+    verify_tensor_files(path, collective=not single_process and _distributed())
     try:
         with quiet_single_process():
             dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner(),
@@ -320,6 +384,40 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_pro
         raise _corrupt(path, "tensors", cause) from None
 
 
+def verify_tensor_files(path: str | os.PathLike, *, collective: bool = False) -> None:
+    """Check checkpoint ``path``'s tensor files (the index and the DCP shards) against the CRC32s in its
+    meta.json: CorruptCheckpointError naming the first that differs or is missing, OSError for one that cannot
+    be read (the machine's fault). ``collective``: every rank of the default group calls it, each reads
+    every world-th file, and all raise the same error. Nothing to check in a checkpoint written before
+    checksums."""
+    path = Path(path)
+    sums = read_meta(path).get(CHECKSUMS) or {}
+    names = sorted(n for n in sums if n == ".metadata" or n.endswith(".distcp"))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+    found = []  # (file name, what is wrong, whether it is the machine's fault)
+    for name in names[rank::world]:
+        try:
+            got = file_crc32(path / name)
+        except FileNotFoundError:
+            found.append((name, "FileNotFoundError: missing", False))
+        except OSError as e:
+            found.append((name, f"{type(e).__name__}: {e}", True))
+        else:
+            if got != sums[name]:
+                found.append((name, f"ChecksumMismatch: {_mismatch(got, sums[name])}", False))
+    if collective:
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, found)
+        found = sorted(f for part in everyone for f in part)
+    if found:
+        name, why, machine = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        if machine:
+            raise OSError(f"{path / name}: cannot be read ({why}){more}")
+        raise CorruptCheckpointError(f"{path / name}: unreadable tensors ({why}){more}; move this checkpoint away "
+                                     f"to resume from the one before it")
+
+
 def load_rank_state(path: str | os.PathLike, rank: int, *, required: bool = False) -> Optional[dict]:
     """This rank's state file, or None if the checkpoint was written by fewer ranks (``required``: it was
     written by as many ranks as now run, so the file must be there)."""
@@ -330,8 +428,14 @@ def load_rank_state(path: str | os.PathLike, rank: int, *, required: bool = Fals
                                          f"as now run; move this checkpoint away to resume from the one before it")
         return None
     try:
-        return load_rank_file(f)
+        state = load_rank_file(f)  # (the safe unpickler first: a tampered file is refused as such)
+        want = (read_meta(path).get(CHECKSUMS) or {}).get(f.name)
+        if want is not None and file_crc32(f) != want:
+            raise _mismatch(file_crc32(f), want)
+        return state
     except UnsafeCheckpointError:
         raise
     except Exception as e:
+        if _machine_fault(e):
+            raise
         raise _corrupt(f, "per-rank state", e) from None

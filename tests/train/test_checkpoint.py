@@ -168,7 +168,9 @@ def test_refused_run_leaves_the_run_config_alone(run, tmp_path):
     ("truncate_rank", CorruptCheckpointError, "unreadable per-rank state"),
     ("delete_rank", CorruptCheckpointError, "rank_00000.pt is missing"),
     ("empty_meta", CorruptCheckpointError, "unreadable meta.json"),
+    # a meta.json of the format before checksums (no meta_crc32) that lacks a key; any edit of one with them
     ("meta_without_data", CorruptCheckpointError, "meta.json lacks data"),
+    ("meta_edited", CorruptCheckpointError, r"unreadable meta.json \(ChecksumMismatch: its bytes changed"),
     # the architecture check reads it: a traceback (truncated, a list), or no check at all (deleted)
     ("truncate_config", CorruptCheckpointError, "config.yaml: unreadable run config"),
     ("list_config", CorruptCheckpointError, "config.yaml: unreadable run config"),
@@ -195,9 +197,13 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
         (ckpt / "config.yaml").write_text("- 1\n")
     elif damage == "delete_config":
         (ckpt / "config.yaml").unlink()
+    elif damage == "meta_edited":
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["data"]["position"] = meta["data"].get("position", 0) + 1
+        (ckpt / "meta.json").write_text(json.dumps(meta))
     else:
         meta = json.loads((ckpt / "meta.json").read_text())
-        del meta["data"]
+        del meta["data"], meta["meta_crc32"]
         (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(error, match=match):
         Trainer(cfg, copy)
@@ -338,3 +344,111 @@ def test_machine_errors_while_loading_are_not_called_damage(run, tmp_path, monke
     with pytest.raises(OSError, match="Input/output error") as e:
         Trainer(cfg, _copy(out, tmp_path / "io"))
     assert not isinstance(e.value, CorruptCheckpointError)
+
+
+def _flip_a_weight_bit(ckpt):
+    """Flip one bit in the middle of the largest tensor's stored bytes (DCP's index says where they are; the
+    middle of a large one is its data, not its header): the file still loads, one tensor is wrong."""
+    from seer.train.checkpoint import read_tensor_index
+    info = max(read_tensor_index(ckpt).storage_data.values(), key=lambda i: i.length)
+    shard = ckpt / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset + info.length // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def _all_tensors(ckpt):
+    """Zeroed destinations for every tensor of checkpoint ``ckpt`` (model and optimizer)."""
+    from seer.train.checkpoint import read_tensor_index
+    index = read_tensor_index(ckpt)
+    return {k: torch.zeros(m.size, dtype=m.properties.dtype) for k, m in index.state_dict_metadata.items()
+            if hasattr(m, "size")}
+
+
+def test_a_flipped_bit_in_a_shard_is_named_not_loaded(run, tmp_path):
+    """A bit flip inside tensor data (a bad disk, a damaged copy) loads without any error from DCP: the run
+    would resume with a wrong weight. The CRC32s written with the checkpoint name the file instead."""
+    import json
+    out, cfg = run
+    copy = _copy(out, tmp_path / "flip")
+    ckpt = list_checkpoints(copy / "checkpoints")[-1]
+    good = _all_tensors(ckpt)
+    load_tensors(ckpt, good)
+    shard = _flip_a_weight_bit(ckpt)
+    with pytest.raises(CorruptCheckpointError, match=rf"{shard.name}: unreadable tensors \(ChecksumMismatch: its "
+                                                     r"bytes changed after it was written: CRC32 [0-9a-f]{8}, "
+                                                     r"written as [0-9a-f]{8}\); move this checkpoint away"):
+        load_tensors(ckpt, _all_tensors(ckpt))
+    with pytest.raises(CorruptCheckpointError, match=shard.name):
+        Trainer(cfg, copy)
+    with pytest.raises(CorruptCheckpointError, match=shard.name):
+        load_pretrained(copy)
+    # The same checkpoint without its checksums (the format before them) loads, with a changed weight.
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["checksums"], meta["meta_crc32"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    bad = _all_tensors(ckpt)
+    load_tensors(ckpt, bad)
+    assert sum(not torch.equal(bad[k], good[k]) for k in good) == 1
+
+
+def test_a_changed_rank_file_is_named(run, tmp_path):
+    out, cfg = run
+    copy = _copy(out, tmp_path / "rankflip")
+    ckpt = list_checkpoints(copy / "checkpoints")[-1]
+    f = ckpt / "rank_00000.pt"
+    state = load_rank_state(ckpt, 0)
+    state["bad_files"] = ["an extra entry that still unpickles"]
+    torch.save(state, f)
+    with pytest.raises(CorruptCheckpointError, match=r"rank_00000.pt: unreadable per-rank state \(ChecksumMismatch"):
+        load_rank_state(ckpt, 0)
+    with pytest.raises(CorruptCheckpointError, match="rank_00000.pt"):
+        Trainer(cfg, copy)
+
+
+def test_checksums_cover_every_file_but_the_config(tmp_path):
+    from seer.train.checkpoint import file_crc32
+    mgr = CheckpointManager(tmp_path, keep=2)
+    # integer keys come back as strings: meta.json's own checksum must not see that as a change
+    ckpt = mgr.save(1, {"w": torch.ones(3)}, {"rank": 0}, {"step": 1, "counts": {2: 1, 10: 2, "x": float("nan")}},
+                    "x: 1\n")
+    meta = read_meta(ckpt)
+    files = {p.name for p in ckpt.iterdir()} - {"meta.json", "config.yaml"}
+    assert set(meta["checksums"]) == files and {".metadata", "rank_00000.pt"} <= files
+    assert all(file_crc32(ckpt / n) == crc for n, crc in meta["checksums"].items())
+    assert not list(ckpt.glob(".crc-*"))  # the ranks' lists are merged into meta.json and removed
+
+
+def _load_flipped(rank, world, ckpt):
+    from seer.train.checkpoint import load_tensors as load
+    try:
+        load(ckpt, {"w": torch.zeros(4)})
+    except CorruptCheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _save_two_ranks(rank, world, directory):
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    w = DTensor.from_local(torch.full((2,), float(rank + 1)), mesh, [Shard(0)])
+    mgr = CheckpointManager(directory, rank=rank, barrier=torch.distributed.barrier)
+    return str(mgr.save(1, {"w": w}, {"rank": rank}, {"step": 1}, "x: 1\n"))
+
+
+@pytest.mark.dist
+def test_every_rank_names_a_flipped_shard_that_another_rank_checked(tmp_path):
+    """The ranks split the files to check (rank 0 reads every other one): a damaged file that only rank 1
+    reads still stops every rank with the same error, instead of rank 0 waiting in the load's collectives."""
+    from tests.dist_utils import run_distributed
+    ckpt = run_distributed(_save_two_ranks, 2, str(tmp_path))[0]
+    from pathlib import Path
+    names = sorted(n for n in read_meta(ckpt)["checksums"] if n == ".metadata" or n.endswith(".distcp"))
+    assert len(names) == 3  # .metadata, __0_0.distcp, __1_0.distcp: rank 1 checks __0_0.distcp
+    target = Path(ckpt) / names[1]
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0x01
+    target.write_bytes(bytes(data))
+    errors = run_distributed(_load_flipped, 2, ckpt)
+    assert errors[0] == errors[1] and f"{names[1]}: unreadable tensors (ChecksumMismatch" in errors[0]
