@@ -10,8 +10,8 @@ Layout of one checkpoint, OUT/checkpoints/step_00001000/:
     config.yaml                the resolved run config
 
 Checksums: each rank reads back what it wrote (still in the page cache: zlib's CRC32 runs at about 2 GB/s)
-and loading checks every tensor and per-rank file against them, the ranks splitting the files, before any is
-used: a bit flip in a shard, which loads without an error, would otherwise resume training with a wrong
+and loading checks every file of tensors and of per-rank state against them (the ranks split the tensor files,
+each checks its own state file, and all stop with the same error) before any is used: a bit flip in a shard, which loads without an error, would otherwise resume training with a wrong
 weight. Checkpoints written before checksums load as they did. (config.yaml has none: a run's config.yaml
 may be copied in to replace a lost one, and the architecture check reads it against the tensors.)
 
@@ -343,7 +343,12 @@ def read_tensor_index(path: str | os.PathLike):
     CorruptCheckpointError naming the file for a truncated or missing one."""
     try:
         return SafeFileSystemReader(Path(path)).read_metadata()
-    except UnsafeCheckpointError:
+    except UnsafeCheckpointError as e:
+        # A flipped bit can make the pickle refer to something the safe unpickler refuses: say whether the
+        # file changed since it was written (damaged or tampered with), which the refusal alone cannot tell.
+        changed = _changed_since_written(Path(path), ".metadata")
+        if changed:
+            raise UnsafeCheckpointError(f"{e} ({changed})") from None
         raise
     except Exception as e:
         if _machine_fault(e):
@@ -370,7 +375,7 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_pro
     # Read the index once here so that a refused (tampered) file raises UnsafeCheckpointError itself, not
     # wrapped in DCP's collective error report.
     read_tensor_index(path)
-    verify_tensor_files(path, collective=not single_process and _distributed())
+    verify_checkpoint_files(path, collective=not single_process and _distributed())
     try:
         with quiet_single_process():
             dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner(),
@@ -384,38 +389,68 @@ def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_pro
         raise _corrupt(path, "tensors", cause) from None
 
 
-def verify_tensor_files(path: str | os.PathLike, *, collective: bool = False) -> None:
-    """Check checkpoint ``path``'s tensor files (the index and the DCP shards) against the CRC32s in its
-    meta.json: CorruptCheckpointError naming the first that differs or is missing, OSError for one that cannot
-    be read (the machine's fault). ``collective``: every rank of the default group calls it, each reads
-    every world-th file, and all raise the same error. Nothing to check in a checkpoint written before
-    checksums."""
+def _changed_since_written(path: Path, name: str) -> Optional[str]:
+    """How file ``name`` of checkpoint ``path`` differs from its CRC32 in meta.json, or None (it does not, or
+    no CRC32 was recorded)."""
+    try:
+        want = (read_meta(path).get(CHECKSUMS) or {}).get(name)
+        got = file_crc32(path / name) if want is not None else None
+    except (OSError, CorruptCheckpointError):
+        return None
+    return None if got == want else str(_mismatch(got, want))
+
+
+def verify_checkpoint_files(path: str | os.PathLike, *, collective: bool = False) -> None:
+    """Check checkpoint ``path``'s tensor files (the index and the DCP shards) and this process's per-rank
+    file against the CRC32s in its meta.json: CorruptCheckpointError naming the first that differs or is
+    missing; for one that cannot be read, the OSError (the machine's fault, not the file's). ``collective``:
+    every rank of the default group calls it, each reads every world-th tensor file and its own rank file,
+    and all raise the same error (a damaged file that one rank read never leaves another rank going on).
+    Nothing to check in a checkpoint written before checksums."""
     path = Path(path)
     sums = read_meta(path).get(CHECKSUMS) or {}
-    names = sorted(n for n in sums if n == ".metadata" or n.endswith(".distcp"))
     rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
-    found = []  # (file name, what is wrong, whether it is the machine's fault)
-    for name in names[rank::world]:
+    names = sorted(n for n in sums if n == ".metadata" or n.endswith(".distcp"))[rank::world]
+    names += [n for n in (f"rank_{rank:05d}.pt",) if n in sums]
+    found = []  # (file name, what is wrong, "damaged" / "unsafe" / the errno of an OSError reading it)
+    for name in names:
         try:
             got = file_crc32(path / name)
         except FileNotFoundError:
-            found.append((name, "FileNotFoundError: missing", False))
+            found.append((name, "FileNotFoundError: missing", "damaged"))
         except OSError as e:
-            found.append((name, f"{type(e).__name__}: {e}", True))
+            found.append((name, f"{type(e).__name__}: {e.strerror or e}", e.errno or 0))
         else:
             if got != sums[name]:
-                found.append((name, f"ChecksumMismatch: {_mismatch(got, sums[name])}", False))
+                found.append((name, *_changed_rank_file(path / name, _mismatch(got, sums[name]))))
     if collective:
         everyone: list = [None] * world
         dist.all_gather_object(everyone, found)
-        found = sorted(f for part in everyone for f in part)
+        found = sorted((f for part in everyone for f in part), key=lambda f: f[0])
     if found:
-        name, why, machine = found[0]
+        name, why, kind = found[0]
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        if machine:
-            raise OSError(f"{path / name}: cannot be read ({why}){more}")
-        raise CorruptCheckpointError(f"{path / name}: unreadable tensors ({why}){more}; move this checkpoint away "
+        if kind == "unsafe":
+            raise UnsafeCheckpointError(f"{why}{more}")
+        if kind != "damaged":  # OSError(errno, ...) is the errno's own subclass again (PermissionError, ...)
+            raise OSError(kind, f"{path / name}: cannot be read ({why}){more}")
+        what = "per-rank state" if name.startswith("rank_") else "tensors"
+        raise CorruptCheckpointError(f"{path / name}: unreadable {what} ({why}){more}; move this checkpoint away "
                                      f"to resume from the one before it")
+
+
+def _changed_rank_file(f: Path, mismatch: ChecksumMismatch) -> tuple[str, str]:
+    """(what is wrong, kind) for a file whose CRC32 changed: a per-rank file that the safe unpickler refuses
+    is reported as that refusal (tampered or foreign, as an unchanged one would be), anything else as
+    damage."""
+    if f.name.startswith("rank_"):
+        try:
+            load_rank_file(f)
+        except UnsafeCheckpointError as e:
+            return f"{e} ({mismatch})", "unsafe"
+        except Exception:  # unreadable as well as changed: the change is the finding
+            pass
+    return f"ChecksumMismatch: {mismatch}", "damaged"
 
 
 def load_rank_state(path: str | os.PathLike, rank: int, *, required: bool = False) -> Optional[dict]:
@@ -427,15 +462,15 @@ def load_rank_state(path: str | os.PathLike, rank: int, *, required: bool = Fals
             raise CorruptCheckpointError(f"{f} is missing although the checkpoint was written by as many processes "
                                          f"as now run; move this checkpoint away to resume from the one before it")
         return None
+    changed = _changed_since_written(Path(path), f.name)  # (load_tensors checked it already, across ranks)
     try:
-        state = load_rank_file(f)  # (the safe unpickler first: a tampered file is refused as such)
-        want = (read_meta(path).get(CHECKSUMS) or {}).get(f.name)
-        if want is not None and file_crc32(f) != want:
-            raise _mismatch(file_crc32(f), want)
-        return state
-    except UnsafeCheckpointError:
+        state = load_rank_file(f)
+    except UnsafeCheckpointError as e:
+        if changed:
+            raise UnsafeCheckpointError(f"{e} ({changed})") from None
         raise
     except Exception as e:
-        if _machine_fault(e):
-            raise
         raise _corrupt(f, "per-rank state", e) from None
+    if changed:
+        raise _corrupt(f, "per-rank state", ChecksumMismatch(changed))
+    return state

@@ -166,7 +166,9 @@ def test_refused_run_leaves_the_run_config_alone(run, tmp_path):
 @pytest.mark.parametrize("damage, error, match", [
     ("truncate_shard", CorruptCheckpointError, "unreadable tensors"),
     ("truncate_rank", CorruptCheckpointError, "unreadable per-rank state"),
-    ("delete_rank", CorruptCheckpointError, "rank_00000.pt is missing"),
+    ("delete_rank", CorruptCheckpointError, r"rank_00000.pt: unreadable per-rank state \(FileNotFoundError: missing"),
+    # torch.load fails on this one with OSError (Errno 22), which is the file's fault, not the machine's
+    ("halve_rank", CorruptCheckpointError, r"rank_00000.pt: unreadable per-rank state \(ChecksumMismatch"),
     ("empty_meta", CorruptCheckpointError, "unreadable meta.json"),
     # a meta.json of the format before checksums (no meta_crc32) that lacks a key; any edit of one with them
     ("meta_without_data", CorruptCheckpointError, "meta.json lacks data"),
@@ -187,6 +189,9 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
     elif damage == "truncate_rank":
         f = ckpt / "rank_00000.pt"
         f.write_bytes(f.read_bytes()[:50])
+    elif damage == "halve_rank":
+        f = ckpt / "rank_00000.pt"
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
     elif damage == "delete_rank":
         (ckpt / "rank_00000.pt").unlink()
     elif damage == "empty_meta":
@@ -452,3 +457,53 @@ def test_every_rank_names_a_flipped_shard_that_another_rank_checked(tmp_path):
     target.write_bytes(bytes(data))
     errors = run_distributed(_load_flipped, 2, ckpt)
     assert errors[0] == errors[1] and f"{names[1]}: unreadable tensors (ChecksumMismatch" in errors[0]
+
+
+def test_a_flipped_bit_in_the_index_says_the_file_changed(run, tmp_path):
+    """A flipped bit in the pickled index often makes the safe unpickler refuse it as foreign; the refusal
+    then also says that the file changed since it was written."""
+    from seer.train import UnsafeCheckpointError
+    out, cfg = run
+    copy = _copy(out, tmp_path / "index")
+    ckpt = list_checkpoints(copy / "checkpoints")[-1]
+    f = ckpt / ".metadata"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    f.write_bytes(bytes(data))
+    with pytest.raises((UnsafeCheckpointError, CorruptCheckpointError), match="its bytes changed after it was written"):
+        Trainer(cfg, copy)
+
+
+def test_a_file_the_machine_cannot_read_keeps_its_error(tmp_path, monkeypatch):
+    import errno
+    from seer.train import checkpoint as C
+    ckpt = _save(CheckpointManager(tmp_path), 1, 1)
+
+    def denied(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    monkeypatch.setattr(C, "file_crc32", denied)
+    with pytest.raises(PermissionError, match=r"\.metadata: cannot be read \(PermissionError: Permission denied\) "
+                                              r"\(and 2 more\)"):
+        C.verify_checkpoint_files(ckpt)
+
+
+def _load_with_rank_state(rank, world, ckpt):
+    from seer.train.checkpoint import load_tensors as load
+    try:
+        load(ckpt, {"w": torch.zeros(4)})
+        return load_rank_state(ckpt, rank, required=True)
+    except CorruptCheckpointError as exc:
+        return str(exc)
+
+
+@pytest.mark.dist
+def test_every_rank_names_a_changed_rank_file_of_another_rank(tmp_path):
+    """Each rank loads only its own rank file; one that changed stops every rank in load_tensors (before
+    the trainer goes on to rewrite the run's config and metrics), not only the rank that reads it."""
+    from pathlib import Path
+    from tests.dist_utils import run_distributed
+    ckpt = run_distributed(_save_two_ranks, 2, str(tmp_path))[0]
+    assert run_distributed(_load_with_rank_state, 2, ckpt) == [{"rank": 0}, {"rank": 1}]
+    torch.save({"rank": 7}, Path(ckpt) / "rank_00001.pt")  # still plain data, not what was written
+    errors = run_distributed(_load_with_rank_state, 2, ckpt)
+    assert errors[0] == errors[1] and "rank_00001.pt: unreadable per-rank state (ChecksumMismatch" in errors[0]
