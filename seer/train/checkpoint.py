@@ -10,9 +10,10 @@ Layout of one checkpoint, OUT/checkpoints/step_00001000/:
     config.yaml                the resolved run config
 
 Checksums: each rank reads back what it wrote (still in the page cache: zlib's CRC32 runs at about 2 GB/s)
-and loading checks every file of tensors and of per-rank state against them (the ranks split the tensor files,
-each checks its own state file, and all stop with the same error) before any is used: a bit flip in a shard, which loads without an error, would otherwise resume training with a wrong
-weight. Checkpoints written before checksums load as they did. (config.yaml has none: a run's config.yaml
+and loading checks every file of tensors and of per-rank state against them (the ranks split the tensor
+files, each checks its own state file, and all stop with the same error) before any is used: a bit flip in
+a shard, which loads without an error, would otherwise resume training with a wrong weight. Checkpoints
+written before checksums load as they did. (config.yaml has none: a run's config.yaml
 may be copied in to replace a lost one, and the architecture check reads it against the tensors.)
 
 Atomicity: everything is written into ``.tmp-step_00001000``; only when every rank has finished does rank 0
@@ -157,9 +158,17 @@ def _own_files(folder: Path, rank: int) -> list[str]:
     return names + [".metadata"] if rank == 0 else names
 
 
-def _corrupt(path, what: str, exc: Exception) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                                  f"; move this checkpoint away to resume from the one before it")
+def _corrupt(path, what: str, exc: Exception | str) -> CorruptCheckpointError:
+    """The error for file ``path``'s damaged ``what``; ``exc``: the error met, or what is wrong, as text."""
+    why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return CorruptCheckpointError(f"{path}: unreadable {what} ({why}); move this checkpoint away to resume from "
+                                  f"the one before it")
+
+
+def _with_change(refusal: UnsafeCheckpointError, changed: Optional[str]) -> UnsafeCheckpointError:
+    """The safe unpickler's refusal of a file, saying also how the file changed since it was written (damaged
+    or tampered with: the refusal alone cannot tell), where it did."""
+    return UnsafeCheckpointError(f"{refusal} ({changed})") if changed else refusal
 
 
 def read_meta(path: str | os.PathLike, required: tuple[str, ...] = ("step",)) -> dict:
@@ -170,8 +179,8 @@ def read_meta(path: str | os.PathLike, required: tuple[str, ...] = ("step",)) ->
     except (OSError, ValueError) as e:
         raise _corrupt(path, "meta.json", e) from None
     crc = meta.get(META_CRC) if isinstance(meta, dict) else None
-    if crc is not None and crc != _meta_crc(meta):
-        raise _corrupt(path, "meta.json", _mismatch(_meta_crc(meta), str(crc)))
+    if crc is not None and crc != (got := _meta_crc(meta)):
+        raise _corrupt(path, "meta.json", _mismatch(got, str(crc)))
     missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CorruptCheckpointError(f"{f} lacks {', '.join(missing)}: not a checkpoint this version of seer "
@@ -343,13 +352,8 @@ def read_tensor_index(path: str | os.PathLike):
     CorruptCheckpointError naming the file for a truncated or missing one."""
     try:
         return SafeFileSystemReader(Path(path)).read_metadata()
-    except UnsafeCheckpointError as e:
-        # A flipped bit can make the pickle refer to something the safe unpickler refuses: say whether the
-        # file changed since it was written (damaged or tampered with), which the refusal alone cannot tell.
-        changed = _changed_since_written(Path(path), ".metadata")
-        if changed:
-            raise UnsafeCheckpointError(f"{e} ({changed})") from None
-        raise
+    except UnsafeCheckpointError as e:  # (a flipped bit can make the pickle name something refused)
+        raise _with_change(e, _changed_since_written(Path(path), ".metadata")) from None
     except Exception as e:
         if _machine_fault(e):
             raise
@@ -434,9 +438,7 @@ def verify_checkpoint_files(path: str | os.PathLike, *, collective: bool = False
             raise UnsafeCheckpointError(f"{why}{more}")
         if kind != "damaged":  # OSError(errno, ...) is the errno's own subclass again (PermissionError, ...)
             raise OSError(kind, f"{path / name}: cannot be read ({why}){more}")
-        what = "per-rank state" if name.startswith("rank_") else "tensors"
-        raise CorruptCheckpointError(f"{path / name}: unreadable {what} ({why}){more}; move this checkpoint away "
-                                     f"to resume from the one before it")
+        raise _corrupt(path / name, "per-rank state" if name.startswith("rank_") else "tensors", why + more)
 
 
 def _changed_rank_file(f: Path, mismatch: ChecksumMismatch) -> tuple[str, str]:
@@ -447,7 +449,7 @@ def _changed_rank_file(f: Path, mismatch: ChecksumMismatch) -> tuple[str, str]:
         try:
             load_rank_file(f)
         except UnsafeCheckpointError as e:
-            return f"{e} ({mismatch})", "unsafe"
+            return str(_with_change(e, str(mismatch))), "unsafe"
         except Exception:  # unreadable as well as changed: the change is the finding
             pass
     return f"ChecksumMismatch: {mismatch}", "damaged"
@@ -466,9 +468,7 @@ def load_rank_state(path: str | os.PathLike, rank: int, *, required: bool = Fals
     try:
         state = load_rank_file(f)
     except UnsafeCheckpointError as e:
-        if changed:
-            raise UnsafeCheckpointError(f"{e} ({changed})") from None
-        raise
+        raise _with_change(e, changed) from None
     except Exception as e:
         raise _corrupt(f, "per-rank state", e) from None
     if changed:

@@ -146,8 +146,9 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
             This costs one device-to-host copy on a GPU (and one more pass over such extreme scores); it is
             skipped while compiling or capturing a CUDA graph. Without the check, NaN or inf anywhere (on
             any rank) makes every code NaN, which a training loop sees in its loss; such a sample's codes
-            are NaN on the CUDA backend (the others compute them, unless the scores spread over more than
-            float32 holds, |S| > 1.7e38, where S - m overflows: then every code is NaN on every backend).
+            come from the row frame on every backend (the CUDA kernels' since 329f20b; that case is not run
+            on a GPU, the op refusing it first), unless the scores spread over more than float32 holds,
+            |S| > 1.7e38, where S - m overflows: then every code is NaN on every backend.
             Float64 scores are computed in float32: beyond its range (|S| > 3.4e38) they are refused as
             such. Under ``group`` or ``prototype_group`` the ranks decide together (one small all-reduce
             per group; for such extreme scores a few more, with the global column max): all of them raise,
