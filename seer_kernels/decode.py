@@ -29,6 +29,7 @@ size. ``multicrop(..., draft=False)`` turns it off.
 from __future__ import annotations
 
 import io
+import numbers
 from typing import Sequence, Union
 
 import numpy as np
@@ -68,18 +69,26 @@ class EncodedImage:
         """:func:`decode_image` of this image (which can then be decoded no more), and close it."""
         im, r = self._im, 1
         try:
-            if reduce not in (1, 2, 4, 8):
+            if isinstance(reduce, (bool, np.bool_)) or not isinstance(reduce, numbers.Integral) \
+                    or reduce not in (1, 2, 4, 8):
                 raise ValueError(f"decode_image: argument 'reduce' must be 1, 2, 4 or 8, got {reduce!r}")
-            if reduce > 1 and im.format == "JPEG":
-                width, height = im.size
-                drafted = im.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
-                if drafted is not None:
-                    r = int(round(width / drafted[1][2]))
-            if im.mode in HIGH_BIT_DEPTH_MODES:
-                im = _to_8_bit(im)
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            pixels = np.array(im)  # (h, w, 3), writable: the one copy out of Pillow's 4-byte pixels
+            try:
+                if reduce > 1 and im.format == "JPEG":
+                    width, height = im.size
+                    drafted = im.draft("RGB", (max(1, width // reduce), max(1, height // reduce)))
+                    if drafted is not None:
+                        r = int(round(width / drafted[1][2]))
+                if im.mode in HIGH_BIT_DEPTH_MODES:
+                    im = _to_8_bit(im)
+                if im.mode != "RGB":
+                    im = im.convert("RGB")
+                pixels = np.array(im)  # (h, w, 3), writable: the one copy out of Pillow's 4-byte pixels
+            except (OSError, SyntaxError, EOFError) as exc:
+                # The header was read (the image opened), its pixels not: a truncated or damaged file, or
+                # a format whose decoder is missing here (EPS without Ghostscript). Pillow raises OSError
+                # ("image file is truncated"), some plugins SyntaxError or EOFError.
+                raise ValueError(f"decode: argument 'data' is an image whose pixels Pillow cannot decode "
+                                 f"({type(exc).__name__}: {exc})") from exc
         finally:
             self.close()
         return torch.from_numpy(pixels).permute(2, 0, 1), r

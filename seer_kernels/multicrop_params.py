@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -98,9 +99,21 @@ class CropParams:
         return int(self.box.shape[0])
 
     def __getitem__(self, index) -> "CropParams":
-        """The parameters of a subset of the crops (an int, slice, index tensor or mask)."""
+        """The parameters of a subset of the crops (an integer, slice, index tensor or mask); an integer keeps
+        the crop dim (one crop) and must be in range, as for a list."""
+        if isinstance(index, (bool, np.bool_)):
+            raise TypeError("CropParams: an index must be an integer, a slice, an index tensor or a mask, got a bool")
+        if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point() \
+                and index.dtype != torch.bool:
+            index = int(index)  # a 0-d integer tensor is one crop, as an int
+        elif not isinstance(index, (slice, Tensor)) and hasattr(index, "__index__"):
+            index = operator.index(index)  # int, numpy integers
         if isinstance(index, int):
-            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+            n = len(self)
+            if not -n <= index < n:
+                raise IndexError(f"CropParams: index {index} is out of range for {n} crops")
+            index %= n
+            index = slice(index, index + 1)
         return CropParams(**{f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
     @staticmethod

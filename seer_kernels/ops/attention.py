@@ -387,7 +387,9 @@ class _FuncAttentionBwd(torch.autograd.Function):
     def backward(ctx, *grads):
         raise RuntimeError("Trying to backward through seer::attention_bwd but no autograd formula was "
                            "registered: seer_kernels.attention has no double backward on the triton and "
-                           "reference backends (second derivatives need the sdpa backend)")
+                           "reference backends; for second derivatives call torch's SDPA with its math backend "
+                           "(torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), the one SDPA backend that has "
+                           "them on every device")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -87,6 +87,15 @@ def _(scores, epsilon, iterations):
     return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
+@_sinkhorn_op.register_vmap
+def _(info, in_dims, scores, epsilon, iterations):
+    # Every vmapped (B, K) slice is a Sinkhorn problem of its own (the normalisations run over its rows and
+    # columns): one call per slice, as torch's batching fallback would make, without its warning.
+    if in_dims[0] is None:
+        return torch.ops.seer.sinkhorn(scores, epsilon, iterations), None
+    return torch.stack([torch.ops.seer.sinkhorn(s, epsilon, iterations) for s in scores.unbind(in_dims[0])]), 0
+
+
 @torch.library.custom_op("seer::sinkhorn_max", mutates_args=())
 def _max_op(scores: Tensor, m: Optional[Tensor], f: Optional[Tensor], g: Optional[Tensor], epsilon: float,
             dim: int) -> Tensor:
@@ -144,11 +153,12 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
             epsilon that a sample's logits (S - max_j S) / epsilon all overflow float32 (more than 3.4e38 x
             epsilon below every prototype's best score: |S| ~ 1e38 at epsilon = 0.05; never cosine scores).
             This costs one device-to-host copy on a GPU (and one more pass over such extreme scores); it is
-            skipped while compiling or capturing a CUDA graph. Without the check, NaN or inf anywhere (on
-            any rank) makes every code NaN, which a training loop sees in its loss; such a sample's codes
-            come from the row frame on every backend (the CUDA kernels' since 329f20b; that case is not run
-            on a GPU, the op refusing it first), unless the scores spread over more than float32 holds,
-            |S| > 1.7e38, where S - m overflows: then every code is NaN on every backend.
+            skipped while compiling, capturing a CUDA graph or under torch.func transforms (``vmap``).
+            Without the check, NaN or inf anywhere (on any rank) makes every code NaN, which a training
+            loop sees in its loss; such a sample's codes come from the row frame on every backend (the
+            CUDA kernels' since 329f20b; that case is not run on a GPU, the op refusing it first), unless
+            the scores spread over more than float32 holds, |S| > 1.7e38, where S - m overflows: then
+            every code is NaN on every backend.
             Float64 scores are computed in float32: beyond its range (|S| > 3.4e38) they are refused as
             such. Under ``group`` or ``prototype_group`` the ranks decide together (one small all-reduce
             per group; for such extreme scores a few more, with the global column max): all of them raise,
@@ -161,6 +171,7 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     """
     given = scores
     scores = _validate(scores, epsilon, iterations, group, prototype_group)
+    epsilon, iterations = float(epsilon), int(iterations)  # e.g. a Fraction or a numpy integer
     if check_finite and not _tracing(scores):
         finite, may_overflow = _all_finite(scores, epsilon)
         finite_here = finite
@@ -179,15 +190,15 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     proto_size = dist.get_world_size(prototype_group) if prototype_group is not None else 1
     if data_size == 1 and proto_size == 1:
         if plain_eager(scores):  # the selected backend directly, without torch.library's per-call wrapper
-            return _impl(scores).fused(scores, float(epsilon), int(iterations))
-        return torch.ops.seer.sinkhorn(scores, float(epsilon), int(iterations))
+            return _impl(scores).fused(scores, epsilon, iterations)
+        return torch.ops.seer.sinkhorn(scores, epsilon, iterations)
     comm = ref.SinkhornComm(
         data_size, proto_size,
         data_max=_reducer("max", group if data_size > 1 else None),
         data_sum=_reducer("sum", group if data_size > 1 else None),
         proto_max=_reducer("max", prototype_group if proto_size > 1 else None),
         proto_sum=_reducer("sum", prototype_group if proto_size > 1 else None))
-    return ref.sinkhorn_loop(scores, float(epsilon), int(iterations), OP_STEPS, comm)
+    return ref.sinkhorn_loop(scores, epsilon, iterations, OP_STEPS, comm)
 
 
 def _all_finite(t: Tensor, epsilon: float) -> tuple[bool, bool]:
@@ -266,7 +277,9 @@ def _reducer(op: str, group):
 
 
 def _tracing(t: Tensor) -> bool:
-    if torch.compiler.is_compiling():
+    """Compiling, capturing a CUDA graph or under a torch.func transform (vmap, grad): no value of t can be
+    read on the host there."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return True
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 

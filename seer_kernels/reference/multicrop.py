@@ -37,6 +37,7 @@ from ..multicrop_params import COL
 from . import autocast_off
 
 GRAY = (0.2989, 0.587, 0.114)
+NARROWEST_WINDOW = 2.0**-64  # pixels; see axis_weights
 
 
 def axis_weights(start: Tensor, length: Tensor, size: int, out: int, taps: int) -> tuple[Tensor, Tensor]:
@@ -46,7 +47,8 @@ def axis_weights(start: Tensor, length: Tensor, size: int, out: int, taps: int) 
     lo + arange(taps) with lo = floor(start), padded (zero weight, clamped index) up to ``taps``.
     """
     lo = torch.floor(start).clamp(min=0)
-    hi = torch.minimum(torch.ceil(start + length), torch.full_like(start, size))
+    # at least one pixel: a width below float64 resolution at an integer start has start + length == start
+    hi = torch.minimum(torch.maximum(torch.ceil(start + length), lo + 1), torch.full_like(start, size))
     j = torch.arange(taps, dtype=torch.float64, device=start.device)
     scale = (length / out)[:, None, None]
     center = (start - lo)[:, None, None] + scale * (torch.arange(out, dtype=torch.float64, device=start.device)
@@ -55,6 +57,13 @@ def axis_weights(start: Tensor, length: Tensor, size: int, out: int, taps: int) 
     w = (1 - ((j + 0.5 - center) * inv).abs()).clamp(min=0)
     # pixel coverage of a fractional window (1 for an integer one); 0 beyond the window's pixels
     beg, end = (start - lo)[:, None], (start + length - lo)[:, None]
+    # A window narrower than NARROWEST_WINDOW pixel, or one whose end rounds onto its start (a width below
+    # float64 resolution at a fractional start), lies inside one pixel: it is widened to that pixel, which
+    # gets all the weight (the exact limit; without this every coverage is 0 and the weights 0 / 0).
+    # The kernels apply the same rule (kNarrowestWindow in csrc/include/seer/image_ops.h).
+    empty = ~(end - beg >= NARROWEST_WINDOW)
+    beg = torch.where(empty, torch.floor(beg), beg)
+    end = torch.where(empty, beg + 1, end)
     cover = (torch.minimum(j + 1, end) - torch.maximum(j, beg)).clamp(0, 1) * (j < (hi - lo)[:, None])
     w = w * cover[:, None, :]
     w = w / w.sum(-1, keepdim=True)
@@ -66,8 +75,8 @@ def resample(image: Tensor, windows: Tensor, size: int) -> Tensor:
     """Antialiased bilinear crops (k, 3, S, S) in [0, 1] of a uint8 (3, H, W) image for (k, 4) CPU windows."""
     _, height, width = image.shape
     win = windows.cpu().to(torch.float64)
-    taps_y = int((torch.ceil(win[:, 0] + win[:, 2]) - torch.floor(win[:, 0])).max())
-    taps_x = int((torch.ceil(win[:, 1] + win[:, 3]) - torch.floor(win[:, 1])).max())
+    taps_y = max(int((torch.ceil(win[:, 0] + win[:, 2]) - torch.floor(win[:, 0])).max()), 1)
+    taps_x = max(int((torch.ceil(win[:, 1] + win[:, 3]) - torch.floor(win[:, 1])).max()), 1)
     dev = image.device
     iy, wy = (t.to(dev) for t in axis_weights(win[:, 0], win[:, 2], height, size, taps_y))
     ix, wx = (t.to(dev) for t in axis_weights(win[:, 1], win[:, 3], width, size, taps_x))

@@ -150,6 +150,35 @@ def test_windows_narrower_than_float32_resolution(backend, gen, poison_empty):
         assert float((got - want).abs().max()) <= EXACT / min(STD), f"size {size}"
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_windows_narrower_than_any_coverage_take_their_pixel(backend, device, gen, poison_empty):
+    """Widths that the op accepts (positive, finite) but that no coverage can represent: below float64
+    resolution at a fractional start (the reference's coverages were all 0: NaN crops), or subnormal in
+    float32 (the kernels' coverage times the triangle underflowed to 0: NaN crops). Such a window lies inside
+    one pixel, so every output pixel of a window narrow in both axes is that source pixel, normalised."""
+    image = torch.randint(0, 256, (3, 8, 9), generator=gen, dtype=torch.uint8)
+    cases = {  # (top, left, height, width) -> the source pixel (y, x) of a window narrow in both axes
+        (1.0, 2.5, 1e-30, 1e-30): (1, 2), (3.0, 2.0, 1e-45, 1e-45): (3, 2), (5.25, 7.0, 1e-41, 2.0**-70): (5, 7),
+        (0.0, 8.5, 1e-44, 1e-30): (0, 8), (7.0, 0.0, 2.0**-65, 1e-39): (7, 0)}
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    for (top, left, h, w), (y, x) in cases.items():
+        for wide in ("none", "height", "width"):  # also with the other axis resampled over several pixels
+            box = [top, left, 3.0 if wide == "height" else h, 3.0 if wide == "width" else w]
+            if wide == "height" and top + 3 > 8 or wide == "width" and left + 3 > 9:
+                continue
+            packed = CropParams.identity([[0, 0, 1, 1]]).pack()
+            packed[0, 1:5] = torch.tensor(box, dtype=torch.float64).float()
+            for size in (1, 4):
+                got = apply(backend, [image.to(device)], packed, size)[0].cpu()
+                assert torch.isfinite(got).all(), f"{box} size {size}: NaN crops"
+                if wide == "none":
+                    want = ((image[:, y, x].float() / 255)[:, None, None] - mean) / std
+                    assert float((got - want).abs().max()) <= EXACT / min(STD), f"{box} size {size}"
+                else:
+                    want = apply("reference", [image], packed, size)[0]
+                    assert float((got - want).abs().max()) <= EXACT / min(STD), f"{box} size {size}"
+
+
 # ---- properties of the op ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", backend_params())

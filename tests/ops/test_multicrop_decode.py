@@ -42,6 +42,31 @@ def test_decode_sizes_and_probe():
     assert g.shape == (3, 427, 640) and torch.equal(g[0], g[1])
 
 
+def test_damaged_pixels_and_bad_reduce_are_named():
+    """A file cut after its header opens (Pillow reads the header) and fails in the pixel decoding: that was
+    Pillow's raw OSError ("image file is truncated"); it is a ValueError naming 'data', as a file that is no
+    image at all. reduce takes the integers 1, 2, 4 and 8 only (True and 2.0 passed as 1 and 2)."""
+    import io
+
+    from PIL import Image
+    image = photos()["rocket"]
+    png = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(png, "PNG")
+    for data in (jpeg_bytes(image), png.getvalue()):
+        cut = data[:len(data) // 2]
+        assert decode.probe(cut)[0] == (427, 640)  # the header is whole
+        with pytest.raises(ValueError, match="argument 'data' is an image whose pixels Pillow cannot decode "
+                                             r"\(OSError: image file is truncated"):
+            decode.decode_image(cut)
+        with pytest.raises(ValueError, match="argument 'data' is an image whose pixels"):
+            seer_kernels.multicrop([cut], MultiCropSpec(), torch.Generator())
+    for reduce in (True, 2.0, 3, 0, "2"):
+        with pytest.raises(ValueError, match="argument 'reduce' must be 1, 2, 4 or 8"):
+            decode.decode_image(png.getvalue(), reduce)
+    import numpy as np
+    assert decode.decode_image(jpeg_bytes(image), np.int64(2))[1] == 2
+
+
 def test_high_bit_depth_images_scale_to_8_bits(gen):
     """16-bit greyscale (Pillow modes I;16 from PNG, I;16B and I from TIFF) keeps its high byte; Pillow's own
     convert("RGB") clipped every value above 255 to white. 32-bit float images (mode F) have no agreed range:

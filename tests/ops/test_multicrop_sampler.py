@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,6 +183,15 @@ def test_crop_params_indexing_and_cat(gen):
     assert len(p[2]) == 1 and torch.equal(p[2].box, p.box[2:3]) and torch.equal(p[-1].box, p.box[-1:])
     q = CropParams.cat([p[:2], p[2:]])
     assert all(torch.equal(getattr(p, f), getattr(q, f)) for f in p.__dataclass_fields__)
+    # Any integer type is one crop; out of range raises as a list does (it gave an empty CropParams).
+    for i in (np.int64(3), torch.tensor(3), -3):
+        assert len(p[i]) == 1 and torch.equal(p[i].box, p.box[3:4]), i
+    for i in (6, -7, 100):
+        with pytest.raises(IndexError, match=f"index {i} is out of range for 6 crops"):
+            p[i]
+    with pytest.raises(TypeError, match="got a bool"):
+        p[True]
+    assert [c.box.tolist() for c in p] == [p.box[i:i + 1].tolist() for i in range(6)]  # iteration stops
 
 
 def test_multicrop_specs():

@@ -293,6 +293,33 @@ def test_custom_op_checks_its_arguments_on_every_backend(backend, device, args, 
         torch.ops.seer.sinkhorn(scores.to(device), eps, iters)
 
 
+def test_any_real_epsilon_and_integral_count():
+    """What the checks accept, the op computes: a Fraction epsilon (numbers.Real) raised a TypeError inside
+    the finiteness check; numpy numbers run as the same floats and ints."""
+    import fractions
+
+    import numpy as np
+    scores = torch.randn(6, 5)
+    want = seer_kernels.sinkhorn(scores, 0.05, 3)
+    for eps, iters in ((fractions.Fraction(1, 20), 3), (np.float64(0.05), np.int64(3)), (0.05, np.int32(3))):
+        assert torch.equal(seer_kernels.sinkhorn(scores, eps, iters), want), (eps, iters)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_vmap_runs_one_problem_per_slice(check_finite):
+    """Under torch.vmap every (B, K) slice is a Sinkhorn problem of its own: the same codes as a loop. (The
+    finiteness check read the batched tensor on the host: "Cannot access data pointer of Tensor that doesn't
+    have storage"; under functorch transforms it is skipped, as while compiling.)"""
+    scores = torch.randn(3, 6, 5)
+    want = torch.stack([seer_kernels.sinkhorn(s) for s in scores])
+    f = lambda s: seer_kernels.sinkhorn(s, check_finite=check_finite)  # noqa: E731
+    assert torch.equal(torch.vmap(f)(scores), want)
+    assert torch.equal(torch.vmap(f, in_dims=1)(scores.transpose(0, 1)), want)
+    assert torch.equal(torch.vmap(torch.vmap(f))(scores[None].expand(2, -1, -1, -1))[1], want)
+    both = torch.vmap(lambda s, y: f(s) + y, in_dims=(None, 0))(scores[0], torch.zeros(3, 1, 1))  # unbatched
+    assert torch.equal(both, want[0].expand(3, -1, -1))
+
+
 @pytest.mark.parametrize("kw,match", [(dict(group=3), "'group' must be a torch.distributed.ProcessGroup"),
                                       (dict(prototype_group="tp"), "'prototype_group' must be")])
 def test_bad_groups(kw, match):

@@ -59,6 +59,9 @@ SEER_HD float max3(float a, float b, float c) { return max2(a, max2(b, c)); }
 // A fractional window (a box in a JPEG decoded at reduced size) also weights each tap by the part of
 // its pixel inside the window, so that content outside the box barely leaks in; for an integer window
 // that factor is exactly 1.
+// Windows narrower than this (in pixels) are widened to the pixel that holds them (resample_taps).
+constexpr float kNarrowestWindow = 0x1p-64f;
+
 struct Taps {
   int first;         // first source pixel (absolute)
   int count;         // number of taps, >= 1
@@ -86,9 +89,11 @@ SEER_HD Taps resample_taps(int i, int n, float start, float len, int lo, int hi)
   t.beg = (start - static_cast<float>(lo)) - static_cast<float>(first);
   t.end = t.beg + len;
   // A window narrower than half a float32 ulp of beg has end == beg: every coverage would be 0 and the
-  // normalised weights 0 / 0 (NaN crops). It is widened to the whole pixel that holds it, which then gets
-  // all the weight: what the float64 reference computes for such a window.
-  const bool empty = !(t.end > t.beg);
+  // normalised weights 0 / 0 (NaN crops); one narrower than 2^-64 of a pixel has coverages that underflow
+  // to 0 once multiplied by the triangle (subnormal widths). Such a window lies inside one pixel (in float32
+  // no start is within 2^-64 below a pixel boundary other than 0), so it is widened to that whole pixel,
+  // which then gets all the weight: the exact limit, and what the reference computes (the same rule).
+  const bool empty = !(t.end - t.beg >= kNarrowestWindow);
   t.beg = empty ? floorf(t.beg) : t.beg;
   t.end = empty ? t.beg + 1.f : t.end;
   return t;
