@@ -52,6 +52,7 @@ _EPS_MIN = torch.finfo(torch.float32).tiny
 _INT32_MAX = 2**31 - 1
 _MULTICROP_COLS = 18  # kCols in csrc/include/seer/multicrop.h
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT32_MAX, _FLOAT32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
 
 
 def _arg(cond, name: str, message: str) -> None:
@@ -144,8 +145,9 @@ def _fake_multicrop_apply(images, params, size, mean, std, out_dtype):
     _arg(len(mean) == 3, "mean", f"expected 3 values, got {len(mean)}")
     _arg(len(std) == 3, "std", f"expected 3 values, got {len(std)}")
     for mu, sd in zip(mean, std):
-        _arg(math.isfinite(mu), "mean", f"expected finite values, got {mu:g}")
-        _arg(math.isfinite(sd) and sd != 0.0, "std", f"expected finite non-zero values, got {sd:g}")
+        _arg(abs(mu) <= _FLOAT32_MAX, "mean", f"expected values finite in float32, got {mu:g}")
+        _arg(_FLOAT32_TINY <= abs(sd) <= _FLOAT32_MAX, "std", "expected non-zero values finite in float32 "
+             f"(1.17549e-38 <= |std| <= 3.40282e+38), got {sd:g}")
     _arg(out_dtype in _OUT_DTYPES, "out_dtype", f"expected float32, bfloat16 or float16, got {_dtype_name(out_dtype)}")
     return images[0].new_empty((params.shape[0], 3, size, size), dtype=out_dtype)
 

@@ -355,21 +355,25 @@ def draw_fields(coef: np.ndarray, image_hw, n: int, generator: torch.Generator) 
 
 
 _FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+_FLOAT32_MAX = 3.4028234663852886e+38  # torch.finfo(torch.float32).max
 
 
 def check_mean_std(where: str, mean, std) -> tuple[list[float], list[float]]:
-    """``mean`` and ``std`` as lists of 3 floats (finite; std non-zero), or ValueError naming the argument."""
+    """``mean`` and ``std`` as lists of 3 floats (finite in float32; std non-zero), or ValueError naming the
+    argument."""
     out = []
     for name, v in (("mean", mean), ("std", std)):
         if isinstance(v, Tensor):
             v = v.tolist()
+        # The kernels compute in float32: a value past its range is inf there (every crop -inf or NaN).
         ok = (isinstance(v, (tuple, list)) and len(v) == 3
-              and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+              and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and abs(x) <= _FLOAT32_MAX
+                      for x in v))
         # The kernels multiply by 1 / std in float32: a std below the smallest normal float32 makes it inf.
         if not ok or (name == "std" and any(abs(x) < _FLOAT32_TINY for x in v)):
             what = f"non-zero (|std| >= {_FLOAT32_TINY:g}) " if name == "std" else ""
-            raise ValueError(f"{where}: argument '{name}' must hold 3 finite {what}numbers (one per channel), "
-                             f"got {v!r}")
+            raise ValueError(f"{where}: argument '{name}' must hold 3 {what}numbers finite in float32 (|x| <= "
+                             f"{_FLOAT32_MAX:g}), one per channel, got {v!r}")
         out.append([float(x) for x in v])
     return out[0], out[1]
 

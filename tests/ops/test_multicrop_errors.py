@@ -51,8 +51,10 @@ def test_bad_size(size):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(mean=(0.5, 0.5)), "'mean' must hold 3"), (dict(mean=(0.5,) * 4), "'mean' must hold 3"),
-    (dict(std=(0.2, 0.2)), "'std' must hold 3"), (dict(std=(0.2, 0.0, 0.2)), "'std' must hold 3 finite non-zero"),
-    (dict(std=(0.2, 1e-320, 0.2)), "'std' must hold 3 finite non-zero"),  # 1 / std would be inf in float32
+    (dict(std=(0.2, 0.2)), "'std' must hold 3"), (dict(std=(0.2, 0.0, 0.2)), "'std' must hold 3 non-zero"),
+    (dict(std=(0.2, 1e-320, 0.2)), "'std' must hold 3 non-zero"),  # 1 / std would be inf in float32
+    (dict(mean=(0.5, 1e39, 0.5)), r"'mean' must hold 3 numbers finite in float32 \(\|x\| <= 3.40282e\+38\)"),
+    (dict(std=(0.2, -1e39, 0.2)), "'std' must hold 3 non-zero .* finite in float32"),
     (dict(mean=(0.5, float("nan"), 0.5)), "'mean'"), (dict(std=(0.2, 0.2, float("inf"))), "'std'"),
     (dict(mean=0.5), "'mean' must hold 3"), (dict(out_dtype=torch.float64), "'out_dtype'"),
     (dict(out_dtype=torch.uint8), "'out_dtype'"),
@@ -202,7 +204,11 @@ def _packed(**cols):
     (dict(images=[IMAGE[:, :0]]), "'images': image 0: expected a non-empty image"),
     (dict(size=0), "'size': expected an integer"),
     (dict(mean=[0.5, 0.5]), "'mean': expected 3 values"),
-    (dict(std=[0.5, 0.0, 0.5]), "'std': expected finite non-zero"),
+    (dict(std=[0.5, 0.0, 0.5]), "'std': expected non-zero values finite in float32"),
+    (dict(std=[0.5, 1e-40, 0.5]), "'std': expected non-zero values finite in float32"),  # 1 / std = inf
+    (dict(std=[0.5, 1e39, 0.5]), "'std': expected non-zero values finite in float32"),
+    (dict(mean=[0.5, 1e39, 0.5]), "'mean': expected values finite in float32"),  # inf in float32: -inf crops
+    (dict(mean=[0.5, float("nan"), 0.5]), "'mean': expected values finite in float32"),
     (dict(dtype=torch.int32), "'out_dtype': expected float32, bfloat16 or float16"),
 ])
 def test_native_ops_check_their_arguments(op, args, match):
@@ -235,7 +241,7 @@ def test_native_ops_check_their_arguments(op, args, match):
     (dict(size=0), ValueError, "'size' must be an integer"),
     (dict(size=-3), ValueError, "'size' must be an integer"),
     (dict(mean=[0.5, 0.5]), ValueError, "'mean' must hold 3"),
-    (dict(std=[0.0, 1.0, 1.0]), ValueError, "'std' must hold 3 finite non-zero"),
+    (dict(std=[0.0, 1.0, 1.0]), ValueError, "'std' must hold 3 non-zero"),
     (dict(dtype=torch.int32), ValueError, "'out_dtype' must be"),
 ])
 def test_custom_op_checks_its_arguments_on_every_backend(backend, args, exc, match):

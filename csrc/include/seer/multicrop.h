@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "seer/checks.h"
@@ -117,8 +118,13 @@ inline void check_multicrop_args(const std::vector<at::Tensor>& images, const at
   SEER_CHECK_ARG(mean.size() == 3, "mean", "expected 3 values, got ", mean.size());
   SEER_CHECK_ARG(std.size() == 3, "std", "expected 3 values, got ", std.size());
   for (int c = 0; c < 3; ++c) {
-    SEER_CHECK_ARG(std::isfinite(mean[c]), "mean", "expected finite values, got ", mean[c]);
-    SEER_CHECK_ARG(std::isfinite(std[c]) && std[c] != 0.0, "std", "expected finite non-zero values, got ", std[c]);
+    // The kernels compute in float32 (and multiply by 1 / std): values must be finite there, std normal.
+    constexpr double kFloat32Max = std::numeric_limits<float>::max();
+    constexpr double kFloat32Tiny = std::numeric_limits<float>::min();
+    SEER_CHECK_ARG(std::fabs(mean[c]) <= kFloat32Max, "mean", "expected values finite in float32, got ", mean[c]);
+    SEER_CHECK_ARG(std::fabs(std[c]) <= kFloat32Max && std::fabs(std[c]) >= kFloat32Tiny, "std",
+                   "expected non-zero values finite in float32 (1.17549e-38 <= |std| <= 3.40282e+38), got ",
+                   std[c]);
   }
   out_kind_of(out_dtype);
 
