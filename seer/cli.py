@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="decoding processes (default: 4, at most the CPUs this process may use)")
     dc.add_argument("--report", help="write the unreadable files (path<TAB>reason) to this file")
     dc.add_argument("--fail-on-bad", action="store_true", help="exit with status 1 if any file is unreadable")
+    dc.add_argument("--format", default="auto", choices=["auto", "folder", "list", "tar"],
+                    help="what the source is, as data.format (default: auto, as training detects it)")
+    dc.add_argument("--max-image-pixels", type=int, default=C.DataConfig.max_image_pixels,
+                    help="larger images count as unreadable (decompression bombs), as data.max_image_pixels "
+                         "(default: %(default)s)")
 
     sub.add_parser("bench", help="run the benchmark suites (pytest bench ...)", add_help=False)
     return p
@@ -141,15 +146,24 @@ def cmd_eval(args) -> int:
         _output_file(args.json, "--json")
     ckpt = Path(args.checkpoint)
     if ckpt.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        from .model import ViTConfig
+        from .export import export_vit_config
         from .pretrained import export_info
-        info = export_info(ckpt)
-        vit = ViTConfig(**info["seer_vit_config"])
-        with safe_open(str(ckpt), framework="pt"):
-            pass  # header only: a missing or corrupt file fails here, as loading its tensors would
-        cfg = C.RunConfig()
+        info, vit = export_info(ckpt), export_vit_config(ckpt)
+        try:
+            with safe_open(str(ckpt), framework="pt"):
+                pass  # header only: a missing or corrupt file fails here, as loading its tensors would
+        except (SafetensorError, OSError) as e:
+            raise CLIError(f"--checkpoint {str(ckpt)!r} is not a safetensors file that seer can read "
+                           f"({type(e).__name__}: {e})") from None
+        if "seer_run_config" in info:  # the run's evaluation settings and seed (exports since 2026-11-27)
+            cfg = C.from_dict(info["seer_run_config"])
+        elif args.random_init:
+            raise CLIError(f"{ckpt.with_suffix('.json')} does not record the run's seed (an export written before "
+                           f"seer kept the run's config in it): run --random-init on the run's checkpoint")
+        else:
+            cfg = C.RunConfig()
         cfg.model = vit
         cfg.data.crops.mean, cfg.data.crops.std = info["mean"], info["std"]
         cfg.eval.image_size = info["image_size"]
@@ -194,6 +208,15 @@ def _output_file(path: str, flag: str) -> None:
 
 def cmd_export(args) -> int:
     from .export import export_timm
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out must end with .safetensors, got {args.out!r}")
+    for p in (out, out.with_suffix(".json")):  # before reading the checkpoint, not after
+        if p.is_dir():
+            raise CLIError(f"--out {args.out!r}: {str(p)!r} is a folder; expected a file path")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # the export creates the rest
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {args.out!r}: cannot create files under {str(existing)!r}")
     st, js = export_timm(args.checkpoint, args.out)
     print(f"wrote {st} and {js}")
     return 0
@@ -205,10 +228,11 @@ def cmd_data(args) -> int:
     from .data.check import check_dataset
     if args.report:
         _output_file(args.report, "--report")
-    report = check_dataset(args.source, workers=args.workers)
+    report = check_dataset(args.source, fmt=args.format, workers=args.workers, max_pixels=args.max_image_pixels)
     print(report.format())
-    if args.report:
-        Path(args.report).write_text("".join(f"{n}\t{r}\n" for n, r in report.bad))
+    if args.report:  # a name that is not UTF-8 as its own bytes, as training's skipped_files.txt
+        Path(args.report).write_text("".join(f"{n}\t{r}\n" for n, r in report.bad), encoding="utf-8",
+                                     errors="surrogateescape")
     return 1 if (args.fail_on_bad and report.bad) else 0
 
 

@@ -541,6 +541,9 @@ def load_yaml(path: str | Path) -> RunConfig:
         data = (data.value if isinstance(data, _Plain) else data) or {}  # a file of just 'false' or '0
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); expected a "
+                          f"YAML file") from None
     return from_dict(data)
 
 
@@ -597,6 +600,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("data.augment_on", d.augment_on, ("workers", "device"))
     _choice("data.digits_split", d.digits_split, ("train", "all"))
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
+    _check(d.max_image_pixels >= 1, "data.max_image_pixels", "an integer >= 1", d.max_image_pixels)
     _check(c.global_count >= 1, "data.crops.global_count", "an integer >= 1", c.global_count)
     _check(c.local_count >= 0, "data.crops.local_count", "an integer >= 0", c.local_count)
     p = cfg.model.patch_size
@@ -625,6 +629,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(bool(assign) and all(0 <= a < c.global_count for a in assign), "loss.crops_for_assign",
            f"indices of global crops (< data.crops.global_count = {c.global_count})", assign)
     _check(t.max_steps >= 1, "train.max_steps", "an integer >= 1", t.max_steps)
+    for key, seed in (("train.seed", t.seed), ("eval.split_seed", cfg.eval.split_seed)):
+        _check(-2**63 <= seed < 2**63, key, "an integer in [-2^63, 2^63) (a torch generator's seed)", seed)
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     _choice("train.optimizer", t.optimizer, ("lars", "adamw"))
@@ -643,8 +649,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(e.knn_k >= 1, "eval.knn_k", "an integer >= 1", e.knn_k)
     _check(0 < e.knn_temperature < math.inf, "eval.knn_temperature", "a finite number > 0", e.knn_temperature)
     _check(0 < e.test_fraction < 1, "eval.test_fraction", "in (0, 1)", e.test_fraction)
-    _check(bool(e.linear_weight_decays) and min(e.linear_weight_decays) >= 0, "eval.linear_weight_decays",
-           "a non-empty list of numbers >= 0", e.linear_weight_decays)
+    _check(bool(e.linear_weight_decays) and all(0 <= w < math.inf for w in e.linear_weight_decays),
+           "eval.linear_weight_decays", "a non-empty list of finite numbers >= 0", e.linear_weight_decays)
     _check(e.image_size == 0 or e.image_size > 0 and e.image_size % p == 0, "eval.image_size",
            f"0 or a positive multiple of model.patch_size ({p})", e.image_size)
     _check(cfg.logging.every >= 1, "logging.every", "an integer >= 1", cfg.logging.every)

@@ -8,7 +8,9 @@
 * ``vit.json``: ``{"timm_class": ..., "kwargs": {...}}``, the constructor arguments of
   ``timm.models.vision_transformer.VisionTransformer`` that build exactly this network (``num_classes=0``
   so that the model returns the class-token features), plus the normalisation the backbone was trained
-  with and seer's own ViT config (to rebuild it without timm).
+  with, seer's own ViT config (to rebuild it without timm) and the run's whole config
+  (``seer_run_config``: ``seer eval`` of the export uses its evaluation settings and, for
+  ``--random-init``, its seed).
 
 Loading into timm::
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .config import to_dict
 from .model import ViTConfig
 
 TIMM_CLASS = "timm.models.vision_transformer.VisionTransformer"
@@ -79,7 +82,8 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     save_file(tensors, str(out), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
-            "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)"}
+            "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)",
+            "seer_run_config": to_dict(cfg)}
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(info, indent=1))
     # safetensors creates its file readable by the owner alone (0600): give it the JSON's mode (what any new
@@ -89,10 +93,27 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
 
 
 def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """(seer ViT config, state dict) of an exported file."""
+    """(seer ViT config, state dict) of an exported file; ValueError naming the file that is not what seer
+    export writes."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+    vit = export_vit_config(path)
+    try:
+        return vit, load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a safetensors file that seer can read ({type(e).__name__}: {e})") from None
+
+
+def export_vit_config(path: str | Path) -> ViTConfig:
+    """The seer ViT config in the JSON next to the exported ``path``; ValueError naming that JSON where it is
+    no seer export's (another tool's JSON, an edited or newer one)."""
     info = export_info(path)
-    return ViTConfig(**info["seer_vit_config"]), load_file(str(path))
+    vit = info.get("seer_vit_config")
+    try:
+        return ViTConfig(**vit)
+    except TypeError as e:  # not a mapping, or keys ViTConfig does not have
+        raise ValueError(f"{Path(path).with_suffix('.json')}: 'seer_vit_config' is not a seer ViT config "
+                         f"({e})") from None
 
 
 def export_info(path: str | Path) -> dict:
@@ -105,9 +126,13 @@ def export_info(path: str | Path) -> dict:
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} (written by seer export next to the .safetensors) is missing")
     try:
-        return json.loads(info_path.read_text())
+        info = json.loads(info_path.read_text())
     except ValueError as e:
         raise ValueError(f"{info_path}: not the JSON that seer export writes ({e})") from None
+    missing = [k for k in ("seer_vit_config", "mean", "std", "image_size") if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ValueError(f"{info_path}: not the JSON that seer export writes (no {', '.join(map(repr, missing))})")
+    return info
 
 
 def load_timm(path: str | Path):

@@ -56,13 +56,16 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> 
     config, saved next to the checkpoint and in the export's JSON).
     """
     p = Path(path)
-    if p.suffix == ".safetensors":
-        from .export import read_export
-        vit, state = read_export(p)
-    else:
+    if p.suffix != ".safetensors":
         cfg, state = checkpoint_backbone_state(p)
-        vit = cfg.model
-    return backbone_module(vit, state, device=device)
+        return backbone_module(cfg.model, state, device=device)
+    from .export import read_export
+    vit, state = read_export(p)
+    try:
+        return backbone_module(vit, state, device=device)
+    except RuntimeError as e:  # load_state_dict: missing, unexpected or mis-shaped tensors
+        raise ValueError(f"{p}: its tensors do not fit the ViT that {p.with_suffix('.json').name} describes "
+                         f"(the two files come from different exports?): {' '.join(str(e).split())[:300]}") from None
 
 
 def backbone_module(vit: ViTConfig, state: dict[str, torch.Tensor], *,

@@ -115,3 +115,46 @@ def test_export_eval_and_data_check_commands(tmp_path, capsys):
     assert {line.split("\t")[0] for line in (tmp_path / "bad.tsv").read_text().splitlines()} == \
         {str(p) for p in bad.values()}
     assert main(["data", "check", str(data), "--workers", "0", "--fail-on-bad"]) == 1
+
+
+def test_file_names_that_are_not_utf8_never_stop_a_run_or_a_report(tmp_path, capsys):
+    """The index keeps such names (surrogate escapes) so that the file can be opened; writing one into
+    skipped_files.txt or the --report file raised UnicodeEncodeError and stopped the run. Files get the name's
+    own bytes (as list files are read back), terminals and logs backslash escapes."""
+    data = tmp_path / "data"
+    write_good_images(data, 8, nested=False)
+    good_odd = data / "caf\udce9.png"  # a Latin-1 name, readable
+    good_odd.write_bytes((data / "img_0000.png").read_bytes())
+    name = b"\xff\xfebad.jpg"
+    with open(bytes(data) + b"/" + name, "wb") as f:
+        f.write(b"not an image")
+    bad_path = str(data / name.decode("utf-8", "surrogateescape"))
+    report = tmp_path / "bad.tsv"
+    assert main(["data", "check", str(data), "--workers", "0", "--report", str(report)]) == 0
+    assert "10 images, 9 readable, 1 unreadable" in capsys.readouterr().out
+    assert report.read_bytes().split(b"\t")[0] == bytes(data) + b"/" + name
+    cfg = apply_overrides(preset("tiny"), [f"data.source={data}", "train.max_steps=2", "train.threads=1"])
+    Trainer(cfg, tmp_path / "run").fit()  # 10 files, 8 per step: the bad one is met
+    skipped = (tmp_path / "run" / "skipped_files.txt").read_bytes()
+    assert skipped.split(b"\t")[0] == bytes(data) + b"/" + name
+    assert "skipped unreadable image " + bad_path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+        in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_good_images(data / "photos", 3, nested=False)
+    import tarfile
+    with tarfile.open(data / "backup.tar", "w") as tf:
+        tf.add(data / "photos" / "img_0000.png", arcname="a.png")
+    assert main(["data", "check", str(data), "--workers", "0"]) == 2
+    assert "set data.format=folder" in capsys.readouterr().err
+    assert main(["data", "check", str(data), "--workers", "0", "--format", "folder"]) == 0
+    assert "3 images, 3 readable" in capsys.readouterr().out
+    assert main(["data", "check", str(data), "--workers", "0", "--format", "tar"]) == 0
+    assert "1 images, 1 readable" in capsys.readouterr().out
+    assert main(["data", "check", str(data), "--workers", "0", "--format", "folder", "--max-image-pixels",
+                 "100"]) == 0  # every image is larger: unreadable, as training would skip it
+    assert "3 images, 0 readable, 3 unreadable" in capsys.readouterr().out
+    assert main(["data", "check", str(data), "--max-image-pixels", "0"]) == 2
+    assert "--max-image-pixels must be an integer >= 1" in capsys.readouterr().err

@@ -67,6 +67,56 @@ def test_missing_export_files_are_named(run, tmp_path):
         load_pretrained(st)
 
 
+def test_damaged_or_foreign_exports_are_named(run, tmp_path):
+    """Each was a raw traceback (SafetensorError, a size-mismatch RuntimeError, a TypeError, a KeyError)."""
+    from seer.cli import main
+    st, js = export_timm(run, tmp_path / "vit.safetensors")
+    info = json.loads(js.read_text())
+    cases = {
+        "header.safetensors": (lambda p: p.write_bytes(b"\xff" * 64), None,
+                               "not a safetensors file that seer can read"),
+        "other.safetensors": (None, dict(info, seer_vit_config=dict(info["seer_vit_config"], embed_dim=64,
+                                                                      num_heads=2)),
+                              "its tensors do not fit the ViT that other.json describes"),
+        "newer.safetensors": (None, dict(info, seer_vit_config=dict(info["seer_vit_config"], rope=True)),
+                              "'seer_vit_config' is not a seer ViT config"),
+        "foreign.safetensors": (None, {"kwargs": info["kwargs"]}, "not the JSON that seer export writes "
+                                                                  "\\(no 'seer_vit_config', 'mean'"),
+    }
+    for name, (write, meta, match) in cases.items():
+        path = tmp_path / name
+        write(path) if write else path.write_bytes(st.read_bytes())
+        path.with_suffix(".json").write_text(json.dumps(meta if meta is not None else info))
+        with pytest.raises(ValueError, match=match):
+            load_pretrained(path)
+        assert main(["eval", "knn", "--checkpoint", str(path), "--set", "eval.max_images=10"]) == 2, name
+
+
+def test_export_checks_out_before_reading_and_keeps_the_runs_config(run, tmp_path, capsys):
+    from seer.cli import main
+    from seer.config import from_dict
+    (tmp_path / "dir.safetensors").mkdir()
+    for out, match in ((tmp_path / "dir.safetensors", "is a folder"), (tmp_path / "v.pt", "must end with "
+                                                                                             ".safetensors")):
+        assert main(["export", "--checkpoint", str(tmp_path / "no-such-run"), "--format", "timm", "--out",
+                     str(out)]) == 2  # refused before the (missing) checkpoint is read
+        assert match in capsys.readouterr().err
+    st, js = export_timm(run, tmp_path / "deep" / "er" / "vit.safetensors")
+    saved = from_dict(json.loads(js.read_text())["seer_run_config"])
+    assert saved.model.qk_norm and saved.train.max_steps == 2  # the run's own config, evaluation settings too
+    # --random-init of the export is the run's initialisation (its seed), as of the run's checkpoint
+    results = []
+    for ckpt in (run, st):
+        assert main(["eval", "knn", "--checkpoint", str(ckpt), "--random-init", "--set", "eval.max_images=60"]) == 0
+        results.append(json.loads(capsys.readouterr().out)["knn_top1"])
+    assert results[0] == results[1]
+    old = dict(json.loads(js.read_text()))
+    del old["seer_run_config"]  # an export written before it was kept
+    js.write_text(json.dumps(old))
+    assert main(["eval", "knn", "--checkpoint", str(st), "--random-init"]) == 2
+    assert "does not record the run's seed" in capsys.readouterr().err
+
+
 def test_timm_kwargs_cover_the_architecture():
     kw = timm_kwargs(preset("demo").model)
     assert kw["embed_dim"] == 192 and kw["depth"] == 6 and kw["mlp_ratio"] == 4.0 and kw["num_classes"] == 0

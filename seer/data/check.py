@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import DataConfig
 from .dataset import _reason, decode_checked
-from .sources import ImageSource, open_source
+from .sources import ImageSource, open_source, printable
 
 
 @dataclass
@@ -39,7 +40,7 @@ class CheckReport:
             lines.append(f"smallest {self.min_hw[1]} x {self.min_hw[0]}, largest {self.max_hw[1]} x {self.max_hw[0]} "
                          f"(width x height)")
         for name, reason in self.bad[:limit]:
-            lines.append(f"BAD {name}\t{reason}")
+            lines.append(f"BAD {printable(name)}\t{reason}")
         if len(self.bad) > limit:
             lines.append(f"... and {len(self.bad) - limit} more (see the report file)")
         if self.bad:
@@ -81,9 +82,12 @@ def _as_list(items):  # a module-level function: workers started by forkserver o
     return items
 
 
-def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixels: int = 178_956_970) -> CheckReport:
+def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4,
+                  max_pixels: int = DataConfig.max_image_pixels) -> CheckReport:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be an integer >= 1, got {max_pixels!r}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache:  # the index lives as long as the check
         src = open_source(source, fmt, cache)

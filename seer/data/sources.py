@@ -360,15 +360,18 @@ def detect_format(source: str) -> str:
     p = Path(source)
     if p.is_dir():
         try:
-            files = [e.name for e in os.scandir(p) if e.is_file()]
+            files = [e.name for e in os.scandir(p) if _is_file(e)]
         except OSError as e:
             raise DataSourceError(f"data.source: cannot list folder {source!r} ({type(e).__name__}: "
                                   f"{e.strerror})") from None
-        tars, images = any(map(_is_tar, files)), any(map(is_image_name, files))
-        if tars and images:  # which one the user meant is not ours to guess: either would drop the other
-            raise DataSourceError(f"data.source {source!r} holds both image files and .tar shards: set "
-                                  f"data.format=folder (the .tar files are ignored) or data.format=tar (the "
-                                  f"loose images are ignored)")
+        tars = any(map(_is_tar, files))
+        # The folder format reads images in sub-folders too: with shards at the top, look for the first one
+        # (one listing when there are no sub-folders, the usual folder of shards).
+        image = next((f for f in files if is_image_name(f)), None) or (_first_image(p) if tars else None)
+        if tars and image:  # which one the user meant is not ours to guess: either would drop the other
+            raise DataSourceError(f"data.source {source!r} holds both image files (e.g. {printable(image)!r}) and "
+                                  f".tar shards: set data.format=folder (the .tar files are ignored) or "
+                                  f"data.format=tar (the images are ignored)")
         return "tar" if tars else "folder"
     if p.is_file():
         if _compressed_tar(p.name):
@@ -377,6 +380,29 @@ def detect_format(source: str) -> str:
         return "tar" if _is_tar(p.name) else "list"
     raise DataSourceError(f"data.source {source!r} does not exist (expected a folder of images, a text file of "
                           f"image paths, tar shards, or 'digits')")
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """``entry.is_file()``, False for a link that cannot be followed (a loop): scan_folder says so later."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _first_image(root: Path) -> Optional[str]:
+    """The first image file under ``root`` in scan_folder's order, or None (also where a folder cannot be
+    listed: the folder format would say so when it reads them)."""
+    try:
+        return next(iter(scan_folder(root)), None)
+    except DataSourceError:
+        return None
+
+
+def printable(name: str) -> str:
+    """A path as text that any output can take: the bytes of a name that is not UTF-8 (kept by the index as
+    surrogate escapes, so that the file can be opened) as backslash escapes, e.g. 'a\\xff.jpg'."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def tar_shards(source: str) -> list[str]:

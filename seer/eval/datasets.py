@@ -1,11 +1,14 @@
 """Labelled evaluation data: the built-in digits, or an image folder with one subfolder per class.
 
-A folder either has ``train/`` and ``val/`` (or ``test/``) subfolders, each with one subfolder per class,
-or just one subfolder per class, which is split into train and test by a fixed seeded permutation
-(``eval.test_fraction``, ``eval.split_seed``). Unreadable images are skipped and reported, as in training.
+A folder either has ``train/`` and ``val/`` (or ``validation/``, or ``test/``) subfolders, each with one
+subfolder per class, or just one subfolder per class, which is split into train and test by a fixed seeded
+permutation (``eval.test_fraction``, ``eval.split_seed``). A ``train/`` folder without a held-out one next
+to it (or the reverse) is refused: read as class folders, the splits would become two classes. Unreadable
+images are skipped and logged (once per file), as in training.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +17,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..data.sources import scan_folder
+from ..data.dataset import _reason
+from ..data.sources import printable, scan_folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,8 +38,19 @@ class LabelledSplit:
         return LabelledSplit(imgs, self.labels[idx], self.classes)
 
 
+TRAIN_SPLIT = "train"
+HELD_OUT_SPLITS = ("val", "validation", "test")  # the first one present is the test split
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symbolic link loop: no class folder (scan_folder leaves such links out too)
+        return False
+
+
 def _class_folder(root: Path) -> tuple[list[str], Tensor, list[str]]:
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if _is_dir(e) and not e.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"eval.dataset {str(root)!r} must hold one subfolder per class (at least 2), found "
                          f"{len(classes)}")
@@ -58,9 +75,15 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
         root = Path(dataset)
         if not root.is_dir():
             raise ValueError(f"eval.dataset {dataset!r} is neither 'digits' nor a folder")
-        val = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-        if (root / "train").is_dir() and val is not None:
-            tr, ytr, classes = _class_folder(root / "train")
+        val = next((root / n for n in HELD_OUT_SPLITS if (root / n).is_dir()), None)
+        if (root / TRAIN_SPLIT).is_dir() != (val is not None):
+            has, lacks = ((f"a '{TRAIN_SPLIT}/' folder", f"a held-out one ({', '.join(HELD_OUT_SPLITS)})")
+                          if val is None else (f"a '{val.name}/' folder", f"a '{TRAIN_SPLIT}/' one"))
+            raise ValueError(f"eval.dataset {dataset!r} has {has} but not {lacks} next to it: give both splits, "
+                             f"each with one subfolder per class, or only class folders (then split by "
+                             f"eval.test_fraction)")
+        if val is not None:
+            tr, ytr, classes = _class_folder(root / TRAIN_SPLIT)
             te, yte, classes_te = _class_folder(val)
             if classes_te != classes:
                 raise ValueError(f"eval.dataset: {root / 'train'} and {val} have different class folders")
@@ -102,11 +125,17 @@ def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
     return (image.float() / 255 - mean) / std
 
 
+_REPORTED: set[str] = set()  # unreadable files already logged (periodic evaluation meets them again)
+
+
 def load_image(path: str) -> Optional[Tensor]:
-    """Decoded uint8 (3, H, W), or None if the file cannot be read."""
+    """Decoded uint8 (3, H, W), or None if the file cannot be read (logged the first time)."""
     from seer_kernels import decode
     try:
         with open(path, "rb") as f:
             return decode.decode_image(f.read())[0]
-    except Exception:  # a bad file: skipped and counted by the caller
+    except Exception as e:  # a bad file: skipped and counted by the caller
+        if path not in _REPORTED:
+            _REPORTED.add(path)
+            log.warning("evaluation skips unreadable image %s (%s)", printable(path), _reason(e))
         return None

@@ -57,6 +57,11 @@ class Evaluator:
         knn = self.cfg.knn if knn is None else knn
         linear = self.cfg.linear if linear is None else linear
         feats, skipped = self.features(backbone)
+        for name, (f, _) in feats.items():  # every rank holds the gathered features: all raise alike
+            if f.shape[0] == 0:
+                raise ValueError(f"eval.dataset {self.cfg.dataset!r}: every image of its {name} split "
+                                 f"({len(self.splits[name])} files) is unreadable (logged above); nothing to "
+                                 f"evaluate")
         if not self.compute:
             return {}
         (ftr, ytr), (fte, yte) = feats["train"], feats["test"]

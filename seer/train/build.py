@@ -31,11 +31,17 @@ def build_model(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> SwA
 
 
 def build_backbone(cfg: RunConfig, device: torch.device = torch.device("cpu")) -> VisionTransformer:
-    """The single-device trunk of ``cfg`` initialised as training initialises it (the random-init baseline)."""
+    """The single-device trunk of ``cfg`` initialised as a single-device training run initialises it (the
+    random-init baseline). Each tensor's generator is keyed by its name in the SwAV model
+    ('backbone.blocks.0...', init_weights_), so the trunk is initialised under that name: on its own its
+    names lack the prefix and every weight came out different. (FSDP and tensor-parallel runs key their
+    sharded tensors by shard too: their initial trunk is not this one.)"""
     with torch.device("meta"):
         backbone = VisionTransformer(cfg.model, device="meta")
     backbone.to_empty(device=device)
-    init_weights_(backbone, std=cfg.model.init_std, seed=cfg.train.seed)
+    named = nn.Module()
+    named.backbone = backbone  # SwAVModel's attribute: the same names as in training
+    init_weights_(named, std=cfg.model.init_std, seed=cfg.train.seed)
     return backbone
 
 

@@ -27,6 +27,7 @@ from .. import config as C
 from ..data import TrainData
 from ..data.dataset import DataError
 from ..data.sampler import mix_seed
+from ..data.sources import printable
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
@@ -475,11 +476,13 @@ class Trainer:
         new = list({s.name: s for s in skipped if s.name not in self.bad_files}.values())
         if not new:
             return
-        with open(self.out / "skipped_files.txt", "a") as f:
+        # A name that is not UTF-8 (kept as surrogate escapes) goes into the file as its own bytes, as the
+        # list-file format reads it back, and into the log escaped.
+        with open(self.out / "skipped_files.txt", "a", encoding="utf-8", errors="surrogateescape") as f:
             for s in new:
                 self.bad_files.add(s.name)
                 f.write(f"{s.name}\t{s.reason}\n")
-                log.warning("skipped unreadable image %s (%s)", s.name, s.reason)
+                log.warning("skipped unreadable image %s (%s)", printable(s.name), s.reason)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -565,7 +568,7 @@ def _log_to_file(path: Path) -> None:
     root = logging.getLogger("seer")
     if any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
         return
-    h = logging.FileHandler(path)
+    h = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))

@@ -115,12 +115,22 @@ def test_path_list_pickles_as_file_names_not_contents(tmp_path):
 def test_a_folder_with_images_and_a_tar_is_refused_not_guessed(tmp_path):
     write_good_images(tmp_path / "mixed", 3, nested=False)
     _write_shard(tmp_path / "mixed" / "backup.tar", 0, 1)
-    with pytest.raises(DataSourceError, match="both image files and .tar shards: set data.format"):
+    with pytest.raises(DataSourceError, match=r"both image files \(e.g. 'img_0000.png'\) and .tar shards: set "
+                                              "data.format"):
         detect_format(str(tmp_path / "mixed"))
     assert len(open_index(build_index(str(tmp_path / "mixed"), "folder", tmp_path / "i1"), tmp_path / "i1")) == 3
     (tmp_path / "upper").mkdir()
     _write_shard(tmp_path / "upper" / "SHARD.TAR", 0, 2)
     assert detect_format(str(tmp_path / "upper" / "SHARD.TAR")) == "tar" == detect_format(str(tmp_path / "upper"))
+    # Images only in a sub-folder (the folder format reads them) were dropped for the tar without a word.
+    write_good_images(tmp_path / "upper" / "photos2020" / "may", 2, nested=False)
+    with pytest.raises(DataSourceError, match=r"both image files \(e.g. 'photos2020/may/img_0000.png'\) and .tar"):
+        detect_format(str(tmp_path / "upper"))
+    # a link loop at the top is left out (scan_folder says so), not an error about the whole folder
+    (tmp_path / "loop").mkdir()
+    write_good_images(tmp_path / "loop", 2, nested=False)
+    (tmp_path / "loop" / "self.png").symlink_to(tmp_path / "loop" / "self.png")
+    assert detect_format(str(tmp_path / "loop")) == "folder"
 
 
 def test_compressed_tars_and_binary_lists_are_refused(tmp_path):

@@ -100,6 +100,59 @@ def test_class_folders_with_and_without_a_split(tmp_path):
     assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
 
 
+def _class_images(root, classes=("cat", "dog"), n=3, bad=()):
+    for c in classes:
+        d = root / c
+        d.mkdir(parents=True)
+        for i in range(n):
+            (d / f"{i}.png").write_bytes(b"junk" if (c, i) in bad else image_bytes(i + 10 * len(c), (20, 30)))
+
+
+def test_split_folders_go_in_pairs_and_links_loops_are_no_classes(tmp_path):
+    """'train/' with 'validation/' was read as two class folders named train and validation, randomly re-split
+    (a meaningless score without a word); a train/ without a held-out split, or the reverse, is refused."""
+    for split in ("train", "validation"):
+        _class_images(tmp_path / "a" / split)
+    s = load_labelled(str(tmp_path / "a"))
+    assert s["train"].classes == ["cat", "dog"] and len(s["train"]) == 6 and len(s["test"]) == 6
+    assert all("/validation/" in p for p in s["test"].images)
+    for only in ("train", "val", "test"):
+        _class_images(tmp_path / only / only)
+        with pytest.raises(ValueError, match=f"has a '{only}/' folder but not"):
+            load_labelled(str(tmp_path / only))
+    (tmp_path / "a" / "train" / "loop").symlink_to("loop")  # a link loop: no class (was a raw OSError)
+    assert load_labelled(str(tmp_path / "a"))["train"].classes == ["cat", "dog"]
+
+
+def test_unreadable_evaluation_images_are_named_and_an_empty_split_is_refused(tmp_path, caplog):
+    root = tmp_path / "d"
+    _class_images(root / "train")
+    _class_images(root / "val", bad={(c, i) for c in ("cat", "dog") for i in range(3)})
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    ev = Evaluator(EvalConfig(dataset=str(root), knn_k=3), image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="every image of its test split .6 files. is "
+                                                                     "unreadable"):
+        ev.evaluate(Mean())  # was a RuntimeError from an empty max() in the kNN
+    assert f"evaluation skips unreadable image {root / 'val' / 'cat' / '0.png'} (ValueError: decode" in caplog.text
+
+
+def test_random_init_backbone_is_the_runs_initialisation():
+    """seer eval --random-init builds the trunk alone: it must draw the weights that a single-device run drew
+    for it inside the SwAV model (the per-tensor generators are keyed by name; they differed by the
+    'backbone.' prefix)."""
+    from seer.config import preset
+    from seer.parallel import ParallelDims
+    from seer.train.build import build_backbone, build_model
+    cfg = preset("tiny")
+    trained = build_model(cfg, ParallelDims(cfg.parallel, device_type="cpu", world_size=1), torch.device("cpu"))
+    alone = build_backbone(cfg).state_dict()
+    assert all(torch.equal(v, alone[k]) for k, v in trained.backbone.state_dict().items())
+
+
 def test_digits_split_is_fixed_and_labels_hidden_from_training():
     from seer.data.digits import digits_images, digits_split
     d = digits_split(16)

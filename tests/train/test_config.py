@@ -80,6 +80,11 @@ def test_bad_values_name_the_key(override, fragment):
     ("parallel.reduce_dtype=int8", "parallel.reduce_dtype"), ("loss.epsilon=.inf", "loss.epsilon"),
     ("loss.temperature=.inf", "loss.temperature"), ("eval.knn_temperature=.inf", "eval.knn_temperature"),
     ("eval.dataset=", "eval.dataset"),  # was the current folder
+    # accepted, then: every image skipped; a NaN decay into the probe; an overflow naming no key
+    ("data.max_image_pixels=0", "data.max_image_pixels"), ("eval.linear_weight_decays=[1, .nan]",
+                                                            "eval.linear_weight_decays"),
+    ("eval.linear_weight_decays=[.inf]", "eval.linear_weight_decays"),
+    ("train.seed=99999999999999999999", "train.seed"), ("eval.split_seed=-9223372036854775809", "eval.split_seed"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
@@ -97,6 +102,9 @@ def test_yaml_file_starting_from_a_preset(tmp_path):
         C.load_yaml(tmp_path / "bad.yaml")
     with pytest.raises(C.ConfigError, match="unknown preset 'tinny'.*did you mean 'tiny'"):
         C.preset("tinny")
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(C.ConfigError, match="'.*binary.yaml' is not UTF-8 text .byte 0"):
+        C.load_yaml(tmp_path / "binary.yaml")
 
 
 def test_yaml_file_string_keys_are_taken_as_written(tmp_path):
