@@ -426,8 +426,9 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
     meta_path = cache / "index.json"
     source_abs = source if fmt == "digits" or _is_glob(source) else os.path.abspath(source)
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = _read_index_meta(cache)
         if meta.get("source") == source_abs and meta.get("format") == fmt:
+            _check_index_files(meta, cache)
             return meta
         raise DataSourceError(f"{cache} holds the index of data.source {meta.get('source')!r}, not {source_abs!r}: "
                               f"use another output folder, or delete {cache} to index the new source")
@@ -452,16 +453,58 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
         raise DataSourceError(f"data.format {fmt!r} is not one of 'auto', 'folder', 'list', 'tar', 'digits'")
     if fmt != "digits" and meta["count"] == 0:
         raise DataSourceError(f"data.source {source!r} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    # The files' sizes, checked whenever the index is opened (a truncated images.txt read as other paths),
+    # and their bytes on disk before index.json says the index is complete.
+    meta["files"] = {}
+    for name in _INDEX_FILES[fmt]:
+        with open(cache / name, "rb") as f:
+            os.fsync(f.fileno())
+            meta["files"][name] = os.fstat(f.fileno()).st_size
     tmp = meta_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)  # the index is complete only once index.json exists
     return meta
 
 
+# The files of an index, per format.
+_INDEX_FILES = {"digits": (), "folder": ("images.txt", "images.offsets.npy"),
+                "list": ("images.txt", "images.offsets.npy"),
+                "tar": ("members.txt", "members.offsets.npy", "shard_id.npy", "offset.npy", "size.npy")}
+
+
+def _damaged(cache: Path, what: str) -> DataSourceError:
+    return DataSourceError(f"the data index in {cache} is damaged ({what}): delete {cache} and the next run "
+                           f"indexes data.source again")
+
+
+def _read_index_meta(cache: Path) -> dict:
+    try:
+        meta = json.loads((cache / "index.json").read_text())
+    except (ValueError, OSError) as e:
+        raise _damaged(cache, f"index.json: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") not in _INDEX_FILES:
+        raise _damaged(cache, "index.json is not an index description")
+    return meta
+
+
+def _check_index_files(meta: dict, cache: Path) -> None:
+    """Every file of the index is there at the size it was written (indexes written before sizes were
+    recorded: there)."""
+    sizes = meta.get("files") or dict.fromkeys(_INDEX_FILES[meta["format"]])
+    for name, size in sizes.items():
+        try:
+            got = os.path.getsize(cache / name)
+        except OSError as e:
+            raise _damaged(cache, f"{name}: {type(e).__name__}: {e.strerror}") from None
+        if size is not None and got != size:
+            raise _damaged(cache, f"{name} has {got} bytes, {size} when it was written")
+
+
 def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32,
                digits_split: str = "train") -> ImageSource:
     cache = Path(cache)
     fmt = meta["format"]
+    _check_index_files(meta, cache)  # every process: the one that built the index may not share this disk
     if fmt == "digits":
         from .digits import digits_images
         return TensorSource(digits_images(digits_size, digits_split), label="digits")

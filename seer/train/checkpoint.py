@@ -19,7 +19,12 @@ may be copied in to replace a lost one, and the architecture check reads it agai
 Atomicity: everything is written into ``.tmp-step_00001000``; only when every rank has finished does rank 0
 write meta.json and rename the folder to ``step_00001000``. A rename is atomic on POSIX file systems, so a
 folder named ``step_*`` is always complete; a process killed while writing leaves only a ``.tmp-*`` folder,
-which is ignored (and removed by the next run). Old checkpoints are deleted only after a new one is complete.
+which is ignored (and removed by the next run). Old checkpoints are deleted only after a new one is complete,
+and renamed to ``.del-step_*`` first (removed by the next run if a kill cuts the deletion short), so that no
+``step_*`` folder is ever half there. A newest ``step_*`` folder without its ``meta.json`` or ``.metadata``
+has lost them since (by hand, or a disk fault): finding the newest checkpoint then raises
+:class:`CorruptCheckpointError` naming it rather than falling back to an older one without a word (a resume
+would redo the steps since, and overwrite the folder).
 """
 from __future__ import annotations
 
@@ -72,18 +77,35 @@ def _complete_files(path: Path) -> bool:
     return (path / "meta.json").is_file() and (path / ".metadata").is_file()
 
 
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first."""
+def _step(folder: Path) -> int:
+    return int(_NAME.match(folder.name).group(1))
+
+
+def _step_folders(directory: str | os.PathLike) -> list[Path]:
+    """Folders named ``step_*`` in ``directory``, complete or not, oldest first."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    found = [p for p in d.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted((p for p in d.iterdir() if _NAME.match(p.name) and p.is_dir()), key=_step)
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    return [p for p in _step_folders(directory) if _complete_files(p)]
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
+    """The newest checkpoint in ``directory``, or None; CorruptCheckpointError if the newest ``step_*`` folder
+    is not complete (module doc: its files were removed after it was written)."""
+    folders = _step_folders(directory)
+    if folders and not _complete_files(folders[-1]):
+        newest, complete = folders[-1], list_checkpoints(directory)
+        lacks = " and ".join(n for n in ("meta.json", ".metadata") if not (newest / n).is_file())
+        then = f"resume from {complete[-1].name}" if complete else "start the run over (it has no other checkpoint)"
+        raise CorruptCheckpointError(f"checkpoint {newest} lacks {lacks}: a step_* folder is complete when it is "
+                                     f"named, so they were removed since. Restore them, or move the folder out of "
+                                     f"{newest.parent} to {then}")
+    return folders[-1] if folders else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -248,6 +270,15 @@ class CheckpointManager:
             for stale in self.dir.glob(".tmp-step_*"):
                 log.warning("removing incomplete checkpoint %s (its writer was interrupted)", stale)
                 shutil.rmtree(stale, ignore_errors=True)
+            for pruned in self.dir.glob(".del-step_*"):  # a deletion of an old checkpoint cut short
+                shutil.rmtree(pruned, ignore_errors=True)
+            complete = list_checkpoints(self.dir)
+            for remnant in _step_folders(self.dir):
+                # Older than every complete checkpoint: what a version that deleted old checkpoints in place
+                # left when killed while pruning. (A newer incomplete one is refused by latest_checkpoint.)
+                if complete and _step(remnant) < _step(complete[0]) and not _complete_files(remnant):
+                    log.warning("removing %s: an old checkpoint whose deletion was cut short", remnant)
+                    self._delete(remnant)
         barrier()
 
     def latest(self) -> Optional[Path]:
@@ -319,7 +350,10 @@ class CheckpointManager:
         # or a failed collective stays what it is, however little space is left.
         if not enospc and (other_os_error or not writer_failed or free is None or free >= FULL_DISK_BYTES):
             return None
-        latest = self.latest()
+        try:
+            latest = self.latest()
+        except CorruptCheckpointError:
+            latest = None
         where = f"{free / 2**20:.0f} MiB free there" if free is not None else "no space left"
         then = (f"The last complete checkpoint ({latest.name}) is intact: free some space and rerun the same "
                 f"command to continue from it" if latest else "No checkpoint was complete yet: free some space "
@@ -344,7 +378,16 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.dir)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._delete(old)
+
+    @staticmethod
+    def _delete(folder: Path) -> None:
+        """Rename, then delete: a kill during the deletion leaves a ``.del-*`` folder (removed by the next
+        run), never a ``step_*`` folder with some of its files."""
+        gone = folder.with_name(f".del-{folder.name}")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(folder, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 def read_tensor_index(path: str | os.PathLike):

@@ -3,7 +3,8 @@
 Two runs on one folder (the same command rerun while the first still lives, e.g. ranks orphaned by a killed
 torchrun) destroy each other's work: the second one's start removes the first one's checkpoint in progress,
 and its metrics log replaces the file the first one appends to. Rank 0 therefore holds an exclusive
-``flock`` on ``OUT/.lock`` while a Trainer writes there; the kernel drops it when the process dies, so a
+``flock`` on ``OUT/.lock``, and on ``.lock`` in the checkpoint folder (``checkpoint.dir``, by default
+``OUT/checkpoints``, which another run may name as its own), while a Trainer writes there; the kernel drops it when the process dies, so a
 killed run never leaves a stale lock. Trainers of one process share the lock (what one process does with
 two Trainers on one folder is its own business); it is released when the last of them finishes ``fit`` or
 is garbage-collected.
@@ -95,7 +96,7 @@ def _acquire(out: Path):
             raise RunLockedError(
                 f"{out} is in use by another seer run ({holder or 'holder unknown'}): two runs writing one folder "
                 f"overwrite each other's checkpoints and metrics. Wait for it to end or stop it (a rerun of the "
-                f"same command then continues where it saved), or use another --out") from None
+                f"same command then continues where it saved), or use another --out (or checkpoint.dir)") from None
         log.warning("cannot lock %s (%s): this filesystem has no file locks; make sure no other run writes to %s",
                     path, e, out)
         return None

@@ -79,8 +79,11 @@ class Trainer:
         def main_setup():  # rank 0; before anything here writes, another live run on a folder refuses this one
             for folder in folders.values():
                 folder.mkdir(parents=True, exist_ok=True)
-                if folder == self.out or self.out.resolve() not in folder.resolve().parents:
-                    self._locks.append(RunLock(folder))
+            # The checkpoint folder is locked in its own right, also the default OUT/checkpoints: another run
+            # may name it as its checkpoint.dir (whose start would remove this run's checkpoint in progress).
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.out, ckpt_dir):
+                self._locks.append(RunLock(folder))
             _log_to_file(self.out / "train.log")
         # Every rank sees the folders (and fails, not waits, where rank 0 could not set them up).
         check_shared_folders(folders, main_setup=main_setup if self.dist.is_main else None)
@@ -549,10 +552,18 @@ def _check_compatible(path: Path, cfg: C.RunConfig, step: int) -> None:
     if diffs:
         raise C.ConfigError(f"checkpoint {path} has another architecture than the config: " + "; ".join(diffs))
     steps = (saved.get("train") or {}).get("max_steps")
-    if steps is not None and steps != cfg.train.max_steps:  # allowed (extending a run), but not silently
+    if cfg.train.max_steps <= step:
+        log.warning("train.max_steps is %d and the checkpoint is at step %d: nothing is left to train (raise "
+                    "train.max_steps to continue)", cfg.train.max_steps, step)
+    elif steps is not None and steps != cfg.train.max_steps:  # allowed (extending a run), but not silently
         log.warning("train.max_steps is %d, the checkpoint's run had %s: the learning-rate and weight-decay "
                     "schedules (warm-up, cosine) are recomputed over the new length from step %d on",
                     cfg.train.max_steps, steps, step)
+    batch = (saved.get("data") or {}).get("batch_size")
+    if batch is not None and batch != cfg.data.batch_size:  # allowed, but not silently
+        log.warning("data.batch_size is %d, the checkpoint's run had %s: the data order goes on from the same "
+                    "image, each step now takes %d; the learning rate is not rescaled with it", cfg.data.batch_size,
+                    batch, cfg.data.batch_size)
     saved_opt = (saved.get("train") or {}).get("optimizer")
     if saved_opt is not None and saved_opt != cfg.train.optimizer:
         raise C.ConfigError(f"checkpoint {path} holds {saved_opt} optimizer state but train.optimizer="

@@ -34,6 +34,37 @@ def test_index_is_kept_for_the_run_and_guards_against_another_source(tmp_path):
         build_index(str(tmp_path / "b"), "auto", tmp_path / "idx")
 
 
+@pytest.mark.parametrize("fmt", ["folder", "tar"])
+def test_a_damaged_index_is_named_with_the_remedy(tmp_path, fmt):
+    """Errors that named no file ('mmap length is greater than file size', a JSON error), or none at all:
+    a truncated images.txt was read as other paths."""
+    if fmt == "folder":
+        write_good_images(tmp_path / "src", 4)
+        source, files = str(tmp_path / "src"), ("images.txt", "images.offsets.npy")
+    else:
+        _write_shard(tmp_path / "s.tar", 0, 3)
+        source, files = str(tmp_path / "s.tar"), ("members.txt", "members.offsets.npy", "offset.npy")
+    idx = tmp_path / "idx"
+    meta = build_index(source, fmt, idx)
+    assert set(meta["files"]) >= set(files)
+    for name in files:
+        good = (idx / name).read_bytes()
+        (idx / name).write_bytes(good[:len(good) - 3])
+        for call in (lambda: build_index(source, fmt, idx), lambda: open_index(meta, idx)):
+            with pytest.raises(DataSourceError, match=f"the data index in {idx} is damaged \\({name} has "
+                                                      f"{len(good) - 3} bytes, {len(good)} when it was written\\): "
+                                                      f"delete {idx}"):
+                call()
+        (idx / name).unlink()
+        with pytest.raises(DataSourceError, match=f"damaged \\({name}: FileNotFoundError"):
+            open_index(meta, idx)
+        (idx / name).write_bytes(good)
+    assert len(open_index(build_index(source, fmt, idx), idx)) == len(open_index(meta, idx))
+    (idx / "index.json").write_text("")
+    with pytest.raises(DataSourceError, match="damaged \\(index.json: JSONDecodeError"):
+        build_index(source, fmt, idx)
+
+
 def test_list_file_with_relative_paths_and_comments(tmp_path):
     paths = write_good_images(tmp_path / "imgs", 5, nested=False)
     lst = tmp_path / "files.txt"

@@ -35,6 +35,43 @@ def test_keep_last_n_and_incomplete_folders_are_ignored(tmp_path):
     assert torch.equal(dest["w"], torch.full((3,), 7.0))
 
 
+def test_a_newest_checkpoint_that_lost_files_is_named_and_prune_leaves_no_half_folder(tmp_path, monkeypatch,
+                                                                                       caplog):
+    import shutil
+    from seer.train import latest_checkpoint
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        _save(mgr, step, step)
+    (tmp_path / "step_00000003" / "meta.json").unlink()
+    with pytest.raises(CorruptCheckpointError, match="lacks meta.json.*move the folder out of .* to resume from "
+                                                     "step_00000002"):
+        latest_checkpoint(tmp_path)  # was step_00000002, without a word
+    shutil.rmtree(tmp_path / "step_00000003")
+    # A kill inside a deletion: the pruned folder is already renamed, so no step_* folder is half there ...
+    real = shutil.rmtree
+
+    def killed(path, *a, **k):
+        if ".del-step_00000002" in str(path) and (tmp_path / ".del-step_00000002").exists():
+            (tmp_path / ".del-step_00000002" / "meta.json").unlink()  # part of it gone, then the kill
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    _save(mgr, 3, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _save(mgr, 4, 4)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert latest_checkpoint(tmp_path).name == "step_00000004"
+    # ... and the next run removes it, with what an older version left: a step_* folder older than every
+    # complete checkpoint, cut short while it was deleted in place
+    (tmp_path / "step_00000001").mkdir()
+    (tmp_path / "step_00000001" / "__0_0.distcp").write_bytes(b"half")
+    with caplog.at_level("WARNING"):
+        CheckpointManager(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
+    assert "step_00000001: an old checkpoint whose deletion was cut short" in caplog.text
+
+
 def test_a_full_disk_is_named_with_the_checkpoint_that_survives(tmp_path, monkeypatch):
     # torch's writers report a full disk as "unexpected pos 704 vs 598"; the error says what happened
     import errno
@@ -150,6 +187,12 @@ def test_a_new_max_steps_on_resume_is_said(run, tmp_path, caplog):
         t = Trainer(apply_overrides(cfg, ["train.max_steps=5"]), _copy(out, tmp_path / "longer"))
     assert t.step == 2 and "train.max_steps is 5, the checkpoint's run had 2" in caplog.text
     assert "recomputed over the new length from step 2 on" in caplog.text
+    t.release()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seer.train"):  # the CLI printed "step 2 of 1" without a word
+        t = Trainer(apply_overrides(cfg, ["train.max_steps=1", "data.batch_size=4"]), _copy(out, tmp_path / "b"))
+    assert "train.max_steps is 1 and the checkpoint is at step 2: nothing is left to train" in caplog.text
+    assert "data.batch_size is 4, the checkpoint's run had 8" in caplog.text
 
 
 def test_refused_run_leaves_the_run_config_alone(run, tmp_path):
@@ -177,6 +220,10 @@ def test_refused_run_leaves_the_run_config_alone(run, tmp_path):
     ("truncate_config", CorruptCheckpointError, "config.yaml: unreadable run config"),
     ("list_config", CorruptCheckpointError, "config.yaml: unreadable run config"),
     ("delete_config", CorruptCheckpointError, "config.yaml is missing, so the checkpoint's architecture"),
+    # was skipped as if never written: the run started over and overwrote the folder, eval took an older one
+    ("delete_meta", CorruptCheckpointError, r"step_00000002 lacks meta.json: a step_\* folder is complete when "
+                                            r"it is named.*start the run over \(it has no other checkpoint\)"),
+    ("delete_index", CorruptCheckpointError, r"step_00000002 lacks .metadata"),
 ])
 def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage, error, match):
     import json
@@ -202,6 +249,10 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
         (ckpt / "config.yaml").write_text("- 1\n")
     elif damage == "delete_config":
         (ckpt / "config.yaml").unlink()
+    elif damage == "delete_meta":
+        (ckpt / "meta.json").unlink()
+    elif damage == "delete_index":
+        (ckpt / ".metadata").unlink()
     elif damage == "meta_edited":
         meta = json.loads((ckpt / "meta.json").read_text())
         meta["data"]["position"] = meta["data"].get("position", 0) + 1
@@ -212,10 +263,11 @@ def test_damaged_checkpoint_is_named_not_resumed_inexactly(run, tmp_path, damage
         (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(error, match=match):
         Trainer(cfg, copy)
-    if "config" in damage:  # eval and export read it too
+    if "config" in damage or damage in ("delete_meta", "delete_index"):  # eval and export read it too
         from seer import load_pretrained
         with pytest.raises(error, match=match):
             load_pretrained(copy)
+    assert ckpt.is_dir()  # nothing of it was removed
 
 
 @pytest.mark.parametrize("damage", ["truncate_shard", "truncate_index"])

@@ -98,3 +98,33 @@ def test_a_shared_checkpoint_dir_outside_out_is_locked_too(tmp_path):
     t = Trainer(apply_overrides(_cfg(), [f"checkpoint.dir={ckpts}"]), tmp_path / "other_out")
     t.fit()
     assert list_checkpoints(ckpts)[-1].name == "step_00000002"
+
+
+def test_a_runs_default_checkpoint_folder_is_locked_in_its_own_right(tmp_path):
+    """Run A keeps its checkpoints in A/checkpoints (no checkpoint.dir); run B names that folder as its
+    checkpoint.dir. Only A/.lock was held, so B started, removed A's checkpoint in progress and resumed from
+    A's checkpoints; and the other way round (A names X/checkpoints, B's --out is X)."""
+    a = Trainer(_cfg(), tmp_path / "A")
+    try:
+        with pytest.raises(RunLockedError, match=f"{tmp_path / 'A' / 'checkpoints'} is in use by another seer run"):
+            check_in_other_process(tmp_path / "A" / "checkpoints")
+    finally:
+        a.release()
+    (tmp_path / "X" / "checkpoints").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "X" / "checkpoints")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match="checkpoints is in use by another seer run"):
+            Trainer(_cfg(), tmp_path / "X")  # its default checkpoint folder is the other run's checkpoint.dir
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def check_in_other_process(folder):
+    """RunLock(folder) in a fresh process (this process's own Trainers share their locks)."""
+    out = subprocess.run([sys.executable, "-c", TRY, str(folder)], capture_output=True, text=True, check=True).stdout
+    if out.startswith("refused:"):
+        raise RunLockedError(out[len("refused: "):].strip())
+    assert out.strip() == "free", out
