@@ -360,7 +360,7 @@ def detect_format(source: str) -> str:
     p = Path(source)
     if p.is_dir():
         try:
-            files = [e.name for e in os.scandir(p) if _is_file(e)]
+            files = [e.name for e in os.scandir(p) if followed_is(e, "file")]
         except OSError as e:
             raise DataSourceError(f"data.source: cannot list folder {source!r} ({type(e).__name__}: "
                                   f"{e.strerror})") from None
@@ -382,10 +382,11 @@ def detect_format(source: str) -> str:
                           f"image paths, tar shards, or 'digits')")
 
 
-def _is_file(entry: os.DirEntry) -> bool:
-    """``entry.is_file()``, False for a link that cannot be followed (a loop): scan_folder says so later."""
+def followed_is(entry: os.DirEntry, kind: str) -> bool:
+    """``entry.is_file()`` or ``entry.is_dir()`` (``kind``), False for a link that cannot be followed (a
+    loop), which scan_folder leaves out with a warning."""
     try:
-        return entry.is_file()
+        return entry.is_file() if kind == "file" else entry.is_dir()
     except OSError:
         return False
 

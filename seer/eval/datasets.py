@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..data.dataset import _reason
-from ..data.sources import printable, scan_folder
+from ..data.sources import followed_is, printable, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,8 @@ TRAIN_SPLIT = "train"
 HELD_OUT_SPLITS = ("val", "validation", "test")  # the first one present is the test split
 
 
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:  # a symbolic link loop: no class folder (scan_folder leaves such links out too)
-        return False
-
-
 def _class_folder(root: Path) -> tuple[list[str], Tensor, list[str]]:
-    classes = sorted(e.name for e in os.scandir(root) if _is_dir(e) and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if followed_is(e, "dir") and not e.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"eval.dataset {str(root)!r} must hold one subfolder per class (at least 2), found "
                          f"{len(classes)}")
