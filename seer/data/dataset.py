@@ -164,6 +164,10 @@ def worker_init(_worker_id: int) -> None:
     # main process shuts its workers down itself after saving, and a later SIGTERM (the loader's
     # terminate() of a worker that did not stop, the job's next signal) ends the worker as usual.
     signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C reaches the workers too (the terminal signals its whole foreground process group): the main
+    # process saves a checkpoint at the end of the step, then shuts its workers down; a worker that left at
+    # once would fail the main process's next batch before that save.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # How long a worker outlives that first SIGTERM before it leaves by itself (exit status 0, which the main

@@ -585,12 +585,33 @@ def _log_to_file(path: Path) -> None:
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
 
 
+# A second Ctrl-C this soon after the first is the same one arriving again: torchrun forwards the SIGINT it
+# got from the terminal to every rank, which got it from the terminal too.
+SIGINT_ECHO_S = 1.0
+
+
 def _install_stop_handler(trainer: Trainer):
-    """SIGTERM (preemption, scancel) -> save a checkpoint at the end of the current step and exit cleanly."""
-    def handler(signum, frame):
+    """SIGTERM (preemption, scancel) and a first Ctrl-C (SIGINT) -> save a checkpoint at the end of the
+    current step and exit cleanly. A second Ctrl-C (after SIGINT_ECHO_S) stops at once, as Python's default
+    does (KeyboardInterrupt), losing the steps since the last checkpoint. (DataLoader workers ignore SIGINT:
+    the main process ends them; worker_init.)"""
+    first_int: list = []
+
+    def on_term(signum, frame):
         trainer._stop_signal = signum
+
+    def on_int(signum, frame):
+        now = time.monotonic()
+        if not first_int:
+            first_int.append(now)
+            trainer._stop_signal = signum
+            if trainer.dist.is_main:
+                log.warning("Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again "
+                            "stops at once, losing the steps since the last checkpoint)")
+        elif now - first_int[0] >= SIGINT_ECHO_S:
+            raise KeyboardInterrupt
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
     except ValueError:  # not the main thread
         return None
 
@@ -598,4 +619,5 @@ def _install_stop_handler(trainer: Trainer):
 def _restore_stop_handler(old) -> None:
     if old is not None:
         with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGTERM, old[0])
+            signal.signal(signal.SIGINT, old[1])

@@ -66,6 +66,22 @@ def _step(self, *a, **k):
 _t.Trainer.train_step = _step
 """
 
+# Ctrl-C in a terminal: SIGINT to the foreground process group (the main process and its DataLoader
+# workers), as torchrun then forwards it once more; or twice, ECHO_S apart.
+INT_GROUP_AT_STEP = """
+import subprocess, time
+import seer.train.trainer as _t
+_t.SIGINT_ECHO_S = {echo_s}
+_orig = _t.Trainer.train_step
+def _step(self, *a, **k):
+    if self.step == {step}:
+        for i in range({times}):
+            subprocess.run(["kill", "-INT", "--", f"-{{os.getpgid(0)}}"])
+            time.sleep({gap_s} if i == 0 else 0)
+    return _orig(self, *a, **k)
+_t.Trainer.train_step = _step
+"""
+
 KILL_IN_COMMIT = """
 import seer.train.checkpoint as _c
 _orig = _c.CheckpointManager._commit

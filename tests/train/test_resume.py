@@ -9,7 +9,8 @@ from seer import load_pretrained
 from seer.train import list_checkpoints
 from tests.images import write_good_images
 
-from .common import KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, TERM_GROUP_AT_STEP, losses, seer, seer_killed
+from .common import (INT_GROUP_AT_STEP, KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, TERM_GROUP_AT_STEP, losses,
+                     seer, seer_killed)
 
 pytestmark = pytest.mark.slow
 
@@ -77,3 +78,23 @@ def test_sigterm_to_the_whole_job_saves_and_the_rerun_continues(images, straight
     assert "step 3 of 6" in rerun.stdout
     assert losses(out) == losses(straight)
     assert _same_weights(straight, out)
+
+
+def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path):
+    """Ctrl-C reaches the main process and its DataLoader workers: like SIGTERM, the run saves at the end of
+    the step (here step 2, not a periodic-save step) and exits 0, also when the signal arrives twice at once
+    (torchrun forwarding it); it had stopped with a KeyboardInterrupt, losing the steps since the last save.
+    A second Ctrl-C later stops at once."""
+    out = tmp_path / "interrupted"
+    proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.0, echo_s=1.0), *_args(images, out))
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped by signal at step 2" in proc.stdout and "Ctrl-C: saving a checkpoint" in proc.stderr
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
+    rerun = seer(*_args(images, out))
+    assert "step 2 of 6" in rerun.stdout
+    assert losses(out) == losses(straight)
+    assert _same_weights(straight, out)
+    out = tmp_path / "interrupted_twice"
+    proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.2, echo_s=0.1), *_args(images, out))
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert list_checkpoints(out / "checkpoints") == []
