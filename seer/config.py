@@ -285,10 +285,12 @@ def _demo() -> RunConfig:
 
 
 def _swav_vit_small() -> RunConfig:
-    # SwAV's ImageNet recipe (bs 4096 = 64 ranks x 64, 2 x 224 + 6 x 96) on ViT-S/16.
+    # SwAV's ImageNet recipe (bs 4096 = 64 ranks x 64, 2 x 224 + 6 x 96) on ViT-S/16; its learning rates are
+    # for that batch, scaled to the run's own.
     return RunConfig(
         description="swav-vit-small: SwAV's ImageNet recipe (seer_spec.md 1) on a ViT-S/16; set data.source.",
-        model=vit_preset("small"), head=SwAVHeadConfig(), loss=SwAVLossConfig(), optim=OptimConfig(),
+        model=vit_preset("small"), head=SwAVHeadConfig(), loss=SwAVLossConfig(),
+        optim=OptimConfig(lr_reference_batch=4096),
         data=DataConfig(source="", batch_size=64, num_workers=8),
         train=TrainConfig(max_steps=313 * 100, precision="bf16", optimizer="lars"),
         checkpoint=CheckpointConfig(every=1000, keep=3),
@@ -302,13 +304,17 @@ def _seer_vit_10b() -> RunConfig:
     return RunConfig(
         description="seer-vit-10b: SEER-10B's recipe on the dense ViT-10B; set data.source and parallel.tp.",
         model=vit_preset("vit-10b"), head=seer_head(), loss=seer_loss(),
+        # SEER's learning rates are for its global batch of 7936 images (16 per GPU x 496 GPUs): scaled to
+        # the run's own batch (on 496 GPUs at tp=8, 62 data-parallel ranks of 128 images: 7936, unscaled).
         optim=OptimConfig(lr=9.3, start_warmup_lr=0.15, final_lr=0.0093, warmup_steps=5500, weight_decay=1e-5,
-                          cosine="global"),
+                          cosine="global", lr_reference_batch=7936),
         parallel=ParallelConfig(tp=8, activation_checkpointing="full"),
-        data=DataConfig(source="", batch_size=16, num_workers=8,
+        # data.batch_size is per data-parallel rank, and the 8 GPUs of a tensor-parallel group share one:
+        # SEER's 16 images per GPU are 128 per rank (16 per rank gave 1/8 of SEER's batch at its full rate).
+        data=DataConfig(source="", batch_size=128, num_workers=8,
                         crops=CropsConfig(global_size=224, local_count=4, local_size=98)),
-        # One epoch of ~1B images at a global batch of 7936 (16 x 496 GPUs): the schedule's length, seer_spec.md
-        # 2.4 (the released checkpoint is iteration 124,500 of it).
+        # One epoch of ~1B images at a global batch of 7936: the schedule's length, seer_spec.md 2.4 (the
+        # released checkpoint is iteration 124,500 of it).
         train=TrainConfig(max_steps=126_008, precision="bf16", optimizer="lars"),
         checkpoint=CheckpointConfig(every=500, keep=2),
         eval=EvalConfig(at_end=False),
@@ -678,6 +684,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            o.final_weight_decay)
     _check(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    _check(o.lr_reference_batch >= 0, "optim.lr_reference_batch", "an integer >= 0 (0 = learning rates as given)",
+           o.lr_reference_batch)
     _choice("optim.cosine", o.cosine, COSINE_SHAPES)
     _check(e.batch_size >= 1, "eval.batch_size", "an integer >= 1", e.batch_size)
     _check(e.max_images >= 0, "eval.max_images", "an integer >= 0 (0 = all)", e.max_images)

@@ -1,6 +1,7 @@
 """Optimizer config: SGD + LARC with SwAV's ImageNet bs-4096 values (seer_spec.md 1.10-1.11)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +25,11 @@ class OptimConfig:
         eps: LARC epsilon.
         clip: LARC clipping (per-tensor lr = min(lr, eta)).
         exclude_bias_and_norm: no weight decay and no adaptation for 1-D tensors (not SwAV/SEER's choice).
+        lr_reference_batch: 0: ``lr``, ``start_warmup_lr`` and ``final_lr`` are used as given. N > 0: they
+            are the values for a global batch of N images, and the run scales them linearly to its own
+            (``data.batch_size`` x data-parallel ranks), as VISSL derives them from the batch (seer_spec.md
+            1.11): SwAV's 4.8 at 4096 images becomes 0.6 on 8 ranks of 64. (``warmup_steps`` and
+            ``train.max_steps`` stay steps: at another batch they cover another number of images.)
     """
     lr: float = 4.8
     start_warmup_lr: float = 0.3
@@ -37,3 +43,12 @@ class OptimConfig:
     eps: float = 1e-8
     clip: bool = False
     exclude_bias_and_norm: bool = False
+    lr_reference_batch: int = 0
+
+
+def scaled_to_batch(o: OptimConfig, global_batch: int) -> OptimConfig:
+    """``o`` with its learning rates scaled by global_batch / o.lr_reference_batch (unchanged when that is 0)."""
+    if not o.lr_reference_batch:
+        return o
+    f = global_batch / o.lr_reference_batch
+    return dataclasses.replace(o, lr=o.lr * f, start_warmup_lr=o.start_warmup_lr * f, final_lr=o.final_lr * f)

@@ -2,6 +2,7 @@
 schedule, and the global gradient-norm clip that is correct under FSDP2 and tensor parallelism."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -12,9 +13,12 @@ from ..config import RunConfig
 from ..model import VisionTransformer, init_weights_
 from ..model.init import local_tensor
 from ..optim import OptimConfig, Scheduler, build_optimizer, build_schedule
+from ..optim.config import scaled_to_batch
 from ..parallel import ParallelDims, comm, parallelize, tensor_parallel_group, tensor_parallel_params
 from ..parallel.state import shard_reduce_groups
 from ..swav import SwAVHead, SwAVModel
+
+log = logging.getLogger("seer.train")
 
 
 def build_model(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> SwAVModel:
@@ -45,10 +49,18 @@ def build_backbone(cfg: RunConfig, device: torch.device = torch.device("cpu")) -
     return backbone
 
 
-def build_optimizer_and_schedule(cfg: RunConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Scheduler]:
+def build_optimizer_and_schedule(cfg: RunConfig, model: nn.Module, global_batch: Optional[int] = None
+                                 ) -> tuple[torch.optim.Optimizer, Scheduler]:
     """LARS (``train.optimizer='lars'``, the issue-4 optimizer) or AdamW, with the warm-up + cosine schedule
-    of ``optim`` over ``train.max_steps``."""
+    of ``optim`` over ``train.max_steps``; the learning rates scaled to ``global_batch`` (images per step over
+    every data-parallel rank) where ``optim.lr_reference_batch`` is set."""
     o: OptimConfig = cfg.optim
+    if o.lr_reference_batch and global_batch is not None:
+        o = scaled_to_batch(o, global_batch)
+        if global_batch != cfg.optim.lr_reference_batch:
+            log.warning("learning rates scaled to the global batch of %d images (optim.lr_reference_batch=%d): "
+                        "peak %.4g, warm-up start %.4g, final %.4g", global_batch, cfg.optim.lr_reference_batch,
+                        o.lr, o.start_warmup_lr, o.final_lr)
     total = cfg.train.max_steps
     if cfg.train.optimizer == "lars":
         return build_optimizer(model, o, total)

@@ -91,7 +91,7 @@ class Trainer:
         seed_parallel_rng(t.seed, self.dims)
         self.model = build_model(cfg, self.dims, self.device)
         self.backbone = BackboneView(self.model)
-        self.opt, self.sched = build_optimizer_and_schedule(cfg, self.model)
+        self.opt, self.sched = build_optimizer_and_schedule(cfg, self.model, cfg.data.batch_size * self.dims.dp)
         self.freezer = PrototypeFreezer(self.model, cfg.loss.freeze_prototypes_iters)
         self.queue = SwAVQueue(cfg.loss.queue_length, cfg.head.output_dim, batch_size=cfg.data.batch_size,
                                crops_for_assign=cfg.loss.crops_for_assign, start_epoch=cfg.loss.queue_start_epoch,

@@ -40,6 +40,34 @@ def test_vissl_global_cosine_for_seer():
         WarmupCosine(1.0, total_steps=5, cosine="vissl")
 
 
+def test_learning_rates_follow_the_global_batch_where_a_reference_is_set(caplog):
+    """SEER's 9.3 is for 7936 images per step: the preset had 16 images per data-parallel rank at tp=8, 992 on
+    its 496 GPUs, at the full rate. The rank batch is now SEER's 16 per GPU x 8, and the rates scale linearly
+    to the run's batch (VISSL's rule) where optim.lr_reference_batch is set; the swav preset likewise."""
+    from seer.config import preset
+    from seer.optim.config import scaled_to_batch
+    from seer.parallel import ParallelDims
+    cfg = preset("seer-vit-10b")
+    dp = 496 // cfg.parallel.tp
+    assert cfg.data.batch_size * dp == cfg.optim.lr_reference_batch == 7936
+    assert scaled_to_batch(cfg.optim, 7936) == cfg.optim
+    small = scaled_to_batch(cfg.optim, 992)
+    assert (small.lr, small.start_warmup_lr, small.final_lr) == pytest.approx((9.3 / 8, 0.15 / 8, 0.0093 / 8))
+    swav = preset("swav-vit-small")
+    assert scaled_to_batch(swav.optim, 8 * swav.data.batch_size).lr == pytest.approx(0.6)
+    assert scaled_to_batch(preset("demo").optim, 12345) == preset("demo").optim  # no reference: as given
+    # the trainer's path: the schedule's peak on one process of tiny's 8 images, with a reference of 64
+    from seer.config import apply_overrides
+    from seer.train.build import build_model, build_optimizer_and_schedule
+    tiny = apply_overrides(preset("tiny"), ["optim.lr_reference_batch=64", "train.optimizer=lars"])
+    model = build_model(tiny, ParallelDims(tiny.parallel, device_type="cpu", world_size=1), torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        _, sched = build_optimizer_and_schedule(tiny, model, global_batch=tiny.data.batch_size)
+    f = tiny.data.batch_size / 64
+    assert sched.lr_schedule(tiny.optim.warmup_steps) == pytest.approx(tiny.optim.lr * f)
+    assert "learning rates scaled to the global batch of 8 images" in caplog.text
+
+
 def test_bad_lengths():
     with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
         WarmupCosine(1.0, total_steps=5, warmup_steps=6)
