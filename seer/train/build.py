@@ -58,9 +58,9 @@ def build_optimizer_and_schedule(cfg: RunConfig, model: nn.Module, global_batch:
     if o.lr_reference_batch and global_batch is not None:
         o = scaled_to_batch(o, global_batch)
         if global_batch != cfg.optim.lr_reference_batch:
-            log.warning("learning rates scaled to the global batch of %d images (optim.lr_reference_batch=%d): "
-                        "peak %.4g, warm-up start %.4g, final %.4g", global_batch, cfg.optim.lr_reference_batch,
-                        o.lr, o.start_warmup_lr, o.final_lr)
+            log.info("learning rates scaled to the global batch of %d images (optim.lr_reference_batch=%d): "
+                     "peak %.4g, warm-up start %.4g, final %.4g", global_batch, cfg.optim.lr_reference_batch,
+                     o.lr, o.start_warmup_lr, o.final_lr)
     total = cfg.train.max_steps
     if cfg.train.optimizer == "lars":
         return build_optimizer(model, o, total)

@@ -61,7 +61,7 @@ def test_learning_rates_follow_the_global_batch_where_a_reference_is_set(caplog)
     from seer.train.build import build_model, build_optimizer_and_schedule
     tiny = apply_overrides(preset("tiny"), ["optim.lr_reference_batch=64", "train.optimizer=lars"])
     model = build_model(tiny, ParallelDims(tiny.parallel, device_type="cpu", world_size=1), torch.device("cpu"))
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         _, sched = build_optimizer_and_schedule(tiny, model, global_batch=tiny.data.batch_size)
     f = tiny.data.batch_size / 64
     assert sched.lr_schedule(tiny.optim.warmup_steps) == pytest.approx(tiny.optim.lr * f)
