@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -114,7 +115,9 @@ def cmd_train(args) -> int:
     if trainer.dist.is_main:
         _print_summary(result, time.perf_counter() - t0)
     shutdown_distributed()
-    return 0
+    # Stopped by Ctrl-C (after its checkpoint): the shell's status of an interrupted command (128 + SIGINT), so
+    # that 'seer train ... && seer export ...' or a loop of runs stops too. SIGTERM's stop exits 0.
+    return 128 + signal.SIGINT if result.get("signal") == signal.SIGINT else 0
 
 
 def _print_summary(result: dict, seconds: float) -> None:

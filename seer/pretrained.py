@@ -61,19 +61,23 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> 
         return backbone_module(cfg.model, state, device=device)
     from .export import read_export
     vit, state = read_export(p)
-    try:
-        return backbone_module(vit, state, device=device)
-    except RuntimeError as e:  # load_state_dict: missing, unexpected or mis-shaped tensors
-        raise ValueError(f"{p}: its tensors do not fit the ViT that {p.with_suffix('.json').name} describes "
-                         f"(the two files come from different exports?): {' '.join(str(e).split())[:300]}") from None
+    return backbone_module(vit, state, device=device, source=p)
 
 
 def backbone_module(vit: ViTConfig, state: dict[str, torch.Tensor], *,
-                    device: str | torch.device = "cpu") -> VisionTransformer:
-    """The backbone built from its config and (full, single-device) state dict, in eval mode."""
+                    device: str | torch.device = "cpu", source: Optional[Path] = None) -> VisionTransformer:
+    """The backbone built from its config and (full, single-device) state dict, in eval mode. ``source``: the
+    exported file the two came from, named in the ValueError when they do not fit each other."""
     with torch.device("meta"):
         model = VisionTransformer(vit, device="meta")
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        if source is None:
+            raise
+        raise ValueError(f"{source}: its tensors do not fit the ViT that {source.with_suffix('.json').name} "
+                         f"describes (the two files come from different exports?): "
+                         f"{' '.join(str(e).split())[:300]}") from None
     return model.to(device).eval()
 
 

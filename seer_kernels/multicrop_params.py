@@ -106,6 +106,8 @@ class CropParams:
         if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point() \
                 and index.dtype != torch.bool:
             index = int(index)  # a 0-d integer tensor is one crop, as an int
+        elif isinstance(index, np.ndarray) and index.ndim > 0:
+            index = torch.as_tensor(index)  # an index array or mask (operator.index refuses it)
         elif not isinstance(index, (slice, Tensor)) and hasattr(index, "__index__"):
             index = operator.index(index)  # int, numpy integers
         if isinstance(index, int):

@@ -2,9 +2,9 @@
 
 A folder either has ``train/`` and ``val/`` (or ``validation/``, or ``test/``) subfolders, each with one
 subfolder per class, or just one subfolder per class, which is split into train and test by a fixed seeded
-permutation (``eval.test_fraction``, ``eval.split_seed``). A ``train/`` folder without a held-out one next
-to it (or the reverse) is refused: read as class folders, the splits would become two classes. Unreadable
-images are skipped and logged (once per file), as in training.
+permutation (``eval.test_fraction``, ``eval.split_seed``). Split folders without their partner (only
+``train/``, or only held-out ones) are refused: read as class folders, the splits would become the classes
+(a class named ``train`` among others, as in CIFAR-100, is a class). Unreadable images are skipped and logged (once per file), as in training.
 """
 from __future__ import annotations
 
@@ -39,7 +39,12 @@ class LabelledSplit:
 
 
 TRAIN_SPLIT = "train"
-HELD_OUT_SPLITS = ("val", "validation", "test")  # the first one present is the test split
+HELD_OUT_SPLITS = ("val", "validation", "valid", "test")  # the first one present is the test split
+
+
+def _has_subfolders(folder: Path) -> bool:
+    """A split folder holds class folders; a class folder named like a split holds images."""
+    return any(followed_is(e, "dir") for e in os.scandir(folder))
 
 
 def _class_folder(root: Path) -> tuple[list[str], Tensor, list[str]]:
@@ -69,13 +74,17 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
         if not root.is_dir():
             raise ValueError(f"eval.dataset {dataset!r} is neither 'digits' nor a folder")
         val = next((root / n for n in HELD_OUT_SPLITS if (root / n).is_dir()), None)
-        if (root / TRAIN_SPLIT).is_dir() != (val is not None):
+        split = (root / TRAIN_SPLIT).is_dir() and val is not None and _has_subfolders(root / TRAIN_SPLIT)
+        # Only split names next to each other but one split missing: read as class folders, the splits would
+        # be the classes. (A class named 'train' among others, as in CIFAR-100, is a class.)
+        subfolders = {e.name for e in os.scandir(root) if followed_is(e, "dir") and not e.name.startswith(".")}
+        if not split and subfolders and subfolders <= {TRAIN_SPLIT, *HELD_OUT_SPLITS}:
             has, lacks = ((f"a '{TRAIN_SPLIT}/' folder", f"a held-out one ({', '.join(HELD_OUT_SPLITS)})")
                           if val is None else (f"a '{val.name}/' folder", f"a '{TRAIN_SPLIT}/' one"))
             raise ValueError(f"eval.dataset {dataset!r} has {has} but not {lacks} next to it: give both splits, "
                              f"each with one subfolder per class, or only class folders (then split by "
                              f"eval.test_fraction)")
-        if val is not None:
+        if split:
             tr, ytr, classes = _class_folder(root / TRAIN_SPLIT)
             te, yte, classes_te = _class_folder(val)
             if classes_te != classes:

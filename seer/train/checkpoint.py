@@ -383,10 +383,16 @@ class CheckpointManager:
     @staticmethod
     def _delete(folder: Path) -> None:
         """Rename, then delete: a kill during the deletion leaves a ``.del-*`` folder (removed by the next
-        run), never a ``step_*`` folder with some of its files."""
+        run), never a ``step_*`` folder with some of its files. Never raises (rank 0 alone runs it while the
+        others wait in a barrier): a folder that cannot be renamed (a busy file of an earlier deletion on NFS)
+        stays, with a warning."""
         gone = folder.with_name(f".del-{folder.name}")
         shutil.rmtree(gone, ignore_errors=True)
-        os.replace(folder, gone)
+        try:
+            os.replace(folder, gone)
+        except OSError as e:
+            log.warning("cannot remove old checkpoint %s (%s: %s); it stays", folder, type(e).__name__, e)
+            return
         shutil.rmtree(gone, ignore_errors=True)
 
 

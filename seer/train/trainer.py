@@ -11,6 +11,7 @@ last checkpoint (written before the first bad step, so it holds finite weights) 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -214,6 +215,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         meta = read_meta(path, required=_META_KEYS)
         _check_compatible(path, self.cfg, int(meta["step"]))
+        _say_learning_rate_change(path, self.cfg, meta, self.dims.dp)
         if meta["tp"] != self.dims.tp:
             raise ValueError(f"checkpoint {path} was written with parallel.tp={meta['tp']}; resuming needs the same "
                              f"parallel.tp (the data-parallel size may change), got parallel.tp={self.dims.tp}")
@@ -376,7 +378,7 @@ class Trainer:
                     if not self._saved_this_step():  # (a periodic save may just have written it)
                         self.save()
                     metrics.message(f"stopped by signal at step {self.step}; rerun the same command to resume")
-                    return {"step": self.step, "stopped": True, "out": str(self.out)}
+                    return {"step": self.step, "stopped": True, "out": str(self.out), "signal": self._stop_signal}
             if cfg.checkpoint.at_end and not self._saved_this_step():
                 self.save()
         finally:
@@ -562,13 +564,32 @@ def _check_compatible(path: Path, cfg: C.RunConfig, step: int) -> None:
     batch = (saved.get("data") or {}).get("batch_size")
     if batch is not None and batch != cfg.data.batch_size:  # allowed, but not silently
         log.warning("data.batch_size is %d, the checkpoint's run had %s: the data order goes on from the same "
-                    "image, each step now takes %d; the learning rate is not rescaled with it", cfg.data.batch_size,
-                    batch, cfg.data.batch_size)
+                    "image, each step now takes %d", cfg.data.batch_size, batch, cfg.data.batch_size)
     saved_opt = (saved.get("train") or {}).get("optimizer")
     if saved_opt is not None and saved_opt != cfg.train.optimizer:
         raise C.ConfigError(f"checkpoint {path} holds {saved_opt} optimizer state but train.optimizer="
                             f"{cfg.train.optimizer!r}: resume with train.optimizer={saved_opt!r}, or start a new "
                             f"run from its weights")
+
+
+def _say_learning_rate_change(path: Path, cfg: C.RunConfig, meta: dict, dp: int) -> None:
+    """Warn when the resumed run's peak learning rate differs from the checkpoint's run's: another
+    optim.lr, optim.lr_reference_batch (a config written before it existed has none), or, with a reference,
+    another global batch (data.batch_size, data-parallel ranks)."""
+    from ..optim import OptimConfig
+    from ..optim.config import scaled_to_batch
+    saved = read_saved_config(path)
+    known = {f.name for f in dataclasses.fields(OptimConfig)}
+    then_o = OptimConfig(**{k: v for k, v in (saved.get("optim") or {}).items() if k in known})
+    then_batch = (saved.get("data") or {}).get("batch_size", cfg.data.batch_size) * \
+        max(1, int(meta["world_size"]) // max(1, int(meta["tp"])))
+    then = scaled_to_batch(then_o, then_batch).lr
+    now = scaled_to_batch(cfg.optim, cfg.data.batch_size * dp).lr
+    if not math.isclose(then, now, rel_tol=1e-9):
+        log.warning("the peak learning rate is now %.4g, the checkpoint's run had %.4g (optim.lr %s -> %s, "
+                    "optim.lr_reference_batch %s -> %s, global batch %d -> %d): the schedule goes on at the new "
+                    "rate from step %s", now, then, then_o.lr, cfg.optim.lr, then_o.lr_reference_batch,
+                    cfg.optim.lr_reference_batch, then_batch, cfg.data.batch_size * dp, meta["step"])
 
 
 # What Trainer.load reads from meta.json (read_meta refuses a file without them: an edited or foreign file)
@@ -585,8 +606,8 @@ def _log_to_file(path: Path) -> None:
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
 
 
-# A second Ctrl-C this soon after the first is the same one arriving again: torchrun forwards the SIGINT it
-# got from the terminal to every rank, which got it from the terminal too.
+# A second Ctrl-C this soon after the first is the same one arriving again (a rank in the terminal's process
+# group that its launcher also forwards the signal to).
 SIGINT_ECHO_S = 1.0
 
 
@@ -611,7 +632,10 @@ def _install_stop_handler(trainer: Trainer):
         elif now - first_int[0] >= SIGINT_ECHO_S:
             raise KeyboardInterrupt
     try:
-        return signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
+        # A SIGINT ignored by whoever started us (a job started with '&' from a script) stays ignored.
+        inherited = signal.getsignal(signal.SIGINT)
+        return (signal.signal(signal.SIGTERM, on_term),
+                signal.signal(signal.SIGINT, on_int) if inherited is not signal.SIG_IGN else inherited)
     except ValueError:  # not the main thread
         return None
 

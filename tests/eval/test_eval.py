@@ -122,6 +122,9 @@ def test_split_folders_go_in_pairs_and_links_loops_are_no_classes(tmp_path):
             load_labelled(str(tmp_path / only))
     (tmp_path / "a" / "train" / "loop").symlink_to("loop")  # a link loop: no class (was a raw OSError)
     assert load_labelled(str(tmp_path / "a"))["train"].classes == ["cat", "dog"]
+    # classes that happen to be named like splits, next to others (CIFAR-100 has 'train'), stay classes
+    _class_images(tmp_path / "cifar", classes=("apple", "test", "train", "val"))
+    assert load_labelled(str(tmp_path / "cifar"))["train"].classes == ["apple", "test", "train", "val"]
 
 
 def test_unreadable_evaluation_images_are_named_and_an_empty_split_is_refused(tmp_path, caplog):

@@ -192,6 +192,8 @@ def test_crop_params_indexing_and_cat(gen):
     with pytest.raises(TypeError, match="got a bool"):
         p[True]
     assert [c.box.tolist() for c in p] == [p.box[i:i + 1].tolist() for i in range(6)]  # iteration stops
+    for many in (np.array([0, 2]), np.array([True, False, True, False, False, False]), torch.tensor([0, 2])):
+        assert torch.equal(p[many].box, p.box[[0, 2]]), many  # numpy arrays index as tensors do
 
 
 def test_multicrop_specs():

@@ -70,6 +70,18 @@ def test_a_newest_checkpoint_that_lost_files_is_named_and_prune_leaves_no_half_f
         CheckpointManager(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
     assert "step_00000001: an old checkpoint whose deletion was cut short" in caplog.text
+    # a folder that cannot be renamed away (NFS: a busy file of an earlier deletion) stays, with a warning: rank
+    # 0 prunes alone while the other ranks wait in a barrier, so it must not raise
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if ".del-" in str(dst):
+            raise OSError(39, "Directory not empty")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", busy)
+    with caplog.at_level("WARNING"):
+        _save(mgr, 5, 5)
+    assert "cannot remove old checkpoint" in caplog.text and (tmp_path / "step_00000003").is_dir()
 
 
 def test_a_full_disk_is_named_with_the_checkpoint_that_survives(tmp_path, monkeypatch):
@@ -193,6 +205,13 @@ def test_a_new_max_steps_on_resume_is_said(run, tmp_path, caplog):
         t = Trainer(apply_overrides(cfg, ["train.max_steps=1", "data.batch_size=4"]), _copy(out, tmp_path / "b"))
     assert "train.max_steps is 1 and the checkpoint is at step 2: nothing is left to train" in caplog.text
     assert "data.batch_size is 4, the checkpoint's run had 8" in caplog.text
+    assert "peak learning rate" not in caplog.text  # no reference batch: the rate is as given
+    t.release()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seer.train"):  # a reference batch set on resume rescales the rate
+        t = Trainer(apply_overrides(cfg, ["optim.lr_reference_batch=16"]), _copy(out, tmp_path / "c"))
+    assert f"the peak learning rate is now {cfg.optim.lr / 2:.4g}, the checkpoint's run had {cfg.optim.lr:.4g}" \
+        in caplog.text and "optim.lr_reference_batch 0 -> 16, global batch 8 -> 8" in caplog.text
 
 
 def test_refused_run_leaves_the_run_config_alone(run, tmp_path):

@@ -84,10 +84,11 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path)
     """Ctrl-C reaches the main process and its DataLoader workers: like SIGTERM, the run saves at the end of
     the step (here step 2, not a periodic-save step) and exits 0, also when the signal arrives twice at once
     (torchrun forwarding it); it had stopped with a KeyboardInterrupt, losing the steps since the last save.
-    A second Ctrl-C later stops at once."""
+    A second Ctrl-C later stops at once. A SIGINT that the parent ignores (a job started with '&' from a
+    script) stays ignored."""
     out = tmp_path / "interrupted"
     proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.0, echo_s=1.0), *_args(images, out))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 130, proc.stderr  # saved, and a shell sees an interrupted command
     assert "stopped by signal at step 2" in proc.stdout and "Ctrl-C: saving a checkpoint" in proc.stderr
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
     rerun = seer(*_args(images, out))
@@ -98,3 +99,8 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path)
     proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.2, echo_s=0.1), *_args(images, out))
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
     assert list_checkpoints(out / "checkpoints") == []
+    out = tmp_path / "ignoring"
+    ignore = "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    proc = seer_killed(ignore + INT_GROUP_AT_STEP.format(step=1, times=1, gap_s=0.0, echo_s=1.0), *_args(images, out))
+    assert proc.returncode == 0 and "stopped by signal" not in proc.stdout, proc.stderr
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003", "step_00000006"]
