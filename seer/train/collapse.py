@@ -68,13 +68,19 @@ def collapse_signals(scores: Tensor, embeddings: Tensor, *, num_prototypes: int,
     counts = torch.zeros(num_prototypes, device=scores.device)
     counts.index_add_(0, winner, torch.ones_like(winner, dtype=counts.dtype))
     counts = comm.all_reduce(counts, group)
-    z = embeddings.detach().float()
-    # One embedding has no spread to measure: NaN (the monitor's test ignores it), without torch's warning.
-    spread = z.std(0).mean() * math.sqrt(z.shape[1]) if z.shape[0] > 1 else z.new_tensor(math.nan)
+    # The spread over the global batch (every data-parallel rank's embeddings), from summed moments in
+    # float64: the mean of per-rank spreads depended on the layout and was NaN with one image per rank. One
+    # embedding in all has no spread to measure: NaN (the monitor's test ignores it).
+    z = embeddings.detach().double()
+    d = z.shape[1]
+    moments = comm.all_reduce(torch.cat([z.new_tensor([z.shape[0]]), z.sum(0), (z * z).sum(0)]), group)
+    n, s1, s2 = moments[0], moments[1:d + 1], moments[d + 1:]
+    var = ((s2 - s1 * s1 / n) / (n - 1).clamp(min=1)).clamp(min=0)
+    spread = torch.where(n > 1, var.sqrt().mean() * math.sqrt(d), var.new_tensor(math.nan)).float()
     stats = torch.stack([
         _entropy(codes, prototype_group).mean() / ln_k,
         _entropy(pred, prototype_group).mean() / ln_k,
-        spread,
+        spread,  # the same on every rank: the mean below gives it back
     ])
     stats = comm.all_reduce(stats, group) / comm.group_size(group)
     assign_h, pred_h, emb_std = stats.tolist()

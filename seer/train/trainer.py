@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from .. import config as C
 from ..data import TrainData
@@ -215,7 +216,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         meta = read_meta(path, required=_META_KEYS)
         _check_compatible(path, self.cfg, int(meta["step"]))
-        _say_learning_rate_change(path, self.cfg, meta, self.dims.dp)
+        _say_batch_and_rate_changes(path, self.cfg, meta, self.dims.dp)
         if meta["tp"] != self.dims.tp:
             raise ValueError(f"checkpoint {path} was written with parallel.tp={meta['tp']}; resuming needs the same "
                              f"parallel.tp (the data-parallel size may change), got parallel.tp={self.dims.tp}")
@@ -284,6 +285,7 @@ class Trainer:
             with nvtx_range("optimizer", nv):
                 if self.scaler is not None:
                     self.scaler.unscale_(self.opt)
+                    _agree_on_overflow(self.scaler, self.opt)
                 if cfg.train.grad_clip > 0:
                     record["grad_norm"] = clip_grad_norm(self.model, cfg.train.grad_clip)
                 if self.scaler is not None:
@@ -561,10 +563,6 @@ def _check_compatible(path: Path, cfg: C.RunConfig, step: int) -> None:
         log.warning("train.max_steps is %d, the checkpoint's run had %s: the learning-rate and weight-decay "
                     "schedules (warm-up, cosine) are recomputed over the new length from step %d on",
                     cfg.train.max_steps, steps, step)
-    batch = (saved.get("data") or {}).get("batch_size")
-    if batch is not None and batch != cfg.data.batch_size:  # allowed, but not silently
-        log.warning("data.batch_size is %d, the checkpoint's run had %s: the data order goes on from the same "
-                    "image, each step now takes %d", cfg.data.batch_size, batch, cfg.data.batch_size)
     saved_opt = (saved.get("train") or {}).get("optimizer")
     if saved_opt is not None and saved_opt != cfg.train.optimizer:
         raise C.ConfigError(f"checkpoint {path} holds {saved_opt} optimizer state but train.optimizer="
@@ -572,10 +570,28 @@ def _check_compatible(path: Path, cfg: C.RunConfig, step: int) -> None:
                             f"run from its weights")
 
 
-def _say_learning_rate_change(path: Path, cfg: C.RunConfig, meta: dict, dp: int) -> None:
-    """Warn when the resumed run's peak learning rate differs from the checkpoint's run's: another
-    optim.lr, optim.lr_reference_batch (a config written before it existed has none), or, with a reference,
-    another global batch (data.batch_size, data-parallel ranks)."""
+def _agree_on_overflow(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> None:
+    """Make every process skip an fp16 step, and lower its loss scale, when any process found an inf or NaN
+    gradient. GradScaler looks at this process's gradients only; a tensor-parallel rank holds its own slice
+    of the split weights, so an overflow in one slice made that rank alone skip: with LARS the other ranks
+    entered its collective norm alone (a mismatch or a hang), with AdamW the replicated weights of the
+    tensor-parallel ranks drifted apart and their loss scales differed. (An all-reduce over every process:
+    FSDP's shards are covered too, and it is one float.)"""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]  # filled by unscale_
+    if not found:
+        return
+    flags = list(found.values())
+    total = all_reduce_sum(torch.stack([f.float().sum() for f in flags]).sum().reshape(1).to(flags[0].device))
+    for f in flags:
+        f.copy_((total > 0).to(f.dtype).reshape(f.shape))
+
+
+def _say_batch_and_rate_changes(path: Path, cfg: C.RunConfig, meta: dict, dp: int) -> None:
+    """Warn when the resumed run's global batch (data.batch_size x data-parallel ranks) or its peak learning
+    rate differs from the checkpoint's run's: another optim.lr, optim.lr_reference_batch (a config written
+    before it existed has none), or, with a reference, another global batch."""
     from ..optim import OptimConfig
     from ..optim.config import scaled_to_batch
     saved = read_saved_config(path)
@@ -583,8 +599,13 @@ def _say_learning_rate_change(path: Path, cfg: C.RunConfig, meta: dict, dp: int)
     then_o = OptimConfig(**{k: v for k, v in (saved.get("optim") or {}).items() if k in known})
     then_batch = (saved.get("data") or {}).get("batch_size", cfg.data.batch_size) * \
         max(1, int(meta["world_size"]) // max(1, int(meta["tp"])))
+    now_batch = cfg.data.batch_size * dp
+    if now_batch != then_batch:  # allowed (another number of processes, data.batch_size), but not silently
+        log.warning("the global batch is now %d images per step (data.batch_size %d x %d data-parallel ranks), "
+                    "the checkpoint's run had %d: the data order goes on from the same image", now_batch,
+                    cfg.data.batch_size, dp, then_batch)
     then = scaled_to_batch(then_o, then_batch).lr
-    now = scaled_to_batch(cfg.optim, cfg.data.batch_size * dp).lr
+    now = scaled_to_batch(cfg.optim, now_batch).lr
     if not math.isclose(then, now, rel_tol=1e-9):
         log.warning("the peak learning rate is now %.4g, the checkpoint's run had %.4g (optim.lr %s -> %s, "
                     "optim.lr_reference_batch %s -> %s, global batch %d -> %d): the schedule goes on at the new "

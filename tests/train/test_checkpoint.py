@@ -204,7 +204,8 @@ def test_a_new_max_steps_on_resume_is_said(run, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="seer.train"):  # the CLI printed "step 2 of 1" without a word
         t = Trainer(apply_overrides(cfg, ["train.max_steps=1", "data.batch_size=4"]), _copy(out, tmp_path / "b"))
     assert "train.max_steps is 1 and the checkpoint is at step 2: nothing is left to train" in caplog.text
-    assert "data.batch_size is 4, the checkpoint's run had 8" in caplog.text
+    assert "the global batch is now 4 images per step (data.batch_size 4 x 1 data-parallel ranks), the " \
+        "checkpoint's run had 8" in caplog.text
     assert "peak learning rate" not in caplog.text  # no reference batch: the rate is as given
     t.release()
     caplog.clear()

@@ -33,6 +33,27 @@ def test_signals_separate_collapsed_from_healthy_assignments():
     assert [mon.update(s, 3.0, {"assign_entropy": 0.5, "embedding_std": math.nan}) for s in range(3)] == [None] * 3
 
 
+def _signals_of_a_split_batch(rank, world, per_rank):
+    import torch.distributed as dist
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(world * per_rank, 16, generator=g), dim=1)
+    protos = F.normalize(torch.randn(64, 16, generator=g), dim=1)
+    mine = z[rank * per_rank:(rank + 1) * per_rank]
+    split = collapse_signals(mine @ protos.T * 8, mine, num_prototypes=64, temperature=0.1, epsilon=0.05,
+                             iterations=3, group=dist.group.WORLD)
+    whole = collapse_signals(z @ protos.T * 8, z, num_prototypes=64, temperature=0.1, epsilon=0.05, iterations=3)
+    return split["embedding_std"], whole["embedding_std"], float(z.std(0).mean() * 4)
+
+
+@pytest.mark.parametrize("per_rank", [1, 3])
+def test_embedding_spread_is_the_global_batchs_whatever_the_layout(per_rank):
+    """The spread was each rank's own, averaged: another number for the same global batch under data
+    parallelism, and NaN with one image per rank (the collapse warning could then never fire)."""
+    from tests.dist_utils import run_distributed
+    for split, whole, direct in run_distributed(_signals_of_a_split_batch, 2, per_rank):
+        assert split == pytest.approx(whole, rel=1e-6) and whole == pytest.approx(direct, rel=1e-6)
+
+
 def test_monitor_warns_after_warmup_with_the_remedies():
     mon = CollapseMonitor(num_prototypes=300, warmup_steps=20, window=3, every=100)
     flat = {"assign_entropy": 0.99, "embedding_std": 0.5}

@@ -1,4 +1,5 @@
 """Step options: global gradient clipping, fp16 with a checkpointed gradient scaler, precision 'auto'."""
+import pytest
 import torch
 
 from seer.config import apply_overrides, preset
@@ -65,3 +66,41 @@ def test_attention_backend_that_cannot_run_is_refused_by_its_key(tmp_path, monke
     cfg = apply_overrides(preset("tiny"), ["train.attention_backend=triton", "train.device=cpu"])
     with pytest.raises(ValueError, match="train.attention_backend='triton' cannot run this model on cpu"):
         Trainer(cfg, tmp_path)
+
+
+def _fp16_overflow_in_one_tensor_parallel_slice(rank, world, out, optimizer):
+    from seer.model.init import local_tensor
+    from seer.parallel import tensor_parallel_params
+    cfg = apply_overrides(preset("tiny"), ["parallel.tp=2", "train.precision=fp16", "train.max_steps=4",
+                                           "checkpoint.every=0", "loss.freeze_prototypes_iters=0",
+                                           f"train.optimizer={optimizer}", "train.threads=1", "eval.at_end=false"])
+    t = Trainer(cfg, out)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # no overflow of its own in the first steps
+    split = {id(p) for p in tensor_parallel_params(t.model)}
+    weight = dict(t.model.named_parameters())["backbone.blocks.0.mlp.fc1.weight"]
+    assert id(weight) in split
+    unscale, scales = t.scaler.unscale_, []
+
+    def overflow_on_rank_0(opt):
+        if t.step == 2 and rank == 0:  # one overflowed element of this rank's slice, as fp16 overflow makes
+            local_tensor(weight.grad).view(-1)[0] = float("inf")
+        return unscale(opt)
+    t.scaler.unscale_ = overflow_on_rank_0
+    update = t.scaler.update
+    t.scaler.update = lambda *a, **k: (update(*a, **k), scales.append(t.scaler.get_scale()))
+    t.fit()
+    replicated = {n: local_tensor(p.detach()).clone() for n, p in t.model.named_parameters() if id(p) not in split}
+    return scales, replicated
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_fp16_overflow_on_one_tensor_parallel_rank_is_skipped_by_every_rank(tmp_path, optimizer):
+    """GradScaler checks this rank's gradients only: with the inf in rank 0's slice of a split weight, rank 0
+    alone skipped the step; LARS's norm all-reduce then mismatched on the other rank ("Received data size
+    doesn't match"), and with AdamW the replicated weights and the loss scales of the two ranks drifted apart.
+    Now every rank skips, and halves its scale, together."""
+    from tests.dist_utils import run_distributed
+    (s0, r0), (s1, r1) = run_distributed(_fp16_overflow_in_one_tensor_parallel_slice, 2, str(tmp_path / "run"),
+                                         optimizer)
+    assert s0 == s1 == [1.0, 1.0, 0.5, 0.5]  # the step with the inf skipped by both, its scale halved
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
