@@ -153,7 +153,8 @@ def cmd_eval(args) -> int:
 
         from .export import export_vit_config
         from .pretrained import export_info
-        info, vit = export_info(ckpt), export_vit_config(ckpt)
+        info = export_info(ckpt)
+        vit = export_vit_config(ckpt, info)
         try:
             with safe_open(str(ckpt), framework="pt"):
                 pass  # header only: a missing or corrupt file fails here, as loading its tensors would
@@ -211,16 +212,7 @@ def _output_file(path: str, flag: str) -> None:
 
 def cmd_export(args) -> int:
     from .export import export_timm
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise CLIError(f"--out must end with .safetensors, got {args.out!r}")
-    for p in (out, out.with_suffix(".json")):  # before reading the checkpoint, not after
-        if p.is_dir():
-            raise CLIError(f"--out {args.out!r}: {str(p)!r} is a folder; expected a file path")
-    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())  # the export creates the rest
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise CLIError(f"--out {args.out!r}: cannot create files under {str(existing)!r}")
-    st, js = export_timm(args.checkpoint, args.out)
+    st, js = export_timm(args.checkpoint, args.out)  # (it checks --out before it reads the checkpoint)
     print(f"wrote {st} and {js}")
     return 0
 

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -70,8 +71,7 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     from .pretrained import checkpoint_backbone_state
 
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end with .safetensors, got {str(out)!r}")
+    _check_out(out)  # before the checkpoint is read, not after
     cfg, state = checkpoint_backbone_state(checkpoint)
     vit = cfg.model
     if vit.norm_eps != 1e-6:
@@ -92,6 +92,19 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     return out, json_path
 
 
+def _check_out(out: Path) -> None:
+    """ValueError naming ``out`` where the export could not be written: not .safetensors, it or its JSON a
+    folder, or no files can be created where it goes (the export creates missing folders)."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end with .safetensors, got {str(out)!r}")
+    for p in (out, out.with_suffix(".json")):
+        if p.is_dir():
+            raise ValueError(f"--out {str(out)!r}: {str(p)!r} is a folder; expected a file path")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r}: cannot create files under {str(existing)!r}")
+
+
 def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     """(seer ViT config, state dict) of an exported file; ValueError naming the file that is not what seer
     export writes."""
@@ -104,10 +117,10 @@ def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
         raise ValueError(f"{path}: not a safetensors file that seer can read ({type(e).__name__}: {e})") from None
 
 
-def export_vit_config(path: str | Path) -> ViTConfig:
-    """The seer ViT config in the JSON next to the exported ``path``; ValueError naming that JSON where it is
-    no seer export's (another tool's JSON, an edited or newer one)."""
-    info = export_info(path)
+def export_vit_config(path: str | Path, info: Optional[dict] = None) -> ViTConfig:
+    """The seer ViT config in the JSON next to the exported ``path`` (``info``: that JSON, if already read);
+    ValueError naming that JSON where it is no seer export's (another tool's JSON, an edited or newer one)."""
+    info = export_info(path) if info is None else info
     vit = info.get("seer_vit_config")
     try:
         return ViTConfig(**vit)
@@ -129,7 +142,8 @@ def export_info(path: str | Path) -> dict:
         info = json.loads(info_path.read_text())
     except ValueError as e:
         raise ValueError(f"{info_path}: not the JSON that seer export writes ({e})") from None
-    missing = [k for k in ("seer_vit_config", "mean", "std", "image_size") if not isinstance(info, dict) or k not in info]
+    missing = [k for k in ("seer_vit_config", "mean", "std", "image_size")
+               if not isinstance(info, dict) or k not in info]
     if missing:
         raise ValueError(f"{info_path}: not the JSON that seer export writes (no {', '.join(map(repr, missing))})")
     return info

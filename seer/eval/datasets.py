@@ -4,7 +4,8 @@ A folder either has ``train/`` and ``val/`` (or ``validation/``, or ``test/``) s
 subfolder per class, or just one subfolder per class, which is split into train and test by a fixed seeded
 permutation (``eval.test_fraction``, ``eval.split_seed``). Split folders without their partner (only
 ``train/``, or only held-out ones) are refused: read as class folders, the splits would become the classes
-(a class named ``train`` among others, as in CIFAR-100, is a class). Unreadable images are skipped and logged (once per file), as in training.
+(a class named ``train`` among others, as in CIFAR-100, is a class). Unreadable images are skipped and
+logged (once per file), as in training.
 """
 from __future__ import annotations
 
@@ -42,13 +43,13 @@ TRAIN_SPLIT = "train"
 HELD_OUT_SPLITS = ("val", "validation", "valid", "test")  # the first one present is the test split
 
 
-def _has_subfolders(folder: Path) -> bool:
-    """A split folder holds class folders; a class folder named like a split holds images."""
-    return any(followed_is(e, "dir") for e in os.scandir(folder))
+def _subfolders(folder: Path) -> list[str]:
+    """The names of ``folder``'s sub-folders (links followed, hidden ones left out), sorted."""
+    return sorted(e.name for e in os.scandir(folder) if followed_is(e, "dir") and not e.name.startswith("."))
 
 
 def _class_folder(root: Path) -> tuple[list[str], Tensor, list[str]]:
-    classes = sorted(e.name for e in os.scandir(root) if followed_is(e, "dir") and not e.name.startswith("."))
+    classes = _subfolders(root)
     if len(classes) < 2:
         raise ValueError(f"eval.dataset {str(root)!r} must hold one subfolder per class (at least 2), found "
                          f"{len(classes)}")
@@ -73,11 +74,12 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
         root = Path(dataset)
         if not root.is_dir():
             raise ValueError(f"eval.dataset {dataset!r} is neither 'digits' nor a folder")
-        val = next((root / n for n in HELD_OUT_SPLITS if (root / n).is_dir()), None)
-        split = (root / TRAIN_SPLIT).is_dir() and val is not None and _has_subfolders(root / TRAIN_SPLIT)
+        subfolders = set(_subfolders(root))
+        val = next((root / n for n in HELD_OUT_SPLITS if n in subfolders), None)
+        # A split folder holds class folders; a class folder named like a split (CIFAR-100's 'train') images.
+        split = TRAIN_SPLIT in subfolders and val is not None and bool(_subfolders(root / TRAIN_SPLIT))
         # Only split names next to each other but one split missing: read as class folders, the splits would
-        # be the classes. (A class named 'train' among others, as in CIFAR-100, is a class.)
-        subfolders = {e.name for e in os.scandir(root) if followed_is(e, "dir") and not e.name.startswith(".")}
+        # be the classes.
         if not split and subfolders and subfolders <= {TRAIN_SPLIT, *HELD_OUT_SPLITS}:
             has, lacks = ((f"a '{TRAIN_SPLIT}/' folder", f"a held-out one ({', '.join(HELD_OUT_SPLITS)})")
                           if val is None else (f"a '{val.name}/' folder", f"a '{TRAIN_SPLIT}/' one"))

@@ -99,7 +99,7 @@ def latest_checkpoint(directory: str | os.PathLike) -> Optional[Path]:
     is not complete (module doc: its files were removed after it was written)."""
     folders = _step_folders(directory)
     if folders and not _complete_files(folders[-1]):
-        newest, complete = folders[-1], list_checkpoints(directory)
+        newest, complete = folders[-1], [p for p in folders if _complete_files(p)]
         lacks = " and ".join(n for n in ("meta.json", ".metadata") if not (newest / n).is_file())
         then = f"resume from {complete[-1].name}" if complete else "start the run over (it has no other checkpoint)"
         raise CorruptCheckpointError(f"checkpoint {newest} lacks {lacks}: a step_* folder is complete when it is "
@@ -272,11 +272,12 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             for pruned in self.dir.glob(".del-step_*"):  # a deletion of an old checkpoint cut short
                 shutil.rmtree(pruned, ignore_errors=True)
-            complete = list_checkpoints(self.dir)
-            for remnant in _step_folders(self.dir):
+            folders = _step_folders(self.dir)
+            oldest = next((_step(p) for p in folders if _complete_files(p)), None)
+            for remnant in folders:
                 # Older than every complete checkpoint: what a version that deleted old checkpoints in place
                 # left when killed while pruning. (A newer incomplete one is refused by latest_checkpoint.)
-                if complete and _step(remnant) < _step(complete[0]) and not _complete_files(remnant):
+                if oldest is not None and _step(remnant) < oldest:
                     log.warning("removing %s: an old checkpoint whose deletion was cut short", remnant)
                     self._delete(remnant)
         barrier()

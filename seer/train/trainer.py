@@ -215,8 +215,9 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         meta = read_meta(path, required=_META_KEYS)
-        _check_compatible(path, self.cfg, int(meta["step"]))
-        _say_batch_and_rate_changes(path, self.cfg, meta, self.dims.dp)
+        saved = read_saved_config(path)
+        _check_compatible(path, saved, self.cfg, int(meta["step"]))
+        _say_batch_and_rate_changes(saved, self.cfg, meta, self.dims.dp)
         if meta["tp"] != self.dims.tp:
             raise ValueError(f"checkpoint {path} was written with parallel.tp={meta['tp']}; resuming needs the same "
                              f"parallel.tp (the data-parallel size may change), got parallel.tp={self.dims.tp}")
@@ -546,10 +547,9 @@ def _train_flops_per_image(cfg: C.RunConfig, spec) -> float:
 _ARCH_SECTIONS = ("model", "head")
 
 
-def _check_compatible(path: Path, cfg: C.RunConfig, step: int) -> None:
-    """Refuse, with the differing keys, a checkpoint (of ``step``) whose architecture differs from the
-    config's."""
-    saved = read_saved_config(path)
+def _check_compatible(path: Path, saved: dict, cfg: C.RunConfig, step: int) -> None:
+    """Refuse, with the differing keys, a checkpoint (of ``step``; its run config ``saved``) whose architecture
+    differs from the config's."""
     now = C.to_dict(cfg)
     diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r}, config {v!r}" for sec in _ARCH_SECTIONS
              for k, v in now[sec].items() if sec in saved and saved[sec].get(k) != v]
@@ -588,13 +588,13 @@ def _agree_on_overflow(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer)
         f.copy_((total > 0).to(f.dtype).reshape(f.shape))
 
 
-def _say_batch_and_rate_changes(path: Path, cfg: C.RunConfig, meta: dict, dp: int) -> None:
+def _say_batch_and_rate_changes(saved: dict, cfg: C.RunConfig, meta: dict, dp: int) -> None:
     """Warn when the resumed run's global batch (data.batch_size x data-parallel ranks) or its peak learning
-    rate differs from the checkpoint's run's: another optim.lr, optim.lr_reference_batch (a config written
-    before it existed has none), or, with a reference, another global batch."""
+    rate differs from the checkpoint's run's (its config ``saved``, its ``meta``): another optim.lr,
+    optim.lr_reference_batch (a config written before it existed has none), or, with a reference, another
+    global batch."""
     from ..optim import OptimConfig
     from ..optim.config import scaled_to_batch
-    saved = read_saved_config(path)
     known = {f.name for f in dataclasses.fields(OptimConfig)}
     then_o = OptimConfig(**{k: v for k, v in (saved.get("optim") or {}).items() if k in known})
     then_batch = (saved.get("data") or {}).get("batch_size", cfg.data.batch_size) * \
@@ -610,7 +610,7 @@ def _say_batch_and_rate_changes(path: Path, cfg: C.RunConfig, meta: dict, dp: in
         log.warning("the peak learning rate is now %.4g, the checkpoint's run had %.4g (optim.lr %s -> %s, "
                     "optim.lr_reference_batch %s -> %s, global batch %d -> %d): the schedule goes on at the new "
                     "rate from step %s", now, then, then_o.lr, cfg.optim.lr, then_o.lr_reference_batch,
-                    cfg.optim.lr_reference_batch, then_batch, cfg.data.batch_size * dp, meta["step"])
+                    cfg.optim.lr_reference_batch, then_batch, now_batch, meta["step"])
 
 
 # What Trainer.load reads from meta.json (read_meta refuses a file without them: an edited or foreign file)
