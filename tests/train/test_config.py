@@ -85,6 +85,7 @@ def test_bad_values_name_the_key(override, fragment):
                                                             "eval.linear_weight_decays"),
     ("eval.linear_weight_decays=[.inf]", "eval.linear_weight_decays"),
     ("train.seed=99999999999999999999", "train.seed"), ("eval.split_seed=-9223372036854775809", "eval.split_seed"),
+    ("optim.lr_reference_batch=-1", "optim.lr_reference_batch"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
