@@ -264,6 +264,25 @@ def test_gpu_check_skips_phases_past_its_budget_and_still_summarises(tmp_path, w
     assert "benchmarks: rc skipped: out of time" in stdout and "=" * 100 in stdout
 
 
+def test_gpu_check_clears_an_earlier_runs_files(tmp_path):
+    """A folder that held an earlier check: its tests.xml (here with a failed TMA test) is neither this run's
+    report nor a reason to turn the TMA features off, and it does not travel in the bundle; other files stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tests.xml").write_text('<testsuite tests="1" failures="1"><testcase name="test_triton_tma_x">'
+                                   '<failure message="x"/></testcase></testsuite>')
+    (out / "tests.rc").write_text("1\n")
+    (out / "tma.status").write_text("TMA or candidate-tile tests failed\n")
+    (out / "notes.txt").write_text("mine\n")
+    stdout, calls, out = _gpu_check(tmp_path, budget=20, with_ncu=False)
+    assert not (out / "tests.xml").exists() and not (out / "tma.status").exists()
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert "tests: no report (rc skipped: out of time)" in stdout and "SEER_KERNELS_TMA" not in stdout
+    import tarfile
+    with tarfile.open(out / "bundle.tar.gz") as tf:
+        assert "./tests.xml" not in tf.getnames()
+
+
 def test_ncu_workload_profiles_what_runs_within_its_budget(tmp_path, monkeypatch, capsys):
     """``run``'s bookkeeping with the CUDA calls stubbed: a case that raises in its warm-up is reported and
     left out, a case past the time budget is not started, and the labels list what was profiled, in order."""
