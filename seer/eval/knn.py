@@ -9,6 +9,8 @@ DINO reports k = 20, T = 0.07. Test features are processed in chunks so memory s
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,29 +22,46 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
     """Predicted labels (N_test,) (module doc)."""
     _check(train_features, train_labels, test_features, k=k, temperature=temperature, chunk=chunk)
     k = min(k, train_features.shape[0])
-    c = int(num_classes if num_classes is not None else int(train_labels.max()) + 1)
-    train = F.normalize(train_features.float(), dim=1)
+    c = int(train_labels.max()) + 1
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < c:
+            raise ValueError(f"knn_predict: num_classes must be an int >= the largest train label + 1 ({c}), got "
+                             f"{num_classes!r}")
+        c = int(num_classes)
+    device = test_features.device
+    train = F.normalize(train_features.float(), dim=1).to(device)
     test = F.normalize(test_features.float(), dim=1)
+    labels = train_labels.to(device, torch.int64)  # scatter_add_ indexes with int64 only (uint8, int16 fail)
     preds = []
     for start in range(0, test.shape[0], chunk):
         sim = test[start:start + chunk] @ train.T
         top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], c, dtype=torch.float32)
-        votes.scatter_add_(1, train_labels[idx], (top / temperature).exp())
+        votes = torch.zeros(sim.shape[0], c, dtype=torch.float32, device=device)
+        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
         preds.append(votes.argmax(1))
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=device)
 
 
 def knn_top1(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
              k: int = 20, temperature: float = 0.07) -> float:
     """Top-1 accuracy in percent."""
-    if not (isinstance(test_labels, Tensor) and test_labels.dim() == 1
-            and test_labels.shape[0] == test_features.shape[0]):
-        raise ValueError(f"knn_top1: test_labels must be a 1-D tensor of one label per test feature "
-                         f"({test_features.shape[0]}), got {_shape(test_labels)}")
-    c = int(max(train_labels.max(), test_labels.max())) + 1
-    pred = knn_predict(train_features, train_labels, test_features, k=k, temperature=temperature, num_classes=c)
-    return 100.0 * (pred == test_labels).float().mean().item()
+    if not (isinstance(test_labels, Tensor) and test_labels.dim() == 1 and _is_index(test_labels)
+            and test_labels.shape[0] == getattr(test_features, "shape", (None,))[0]):
+        raise ValueError(f"knn_top1: test_labels must be a 1-D integer tensor of one class index >= 0 per test "
+                         f"feature ({_shape(test_features)}), got {_shape(test_labels)}"
+                         f"{' ' + str(test_labels.dtype) if isinstance(test_labels, Tensor) else ''}")
+    if test_labels.numel() == 0:  # an accuracy of nothing is no number (it was a RuntimeError from max())
+        raise ValueError("knn_top1: no test features")
+    # (Classes beyond the largest train label get no votes: num_classes need not cover the test labels.)
+    pred = knn_predict(train_features, train_labels, test_features, k=k, temperature=temperature)
+    # Counted exactly: a float32 mean printed 20.000000298023224 for 1 in 5.
+    return 100.0 * int((pred.cpu() == test_labels.cpu()).sum()) / test_labels.numel()
+
+
+def _is_index(t: Tensor) -> bool:
+    """An integer tensor of class indices >= 0 (bool and float labels are refused, not cast)."""
+    return (not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+            and (t.numel() == 0 or int(t.min()) >= 0))
 
 
 def _shape(t) -> str:
@@ -51,19 +70,24 @@ def _shape(t) -> str:
 
 def _check(train_features, train_labels, test_features, *, k, temperature, chunk) -> None:
     """Refuse what would otherwise vote wrongly without an error (k = 0 picks class 0 everywhere, T <= 0
-    inverts or breaks the weights, surplus labels are ignored) or fail deep inside torch."""
+    inverts or breaks the weights, surplus labels are ignored, one NaN training feature is every test
+    feature's nearest neighbour and wins every vote) or fail deep inside torch."""
     for name, t in (("train_features", train_features), ("test_features", test_features)):
         if not (isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point()):
             raise ValueError(f"knn_predict: {name} must be a 2-D float tensor (N, D), got "
                              f"{_shape(t)}{'' if not isinstance(t, Tensor) else ' ' + str(t.dtype)}")
+    for name, t in (("train_features", train_features), ("test_features", test_features)):
+        bad = int((~torch.isfinite(t)).any(1).sum())
+        if bad:
+            raise ValueError(f"knn_predict: {name} has {bad} rows with NaN or inf (of {t.shape[0]}); drop them or "
+                             f"find why the backbone overflows")
     if train_features.shape[0] == 0:
         raise ValueError("knn_predict: no training features")
     if test_features.shape[1] != train_features.shape[1]:
         raise ValueError(f"knn_predict: test_features have {test_features.shape[1]} dims, train_features "
                          f"{train_features.shape[1]}")
     if not (isinstance(train_labels, Tensor) and train_labels.dim() == 1
-            and train_labels.shape[0] == train_features.shape[0] and not train_labels.is_floating_point()
-            and train_labels.dtype != torch.bool and (train_labels.numel() == 0 or int(train_labels.min()) >= 0)):
+            and train_labels.shape[0] == train_features.shape[0] and _is_index(train_labels)):
         raise ValueError(f"knn_predict: train_labels must be a 1-D integer tensor of one class index >= 0 per "
                          f"training feature ({train_features.shape[0]}), got {_shape(train_labels)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -45,6 +45,11 @@ def test_knn_matches_the_definition():
     (dict(test_features=torch.randn(4, 5)), "test_features have 5 dims"),
     (dict(train_features=torch.randn(10)), "train_features must be a 2-D float tensor"),
     (dict(train_features=torch.zeros(0, 6)), "no training features"),
+    # one NaN training row was every test point's nearest neighbour: all predictions became its class
+    (dict(train_features=torch.randn(10, 6).index_fill_(0, torch.tensor([4]), float("nan"))),
+     "train_features has 1 rows with NaN or inf"),
+    (dict(test_features=torch.full((4, 6), float("inf"))), "test_features has 4 rows with NaN or inf"),
+    (dict(num_classes=2), "num_classes must be an int >= the largest train label \\+ 1 \\(3\\)"),
 ])
 def test_knn_refuses_bad_arguments(kwargs, match):
     args = dict(train_features=torch.randn(10, 6), train_labels=torch.arange(10) % 3,
@@ -56,6 +61,25 @@ def test_knn_refuses_bad_arguments(kwargs, match):
         knn_predict(**args)
     with pytest.raises(ValueError, match="test_labels must be"):
         knn_top1(torch.randn(10, 6), torch.arange(10) % 3, torch.randn(4, 6), torch.arange(3))
+
+
+def test_knn_takes_any_integer_labels_and_counts_exactly():
+    """uint8/int16 labels failed in scatter_add_ (int64 indices only), an empty test set in max(), and a float32
+    mean reported 1 of 5 as 20.000000298023224."""
+    g = torch.Generator().manual_seed(2)
+    train, test = torch.randn(40, 6, generator=g), torch.randn(5, 6, generator=g)
+    y = torch.arange(40) % 4
+    want = knn_predict(train, y, test, k=5)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(knn_predict(train, y.to(dtype), test, k=5), want)
+    hits = torch.zeros(5, dtype=torch.int64)
+    hits[0] = want[0]
+    hits[1:] = (want[1:] + 1) % 4
+    assert knn_top1(train, y, test, hits.to(torch.int32), k=5) == 20.0
+    with pytest.raises(ValueError, match="no test features"):
+        knn_top1(train, y, test[:0], y[:0])
+    with pytest.raises(ValueError, match="test_labels must be a 1-D integer tensor"):
+        knn_top1(train, y, test, hits.float())
 
 
 def test_linear_probe_learns_a_linear_rule_and_picks_the_regularisation():
