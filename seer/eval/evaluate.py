@@ -1,6 +1,7 @@
 """kNN and linear-probe evaluation of a backbone, during pretraining (every ``eval.every`` steps) and after."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
@@ -13,6 +14,8 @@ from .datasets import load_labelled
 from .features import extract_features
 from .knn import knn_top1
 from .linear import linear_probe
+
+log = logging.getLogger(__name__)
 
 
 class Evaluator:
@@ -51,21 +54,35 @@ class Evaluator:
         return out, skipped
 
     def evaluate(self, backbone: nn.Module, *, knn: Optional[bool] = None, linear: Optional[bool] = None) -> dict:
-        """{'knn_top1', 'linear_top1' (percent, as enabled), 'n_train', 'n_test', 'skipped', 'seconds'}; only
-        on the computing process (others return {})."""
+        """{'knn_top1', 'linear_top1' (percent, as enabled), 'n_train', 'n_test', 'skipped', 'seconds', and
+        'non_finite' where images were dropped for NaN/inf features}; only on the computing process (others
+        return {})."""
         t0 = time.perf_counter()
         knn = self.cfg.knn if knn is None else knn
         linear = self.cfg.linear if linear is None else linear
         feats, skipped = self.features(backbone)
-        for name, (f, _) in feats.items():  # every rank holds the gathered features: all raise alike
+        non_finite = 0
+        for name, (f, y) in feats.items():  # every rank holds the gathered features: all raise alike
+            # A NaN row is every test feature's nearest neighbour in the kNN (it won every vote) and makes the
+            # probe's standardisation NaN for all: such images (an fp16 overflow, say) are dropped and counted.
+            finite = torch.isfinite(f).all(1)
+            dropped = int((~finite).sum())
+            if dropped:
+                log.warning("evaluation drops %d of the %d images of its %s split: the backbone gave them NaN or "
+                            "inf features", dropped, f.shape[0], name)
+                feats[name] = f, y = f[finite], y[finite]
+                non_finite += dropped
             if f.shape[0] == 0:
                 raise ValueError(f"eval.dataset {self.cfg.dataset!r}: every image of its {name} split "
-                                 f"({len(self.splits[name])} files) is unreadable (logged above); nothing to "
+                                 f"({len(self.splits[name])} files) is unreadable"
+                                 f"{' or has NaN/inf features' if dropped else ''} (logged above); nothing to "
                                  f"evaluate")
         if not self.compute:
             return {}
         (ftr, ytr), (fte, yte) = feats["train"], feats["test"]
         out = {"n_train": int(ftr.shape[0]), "n_test": int(fte.shape[0]), "skipped": skipped}
+        if non_finite:
+            out["non_finite"] = non_finite
         if knn:
             out["knn_top1"] = knn_top1(ftr, ytr, fte, yte, k=self.cfg.knn_k, temperature=self.cfg.knn_temperature)
         if linear:

@@ -186,3 +186,34 @@ def test_digits_split_is_fixed_and_labels_hidden_from_training():
     assert len(d["train"][0]) == 1200 and len(d["test"][0]) == 597
     assert torch.equal(digits_images(16, "train"), d["train"][0])
     assert d["train"][0].dtype == torch.uint8 and tuple(d["train"][0].shape[1:]) == (3, 16, 16)
+
+
+def test_images_with_non_finite_features_are_dropped_and_counted(tmp_path, caplog):
+    """One image whose features overflow (NaN) decided every kNN vote and made the probe's standardisation NaN
+    for all features: it is dropped, counted and logged, and the scores are those without it."""
+    _class_images(tmp_path / "d" / "train", n=4)
+    _class_images(tmp_path / "d" / "val", n=3)
+
+    class Poisoned(torch.nn.Module):  # per-channel means; NaN for the ``bad``-th image it sees
+        def __init__(self, bad):
+            super().__init__()
+            self.bad, self.seen = bad, 0
+
+        def forward(self, x):
+            f = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+            if self.seen <= self.bad < self.seen + len(x):
+                f[self.bad - self.seen] = float("nan")
+            self.seen += len(x)
+            return f
+
+    cfg = EvalConfig(dataset=str(tmp_path / "d"), knn_k=3, linear_weight_decays=[1e-3], batch_size=2)
+    ev = Evaluator(cfg, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    with caplog.at_level("WARNING"):
+        got = ev.evaluate(Poisoned(bad=1))  # the second training image
+    assert "drops 1 of the 8 images of its train split" in caplog.text
+    clean = Evaluator(cfg, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    keep = torch.tensor([i for i in range(8) if i != 1])
+    clean.splits["train"] = clean.splits["train"].subset(keep)
+    want = clean.evaluate(Poisoned(bad=-1))
+    assert got["non_finite"] == 1 and got["n_train"] == 7 and "non_finite" not in want
+    assert (got["knn_top1"], got["linear_top1"]) == (want["knn_top1"], want["linear_top1"])
