@@ -14,6 +14,8 @@ higher numbers on ImageNet-scale data.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -49,13 +51,16 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
                  weight_decays: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2), max_iter: int = 200,
                  seed: int = 0) -> dict:
     """{'top1': test accuracy in percent, 'weight_decay': the chosen lambda, 'val_top1': its validation score}."""
+    _check(train_features, train_labels, test_features, test_labels, weight_decays=weight_decays, max_iter=max_iter)
+    train_labels, test_labels = train_labels.long(), test_labels.long()  # cross_entropy takes int64 targets only
     mean = train_features.float().mean(0)
-    std = train_features.float().std(0).clamp_min(1e-6)
+    # One training feature has no (Bessel) std: NaN turned every feature NaN; 0 leaves them centred.
+    std = train_features.float().std(0, correction=1 if train_features.shape[0] > 1 else 0).clamp_min(1e-6)
     xtr = (train_features.float() - mean) / std
     xte = (test_features.float() - mean) / std
     c = int(max(train_labels.max(), test_labels.max())) + 1
     best = (float(weight_decays[0]), -1.0)
-    if len(weight_decays) > 1:
+    if len(weight_decays) > 1 and xtr.shape[0] >= 2:  # (one feature leaves none to fit on beside its validation)
         perm = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(seed))
         n_val = max(1, xtr.shape[0] // 5)
         val, fit = perm[:n_val], perm[n_val:]
@@ -66,3 +71,36 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
                 best = (float(wd), acc)
     w, b = fit_logistic(xtr, train_labels, c, best[0], max_iter)
     return {"top1": _accuracy(w, b, xte, test_labels), "weight_decay": best[0], "val_top1": best[1]}
+
+
+def _check(train_features, train_labels, test_features, test_labels, *, weight_decays, max_iter) -> None:
+    """Refuse what would otherwise give a silent wrong score (NaN features make every feature NaN after the
+    standardisation) or fail deep inside torch (int32 labels, labels of another length, no weight decay)."""
+    feats = (("train_features", train_features), ("test_features", test_features))
+    for name, t in feats:
+        if not (isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point() and t.shape[0] > 0):
+            raise ValueError(f"linear_probe: {name} must be a non-empty 2-D float tensor (N, D), got "
+                             f"{_describe(t)}")
+    if test_features.shape[1] != train_features.shape[1]:
+        raise ValueError(f"linear_probe: test_features have {test_features.shape[1]} dims, train_features "
+                         f"{train_features.shape[1]}")
+    for (name, t), (_, f) in zip((("train_labels", train_labels), ("test_labels", test_labels)), feats):
+        if not (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == f.shape[0] and not t.is_floating_point()
+                and not t.is_complex() and t.dtype != torch.bool and int(t.min()) >= 0):
+            raise ValueError(f"linear_probe: {name} must be a 1-D integer tensor of one class index >= 0 per "
+                             f"feature ({f.shape[0]}), got {_describe(t)}")
+    for name, t in feats:
+        bad = int((~torch.isfinite(t)).any(1).sum())
+        if bad:
+            raise ValueError(f"linear_probe: {name} has {bad} rows with NaN or inf (of {t.shape[0]})")
+    wds = list(weight_decays) if isinstance(weight_decays, Sequence) and not isinstance(weight_decays, str) else []
+    if not wds or not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+                          for w in wds):
+        raise ValueError(f"linear_probe: weight_decays must be a non-empty list of finite numbers >= 0, got "
+                         f"{weight_decays!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"linear_probe: max_iter must be a positive int, got {max_iter!r}")
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__

@@ -93,6 +93,37 @@ def test_linear_probe_learns_a_linear_rule_and_picks_the_regularisation():
     assert noise["top1"] < 50
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(train_labels=torch.zeros(7, dtype=torch.int64)), "train_labels must be a 1-D integer tensor"),
+    (dict(test_labels=torch.zeros(6)), "test_labels must be a 1-D integer tensor"),
+    (dict(test_features=torch.randn(6, 4)), "test_features have 4 dims"),
+    (dict(train_features=torch.randn(12, 5).index_fill_(0, torch.tensor([3]), float("nan"))),
+     "train_features has 1 rows with NaN or inf"),
+    (dict(test_features=torch.zeros(0, 5), test_labels=torch.zeros(0, dtype=torch.int64)),
+     "test_features must be a non-empty 2-D float tensor"),
+    (dict(weight_decays=[]), "weight_decays must be a non-empty list"),
+    (dict(weight_decays=[-1.0]), "weight_decays must be a non-empty list"),
+    (dict(max_iter=0), "max_iter must be a positive int"),
+])
+def test_linear_probe_refuses_bad_arguments(kwargs, match):
+    """Each was an IndexError or a RuntimeError deep in torch, or (NaN) a silent score on NaN features."""
+    args = dict(train_features=torch.randn(12, 5), train_labels=torch.arange(12) % 3,
+                test_features=torch.randn(6, 5), test_labels=torch.arange(6) % 3, max_iter=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        linear_probe(**args)
+
+
+def test_linear_probe_takes_int32_labels_and_a_single_training_feature():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    want = linear_probe(x[:40], y[:40], x[40:], y[40:], max_iter=20)
+    assert linear_probe(x[:40], y[:40].int(), x[40:], y[40:].int(), max_iter=20) == want  # was a RuntimeError
+    # One training feature (its std was NaN: every feature NaN, a chance score): the probe predicts its class.
+    one = linear_probe(x[:1], y[:1], x[40:], y[40:], max_iter=20)
+    assert one["top1"] == 100.0 * float((y[40:] == y[0]).double().mean())
+
+
 def test_class_folders_with_and_without_a_split(tmp_path):
     for split in ("train", "val"):
         for c in ("cat", "dog"):
