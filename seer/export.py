@@ -77,18 +77,35 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     if vit.norm_eps != 1e-6:
         raise ValueError(f"model.norm_eps={vit.norm_eps}: timm's VisionTransformer uses LayerNorm eps 1e-6; only "
                          f"such models export to the timm layout")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in state.items()}
-    save_file(tensors, str(out), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
             "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)",
             "seer_run_config": to_dict(cfg)}
+    text = json.dumps(info, indent=1)  # (everything that can fail on the content, before any file is touched)
     json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(info, indent=1))
-    # safetensors creates its file readable by the owner alone (0600): give it the JSON's mode (what any new
-    # file of this process gets), so that whoever can read the export's JSON can read its weights.
-    os.chmod(out, json_path.stat().st_mode & 0o777)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Both files are written in full under .part names first, then renamed. Written in place, a crash between
+    # the two (or a full disk on the JSON) left the new weights beside the JSON of the export they replaced:
+    # a pair that loads without an error, with another run's normalisation and config.
+    parts = (out.with_name(out.name + ".part"), json_path.with_name(json_path.name + ".part"))
+    try:
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(parts[0]), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
+        parts[1].write_text(text)
+        for part in parts:
+            with open(part, "rb") as f:
+                os.fsync(f.fileno())
+        # safetensors creates its file readable by the owner alone (0600): give it the JSON's mode (what any
+        # new file of this process gets), so that whoever can read the export's JSON can read its weights.
+        os.chmod(parts[0], parts[1].stat().st_mode & 0o777)
+        # The old JSON goes first: a crash between the renames leaves weights without a JSON (refused, named),
+        # never new weights beside the old JSON.
+        json_path.unlink(missing_ok=True)
+        os.replace(parts[0], out)
+        os.replace(parts[1], json_path)
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
     return out, json_path
 
 

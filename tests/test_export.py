@@ -138,3 +138,53 @@ def test_timm_rebuilds_awkward_configs_exactly(vit_kw):
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         export_timm("unused", "vit.pt")
+
+
+def test_a_failed_export_never_pairs_new_weights_with_the_old_json(run, tmp_path, monkeypatch):
+    """Overwriting an export wrote the weights in place, then the JSON: a failure in between (a full disk, a
+    kill) left the new weights beside the replaced export's JSON, which loaded without an error."""
+    import os
+    from pathlib import Path
+    other = tmp_path / "other"
+    # the same architecture as ``run``'s: a mismatched pair loads without an error
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "train.seed=5",
+                                           "model.qk_norm=true", "model.layer_scale_init=0.1",
+                                           "data.crops.mean=[0.1,0.2,0.3]"])
+    Trainer(cfg, other).fit()
+    st, js = export_timm(run, tmp_path / "e" / "vit.safetensors")
+    old_json, x = js.read_text(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        old = load_pretrained(st)(x)
+    write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if ".json" in self.name:
+            raise OSError(28, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_timm(other, st)
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(st)(x), old) and js.read_text() == old_json  # the old export, whole
+    assert sorted(p.name for p in st.parent.iterdir()) == ["vit.json", "vit.safetensors"]  # no parts left
+    # killed between the two renames: weights without a JSON, refused by name, never a mismatched pair
+    replace, calls = os.replace, []
+
+    def killed(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_timm(other, st)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="vit.json"):
+        load_pretrained(st)
+    export_timm(other, st)  # and a complete export replaces both
+    assert json.loads(js.read_text())["mean"] == [0.1, 0.2, 0.3]
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(st)(x), load_pretrained(other)(x))
