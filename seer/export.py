@@ -68,15 +68,17 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     """Write OUT.safetensors and OUT.json (module doc) from a training checkpoint; return both paths."""
     from safetensors.torch import save_file
 
-    from .pretrained import checkpoint_backbone_state
+    from .pretrained import checkpoint_backbone_state, checkpoint_config
 
     out = Path(out)
     _check_out(out)  # before the checkpoint is read, not after
-    cfg, state = checkpoint_backbone_state(checkpoint)
+    cfg = checkpoint_config(checkpoint)
     vit = cfg.model
+    # From the config alone: refused after the tensors were read (and CRC-checked), a 10B model's tens of GB.
     if vit.norm_eps != 1e-6:
         raise ValueError(f"model.norm_eps={vit.norm_eps}: timm's VisionTransformer uses LayerNorm eps 1e-6; only "
                          f"such models export to the timm layout")
+    state = checkpoint_backbone_state(checkpoint, cfg)[1]
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
             "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)",

@@ -188,3 +188,17 @@ def test_a_failed_export_never_pairs_new_weights_with_the_old_json(run, tmp_path
     assert json.loads(js.read_text())["mean"] == [0.1, 0.2, 0.3]
     with torch.no_grad():
         assert torch.equal(load_pretrained(st)(x), load_pretrained(other)(x))
+
+
+def test_a_model_that_timm_cannot_build_is_refused_before_its_tensors_are_read(tmp_path, monkeypatch):
+    import seer.pretrained
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "model.norm_eps=1e-5"])
+    Trainer(cfg, tmp_path / "run").fit()
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the checkpoint's tensors were read")
+
+    monkeypatch.setattr(seer.pretrained, "load_tensors", no_read)
+    with pytest.raises(ValueError, match="model.norm_eps=1e-05: timm's VisionTransformer uses LayerNorm eps 1e-6"):
+        export_timm(tmp_path / "run", tmp_path / "vit.safetensors")
+    assert not (tmp_path / "vit.safetensors").exists()
