@@ -94,8 +94,12 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
             out = {"train": LabelledSplit(tr, ytr, classes), "test": LabelledSplit(te, yte, classes)}
         else:
             paths, labels, classes = _class_folder(root)
+            if len(paths) < 2:
+                raise ValueError(f"eval.dataset {dataset!r} has {len(paths)} image; split by eval.test_fraction it "
+                                 f"needs at least 2 (one to train on, one to test)")
             perm = torch.randperm(len(paths), generator=torch.Generator().manual_seed(split_seed))
-            n_test = max(1, int(round(len(paths) * test_fraction)))
+            # At least one image on each side: an empty train split was reported as "every image unreadable".
+            n_test = min(max(1, int(round(len(paths) * test_fraction))), len(paths) - 1)
             full = LabelledSplit(paths, labels, classes)
             out = {"train": full.subset(perm[n_test:]), "test": full.subset(perm[:n_test])}
     if max_images:

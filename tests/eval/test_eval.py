@@ -138,6 +138,14 @@ def test_class_folders_with_and_without_a_split(tmp_path):
     assert len(flat["train"]) + len(flat["test"]) == 7 and len(flat["test"]) == 2
     with pytest.raises(ValueError, match="one subfolder per class"):
         load_labelled(str(tmp_path / "a" / "train" / "cat"))
+    # a large test fraction of few images keeps one to train on (all went to the test split, and the
+    # evaluation then called the empty train split unreadable); one image cannot be split
+    two = load_labelled(str(tmp_path / "a" / "train"), test_fraction=0.95)
+    assert len(two["train"]) == 1 and len(two["test"]) == 6
+    _class_images(tmp_path / "one", n=1, bad={("dog", 0)})
+    (tmp_path / "one" / "dog" / "0.png").unlink()
+    with pytest.raises(ValueError, match="has 1 image; split by eval.test_fraction it needs at least 2"):
+        load_labelled(str(tmp_path / "one"))
     # a cap on the images keeps every class (the folder lists them class by class), the same ones every time
     capped = load_labelled(str(tmp_path / "a"), max_images=4)
     assert len(capped["train"]) == 4 and capped["train"].labels.tolist().count(0) == 2
