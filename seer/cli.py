@@ -186,7 +186,8 @@ def cmd_eval(args) -> int:
     else:
         backbone = backbone_module(saved.model, checkpoint_backbone_state(ckpt_dir, saved)[1])
     ev = Evaluator(cfg.eval, image_size=cfg.data.crops.global_size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
-                   digits_size=cfg.data.digits_size, device=torch.device("cpu"))
+                   digits_size=cfg.data.digits_size, device=torch.device("cpu"),
+                   max_pixels=cfg.data.max_image_pixels)
     res = ev.evaluate(backbone, knn=args.protocol == "knn", linear=args.protocol == "linear")
     res = {"protocol": args.protocol, "checkpoint": str(ckpt), "random_init": args.random_init,
            "dataset": cfg.eval.dataset, **res}

@@ -18,7 +18,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..data.dataset import _reason
+from ..config import DataConfig
+from ..data.dataset import _reason, decode_checked
 from ..data.sources import followed_is, printable, scan_folder
 
 log = logging.getLogger(__name__)
@@ -136,12 +137,12 @@ def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
 _REPORTED: set[str] = set()  # unreadable files already logged (periodic evaluation meets them again)
 
 
-def load_image(path: str) -> Optional[Tensor]:
-    """Decoded uint8 (3, H, W), or None if the file cannot be read (logged the first time)."""
-    from seer_kernels import decode
+def load_image(path: str, max_pixels: int = DataConfig.max_image_pixels) -> Optional[Tensor]:
+    """Decoded uint8 (3, H, W), or None if the file cannot be read or has more than ``max_pixels`` pixels
+    (a decompression bomb, as in training: data.max_image_pixels) (logged the first time)."""
     try:
         with open(path, "rb") as f:
-            return decode.decode_image(f.read())[0]
+            return decode_checked(f.read(), max_pixels)
     except Exception as e:  # a bad file: skipped and counted by the caller
         if path not in _REPORTED:
             _REPORTED.add(path)

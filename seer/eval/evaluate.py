@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import EvalConfig
+from ..config import DataConfig, EvalConfig
 from .datasets import load_labelled
 from .features import extract_features
 from .knn import knn_top1
@@ -29,16 +29,19 @@ class Evaluator:
         group: data-parallel group the feature extraction is split over.
         compute: whether this process computes the scores (global rank 0); others only extract features.
         digits_size: side of the built-in digits.
+        max_pixels: images with more pixels are skipped as unreadable (``data.max_image_pixels``: the
+            decompression-bomb guard of training).
     """
 
     def __init__(self, cfg: EvalConfig, *, image_size: int, mean, std, device: torch.device = torch.device("cpu"),
                  group: Optional[dist.ProcessGroup] = None, compute: bool = True, digits_size: int = 32,
-                 autocast_dtype: Optional[torch.dtype] = None):
+                 autocast_dtype: Optional[torch.dtype] = None, max_pixels: int = DataConfig.max_image_pixels):
         self.cfg = cfg
         self.image_size = cfg.image_size or image_size
         self.mean, self.std = list(mean), list(std)
         self.device, self.group, self.compute = device, group, compute
         self.autocast_dtype = autocast_dtype
+        self.max_pixels = max_pixels
         self.splits = load_labelled(cfg.dataset, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
                                     digits_size=digits_size, max_images=cfg.max_images)
 
@@ -48,7 +51,7 @@ class Evaluator:
         for name, split in self.splits.items():
             f, y, bad = extract_features(backbone, split, image_size=self.image_size, mean=self.mean, std=self.std,
                                          batch_size=self.cfg.batch_size, device=self.device, group=self.group,
-                                         autocast_dtype=self.autocast_dtype)
+                                         autocast_dtype=self.autocast_dtype, max_pixels=self.max_pixels)
             out[name] = (f, y)
             skipped += bad
         return out, skipped

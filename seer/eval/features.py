@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..config import DataConfig
 from ..parallel import comm
 from .datasets import LabelledSplit, load_image, preprocess
 
@@ -19,9 +20,10 @@ from .datasets import LabelledSplit, load_image, preprocess
 @torch.no_grad()
 def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: int, mean, std,
                      batch_size: int = 256, device: torch.device = torch.device("cpu"),
-                     group: Optional[dist.ProcessGroup] = None, autocast_dtype: Optional[torch.dtype] = None
-                     ) -> tuple[Tensor, Tensor, int]:
-    """(features (M, D) float32 on the CPU, labels (M,), images skipped as unreadable)."""
+                     group: Optional[dist.ProcessGroup] = None, autocast_dtype: Optional[torch.dtype] = None,
+                     max_pixels: int = DataConfig.max_image_pixels) -> tuple[Tensor, Tensor, int]:
+    """(features (M, D) float32 on the CPU, labels (M,), images skipped as unreadable or larger than
+    ``max_pixels``)."""
     was_training = backbone.training
     backbone.eval()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -42,7 +44,7 @@ def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: i
         else:
             images, ok = [], []
             for i in idx:
-                img = split.images[i] if isinstance(split.images, Tensor) else load_image(split.images[i])
+                img = split.images[i] if isinstance(split.images, Tensor) else load_image(split.images[i], max_pixels)
                 if img is not None:
                     images.append(preprocess(img, image_size, mean_t, std_t))
                     ok.append(i)

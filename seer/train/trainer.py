@@ -420,7 +420,7 @@ class Trainer:
             self._evaluator = Evaluator(c.eval, image_size=c.data.crops.global_size, mean=c.data.crops.mean,
                                         std=c.data.crops.std, device=self.device, group=self.dims.dp_group,
                                         compute=self.dist.is_main, digits_size=c.data.digits_size,
-                                        autocast_dtype=self.amp)
+                                        autocast_dtype=self.amp, max_pixels=c.data.max_image_pixels)
         return self._evaluator
 
     def evaluate(self) -> dict:

@@ -256,3 +256,23 @@ def test_images_with_non_finite_features_are_dropped_and_counted(tmp_path, caplo
     want = clean.evaluate(Poisoned(bad=-1))
     assert got["non_finite"] == 1 and got["n_train"] == 7 and "non_finite" not in want
     assert (got["knn_top1"], got["linear_top1"]) == (want["knn_top1"], want["linear_top1"])
+
+
+def test_evaluation_images_above_the_pixel_limit_are_skipped_as_in_training(tmp_path, caplog):
+    """Evaluation decoded any image whole, without training's decompression-bomb guard (data.max_image_pixels):
+    a small file claiming a huge image could exhaust the memory of a run's periodic evaluation."""
+    root = tmp_path / "d"
+    _class_images(root / "train")
+    _class_images(root / "val")
+    (root / "train" / "cat" / "big.png").write_bytes(image_bytes(7, (40, 40)))  # 1,600 pixels, the others 600
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    cfg = EvalConfig(dataset=str(root), knn_k=3, linear=False)
+    with caplog.at_level("WARNING"):
+        res = Evaluator(cfg, image_size=16, mean=[0.5] * 3, std=[0.25] * 3, max_pixels=1000).evaluate(Mean())
+    assert res["skipped"] == 1 and res["n_train"] == 6
+    assert "big.png (ValueError: 40 x 40 pixels exceed data.max_image_pixels=1000" in caplog.text
+    assert Evaluator(cfg, image_size=16, mean=[0.5] * 3, std=[0.25] * 3).evaluate(Mean())["skipped"] == 0
