@@ -116,10 +116,15 @@ def _stratified(labels: Tensor, count: int, seed: int) -> Tensor:
     folder dataset (its files are listed class by class)."""
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     ranked = labels[perm]
-    turn = torch.empty_like(perm)  # each image's position among its class's images in the permutation
-    for c in ranked.unique():
-        where = ranked == c
-        turn[where] = torch.arange(int(where.sum()))
+    # Each image's position among its class's images in the permutation (its turn): grouped by a stable sort,
+    # the turn is the distance to the start of its group. (A loop over the classes took a minute for 10,000
+    # classes of 200,000 images.)
+    grouped = torch.sort(ranked, stable=True).indices
+    pos = torch.arange(len(ranked))
+    starts = torch.ones(len(ranked), dtype=torch.bool)
+    starts[1:] = ranked[grouped][1:] != ranked[grouped][:-1]
+    turn = torch.empty_like(perm)
+    turn[grouped] = pos - torch.cummax(torch.where(starts, pos, 0), 0).values
     order = torch.sort(turn, stable=True).indices
     return perm[order[:count]].sort().values
 
