@@ -261,21 +261,22 @@ def default_crops(cfg: ViTConfig) -> str:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="seer plan", description="Per-GPU memory, FLOPs and communication of one "
                                  "SwAV training step, and whether it fits the GPU.")
-    ap.add_argument("--model", default="vit-10b", help=f"ViT preset: {', '.join(PRESET_NAMES)}")
+    ap.add_argument("--model", default="vit-10b", help=f"ViT preset: {', '.join(PRESET_NAMES)} (default: %(default)s)")
     ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (dp x tp)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (inside a node)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (inside a node; default: %(default)s)")
     ap.add_argument("--micro-batch", type=int, required=True, help="images per data-parallel rank per step")
-    ap.add_argument("--checkpointing", default="none", help="activation checkpointing: none, full, every-N")
+    ap.add_argument("--checkpointing", default="none", help="activation checkpointing: none, full, every-N (default: %(default)s)")
     ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                     help="sequence parallelism (default: on when --tp > 1)")
     ap.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True,
-                    help="shard parameters, gradients and optimizer state over data-parallel ranks")
+                    help="shard parameters, gradients and optimizer state over data-parallel ranks (default: on)")
     ap.add_argument("--crops", default=None, help="crops per image, e.g. 2x224+4x98 (default by patch size)")
     ap.add_argument("--head", choices=("seer", "swav", "none"), default="seer",
-                    help="SwAV head: seer (8192-8192-256, 16000 prototypes), swav (2048-128, 3000), none")
+                    help="SwAV head: seer (8192-8192-256, 16000 prototypes), swav (2048-128, 3000), none "
+                         "(default: %(default)s)")
     ap.add_argument("--prototypes", type=int, default=None, help="number of prototypes K (overrides the head's)")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory (default 80)")
-    ap.add_argument("--mfu", type=float, default=0.5, help="MFU assumed for the compute-time estimate")
+    ap.add_argument("--mfu", type=float, default=0.5, help="MFU assumed for the compute-time estimate (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 

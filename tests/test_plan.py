@@ -111,3 +111,12 @@ def test_model_md_parameter_table_matches_the_counts():
         cfg = vit_preset(name)
         assert float(trunk) == round(count_parameters(cfg).trunk / 1e6, 1), name
         assert float(total) == round(count_parameters(cfg, seer_head()).total / 1e6, 1), name
+
+
+def test_help_names_every_default():
+    # `seer plan --help` is what a user reads before choosing flags: every option that has a default says it.
+    from seer.plan import _parser
+    for action in _parser()._actions:
+        if action.required or action.default in (None, False) or action.dest == "help":
+            continue
+        assert "default" in (action.help or ""), action.option_strings
