@@ -153,7 +153,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.2"],
-        "train": ["tensorboard", "matplotlib", "tqdm", "nvtx", "scikit-learn"],
+        "train": ["tensorboard", "matplotlib", "tqdm", "nvtx", "scikit-learn", "torchvision"],  # torchvision: eval on folders
         "timm": ["timm>=1.0"],
         "test": ["pytest", "pytest-benchmark", "scikit-image", "scikit-learn", "torchvision"],
     },

@@ -80,8 +80,11 @@ class MetricsWriter:
                 log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
         show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
         if show:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            except ImportError:  # tqdm is optional (the 'train' extra), as tensorboard and matplotlib are
+                log.warning("tqdm is not installed: no progress bar (pip install tqdm)")
 
     def write(self, record: dict) -> None:
         if not self.active:
