@@ -153,7 +153,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.2"],
-        "train": ["tensorboard", "matplotlib", "tqdm", "nvtx", "scikit-learn", "torchvision"],  # torchvision: eval on folders
+        # torchvision: evaluation on image folders (seer/eval/datasets.py)
+        "train": ["tensorboard", "matplotlib", "tqdm", "nvtx", "scikit-learn", "torchvision"],
         "timm": ["timm>=1.0"],
         "test": ["pytest", "pytest-benchmark", "scikit-image", "scikit-learn", "torchvision"],
     },

@@ -265,7 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (dp x tp)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (inside a node; default: %(default)s)")
     ap.add_argument("--micro-batch", type=int, required=True, help="images per data-parallel rank per step")
-    ap.add_argument("--checkpointing", default="none", help="activation checkpointing: none, full, every-N (default: %(default)s)")
+    ap.add_argument("--checkpointing", default="none",
+                    help="activation checkpointing: none, full, every-N (default: %(default)s)")
     ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                     help="sequence parallelism (default: on when --tp > 1)")
     ap.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True,
@@ -276,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     ap.add_argument("--prototypes", type=int, default=None, help="number of prototypes K (overrides the head's)")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory (default 80)")
-    ap.add_argument("--mfu", type=float, default=0.5, help="MFU assumed for the compute-time estimate (default: %(default)s)")
+    ap.add_argument("--mfu", type=float, default=0.5,
+                    help="MFU assumed for the compute-time estimate (default: %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 
