@@ -159,6 +159,12 @@ def plan(inp: PlanInput) -> dict:
     if inp.gpus % tp:
         raise ValueError(f"--gpus {inp.gpus} is not divisible by --tp {tp}")
     validate_tensor_parallel(cfg, inp.head, tp)
+    if not inp.fsdp and inp.gpus // tp > 1:
+        # As validate_parallel_config refuses it: data parallelism is FSDP2 here, there is no unsharded
+        # (DDP) mode. Planning one would show unsharded model state and no gradient traffic at all.
+        raise ValueError(f"--no-fsdp with --gpus {inp.gpus} / --tp {tp} = {inp.gpus // tp} data-parallel ranks: "
+                         f"data parallelism is implemented with FSDP2 (training refuses parallel.fsdp=false "
+                         f"with dp > 1); drop --no-fsdp, or use --gpus equal to --tp")
     if inp.sequence_parallel:  # as the trainer refuses it (seer.parallel.tensor_parallel's scatter hook)
         odd = [(n, s) for n, s in inp.crops if n * inp.micro_batch % tp]
         if odd:

@@ -67,6 +67,8 @@ def test_checkpointing_and_sequence_parallel_reduce_activations():
     # layouts training refuses: 6 sequences per group over tp 8; a prototype count without a head
     (("--gpus", "8", "--tp", "8", "--micro-batch", "3"), "make 6 sequences per rank, which sequence parallelism"),
     (("--gpus", "8", "--micro-batch", "1", "--head", "none", "--prototypes", "100"), "--prototypes needs a head"),
+    # training has no unsharded data parallelism (parallel.fsdp=false needs dp == 1)
+    (("--gpus", "16", "--tp", "8", "--micro-batch", "16", "--no-fsdp"), "--no-fsdp with --gpus 16 / --tp 8 = 2"),
 ])
 def test_bad_arguments(capsys, args, match):
     code, _, err = run(capsys, *args)
@@ -120,3 +122,12 @@ def test_help_names_every_default():
         if action.required or action.default in (None, False) or action.dest == "help":
             continue
         assert "default" in (action.help or ""), action.option_strings
+
+
+def test_no_fsdp_is_planned_only_where_training_allows_it(capsys):
+    # dp == 1: FSDP has nothing to shard over, --no-fsdp is the same layout and plans.
+    code, out, _ = run(capsys, "--gpus", "8", "--tp", "8", "--micro-batch", "16", "--no-fsdp")
+    assert code == 0 and "FSDP off" in out
+    from seer.parallel.dims import ParallelConfig, validate_parallel_config
+    with pytest.raises(ValueError, match="parallel.fsdp=false with dp=2"):
+        validate_parallel_config(ParallelConfig(tp=8, fsdp=False), 16)
