@@ -8,7 +8,8 @@ autograd actually saves in a block). Model quantities, with d = width, m = MLP w
 T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class token):
 
 * parameters per GPU: tensor-parallel slices / T + replicated tensors; FSDP divides by D the float32
-  master weights, the float32 gradients and the float32 momentum (SGD/LARS keeps one moment).
+  master weights, the float32 gradients and the float32 optimizer state (SGD/LARS keeps one moment, AdamW
+  two: 4 or 8 bytes per parameter).
 * activations per token and block (bf16 autocast, float32 residual stream): float32 inputs of the two
   norms (8 d bytes), bf16 inputs of qkv and fc1 (4 d), qkv output (6 d), attention output and projection
   input (2 d + 2 d; one buffer when the kernel's output layout makes the reshape a view), MLP hidden
@@ -36,6 +37,8 @@ from .swav.config import SwAVHeadConfig, seer_head
 
 GiB = 1024 ** 3
 H100_BF16_TFLOPS = 989.4  # dense, SXM (perf_anchors.md section 0)
+# float32 moments per parameter of each train.optimizer: LARS's momentum; AdamW's exp_avg and exp_avg_sq.
+OPTIMIZER_MOMENTS = {"lars": 1, "adamw": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,6 +148,7 @@ class PlanInput:
     fsdp: bool = True
     reshard_after_forward: bool = True
     sinkhorn_iterations: int = 3
+    optimizer: str = "lars"
     gpu_memory_gib: float = 80.0
     reserve_gib: float = 4.0
     peak_tflops: float = H100_BF16_TFLOPS
@@ -173,6 +177,8 @@ def plan(inp: PlanInput) -> dict:
                              f"sequences per rank, which sequence parallelism cannot split over --tp {tp} (training "
                              f"refuses it); use a micro-batch that makes them a multiple of {tp}, or "
                              f"--no-sequence-parallel")
+    if inp.optimizer not in OPTIMIZER_MOMENTS:
+        raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_MOMENTS)}, got {inp.optimizer!r}")
     n_ckpt = len(checkpointed_blocks(cfg.depth, inp.checkpointing))
     dp = inp.gpus // tp
     shard = dp if (inp.fsdp and dp > 1) else 1
@@ -183,7 +189,7 @@ def plan(inp: PlanInput) -> dict:
                  "global_batch": inp.micro_batch * dp, "params_per_gpu": p_rank / shard}
     out["param_bytes"] = 4 * p_rank / shard
     out["grad_bytes"] = 4 * p_rank / shard
-    out["optimizer_bytes"] = 4 * p_rank / shard       # LARS/SGD momentum, float32
+    out["optimizer_bytes"] = 4 * OPTIMIZER_MOMENTS[inp.optimizer] * p_rank / shard  # float32 moments
     if shard > 1:
         # Gathered bf16 parameters of the running and the prefetched block, the block's unsharded float32
         # gradients before the reduce-scatter, the float32 prototypes.
@@ -282,6 +288,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="SwAV head: seer (8192-8192-256, 16000 prototypes), swav (2048-128, 3000), none "
                          "(default: %(default)s)")
     ap.add_argument("--prototypes", type=int, default=None, help="number of prototypes K (overrides the head's)")
+    ap.add_argument("--optimizer", choices=tuple(OPTIMIZER_MOMENTS), default="lars",
+                    help="train.optimizer: lars (one float32 moment per parameter, SwAV/SEER) or adamw (two)")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory (default 80)")
     ap.add_argument("--mfu", type=float, default=0.5,
                     help="MFU assumed for the compute-time estimate (default: %(default)s)")
@@ -306,7 +314,8 @@ def format_plan(inp: PlanInput, r: dict, model_name: str) -> str:
         "  memory per GPU",
         f"    parameters (fp32) {_gib(r['param_bytes'])}",
         f"    gradients (fp32)  {_gib(r['grad_bytes'])}",
-        f"    optimizer (fp32)  {_gib(r['optimizer_bytes'])}   (LARS momentum)",
+        f"    optimizer (fp32)  {_gib(r['optimizer_bytes'])}   "
+        f"({'LARS momentum' if inp.optimizer == 'lars' else 'AdamW: two moments'})",
         f"    working copies    {_gib(r['working_bytes'])}   (bf16 weights in use, unsharded block grads)",
         f"    activations       {_gib(r['activation_bytes'])}   ({r['tokens_per_gpu']:,} tokens)",
         f"    total             {_gib(r['total_bytes'])}   of {inp.gpu_memory_gib:.0f} GiB "
@@ -354,7 +363,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if sp and args.tp == 1:
             raise ValueError("--sequence-parallel needs --tp > 1")
         inp = PlanInput(cfg, head, args.gpus, args.tp, args.micro_batch, crops, checkpointing=args.checkpointing,
-                        sequence_parallel=sp, fsdp=args.fsdp, gpu_memory_gib=args.gpu_memory_gib, mfu=args.mfu)
+                        sequence_parallel=sp, fsdp=args.fsdp, gpu_memory_gib=args.gpu_memory_gib, mfu=args.mfu,
+                        optimizer=args.optimizer)
         result = plan(inp)
     except (ValueError, UnknownPresetError) as e:
         print(f"seer plan: error: {e}", file=sys.stderr)

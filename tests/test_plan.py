@@ -131,3 +131,30 @@ def test_no_fsdp_is_planned_only_where_training_allows_it(capsys):
     from seer.parallel.dims import ParallelConfig, validate_parallel_config
     with pytest.raises(ValueError, match="parallel.fsdp=false with dp=2"):
         validate_parallel_config(ParallelConfig(tp=8, fsdp=False), 16)
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_optimizer_bytes_match_the_state_the_trainer_keeps(optimizer):
+    # The plan counted LARS's one moment whatever train.optimizer was: AdamW keeps two.
+    from seer.config import apply_overrides, preset
+    from seer.train.build import build_optimizer_and_schedule
+    cfg = apply_overrides(preset("tiny"), [f"train.optimizer={optimizer}"])
+    model = SwAVModel(VisionTransformer(cfg.model), SwAVHead(cfg.model.embed_dim, cfg.head))
+    opt, _ = build_optimizer_and_schedule(cfg, model)
+    out = model([torch.randn(2, 3, 32, 32)] * 2)
+    sum(s.float().square().mean() for s in out.scores).backward()
+    opt.step()
+    state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                if torch.is_tensor(t) and t.numel() > 1)  # (AdamW's per-tensor step counters aside)
+    r = plan.plan(plan.PlanInput(cfg.model, cfg.head, 1, 1, 2, [(2, 32)], optimizer=optimizer))
+    assert r["optimizer_bytes"] == state
+
+
+def test_optimizer_flag(capsys):
+    code, out, _ = run(capsys, "--gpus", "8", "--tp", "8", "--micro-batch", "16", "--optimizer", "adamw", "--json")
+    adamw = json.loads(out)
+    code, out, _ = run(capsys, "--gpus", "8", "--tp", "8", "--micro-batch", "16", "--json")
+    lars = json.loads(out)
+    assert adamw["optimizer_bytes"] == 2 * lars["optimizer_bytes"] == 2 * lars["param_bytes"]
+    with pytest.raises(ValueError, match="--optimizer must be one of lars, adamw, got 'sgd'"):
+        plan.plan(plan.PlanInput(vit_preset("tiny"), None, 1, 1, 1, [(2, 32)], optimizer="sgd"))
