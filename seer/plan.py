@@ -16,6 +16,9 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   before and after GELU (4 m), QK-norm's float32 inputs and bf16 outputs (12 d):
   without sequence parallelism  12 d + (10 d + 4 m) / T bytes  (+12 d / T with QK-norm);
   with sequence parallelism     (22 d + 4 m) / T bytes; a checkpointed block keeps only its input.
+* the optimizer step is a second peak, after the activations are freed: weights, gradients and moments plus
+  one float32 temporary per parameter (LARS's update d = eta (g + wd w) and AdamW's sqrt(v) are built for
+  every local tensor at once, foreach), so 16 (LARS) or 20 (AdamW) bytes per parameter over D.
 * forward FLOPs per token and block: 2 (4 d^2 + 2 d m) + 4 n_c d (attention); training = 3 x forward
   (model FLOPs, used for MFU); recomputation adds one forward of the checkpointed blocks (hardware FLOPs).
 * communication per GPU (ring algorithms): tensor parallelism moves 2 (T - 1) / T x (tokens x d x 2 bytes)
@@ -210,8 +213,12 @@ def plan(inp: PlanInput) -> dict:
     out["activation_bytes"] = stored + recompute + grad_transient + images
     out["total_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "working_bytes",
                                                "activation_bytes"))
+    # The step's foreach temporaries (module doc): measured 4.0 bytes per parameter for both optimizers.
+    out["optimizer_step_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes")) \
+        + 4 * p_rank / shard
+    out["peak_bytes"] = max(out["total_bytes"], out["optimizer_step_bytes"])
     out["capacity_bytes"] = (inp.gpu_memory_gib - inp.reserve_gib) * GiB
-    out["fits"] = out["total_bytes"] <= out["capacity_bytes"]
+    out["fits"] = out["peak_bytes"] <= out["capacity_bytes"]
 
     fwd = forward_flops_per_image(cfg, inp.head, inp.crops) * inp.micro_batch / tp
     trunk_fwd = forward_flops_per_image(cfg, None, inp.crops) * inp.micro_batch / tp
@@ -318,7 +325,10 @@ def format_plan(inp: PlanInput, r: dict, model_name: str) -> str:
         f"({'LARS momentum' if inp.optimizer == 'lars' else 'AdamW: two moments'})",
         f"    working copies    {_gib(r['working_bytes'])}   (bf16 weights in use, unsharded block grads)",
         f"    activations       {_gib(r['activation_bytes'])}   ({r['tokens_per_gpu']:,} tokens)",
-        f"    total             {_gib(r['total_bytes'])}   of {inp.gpu_memory_gib:.0f} GiB "
+        f"    total             {_gib(r['total_bytes'])}   (forward/backward)",
+        f"    optimizer step    {_gib(r['optimizer_step_bytes'])}   (weights, gradients, moments, the update's "
+        f"temporaries)",
+        f"    peak              {_gib(r['peak_bytes'])}   of {inp.gpu_memory_gib:.0f} GiB "
         f"({inp.reserve_gib:.0f} GiB reserved): {'FITS' if r['fits'] else 'DOES NOT FIT'}",
         f"  FLOPs per GPU per step: model {r['model_flops_per_gpu'] / 1e12:.1f} TFLOP (3x forward), hardware "
         f"{r['hardware_flops_per_gpu'] / 1e12:.1f} TFLOP (with recomputation); "

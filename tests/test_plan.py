@@ -5,6 +5,9 @@ import json
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from seer import plan
@@ -148,6 +151,55 @@ def test_optimizer_bytes_match_the_state_the_trainer_keeps(optimizer):
                 if torch.is_tensor(t) and t.numel() > 1)  # (AdamW's per-tensor step counters aside)
     r = plan.plan(plan.PlanInput(cfg.model, cfg.head, 1, 1, 2, [(2, 32)], optimizer=optimizer))
     assert r["optimizer_bytes"] == state
+
+
+class _PeakBytes(TorchDispatchMode):
+    """The most bytes that tensors created inside the mode hold at once (storages counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.peak = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.refs.append((StorageWeakRef(st), st.data_ptr(), st.nbytes()))
+        self.refs = [r for r in self.refs if not r[0].expired()]
+        self.peak = max(self.peak, sum({ptr: n for _, ptr, n in self.refs}.values()))
+        return out
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_optimizer_step_peak_matches_the_step(optimizer):
+    # The step's foreach temporaries come on top of weights, gradients and moments: the plan left them out
+    # and called a layout fitting whose optimizer step did not.
+    from seer.config import apply_overrides, preset
+    from seer.train.build import build_optimizer_and_schedule
+    cfg = apply_overrides(preset("tiny"), [f"train.optimizer={optimizer}"])
+    model = SwAVModel(VisionTransformer(cfg.model), SwAVHead(cfg.model.embed_dim, cfg.head))
+    opt, _ = build_optimizer_and_schedule(cfg, model)
+    for _ in range(2):  # the second step: moments exist already, as in every step but the first
+        out = model([torch.randn(2, 3, 32, 32)] * 2)
+        sum(s.float().square().mean() for s in out.scores).backward()
+        peak = _PeakBytes()
+        with peak:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    n = sum(p.numel() for p in model.parameters())
+    r = plan.plan(plan.PlanInput(cfg.model, cfg.head, 1, 1, 2, [(2, 32)], optimizer=optimizer))
+    planned = r["optimizer_step_bytes"] - r["param_bytes"] - r["grad_bytes"] - r["optimizer_bytes"]
+    assert planned == 4 * n and peak.peak == pytest.approx(planned, rel=0.05), (peak.peak, planned)
+
+
+def test_a_layout_whose_optimizer_step_does_not_fit_is_refused(capsys):
+    # 10B at tp 8 on 23 GiB GPUs: forward/backward 18.8 GiB of 19 usable, the LARS step 19.6 GiB.
+    code, out, _ = run(capsys, "--gpus", "8", "--tp", "8", "--micro-batch", "16", "--checkpointing", "full",
+                       "--gpu-memory-gib", "23", "--json")
+    r = json.loads(out)
+    assert r["total_bytes"] < r["capacity_bytes"] < r["optimizer_step_bytes"] == r["peak_bytes"]
+    assert r["fits"] is False
 
 
 def test_optimizer_flag(capsys):
