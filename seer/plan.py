@@ -10,12 +10,13 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
 * parameters per GPU: tensor-parallel slices / T + replicated tensors; FSDP divides by D the float32
   master weights, the float32 gradients and the float32 optimizer state (SGD/LARS keeps one moment, AdamW
   two: 4 or 8 bytes per parameter).
-* activations per token and block (bf16 autocast, float32 residual stream): float32 inputs of the two
-  norms (8 d bytes), bf16 inputs of qkv and fc1 (4 d), qkv output (6 d), attention output and projection
+* activations per token and block (bf16 autocast; the residual stream is bf16, as the patch embedding's
+  output is, with or without FSDP): float32 copies of the inputs of the two norms (8 d bytes), bf16 inputs of qkv and fc1 (4 d), qkv output (6 d), attention output and projection
   input (2 d + 2 d; one buffer when the kernel's output layout makes the reshape a view), MLP hidden
   before and after GELU (4 m), QK-norm's float32 inputs and bf16 outputs (12 d):
   without sequence parallelism  12 d + (10 d + 4 m) / T bytes  (+12 d / T with QK-norm);
-  with sequence parallelism     (22 d + 4 m) / T bytes; a checkpointed block keeps only its input.
+  with sequence parallelism     (22 d + 4 m) / T bytes; a checkpointed block keeps only its bf16 input
+  (2 d, / T with sequence parallelism); the final norm keeps its float32 input (4 d, likewise).
 * the optimizer step is a second peak, after the activations are freed: weights, gradients and moments plus
   one float32 temporary per parameter (LARS's update d = eta (g + wd w) and AdamW's sqrt(v) are built for
   every local tensor at once, foreach), so 16 (LARS) or 20 (AdamW) bytes per parameter over D.
@@ -117,6 +118,17 @@ def activation_bytes_per_token(cfg: ViTConfig, tp: int, sequence_parallel: bool)
     return norms_in + matmul_in + split / tp + small
 
 
+def stored_activation_bytes(cfg: ViTConfig, tokens: int, tp: int, sequence_parallel: bool,
+                            checkpointed: int) -> float:
+    """Bytes the trunk keeps for the backward after a forward of ``tokens`` tokens with ``checkpointed``
+    blocks recomputed (module doc): their bf16 inputs, the other blocks' saved tensors, the final norm's
+    float32 input."""
+    seq = tp if sequence_parallel else 1
+    per_block = activation_bytes_per_token(cfg, tp, sequence_parallel) * tokens
+    return (checkpointed * 2 * cfg.embed_dim * tokens / seq + (cfg.depth - checkpointed) * per_block
+            + 4 * cfg.embed_dim * tokens / seq)
+
+
 def crop_tokens(cfg: ViTConfig, crops: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """[(number of crops, tokens per crop)]."""
     return [(n, (size // cfg.patch_size) ** 2 + 1) for n, size in crops]
@@ -203,10 +215,8 @@ def plan(inp: PlanInput) -> dict:
     out["working_bytes"] = working
 
     tokens = sum(n * t for n, t in crop_tokens(cfg, inp.crops)) * inp.micro_batch
-    residual = 2 if (shard > 1) else 4  # FSDP bf16 parameters make the residual stream bf16
     per_block = activation_bytes_per_token(cfg, tp, inp.sequence_parallel) * tokens
-    ckpt_input = residual * cfg.embed_dim * tokens / (tp if inp.sequence_parallel else 1)
-    stored = n_ckpt * ckpt_input + (cfg.depth - n_ckpt) * per_block
+    stored = stored_activation_bytes(cfg, tokens, tp, inp.sequence_parallel, n_ckpt)
     recompute = per_block if n_ckpt else 0.0           # one block re-materialised during its backward
     grad_transient = 2 * 4 * cfg.embed_dim * tokens    # activation gradients in flight (float32)
     images = 4 * cfg.in_chans * inp.micro_batch * sum(n * s * s for n, s in inp.crops)

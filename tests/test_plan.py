@@ -101,6 +101,53 @@ def test_activation_estimate_bounds_what_autograd_saves(qk_norm):
     assert measured <= estimate <= 1.1 * measured, (measured, estimate)
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Tensors created inside the mode; ``live()``: the bytes of those still alive (storages counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.refs.append((StorageWeakRef(st), st.data_ptr(), st.nbytes()))
+        return out
+
+    def live(self) -> int:
+        return sum({ptr: n for ref, ptr, n in self.refs if not ref.expired()}.values())
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full", "every-2"])
+def test_stored_activations_match_what_a_forward_keeps(checkpointing):
+    """What a bf16 forward of the whole SwAV model leaves alive for the backward, per image (the slope between
+    two batches: weights and their bf16 copies cancel), against the planner's trunk estimate. The rest is
+    the images' bf16 copy and the head, within the planner's float32 images. The residual stream is bf16
+    under autocast: the plan counted checkpointed block inputs as float32 without FSDP (2x)."""
+    from seer.parallel.checkpointing import apply_activation_checkpointing
+    cfg = vit_preset("tiny", embed_dim=128, mlp_dim=512, depth=8)
+    head = SwAVHeadConfig(hidden_dims=[64], output_dim=16, num_prototypes=32, batch_norm=False)
+    crops = [(2, 32), (2, 16)]
+    live = []
+    for images in (4, 8):
+        torch.manual_seed(0)
+        model = SwAVModel(VisionTransformer(cfg), SwAVHead(cfg.embed_dim, head))
+        apply_activation_checkpointing(model.backbone.blocks, checkpointing)
+        tracker = _LiveBytes()
+        with tracker, torch.autocast("cpu", torch.bfloat16):
+            out = model([torch.randn(images, 3, s, s) for n, s in crops for _ in range(n)])
+        live.append(tracker.live())
+        del out
+    measured = (live[1] - live[0]) / 4
+    tokens = sum(n * t for n, t in plan.crop_tokens(cfg, crops))
+    n_ckpt = len(plan.checkpointed_blocks(cfg.depth, checkpointing))
+    stored = plan.stored_activation_bytes(cfg, tokens, 1, False, n_ckpt)
+    images = 4 * 3 * sum(n * s * s for n, s in crops)
+    assert 0.95 * stored <= measured <= stored + images, (measured, stored)
+
+
 def test_model_md_parameter_table_matches_the_counts():
     # docs/model.md's "+ SEER head" column had drifted 0.13 M from the models.
     import re
@@ -194,7 +241,7 @@ def test_optimizer_step_peak_matches_the_step(optimizer):
 
 
 def test_a_layout_whose_optimizer_step_does_not_fit_is_refused(capsys):
-    # 10B at tp 8 on 23 GiB GPUs: forward/backward 18.8 GiB of 19 usable, the LARS step 19.6 GiB.
+    # 10B at tp 8 on 23 GiB GPUs: forward/backward 18.3 GiB of 19 usable, the LARS step 19.6 GiB.
     code, out, _ = run(capsys, "--gpus", "8", "--tp", "8", "--micro-batch", "16", "--checkpointing", "full",
                        "--gpu-memory-gib", "23", "--json")
     r = json.loads(out)
