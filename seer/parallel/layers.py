@@ -155,7 +155,12 @@ class RowParallelLinear(nn.Linear):
         else:
             y = reduce_from_tensor_parallel_region(y, self.tp_group)
             bias = self.bias
-        return y + bias if bias is not None else y
+        if bias is None:
+            return y
+        # In y's dtype, as nn.Linear adds its bias inside the (autocast bf16) matmul: a float32 bias made the
+        # output, and from there the residual stream, float32 under tensor parallelism alone (float32
+        # checkpointed inputs and backward all-reduces, where the single-device model stays bf16).
+        return y + bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (of {self.in_features * self.tp_size}), "

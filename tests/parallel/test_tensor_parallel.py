@@ -237,3 +237,19 @@ def test_compiled_checkpointed_blocks_match_eager():
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_row_parallel_output_keeps_the_autocast_dtype(sequence_parallel):
+    # nn.Linear under bf16 autocast returns bf16; the row-parallel layer added its float32 bias after the sum
+    # and returned float32, turning the residual stream float32 under tensor parallelism without FSDP.
+    from seer.parallel.layers import RowParallelLinear
+    lin = torch.nn.Linear(64, 32)
+    row = RowParallelLinear.from_linear(lin, group=None, tp_rank=0, tp_size=1, sequence_parallel=sequence_parallel)
+    x = torch.randn(4, 5, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        ref, out = lin(x), row(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=2e-2)  # (bf16 rounding order)
+    out.float().sum().backward()
+    assert row.bias.grad.dtype == torch.float32
