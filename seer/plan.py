@@ -22,8 +22,14 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   every local tensor at once, foreach), so 16 (LARS) or 20 (AdamW) bytes per parameter over D.
 * forward FLOPs per token and block: 2 (4 d^2 + 2 d m) + 4 n_c d (attention); training = 3 x forward
   (model FLOPs, used for MFU); recomputation adds one forward of the checkpointed blocks (hardware FLOPs).
-* communication per GPU (ring algorithms): tensor parallelism moves 2 (T - 1) / T x (tokens x d x 2 bytes)
-  per all-reduce, 2 per block forward and 2 per backward; FSDP all-gathers bf16 parameters (again in the
+* communication per GPU (ring algorithms), in units of u = (T - 1) / T x (tokens x d x 2 bytes), an
+  all-gather or reduce-scatter of the bf16 residual stream (an all-reduce is 2 u). Without sequence
+  parallelism a block moves 2 all-reduces forward and 2 backward (8 u); with it 2 all-gathers and 2
+  reduce-scatters forward (4 u) and, backward, the two re-gathered inputs, the two input-gradient
+  reduce-scatters and the two output-gradient all-gathers (6 u), plus once per step the gather after the
+  final norm and the backward of the scatter before the first block (2 u). A checkpointed block replays its
+  forward's collectives but fc2's (torch's checkpoint stops at the last tensor it saves, fc2's input):
+  2 u, or 3 u with sequence parallelism. FSDP all-gathers bf16 parameters (again in the
   backward when resharding) and reduce-scatters float32 gradients.
 """
 from __future__ import annotations
@@ -238,12 +244,10 @@ def plan(inp: PlanInput) -> dict:
 
     act = tokens * cfg.embed_dim * 2                   # one bf16 activation of the residual stream
     ring = (tp - 1) / tp
-    passes = 2 + (1 if n_ckpt else 0)                  # forward, backward, recomputation
     if tp > 1:
-        per_block_comm = 2 * 2 * ring * act * passes   # 2 collectives per pass, all-reduce = 2x ring
-        if inp.sequence_parallel:
-            per_block_comm += 2 * ring * act           # backward re-gathers the saved sequence shards
-        out["tp_comm_bytes"] = cfg.depth * per_block_comm
+        # (units of u per block, per checkpointed block's replay, per step; module doc)
+        block, replay, step = (10, 3, 2) if inp.sequence_parallel else (8, 2, 0)
+        out["tp_comm_bytes"] = ring * act * (cfg.depth * block + n_ckpt * replay + step)
     else:
         out["tp_comm_bytes"] = 0.0
     if shard > 1:
