@@ -310,7 +310,8 @@ def _parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     ap.add_argument("--prototypes", type=int, default=None, help="number of prototypes K (overrides the head's)")
     ap.add_argument("--optimizer", choices=tuple(OPTIMIZER_MOMENTS), default="lars",
-                    help="train.optimizer: lars (one float32 moment per parameter, SwAV/SEER) or adamw (two)")
+                    help="train.optimizer: lars (one float32 moment per parameter, SwAV/SEER) or adamw (two) "
+                         "(default: %(default)s)")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory (default 80)")
     ap.add_argument("--mfu", type=float, default=0.5,
                     help="MFU assumed for the compute-time estimate (default: %(default)s)")
