@@ -11,7 +11,8 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   master weights, the float32 gradients and the float32 optimizer state (SGD/LARS keeps one moment, AdamW
   two: 4 or 8 bytes per parameter).
 * activations per token and block (bf16 autocast; the residual stream is bf16, as the patch embedding's
-  output is, with or without FSDP): float32 copies of the inputs of the two norms (8 d bytes), bf16 inputs of qkv and fc1 (4 d), qkv output (6 d), attention output and projection
+  output is, with or without FSDP): float32 copies of the inputs of the two norms (8 d bytes), bf16 inputs
+  of qkv and fc1 (4 d), qkv output (6 d), attention output and projection
   input (2 d + 2 d; one buffer when the kernel's output layout makes the reshape a view), MLP hidden
   before and after GELU (4 m), QK-norm's float32 inputs and bf16 outputs (12 d):
   without sequence parallelism  12 d + (10 d + 4 m) / T bytes  (+12 d / T with QK-norm);
