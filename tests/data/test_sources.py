@@ -6,7 +6,8 @@ import tarfile
 
 import pytest
 
-from seer.data import DataSourceError, FileSource, TarSource, build_index, detect_format, open_index, scan_folder
+from seer.data import (DataSourceError, FileSource, TarSource, build_index, detect_format, open_index, open_source,
+                       scan_folder)
 from seer.data.mapped import StringList, write_lines
 from tests.images import image_bytes, write_good_images
 
@@ -222,3 +223,21 @@ def test_one_image_per_webdataset_sample(tmp_path, caplog):
     src = open_index(build_index(str(tmp_path / "s.tar"), "auto", tmp_path / "idx"), tmp_path / "idx")
     assert len(src) == 3 and src.name(1).endswith("d/000001.jpg")
     assert "3 image members of" in caplog.text and "'d/000000.mask.png'" in caplog.text  # said, not silent
+
+
+def test_tar_reads_keep_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
+    """More shards than a worker may hold open (ulimit -n): every image still reads, with at most
+    MAX_OPEN_SHARDS handles open (a handle kept per shard ran out of descriptors and skipped good images)."""
+    monkeypatch.setattr(TarSource, "MAX_OPEN_SHARDS", 3, raising=False)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(8):
+        _write_shard(shards / f"train-{s:03d}.tar", 2 * s, 2)
+    src = open_source(str(shards), cache=tmp_path / "idx")
+    opened = []
+    for i in [0, 15, 2, 3, 9, 14, 4, 6, 8, 10, 12, 1, 5, 7, 11, 13, 0, 15]:  # shards in a shuffled order, revisited
+        assert src.read(i) == image_bytes(i, (24, 24), "JPEG")
+        assert len(src._files) <= 3
+        opened.extend(src._files.values())
+    closed = [f for f in opened if f not in src._files.values()]
+    assert closed and all(f.closed for f in closed)
