@@ -104,8 +104,14 @@ class TarSource(ImageSource):
             f = self._files[sid] = open(self.shards[sid], "rb")
         else:
             self._files.move_to_end(sid)
-        f.seek(int(self.offset[i]))
-        return f.read(int(self.size[i]))
+        offset, size = int(self.offset[i]), int(self.size[i])
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:  # else the decoder's "not an image" would hide that the shard changed
+            raise OSError(f"the shard ends {len(data)} bytes into this member ({size} bytes at offset {offset} when "
+                          f"it was indexed): the shard was truncated or rewritten since; delete the index (OUT/data) "
+                          f"to index data.source again")
+        return data
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -241,3 +241,15 @@ def test_tar_reads_keep_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
         opened.extend(src._files.values())
     closed = [f for f in opened if f not in src._files.values()]
     assert closed and all(f.closed for f in closed)
+
+
+def test_a_shard_truncated_after_indexing_names_the_cause(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "train-000.tar", 0, 3)
+    src = open_source(str(shards), cache=tmp_path / "idx")
+    with open(shards / "train-000.tar", "r+b") as f:
+        f.truncate(int(src.offset[2]) + 10)
+    assert src.read(1) == image_bytes(1, (24, 24), "JPEG")
+    with pytest.raises(OSError, match="shard ends 10 bytes into this member.*truncated or rewritten"):
+        src.read(2)
