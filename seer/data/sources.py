@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
+from . import tarscan
 from .mapped import MappedArray, StringList, normalise_list_file, save_array, write_lines
 
 log = logging.getLogger("seer.data")
@@ -215,8 +216,7 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
     def member_names():
         for sid, shard in enumerate(shards):
             try:
-                with tarfile.open(shard, "r:") as tf:
-                    entries = _shard_image_members(tf, shard)
+                entries = _read_shard(shard)
             except (tarfile.TarError, OSError) as e:
                 raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
                                       f"uncompressed .tar files in the webdataset layout)") from None
@@ -231,6 +231,22 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
     save_array(cache / "offset.npy", np.asarray(offs, dtype=np.int64))
     save_array(cache / "size.npy", np.asarray(sizes, dtype=np.int64))
     return len(names)
+
+
+def _read_shard(shard: str) -> list[tuple[str, int, int]]:
+    """:func:`_shard_image_members` of one shard, its headers read by :mod:`.tarscan` (~6x faster than
+    tarfile), or by tarfile where the shard holds what tarscan leaves to it (then with tarfile's errors)."""
+    if tarscan.usable():
+        try:
+            members = tarscan.scan(shard)
+        except tarscan.Unhandled as e:
+            log.debug("data.source: reading %s with tarfile (%s)", shard, e)
+        except OSError:  # tarfile's own error, below, is the one reported
+            pass
+        else:
+            return _shard_image_members(members, shard)
+    with tarfile.open(shard, "r:") as tf:
+        return _shard_image_members(tf, shard)
 
 
 # What a path of a shard holds, as :func:`_shard_image_members` tracks it: ("data", offset, size) for bytes
@@ -251,7 +267,7 @@ def _tar_path(name: str) -> str:
     return posixpath.normpath(name).lstrip("/")
 
 
-def _symlink_target(member: tarfile.TarInfo) -> Optional[str]:
+def _symlink_target(member: tarfile.TarInfo | tarscan.Member) -> Optional[str]:
     """The shard path a symbolic link member points to, or None where it points outside the shard."""
     if member.linkname.startswith("/"):  # the host's file system, not the shard
         return None
@@ -259,7 +275,7 @@ def _symlink_target(member: tarfile.TarInfo) -> Optional[str]:
     return None if target == ".." or target.startswith("../") else target
 
 
-def _member_entry(member: tarfile.TarInfo, table: dict[str, _Entry]) -> _Entry:
+def _member_entry(member: tarfile.TarInfo | tarscan.Member, table: dict[str, _Entry]) -> _Entry:
     """What ``member`` holds, given what the members before it left (``table``)."""
     if member.isreg():  # regular and contiguous files, and sparse ones
         if member.issparse():
@@ -302,9 +318,10 @@ def _resolve(entry: _Entry, table: dict[str, _Entry]) -> _Entry:
     return entry if entry[0] != "sym" else ("bad", "a loop of symbolic links")
 
 
-def _shard_image_members(tf: tarfile.TarFile, shard: str) -> list[tuple[str, int, int]]:
-    """(member name, offset, size) of the image of each sample of one open shard, in member order, with
-    the rules of :func:`index_tar_shards`; warns about the members left out."""
+def _shard_image_members(tf, shard: str) -> list[tuple[str, int, int]]:
+    """(member name, offset, size) of the image of each sample of one shard, in member order, with the
+    rules of :func:`index_tar_shards`; warns about the members left out. ``tf``: the shard's members in
+    order, an open ``tarfile.TarFile`` or :func:`.tarscan.scan`'s list."""
     table: dict[str, _Entry] = {}  # shard path -> what extraction leaves there so far (later members win)
     samples: list[tuple[str, _Entry]] = []
     last_key, dropped, left_out = None, [], []
