@@ -50,7 +50,8 @@ class TrainData:
             meta = build_index(cfg.source, cfg.format, cache)
         barrier()
         if meta is None:
-            meta = build_index(cfg.source, cfg.format, cache)  # reads the finished index.json
+            # reads the finished index.json; rank 0 checked the shards (one stat each, not one per rank)
+            meta = build_index(cfg.source, cfg.format, cache, check_shards=False)
         self.source = open_index(meta, cache, digits_size=cfg.digits_size, digits_split=cfg.digits_split)
         self.spec = crop_spec(cfg.crops)
         self.sampler = ResumableSampler(len(self.source), cfg.batch_size, world, rank, seed)

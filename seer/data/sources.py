@@ -184,8 +184,10 @@ def scan_folder(root: str | os.PathLike) -> Iterator[str]:
         stack.extend(reversed(subdirs))
 
 
-def index_tar_shards(shards: list[str], cache: Path) -> int:
+def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = None) -> int:
     """Record shard, offset and size of every image member of ``shards`` under ``cache``; return the count.
+    ``stats``, if given, receives each shard's [st_size, st_mtime_ns], taken before it is read (a shard
+    rewritten while or after it is read then differs from them).
 
     webdataset layout: a sample is the run of members sharing a key, the member name up to the first dot of
     its base name ('dir/key.jpg', 'dir/key.json', 'dir/key.mask.png'); the first image member of each sample
@@ -216,6 +218,9 @@ def index_tar_shards(shards: list[str], cache: Path) -> int:
     def member_names():
         for sid, shard in enumerate(shards):
             try:
+                if stats is not None:
+                    st = os.stat(shard)
+                    stats.append([st.st_size, st.st_mtime_ns])
                 entries = _read_shard(shard)
             except (tarfile.TarError, OSError) as e:
                 raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
@@ -453,9 +458,14 @@ def tar_shards(source: str) -> list[str]:
     return [os.path.abspath(s) for s in shards]
 
 
-def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
+def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards: bool = True) -> dict:
     """Index ``source`` into ``cache`` (once: an existing index of the same source is kept); return its
-    description. Call on one process, then :func:`open_index` on all."""
+    description. Call on one process, then :func:`open_index` on all.
+
+    An existing index of tar shards is checked against the shards' sizes and modification times recorded
+    when it was written (``check_shards``; one stat per shard, so the processes that only read the index
+    the writer has checked pass False): a shard rewritten since would read other bytes at its members'
+    offsets."""
     fmt = detect_format(source) if fmt == "auto" else fmt
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -465,6 +475,8 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
         meta = _read_index_meta(cache)
         if meta.get("source") == source_abs and meta.get("format") == fmt:
             _check_index_files(meta, cache)
+            if fmt == "tar" and check_shards:
+                _check_shards(meta, cache)
             return meta
         raise DataSourceError(f"{cache} holds the index of data.source {meta.get('source')!r}, not {source_abs!r}: "
                               f"use another output folder, or delete {cache} to index the new source")
@@ -484,7 +496,8 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike) -> dict:
                                         cache / "images.txt", cache / "images.offsets.npy"))
     elif fmt == "tar":
         meta["shards"] = tar_shards(source)
-        meta["count"] = index_tar_shards(meta["shards"], cache)
+        meta["shard_stats"] = []  # [st_size, st_mtime_ns] per shard, checked when the index is used again
+        meta["count"] = index_tar_shards(meta["shards"], cache, meta["shard_stats"])
     else:
         raise DataSourceError(f"data.format {fmt!r} is not one of 'auto', 'folder', 'list', 'tar', 'digits'")
     if fmt != "digits" and meta["count"] == 0:
@@ -534,6 +547,32 @@ def _check_index_files(meta: dict, cache: Path) -> None:
             raise _damaged(cache, f"{name}: {type(e).__name__}: {e.strerror}") from None
         if size is not None and got != size:
             raise _damaged(cache, f"{name} has {got} bytes, {size} when it was written")
+
+
+def _check_shards(meta: dict, cache: Path) -> None:
+    """Every tar shard is there with the size and modification time it had when it was indexed. Indexes
+    written before these were recorded (no ``shard_stats``) are used unchecked, with a warning."""
+    stats = meta.get("shard_stats")
+    if stats is None:
+        log.warning("data.source: the index in %s records no sizes or modification times of its tar shards "
+                    "(written by an older seer), so a shard rewritten since cannot be detected; delete %s to "
+                    "index data.source again with them", cache, cache)
+        return
+    if not isinstance(stats, list) or len(stats) != len(meta.get("shards", ())):
+        raise _damaged(cache, "index.json: shard_stats does not match shards")
+    for shard, (size, mtime_ns) in zip(meta["shards"], stats):
+        try:
+            st = os.stat(shard)
+        except OSError as e:
+            what = f"{type(e).__name__}: {e.strerror}"
+        else:
+            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                continue
+            what = (f"{st.st_size} bytes, {size} when indexed" if st.st_size != size else
+                    f"modified at {st.st_mtime_ns} ns, {mtime_ns} when indexed; same size")
+        raise DataSourceError(f"data.source: tar shard {shard!r} changed since it was indexed into {cache} ({what}): "
+                              f"the index would read other bytes at its members' offsets; delete {cache} and the "
+                              f"next run indexes data.source again") from None
 
 
 def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32,

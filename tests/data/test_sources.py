@@ -1,5 +1,6 @@
 """Data sources: recursive folders, list files, webdataset tar shards, and memory-safe path lists."""
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -253,3 +254,54 @@ def test_a_shard_truncated_after_indexing_names_the_cause(tmp_path):
     assert src.read(1) == image_bytes(1, (24, 24), "JPEG")
     with pytest.raises(OSError, match="shard ends 10 bytes into this member.*truncated or rewritten"):
         src.read(2)
+
+
+def test_a_shard_changed_since_indexing_is_refused_naming_it(tmp_path, caplog):
+    """A shard rewritten after indexing at the same size was read silently (members at wrong bytes): the
+    index records each shard's size and modification time, and reusing the index checks them."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "train-000.tar", 0, 3)
+    _write_shard(shards / "train-001.tar", 3, 2)
+    idx = tmp_path / "idx"
+    meta = build_index(str(shards), "tar", idx)
+    assert len(meta["shard_stats"]) == 2
+    with caplog.at_level("WARNING", logger="seer.data"):
+        assert build_index(str(shards), "tar", idx) == meta  # unchanged: reused without a word
+    assert not caplog.records
+    shard = shards / "train-001.tar"
+    src = open_index(meta, idx)
+    data = bytearray(shard.read_bytes())
+    data[int(src.offset[4]) + 100] ^= 0xFF  # another image of the same size, written later
+    st = shard.stat()
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a later write, however coarse the clock
+    remedy = f"delete {idx} and the next run indexes data.source again"
+    with pytest.raises(DataSourceError, match=f"tar shard '{shard}' changed since it was indexed into {idx} "
+                                              f"\\(modified at .* same size\\).*{remedy}"):
+        build_index(str(shards), "tar", idx)
+    assert build_index(str(shards), "tar", idx, check_shards=False) == meta  # ranks that only read the index
+    with open(shard, "r+b") as f:
+        f.truncate(len(data) - 512)
+    with pytest.raises(DataSourceError, match=f"'{shard}' changed .*\\({len(data) - 512} bytes, {len(data)} when "
+                                              f"indexed\\)"):
+        build_index(str(shards), "tar", idx)
+    shard.unlink()
+    with pytest.raises(DataSourceError, match=f"'{shard}' changed .*\\(FileNotFoundError: No such file"):
+        build_index(str(shards), "tar", idx)
+
+
+def test_an_index_without_shard_stats_still_opens_with_a_warning(tmp_path, caplog):
+    """An index written before shard sizes and times were recorded is used as before, unchecked, said once."""
+    _write_shard(tmp_path / "s.tar", 0, 3)
+    idx = tmp_path / "idx"
+    meta = build_index(str(tmp_path / "s.tar"), "tar", idx)
+    del meta["shard_stats"]
+    (idx / "index.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="seer.data"):
+        again = build_index(str(tmp_path / "s.tar"), "tar", idx)
+        assert len(open_index(again, idx)) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.source: the index in {idx} records no sizes or modification times of its tar shards (written by an "
+        f"older seer), so a shard rewritten since cannot be detected; delete {idx} to index data.source again with "
+        f"them"]
