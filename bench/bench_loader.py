@@ -7,6 +7,9 @@ loaders approach.
     loader:cpu-<folder|tar>-w0-b<B>    in-process loading (num_workers=0) on one thread, JPEGs of mixed sizes
                                        300 x 200 .. 1600 x 1200; ratio = DataLoader time / ours, i.e. what our
                                        per-batch bookkeeping (sampler, bad-file handling, collation) costs.
+    loader:cpu-tar-index               indexing 4 tar shards of ~2000 small members (the start-up cost of a tar
+                                       source on rank 0): seer.data.tarscan against the same indexing reading
+                                       the shards with tarfile; ratio = tarfile time / ours.
 
 Worker processes are not compared here: two loaders timed interleaved would each keep their workers
 prefetching in the background, timing each other's contention.
@@ -104,3 +107,61 @@ def bench_loader_cpu(bench_record, bench_device, jpeg_dataset, tmp_path, fmt):
         ours.close()
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def tar_shards_for_index(tmp_path_factory):
+    """4 shards x ~2000 members as webdataset writes them: samples of .jpg (300 B-4 kB; headers dominate
+    indexing, so the bytes are zeros) + .json + .cls under 000123-style folders, a folder member per 500
+    samples, a long name (GNU 'L' / pax path=) every 97th sample; GNU format and pax format alternately."""
+    root = tmp_path_factory.mktemp("tar-index")
+    rng = random.Random(0)
+    shards = []
+    for s in range(4):
+        fmt = tarfile.PAX_FORMAT if s % 2 else tarfile.GNU_FORMAT
+        shards.append(str(root / f"shard-{s:05d}.tar"))
+        with tarfile.open(shards[-1], "w", format=fmt) as tf:
+            for k in range(667):
+                folder = f"{s:03d}{k // 500:03d}"
+                if k % 500 == 0:
+                    info = tarfile.TarInfo(folder)
+                    info.type = tarfile.DIRTYPE
+                    tf.addfile(info)
+                key = f"{folder}/{rng.getrandbits(40):010x}" if k % 97 else f"{folder}/{'long_' * 25}{k}"
+                for ext in (".jpg", ".json", ".cls"):
+                    info = tarfile.TarInfo(key + ext)
+                    info.size = rng.randint(300, 4000) if ext == ".jpg" else rng.randint(2, 200)
+                    tf.addfile(info, io.BytesIO(bytes(info.size)))
+    return shards
+
+
+def bench_tar_index_cpu(bench_record, bench_device, tar_shards_for_index, tmp_path):
+    """loader:cpu-tar-index: indexing tar shards (seer.data.sources.index_tar_shards, the start-up cost of a
+    tar source on rank 0) with the header scanner (seer.data.tarscan) against the same code reading the
+    shards with tarfile (its fallback and reference), same run, interleaved; members/s reported."""
+    from seer.data import sources, tarscan
+    if bench_device != "cpu":
+        pytest.skip("CPU rows")
+    shards = tar_shards_for_index
+    members = sum(len(tarscan.scan(s)) for s in shards)
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ref").mkdir()
+    real = tarscan.usable
+
+    def with_tarfile():
+        tarscan.usable = lambda: False
+        try:
+            sources.index_tar_shards(shards, tmp_path / "ref")
+        finally:
+            tarscan.usable = real
+
+    fns = {"tarscan": lambda: sources.index_tar_shards(shards, tmp_path / "ours"), "tarfile": with_tarfile}
+
+    def metrics(t):
+        return {"members_per_s": members / t["tarscan"].median_s,
+                "tarfile_members_per_s": members / t["tarfile"].median_s}
+
+    bench_record("loader", "cpu-tar-index", fns, ours="tarscan", baseline="tarfile", metrics=metrics,
+                 min_time=1.0, max_rounds=20)
+    assert all((tmp_path / "ours" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
+               for f in ("members.txt", "offset.npy", "size.npy", "shard_id.npy"))
