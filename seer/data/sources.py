@@ -560,19 +560,26 @@ def _check_shards(meta: dict, cache: Path) -> None:
         return
     if not isinstance(stats, list) or len(stats) != len(meta.get("shards", ())):
         raise _damaged(cache, "index.json: shard_stats does not match shards")
+    unreachable = []
     for shard, (size, mtime_ns) in zip(meta["shards"], stats):
         try:
             st = os.stat(shard)
         except OSError as e:
-            what = f"{type(e).__name__}: {e.strerror}"
-        else:
-            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
-                continue
-            what = (f"{st.st_size} bytes, {size} when indexed" if st.st_size != size else
-                    f"modified at {st.st_mtime_ns} ns, {mtime_ns} when indexed; same size")
+            # A shard that is gone (or its storage unreachable now) reads no wrong bytes: its images are skipped
+            # as unreadable, as a missing file's are ("bad files never stop a run"), and counted.
+            unreachable.append(f"{shard!r} ({type(e).__name__}: {e.strerror})")
+            continue
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            continue
+        what = (f"{st.st_size} bytes, {size} when indexed" if st.st_size != size else
+                f"modified at {st.st_mtime_ns} ns, {mtime_ns} when indexed; same size")
         raise DataSourceError(f"data.source: tar shard {shard!r} changed since it was indexed into {cache} ({what}): "
                               f"the index would read other bytes at its members' offsets; delete {cache} and the "
                               f"next run indexes data.source again") from None
+    if unreachable:
+        log.warning("data.source: %d tar shard(s) indexed into %s cannot be opened now; their images will be "
+                    "skipped as unreadable: %s", len(unreachable), cache, ", ".join(unreachable[:5])
+                    + (", ..." if len(unreachable) > 5 else ""))
 
 
 def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32,

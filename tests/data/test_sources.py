@@ -286,9 +286,13 @@ def test_a_shard_changed_since_indexing_is_refused_naming_it(tmp_path, caplog):
     with pytest.raises(DataSourceError, match=f"'{shard}' changed .*\\({len(data) - 512} bytes, {len(data)} when "
                                               f"indexed\\)"):
         build_index(str(shards), "tar", idx)
-    shard.unlink()
-    with pytest.raises(DataSourceError, match=f"'{shard}' changed .*\\(FileNotFoundError: No such file"):
-        build_index(str(shards), "tar", idx)
+    shard.unlink()  # gone: nothing wrong can be read from it; its images are skipped as missing files are
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="seer.data"):
+        assert build_index(str(shards), "tar", idx) == meta
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.source: 1 tar shard(s) indexed into {idx} cannot be opened now; their images will be skipped as "
+        f"unreadable: '{shard}' (FileNotFoundError: No such file or directory)"]
 
 
 def test_an_index_without_shard_stats_still_opens_with_a_warning(tmp_path, caplog):
