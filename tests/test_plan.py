@@ -247,21 +247,17 @@ def test_optimizer_bytes_match_the_state_the_trainer_keeps(optimizer):
     assert r["optimizer_bytes"] == state
 
 
-class _PeakBytes(TorchDispatchMode):
+class _PeakBytes(_LiveBytes):
     """The most bytes that tensors created inside the mode hold at once (storages counted once)."""
 
     def __init__(self):
         super().__init__()
-        self.refs, self.peak = [], 0
+        self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                self.refs.append((StorageWeakRef(st), st.data_ptr(), st.nbytes()))
+        out = super().__torch_dispatch__(func, types, args, kwargs)
         self.refs = [r for r in self.refs if not r[0].expired()]
-        self.peak = max(self.peak, sum({ptr: n for _, ptr, n in self.refs}.values()))
+        self.peak = max(self.peak, self.live())
         return out
 
 
