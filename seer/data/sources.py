@@ -251,7 +251,19 @@ def _read_shard(shard: str) -> list[tuple[str, int, int]]:
         else:
             return _shard_image_members(members, shard)
     with tarfile.open(shard, "r:") as tf:
-        return _shard_image_members(tf, shard)
+        members = _shard_image_members(tf, shard)
+        _warn_if_cut_short(tf, shard)
+    return members
+
+
+def _warn_if_cut_short(tf: tarfile.TarFile, shard: str) -> None:
+    """tarfile ends a shard without an error at a damaged header after the first (its checksum or a number
+    field): the members from there on are not indexed. Say so, naming the shard and what is left out; an
+    end-of-archive block (zeros) or the end of the file where the iteration stopped is a proper end."""
+    tf.fileobj.seek(tf.offset)
+    if tf.fileobj.read(tarfile.BLOCKSIZE).strip(b"\0"):
+        log.warning("data.source: tar shard %r has a damaged header at byte %d; its members from there on (%d "
+                    "bytes of the shard) are not indexed", shard, tf.offset, os.path.getsize(shard) - tf.offset)
 
 
 # What a path of a shard holds, as :func:`_shard_image_members` tracks it: ("data", offset, size) for bytes

@@ -309,3 +309,26 @@ def test_an_index_without_shard_stats_still_opens_with_a_warning(tmp_path, caplo
         f"data.source: the index in {idx} records no sizes or modification times of its tar shards (written by an "
         f"older seer), so a shard rewritten since cannot be detected; delete {idx} to index data.source again with "
         f"them"]
+
+
+def test_a_damaged_header_inside_a_shard_is_said_not_passed_over(tmp_path, caplog):
+    """tarfile ends a shard silently at a bad header after the first: the members before it are indexed, and
+    a warning names the shard and how much of it is left out (they were dropped without a word)."""
+    shard = tmp_path / "s.tar"
+    _write_shard(shard, 0, 3)  # 6 members: jpg, json per sample
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tf:
+        third = tf.getmembers()[2].offset  # the header of sample00001.jpg
+    data[third + 148] ^= 0x01  # its checksum field
+    shard.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="seer.data"):
+        meta = build_index(str(shard), "tar", tmp_path / "idx")
+    assert meta["count"] == 1
+    assert [r.getMessage() for r in caplog.records if "damaged header" in r.getMessage()] == [
+        f"data.source: tar shard '{shard}' has a damaged header at byte {third}; its members from there on "
+        f"({len(data) - third} bytes of the shard) are not indexed"]
+    caplog.clear()
+    _write_shard(shard, 0, 3)  # an intact shard: not a word
+    with caplog.at_level("WARNING", logger="seer.data"):
+        build_index(str(shard), "tar", tmp_path / "idx2")
+    assert not [r for r in caplog.records if "damaged" in r.getMessage()]
