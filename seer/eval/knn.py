@@ -64,6 +64,11 @@ def _is_index(t: Tensor) -> bool:
             and (t.numel() == 0 or int(t.min()) >= 0))
 
 
+def _non_finite_rows(t: Tensor) -> int:
+    """How many rows of a 2-D tensor hold a NaN or an inf."""
+    return int((~torch.isfinite(t)).any(1).sum())
+
+
 def _shape(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
 
@@ -77,7 +82,7 @@ def _check(train_features, train_labels, test_features, *, k, temperature, chunk
             raise ValueError(f"knn_predict: {name} must be a 2-D float tensor (N, D), got "
                              f"{_shape(t)}{'' if not isinstance(t, Tensor) else ' ' + str(t.dtype)}")
     for name, t in (("train_features", train_features), ("test_features", test_features)):
-        bad = int((~torch.isfinite(t)).any(1).sum())
+        bad = _non_finite_rows(t)
         if bad:
             raise ValueError(f"knn_predict: {name} has {bad} rows with NaN or inf (of {t.shape[0]}); drop them or "
                              f"find why the backbone overflows")

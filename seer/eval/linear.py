@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .knn import _is_index, _non_finite_rows
+
 
 def fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
     """(W (C, D), b (C,)) minimising the regularised cross-entropy (module doc), float64 for a stable L-BFGS."""
@@ -85,12 +87,11 @@ def _check(train_features, train_labels, test_features, test_labels, *, weight_d
         raise ValueError(f"linear_probe: test_features have {test_features.shape[1]} dims, train_features "
                          f"{train_features.shape[1]}")
     for (name, t), (_, f) in zip((("train_labels", train_labels), ("test_labels", test_labels)), feats):
-        if not (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == f.shape[0] and not t.is_floating_point()
-                and not t.is_complex() and t.dtype != torch.bool and int(t.min()) >= 0):
+        if not (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == f.shape[0] and _is_index(t)):
             raise ValueError(f"linear_probe: {name} must be a 1-D integer tensor of one class index >= 0 per "
                              f"feature ({f.shape[0]}), got {_describe(t)}")
     for name, t in feats:
-        bad = int((~torch.isfinite(t)).any(1).sum())
+        bad = _non_finite_rows(t)
         if bad:
             raise ValueError(f"linear_probe: {name} has {bad} rows with NaN or inf (of {t.shape[0]})")
     wds = list(weight_decays) if isinstance(weight_decays, Sequence) and not isinstance(weight_decays, str) else []
