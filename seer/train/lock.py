@@ -4,8 +4,8 @@ Two runs on one folder (the same command rerun while the first still lives, e.g.
 torchrun) destroy each other's work: the second one's start removes the first one's checkpoint in progress,
 and its metrics log replaces the file the first one appends to. Rank 0 therefore holds an exclusive
 ``flock`` on ``OUT/.lock``, and on ``.lock`` in the checkpoint folder (``checkpoint.dir``, by default
-``OUT/checkpoints``, which another run may name as its own), while a Trainer writes there; the kernel drops it when the process dies, so a
-killed run never leaves a stale lock. Trainers of one process share the lock (what one process does with
+``OUT/checkpoints``, which another run may name as its own), while a Trainer writes there; the kernel drops
+it when the process dies, so a killed run never leaves a stale lock. Trainers of one process share the lock (what one process does with
 two Trainers on one folder is its own business); it is released when the last of them finishes ``fit`` or
 is garbage-collected.
 """

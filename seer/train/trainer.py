@@ -79,11 +79,10 @@ class Trainer:
         folders = {"OUT": self.out, "checkpoint.dir": ckpt_dir} if cfg.checkpoint.dir else {"OUT": self.out}
 
         def main_setup():  # rank 0; before anything here writes, another live run on a folder refuses this one
-            for folder in folders.values():
-                folder.mkdir(parents=True, exist_ok=True)
             # The checkpoint folder is locked in its own right, also the default OUT/checkpoints: another run
             # may name it as its checkpoint.dir (whose start would remove this run's checkpoint in progress).
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.out, ckpt_dir):
+                folder.mkdir(parents=True, exist_ok=True)
             for folder in (self.out, ckpt_dir):
                 self._locks.append(RunLock(folder))
             _log_to_file(self.out / "train.log")
