@@ -106,7 +106,27 @@ def evidence(where: torch.device, head_dim: int, n_q: int, n_kv: int) -> Optiona
     """
     if where.type != "cuda":
         return None
-    rows = attention_table.TABLE.get(_gpu_slug(where.index if where.index is not None else 0))
+    slug = _gpu_slug(where.index if where.index is not None else 0)
+    rows = attention_table.TABLE.get(slug)
+    # Memoised for eager calls (several lookups per forward+backward on a host-bound path); not while
+    # torch.compile traces, where writing a module dict would be a side effect for Dynamo to guard on.
+    tracing = torch.compiler.is_compiling()
+    key = (slug, head_dim, n_q, n_kv)
+    hit = None if tracing else _EVIDENCE.get(key)
+    if hit is not None and hit[0] is rows and hit[1] == len(rows or ()):  # rows swapped or grown since: miss
+        return hit[2]
+    row = _lookup(rows, head_dim, n_q, n_kv)
+    if not tracing:
+        if len(_EVIDENCE) >= 4096:  # many distinct sequence lengths: start over rather than grow
+            _EVIDENCE.clear()
+        _EVIDENCE[key] = (rows, len(rows or ()), row)
+    return row
+
+
+_EVIDENCE: dict = {}
+
+
+def _lookup(rows: Optional[list], head_dim: int, n_q: int, n_kv: int) -> Optional[dict]:
     if not rows:
         return None
     best, best_dist = None, None
@@ -130,9 +150,15 @@ def _tri():
 def _tile(row: Optional[dict], kernel: str):
     if row is None or kernel not in row.get("tiles", {}):
         return None
-    t = row["tiles"][kernel]
-    # [m, n, warps, stages] lists were recorded before tail tiles existed: run them as they were measured.
-    return _tri().Tile(*t) if len(t) > 4 else _tri().Tile(*t, split_tail=False)
+    t = tuple(row["tiles"][kernel])
+    tile = _TILES.get(t)
+    if tile is None:  # memoised: building and checking a Tile costs more than the lookup (host-bound path)
+        # [m, n, warps, stages] lists were recorded before tail tiles existed: run them as they were measured.
+        tile = _TILES[t] = _tri().Tile(*t) if len(t) > 4 else _tri().Tile(*t, split_tail=False)
+    return tile
+
+
+_TILES: dict = {}
 
 
 def _triton_fwd(q, k, v, scale):
@@ -456,6 +482,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     if backend.name == "sdpa":
         return backend.impl.attention(q, k, v, scale)
     if plain_eager(q, k, v):
+        if not grad:  # nothing to record: skip the autograd.Function (several µs of host time per call)
+            return backend.impl.fwd(q, k, v, scale)[0]
         return _EagerAttention.apply(q, k, v, scale, det, backend)
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         out, _ = _FuncAttention.apply(q, k, v, scale, det, backend.name)
