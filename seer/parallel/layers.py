@@ -21,19 +21,32 @@ from .mappings import (copy_to_tensor_parallel_region, reduce_from_tensor_parall
                        reduce_scatter_to_sequence_region)
 
 
-def shard_rows(t: Tensor, rank: int, size: int, chunks: int = 1) -> Tensor:
+def _check_split(rows: int, size: int, what: str, chunks: int = 1) -> None:
+    """ValueError naming the dimension when ``rows`` cannot be cut into ``chunks`` blocks of ``size`` equal
+    parts: the slices below would silently leave the remainder out."""
+    if rows % chunks:
+        raise ValueError(f"tensor parallelism: {what}={rows} is not divisible into {chunks} fused blocks")
+    if (rows // chunks) % size:
+        blocks = f" ({chunks} fused blocks of {rows // chunks} rows)" if chunks > 1 else ""
+        raise ValueError(f"tensor parallelism: {what}={rows}{blocks} is not divisible by tp_size={size}")
+
+
+def shard_rows(t: Tensor, rank: int, size: int, chunks: int = 1, what: str = "dim 0") -> Tensor:
     """Rank ``rank``'s rows of ``t`` (dim 0), taken from each of ``chunks`` equal blocks.
 
     A fused q/k/v weight is [Wq; Wk; Wv]: sharding it naively would give rank 0 all of Wq. With chunks=3 each
-    rank gets [Wq_r; Wk_r; Wv_r], its own heads of each.
+    rank gets [Wq_r; Wk_r; Wv_r], its own heads of each. ``what`` names dim 0 in the error for sizes that do
+    not split.
     """
+    _check_split(t.shape[0], size, what, chunks)
     n = t.shape[0] // chunks
     part = n // size
     blocks = t.detach().reshape(chunks, n, *t.shape[1:])[:, rank * part:(rank + 1) * part]
     return blocks.reshape(chunks * part, *t.shape[1:]).clone()
 
 
-def shard_cols(t: Tensor, rank: int, size: int) -> Tensor:
+def shard_cols(t: Tensor, rank: int, size: int, what: str = "dim 1") -> Tensor:
+    _check_split(t.shape[1], size, what)
     part = t.shape[1] // size
     return t.detach()[:, rank * part:(rank + 1) * part].clone()
 
@@ -106,9 +119,9 @@ class ColumnParallelLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group, tp_rank: int, tp_size: int, chunks: int = 1,
                     sequence_parallel: bool = False) -> "ColumnParallelLinear":
-        w = _param(shard_rows(linear.weight, tp_rank, tp_size, chunks), linear.weight)
-        b = _param(shard_rows(linear.bias, tp_rank, tp_size, chunks) if linear.bias is not None else None,
-                   linear.bias)
+        w = _param(shard_rows(linear.weight, tp_rank, tp_size, chunks, "out_features"), linear.weight)
+        b = _param(shard_rows(linear.bias, tp_rank, tp_size, chunks, "out_features")
+                   if linear.bias is not None else None, linear.bias)
         return cls(w, b, group=group, tp_rank=tp_rank, tp_size=tp_size, chunks=chunks,
                    sequence_parallel=sequence_parallel)
 
@@ -142,7 +155,7 @@ class RowParallelLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group, tp_rank: int, tp_size: int,
                     sequence_parallel: bool = False) -> "RowParallelLinear":
-        w = _param(shard_cols(linear.weight, tp_rank, tp_size), linear.weight)
+        w = _param(shard_cols(linear.weight, tp_rank, tp_size, "in_features"), linear.weight)
         b = _param(linear.bias.detach().clone(), linear.bias) if linear.bias is not None else None
         return cls(w, b, group=group, tp_rank=tp_rank, tp_size=tp_size, sequence_parallel=sequence_parallel)
 

@@ -177,6 +177,24 @@ def test_fused_qkv_is_split_per_projection():
     assert shard_rows(w, 1, 2, chunks=3).flatten().tolist() == [2, 3, 6, 7, 10, 11]
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: ColumnParallelLinear.from_linear(torch.nn.Linear(4, 7), group=None, tp_rank=1, tp_size=2),
+     r"out_features=7 .*not divisible by tp_size=2"),
+    (lambda: ColumnParallelLinear.from_linear(torch.nn.Linear(4, 9), group=None, tp_rank=1, tp_size=2, chunks=3),
+     r"out_features=9 .*3 fused blocks of 3 rows.*not divisible by tp_size=2"),
+    (lambda: ColumnParallelLinear.from_linear(torch.nn.Linear(4, 10), group=None, tp_rank=0, tp_size=2, chunks=3),
+     r"out_features=10 .*not divisible into 3 fused blocks"),
+    (lambda: RowParallelLinear.from_linear(torch.nn.Linear(5, 4), group=None, tp_rank=1, tp_size=2),
+     r"in_features=5 .*not divisible by tp_size=2"),
+])
+def test_parallel_linear_refuses_a_dimension_that_does_not_split(make, match):
+    # The layers are public: built directly (not through apply_tensor_parallel's config check) from a layer
+    # whose split dimension does not divide, they kept floor(n / tp) rows or columns per rank and dropped
+    # the rest without a word (7 outputs -> 3 per rank).
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
 @pytest.mark.parametrize("cfg, world, match", [
     (ParallelConfig(tp=3), 4, "world size 4 is not divisible by parallel.tp=3"),
     (ParallelConfig(tp=2, dp=3), 4, r"parallel.dp=3 x parallel.tp=2 must equal the world size 4"),
