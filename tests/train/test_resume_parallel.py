@@ -7,6 +7,7 @@ import torch
 
 from seer import load_pretrained
 from seer.config import apply_overrides, preset
+from seer.train import Trainer
 from tests.dist_utils import run_distributed
 
 from .common import losses
@@ -20,7 +21,6 @@ SETTINGS = ["train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=3", "log
 
 
 def _straight_then_resumed(rank, world, root, layout):
-    from seer.train import Trainer
     straight, resumed = f"{root}/straight", f"{root}/resumed"
     Trainer(apply_overrides(preset("tiny"), SETTINGS + layout), straight).fit()
     start = f"{straight}/checkpoints/step_00000002"
@@ -39,3 +39,7 @@ def test_parallel_resume_gives_the_same_losses_bit_for_bit(tmp_path, layout):
     assert got == {s: expected[s] for s in (3, 4)}  # exact float equality
     a, b = load_pretrained(tmp_path / "straight").state_dict(), load_pretrained(tmp_path / "resumed").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if "parallel.tp=2" in layout:  # per-rank slices cannot be resumed by another split: refused, named
+        start = tmp_path / "straight" / "checkpoints" / "step_00000002"
+        with pytest.raises(ValueError, match="written with parallel.tp=2; resuming needs the same parallel.tp"):
+            Trainer(apply_overrides(preset("tiny"), SETTINGS + [f"checkpoint.resume={start}"]), tmp_path / "tp1")
