@@ -104,6 +104,10 @@ def test_queue_fifo_rounding_and_state():
     assert torch.equal(r.embeddings(), queued) and r.filled == 8
     with pytest.raises(ValueError, match="queue length, batch size"):
         SwAVQueue(32, 4, batch_size=4, world_size=2).load_state_dict(saved)
+    # Another number of assignment crops (loss.crops_for_assign) on resume: the saved queue holds 2 crops'
+    # rows, this one pushes and scores 1; it loaded and failed at a later step with a torch.cat size error.
+    with pytest.raises(ValueError, match=r"2 assignment crops.*this one 1.*loss.crops_for_assign"):
+        SwAVQueue(21, 4, batch_size=4, world_size=2, crops_for_assign=(0,)).load_state_dict(saved)
 
 
 def test_model_scores_the_queue_with_current_prototypes_without_gradient():
