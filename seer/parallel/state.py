@@ -21,6 +21,10 @@ def unshard(t: Tensor, module: nn.Module, name: str) -> Tensor:
     size = getattr(module, "tp_size", 1)
     if size == 1 or name not in getattr(module, "tp_split_params", ()):
         return t
+    if module.tp_group is None:  # (comm.all_gather would return this rank's slice as if it were the whole)
+        raise ValueError(f"unshard: {type(module).__name__}.{name} is split over tp_size={size} but its layer has "
+                         f"no process group (apply_tensor_parallel(group=None) only reshapes): the other ranks' "
+                         f"slices cannot be gathered")
     dim = module.tp_split_dim
     gathered = comm.all_gather(t.contiguous(), module.tp_group, dim=dim)
     chunks = module.tp_chunks

@@ -195,6 +195,20 @@ def test_parallel_linear_refuses_a_dimension_that_does_not_split(make, match):
         make()
 
 
+def test_unsharding_a_model_split_without_a_group_is_refused():
+    # apply_tensor_parallel(group=None) only reshapes (to check shards in one process): there is nothing to
+    # gather the other ranks' slices from. unshard returned fc1's slice as if it were the full weight (the
+    # fused q/k/v failed in a reshape).
+    from seer.parallel import full_state_dict, unshard
+    model = apply_tensor_parallel(build_model(), group=None, tp_rank=0, tp_size=2)
+    fc1 = model.backbone.blocks[0].mlp.fc1
+    match = r"ColumnParallelLinear.weight is split over tp_size=2 but its layer has no process group"
+    with pytest.raises(ValueError, match=match):
+        unshard(fc1.weight, fc1, "weight")
+    with pytest.raises(ValueError, match=match):
+        full_state_dict(model)
+
+
 @pytest.mark.parametrize("cfg, world, match", [
     (ParallelConfig(tp=3), 4, "world size 4 is not divisible by parallel.tp=3"),
     (ParallelConfig(tp=2, dp=3), 4, r"parallel.dp=3 x parallel.tp=2 must equal the world size 4"),
