@@ -91,6 +91,13 @@ class DataConfig:
         max_image_pixels: larger images are skipped as decompression bombs.
         max_bad_fraction: stop with an error if more than this fraction of the dataset turns out unreadable
             (a wrong path or format, not a few bad files); 1.0 never stops.
+        timeout_s: stop with an error naming this key when the DataLoader workers deliver no batch for this
+            many seconds (a read that hangs on a stuck NFS or FUSE mount would otherwise wait forever); 0 = wait
+            forever. The default, 600, is hundreds of times what one worker takes for a batch (SwAV's crops of
+            photos: 85 images/s on one core, bench/results/cpu-loader.json, so 128 images in 1.5 s): slow
+            storage, busy cores and the workers' start (counted in the first batch's wait) stay far below it,
+            while a hung run stops within 10 minutes instead of holding its GPUs for hours. Worker processes
+            only: with ``num_workers`` 0 the reads run in the training process, which no timeout interrupts.
     """
     source: str = "digits"
     format: str = "auto"
@@ -102,6 +109,7 @@ class DataConfig:
     digits_split: str = "train"
     max_image_pixels: int = 178_956_970
     max_bad_fraction: float = 0.5
+    timeout_s: float = 600.0
     crops: CropsConfig = field(default_factory=CropsConfig)
 
 
@@ -607,6 +615,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("data.digits_split", d.digits_split, ("train", "all"))
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
     _check(d.max_image_pixels >= 1, "data.max_image_pixels", "an integer >= 1", d.max_image_pixels)
+    _check(math.isfinite(d.timeout_s) and d.timeout_s >= 0, "data.timeout_s",
+           "a finite number >= 0 (seconds; 0 = no timeout)", d.timeout_s)
     _check(c.global_count >= 1, "data.crops.global_count", "an integer >= 1", c.global_count)
     _check(c.local_count >= 0, "data.crops.local_count", "an integer >= 0", c.local_count)
     p = cfg.model.patch_size

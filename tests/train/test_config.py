@@ -54,6 +54,7 @@ def test_unknown_key_suggests_the_nearest(override, fragment):
     ("train.max_steps=abc", "'train.max_steps' expects an integer"),
     ("optim.lr=[1]", "'optim.lr' expects a number"),
     ("model.qk_norm=3", "'model.qk_norm' expects true or false"),
+    ("data.timeout_s=soon", "'data.timeout_s' expects a number"),
     ("train", "key=value"),
     ("model=3", "'model' is a section"),
 ])
@@ -86,11 +87,24 @@ def test_bad_values_name_the_key(override, fragment):
     ("eval.linear_weight_decays=[.inf]", "eval.linear_weight_decays"),
     ("train.seed=99999999999999999999", "train.seed"), ("eval.split_seed=-9223372036854775809", "eval.split_seed"),
     ("optim.lr_reference_batch=-1", "optim.lr_reference_batch"),
+    ("data.timeout_s=-1", "data.timeout_s"), ("data.timeout_s=.inf", "data.timeout_s"),
+    ("data.timeout_s=.nan", "data.timeout_s"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
         C.validate(C.apply_overrides(C.preset("tiny"), [override]))
     assert key in str(e.value)
+
+
+def test_data_timeout_s_overrides_saves_and_defaults_in_older_files(tmp_path):
+    assert C.apply_overrides(C.preset("tiny"), ["data.timeout_s=30"]).data.timeout_s == 30.0
+    assert C.validate(C.apply_overrides(C.preset("tiny"), ["data.timeout_s=0"])).data.timeout_s == 0  # no timeout
+    with pytest.raises(C.ConfigError, match=r"'data.timeout_s' must be a finite number >= 0 .*got -1"):
+        C.validate(C.apply_overrides(C.preset("tiny"), ["data.timeout_s=-1"]))
+    saved = C.dumps(C.preset("tiny"))  # what OUT/config.yaml holds
+    assert "  timeout_s: 600.0\n" in saved
+    (tmp_path / "old.yaml").write_text(saved.replace("  timeout_s: 600.0\n", ""))  # one written before the key
+    assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")
 
 
 def test_yaml_file_starting_from_a_preset(tmp_path):
