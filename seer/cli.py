@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-image-pixels", type=int, default=C.DataConfig.max_image_pixels,
                     help="larger images count as unreadable (decompression bombs), as data.max_image_pixels "
                          "(default: %(default)s)")
+    dc.add_argument("--timeout-s", type=float, default=C.DataConfig.timeout_s,
+                    help="stop with an error when the workers deliver no batch for this many seconds (a hung read), "
+                         "as data.timeout_s; 0 = no limit (default: %(default)g)")
 
     sub.add_parser("bench", help="run the benchmark suites (pytest bench ...)", add_help=False)
     return p
@@ -224,7 +227,8 @@ def cmd_data(args) -> int:
     from .data.check import check_dataset
     if args.report:
         _output_file(args.report, "--report")
-    report = check_dataset(args.source, fmt=args.format, workers=args.workers, max_pixels=args.max_image_pixels)
+    report = check_dataset(args.source, fmt=args.format, workers=args.workers, max_pixels=args.max_image_pixels,
+                           timeout_s=args.timeout_s)
     print(report.format())
     if args.report:  # a name that is not UTF-8 as its own bytes, as training's skipped_files.txt
         Path(args.report).write_text("".join(f"{n}\t{r}\n" for n, r in report.bad), encoding="utf-8",
@@ -270,9 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return handlers[args.command](args)
     except Exception as e:
         # Bad input (2), a run that cannot go on (1), a refused or unreadable checkpoint (3): one line naming
-        # the cause.
-        status = {UnsafeCheckpointError: 3, CorruptCheckpointError: 3, NonFiniteLossError: 1,
-                  DataError: 1}.get(type(e))
+        # the cause. Subclasses count as their class (a data timeout is a DataError).
+        status = next((code for cls, code in ((UnsafeCheckpointError, 3), (CorruptCheckpointError, 3),
+                                              (NonFiniteLossError, 1), (DataError, 1)) if isinstance(e, cls)), None)
         # The OSErrors of a path the user gave (missing, a folder, no permission) are bad input; others (a full
         # disk, an I/O error) are not, and keep their traceback.
         if status is None and isinstance(e, (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError,

@@ -13,6 +13,9 @@ from tests.images import write_bad_images, write_good_images
     (["train", "--preset", "tinyy", "--out", "x"], "unknown preset 'tinyy' (did you mean 'tiny'?)"),
     (["train", "--preset", "tiny", "--set", "train.max_step=3", "--out", "x"], "did you mean 'train.max_steps'"),
     (["train", "--preset", "tiny", "--set", "train.max_steps=three", "--out", "x"], "expects an integer"),
+    (["train", "--preset", "tiny", "--set", "data.timeout_s=-5", "--out", "x"],
+     "config key 'data.timeout_s' must be a finite number >= 0 (seconds; 0 = no timeout), got -5.0"),
+    (["data", "check", "{tmp}", "--timeout-s", "nan"], "--timeout-s must be a finite number >= 0"),
     (["train", "--preset", "tiny", "--set", "checkpoint.every", "--out", "x"], "key=value"),
     (["train", "--preset", "tiny"], "--out DIR is required"),
     (["train", "--config", "/does/not/exist.yaml", "--out", "x"], "does not exist"),
@@ -87,6 +90,8 @@ def test_print_config_and_plan(capsys):
     assert main(["train", "--preset", "demo", "--set", "train.max_steps=7", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "max_steps: 7" in out and "description: 'demo:" in out
+    assert main(["train", "--preset", "demo", "--set", "data.timeout_s=45", "--print-config"]) == 0
+    assert "  timeout_s: 45.0\n" in capsys.readouterr().out
     assert main(["plan", "--model", "tiny", "--gpus", "1", "--tp", "1", "--micro-batch", "2"]) == 0
     assert "GiB" in capsys.readouterr().out
 
@@ -139,6 +144,17 @@ def test_file_names_that_are_not_utf8_never_stop_a_run_or_a_report(tmp_path, cap
     assert skipped.split(b"\t")[0] == bytes(data) + b"/" + name
     assert "skipped unreadable image " + bad_path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
         in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_data_check_stopped_by_a_hung_read_is_one_line(tmp_path, monkeypatch, capsys):
+    import time
+
+    from seer.data import check
+    write_good_images(tmp_path / "data", 3, nested=False)
+    monkeypatch.setattr(check._CheckDataset, "__getitem__", lambda self, i: time.sleep(30))  # forked workers see it
+    assert main(["data", "check", str(tmp_path / "data"), "--workers", "1", "--timeout-s", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no batch from the DataLoader workers within --timeout-s=1 s" in err and "Traceback" not in err
 
 
 def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsys):

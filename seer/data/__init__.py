@@ -5,8 +5,9 @@ from .loader import TrainData
 from .sampler import ResumableSampler, feistel_permutation, mix_seed
 from .sources import (IMAGE_EXTENSIONS, DataSourceError, FileSource, ImageSource, TarSource, TensorSource,
                       build_index, detect_format, open_index, open_source, scan_folder)
+from .workers import DataTimeoutError
 
-__all__ = ["Batch", "DataError", "DataSourceError", "DecodedDataset", "FileSource", "IMAGE_EXTENSIONS", "ImageSource",
-           "MultiCropDataset", "ResumableSampler", "Skipped", "TarSource", "TensorSource", "TrainData",
-           "build_index", "detect_format", "feistel_permutation", "mix_seed", "open_index", "open_source",
-           "scan_folder"]
+__all__ = ["Batch", "DataError", "DataSourceError", "DataTimeoutError", "DecodedDataset", "FileSource",
+           "IMAGE_EXTENSIONS", "ImageSource", "MultiCropDataset", "ResumableSampler", "Skipped", "TarSource",
+           "TensorSource", "TrainData", "build_index", "detect_format", "feistel_permutation", "mix_seed",
+           "open_index", "open_source", "scan_folder"]

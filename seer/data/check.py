@@ -1,11 +1,14 @@
 """``seer data check DIR``: read and fully decode every image of a dataset and report the unreadable ones.
 
 Uses the same sources and decoder as training (so what it reports is exactly what training would skip),
-in parallel worker processes. Prints a summary (count, formats, size range) and one line per bad file.
+in parallel worker processes. Prints a summary (count, formats, size range) and one line per bad file. A
+batch the workers do not deliver within ``timeout_s`` (a hung read) stops the check with an error, as in
+training (``data.timeout_s``).
 """
 from __future__ import annotations
 
 import collections
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .dataset import _reason, decode_checked
 from .sources import ImageSource, open_source, printable
+from .workers import loader_timeout, next_batch
 
 
 @dataclass
@@ -82,24 +86,29 @@ def _as_list(items):  # a module-level function: workers started by forkserver o
     return items
 
 
-def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4,
-                  max_pixels: int = DataConfig.max_image_pixels) -> CheckReport:
+def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixels: int = DataConfig.max_image_pixels,
+                  timeout_s: float = DataConfig.timeout_s) -> CheckReport:
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"--max-image-pixels must be an integer >= 1, got {max_pixels!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 <= timeout_s < math.inf:
+        raise ValueError(f"--timeout-s must be a finite number >= 0 (seconds; 0 = no timeout), got {timeout_s!r}")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache:  # the index lives as long as the check
         src = open_source(source, fmt, cache)
         loader = DataLoader(_CheckDataset(src, max_pixels), batch_size=64, num_workers=workers,
-                            collate_fn=_as_list)
-        return _tally(src, loader, t0)
+                            collate_fn=_as_list, timeout=loader_timeout(timeout_s, workers))
+        return _tally(src, loader, t0, timeout_s)
 
 
-def _tally(src, loader, t0: float) -> CheckReport:
+def _tally(src, loader, t0: float, timeout_s: float) -> CheckReport:
     bad, formats = [], collections.Counter()
     min_hw = max_hw = None
-    for batch in loader:
+    it, size = iter(loader), loader.batch_size
+    for i in range(len(loader)):
+        batch = next_batch(it, timeout_s, setting="--timeout-s",
+                           where=f"images {i * size + 1}-{min((i + 1) * size, len(src))} of {len(src)}")
         for name, reason, f, hw in batch:
             if reason is not None:
                 bad.append((name, reason))

@@ -7,7 +7,8 @@
 * 'device': workers only read and decode; the batch of uint8 images goes to the training device and the
   multi-crop op runs there (the GPU op on CUDA), one launch per stage for the whole batch.
 
-:class:`TrainData` also measures how long each step waited for its batch (the data-wait fraction).
+:class:`TrainData` also measures how long each step waited for its batch (the data-wait fraction), and stops
+with an error naming ``data.timeout_s`` when workers deliver no batch for that long (:mod:`seer.data.workers`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from .dataset import (Batch, DecodedDataset, MultiCropDataset, Skipped, collate_
                       worker_init)
 from .sampler import ResumableSampler, _BatchSampler, mix_seed
 from .sources import build_index, open_index
+from .workers import DataTimeoutError, loader_timeout, next_batch
 
 
 class TrainData:
@@ -83,18 +85,30 @@ class TrainData:
         # Its own generator: creating an iterator must not draw from the global torch RNG, or a resumed run
         # (which creates its iterator at the resume step) would see different drop-path masks afterwards.
         kw = dict(num_workers=workers, collate_fn=self._collate, pin_memory=self.device.type == "cuda",
-                  generator=torch.Generator().manual_seed(self.seed))
+                  generator=torch.Generator().manual_seed(self.seed),
+                  timeout=loader_timeout(self.cfg.timeout_s, workers))
         if workers:
             kw.update(worker_init_fn=worker_init, prefetch_factor=self.cfg.prefetch_factor)
         return DataLoader(self.dataset, batch_sampler=_BatchSampler(self.sampler), **kw)
 
     def next(self) -> tuple[list[Tensor], list[Skipped]]:
-        """The next batch's crops on the device (V tensors (B, 3, S, S)) and the files skipped for it."""
+        """The next batch's crops on the device (V tensors (B, 3, S, S)) and the files skipped for it.
+
+        Raises :class:`~seer.data.workers.DataTimeoutError` when the workers deliver no batch within
+        ``data.timeout_s``; the workers are gone then and the position is that of the missing batch (a later
+        call, or a resume from a checkpoint, starts over with it)."""
         t0 = time.perf_counter()
         if self._iter is None:
             self._iter = iter(self._loader())
         epoch, offset = self.sampler.position()
-        batch: Batch = next(self._iter)
+        try:
+            batch: Batch = next_batch(self._iter, self.cfg.timeout_s, setting="data.timeout_s",
+                                      where=f"data-parallel rank {self.rank}, the batch at epoch {epoch}, "
+                                            f"image offset {offset} (step {offset // self.sampler.global_batch + 1} "
+                                            f"of {self.steps_per_epoch} of that epoch)")
+        except DataTimeoutError:
+            self._iter = None  # its workers were killed
+            raise
         if batch.crops:
             crops = [c.to(self.device, non_blocking=True) for c in batch.crops]
         else:
