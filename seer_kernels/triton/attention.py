@@ -682,8 +682,11 @@ def _bwd_dq_ds_kernel(DS, K, DQ, sdsb, sdsh, sdsn, skb, skh, skn, sdqb, sdqh, sd
 
 
 def _on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it the inputs' device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the inputs' device. Nothing to switch (and no
+    torch.cuda.device to enter and leave, host time on every eager call) when it already is."""
+    if not t.is_cuda or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _rows_fit_int32(t: Tensor) -> bool:
