@@ -22,13 +22,15 @@ import posixpath
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import numpy as np
-import torch
 
 from . import tarscan
 from .mapped import MappedArray, StringList, normalise_list_file, save_array, write_lines
+
+if TYPE_CHECKING:  # not imported at run time: a process indexing tar shards starts without torch
+    import torch
 
 log = logging.getLogger("seer.data")
 

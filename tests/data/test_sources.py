@@ -3,7 +3,10 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -332,3 +335,11 @@ def test_a_damaged_header_inside_a_shard_is_said_not_passed_over(tmp_path, caplo
     with caplog.at_level("WARNING", logger="seer.data"):
         build_index(str(shard), "tar", tmp_path / "idx2")
     assert not [r for r in caplog.records if "damaged" in r.getMessage()]
+
+
+def test_the_sources_module_imports_without_torch():
+    """What a spawned worker that indexes tar shards imports: seer.data and its sources module import neither
+    torch nor seer_kernels (~2 s per process); seer.data's names resolve on first use (TrainData: every test)."""
+    code = ("import sys, seer.data.sources as s; from seer.data import build_index; assert build_index is "
+            "s.build_index; heavy = {'torch', 'seer_kernels'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
