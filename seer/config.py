@@ -98,6 +98,10 @@ class DataConfig:
             storage, busy cores and the workers' start (counted in the first batch's wait) stay far below it,
             while a hung run stops within 10 minutes instead of holding its GPUs for hours. Worker processes
             only: with ``num_workers`` 0 the reads run in the training process, which no timeout interrupts.
+        index_workers: processes that index tar shards on the first run (global rank 0, while every other rank
+            waits): 0 = automatic (the CPUs rank 0 may use, at most 32 and one per shard; a small source is
+            indexed in the training process, where starting processes would cost more than it saves), 1 = in
+            the training process only. The index is the same whatever this is.
     """
     source: str = "digits"
     format: str = "auto"
@@ -110,6 +114,7 @@ class DataConfig:
     max_image_pixels: int = 178_956_970
     max_bad_fraction: float = 0.5
     timeout_s: float = 600.0
+    index_workers: int = 0
     crops: CropsConfig = field(default_factory=CropsConfig)
 
 
@@ -617,6 +622,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.max_image_pixels >= 1, "data.max_image_pixels", "an integer >= 1", d.max_image_pixels)
     _check(math.isfinite(d.timeout_s) and d.timeout_s >= 0, "data.timeout_s",
            "a finite number >= 0 (seconds; 0 = no timeout)", d.timeout_s)
+    _check(d.index_workers >= 0, "data.index_workers", "an integer >= 0 (0 = automatic, 1 = no worker processes)",
+           d.index_workers)
     _check(c.global_count >= 1, "data.crops.global_count", "an integer >= 1", c.global_count)
     _check(c.local_count >= 0, "data.crops.local_count", "an integer >= 0", c.local_count)
     p = cfg.model.patch_size

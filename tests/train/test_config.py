@@ -55,6 +55,8 @@ def test_unknown_key_suggests_the_nearest(override, fragment):
     ("optim.lr=[1]", "'optim.lr' expects a number"),
     ("model.qk_norm=3", "'model.qk_norm' expects true or false"),
     ("data.timeout_s=soon", "'data.timeout_s' expects a number"),
+    ("data.index_workers=two", "'data.index_workers' expects an integer"),
+    ("data.index_workers=1.5", "'data.index_workers' expects an integer"),
     ("train", "key=value"),
     ("model=3", "'model' is a section"),
 ])
@@ -88,7 +90,7 @@ def test_bad_values_name_the_key(override, fragment):
     ("train.seed=99999999999999999999", "train.seed"), ("eval.split_seed=-9223372036854775809", "eval.split_seed"),
     ("optim.lr_reference_batch=-1", "optim.lr_reference_batch"),
     ("data.timeout_s=-1", "data.timeout_s"), ("data.timeout_s=.inf", "data.timeout_s"),
-    ("data.timeout_s=.nan", "data.timeout_s"),
+    ("data.timeout_s=.nan", "data.timeout_s"), ("data.index_workers=-1", "data.index_workers"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
@@ -104,6 +106,18 @@ def test_data_timeout_s_overrides_saves_and_defaults_in_older_files(tmp_path):
     saved = C.dumps(C.preset("tiny"))  # what OUT/config.yaml holds
     assert "  timeout_s: 600.0\n" in saved
     (tmp_path / "old.yaml").write_text(saved.replace("  timeout_s: 600.0\n", ""))  # one written before the key
+    assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")
+
+
+def test_data_index_workers_overrides_saves_and_defaults_in_older_files(tmp_path):
+    assert C.preset("tiny").data.index_workers == 0  # automatic
+    assert C.validate(C.apply_overrides(C.preset("tiny"), ["data.index_workers=1"])).data.index_workers == 1
+    with pytest.raises(C.ConfigError, match=r"'data.index_workers' must be an integer >= 0 \(0 = automatic, 1 = no "
+                                            r"worker processes\), got -2"):
+        C.validate(C.apply_overrides(C.preset("tiny"), ["data.index_workers=-2"]))
+    saved = C.dumps(C.preset("tiny"))
+    assert "  index_workers: 0\n" in saved
+    (tmp_path / "old.yaml").write_text(saved.replace("  index_workers: 0\n", ""))  # one written before the key
     assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")
 
 
