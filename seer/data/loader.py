@@ -49,7 +49,7 @@ class TrainData:
         cache = Path(cache)
         meta = None
         if is_index_writer:
-            meta = build_index(cfg.source, cfg.format, cache)
+            meta = build_index(cfg.source, cfg.format, cache, workers=cfg.index_workers)
         barrier()
         if meta is None:
             # reads the finished index.json; rank 0 checked the shards (one stat each, not one per rank)

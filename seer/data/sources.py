@@ -13,14 +13,20 @@ are read (:mod:`seer.data.dataset`) or ahead of time by ``seer data check``.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import glob
 import json
 import logging
+import multiprocessing
 import os
 import posixpath
 import tarfile
+import time
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
@@ -186,10 +192,16 @@ def scan_folder(root: str | os.PathLike) -> Iterator[str]:
         stack.extend(reversed(subdirs))
 
 
-def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = None) -> int:
+def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = None, workers: int = 1) -> int:
     """Record shard, offset and size of every image member of ``shards`` under ``cache``; return the count.
     ``stats``, if given, receives each shard's [st_size, st_mtime_ns], taken before it is read (a shard
     rewritten while or after it is read then differs from them).
+
+    ``workers``: processes that read the shards, 1 = this process only, 0 = automatic (:func:`index_workers`).
+    Shards go to a pool of that many spawned processes once the time it would save on the shards left,
+    estimated from those read so far, exceeds its start (``POOL_START_S``); until then they are read here.
+    The index files, the warnings (logged by this process, in shard order) and the errors are the same
+    whatever ``workers`` is; a shard that cannot be read raises :class:`DataSourceError` naming it.
 
     webdataset layout: a sample is the run of members sharing a key, the member name up to the first dot of
     its base name ('dir/key.jpg', 'dir/key.json', 'dir/key.mask.png'); the first image member of each sample
@@ -214,30 +226,163 @@ def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = Non
     Directories are not images; devices, fifos and members of unknown type named like images are left out
     with a warning, and their sample gets no image either.
     """
-    ids, offs, sizes = [], [], []
-    names = []
+    workers = index_workers(workers, len(shards))
+    ids, offs, sizes = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
 
-    def member_names():
-        for sid, shard in enumerate(shards):
-            try:
-                if stats is not None:
-                    st = os.stat(shard)
-                    stats.append([st.st_size, st.st_mtime_ns])
-                entries = _read_shard(shard)
-            except (tarfile.TarError, OSError) as e:
-                raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
-                                      f"uncompressed .tar files in the webdataset layout)") from None
-            for name, offset, size in entries:
-                ids.append(sid)
-                offs.append(offset)
-                sizes.append(size)
-                yield name
+    def member_names(results: Iterator[_ShardIndex]) -> Iterator[str]:
+        t0 = time.perf_counter()
+        report, count = t0 + PROGRESS_EVERY_S, 0
+        for sid, (stat, names, offsets, lengths) in enumerate(results):
+            if stats is not None:
+                stats.append(stat)
+            ids.append(np.full(len(names), sid, np.int32))
+            offs.append(offsets)
+            sizes.append(lengths)
+            count += len(names)
+            yield from names
+            if time.perf_counter() >= report:  # rank 0 indexes while every other rank waits: say how far
+                report += PROGRESS_EVERY_S
+                log.info("data.source: indexed %d of %d tar shards (%d images) in %.0f s", sid + 1, len(shards),
+                         count, time.perf_counter() - t0)
 
-    names = write_lines(member_names(), cache / "members.txt", cache / "members.offsets.npy")
-    save_array(cache / "shard_id.npy", np.asarray(ids, dtype=np.int32))
-    save_array(cache / "offset.npy", np.asarray(offs, dtype=np.int64))
-    save_array(cache / "size.npy", np.asarray(sizes, dtype=np.int64))
+    with contextlib.ExitStack() as pool:  # shuts a worker pool down here, also on an error or Ctrl-C
+        results = _shard_results(shards, workers, stats is not None, pool)
+        names = write_lines(member_names(results), cache / "members.txt", cache / "members.offsets.npy")
+    save_array(cache / "shard_id.npy", np.concatenate(ids))
+    save_array(cache / "offset.npy", np.concatenate(offs))
+    save_array(cache / "size.npy", np.concatenate(sizes))
     return len(names)
+
+
+# index_workers(0): at most this many processes, a cap rather than a measured optimum (only 2 cores were at
+# hand): with many processes the shards' storage rather than the CPUs bounds indexing, and each spawned
+# worker costs its start-up and ~30 MB (more while it holds a shard's names).
+POOL_MAX_WORKERS = 32
+
+# What starting a pool of index workers is taken to cost, in seconds: shards go to a pool once the time it
+# would save on the shards left (the mean time per shard so far x the shards left x (1 - 1/workers)) is at
+# least this. Measured on the 2-core development machine, 2 workers: 0.2 s when they import only this module
+# (python -m seer, torchrun -m seer, pytest: spawn does not re-import a __main__ module), 4 s when spawn has
+# each re-import the main script and that imports torch (the `seer` console script imports seer.cli). The
+# larger is taken: a pool starts only where it saves time either way (e.g. 8 s of indexing left, 2 workers).
+POOL_START_S = 4.0
+
+# How often a long indexing logs how far it is (INFO).
+PROGRESS_EVERY_S = 60.0
+
+# One shard indexed: its [st_size, st_mtime_ns] (or None), then the name, offset and size of each image member.
+_ShardIndex = tuple
+
+
+def index_workers(workers: int, shards: int) -> int:
+    """The processes :func:`index_tar_shards` uses for ``shards`` shards: ``workers`` (1 = this process only)
+    or for 0 the CPUs this process may use, capped at ``POOL_MAX_WORKERS``; never more than the shards."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0 (0 = automatic, 1 = this process only), got {workers!r}")
+    if workers == 0:
+        workers = min(_usable_cpus(), POOL_MAX_WORKERS)
+    return max(1, min(workers, shards))
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, a SLURM or container cpuset), not the
+    machine's count. A CPU quota without a cpuset (docker --cpus) is not seen."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _shard_results(shards: list[str], workers: int, want_stat: bool,
+                   pool: contextlib.ExitStack) -> Iterator[_ShardIndex]:
+    """:func:`_index_shard` of each shard, in shard order: indexed here until a pool of ``workers`` processes
+    looks worth its start (``POOL_START_S``), then by that pool, which ``pool`` shuts down."""
+    t0 = time.perf_counter()
+    for i, shard in enumerate(shards):
+        left = len(shards) - i
+        n = min(workers, left)
+        rest = (time.perf_counter() - t0) / i * left if i else 0.0  # seconds the shards left take here
+        if n > 1 and rest * (1 - 1 / n) >= POOL_START_S:
+            yield from _pooled(shards[i:], n, want_stat, pool)
+            return
+        yield _index_shard(shard, want_stat)
+
+
+def _pooled(shards: list[str], workers: int, want_stat: bool, pool: contextlib.ExitStack) -> Iterator[_ShardIndex]:
+    """:func:`_index_shard` of each shard by ``workers`` spawned processes, in shard order; each shard's log
+    records are logged here before its result is given (or its error raised)."""
+    log.info("data.source: indexing %d tar shards in %d processes (data.index_workers)", len(shards), workers)
+    # spawn, not fork: this process may have CUDA initialised and threads running (a forked child inherits
+    # their locks, held). A spawned worker imports this module (not torch: seer.data imports lazily) and the
+    # main script, if there is one (POOL_START_S).
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_start, initargs=(log.getEffectiveLevel(),))
+    # Pending shards are dropped, the running ones finish (one shard each) and the workers are joined: none
+    # is left behind, also when Ctrl-C or an error ends the indexing.
+    pool.callback(executor.shutdown, wait=True, cancel_futures=True)
+    futures = collections.deque(executor.submit(_index_shard_in_worker, s, want_stat) for s in shards)
+    for shard in shards:
+        try:
+            records, result = futures.popleft().result()  # popped: each result is freed once merged
+        except BrokenProcessPool:
+            raise RuntimeError(f"data.source: a process indexing tar shards ended abruptly before shard {shard!r} "
+                               f"was indexed: killed (e.g. out of memory), or it failed to start (a script that "
+                               f"indexes when it is imported needs an 'if __name__ == \"__main__\":' guard: spawned "
+                               f"processes import it); set data.index_workers=1 to index in this process") from None
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+        if isinstance(result, DataSourceError):
+            raise result from None  # as the serial path raises it
+        yield result
+
+
+def _index_shard(shard: str, want_stat: bool) -> _ShardIndex:
+    """One shard's [st_size, st_mtime_ns] (``want_stat``; taken before it is read, else None), then the
+    name, offset and size of each of its image members (:func:`_read_shard`)."""
+    try:
+        stat = None
+        if want_stat:
+            st = os.stat(shard)
+            stat = [st.st_size, st.st_mtime_ns]
+        entries = _read_shard(shard)
+    except (tarfile.TarError, OSError) as e:
+        raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
+                              f"uncompressed .tar files in the webdataset layout)") from None
+    return (stat, [e[0] for e in entries], np.array([e[1] for e in entries], np.int64),
+            np.array([e[2] for e in entries], np.int64))
+
+
+# An indexing worker's log records of the shard at hand.
+_kept_records: list[logging.LogRecord] = []
+
+
+class _KeepRecords(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        # As text: the arguments and an exception need not pickle.
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.msg, record.args, record.exc_info = record.getMessage(), None, None
+        _kept_records.append(record)
+
+
+def _worker_start(level: int) -> None:
+    """Initializer of an indexing worker: its records of the ``seer.data`` logger at the parent's ``level``
+    are kept for the parent (a spawned process has no log handlers; its warnings would reach stderr only,
+    unordered, and not the run's log)."""
+    log.setLevel(level)
+    log.propagate = False
+    log.addHandler(_KeepRecords())
+
+
+def _index_shard_in_worker(shard: str, want_stat: bool) -> tuple[list[logging.LogRecord], object]:
+    """:func:`_index_shard` in a worker: the shard's log records and its result, or the
+    :class:`DataSourceError` it raised (returned, not raised: the parent raises it as the serial path
+    would, without the worker's traceback attached)."""
+    _kept_records.clear()
+    try:
+        result = _index_shard(shard, want_stat)
+    except DataSourceError as e:
+        result = e
+    records = list(_kept_records)
+    _kept_records.clear()
+    return records, result
 
 
 def _read_shard(shard: str) -> list[tuple[str, int, int]]:
@@ -472,14 +617,17 @@ def tar_shards(source: str) -> list[str]:
     return [os.path.abspath(s) for s in shards]
 
 
-def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards: bool = True) -> dict:
+def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards: bool = True,
+                workers: int = 0) -> dict:
     """Index ``source`` into ``cache`` (once: an existing index of the same source is kept); return its
-    description. Call on one process, then :func:`open_index` on all.
+    description. Call on one process, then :func:`open_index` on all. ``workers``: processes that index tar
+    shards (``data.index_workers``; :func:`index_tar_shards`).
 
     An existing index of tar shards is checked against the shards' sizes and modification times recorded
     when it was written (``check_shards``; one stat per shard, so the processes that only read the index
     the writer has checked pass False): a shard rewritten since would read other bytes at its members'
     offsets."""
+    index_workers(workers, 1)  # a bad value is refused whatever the source
     fmt = detect_format(source) if fmt == "auto" else fmt
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -511,7 +659,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     elif fmt == "tar":
         meta["shards"] = tar_shards(source)
         meta["shard_stats"] = []  # [st_size, st_mtime_ns] per shard, checked when the index is used again
-        meta["count"] = index_tar_shards(meta["shards"], cache, meta["shard_stats"])
+        meta["count"] = index_tar_shards(meta["shards"], cache, meta["shard_stats"], workers)
     else:
         raise DataSourceError(f"data.format {fmt!r} is not one of 'auto', 'folder', 'list', 'tar', 'digits'")
     if fmt != "digits" and meta["count"] == 0:
@@ -610,9 +758,11 @@ def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32,
                      MappedArray(cache / "size.npy"), StringList(cache / "members.txt", cache / "members.offsets.npy"))
 
 
-def open_source(source: str, fmt: str = "auto", cache: Optional[str | os.PathLike] = None, **kw) -> ImageSource:
-    """Index (if needed) and open ``source`` in one process (tests, ``seer data check``)."""
+def open_source(source: str, fmt: str = "auto", cache: Optional[str | os.PathLike] = None, *, workers: int = 0,
+                **kw) -> ImageSource:
+    """Index (if needed) and open ``source`` in one process (tests, ``seer data check``); ``workers`` as
+    :func:`build_index`'s."""
     import tempfile
     if cache is None:
         cache = tempfile.mkdtemp(prefix="seer-index-")
-    return open_index(build_index(source, fmt, cache), cache, **kw)
+    return open_index(build_index(source, fmt, cache, workers=workers), cache, **kw)
