@@ -10,6 +10,9 @@ loaders approach.
     loader:cpu-tar-index               indexing 4 tar shards of ~2000 small members (the start-up cost of a tar
                                        source on rank 0): seer.data.tarscan against the same indexing reading
                                        the shards with tarfile; ratio = tarfile time / ours.
+    loader:cpu-tar-index-parallel      indexing 16 tar shards of 30,000 small members in 2 spawned worker
+                                       processes (data.index_workers=2, the pool's start included) against this
+                                       process alone (1); ratio = serial time / parallel.
 
 Worker processes are not compared here: two loaders timed interleaved would each keep their workers
 prefetching in the background, timing each other's contention.
@@ -17,6 +20,7 @@ prefetching in the background, timing each other's contention.
 from __future__ import annotations
 
 import io
+import os
 import random
 import tarfile
 
@@ -165,3 +169,50 @@ def bench_tar_index_cpu(bench_record, bench_device, tar_shards_for_index, tmp_pa
                  min_time=1.0, max_rounds=20)
     assert all((tmp_path / "ours" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
                for f in ("members.txt", "offset.npy", "size.npy", "shard_id.npy"))
+
+
+@pytest.fixture(scope="module")
+def many_tar_shards(tmp_path_factory):
+    """16 shards x 30,000 members (10,000 samples of .jpg + .json + .cls, 1-100 bytes each: headers dominate
+    indexing): one shard written, the others hard links to it (the index does not care; 30 MB on disk)."""
+    root = tmp_path_factory.mktemp("tar-index-parallel")
+    rng = random.Random(0)
+    first = root / "shard-00000.tar"
+    with tarfile.open(first, "w", format=tarfile.GNU_FORMAT) as tf:
+        for k in range(10_000):
+            for ext in (".jpg", ".json", ".cls"):
+                info = tarfile.TarInfo(f"{k // 1000:06d}/{k:08d}{ext}")
+                info.size = rng.randint(1, 100)
+                tf.addfile(info, io.BytesIO(bytes(info.size)))
+    shards = [str(first)]
+    for s in range(1, 16):
+        shards.append(str(root / f"shard-{s:05d}.tar"))
+        os.link(first, shards[-1])
+    return shards
+
+
+def bench_tar_index_parallel_cpu(bench_record, bench_device, many_tar_shards, tmp_path, monkeypatch):
+    """loader:cpu-tar-index-parallel: index_tar_shards with 2 worker processes against 1 (this process only),
+    same run, interleaved; each parallel call starts its own pool (spawn), as a run does."""
+    from seer.data import sources
+    if bench_device != "cpu":
+        pytest.skip("CPU rows")
+    # Every shard to the pool (a run reads shards here until the pool looks worth a slow start: 4 s assumed,
+    # pytest's workers start in 0.2 s).
+    monkeypatch.setattr(sources, "POOL_START_S", 0.0)
+    shards = many_tar_shards
+    (tmp_path / "serial").mkdir()
+    (tmp_path / "parallel").mkdir()
+    members = sources.index_tar_shards(shards, tmp_path / "serial")
+    fns = {"parallel": lambda: sources.index_tar_shards(shards, tmp_path / "parallel", workers=2),
+           "serial": lambda: sources.index_tar_shards(shards, tmp_path / "serial", workers=1)}
+
+    def metrics(t):
+        return {"images_per_s": members / t["parallel"].median_s,
+                "serial_images_per_s": members / t["serial"].median_s}
+
+    # ~2 s a call on 2 cores: 1 warm-up and 3 rounds (the defaults would take a minute)
+    bench_record("loader", "cpu-tar-index-parallel", fns, ours="parallel", baseline="serial", metrics=metrics,
+                 min_time=0.0, min_rounds=3, max_rounds=3, warmup=1)
+    assert all((tmp_path / "parallel" / f).read_bytes() == (tmp_path / "serial" / f).read_bytes()
+               for f in ("members.txt", "members.offsets.npy", "offset.npy", "size.npy", "shard_id.npy"))
