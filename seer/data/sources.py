@@ -17,6 +17,7 @@ import collections
 import contextlib
 import errno
 import glob
+import itertools
 import json
 import logging
 import multiprocessing
@@ -267,6 +268,9 @@ POOL_MAX_WORKERS = 32
 # larger is taken: a pool starts only where it saves time either way (e.g. 8 s of indexing left, 2 workers).
 POOL_START_S = 4.0
 
+# Shards submitted per pool worker ahead of the merge (_pooled): enough to keep every worker busy.
+POOL_AHEAD = 4
+
 # How often a long indexing logs how far it is (INFO).
 PROGRESS_EVERY_S = 60.0
 
@@ -317,10 +321,17 @@ def _pooled(shards: list[str], workers: int, want_stat: bool, pool: contextlib.E
     # Pending shards are dropped, the running ones finish (one shard each) and the workers are joined: none
     # is left behind, also when Ctrl-C or an error ends the indexing.
     pool.callback(executor.shutdown, wait=True, cancel_futures=True)
-    futures = collections.deque(executor.submit(_index_shard_in_worker, s, want_stat) for s in shards)
+    # At most POOL_AHEAD shards per worker in flight: submitted all at once, the workers would run ahead of
+    # the merge here (with many workers the merge is the slower side) and their results (every name of every
+    # shard: ~100 GB at 10^9 images) would pile up in this process.
+    pending = iter(shards)
+    futures = collections.deque(executor.submit(_index_shard_in_worker, s, want_stat)
+                                for s in itertools.islice(pending, POOL_AHEAD * workers))
     for shard in shards:
         try:
             records, result = futures.popleft().result()  # popped: each result is freed once merged
+            for nxt in itertools.islice(pending, 1):
+                futures.append(executor.submit(_index_shard_in_worker, nxt, want_stat))
         except BrokenProcessPool:
             raise RuntimeError(f"data.source: a process indexing tar shards ended abruptly before shard {shard!r} "
                                f"was indexed: killed (e.g. out of memory), or it failed to start (a script that "

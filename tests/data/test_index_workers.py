@@ -52,6 +52,7 @@ def test_worker_processes_write_the_same_index_and_warnings(tmp_path, caplog, mo
     src = _shards(tmp_path / "src")
     monkeypatch.setattr(sources, "POOL_START_S", 0.0)  # a pool from the first shard, small as they are
     monkeypatch.setattr(sources, "_usable_cpus", lambda: 2)  # workers=0: 2 processes on any machine
+    monkeypatch.setattr(sources, "POOL_AHEAD", 1)  # 2 shards in flight: the other 5 are submitted as they merge
     assert [_handled(p) for p in sorted(src.iterdir())] == [True, True, True, False, False, True, True]  # tarfile's
     serial, warned, _ = _index(src, tmp_path / "idx-1", 1, caplog)
     # every file of the index (index.json holds no time of its own, only the shards' modification times)
