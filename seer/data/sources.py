@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import gc
 import glob
 import itertools
 import json
@@ -628,6 +629,23 @@ def tar_shards(source: str) -> list[str]:
     return [os.path.abspath(s) for s in shards]
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector off for the block (back as it was after). Indexing allocates
+    millions of small tuples and lists that reference counting frees (no cycles), and their allocation keeps
+    triggering collections that walk the whole heap of a training process (torch, the model): tar indexing
+    took 1.5x as long with them (16 shards x 30,000 members, torch and seer imported, the 2-core Xeon:
+    2.0 s against 1.36 s)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@_gc_paused()
 def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards: bool = True,
                 workers: int = 0) -> dict:
     """Index ``source`` into ``cache`` (once: an existing index of the same source is kept); return its

@@ -168,3 +168,25 @@ def test_the_pool_starts_once_it_saves_more_than_its_start(monkeypatch, seconds,
     else:
         assert got[:starts] == list(range(starts)) and got[starts] == (min(workers, shards - starts),
                                                                        list(range(starts, shards)))
+
+
+def test_indexing_runs_without_the_cyclic_garbage_collector(tmp_path, monkeypatch):
+    """Its collections walk a training process's whole heap while indexing allocates millions of objects
+    (1.5x slower); the collector's state is restored after, also after an error."""
+    import gc
+    src = _shards(tmp_path / "src")
+    seen = []
+    real = sources._read_shard
+    monkeypatch.setattr(sources, "_read_shard", lambda shard: seen.append(gc.isenabled()) or real(shard))
+    assert gc.isenabled()
+    build_index(str(src), "tar", tmp_path / "idx", workers=1)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        build_index(str(src), "tar", tmp_path / "idx2", workers=1)
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
+    with pytest.raises(DataSourceError):
+        build_index(str(tmp_path / "nowhere"), "folder", tmp_path / "idx3")
+    assert gc.isenabled()
