@@ -433,21 +433,52 @@ class Trainer:
         if not (e.at_end and e.random_init_baseline):
             return None
         path = self.out / "eval_random_init.json"
+        settings = self._eval_settings()
         if path.is_file():
             try:
-                return json.loads(path.read_text())
+                saved = json.loads(path.read_text())
             except ValueError:  # written by a version that did not write it atomically, and cut short
                 log.warning("%s is unreadable; eval.json will lack the random-initialisation scores", path)
                 return None
+            # Scores taken with other evaluation settings (another eval.dataset, say) are no baseline for this
+            # evaluation: eval.json would compare two different measurements. (Files written before the
+            # settings were recorded are used as they are.)
+            then = saved.get("settings") if isinstance(saved, dict) else None
+            if isinstance(then, dict):
+                changed = [k for k in settings if then.get(k) != settings[k]]
+                if changed:
+                    log.warning("%s was measured with other evaluation settings (%s); eval.json will lack the "
+                                "random-initialisation scores (seer eval --random-init measures them with these "
+                                "settings)", path, ", ".join(f"{k}: {then.get(k)!r} then, {settings[k]!r} now"
+                                                             for k in changed))
+                    return None
+            missing = [k for k, on in (("knn_top1", e.knn), ("linear_top1", e.linear)) if on and k not in saved]
+            if missing:
+                log.warning("%s has no %s (that protocol was off before the first step); eval.json will lack "
+                            "it", path, " or ".join(missing))
+            return saved
         if self.step > 0:
             log.warning("no random-initialisation evaluation recorded before step %d; eval.json will lack it",
                         self.step)
             return None
         res = self.evaluate()
         if self.dist.is_main:
-            write_atomic(path, lambda p: p.write_text(json.dumps(res, indent=1)))
+            record = {**res, "settings": settings}
+            write_atomic(path, lambda p: p.write_text(json.dumps(record, indent=1)))
             metrics.message("random initialisation: " + _format_eval(res))
         return res
+
+    def _eval_settings(self) -> dict:
+        """What an evaluation's scores depend on besides the weights (the dataset as an absolute path)."""
+        c = self.cfg
+        e = c.eval
+        dataset = e.dataset if e.dataset == "digits" else os.path.abspath(os.path.expanduser(e.dataset))
+        return {"eval.dataset": dataset, "eval.image_size": e.image_size or c.data.crops.global_size,
+                "eval.knn_k": e.knn_k, "eval.knn_temperature": e.knn_temperature,
+                "eval.linear_weight_decays": list(e.linear_weight_decays), "eval.linear_max_iter": e.linear_max_iter,
+                "eval.test_fraction": e.test_fraction, "eval.split_seed": e.split_seed,
+                "eval.max_images": e.max_images, "data.digits_size": c.data.digits_size,
+                "data.crops.mean": list(c.data.crops.mean), "data.crops.std": list(c.data.crops.std)}
 
     # -----------------------------------------------------------------------------------------------------
 

@@ -399,6 +399,32 @@ def test_unreadable_random_init_scores_are_dropped_not_fatal(run, tmp_path):
     assert t.step == 2 and t._random_init_eval(metrics=None) is None
 
 
+def test_random_init_scores_of_other_evaluation_settings_are_not_reused(tmp_path, caplog):
+    """A rerun that evaluates on another eval.dataset compared its scores with the random initialisation's on
+    the first one ("kNN top-1: 33.3% vs 49.2% at random initialisation", the 49.2 on digits)."""
+    import json
+    from tests.images import write_good_images
+    labelled = tmp_path / "labelled"
+    for c in ("a", "b"):
+        write_good_images(labelled / c, 4, nested=False)
+    out = tmp_path / "run"
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "eval.at_end=true",
+                                           "eval.random_init_baseline=true", "eval.linear=false",
+                                           "eval.max_images=40"])
+    assert "knn_top1_random_init" in Trainer(cfg, out).fit()["eval"]
+    again = Trainer(apply_overrides(cfg, [f"eval.dataset={labelled}"]), out).fit()["eval"]
+    assert "knn_top1" in again and "knn_top1_random_init" not in again
+    assert "eval.dataset: 'digits' then" in caplog.text
+    # A protocol that was off then has no score to compare with: said, not silently left out
+    again = Trainer(apply_overrides(cfg, ["eval.linear=true"]), out).fit()["eval"]
+    assert "knn_top1_random_init" in again and "linear_top1_random_init" not in again
+    assert "has no linear_top1" in caplog.text
+    # Files written before the settings were recorded are used as they are
+    (out / "eval_random_init.json").write_text(json.dumps({"knn_top1": 49.2}))
+    again = Trainer(apply_overrides(cfg, [f"eval.dataset={labelled}"]), out).fit()["eval"]
+    assert again["knn_top1_random_init"] == 49.2
+
+
 def test_queue_moves_to_the_training_device():
     from seer.swav import SwAVQueue
     q = SwAVQueue(8, 4, batch_size=4, crops_for_assign=(0,), start_epoch=0)
