@@ -67,6 +67,22 @@ def test_os_errors_on_the_users_paths_are_one_line(tmp_path, monkeypatch, capsys
         main(["data", "check", str(tmp_path)])
 
 
+def test_a_wrong_eval_dataset_stops_the_run_before_training(tmp_path, capsys):
+    """It stopped the run only after the last step (hours of training, then one line and no eval.json)."""
+    run = tmp_path / "run"
+    empty = tmp_path / "labelled"
+    empty.mkdir()
+    for where, fragment in ((tmp_path / "missing", "is neither 'digits' nor a folder"),
+                            (empty, "must hold one subfolder per class")):
+        for when in ("eval.at_end=true", "eval.every=2"):
+            argv = ["train", "--preset", "tiny", "--set", "train.max_steps=4", "--set", when, "--set",
+                    f"eval.dataset={where}", "--out", str(run)]
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"eval.dataset '{where}'" in err and fragment in err and "Traceback" not in err
+            assert not list((run / "checkpoints").glob("step_*")) and not (run / "metrics.jsonl").exists()
+
+
 def test_data_check_leaves_no_index_behind(tmp_path, monkeypatch):
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))

@@ -100,6 +100,11 @@ class Trainer:
         self.precision = resolve_precision(t.precision, self.device)
         self.amp = autocast_dtype(self.precision)
         _check_attention_backend(cfg, self.device, self.amp)
+        self._evaluator = None
+        if cfg.eval.at_end or cfg.eval.every:
+            # eval.dataset is read now, before the data is indexed and the training runs: a wrong path or a
+            # folder without class folders stopped the run only once training had finished.
+            self.evaluator
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.data = TrainData(cfg.data, seed=t.seed, cache=self.out / "data", rank=self.dims.dp_rank,
                               world=self.dims.dp, device=self.device, barrier=barrier,
@@ -117,7 +122,6 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         # The checkpoint an explicit checkpoint.resume started this lineage from (kept in every checkpoint)
         self.origin: Optional[str] = None
-        self._evaluator = None
         normalize_prototypes(self.model)
         self._maybe_resume()
         if self.dist.is_main:  # only once the resume checks passed: a refused run leaves the run's config alone
