@@ -267,16 +267,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from seer_kernels import BackendError
 
     from .data.dataset import DataError
+    from .deps import MissingDependencyError
     from .train.checkpoint import CorruptCheckpointError
     from .train.safe_load import UnsafeCheckpointError
     from .train.trainer import NonFiniteLossError
     try:
         return handlers[args.command](args)
     except Exception as e:
-        # Bad input (2), a run that cannot go on (1), a refused or unreadable checkpoint (3): one line naming
-        # the cause. Subclasses count as their class (a data timeout is a DataError).
+        # Bad input (2), a run that cannot go on (1: also a package the feature needs is missing), a refused or
+        # unreadable checkpoint (3): one line naming the cause. Subclasses count as their class (a data timeout
+        # is a DataError).
         status = next((code for cls, code in ((UnsafeCheckpointError, 3), (CorruptCheckpointError, 3),
-                                              (NonFiniteLossError, 1), (DataError, 1)) if isinstance(e, cls)), None)
+                                              (NonFiniteLossError, 1), (DataError, 1), (MissingDependencyError, 1))
+                       if isinstance(e, cls)), None)
         # The OSErrors of a path the user gave (missing, a folder, no permission) are bad input; others (a full
         # disk, an I/O error) are not, and keep their traceback.
         if status is None and isinstance(e, (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError,

@@ -1,5 +1,6 @@
 """The ``seer`` command: bad input gets one line naming the argument (exit status 2); every subcommand runs."""
 import json
+import sys
 
 import pytest
 
@@ -81,6 +82,31 @@ def test_a_wrong_eval_dataset_stops_the_run_before_training(tmp_path, capsys):
             err = capsys.readouterr().err
             assert f"eval.dataset '{where}'" in err and fragment in err and "Traceback" not in err
             assert not list((run / "checkpoints").glob("step_*")) and not (run / "metrics.jsonl").exists()
+
+
+def test_a_missing_optional_package_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """scikit-learn (the digits) and torchvision (evaluation on image folders) are extras: without them the
+    command printed a traceback (an ImportError, or torchvision's bare ModuleNotFoundError)."""
+    from seer.data import digits
+    labelled = tmp_path / "labelled"
+    for c in ("a", "b"):
+        write_good_images(labelled / c, 2, nested=False)
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    digits._digits.cache_clear()
+    try:
+        assert main(["train", "--preset", "tiny", "--set", "train.max_steps=1", "--out", str(tmp_path / "r")]) == 1
+    finally:
+        digits._digits.cache_clear()
+    err = capsys.readouterr().err
+    assert "'digits' dataset needs scikit-learn" in err and "pip install scikit-learn" in err
+    assert "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "torchvision.transforms.v2.functional", None)
+    argv = ["train", "--preset", "tiny", "--set", "data.source=" + str(labelled), "--set", "eval.at_end=true",
+            "--set", f"eval.dataset={labelled}", "--out", str(tmp_path / "r2")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "evaluation on an image folder needs torchvision" in err and "Traceback" not in err
 
 
 def test_data_check_leaves_no_index_behind(tmp_path, monkeypatch):

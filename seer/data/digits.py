@@ -16,11 +16,8 @@ N_TRAIN = 1200
 
 @functools.lru_cache(maxsize=4)
 def _digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency of the demo
-        raise ImportError("the built-in 'digits' dataset needs scikit-learn (pip install scikit-learn)") from e
-    d = load_digits()
+    from ..deps import require
+    d = require("sklearn.datasets", "the built-in 'digits' dataset", "scikit-learn").load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)

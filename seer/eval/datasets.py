@@ -75,6 +75,9 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
         root = Path(dataset)
         if not root.is_dir():
             raise ValueError(f"eval.dataset {dataset!r} is neither 'digits' nor a folder")
+        from ..deps import require
+        # (preprocess resizes with it: checked here, before a training run whose end evaluates the folder)
+        require("torchvision.transforms.v2.functional", "evaluation on an image folder", "torchvision")
         subfolders = set(_subfolders(root))
         val = next((root / n for n in HELD_OUT_SPLITS if n in subfolders), None)
         # A split folder holds class folders; a class folder named like a split (CIFAR-100's 'train') images.
@@ -132,7 +135,8 @@ def _stratified(labels: Tensor, count: int, seed: int) -> Tensor:
 def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 (3, H, W) -> normalised float (3, size, size): resize the shorter side to size * 8/7 (DINO's
     256 for 224; skipped when the image already is size x size), centre crop, normalise."""
-    import torchvision.transforms.v2.functional as TF
+    from ..deps import require
+    TF = require("torchvision.transforms.v2.functional", "evaluation on an image folder", "torchvision")
     if tuple(image.shape[1:]) != (size, size):
         image = TF.resize(image, [round(size * 8 / 7)], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         image = TF.center_crop(image, [size, size])
