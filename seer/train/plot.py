@@ -1,9 +1,12 @@
 """The end-of-run figure: loss (with ln K for reference) and throughput against the step."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Optional
+
+log = logging.getLogger("seer.train")
 
 
 def plot_metrics(records: list[dict], path: str | Path, *, num_prototypes: Optional[int] = None,
@@ -17,7 +20,8 @@ def plot_metrics(records: list[dict], path: str | Path, *, num_prototypes: Optio
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is optional
+    except ImportError:  # matplotlib is optional (the 'train' extra), as tensorboard and tqdm are
+        log.warning("matplotlib is not installed: no %s (pip install matplotlib)", Path(path).name)
         return None
     steps = [r["step"] for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)

@@ -12,3 +12,13 @@ def test_progress_bar_without_tqdm_is_a_warning_not_a_crash(tmp_path, monkeypatc
     assert w.bar is None
     w.close()
     assert any("tqdm" in r.getMessage() for r in caplog.records)
+
+
+def test_plot_without_matplotlib_is_a_warning_not_silence(tmp_path, monkeypatch, caplog):
+    """README: each optional extra is skipped with a warning; the plot went missing without a word."""
+    from seer.train.plot import plot_metrics
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    records = [{"step": 1, "loss": 3.0, "images_per_s": 10.0}, {"step": 2, "loss": 2.5, "images_per_s": 11.0}]
+    assert plot_metrics(records, tmp_path / "plot.png", num_prototypes=32) is None
+    assert not (tmp_path / "plot.png").exists()
+    assert any("matplotlib is not installed: no plot.png" in r.getMessage() for r in caplog.records)
