@@ -241,8 +241,21 @@ class Trainer:
         if rank_state is not None:
             S.set_rng_state(rank_state["rng"])
             get_rng_tracker().load_state_dict(rank_state["tracker"])
-            self.queue.load_state_dict(rank_state["queue"])
-            self.queue.to(self.device)  # (read onto the CPU)
+            if _queue_fits(rank_state["queue"], self.queue):
+                self.queue.load_state_dict(rank_state["queue"])
+                self.queue.to(self.device)  # (read onto the CPU)
+            else:
+                # Another loss.queue_length (the collapse warning's remedy), data.batch_size (the length is
+                # rounded to the global batch) or loss.crops_for_assign: the saved queue has another shape.
+                # It refills in queue_length / global batch steps, as after a change of the number of processes.
+                then = lambda section, key: (saved.get(section) or {}).get(key)  # noqa: E731
+                log.warning("%s: the checkpoint's holds %d embeddings per rank, this run's %d (loss.queue_length "
+                            "%s -> %s, data.batch_size %s -> %s, loss.crops_for_assign %s -> %s)",
+                            "the SwAV queue restarts empty" if self.queue.enabled else "the SwAV queue is dropped",
+                            rank_state["queue"]["local_length"], self.queue.local_length,
+                            then("loss", "queue_length"), self.cfg.loss.queue_length, then("data", "batch_size"),
+                            self.cfg.data.batch_size, then("loss", "crops_for_assign"),
+                            list(self.cfg.loss.crops_for_assign))
             self.bad_files = set(rank_state["bad_files"])
         else:
             # Another number of processes: fresh per-rank streams, deterministic in (seed, step); empty queue.
@@ -645,6 +658,13 @@ def _say_batch_and_rate_changes(saved: dict, cfg: C.RunConfig, meta: dict, dp: i
                     "optim.lr_reference_batch %s -> %s, global batch %d -> %d): the schedule goes on at the new "
                     "rate from step %s", now, then, then_o.lr, cfg.optim.lr, then_o.lr_reference_batch,
                     cfg.optim.lr_reference_batch, then_batch, now_batch, meta["step"])
+
+
+def _queue_fits(state: dict, queue: SwAVQueue) -> bool:
+    """Whether a checkpoint's queue ``state`` has the shape of this run's ``queue``."""
+    saved = state["queue"]
+    return state["local_length"] == queue.local_length and state["dim"] == queue.dim and (
+        saved is None or saved.shape[0] == len(queue.crops_for_assign))
 
 
 # What Trainer.load reads from meta.json (read_meta refuses a file without them: an edited or foreign file)

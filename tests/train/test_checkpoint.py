@@ -425,6 +425,21 @@ def test_random_init_scores_of_other_evaluation_settings_are_not_reused(tmp_path
     assert again["knn_top1_random_init"] == 49.2
 
 
+def test_resume_with_another_queue_length_restarts_the_queue(run, tmp_path, caplog):
+    """The collapse warning's remedy, a queue (loss.queue_length), added to the same command stopped the
+    resume with "SwAVQueue.load_state_dict: saved queue has 0 rows of dim 16 per rank, this one 16 ..."."""
+    out, cfg = run
+    copy = _copy(out, tmp_path / "queue")
+    t = Trainer(apply_overrides(cfg, ["loss.queue_length=16", "train.max_steps=4"]), copy)
+    assert t.step == 2 and t.queue.enabled and t.queue.filled == 0 and t.queue.queue is None
+    assert "the SwAV queue restarts empty" in caplog.text and "loss.queue_length 0 -> 16" in caplog.text
+    assert t.fit()["step"] == 4 and t.queue.filled == 16
+    # and back to no queue: the saved one is dropped, said as much
+    t = Trainer(apply_overrides(cfg, ["train.max_steps=5"]), copy)
+    assert t.step == 4 and not t.queue.enabled and "the SwAV queue is dropped" in caplog.text
+    t.release()
+
+
 def test_queue_moves_to_the_training_device():
     from seer.swav import SwAVQueue
     q = SwAVQueue(8, 4, batch_size=4, crops_for_assign=(0,), start_epoch=0)
