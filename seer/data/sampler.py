@@ -139,7 +139,7 @@ class ResumableSampler:
         if "seed" in state and int(state["seed"]) != self.seed:  # another order: the epoch's rest would repeat
             raise ValueError(f"the checkpoint's data order was drawn with train.seed={state['seed']}, this run has "
                              f"train.seed={self.seed}: resume with the same seed (another one would repeat and skip "
-                             f"images in the current epoch)")
+                             f"images in the current epoch), or give a run with this seed another --out")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 
