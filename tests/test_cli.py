@@ -23,6 +23,8 @@ from tests.images import write_bad_images, write_good_images
     (["train", "--preset", "tiny", "--set", "data.source=/no/such/folder", "--out", "{tmp}/r"], "does not exist"),
     (["train", "--preset", "tiny", "--set", "parallel.tp=3", "--out", "{tmp}/r"], "parallel.tp=3"),
     (["eval", "knn", "--checkpoint", "/no/such/run"], "no complete checkpoint"),
+    (["train", "--preset", "tiny", "--set", "checkpoint.resume=/no/such/run", "--out", "{tmp}/r"],
+     "checkpoint.resume: no complete checkpoint at '/no/such/run'"),
     (["eval", "knn", "--checkpoint", "{tmp}", "--set", "train.max_steps=2"], "only eval.* keys"),
     (["data"], "expected an action: check"),
     (["data", "check", "{tmp}", "--report", "{tmp}"], "--report '{tmp}' is a folder"),  # before the check

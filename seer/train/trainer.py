@@ -148,7 +148,10 @@ class Trainer:
             log.info("checkpoint.resume=%s: continuing the run started from it at %s", mode, latest)
             self.load(latest)
             return
-        requested = resolve_checkpoint(mode)
+        try:
+            requested = resolve_checkpoint(mode)
+        except FileNotFoundError as e:  # the key that gave the path, as every other config error names it
+            raise FileNotFoundError(f"checkpoint.resume: {e}") from None
         path, newer = self._explicit_start(requested)
         self.load(path)  # every check (architecture, optimizer, layout, readable files) before anything moves
         if newer:
