@@ -263,6 +263,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .train.metrics import not_shown_yet
+    for handler in logging.getLogger().handlers:  # what the trainer prints itself is not logged there again
+        handler.addFilter(not_shown_yet)
     handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
     from seer_kernels import BackendError
 

@@ -29,6 +29,7 @@ from torch import Tensor
 import seer_kernels
 
 from ..parallel import comm
+from .metrics import ON_TERMINAL
 
 log = logging.getLogger("seer.train")
 
@@ -136,5 +137,5 @@ class CollapseMonitor:
         self.warnings += 1
         text = (f"step {step}: possible collapse: {'; '.join(reasons)}. The features are probably not learning. "
                 f"The {REMEDIES}.")
-        log.warning(text)
+        log.warning(text, extra=ON_TERMINAL)  # (the trainer shows the returned text on the terminal)
         return text

@@ -54,6 +54,16 @@ def _clean(value):
     return value
 
 
+# A log record that the trainer also puts on the terminal with MetricsWriter.message (through the progress
+# bar) carries this attribute: the CLI's console handler leaves it out (it showed twice), train.log keeps it.
+ON_TERMINAL = {"seer_on_terminal": True}
+
+
+def not_shown_yet(record: logging.LogRecord) -> bool:
+    """A logging filter for console handlers: False for a record already shown by MetricsWriter.message."""
+    return not getattr(record, "seer_on_terminal", False)
+
+
 class MetricsWriter:
     """Rank 0's sink for logged steps (other ranks get an inactive writer)."""
 

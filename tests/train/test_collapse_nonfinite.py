@@ -10,7 +10,7 @@ from seer.config import apply_overrides, preset
 from seer.train import CollapseMonitor, NonFiniteLossError, Trainer, collapse_signals
 from seer.train.collapse import REMEDIES
 
-from .common import records
+from .common import records, seer_killed
 
 
 def test_signals_separate_collapsed_from_healthy_assignments():
@@ -66,6 +66,23 @@ def test_monitor_warns_after_warmup_with_the_remedies():
     assert text[3:] == [None, None, None]  # rate-limited
     ok = CollapseMonitor(num_prototypes=300, warmup_steps=0, window=2)
     assert [ok.update(s, 3.0, {"assign_entropy": 0.6, "embedding_std": 0.9}) for s in range(4)] == [None] * 4
+
+
+def test_collapse_warning_shows_once_on_the_terminal_and_stays_in_train_log(tmp_path):
+    """The CLI printed each collapse warning twice (its log line, then the trainer's own terminal line)."""
+    constant = """
+import seer.train.trainer as _t
+_orig = _t.collapse_signals
+def _signals(*a, **k):
+    return {**_orig(*a, **k), "embedding_std": 0.0}  # a constant representation: the warning is due
+_t.collapse_signals = _signals
+"""
+    out = tmp_path / "run"
+    proc = seer_killed(constant, "train", "--preset", "tiny", "--set", "train.max_steps=6", "--set",
+                       "train.collapse_warmup_steps=0", "--set", "train.threads=1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout + proc.stderr).count("possible collapse") == 1
+    assert (out / "train.log").read_text().count("possible collapse") == 1
 
 
 def test_monitor_does_not_call_a_falling_loss_collapse():
