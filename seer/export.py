@@ -122,6 +122,20 @@ def _check_out(out: Path) -> None:
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {str(out)!r}: cannot create files under {str(existing)!r}")
+    json_path = out.with_suffix(".json")
+    if json_path.exists() and not _is_export_json(json_path):
+        # e.g. --out runs/demo/eval.safetensors: the run's eval.json would be replaced by the export's JSON
+        raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} exists and is not a JSON that seer export wrote; "
+                         f"the export writes its JSON there and would overwrite it: choose another --out")
+
+
+def _is_export_json(path: Path) -> bool:
+    """Whether ``path`` holds the JSON an earlier export wrote (which a new export may replace)."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "seer_vit_config" in info and info.get("timm_class") == TIMM_CLASS
 
 
 def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:

@@ -202,3 +202,19 @@ def test_a_model_that_timm_cannot_build_is_refused_before_its_tensors_are_read(t
     with pytest.raises(ValueError, match="model.norm_eps=1e-05: timm's VisionTransformer uses LayerNorm eps 1e-6"):
         export_timm(tmp_path / "run", tmp_path / "vit.safetensors")
     assert not (tmp_path / "vit.safetensors").exists()
+
+
+def test_export_never_overwrites_a_json_it_did_not_write(run, tmp_path, capsys):
+    from seer.cli import main
+    mine = tmp_path / "eval.json"  # --out next to a run's eval.json: the export's JSON would replace it
+    mine.write_text('{"knn_top1": 80.9}')
+    for text in ('{"knn_top1": 80.9}', "not json", '{"seer_vit_config": {}}'):
+        mine.write_text(text)
+        assert main(["export", "--checkpoint", str(run), "--format", "timm", "--out",
+                     str(tmp_path / "eval.safetensors")]) == 2
+        assert "is not a JSON that seer export wrote" in capsys.readouterr().err
+        assert mine.read_text() == text and not (tmp_path / "eval.safetensors").exists()
+    st, js = export_timm(run, tmp_path / "vit.safetensors")
+    first = js.read_text()
+    export_timm(run, st)  # its own JSON: exporting again replaces it
+    assert js.read_text() == first
