@@ -657,6 +657,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     the writer has checked pass False): a shard rewritten since would read other bytes at its members'
     offsets."""
     index_workers(workers, 1)  # a bad value is refused whatever the source
+    source = os.path.expanduser(source)  # '~/images' from a YAML file or a quoted --set, which no shell expanded
     fmt = detect_format(source) if fmt == "auto" else fmt
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)

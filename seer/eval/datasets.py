@@ -72,7 +72,7 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
         d = digits_split(digits_size)
         out = {k: LabelledSplit(x, y, [str(i) for i in range(10)]) for k, (x, y) in d.items()}
     else:
-        root = Path(dataset)
+        root = Path(dataset).expanduser()  # '~/val' from a YAML file or a quoted --set, which no shell expanded
         if not root.is_dir():
             raise ValueError(f"eval.dataset {dataset!r} is neither 'digits' nor a folder")
         from ..deps import require

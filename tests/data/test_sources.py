@@ -343,3 +343,12 @@ def test_the_sources_module_imports_without_torch():
     code = ("import sys, seer.data.sources as s; from seer.data import build_index; assert build_index is "
             "s.build_index; heavy = {'torch', 'seer_kernels'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_source_under_home_is_found_from_a_tilde_path(tmp_path, monkeypatch):
+    """'~/images' in a YAML file or a quoted --set reaches us unexpanded (no shell did it)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_good_images(tmp_path / "imgs", 3)
+    meta = build_index("~/imgs", "auto", tmp_path / "idx")
+    assert meta["format"] == "folder" and meta["count"] == 3 and meta["source"] == str(tmp_path / "imgs")
+    assert build_index(str(tmp_path / "imgs"), "auto", tmp_path / "idx") == meta  # the same source

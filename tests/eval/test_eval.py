@@ -301,3 +301,10 @@ def test_capped_splits_take_turns_over_many_classes_quickly():
     y = torch.randint(0, 10_000, (200_000,), generator=g)
     idx = _stratified(y, 10_000, 0)
     assert y[idx].unique().numel() == 10_000  # turns: every class once before any class twice
+
+
+def test_an_evaluation_folder_under_home_is_found_from_a_tilde_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _class_images(tmp_path / "val", n=4)
+    splits = load_labelled("~/val", test_fraction=0.5)
+    assert len(splits["train"]) + len(splits["test"]) == 8 and splits["train"].classes == ["cat", "dog"]
