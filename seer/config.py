@@ -388,7 +388,10 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return None
         return _coerce(key, value, inner[0])
     if isinstance(value, _Plain):  # a string key takes the text as written, any other the YAML value
-        value = value.text if tp is str else value.value
+        if tp in (int, float) and _YAML11_OCTAL.fullmatch(value.text.strip()):
+            value = int(value.text.strip().replace("_", ""), 10)  # 'seed: 010' is 10, not YAML 1.1's octal 8
+        else:
+            value = value.text if tp is str else value.value
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
@@ -465,6 +468,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
     The value of a string key (a path, a name) is taken as written, not as YAML: 'data.source=photos #1'
     is that folder, not 'photos' (YAML comment), '010' stays '010' (not 8), 'no' stays 'no' (not false).
+    A numeric key reads '010' as 10 (YAML 1.1 would read octal 8).
     Quotes around it are removed; an optional string key takes 'null' or '~' for None."""
     cfg = copy.deepcopy(cfg)
     for text in overrides:
@@ -478,6 +482,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = raw
         else:
             key, value = parse_override(text)
+            if isinstance(value, int) and not isinstance(value, bool):  # keep the text: '010' (_coerce)
+                value = _Plain(value, text.partition("=")[2])
         _set(cfg, key, value)
     return cfg
 
@@ -533,6 +539,11 @@ class _Plain:
 
     def __repr__(self) -> str:
         return repr(self.value)
+
+
+# What PyYAML (YAML 1.1) reads as an octal integer: '010' is 8 there, 10 in YAML 1.2 and to everyone who writes a
+# seed or a step count with a leading zero; numeric keys take such text as decimal.
+_YAML11_OCTAL = re.compile(r"[-+]?0[0-7_]+")
 
 
 class _ConfigLoader(yaml.SafeLoader):

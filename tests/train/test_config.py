@@ -152,3 +152,14 @@ def test_yaml_file_string_keys_are_taken_as_written(tmp_path):
     with pytest.raises(C.ConfigError, match=r"config key 'data.crops' \(global|data.crops \(global_\*/local_\*"):
         C.validate(C.apply_overrides(C.preset("tiny"), ["data.crops.global_size=100000", "model.img_size=100000"]))
     assert C.load_yaml(tmp_path / "run.yaml") == cfg and C.from_dict(C.to_dict(cfg)) == cfg  # round trip
+
+
+def test_numbers_with_a_leading_zero_are_decimal(tmp_path):
+    """YAML 1.1 (PyYAML) reads '010' as octal 8: a seed or step count written with a leading zero means 10."""
+    cfg = C.apply_overrides(C.preset("tiny"), ["train.seed=010", "train.max_steps=0x10", "optim.lr=010",
+                                               "train.threads=-02", "data.num_workers=0"])
+    assert (cfg.train.seed, cfg.train.max_steps, cfg.optim.lr, cfg.train.threads, cfg.data.num_workers) == \
+        (10, 16, 10.0, -2, 0)
+    (tmp_path / "run.yaml").write_text("preset: tiny\ntrain: {seed: 010, max_steps: 0_100}\n")
+    cfg = C.load_yaml(tmp_path / "run.yaml")
+    assert (cfg.train.seed, cfg.train.max_steps) == (10, 100)
