@@ -143,7 +143,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["seer", "seer.*", "seer_kernels", "seer_kernels.*"]),
-    package_data={"seer": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "numpy",
