@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .model.config import PRESET_NAMES, UnknownPresetError, ViTConfig, vit_preset
-from .parallel.dims import checkpointed_blocks
+from .parallel.dims import checkpoint_every, checkpointed_blocks
 from .parallel.tensor_parallel import validate_tensor_parallel
 from .swav.config import SwAVHeadConfig, seer_head
 
@@ -385,6 +385,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         bad = [s for _, s in crops if s % cfg.patch_size]
         if bad:
             raise ValueError(f"--crops: sizes {bad} are not multiples of the patch size {cfg.patch_size}")
+        try:
+            checkpoint_every(args.checkpointing)
+        except ValueError as e:  # the config key's message, for the flag the user typed
+            raise ValueError(str(e).replace("parallel.activation_checkpointing", "--checkpointing")) from None
         sp = args.sequence_parallel if args.sequence_parallel is not None else args.tp > 1
         if sp and args.tp == 1:
             raise ValueError("--sequence-parallel needs --tp > 1")
