@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an eval.* key, e.g. --set eval.knn_k=10")
     e.add_argument("--json", help="also write the result to this JSON file")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the backbone runs: auto = the GPU when there is one (default: %(default)s)")
+    e.add_argument("--precision", default="run", choices=["run", "auto", "bf16", "fp16", "fp32"],
+                   help="autocast of the forward passes: run = the run's train.precision, as its evaluations during "
+                        "training used (fp32 for an export that does not record it); auto = bf16 where the device "
+                        "computes it natively, else fp32 (default: %(default)s)")
 
     x = sub.add_parser("export", help="export the backbone (timm layout, safetensors + JSON of timm arguments)")
     x.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
@@ -139,6 +145,21 @@ def _print_summary(result: dict, seconds: float) -> None:
         print(f"plot: {result['plot']}", flush=True)
 
 
+def _eval_device_and_precision(args, cfg: C.RunConfig, recorded: bool):
+    """(device, precision) of ``seer eval``: ``--device`` (auto: the GPU when there is one), ``--precision``
+    ('run': the run's train.precision, which its evaluations during training used, so that the two agree; fp32
+    where the export does not record the run's config), 'auto' resolved for the device."""
+    import torch
+
+    from .train.build import resolve_precision
+    from .train.distributed import resolve_device
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    device = resolve_device(args.device)  # (GPU 0 of those visible: CUDA_VISIBLE_DEVICES picks another)
+    precision = args.precision if args.precision != "run" else (cfg.train.precision if recorded else "fp32")
+    return device, resolve_precision(precision, device)
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -164,7 +185,8 @@ def cmd_eval(args) -> int:
         except (SafetensorError, OSError) as e:
             raise CLIError(f"--checkpoint {str(ckpt)!r} is not a safetensors file that seer can read "
                            f"({type(e).__name__}: {e})") from None
-        if "seer_run_config" in info:  # the run's evaluation settings and seed (exports since 2026-11-27)
+        recorded = "seer_run_config" in info
+        if recorded:  # the run's evaluation settings and seed (exports since 2026-11-27)
             cfg = C.from_dict(info["seer_run_config"])
         elif args.random_init:
             raise CLIError(f"{ckpt.with_suffix('.json')} does not record the run's seed (an export written before "
@@ -177,23 +199,26 @@ def cmd_eval(args) -> int:
     else:
         ckpt_dir = resolve_checkpoint(ckpt)
         cfg = saved = checkpoint_config(ckpt_dir)
+        recorded = True
     cfg = C.apply_overrides(cfg, args.overrides)
     if args.dataset:
         cfg.eval.dataset = args.dataset
     C.validate(cfg)
+    device, precision = _eval_device_and_precision(args, cfg, recorded)
     if args.random_init:
         from .train.build import build_backbone
-        backbone = build_backbone(cfg).eval()
+        backbone = build_backbone(cfg).eval()  # built on the CPU (the run's initialisation), then moved
     elif ckpt.suffix == ".safetensors":
         backbone = load_pretrained(ckpt)
     else:
         backbone = backbone_module(saved.model, checkpoint_backbone_state(ckpt_dir, saved)[1])
+    from .train.build import autocast_dtype
     ev = Evaluator(cfg.eval, image_size=cfg.data.crops.global_size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
-                   digits_size=cfg.data.digits_size, device=torch.device("cpu"),
+                   digits_size=cfg.data.digits_size, device=device, autocast_dtype=autocast_dtype(precision),
                    max_pixels=cfg.data.max_image_pixels)
-    res = ev.evaluate(backbone, knn=args.protocol == "knn", linear=args.protocol == "linear")
+    res = ev.evaluate(backbone.to(device), knn=args.protocol == "knn", linear=args.protocol == "linear")
     res = {"protocol": args.protocol, "checkpoint": str(ckpt), "random_init": args.random_init,
-           "dataset": cfg.eval.dataset, **res}
+           "dataset": cfg.eval.dataset, "device": device.type, "precision": precision, **res}
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:

@@ -3,6 +3,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from seer.cli import main
 from seer.config import apply_overrides, preset
@@ -218,3 +219,24 @@ def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsy
     assert "3 images, 0 readable, 3 unreadable" in capsys.readouterr().out
     assert main(["data", "check", str(data), "--max-image-pixels", "0"]) == 2
     assert "--max-image-pixels must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_eval_runs_with_the_runs_precision_on_the_chosen_device(tmp_path, capsys):
+    """seer eval used the CPU in float32 whatever the run: its scores then differed from the run's own
+    evaluations (bf16 autocast on a GPU), and a large model was evaluated on the CPU next to an idle GPU."""
+    run = tmp_path / "run"
+    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "train.precision=bf16",
+                                             "eval.at_end=true", "eval.max_images=100",
+                                             "eval.random_init_baseline=false"]), run).fit()
+    during = json.loads((run / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(run), "--set", "eval.max_images=100", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["device"], res["precision"]) == ("cpu", "bf16")  # the run's train.precision
+    assert res["knn_top1"] == during["knn_top1"]  # the same measurement as the run's own evaluation
+    assert main(["eval", "knn", "--checkpoint", str(run), "--set", "eval.max_images=100", "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["precision"] == "fp32"
+    if not torch.cuda.is_available():
+        assert main(["eval", "knn", "--checkpoint", str(run), "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
