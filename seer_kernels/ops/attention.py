@@ -233,9 +233,11 @@ def sdpa_order(row: Optional[dict]) -> Optional[list]:
     Every backend stays enabled after the preferred one, so an input it cannot take falls through to the
     next instead of failing.
     """
+    if row is None or not _SDPA_PRIORITY:  # (no table row: the common case, before building the mapping)
+        return None
     names = _sdpa_backends()
-    best = None if row is None else row.get("best_sdpa")
-    if best not in names or not _SDPA_PRIORITY:
+    best = row.get("best_sdpa")
+    if best not in names:
         return None
     return [names[best]] + [b for n, b in names.items() if n != best]
 
