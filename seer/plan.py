@@ -4,20 +4,37 @@ r"""``seer plan``: per-GPU memory, FLOPs and communication of one SwAV training 
 
 Parameter counts are exact (the tests compare them with models built on the meta device). Memory and
 communication follow how this code runs; activations are estimates (validated on CPU against the tensors
-autograd actually saves in a block). Model quantities, with d = width, m = MLP width, L = depth,
+autograd actually saves in a block, with QK-norm, LayerScale, dropout, drop-path, in bf16 and fp32). Model quantities, with d = width, m = MLP width, L = depth,
 T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class token):
 
 * parameters per GPU: tensor-parallel slices / T + replicated tensors; FSDP divides by D the float32
   master weights, the float32 gradients and the float32 optimizer state (SGD/LARS keeps one moment, AdamW
   two: 4 or 8 bytes per parameter).
-* activations per token and block (bf16 autocast; the residual stream is bf16, as the patch embedding's
-  output is, with or without FSDP): float32 copies of the inputs of the two norms (8 d bytes), bf16 inputs
-  of qkv and fc1 (4 d), qkv output (6 d), attention output and projection
-  input (2 d + 2 d; one buffer when the kernel's output layout makes the reshape a view), MLP hidden
-  before and after GELU (4 m), QK-norm's float32 inputs and bf16 outputs (12 d):
+* activations per token and block, with a bytes per activation element (2 under bf16/fp16 autocast; in fp32
+  the matmuls run in the weights' dtype: 4, or 2 with FSDP's gathered bf16 parameters): the float32 inputs of
+  the two norms (8 d: copies of a 16-bit stream, or the float32 stream itself), the inputs of qkv and fc1
+  (2 a d), qkv output (3 a d), attention output and projection input (a d + a d; one buffer when the kernel's
+  output layout makes the reshape a view), MLP hidden before and after GELU (2 a m), QK-norm's float32 inputs
+  (8 d; views of qkv's output when that is float32) and outputs (2 a d); LayerScale keeps its input for
+  gamma's gradient (2 a d); dropout its masks after the projection, GELU and fc2 (2 d + m elements of 1 byte:
+  CUDA's fused dropout keeps bools; the CPU keeps a scaled mask in the activation dtype); drop-path one scale
+  per sequence. With bf16, no LayerScale and no dropout:
   without sequence parallelism  12 d + (10 d + 4 m) / T bytes  (+12 d / T with QK-norm);
-  with sequence parallelism     (22 d + 4 m) / T bytes; a checkpointed block keeps only its bf16 input
-  (2 d, / T with sequence parallelism); the final norm keeps its float32 input (4 d, likewise).
+  with sequence parallelism     (22 d + 4 m) / T bytes. The residual stream has a's dtype (the patch
+  embedding's output) except that LayerScale's x * gamma with a float32 gamma (no FSDP, or param_dtype
+  float32) promotes it to float32 after block 0. A checkpointed block keeps only its input (a d for block 0,
+  the stream's element size after it; / T with sequence parallelism); the final norm keeps its float32 input
+  (4 d, likewise). The SwAV head keeps, per crop and counted as float32, each linear's input, its hidden
+  layers' BatchNorm/ReLU inputs and outputs, the normalisation's input and output and 2 K / T of scores.
+* FSDP2's working memory per block parameter p (torch's _fully_shard source, read, not measured: a CPU
+  allocation trace of FSDP2 under gloo would not show CUDA's stream-ordered allocator): the backward of block
+  i holds its gathered parameters and its gradients (both in param_dtype), block i - 1's all-gather buffer
+  (explicit backward prefetch), and block i + 1's float32 reduce-scatter input (kept until block i's
+  post-backward frees it, one buffer by default): 3 p_b + 4 bytes, p_b = 2 for bfloat16; the forward's peak
+  (block i's all-gather buffer kept until block i + 1's copy-out, i + 1's buffer and parameters: 3 p_b) is
+  below it. Without resharding after the forward every block stays gathered: (L + 1) p_b + 4. The head's
+  gathered projection (p_b) and float32 prototypes (4 / T) are added. Without FSDP, autocast's 16-bit copies
+  of the tensor-parallel weights (2 bytes each; none in fp32).
 * the optimizer step is a second peak, after the activations are freed: weights, gradients and moments plus
   one float32 temporary per parameter (LARS's update d = eta (g + wd w) and AdamW's sqrt(v) are built for
   every local tensor at once, foreach), so 16 (LARS) or 20 (AdamW) bytes per parameter over D.
@@ -30,18 +47,22 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   reduce-scatters and the two output-gradient all-gathers (6 u), plus once per step the gather after the
   final norm and the backward of the scatter before the first block (2 u). A checkpointed block replays its
   forward's collectives but fc2's (torch's checkpoint stops at the last tensor it saves, fc2's input):
-  2 u, or 3 u with sequence parallelism. FSDP all-gathers bf16 parameters (again in the
+  2 u, or 3 u with sequence parallelism; with LayerScale or dropout, which keep a tensor made after fc2, fc2's
+  collective replays too (4 u). u scales with a; with LayerScale's float32 stream the backward all-reduces of
+  every block but block 0's attention (without sequence parallelism) and the gather after the final norm
+  (with it) move float32: r / a u each. FSDP all-gathers param_dtype parameters (again in the
   backward when resharding) and reduce-scatters float32 gradients.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .model.config import PRESET_NAMES, UnknownPresetError, ViTConfig, vit_preset
+from .model.config import PRESET_NAMES, UnknownPresetError, ViTConfig, validate_vit_config, vit_preset
 from .parallel.dims import checkpoint_every, checkpointed_blocks
 from .parallel.tensor_parallel import validate_tensor_parallel
 from .swav.config import SwAVHeadConfig, seer_head
@@ -50,6 +71,9 @@ GiB = 1024 ** 3
 H100_BF16_TFLOPS = 989.4  # dense, SXM (perf_anchors.md section 0)
 # float32 moments per parameter of each train.optimizer: LARS's momentum; AdamW's exp_avg and exp_avg_sq.
 OPTIMIZER_MOMENTS = {"lars": 1, "adamw": 2}
+# train.precision's values (its 'auto' is bf16 on the GPUs planned for) and parallel.param_dtype's, in bytes.
+PRECISIONS = ("bf16", "fp16", "fp32")
+PARAM_DTYPES = {"bfloat16": 2, "float32": 4}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,28 +136,64 @@ def count_parameters(cfg: ViTConfig, head: Optional[SwAVHeadConfig] = None) -> P
 # ---------------------------------------------------------------------------------------------------------
 # Activations, FLOPs, communication
 
-def activation_bytes_per_token(cfg: ViTConfig, tp: int, sequence_parallel: bool) -> float:
-    """Bytes autograd keeps per token per (non-checkpointed) block (module doc; bf16 autocast)."""
-    d, m = cfg.embed_dim, cfg.mlp_dim
-    split = 6 * d + 2 * d + 2 * d + 4 * m + (12 * d if cfg.qk_norm else 0)  # qkv out, attn out, proj in, MLP
-    norms_in = 4 * d + 4 * d      # float32 inputs of norm1 and norm2
-    matmul_in = 2 * d + 2 * d     # bf16 inputs of qkv and fc1
+def element_bytes(precision: str, weight_bytes: int) -> int:
+    """Bytes per element of the activations: 2 under bf16/fp16 autocast; in fp32 (no autocast) the matmuls
+    run in the weights' dtype, ``weight_bytes`` (4, or 2 for FSDP's gathered bf16 parameters)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return 2 if precision in ("bf16", "fp16") else weight_bytes
+
+
+def activation_bytes_per_token(cfg: ViTConfig, tp: int, sequence_parallel: bool, element: int = 2,
+                               dropout_mask: int = 1) -> float:
+    """Bytes autograd keeps per token per (non-checkpointed) block (module doc). ``element``: bytes of an
+    activation (2 under bf16/fp16 autocast, 4 in fp32); ``dropout_mask``: bytes of a dropout mask element
+    (1: CUDA's fused dropout keeps a bool mask; the CPU's keeps a scaled mask in the activation dtype)."""
+    d, m, a = cfg.embed_dim, cfg.mlp_dim, element
+    # qkv out, attention out, proj in, MLP hidden before and after GELU
+    split = 3 * a * d + a * d + a * d + 2 * a * m
+    if cfg.qk_norm:  # float32 copies of q and k (views of qkv's output when that is float32) and the outputs
+        split += (8 * d if a < 4 else 0) + 2 * a * d
+    norms_in = 4 * d + 4 * d      # float32 inputs of norm1 and norm2 (copies, or the float32 stream itself)
+    matmul_in = a * d + a * d     # inputs of qkv and fc1 (the norms' outputs, or their autocast copies)
+    # LayerScale keeps its input for gamma's gradient; dropout its masks (after proj, GELU and fc2).
+    residual = 2 * a * d if cfg.layer_scale_init is not None else 0
+    if cfg.dropout > 0:
+        residual += 2 * dropout_mask * d
+        split += dropout_mask * m
     # float32 mean/rstd of the norms (and of QK-norm per head), the attention's log-sum-exp per head
     small = 16 + 4 * cfg.num_heads / tp + (16 * cfg.num_heads / tp if cfg.qk_norm else 0)
     if sequence_parallel:
-        return (norms_in + matmul_in + split) / tp + small
-    return norms_in + matmul_in + split / tp + small
+        return (norms_in + matmul_in + residual + split) / tp + small
+    return norms_in + matmul_in + residual + split / tp + small
 
 
 def stored_activation_bytes(cfg: ViTConfig, tokens: int, tp: int, sequence_parallel: bool,
-                            checkpointed: int) -> float:
+                            checkpointed: int, element: int = 2, residual: Optional[int] = None,
+                            dropout_mask: int = 1) -> float:
     """Bytes the trunk keeps for the backward after a forward of ``tokens`` tokens with ``checkpointed``
-    blocks recomputed (module doc): their bf16 inputs, the other blocks' saved tensors, the final norm's
-    float32 input."""
+    blocks recomputed (module doc): their inputs (block 0's ``element`` bytes per element, the others'
+    ``residual``, default ``element``),
+    the other blocks' saved tensors, the final norm's float32 input."""
     seq = tp if sequence_parallel else 1
-    per_block = activation_bytes_per_token(cfg, tp, sequence_parallel) * tokens
-    return (checkpointed * 2 * cfg.embed_dim * tokens / seq + (cfg.depth - checkpointed) * per_block
+    r = element if residual is None else residual
+    per_block = activation_bytes_per_token(cfg, tp, sequence_parallel, element, dropout_mask) * tokens
+    # The first checkpointed block is block 0, whose input is the embedding's (``element``).
+    inputs = (element + (checkpointed - 1) * r) if checkpointed else 0
+    return (inputs * cfg.embed_dim * tokens / seq + (cfg.depth - checkpointed) * per_block
             + 4 * cfg.embed_dim * tokens / seq)
+
+
+def head_activation_bytes(cfg: ViTConfig, head: Optional[SwAVHeadConfig], tp: int) -> float:
+    """Bytes the SwAV head keeps per crop (module doc), counted as float32: each linear's input, each hidden
+    layer's BatchNorm/ReLU input and output, the normalisation's input and output, the prototype scores and
+    the loss's softmax of them (1/T of the prototypes per rank)."""
+    if head is None:
+        return 0.0
+    dims = [cfg.embed_dim, *head.hidden_dims, head.output_dim]
+    kept = sum(dims[:-1]) + sum(h * (3 if head.batch_norm else 2) for h in head.hidden_dims) \
+        + 2 * head.output_dim + 2 * head.num_prototypes / tp
+    return 4 * kept
 
 
 def crop_tokens(cfg: ViTConfig, crops: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -171,6 +231,8 @@ class PlanInput:
     reshard_after_forward: bool = True
     sinkhorn_iterations: int = 3
     optimizer: str = "lars"
+    precision: str = "bf16"
+    param_dtype: str = "bfloat16"
     gpu_memory_gib: float = 80.0
     reserve_gib: float = 4.0
     peak_tflops: float = H100_BF16_TFLOPS
@@ -201,11 +263,22 @@ def plan(inp: PlanInput) -> dict:
                              f"--no-sequence-parallel")
     if inp.optimizer not in OPTIMIZER_MOMENTS:
         raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_MOMENTS)}, got {inp.optimizer!r}")
+    if inp.param_dtype not in PARAM_DTYPES:
+        raise ValueError(f"--param-dtype must be one of {', '.join(PARAM_DTYPES)}, got {inp.param_dtype!r}")
     n_ckpt = len(checkpointed_blocks(cfg.depth, inp.checkpointing))
     dp = inp.gpus // tp
     shard = dp if (inp.fsdp and dp > 1) else 1
     pc = count_parameters(cfg, inp.head)
     p_rank = pc.per_rank(tp)
+    # The dtypes the step computes in (module doc): FSDP's gathered parameters are in param_dtype, unsharded
+    # ones stay float32; without autocast (fp32) the activations follow the weights.
+    pb = PARAM_DTYPES[inp.param_dtype] if shard > 1 else 4
+    a = element_bytes(inp.precision, pb)
+    act_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(inp.precision, "bfloat16" if pb == 2 else "float32")
+    gamma_dtype = inp.param_dtype if shard > 1 else "float32"
+    # x * gamma promotes a 16-bit residual branch to float32 when gamma is float32 (or the other 16-bit
+    # type): the residual stream after the first LayerScale is float32.
+    r = 4 if cfg.layer_scale_init is not None and act_dtype != gamma_dtype else a
 
     out: dict = {"model_params": pc.total, "trunk_params": pc.trunk, "head_params": pc.head, "dp": dp, "tp": tp,
                  "global_batch": inp.micro_batch * dp, "params_per_gpu": p_rank / shard}
@@ -213,21 +286,28 @@ def plan(inp: PlanInput) -> dict:
     out["grad_bytes"] = 4 * p_rank / shard
     out["optimizer_bytes"] = 4 * OPTIMIZER_MOMENTS[inp.optimizer] * p_rank / shard  # float32 moments
     if shard > 1:
-        # Gathered bf16 parameters of the running and the prefetched block, the block's unsharded float32
-        # gradients before the reduce-scatter, the float32 prototypes.
-        working = 2 * 2 * pc.block_per_rank(tp) + 4 * pc.block_per_rank(tp) + 4 * pc.prototypes / tp \
-            + 2 * pc.head_projection
+        # FSDP2's backward peak (module doc): the running block's gathered parameters and its gradients (both
+        # in param_dtype), the prefetched block's all-gather buffer, the previous block's float32
+        # reduce-scatter input; without resharding every block stays gathered. The head's gathered
+        # projection (param_dtype) and float32 prototypes.
+        gathered = 2 if inp.reshard_after_forward else cfg.depth
+        working = ((gathered + 1) * pb + 4) * pc.block_per_rank(tp) + 4 * pc.prototypes / tp \
+            + pb * pc.head_projection
+    elif inp.precision != "fp32":
+        working = 2 * (pc.trunk_split / tp + pc.head_projection)  # autocast's 16-bit copies of the weights
     else:
-        working = 2 * (pc.trunk_split / tp + pc.head_projection)  # autocast's bf16 copies of the weights
+        working = 0.0
     out["working_bytes"] = working
 
     tokens = sum(n * t for n, t in crop_tokens(cfg, inp.crops)) * inp.micro_batch
-    per_block = activation_bytes_per_token(cfg, tp, inp.sequence_parallel) * tokens
-    stored = stored_activation_bytes(cfg, tokens, tp, inp.sequence_parallel, n_ckpt)
+    per_block = activation_bytes_per_token(cfg, tp, inp.sequence_parallel, a) * tokens
+    stored = stored_activation_bytes(cfg, tokens, tp, inp.sequence_parallel, n_ckpt, a, r)
     recompute = per_block if n_ckpt else 0.0           # one block re-materialised during its backward
     grad_transient = 2 * 4 * cfg.embed_dim * tokens    # activation gradients in flight (float32)
     images = 4 * cfg.in_chans * inp.micro_batch * sum(n * s * s for n, s in inp.crops)
-    out["activation_bytes"] = stored + recompute + grad_transient + images
+    out["head_activation_bytes"] = head_activation_bytes(cfg, inp.head, tp) * inp.micro_batch * \
+        sum(n for n, _ in inp.crops)
+    out["activation_bytes"] = stored + recompute + grad_transient + images + out["head_activation_bytes"]
     out["total_bytes"] = sum(out[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "working_bytes",
                                                "activation_bytes"))
     # The step's foreach temporaries (module doc): measured 4.0 bytes per parameter for both optimizers.
@@ -243,19 +323,24 @@ def plan(inp: PlanInput) -> dict:
     out["hardware_flops_per_gpu"] = 3 * fwd + trunk_fwd * n_ckpt / cfg.depth
     out["tokens_per_gpu"] = tokens
 
-    act = tokens * cfg.embed_dim * 2                   # one bf16 activation of the residual stream
+    act = tokens * cfg.embed_dim * a                   # one activation of the residual stream
     ring = (tp - 1) / tp
     if tp > 1:
         # (units of u per block, per checkpointed block's replay, per step; module doc)
         block, replay, step = (10, 3, 2) if inp.sequence_parallel else (8, 2, 0)
-        out["tp_comm_bytes"] = ring * act * (cfg.depth * block + n_ckpt * replay + step)
+        if cfg.layer_scale_init is not None or cfg.dropout > 0:
+            replay = 4  # a tensor saved after fc2 (LayerScale's input, dropout's mask): fc2's collective replays
+        units = cfg.depth * block + n_ckpt * replay + step
+        if r != a:  # LayerScale's float32 stream (module doc): the collectives of float32 tensors move r / a u
+            units += (r / a - 1) * (1 if inp.sequence_parallel else 4 * cfg.depth - 2)
+        out["tp_comm_bytes"] = ring * act * units
     else:
         out["tp_comm_bytes"] = 0.0
     if shard > 1:
         ring_dp = (dp - 1) / dp
         gathers = 2 if inp.reshard_after_forward else 1
-        p_bf16 = p_rank - pc.prototypes / tp
-        out["fsdp_comm_bytes"] = ring_dp * (gathers * (2 * p_bf16 + 4 * pc.prototypes / tp) + 4 * p_rank)
+        p_bf16 = p_rank - pc.prototypes / tp  # (in param_dtype; the prototypes in float32)
+        out["fsdp_comm_bytes"] = ring_dp * (gathers * (pb * p_bf16 + 4 * pc.prototypes / tp) + 4 * p_rank)
     else:
         out["fsdp_comm_bytes"] = 0.0
     k_local = inp.head.num_prototypes / tp if inp.head is not None else 0
@@ -313,6 +398,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--optimizer", choices=tuple(OPTIMIZER_MOMENTS), default="lars",
                     help="train.optimizer: lars (one float32 moment per parameter, SwAV/SEER) or adamw (two) "
                          "(default: %(default)s)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                    help="train.precision: bf16 or fp16 autocast, or fp32 (activations in the weights' dtype: "
+                         "float32, or --param-dtype with FSDP) (default: %(default)s)")
+    ap.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES), default="bfloat16",
+                    help="parallel.param_dtype: FSDP's gathered parameters (default: %(default)s)")
+    ap.add_argument("--layer-scale", type=float, default=None, metavar="INIT",
+                    help="model.layer_scale_init: LayerScale on (default: the preset's, off in every preset)")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="model.dropout (default: the preset's, 0 in every preset)")
+    ap.add_argument("--drop-path", type=float, default=None,
+                    help="model.drop_path_rate (default: the preset's, 0 in every preset)")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="GPU memory (default 80)")
     ap.add_argument("--mfu", type=float, default=0.5,
                     help="MFU assumed for the compute-time estimate (default: %(default)s)")
@@ -327,11 +423,19 @@ def _gib(x: float) -> str:
 def format_plan(inp: PlanInput, r: dict, model_name: str) -> str:
     cfg = inp.model
     crops = "+".join(f"{n}x{s}" for n, s in inp.crops)
+    if r["dp"] > 1 and inp.fsdp:
+        working = f"gathered {inp.param_dtype} blocks, unsharded block grads"
+    else:
+        working = "none: fp32 weights used as they are" if inp.precision == "fp32" else \
+            f"{inp.precision} copies of the weights"
+    extra = "".join(f", {k} {v:g}" for k, v in (("LayerScale", cfg.layer_scale_init), ("dropout", cfg.dropout),
+                                                 ("drop-path", cfg.drop_path_rate)) if v)
     lines = [
         f"seer plan: {model_name} (d={cfg.embed_dim}, L={cfg.depth}, heads={cfg.num_heads}, mlp={cfg.mlp_dim}, "
         f"patch {cfg.patch_size}) on {inp.gpus} GPUs = dp {r['dp']} x tp {r['tp']}; micro-batch {inp.micro_batch} "
         f"images/dp rank (global batch {r['global_batch']}), crops {crops}, checkpointing {inp.checkpointing}, "
-        f"sequence parallel {'on' if inp.sequence_parallel else 'off'}, FSDP {'on' if inp.fsdp and r['dp'] > 1 else 'off'}",
+        f"sequence parallel {'on' if inp.sequence_parallel else 'off'}, FSDP {'on' if inp.fsdp and r['dp'] > 1 else 'off'}, "
+        f"{inp.precision}{extra}",
         f"  parameters          {r['model_params'] / 1e9:8.3f} B  (trunk {r['trunk_params'] / 1e9:.3f} B, head "
         f"{r['head_params'] / 1e6:.1f} M); per GPU {r['params_per_gpu'] / 1e9:.3f} B",
         "  memory per GPU",
@@ -339,7 +443,7 @@ def format_plan(inp: PlanInput, r: dict, model_name: str) -> str:
         f"    gradients (fp32)  {_gib(r['grad_bytes'])}",
         f"    optimizer (fp32)  {_gib(r['optimizer_bytes'])}   "
         f"({'LARS momentum' if inp.optimizer == 'lars' else 'AdamW: two moments'})",
-        f"    working copies    {_gib(r['working_bytes'])}   (bf16 weights in use, unsharded block grads)",
+        f"    working copies    {_gib(r['working_bytes'])}   ({working})",
         f"    activations       {_gib(r['activation_bytes'])}   ({r['tokens_per_gpu']:,} tokens)",
         f"    total             {_gib(r['total_bytes'])}   (forward/backward)",
         f"    optimizer step    {_gib(r['optimizer_step_bytes'])}   (weights, gradients, moments, the update's "
@@ -365,6 +469,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = vit_preset(args.model)
+        model_flags = {"layer_scale_init": args.layer_scale, "dropout": args.dropout,
+                       "drop_path_rate": args.drop_path}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in model_flags.items() if v is not None})
+        try:
+            validate_vit_config(cfg)
+        except ValueError as e:  # the field's message, for the flag the user typed
+            flag = {"layer_scale_init": "--layer-scale", "dropout": "--dropout", "drop_path_rate": "--drop-path"}
+            raise ValueError(next((str(e).replace(f"ViTConfig.{k}", f) for k, f in flag.items()
+                                   if f"ViTConfig.{k}" in str(e)), str(e))) from None
         for name in ("gpus", "tp", "micro_batch"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -394,7 +507,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError("--sequence-parallel needs --tp > 1")
         inp = PlanInput(cfg, head, args.gpus, args.tp, args.micro_batch, crops, checkpointing=args.checkpointing,
                         sequence_parallel=sp, fsdp=args.fsdp, gpu_memory_gib=args.gpu_memory_gib, mfu=args.mfu,
-                        optimizer=args.optimizer)
+                        optimizer=args.optimizer, precision=args.precision, param_dtype=args.param_dtype)
         result = plan(inp)
     except (ValueError, UnknownPresetError) as e:
         print(f"seer plan: error: {e}", file=sys.stderr)

@@ -103,9 +103,9 @@ def assert_parity(r: dict, where) -> None:
 
 
 def saved_bytes_per_token(block: torch.nn.Module, make_input: Callable[[int], torch.Tensor], batches: tuple,
-                          tokens_per_sample: int) -> float:
-    """Bytes autograd saves per (global) token in ``block`` under bf16 autocast: the slope between two batch
-    sizes, so per-layer constants (weights and their bf16 copies) cancel."""
+                          tokens_per_sample: int, amp: Optional[torch.dtype] = torch.bfloat16) -> float:
+    """Bytes autograd saves per (global) token in ``block`` under ``amp`` autocast (None: none, fp32): the slope
+    between two batch sizes, so per-layer constants (weights and their bf16 copies) cancel."""
     sizes = []
     for b in batches:
         seen: dict[int, int] = {}
@@ -117,7 +117,7 @@ def saved_bytes_per_token(block: torch.nn.Module, make_input: Callable[[int], to
 
         x = make_input(b)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cpu", torch.bfloat16):
+            with torch.autocast("cpu", amp or torch.bfloat16, enabled=amp is not None):
                 block(x)
         sizes.append(sum(seen.values()))
     return (sizes[1] - sizes[0]) / ((batches[1] - batches[0]) * tokens_per_sample)
