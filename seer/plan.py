@@ -21,10 +21,8 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   per sequence. With bf16, no LayerScale and no dropout:
   without sequence parallelism  12 d + (10 d + 4 m) / T bytes  (+12 d / T with QK-norm);
   with sequence parallelism     (22 d + 4 m) / T bytes. The residual stream has a's dtype (the patch
-  embedding's output) except that LayerScale's x * gamma with a float32 gamma (no FSDP, or param_dtype
-  float32) promotes it to float32 after block 0. A checkpointed block keeps only its input (a d for block 0,
-  the stream's element size after it; / T with sequence parallelism); the final norm keeps its float32 input
-  (4 d, likewise). The SwAV head keeps, per crop and counted as float32, each linear's input, its hidden
+  embedding's output; LayerScale and the row-parallel bias compute in it). A checkpointed block keeps only its
+  input (a d; / T with sequence parallelism); the final norm keeps its float32 input (4 d, likewise). The SwAV head keeps, per crop and counted as float32, each linear's input, its hidden
   layers' BatchNorm/ReLU inputs and outputs, the normalisation's input and output and 2 K / T of scores.
 * FSDP2's working memory per block parameter p (torch's _fully_shard source, read, not measured: a CPU
   allocation trace of FSDP2 under gloo would not show CUDA's stream-ordered allocator): the backward of block
@@ -48,9 +46,7 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   final norm and the backward of the scatter before the first block (2 u). A checkpointed block replays its
   forward's collectives but fc2's (torch's checkpoint stops at the last tensor it saves, fc2's input):
   2 u, or 3 u with sequence parallelism; with LayerScale or dropout, which keep a tensor made after fc2, fc2's
-  collective replays too (4 u). u scales with a; with LayerScale's float32 stream the backward all-reduces of
-  every block but block 0's attention (without sequence parallelism) and the gather after the final norm
-  (with it) move float32: r / a u each. FSDP all-gathers param_dtype parameters (again in the
+  collective replays too (4 u). u scales with a. FSDP all-gathers param_dtype parameters (again in the
   backward when resharding) and reduce-scatters float32 gradients.
 """
 from __future__ import annotations
@@ -169,18 +165,13 @@ def activation_bytes_per_token(cfg: ViTConfig, tp: int, sequence_parallel: bool,
 
 
 def stored_activation_bytes(cfg: ViTConfig, tokens: int, tp: int, sequence_parallel: bool,
-                            checkpointed: int, element: int = 2, residual: Optional[int] = None,
-                            dropout_mask: int = 1) -> float:
+                            checkpointed: int, element: int = 2, dropout_mask: int = 1) -> float:
     """Bytes the trunk keeps for the backward after a forward of ``tokens`` tokens with ``checkpointed``
-    blocks recomputed (module doc): their inputs (block 0's ``element`` bytes per element, the others'
-    ``residual``, default ``element``),
-    the other blocks' saved tensors, the final norm's float32 input."""
+    blocks recomputed (module doc): their inputs (``element`` bytes each), the other blocks' saved tensors,
+    the final norm's float32 input."""
     seq = tp if sequence_parallel else 1
-    r = element if residual is None else residual
     per_block = activation_bytes_per_token(cfg, tp, sequence_parallel, element, dropout_mask) * tokens
-    # The first checkpointed block is block 0, whose input is the embedding's (``element``).
-    inputs = (element + (checkpointed - 1) * r) if checkpointed else 0
-    return (inputs * cfg.embed_dim * tokens / seq + (cfg.depth - checkpointed) * per_block
+    return (checkpointed * element * cfg.embed_dim * tokens / seq + (cfg.depth - checkpointed) * per_block
             + 4 * cfg.embed_dim * tokens / seq)
 
 
@@ -274,11 +265,6 @@ def plan(inp: PlanInput) -> dict:
     # ones stay float32; without autocast (fp32) the activations follow the weights.
     pb = PARAM_DTYPES[inp.param_dtype] if shard > 1 else 4
     a = element_bytes(inp.precision, pb)
-    act_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(inp.precision, "bfloat16" if pb == 2 else "float32")
-    gamma_dtype = inp.param_dtype if shard > 1 else "float32"
-    # x * gamma promotes a 16-bit residual branch to float32 when gamma is float32 (or the other 16-bit
-    # type): the residual stream after the first LayerScale is float32.
-    r = 4 if cfg.layer_scale_init is not None and act_dtype != gamma_dtype else a
 
     out: dict = {"model_params": pc.total, "trunk_params": pc.trunk, "head_params": pc.head, "dp": dp, "tp": tp,
                  "global_batch": inp.micro_batch * dp, "params_per_gpu": p_rank / shard}
@@ -301,7 +287,7 @@ def plan(inp: PlanInput) -> dict:
 
     tokens = sum(n * t for n, t in crop_tokens(cfg, inp.crops)) * inp.micro_batch
     per_block = activation_bytes_per_token(cfg, tp, inp.sequence_parallel, a) * tokens
-    stored = stored_activation_bytes(cfg, tokens, tp, inp.sequence_parallel, n_ckpt, a, r)
+    stored = stored_activation_bytes(cfg, tokens, tp, inp.sequence_parallel, n_ckpt, a)
     recompute = per_block if n_ckpt else 0.0           # one block re-materialised during its backward
     grad_transient = 2 * 4 * cfg.embed_dim * tokens    # activation gradients in flight (float32)
     images = 4 * cfg.in_chans * inp.micro_batch * sum(n * s * s for n, s in inp.crops)
@@ -330,10 +316,7 @@ def plan(inp: PlanInput) -> dict:
         block, replay, step = (10, 3, 2) if inp.sequence_parallel else (8, 2, 0)
         if cfg.layer_scale_init is not None or cfg.dropout > 0:
             replay = 4  # a tensor saved after fc2 (LayerScale's input, dropout's mask): fc2's collective replays
-        units = cfg.depth * block + n_ckpt * replay + step
-        if r != a:  # LayerScale's float32 stream (module doc): the collectives of float32 tensors move r / a u
-            units += (r / a - 1) * (1 if inp.sequence_parallel else 4 * cfg.depth - 2)
-        out["tp_comm_bytes"] = ring * act * units
+        out["tp_comm_bytes"] = ring * act * (cfg.depth * block + n_ckpt * replay + step)
     else:
         out["tp_comm_bytes"] = 0.0
     if shard > 1:

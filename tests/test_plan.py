@@ -143,8 +143,9 @@ def test_stored_activations_match_what_a_forward_keeps(checkpointing, model_kw, 
     """What a forward of the whole SwAV model leaves alive for the backward, per image (the slope between
     two batches: weights and their bf16 copies cancel), against the planner's trunk estimate. The rest is
     the images' bf16 copy and the head, within the planner's float32 images. The residual stream is bf16
-    under autocast: the plan counted checkpointed block inputs as float32 without FSDP (2x); with LayerScale
-    (float32 gamma, no FSDP) it is float32 after block 0, and in fp32 everything is."""
+    under autocast: the plan counted checkpointed block inputs as float32 without FSDP (2x); LayerScale keeps
+    it so (its float32 gamma made it float32 after block 0 before it computed in the input's dtype), and in
+    fp32 everything is float32."""
     from seer.parallel.checkpointing import apply_activation_checkpointing
     cfg = vit_preset("tiny", embed_dim=128, mlp_dim=512, depth=8, **model_kw)
     head = SwAVHeadConfig(hidden_dims=[64], output_dim=16, num_prototypes=32, batch_norm=False)
@@ -163,8 +164,7 @@ def test_stored_activations_match_what_a_forward_keeps(checkpointing, model_kw, 
     tokens = sum(n * t for n, t in plan.crop_tokens(cfg, crops))
     n_ckpt = len(plan.checkpointed_blocks(cfg.depth, checkpointing))
     a = plan.element_bytes(precision, 4)
-    r = 4 if "layer_scale_init" in model_kw else a
-    stored = plan.stored_activation_bytes(cfg, tokens, 1, False, n_ckpt, a, r, dropout_mask=a)
+    stored = plan.stored_activation_bytes(cfg, tokens, 1, False, n_ckpt, a, dropout_mask=a)
     images = 4 * 3 * sum(n * s * s for n, s in crops)
     # (the head's float32 activations: the bf16 images' copy left room for them, fp32 has no such copy)
     head_kept = plan.head_activation_bytes(cfg, head, 1) * sum(n for n, _ in crops)

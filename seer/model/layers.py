@@ -111,7 +111,10 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), init_value))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gamma
+        # In x's dtype: under autocast without FSDP's 16-bit parameters a float32 gamma made x * gamma float32,
+        # and with it the residual stream of every later block (twice the activation memory and the
+        # tensor-parallel traffic), as nn.Linear's weight, cast by autocast, does not.
+        return x * self.gamma.to(x.dtype)
 
 
 class DropPath(nn.Module):

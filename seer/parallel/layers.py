@@ -199,7 +199,7 @@ class TPLayerScale(LayerScale):
     tp_group: Optional[dist.ProcessGroup] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * copy_to_tensor_parallel_region(self.gamma, self.tp_group)
+        return x * copy_to_tensor_parallel_region(self.gamma, self.tp_group).to(x.dtype)  # (LayerScale.forward)
 
 
 def make_tensor_parallel_replicated(module: nn.Module, group) -> nn.Module:

@@ -190,3 +190,17 @@ def test_autocast_bf16_is_close_to_float32():
         out = model(crops)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), model(crops), atol=0.1, rtol=0.05)
+
+
+def test_layer_scale_computes_in_its_inputs_dtype():
+    """A float32 gamma (no FSDP) made x * gamma float32 under autocast, and with it the residual stream of every
+    later block: twice the activation memory and tensor-parallel traffic. gamma's gradient stays float32."""
+    from seer.model.layers import LayerScale
+    ls = LayerScale(8, 0.1)
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = ls(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert ls.gamma.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert ls(torch.ones(1, 8)).dtype == torch.float32  # float32 inputs: unchanged
