@@ -65,6 +65,8 @@ from .swav.config import SwAVHeadConfig, seer_head
 
 GiB = 1024 ** 3
 H100_BF16_TFLOPS = 989.4  # dense, SXM (perf_anchors.md section 0)
+# float32 matmuls without tensor cores: torch leaves TF32 off for them by default, and so does the trainer
+H100_FP32_TFLOPS = 67.0
 # float32 moments per parameter of each train.optimizer: LARS's momentum; AdamW's exp_avg and exp_avg_sq.
 OPTIMIZER_MOMENTS = {"lars": 1, "adamw": 2}
 # train.precision's values (its 'auto' is bf16 on the GPUs planned for) and parallel.param_dtype's, in bytes.
@@ -226,7 +228,7 @@ class PlanInput:
     param_dtype: str = "bfloat16"
     gpu_memory_gib: float = 80.0
     reserve_gib: float = 4.0
-    peak_tflops: float = H100_BF16_TFLOPS
+    peak_tflops: Optional[float] = None  # None: the H100's for the dtype the matmuls run in
     mfu: float = 0.5
     tp_bandwidth_gbps: float = 370.0
     dp_bandwidth_gbps: float = 50.0
@@ -328,7 +330,8 @@ def plan(inp: PlanInput) -> dict:
         out["fsdp_comm_bytes"] = 0.0
     k_local = inp.head.num_prototypes / tp if inp.head is not None else 0
     out["sinkhorn_comm_bytes"] = 2 * (1 + inp.sinkhorn_iterations) * 4 * k_local * 2 if dp * tp > 1 else 0.0
-    out["compute_s_at_mfu"] = out["model_flops_per_gpu"] / (inp.mfu * inp.peak_tflops * 1e12)
+    out["peak_tflops"] = inp.peak_tflops or (H100_FP32_TFLOPS if a == 4 else H100_BF16_TFLOPS)
+    out["compute_s_at_mfu"] = out["model_flops_per_gpu"] / (inp.mfu * out["peak_tflops"] * 1e12)
     out["tp_comm_s"] = out["tp_comm_bytes"] / (inp.tp_bandwidth_gbps * 1e9)
     out["fsdp_comm_s"] = out["fsdp_comm_bytes"] / (inp.dp_bandwidth_gbps * 1e9)
     return out
@@ -435,7 +438,7 @@ def format_plan(inp: PlanInput, r: dict, model_name: str) -> str:
         f"({inp.reserve_gib:.0f} GiB reserved): {'FITS' if r['fits'] else 'DOES NOT FIT'}",
         f"  FLOPs per GPU per step: model {r['model_flops_per_gpu'] / 1e12:.1f} TFLOP (3x forward), hardware "
         f"{r['hardware_flops_per_gpu'] / 1e12:.1f} TFLOP (with recomputation); "
-        f"{r['compute_s_at_mfu'] * 1e3:.0f} ms at {inp.mfu:.0%} MFU of {inp.peak_tflops:.0f} TFLOP/s",
+        f"{r['compute_s_at_mfu'] * 1e3:.0f} ms at {inp.mfu:.0%} MFU of {r['peak_tflops']:.0f} TFLOP/s",
         f"  communication per GPU per step: tensor parallel {r['tp_comm_bytes'] / 1e9:.2f} GB "
         f"({r['tp_comm_s'] * 1e3:.0f} ms at {inp.tp_bandwidth_gbps:.0f} GB/s), FSDP {r['fsdp_comm_bytes'] / 1e9:.2f} GB "
         f"({r['fsdp_comm_s'] * 1e3:.0f} ms at {inp.dp_bandwidth_gbps:.0f} GB/s), Sinkhorn "

@@ -328,3 +328,16 @@ def test_optimizer_flag(capsys):
     assert adamw["optimizer_bytes"] == 2 * lars["optimizer_bytes"] == 2 * lars["param_bytes"]
     with pytest.raises(ValueError, match="--optimizer must be one of lars, adamw, got 'sgd'"):
         plan.plan(plan.PlanInput(vit_preset("tiny"), None, 1, 1, 1, [(2, 32)], optimizer="sgd"))
+
+
+def test_float32_matmuls_are_timed_at_the_float32_peak(capsys):
+    """fp32 training's matmuls run without tensor cores (torch leaves TF32 off): the compute time was taken at
+    the bf16 peak, 15x too optimistic. With FSDP's bf16 gathered parameters they run in bf16."""
+    base = ("--model", "large", "--gpus", "1", "--micro-batch", "8", "--json")
+    fp32 = json.loads(run(capsys, *base, "--precision", "fp32")[1])
+    bf16 = json.loads(run(capsys, *base)[1])
+    assert (fp32["peak_tflops"], bf16["peak_tflops"]) == (plan.H100_FP32_TFLOPS, plan.H100_BF16_TFLOPS)
+    assert fp32["compute_s_at_mfu"] == pytest.approx(bf16["compute_s_at_mfu"] * 989.4 / 67.0)
+    sharded = json.loads(run(capsys, "--model", "large", "--gpus", "8", "--micro-batch", "8", "--json",
+                             "--precision", "fp32")[1])
+    assert sharded["peak_tflops"] == plan.H100_BF16_TFLOPS  # FSDP's bf16 parameters
