@@ -31,6 +31,7 @@ def test_a_hung_read_stops_the_run_and_the_rerun_resumes(tmp_path, monkeypatch):
     assert read_meta(out / "checkpoints" / "step_00000002")["data"]["offset"] == 16
     assert "  timeout_s: 2.0\n" in (out / "config.yaml").read_text()
     monkeypatch.undo()  # the filesystem answers again
-    trainer = Trainer(cfg, out)
+    # (a generous timeout for the rerun: nothing to wait out, and no race with a busy machine's worker start)
+    trainer = Trainer(apply_overrides(cfg, ["data.timeout_s=120"]), out)
     assert trainer.resumed_from.name == "step_00000002"
     assert trainer.fit()["step"] == 4
