@@ -240,3 +240,19 @@ def test_eval_runs_with_the_runs_precision_on_the_chosen_device(tmp_path, capsys
     if not torch.cuda.is_available():
         assert main(["eval", "knn", "--checkpoint", str(run), "--device", "cuda"]) == 2
         assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_eval_on_the_gpu_gives_the_runs_own_score(tmp_path, capsys):
+    """seer eval --device auto picks the GPU and the run's precision: the score of the run's own evaluation
+    at the end (same device, same autocast)."""
+    run = tmp_path / "run"
+    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.device=cuda", "train.precision=bf16",
+                                             "eval.at_end=true", "eval.max_images=100",
+                                             "eval.random_init_baseline=false"]), run).fit()
+    during = json.loads((run / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(run), "--set", "eval.max_images=100"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["device"], res["precision"]) == ("cuda", "bf16")
+    assert abs(res["knn_top1"] - during["knn_top1"]) <= 1.0  # (kernel choices may differ between processes)
