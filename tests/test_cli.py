@@ -255,4 +255,5 @@ def test_eval_on_the_gpu_gives_the_runs_own_score(tmp_path, capsys):
     assert main(["eval", "knn", "--checkpoint", str(run), "--set", "eval.max_images=100"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert (res["device"], res["precision"]) == ("cuda", "bf16")
-    assert abs(res["knn_top1"] - during["knn_top1"]) <= 1.0  # (kernel choices may differ between processes)
+    # the same measurement; at most one test image's vote apart (GPU kernels may pick other algorithms per process)
+    assert abs(res["knn_top1"] - during["knn_top1"]) <= 100 / res["n_test"] + 1e-9
