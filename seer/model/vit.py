@@ -27,6 +27,22 @@ def resolution_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
     return groups
 
 
+def block_indices(n: Union[int, Sequence[int]], depth: int) -> list[int]:
+    """The blocks ``n`` names for :meth:`VisionTransformer.get_intermediate_layers`: an int, the last ``n`` of
+    ``depth`` (earliest first); a sequence, those indices (0-based, distinct, in its order)."""
+    if isinstance(n, int) and not isinstance(n, bool):
+        if not 1 <= n <= depth:
+            raise ValueError(f"get_intermediate_layers: argument 'n' must be between 1 and the depth {depth} "
+                             f"(the last n blocks), got {n}")
+        return list(range(depth - n, depth))
+    idx = list(n) if isinstance(n, Sequence) and not isinstance(n, str) else None
+    if not idx or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < depth for i in idx) \
+            or len(set(idx)) != len(idx):
+        raise ValueError(f"get_intermediate_layers: argument 'n' must be an int or a non-empty sequence of distinct "
+                         f"block indices in [0, {depth - 1}] (depth {depth}), got {n!r}")
+    return idx
+
+
 class VisionTransformer(nn.Module):
     """Patch embedding + class token + learned position embedding, ``depth`` pre-norm blocks, final norm.
 
@@ -79,6 +95,37 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def get_intermediate_layers(self, x: Tensor, n: Union[int, Sequence[int]] = 1, *, norm: bool = True,
+                                return_class_token: bool = False, reshape: bool = False) -> tuple:
+        """Tokens of some blocks' outputs (DINOv2's method): one entry per block ``n`` names, in its order.
+
+        Args:
+            x: images (B, C, H, W), H and W multiples of the patch size (other sizes than the training crop use
+                the interpolated position embedding, as :meth:`forward`).
+            n: an int, the last ``n`` blocks (earliest first); or a sequence of distinct block indices (0-based).
+            norm: apply the final norm to each block's output (``get_intermediate_layers(x)[0]`` is then
+                ``forward_features(x)[:, 1:]``).
+            return_class_token: give (patch tokens, class token (B, D)) pairs instead of patch tokens.
+            reshape: patch tokens as a map (B, D, H/p, W/p) instead of (B, H/p * W/p, D).
+
+        Only the blocks up to the last one named run. ValueError for a bad ``n``.
+        """
+        wanted = block_indices(n, len(self.blocks))
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.norm_pre(self._embed(x))
+        taken = {}
+        for i, block in enumerate(self.blocks[:max(wanted) + 1]):
+            x = block(x)
+            if i in wanted:
+                taken[i] = self.norm(x) if norm else x
+        out = []
+        for i in wanted:
+            patches = taken[i][:, 1:]
+            if reshape:
+                patches = patches.transpose(1, 2).reshape(x.shape[0], -1, *grid).contiguous()
+            out.append((patches, taken[i][:, 0]) if return_class_token else patches)
+        return tuple(out)
 
     def forward_head(self, x: Tensor) -> Tensor:
         """Tokens -> the class token (B, d)."""
