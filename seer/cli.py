@@ -160,47 +160,59 @@ def _eval_device_and_precision(args, cfg: C.RunConfig, recorded: bool):
     return device, resolve_precision(precision, device)
 
 
-def cmd_eval(args) -> int:
-    import torch
-
-    from .eval import Evaluator
-    from .pretrained import backbone_module, checkpoint_backbone_state, checkpoint_config, load_pretrained
+def _checkpoint_run_config(ckpt: Path, *, random_init: bool = False):
+    """(run config, whether it is the run's own, checkpoint folder or None for an export) of ``--checkpoint``:
+    a run's or checkpoint's saved config; for an export, the run config its JSON records (defaults where an
+    older export lacks it) with the export's ViT, normalisation and evaluation image size."""
+    from .pretrained import checkpoint_config
     from .train.checkpoint import resolve_checkpoint
+    if ckpt.suffix != ".safetensors":
+        ckpt_dir = resolve_checkpoint(ckpt)
+        return checkpoint_config(ckpt_dir), True, ckpt_dir
+    from safetensors import SafetensorError, safe_open
+
+    from .export import export_vit_config
+    from .pretrained import export_info
+    info = export_info(ckpt)
+    vit = export_vit_config(ckpt, info)
+    try:
+        with safe_open(str(ckpt), framework="pt"):
+            pass  # header only: a missing or corrupt file fails here, as loading its tensors would
+    except (SafetensorError, OSError) as e:
+        raise CLIError(f"--checkpoint {str(ckpt)!r} is not a safetensors file that seer can read "
+                       f"({type(e).__name__}: {e})") from None
+    recorded = "seer_run_config" in info
+    if recorded:  # the run's evaluation settings and seed (exports since 2026-11-27)
+        cfg = C.from_dict(info["seer_run_config"])
+    elif random_init:
+        raise CLIError(f"{ckpt.with_suffix('.json')} does not record the run's seed (an export written before "
+                       f"seer kept the run's config in it): run --random-init on the run's checkpoint")
+    else:
+        cfg = C.RunConfig()
+    cfg.model = vit
+    cfg.data.crops.mean, cfg.data.crops.std = info["mean"], info["std"]
+    cfg.eval.image_size = info["image_size"]
+    return cfg, recorded, None
+
+
+def _pretrained_backbone(ckpt: Path, ckpt_dir: Optional[Path], saved: C.RunConfig):
+    """The trained backbone of ``--checkpoint`` (``ckpt_dir`` and ``saved`` from :func:`_checkpoint_run_config`)."""
+    from .pretrained import backbone_module, checkpoint_backbone_state, load_pretrained
+    if ckpt_dir is None:
+        return load_pretrained(ckpt)
+    return backbone_module(saved.model, checkpoint_backbone_state(ckpt_dir, saved)[1])
+
+
+def cmd_eval(args) -> int:
+    from .eval import Evaluator
     bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
     if bad:
         raise CLIError(f"--set accepts only eval.* keys, got {bad[0]!r}")
     if args.json:
         _output_file(args.json, "--json")
     ckpt = Path(args.checkpoint)
-    if ckpt.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        from .export import export_vit_config
-        from .pretrained import export_info
-        info = export_info(ckpt)
-        vit = export_vit_config(ckpt, info)
-        try:
-            with safe_open(str(ckpt), framework="pt"):
-                pass  # header only: a missing or corrupt file fails here, as loading its tensors would
-        except (SafetensorError, OSError) as e:
-            raise CLIError(f"--checkpoint {str(ckpt)!r} is not a safetensors file that seer can read "
-                           f"({type(e).__name__}: {e})") from None
-        recorded = "seer_run_config" in info
-        if recorded:  # the run's evaluation settings and seed (exports since 2026-11-27)
-            cfg = C.from_dict(info["seer_run_config"])
-        elif args.random_init:
-            raise CLIError(f"{ckpt.with_suffix('.json')} does not record the run's seed (an export written before "
-                           f"seer kept the run's config in it): run --random-init on the run's checkpoint")
-        else:
-            cfg = C.RunConfig()
-        cfg.model = vit
-        cfg.data.crops.mean, cfg.data.crops.std = info["mean"], info["std"]
-        cfg.eval.image_size = info["image_size"]
-    else:
-        ckpt_dir = resolve_checkpoint(ckpt)
-        cfg = saved = checkpoint_config(ckpt_dir)
-        recorded = True
-    cfg = C.apply_overrides(cfg, args.overrides)
+    saved, recorded, ckpt_dir = _checkpoint_run_config(ckpt, random_init=args.random_init)
+    cfg = C.apply_overrides(saved, args.overrides)
     if args.dataset:
         cfg.eval.dataset = args.dataset
     C.validate(cfg)
@@ -208,10 +220,8 @@ def cmd_eval(args) -> int:
     if args.random_init:
         from .train.build import build_backbone
         backbone = build_backbone(cfg).eval()  # built on the CPU (the run's initialisation), then moved
-    elif ckpt.suffix == ".safetensors":
-        backbone = load_pretrained(ckpt)
     else:
-        backbone = backbone_module(saved.model, checkpoint_backbone_state(ckpt_dir, saved)[1])
+        backbone = _pretrained_backbone(ckpt, ckpt_dir, saved)
     from .train.build import autocast_dtype
     ev = Evaluator(cfg.eval, image_size=cfg.data.crops.global_size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
                    digits_size=cfg.data.digits_size, device=device, autocast_dtype=autocast_dtype(precision),
