@@ -4,6 +4,7 @@
     seer train --config run.yaml --set train.max_steps=100 --out runs/x
     torchrun --nproc_per_node=8 -m seer train --preset seer-vit-10b --set parallel.tp=8 --out runs/big
     seer eval knn --checkpoint runs/demo [--dataset digits|FOLDER] [--random-init]
+    seer features --checkpoint runs/demo --images photos/ --out feats.npy [--layers 4 --tokens cls+patch-mean]
     seer export --checkpoint runs/demo --format timm --out vit.safetensors
     seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
     seer data check FOLDER
@@ -63,6 +64,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="autocast of the forward passes: run = the run's train.precision, as its evaluations during "
                         "training used (fp32 for an export that does not record it); auto = bf16 where the device "
                         "computes it natively, else fp32 (default: %(default)s)")
+
+    f = sub.add_parser("features", help="features of your images from a pretrained backbone (FEATS.npy + FEATS.txt)")
+    f.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
+    f.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
+                                                   "paths (one a line) or one image")
+    f.add_argument("--out", required=True, help="FEATS.npy: float32 (N, F), one row per readable image; FEATS.txt "
+                                                "next to it lists their paths in row order")
+    f.add_argument("--layers", type=int, default=1, help="take the tokens of the last N blocks, concatenated (DINO's "
+                                                         "linear protocol: 4 for ViT-S) (default: %(default)s)")
+    f.add_argument("--tokens", default="cls", choices=["cls", "patch-mean", "cls+patch-mean"],
+                   help="per block: the class token and/or the mean of the patch tokens, after the final norm; a row "
+                        "is the class tokens of the blocks, then their patch means (default: %(default)s, the "
+                        "features seer eval scores)")
+    f.add_argument("--image-size", type=int, help="side the images are resized and centre-cropped to, a multiple of "
+                                                  "the patch size (default: the run's evaluation size)")
+    f.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    f.add_argument("--workers", type=int, default=min(4, _usable_cpus()),
+                   help="decoding processes, 0 = this one (default: 4, at most the CPUs this process may use)")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the backbone runs: auto = the GPU when there is one (default: %(default)s)")
+    f.add_argument("--precision", default="run", choices=["run", "auto", "bf16", "fp16", "fp32"],
+                   help="autocast of the forward passes, as for seer eval: run = the run's train.precision "
+                        "(default: %(default)s)")
+    f.add_argument("--timeout-s", type=float, default=C.DataConfig.timeout_s,
+                   help="stop with an error when the workers deliver no batch for this many seconds (a hung read); "
+                        "0 = no limit (default: %(default)g)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out (and the .txt written with it)")
 
     x = sub.add_parser("export", help="export the backbone (timm layout, safetensors + JSON of timm arguments)")
     x.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
@@ -236,6 +264,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    from .eval.extract import check_feature_args, extract_image_features, image_paths
+    from .eval.feature_files import check_outputs, write_outputs
+    from .train.build import autocast_dtype
+    check_outputs(args.out, overwrite=args.overwrite)  # before the work, not after it
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value < low:
+            raise CLIError(f"{flag} must be an integer >= {low}, got {value}")
+    if not 0 <= args.timeout_s < float("inf"):  # (also NaN)
+        raise CLIError(f"--timeout-s must be a finite number >= 0 (seconds; 0 = no timeout), got {args.timeout_s}")
+    ckpt = Path(args.checkpoint)
+    cfg, recorded, ckpt_dir = _checkpoint_run_config(ckpt)
+    depth, patch = cfg.model.depth, cfg.model.patch_size
+    if not 1 <= args.layers <= depth:
+        raise CLIError(f"--layers must be between 1 and the backbone's depth {depth}, got {args.layers}")
+    size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size
+    if args.image_size is not None and (args.image_size < 1 or args.image_size % patch):
+        raise CLIError(f"--image-size must be a positive multiple of the patch size {patch}, got {args.image_size}")
+    try:
+        paths = image_paths(args.images)
+    except (OSError, ValueError) as e:  # (its messages name the list file or folder, not the flag)
+        raise CLIError(f"--images: {e}") from None
+    if not paths:
+        raise CLIError(f"--images {args.images!r} holds no images")
+    device, precision = _eval_device_and_precision(args, cfg, recorded)
+    backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
+    check_feature_args(backbone, args.layers, args.tokens)
+    t0 = time.perf_counter()
+    res = extract_image_features(backbone, paths, image_size=size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
+                                 layers=args.layers, tokens=args.tokens, batch_size=args.batch_size,
+                                 workers=args.workers, device=device, autocast_dtype=autocast_dtype(precision),
+                                 max_pixels=cfg.data.max_image_pixels, timeout_s=args.timeout_s)
+    if not res.paths:
+        raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
+    npy, txt = write_outputs(args.out, res, overwrite=args.overwrite)
+    n, width = res.features.shape
+    listed = " (listed above)" if res.skipped else ""
+    print(f"features: {n} images x {width} ({args.tokens}, last {args.layers} block(s), {size} px, {device.type}, "
+          f"{precision}), {len(res.skipped)} unreadable skipped{listed}, in {time.perf_counter() - t0:.1f} s; "
+          f"wrote {npy} and {txt}")
+    return 0
+
+
 def _output_file(path: str, flag: str) -> None:
     """Refuse an output path that cannot be written before the work, not after it."""
     p = Path(path)
@@ -301,7 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train.metrics import not_shown_yet
     for handler in logging.getLogger().handlers:  # what the trainer prints itself is not logged there again
         handler.addFilter(not_shown_yet)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "data": cmd_data}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "features": cmd_features, "export": cmd_export,
+                "data": cmd_data}
     from seer_kernels import BackendError
 
     from .data.dataset import DataError

@@ -146,14 +146,20 @@ def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
 _REPORTED: set[str] = set()  # unreadable files already logged (periodic evaluation meets them again)
 
 
-def load_image(path: str, max_pixels: int = DataConfig.max_image_pixels) -> Optional[Tensor]:
-    """Decoded uint8 (3, H, W), or None if the file cannot be read or has more than ``max_pixels`` pixels
-    (a decompression bomb, as in training: data.max_image_pixels) (logged the first time)."""
+def read_image(path: str, max_pixels: int = DataConfig.max_image_pixels) -> tuple[Optional[Tensor], Optional[str]]:
+    """(decoded uint8 (3, H, W), None), or (None, the reason) if the file cannot be read or has more than
+    ``max_pixels`` pixels (a decompression bomb, as in training: data.max_image_pixels). Logs nothing."""
     try:
         with open(path, "rb") as f:
-            return decode_checked(f.read(), max_pixels)
+            return decode_checked(f.read(), max_pixels), None
     except Exception as e:  # a bad file: skipped and counted by the caller
-        if path not in _REPORTED:
-            _REPORTED.add(path)
-            log.warning("evaluation skips unreadable image %s (%s)", printable(path), _reason(e))
-        return None
+        return None, _reason(e)
+
+
+def load_image(path: str, max_pixels: int = DataConfig.max_image_pixels) -> Optional[Tensor]:
+    """:func:`read_image`'s image, or None (the reason logged the first time)."""
+    image, reason = read_image(path, max_pixels)
+    if image is None and path not in _REPORTED:
+        _REPORTED.add(path)
+        log.warning("evaluation skips unreadable image %s (%s)", printable(path), reason)
+    return image

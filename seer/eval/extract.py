@@ -1,0 +1,164 @@
+"""Features of any images from a pretrained ViT, in file order: what ``seer features`` writes.
+
+Images are decoded, checked against the pixel limit, resized and normalised exactly as ``seer eval`` does
+(:func:`seer.eval.datasets.read_image` and :func:`~seer.eval.datasets.preprocess`), in DataLoader worker
+processes (decoding, not the forward pass, bounds a large folder on the CPU); the rows keep the order of the
+paths, whatever the number of workers. Unreadable files are skipped and reported with their reason.
+
+Features (``tokens``, ``layers``): per block, the class token and/or the mean of the patch tokens, both
+after the final norm, of the last ``layers`` blocks; the row is the class tokens of those blocks (earliest
+first), then their patch means in the same order. ``layers=1, tokens="cls"`` is ``backbone(x)``: the
+features ``seer eval`` scores.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import DataConfig
+from ..data.sources import is_image_name, printable, scan_folder
+from ..data.workers import loader_timeout, next_batch
+from .datasets import preprocess, read_image
+
+log = logging.getLogger(__name__)
+
+TOKENS = ("cls", "patch-mean", "cls+patch-mean")
+
+PROGRESS_EVERY_S = 60.0  # how often a long extraction logs how far it is (INFO)
+
+
+@dataclass
+class ImageFeatures:
+    """``features``: float32 (M, F) on the CPU, row i of image ``paths[i]``; ``skipped``: (path, reason) of
+    each unreadable image, in path order."""
+    features: Tensor
+    paths: list[str]
+    skipped: list[tuple[str, str]]
+
+
+def image_paths(source: str | os.PathLike) -> list[str]:
+    """The images of ``source``: a folder's image files (recursive, sorted as :func:`seer.data.sources.
+    scan_folder` lists them; joined to ``source``), a list file's entries (one path a line, blank lines and
+    '#' comments skipped, relative paths taken from the list file's folder, as a training list file), or a
+    single image file."""
+    from ..data.mapped import normalise_list_file
+    src = os.fspath(source)
+    if os.path.isdir(src):
+        return [os.path.join(src, rel) for rel in scan_folder(src)]
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src!r} does not exist")
+    if is_image_name(src):
+        return [src]
+    return list(normalise_list_file(src, base=Path(os.path.abspath(src)).parent))
+
+
+def feature_dim(backbone: nn.Module, layers: int = 1, tokens: str = "cls") -> int:
+    """F, the width of :func:`token_features`' rows."""
+    return backbone.embed_dim * layers * len(tokens.split("+"))
+
+
+def check_feature_args(backbone: nn.Module, layers: int, tokens: str) -> None:
+    """ValueError naming ``layers`` or ``tokens`` when the backbone cannot give them."""
+    depth = len(backbone.blocks)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= depth:
+        raise ValueError(f"layers must be an integer between 1 and the backbone's depth {depth}, got {layers!r}")
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens must be one of {', '.join(TOKENS)}, got {tokens!r}")
+
+
+def token_features(backbone: nn.Module, x: Tensor, *, layers: int = 1, tokens: str = "cls") -> Tensor:
+    """Normalised images (B, 3, H, W) -> features (B, F) in float32 (module doc); ``backbone`` a
+    :class:`seer.model.VisionTransformer`."""
+    blocks = backbone.get_intermediate_layers(x, layers, return_class_token=True)
+    kinds = tokens.split("+")
+    parts = [cls.float() for _, cls in blocks] if "cls" in kinds else []
+    if "patch-mean" in kinds:  # averaged in float32: a bf16 sum over hundreds of tokens loses digits
+        parts += [patches.float().mean(1) for patches, _ in blocks]
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
+class _Images(Dataset):
+    """Image i of ``paths`` -> (i, preprocessed (3, S, S) or None, None or the reason it is unreadable)."""
+
+    def __init__(self, paths: Sequence[str], image_size: int, mean: Tensor, std: Tensor, max_pixels: int):
+        self.paths, self.image_size, self.mean, self.std, self.max_pixels = paths, image_size, mean, std, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image, reason = read_image(self.paths[i], self.max_pixels)
+        return i, None if image is None else preprocess(image, self.image_size, self.mean, self.std), reason
+
+
+def _collate(items):  # in the worker: the batch crosses to the main process as one stacked tensor
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, bad
+
+
+@torch.no_grad()
+def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_size: int, mean, std,
+                           layers: int = 1, tokens: str = "cls", batch_size: int = 64, workers: int = 0,
+                           device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
+                           max_pixels: int = DataConfig.max_image_pixels,
+                           timeout_s: float = DataConfig.timeout_s) -> ImageFeatures:
+    """Features (module doc) of the images at ``paths``, in that order, unreadable ones skipped.
+
+    Args:
+        backbone: a :class:`seer.model.VisionTransformer` (``seer.load_pretrained``), already on ``device``
+            (default: where its parameters are); run in eval mode, its mode restored afterwards.
+        image_size, mean, std: the evaluation side and the training normalisation (the run's
+            ``eval.image_size`` or ``data.crops.global_size``, ``data.crops.mean/std``; an export's JSON has
+            ``image_size``, ``mean`` and ``std``).
+        layers, tokens: which blocks and tokens (module doc; ``tokens`` one of :data:`TOKENS`).
+        batch_size: images per forward pass.
+        workers: decoding processes (0: this process).
+        autocast_dtype: autocast the forward passes to this dtype (None: as the backbone's parameters).
+        max_pixels: larger images are skipped (``data.max_image_pixels``, the decompression-bomb guard).
+        timeout_s: :class:`seer.data.workers.DataTimeoutError` when the workers deliver no batch for this long
+            (a hung read); 0 = no limit.
+    """
+    check_feature_args(backbone, layers, tokens)
+    for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    device = device or next(backbone.parameters()).device
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    loader = DataLoader(_Images(paths, image_size, mean_t, std_t, max_pixels), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate, timeout=loader_timeout(timeout_s, workers))
+    # Rows filled in place: a list of batches concatenated at the end would hold every feature twice.
+    out = torch.empty(len(paths), feature_dim(backbone, layers, tokens))
+    kept, skipped = [], []
+    was_training = backbone.training
+    backbone.eval()
+    t0 = report = time.perf_counter()
+    try:
+        it = iter(loader)
+        for b in range(len(loader)):
+            where = f"images {b * batch_size + 1}-{min((b + 1) * batch_size, len(paths))} of {len(paths)}"
+            idx, x, bad = next_batch(it, timeout_s, setting="timeout_s (--timeout-s)", where=where)
+            for i, reason in bad:
+                skipped.append((paths[i], reason))
+                log.warning("skipping unreadable image %s (%s)", printable(paths[i]), reason)
+            if x is not None:
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):
+                    out[len(kept):len(kept) + len(idx)] = token_features(backbone, x.to(device), layers=layers,
+                                                                         tokens=tokens).cpu()
+                kept += idx
+            if time.perf_counter() - report >= PROGRESS_EVERY_S:
+                report = time.perf_counter()
+                log.info("features: %d of %d images in %.0f s", (b + 1) * batch_size, len(paths), report - t0)
+    finally:
+        backbone.train(was_training)
+    return ImageFeatures(out[:len(kept)], [paths[i] for i in kept], skipped)

@@ -1,0 +1,141 @@
+"""``seer features`` and :func:`seer.eval.extract.extract_image_features`: the rows are ``seer eval``'s
+features of the images in file order, unreadable files skipped and named, the outputs never clobber a
+user's file."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import seer
+from seer.cli import main
+from seer.config import apply_overrides, preset
+from seer.eval.datasets import load_image, preprocess
+from seer.eval.extract import extract_image_features, image_paths
+from seer.pretrained import checkpoint_config
+from seer.train import Trainer
+from tests.images import write_good_images
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 1-step tiny run (ViT depth 2, width 64, patch 8, 32 px, fp32) and a folder of 7 images + 1 corrupt."""
+    root = tmp_path_factory.mktemp("features")
+    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1"]), root / "run").fit()
+    write_good_images(root / "images", 7)
+    (root / "images" / "part1" / "broken.jpg").write_text("not an image")
+    return root
+
+
+def preprocessed(run, paths, size=32):
+    """The images as seer eval feeds them to the backbone (the run's normalisation)."""
+    crops = checkpoint_config(run / "run").data.crops
+    mean, std = torch.tensor(crops.mean).view(3, 1, 1), torch.tensor(crops.std).view(3, 1, 1)
+    return torch.stack([preprocess(load_image(p), size, mean, std) for p in paths])
+
+
+def features(run, *extra, out="f.npy"):
+    argv = ["features", "--checkpoint", str(run / "run"), "--images", str(run / "images"), "--out",
+            str(run / out), "--workers", "0", "--overwrite", *extra]
+    assert main(argv) == 0
+    return np.load(run / out), (run / out).with_suffix(".txt").read_text().splitlines()
+
+
+def test_default_rows_are_the_backbones_class_tokens_in_file_order(run, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        feats, names = features(run)
+    broken = str(run / "images" / "part1" / "broken.jpg")
+    assert names == [p for p in image_paths(run / "images") if p != broken]  # sorted, recursive, bad one left out
+    assert len(names) == 7 and feats.shape == (7, 64) and feats.dtype == np.float32
+    assert f"skipping unreadable image {broken} (ValueError" in caplog.text
+    assert "7 images x 64 (cls, last 1 block(s), 32 px, cpu, fp32), 1 unreadable skipped (listed above)" in \
+        capsys.readouterr().out
+    with torch.no_grad():
+        want = seer.load_pretrained(run / "run")(preprocessed(run, names))
+    assert np.array_equal(feats, want.numpy())  # exactly seer eval's features (its preprocess, the class token)
+
+
+def test_last_blocks_class_tokens_then_patch_means(run):
+    feats, names = features(run, "--layers", "2", "--tokens", "cls+patch-mean", out="l2.npy")
+    assert feats.shape == (7, 2 * 2 * 64)
+    with torch.no_grad():
+        blocks = seer.load_pretrained(run / "run").get_intermediate_layers(preprocessed(run, names), 2,
+                                                                            return_class_token=True)
+    want = torch.cat([c for _, c in blocks] + [p.mean(1) for p, _ in blocks], 1)
+    assert np.array_equal(feats, want.numpy())
+    patch, _ = features(run, "--tokens", "patch-mean", "--image-size", "40", out="pm.npy")
+    assert patch.shape == (7, 64)
+
+
+def test_workers_and_batches_give_the_same_bytes(run):
+    features(run, "--batch-size", "3", out="w0.npy")  # a batch with the broken file, a short last batch
+    assert main(["features", "--checkpoint", str(run / "run"), "--images", str(run / "images"), "--out",
+                 str(run / "w2.npy"), "--workers", "2", "--batch-size", "3"]) == 0
+    assert (run / "w0.npy").read_bytes() == (run / "w2.npy").read_bytes()
+    assert (run / "w0.txt").read_bytes() == (run / "w2.txt").read_bytes()
+
+
+def test_an_export_and_a_list_file(run):
+    export = run / "vit.safetensors"
+    assert main(["export", "--checkpoint", str(run / "run"), "--format", "timm", "--out", str(export)]) == 0
+    want, names = features(run)
+    lst = run / "list.txt"
+    lst.write_text("# photos\n" + "".join(f"{p}\n" for p in reversed(names)) + "\nimages/img_0000.png\n")
+    assert main(["features", "--checkpoint", str(export), "--images", str(lst), "--out", str(run / "x.npy"),
+                 "--workers", "0"]) == 0
+    got = np.load(run / "x.npy")
+    assert (run / "x.txt").read_text().splitlines() == names[::-1] + [str(run / "images" / "img_0000.png")]
+    assert np.array_equal(got[:7], want[::-1]) and np.array_equal(got[7], want[0])
+
+
+def test_the_python_function(run):
+    backbone = seer.load_pretrained(run / "run")
+    paths = image_paths(run / "images")
+    res = extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, batch_size=4)
+    assert res.features.shape == (7, 64) and len(res.paths) == 7 and not backbone.training
+    assert [p for p, _ in res.skipped] == [str(run / "images" / "part1" / "broken.jpg")]
+    with pytest.raises(ValueError, match="layers must be an integer between 1 and the backbone's depth 2"):
+        extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, layers=3)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--layers", "3"], "--layers must be between 1 and the backbone's depth 2, got 3"),
+    (["--layers", "0"], "--layers must be between 1"),
+    (["--image-size", "36"], "--image-size must be a positive multiple of the patch size 8, got 36"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["--workers", "-1"], "--workers must be an integer >= 0"),
+    (["--timeout-s", "nan"], "--timeout-s must be a finite number >= 0"),
+    (["--out", "{tmp}/f.npz"], "--out must end with .npy"),
+    (["--out", "{tmp}/no/such/f.npy"], "the folder '{tmp}/no/such' does not exist"),
+    (["--out", "{tmp}/taken.npy"], "--out '{tmp}/taken.npy' exists: pass --overwrite"),
+    (["--out", "{tmp}/notes.npy", "--overwrite"], "'{tmp}/notes.txt' exists and was not written by seer features"),
+    (["--images", "{tmp}/nothing"], "--images: '{tmp}/nothing' does not exist"),
+    (["--images", "{tmp}/empty"], "--images '{tmp}/empty' holds no images"),
+    (["--images", "{tmp}/bad"], "none of its 1 images is readable"),
+    (["--checkpoint", "{tmp}/nothing"], "no complete checkpoint"),
+])
+def test_bad_flags_are_one_line(run, tmp_path, capsys, extra, fragment):
+    (tmp_path / "taken.npy").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"no")
+    argv = ["features", "--checkpoint", str(run / "run"), "--images", str(run / "images"), "--out",
+            str(tmp_path / "f.npy"), "--workers", "0"]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+    assert not (tmp_path / "f.npy").exists() and (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
+def test_overwrite_replaces_only_its_own_pair(run, capsys):
+    features(run, out="o.npy")
+    (run / "o.txt").write_text("edited by hand\n")  # no longer the list of o.npy's 7 rows
+    assert main(["features", "--checkpoint", str(run / "run"), "--images", str(run / "images"), "--out",
+                 str(run / "o.npy"), "--workers", "0", "--overwrite"]) == 2
+    assert "was not written by seer features" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["features", "--checkpoint", str(run / "run"), "--images", str(run / "images"), "--out",
+                     str(run / "c.npy"), "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
