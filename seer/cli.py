@@ -265,7 +265,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from .eval.extract import check_feature_args, extract_image_features, image_paths
+    from .eval.extract import extract_image_features, image_paths
     from .eval.feature_files import check_outputs, write_outputs
     from .train.build import autocast_dtype
     check_outputs(args.out, overwrite=args.overwrite)  # before the work, not after it
@@ -279,9 +279,9 @@ def cmd_features(args) -> int:
     depth, patch = cfg.model.depth, cfg.model.patch_size
     if not 1 <= args.layers <= depth:
         raise CLIError(f"--layers must be between 1 and the backbone's depth {depth}, got {args.layers}")
-    size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size
     if args.image_size is not None and (args.image_size < 1 or args.image_size % patch):
         raise CLIError(f"--image-size must be a positive multiple of the patch size {patch}, got {args.image_size}")
+    size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size  # (seer eval's size)
     try:
         paths = image_paths(args.images)
     except (OSError, ValueError) as e:  # (its messages name the list file or folder, not the flag)
@@ -290,7 +290,6 @@ def cmd_features(args) -> int:
         raise CLIError(f"--images {args.images!r} holds no images")
     device, precision = _eval_device_and_precision(args, cfg, recorded)
     backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
-    check_feature_args(backbone, args.layers, args.tokens)
     t0 = time.perf_counter()
     res = extract_image_features(backbone, paths, image_size=size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
                                  layers=args.layers, tokens=args.tokens, batch_size=args.batch_size,

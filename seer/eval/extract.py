@@ -158,7 +158,8 @@ def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_s
                 kept += idx
             if time.perf_counter() - report >= PROGRESS_EVERY_S:
                 report = time.perf_counter()
-                log.info("features: %d of %d images in %.0f s", (b + 1) * batch_size, len(paths), report - t0)
+                log.info("features: %d of %d images in %.0f s", min((b + 1) * batch_size, len(paths)), len(paths),
+                         report - t0)
     finally:
         backbone.train(was_training)
     return ImageFeatures(out[:len(kept)], [paths[i] for i in kept], skipped)

@@ -46,7 +46,7 @@ def _partners(npy: Path, txt: Path) -> bool:
             return False
         with open(txt, "rb") as f:
             return sum(1 for _ in f) == rows.shape[0]
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # (an empty or truncated .npy: EOFError)
         return False
 
 

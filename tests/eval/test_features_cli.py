@@ -94,6 +94,7 @@ def test_the_python_function(run):
     res = extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, batch_size=4)
     assert res.features.shape == (7, 64) and len(res.paths) == 7 and not backbone.training
     assert [p for p, _ in res.skipped] == [str(run / "images" / "part1" / "broken.jpg")]
+    assert image_paths(paths[2]) == [paths[2]]  # one image
     with pytest.raises(ValueError, match="layers must be an integer between 1 and the backbone's depth 2"):
         extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, layers=3)
 
@@ -109,6 +110,7 @@ def test_the_python_function(run):
     (["--out", "{tmp}/no/such/f.npy"], "the folder '{tmp}/no/such' does not exist"),
     (["--out", "{tmp}/taken.npy"], "--out '{tmp}/taken.npy' exists: pass --overwrite"),
     (["--out", "{tmp}/notes.npy", "--overwrite"], "'{tmp}/notes.txt' exists and was not written by seer features"),
+    (["--out", "{tmp}/taken.npy", "--overwrite"], "'{tmp}/taken.txt' exists and was not written"),  # empty .npy
     (["--images", "{tmp}/nothing"], "--images: '{tmp}/nothing' does not exist"),
     (["--images", "{tmp}/empty"], "--images '{tmp}/empty' holds no images"),
     (["--images", "{tmp}/bad"], "none of its 1 images is readable"),
@@ -116,6 +118,7 @@ def test_the_python_function(run):
 ])
 def test_bad_flags_are_one_line(run, tmp_path, capsys, extra, fragment):
     (tmp_path / "taken.npy").write_bytes(b"")
+    (tmp_path / "taken.txt").write_text("")
     (tmp_path / "notes.txt").write_text("my notes\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad").mkdir()
@@ -127,10 +130,14 @@ def test_bad_flags_are_one_line(run, tmp_path, capsys, extra, fragment):
     err = capsys.readouterr().err
     assert fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
     assert not (tmp_path / "f.npy").exists() and (tmp_path / "notes.txt").read_text() == "my notes\n"
+    assert (tmp_path / "taken.npy").read_bytes() == b""
 
 
 def test_overwrite_replaces_only_its_own_pair(run, capsys):
     features(run, out="o.npy")
+    first = (run / "o.npy").read_bytes()
+    features(run, "--layers", "2", out="o.npy")  # its own pair: replaced
+    assert (run / "o.npy").read_bytes() != first and not list(run.glob("*.part"))
     (run / "o.txt").write_text("edited by hand\n")  # no longer the list of o.npy's 7 rows
     assert main(["features", "--checkpoint", str(run / "run"), "--images", str(run / "images"), "--out",
                  str(run / "o.npy"), "--workers", "0", "--overwrite"]) == 2
