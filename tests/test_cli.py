@@ -221,15 +221,20 @@ def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsy
     assert "--max-image-pixels must be an integer >= 1" in capsys.readouterr().err
 
 
+def _bf16_run_and_its_score(tmp_path, capsys, device):
+    """A 1-step bf16 run on ``device`` that evaluates itself at the end: (its folder, its eval.json)."""
+    run = tmp_path / "run"
+    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "train.precision=bf16",
+                                             f"train.device={device}", "eval.at_end=true", "eval.max_images=100",
+                                             "eval.random_init_baseline=false"]), run).fit()
+    capsys.readouterr()
+    return run, json.loads((run / "eval.json").read_text())
+
+
 def test_eval_runs_with_the_runs_precision_on_the_chosen_device(tmp_path, capsys):
     """seer eval used the CPU in float32 whatever the run: its scores then differed from the run's own
     evaluations (bf16 autocast on a GPU), and a large model was evaluated on the CPU next to an idle GPU."""
-    run = tmp_path / "run"
-    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "train.precision=bf16",
-                                             "eval.at_end=true", "eval.max_images=100",
-                                             "eval.random_init_baseline=false"]), run).fit()
-    during = json.loads((run / "eval.json").read_text())
-    capsys.readouterr()
+    run, during = _bf16_run_and_its_score(tmp_path, capsys, "cpu")
     assert main(["eval", "knn", "--checkpoint", str(run), "--set", "eval.max_images=100", "--device", "cpu"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert (res["device"], res["precision"]) == ("cpu", "bf16")  # the run's train.precision
@@ -246,12 +251,7 @@ def test_eval_runs_with_the_runs_precision_on_the_chosen_device(tmp_path, capsys
 def test_eval_on_the_gpu_gives_the_runs_own_score(tmp_path, capsys):
     """seer eval --device auto picks the GPU and the run's precision: the score of the run's own evaluation
     at the end (same device, same autocast)."""
-    run = tmp_path / "run"
-    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.device=cuda", "train.precision=bf16",
-                                             "eval.at_end=true", "eval.max_images=100",
-                                             "eval.random_init_baseline=false"]), run).fit()
-    during = json.loads((run / "eval.json").read_text())
-    capsys.readouterr()
+    run, during = _bf16_run_and_its_score(tmp_path, capsys, "cuda")
     assert main(["eval", "knn", "--checkpoint", str(run), "--set", "eval.max_images=100"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert (res["device"], res["precision"]) == ("cuda", "bf16")
