@@ -199,7 +199,7 @@ def bench_tar_index_parallel_cpu(bench_record, bench_device, many_tar_shards, tm
         pytest.skip("CPU rows")
     if sources._usable_cpus() < 2:  # two workers on one CPU take turns: nothing to measure but the pool's start
         pytest.skip("needs 2 CPUs for its 2 index workers")
-    # Every shard to the pool (a run reads shards here until the pool looks worth a slow start: 4 s assumed,
+    # Every shard to the pool (a run reads shards here until the pool looks worth its start: 1 s assumed,
     # pytest's workers start in 0.2 s).
     monkeypatch.setattr(sources, "POOL_START_S", 0.0)
     shards = many_tar_shards

@@ -29,8 +29,8 @@ import yaml
 
 from .model.config import ViTConfig, suggest, validate_vit_config, vit_preset
 from .optim.config import COSINE_SHAPES, OptimConfig
-from .parallel.dims import DTYPES as PARALLEL_DTYPES
-from .parallel.dims import ParallelConfig, checkpoint_every
+from .parallel.config import DTYPE_NAMES as PARALLEL_DTYPES
+from .parallel.config import ParallelConfig, checkpoint_every
 from .swav.config import SwAVHeadConfig, SwAVLossConfig, seer_head, seer_loss
 
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .model.config import PRESET_NAMES, UnknownPresetError, ViTConfig, validate_vit_config, vit_preset
-from .parallel.dims import checkpoint_every, checkpointed_blocks
+from .parallel.config import checkpoint_every, checkpointed_blocks
 from .parallel.tensor_parallel import validate_tensor_parallel
 from .swav.config import SwAVHeadConfig, seer_head
 

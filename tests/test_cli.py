@@ -1,6 +1,8 @@
 """The ``seer`` command: bad input gets one line naming the argument (exit status 2); every subcommand runs."""
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,3 +259,13 @@ def test_eval_on_the_gpu_gives_the_runs_own_score(tmp_path, capsys):
     assert (res["device"], res["precision"]) == ("cuda", "bf16")
     # the same measurement; at most one test image's vote apart (GPU kernels may pick other algorithms per process)
     assert abs(res["knn_top1"] - during["knn_top1"]) <= 100 / res["n_test"] + 1e-9
+
+
+def test_the_command_starts_without_importing_torch():
+    """`seer --help` (and every process spawned to index tar shards under the `seer` console script, which
+    re-imports it) paid ~2 s of torch imports through seer.config's subpackages; their names now resolve on
+    first use, and the function `parallelize` stays the package's name once its module is imported."""
+    code = ("import sys, seer.cli, seer.config; heavy = {'torch', 'seer_kernels'} & set(sys.modules); "
+            "assert not heavy, heavy; import seer.parallel.apply; from seer.parallel import parallelize; "
+            "assert callable(parallelize) and parallelize is seer.parallel.apply.parallelize")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

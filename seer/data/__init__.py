@@ -5,8 +5,9 @@ The names below are imported on first use: a process that needs only :mod:`.sour
 tar shards) then starts without torch and seer_kernels, ~2 s of imports per process (0.15 s without)."""
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 # name -> submodule that defines it
 _EXPORTS = {
@@ -17,21 +18,8 @@ _EXPORTS = {
     "TensorSource": "sources", "build_index": "sources", "detect_format": "sources", "open_index": "sources",
     "open_source": "sources", "scan_folder": "sources", "DataTimeoutError": "workers",
 }
-
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what static tools see
     from .dataset import Batch, DataError, DecodedDataset, MultiCropDataset, Skipped

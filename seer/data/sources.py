@@ -264,10 +264,11 @@ POOL_MAX_WORKERS = 32
 # What starting a pool of index workers is taken to cost, in seconds: shards go to a pool once the time it
 # would save on the shards left (the mean time per shard so far x the shards left x (1 - 1/workers)) is at
 # least this. Measured on the 2-core development machine, 2 workers: 0.2 s when they import only this module
-# (python -m seer, torchrun -m seer, pytest: spawn does not re-import a __main__ module), 4 s when spawn has
-# each re-import the main script and that imports torch (the `seer` console script imports seer.cli). The
-# larger is taken: a pool starts only where it saves time either way (e.g. 8 s of indexing left, 2 workers).
-POOL_START_S = 4.0
+# (python -m seer, torchrun -m seer, pytest: spawn does not re-import a __main__ module), and 0.2 s too when
+# spawn has each re-import the `seer` console script (seer.cli imports no torch since its packages import
+# lazily; 4 s before). Taken at 1 s, for slower machines and file systems: a pool starts where it saves
+# time (e.g. 2 s of indexing left, 2 workers).
+POOL_START_S = 1.0
 
 # Shards submitted per pool worker ahead of the merge (_pooled): enough to keep every worker busy.
 POOL_AHEAD = 4
