@@ -146,3 +146,12 @@ def test_overwrite_replaces_only_its_own_pair(run, capsys):
         assert main(["features", "--checkpoint", str(run / "run"), "--images", str(run / "images"), "--out",
                      str(run / "c.npy"), "--device", "cuda"]) == 2
         assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_features_on_the_gpu_match_the_cpus(run):
+    """--device cuda (float32): the same rows as on the CPU, up to the GPU's matmul rounding (TF32 off)."""
+    cpu, names_cpu = features(run, "--device", "cpu", "--precision", "fp32", out="cpu.npy")
+    gpu, names_gpu = features(run, "--device", "cuda", "--precision", "fp32", out="gpu.npy")
+    assert names_gpu == names_cpu
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-4)
