@@ -22,9 +22,11 @@ import itertools
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import posixpath
 import tarfile
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
@@ -382,6 +384,18 @@ def _worker_start(level: int) -> None:
     log.setLevel(level)
     log.propagate = False
     log.addHandler(_KeepRecords())
+    # A worker waits for shards on a queue whose write end it holds itself, so it never sees the parent go: a
+    # parent killed without its clean-up (SIGTERM during set-up, which torchrun forwards to it alone; the
+    # out-of-memory killer) left its workers waiting forever. They leave when the parent's pipe closes.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), name="seer-index-parent", daemon=True
+                         ).start()
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])  # ready once the parent has ended
+    os._exit(1)
 
 
 def _index_shard_in_worker(shard: str, want_stat: bool) -> tuple[list[logging.LogRecord], object]:

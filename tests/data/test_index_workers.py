@@ -190,3 +190,53 @@ def test_indexing_runs_without_the_cyclic_garbage_collector(tmp_path, monkeypatc
     with pytest.raises(DataSourceError):
         build_index(str(tmp_path / "nowhere"), "folder", tmp_path / "idx3")
     assert gc.isenabled()
+
+
+_DIES_WHILE_INDEXING = """
+import contextlib, os, signal, sys
+from seer.data import sources
+if __name__ == "__main__":
+    shards = sorted(os.path.join(sys.argv[1], n) for n in os.listdir(sys.argv[1]))
+    sources.POOL_START_S = 0.0
+    pool = contextlib.ExitStack()
+    results = sources._shard_results(shards, 2, False, pool)
+    next(results)  # the pool is up and its two workers have taken shards
+    import multiprocessing
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children() if p.name.startswith("SpawnProcess")),
+          flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # SIGTERM without a handler, the out-of-memory killer: no clean-up
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # (a zombie has ended)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_workers_end_when_the_indexing_process_is_killed(tmp_path):
+    """The training process killed while it indexes (torchrun forwards SIGTERM to it, not to its children; the
+    out-of-memory killer): its index workers end too instead of waiting forever for shards."""
+    import subprocess
+    import sys
+    import time
+    src = _shards(tmp_path / "src")
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES_WHILE_INDEXING)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as o, open(err, "w") as e:  # (files, not pipes: workers left behind would hold a pipe open)
+        subprocess.run([sys.executable, str(script), str(src)], stdout=o, stderr=e, timeout=120,
+                       env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    pids = [int(p) for p in out.read_text().split()]
+    assert len(pids) == 2, err.read_text()
+    deadline = time.monotonic() + 60  # a bound on a hang, not a timing: they end within a second
+    while any(map(_running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if _running(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, "index workers outlived the process that started them"
