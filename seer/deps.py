@@ -13,5 +13,10 @@ def require(module: str, feature: str, package: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        parts = module.split(".")
+        if e.name is not None and e.name not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+            # The package is there; something it imports is not (torchvision without pillow, say): name that.
+            raise MissingDependencyError(f"{feature} needs {package}, which is installed but cannot be imported: "
+                                         f"{type(e).__name__}: {e}") from e
         raise MissingDependencyError(f"{feature} needs {package}, which is not installed (pip install {package}, "
                                      f"or the 'train' extra: pip install --no-build-isolation \".[train]\")") from e

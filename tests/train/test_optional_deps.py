@@ -22,3 +22,23 @@ def test_plot_without_matplotlib_is_a_warning_not_silence(tmp_path, monkeypatch,
     assert plot_metrics(records, tmp_path / "plot.png", num_prototypes=32) is None
     assert not (tmp_path / "plot.png").exists()
     assert any("matplotlib is not installed: no plot.png" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_package_is_named_and_a_broken_one_is_not_called_missing(tmp_path, monkeypatch):
+    """require() said '<package>, which is not installed' for any ImportError, also when the package is there
+    and something it imports is missing (torchvision without pillow): the message named the wrong thing."""
+    import pytest
+
+    from seer.deps import MissingDependencyError, require
+    (tmp_path / "seer_fake_extra").mkdir()
+    (tmp_path / "seer_fake_extra" / "__init__.py").write_text("import seer_fake_dependency_of_it\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingDependencyError) as e:
+        require("seer_fake_extra.sub", "the feature", "fake-extra")
+    assert "not installed" not in str(e.value) and "'seer_fake_dependency_of_it'" in str(e.value)
+    assert str(e.value).startswith("the feature needs fake-extra, which is installed but cannot be imported")
+    with pytest.raises(MissingDependencyError, match=r"^the feature needs nothing-here, which is not installed"):
+        require("seer_fake_absent.sub", "the feature", "nothing-here")
+    monkeypatch.setitem(sys.modules, "seer_fake_blocked", None)  # (how the CLI tests hide a package)
+    with pytest.raises(MissingDependencyError, match=r"^the feature needs blocked, which is not installed"):
+        require("seer_fake_blocked", "the feature", "blocked")
