@@ -482,8 +482,9 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = raw
         else:
             key, value = parse_override(text)
-            if isinstance(value, int) and not isinstance(value, bool):  # keep the text: '010' (_coerce)
-                value = _Plain(value, text.partition("=")[2])
+            if value != "":  # read again keeping each number's text, as a YAML file is: '010' is 10 (_coerce),
+                # also in a list ('[010, 1]') or a section ('{seed: 010}'), and after a '# comment'
+                value = yaml.load(text.partition("=")[2], Loader=_ConfigLoader)
         _set(cfg, key, value)
     return cfg
 

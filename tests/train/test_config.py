@@ -163,3 +163,14 @@ def test_numbers_with_a_leading_zero_are_decimal(tmp_path):
     (tmp_path / "run.yaml").write_text("preset: tiny\ntrain: {seed: 010, max_steps: 0_100}\n")
     cfg = C.load_yaml(tmp_path / "run.yaml")
     assert (cfg.train.seed, cfg.train.max_steps) == (10, 100)
+
+
+def test_numbers_with_a_leading_zero_are_decimal_in_a_list_or_section_given_with_set(tmp_path):
+    """--set read '010' as 10 only as the whole value: in a list or a section it was YAML 1.1's octal 8, where
+    the same text in a YAML file gives 10."""
+    sets = ["eval.linear_weight_decays=[010, 1]", "train={seed: 010}", "train.max_steps=010 # steps"]
+    cfg = C.apply_overrides(C.preset("tiny"), sets)
+    assert (cfg.eval.linear_weight_decays, cfg.train.seed, cfg.train.max_steps) == ([10.0, 1.0], 10, 10)
+    (tmp_path / "run.yaml").write_text("preset: tiny\neval: {linear_weight_decays: [010, 1]}\ntrain: {seed: 010}\n")
+    from_file = C.load_yaml(tmp_path / "run.yaml")
+    assert (from_file.eval.linear_weight_decays, from_file.train.seed) == ([10.0, 1.0], 10)
