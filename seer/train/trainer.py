@@ -142,6 +142,7 @@ class Trainer:
             if path is not None:
                 self.load(path)
             return
+        mode = os.path.expanduser(mode)  # '~/runs/x' from a YAML file or a quoted --set, which no shell expanded
         latest = self.ckpt.latest()
         if latest is not None and read_meta(latest).get("origin") == str(Path(mode).resolve()):
             # The same command again after a stop or a preemption (its starting checkpoint may be pruned by now)

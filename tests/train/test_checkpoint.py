@@ -620,3 +620,14 @@ def test_every_rank_names_a_changed_rank_file_of_another_rank(tmp_path):
     torch.save({"rank": 7}, Path(ckpt) / "rank_00001.pt")  # still plain data, not what was written
     errors = run_distributed(_load_with_rank_state, 2, ckpt)
     assert errors[0] == errors[1] and "rank_00001.pt: unreadable per-rank state (ChecksumMismatch" in errors[0]
+
+
+def test_checkpoint_resume_expands_the_home_folder(run, tmp_path, monkeypatch):
+    """'~/...' in checkpoint.resume (a YAML file or a quoted --set, which no shell expanded) was looked up
+    literally, 'no complete checkpoint at ~/...', while checkpoint.dir, data.source and eval.dataset expand it."""
+    out, cfg = run
+    _copy(out, tmp_path / "home" / "earlier")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    t = Trainer(apply_overrides(cfg, ["checkpoint.resume=~/earlier", "train.max_steps=3"]), tmp_path / "new")
+    assert t.step == 2
+    t.release()
