@@ -499,7 +499,8 @@ class Trainer:
                 "eval.linear_weight_decays": list(e.linear_weight_decays), "eval.linear_max_iter": e.linear_max_iter,
                 "eval.test_fraction": e.test_fraction, "eval.split_seed": e.split_seed,
                 "eval.max_images": e.max_images, "data.digits_size": c.data.digits_size,
-                "data.crops.mean": list(c.data.crops.mean), "data.crops.std": list(c.data.crops.std)}
+                "data.crops.mean": list(c.data.crops.mean), "data.crops.std": list(c.data.crops.std),
+                "train.precision": self.precision}  # (the evaluation's autocast: resolved, not 'auto')
 
     # -----------------------------------------------------------------------------------------------------
 

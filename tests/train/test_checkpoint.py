@@ -419,6 +419,9 @@ def test_random_init_scores_of_other_evaluation_settings_are_not_reused(tmp_path
     again = Trainer(apply_overrides(cfg, ["eval.linear=true"]), out).fit()["eval"]
     assert "knn_top1_random_init" in again and "linear_top1_random_init" not in again
     assert "has no linear_top1" in caplog.text
+    # Another autocast is another measurement too
+    again = Trainer(apply_overrides(cfg, ["train.precision=bf16"]), out).fit()["eval"]
+    assert "knn_top1_random_init" not in again and "train.precision: 'fp32' then, 'bf16' now" in caplog.text
     # Files written before the settings were recorded are used as they are
     (out / "eval_random_init.json").write_text(json.dumps({"knn_top1": 49.2}))
     again = Trainer(apply_overrides(cfg, [f"eval.dataset={labelled}"]), out).fit()["eval"]
