@@ -90,3 +90,12 @@ def test_side_table_timing_waits_for_the_gpu(monkeypatch):
         return 7
     assert _synced(fn, "cpu") is fn
     assert _synced(fn, "cuda:0")() == 7 and calls == ["fn", "sync"]
+
+
+def test_attention_host_tool_runs_and_counts_the_launches():
+    """bench/attention_host.py (host time of the eager attention path, launches stubbed) runs on the CPU; its own
+    process, as it replaces the Triton kernels of the module it imports."""
+    out = subprocess.run([sys.executable, "-m", "bench.attention_host", "--calls", "2", "--repeats", "1"],
+                         check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "vit10b-tp4-B32H8N257D128" in out  # the H100 table's row for N 257, D 128
+    assert "op fwd+bwd" in out and "_fwd_kernel + _bwd_delta_kernel + _bwd_dkdv_kernel + _bwd_dq_ds_kernel" in out
