@@ -93,9 +93,10 @@ def test_side_table_timing_waits_for_the_gpu(monkeypatch):
 
 
 def test_attention_host_tool_runs_and_counts_the_launches():
-    """bench/attention_host.py (host time of the eager attention path, launches stubbed) runs on the CPU; its own
-    process, as it replaces the Triton kernels of the module it imports."""
+    """bench/attention_host.py (host time of the eager attention path, launches stubbed) runs on the CPU and
+    counts the launches; in its own process, as it replaces the Triton kernels of the module it imports."""
     out = subprocess.run([sys.executable, "-m", "bench.attention_host", "--calls", "2", "--repeats", "1"],
                          check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
     assert "vit10b-tp4-B32H8N257D128" in out  # the H100 table's row for N 257, D 128
-    assert "op fwd+bwd" in out and "_fwd_kernel + _bwd_delta_kernel + _bwd_dkdv_kernel + _bwd_dq_ds_kernel" in out
+    fwd_bwd = next(line for line in out.splitlines() if "op fwd+bwd" in line)
+    assert "_fwd_kernel + " in fwd_bwd and "_bwd_dkdv_kernel" in fwd_bwd  # (the other launches: the table's scheme)
