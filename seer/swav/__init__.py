@@ -10,7 +10,7 @@ from .._lazy import lazy_exports
 _EXPORTS = {"SwAVHeadConfig": "config", "SwAVLossConfig": "config", "seer_head": "config", "seer_loss": "config",
             "SwAVHead": "head", "swav_loss": "loss", "SwAVModel": "model", "SwAVOutput": "model",
             "build_swav_model": "model", "PrototypeFreezer": "prototypes", "normalize_prototypes": "prototypes",
-            "prototype_weights": "prototypes", "SwAVQueue": "queue"}
+            "prototype_weights": "prototypes", "QueueShapeError": "queue", "SwAVQueue": "queue"}
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -20,4 +20,4 @@ if TYPE_CHECKING:  # what static tools see
     from .loss import swav_loss
     from .model import SwAVModel, SwAVOutput, build_swav_model
     from .prototypes import PrototypeFreezer, normalize_prototypes, prototype_weights
-    from .queue import SwAVQueue
+    from .queue import QueueShapeError, SwAVQueue

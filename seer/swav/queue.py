@@ -13,6 +13,10 @@ import torch
 from torch import Tensor
 
 
+class QueueShapeError(ValueError):
+    """A saved queue whose shape is not this queue's (its length, embedding size or assignment crops changed)."""
+
+
 class SwAVQueue:
     """Per-rank FIFO of assignment-crop embeddings.
 
@@ -89,13 +93,13 @@ class SwAVQueue:
 
     def load_state_dict(self, state: dict) -> None:
         if state["local_length"] != self.local_length or state["dim"] != self.dim:
-            raise ValueError(f"SwAVQueue.load_state_dict: saved queue has {state['local_length']} rows of dim "
+            raise QueueShapeError(f"SwAVQueue.load_state_dict: saved queue has {state['local_length']} rows of dim "
                              f"{state['dim']} per rank, this one {self.local_length} of dim {self.dim} (queue "
                              f"length, batch size, world size or head output_dim changed)")
         saved = state["queue"]
         if saved is not None and saved.shape[0] != len(self.crops_for_assign):
             # Loaded as is, it failed later (a torch.cat size error in push, or swav_loss's queue_scores check).
-            raise ValueError(f"SwAVQueue.load_state_dict: saved queue holds {saved.shape[0]} assignment crops' "
+            raise QueueShapeError(f"SwAVQueue.load_state_dict: saved queue holds {saved.shape[0]} assignment crops' "
                              f"embeddings, this one {len(self.crops_for_assign)} (loss.crops_for_assign changed)")
         self.queue = state["queue"].clone() if state["queue"] is not None else None
         self.filled = int(state["filled"])

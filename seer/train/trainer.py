@@ -31,7 +31,7 @@ from ..data.dataset import DataError
 from ..data.sampler import mix_seed
 from ..data.sources import printable
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
-from ..swav import PrototypeFreezer, SwAVQueue, normalize_prototypes, swav_loss
+from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
 from .checkpoint import (CheckpointManager, list_checkpoints, load_rank_state, load_tensors, read_meta,
@@ -245,10 +245,10 @@ class Trainer:
         if rank_state is not None:
             S.set_rng_state(rank_state["rng"])
             get_rng_tracker().load_state_dict(rank_state["tracker"])
-            if _queue_fits(rank_state["queue"], self.queue):
-                self.queue.load_state_dict(rank_state["queue"])
+            try:
+                self.queue.load_state_dict(rank_state["queue"])  # (it refuses a queue of another shape untouched)
                 self.queue.to(self.device)  # (read onto the CPU)
-            else:
+            except QueueShapeError:
                 # Another loss.queue_length (the collapse warning's remedy), data.batch_size (the length is
                 # rounded to the global batch) or loss.crops_for_assign: the saved queue has another shape.
                 # It refills in queue_length / global batch steps, as after a change of the number of processes.
@@ -663,13 +663,6 @@ def _say_batch_and_rate_changes(saved: dict, cfg: C.RunConfig, meta: dict, dp: i
                     "optim.lr_reference_batch %s -> %s, global batch %d -> %d): the schedule goes on at the new "
                     "rate from step %s", now, then, then_o.lr, cfg.optim.lr, then_o.lr_reference_batch,
                     cfg.optim.lr_reference_batch, then_batch, now_batch, meta["step"])
-
-
-def _queue_fits(state: dict, queue: SwAVQueue) -> bool:
-    """Whether a checkpoint's queue ``state`` has the shape of this run's ``queue``."""
-    saved = state["queue"]
-    return state["local_length"] == queue.local_length and state["dim"] == queue.dim and (
-        saved is None or saved.shape[0] == len(queue.crops_for_assign))
 
 
 # What Trainer.load reads from meta.json (read_meta refuses a file without them: an edited or foreign file)
