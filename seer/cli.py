@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import config as C
+from .host import usable_cpus
 
 log = logging.getLogger("seer")
 
@@ -58,12 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an eval.* key, e.g. --set eval.knn_k=10")
     e.add_argument("--json", help="also write the result to this JSON file")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the backbone runs: auto = the GPU when there is one (default: %(default)s)")
-    e.add_argument("--precision", default="run", choices=["run", "auto", "bf16", "fp16", "fp32"],
-                   help="autocast of the forward passes: run = the run's train.precision, as its evaluations during "
-                        "training used (fp32 for an export that does not record it); auto = bf16 where the device "
-                        "computes it natively, else fp32 (default: %(default)s)")
+    _device_arguments(e)
 
     f = sub.add_parser("features", help="features of your images from a pretrained backbone (FEATS.npy + FEATS.txt)")
     f.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
@@ -80,16 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--image-size", type=int, help="side the images are resized and centre-cropped to, a multiple of "
                                                   "the patch size (default: the run's evaluation size)")
     f.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    f.add_argument("--workers", type=int, default=min(4, _usable_cpus()),
-                   help="decoding processes, 0 = this one (default: 4, at most the CPUs this process may use)")
-    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the backbone runs: auto = the GPU when there is one (default: %(default)s)")
-    f.add_argument("--precision", default="run", choices=["run", "auto", "bf16", "fp16", "fp32"],
-                   help="autocast of the forward passes, as for seer eval: run = the run's train.precision "
-                        "(default: %(default)s)")
-    f.add_argument("--timeout-s", type=float, default=C.DataConfig.timeout_s,
-                   help="stop with an error when the workers deliver no batch for this many seconds (a hung read); "
-                        "0 = no limit (default: %(default)g)")
+    _decoding_arguments(f)
+    _device_arguments(f)
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out (and the .txt written with it)")
 
     x = sub.add_parser("export", help="export the backbone (timm layout, safetensors + JSON of timm arguments)")
@@ -103,8 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dc = dsub.add_parser("check", help="decode every image and report the unreadable ones")
     dc.add_argument("source", help="folder, list file or tar shards")
-    dc.add_argument("--workers", type=int, default=min(4, _usable_cpus()),
-                    help="decoding processes (default: 4, at most the CPUs this process may use)")
+    _decoding_arguments(dc)
     dc.add_argument("--report", help="write the unreadable files (path<TAB>reason) to this file")
     dc.add_argument("--fail-on-bad", action="store_true", help="exit with status 1 if any file is unreadable")
     dc.add_argument("--format", default="auto", choices=["auto", "folder", "list", "tar"],
@@ -112,17 +99,28 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-image-pixels", type=int, default=C.DataConfig.max_image_pixels,
                     help="larger images count as unreadable (decompression bombs), as data.max_image_pixels "
                          "(default: %(default)s)")
-    dc.add_argument("--timeout-s", type=float, default=C.DataConfig.timeout_s,
-                    help="stop with an error when the workers deliver no batch for this many seconds (a hung read), "
-                         "as data.timeout_s; 0 = no limit (default: %(default)g)")
 
     sub.add_parser("bench", help="run the benchmark suites (pytest bench ...)", add_help=False)
     return p
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may run on (a SLURM or cgroup CPU set, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _device_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --precision of the commands that run a trained backbone (:func:`_eval_device_and_precision`)."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the backbone runs: auto = the GPU when there is one (default: %(default)s)")
+    p.add_argument("--precision", default="run", choices=["run", "auto", "bf16", "fp16", "fp32"],
+                   help="autocast of the forward passes: run = the run's train.precision, as its evaluations during "
+                        "training used (fp32 for an export that does not record it); auto = bf16 where the device "
+                        "computes it natively, else fp32 (default: %(default)s)")
+
+
+def _decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """--workers and --timeout-s of the commands that decode images in DataLoader worker processes."""
+    p.add_argument("--workers", type=int, default=min(4, usable_cpus()),
+                   help="decoding processes, 0 = this one (default: 4, at most the CPUs this process may use)")
+    p.add_argument("--timeout-s", type=float, default=C.DataConfig.timeout_s,
+                   help="stop with an error when the workers deliver no batch for this many seconds (a hung read), "
+                        "as data.timeout_s; 0 = no limit (default: %(default)g)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,8 +270,8 @@ def cmd_features(args) -> int:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value < low:
             raise CLIError(f"{flag} must be an integer >= {low}, got {value}")
-    if not 0 <= args.timeout_s < float("inf"):  # (also NaN)
-        raise CLIError(f"--timeout-s must be a finite number >= 0 (seconds; 0 = no timeout), got {args.timeout_s}")
+    from .data.workers import check_timeout
+    check_timeout(args.timeout_s, "--timeout-s")
     ckpt = Path(args.checkpoint)
     cfg, recorded, ckpt_dir = _checkpoint_run_config(ckpt)
     depth, patch = cfg.model.depth, cfg.model.patch_size

@@ -8,7 +8,6 @@ training (``data.timeout_s``).
 from __future__ import annotations
 
 import collections
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .dataset import _reason, decode_checked
 from .sources import ImageSource, open_source, printable
-from .workers import loader_timeout, next_batch
+from .workers import check_timeout, loader_timeout, next_batch
 
 
 @dataclass
@@ -92,8 +91,7 @@ def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixel
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"--max-image-pixels must be an integer >= 1, got {max_pixels!r}")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 <= timeout_s < math.inf:
-        raise ValueError(f"--timeout-s must be a finite number >= 0 (seconds; 0 = no timeout), got {timeout_s!r}")
+    check_timeout(timeout_s, "--timeout-s")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache:  # the index lives as long as the check
         src = open_source(source, fmt, cache)

@@ -14,6 +14,7 @@ then a process left behind. SIGKILL ends them at once; their state is worthless 
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterator
 
@@ -28,6 +29,12 @@ KILL_WAIT_S = 10.0
 
 class DataTimeoutError(DataError):
     """No batch came from the DataLoader workers within the timeout (``data.timeout_s``)."""
+
+
+def check_timeout(timeout_s, name: str) -> None:
+    """ValueError naming ``name`` unless ``timeout_s`` is a finite number of seconds >= 0 (0 = no timeout)."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 <= timeout_s < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0 (seconds; 0 = no timeout), got {timeout_s!r}")
 
 
 def loader_timeout(timeout_s: float, num_workers: int) -> float:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
 from ..data.sources import is_image_name, printable, scan_folder
-from ..data.workers import loader_timeout, next_batch
+from ..data.workers import check_timeout, loader_timeout, next_batch
 from .datasets import preprocess, read_image
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_s
     for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_timeout(timeout_s, "timeout_s")
     device = device or next(backbone.parameters()).device
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

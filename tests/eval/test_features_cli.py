@@ -97,6 +97,9 @@ def test_the_python_function(run):
     assert image_paths(paths[2]) == [paths[2]]  # one image
     with pytest.raises(ValueError, match="layers must be an integer between 1 and the backbone's depth 2"):
         extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, layers=3)
+    for bad in (-1, float("inf"), "5"):
+        with pytest.raises(ValueError, match="timeout_s must be a finite number >= 0"):
+            extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, timeout_s=bad)
 
 
 @pytest.mark.parametrize("extra, fragment", [
