@@ -28,7 +28,6 @@ import posixpath
 import tarfile
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -101,7 +100,8 @@ class TarSource(ImageSource):
     def __init__(self, shards: list[str], shard_id: MappedArray, offset: MappedArray, size: MappedArray,
                  members: StringList):
         self.shards, self.shard_id, self.offset, self.size, self.members = shards, shard_id, offset, size, members
-        self._files: OrderedDict[int, object] = OrderedDict()  # shard id -> open file, least recent first
+        # shard id -> open file, least recent first
+        self._files: collections.OrderedDict[int, object] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self.members)
@@ -129,7 +129,7 @@ class TarSource(ImageSource):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"] = OrderedDict()
+        state["_files"] = collections.OrderedDict()
         return state
 
 
