@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dc = dsub.add_parser("check", help="decode every image and report the unreadable ones")
-    dc.add_argument("source", help="folder, list file or tar shards")
+    dc.add_argument("source", metavar="SOURCE", help="folder, list file or tar shards")
     _decoding_arguments(dc)
     dc.add_argument("--report", help="write the unreadable files (path<TAB>reason) to this file")
     dc.add_argument("--fail-on-bad", action="store_true", help="exit with status 1 if any file is unreadable")
@@ -324,14 +325,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _as_check_arguments(message: str) -> str:
+    """A data source message in ``seer data check``'s words (SOURCE and --format for data.source/data.format)."""
+    return re.sub(r"data\.format=(\w+)", r"--format \1", message).replace("data.source", "SOURCE")
+
+
 def cmd_data(args) -> int:
     if args.data_command != "check":
         raise CLIError("expected an action: check")
     from .data.check import check_dataset
     if args.report:
         _output_file(args.report, "--report")
-    report = check_dataset(args.source, fmt=args.format, workers=args.workers, max_pixels=args.max_image_pixels,
-                           timeout_s=args.timeout_s)
+    from .data.sources import DataSourceError
+    try:
+        report = check_dataset(args.source, fmt=args.format, workers=args.workers,
+                               max_pixels=args.max_image_pixels, timeout_s=args.timeout_s)
+    except DataSourceError as e:  # the source's messages name training's settings: name this command's arguments
+        raise CLIError(_as_check_arguments(str(e))) from None
     print(report.format())
     if args.report:  # a name that is not UTF-8 as its own bytes, as training's skipped_files.txt
         Path(args.report).write_text("".join(f"{n}\t{r}\n" for n, r in report.bad), encoding="utf-8",

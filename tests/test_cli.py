@@ -32,6 +32,8 @@ from tests.images import write_bad_images, write_good_images
     (["data"], "expected an action: check"),
     (["data", "check", "{tmp}", "--report", "{tmp}"], "--report '{tmp}' is a folder"),  # before the check
     (["data", "check", "{tmp}", "--report", "/no/such/dir/r.tsv"], "the folder '/no/such/dir' does not exist"),
+    # data check's source is its positional SOURCE and its --format, not training's data.source/data.format
+    (["data", "check", "/no/such/folder"], "error: SOURCE '/no/such/folder' does not exist"),
     (["eval", "knn", "--checkpoint", "/no/such/run", "--json", "{tmp}"], "--json '{tmp}' is a folder"),
     (["train", "--preset", "tiny", "--out", "{tmp}/file"], "--out '{tmp}/file' is a file"),
     (["train", "--config", "{tmp}", "--out", "x"], "config file '{tmp}' is a folder"),
@@ -211,7 +213,7 @@ def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsy
     with tarfile.open(data / "backup.tar", "w") as tf:
         tf.add(data / "photos" / "img_0000.png", arcname="a.png")
     assert main(["data", "check", str(data), "--workers", "0"]) == 2
-    assert "set data.format=folder" in capsys.readouterr().err
+    assert "set --format folder" in capsys.readouterr().err
     assert main(["data", "check", str(data), "--workers", "0", "--format", "folder"]) == 0
     assert "3 images, 3 readable" in capsys.readouterr().out
     assert main(["data", "check", str(data), "--workers", "0", "--format", "tar"]) == 0
