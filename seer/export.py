@@ -92,6 +92,9 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     parts = (out.with_name(out.name + ".part"), json_path.with_name(json_path.name + ".part"))
     try:
         tensors = {k: v.contiguous() for k, v in state.items()}
+        # Created here first: where files cannot be made after all (root passes the access check under /proc),
+        # the OSError names the path (one line from the CLI) instead of safetensors' error and its traceback.
+        open(parts[0], "wb").close()
         save_file(tensors, str(parts[0]), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
         parts[1].write_text(text)
         for part in parts:

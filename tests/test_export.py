@@ -1,5 +1,6 @@
 """seer.load_pretrained and the timm export: strict load into timm gives the same features."""
 import json
+import os
 
 import pytest
 import torch
@@ -101,6 +102,10 @@ def test_export_checks_out_before_reading_and_keeps_the_runs_config(run, tmp_pat
         assert main(["export", "--checkpoint", str(tmp_path / "no-such-run"), "--format", "timm", "--out",
                      str(out)]) == 2  # refused before the (missing) checkpoint is read
         assert match in capsys.readouterr().err
+    if os.access("/proc", os.W_OK):  # root: the check passes, the write fails: one line naming the path
+        assert main(["export", "--checkpoint", str(run), "--format", "timm", "--out", "/proc/v.safetensors"]) == 2
+        err = capsys.readouterr().err
+        assert "/proc/v.safetensors.part" in err and "Traceback" not in err
     st, js = export_timm(run, tmp_path / "deep" / "er" / "vit.safetensors")
     saved = from_dict(json.loads(js.read_text())["seer_run_config"])
     assert saved.model.qk_norm and saved.train.max_steps == 2  # the run's own config, evaluation settings too
