@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 
 class MissingDependencyError(ImportError):
@@ -18,5 +19,14 @@ def require(module: str, feature: str, package: str):
             # The package is there; something it imports is not (torchvision without pillow, say): name that.
             raise MissingDependencyError(f"{feature} needs {package}, which is installed but cannot be imported: "
                                          f"{type(e).__name__}: {e}") from e
+        if e.name is not None and e.name != parts[0] and importlib.util.find_spec(parts[0]) is not None:
+            # The package is there without the module (torchvision older than transforms.v2): too old.
+            try:
+                version = getattr(importlib.import_module(parts[0]), "__version__", "of unknown version")
+            except Exception:  # (a package that fails as it imports: its version does not matter here)
+                version = "of unknown version"
+            raise MissingDependencyError(f"{feature} needs {package} with the module {e.name}, which the installed "
+                                         f"{package} {version} does not have: upgrade it (pip install -U {package})"
+                                         ) from e
         raise MissingDependencyError(f"{feature} needs {package}, which is not installed (pip install {package}, "
                                      f"or the 'train' extra: pip install --no-build-isolation \".[train]\")") from e

@@ -42,3 +42,19 @@ def test_a_missing_package_is_named_and_a_broken_one_is_not_called_missing(tmp_p
     monkeypatch.setitem(sys.modules, "seer_fake_blocked", None)  # (how the CLI tests hide a package)
     with pytest.raises(MissingDependencyError, match=r"^the feature needs blocked, which is not installed"):
         require("seer_fake_blocked", "the feature", "blocked")
+
+
+def test_a_package_too_old_for_the_module_is_not_called_missing(tmp_path, monkeypatch):
+    """torchvision older than transforms.v2 was reported as not installed."""
+    import pytest
+
+    from seer.deps import MissingDependencyError, require
+    (tmp_path / "seer_fake_old").mkdir()
+    (tmp_path / "seer_fake_old" / "__init__.py").write_text("__version__ = '0.1'\n")
+    (tmp_path / "seer_fake_old" / "transforms").mkdir()
+    (tmp_path / "seer_fake_old" / "transforms" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingDependencyError) as e:
+        require("seer_fake_old.transforms.v2.functional", "the feature", "fake-old")
+    assert str(e.value) == ("the feature needs fake-old with the module seer_fake_old.transforms.v2, which the "
+                            "installed fake-old 0.1 does not have: upgrade it (pip install -U fake-old)")
