@@ -159,6 +159,8 @@ def cmd_train(args) -> int:
 def _print_summary(result: dict, seconds: float) -> None:
     out = Path(result.get("out", "."))
     print(f"done: step {result['step']} in {seconds:.0f} s; outputs in {out}", flush=True)
+    if result.get("eval_interrupted"):
+        print(f"evaluation interrupted: rerun it with seer eval knn --checkpoint {out}", flush=True)
     ev = result.get("eval")
     if ev:
         for key, name in (("knn_top1", "kNN top-1"), ("linear_top1", "linear probe top-1")):
@@ -390,6 +392,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train.trainer import NonFiniteLossError
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:
+        # Ctrl-C that the command does not handle itself (training's second one, a long evaluation): one line and
+        # the shell's status of an interrupted command, not a traceback (SEER_DEBUG=1 shows it).
+        if os.environ.get("SEER_DEBUG"):
+            raise
+        print(f"seer {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as e:
         # Bad input (2), a run that cannot go on (1: also a package the feature needs is missing), a refused or
         # unreadable checkpoint (3): one line naming the cause. Subclasses count as their class (a data timeout

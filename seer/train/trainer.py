@@ -414,7 +414,15 @@ class Trainer:
         cfg = self.cfg
         result: dict = {"step": self.step, "out": str(self.out)}
         if cfg.eval.at_end:
-            res = self.evaluate()
+            try:
+                res = self.evaluate()
+            except KeyboardInterrupt:
+                # Ctrl-C after the last checkpoint: training is complete and saved, only its evaluation is lost
+                # (the stop handler is gone by now, so one Ctrl-C lands here; seer eval reruns it).
+                if self.dist.is_main:
+                    log.warning("Ctrl-C during the final evaluation: training is complete and its checkpoint "
+                                "saved; evaluate it with: seer eval knn --checkpoint %s", self.out)
+                return {**result, "stopped": True, "signal": signal.SIGINT, "eval_interrupted": True}
             if self.dist.is_main:
                 ev = {k: res[k] for k in ("knn_top1", "linear_top1") if k in res}
                 if baseline:

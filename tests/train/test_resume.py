@@ -97,10 +97,32 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path)
     assert _same_weights(straight, out)
     out = tmp_path / "interrupted_twice"
     proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.2, echo_s=0.1), *_args(images, out))
-    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert proc.returncode == 130 and "seer train: interrupted" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
     assert list_checkpoints(out / "checkpoints") == []
     out = tmp_path / "ignoring"
     ignore = "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
     proc = seer_killed(ignore + INT_GROUP_AT_STEP.format(step=1, times=1, gap_s=0.0, echo_s=1.0), *_args(images, out))
     assert proc.returncode == 0 and "stopped by signal" not in proc.stdout, proc.stderr
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003", "step_00000006"]
+
+
+CTRL_C_IN_FINAL_EVAL = """
+import seer.train.trainer as _t
+def _evaluate(self, *a, **k):  # Ctrl-C while the final evaluation runs (the stop handler is restored by then)
+    os.kill(os.getpid(), signal.SIGINT)
+    raise AssertionError("not interrupted")
+_t.Trainer.evaluate = _evaluate
+"""
+
+
+def test_ctrl_c_in_the_final_evaluation_keeps_the_finished_run(images, tmp_path):
+    """It printed a KeyboardInterrupt traceback after the last checkpoint, as if the run had failed."""
+    out = tmp_path / "eval_interrupted"
+    args = [*_args(images, out), "--set", "train.max_steps=3", "--set", "eval.at_end=true"]
+    proc = seer_killed(CTRL_C_IN_FINAL_EVAL, *args)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "Ctrl-C during the final evaluation" in proc.stderr
+    assert "done: step 3" in proc.stdout and f"rerun it with seer eval knn --checkpoint {out}" in proc.stdout
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
+    assert not (out / "eval.json").exists()
