@@ -13,7 +13,8 @@ from .._lazy import lazy_exports
 _EXPORTS = {"ParallelConfig": "config", "ParallelDims": "dims", "validate_parallel_config": "dims",
             "ColumnParallelLinear": "layers", "RowParallelLinear": "layers", "TPLayerNorm": "layers",
             "TPLayerScale": "layers", "parallelize": "apply", "RNGStatesTracker": "random",
-            "get_rng_tracker": "random", "seed_parallel_rng": "random", "full_gradients": "state",
+            "get_rng_tracker": "random", "seed_parallel_rng": "random", "SyncBatchNorm1d": "sync_batch_norm",
+            "convert_sync_batch_norm": "sync_batch_norm", "full_gradients": "state",
             "full_state_dict": "state", "unshard": "state", "apply_tensor_parallel": "tensor_parallel",
             "model_parts": "tensor_parallel", "tensor_parallel_group": "tensor_parallel",
             "tensor_parallel_params": "tensor_parallel", "validate_tensor_parallel": "tensor_parallel"}
@@ -27,5 +28,6 @@ if TYPE_CHECKING:  # what static tools see
     from .layers import ColumnParallelLinear, RowParallelLinear, TPLayerNorm, TPLayerScale
     from .random import RNGStatesTracker, get_rng_tracker, seed_parallel_rng
     from .state import full_gradients, full_state_dict, unshard
+    from .sync_batch_norm import SyncBatchNorm1d, convert_sync_batch_norm
     from .tensor_parallel import (apply_tensor_parallel, model_parts, tensor_parallel_group, tensor_parallel_params,
                                   validate_tensor_parallel)

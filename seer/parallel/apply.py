@@ -7,7 +7,6 @@ block including its recomputation; FSDP2 wraps last so that its hooks surround e
 from __future__ import annotations
 
 import itertools
-import logging
 from typing import Optional
 
 from torch import nn
@@ -17,9 +16,8 @@ from .checkpointing import apply_activation_checkpointing
 from .dims import ParallelConfig, ParallelDims, validate_parallel_config
 from .fsdp import FSDPModule, apply_fsdp
 from .random import RNGStatesTracker, get_rng_tracker
+from .sync_batch_norm import convert_sync_batch_norm
 from .tensor_parallel import apply_tensor_parallel, model_parts, split_module, validate_tensor_parallel
-
-log = logging.getLogger(__name__)
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Optional[ParallelConfig] = None, *,
@@ -117,9 +115,10 @@ def _check_device(model: nn.Module, dims: ParallelDims) -> None:
 
 
 def _sync_batch_norm(head: nn.Module, dims: ParallelDims) -> None:
-    # SwAV synchronises the head's BatchNorm statistics over data-parallel ranks. PyTorch's SyncBatchNorm
-    # only runs on accelerators; on CPU every rank keeps its own statistics (as with SyncBN group size 1).
+    # SwAV synchronises the head's BatchNorm statistics over data-parallel ranks, so that dp ranks compute
+    # what one process computes on the global batch. PyTorch's SyncBatchNorm only runs on accelerators; on CPU
+    # (gloo) our own SyncBatchNorm1d does it with the same parameters, buffers and state_dict keys.
     if dims.device_type == "cpu":
-        log.warning("head BatchNorm statistics are per rank on CPU (SyncBatchNorm needs a GPU)")
+        head.projection = convert_sync_batch_norm(head.projection, dims.dp_group)
         return
     head.projection = nn.SyncBatchNorm.convert_sync_batchnorm(head.projection, process_group=dims.dp_group)
