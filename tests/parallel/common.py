@@ -20,9 +20,9 @@ from seer.swav import PrototypeFreezer, SwAVHead, SwAVHeadConfig, SwAVModel, nor
 FP32_TOL = 2e-5
 
 
-def build_model(seed: int = 0, **vit_kw) -> SwAVModel:
+def build_model(seed: int = 0, batch_norm: bool = False, **vit_kw) -> SwAVModel:
     torch.manual_seed(seed)
-    head = SwAVHeadConfig(hidden_dims=[32], output_dim=16, num_prototypes=30, batch_norm=False)
+    head = SwAVHeadConfig(hidden_dims=[32], output_dim=16, num_prototypes=30, batch_norm=batch_norm)
     model = SwAVModel(VisionTransformer(vit_preset("tiny", **vit_kw)), SwAVHead(64, head))
     normalize_prototypes(model)
     return model
@@ -55,16 +55,17 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def parity_run(cfg: ParallelConfig, *, steps: int = 3, batch: int = 4, freeze: int = 1,
-               vit_kw: Optional[dict] = None) -> dict:
+               vit_kw: Optional[dict] = None, batch_norm: bool = False, lr: float = 0.5) -> dict:
     """Train the single-process reference on the global batch and the parallel copy on this rank's share
-    for ``steps`` LARS steps (prototypes frozen for ``freeze``); return the worst differences."""
+    for ``steps`` LARS steps (prototypes frozen for ``freeze``); return the worst differences (parameters
+    and buffers: a head with ``batch_norm`` compares its running statistics too)."""
     vit_kw = vit_kw or {}
     cfg = dataclasses.replace(cfg, param_dtype="float32")  # parity in float32 (bf16 is the production default)
-    ref = build_model(**vit_kw)
+    ref = build_model(batch_norm=batch_norm, **vit_kw)
     par = copy.deepcopy(ref)
     dims = ParallelDims(cfg, "cpu")
     parallelize(par, dims)
-    opt_ref, opt_par = build_lars(ref, lr=0.5, weight_decay=1e-4), build_lars(par, lr=0.5, weight_decay=1e-4)
+    opt_ref, opt_par = build_lars(ref, lr=lr, weight_decay=1e-4), build_lars(par, lr=lr, weight_decay=1e-4)
     fr_ref, fr_par = PrototypeFreezer(ref, freeze), PrototypeFreezer(par, freeze)
     out = {"loss": [], "features": [], "grads": [], "ref_loss": []}
     for step in range(steps):
