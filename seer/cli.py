@@ -189,6 +189,24 @@ def _eval_device_and_precision(args, cfg: C.RunConfig, recorded: bool):
     return device, resolve_precision(precision, device)
 
 
+def _run_attention(cfg: C.RunConfig, recorded: bool, device, precision: str):
+    """Context in which ``seer eval`` and ``seer features`` run the backbone: the run's
+    ``train.attention_backend`` forced, as during the run's own evaluations, so that both give the same scores
+    (the demo's 'reference' and torch's SDPA round differently in bf16). ``SEER_KERNELS_BACKEND_ATTENTION``, if
+    set, wins; 'auto' where the export does not record the run's config or the backend cannot run here (a
+    Triton run evaluated on the CPU), with a warning."""
+    from .train.build import autocast_dtype
+    from .train.trainer import _check_attention_backend, _forced_attention
+    name = cfg.train.attention_backend if recorded else "auto"
+    if name != "auto":
+        try:
+            _check_attention_backend(cfg, device, autocast_dtype(precision))
+        except ValueError as e:
+            log.warning("%s; evaluating with the automatic choice instead", e)
+            name = "auto"
+    return _forced_attention(name)
+
+
 def _checkpoint_run_config(ckpt: Path, *, random_init: bool = False):
     """(run config, whether it is the run's own, checkpoint folder or None for an export) of ``--checkpoint``:
     a run's or checkpoint's saved config; for an export, the run config its JSON records (defaults where an
@@ -255,7 +273,8 @@ def cmd_eval(args) -> int:
     ev = Evaluator(cfg.eval, image_size=cfg.data.crops.global_size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
                    digits_size=cfg.data.digits_size, device=device, autocast_dtype=autocast_dtype(precision),
                    max_pixels=cfg.data.max_image_pixels)
-    res = ev.evaluate(backbone.to(device), knn=args.protocol == "knn", linear=args.protocol == "linear")
+    with _run_attention(cfg, recorded, device, precision):
+        res = ev.evaluate(backbone.to(device), knn=args.protocol == "knn", linear=args.protocol == "linear")
     res = {"protocol": args.protocol, "checkpoint": str(ckpt), "random_init": args.random_init,
            "dataset": cfg.eval.dataset, "device": device.type, "precision": precision, **res}
     text = json.dumps(res, indent=1)
@@ -292,10 +311,12 @@ def cmd_features(args) -> int:
     device, precision = _eval_device_and_precision(args, cfg, recorded)
     backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
     t0 = time.perf_counter()
-    res = extract_image_features(backbone, paths, image_size=size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
-                                 layers=args.layers, tokens=args.tokens, batch_size=args.batch_size,
-                                 workers=args.workers, device=device, autocast_dtype=autocast_dtype(precision),
-                                 max_pixels=cfg.data.max_image_pixels, timeout_s=args.timeout_s)
+    with _run_attention(cfg, recorded, device, precision):
+        res = extract_image_features(backbone, paths, image_size=size, mean=cfg.data.crops.mean,
+                                     std=cfg.data.crops.std, layers=args.layers, tokens=args.tokens,
+                                     batch_size=args.batch_size, workers=args.workers, device=device,
+                                     autocast_dtype=autocast_dtype(precision), max_pixels=cfg.data.max_image_pixels,
+                                     timeout_s=args.timeout_s)
     if not res.paths:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
     npy, txt = write_outputs(args.out, res, overwrite=args.overwrite)

@@ -225,12 +225,12 @@ def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsy
     assert "--max-image-pixels must be an integer >= 1" in capsys.readouterr().err
 
 
-def _bf16_run_and_its_score(tmp_path, capsys, device):
+def _bf16_run_and_its_score(tmp_path, capsys, device, *overrides):
     """A 1-step bf16 run on ``device`` that evaluates itself at the end: (its folder, its eval.json)."""
     run = tmp_path / "run"
     Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1", "train.precision=bf16",
                                              f"train.device={device}", "eval.at_end=true", "eval.max_images=100",
-                                             "eval.random_init_baseline=false"]), run).fit()
+                                             "eval.random_init_baseline=false", *overrides]), run).fit()
     capsys.readouterr()
     return run, json.loads((run / "eval.json").read_text())
 
@@ -249,6 +249,22 @@ def test_eval_runs_with_the_runs_precision_on_the_chosen_device(tmp_path, capsys
     if not torch.cuda.is_available():
         assert main(["eval", "knn", "--checkpoint", str(run), "--device", "cuda"]) == 2
         assert "--device cuda: no CUDA GPU is available" in capsys.readouterr().err
+
+
+def test_eval_uses_the_runs_attention_backend(tmp_path, capsys, monkeypatch):
+    """seer eval ran attention on the automatic backend (SDPA) whatever the run's train.attention_backend, which
+    the run's own evaluations used: on the demo ('reference', bf16) its kNN and linear scores differed from the
+    run's eval.json (tiny run: 28 / 50 against 26 / 40), at random initialisation too."""
+    monkeypatch.delenv("SEER_KERNELS_BACKEND_ATTENTION", raising=False)
+    run, during = _bf16_run_and_its_score(tmp_path, capsys, "cpu", "train.attention_backend=reference",
+                                          "eval.random_init_baseline=true")
+    for protocol in ("knn", "linear"):
+        for extra, key in (([], f"{protocol}_top1"), (["--random-init"], f"{protocol}_top1_random_init")):
+            assert main(["eval", protocol, "--checkpoint", str(run), "--set", "eval.max_images=100",
+                         "--device", "cpu", *extra]) == 0
+            assert json.loads(capsys.readouterr().out)[f"{protocol}_top1"] == during[key], (protocol, extra)
+    import os
+    assert "SEER_KERNELS_BACKEND_ATTENTION" not in os.environ  # forced while it evaluates, not afterwards
 
 
 @pytest.mark.cuda
