@@ -202,7 +202,8 @@ def _run_attention(cfg: C.RunConfig, recorded: bool, device, precision: str):
         try:
             _check_attention_backend(cfg, device, autocast_dtype(precision))
         except ValueError as e:
-            log.warning("%s; evaluating with the automatic choice instead", e)
+            reason = str(e).split(". Use 'auto'")[0]  # (the trainer's advice to the user does not apply here)
+            log.warning("%s; evaluating with the automatic choice instead", reason)
             name = "auto"
     return _forced_attention(name)
 
