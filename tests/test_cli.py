@@ -287,3 +287,19 @@ def test_the_command_starts_without_importing_torch():
             "assert not heavy, heavy; import seer.parallel.apply; from seer.parallel import parallelize; "
             "assert callable(parallelize) and parallelize is seer.parallel.apply.parallelize")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_eval_falls_back_to_auto_where_the_runs_attention_backend_cannot_run(monkeypatch, caplog):
+    """A Triton run evaluated on the CPU: a warning with the reason, then the automatic choice (not a refusal)."""
+    import torch
+
+    import seer_kernels
+    from seer.cli import _run_attention
+    monkeypatch.delenv("SEER_KERNELS_BACKEND_ATTENTION", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = apply_overrides(preset("tiny"), ["train.attention_backend=triton"])
+    q = torch.randn(1, 2, 5, 16)
+    with caplog.at_level("WARNING", logger="seer"), _run_attention(cfg, True, torch.device("cpu"), "fp32"):
+        seer_kernels.attention(q, q, q)  # (a forced 'triton' would refuse CPU tensors here)
+    assert "train.attention_backend='triton' cannot run this model on cpu" in caplog.text
+    assert "evaluating with the automatic choice instead" in caplog.text and "Use 'auto'" not in caplog.text
