@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 -m seer train --preset seer-vit-10b --set parallel.tp=8 --out runs/big
     seer eval knn --checkpoint runs/demo [--dataset digits|FOLDER] [--random-init]
     seer features --checkpoint runs/demo --images photos/ --out feats.npy [--layers 4 --tokens cls+patch-mean]
+    torchrun --nproc_per_node=8 -m seer features --checkpoint runs/demo --images list.txt --out feats.npy
     seer export --checkpoint runs/demo --format timm --out vit.safetensors
     seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
     seer data check FOLDER
@@ -62,7 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the result to this JSON file")
     _device_arguments(e)
 
-    f = sub.add_parser("features", help="features of your images from a pretrained backbone (FEATS.npy + FEATS.txt)")
+    f = sub.add_parser("features", help="features of your images from a pretrained backbone (FEATS.npy + FEATS.txt)",
+                       description="Features of your images from a pretrained backbone, written to FEATS.npy as "
+                                   "they come (one batch in memory). Under torchrun (e.g. torchrun "
+                                   "--nproc_per_node=8 -m seer features ...) each process, on GPU LOCAL_RANK, takes "
+                                   "a share of the images and writes its rows into the same file (--out on a "
+                                   "filesystem every node mounts); each batch is the one a single process runs, so the rows "
+                                   "are the same.")
     f.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
     f.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
                                                    "paths (one a line) or one image")
@@ -174,17 +181,18 @@ def _print_summary(result: dict, seconds: float) -> None:
         print(f"plot: {result['plot']}", flush=True)
 
 
-def _eval_device_and_precision(args, cfg: C.RunConfig, recorded: bool):
-    """(device, precision) of ``seer eval``: ``--device`` (auto: the GPU when there is one), ``--precision``
-    ('run': the run's train.precision, which its evaluations during training used, so that the two agree; fp32
-    where the export does not record the run's config), 'auto' resolved for the device."""
+def _eval_device_and_precision(args, cfg: C.RunConfig, recorded: bool, local_rank: int = 0):
+    """(device, precision) of ``seer eval``: ``--device`` (auto: the GPU when there is one; GPU ``local_rank``
+    of those visible), ``--precision`` ('run': the run's train.precision, which its evaluations during training
+    used, so that the two agree; fp32 where the export does not record the run's config), 'auto' resolved for
+    the device."""
     import torch
 
     from .train.build import resolve_precision
     from .train.distributed import resolve_device
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
-    device = resolve_device(args.device)  # (GPU 0 of those visible: CUDA_VISIBLE_DEVICES picks another)
+    device = resolve_device(args.device, local_rank)  # (CUDA_VISIBLE_DEVICES picks others)
     precision = args.precision if args.precision != "run" else (cfg.train.precision if recorded else "fp32")
     return device, resolve_precision(precision, device)
 
@@ -286,8 +294,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from .eval.extract import extract_image_features, image_paths
-    from .eval.feature_files import check_outputs, write_outputs
+    from .eval.extract import image_paths
+    from .eval.feature_files import check_outputs
+    from .eval.save_features import NoReadableImagesError, save_image_features
     from .train.build import autocast_dtype
     check_outputs(args.out, overwrite=args.overwrite)  # before the work, not after it
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
@@ -309,23 +318,31 @@ def cmd_features(args) -> int:
         raise CLIError(f"--images: {e}") from None
     if not paths:
         raise CLIError(f"--images {args.images!r} holds no images")
-    device, precision = _eval_device_and_precision(args, cfg, recorded)
+    # Under torchrun: one process per GPU (LOCAL_RANK's), each with a share of the images (save_features).
+    device, precision = _eval_device_and_precision(args, cfg, recorded, int(os.environ.get("LOCAL_RANK", "0")))
+    main_rank = True
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .train.distributed import init_distributed
+        main_rank = init_distributed(device.type).is_main
     backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
     t0 = time.perf_counter()
-    with _run_attention(cfg, recorded, device, precision):
-        res = extract_image_features(backbone, paths, image_size=size, mean=cfg.data.crops.mean,
-                                     std=cfg.data.crops.std, layers=args.layers, tokens=args.tokens,
-                                     batch_size=args.batch_size, workers=args.workers, device=device,
-                                     autocast_dtype=autocast_dtype(precision), max_pixels=cfg.data.max_image_pixels,
-                                     timeout_s=args.timeout_s)
-    if not res.paths:
-        raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
-    npy, txt = write_outputs(args.out, res, overwrite=args.overwrite)
-    n, width = res.features.shape
-    listed = " (listed above)" if res.skipped else ""
-    print(f"features: {n} images x {width} ({args.tokens}, last {args.layers} block(s), {size} px, {device.type}, "
-          f"{precision}), {len(res.skipped)} unreadable skipped{listed}, in {time.perf_counter() - t0:.1f} s; "
-          f"wrote {npy} and {txt}")
+    try:
+        with _run_attention(cfg, recorded, device, precision):
+            res = save_image_features(backbone, paths, args.out, image_size=size, mean=cfg.data.crops.mean,
+                                      std=cfg.data.crops.std, layers=args.layers, tokens=args.tokens,
+                                      batch_size=args.batch_size, overwrite=args.overwrite, workers=args.workers,
+                                      device=device, autocast_dtype=autocast_dtype(precision),
+                                      max_pixels=cfg.data.max_image_pixels, timeout_s=args.timeout_s)
+    except NoReadableImagesError:
+        raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)") \
+            from None
+    if main_rank:
+        listed = " (listed above)" if res.skipped else ""
+        print(f"features: {res.rows} images x {res.width} ({args.tokens}, last {args.layers} block(s), {size} px, "
+              f"{device.type}, {precision}), {len(res.skipped)} unreadable skipped{listed}, in "
+              f"{time.perf_counter() - t0:.1f} s; wrote {res.npy} and {res.txt}", flush=True)
+    from .train.distributed import shutdown_distributed
+    shutdown_distributed()
     return 0
 
 
@@ -409,7 +426,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .data.dataset import DataError
     from .deps import MissingDependencyError
+    from .eval.save_features import OtherRankError
     from .train.checkpoint import CorruptCheckpointError
+    from .train.distributed import MainRankError
     from .train.safe_load import UnsafeCheckpointError
     from .train.trainer import NonFiniteLossError
     try:
@@ -424,9 +443,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         # Bad input (2), a run that cannot go on (1: also a package the feature needs is missing), a refused or
         # unreadable checkpoint (3): one line naming the cause. Subclasses count as their class (a data timeout
-        # is a DataError).
+        # is a DataError). Another process of a torchrun launch that failed (1): it printed its own error.
         status = next((code for cls, code in ((UnsafeCheckpointError, 3), (CorruptCheckpointError, 3),
-                                              (NonFiniteLossError, 1), (DataError, 1), (MissingDependencyError, 1))
+                                              (NonFiniteLossError, 1), (DataError, 1), (MissingDependencyError, 1),
+                                              (OtherRankError, 1), (MainRankError, 1))
                        if isinstance(e, cls)), None)
         # The OSErrors of a path the user gave (missing, a folder, no permission) are bad input; others (a full
         # disk, an I/O error) are not, and keep their traceback.

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -105,13 +105,14 @@ def _collate(items):  # in the worker: the batch crosses to the main process as 
     return [i for i, _ in good], torch.stack([x for _, x in good]) if good else None, bad
 
 
-@torch.no_grad()
 def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_size: int, mean, std,
                            layers: int = 1, tokens: str = "cls", batch_size: int = 64, workers: int = 0,
                            device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
                            max_pixels: int = DataConfig.max_image_pixels,
                            timeout_s: float = DataConfig.timeout_s) -> ImageFeatures:
-    """Features (module doc) of the images at ``paths``, in that order, unreadable ones skipped.
+    """Features (module doc) of the images at ``paths``, in that order, unreadable ones skipped, held in
+    memory (M x F floats: :func:`seer.eval.save_features.save_image_features` writes a large set to a file
+    as it goes instead).
 
     Args:
         backbone: a :class:`seer.model.VisionTransformer` (``seer.load_pretrained``), already on ``device``
@@ -128,39 +129,72 @@ def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_s
             (a hung read); 0 = no limit.
     """
     check_feature_args(backbone, layers, tokens)
+    # Rows filled in place: a list of batches concatenated at the end would hold every feature twice.
+    out = torch.empty(len(paths), feature_dim(backbone, layers, tokens))
+    kept: list[int] = []
+
+    def keep(idx: list[int], rows: Tensor) -> None:
+        out[len(kept):len(kept) + len(idx)] = rows
+        kept.extend(idx)
+
+    skipped = stream_image_features(backbone, paths, keep, image_size=image_size, mean=mean, std=std, layers=layers,
+                                    tokens=tokens, batch_size=batch_size, workers=workers, device=device,
+                                    autocast_dtype=autocast_dtype, max_pixels=max_pixels, timeout_s=timeout_s)
+    return ImageFeatures(out[:len(kept)], [paths[i] for i in kept], [(paths[i], why) for i, why in skipped])
+
+
+@torch.no_grad()
+def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Callable[[list[int], Tensor], None], *,
+                          image_size: int, mean, std, part: Optional[range] = None, layers: int = 1,
+                          tokens: str = "cls", batch_size: int = 64, workers: int = 0,
+                          device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
+                          max_pixels: int = DataConfig.max_image_pixels,
+                          timeout_s: float = DataConfig.timeout_s) -> list[tuple[int, str]]:
+    """The features of ``paths[i]`` for i in ``part`` (default: all), handed batch by batch to
+    ``write(indices, rows)`` (the path indices of the readable images of the batch, increasing, and their
+    float32 (len(indices), F) CPU rows) instead of kept; returns (index, reason) of each unreadable image.
+
+    Batches are ``part.start + k * batch_size`` onwards: a part that starts at a multiple of ``batch_size``
+    (:func:`seer.eval.save_features.batch_share`) runs the same batches as the whole list does, so that its
+    rows are the same bytes (a batch's size can change the kernels a device picks). The other arguments are
+    :func:`extract_image_features`'.
+    """
+    check_feature_args(backbone, layers, tokens)
     for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     check_timeout(timeout_s, "timeout_s")
+    part = range(len(paths)) if part is None else part
+    if not isinstance(part, range) or part.step != 1 or not 0 <= part.start <= part.stop <= len(paths):
+        raise ValueError(f"part must be a range of path indices (step 1) within 0..{len(paths)}, got {part!r}")
     device = device or next(backbone.parameters()).device
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    loader = DataLoader(_Images(paths, image_size, mean_t, std_t, max_pixels), batch_size=batch_size,
-                        num_workers=workers, collate_fn=_collate, timeout=loader_timeout(timeout_s, workers))
-    # Rows filled in place: a list of batches concatenated at the end would hold every feature twice.
-    out = torch.empty(len(paths), feature_dim(backbone, layers, tokens))
-    kept, skipped = [], []
+    images = _Images(paths, image_size, mean_t, std_t, max_pixels)
+    batches = [list(range(i, min(i + batch_size, part.stop))) for i in range(part.start, part.stop, batch_size)]
+    loader = DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                        timeout=loader_timeout(timeout_s, workers))
+    skipped = []
     was_training = backbone.training
     backbone.eval()
     t0 = report = time.perf_counter()
     try:
         it = iter(loader)
-        for b in range(len(loader)):
-            where = f"images {b * batch_size + 1}-{min((b + 1) * batch_size, len(paths))} of {len(paths)}"
+        for b, batch in enumerate(batches):
+            where = f"images {batch[0] + 1}-{batch[-1] + 1} of {len(paths)}"
             idx, x, bad = next_batch(it, timeout_s, setting="timeout_s (--timeout-s)", where=where)
             for i, reason in bad:
-                skipped.append((paths[i], reason))
+                skipped.append((i, reason))
                 log.warning("skipping unreadable image %s (%s)", printable(paths[i]), reason)
             if x is not None:
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                     enabled=autocast_dtype is not None):
-                    out[len(kept):len(kept) + len(idx)] = token_features(backbone, x.to(device), layers=layers,
-                                                                         tokens=tokens).cpu()
-                kept += idx
+                    rows = token_features(backbone, x.to(device), layers=layers, tokens=tokens).cpu()
+                write(idx, rows)
             if time.perf_counter() - report >= PROGRESS_EVERY_S:
                 report = time.perf_counter()
-                log.info("features: %d of %d images in %.0f s", min((b + 1) * batch_size, len(paths)), len(paths),
+                log.info("features: %d of %d images in %.0f s", batch[-1] + 1 - part.start, len(part),
                          report - t0)
     finally:
         backbone.train(was_training)
-    return ImageFeatures(out[:len(kept)], [paths[i] for i in kept], skipped)
+    return skipped

@@ -92,8 +92,13 @@ class MainRankError(RuntimeError):
     """Rank 0 could not set the run up; raised on the other ranks with its message."""
 
 
+SHARED_FOLDERS_WHY = ("Rank 0 writes the data index and commits each checkpoint from every rank's shards in these "
+                      "folders, so every process must reach the same ones: put --out (and checkpoint.dir) on a "
+                      "filesystem that every node mounts")
+
+
 def check_shared_folders(folders: dict[str, Path], *, wait_s: float = 10.0,
-                         main_setup: Optional[Callable[[], None]] = None) -> None:
+                         main_setup: Optional[Callable[[], None]] = None, why: str = SHARED_FOLDERS_WHY) -> None:
     """Refuse, on every process, a run whose output folders some process does not share.
 
     Rank 0 indexes the data into OUT/data, and commits every checkpoint by renaming the folder into which all
@@ -104,7 +109,8 @@ def check_shared_folders(folders: dict[str, Path], *, wait_s: float = 10.0,
     ``folders``: what the error calls each folder (e.g. 'OUT', 'checkpoint.dir') -> its path.
     ``main_setup``: what rank 0 does first (create the folders, lock them; also without a process group):
     if it raises, so does every rank (MainRankError with its message), instead of waiting in a collective
-    for a rank 0 that left. A collective: every process calls it.
+    for a rank 0 that left. ``why``: the error's second half, why the folders must be shared and what to do
+    (default: training's). A collective: every process calls it.
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     main = not distributed or dist.get_rank() == 0
@@ -143,6 +149,4 @@ def check_shared_folders(folders: dict[str, Path], *, wait_s: float = 10.0,
                           for rank, host, what in blind[:8])
         more = f" (and {len(blind) - 8} more ranks)" if len(blind) > 8 else ""
         raise RuntimeError(
-            f"the run's folders are not shared by every process: {lines}{more}. Rank 0 writes the data index and "
-            "commits each checkpoint from every rank's shards in these folders, so every process must reach the "
-            "same ones: put --out (and checkpoint.dir) on a filesystem that every node mounts")
+            f"the run's folders are not shared by every process: {lines}{more}. {why}")

@@ -1,0 +1,197 @@
+"""Features of a large image set written to FEATS.npy / FEATS.txt as they come, by one process or several.
+
+Memory: one batch of features at a time, whatever the number of images. Each batch's rows go to
+FEATS.npy.part as they arrive (:mod:`seer.eval.feature_files`: row i of image i, the rows of unreadable
+images removed in place at the end), then both files are renamed into place; the bytes are those of
+:func:`~seer.eval.feature_files.write_outputs` after :func:`~seer.eval.extract.extract_image_features`.
+
+Several processes (torchrun; any launch with a process group of world size > 1, every process calling
+:func:`save_image_features` with the same arguments): rank r takes :func:`batch_share`, a contiguous run of
+whole batches of the full list, so each forward pass sees the batch a single process would give it and the
+file is the same bytes as a single process's (on CPUs; on GPUs of one kind as far as their kernels are
+deterministic). Rank 0 creates the ``.part`` file (a shared filesystem is checked for,
+:func:`seer.train.distributed.check_shared_folders`), every rank writes its own rows into it, then every
+rank hands its outcome (its unreadable images, or its error) to all others, and rank 0 removes the
+unreadable rows and renames the files (the others have returned by then: a failure there, a full disk, is
+rank 0's alone to report).
+
+Errors: a rank that fails creates FEATS.npy.part.failed, hands its error on instead of its rows and raises
+it; the others look for that file after each batch, stop, and raise :class:`OtherRankError` naming it; rank 0
+removes the ``.part`` files: nothing is left half-written. A rank that dies (killed, out of memory) hands
+nothing on, but closes its connections, which ends the others' wait for the outcomes at once (gloo's
+"Connection closed by peer"); that wait (for the slowest rank) otherwise has a limit of
+:data:`STATUS_WAIT_S`, 7 days, far beyond any imbalance of equal shares.
+
+Not done: resuming after a crash. A crash, a kill or SIGTERM (torchrun stopping the others after a process
+died) leaves FEATS.npy.part, which the next run replaces (rank 0 removes it on any error it sees);
+resuming would need a record, written after each batch's rows are synced, of which batches are done and
+their unreadable images, and a fingerprint of everything that makes the rows (the paths, the checkpoint's
+weights, layers, tokens, image size, precision, device kind, batch size) checked before reusing the file;
+the layout (row i of path i, whole batches per rank) already allows it.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+from torch import nn
+
+from .extract import check_feature_args, feature_dim, stream_image_features
+from .feature_files import RowWriter, check_outputs, commit_outputs, create_rows_file, drop_rows, part_paths
+
+# How long a rank that is done waits for the others' outcome (module doc).
+STATUS_WAIT_S = 7 * 24 * 3600
+
+
+class OtherRankError(RuntimeError):
+    """Another process of the launch failed; raised on the others with its rank and message."""
+
+
+class NoReadableImagesError(ValueError):
+    """None of the images could be read: nothing is written."""
+
+
+@dataclass
+class SavedFeatures:
+    """What :func:`save_image_features` wrote: ``rows`` x ``width`` float32 in ``npy``, their paths in ``txt``,
+    and (path, reason) of each unreadable image in path order (every rank gets all of them)."""
+    npy: Path
+    txt: Path
+    rows: int
+    width: int
+    skipped: list[tuple[str, str]]
+
+
+def batch_share(n: int, batch_size: int, rank: int, world: int) -> range:
+    """The path indices of rank ``rank`` of ``world``: batches ``[r * B // world, (r + 1) * B // world)`` of
+    the B = ceil(n / batch_size) batches of the full list (contiguous, whole batches, as even as whole batches
+    allow; empty for a rank beyond the number of batches)."""
+    batches = -(-n // batch_size)
+    first, last = rank * batches // world, (rank + 1) * batches // world
+    return range(min(first * batch_size, n), min(last * batch_size, n))
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os.PathLike, *, image_size: int,
+                        mean, std, layers: int = 1, tokens: str = "cls", batch_size: int = 64,
+                        overwrite: bool = False, **options) -> SavedFeatures:
+    """Write the features of ``paths`` (:func:`seer.eval.extract.extract_image_features`' rows, same
+    arguments; ``options``: its ``workers``, ``device``, ``autocast_dtype``, ``max_pixels``, ``timeout_s``) to
+    ``out`` (FEATS.npy) and FEATS.txt (module doc; :func:`seer.eval.feature_files.check_outputs` for
+    ``overwrite``). A collective when a process group of several processes is set up: every rank calls it.
+
+    Raises :class:`NoReadableImagesError` (nothing written) when no image is readable.
+    """
+    check_feature_args(backbone, layers, tokens)
+    if not paths:
+        raise ValueError("paths is empty: expected at least one image path")
+    rank, world = _rank_world()
+    npy = check_outputs(out, overwrite=overwrite)
+    parts = part_paths(npy)
+    width = feature_dim(backbone, layers, tokens)
+    failed = _failed_flag(npy)
+
+    def setup() -> None:  # rank 0, before any rank writes
+        check_outputs(out, overwrite=overwrite)
+        failed.unlink(missing_ok=True)  # (left by a run that was killed)
+        create_rows_file(parts[0], len(paths), width)
+
+    group = None
+    try:
+        if world > 1:
+            # Its own gloo group: the outcome exchange waits for the slowest rank, longer than the default timeout.
+            group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=STATUS_WAIT_S))
+            from ..train.distributed import check_shared_folders
+            check_shared_folders({"--out's folder": npy.parent}, main_setup=setup if rank == 0 else None,
+                                 why="Every process writes its rows into --out's .part file, which rank 0 then "
+                                     "renames: put --out on a filesystem that every node mounts")
+        else:
+            setup()
+        share = batch_share(len(paths), batch_size, rank, world)
+        skipped = _write_share(backbone, paths, parts[0], share, group, failed, image_size=image_size, mean=mean,
+                               std=std, layers=layers, tokens=tokens, batch_size=batch_size, **options)
+        left = len(paths) - len(skipped)
+        if left == 0:
+            raise NoReadableImagesError(f"none of the {len(paths)} images is readable")
+        if rank == 0:
+            drop_rows(parts[0], [i for i, _ in skipped])
+            dropped = {i for i, _ in skipped}
+            commit_outputs(npy, [p for i, p in enumerate(paths) if i not in dropped], overwrite=overwrite)
+    finally:
+        if rank == 0:
+            for part in (*parts, failed):
+                part.unlink(missing_ok=True)
+        if group is not None:
+            dist.destroy_process_group(group)
+    return SavedFeatures(npy, npy.with_suffix(".txt"), left, width, [(paths[i], why) for i, why in skipped])
+
+
+def _failed_flag(npy: Path) -> Path:
+    """FEATS.npy.part.failed: created by a rank that failed, so that the others stop (module doc)."""
+    return npy.with_name(npy.name + ".part.failed")
+
+
+class _Stopped(Exception):
+    """This rank stopped because another one failed."""
+
+
+def _write_share(backbone, paths, part_file: Path, share: range, group, failed: Path,
+                 **kwargs) -> list[tuple[int, str]]:
+    """This rank's rows into ``part_file``; then every rank's outcome exchanged (module doc; ``failed``: the
+    flag file). Returns (index, reason) of every rank's unreadable images, in path order."""
+    writer = RowWriter(part_file)
+    error: Optional[BaseException] = None
+
+    def write(indices, rows) -> None:
+        writer(indices, rows)
+        if group is not None and failed.exists():  # (a stat per batch: cheap beside a forward pass)
+            raise _Stopped()
+
+    try:
+        skipped = stream_image_features(backbone, paths, write, part=share, **kwargs)
+        writer.close()  # (fsync: this rank's rows are on disk before rank 0 is told they are there)
+    except BaseException as e:  # (also Ctrl-C: the others must hear of it, not wait for this rank)
+        if group is None:
+            raise
+        error, skipped = e, []
+        if not isinstance(e, _Stopped):
+            with contextlib.suppress(OSError):  # (the outcome exchange still tells the others)
+                failed.write_text(f"rank {dist.get_rank()}: {type(e).__name__}: {e}\n")
+    finally:
+        if writer.fd >= 0:
+            os.close(writer.fd)
+    if group is None:
+        return skipped
+    if error is None:
+        outcome = ("ok", skipped)
+    elif isinstance(error, _Stopped):
+        outcome = ("stopped", "")
+    else:
+        outcome = ("error", f"{type(error).__name__}: {error}")
+    outcomes: list = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(outcomes, outcome, group=group)
+    except Exception as e:
+        if error is not None and not isinstance(error, _Stopped):
+            raise error from e
+        raise OtherRankError(f"waiting for the other processes' features failed ({type(e).__name__}: {e}); a "
+                             f"process of the launch probably died: see its output") from e
+    if error is not None and not isinstance(error, _Stopped):
+        raise error
+    errors = [(r, what) for r, (kind, what) in enumerate(outcomes) if kind == "error"]
+    if errors:
+        r, what = errors[0]
+        raise OtherRankError(f"rank {r} of {len(outcomes)} failed ({what}); nothing was written")
+    if error is not None:  # (not seen: the flag is removed before any rank starts)
+        raise OtherRankError(f"stopped by {failed}, but no rank reports an error; nothing was written")
+    return sorted(item for kind, items in outcomes for item in items)
