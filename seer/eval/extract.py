@@ -171,7 +171,8 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     images = _Images(paths, image_size, mean_t, std_t, max_pixels)
-    batches = [list(range(i, min(i + batch_size, part.stop))) for i in range(part.start, part.stop, batch_size)]
+    # (ranges, not lists: 10^6 paths would be 10^6 ints held for the whole run)
+    batches = [range(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)]
     loader = DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         timeout=loader_timeout(timeout_s, workers))
     skipped = []
@@ -180,7 +181,7 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     t0 = report = time.perf_counter()
     try:
         it = iter(loader)
-        for b, batch in enumerate(batches):
+        for batch in batches:
             where = f"images {batch[0] + 1}-{batch[-1] + 1} of {len(paths)}"
             idx, x, bad = next_batch(it, timeout_s, setting="timeout_s (--timeout-s)", where=where)
             for i, reason in bad:

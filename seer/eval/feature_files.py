@@ -180,15 +180,21 @@ def drop_rows(path: Path, dropped: list[int], *, chunk_bytes: int = 64 << 20) ->
     the bytes of np.save of the remaining rows); fsync. Returns the number of rows left."""
     with open(path, "r+b") as f:
         (rows, width), offset = _read_header(f)
-        if any(b <= a for a, b in zip(dropped, dropped[1:])) or (dropped and not 0 <= dropped[0] <= dropped[-1] < rows):
+        if any(b <= a for a, b in zip(dropped, dropped[1:])) or (dropped and not 0 <= dropped[0] < rows) \
+                or (dropped and dropped[-1] >= rows):
             raise ValueError(f"dropped must be increasing row indices within 0..{rows - 1}")
+        left = rows - len(dropped)
+        header = _header((left, width))
+        if len(header) != offset:  # (np.save's padding for growth: module doc)
+            raise RuntimeError(f"{path}: the .npy header for {left} rows is {len(header)} bytes, not {offset}: "
+                               f"this numpy pads headers differently, the rows cannot be removed in place")
         row_bytes = 4 * width
+        step = max(1, chunk_bytes // row_bytes)
         keep_from = [i + 1 for i in dropped]  # the kept runs: [prev dropped + 1, next dropped)
         keep_to = dropped[1:] + [rows]
         dst = dropped[0] if dropped else rows
         for start, stop in zip(keep_from, keep_to):
             # Runs move front to back, each chunk read before it is written: a destination lies before its source.
-            step = max(1, chunk_bytes // row_bytes)
             for i in range(start, stop, step):
                 n = min(step, stop - i)
                 f.seek(offset + i * row_bytes)
@@ -196,11 +202,6 @@ def drop_rows(path: Path, dropped: list[int], *, chunk_bytes: int = 64 << 20) ->
                 f.seek(offset + dst * row_bytes)
                 f.write(data)
                 dst += n
-        left = rows - len(dropped)
-        header = _header((left, width))
-        if len(header) != offset:  # (np.save's padding for growth: module doc)
-            raise RuntimeError(f"{path}: the .npy header for {left} rows is {len(header)} bytes, not {offset}: "
-                               f"this numpy pads headers differently, the rows cannot be removed in place")
         f.seek(0)
         f.write(header)
         f.truncate(offset + left * row_bytes)

@@ -95,7 +95,7 @@ def test_streamed_file_is_the_in_memory_files_bytes(run, tmp_path, capsys):
     paths = (run / "list.txt").read_text().splitlines()
     res = extract_image_features(seer.load_pretrained(run / "run"), paths, image_size=32, batch_size=3,
                                  mean=preset("tiny").data.crops.mean, std=preset("tiny").data.crops.std)
-    write_outputs(tmp_path / "m.npy", res)
+    assert write_outputs(tmp_path / "m.npy", res) == (tmp_path / "m.npy", tmp_path / "m.txt")
     assert (tmp_path / "s.npy").read_bytes() == (tmp_path / "m.npy").read_bytes()
     assert (tmp_path / "s.txt").read_bytes() == (tmp_path / "m.txt").read_bytes()
     assert leftovers(tmp_path) == ["m.npy", "m.txt", "s.npy", "s.txt"]
