@@ -278,10 +278,13 @@ DISPATCH.register(Backend(
 
 
 def _info(q: Tensor, k: Tensor, *, grad: bool, deterministic: bool, in_op: bool) -> dict:
-    # 'where' and 'dt' repeat select()'s device and dtype for the per-backend checks.
-    return dict(where=q.device, dt=q.dtype, head_dim=int(q.shape[3]), n_q=int(q.shape[2]), n_kv=int(k.shape[2]),
-                batch=int(q.shape[0]), heads=int(q.shape[1]), grad=grad, deterministic=deterministic,
-                in_op=in_op)
+    # 'where' and 'dt' repeat select()'s device and dtype for the per-backend checks. The sizes are passed as
+    # they are, never through int(): under torch.export or torch.compile(dynamic=True) a dynamic dim is a
+    # SymInt, and int() on it pins the traced graph to this call's value (an export with a dynamic batch
+    # failed, "specialized it to be a constant (2)", even on the SDPA path, which never looks at the batch).
+    # A check that does compare a symbolic size adds a guard on that size alone, where it matters.
+    return dict(where=q.device, dt=q.dtype, head_dim=q.shape[3], n_q=q.shape[2], n_kv=k.shape[2],
+                batch=q.shape[0], heads=q.shape[1], grad=grad, deterministic=deterministic, in_op=in_op)
 
 
 def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend:

@@ -983,6 +983,27 @@ def test_eager_path_only_for_plain_eager_calls(monkeypatch):
             (task + g.pow(2).sum()).backward()
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])  # SDPA in the graph; the custom op in the graph
+def test_torch_export_keeps_a_dynamic_batch_dynamic(backend):
+    """The dispatcher read the sizes with int(), which pins a symbolic dim to the traced value: torch.export
+    with a dynamic batch failed ("specialized it to be a constant (2)"), and the ONNX export of the ViT
+    (seer export --format onnx) then refused every batch but the traced one."""
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return seer_kernels.attention(q, k, v)
+
+    q, k, v = make_qkv(2, 3, 9, 9, 16, F32, "cpu")
+    batch = torch.export.Dim("batch")
+    with use_backend(backend, op="attention"):
+        program = torch.export.export(Attend(), (q, k, v), dynamic_shapes=({0: batch},) * 3, strict=False)
+    for n in (1, 3):
+        q, k, v = make_qkv(n, 3, 9, 9, 16, F32, "cpu")
+        with use_backend(backend, op="attention"):
+            got = program.module()(q, k, v)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend,dtype", [("reference", F32), ("reference", F64), ("sdpa", F64)]
                          + ([("triton", F32)] if TRITON_DEV == "cpu" else []))
 def test_torch_func_grad_vjp_and_vmap_of_grad(backend, dtype):
