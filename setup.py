@@ -155,6 +155,8 @@ setup(
         # torchvision: evaluation on image folders (seer/eval/datasets.py)
         "train": ["tensorboard", "matplotlib", "tqdm", "nvtx", "scikit-learn", "torchvision"],
         "timm": ["timm>=1.0"],
+        # seer export --format onnx: torch.onnx's exporter (onnx, onnxscript) and the check in onnxruntime
+        "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.17"],
         "test": ["pytest", "pytest-benchmark", "scikit-image", "scikit-learn", "torchvision"],
     },
     entry_points={"console_scripts": ["seer=seer.cli:main"]},

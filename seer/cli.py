@@ -7,6 +7,7 @@
     seer features --checkpoint runs/demo --images photos/ --out feats.npy [--layers 4 --tokens cls+patch-mean]
     torchrun --nproc_per_node=8 -m seer features --checkpoint runs/demo --images list.txt --out feats.npy
     seer export --checkpoint runs/demo --format timm --out vit.safetensors
+    seer export --checkpoint runs/demo --format onnx --out vit.onnx
     seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
     seer data check FOLDER
     seer bench [PYTEST ARGS]
@@ -88,10 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     _device_arguments(f)
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out (and the .txt written with it)")
 
-    x = sub.add_parser("export", help="export the backbone (timm layout, safetensors + JSON of timm arguments)")
+    x = sub.add_parser("export", help="export the backbone: timm layout (safetensors + JSON of timm arguments) or "
+                                      "ONNX (float32, dynamic batch, checked in onnxruntime)")
     x.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    x.add_argument("--format", required=True, choices=["timm"])
-    x.add_argument("--out", required=True, help="FILE.safetensors (FILE.json is written next to it)")
+    x.add_argument("--format", required=True, choices=["timm", "onnx"])
+    x.add_argument("--out", required=True, help="FILE.safetensors for timm, FILE.onnx for onnx (FILE.json is "
+                                                "written next to it)")
 
     sub.add_parser("plan", help="memory/FLOPs/communication planner (seer plan --help)", add_help=False)
 
@@ -360,8 +363,16 @@ def _output_file(path: str, flag: str) -> None:
 
 
 def cmd_export(args) -> int:
+    # (both check --out before they read the checkpoint)
+    if args.format == "onnx":
+        from .export_onnx import VERIFY_BATCHES, export_onnx
+        done = export_onnx(args.checkpoint, args.out)
+        print(f"wrote {done.onnx} and {done.json}; onnxruntime matches torch on random images (batch "
+              f"{' and '.join(map(str, VERIFY_BATCHES))}): max |diff| {done.max_abs_diff:.2g}, tolerance "
+              f"{done.tolerance:.2g}")
+        return 0
     from .export import export_timm
-    st, js = export_timm(args.checkpoint, args.out)  # (it checks --out before it reads the checkpoint)
+    st, js = export_timm(args.checkpoint, args.out)
     print(f"wrote {st} and {js}")
     return 0
 
@@ -427,6 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data.dataset import DataError
     from .deps import MissingDependencyError
     from .eval.save_features import OtherRankError
+    from .export_onnx import ExportMismatchError
     from .train.checkpoint import CorruptCheckpointError
     from .train.distributed import MainRankError
     from .train.safe_load import UnsafeCheckpointError
@@ -441,12 +453,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"seer {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as e:
-        # Bad input (2), a run that cannot go on (1: also a package the feature needs is missing), a refused or
-        # unreadable checkpoint (3): one line naming the cause. Subclasses count as their class (a data timeout
-        # is a DataError). Another process of a torchrun launch that failed (1): it printed its own error.
+        # Bad input (2), a run that cannot go on (1: also a package the feature needs is missing, an ONNX export
+        # that onnxruntime does not run as torch does), a refused or unreadable checkpoint (3): one line naming
+        # the cause. Subclasses count as their class (a data timeout is a DataError). Another process of a
+        # torchrun launch that failed (1): it printed its own error.
         status = next((code for cls, code in ((UnsafeCheckpointError, 3), (CorruptCheckpointError, 3),
                                               (NonFiniteLossError, 1), (DataError, 1), (MissingDependencyError, 1),
-                                              (OtherRankError, 1), (MainRankError, 1))
+                                              (ExportMismatchError, 1), (OtherRankError, 1), (MainRankError, 1))
                        if isinstance(e, cls)), None)
         # The OSErrors of a path the user gave (missing, a folder, no permission) are bad input; others (a full
         # disk, an I/O error) are not, and keep their traceback.

@@ -9,8 +9,9 @@ class MissingDependencyError(ImportError):
     """A package that the requested feature needs is not installed; the message names it and the command."""
 
 
-def require(module: str, feature: str, package: str):
-    """``import module``, or MissingDependencyError saying that ``feature`` needs ``package``."""
+def require(module: str, feature: str, package: str, *, extra: str = "train"):
+    """``import module``, or MissingDependencyError saying that ``feature`` needs ``package`` (installed by
+    itself or with the setup.py extra ``extra``)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -29,4 +30,4 @@ def require(module: str, feature: str, package: str):
                                          f"{package} {version} does not have: upgrade it (pip install -U {package})"
                                          ) from e
         raise MissingDependencyError(f"{feature} needs {package}, which is not installed (pip install {package}, "
-                                     f"or the 'train' extra: pip install --no-build-isolation \".[train]\")") from e
+                                     f"or the '{extra}' extra: pip install --no-build-isolation \".[{extra}]\")") from e

@@ -12,6 +12,9 @@
   (``seer_run_config``: ``seer eval`` of the export uses its evaluation settings and, for
   ``--random-init``, its seed).
 
+:func:`write_export` and :func:`check_out` (the files' atomic replacement and the refusal of an --out whose
+JSON another tool or another format's export wrote) serve ``--format onnx`` too (:mod:`seer.export_onnx`).
+
 Loading into timm::
 
     info = json.load(open("vit.json"))
@@ -24,7 +27,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -71,7 +74,7 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     from .pretrained import checkpoint_backbone_state, checkpoint_config
 
     out = Path(out)
-    _check_out(out)  # before the checkpoint is read, not after
+    check_out(out, "timm")  # before the checkpoint is read, not after
     cfg = checkpoint_config(checkpoint)
     vit = cfg.model
     # From the config alone: refused after the tensors were read (and CRC-checked), a 10B model's tens of GB.
@@ -84,6 +87,22 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
             "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)",
             "seer_run_config": to_dict(cfg)}
     text = json.dumps(info, indent=1)  # (everything that can fail on the content, before any file is touched)
+
+    def write(part: Path) -> str:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(part),
+                  metadata={"format": "pt", "producer": "seer", "layout": "timm"})
+        return text
+
+    return write_export(out, write)
+
+
+def write_export(out: Path, write: Callable[[Path], str]) -> tuple[Path, Path]:
+    """Write the exported file ``out`` and its JSON (OUT.json) so that neither replaces an earlier export
+    unless both are complete; return both paths.
+
+    ``write(part)`` writes the exported file at ``part`` (an empty file there already) and returns the JSON's
+    text; whatever it raises leaves no new file and the earlier export (if any) untouched.
+    """
     json_path = out.with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Both files are written in full under .part names first, then renamed. Written in place, a crash between
@@ -91,17 +110,16 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     # a pair that loads without an error, with another run's normalisation and config.
     parts = (out.with_name(out.name + ".part"), json_path.with_name(json_path.name + ".part"))
     try:
-        tensors = {k: v.contiguous() for k, v in state.items()}
         # Created here first: where files cannot be made after all (root passes the access check under /proc),
-        # the OSError names the path (one line from the CLI) instead of safetensors' error and its traceback.
+        # the OSError names the path (one line from the CLI) instead of the writer's error and its traceback.
         open(parts[0], "wb").close()
-        save_file(tensors, str(parts[0]), metadata={"format": "pt", "producer": "seer", "layout": "timm"})
+        text = write(parts[0])
         parts[1].write_text(text)
         for part in parts:
             with open(part, "rb") as f:
                 os.fsync(f.fileno())
-        # safetensors creates its file readable by the owner alone (0600): give it the JSON's mode (what any
-        # new file of this process gets), so that whoever can read the export's JSON can read its weights.
+        # A writer may create its file readable by the owner alone (safetensors: 0600): give it the JSON's mode
+        # (what any new file of this process gets), so that whoever can read the export's JSON can read it.
         os.chmod(parts[0], parts[1].stat().st_mode & 0o777)
         # The old JSON goes first: a crash between the renames leaves weights without a JSON (refused, named),
         # never new weights beside the old JSON.
@@ -114,31 +132,52 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     return out, json_path
 
 
-def _check_out(out: Path) -> None:
-    """ValueError naming ``out`` where the export could not be written: not .safetensors, it or its JSON a
-    folder, or no files can be created where it goes (the export creates missing folders)."""
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end with .safetensors, got {str(out)!r}")
-    for p in (out, out.with_suffix(".json")):
+# The file each --format writes, the JSON beside it named after it.
+SUFFIXES = {"timm": ".safetensors", "onnx": ".onnx"}
+
+
+def check_out(out: Path, fmt: str) -> None:
+    """ValueError naming ``out`` where the ``fmt`` export could not be written: not the format's suffix, it or
+    its JSON a folder, no files can be created where it goes (the export creates missing folders), or its
+    JSON exists and is not one that an export of this format wrote (which alone it may replace)."""
+    suffix = SUFFIXES[fmt]
+    if out.suffix != suffix:
+        raise ValueError(f"--out must end with {suffix} for --format {fmt}, got {str(out)!r}")
+    json_path = out.with_suffix(".json")
+    for p in (out, json_path):
         if p.is_dir():
             raise ValueError(f"--out {str(out)!r}: {str(p)!r} is a folder; expected a file path")
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {str(out)!r}: cannot create files under {str(existing)!r}")
-    json_path = out.with_suffix(".json")
-    if json_path.exists() and not _is_export_json(json_path):
+    if not json_path.exists():
+        return
+    found = export_format(json_path)
+    if found is None:
         # e.g. --out runs/demo/eval.safetensors: the run's eval.json would be replaced by the export's JSON
         raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} exists and is not a JSON that seer export wrote; "
                          f"the export writes its JSON there and would overwrite it: choose another --out")
+    if found != fmt:
+        # vit.onnx beside vit.safetensors: both exports' JSON is vit.json, and the timm export needs its own
+        raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} is the JSON of the {found} export "
+                         f"{str(out.with_suffix(SUFFIXES[found]))!r}, which needs it; the {fmt} export writes its "
+                         f"JSON there and would replace it: choose another --out")
 
 
-def _is_export_json(path: Path) -> bool:
-    """Whether ``path`` holds the JSON an earlier export wrote (which a new export may replace)."""
+def export_format(path: Path) -> Optional[str]:
+    """The --format of the export that wrote the JSON ``path`` ("timm" or "onnx"), or None where no seer export
+    did (or it cannot be read)."""
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and "seer_vit_config" in info and info.get("timm_class") == TIMM_CLASS
+        return None
+    if not isinstance(info, dict) or "seer_vit_config" not in info:
+        return None
+    if info.get("timm_class") == TIMM_CLASS:
+        return "timm"
+    if info.get("format") == "onnx" and info.get("producer") == "seer":
+        return "onnx"
+    return None
 
 
 def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:

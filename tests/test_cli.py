@@ -127,7 +127,7 @@ def test_data_check_leaves_no_index_behind(tmp_path, monkeypatch):
 
 
 def test_argparse_errors_exit_2(capsys):
-    for argv in (["train"], ["export", "--checkpoint", "x", "--format", "onnx", "--out", "a.safetensors"],
+    for argv in (["train"], ["export", "--checkpoint", "x", "--format", "tflite", "--out", "a.safetensors"],
                  ["frobnicate"]):
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -1,0 +1,213 @@
+"""Export the pretrained backbone to ONNX, checked against the torch model in onnxruntime before it is kept.
+
+``seer export --checkpoint DIR --format onnx --out vit.onnx`` writes
+
+* ``vit.onnx``: the backbone in float32, opset :data:`OPSET`, input ``images`` (N, 3, S, S) float32 (normalised
+  as in training), output ``features`` (N, D) float32, the class token after the final norm (what
+  ``seer.load_pretrained`` returns); the batch N is dynamic, S is the run's evaluation size
+  (``eval.image_size`` or ``data.crops.global_size``).
+* ``vit.json``: the normalisation, the image size, the input and output, the opset and the versions that made
+  the file, the verification's measured difference, seer's ViT config and the run's whole config.
+
+Verification: the exported file runs in onnxruntime (CPU) on random images at batch 1 and 3 (the graph is
+traced at batch 2, so both exercise the dynamic batch) and is kept only where
+
+    max |f_onnx - f_torch|  <=  RTOL * max |f_torch|
+
+over both batches; otherwise :class:`ExportMismatchError` and no new file. Attention is traced through
+torch's SDPA (``seer_kernels.use_backend("sdpa")``): the exporter writes it as MatMul/Softmax, while the
+kernels' custom op ``seer::attention_fwd`` (the triton and reference backends) has no ONNX translation.
+
+Running it::
+
+    import json, numpy as np, onnxruntime as ort
+    info = json.load(open("vit.json"))
+    session = ort.InferenceSession("vit.onnx")
+    # images: (N, 3, S, S) float32 in [0, 1], S = info["image_size"]
+    x = (images - np.array(info["mean"], "f4")[:, None, None]) / np.array(info["std"], "f4")[:, None, None]
+    features = session.run(["features"], {"images": x})[0]   # (N, D)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .config import RunConfig, to_dict
+from .deps import require
+from .export import check_out, write_export
+from .model import ViTConfig, VisionTransformer
+
+# The lowest opset that torch.onnx's exporter implements without a version conversion (its torchlib opset; its
+# default is 20): the oldest runtimes can run the file. LayerNormalization (17) stays one op; GELU is written with
+# Erf (Gelu is opset 20) and attention as MatMul/Softmax (Attention is opset 23).
+OPSET = 18
+# Of the feature scale. Measured: 4e-7 of it (tiny) and 1.2e-6 (ViT-S/16, 224 px), float32 sums in another order.
+RTOL = 1e-4
+TRACE_BATCH = 2  # traced here; verified at other sizes, so that a batch fixed in the graph cannot pass
+VERIFY_BATCHES = (1, 3)
+# protobuf refuses messages of 2 GiB; the weights are most of the file (the graph of a ViT is well under 1 MB)
+MAX_WEIGHT_BYTES = 2**31 - 2**26
+FEATURE = "seer export --format onnx"
+
+
+class ExportMismatchError(RuntimeError):
+    """onnxruntime's features of the exported file differ from the torch model's beyond the tolerance."""
+
+
+class OnnxExport(NamedTuple):
+    onnx: Path
+    json: Path
+    max_abs_diff: float  # max |f_onnx - f_torch| over the verification batches
+    tolerance: float  # RTOL * max |f_torch|
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path) -> OnnxExport:
+    """Write OUT.onnx and OUT.json (module doc) from a training checkpoint, verified in onnxruntime."""
+    from .pretrained import backbone_module, checkpoint_backbone_state, checkpoint_config
+
+    out = Path(out)
+    check_out(out, "onnx")  # before the checkpoint is read, not after
+    _require_packages()
+    cfg = checkpoint_config(checkpoint)
+    _check_size(cfg.model)  # from the config alone, before the tensors are read
+    model = backbone_module(cfg.model, checkpoint_backbone_state(checkpoint, cfg)[1]).float()
+    return export_onnx_model(model, out, cfg)
+
+
+def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig) -> OnnxExport:
+    """Write OUT.onnx and OUT.json for ``model``, a seer ViT in eval mode, float32, on the CPU (a freshly built
+    one, for instance: ``VisionTransformer(cfg.model).eval()``), whose architecture is ``cfg.model``; ``cfg``
+    gives the image size, the normalisation and the run config that the JSON records."""
+    out = Path(out)
+    check_out(out, "onnx")
+    _check_model(model, cfg)
+    onnx, onnxscript, ort = _require_packages()
+    _check_size(cfg.model)
+    size = cfg.eval.image_size or cfg.data.crops.global_size
+    measured = {}
+
+    def write(part: Path) -> str:
+        _to_onnx(model, size).save(str(part), external_data=False)
+        diff, tol = verify(part, model, size)
+        measured.update(diff=diff, tol=tol)
+        vit = model.cfg
+        info = {"format": "onnx", "producer": "seer", "file": out.name,
+                "input": {"name": "images", "dtype": "float32", "shape": ["N", vit.in_chans, size, size]},
+                "output": {"name": "features", "dtype": "float32", "shape": ["N", vit.embed_dim]},
+                "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std), "image_size": size,
+                "features": "class token (N, D)",
+                "preprocessing": "RGB resized and centre-cropped to image_size, scaled to [0, 1], then "
+                                 "(x - mean) / std per channel",
+                "opset": OPSET, "onnx_version": onnx.__version__, "onnxscript_version": onnxscript.__version__,
+                "onnxruntime_version": ort.__version__, "torch_version": torch.__version__,
+                "verification": {"runtime": "onnxruntime CPUExecutionProvider", "batch_sizes": list(VERIFY_BATCHES),
+                                 "max_abs_diff": diff, "tolerance": tol, "rtol_of_feature_scale": RTOL},
+                "seer_vit_config": dataclasses.asdict(vit), "seer_run_config": to_dict(cfg)}
+        return json.dumps(info, indent=1)
+
+    onnx_path, json_path = write_export(out, write)
+    return OnnxExport(onnx_path, json_path, measured["diff"], measured["tol"])
+
+
+def _to_onnx(model: VisionTransformer, size: int):
+    """torch.onnx's program for ``model`` on (N, C, size, size) float32 images, N dynamic."""
+    import seer_kernels
+    x = torch.randn(TRACE_BATCH, model.cfg.in_chans, size, size)
+    # torch.export keeps the batch a symbol only where nothing on the way turns it into a Python int.
+    # seer_kernels.attention's dispatcher did (int() of the sizes): the batch was pinned to 2, torch.onnx wrote a
+    # graph for 2 images, and onnxruntime refused 1 ("Expected: 2"). verify() runs other batch sizes, so that
+    # such a graph is never kept.
+    batch = torch.export.Dim("batch")
+    with seer_kernels.use_backend("sdpa", op="attention"), torch.no_grad(), _quiet("onnxscript", "onnx_ir"):
+        return torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["features"],
+                                 opset_version=OPSET, dynamic_shapes=({0: batch},), verbose=False)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Only warnings from these loggers inside the block: the CLI logs at INFO, and the exporter's optimiser
+    passes log some 40 lines per export there (each initializer it deduplicates, each pass that removes
+    nothing)."""
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def verify(path: str | Path, model: VisionTransformer, size: int) -> tuple[float, float]:
+    """(max |f_onnx - f_torch|, tolerance) of the ONNX file ``path`` against ``model`` on random images at
+    each of :data:`VERIFY_BATCHES`; ExportMismatchError where the difference exceeds the tolerance (or is not
+    finite) or onnxruntime's output has another shape."""
+    import numpy as np
+    ort = require("onnxruntime", FEATURE, "onnxruntime", extra="onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many as torch uses (train.threads, OMP_...)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    diffs, scale = [], 0.0
+    for n in VERIFY_BATCHES:
+        x = torch.randn(n, model.cfg.in_chans, size, size, generator=gen)
+        with torch.no_grad():
+            want = model(x).numpy()
+        try:
+            got = session.run(["features"], {"images": x.numpy()})[0]
+        except Exception as e:  # onnxruntime's errors derive from Exception alone (InvalidArgument, Fail, ...)
+            # e.g. a batch fixed in the graph: "Got invalid dimensions for input: images ... Expected: 2"
+            raise ExportMismatchError(f"onnxruntime cannot run the exported ONNX model on {n} images (traced on "
+                                      f"{TRACE_BATCH}): {' '.join(str(e).split())[:300]}; nothing was written"
+                                      ) from None
+        if got.shape != want.shape:
+            raise ExportMismatchError(f"the exported ONNX model gives features of shape {got.shape} for {n} "
+                                      f"images, the torch model {want.shape}; nothing was written")
+        if not np.isfinite(want).all():
+            raise ExportMismatchError("the torch model's features of random images are not finite (a diverged "
+                                      "checkpoint?): nothing to compare the export with; nothing was written")
+        diffs.append(np.abs(got.astype(np.float64) - want).max())
+        scale = max(scale, float(np.abs(want).max()))
+    diff, tol = float(np.max(diffs)), RTOL * scale  # (np.max keeps a NaN, Python's max may drop it)
+    if not diff <= tol:
+        batches = " and ".join(map(str, VERIFY_BATCHES))
+        raise ExportMismatchError(f"the exported ONNX model disagrees with the torch model: max |onnxruntime - "
+                                  f"torch| = {diff:.3g} on random images (batch {batches}), tolerance {tol:.3g} "
+                                  f"({RTOL:g} x the largest feature, {scale:.3g}); nothing was written")
+    return diff, tol
+
+
+def _require_packages():
+    """(onnx, onnxscript, onnxruntime) modules; MissingDependencyError naming the first one missing."""
+    return tuple(require(name, FEATURE, name, extra="onnx") for name in ("onnx", "onnxscript", "onnxruntime"))
+
+
+def _check_model(model, cfg: RunConfig) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"export_onnx_model: argument 'model' must be a seer VisionTransformer, got "
+                        f"{type(model).__name__}")
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"export_onnx_model: argument 'cfg' must be a seer RunConfig, got {type(cfg).__name__}")
+    if model.cfg != cfg.model:
+        raise ValueError("export_onnx_model: argument 'cfg' describes another architecture (cfg.model) than "
+                         "'model' (model.cfg); the JSON would record the wrong one")
+    tensors = list(model.parameters()) + list(model.buffers())
+    if model.training or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("export_onnx_model: argument 'model' must be in eval mode, float32, on the CPU "
+                         "(model.float().cpu().eval())")
+
+
+def _check_size(vit: ViTConfig) -> None:
+    """ValueError where the float32 weights pass protobuf's 2 GiB limit on one .onnx file."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in VisionTransformer(vit, device="meta").parameters())
+    if 4 * params > MAX_WEIGHT_BYTES:
+        raise ValueError(f"the backbone has {params / 1e6:.0f}M parameters, {4 * params / 2**30:.1f} GiB in float32: "
+                         f"{FEATURE} writes one .onnx file, which protobuf limits to 2 GiB; --format timm "
+                         f"exports models of any size")
