@@ -162,12 +162,23 @@ class CheckpointConfig:
         resume: 'auto' (resume from the latest complete checkpoint in ``dir`` if there is one), 'never'
             (refuse to start over existing checkpoints), or the path of a checkpoint to start from.
         at_end: save when the run finishes.
+        init_from: continued pretraining: the path of a run folder or checkpoint (what ``seer eval
+            --checkpoint`` accepts) or of a ``seer export --format timm`` .safetensors file whose weights
+            initialise a new run at step 0; everything else starts fresh (optimizer state, the learning-rate
+            and weight-decay schedules with their warm-up, the data position, an empty queue, this run's
+            seed). Used only when the run has no checkpoint of its own yet: a rerun after a stop resumes from
+            the run's latest checkpoint. Not with a path in ``resume`` ('' = off).
+        init_parts: what ``init_from`` initialises: 'all' (backbone, projection head and prototypes; from a
+            run or checkpoint only) or 'backbone' (the head and prototypes are initialised afresh from this
+            run's seed, so they may have another shape: ``head.num_prototypes``, ``head.output_dim``, ...).
     """
     every: int = 1000
     keep: int = 3
     dir: str = ""
     resume: str = "auto"
     at_end: bool = True
+    init_from: str = ""
+    init_parts: str = "all"
 
 
 @dataclass
@@ -600,6 +611,24 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
                           f"{suggest(str(value), choices, cutoff=0.5)}")
 
 
+INIT_PARTS = ("all", "backbone")
+
+
+def _check_init_from(c: CheckpointConfig) -> None:
+    """checkpoint.init_from / init_parts: what the config alone can tell (the path is read by the trainer)."""
+    _choice("checkpoint.init_parts", c.init_parts, INIT_PARTS)
+    if not c.init_from:
+        return
+    if c.resume not in ("auto", "never"):
+        raise ConfigError(f"checkpoint.init_from={c.init_from!r} and checkpoint.resume={c.resume!r} cannot be "
+                          f"combined: checkpoint.resume=PATH continues a run's whole training state, "
+                          f"checkpoint.init_from starts a new run from its weights; set only one")
+    if c.init_from.endswith(".safetensors") and c.init_parts == "all":
+        raise ConfigError(f"checkpoint.init_from={c.init_from!r} is an export, which holds the backbone only: "
+                          f"set checkpoint.init_parts=backbone (a fresh head), or give the run or checkpoint "
+                          f"folder it was exported from for checkpoint.init_parts=all")
+
+
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -678,6 +707,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.checkpoint.every >= 0, "checkpoint.every", "an integer >= 0 (steps; 0 = only at the end)",
            cfg.checkpoint.every)
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1", cfg.checkpoint.keep)
+    _check_init_from(cfg.checkpoint)
     e = cfg.eval
     _check(e.every >= 0, "eval.every", "an integer >= 0", e.every)
     _check(e.dataset.strip() != "", "eval.dataset", "'digits' or a folder of class folders (not empty)", e.dataset)

@@ -36,16 +36,26 @@ def checkpoint_backbone_state(path: str | Path, cfg: Optional[RunConfig] = None
     ckpt = resolve_checkpoint(path)
     if cfg is None:
         cfg = _read_config(ckpt)
+    state = checkpoint_model_state(ckpt, ("backbone",))
+    return cfg, {k[len("backbone."):]: v for k, v in state.items()}
+
+
+def checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone", "head"), *,
+                           collective: bool = False) -> dict[str, torch.Tensor]:
+    """Full tensors (CPU) of the SwAV model's ``parts`` (its submodules 'backbone', 'head') from the complete
+    checkpoint ``ckpt``, named as in the single-device model ('backbone.blocks.0.attn.qkv.weight'):
+    tensor-parallel slices merged, FSDP shards read whole. ``collective``: every process of the default group
+    calls it and they split the checksum verification (each still holds every tensor)."""
     layout = read_meta(ckpt).get("tp_layout", {})
     meta = read_tensor_index(ckpt)
-    prefix = "model/backbone."
+    prefixes = tuple(f"model/{part}." for part in parts)
     dest = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-            if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
-    if not dest:
+            if k.startswith(prefixes) and isinstance(m, TensorStorageMetadata)}
+    if not any(k.startswith("model/backbone.") for k in dest) and "backbone" in parts:
         raise ValueError(f"{ckpt} holds no backbone tensors")
-    load_tensors(ckpt, dest, single_process=True)  # a damaged file: CorruptCheckpointError naming it
-    backbone_layout = {k[len("backbone."):]: v for k, v in layout.items() if k.startswith("backbone.")}
-    return cfg, merge_tensor_parallel(dest, backbone_layout, prefix=prefix)
+    load_tensors(ckpt, dest, single_process=not collective)  # a damaged file: CorruptCheckpointError naming it
+    chosen = {k: v for k, v in layout.items() if k.startswith(tuple(p[len("model/"):] for p in prefixes))}
+    return merge_tensor_parallel(dest, chosen, prefix="model/")
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> VisionTransformer:

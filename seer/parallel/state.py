@@ -1,4 +1,5 @@
-"""Full (logical) tensors from a parallelised model: for export, for checks, for comparing layouts.
+"""Full (logical) tensors from a parallelised model (for export, for checks, for comparing layouts), and into
+one (weights that another layout wrote: continued pretraining from a checkpoint or an export).
 
 Collective calls: every rank of the model's groups must call them.
 """
@@ -6,11 +7,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..model.init import DTensor
+from ..model.init import DTensor, local_tensor
 from . import comm
+from .layers import shard_cols, shard_rows
 
 
 def unshard(t: Tensor, module: nn.Module, name: str) -> Tensor:
@@ -69,3 +72,45 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def full_gradients(model: nn.Module) -> dict[str, Optional[Tensor]]:
     """Parameter name -> full gradient (None where the gradient is None)."""
     return _named(model, grads=True)
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, full: dict[str, Tensor]) -> None:
+    """Copy full (single-device) tensors into a parallelised model's parameters and buffers, in place: each
+    rank keeps its tensor-parallel slice of a split parameter (q/k/v blocks taken in order, as
+    :func:`seer.parallel.layers.shard_rows`), then its FSDP2 shard of that (DTensor's own split, cut locally
+    without communication). ``full``: name -> tensor, names as in the single-device model; it may cover part
+    of the model (the rest is left as it is), but each name must be one of the model's, with its full shape.
+    Not collective."""
+    left = set(full)
+    for mod_name, module in model.named_modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            fqn = f"{mod_name}.{name}" if mod_name else name
+            if fqn not in full:
+                continue
+            left.discard(fqn)
+            src = full[fqn]
+            size = getattr(module, "tp_size", 1)
+            if size > 1 and name in getattr(module, "tp_split_params", ()):
+                src = shard_rows(src, module.tp_rank, size, module.tp_chunks, fqn) if module.tp_split_dim == 0 \
+                    else shard_cols(src, module.tp_rank, size, fqn)
+            if isinstance(t, DTensor):
+                if tuple(src.shape) != tuple(t.shape):
+                    raise ValueError(f"{fqn}: the tensor has shape {tuple(src.shape)}, the model's "
+                                     f"{tuple(t.shape)}")
+                src = _local_shard(src.to(t.device), t)
+            dest = local_tensor(t)
+            if tuple(src.shape) != tuple(dest.shape):
+                raise ValueError(f"{fqn}: the tensor has shape {tuple(full[fqn].shape)}, which does not fit the "
+                                 f"model's {tuple(dest.shape)} on this rank")
+            dest.copy_(src)
+    if left:
+        raise KeyError(f"tensors the model does not have: {', '.join(sorted(left)[:5])}"
+                       f"{' ...' if len(left) > 5 else ''}")
+
+
+def _local_shard(src: Tensor, like: DTensor) -> Tensor:
+    """This rank's part of the full tensor ``src`` when laid out as the DTensor ``like`` (its mesh and
+    placements): the slice DTensor itself would hold, cut from ``src`` on every rank alike."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(src, like.device_mesh, like.placements, src_data_rank=None).to_local()

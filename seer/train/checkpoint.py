@@ -230,6 +230,16 @@ def read_saved_config(path: str | os.PathLike) -> dict:
     return saved
 
 
+def architecture_diffs(saved: dict, now: dict, sections: tuple[str, ...] = ("model", "head"), *,
+                       ignore: tuple[str, ...] = (), source: str = "checkpoint") -> list[str]:
+    """'section.key: checkpoint X, config Y' for every key of ``sections`` whose value in the saved run config
+    ``saved`` (a mapping of sections) differs from the config ``now`` (``seer.config.to_dict``); ``ignore``:
+    'section.key' names left out; a section the saved config lacks is not compared; ``source``: what the saved
+    config belongs to, as the message calls it."""
+    return [f"{sec}.{k}: {source} {saved[sec].get(k)!r}, config {v!r}" for sec in sections if sec in saved
+            for k, v in now[sec].items() if f"{sec}.{k}" not in ignore and saved[sec].get(k) != v]
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` then rename tmp to ``path`` (fsynced): a kill leaves the old file or the new one, never
     a part."""

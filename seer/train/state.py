@@ -45,10 +45,14 @@ def model_tensors(model: nn.Module, tp_rank: int = 0) -> dict[str, Tensor]:
     return {f"model/{_key(k, layout, tp_rank)}": v for k, v in model.state_dict().items()}
 
 
-def load_model_tensors(model: nn.Module, loaded: dict[str, Tensor], tp_rank: int = 0) -> None:
+def load_model_tensors(model: nn.Module, loaded: dict[str, Tensor], tp_rank: int = 0,
+                       parts: tuple[str, ...] = ()) -> None:
+    """Load ``loaded`` (keyed as :func:`model_tensors` keys them) into ``model``; ``parts``: only the
+    tensors of these submodules ('backbone', 'head'), the others left as they are (() = every tensor)."""
     layout = tp_layout(model)
-    sd = {k: loaded[f"model/{_key(k, layout, tp_rank)}"] for k in model.state_dict()}
-    model.load_state_dict(sd)
+    names = [k for k in model.state_dict() if not parts or k.split(".", 1)[0] in parts]
+    sd = {k: loaded[f"model/{_key(k, layout, tp_rank)}"] for k in names}
+    model.load_state_dict(sd, strict=not parts)
 
 
 def optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer, tp_rank: int = 0) -> tuple[dict, dict]:

@@ -34,10 +34,12 @@ from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
-from .checkpoint import (CheckpointManager, list_checkpoints, load_rank_state, load_tensors, read_meta,
-                         read_saved_config, resolve_checkpoint, write_atomic)
+from .checkpoint import (CheckpointManager, architecture_diffs, list_checkpoints, load_rank_state, load_tensors,
+                         read_meta, read_saved_config, resolve_checkpoint, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
+from .init_from import (check_init_architecture, load_init_weights, not_shaping_changes, resolve_init_source,
+                        same_source)
 from .lock import RunLock
 from .metrics import MetricsWriter, peak_flops, read_metrics
 from .modules import BackboneView, nvtx_range
@@ -122,6 +124,9 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         # The checkpoint an explicit checkpoint.resume started this lineage from (kept in every checkpoint)
         self.origin: Optional[str] = None
+        # Where checkpoint.init_from took this run's initial weights from (init_from.InitSource.record; kept in
+        # every checkpoint, so that a rerun knows its checkpoints for the continuation of that start)
+        self.initialised_from: Optional[dict] = None
         normalize_prototypes(self.model)
         self._maybe_resume()
         if self.dist.is_main:  # only once the resume checks passed: a refused run leaves the run's config alone
@@ -136,11 +141,17 @@ class Trainer:
             if self.ckpt.latest() is not None:
                 raise FileExistsError(f"{self.ckpt.dir} already holds checkpoints and checkpoint.resume='never': "
                                       f"use another --out, or checkpoint.resume=auto to continue that run")
+            if self.cfg.checkpoint.init_from:
+                self._init_from()
             return
         if mode == "auto":
             path = self.ckpt.latest()
             if path is not None:
+                if self.cfg.checkpoint.init_from:
+                    self._check_continues_init(path)
                 self.load(path)
+            elif self.cfg.checkpoint.init_from:
+                self._init_from()
             return
         mode = os.path.expanduser(mode)  # '~/runs/x' from a YAML file or a quoted --set, which no shell expanded
         latest = self.ckpt.latest()
@@ -159,6 +170,33 @@ class Trainer:
             self._move_aside(path, newer)
         if path == requested:  # a new lineage starts here; its checkpoints say so (_explicit_start)
             self.origin = str(requested.resolve())
+
+    def _init_from(self) -> None:
+        """checkpoint.init_from on a run without checkpoints: the source's weights of checkpoint.init_parts
+        into the model; everything else stays as built for step 0 (init_from module doc)."""
+        c = self.cfg.checkpoint
+        src = resolve_init_source(c.init_from)
+        check_init_architecture(src, self.cfg)  # before anything is read
+        load_init_weights(src, self.model, self.dims, c.init_parts)
+        self.initialised_from = src.record(c.init_parts)
+        changed = not_shaping_changes(src, self.cfg)
+        log.info("initialised from %s%s", src.describe(c.init_parts),
+                 f"; changed from the source: {'; '.join(changed)}" if changed else "")
+
+    def _check_continues_init(self, latest: Path) -> None:
+        """checkpoint.init_from on a run that has checkpoints already: they must continue a run initialised
+        from that same source (a rerun after a stop), which then resumes as any run does; another run's
+        checkpoints in this folder are refused rather than continued in place of the initialisation asked for."""
+        c = self.cfg.checkpoint
+        record = read_meta(latest).get("init_from")
+        if not same_source(record, c.init_from):
+            then = f"was initialised from {record.get('path')}" if isinstance(record, dict) else \
+                "was not initialised by checkpoint.init_from"
+            raise FileExistsError(f"checkpoint.init_from={c.init_from}: {self.ckpt.dir} already holds checkpoints "
+                                  f"of a run that {then} (latest {latest.name}): use another --out for the new "
+                                  f"run, or drop checkpoint.init_from to continue that one")
+        log.info("checkpoint.init_from=%s: this run has checkpoints of its own (it was initialised from it); "
+                 "resuming from its latest, %s, not initialising again", c.init_from, latest)
 
     def _explicit_start(self, path: Path) -> tuple[Path, list[Path]]:
         """Where ``checkpoint.resume=PATH`` resumes, and this folder's checkpoints to move aside first.
@@ -210,7 +248,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "world_size": self.dist.world, "dp": self.dims.dp, "tp": self.dims.tp,
                 "optim_slots": slots, "tp_layout": S.tp_layout(self.model), "time": time.time(),
-                "origin": self.origin}
+                "origin": self.origin, "init_from": self.initialised_from}
         with nvtx_range("checkpoint", self.cfg.logging.nvtx):
             path = self.ckpt.save(self.step, tensors, rank_state, meta, C.dumps(self.cfg))
         log.info("saved checkpoint %s", path)
@@ -269,6 +307,7 @@ class Trainer:
                         path, meta["world_size"], self.dist.world)
         self.resumed_from = path
         self.origin = meta.get("origin")
+        self.initialised_from = meta.get("init_from")
         log.info("resumed from %s (step %d)", path, self.step)
 
     # -----------------------------------------------------------------------------------------------------
@@ -461,6 +500,12 @@ class Trainer:
         e = self.cfg.eval
         if not (e.at_end and e.random_init_baseline):
             return None
+        if self.initialised_from is not None:
+            # Its step-0 weights are the source's: scores of them would be reported as a random initialisation.
+            log.warning("eval.random_init_baseline: this run started from the weights of %s, not from a random "
+                        "initialisation; eval.json will lack the random-initialisation scores (seer eval "
+                        "--random-init measures them)", self.initialised_from.get("path"))
+            return None
         path = self.out / "eval_random_init.json"
         settings = self._eval_settings()
         if path.is_file():
@@ -610,9 +655,7 @@ _ARCH_SECTIONS = ("model", "head")
 def _check_compatible(path: Path, saved: dict, cfg: C.RunConfig, step: int) -> None:
     """Refuse, with the differing keys, a checkpoint (of ``step``; its run config ``saved``) whose architecture
     differs from the config's."""
-    now = C.to_dict(cfg)
-    diffs = [f"{sec}.{k}: checkpoint {saved[sec].get(k)!r}, config {v!r}" for sec in _ARCH_SECTIONS
-             for k, v in now[sec].items() if sec in saved and saved[sec].get(k) != v]
+    diffs = architecture_diffs(saved, C.to_dict(cfg), _ARCH_SECTIONS)
     if diffs:
         raise C.ConfigError(f"checkpoint {path} has another architecture than the config: " + "; ".join(diffs))
     steps = (saved.get("train") or {}).get("max_steps")

@@ -1,0 +1,160 @@
+"""Continued pretraining (``checkpoint.init_from``): a new run whose weights start as another run's.
+
+The source is a run folder or checkpoint (its latest checkpoint; backbone, projection head and prototypes) or
+a ``seer export --format timm`` .safetensors file (the backbone only). Only the weights of
+``checkpoint.init_parts`` are taken from it; the optimizer state, the schedules, the data position, the queue
+and the RNG streams are the new run's own, from step 0 (the resume of ``checkpoint.resume`` takes them all).
+
+Loading: when the source is a checkpoint written with the run's ``parallel.tp``, DCP reads each process's
+own shards straight into the model, resharding over another number of data-parallel processes as a resume
+does (no process holds more than its shards); otherwise (an export, another tensor-parallel split) every
+process reads the full tensors and keeps its slice and shard (:func:`seer.parallel.state.load_full_state_dict`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import config as C
+from ..parallel import ParallelDims
+from . import state as S
+from .checkpoint import architecture_diffs, load_tensors, read_meta, read_saved_config, resolve_checkpoint
+
+# Model keys that shape no tensor (regularisation, the initialisation's spread, the norms' epsilon): the
+# source's may differ from the run's.
+NOT_SHAPING = ("model.drop_path_rate", "model.dropout", "model.init_std", "model.norm_eps")
+
+
+@dataclass
+class InitSource:
+    """A resolved ``checkpoint.init_from``.
+
+    Attributes:
+        given: the path as configured, made absolute (``~`` expanded, symbolic links kept).
+        file: the checkpoint folder, or the exported .safetensors file, that is read.
+        step: the source run's step (None for an export, which does not record it).
+        saved: the source's run config as a mapping of sections (an export: its ``model`` section only).
+        tp: the source's ``parallel.tp`` (1 for an export, whose tensors are full).
+    """
+    given: str
+    file: Path
+    step: Optional[int]
+    saved: dict
+    tp: int = 1
+
+    @property
+    def is_export(self) -> bool:
+        return self.step is None
+
+    def record(self, parts: str) -> dict:
+        """What the new run's checkpoints keep of where its weights came from (meta.json's ``init_from``)."""
+        return {"path": self.given, "resolved": str(Path(self.given).resolve()), "file": str(self.file.resolve()),
+                "step": self.step, "parts": parts}
+
+    def describe(self, parts: str) -> str:
+        at = f"step {self.step} of that run" if self.step is not None else "an export: no step recorded"
+        return f"{self.given} ({at}, {parts})"
+
+
+def resolve_init_source(value: str) -> InitSource:
+    """The source ``checkpoint.init_from=value`` names; FileNotFoundError or ValueError naming the key."""
+    given = os.path.abspath(os.path.expanduser(value))
+    p = Path(given)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint.init_from: {value!r} does not exist (expected a run folder, a "
+                                f"checkpoint folder or a .safetensors file of seer export --format timm)")
+    if p.suffix == ".safetensors":
+        from ..export import export_info
+        try:
+            info = export_info(p)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"checkpoint.init_from: {e}") from None
+        vit = info["seer_vit_config"]
+        if not isinstance(vit, dict):
+            raise ValueError(f"checkpoint.init_from: {p.with_suffix('.json')}: 'seer_vit_config' is not a mapping")
+        return InitSource(given, p, None, {"model": vit})
+    if p.is_file():
+        raise ValueError(f"checkpoint.init_from: {value!r} is a file but not a .safetensors export; expected a "
+                         f"run folder, a checkpoint folder or a .safetensors file of seer export --format timm")
+    try:
+        ckpt = resolve_checkpoint(p)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"checkpoint.init_from: {e}") from None
+    meta = read_meta(ckpt, required=("step", "tp"))
+    return InitSource(given, ckpt, int(meta["step"]), read_saved_config(ckpt), int(meta["tp"]))
+
+
+def part_names(parts: str) -> tuple[str, ...]:
+    """The SwAV model's submodules that ``checkpoint.init_parts`` initialises from the source."""
+    return ("backbone", "head") if parts == "all" else ("backbone",)
+
+
+def check_init_architecture(src: InitSource, cfg: C.RunConfig) -> None:
+    """ConfigError with the differing keys where the source's tensors cannot be this run's: every key of
+    ``model`` (and of ``head`` for init_parts=all) that shapes a tensor must be the same."""
+    parts = cfg.checkpoint.init_parts
+    if src.is_export and parts == "all":  # (validate refuses it from the suffix; a renamed file lands here)
+        raise C.ConfigError(f"checkpoint.init_from={src.given}: an export holds the backbone only; use "
+                            f"checkpoint.init_parts=backbone")
+    sections = ("model", "head") if parts == "all" else ("model",)
+    missing = [sec for sec in sections if sec not in src.saved]
+    if missing:
+        raise C.ConfigError(f"checkpoint.init_from={src.given}: its run config has no {', '.join(missing)} "
+                            f"section, so its architecture cannot be checked")
+    diffs = architecture_diffs(src.saved, C.to_dict(cfg), sections, ignore=NOT_SHAPING, source="source")
+    if diffs:
+        hint = "" if parts == "backbone" or "model" in {d.split(".")[0] for d in diffs} else \
+            " (checkpoint.init_parts=backbone starts the head afresh)"
+        raise C.ConfigError(f"checkpoint.init_from={src.given} has another architecture than the config{hint}: "
+                            + "; ".join(diffs))
+
+
+def not_shaping_changes(src: InitSource, cfg: C.RunConfig) -> list[str]:
+    """The keys that may differ from the source and do ('model.dropout: source 0.0, config 0.1')."""
+    now = C.to_dict(cfg)
+    diffs = architecture_diffs(src.saved, now, ("model",), source="source")
+    return [d for d in diffs if d.split(":")[0] in NOT_SHAPING]
+
+
+def load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str) -> None:
+    """Copy the source's tensors of ``parts`` into the (parallelised) model, in place (collective: every
+    process calls it). The architecture was checked (:func:`check_init_architecture`)."""
+    names = part_names(parts)
+    if not src.is_export and src.tp == dims.tp:
+        # The model's own shards, read (and resharded over the data-parallel processes) by DCP, as a resume
+        # reads them; the optimizer's and the per-rank state are not read.
+        prefixes = tuple(f"model/{n}." for n in names)
+        dest = {k: v for k, v in S.model_tensors(model, dims.tp_rank).items() if k.startswith(prefixes)}
+        load_tensors(src.file, dest)
+        S.load_model_tensors(model, dest, dims.tp_rank, parts=names)
+        return
+    from ..parallel.state import load_full_state_dict
+    if src.is_export:
+        from ..export import read_export
+        try:
+            _, state = read_export(src.file)
+        except ValueError as e:
+            raise ValueError(f"checkpoint.init_from: {e}") from None
+        full = {f"backbone.{k}": v for k, v in state.items()}
+    else:
+        from ..pretrained import checkpoint_model_state
+        full = checkpoint_model_state(src.file, names, collective=dims.world_size > 1)
+    try:
+        load_full_state_dict(model, full)
+    except (KeyError, ValueError) as e:  # an export whose tensors are not those its JSON describes
+        why = e.args[0] if e.args else e  # (a KeyError's str() is its message quoted)
+        raise ValueError(f"checkpoint.init_from: {src.file}: its tensors do not fit the model: {why}") from None
+
+
+def same_source(record: Optional[dict], src_value: str) -> bool:
+    """Whether a checkpoint's ``init_from`` record names the path ``checkpoint.init_from=src_value`` (as
+    written, or where it leads now)."""
+    if not isinstance(record, dict):
+        return False
+    given = os.path.abspath(os.path.expanduser(src_value))
+    return record.get("path") == given or record.get("resolved") == str(Path(given).resolve())
+

@@ -1,0 +1,219 @@
+"""Continued pretraining (checkpoint.init_from): a new run at step 0 whose weights are another run's (all of them,
+or the backbone with a fresh head), with its own optimizer state, schedules, data position and queue; a rerun
+continues the new run; sources that cannot be this run's are refused before any work."""
+import json
+
+import pytest
+import torch
+
+from seer import load_pretrained
+from seer.cli import main
+from seer.config import ConfigError, apply_overrides, preset
+from seer.parallel.state import full_state_dict
+from seer.pretrained import checkpoint_model_state
+from seer.train import Trainer, list_checkpoints
+from seer.train.checkpoint import read_meta, resolve_checkpoint
+from tests.dist_utils import run_distributed
+from tests.images import write_good_images
+
+BASE = ["train.max_steps=2", "checkpoint.every=2", "train.threads=1", "logging.progress=off", "eval.at_end=false",
+        "logging.plot=false"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A finished 2-step run (1 process), and its config."""
+    out = tmp_path_factory.mktemp("source")
+    cfg = apply_overrides(preset("tiny"), BASE)
+    Trainer(cfg, out).fit()
+    return out, cfg
+
+
+@pytest.fixture(scope="module")
+def export(source, tmp_path_factory):
+    from seer.export import export_timm
+    out = tmp_path_factory.mktemp("export") / "vit.safetensors"
+    export_timm(source[0], out)
+    return out
+
+
+def _source_tensors(run, parts=("backbone", "head")):
+    return checkpoint_model_state(resolve_checkpoint(run), parts)
+
+
+def _equal(a: dict, b: dict, prefix: str = "") -> bool:
+    keys = [k for k in a if k.startswith(prefix)]
+    return bool(keys) and all(torch.equal(a[k], b[k]) for k in keys)
+
+
+def _fresh(cfg, out):
+    """The run as it starts without checkpoint.init_from (released: only its state is looked at)."""
+    t = Trainer(apply_overrides(cfg, ["checkpoint.init_from="]), out)
+    t.release()
+    return t
+
+
+def test_init_all_parts_takes_the_weights_and_starts_everything_else_fresh(source, tmp_path, caplog):
+    run, cfg = source
+    images = tmp_path / "images"
+    write_good_images(images, 12)
+    new_cfg = apply_overrides(cfg, [f"checkpoint.init_from={run}", f"data.source={images}", "model.dropout=0.1",
+                                    "model.drop_path_rate=0.1", "train.max_steps=3", "checkpoint.every=0"])
+    with caplog.at_level("INFO", logger="seer.train"):
+        t = Trainer(new_cfg, tmp_path / "new")
+    src = _source_tensors(run)
+    now = full_state_dict(t.model)
+    assert now.keys() == src.keys() and _equal(src, now)
+    assert f"initialised from {run} (step 2 of that run, all)" in caplog.text
+    assert "model.dropout: source 0.0, config 0.1" in caplog.text  # shapes no tensor: allowed, said
+    fresh = _fresh(new_cfg, tmp_path / "fresh")
+    assert not _equal(src, full_state_dict(fresh.model))  # (the weights above did come from the source)
+    assert t.step == 0 and t.resumed_from is None and not t.opt.state
+    assert t.sched.state_dict() == fresh.sched.state_dict() and t.sched.lr == fresh.sched.lr  # warm-up from 0
+    assert t.data.state_dict() == fresh.data.state_dict() and not t.queue.full
+    assert t.freezer.state_dict() == fresh.freezer.state_dict()
+    t.fit()
+    out = tmp_path / "new"
+    assert "init_from: " + str(run) in (out / "config.yaml").read_text()
+    meta = read_meta(list_checkpoints(out / "checkpoints")[-1])
+    assert meta["step"] == 3 and meta["init_from"]["step"] == 2 and meta["init_from"]["parts"] == "all"
+    assert meta["init_from"]["path"] == str(run) and meta["origin"] is None
+    assert f"initialised from {run}" in (out / "train.log").read_text()
+
+
+def test_init_backbone_only_gives_a_fresh_head_of_another_shape(source, tmp_path):
+    run, cfg = source
+    new_cfg = apply_overrides(cfg, [f"checkpoint.init_from={run}", "checkpoint.init_parts=backbone",
+                                    "head.num_prototypes=24", "head.output_dim=8"])
+    t = Trainer(new_cfg, tmp_path / "new")
+    t.release()
+    now, fresh = full_state_dict(t.model), full_state_dict(_fresh(new_cfg, tmp_path / "fresh").model)
+    assert _equal(_source_tensors(run, ("backbone",)), now, "backbone.")
+    assert _equal(fresh, now, "head.")  # the head a run without init_from starts with (the run's seed)
+    assert now["head.prototypes.weight"].shape[0] == 24
+
+
+def test_init_from_a_timm_export_takes_its_backbone(source, export, tmp_path, caplog):
+    run, cfg = source
+    new_cfg = apply_overrides(cfg, [f"checkpoint.init_from={export}", "checkpoint.init_parts=backbone"])
+    with caplog.at_level("INFO", logger="seer.train"):
+        t = Trainer(new_cfg, tmp_path / "new")
+    t.release()
+    now, fresh = full_state_dict(t.model), full_state_dict(_fresh(new_cfg, tmp_path / "fresh").model)
+    assert _equal(_source_tensors(run, ("backbone",)), now, "backbone.") and _equal(fresh, now, "head.")
+    assert f"initialised from {export} (an export: no step recorded, backbone)" in caplog.text
+
+
+def test_a_rerun_continues_the_new_run_from_its_own_checkpoint(source, tmp_path, caplog):
+    run, cfg = source
+    out = tmp_path / "new"
+    longer = apply_overrides(cfg, [f"checkpoint.init_from={run}", "train.max_steps=4", "checkpoint.every=2"])
+    Trainer(apply_overrides(longer, ["train.max_steps=2"]), out).fit()  # stopped at step 2, as if preempted
+    own = _source_tensors(out)
+    assert not _equal(_source_tensors(run), own)  # it trained: its step 2 is not the source's
+    caplog.clear()
+    with caplog.at_level("INFO", logger="seer.train"):
+        again = Trainer(longer, out)  # the same command again
+    assert again.step == 2 and again.resumed_from.name == "step_00000002"
+    assert _equal(own, full_state_dict(again.model)) and again.opt.state  # its own weights and momentum
+    assert "this run has checkpoints of its own" in caplog.text and f"initialised from {run} (" not in caplog.text
+    again.fit()
+    assert read_meta(list_checkpoints(out / "checkpoints")[-1])["init_from"]["path"] == str(run)
+    assert Trainer(apply_overrides(cfg, ["train.max_steps=4"]), out).step == 4  # without the key: resumes too
+    # The new run's checkpoints are like any run's: the backbone loads, exports and evaluates.
+    from seer.export import export_timm
+    exported, _ = export_timm(out, tmp_path / "vit.safetensors")
+    a, b = load_pretrained(out).state_dict(), load_pretrained(exported).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["eval", "knn", "--checkpoint", str(out), "--set", "eval.max_images=64", "--json",
+                 str(tmp_path / "eval.json")]) == 0
+    assert "knn_top1" in json.loads((tmp_path / "eval.json").read_text())
+
+
+def test_checkpoints_that_do_not_continue_the_initialisation_are_refused(source, tmp_path):
+    run, cfg = source
+    other = tmp_path / "other"
+    Trainer(apply_overrides(cfg, ["train.max_steps=1", "checkpoint.every=1"]), other).fit()
+    with pytest.raises(FileExistsError, match="was not initialised by checkpoint.init_from.*use another --out"):
+        Trainer(apply_overrides(cfg, [f"checkpoint.init_from={run}"]), other)
+    Trainer(apply_overrides(cfg, [f"checkpoint.init_from={run}", "train.max_steps=1"]), tmp_path / "new").fit()
+    with pytest.raises(FileExistsError, match=f"was initialised from {run}"):
+        Trainer(apply_overrides(cfg, [f"checkpoint.init_from={other}"]), tmp_path / "new")
+    with pytest.raises(FileExistsError, match="checkpoint.resume='never'"):
+        Trainer(apply_overrides(cfg, [f"checkpoint.init_from={run}", "checkpoint.resume=never"]), tmp_path / "new")
+
+
+def test_sources_that_cannot_be_this_run_are_refused_before_any_work(source, export, tmp_path):
+    run, cfg = source
+    init = [f"checkpoint.init_from={run}"]
+    with pytest.raises(ConfigError, match="another architecture than the config: model.depth: source 2, config 3"):
+        Trainer(apply_overrides(cfg, init + ["model.depth=3"]), tmp_path / "a")
+    assert not (tmp_path / "a" / "config.yaml").exists() and not list_checkpoints(tmp_path / "a" / "checkpoints")
+    with pytest.raises(ConfigError, match=r"\(checkpoint.init_parts=backbone starts the head afresh\).*"
+                                          r"head.num_prototypes: source 32, config 24"):
+        Trainer(apply_overrides(cfg, init + ["head.num_prototypes=24"]), tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"model.patch_size: source 8, config 4"):  # backbone: the trunk's keys
+        Trainer(apply_overrides(cfg, init + ["checkpoint.init_parts=backbone", "model.patch_size=4"]), tmp_path / "c")
+    with pytest.raises(ConfigError, match="is an export, which holds the backbone only: set checkpoint.init_parts="
+                                          "backbone"):
+        Trainer(apply_overrides(cfg, [f"checkpoint.init_from={export}"]), tmp_path / "d")
+    with pytest.raises(ConfigError, match="checkpoint.init_from=.* and checkpoint.resume=.* cannot be combined"):
+        Trainer(apply_overrides(cfg, init + [f"checkpoint.resume={run}"]), tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="checkpoint.init_from: '/no/such/run' does not exist"):
+        Trainer(apply_overrides(cfg, ["checkpoint.init_from=/no/such/run"]), tmp_path / "f")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="checkpoint.init_from: no complete checkpoint at"):
+        Trainer(apply_overrides(cfg, [f"checkpoint.init_from={tmp_path / 'empty'}"]), tmp_path / "g")
+    with pytest.raises(ConfigError, match="'checkpoint.init_parts' must be one of 'all', 'backbone', got 'head'"):
+        Trainer(apply_overrides(cfg, init + ["checkpoint.init_parts=head"]), tmp_path / "h")
+
+
+@pytest.mark.parametrize("sets, fragment", [
+    (["checkpoint.init_from={run}", "checkpoint.resume={run}"], "checkpoint.resume='{run}' cannot be combined"),
+    (["checkpoint.init_from=/no/such/run"], "checkpoint.init_from: '/no/such/run' does not exist"),
+    (["checkpoint.init_from={run}", "model.depth=3"], "model.depth: source 2, config 3"),
+])
+def test_refusals_are_one_line_from_the_cli(source, tmp_path, capsys, sets, fragment):
+    run, _ = source
+    argv = ["train", "--preset", "tiny", "--out", str(tmp_path / "r")]
+    for s in sets:
+        argv += ["--set", s.replace("{run}", str(run))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment.replace("{run}", str(run)) in err and "Traceback" not in err
+
+
+def _init_in_processes(rank, world, source, export, root):
+    """Each rank's view of runs initialised under dp=2 (from the 1-process checkpoint: DCP reshards it),
+    tp=2 (another split: full tensors, each rank its slice) and dp=2 from the export (each rank its shard)."""
+    base = apply_overrides(preset("tiny"), BASE + ["data.batch_size=4", "loss.queue_length=0"])
+    got = {}
+    for name, sets in (("dp2", [f"checkpoint.init_from={source}"]),
+                       ("tp2", [f"checkpoint.init_from={source}", "parallel.tp=2"]),
+                       ("dp2_export", [f"checkpoint.init_from={export}", "checkpoint.init_parts=backbone"])):
+        t = Trainer(apply_overrides(base, sets + ["train.max_steps=1", "checkpoint.every=1"]), f"{root}/{name}")
+        got[name] = {k: v.detach().cpu().clone() for k, v in full_state_dict(t.model).items()}
+        if name != "dp2_export":  # trains on (its checkpoint says where it started; tp2's: a tp=2 source below)
+            t.fit()
+        else:
+            t.release()
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_init_in_two_processes_from_a_one_process_source(source, export, tmp_path):
+    run, cfg = source
+    ranks = run_distributed(_init_in_processes, 2, str(run), str(export), str(tmp_path))
+    src = _source_tensors(run)
+    for got in ranks:
+        assert _equal(src, got["dp2"]) and got["dp2"].keys() == src.keys()
+        assert _equal(src, got["tp2"]) and got["tp2"].keys() == src.keys()
+        assert _equal(src, got["dp2_export"], "backbone.")
+    meta = read_meta(list_checkpoints(tmp_path / "dp2" / "checkpoints")[-1])
+    assert meta["world_size"] == 2 and meta["init_from"]["step"] == 2 and meta["init_from"]["path"] == str(run)
+    # A source written with parallel.tp=2 into one process: its slices merged into full tensors.
+    t = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={tmp_path / 'tp2'}"]), tmp_path / "from_tp2")
+    t.release()
+    tp2 = _source_tensors(tmp_path / "tp2")
+    assert _equal(tp2, full_state_dict(t.model)) and not _equal(src, tp2)
