@@ -13,16 +13,86 @@ processes: rows are disjoint), then the rows of unreadable images are removed in
 row count lowered. np.save pads the header so that the row count can grow to 21 digits without moving the
 data (numpy's GROWTH_AXIS_MAX_DIGITS), so the final header has the same length and the file is byte for
 byte np.save's (a numpy that pads otherwise is refused with an error, never given a different file).
+
+One run per FEATS.npy: the process that creates FEATS.npy.part holds an exclusive ``flock`` on it
+(:func:`lock_rows_file`) until the files are renamed; a second ``seer features`` on the same ``--out`` is
+refused (:class:`FeaturesBusyError`) instead of truncating the first one's rows, which it would otherwise
+do, while the first one kept writing into the file it then renamed. The kernel drops the lock when its
+holder dies, so the ``.part`` of a killed run is replaced by the next.
 """
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from .extract import ImageFeatures
+
+log = logging.getLogger(__name__)
+
+
+class FeaturesBusyError(FileExistsError):
+    """Another process is writing the same FEATS.npy (its ``.part`` file is locked)."""
+
+
+_locked: set[int] = set()  # the descriptors holding a rows file's lock in this process
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: a flock belongs to the
+    open file, which fork shares, so a worker outliving its parent would keep the ``.part`` locked."""
+    for fd in list(_locked):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _locked.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def lock_rows_file(path: Path, out: str | os.PathLike) -> Optional[int]:
+    """Create (or open) ``path``, FEATS.npy.part, and hold an exclusive lock on it (module doc); the descriptor
+    to hand to :func:`unlock_rows_file`, None where the filesystem has no locks (a warning). Raises
+    :class:`FeaturesBusyError` naming ``--out`` (``out``) when another process holds it."""
+    import fcntl
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FeaturesBusyError(
+                    f"--out {str(out)!r} is being written by another seer features ({str(path)!r} is locked): two "
+                    f"runs on one --out would overwrite each other's rows. Wait for it to end or stop it, or "
+                    f"choose another --out") from None
+            log.warning("cannot lock %s (%s): this filesystem has no file locks; make sure no other seer features "
+                        "writes to %s", path, e, out)
+            return None
+        # The holder may have renamed or removed the file between our open and our lock: lock the file at path.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            _locked.add(fd)
+            return fd
+        os.close(fd)
+
+
+def unlock_rows_file(fd: Optional[int]) -> None:
+    """Release :func:`lock_rows_file`'s lock (closing its descriptor); None: nothing to release."""
+    if fd is not None and fd in _locked:
+        _locked.discard(fd)
+        os.close(fd)
 
 
 def check_outputs(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -64,15 +134,23 @@ def write_outputs(out: str | os.PathLike, result: ImageFeatures, *, overwrite: b
     again (:func:`check_outputs`): the extraction may have taken hours, during which files appear."""
     npy = check_outputs(out, overwrite=overwrite)
     parts = part_paths(npy)
+    lock = lock_rows_file(parts[0], out)  # (as seer features: one writer per --out)
+    committed = False
     try:
         with open(parts[0], "wb") as f:  # (np.save given a name adds .npy to it)
             np.save(f, result.features.numpy().astype(np.float32, copy=False))
             f.flush()
             os.fsync(f.fileno())
-        return commit_outputs(npy, result.paths, overwrite=overwrite)
+        done = commit_outputs(npy, result.paths, overwrite=overwrite)
+        committed = True
+        return done
     finally:
-        for part in parts:
-            part.unlink(missing_ok=True)
+        try:
+            if not committed:  # (after the renames a new .part is another run's)
+                for part in parts:
+                    part.unlink(missing_ok=True)
+        finally:
+            unlock_rows_file(lock)
 
 
 def part_paths(npy: Path) -> tuple[Path, Path]:

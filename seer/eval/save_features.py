@@ -42,7 +42,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .extract import check_feature_args, feature_dim, stream_image_features
-from .feature_files import RowWriter, check_outputs, commit_outputs, create_rows_file, drop_rows, part_paths
+from .feature_files import (RowWriter, check_outputs, commit_outputs, create_rows_file, drop_rows, lock_rows_file,
+                            part_paths, unlock_rows_file)
 
 # How long a rank that is done waits for the others' outcome (module doc).
 STATUS_WAIT_S = 7 * 24 * 3600
@@ -101,8 +102,12 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
     width = feature_dim(backbone, layers, tokens)
     failed = _failed_flag(npy)
 
+    lock: list = []  # rank 0: the lock on the .part file, once held (feature_files' module doc)
+    committed = False
+
     def setup() -> None:  # rank 0, before any rank writes
         check_outputs(out, overwrite=overwrite)
+        lock.append(lock_rows_file(parts[0], out))  # (FeaturesBusyError while another run writes --out)
         failed.unlink(missing_ok=True)  # (left by a run that was killed)
         create_rows_file(parts[0], len(paths), width)
 
@@ -127,10 +132,17 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
             drop_rows(parts[0], [i for i, _ in skipped])
             dropped = {i for i, _ in skipped}
             commit_outputs(npy, [p for i, p in enumerate(paths) if i not in dropped], overwrite=overwrite)
+            committed = True
     finally:
-        if rank == 0:
-            for part in (*parts, failed):
-                part.unlink(missing_ok=True)
+        # Only the run that holds the lock removes the .part files: a run refused because another one writes
+        # --out must leave that one's files alone, and after the renames a new .part is another run's.
+        if rank == 0 and lock:
+            try:
+                if not committed:
+                    for part in (*parts, failed):
+                        part.unlink(missing_ok=True)
+            finally:
+                unlock_rows_file(lock[0])
         if group is not None:
             dist.destroy_process_group(group)
     return SavedFeatures(npy, npy.with_suffix(".txt"), left, width, [(paths[i], why) for i, why in skipped])

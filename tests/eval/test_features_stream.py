@@ -123,6 +123,37 @@ def test_an_error_mid_way_leaves_no_files(run, tmp_path, monkeypatch, error):
     assert leftovers(tmp_path) == ["f.npy"] and (tmp_path / "f.npy").read_bytes() == b"old"
 
 
+def test_a_second_run_on_the_same_out_is_refused_and_leaves_the_first_ones_rows(run, tmp_path, monkeypatch, capsys):
+    """A second seer features on the --out that a run is writing is refused (status 2, nothing of the first
+    run's touched: it used to truncate the first one's .part, whose rows then went into the renamed file);
+    the first one finishes with its own bytes."""
+    assert main(argv(run, tmp_path / "ref.npy")) == 0
+    real, seen = extract.token_features, []
+
+    def forward(*args, **kwargs):
+        if not seen:  # during the first run's first batch: the same command again
+            before = (tmp_path / "f.npy.part").read_bytes()
+            seen.append(main(argv(run, tmp_path / "f.npy")))
+            seen.append(capsys.readouterr().err)
+            assert (tmp_path / "f.npy.part").read_bytes() == before
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "token_features", forward)
+    assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert seen[0] == 2 and "is being written by another seer features" in seen[1]
+    assert (tmp_path / "f.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert (tmp_path / "f.txt").read_bytes() == (tmp_path / "ref.txt").read_bytes()
+    assert leftovers(tmp_path) == ["f.npy", "f.txt", "ref.npy", "ref.txt"]
+
+
+def test_a_killed_runs_part_files_are_replaced(run, tmp_path):
+    """A killed run leaves FEATS.npy.part (and maybe the failure flag), unlocked: the next run replaces them."""
+    (tmp_path / "f.npy.part").write_bytes(b"stale rows")
+    (tmp_path / "f.npy.part.failed").write_text("rank 1: killed\n")
+    assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"] and np.load(tmp_path / "f.npy").shape == (8, 64)
+
+
 def _features_body(rank, world, run, out, fail_rank=None):
     """One process of a gloo launch: ``seer features`` as torchrun runs it; its exit status (or the error it
     raised), stdout, stderr and number of forward passes. Rank ``fail_rank`` fails at its first forward
