@@ -129,6 +129,15 @@ def _partners(npy: Path, txt: Path) -> bool:
         return False
 
 
+def check_path_lines(paths) -> None:
+    """ValueError naming the first path with a newline: FEATS.txt holds one path a line (row i, line i), which
+    such a path would break (a folder's scan leaves those names out; a single --images file may have one)."""
+    for i, p in enumerate(paths):
+        if "\n" in p:
+            raise ValueError(f"image path {i} ({p!r}) contains a newline: FEATS.txt lists one path a line; rename "
+                             f"the file")
+
+
 def write_outputs(out: str | os.PathLike, result: ImageFeatures, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``result`` to OUT.npy and OUT.txt (module doc); return both paths. The outputs are checked
     again (:func:`check_outputs`): the extraction may have taken hours, during which files appear."""
@@ -162,6 +171,7 @@ def part_paths(npy: Path) -> tuple[Path, Path]:
 def commit_outputs(out: str | os.PathLike, paths: list[str], *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write OUT.txt.part (``paths``, one a line), then rename it and the finished OUT.npy.part into place
     (module doc); the outputs are checked again first. Returns (OUT.npy, OUT.txt)."""
+    check_path_lines(paths)
     npy = check_outputs(out, overwrite=overwrite)
     txt = npy.with_suffix(".txt")
     parts = part_paths(npy)

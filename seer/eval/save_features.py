@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .extract import check_feature_args, feature_dim, stream_image_features
-from .feature_files import (RowWriter, check_outputs, commit_outputs, create_rows_file, drop_rows, lock_rows_file,
+from .feature_files import (RowWriter, check_outputs, check_path_lines, commit_outputs, create_rows_file, drop_rows, lock_rows_file,
                             part_paths, unlock_rows_file)
 
 # How long a rank that is done waits for the others' outcome (module doc).
@@ -96,6 +96,7 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
     check_feature_args(backbone, layers, tokens)
     if not paths:
         raise ValueError("paths is empty: expected at least one image path")
+    check_path_lines(paths)  # (before the work, not at the end of it)
     rank, world = _rank_world()
     npy = check_outputs(out, overwrite=overwrite)
     parts = part_paths(npy)

@@ -154,6 +154,22 @@ def test_a_killed_runs_part_files_are_replaced(run, tmp_path):
     assert leftovers(tmp_path) == ["f.npy", "f.txt"] and np.load(tmp_path / "f.npy").shape == (8, 64)
 
 
+def test_an_image_path_with_a_newline_is_refused_before_the_work(run, tmp_path, capsys):
+    """FEATS.txt is one path a line: a single --images file with a newline in its name gave 2 lines for 1 row
+    (and the pair was then refused as foreign by --overwrite); a folder's scan leaves such names out."""
+    image = tmp_path / "a\nb.png"
+    image.write_bytes((next(p for p in (run / "images").iterdir() if p.suffix == ".png")).read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["features", "--checkpoint", str(run / "run"), "--images", str(image), "--out", str(out / "f.npy")]
+    assert main(args) == 2
+    assert "image path 0 (" in capsys.readouterr().err
+    assert leftovers(out) == []
+    with pytest.raises(ValueError, match="contains a newline"):
+        write_outputs(out / "m.npy", extract.ImageFeatures(torch.zeros(1, 2), [str(image)], []))
+    assert leftovers(out) == []
+
+
 def _features_body(rank, world, run, out, fail_rank=None):
     """One process of a gloo launch: ``seer features`` as torchrun runs it; its exit status (or the error it
     raised), stdout, stderr and number of forward passes. Rank ``fail_rank`` fails at its first forward
