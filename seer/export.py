@@ -151,6 +151,12 @@ def check_out(out: Path, fmt: str) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {str(out)!r}: cannot create files under {str(existing)!r}")
     if not json_path.exists():
+        # Replaced only where an export wrote it (the weights of an export killed between its two renames):
+        # without its JSON, a file of that name may be anything the user keeps there.
+        if out.exists() and not written_by_seer(out, fmt):
+            raise ValueError(f"--out {str(out)!r} exists and is not a file that seer export wrote (and "
+                             f"{str(json_path)!r}, an export's JSON, is not beside it); the export would replace "
+                             f"it: remove it or choose another --out")
         return
     found = export_format(json_path)
     if found is None:
@@ -162,6 +168,75 @@ def check_out(out: Path, fmt: str) -> None:
         raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} is the JSON of the {found} export "
                          f"{str(out.with_suffix(SUFFIXES[found]))!r}, which needs it; the {fmt} export writes its "
                          f"JSON there and would replace it: choose another --out")
+
+
+# The mark each format's file carries (safetensors' header metadata; the ONNX model's metadata_props).
+SEER_MARK = ("producer", "seer")
+
+
+def written_by_seer(path: Path, fmt: str) -> bool:
+    """Whether ``path`` is a file that seer's ``fmt`` export wrote (its mark, read without the weights)."""
+    key, value = SEER_MARK
+    try:
+        if fmt == "timm":
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 2 <= size <= 100 << 20:
+                    return False
+                header = json.loads(f.read(size))
+            meta = header.get("__metadata__") if isinstance(header, dict) else None
+            return isinstance(meta, dict) and meta.get(key) == value and meta.get("layout") == "timm"
+        return _onnx_metadata(path).get(key) == value
+    except (OSError, ValueError):
+        return False
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    """The ``metadata_props`` of the ONNX file ``path``, read by walking the ModelProto's top-level fields (the
+    graph and its weights are skipped, not parsed); ValueError where it is not a protobuf message."""
+    def varint(f) -> int:
+        shift = result = 0
+        while True:
+            b = f.read(1)
+            if not b or shift > 63:
+                raise ValueError("not a protobuf message")
+            result |= (b[0] & 0x7F) << shift
+            shift += 7
+            if not b[0] & 0x80:
+                return result
+
+    def fields(data: bytes) -> dict[int, bytes]:  # (the string fields of a small message)
+        import io
+        g, found = io.BytesIO(data), {}
+        while g.tell() < len(data):
+            tag = varint(g)
+            if tag & 7 != 2:
+                raise ValueError("not a metadata entry")
+            found[tag >> 3] = g.read(varint(g))
+        return found
+
+    meta = {}
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            tag = varint(f)
+            number, wire = tag >> 3, tag & 7
+            if wire == 0:
+                varint(f)
+            elif wire == 1 or wire == 5:
+                f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+            elif wire == 2:
+                length = varint(f)
+                if number == 14:  # ModelProto.metadata_props: StringStringEntryProto {1: key, 2: value}
+                    entry = fields(f.read(length))
+                    meta[entry.get(1, b"").decode(errors="replace")] = entry.get(2, b"").decode(errors="replace")
+                else:
+                    f.seek(length, os.SEEK_CUR)
+            else:
+                raise ValueError("not a protobuf message")
+            if number == 0 or f.tell() > size:
+                raise ValueError("not a protobuf message")
+    return meta
 
 
 def export_format(path: Path) -> Optional[str]:

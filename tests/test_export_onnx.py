@@ -108,6 +108,32 @@ def test_out_is_checked_before_the_checkpoint_is_read(run, exported, tmp_path, c
     assert not list(tmp_path.glob("*.onnx*"))
 
 
+def test_a_file_at_out_that_no_export_wrote_is_never_replaced(run, exported, tmp_path, capsys):
+    """A vit.onnx (or vit.safetensors) without an export's JSON beside it is the user's: refused, kept (it was
+    replaced without a word). An export's own file without its JSON (killed between the two renames; marked
+    producer=seer in its metadata) is replaced, as an earlier export with its JSON is."""
+    missing = str(tmp_path / "no-such-run")
+    for name, fmt in (("mine.onnx", "onnx"), ("mine.safetensors", "timm"), ("timm.onnx", "onnx"),
+                      ("onnx.safetensors", "timm")):
+        path = tmp_path / name
+        if name.startswith("timm"):  # a seer export of the other format under this name: not this format's
+            shutil.copy(export_timm(run, tmp_path / "t" / "v.safetensors")[0], path)
+        elif name.startswith("onnx"):
+            shutil.copy(exported[0], path)
+        else:
+            path.write_bytes(b"precious \x08\x07 bytes")
+        before = path.read_bytes()
+        assert main(["export", "--checkpoint", missing, "--format", fmt, "--out", str(path)]) == 2
+        assert "exists and is not a file that seer export wrote" in capsys.readouterr().err
+        assert path.read_bytes() == before
+    assert dict((p.key, p.value) for p in onnx.load(str(exported[0])).metadata_props)["producer"] == "seer"
+    orphan = tmp_path / "o" / "vit.onnx"
+    orphan.parent.mkdir()
+    shutil.copy(exported[0], orphan)  # no vit.json beside it
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(orphan)]) == 0
+    assert sorted(p.name for p in orphan.parent.iterdir()) == ["vit.json", "vit.onnx"]
+
+
 @pytest.mark.parametrize("package", ["onnx", "onnxscript", "onnxruntime"])
 def test_a_missing_package_is_one_line(run, tmp_path, monkeypatch, capsys, package):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` raises ImportError
