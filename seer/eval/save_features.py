@@ -42,8 +42,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .extract import check_feature_args, feature_dim, stream_image_features
-from .feature_files import (RowWriter, check_outputs, check_path_lines, commit_outputs, create_rows_file, drop_rows, lock_rows_file,
-                            part_paths, unlock_rows_file)
+from .feature_files import (RowWriter, check_outputs, check_path_lines, commit_outputs, create_rows_file, drop_rows,
+                            lock_rows_file, part_paths, unlock_rows_file)
 
 # How long a rank that is done waits for the others' outcome (module doc).
 STATUS_WAIT_S = 7 * 24 * 3600
