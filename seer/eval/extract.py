@@ -85,6 +85,14 @@ def token_features(backbone: nn.Module, x: Tensor, *, layers: int = 1, tokens: s
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
+def check_batching(batch_size: int, workers: int = 0, timeout_s: float = DataConfig.timeout_s) -> None:
+    """ValueError naming ``batch_size``, ``workers`` or ``timeout_s`` where it is not one the loader takes."""
+    for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_timeout(timeout_s, "timeout_s")
+
+
 class _Images(Dataset):
     """Image i of ``paths`` -> (i, preprocessed (3, S, S) or None, None or the reason it is unreadable)."""
 
@@ -160,10 +168,7 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     :func:`extract_image_features`'.
     """
     check_feature_args(backbone, layers, tokens)
-    for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    check_timeout(timeout_s, "timeout_s")
+    check_batching(batch_size, workers, timeout_s)
     part = range(len(paths)) if part is None else part
     if not isinstance(part, range) or part.step != 1 or not 0 <= part.start <= part.stop <= len(paths):
         raise ValueError(f"part must be a range of path indices (step 1) within 0..{len(paths)}, got {part!r}")

@@ -41,7 +41,8 @@ from typing import Optional, Sequence
 import torch.distributed as dist
 from torch import nn
 
-from .extract import check_feature_args, feature_dim, stream_image_features
+from ..config import DataConfig
+from .extract import check_batching, check_feature_args, feature_dim, stream_image_features
 from .feature_files import (RowWriter, check_outputs, check_path_lines, commit_outputs, create_rows_file, drop_rows,
                             lock_rows_file, part_paths, unlock_rows_file)
 
@@ -94,6 +95,7 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
     Raises :class:`NoReadableImagesError` (nothing written) when no image is readable.
     """
     check_feature_args(backbone, layers, tokens)
+    check_batching(batch_size, options.get("workers", 0), options.get("timeout_s", DataConfig.timeout_s))
     if not paths:
         raise ValueError("paths is empty: expected at least one image path")
     check_path_lines(paths)  # (before the work, not at the end of it)

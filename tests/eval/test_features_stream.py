@@ -15,7 +15,7 @@ from seer.config import apply_overrides, preset
 from seer.eval import extract
 from seer.eval.extract import extract_image_features
 from seer.eval.feature_files import RowWriter, create_rows_file, drop_rows, write_outputs
-from seer.eval.save_features import batch_share
+from seer.eval.save_features import batch_share, save_image_features
 from seer.train import Trainer
 from tests.dist_utils import run_distributed
 from tests.images import write_good_images
@@ -168,6 +168,18 @@ def test_an_image_path_with_a_newline_is_refused_before_the_work(run, tmp_path, 
     with pytest.raises(ValueError, match="contains a newline"):
         write_outputs(out / "m.npy", extract.ImageFeatures(torch.zeros(1, 2), [str(image)], []))
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+                                           ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+                                           ({"workers": -1}, "workers must be an integer >= 0, got -1")])
+def test_save_image_features_names_a_bad_batch_size_before_any_file(run, tmp_path, kwargs, match):
+    """batch_size=0 was a ZeroDivisionError from the shares (and 2.5 a TypeError), after the .part was made."""
+    paths = (run / "list.txt").read_text().splitlines()
+    with pytest.raises(ValueError, match=match):
+        save_image_features(seer.load_pretrained(run / "run"), paths, tmp_path / "f.npy", image_size=32,
+                            mean=[0.5] * 3, std=[0.2] * 3, **kwargs)
+    assert leftovers(tmp_path) == []
 
 
 def _features_body(rank, world, run, out, fail_rank=None):
