@@ -225,6 +225,9 @@ def _checkpoint_run_config(ckpt: Path, *, random_init: bool = False):
     older export lacks it) with the export's ViT, normalisation and evaluation image size."""
     from .pretrained import checkpoint_config
     from .train.checkpoint import resolve_checkpoint
+    if ckpt.suffix == ".onnx":  # (seer runs torch modules; an ONNX file is for onnxruntime)
+        raise CLIError(f"--checkpoint {str(ckpt)!r} is an ONNX export, which seer cannot load: give the run "
+                       f"folder, a checkpoint folder or a timm export (.safetensors)")
     if ckpt.suffix != ".safetensors":
         ckpt_dir = resolve_checkpoint(ckpt)
         return checkpoint_config(ckpt_dir), True, ckpt_dir
@@ -299,6 +302,7 @@ def cmd_eval(args) -> int:
 def cmd_features(args) -> int:
     from .eval.extract import image_paths
     from .eval.feature_files import check_outputs
+    from .data.sources import printable
     from .eval.save_features import NoReadableImagesError, save_image_features
     from .train.build import autocast_dtype
     check_outputs(args.out, overwrite=args.overwrite)  # before the work, not after it
@@ -340,10 +344,15 @@ def cmd_features(args) -> int:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)") \
             from None
     if main_rank:
-        listed = " (listed above)" if res.skipped else ""
+        # Each process warned of its own unreadable images: where some were another's (another node's output,
+        # perhaps), rank 0, which has them all, lists them here.
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        listed = "" if not res.skipped else " (listed below)" if several else " (listed above)"
         print(f"features: {res.rows} images x {res.width} ({args.tokens}, last {args.layers} block(s), {size} px, "
               f"{device.type}, {precision}), {len(res.skipped)} unreadable skipped{listed}, in "
               f"{time.perf_counter() - t0:.1f} s; wrote {res.npy} and {res.txt}", flush=True)
+        if several and res.skipped:
+            print("".join(f"unreadable: {printable(p)} ({why})\n" for p, why in res.skipped), end="", flush=True)
     from .train.distributed import shutdown_distributed
     shutdown_distributed()
     return 0

@@ -98,8 +98,8 @@ def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig)
         measured.update(diff=diff, tol=tol)
         vit = model.cfg
         info = {"format": "onnx", "producer": "seer", "file": out.name,
-                "input": {"name": "images", "dtype": "float32", "shape": ["N", vit.in_chans, size, size]},
-                "output": {"name": "features", "dtype": "float32", "shape": ["N", vit.embed_dim]},
+                "input": {"name": "images", "dtype": "float32", "shape": ["batch", vit.in_chans, size, size]},
+                "output": {"name": "features", "dtype": "float32", "shape": ["batch", vit.embed_dim]},
                 "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std), "image_size": size,
                 "features": "class token (N, D)",
                 "preprocessing": "RGB resized and centre-cropped to image_size, scaled to [0, 1], then "

@@ -40,6 +40,7 @@ from tests.images import write_bad_images, write_good_images
     (["train", "--preset", "tiny", "--set", "train.max_steps=[1", "--out", "x"],
      "cannot parse the value: expected ',' or ']', but got '<stream end>' (line 1, column 3)\n"),
     (["eval", "knn", "--checkpoint", "{tmp}/v.safetensors"], "{tmp}/v.safetensors: no such exported file"),
+    (["eval", "knn", "--checkpoint", "{tmp}/v.onnx"], "'{tmp}/v.onnx' is an ONNX export, which seer cannot load"),
 ])
 def test_bad_input_is_one_clear_line(argv, fragment, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -67,8 +67,12 @@ def test_the_json_describes_the_file_and_the_run(run, exported):
     path = exported[0]
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["format"] == "onnx" and info["producer"] == "seer" and info["file"] == "vit.onnx"
-    assert info["input"] == {"name": "images", "dtype": "float32", "shape": ["N", 3, 32, 32]}
-    assert info["output"] == {"name": "features", "dtype": "float32", "shape": ["N", 64]}
+    assert info["input"] == {"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32]}
+    assert info["output"] == {"name": "features", "dtype": "float32", "shape": ["batch", 64]}
+    graph = onnx.load(str(path), load_external_data=False).graph  # the JSON's shapes are the graph's own
+    for value, want in ((graph.input[0], info["input"]), (graph.output[0], info["output"])):
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        assert (value.name, dims) == (want["name"], want["shape"])
     assert info["mean"] == [0.5, 0.4, 0.3] and info["image_size"] == 32 and info["features"] == "class token (N, D)"
     assert info["opset"] == 18
     assert (info["onnx_version"], info["onnxscript_version"], info["onnxruntime_version"], info["torch_version"]) \

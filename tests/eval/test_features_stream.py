@@ -218,6 +218,8 @@ def test_two_processes_write_the_single_process_bytes(run, tmp_path):
     assert all("8 images x 64 (cls, last 1 block(s), 32 px, cpu, fp32), 3 unreadable skipped" in out
                for out in (out1, two[0][1]))
     assert two[1][1] == ""  # rank 1 prints nothing
+    # rank 0's summary lists every process's unreadable images (each process warned of its own only)
+    assert all(f"broken_{i}.jpg (" in two[0][1] for i in BROKEN) and "skipped (listed below)" in two[0][1]
     assert (tmp_path / "two.npy").read_bytes() == (tmp_path / "one.npy").read_bytes()
     assert (tmp_path / "two.txt").read_bytes() == (tmp_path / "one.txt").read_bytes()
     assert leftovers(tmp_path) == ["one.npy", "one.txt", "two.npy", "two.txt"]
