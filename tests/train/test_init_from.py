@@ -217,3 +217,20 @@ def test_init_in_two_processes_from_a_one_process_source(source, export, tmp_pat
     t.release()
     tp2 = _source_tensors(tmp_path / "tp2")
     assert _equal(tp2, full_state_dict(t.model)) and not _equal(src, tp2)
+
+
+@pytest.mark.cuda
+def test_a_gpu_run_starts_from_a_cpu_runs_weights(source, export, tmp_path):
+    """The source's tensors (written by a CPU run) land on the GPU run's device, all parts and from an export,
+    and the run trains on."""
+    run, cfg = source
+    gpu = ["train.device=cuda", "train.max_steps=3", "checkpoint.every=0"]
+    t = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={run}", *gpu]), tmp_path / "all")
+    now = {k: v.cpu() for k, v in full_state_dict(t.model).items()}
+    assert next(t.model.parameters()).device.type == "cuda" and _equal(_source_tensors(run), now)
+    assert t.fit()["step"] == 3
+    t = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={export}", "checkpoint.init_parts=backbone", *gpu]),
+                tmp_path / "export")
+    now = {k: v.cpu() for k, v in full_state_dict(t.model).items()}
+    assert _equal(_source_tensors(run, ("backbone",)), now, "backbone.")
+    t.release()
