@@ -16,83 +16,30 @@ byte np.save's (a numpy that pads otherwise is refused with an error, never give
 
 One run per FEATS.npy: the process that creates FEATS.npy.part holds an exclusive ``flock`` on it
 (:func:`lock_rows_file`) until the files are renamed; a second ``seer features`` on the same ``--out`` is
-refused (:class:`FeaturesBusyError`) instead of truncating the first one's rows, which it would otherwise
+refused (:class:`seer.part_lock.OutputBusyError`) instead of truncating the first one's rows, which it would otherwise
 do, while the first one kept writing into the file it then renamed. The kernel drops the lock when its
 holder dies, so the ``.part`` of a killed run is replaced by the next.
 """
 from __future__ import annotations
 
-import errno
 import io
-import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..part_lock import lock_part, unlock_part
 from .extract import ImageFeatures
-
-log = logging.getLogger(__name__)
-
-
-class FeaturesBusyError(FileExistsError):
-    """Another process is writing the same FEATS.npy (its ``.part`` file is locked)."""
-
-
-_locked: set[int] = set()  # the descriptors holding a rows file's lock in this process
-
-
-def _forget_locks_in_child() -> None:
-    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: a flock belongs to the
-    open file, which fork shares, so a worker outliving its parent would keep the ``.part`` locked."""
-    for fd in list(_locked):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _locked.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def lock_rows_file(path: Path, out: str | os.PathLike) -> Optional[int]:
-    """Create (or open) ``path``, FEATS.npy.part, and hold an exclusive lock on it (module doc); the descriptor
-    to hand to :func:`unlock_rows_file`, None where the filesystem has no locks (a warning). Raises
-    :class:`FeaturesBusyError` naming ``--out`` (``out``) when another process holds it."""
-    import fcntl
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise FeaturesBusyError(
-                    f"--out {str(out)!r} is being written by another seer features ({str(path)!r} is locked): two "
-                    f"runs on one --out would overwrite each other's rows. Wait for it to end or stop it, or "
-                    f"choose another --out") from None
-            log.warning("cannot lock %s (%s): this filesystem has no file locks; make sure no other seer features "
-                        "writes to %s", path, e, out)
-            return None
-        # The holder may have renamed or removed the file between our open and our lock: lock the file at path.
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            _locked.add(fd)
-            return fd
-        os.close(fd)
-
-
-def unlock_rows_file(fd: Optional[int]) -> None:
-    """Release :func:`lock_rows_file`'s lock (closing its descriptor); None: nothing to release."""
-    if fd is not None and fd in _locked:
-        _locked.discard(fd)
-        os.close(fd)
+    """Create (or open) ``path``, FEATS.npy.part, and hold an exclusive lock on it (module doc;
+    :func:`seer.part_lock.lock_part`); :class:`seer.part_lock.OutputBusyError` naming ``--out`` (``out``) when
+    another process holds it."""
+    return lock_part(path, f"--out {str(out)!r} is being written by another seer features ({str(path)!r} is "
+                           f"locked): two runs on one --out would overwrite each other's rows. Wait for it to end "
+                           f"or stop it, or choose another --out")
 
 
 def check_outputs(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -159,7 +106,7 @@ def write_outputs(out: str | os.PathLike, result: ImageFeatures, *, overwrite: b
                 for part in parts:
                     part.unlink(missing_ok=True)
         finally:
-            unlock_rows_file(lock)
+            unlock_part(lock)
 
 
 def part_paths(npy: Path) -> tuple[Path, Path]:

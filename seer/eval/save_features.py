@@ -42,9 +42,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import DataConfig
+from ..part_lock import unlock_part
 from .extract import check_batching, check_feature_args, feature_dim, stream_image_features
 from .feature_files import (RowWriter, check_outputs, check_path_lines, commit_outputs, create_rows_file, drop_rows,
-                            lock_rows_file, part_paths, unlock_rows_file)
+                            lock_rows_file, part_paths)
 
 # How long a rank that is done waits for the others' outcome (module doc).
 STATUS_WAIT_S = 7 * 24 * 3600
@@ -110,7 +111,7 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
 
     def setup() -> None:  # rank 0, before any rank writes
         check_outputs(out, overwrite=overwrite)
-        lock.append(lock_rows_file(parts[0], out))  # (FeaturesBusyError while another run writes --out)
+        lock.append(lock_rows_file(parts[0], out))  # (OutputBusyError while another run writes --out)
         failed.unlink(missing_ok=True)  # (left by a run that was killed)
         create_rows_file(parts[0], len(paths), width)
 
@@ -145,7 +146,7 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
                     for part in (*parts, failed):
                         part.unlink(missing_ok=True)
             finally:
-                unlock_rows_file(lock[0])
+                unlock_part(lock[0])
         if group is not None:
             dist.destroy_process_group(group)
     return SavedFeatures(npy, npy.with_suffix(".txt"), left, width, [(paths[i], why) for i, why in skipped])

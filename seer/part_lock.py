@@ -1,0 +1,73 @@
+"""One writer per output: an exclusive ``flock`` on the ``.part`` file an output is written through.
+
+``seer features`` and ``seer export`` write their outputs under ``.part`` names and rename them into place.
+Two processes writing the same output at once would truncate each other's ``.part`` files and rename a mix
+into place (rows past a file's data, weights beside another export's JSON); the second one is refused
+instead (:class:`OutputBusyError`). The lock is held on the open file, so the kernel drops it when its holder
+dies: a killed writer's ``.part`` is simply replaced by the next one. Torch-free.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class OutputBusyError(FileExistsError):
+    """Another process is writing the same output (its ``.part`` file is locked)."""
+
+
+_locked: set[int] = set()  # the descriptors holding a lock in this process
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: a flock belongs to the
+    open file, which fork shares, so a worker outliving its parent would keep the ``.part`` locked."""
+    for fd in list(_locked):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _locked.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def lock_part(path: Path, busy: str) -> Optional[int]:
+    """Create (or open) ``path`` and hold an exclusive lock on it; the descriptor to hand to
+    :func:`unlock_part`, None where the filesystem has no locks (a warning). Raises :class:`OutputBusyError`
+    with the message ``busy`` when another process holds it."""
+    import fcntl
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputBusyError(busy) from None
+            log.warning("cannot lock %s (%s): this filesystem has no file locks; make sure no other process "
+                        "writes the same output", path, e)
+            return None
+        # The holder may have renamed or removed the file between our open and our lock: lock the file at path.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            _locked.add(fd)
+            return fd
+        os.close(fd)
+
+
+def unlock_part(fd: Optional[int]) -> None:
+    """Release :func:`lock_part`'s lock (closing its descriptor); None: nothing to release."""
+    if fd is not None and fd in _locked:
+        _locked.discard(fd)
+        os.close(fd)
