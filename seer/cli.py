@@ -302,7 +302,7 @@ def cmd_eval(args) -> int:
 def cmd_features(args) -> int:
     from .eval.extract import image_paths
     from .eval.feature_files import check_outputs
-    from .data.sources import printable
+    from .data.sources import DataSourceError, printable
     from .eval.save_features import NoReadableImagesError, save_image_features
     from .train.build import autocast_dtype
     check_outputs(args.out, overwrite=args.overwrite)  # before the work, not after it
@@ -320,7 +320,9 @@ def cmd_features(args) -> int:
         raise CLIError(f"--image-size must be a positive multiple of the patch size {patch}, got {args.image_size}")
     size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size  # (seer eval's size)
     try:
-        paths = image_paths(args.images)
+        paths = image_paths(args.images, setting="--images")
+    except DataSourceError as e:  # (a folder's: named after the setting already)
+        raise CLIError(str(e)) from None
     except (OSError, ValueError) as e:  # (its messages name the list file or folder, not the flag)
         raise CLIError(f"--images: {e}") from None
     if not paths:

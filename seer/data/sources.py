@@ -153,14 +153,15 @@ class TensorSource(ImageSource):
 # ---------------------------------------------------------------------------------------------------------
 # Scanning and indexing.
 
-def scan_folder(root: str | os.PathLike) -> Iterator[str]:
+def scan_folder(root: str | os.PathLike, setting: str = "data.source") -> Iterator[str]:
     """Image files under ``root`` (recursive, symlinked folders followed once each), as paths relative to it,
     in a deterministic order: each folder's entries sorted by name, sub-folders visited in that order.
     Streams; never holds more than one folder listing.
 
     A folder that cannot be listed raises :class:`DataSourceError` naming it (skipping it would train on
     part of the data without a word); a file name with a newline, which the index cannot hold, is left out
-    with a warning. A symlinked folder seen before (a loop, or two links to one folder) is visited once."""
+    with a warning. A symlinked folder seen before (a loop, or two links to one folder) is visited once.
+    ``setting``: what the errors and warnings call the folder (the config key or flag the user gave it by)."""
     root = os.fspath(root)
     stack = [""]
     seen: set[tuple[int, int]] = set()
@@ -174,21 +175,21 @@ def scan_folder(root: str | os.PathLike) -> Iterator[str]:
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(where), key=lambda e: e.name)
         except OSError as e:
-            raise DataSourceError(f"data.source: cannot list folder {where!r} ({type(e).__name__}: {e.strerror}): "
+            raise DataSourceError(f"{setting}: cannot list folder {where!r} ({type(e).__name__}: {e.strerror}): "
                                   f"fix its permissions or move it out of the source") from None
         subdirs = []
         for e in entries:
             path = os.path.join(rel, e.name) if rel else e.name
             if "\n" in e.name:
-                log.warning("data.source: leaving out %r (a newline in its name)", path)
+                log.warning("%s: leaving out %r (a newline in its name)", setting, path)
                 continue
             try:
                 is_dir, is_file = e.is_dir(), e.is_file()  # following a link
             except OSError as exc:
                 if exc.errno != errno.ELOOP:  # a link to what cannot be read: as a folder that cannot be listed
-                    raise DataSourceError(f"data.source: cannot read {os.path.join(root, path)!r} "
+                    raise DataSourceError(f"{setting}: cannot read {os.path.join(root, path)!r} "
                                           f"({type(exc).__name__}: {exc.strerror})") from None
-                log.warning("data.source: leaving out %r (a symbolic link loop)", path)
+                log.warning("%s: leaving out %r (a symbolic link loop)", setting, path)
                 continue
             if is_dir:
                 subdirs.append(path)

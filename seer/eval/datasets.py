@@ -56,7 +56,7 @@ def _class_folder(root: Path) -> tuple[list[str], Tensor, list[str]]:
                          f"{len(classes)}")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        found = [str(root / name / p) for p in scan_folder(root / name)]
+        found = [str(root / name / p) for p in scan_folder(root / name, "eval.dataset")]
         paths += found
         labels += [c] * len(found)
     if not paths:

@@ -44,15 +44,15 @@ class ImageFeatures:
     skipped: list[tuple[str, str]]
 
 
-def image_paths(source: str | os.PathLike) -> list[str]:
+def image_paths(source: str | os.PathLike, *, setting: str = "source") -> list[str]:
     """The images of ``source``: a folder's image files (recursive, sorted as :func:`seer.data.sources.
     scan_folder` lists them; joined to ``source``), a list file's entries (one path a line, blank lines and
     '#' comments skipped, relative paths taken from the list file's folder, as a training list file), or a
-    single image file."""
+    single image file. ``setting``: what a folder's errors and warnings call it (the CLI: '--images')."""
     from ..data.mapped import normalise_list_file
     src = os.fspath(source)
     if os.path.isdir(src):
-        return [os.path.join(src, rel) for rel in scan_folder(src)]
+        return [os.path.join(src, rel) for rel in scan_folder(src, setting)]
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src!r} does not exist")
     if is_image_name(src):

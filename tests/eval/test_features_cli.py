@@ -158,3 +158,26 @@ def test_features_on_the_gpu_match_the_cpus(run):
     gpu, names_gpu = features(run, "--device", "cuda", "--precision", "fp32", out="gpu.npy")
     assert names_gpu == names_cpu
     np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folders_messages_name_the_images_flag(run, tmp_path, capsys, caplog, monkeypatch):
+    """They named training's data.source: '--images' is what the user gave the folder by."""
+    images = tmp_path / "imgs"
+    write_good_images(images, 2)
+    (images / "bad\nname.png").write_bytes((images / "img_0000.png").read_bytes())
+    out = tmp_path / "f.npy"
+    argv = ["features", "--checkpoint", str(run / "run"), "--images", str(images), "--out", str(out), "--workers", "0"]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert "--images: leaving out 'bad\\nname.png' (a newline in its name)" in caplog.text
+    assert "data.source" not in caplog.text
+    import os
+
+    def unlistable(path):  # what a folder without read permission gives a non-root user
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "scandir", unlistable)
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"seer features: error: --images: cannot list folder '{images}/' (PermissionError: Permission denied)" \
+        in err and "--images: --images" not in err
