@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "they come (one batch in memory). Under torchrun (e.g. torchrun "
                                    "--nproc_per_node=8 -m seer features ...) each process, on GPU LOCAL_RANK, takes "
                                    "a share of the images and writes its rows into the same file (--out on a "
-                                   "filesystem every node mounts); each batch is the one a single process runs, so the rows "
-                                   "are the same.")
+                                   "filesystem every node mounts); each batch is the one a single process runs, so "
+                                   "the rows are the same.")
     f.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
     f.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
                                                    "paths (one a line) or one image")
