@@ -7,7 +7,7 @@
     seer features --checkpoint runs/demo --images photos/ --out feats.npy [--layers 4 --tokens cls+patch-mean]
     torchrun --nproc_per_node=8 -m seer features --checkpoint runs/demo --images list.txt --out feats.npy
     seer export --checkpoint runs/demo --format timm --out vit.safetensors
-    seer export --checkpoint runs/demo --format onnx --out vit.onnx
+    seer export --checkpoint runs/demo --format onnx --out vit.onnx [--onnx-external-data]
     seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
     seer data check FOLDER
     seer bench [PYTEST ARGS]
@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["timm", "onnx"])
     x.add_argument("--out", required=True, help="FILE.safetensors for timm, FILE.onnx for onnx (FILE.json is "
                                                 "written next to it)")
+    x.add_argument("--onnx-external-data", action="store_true", default=None,
+                   help="--format onnx: the weights in FILE.onnx.data beside FILE.onnx (default: only where they "
+                        "pass the 2 GiB that one .onnx file holds: huge, giant, vit-10b)")
 
     sub.add_parser("plan", help="memory/FLOPs/communication planner (seer plan --help)", add_help=False)
 
@@ -377,11 +380,14 @@ def cmd_export(args) -> int:
     # (both check --out before they read the checkpoint)
     if args.format == "onnx":
         from .export_onnx import VERIFY_BATCHES, export_onnx
-        done = export_onnx(args.checkpoint, args.out)
-        print(f"wrote {done.onnx} and {done.json}; onnxruntime matches torch on random images (batch "
+        done = export_onnx(args.checkpoint, args.out, external_data=args.onnx_external_data)
+        data = f" (its weights in {done.external_data})" if done.external_data else ""
+        print(f"wrote {done.onnx}{data} and {done.json}; onnxruntime matches torch on random images (batch "
               f"{' and '.join(map(str, VERIFY_BATCHES))}): max |diff| {done.max_abs_diff:.2g}, tolerance "
               f"{done.tolerance:.2g}")
         return 0
+    if args.onnx_external_data:
+        raise CLIError("--onnx-external-data is for --format onnx")
     from .export import export_timm
     st, js = export_timm(args.checkpoint, args.out)
     print(f"wrote {st} and {js}")

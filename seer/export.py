@@ -13,7 +13,9 @@
   ``--random-init``, its seed).
 
 :func:`write_export` and :func:`check_out` (the files' atomic replacement and the refusal of an --out whose
-JSON another tool or another format's export wrote) serve ``--format onnx`` too (:mod:`seer.export_onnx`).
+JSON another tool or another format's export wrote) serve ``--format onnx`` too (:mod:`seer.export_onnx`),
+whose weights may sit in a second file, OUT.onnx.data, replaced with OUT.onnx and never paired with another
+export's.
 
 Loading into timm::
 
@@ -26,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -96,55 +99,95 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     return write_export(out, write)
 
 
-def write_export(out: Path, write: Callable[[Path], str]) -> tuple[Path, Path]:
+def write_export(out: Path, write: Callable[[Path], str], side: Sequence[str] = ()) -> tuple[Path, Path]:
     """Write the exported file ``out`` and its JSON (OUT.json) so that neither replaces an earlier export
     unless both are complete; return both paths.
 
-    ``write(part)`` writes the exported file at ``part`` (an empty file there already) and returns the JSON's
-    text; whatever it raises leaves no new file and the earlier export (if any) untouched.
+    ``write(path)`` writes the exported file at ``path`` (an empty file there already), in a scratch folder
+    under ``out``'s own name, and returns the JSON's text; whatever it raises leaves no new file and the
+    earlier export (if any) untouched. ``side``: the names of the files that belong with ``out`` beside it
+    (ONNX: OUT.onnx.data, the external data that OUT.onnx names): ``write`` writes those its export has next to
+    ``path``, under the same final names, and the earlier export's that it does not write are removed
+    (:func:`check_out` refused them first if no seer export wrote them).
     """
     json_path = out.with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Both files are written in full under .part names first, then renamed. Written in place, a crash between
-    # the two (or a full disk on the JSON) left the new weights beside the JSON of the export they replaced:
-    # a pair that loads without an error, with another run's normalisation and config.
-    parts = (out.with_name(out.name + ".part"), json_path.with_name(json_path.name + ".part"))
+    # Everything is written in full in OUT.part/ (same folder, so the same filesystem) under its final name,
+    # then renamed into place. Written in place, a crash between two files (or a full disk on the JSON) left
+    # the new weights beside the JSON of the export they replaced: a pair that loads without an error, with
+    # another run's normalisation and config. Final names, not .part names: an ONNX file records its external
+    # data's file name, which must be the name the data has once in place.
+    scratch = out.with_name(out.name + ".part")
+    _remove(scratch)  # the name is the export's own: an export killed while writing (or an older seer's file)
     try:
         # Created here first: where files cannot be made after all (root passes the access check under /proc),
         # the OSError names the path (one line from the CLI) instead of the writer's error and its traceback.
-        open(parts[0], "wb").close()
-        text = write(parts[0])
-        parts[1].write_text(text)
-        for part in parts:
-            with open(part, "rb") as f:
+        scratch.mkdir()
+        open(scratch / out.name, "wb").close()
+        text = write(scratch / out.name)
+        (scratch / json_path.name).write_text(text)
+        news = [scratch / name for name in (out.name, *side, json_path.name) if (scratch / name).exists()]
+        for new in news:
+            with open(new, "rb") as f:
                 os.fsync(f.fileno())
         # A writer may create its file readable by the owner alone (safetensors: 0600): give it the JSON's mode
         # (what any new file of this process gets), so that whoever can read the export's JSON can read it.
-        os.chmod(parts[0], parts[1].stat().st_mode & 0o777)
-        # The old JSON goes first: a crash between the renames leaves weights without a JSON (refused, named),
-        # never new weights beside the old JSON.
+        for new in news[:-1]:
+            os.chmod(new, news[-1].stat().st_mode & 0o777)
+        # The order, so that a crash between two steps never pairs files of two exports:
+        # 1. the old JSON goes first: a crash after it leaves the weights without a JSON (refused by name),
+        #    never new weights beside the old JSON;
+        # 2. with side files, the old OUT next, before any side file changes: an old OUT.onnx never names a
+        #    new OUT.onnx.data (same tensor names and offsets where the architecture is the same: it would load
+        #    without an error, with the other export's weights);
+        # 3. the side files (a crash after it leaves a side file alone, without OUT: refused by check_out,
+        #    which cannot tell it from a user's file);
+        # 4. OUT, whose side files are all in place by now; 5. the JSON, last.
         json_path.unlink(missing_ok=True)
-        os.replace(parts[0], out)
-        os.replace(parts[1], json_path)
+        if side:
+            out.unlink(missing_ok=True)
+        for name in side:
+            if (scratch / name).exists():
+                os.replace(scratch / name, out.with_name(name))
+            else:  # the earlier export's, which no file names any more
+                out.with_name(name).unlink(missing_ok=True)
+        os.replace(scratch / out.name, out)
+        os.replace(scratch / json_path.name, json_path)
     finally:
-        for part in parts:
-            part.unlink(missing_ok=True)
+        _remove(scratch)
     return out, json_path
+
+
+def _remove(path: Path) -> None:
+    """Remove the file or folder ``path`` if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # The file each --format writes, the JSON beside it named after it.
 SUFFIXES = {"timm": ".safetensors", "onnx": ".onnx"}
+# What each format may write beside OUT, named after OUT (OUT.onnx.data: ONNX's external data).
+SIDE_SUFFIXES = {"timm": (), "onnx": (".data",)}
+
+
+def side_files(out: Path, fmt: str) -> list[Path]:
+    """The files beside ``out`` that belong to the ``fmt`` export there (written or removed with it)."""
+    return [out.with_name(out.name + suffix) for suffix in SIDE_SUFFIXES[fmt]]
 
 
 def check_out(out: Path, fmt: str) -> None:
     """ValueError naming ``out`` where the ``fmt`` export could not be written: not the format's suffix, it or
-    its JSON a folder, no files can be created where it goes (the export creates missing folders), or its
-    JSON exists and is not one that an export of this format wrote (which alone it may replace)."""
+    its JSON a folder, no files can be created where it goes (the export creates missing folders), its JSON
+    exists and is not one that an export of this format wrote (which alone it may replace), or a side file
+    (:func:`side_files`) exists that no seer export at ``out`` wrote."""
     suffix = SUFFIXES[fmt]
     if out.suffix != suffix:
         raise ValueError(f"--out must end with {suffix} for --format {fmt}, got {str(out)!r}")
     json_path = out.with_suffix(".json")
-    for p in (out, json_path):
+    sides = side_files(out, fmt)
+    for p in (out, json_path, *sides):
         if p.is_dir():
             raise ValueError(f"--out {str(out)!r}: {str(p)!r} is a folder; expected a file path")
     existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
@@ -157,17 +200,36 @@ def check_out(out: Path, fmt: str) -> None:
             raise ValueError(f"--out {str(out)!r} exists and is not a file that seer export wrote (and "
                              f"{str(json_path)!r}, an export's JSON, is not beside it); the export would replace "
                              f"it: remove it or choose another --out")
-        return
-    found = export_format(json_path)
-    if found is None:
-        # e.g. --out runs/demo/eval.safetensors: the run's eval.json would be replaced by the export's JSON
-        raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} exists and is not a JSON that seer export wrote; "
-                         f"the export writes its JSON there and would overwrite it: choose another --out")
-    if found != fmt:
-        # vit.onnx beside vit.safetensors: both exports' JSON is vit.json, and the timm export needs its own
-        raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} is the JSON of the {found} export "
-                         f"{str(out.with_suffix(SUFFIXES[found]))!r}, which needs it; the {fmt} export writes its "
-                         f"JSON there and would replace it: choose another --out")
+    else:
+        found = export_format(json_path)
+        if found is None:
+            # e.g. --out runs/demo/eval.safetensors: the run's eval.json would be replaced by the export's JSON
+            raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} exists and is not a JSON that seer export "
+                             f"wrote; the export writes its JSON there and would overwrite it: choose another --out")
+        if found != fmt:
+            # vit.onnx beside vit.safetensors: both exports' JSON is vit.json, and the timm export needs its own
+            raise ValueError(f"--out {str(out)!r}: {str(json_path)!r} is the JSON of the {found} export "
+                             f"{str(out.with_suffix(SUFFIXES[found]))!r}, which needs it; the {fmt} export writes "
+                             f"its JSON there and would replace it: choose another --out")
+    for side in sides:
+        if side.exists() and not _side_written_by_seer(out, side, fmt):
+            # e.g. torch.onnx's own export: vit.onnx and vit.onnx.data (vit.onnx alone is refused above where no
+            # JSON is beside it), or the data of an export killed between its renames (write_export's order)
+            raise ValueError(f"--out {str(out)!r}: {str(side)!r} exists and is not the external data of the seer "
+                             f"export at {str(out)!r} (neither {str(out)!r} nor {str(json_path)!r} names it); the "
+                             f"export writes or removes that file: remove it or choose another --out")
+
+
+def _side_written_by_seer(out: Path, side: Path, fmt: str) -> bool:
+    """Whether the side file ``side`` is the one that the seer export at ``out`` names: its JSON's
+    ``external_data`` or, without the JSON (an export killed between its renames), OUT's own metadata."""
+    json_path = out.with_suffix(".json")
+    try:
+        if export_format(json_path) == fmt:
+            return json.loads(json_path.read_text()).get("external_data") == side.name
+        return out.is_file() and written_by_seer(out, fmt) and _onnx_metadata(out).get("external_data") == side.name
+    except (OSError, ValueError):  # (changed since it was read)
+        return False
 
 
 # The mark each format's file carries (safetensors' header metadata; the ONNX model's metadata_props).

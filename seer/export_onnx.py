@@ -7,16 +7,27 @@
   ``seer.load_pretrained`` returns); the batch N is dynamic, S is the run's evaluation size
   (``eval.image_size`` or ``data.crops.global_size``).
 * ``vit.json``: the normalisation, the image size, the input and output, the opset and the versions that made
-  the file, the verification's measured difference, seer's ViT config and the run's whole config.
+  the file, the verification's measured difference, seer's ViT config and the run's whole config, and
+  ``external_data``: the data file's name, or null.
+* ``vit.onnx.data``, where the float32 weights pass :data:`MAX_WEIGHT_BYTES` (protobuf refuses a message of
+  2 GiB, and the .onnx file is one message: ``huge``, ``giant``, ``vit-10b``) or where asked
+  (``external_data=True``, ``--onnx-external-data``): the weights as ONNX external data, the tensors' raw bytes
+  one after another, which ``vit.onnx`` names by this relative file name (each initializer's ``location``,
+  ``offset`` and ``length``). The two files go together: onnxruntime reads the data from the .onnx's folder.
 
 Verification: the exported file runs in onnxruntime (CPU) on random images at batch 1 and 3 (the graph is
 traced at batch 2, so both exercise the dynamic batch) and is kept only where
 
     max |f_onnx - f_torch|  <=  RTOL * max |f_torch|
 
-over both batches; otherwise :class:`ExportMismatchError` and no new file. Attention is traced through
-torch's SDPA (``seer_kernels.use_backend("sdpa")``): the exporter writes it as MatMul/Softmax, while the
-kernels' custom op ``seer::attention_fwd`` (the triton and reference backends) has no ONNX translation.
+over both batches; otherwise :class:`ExportMismatchError` and no new file. The files are written and
+verified in the scratch folder ``vit.onnx.part/`` under their final names (so the ``location`` that the .onnx
+records is ``vit.onnx.data``, not a .part name), then renamed into place in the order
+:func:`seer.export.write_export` gives, which never pairs a .onnx with another export's data.
+
+Attention is traced through torch's SDPA (``seer_kernels.use_backend("sdpa")``): the exporter writes it as
+MatMul/Softmax, while the kernels' custom op ``seer::attention_fwd`` (the triton and reference backends) has no
+ONNX translation.
 
 Running it::
 
@@ -34,13 +45,13 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from .config import RunConfig, to_dict
 from .deps import require
-from .export import SEER_MARK, check_out, write_export
+from .export import SEER_MARK, check_out, side_files, write_export
 from .model import ViTConfig, VisionTransformer
 
 # The lowest opset that torch.onnx's exporter implements without a version conversion (its torchlib opset; its
@@ -51,7 +62,8 @@ OPSET = 18
 RTOL = 1e-4
 TRACE_BATCH = 2  # traced here; verified at other sizes, so that a batch fixed in the graph cannot pass
 VERIFY_BATCHES = (1, 3)
-# protobuf refuses messages of 2 GiB; the weights are most of the file (the graph of a ViT is well under 1 MB)
+# protobuf refuses messages of 2 GiB; the weights are most of the file (the graph of ViT-H/14 is 1.6 MiB).
+# Above it the weights go to external data.
 MAX_WEIGHT_BYTES = 2**31 - 2**26
 FEATURE = "seer export --format onnx"
 
@@ -65,36 +77,50 @@ class OnnxExport(NamedTuple):
     json: Path
     max_abs_diff: float  # max |f_onnx - f_torch| over the verification batches
     tolerance: float  # RTOL * max |f_torch|
+    external_data: Optional[Path] = None  # OUT.onnx.data, where the weights are there
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path) -> OnnxExport:
-    """Write OUT.onnx and OUT.json (module doc) from a training checkpoint, verified in onnxruntime."""
+def export_onnx(checkpoint: str | Path, out: str | Path, external_data: Optional[bool] = None) -> OnnxExport:
+    """Write OUT.onnx and OUT.json (and OUT.onnx.data: ``external_data``, as in :func:`export_onnx_model`; module
+    doc) from a training checkpoint, verified in onnxruntime."""
     from .pretrained import backbone_module, checkpoint_backbone_state, checkpoint_config
 
     out = Path(out)
     check_out(out, "onnx")  # before the checkpoint is read, not after
+    _check_external_data(external_data)
     _require_packages()
     cfg = checkpoint_config(checkpoint)
-    _check_size(cfg.model)  # from the config alone, before the tensors are read
+    uses_external_data(cfg.model, external_data)  # from the config alone, before the tensors are read
     model = backbone_module(cfg.model, checkpoint_backbone_state(checkpoint, cfg)[1]).float()
-    return export_onnx_model(model, out, cfg)
+    return export_onnx_model(model, out, cfg, external_data)
 
 
-def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig) -> OnnxExport:
+def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig,
+                      external_data: Optional[bool] = None) -> OnnxExport:
     """Write OUT.onnx and OUT.json for ``model``, a seer ViT in eval mode, float32, on the CPU (a freshly built
     one, for instance: ``VisionTransformer(cfg.model).eval()``), whose architecture is ``cfg.model``; ``cfg``
-    gives the image size, the normalisation and the run config that the JSON records."""
+    gives the image size, the normalisation and the run config that the JSON records. ``external_data``: the
+    weights in OUT.onnx.data (True), in OUT.onnx (False: ValueError where they pass protobuf's limit), or in
+    OUT.onnx.data where they pass it (None, the default)."""
     out = Path(out)
     check_out(out, "onnx")
     _check_model(model, cfg)
+    external = uses_external_data(cfg.model, external_data)
     onnx, onnxscript, ort = _require_packages()
-    _check_size(cfg.model)
     size = cfg.eval.image_size or cfg.data.crops.global_size
+    (data_file,) = side_files(out, "onnx")  # OUT.onnx.data, as torch.onnx names it
+    data = data_file.name if external else None
     measured = {}
 
-    def write(part: Path) -> str:
-        _to_onnx(model, size).save(str(part), external_data=False)
-        diff, tol = verify(part, model, size)
+    def write(path: Path) -> str:
+        program = _to_onnx(model, size)
+        if data is not None:  # (check_out reads it, without the JSON: this .onnx's data file is seer's)
+            program.model.metadata_props["external_data"] = data
+        # onnx_ir's save, not program.save: that one names the data after the file it writes, and moves the
+        # weights there by itself above 1.5 GB.
+        onnxscript.ir.save(program.model, path, external_data=data)
+        del program  # (the exporter's graph and its constants, before onnxruntime loads its own copy)
+        diff, tol = verify(path, model, size)
         measured.update(diff=diff, tol=tol)
         vit = model.cfg
         info = {"format": "onnx", "producer": "seer", "file": out.name,
@@ -108,11 +134,12 @@ def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig)
                 "onnxruntime_version": ort.__version__, "torch_version": torch.__version__,
                 "verification": {"runtime": "onnxruntime CPUExecutionProvider", "batch_sizes": list(VERIFY_BATCHES),
                                  "max_abs_diff": diff, "tolerance": tol, "rtol_of_feature_scale": RTOL},
-                "seer_vit_config": dataclasses.asdict(vit), "seer_run_config": to_dict(cfg)}
+                "external_data": data, "seer_vit_config": dataclasses.asdict(vit),
+                "seer_run_config": to_dict(cfg)}
         return json.dumps(info, indent=1)
 
-    onnx_path, json_path = write_export(out, write)
-    return OnnxExport(onnx_path, json_path, measured["diff"], measured["tol"])
+    onnx_path, json_path = write_export(out, write, side=[data_file.name])
+    return OnnxExport(onnx_path, json_path, measured["diff"], measured["tol"], data_file if external else None)
 
 
 def _to_onnx(model: VisionTransformer, size: int):
@@ -206,11 +233,21 @@ def _check_model(model, cfg: RunConfig) -> None:
                          "(model.float().cpu().eval())")
 
 
-def _check_size(vit: ViTConfig) -> None:
-    """ValueError where the float32 weights pass protobuf's 2 GiB limit on one .onnx file."""
+def _check_external_data(external_data) -> None:
+    if external_data is not None and not isinstance(external_data, bool):
+        raise TypeError(f"argument 'external_data' must be True, False or None (automatic), got {external_data!r}")
+
+
+def uses_external_data(vit: ViTConfig, external_data: Optional[bool] = None) -> bool:
+    """Whether the export of a ``vit`` backbone writes its weights to external data: ``external_data`` where
+    given, else whether its float32 weights pass :data:`MAX_WEIGHT_BYTES`; ValueError for False where they
+    do (protobuf's 2 GiB limit on one .onnx file)."""
+    _check_external_data(external_data)
     with torch.device("meta"):
         params = sum(p.numel() for p in VisionTransformer(vit, device="meta").parameters())
-    if 4 * params > MAX_WEIGHT_BYTES:
+    large = 4 * params > MAX_WEIGHT_BYTES
+    if external_data is False and large:
         raise ValueError(f"the backbone has {params / 1e6:.0f}M parameters, {4 * params / 2**30:.1f} GiB in float32: "
-                         f"{FEATURE} writes one .onnx file, which protobuf limits to 2 GiB; --format timm "
-                         f"exports models of any size")
+                         f"one .onnx file holds at most 2 GiB (protobuf), so external_data=False cannot be written; "
+                         f"leave it None (automatic) or True, to write the weights to OUT.onnx.data")
+    return large if external_data is None else external_data
