@@ -36,6 +36,7 @@ import torch
 
 from .config import to_dict
 from .model import ViTConfig
+from .part_lock import lock_file
 
 TIMM_CLASS = "timm.models.vision_transformer.VisionTransformer"
 
@@ -118,6 +119,17 @@ def write_export(out: Path, write: Callable[[Path], str], side: Sequence[str] = 
     # another run's normalisation and config. Final names, not .part names: an ONNX file records its external
     # data's file name, which must be the name the data has once in place.
     scratch = out.with_name(out.name + ".part")
+    # One export per --out at a time: a second one would remove the first one's scratch folder, or rename its
+    # weights in beside the other's JSON.
+    with lock_file(out.with_name(out.name + ".part.lock"),
+                   f"--out {str(out)!r} is being written by another seer export: wait for it to end, or choose "
+                   f"another --out"):
+        return _write_scratch(out, json_path, scratch, write, side)
+
+
+def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[Path], str],
+                   side: Sequence[str]) -> tuple[Path, Path]:
+    """:func:`write_export`'s work, under its lock."""
     _remove(scratch)  # the name is the export's own: an export killed while writing (or an older seer's file)
     try:
         # Created here first: where files cannot be made after all (root passes the access check under /proc),

@@ -8,11 +8,12 @@ dies: a killed writer's ``.part`` is simply replaced by the next one. Torch-free
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +72,15 @@ def unlock_part(fd: Optional[int]) -> None:
     if fd is not None and fd in _locked:
         _locked.discard(fd)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def lock_file(path: Path, busy: str) -> Iterator[None]:
+    """Hold :func:`lock_part`'s lock on ``path``, a file of its own (created, and removed on the way out),
+    for the block."""
+    fd = lock_part(path, busy)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiter that then locks it sees it gone and retries
+        unlock_part(fd)

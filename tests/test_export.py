@@ -7,7 +7,7 @@ import torch
 
 from seer import load_pretrained
 from seer.config import apply_overrides, preset
-from seer.export import export_timm, load_timm, timm_kwargs
+from seer.export import export_timm, load_timm, read_export, timm_kwargs
 from seer.train import Trainer
 
 timm = pytest.importorskip("timm")
@@ -223,3 +223,24 @@ def test_export_never_overwrites_a_json_it_did_not_write(run, tmp_path, capsys):
     first = js.read_text()
     export_timm(run, st)  # its own JSON: exporting again replaces it
     assert js.read_text() == first
+
+
+def test_a_second_export_to_the_same_out_is_refused_while_one_runs(run, tmp_path, monkeypatch, capsys):
+    """Two exports on one --out removed each other's scratch folder and could rename one's weights in beside
+    the other's JSON: the second is refused (one line, status 2), the first one's work untouched."""
+    import seer.export as export
+    from seer.cli import main
+    out = tmp_path / "vit.safetensors"
+    real, seen = export._write_scratch, {}
+
+    def meanwhile(out_, json_path, scratch, write, side):  # the first export, holding its lock
+        seen["status"] = main(["export", "--checkpoint", str(run), "--format", "timm", "--out", str(out)])
+        return real(out_, json_path, scratch, write, side)
+
+    monkeypatch.setattr(export, "_write_scratch", meanwhile)
+    # (the lock is per open file: a second process is refused the same way, as test_features_stream shows)
+    export_timm(run, out)
+    assert seen["status"] == 2
+    assert f"--out '{out}' is being written by another seer export" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.json", "vit.safetensors"]  # lock file removed
+    assert read_export(out)[1].keys()  # the first export, whole
