@@ -303,9 +303,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_features(args) -> int:
+    from .data.sources import DataSourceError, printable
     from .eval.extract import image_paths
     from .eval.feature_files import check_outputs
-    from .data.sources import DataSourceError, printable
     from .eval.save_features import NoReadableImagesError, save_image_features
     from .train.build import autocast_dtype
     check_outputs(args.out, overwrite=args.overwrite)  # before the work, not after it
