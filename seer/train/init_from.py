@@ -12,17 +12,21 @@ process reads the full tensors and keeps its slice and shard (:func:`seer.parall
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from .. import config as C
 from ..parallel import ParallelDims
 from . import state as S
-from .checkpoint import architecture_diffs, load_tensors, read_meta, read_saved_config, resolve_checkpoint
+from .checkpoint import (CorruptCheckpointError, architecture_diffs, list_checkpoints, load_tensors, read_meta,
+                         read_saved_config, resolve_checkpoint)
 
 # Model keys that shape no tensor (regularisation, the initialisation's spread, the norms' epsilon): the
 # source's may differ from the run's.
@@ -39,12 +43,15 @@ class InitSource:
         step: the source run's step (None for an export, which does not record it).
         saved: the source's run config as a mapping of sections (an export: its ``model`` section only).
         tp: the source's ``parallel.tp`` (1 for an export, whose tensors are full).
+        normalisation: the ``data.crops`` mean and std the source's images were normalised with ({} where
+            it does not record them).
     """
     given: str
     file: Path
     step: Optional[int]
     saved: dict
     tp: int = 1
+    normalisation: Optional[dict] = None
 
     @property
     def is_export(self) -> bool:
@@ -76,16 +83,74 @@ def resolve_init_source(value: str) -> InitSource:
         vit = info["seer_vit_config"]
         if not isinstance(vit, dict):
             raise ValueError(f"checkpoint.init_from: {p.with_suffix('.json')}: 'seer_vit_config' is not a mapping")
-        return InitSource(given, p, None, {"model": vit})
+        return InitSource(given, p, None, {"model": vit},
+                          normalisation={"mean": info.get("mean"), "std": info.get("std")})
     if p.is_file():
         raise ValueError(f"checkpoint.init_from: {value!r} is a file but not a .safetensors export; expected a "
                          f"run folder, a checkpoint folder or a .safetensors file of seer export --format timm")
     try:
-        ckpt = resolve_checkpoint(p)
+        ckpt = _agreed_checkpoint(p)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint.init_from: {e}") from None
-    meta = read_meta(ckpt, required=("step", "tp"))
-    return InitSource(given, ckpt, int(meta["step"]), read_saved_config(ckpt), int(meta["tp"]))
+    except CorruptCheckpointError as e:  # (its newest step_* folder lacks files)
+        raise CorruptCheckpointError(f"checkpoint.init_from={given}: {e}") from None
+    with source_errors(given, ckpt):
+        meta = read_meta(ckpt, required=("step", "tp"))
+        saved = read_saved_config(ckpt)
+    crops = (saved.get("data") or {}).get("crops") or {}
+    return InitSource(given, ckpt, int(meta["step"]), saved, int(meta["tp"]),
+                      normalisation={"mean": crops.get("mean"), "std": crops.get("std")})
+
+
+def _agreed_checkpoint(p: Path) -> Path:
+    """The checkpoint that ``p`` (a run, checkpoints or checkpoint folder) leads to, as rank 0 finds it, on
+    every process (collective under torch.distributed). A source run still training saves and prunes
+    checkpoints: processes that each looked for its latest could take different ones, and their shards
+    would then mix two checkpoints into one model. Rank 0's error (none found, a damaged folder) is raised on
+    every process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return resolve_checkpoint(p)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", str(resolve_checkpoint(p)))
+        except Exception as e:
+            dist.broadcast_object_list([("error", type(e).__name__, str(e))], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        from .distributed import MainRankError
+        kind = {"FileNotFoundError": FileNotFoundError, "CorruptCheckpointError": CorruptCheckpointError}
+        raise kind.get(box[0][1], MainRankError)(box[0][2])
+    return Path(box[0][1])
+
+
+# The remedy that checkpoint.py's errors give for a damaged checkpoint of the run's own (move it away to resume
+# from the one before): of a source, the one before is given to checkpoint.init_from instead.
+_OWN_REMEDY = re.compile(r"[;,]? (else )?move this checkpoint away to resume from the one before it$")
+
+
+@contextlib.contextmanager
+def source_errors(given: str, ckpt: Path) -> Iterator[None]:
+    """Reading the source checkpoint ``ckpt`` (of ``checkpoint.init_from``, made absolute: ``given``): its
+    CorruptCheckpointError names the key, with a remedy for a source (an earlier checkpoint of it); a
+    checkpoint that was removed while it was read (the source run, still training, pruned it) is a
+    FileNotFoundError that says so, not a damaged checkpoint."""
+    try:
+        yield
+    except CorruptCheckpointError as e:
+        if not ckpt.exists():
+            raise FileNotFoundError(
+                f"checkpoint.init_from={given}: its checkpoint {ckpt} was removed while it was read (the source "
+                f"run pruned it: is it still training?); run again to take the source's latest checkpoint then, "
+                f"or give a checkpoint that it keeps (a copy)") from None
+        done = list_checkpoints(ckpt.parent)  # (oldest first)
+        names = [q.name for q in done]
+        earlier = done[:names.index(ckpt.name)] if ckpt.name in names else done
+        remedy = f"give an earlier checkpoint of it, checkpoint.init_from={earlier[-1]}" if earlier else \
+            "restore it from a copy, or give another source"
+        raise CorruptCheckpointError(f"checkpoint.init_from={given}: {_OWN_REMEDY.sub('', str(e))}; the source "
+                                     f"is damaged: {remedy}") from None
 
 
 def part_names(parts: str) -> tuple[str, ...]:
@@ -120,9 +185,26 @@ def not_shaping_changes(src: InitSource, cfg: C.RunConfig) -> list[str]:
     return [d for d in diffs if d.split(":")[0] in NOT_SHAPING]
 
 
+def normalisation_changes(src: InitSource, cfg: C.RunConfig) -> list[str]:
+    """'data.crops.mean: source X, config Y' (and std) where the run normalises its images otherwise than
+    the source's backbone was trained (not where the source does not record it)."""
+    now = {"mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std)}
+    out = []
+    for key in ("mean", "std"):
+        was = (src.normalisation or {}).get(key)
+        if isinstance(was, (list, tuple)) and [float(v) for v in was] != [float(v) for v in now[key]]:
+            out.append(f"data.crops.{key}: source {list(was)!r}, config {now[key]!r}")
+    return out
+
+
 def load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str) -> None:
     """Copy the source's tensors of ``parts`` into the (parallelised) model, in place (collective: every
     process calls it). The architecture was checked (:func:`check_init_architecture`)."""
+    with source_errors(src.given, src.file):
+        _load_init_weights(src, model, dims, parts)
+
+
+def _load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str) -> None:
     names = part_names(parts)
     if not src.is_export and src.tp == dims.tp:
         # The model's own shards, read (and resharded over the data-parallel processes) by DCP, as a resume

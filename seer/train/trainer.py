@@ -38,8 +38,8 @@ from .checkpoint import (CheckpointManager, architecture_diffs, list_checkpoints
                          read_meta, read_saved_config, resolve_checkpoint, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
-from .init_from import (check_init_architecture, load_init_weights, not_shaping_changes, resolve_init_source,
-                        same_source)
+from .init_from import (check_init_architecture, load_init_weights, normalisation_changes, not_shaping_changes,
+                        resolve_init_source, same_source)
 from .lock import RunLock
 from .metrics import MetricsWriter, peak_flops, read_metrics
 from .modules import BackboneView, nvtx_range
@@ -182,6 +182,12 @@ class Trainer:
         changed = not_shaping_changes(src, self.cfg)
         log.info("initialised from %s%s", src.describe(c.init_parts),
                  f"; changed from the source: {'; '.join(changed)}" if changed else "")
+        norm = normalisation_changes(src, self.cfg)
+        if norm:  # allowed (new data may have its own statistics), but mostly a preset's or a config's default
+            log.warning("checkpoint.init_from=%s: this run normalises its images otherwise than the source's "
+                        "backbone was trained (%s): its features were learned for the source's normalisation; "
+                        "set data.crops.mean and data.crops.std to the source's unless the change is meant",
+                        src.given, "; ".join(norm))
 
     def _check_continues_init(self, latest: Path) -> None:
         """checkpoint.init_from on a run that has checkpoints already: they must continue a run initialised
@@ -189,14 +195,20 @@ class Trainer:
         checkpoints in this folder are refused rather than continued in place of the initialisation asked for."""
         c = self.cfg.checkpoint
         record = read_meta(latest).get("init_from")
+        where = os.path.abspath(os.path.expanduser(c.init_from))
+        named = c.init_from if where == c.init_from else f"{c.init_from} (here {where})"  # (a relative path)
         if not same_source(record, c.init_from):
             then = f"was initialised from {record.get('path')}" if isinstance(record, dict) else \
                 "was not initialised by checkpoint.init_from"
-            raise FileExistsError(f"checkpoint.init_from={c.init_from}: {self.ckpt.dir} already holds checkpoints "
+            raise FileExistsError(f"checkpoint.init_from={named}: {self.ckpt.dir} already holds checkpoints "
                                   f"of a run that {then} (latest {latest.name}): use another --out for the new "
                                   f"run, or drop checkpoint.init_from to continue that one")
+        if record.get("resolved") != str(Path(where).resolve()):  # the same path, leading elsewhere now
+            log.warning("checkpoint.init_from=%s leads to %s now, but to %s when this run was initialised from "
+                        "it: the run goes on from its own checkpoints, initialised from the latter",
+                        named, Path(where).resolve(), record.get("resolved"))
         log.info("checkpoint.init_from=%s: this run has checkpoints of its own (it was initialised from it); "
-                 "resuming from its latest, %s, not initialising again", c.init_from, latest)
+                 "resuming from its latest, %s, not initialising again", named, latest)
 
     def _explicit_start(self, path: Path) -> tuple[Path, list[Path]]:
         """Where ``checkpoint.resume=PATH`` resumes, and this folder's checkpoints to move aside first.

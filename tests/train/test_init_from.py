@@ -2,6 +2,7 @@
 or the backbone with a fresh head), with its own optimizer state, schedules, data position and queue; a rerun
 continues the new run; sources that cannot be this run's are refused before any work."""
 import json
+import os
 
 import pytest
 import torch
@@ -234,3 +235,122 @@ def test_a_gpu_run_starts_from_a_cpu_runs_weights(source, export, tmp_path):
     now = {k: v.cpu() for k, v in full_state_dict(t.model).items()}
     assert _equal(_source_tensors(run, ("backbone",)), now, "backbone.")
     t.release()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A finished 2-step run with a checkpoint at each step (step_1 and step_2), and its config."""
+    out = tmp_path_factory.mktemp("source2")
+    cfg = apply_overrides(preset("tiny"), BASE + ["checkpoint.every=1", "checkpoint.keep=2"])
+    Trainer(cfg, out).fit()
+    return out, cfg
+
+
+def test_a_damaged_source_is_named_as_the_init_source_before_any_work(two_checkpoints, tmp_path):
+    run, cfg = two_checkpoints
+    bad = tmp_path / "bad"
+    import shutil
+    shutil.copytree(run / "checkpoints", bad / "checkpoints")
+    shard = sorted((bad / "checkpoints" / "step_00000002").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    from seer.train.checkpoint import CorruptCheckpointError
+    with pytest.raises(CorruptCheckpointError) as e:
+        Trainer(apply_overrides(cfg, [f"checkpoint.init_from={bad}"]), tmp_path / "new")
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint.init_from={bad}: ") and "ChecksumMismatch" in msg and shard.name in msg
+    assert f"checkpoint.init_from={bad / 'checkpoints' / 'step_00000001'}" in msg  # the remedy: the one before
+    assert "to resume from" not in msg  # (not this run's own checkpoint to move away)
+    assert not (tmp_path / "new" / "config.yaml").exists() and not list_checkpoints(tmp_path / "new" / "checkpoints")
+
+
+def test_a_source_checkpoint_pruned_while_it_is_read_is_said_so(two_checkpoints, tmp_path, monkeypatch):
+    """The source run, still training, removes (prunes) the checkpoint this run is reading: not reported as
+    a damaged checkpoint to move away."""
+    import shutil
+
+    import seer.train.trainer as trainer_module
+    run, cfg = two_checkpoints
+    live = tmp_path / "live"
+    shutil.copytree(run, live)
+    check = trainer_module.check_init_architecture
+
+    def then_pruned(src, c):
+        check(src, c)
+        os.replace(src.file, src.file.with_name(".del-" + src.file.name))  # as CheckpointManager._delete does
+
+    monkeypatch.setattr(trainer_module, "check_init_architecture", then_pruned)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint.init_from=.*step_00000002 was removed while it was "
+                                                r"read .*still training"):
+        Trainer(apply_overrides(cfg, [f"checkpoint.init_from={live}"]), tmp_path / "new")
+
+
+def test_the_source_normalisation_differing_is_warned(source, export, tmp_path, caplog):
+    run, cfg = source
+    other = ["data.crops.mean=[0.5,0.5,0.5]", "data.crops.std=[0.5,0.5,0.5]"]
+    for src, parts in ((run, "all"), (export, "backbone")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="seer.train"):
+            Trainer(apply_overrides(cfg, [f"checkpoint.init_from={src}", f"checkpoint.init_parts={parts}", *other]),
+                    tmp_path / parts).release()
+        warned = [r for r in caplog.records if r.levelname == "WARNING" and "normalis" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+        assert "data.crops.mean: source [0.485, 0.456, 0.406], config [0.5, 0.5, 0.5]" in warned[0].getMessage()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="seer.train"):  # the same normalisation: nothing said
+            Trainer(apply_overrides(cfg, [f"checkpoint.init_from={src}", f"checkpoint.init_parts={parts}"]),
+                    tmp_path / f"{parts}-same").release()
+        assert "normalis" not in caplog.text
+
+
+def test_a_relative_source_rerun_from_another_folder_is_refused_saying_where_it_leads(source, tmp_path,
+                                                                                   monkeypatch):
+    run, cfg = source
+    monkeypatch.chdir(run.parent)
+    init = [f"checkpoint.init_from={run.name}", "train.max_steps=1", "checkpoint.every=1"]
+    Trainer(apply_overrides(cfg, init), tmp_path / "new").fit()
+    assert read_meta(list_checkpoints(tmp_path / "new" / "checkpoints")[-1])["init_from"]["path"] == str(run)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match=f"checkpoint.init_from={run.name} \\(here {tmp_path / run.name}\\): "
+                                              f".*was initialised from {run}"):
+        Trainer(apply_overrides(cfg, init), tmp_path / "new")
+
+
+def _init_while_the_source_saves(rank, world, source, root):
+    """Rank 0 looks at the source before it wrote its step 2 (as if it were still training), rank 1 after."""
+    import seer.train.init_from as init_from_module
+    if rank == 0:
+        monkeypatch_resolve = init_from_module.resolve_checkpoint
+        init_from_module.resolve_checkpoint = lambda p: monkeypatch_resolve(f"{source}/checkpoints/step_00000001")
+    base = apply_overrides(preset("tiny"), BASE + ["data.batch_size=4", "loss.queue_length=0"])
+    t = Trainer(apply_overrides(base, [f"checkpoint.init_from={source}"]), f"{root}/run")
+    got = {k: v.detach().cpu().clone() for k, v in full_state_dict(t.model).items()}
+    record = t.initialised_from
+    t.release()
+    return got, record
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_every_process_takes_the_same_checkpoint_of_a_source_that_is_saving(two_checkpoints, tmp_path):
+    run, _ = two_checkpoints
+    ranks = run_distributed(_init_while_the_source_saves, 2, str(run), str(tmp_path))
+    (got0, record0), (got1, record1) = ranks
+    assert record0 == record1
+    src = _source_tensors(record0["file"])
+    assert _equal(src, got0) and _equal(src, got1)  # every shard from the checkpoint the run records
+
+
+def test_a_symbolic_link_source_leading_elsewhere_on_the_rerun_is_warned(source, tmp_path, caplog):
+    run, cfg = source
+    link = tmp_path / "latest"
+    link.symlink_to(run)
+    init = [f"checkpoint.init_from={link}", "train.max_steps=1", "checkpoint.every=1"]
+    Trainer(apply_overrides(cfg, init), tmp_path / "new").fit()
+    link.unlink()
+    link.symlink_to(tmp_path)  # another folder now
+    caplog.clear()
+    with caplog.at_level("INFO", logger="seer.train"):
+        Trainer(apply_overrides(cfg, init), tmp_path / "new").release()  # resumes its own, saying so
+    assert f"checkpoint.init_from={link} leads to {tmp_path} now, but to {run} when" in caplog.text
