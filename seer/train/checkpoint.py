@@ -230,6 +230,29 @@ def read_saved_config(path: str | os.PathLike) -> dict:
     return saved
 
 
+def agreed_checkpoint(p: str | os.PathLike) -> Path:
+    """:func:`resolve_checkpoint` of ``p`` as rank 0 finds it, on every process (collective under
+    torch.distributed). Another run, still training, saves and prunes checkpoints: processes that each looked
+    for its latest could take different ones, and their shards would then mix two checkpoints into one model
+    (checkpoint.init_from, checkpoint.resume=PATH). Rank 0's error (none found, a damaged folder) is raised
+    on every process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return resolve_checkpoint(p)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", str(resolve_checkpoint(p)))
+        except Exception as e:
+            dist.broadcast_object_list([("error", type(e).__name__, str(e))], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        from .distributed import MainRankError
+        kind = {"FileNotFoundError": FileNotFoundError, "CorruptCheckpointError": CorruptCheckpointError}
+        raise kind.get(box[0][1], MainRankError)(box[0][2])
+    return Path(box[0][1])
+
+
 def architecture_diffs(saved: dict, now: dict, sections: tuple[str, ...] = ("model", "head"), *,
                        ignore: tuple[str, ...] = (), source: str = "checkpoint") -> list[str]:
     """'section.key: checkpoint X, config Y' for every key of ``sections`` whose value in the saved run config

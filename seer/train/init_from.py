@@ -25,8 +25,8 @@ import torch.distributed as dist
 from .. import config as C
 from ..parallel import ParallelDims
 from . import state as S
-from .checkpoint import (CorruptCheckpointError, architecture_diffs, list_checkpoints, load_tensors, read_meta,
-                         read_saved_config, resolve_checkpoint)
+from .checkpoint import (CorruptCheckpointError, agreed_checkpoint, architecture_diffs, list_checkpoints, load_tensors,
+                         read_meta, read_saved_config)
 
 # Model keys that shape no tensor (regularisation, the initialisation's spread, the norms' epsilon): the
 # source's may differ from the run's.
@@ -89,7 +89,7 @@ def resolve_init_source(value: str) -> InitSource:
         raise ValueError(f"checkpoint.init_from: {value!r} is a file but not a .safetensors export; expected a "
                          f"run folder, a checkpoint folder or a .safetensors file of seer export --format timm")
     try:
-        ckpt = _agreed_checkpoint(p)
+        ckpt = agreed_checkpoint(p)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"checkpoint.init_from: {e}") from None
     except CorruptCheckpointError as e:  # (its newest step_* folder lacks files)
@@ -100,29 +100,6 @@ def resolve_init_source(value: str) -> InitSource:
     crops = (saved.get("data") or {}).get("crops") or {}
     return InitSource(given, ckpt, int(meta["step"]), saved, int(meta["tp"]),
                       normalisation={"mean": crops.get("mean"), "std": crops.get("std")})
-
-
-def _agreed_checkpoint(p: Path) -> Path:
-    """The checkpoint that ``p`` (a run, checkpoints or checkpoint folder) leads to, as rank 0 finds it, on
-    every process (collective under torch.distributed). A source run still training saves and prunes
-    checkpoints: processes that each looked for its latest could take different ones, and their shards
-    would then mix two checkpoints into one model. Rank 0's error (none found, a damaged folder) is raised on
-    every process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return resolve_checkpoint(p)
-    box: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = ("ok", str(resolve_checkpoint(p)))
-        except Exception as e:
-            dist.broadcast_object_list([("error", type(e).__name__, str(e))], src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    if box[0][0] == "error":
-        from .distributed import MainRankError
-        kind = {"FileNotFoundError": FileNotFoundError, "CorruptCheckpointError": CorruptCheckpointError}
-        raise kind.get(box[0][1], MainRankError)(box[0][2])
-    return Path(box[0][1])
 
 
 # The remedy that checkpoint.py's errors give for a damaged checkpoint of the run's own (move it away to resume

@@ -34,8 +34,8 @@ from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
-from .checkpoint import (CheckpointManager, architecture_diffs, list_checkpoints, load_rank_state, load_tensors,
-                         read_meta, read_saved_config, resolve_checkpoint, write_atomic)
+from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diffs, list_checkpoints, load_rank_state,
+                         load_tensors, read_meta, read_saved_config, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .init_from import (check_init_architecture, load_init_weights, normalisation_changes, not_shaping_changes,
@@ -161,7 +161,7 @@ class Trainer:
             self.load(latest)
             return
         try:
-            requested = resolve_checkpoint(mode)
+            requested = agreed_checkpoint(mode)  # (another run still saving: every rank takes one)
         except FileNotFoundError as e:  # the key that gave the path, as every other config error names it
             raise FileNotFoundError(f"checkpoint.resume: {e}") from None
         path, newer = self._explicit_start(requested)

@@ -319,10 +319,10 @@ def test_a_relative_source_rerun_from_another_folder_is_refused_saying_where_it_
 
 def _init_while_the_source_saves(rank, world, source, root):
     """Rank 0 looks at the source before it wrote its step 2 (as if it were still training), rank 1 after."""
-    import seer.train.init_from as init_from_module
+    import seer.train.checkpoint as checkpoint_module
     if rank == 0:
-        monkeypatch_resolve = init_from_module.resolve_checkpoint
-        init_from_module.resolve_checkpoint = lambda p: monkeypatch_resolve(f"{source}/checkpoints/step_00000001")
+        monkeypatch_resolve = checkpoint_module.resolve_checkpoint
+        checkpoint_module.resolve_checkpoint = lambda p: monkeypatch_resolve(f"{source}/checkpoints/step_00000001")
     base = apply_overrides(preset("tiny"), BASE + ["data.batch_size=4", "loss.queue_length=0"])
     t = Trainer(apply_overrides(base, [f"checkpoint.init_from={source}"]), f"{root}/run")
     got = {k: v.detach().cpu().clone() for k, v in full_state_dict(t.model).items()}
