@@ -77,10 +77,11 @@ class DataConfig:
     """Unlabelled training images.
 
     Attributes:
-        source: 'digits' (scikit-learn's digits, built in), a folder (searched recursively), a text file
-            with one image path per line, or webdataset-style tar shards (a .tar file, a folder of them, or
-            a glob such as 'shards/train-*.tar').
-        format: 'auto' (from ``source``), 'folder', 'list', 'tar' or 'digits'.
+        source: 'digits' (scikit-learn's digits, built in), 'synthetic' (random images made on the fly: the
+            training step without storage or decoding, to measure throughput), a folder (searched
+            recursively), a text file with one image path per line, or webdataset-style tar shards (a .tar
+            file, a folder of them, or a glob such as 'shards/train-*.tar').
+        format: 'auto' (from ``source``), 'folder', 'list', 'tar', 'digits' or 'synthetic'.
         batch_size: images per data-parallel rank per step.
         augment_on: 'workers' (decode and multi-crop in DataLoader worker processes, the C++ CPU op) or
             'device' (workers only decode; the multi-crop op runs on the training device).
@@ -88,6 +89,10 @@ class DataConfig:
         prefetch_factor: batches prefetched per worker.
         digits_size: side of the upscaled digits images (source 'digits').
         digits_split: 'train' (the 1200 images that are not in the evaluation's test split) or 'all'.
+        synthetic_count: images of the synthetic set (source 'synthetic'; default ImageNet-1k's 1,281,167):
+            an epoch's length. None is held in memory: image i is made when it is read, from ``train.seed``
+            and i (:mod:`seer.data.synthetic`).
+        synthetic_size: their size in pixels, 'S' (S x S) or 'HxW' (height x width), e.g. 256 or 240x320.
         max_image_pixels: larger images are skipped as decompression bombs.
         max_bad_fraction: stop with an error if more than this fraction of the dataset turns out unreadable
             (a wrong path or format, not a few bad files); 1.0 never stops.
@@ -111,6 +116,8 @@ class DataConfig:
     prefetch_factor: int = 2
     digits_size: int = 32
     digits_split: str = "train"
+    synthetic_count: int = 1_281_167
+    synthetic_size: str = "256"
     max_image_pixels: int = 178_956_970
     max_bad_fraction: float = 0.5
     timeout_s: float = 600.0
@@ -646,6 +653,22 @@ def _check_crop_law(c: CropsConfig) -> None:
                                  "data.crops (global_*/local_* sizes and scales)", str(e))) from None
 
 
+def _check_synthetic(d: DataConfig) -> None:
+    """data.synthetic_count / synthetic_size: their form whatever the source (as data.digits_size), what they
+    must be beside the other data keys where the source is 'synthetic'."""
+    from .data.synthetic import parse_size
+    _check(1 <= d.synthetic_count < 2**62, "data.synthetic_count", "an integer in [1, 2^62)", d.synthetic_count)
+    try:
+        h, w = parse_size(d.synthetic_size)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.synthetic_size': {e}") from None
+    if d.source == "synthetic" or d.format == "synthetic":  # never held against a run that reads files
+        _check(h * w <= d.max_image_pixels, "data.synthetic_size",
+               f"at most data.max_image_pixels={d.max_image_pixels} pixels (H x W)", d.synthetic_size)
+        _check(d.synthetic_count >= d.batch_size, "data.synthetic_count",  # (the sampler would say 'add images')
+               f"at least data.batch_size={d.batch_size} (one batch)", d.synthetic_count)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError naming the key for values no run can use; return ``cfg``."""
     try:
@@ -656,7 +679,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(d.batch_size >= 1, "data.batch_size", "an integer >= 1", d.batch_size)
     _check(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
     _check(d.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", d.prefetch_factor)
-    _choice("data.format", d.format, ("auto", "folder", "list", "tar", "digits"))
+    _choice("data.format", d.format, ("auto", "folder", "list", "tar", "digits", "synthetic"))
     _choice("data.augment_on", d.augment_on, ("workers", "device"))
     _choice("data.digits_split", d.digits_split, ("train", "all"))
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
@@ -750,6 +773,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(e.max_images >= 0, "eval.max_images", "an integer >= 0 (0 = all)", e.max_images)
     _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "an integer >= 1", e.linear_max_iter)
     _check(d.digits_size >= 8, "data.digits_size", "an integer >= 8 (the digits are 8 x 8)", d.digits_size)
+    _check_synthetic(d)
     _check(cfg.parallel.tp >= 1, "parallel.tp", "an integer >= 1", cfg.parallel.tp)
     try:
         checkpoint_every(cfg.parallel.activation_checkpointing)

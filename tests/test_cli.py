@@ -34,6 +34,10 @@ from tests.images import write_bad_images, write_good_images
     (["data", "check", "{tmp}", "--report", "/no/such/dir/r.tsv"], "the folder '/no/such/dir' does not exist"),
     # data check's source is its positional SOURCE and its --format, not training's data.source/data.format
     (["data", "check", "/no/such/folder"], "error: SOURCE '/no/such/folder' does not exist"),
+    (["data", "check", "synthetic"], "error: SOURCE 'synthetic' is generated on the fly"),
+    (["train", "--preset", "tiny", "--set", "data.source=synthetic", "--set", "data.synthetic_size=256x", "--out",
+      "x"],
+     "config key 'data.synthetic_size': expected a side 'S' or 'HxW' in pixels (e.g. 256 or 240x320), got '256x'"),
     (["eval", "knn", "--checkpoint", "/no/such/run", "--json", "{tmp}"], "--json '{tmp}' is a folder"),
     (["train", "--preset", "tiny", "--out", "{tmp}/file"], "--out '{tmp}/file' is a file"),
     (["train", "--config", "{tmp}", "--out", "x"], "config file '{tmp}' is a folder"),

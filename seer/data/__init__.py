@@ -1,4 +1,4 @@
-"""Unlabelled training data: sources (folder, list file, tar shards, built-in digits), bad-file-tolerant
+"""Unlabelled training data: sources (folder, list file, tar shards, built-in digits and synthetic), bad-file-tolerant
 datasets, multi-crop in workers or on the device, the checkpointable sampler, and ``seer data check``.
 
 The names below are imported on first use: a process that needs only :mod:`.sources` (a worker that indexes
@@ -16,7 +16,7 @@ _EXPORTS = {
     "feistel_permutation": "sampler", "mix_seed": "sampler", "IMAGE_EXTENSIONS": "sources",
     "DataSourceError": "sources", "FileSource": "sources", "ImageSource": "sources", "TarSource": "sources",
     "TensorSource": "sources", "build_index": "sources", "detect_format": "sources", "open_index": "sources",
-    "open_source": "sources", "scan_folder": "sources", "DataTimeoutError": "workers",
+    "open_source": "sources", "scan_folder": "sources", "SyntheticSource": "synthetic", "DataTimeoutError": "workers",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -27,4 +27,5 @@ if TYPE_CHECKING:  # what static tools see
     from .sampler import ResumableSampler, feistel_permutation, mix_seed
     from .sources import (IMAGE_EXTENSIONS, DataSourceError, FileSource, ImageSource, TarSource, TensorSource,
                           build_index, detect_format, open_index, open_source, scan_folder)
+    from .synthetic import SyntheticSource
     from .workers import DataTimeoutError

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
 from .dataset import _reason, decode_checked
-from .sources import ImageSource, open_source, printable
+from .sources import DataSourceError, ImageSource, detect_format, open_source, printable
 from .workers import check_timeout, loader_timeout, next_batch
 
 
@@ -92,6 +92,12 @@ def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixel
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"--max-image-pixels must be an integer >= 1, got {max_pixels!r}")
     check_timeout(timeout_s, "--timeout-s")
+    if (detect_format(source) if fmt == "auto" else fmt) == "synthetic":
+        # Its images are made, not read: none can be unreadable, and decoding 1.28 million of them would
+        # time only the generator.
+        raise DataSourceError("data.source 'synthetic' is generated on the fly (random images from train.seed, "
+                              "data.synthetic_count and data.synthetic_size), not read from storage: there is "
+                              "nothing to check; for a folder named 'synthetic', give it as './synthetic'")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache:  # the index lives as long as the check
         src = open_source(source, fmt, cache)

@@ -26,6 +26,7 @@ from .dataset import (Batch, DecodedDataset, MultiCropDataset, Skipped, collate_
                       worker_init)
 from .sampler import ResumableSampler, _BatchSampler, mix_seed
 from .sources import build_index, open_index
+from .synthetic import parse_size
 from .workers import DataTimeoutError, loader_timeout, next_batch
 
 
@@ -54,7 +55,9 @@ class TrainData:
         if meta is None:
             # reads the finished index.json; rank 0 checked the shards (one stat each, not one per rank)
             meta = build_index(cfg.source, cfg.format, cache, check_shards=False)
-        self.source = open_index(meta, cache, digits_size=cfg.digits_size, digits_split=cfg.digits_split)
+        self.source = open_index(meta, cache, digits_size=cfg.digits_size, digits_split=cfg.digits_split,
+                                 synthetic_count=cfg.synthetic_count, synthetic_size=parse_size(cfg.synthetic_size),
+                                 seed=seed)
         self.spec = crop_spec(cfg.crops)
         self.sampler = ResumableSampler(len(self.source), cfg.batch_size, world, rank, seed)
         if cfg.augment_on == "workers":

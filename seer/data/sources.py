@@ -1,4 +1,5 @@
-"""Where unlabelled images come from: a folder (recursive), a list file, or webdataset-style tar shards.
+"""Where unlabelled images come from: a folder (recursive), a list file, webdataset-style tar shards, or a
+built-in set made in memory ('digits', 'synthetic': nothing to index).
 
 Each source is first *indexed* into files under a cache folder (normally OUT/data): the sorted list of
 image paths, or for tar shards the shard, byte offset and size of every image member. Training reads only
@@ -49,6 +50,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 class DataSourceError(ValueError):
     """``data.source`` cannot be used (missing, empty, or of an unknown kind)."""
+
+
+# data.source values that name a built-in set rather than a path (and are their own data.format).
+BUILT_IN = ("digits", "synthetic")
 
 
 def is_image_name(name: str) -> bool:
@@ -571,12 +576,13 @@ def _is_glob(source: str) -> bool:
 
 
 def detect_format(source: str) -> str:
-    """'digits', 'folder', 'list' or 'tar' for a ``data.source`` value."""
-    if source == "digits":
-        return "digits"
+    """'digits', 'synthetic', 'folder', 'list' or 'tar' for a ``data.source`` value (the built-in names win
+    over a folder of that name in the current directory, which './NAME' reaches)."""
+    if source in BUILT_IN:
+        return source
     if not source:
         raise DataSourceError("data.source is empty: set it to a folder of images, a text file of image paths, "
-                              "tar shards (e.g. 'shards/*.tar'), or 'digits'")
+                              "tar shards (e.g. 'shards/*.tar'), 'digits' or 'synthetic'")
     if _is_glob(source):
         return "tar"
     p = Path(source)
@@ -601,7 +607,7 @@ def detect_format(source: str) -> str:
                                   f".tar files (their members are read in place)")
         return "tar" if _is_tar(p.name) else "list"
     raise DataSourceError(f"data.source {source!r} does not exist (expected a folder of images, a text file of "
-                          f"image paths, tar shards, or 'digits')")
+                          f"image paths, tar shards, 'digits' or 'synthetic')")
 
 
 def followed_is(entry: os.DirEntry, kind: str) -> bool:
@@ -673,7 +679,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     meta_path = cache / "index.json"
-    source_abs = source if fmt == "digits" or _is_glob(source) else os.path.abspath(source)
+    source_abs = source if fmt in BUILT_IN or _is_glob(source) else os.path.abspath(source)
     if meta_path.is_file():
         meta = _read_index_meta(cache)
         if meta.get("source") == source_abs and meta.get("format") == fmt:
@@ -684,7 +690,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
         raise DataSourceError(f"{cache} holds the index of data.source {meta.get('source')!r}, not {source_abs!r}: "
                               f"use another output folder, or delete {cache} to index the new source")
     meta = {"source": source_abs, "format": fmt}
-    if fmt == "digits":
+    if fmt in BUILT_IN:  # nothing to index: the images are made when the index is opened
         meta["count"] = 0
     elif fmt == "folder":
         if not Path(source).is_dir():
@@ -702,8 +708,9 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
         meta["shard_stats"] = []  # [st_size, st_mtime_ns] per shard, checked when the index is used again
         meta["count"] = index_tar_shards(meta["shards"], cache, meta["shard_stats"], workers)
     else:
-        raise DataSourceError(f"data.format {fmt!r} is not one of 'auto', 'folder', 'list', 'tar', 'digits'")
-    if fmt != "digits" and meta["count"] == 0:
+        raise DataSourceError(f"data.format {fmt!r} is not one of 'auto', 'folder', 'list', 'tar', 'digits', "
+                              f"'synthetic'")
+    if fmt not in BUILT_IN and meta["count"] == 0:
         raise DataSourceError(f"data.source {source!r} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
     # The files' sizes, checked whenever the index is opened (a truncated images.txt read as other paths),
     # and their bytes on disk before index.json says the index is complete.
@@ -719,7 +726,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
 
 
 # The files of an index, per format.
-_INDEX_FILES = {"digits": (), "folder": ("images.txt", "images.offsets.npy"),
+_INDEX_FILES = {"digits": (), "synthetic": (), "folder": ("images.txt", "images.offsets.npy"),
                 "list": ("images.txt", "images.offsets.npy"),
                 "tar": ("members.txt", "members.offsets.npy", "shard_id.npy", "offset.npy", "size.npy")}
 
@@ -785,14 +792,20 @@ def _check_shards(meta: dict, cache: Path) -> None:
                     + (", ..." if len(unreachable) > 5 else ""))
 
 
-def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32,
-               digits_split: str = "train") -> ImageSource:
+def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32, digits_split: str = "train",
+               synthetic_count: int = 1_281_167, synthetic_size: tuple[int, int] = (256, 256),
+               seed: int = 0) -> ImageSource:
+    """The source of an index that :func:`build_index` described in ``meta``. The keywords shape the built-in
+    sources: ``digits_*`` the digits, ``synthetic_*`` and ``seed`` (the run's) the synthetic images."""
     cache = Path(cache)
     fmt = meta["format"]
     _check_index_files(meta, cache)  # every process: the one that built the index may not share this disk
     if fmt == "digits":
         from .digits import digits_images
         return TensorSource(digits_images(digits_size, digits_split), label="digits")
+    if fmt == "synthetic":
+        from .synthetic import SyntheticSource
+        return SyntheticSource(synthetic_count, synthetic_size, seed)
     if fmt in ("folder", "list"):
         return FileSource(StringList(cache / "images.txt", cache / "images.offsets.npy"), meta.get("root", ""))
     return TarSource(meta["shards"], MappedArray(cache / "shard_id.npy"), MappedArray(cache / "offset.npy"),

@@ -100,3 +100,12 @@ def records(out: Path, name: str = "metrics.jsonl") -> list[dict]:
 
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(out)}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two runs' (or checkpoints') backbones are equal bit for bit."""
+    import torch
+
+    from seer import load_pretrained
+    sa, sb = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -91,6 +91,10 @@ def test_bad_values_name_the_key(override, fragment):
     ("optim.lr_reference_batch=-1", "optim.lr_reference_batch"),
     ("data.timeout_s=-1", "data.timeout_s"), ("data.timeout_s=.inf", "data.timeout_s"),
     ("data.timeout_s=.nan", "data.timeout_s"), ("data.index_workers=-1", "data.index_workers"),
+    ("data.synthetic_count=0", "data.synthetic_count"), ("data.synthetic_count=-3", "data.synthetic_count"),
+    ("data.synthetic_size=abc", "data.synthetic_size"), ("data.synthetic_size=0", "data.synthetic_size"),
+    ("data.synthetic_size=64x0", "data.synthetic_size"),
+    ("data.format=synth", "data.format"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
@@ -119,6 +123,31 @@ def test_data_index_workers_overrides_saves_and_defaults_in_older_files(tmp_path
     assert "  index_workers: 0\n" in saved
     (tmp_path / "old.yaml").write_text(saved.replace("  index_workers: 0\n", ""))  # one written before the key
     assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")
+
+
+def test_data_synthetic_keys_override_validate_and_default_in_older_files(tmp_path):
+    d = C.preset("tiny").data
+    assert (d.synthetic_count, d.synthetic_size) == (1_281_167, "256")  # ImageNet-1k's count, 256 x 256
+    cfg = C.validate(C.apply_overrides(C.preset("tiny"), ["data.source=synthetic", "data.synthetic_count=100",
+                                                          "data.synthetic_size=240x320"]))
+    assert (cfg.data.source, cfg.data.synthetic_count, cfg.data.synthetic_size) == ("synthetic", 100, "240x320")
+    assert C.apply_overrides(C.preset("tiny"), ["data.synthetic_size=96"]).data.synthetic_size == "96"
+    (tmp_path / "s.yaml").write_text("preset: tiny\ndata:\n  source: synthetic\n  synthetic_size: 64\n")
+    assert C.load_yaml(tmp_path / "s.yaml").data.synthetic_size == "64"  # a YAML number, taken as its text
+    with pytest.raises(C.ConfigError, match=r"'data.synthetic_size': expected a side 'S' or 'HxW' .*got '2.5'"):
+        C.validate(C.apply_overrides(C.preset("tiny"), ["data.synthetic_size=2.5"]))
+    with pytest.raises(C.ConfigError, match=r"'data.synthetic_count' must be at least data.batch_size=8 .*got 5"):
+        C.validate(C.apply_overrides(C.preset("tiny"), ["data.source=synthetic", "data.synthetic_count=5"]))
+    with pytest.raises(C.ConfigError, match=r"'data.synthetic_size' must be at most data.max_image_pixels=10000 "):
+        C.validate(C.apply_overrides(C.preset("tiny"), ["data.source=synthetic", "data.max_image_pixels=10000"]))
+    # unused (another source): only their form counts, not the limits of a run that reads files
+    C.validate(C.apply_overrides(C.preset("tiny"), ["data.synthetic_count=5", "data.max_image_pixels=10000"]))
+    with pytest.raises(C.ConfigError, match="'data.synthetic_count' expects an integer"):
+        C.apply_overrides(C.preset("tiny"), ["data.synthetic_count=many"])
+    saved = C.dumps(C.preset("tiny"))
+    assert "  synthetic_count: 1281167\n  synthetic_size: '256'\n" in saved
+    (tmp_path / "old.yaml").write_text(saved.replace("  synthetic_count: 1281167\n  synthetic_size: '256'\n", ""))
+    assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")  # one written before the keys
 
 
 def test_yaml_file_starting_from_a_preset(tmp_path):

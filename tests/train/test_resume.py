@@ -3,14 +3,12 @@ checkpoint killed while being written is never used."""
 import signal
 
 import pytest
-import torch
 
-from seer import load_pretrained
 from seer.train import list_checkpoints
 from tests.images import write_good_images
 
 from .common import (INT_GROUP_AT_STEP, KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, TERM_GROUP_AT_STEP, losses,
-                     seer, seer_killed)
+                     same_weights, seer, seer_killed)
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +32,6 @@ def straight(images, tmp_path_factory):
     return out
 
 
-def _same_weights(a, b):
-    sa, sb = load_pretrained(a).state_dict(), load_pretrained(b).state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 def test_kill_and_rerun_gives_the_same_losses_bit_for_bit(images, straight, tmp_path):
     out = tmp_path / "killed"
     proc = seer_killed(KILL_AT_STEP.format(step=3), *_args(images, out))
@@ -49,7 +42,7 @@ def test_kill_and_rerun_gives_the_same_losses_bit_for_bit(images, straight, tmp_
     expected, got = losses(straight), losses(out)
     assert sorted(got) == list(range(1, 7))
     assert got == expected  # exact float equality, every step
-    assert _same_weights(straight, out)
+    assert same_weights(straight, out)
 
 
 def test_checkpoint_killed_while_being_written_is_not_used(images, straight, tmp_path):
@@ -63,7 +56,7 @@ def test_checkpoint_killed_while_being_written_is_not_used(images, straight, tmp
     assert "step 3 of 6" in rerun.stdout  # the previous, complete checkpoint
     assert not (ckpts / ".tmp-step_00000006").exists()
     assert losses(out) == losses(straight)
-    assert _same_weights(straight, out)
+    assert same_weights(straight, out)
 
 
 def test_sigterm_to_the_whole_job_saves_and_the_rerun_continues(images, straight, tmp_path):
@@ -77,7 +70,7 @@ def test_sigterm_to_the_whole_job_saves_and_the_rerun_continues(images, straight
     rerun = seer(*_args(images, out))
     assert "step 3 of 6" in rerun.stdout
     assert losses(out) == losses(straight)
-    assert _same_weights(straight, out)
+    assert same_weights(straight, out)
 
 
 def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path):
@@ -94,7 +87,7 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path)
     rerun = seer(*_args(images, out))
     assert "step 2 of 6" in rerun.stdout
     assert losses(out) == losses(straight)
-    assert _same_weights(straight, out)
+    assert same_weights(straight, out)
     out = tmp_path / "interrupted_twice"
     proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.2, echo_s=0.1), *_args(images, out))
     assert proc.returncode == 130 and "seer train: interrupted" in proc.stderr, proc.stderr
