@@ -253,13 +253,13 @@ def written_by_seer(path: Path, fmt: str) -> bool:
     key, value = SEER_MARK
     try:
         if fmt == "timm":
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                if not 2 <= size <= 100 << 20:
-                    return False
-                header = json.loads(f.read(size))
-            meta = header.get("__metadata__") if isinstance(header, dict) else None
-            return isinstance(meta, dict) and meta.get(key) == value and meta.get("layout") == "timm"
+            from safetensors import SafetensorError, safe_open
+            try:
+                with safe_open(str(path), framework="pt") as f:  # (the header only: the tensors are not read)
+                    meta = f.metadata() or {}
+            except SafetensorError:
+                return False
+            return meta.get(key) == value and meta.get("layout") == "timm"
         return _onnx_metadata(path).get(key) == value
     except (OSError, ValueError):
         return False
