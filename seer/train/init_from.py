@@ -67,9 +67,14 @@ class InitSource:
         return f"{self.given} ({at}, {parts})"
 
 
+def init_path(value: str) -> str:
+    """``checkpoint.init_from=value`` as the run records it: ``~`` expanded, made absolute (links kept)."""
+    return os.path.abspath(os.path.expanduser(value))
+
+
 def resolve_init_source(value: str) -> InitSource:
     """The source ``checkpoint.init_from=value`` names; FileNotFoundError or ValueError naming the key."""
-    given = os.path.abspath(os.path.expanduser(value))
+    given = init_path(value)
     p = Path(given)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint.init_from: {value!r} does not exist (expected a run folder, a "
@@ -214,6 +219,6 @@ def same_source(record: Optional[dict], src_value: str) -> bool:
     written, or where it leads now)."""
     if not isinstance(record, dict):
         return False
-    given = os.path.abspath(os.path.expanduser(src_value))
+    given = init_path(src_value)
     return record.get("path") == given or record.get("resolved") == str(Path(given).resolve())
 

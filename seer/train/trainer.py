@@ -38,8 +38,8 @@ from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diff
                          load_tensors, read_meta, read_saved_config, write_atomic)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
-from .init_from import (check_init_architecture, load_init_weights, normalisation_changes, not_shaping_changes,
-                        resolve_init_source, same_source)
+from .init_from import (check_init_architecture, init_path, load_init_weights, normalisation_changes,
+                        not_shaping_changes, resolve_init_source, same_source)
 from .lock import RunLock
 from .metrics import MetricsWriter, peak_flops, read_metrics
 from .modules import BackboneView, nvtx_range
@@ -195,7 +195,7 @@ class Trainer:
         checkpoints in this folder are refused rather than continued in place of the initialisation asked for."""
         c = self.cfg.checkpoint
         record = read_meta(latest).get("init_from")
-        where = os.path.abspath(os.path.expanduser(c.init_from))
+        where = init_path(c.init_from)
         named = c.init_from if where == c.init_from else f"{c.init_from} (here {where})"  # (a relative path)
         if not same_source(record, c.init_from):
             then = f"was initialised from {record.get('path')}" if isinstance(record, dict) else \
