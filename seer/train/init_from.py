@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.distributed as dist
 
 from .. import config as C
 from ..parallel import ParallelDims
