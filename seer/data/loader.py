@@ -49,12 +49,16 @@ class TrainData:
         self.cfg, self.seed, self.device, self.rank = cfg, seed, device, rank
         cache = Path(cache)
         meta = None
+        # What makes the built-in sets' images (the synthetic size as 'HxW', so that '256' and '256x256' agree)
+        built_in = {"digits_size": cfg.digits_size, "digits_split": cfg.digits_split,
+                    "synthetic_count": cfg.synthetic_count,
+                    "synthetic_size": "x".join(map(str, parse_size(cfg.synthetic_size)))}
         if is_index_writer:
-            meta = build_index(cfg.source, cfg.format, cache, workers=cfg.index_workers)
+            meta = build_index(cfg.source, cfg.format, cache, workers=cfg.index_workers, built_in=built_in)
         barrier()
         if meta is None:
             # reads the finished index.json; rank 0 checked the shards (one stat each, not one per rank)
-            meta = build_index(cfg.source, cfg.format, cache, check_shards=False)
+            meta = build_index(cfg.source, cfg.format, cache, check_shards=False, built_in=built_in)
         self.source = open_index(meta, cache, digits_size=cfg.digits_size, digits_split=cfg.digits_split,
                                  synthetic_count=cfg.synthetic_count, synthetic_size=parse_size(cfg.synthetic_size),
                                  seed=seed)

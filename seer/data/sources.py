@@ -664,7 +664,7 @@ def _gc_paused():
 
 @_gc_paused()
 def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards: bool = True,
-                workers: int = 0) -> dict:
+                workers: int = 0, built_in: Optional[dict] = None) -> dict:
     """Index ``source`` into ``cache`` (once: an existing index of the same source is kept); return its
     description. Call on one process, then :func:`open_index` on all. ``workers``: processes that index tar
     shards (``data.index_workers``; :func:`index_tar_shards`).
@@ -672,7 +672,12 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     An existing index of tar shards is checked against the shards' sizes and modification times recorded
     when it was written (``check_shards``; one stat per shard, so the processes that only read the index
     the writer has checked pass False): a shard rewritten since would read other bytes at its members'
-    offsets."""
+    offsets.
+
+    ``built_in``: the config keys that make a built-in set's images (``digits_size``, ``synthetic_size``, ...
+    without the ``data.`` prefix); those of the set's format are recorded in its index and must be the same
+    when it is used again (a resumed run would otherwise train on other images than its checkpoints did, with
+    nothing to say so: the data position checks only their count)."""
     index_workers(workers, 1)  # a bad value is refused whatever the source
     source = os.path.expanduser(source)  # '~/images' from a YAML file or a quoted --set, which no shell expanded
     fmt = detect_format(source) if fmt == "auto" else fmt
@@ -683,6 +688,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     if meta_path.is_file():
         meta = _read_index_meta(cache)
         if meta.get("source") == source_abs and meta.get("format") == fmt:
+            _check_built_in(meta, _built_in_params(fmt, built_in), cache)
             _check_index_files(meta, cache)
             if fmt == "tar" and check_shards:
                 _check_shards(meta, cache)
@@ -692,6 +698,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     meta = {"source": source_abs, "format": fmt}
     if fmt in BUILT_IN:  # nothing to index: the images are made when the index is opened
         meta["count"] = 0
+        meta["params"] = _built_in_params(fmt, built_in)
     elif fmt == "folder":
         if not Path(source).is_dir():
             raise DataSourceError(f"data.source {source!r} is not a folder")
@@ -723,6 +730,23 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)  # the index is complete only once index.json exists
     return meta
+
+
+def _built_in_params(fmt: str, built_in: Optional[dict]) -> dict:
+    """The keys of ``built_in`` that make the images of format ``fmt`` (``synthetic_*`` for 'synthetic')."""
+    return {k: v for k, v in (built_in or {}).items() if fmt in BUILT_IN and k.startswith(f"{fmt}_")}
+
+
+def _check_built_in(meta: dict, params: dict, cache: Path) -> None:
+    """DataSourceError naming the keys where a built-in set's index was made with other values than
+    ``params`` (an index written before they were recorded, or a caller that gives none, passes)."""
+    was = meta.get("params") or {}
+    diffs = [f"data.{k}: index {was[k]!r}, config {v!r}" for k, v in params.items() if k in was and was[k] != v]
+    if diffs:
+        raise DataSourceError(f"{cache} holds the index of the built-in data.source {meta.get('source')!r} made with "
+                              f"other images than this config's ({'; '.join(diffs)}): a resumed run would train on "
+                              f"other images than its checkpoints did; set them back, use another output folder, "
+                              f"or delete {cache} to go on with the new images")
 
 
 # The files of an index, per format.

@@ -1,5 +1,6 @@
 """The built-in 'synthetic' source: deterministic random images made on the fly, in the decoded-image data path."""
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -81,6 +82,28 @@ def test_index_and_open(tmp_path):
     assert isinstance(src, SyntheticSource) and len(src) == 30
     assert torch.equal(src.read(29), synthetic_image(4, 29, (9, 11)))
     assert build_index("synthetic", "auto", tmp_path / "idx") == meta  # a resumed run reuses it
+
+
+def test_the_index_records_what_makes_the_images(tmp_path):
+    """A resumed run with another data.synthetic_size or _count would train on other images (the data position
+    checks only the count): its index says which it was made with, and another value is refused, named."""
+    made = {"synthetic_size": "40x48", "synthetic_count": 24, "digits_size": 32, "digits_split": "train"}
+    meta = build_index("synthetic", "auto", tmp_path / "idx", built_in=made)
+    assert meta["params"] == {"synthetic_size": "40x48", "synthetic_count": 24}  # (the digits' are not its own)
+    assert build_index("synthetic", "auto", tmp_path / "idx", built_in=dict(made, digits_size=8)) == meta
+    with pytest.raises(DataSourceError, match=r"data.synthetic_size: index '40x48', config '40x40'.*delete"):
+        build_index("synthetic", "auto", tmp_path / "idx", built_in=dict(made, synthetic_size="40x40"))
+    with pytest.raises(DataSourceError, match=r"data.synthetic_count: index 24, config 25"):
+        build_index("synthetic", "auto", tmp_path / "idx", built_in=dict(made, synthetic_count=25))
+    digits = build_index("digits", "auto", tmp_path / "d", built_in=made)
+    assert digits["params"] == {"digits_size": 32, "digits_split": "train"}
+    with pytest.raises(DataSourceError, match=r"data.digits_size: index 32, config 8"):
+        build_index("digits", "auto", tmp_path / "d", built_in=dict(made, digits_size=8))
+    # An index written before the keys were recorded is used as it is
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.json").write_text(json.dumps({"source": "synthetic", "format": "synthetic",
+                                                             "count": 0, "files": {}}))
+    assert build_index("synthetic", "auto", tmp_path / "old", built_in=made)["format"] == "synthetic"
 
 
 def test_data_check_refuses_it(capsys):

@@ -46,3 +46,8 @@ def test_kill_and_rerun_gives_the_same_losses_bit_for_bit(tmp_path):
     assert sorted(got) == list(range(1, 7))
     assert got == expected  # exact float equality, every step
     assert same_weights(straight, out)
+    # Other images (another size) for the same run: refused, not silently trained on
+    args = [a if a != "data.synthetic_size=40x48" else "data.synthetic_size=40" for a in _args(out)]
+    other = seer(*args, "--set", "train.max_steps=8", check=False)
+    assert other.returncode != 0
+    assert "data.synthetic_size: index '40x48', config '40x40'" in other.stderr, other.stderr
