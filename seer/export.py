@@ -118,7 +118,7 @@ def write_export(out: Path, write: Callable[[Path], str], side: Sequence[str] = 
     # the new weights beside the JSON of the export they replaced: a pair that loads without an error, with
     # another run's normalisation and config. Final names, not .part names: an ONNX file records its external
     # data's file name, which must be the name the data has once in place.
-    scratch = out.with_name(out.name + ".part")
+    scratch = scratch_folder(out)
     # One export per --out at a time: a second one would remove the first one's scratch folder, or rename its
     # weights in beside the other's JSON.
     with lock_file(out.with_name(out.name + ".part.lock"),
@@ -131,6 +131,7 @@ def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[P
                    side: Sequence[str]) -> tuple[Path, Path]:
     """:func:`write_export`'s work, under its lock."""
     _remove(scratch)  # the name is the export's own: an export killed while writing (or an older seer's file)
+    renaming = False
     try:
         # Created here first: where files cannot be made after all (root passes the access check under /proc),
         # the OSError names the path (one line from the CLI) instead of the writer's error and its traceback.
@@ -152,9 +153,11 @@ def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[P
         # 2. with side files, the old OUT next, before any side file changes: an old OUT.onnx never names a
         #    new OUT.onnx.data (same tensor names and offsets where the architecture is the same: it would load
         #    without an error, with the other export's weights);
-        # 3. the side files (a crash after it leaves a side file alone, without OUT: refused by check_out,
-        #    which cannot tell it from a user's file);
+        # 3. the side files (a crash after it leaves a side file alone, without OUT: check_out takes it for
+        #    the export's own only while the scratch folder still holds the OUT that names it, so the scratch
+        #    folder is kept where the renames stop half-way, by an exception as by a kill);
         # 4. OUT, whose side files are all in place by now; 5. the JSON, last.
+        renaming = True
         json_path.unlink(missing_ok=True)
         if side:
             out.unlink(missing_ok=True)
@@ -164,10 +167,17 @@ def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[P
             else:  # the earlier export's, which no file names any more
                 out.with_name(name).unlink(missing_ok=True)
         os.replace(scratch / out.name, out)
+        renaming = False  # (OUT, in place, names its side files from now on)
         os.replace(scratch / json_path.name, json_path)
     finally:
-        _remove(scratch)
+        if not renaming:  # (kept as the evidence that a lone side file is seer's: step 3 above)
+            _remove(scratch)
     return out, json_path
+
+
+def scratch_folder(out: Path) -> Path:
+    """OUT.part/: where :func:`write_export` writes the files before it renames them into place."""
+    return out.with_name(out.name + ".part")
 
 
 def _remove(path: Path) -> None:
@@ -226,7 +236,8 @@ def check_out(out: Path, fmt: str) -> None:
     for side in sides:
         if side.exists() and not _side_written_by_seer(out, side, fmt):
             # e.g. torch.onnx's own export: vit.onnx and vit.onnx.data (vit.onnx alone is refused above where no
-            # JSON is beside it), or the data of an export killed between its renames (write_export's order)
+            # JSON is beside it), or the data of an export killed between its renames whose scratch folder was
+            # removed since (write_export's order)
             raise ValueError(f"--out {str(out)!r}: {str(side)!r} exists and is not the external data of the seer "
                              f"export at {str(out)!r} (neither {str(out)!r} nor {str(json_path)!r} names it); the "
                              f"export writes or removes that file: remove it or choose another --out")
@@ -234,12 +245,20 @@ def check_out(out: Path, fmt: str) -> None:
 
 def _side_written_by_seer(out: Path, side: Path, fmt: str) -> bool:
     """Whether the side file ``side`` is the one that the seer export at ``out`` names: its JSON's
-    ``external_data`` or, without the JSON (an export killed between its renames), OUT's own metadata."""
+    ``external_data`` or, without the JSON (an export killed between its renames), OUT's own metadata, or,
+    without OUT either (killed after the side files' renames, before OUT's), the metadata of the OUT that the
+    scratch folder still holds (the side file is then the new export's or, killed before its rename, the
+    earlier export's, whose OUT was removed first: seer's either way)."""
     json_path = out.with_suffix(".json")
+
+    def names_it(path: Path) -> bool:
+        return path.is_file() and written_by_seer(path, fmt) and _onnx_metadata(path).get("external_data") == side.name
     try:
         if export_format(json_path) == fmt:
             return json.loads(json_path.read_text()).get("external_data") == side.name
-        return out.is_file() and written_by_seer(out, fmt) and _onnx_metadata(out).get("external_data") == side.name
+        if out.exists():
+            return names_it(out)
+        return names_it(scratch_folder(out) / out.name)
     except (OSError, ValueError):  # (changed since it was read)
         return False
 

@@ -172,9 +172,10 @@ def test_a_failed_check_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
 @pytest.mark.parametrize("killed_at", [1, 2, 3])
 def test_a_kill_between_the_renames_never_pairs_files_of_two_exports(tmp_path, monkeypatch, killed_at):
     """The renames into place: the data, the .onnx, the JSON (the old JSON and the old .onnx removed first).
-    Killed before the k-th, what is left is a lone data file (refused by name: seer cannot tell it from a
-    user's) or the new pair without its JSON (replaced by the next export), never a .onnx beside another
-    export's data."""
+    Killed before the k-th, what is left is a lone data file beside the scratch folder, whose .onnx names it
+    (so the next export replaces it; without the scratch folder it is refused by name: seer cannot tell it
+    from a user's), or the new pair without its JSON (replaced by the next export), never a .onnx beside
+    another export's data."""
     out, data = tmp_path / "vit.onnx", tmp_path / "vit.onnx.data"
     old, new = _model(0), _model(1)
     export_onnx_model(old, out, CFG, external_data=True)
@@ -193,11 +194,27 @@ def test_a_kill_between_the_renames_never_pairs_files_of_two_exports(tmp_path, m
         export_onnx_model(new, out, CFG, external_data=True)
     monkeypatch.undo()
     if killed_at < 3:
-        assert _names(tmp_path) == ["vit.onnx.data"]
+        assert _names(tmp_path) == ["vit.onnx.data", "vit.onnx.part"]
         assert (data.read_bytes() == old_data) == (killed_at == 1)
+        kept = {name: (tmp_path / name).read_bytes() for name in ("vit.onnx.data",)}
+        # the scratch folder's .onnx is the evidence: without it the lone file is refused, untouched
+        shutil.move(tmp_path / "vit.onnx.part", tmp_path.parent / f"aside-{killed_at}")
         with pytest.raises(ValueError, match="is not the external data of the seer export"):
             export_onnx_model(new, out, CFG, external_data=True)
-        data.unlink()
+        assert _names(tmp_path) == ["vit.onnx.data"] and data.read_bytes() == kept["vit.onnx.data"]
+        # nor does a scratch .onnx that names no such file (an inline export's) vouch for it
+        inline = tmp_path.parent / f"inline-{killed_at}"
+        inline.mkdir()
+        export_onnx_model(new, inline / "vit.onnx", CFG, external_data=False)
+        (tmp_path / "vit.onnx.part").mkdir()
+        shutil.copy(inline / "vit.onnx", tmp_path / "vit.onnx.part" / "vit.onnx")
+        with pytest.raises(ValueError, match="is not the external data of the seer export"):
+            export_onnx_model(new, out, CFG, external_data=True)
+        shutil.rmtree(tmp_path / "vit.onnx.part")
+        shutil.move(tmp_path.parent / f"aside-{killed_at}", tmp_path / "vit.onnx.part")
+        export_onnx_model(new, out, CFG, external_data=True)  # replaces it
+        assert _names(tmp_path) == ["vit.json", "vit.onnx", "vit.onnx.data"]
+        _assert_runs_as(out, new)
     else:
         assert _names(tmp_path) == ["vit.onnx", "vit.onnx.data"] and data.read_bytes() != old_data
         _assert_runs_as(out, new)
