@@ -9,6 +9,14 @@ Loading: when the source is a checkpoint written with the run's ``parallel.tp``,
 own shards straight into the model, resharding over another number of data-parallel processes as a resume
 does (no process holds more than its shards); otherwise (an export, another tensor-parallel split) every
 process reads the full tensors and keeps its slice and shard (:func:`seer.parallel.state.load_full_state_dict`).
+
+Another resolution (DINOv2's high-resolution phase: pretrain at 224, continue at 448): the source's
+``model.img_size`` may differ from the run's when the patch size does not. Only the learned position embedding
+(1, 1 + G*G, d), G = img_size // patch_size, then has another shape; the run's is the source's resampled from
+G_src x G_src to G x G patches by :func:`seer.model.layers.interpolate_pos_embed` (the class-token entry kept,
+the patch entries bicubic, antialiased when shrinking), computed in float32 and cast to the parameter's dtype:
+the embedding the source itself adds at forward time to crops of the run's ``model.img_size``. Every other
+tensor is the source's, unchanged. Another ``model.patch_size`` changes the patch embedding and is refused.
 """
 from __future__ import annotations
 
@@ -22,14 +30,48 @@ from typing import Iterator, Optional
 import torch
 
 from .. import config as C
+from ..model.layers import interpolate_pos_embed
 from ..parallel import ParallelDims
 from . import state as S
 from .checkpoint import (CorruptCheckpointError, agreed_checkpoint, architecture_diffs, list_checkpoints, load_tensors,
-                         read_meta, read_saved_config)
+                         read_meta, read_saved_config, read_tensor_index)
 
 # Model keys that shape no tensor (regularisation, the initialisation's spread, the norms' epsilon): the
 # source's may differ from the run's.
 NOT_SHAPING = ("model.drop_path_rate", "model.dropout", "model.init_std", "model.norm_eps")
+# The one shaping key that may differ: it shapes the position embedding only, which is resampled (PosResize).
+RESIZABLE = "model.img_size"
+POS_EMBED = "backbone.pos_embed"
+
+
+@dataclass(frozen=True)
+class PosResize:
+    """The source's ``model.img_size`` (``was``) and the run's (``now``), both multiples of the patch side
+    ``patch``: the position embedding goes from a was/patch to a now/patch grid of patches per side."""
+    was: int
+    now: int
+    patch: int
+
+    @property
+    def grids(self) -> tuple[int, int]:
+        return self.was // self.patch, self.now // self.patch
+
+    def apply(self, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The source's full position embedding ``pos`` (1, 1 + G_src^2, d) on the run's grid, as ``dtype``;
+        ValueError where its shape is not that of the source's grid."""
+        g, new = self.grids
+        if pos.dim() != 3 or tuple(pos.shape[:2]) != (1, 1 + g * g):
+            raise ValueError(f"{POS_EMBED}: the tensor has shape {tuple(pos.shape)}, not (1, {1 + g * g}, d) of "
+                             f"the source's model.img_size {self.was} (patch {self.patch})")
+        return interpolate_pos_embed(pos.float(), (new, new), g).to(dtype)
+
+    def record(self) -> dict:
+        return {"img_size": [self.was, self.now], "grid": list(self.grids)}
+
+    def describe(self) -> str:
+        (g, new), (a, b) = self.grids, (self.was, self.now)
+        return (f"checkpoint.init_from: position embedding resized from {g}x{g} to {new}x{new} patches "
+                f"(model.img_size {a} -> {b})")
 
 
 @dataclass
@@ -56,10 +98,14 @@ class InitSource:
     def is_export(self) -> bool:
         return self.step is None
 
-    def record(self, parts: str) -> dict:
-        """What the new run's checkpoints keep of where its weights came from (meta.json's ``init_from``)."""
-        return {"path": self.given, "resolved": str(Path(self.given).resolve()), "file": str(self.file.resolve()),
-                "step": self.step, "parts": parts}
+    def record(self, parts: str, resize: Optional[PosResize] = None) -> dict:
+        """What the new run's checkpoints keep of where its weights came from (meta.json's ``init_from``;
+        ``pos_embed_resized`` where the position embedding was resampled)."""
+        out = {"path": self.given, "resolved": str(Path(self.given).resolve()), "file": str(self.file.resolve()),
+               "step": self.step, "parts": parts}
+        if resize is not None:
+            out["pos_embed_resized"] = resize.record()
+        return out
 
     def describe(self, parts: str) -> str:
         at = f"step {self.step} of that run" if self.step is not None else "an export: no step recorded"
@@ -139,9 +185,21 @@ def part_names(parts: str) -> tuple[str, ...]:
     return ("backbone", "head") if parts == "all" else ("backbone",)
 
 
+def pos_resize(src: InitSource, cfg: C.RunConfig) -> Optional[PosResize]:
+    """The resampling of the position embedding where the source's ``model.img_size`` is another multiple of
+    the run's ``model.patch_size`` (the patch sizes equal); None where the sizes are equal or it cannot be."""
+    saved, m = src.saved.get("model") or {}, cfg.model
+    was = saved.get("img_size")
+    if was == m.img_size or saved.get("patch_size") != m.patch_size or isinstance(was, bool) \
+            or not isinstance(was, int) or was < m.patch_size or was % m.patch_size:
+        return None
+    return PosResize(was, m.img_size, m.patch_size)
+
+
 def check_init_architecture(src: InitSource, cfg: C.RunConfig) -> None:
     """ConfigError with the differing keys where the source's tensors cannot be this run's: every key of
-    ``model`` (and of ``head`` for init_parts=all) that shapes a tensor must be the same."""
+    ``model`` (and of ``head`` for init_parts=all) that shapes a tensor must be the same, but for
+    ``model.img_size`` alone (:func:`pos_resize`)."""
     parts = cfg.checkpoint.init_parts
     if src.is_export and parts == "all":  # (validate refuses it from the suffix; a renamed file lands here)
         raise C.ConfigError(f"checkpoint.init_from={src.given}: an export holds the backbone only; use "
@@ -152,9 +210,15 @@ def check_init_architecture(src: InitSource, cfg: C.RunConfig) -> None:
         raise C.ConfigError(f"checkpoint.init_from={src.given}: its run config has no {', '.join(missing)} "
                             f"section, so its architecture cannot be checked")
     diffs = architecture_diffs(src.saved, C.to_dict(cfg), sections, ignore=NOT_SHAPING, source="source")
+    if pos_resize(src, cfg) is not None:  # (allowed: the position embedding is resampled)
+        diffs = [d for d in diffs if not d.startswith(RESIZABLE + ":")]
     if diffs:
         hint = "" if parts == "backbone" or "model" in {d.split(".")[0] for d in diffs} else \
             " (checkpoint.init_parts=backbone starts the head afresh)"
+        keys = {d.split(":")[0] for d in diffs}
+        if {RESIZABLE, "model.patch_size"} <= keys:
+            hint += (" (another model.img_size alone is allowed, its position embedding resized; another "
+                     "model.patch_size is not: it shapes the patch embedding)")
         raise C.ConfigError(f"checkpoint.init_from={src.given} has another architecture than the config{hint}: "
                             + "; ".join(diffs))
 
@@ -178,24 +242,40 @@ def normalisation_changes(src: InitSource, cfg: C.RunConfig) -> list[str]:
     return out
 
 
-def load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str) -> None:
+def load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str,
+                      resize: Optional[PosResize] = None) -> None:
     """Copy the source's tensors of ``parts`` into the (parallelised) model, in place (collective: every
-    process calls it). The architecture was checked (:func:`check_init_architecture`)."""
+    process calls it); ``resize`` (:func:`pos_resize`): the position embedding resampled to the run's grid.
+    The architecture was checked (:func:`check_init_architecture`)."""
     with source_errors(src.given, src.file):
-        _load_init_weights(src, model, dims, parts)
+        _load_init_weights(src, model, dims, parts, resize)
 
 
-def _load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str) -> None:
+def _load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str,
+                       resize: Optional[PosResize]) -> None:
+    from ..parallel.state import load_full_state_dict
     names = part_names(parts)
+    dtype = dict(model.named_parameters())[POS_EMBED].dtype if resize is not None else None
     if not src.is_export and src.tp == dims.tp:
         # The model's own shards, read (and resharded over the data-parallel processes) by DCP, as a resume
         # reads them; the optimizer's and the per-rank state are not read.
         prefixes = tuple(f"model/{n}." for n in names)
-        dest = {k: v for k, v in S.model_tensors(model, dims.tp_rank).items() if k.startswith(prefixes)}
+        own = {k: v for k, v in S.model_tensors(model, dims.tp_rank).items() if k.startswith(prefixes)}
+        dest, key = dict(own), f"model/{POS_EMBED}"  # (replicated over tensor parallelism: no @tp suffix)
+        if resize is not None:  # another shape than the model's: read whole by every process (it is small)
+            m = read_tensor_index(src.file).state_dict_metadata.get(key)
+            if m is None:
+                raise ValueError(f"checkpoint.init_from: {src.file} holds no {POS_EMBED}")
+            dest[key] = torch.empty(m.size, dtype=m.properties.dtype)
         load_tensors(src.file, dest)
+        pos, dest[key] = dest[key], own[key]  # (the model's own, unchanged, until the resampled one below)
         S.load_model_tensors(model, dest, dims.tp_rank, parts=names)
+        if resize is not None:
+            try:
+                load_full_state_dict(model, {POS_EMBED: resize.apply(pos, dtype)})
+            except ValueError as e:
+                raise ValueError(f"checkpoint.init_from: {src.file}: its tensors do not fit the model: {e}") from None
         return
-    from ..parallel.state import load_full_state_dict
     if src.is_export:
         from ..export import read_export
         try:
@@ -207,6 +287,8 @@ def _load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDi
         from ..pretrained import checkpoint_model_state
         full = checkpoint_model_state(src.file, names, collective=dims.world_size > 1)
     try:
+        if resize is not None:
+            full[POS_EMBED] = resize.apply(full[POS_EMBED], dtype)
         load_full_state_dict(model, full)
     except (KeyError, ValueError) as e:  # an export whose tensors are not those its JSON describes
         why = e.args[0] if e.args else e  # (a KeyError's str() is its message quoted)

@@ -39,7 +39,7 @@ from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diff
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .init_from import (check_init_architecture, init_path, load_init_weights, normalisation_changes,
-                        not_shaping_changes, resolve_init_source, same_source)
+                        not_shaping_changes, pos_resize, resolve_init_source, same_source)
 from .lock import RunLock
 from .metrics import MetricsWriter, peak_flops, read_metrics
 from .modules import BackboneView, nvtx_range
@@ -177,8 +177,11 @@ class Trainer:
         c = self.cfg.checkpoint
         src = resolve_init_source(c.init_from)
         check_init_architecture(src, self.cfg)  # before anything is read
-        load_init_weights(src, self.model, self.dims, c.init_parts)
-        self.initialised_from = src.record(c.init_parts)
+        resize = pos_resize(src, self.cfg)  # (another model.img_size: the position embedding resampled)
+        load_init_weights(src, self.model, self.dims, c.init_parts, resize)
+        self.initialised_from = src.record(c.init_parts, resize)
+        if resize is not None:
+            log.info("%s", resize.describe())
         changed = not_shaping_changes(src, self.cfg)
         log.info("initialised from %s%s", src.describe(c.init_parts),
                  f"; changed from the source: {'; '.join(changed)}" if changed else "")

@@ -10,6 +10,7 @@ import torch
 from seer import load_pretrained
 from seer.cli import main
 from seer.config import ConfigError, apply_overrides, preset
+from seer.model.layers import interpolate_pos_embed
 from seer.parallel.state import full_state_dict
 from seer.pretrained import checkpoint_model_state
 from seer.train import Trainer, list_checkpoints
@@ -169,6 +170,70 @@ def test_sources_that_cannot_be_this_run_are_refused_before_any_work(source, exp
         Trainer(apply_overrides(cfg, init + ["checkpoint.init_parts=head"]), tmp_path / "h")
 
 
+def _resized(src: dict, grid: int, base_grid: int = 4) -> torch.Tensor:
+    """The source's position embedding on a grid x grid patch grid, as the run should start with it."""
+    return interpolate_pos_embed(src["backbone.pos_embed"].float(), (grid, grid), base_grid).to(torch.float32)
+
+
+def _rest_equal(src: dict, now: dict, prefix: str = "") -> bool:
+    """Every tensor but the position embedding is the source's."""
+    return _equal({k: v for k, v in src.items() if k != "backbone.pos_embed"}, now, prefix)
+
+
+def test_another_img_size_takes_the_weights_with_the_position_embedding_resampled(source, tmp_path, caplog):
+    """Pretrained at 32 px (4x4 patches of 8), continued at 48 px (6x6): the source's embedding, bicubic."""
+    run, cfg = source
+    new_cfg = apply_overrides(cfg, [f"checkpoint.init_from={run}", "model.img_size=48", "train.max_steps=1",
+                                    "checkpoint.every=1"])
+    with caplog.at_level("INFO", logger="seer.train"):
+        t = Trainer(new_cfg, tmp_path / "new")
+    src, now = _source_tensors(run), full_state_dict(t.model)
+    assert now.keys() == src.keys() and _rest_equal(src, now)
+    assert now["backbone.pos_embed"].shape == (1, 37, 64)
+    assert torch.equal(now["backbone.pos_embed"], _resized(src, 6))  # bitwise
+    assert torch.equal(now["backbone.pos_embed"][:, 0], src["backbone.pos_embed"][:, 0])  # the class token's
+    assert "checkpoint.init_from: position embedding resized from 4x4 to 6x6 patches (model.img_size 32 -> 48)" \
+        in caplog.text
+    t.fit()
+    meta = read_meta(list_checkpoints(tmp_path / "new" / "checkpoints")[-1])
+    assert meta["init_from"]["pos_embed_resized"] == {"img_size": [32, 48], "grid": [4, 6]}
+    assert load_pretrained(tmp_path / "new").pos_embed.shape == (1, 37, 64)
+    # The same size: no resampling, said or recorded.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="seer.train"):
+        same = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={run}"]), tmp_path / "same")
+    same.release()
+    assert "position embedding resized" not in caplog.text and "pos_embed_resized" not in same.initialised_from
+
+
+def test_an_export_at_another_img_size_gives_its_backbone_with_the_embedding_resampled(source, export, tmp_path):
+    """Shrinking too (32 px to 16 px: 4x4 to 2x2 patches, antialiased)."""
+    run, cfg = source
+    for img, grid in ((16, 2), (64, 8)):
+        t = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={export}", "checkpoint.init_parts=backbone",
+                                          f"model.img_size={img}"]), tmp_path / str(img))
+        t.release()
+        src, now = _source_tensors(run, ("backbone",)), full_state_dict(t.model)
+        assert _rest_equal(src, now, "backbone.") and torch.equal(now["backbone.pos_embed"], _resized(src, grid))
+        assert t.initialised_from["pos_embed_resized"] == {"img_size": [32, img], "grid": [4, grid]}
+
+
+def test_another_patch_size_is_refused_with_another_img_size_too(source, export, tmp_path):
+    run, cfg = source
+    for src, parts in ((run, "all"), (export, "backbone")):
+        with pytest.raises(ConfigError) as e:
+            Trainer(apply_overrides(cfg, [f"checkpoint.init_from={src}", f"checkpoint.init_parts={parts}",
+                                          "model.img_size=48", "model.patch_size=16"]), tmp_path / parts)
+        msg = str(e.value)
+        assert "model.patch_size: source 8, config 16" in msg and "model.img_size: source 32, config 48" in msg
+        assert "another model.img_size alone is allowed" in msg
+        assert not (tmp_path / parts / "config.yaml").exists()
+    for other in ("model.depth=3", "head.num_prototypes=24"):  # another shaping key with it: that one is named
+        with pytest.raises(ConfigError) as e:
+            Trainer(apply_overrides(cfg, [f"checkpoint.init_from={run}", "model.img_size=48", other]), tmp_path / "x")
+        assert other.split("=")[0] + ": source" in str(e.value) and "model.img_size" not in str(e.value)
+
+
 @pytest.mark.parametrize("sets, fragment", [
     (["checkpoint.init_from={run}", "checkpoint.resume={run}"], "checkpoint.resume='{run}' cannot be combined"),
     (["checkpoint.init_from=/no/such/run"], "checkpoint.init_from: '/no/such/run' does not exist"),
@@ -220,6 +285,41 @@ def test_init_in_two_processes_from_a_one_process_source(source, export, tmp_pat
     assert _equal(tp2, full_state_dict(t.model)) and not _equal(src, tp2)
 
 
+def _init_at_another_size_in_processes(rank, world, source, root):
+    """Runs at model.img_size=48 from 32 px sources: dp=2 from the 1-process source (DCP, resharded), tp=2 from it
+    (another split: full tensors) and tp=2 from a tp=2 source (DCP, the replicated embedding read whole)."""
+    base = apply_overrides(preset("tiny"), BASE + ["data.batch_size=4", "loss.queue_length=0", "train.max_steps=1",
+                                                   "checkpoint.every=1"])
+    Trainer(apply_overrides(base, ["parallel.tp=2"]), f"{root}/tp2_source").fit()
+    got = {}
+    for name, sets in (("dp2", [f"checkpoint.init_from={source}"]),
+                       ("tp2", [f"checkpoint.init_from={source}", "parallel.tp=2"]),
+                       ("tp2_dcp", [f"checkpoint.init_from={root}/tp2_source", "parallel.tp=2"])):
+        t = Trainer(apply_overrides(base, sets + ["model.img_size=48"]), f"{root}/{name}")
+        got[name] = {k: v.detach().cpu().clone() for k, v in full_state_dict(t.model).items()}
+        t.fit() if name == "dp2" else t.release()  # (dp2 trains on: a step at 48 and a checkpoint)
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_init_at_another_img_size_in_two_processes(source, tmp_path):
+    run, cfg = source
+    ranks = run_distributed(_init_at_another_size_in_processes, 2, str(run), str(tmp_path))
+    src, tp2 = _source_tensors(run), _source_tensors(tmp_path / "tp2_source")
+    for got in ranks:
+        for name, s in (("dp2", src), ("tp2", src), ("tp2_dcp", tp2)):
+            assert got[name].keys() == s.keys() and _rest_equal(s, got[name]), name
+            assert torch.equal(got[name]["backbone.pos_embed"], _resized(s, 6)), name
+    meta = read_meta(list_checkpoints(tmp_path / "dp2" / "checkpoints")[-1])
+    assert meta["world_size"] == 2 and meta["init_from"]["pos_embed_resized"] == {"img_size": [32, 48], "grid": [4, 6]}
+    # Back to 32 px in one process from that 2-process source (DCP: its embedding's FSDP shards read whole).
+    t = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={tmp_path / 'dp2'}"]), tmp_path / "back")
+    t.release()
+    dp2, now = _source_tensors(tmp_path / "dp2"), full_state_dict(t.model)
+    assert _rest_equal(dp2, now) and torch.equal(now["backbone.pos_embed"], _resized(dp2, 4, base_grid=6))
+
+
 @pytest.mark.cuda
 def test_a_gpu_run_starts_from_a_cpu_runs_weights(source, export, tmp_path):
     """The source's tensors (written by a CPU run) land on the GPU run's device, all parts and from an export,
@@ -235,6 +335,10 @@ def test_a_gpu_run_starts_from_a_cpu_runs_weights(source, export, tmp_path):
     now = {k: v.cpu() for k, v in full_state_dict(t.model).items()}
     assert _equal(_source_tensors(run, ("backbone",)), now, "backbone.")
     t.release()
+    t = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={run}", "model.img_size=48", *gpu]), tmp_path / "48")
+    now, src = {k: v.cpu() for k, v in full_state_dict(t.model).items()}, _source_tensors(run)
+    assert _rest_equal(src, now) and torch.equal(now["backbone.pos_embed"], _resized(src, 6))  # (resampled on the CPU)
+    assert t.fit()["step"] == 3
 
 
 @pytest.fixture(scope="module")
