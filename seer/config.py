@@ -174,7 +174,9 @@ class CheckpointConfig:
             initialise a new run at step 0; everything else starts fresh (optimizer state, the learning-rate
             and weight-decay schedules with their warm-up, the data position, an empty queue, this run's
             seed). Used only when the run has no checkpoint of its own yet: a rerun after a stop resumes from
-            the run's latest checkpoint. Not with a path in ``resume`` ('' = off).
+            the run's latest checkpoint. Not with a path in ``resume`` ('' = off). The source's architecture
+            must be the run's but for ``model.img_size`` (the same ``model.patch_size``): continued at another
+            resolution, the position embedding is the source's resampled to the new patch grid.
         init_parts: what ``init_from`` initialises: 'all' (backbone, projection head and prototypes; from a
             run or checkpoint only) or 'backbone' (the head and prototypes are initialised afresh from this
             run's seed, so they may have another shape: ``head.num_prototypes``, ``head.output_dim``, ...).
