@@ -7,7 +7,7 @@
     seer features --checkpoint runs/demo --images photos/ --out feats.npy [--layers 4 --tokens cls+patch-mean]
     torchrun --nproc_per_node=8 -m seer features --checkpoint runs/demo --images list.txt --out feats.npy
     seer export --checkpoint runs/demo --format timm --out vit.safetensors
-    seer export --checkpoint runs/demo --format onnx --out vit.onnx [--onnx-external-data]
+    seer export --checkpoint runs/demo --format onnx --out vit.onnx [--onnx-external-data] [--onnx-dynamic-size]
     seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
     seer data check FOLDER
     seer bench [PYTEST ARGS]
@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx-external-data", action="store_true", default=None,
                    help="--format onnx: the weights in FILE.onnx.data beside FILE.onnx (default: only where they "
                         "pass the 2 GiB that one .onnx file holds: huge, giant, vit-10b)")
+    x.add_argument("--onnx-dynamic-size", action="store_true",
+                   help="--format onnx: images of any height and width that are multiples of the patch size (the "
+                        "position embedding resampled in the graph, as seer does), not the run's evaluation size "
+                        "alone")
 
     sub.add_parser("plan", help="memory/FLOPs/communication planner (seer plan --help)", add_help=False)
 
@@ -380,14 +384,17 @@ def cmd_export(args) -> int:
     # (both check --out before they read the checkpoint)
     if args.format == "onnx":
         from .export_onnx import VERIFY_BATCHES, export_onnx
-        done = export_onnx(args.checkpoint, args.out, external_data=args.onnx_external_data)
+        done = export_onnx(args.checkpoint, args.out, external_data=args.onnx_external_data,
+                           dynamic_size=args.onnx_dynamic_size)
         data = f" (its weights in {done.external_data})" if done.external_data else ""
+        sizes = ", and other image sizes" if args.onnx_dynamic_size else ""
         print(f"wrote {done.onnx}{data} and {done.json}; onnxruntime matches torch on random images (batch "
-              f"{' and '.join(map(str, VERIFY_BATCHES))}): max |diff| {done.max_abs_diff:.2g}, tolerance "
+              f"{' and '.join(map(str, VERIFY_BATCHES))}{sizes}): max |diff| {done.max_abs_diff:.2g}, tolerance "
               f"{done.tolerance:.2g}")
         return 0
-    if args.onnx_external_data:
-        raise CLIError("--onnx-external-data is for --format onnx")
+    for flag in ("onnx_external_data", "onnx_dynamic_size"):
+        if getattr(args, flag):
+            raise CLIError(f"--{flag.replace('_', '-')} is for --format onnx")
     from .export import export_timm
     st, js = export_timm(args.checkpoint, args.out)
     print(f"wrote {st} and {js}")

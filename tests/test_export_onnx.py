@@ -148,7 +148,7 @@ def test_a_missing_package_is_one_line(run, tmp_path, monkeypatch, capsys, packa
     assert not list(tmp_path.iterdir())
 
 
-def _off_by_one_percent(model, size):
+def _off_by_one_percent(model, size, dynamic_size=False):
     """The graph of a model whose final norm is 1% off: features that differ from the model's."""
     wrong = copy.deepcopy(model)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def _off_by_one_percent(model, size):
     return real_to_onnx(wrong, size)
 
 
-def _batch_fixed_at_2(model, size):
+def _batch_fixed_at_2(model, size, dynamic_size=False):
     """What the export gave while the attention dispatcher pinned the batch: a graph for 2 images only."""
     return torch.onnx.export(model, (torch.randn(2, 3, size, size),), dynamo=True, input_names=["images"],
                              output_names=["features"], opset_version=18, verbose=False)
@@ -164,7 +164,7 @@ def _batch_fixed_at_2(model, size):
 
 @pytest.mark.parametrize("wrong_graph,message", [
     (_off_by_one_percent, "the exported ONNX model disagrees with the torch model: max |onnxruntime - torch| = "),
-    (_batch_fixed_at_2, "onnxruntime cannot run the exported ONNX model on 1 images (traced on 2): "),
+    (_batch_fixed_at_2, "onnxruntime cannot run the exported ONNX model on 1 images of 32 x 32 (traced on 2 of 32 x 32): "),
 ])
 def test_an_export_that_onnxruntime_does_not_run_as_torch_is_not_kept(run, exported, tmp_path, monkeypatch,
                                                                        capsys, wrong_graph, message):
@@ -202,3 +202,48 @@ def test_python_api_checks_its_arguments(tmp_path):
         export_onnx_model(model.eval(), tmp_path / "v.onnx", cfg, external_data="yes")
     # (above protobuf's 2 GiB the weights go to OUT.onnx.data: test_export_onnx_external.py)
     assert not list(tmp_path.iterdir())
+
+
+def test_dynamic_size_runs_at_any_multiple_of_the_patch_size_as_the_torch_model(run, tmp_path, capsys):
+    """--onnx-dynamic-size: the position embedding is resampled in the graph (ONNX Resize, cubic, antialiased)
+    as the torch model resamples it; the export is verified at other sizes than the traced one, so a graph
+    whose size was fixed while tracing is never kept."""
+    out = tmp_path / "vit.onnx"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(out),
+                 "--onnx-dynamic-size"]) == 0
+    assert "and other image sizes" in capsys.readouterr().out
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["input"]["shape"] == ["batch", 3, "height", "width"] and info["input"]["multiple_of"] == 8
+    assert info["dynamic_size"] is True and info["image_size"] == 32 and info["patch_size"] == 8
+    assert info["verification"]["image_sizes"] == [[32, 32], [16, 16], [40, 56]]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    model = load_pretrained(run)
+    for hw in ((8, 8), (24, 72), (32, 32), (64, 40)):  # smaller, larger, not square, the base grid
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    # A fixed-size export keeps its size (and the flag is for onnx only)
+    fixed = tmp_path / "fixed.onnx"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(fixed)]) == 0
+    assert json.loads(fixed.with_suffix(".json").read_text())["dynamic_size"] is False
+    with pytest.raises(Exception, match="(?i)invalid dimensions"):
+        ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"]).run(
+            ["features"], {"images": torch.randn(1, 3, 40, 40).numpy()})
+    assert main(["export", "--checkpoint", str(run), "--format", "timm", "--out", str(tmp_path / "v.safetensors"),
+                 "--onnx-dynamic-size"]) == 2
+    assert "--onnx-dynamic-size is for --format onnx" in capsys.readouterr().err
+
+
+def test_dynamic_size_verification_refuses_a_graph_of_one_size(run, tmp_path, monkeypatch):
+    """A graph traced with the size fixed (what the position embedding's base-grid shortcut did under
+    torch.export before it was skipped for symbolic sizes): onnxruntime cannot run it at the other sizes."""
+    from seer import export_onnx
+    monkeypatch.setattr(export_onnx, "_to_onnx", lambda model, size, dynamic_size=False: real_to_onnx(model, size))
+    with pytest.raises(export_onnx.ExportMismatchError, match=r"cannot run the exported ONNX model on 1 images of "
+                                                              r"16 x 16 \(traced on 2 of 32 x 32\)"):
+        export_onnx.export_onnx(run, tmp_path / "vit.onnx", dynamic_size=True)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(TypeError, match="argument 'dynamic_size' must be True or False"):
+        export_onnx.export_onnx(run, tmp_path / "vit.onnx", dynamic_size="yes")

@@ -35,10 +35,10 @@ def _trace_each_model_once(monkeypatch):
     from onnxscript import ir
     real = export_onnx._to_onnx
 
-    def traced(model, size):
-        key = (size, tuple(float(p.detach().double().sum()) for p in model.parameters()))
+    def traced(model, size, dynamic_size=False):
+        key = (size, dynamic_size, tuple(float(p.detach().double().sum()) for p in model.parameters()))
         if key not in _TRACED:
-            _TRACED[key] = ir.to_proto(real(model, size).model).SerializeToString()
+            _TRACED[key] = ir.to_proto(real(model, size, dynamic_size).model).SerializeToString()
         proto = onnx.ModelProto()
         proto.ParseFromString(_TRACED[key])
         return SimpleNamespace(model=ir.from_proto(proto))
@@ -157,7 +157,7 @@ def test_a_failed_check_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
     export_onnx_model(_model(0), out, CFG, external_data=True)
     saved = {name: (tmp_path / name).read_bytes() for name in _names(tmp_path)}
 
-    def mismatch(path, model, size):
+    def mismatch(path, model, size, dynamic_size=False):
         external = _locations(path) == {"vit.onnx.data"}  # (final names, in the scratch folder)
         assert path.parent != tmp_path and _names(path.parent) == ["vit.onnx", "vit.onnx.data"][:1 + external]
         raise ExportMismatchError("no; nothing was written")

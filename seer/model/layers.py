@@ -47,9 +47,13 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], base_grid: i
 
     The class-token entry is kept; the patch entries are resampled bicubically (antialiased when shrinking,
     as timm does) in float32, so every crop size uses a smooth version of the same learned map.
+
+    At the base grid this is the identity, bit for bit (the bicubic weights at the sample points are 1, 0, 0,
+    0), and is skipped; where the grid is symbolic (``torch.export`` with a dynamic image size, the ONNX
+    export's ``dynamic_size``) it is always resampled, so that the graph holds for every size.
     """
     gh, gw = grid
-    if (gh, gw) == (base_grid, base_grid):
+    if isinstance(gh, int) and isinstance(gw, int) and (gh, gw) == (base_grid, base_grid):
         return pos_embed
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     d = pos_embed.shape[-1]

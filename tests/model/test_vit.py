@@ -82,6 +82,20 @@ def test_position_embedding_gets_gradient_from_every_resolution():
     assert model.pos_embed.grad is not None and model.pos_embed.grad[0, 1:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("grid", [4, 7, 16])
+def test_resampling_at_the_base_grid_is_the_identity_bit_for_bit(grid):
+    """interpolate_pos_embed skips the base grid for plain sizes but resamples it for symbolic ones (a graph
+    exported with a dynamic image size): both must give the same bits, forward and backward."""
+    pos = torch.randn(1, 1 + grid * grid, 24, dtype=torch.float32, requires_grad=True)
+    patch = pos[:, 1:].reshape(1, grid, grid, 24).permute(0, 3, 1, 2)
+    same = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.equal(same, patch)
+    g = torch.randn_like(same)
+    (grad,) = torch.autograd.grad(same, pos, g)
+    (want,) = torch.autograd.grad(patch, pos, g)
+    assert torch.equal(grad, want)
+
+
 def test_bad_inputs():
     model = tiny()
     with pytest.raises(ValueError, match="multiples of the patch size 8"):
