@@ -75,10 +75,11 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     """Write OUT.safetensors and OUT.json (module doc) from a training checkpoint; return both paths."""
     from safetensors.torch import save_file
 
-    from .pretrained import checkpoint_backbone_state, checkpoint_config
+    from .pretrained import checkpoint_backbone_state, checkpoint_config, checkpoint_source
 
     out = Path(out)
     check_out(out, "timm")  # before the checkpoint is read, not after
+    checkpoint, source = checkpoint_source(checkpoint)
     cfg = checkpoint_config(checkpoint)
     vit = cfg.model
     # From the config alone: refused after the tensors were read (and CRC-checked), a 10B model's tens of GB.
@@ -89,7 +90,7 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
             "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)",
-            "seer_run_config": to_dict(cfg)}
+            "source": source, "seer_run_config": to_dict(cfg)}
     text = json.dumps(info, indent=1)  # (everything that can fail on the content, before any file is touched)
 
     def write(part: Path) -> str:

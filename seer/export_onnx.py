@@ -91,27 +91,31 @@ def export_onnx(checkpoint: str | Path, out: str | Path, external_data: Optional
     """Write OUT.onnx and OUT.json (and OUT.onnx.data: ``external_data``, as in :func:`export_onnx_model`; module
     doc) from a training checkpoint, verified in onnxruntime; ``dynamic_size``: any image height and width
     that are multiples of the patch size (module doc)."""
-    from .pretrained import backbone_module, checkpoint_backbone_state, checkpoint_config
+    from .pretrained import backbone_module, checkpoint_backbone_state, checkpoint_config, checkpoint_source
 
     out = Path(out)
     check_out(out, "onnx")  # before the checkpoint is read, not after
     _check_external_data(external_data)
     _check_dynamic_size(dynamic_size)
     _require_packages()
+    checkpoint, source = checkpoint_source(checkpoint)
     cfg = checkpoint_config(checkpoint)
     uses_external_data(cfg.model, external_data)  # from the config alone, before the tensors are read
     model = backbone_module(cfg.model, checkpoint_backbone_state(checkpoint, cfg)[1]).float()
-    return export_onnx_model(model, out, cfg, external_data, dynamic_size=dynamic_size)
+    return export_onnx_model(model, out, cfg, external_data, dynamic_size=dynamic_size, source=source)
 
 
 def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig,
-                      external_data: Optional[bool] = None, *, dynamic_size: bool = False) -> OnnxExport:
+                      external_data: Optional[bool] = None, *, dynamic_size: bool = False,
+                      source: Optional[dict] = None) -> OnnxExport:
     """Write OUT.onnx and OUT.json for ``model``, a seer ViT in eval mode, float32, on the CPU (a freshly built
     one, for instance: ``VisionTransformer(cfg.model).eval()``), whose architecture is ``cfg.model``; ``cfg``
     gives the image size, the normalisation and the run config that the JSON records. ``external_data``: the
     weights in OUT.onnx.data (True), in OUT.onnx (False: ValueError where they pass protobuf's limit), or in
     OUT.onnx.data where they pass it (None, the default). ``dynamic_size``: the input's height and width are
-    dynamic too (any multiples of the patch size), not the run's evaluation size alone."""
+    dynamic too (any multiples of the patch size), not the run's evaluation size alone. ``source``: what the
+    JSON records of where the weights come from (:func:`seer.pretrained.checkpoint_source`; None: a model
+    given as such)."""
     out = Path(out)
     check_out(out, "onnx")
     _check_model(model, cfg)
@@ -152,7 +156,7 @@ def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig,
                                  "image_sizes": [[size, size]] + [list(hw) for hw in verify_sizes(
                                      size, vit.patch_size, dynamic_size)],
                                  "max_abs_diff": diff, "tolerance": tol, "rtol_of_feature_scale": RTOL},
-                "external_data": data, "seer_vit_config": dataclasses.asdict(vit),
+                "external_data": data, "source": source, "seer_vit_config": dataclasses.asdict(vit),
                 "seer_run_config": to_dict(cfg)}
         return json.dumps(info, indent=1)
 

@@ -24,6 +24,14 @@ def checkpoint_config(path: str | Path) -> RunConfig:
     return _read_config(resolve_checkpoint(path))
 
 
+def checkpoint_source(path: str | Path) -> tuple[Path, dict]:
+    """(the complete checkpoint ``path`` leads to, what an export records of it: ``{"checkpoint": its
+    absolute path, "step": its step}``). An export reads that one checkpoint throughout: the run it comes from
+    may write a newer one meanwhile."""
+    ckpt = resolve_checkpoint(path).resolve()
+    return ckpt, {"checkpoint": str(ckpt), "step": int(read_meta(ckpt, required=("step",))["step"])}
+
+
 def _read_config(ckpt: Path) -> RunConfig:
     return from_dict(read_saved_config(ckpt))
 

@@ -39,6 +39,8 @@ def test_export_loads_strictly_into_timm_with_the_same_features(run, tmp_path):
     info = json.loads(js.read_text())
     assert info["timm_class"] == "timm.models.vision_transformer.VisionTransformer"
     assert info["kwargs"]["qk_norm"] is True and info["kwargs"]["init_values"] == 0.1
+    (ckpt,) = (run / "checkpoints").glob("step_*")  # where the weights come from, resolved
+    assert info["source"] == {"checkpoint": str(ckpt.resolve()), "step": int(ckpt.name.split("_")[1])}
     timm_model = load_timm(st)  # strict=True inside: no missing or unexpected keys
     direct = timm.models.vision_transformer.VisionTransformer(**info["kwargs"])
     from safetensors.torch import load_file

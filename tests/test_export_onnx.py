@@ -82,6 +82,8 @@ def test_the_json_describes_the_file_and_the_run(run, exported):
     saved = from_dict(info["seer_run_config"])
     assert saved.model.qk_norm and saved.train.max_steps == 2 and info["seer_vit_config"]["layer_scale_init"] == 0.1
     assert sorted(p.name for p in path.parent.iterdir()) == ["vit.json", "vit.onnx"]  # no .part files left
+    (ckpt,) = (run / "checkpoints").glob("step_*")
+    assert info["source"] == {"checkpoint": str(ckpt.resolve()), "step": 2}
 
 
 def test_the_cli_prints_the_measured_difference(exported):
