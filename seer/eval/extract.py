@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -157,15 +157,19 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
                           tokens: str = "cls", batch_size: int = 64, workers: int = 0,
                           device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
                           max_pixels: int = DataConfig.max_image_pixels,
-                          timeout_s: float = DataConfig.timeout_s) -> list[tuple[int, str]]:
+                          timeout_s: float = DataConfig.timeout_s, skip: Collection[int] = (),
+                          after_batch: Optional[Callable[[range, list[tuple[int, str]]], None]] = None
+                          ) -> list[tuple[int, str]]:
     """The features of ``paths[i]`` for i in ``part`` (default: all), handed batch by batch to
     ``write(indices, rows)`` (the path indices of the readable images of the batch, increasing, and their
     float32 (len(indices), F) CPU rows) instead of kept; returns (index, reason) of each unreadable image.
 
     Batches are ``part.start + k * batch_size`` onwards: a part that starts at a multiple of ``batch_size``
     (:func:`seer.eval.save_features.batch_share`) runs the same batches as the whole list does, so that its
-    rows are the same bytes (a batch's size can change the kernels a device picks). The other arguments are
-    :func:`extract_image_features`'.
+    rows are the same bytes (a batch's size can change the kernels a device picks). ``skip``: the first path
+    index of each batch not to run (written by an interrupted run); ``after_batch(batch, unreadable)``: called
+    once each batch is handed to ``write`` (also one without readable images), with the batch's path indices
+    and its (index, reason) pairs. The other arguments are :func:`extract_image_features`'.
     """
     check_feature_args(backbone, layers, tokens)
     check_batching(batch_size, workers, timeout_s)
@@ -177,13 +181,15 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     images = _Images(paths, image_size, mean_t, std_t, max_pixels)
     # (ranges, not lists: 10^6 paths would be 10^6 ints held for the whole run)
-    batches = [range(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)]
+    batches = [range(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)
+               if i not in skip]
     loader = DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         timeout=loader_timeout(timeout_s, workers))
     skipped = []
     was_training = backbone.training
     backbone.eval()
     t0 = report = time.perf_counter()
+    done, total = 0, sum(map(len, batches))
     try:
         it = iter(loader)
         for batch in batches:
@@ -197,10 +203,12 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
                                     enabled=autocast_dtype is not None):
                     rows = token_features(backbone, x.to(device), layers=layers, tokens=tokens).cpu()
                 write(idx, rows)
+            if after_batch is not None:
+                after_batch(batch, bad)
+            done += len(batch)
             if time.perf_counter() - report >= PROGRESS_EVERY_S:
                 report = time.perf_counter()
-                log.info("features: %d of %d images in %.0f s", batch[-1] + 1 - part.start, len(part),
-                         report - t0)
+                log.info("features: %d of %d images in %.0f s", done, total, report - t0)
     finally:
         backbone.train(was_training)
     return skipped

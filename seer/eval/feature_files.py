@@ -18,7 +18,8 @@ One run per FEATS.npy: the process that creates FEATS.npy.part holds an exclusiv
 (:func:`lock_rows_file`) until the files are renamed; a second ``seer features`` on the same ``--out`` is
 refused (:class:`seer.part_lock.OutputBusyError`) instead of truncating the first one's rows, which it would otherwise
 do, while the first one kept writing into the file it then renamed. The kernel drops the lock when its
-holder dies, so the ``.part`` of a killed run is replaced by the next.
+holder dies, so the ``.part`` of a killed run is taken over by the next (resumed or replaced:
+:mod:`seer.eval.save_features`).
 """
 from __future__ import annotations
 
@@ -191,12 +192,16 @@ class RowWriter:
             _write_all(self.fd, data[k:end].tobytes(), self.offset + indices[k] * row_bytes)
             k = end
 
+    def sync(self) -> None:
+        """fsync: the rows written so far are on disk (each process its own writes: on a network filesystem
+        one node cannot flush another's)."""
+        os.fsync(self.fd)
+
     def close(self) -> None:
-        """fsync (each process its own writes: on a network filesystem one node cannot flush another's) and
-        close."""
+        """:meth:`sync` and close."""
         if self.fd >= 0:
             try:
-                os.fsync(self.fd)
+                self.sync()
             finally:
                 os.close(self.fd)
                 self.fd = -1
