@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "--nproc_per_node=8 -m seer features ...) each process, on GPU LOCAL_RANK, takes "
                                    "a share of the images and writes its rows into the same file (--out on a "
                                    "filesystem every node mounts); each batch is the one a single process runs, so "
-                                   "the rows are the same.")
+                                   "the rows are the same. An interrupted run (killed, or stopped by an error) "
+                                   "keeps FEATS.npy.part and a progress record beside it: the same command "
+                                   "resumes it, computing only the batches it lacks.")
     f.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
     f.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
                                                    "paths (one a line) or one image")
@@ -88,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     _decoding_arguments(f)
     _device_arguments(f)
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out (and the .txt written with it)")
+    f.add_argument("--no-resume", action="store_true",
+                   help="start afresh, even where an interrupted run of the same images, checkpoint and options left "
+                        "FEATS.npy.part to resume (by default reused when its record's fingerprint matches; "
+                        "another one starts afresh by itself, saying what differs)")
 
     x = sub.add_parser("export", help="export the backbone: timm layout (safetensors + JSON of timm arguments) or "
                                       "ONNX (float32, dynamic batch, checked in onnxruntime)")
@@ -272,6 +278,19 @@ def _pretrained_backbone(ckpt: Path, ckpt_dir: Optional[Path], saved: C.RunConfi
     return backbone_module(saved.model, checkpoint_backbone_state(ckpt_dir, saved)[1])
 
 
+def _backbone_id(ckpt: Path, ckpt_dir: Optional[Path]) -> str:
+    """What identifies ``--checkpoint``'s weights in ``seer features``' resume fingerprint, without reading
+    them: a checkpoint folder's path and meta.json (its step and the CRC32 of its tensor files); an export's
+    path, size and modification time, and its JSON."""
+    import hashlib
+    if ckpt_dir is not None:
+        meta = hashlib.sha256((ckpt_dir / "meta.json").read_bytes()).hexdigest()
+        return f"checkpoint {ckpt_dir.resolve()}, meta.json sha256 {meta}"
+    st = ckpt.stat()
+    js = hashlib.sha256(ckpt.with_suffix(".json").read_bytes()).hexdigest()
+    return f"export {ckpt.resolve()}, {st.st_size} bytes, modified {st.st_mtime_ns} ns, JSON sha256 {js}"
+
+
 def cmd_eval(args) -> int:
     from .eval import Evaluator
     bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
@@ -348,18 +367,21 @@ def cmd_features(args) -> int:
                                       std=cfg.data.crops.std, layers=args.layers, tokens=args.tokens,
                                       batch_size=args.batch_size, overwrite=args.overwrite, workers=args.workers,
                                       device=device, autocast_dtype=autocast_dtype(precision),
-                                      max_pixels=cfg.data.max_image_pixels, timeout_s=args.timeout_s)
+                                      max_pixels=cfg.data.max_image_pixels, timeout_s=args.timeout_s,
+                                      resume=not args.no_resume, backbone_id=_backbone_id(ckpt, ckpt_dir))
     except NoReadableImagesError:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)") \
             from None
     if main_rank:
         # Each process warned of its own unreadable images: where some were another's (another node's output,
-        # perhaps), rank 0, which has them all, lists them here.
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        # perhaps) or an interrupted run's, rank 0, which has them all, lists them here.
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or res.resumed > 0
         listed = "" if not res.skipped else " (listed below)" if several else " (listed above)"
+        resumed = f" ({res.resumed} of {-(-len(paths) // args.batch_size)} batches from an interrupted run)" \
+            if res.resumed else ""
         print(f"features: {res.rows} images x {res.width} ({args.tokens}, last {args.layers} block(s), {size} px, "
               f"{device.type}, {precision}), {len(res.skipped)} unreadable skipped{listed}, in "
-              f"{time.perf_counter() - t0:.1f} s; wrote {res.npy} and {res.txt}", flush=True)
+              f"{time.perf_counter() - t0:.1f} s{resumed}; wrote {res.npy} and {res.txt}", flush=True)
         if several and res.skipped:
             print("".join(f"unreadable: {printable(p)} ({why})\n" for p, why in res.skipped), end="", flush=True)
     from .train.distributed import shutdown_distributed

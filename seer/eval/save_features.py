@@ -15,25 +15,37 @@ rank hands its outcome (its unreadable images, or its error) to all others, and 
 unreadable rows and renames the files (the others have returned by then: a failure there, a full disk, is
 rank 0's alone to report).
 
-Errors: a rank that fails creates FEATS.npy.part.failed, hands its error on instead of its rows and raises
-it; the others look for that file after each batch, stop, and raise :class:`OtherRankError` naming it; rank 0
-removes the ``.part`` files: nothing is left half-written. A rank that dies (killed, out of memory) hands
-nothing on, but closes its connections, which ends the others' wait for the outcomes at once (gloo's
-"Connection closed by peer"); that wait (for the slowest rank) otherwise has a limit of
-:data:`STATUS_WAIT_S`, 7 days, far beyond any imbalance of equal shares.
+Resume (:mod:`seer.eval.feature_progress`): each rank records, in its own JSON file beside the ``.part``,
+which batches it wrote and their unreadable images, every :data:`~seer.eval.feature_progress.RECORD_EVERY_S`
+(30 s; after fsyncing its rows), at the end of its share and on an error. Rank 0, when a run starts, reuses
+the ``.part`` whose records carry the same fingerprint (the paths, the weights, layers, tokens, image size,
+normalisation, precision, device kind, batch size, width, software versions, kernel settings): it logs
+"resuming: X of Y batches already written" and the ranks run only the other batches. Done-ness is per batch
+of the full list, not per rank, so another number of processes still reuses them. Anything else (another
+fingerprint, a record that is unreadable or malformed, a ``.part`` missing or of the wrong size,
+``resume=False``) starts afresh with a warning naming the reason. The records are removed before the
+unreadable rows are moved out, and with the ``.part`` on success.
 
-Not done: resuming after a crash. A crash, a kill or SIGTERM (torchrun stopping the others after a process
-died) leaves FEATS.npy.part, which the next run replaces (rank 0 removes it on any error it sees);
-resuming would need a record, written after each batch's rows are synced, of which batches are done and
-their unreadable images, and a fingerprint of everything that makes the rows (the paths, the checkpoint's
-weights, layers, tokens, image size, precision, device kind, batch size) checked before reusing the file;
-the layout (row i of path i, whole batches per rank) already allows it.
+Errors: a rank that fails creates FEATS.npy.part.failed, hands its error on instead of its rows and raises
+it; the others look for that file after each batch, stop, and raise :class:`OtherRankError` naming it. The
+``.part`` and the records are kept (rank 0 warns how many batches they hold): a failure is often transient
+(a full disk, a GPU out of memory, Ctrl-C to free the machine), and the same command then resumes; nothing
+is renamed into place, so no output is half-written. They are removed where nothing is worth keeping: no
+batch recorded, no readable image, or a failure once the rows are being moved. A rank that dies (killed,
+out of memory) hands nothing on, but closes its connections, which ends the others' wait for the outcomes at
+once (gloo's "Connection closed by peer"); that wait (for the slowest rank) otherwise has a limit of
+:data:`STATUS_WAIT_S`, 7 days, far beyond any imbalance of equal shares. A kill or SIGTERM (torchrun stopping
+the others after a process died) loses at most the batches since each rank's last record.
+
+--out's folder removed during the run: a FileNotFoundError naming it (CLI: one line, status 2).
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,9 +55,14 @@ from torch import nn
 
 from ..config import DataConfig
 from ..part_lock import unlock_part
+from . import feature_progress
 from .extract import check_batching, check_feature_args, feature_dim, stream_image_features
 from .feature_files import (RowWriter, check_outputs, check_path_lines, commit_outputs, create_rows_file, drop_rows,
                             lock_rows_file, part_paths)
+from .feature_progress import (Progress, Resumed, fingerprint, keep_progress, load_progress, rank_record,
+                               remove_records)
+
+log = logging.getLogger(__name__)
 
 # How long a rank that is done waits for the others' outcome (module doc).
 STATUS_WAIT_S = 7 * 24 * 3600
@@ -62,12 +79,14 @@ class NoReadableImagesError(ValueError):
 @dataclass
 class SavedFeatures:
     """What :func:`save_image_features` wrote: ``rows`` x ``width`` float32 in ``npy``, their paths in ``txt``,
-    and (path, reason) of each unreadable image in path order (every rank gets all of them)."""
+    (path, reason) of each unreadable image in path order (every rank gets all of them), and the number of
+    batches reused from an interrupted run."""
     npy: Path
     txt: Path
     rows: int
     width: int
     skipped: list[tuple[str, str]]
+    resumed: int = 0  # batches an interrupted run had written (module doc)
 
 
 def batch_share(n: int, batch_size: int, rank: int, world: int) -> range:
@@ -87,11 +106,16 @@ def _rank_world() -> tuple[int, int]:
 
 def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os.PathLike, *, image_size: int,
                         mean, std, layers: int = 1, tokens: str = "cls", batch_size: int = 64,
-                        overwrite: bool = False, **options) -> SavedFeatures:
+                        overwrite: bool = False, resume: bool = True, backbone_id: Optional[str] = None,
+                        **options) -> SavedFeatures:
     """Write the features of ``paths`` (:func:`seer.eval.extract.extract_image_features`' rows, same
     arguments; ``options``: its ``workers``, ``device``, ``autocast_dtype``, ``max_pixels``, ``timeout_s``) to
     ``out`` (FEATS.npy) and FEATS.txt (module doc; :func:`seer.eval.feature_files.check_outputs` for
     ``overwrite``). A collective when a process group of several processes is set up: every rank calls it.
+
+    ``resume``: reuse the batches that an interrupted run with the same fingerprint wrote (module doc);
+    ``backbone_id``: what identifies the backbone's weights in that fingerprint (the CLI: the checkpoint's
+    path and meta.json); None: a hash of its state dict.
 
     Raises :class:`NoReadableImagesError` (nothing written) when no image is readable.
     """
@@ -105,15 +129,32 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
     parts = part_paths(npy)
     width = feature_dim(backbone, layers, tokens)
     failed = _failed_flag(npy)
+    batches = -(-len(paths) // batch_size)
 
     lock: list = []  # rank 0: the lock on the .part file, once held (feature_files' module doc)
-    committed = False
+    state: list = [None]  # (fingerprint, what earlier runs wrote): rank 0's, sent to the others
+    wrote_all = committed = False
 
     def setup() -> None:  # rank 0, before any rank writes
         check_outputs(out, overwrite=overwrite)
+        fp = fingerprint(backbone, paths, backbone_id=backbone_id, image_size=image_size, mean=mean, std=std,
+                         layers=layers, tokens=tokens, batch_size=batch_size, width=width,
+                         device=options.get("device"), autocast_dtype=options.get("autocast_dtype"),
+                         max_pixels=options.get("max_pixels", DataConfig.max_image_pixels))
         lock.append(lock_rows_file(parts[0], out))  # (OutputBusyError while another run writes --out)
         failed.unlink(missing_ok=True)  # (left by a run that was killed)
-        create_rows_file(parts[0], len(paths), width)
+        resumed, why = load_progress(npy, fp, len(paths), batch_size, width)
+        if not resume and (resumed or why):
+            resumed, why = None, "resume is off (--no-resume)"
+        state[0] = (fp, resumed or Resumed())
+        if resumed is None:
+            if why:
+                log.warning("%s: starting afresh: %s", parts[0], why)
+            remove_records(npy)  # (first: feature_progress' module doc)
+            create_rows_file(parts[0], len(paths), width)
+        else:
+            keep_progress(npy, fp, resumed)
+            log.info("resuming: %d of %d batches already written (%s)", len(resumed.done), batches, parts[0])
 
     group = None
     try:
@@ -124,32 +165,61 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
             check_shared_folders({"--out's folder": npy.parent}, main_setup=setup if rank == 0 else None,
                                  why="Every process writes its rows into --out's .part file, which rank 0 then "
                                      "renames: put --out on a filesystem that every node mounts")
+            dist.broadcast_object_list(state, src=0, group=group)
         else:
             setup()
+        fp, resumed = state[0]
         share = batch_share(len(paths), batch_size, rank, world)
-        skipped = _write_share(backbone, paths, parts[0], share, group, failed, image_size=image_size, mean=mean,
-                               std=std, layers=layers, tokens=tokens, batch_size=batch_size, **options)
+        progress = Progress(rank_record(npy, rank), fp, batch_size)
+        skipped = resumed.skipped + _write_share(backbone, paths, parts[0], share, progress, group, failed,
+                                                 skip={k * batch_size for k in resumed.done}, image_size=image_size,
+                                                 mean=mean, std=std, layers=layers, tokens=tokens,
+                                                 batch_size=batch_size, **options)
+        skipped.sort()
+        wrote_all = True
         left = len(paths) - len(skipped)
         if left == 0:
             raise NoReadableImagesError(f"none of the {len(paths)} images is readable")
         if rank == 0:
+            remove_records(npy)  # (before the rows move: feature_progress' module doc)
             drop_rows(parts[0], [i for i, _ in skipped])
             dropped = {i for i, _ in skipped}
             commit_outputs(npy, [p for i, p in enumerate(paths) if i not in dropped], overwrite=overwrite)
             committed = True
+    except FileNotFoundError as e:
+        if not npy.parent.is_dir():  # (rather than the name of whichever file was opened next)
+            raise FileNotFoundError(f"--out {str(out)!r}: its folder {str(npy.parent)!r} was removed while the "
+                                    f"features were being written; nothing was written") from e
+        raise
     finally:
         # Only the run that holds the lock removes the .part files: a run refused because another one writes
         # --out must leave that one's files alone, and after the renames a new .part is another run's.
         if rank == 0 and lock:
             try:
                 if not committed:
-                    for part in (*parts, failed):
-                        part.unlink(missing_ok=True)
+                    _leave_part_files(npy, failed, state[0] if not wrote_all else None, len(paths), batch_size,
+                                      width)
             finally:
                 unlock_part(lock[0])
         if group is not None:
             dist.destroy_process_group(group)
-    return SavedFeatures(npy, npy.with_suffix(".txt"), left, width, [(paths[i], why) for i, why in skipped])
+    return SavedFeatures(npy, npy.with_suffix(".txt"), left, width, [(paths[i], why) for i, why in skipped],
+                         len(resumed.done))
+
+
+def _leave_part_files(npy: Path, failed: Path, kept, n: int, batch_size: int, width: int) -> None:
+    """After a failure (rank 0): keep the ``.part`` and its record where ``kept`` (fingerprint, _) is given and
+    the record names written batches (module doc: a rerun resumes), else remove them."""
+    failed.unlink(missing_ok=True)
+    if kept is not None:
+        written, _ = load_progress(npy, kept[0], n, batch_size, width)
+        if written is not None and written.done:
+            log.warning("%s keeps %d of %d batches: the same command resumes them (--no-resume starts afresh)",
+                        part_paths(npy)[0], len(written.done), -(-n // batch_size))
+            return
+    remove_records(npy)
+    for part in part_paths(npy):
+        part.unlink(missing_ok=True)
 
 
 def _failed_flag(npy: Path) -> Path:
@@ -161,22 +231,42 @@ class _Stopped(Exception):
     """This rank stopped because another one failed."""
 
 
-def _write_share(backbone, paths, part_file: Path, share: range, group, failed: Path,
+def _write_share(backbone, paths, part_file: Path, share: range, progress: Progress, group, failed: Path,
                  **kwargs) -> list[tuple[int, str]]:
-    """This rank's rows into ``part_file``; then every rank's outcome exchanged (module doc; ``failed``: the
-    flag file). Returns (index, reason) of every rank's unreadable images, in path order."""
+    """This rank's rows into ``part_file``, recorded in ``progress`` (module doc); then every rank's outcome
+    exchanged (``failed``: the flag file). Returns (index, reason) of every rank's unreadable images of this
+    run, in path order."""
     writer = RowWriter(part_file)
     error: Optional[BaseException] = None
+    last_record, sync_failed = time.monotonic(), False
 
-    def write(indices, rows) -> None:
-        writer(indices, rows)
+    def record() -> None:
+        nonlocal sync_failed, last_record
+        if sync_failed:  # (a second fsync may not report the same lost rows again: never record them)
+            return
+        try:
+            writer.sync()  # the rows first: a record names only rows that are on disk
+        except OSError:
+            sync_failed = True
+            raise
+        progress.save()
+        last_record = time.monotonic()
+
+    def after_batch(batch: range, unreadable) -> None:
+        progress.add(batch, unreadable)
+        if time.monotonic() - last_record >= feature_progress.RECORD_EVERY_S:
+            record()
         if group is not None and failed.exists():  # (a stat per batch: cheap beside a forward pass)
             raise _Stopped()
 
     try:
-        skipped = stream_image_features(backbone, paths, write, part=share, **kwargs)
-        writer.close()  # (fsync: this rank's rows are on disk before rank 0 is told they are there)
+        skipped = stream_image_features(backbone, paths, writer, part=share, after_batch=after_batch, **kwargs)
+        record()  # (this rank's rows are on disk before rank 0 is told they are there)
     except BaseException as e:  # (also Ctrl-C: the others must hear of it, not wait for this rank)
+        try:
+            record()  # what was written before the error is resumed by the next run
+        except OSError as e2:
+            log.warning("could not record the last batches written (%s): a rerun computes them again", e2)
         if group is None:
             raise
         error, skipped = e, []

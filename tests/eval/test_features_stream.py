@@ -1,9 +1,16 @@
 """``seer features`` for large sets: rows streamed to FEATS.npy.part (no features held in memory), the same
-bytes as the in-memory path; an error mid-way leaves nothing behind; several gloo processes write one file,
-byte for byte the single process's."""
+bytes as the in-memory path; an error or a kill mid-way renames nothing into place, and the rerun resumes
+from the recorded batches to the bytes of an uninterrupted run (a damaged record or another fingerprint
+starts afresh); several gloo processes write one file, byte for byte the single process's."""
 import contextlib
 import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,26 +108,208 @@ def test_streamed_file_is_the_in_memory_files_bytes(run, tmp_path, capsys):
     assert leftovers(tmp_path) == ["m.npy", "m.txt", "s.npy", "s.txt"]
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
-def test_an_error_mid_way_leaves_no_files(run, tmp_path, monkeypatch, error):
-    (tmp_path / "f.npy").write_bytes(b"old")  # an earlier pair, to be replaced (--overwrite) only on success
+@pytest.fixture(scope="module")
+def reference(run, tmp_path_factory):
+    """The files of an uninterrupted run (one thread, as the gloo processes run): what a resumed one must equal."""
+    out = tmp_path_factory.mktemp("reference") / "ref.npy"
+    with one_thread():
+        assert main(argv(run, out)) == 0
+    return out.read_bytes(), out.with_suffix(".txt").read_bytes()
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def same_files(out, reference):
+    return (out.read_bytes(), out.with_suffix(".txt").read_bytes()) == reference
+
+
+def forward_until(monkeypatch, stop_at=None, error=OSError, hook=None):
+    """Count the forward passes (the list returned); the ``stop_at``-th raises ``error`` (or calls ``hook``)."""
     real, calls = extract.token_features, []
 
-    def fails_second_batch(*args, **kwargs):
+    def forward(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            assert np.load(tmp_path / "f.npy.part")[0].any()  # the first batch's rows are in the file
-            raise error("stopped")
+        if len(calls) == stop_at:
+            if hook is not None:
+                hook()
+            else:
+                raise error("stopped")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(extract, "token_features", fails_second_batch)
-    if error is KeyboardInterrupt:  # Ctrl-C: one line and the shell's status of an interrupted command
-        assert main(argv(run, tmp_path / "f.npy", "--overwrite")) == 130
-    else:
-        with pytest.raises(error, match="stopped"):  # (an OSError that is not about a given path: re-raised)
-            main(argv(run, tmp_path / "f.npy", "--overwrite"))
-    assert len(calls) == 2
-    assert leftovers(tmp_path) == ["f.npy"] and (tmp_path / "f.npy").read_bytes() == b"old"
+    monkeypatch.setattr(extract, "token_features", forward)
+    return calls
+
+
+KEPT = ["f.npy.part", "f.npy.part.progress.rank0"]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_an_error_mid_way_keeps_the_rows_and_the_same_command_resumes(run, reference, tmp_path, monkeypatch,
+                                                                      caplog, capsys, error):
+    """An error (or Ctrl-C) in batch 2 of 4: no output renamed (the old pair stays), FEATS.npy.part and the
+    record of batch 1 (with its unreadable image 1) are kept; the same command computes batches 2 and 3 only
+    (batch 4 has no readable image), still drops image 1's row, and writes the uninterrupted run's bytes."""
+    (tmp_path / "f.npy").write_bytes(b"old")  # an earlier pair, to be replaced (--overwrite) only on success
+    calls = forward_until(monkeypatch, 2, error)
+    with one_thread():
+        if error is KeyboardInterrupt:  # Ctrl-C: one line and the shell's status of an interrupted command
+            assert main(argv(run, tmp_path / "f.npy", "--overwrite")) == 130
+        else:
+            with pytest.raises(error, match="stopped"):  # (an OSError that is not about a given path: re-raised)
+                main(argv(run, tmp_path / "f.npy", "--overwrite"))
+        assert len(calls) == 2
+        assert leftovers(tmp_path) == ["f.npy", *KEPT] and (tmp_path / "f.npy").read_bytes() == b"old"
+        assert "f.npy.part keeps 1 of 4 batches: the same command resumes them" in caplog.text
+        calls = forward_until(monkeypatch)
+        capsys.readouterr()
+        assert main(argv(run, tmp_path / "f.npy", "--overwrite")) == 0
+    assert len(calls) == 2 and "resuming: 1 of 4 batches already written" in caplog.text
+    out = capsys.readouterr().out
+    assert "8 images x 64" in out and "3 unreadable skipped (listed below)" in out
+    assert "(1 of 4 batches from an interrupted run)" in out
+    assert all(f"unreadable: {run / 'images'}/broken_{i}.jpg (" in out for i in BROKEN)  # (1: the first run's)
+    assert same_files(tmp_path / "f.npy", reference)
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"]
+
+
+def _killed_at_third_forward(run, out, threads):  # (run by test_a_killed_run_resumes in a python of its own)
+    return f"""
+import os, signal, torch
+from pathlib import Path
+from seer.cli import main
+from seer.eval import extract, feature_progress
+from tests.eval.test_features_stream import argv
+torch.set_num_threads({threads})
+feature_progress.RECORD_EVERY_S = 0  # (a record after every batch)
+real, calls = extract.token_features, []
+def forward(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+extract.token_features = forward
+main(argv(Path({str(run)!r}), Path({str(out)!r})))
+"""
+
+
+def test_a_killed_run_resumes(run, reference, tmp_path, monkeypatch, caplog, capsys):
+    """SIGKILL in batch 3 (no handler, no cleanup): the batches recorded before it are reused, the rest
+    computed; the same bytes as an uninterrupted run."""
+    code = _killed_at_third_forward(run, tmp_path / "f.npy", 1)
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert leftovers(tmp_path) == KEPT
+    calls = forward_until(monkeypatch)
+    with one_thread():
+        assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert len(calls) == 1 and "resuming: 2 of 4 batches already written" in caplog.text
+    assert same_files(tmp_path / "f.npy", reference)
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"]
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["--no-resume"], "resume is off (--no-resume)"),
+    (["--batch-size", "4"], "f.npy.part.progress.rank0 was written with another batch_size (3, now 4)"),
+    (["--tokens", "cls+patch-mean"], 'with another tokens ("cls", now "cls+patch-mean"); another width (64, now 128)'),
+    (["--image-size", "16"], "with another image_size (32, now 16)"),
+    (["--precision", "bf16"], 'with another autocast ("None", now "torch.bfloat16")'),
+])
+def test_another_fingerprint_or_no_resume_starts_afresh(run, tmp_path, monkeypatch, caplog, extra, why):
+    """Rows made otherwise (or --no-resume) are not reused: one warning naming what differs, every batch
+    computed."""
+    forward_until(monkeypatch, 2)
+    with pytest.raises(OSError, match="stopped"):
+        main(argv(run, tmp_path / "f.npy"))
+    calls = forward_until(monkeypatch)
+    assert main(argv(run, tmp_path / "f.npy", *extra)) == 0
+    assert "f.npy.part: starting afresh: " in caplog.text and why in caplog.text
+    assert "resuming" not in caplog.text
+    assert len(calls) == 3  # (every batch with a readable image, of 3 or of 4)
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"]
+
+
+def _truncate(path, keep):
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+
+
+def _edit_record(key, value):
+    def edit(folder):
+        rec = json.loads((folder / KEPT[1]).read_text())
+        rec[key] = value
+        (folder / KEPT[1]).write_text(json.dumps(rec))
+    return edit
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda d: _truncate(d / KEPT[1], 40), "f.npy.part.progress.rank0 is unreadable (JSONDecodeError"),
+    (lambda d: (d / KEPT[1]).write_bytes(b"\xff\x00"), "f.npy.part.progress.rank0 is unreadable (UnicodeDecodeError"),
+    (lambda d: (d / KEPT[1]).write_text("[]"), "is not a progress record of this seer features"),
+    (_edit_record("batches", [[0, 9]]), "is malformed (batches [0, 9]: expected [first, end) within 0..4)"),
+    (_edit_record("batches", [[1, 2]]), "is malformed (unreadable image [1,"),  # (image 1 is in batch 0)
+    (_edit_record("skipped", [[1, 7]]), "is malformed (unreadable image [1, 7]"),
+    (lambda d: (d / KEPT[0]).unlink(), "f.npy.part is missing"),
+    (lambda d: _truncate(d / KEPT[0], 128 + 4 * 64 * 5), "f.npy.part holds 1408 bytes of (11, 64) rows, not the 2944"),
+    (lambda d: (d / KEPT[0]).write_bytes(b"rows"), "f.npy.part is unreadable (ValueError"),
+])
+def test_a_damaged_record_or_part_starts_afresh(run, reference, tmp_path, monkeypatch, caplog, damage, why):
+    """A record that is unreadable or malformed, or a .part missing or shorter than its rows (the record would
+    name rows that are not there): never reused, never a crash; a warning naming it, every batch computed."""
+    forward_until(monkeypatch, 2)
+    with one_thread():
+        with pytest.raises(OSError, match="stopped"):
+            main(argv(run, tmp_path / "f.npy"))
+        damage(tmp_path)
+        calls = forward_until(monkeypatch)
+        assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert "f.npy.part: starting afresh: " in caplog.text and why in caplog.text and "resuming" not in caplog.text
+    assert len(calls) == 3 and same_files(tmp_path / "f.npy", reference)
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"]
+
+
+def test_outs_folder_removed_mid_way_is_one_line_naming_it(run, tmp_path, monkeypatch, capsys):
+    """The folder of --out removed during the run: one line naming it (it was a bare FileNotFoundError about
+    the .part file, or about the record's temporary file), not a traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    forward_until(monkeypatch, 2, hook=lambda: shutil.rmtree(out))
+    assert main(argv(run, out / "f.npy")) == 2
+    err = capsys.readouterr().err
+    assert f"seer features: error: --out '{out / 'f.npy'}': its folder '{out}' was removed while the features " \
+           f"were being written" in err and "Traceback" not in err
+
+
+def test_the_python_function_resumes_and_another_backbone_starts_afresh(run, tmp_path, monkeypatch, caplog):
+    """Without a backbone_id (the CLI's checkpoint identity), the weights themselves are fingerprinted."""
+    paths = (run / "list.txt").read_text().splitlines()
+    backbone = seer.load_pretrained(run / "run")
+    kwargs = dict(image_size=32, mean=preset("tiny").data.crops.mean, std=preset("tiny").data.crops.std, batch_size=3)
+    forward_until(monkeypatch, 2)
+    with pytest.raises(OSError, match="stopped"):
+        save_image_features(backbone, paths, tmp_path / "f.npy", **kwargs)
+    with torch.no_grad():
+        backbone.norm.weight[0] += 1
+    calls = forward_until(monkeypatch)
+    res = save_image_features(backbone, paths, tmp_path / "f.npy", overwrite=True, **kwargs)
+    assert "starting afresh: f.npy.part.progress.rank0 was written with another backbone" in caplog.text
+    assert len(calls) == 3 and res.resumed == 0
+    with torch.no_grad():  # the same weights again: the next interrupted run is resumed
+        backbone.norm.weight[0] -= 1
+    forward_until(monkeypatch, 3)
+    with pytest.raises(OSError, match="stopped"):
+        save_image_features(backbone, paths, tmp_path / "f.npy", overwrite=True, **kwargs)
+    calls = forward_until(monkeypatch)
+    res = save_image_features(backbone, paths, tmp_path / "f.npy", overwrite=True, **kwargs)
+    assert len(calls) == 1 and res.resumed == 2 and res.rows == 8 and len(res.skipped) == 3
 
 
 def test_a_second_run_on_the_same_out_is_refused_and_leaves_the_first_ones_rows(run, tmp_path, monkeypatch, capsys):
@@ -146,11 +335,13 @@ def test_a_second_run_on_the_same_out_is_refused_and_leaves_the_first_ones_rows(
     assert leftovers(tmp_path) == ["f.npy", "f.txt", "ref.npy", "ref.txt"]
 
 
-def test_a_killed_runs_part_files_are_replaced(run, tmp_path):
-    """A killed run leaves FEATS.npy.part (and maybe the failure flag), unlocked: the next run replaces them."""
+def test_a_part_file_without_a_record_is_replaced(run, tmp_path, caplog):
+    """A .part without a record (a run killed before its first one) and the failure flag of a killed launch:
+    the next run replaces them."""
     (tmp_path / "f.npy.part").write_bytes(b"stale rows")
     (tmp_path / "f.npy.part.failed").write_text("rank 1: killed\n")
     assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert "starting afresh: f.npy.part has no progress record" in caplog.text
     assert leftovers(tmp_path) == ["f.npy", "f.txt"] and np.load(tmp_path / "f.npy").shape == (8, 64)
 
 
@@ -225,11 +416,32 @@ def test_two_processes_write_the_single_process_bytes(run, tmp_path):
     assert leftovers(tmp_path) == ["one.npy", "one.txt", "two.npy", "two.txt"]
 
 
-def test_one_failing_process_stops_all_and_leaves_no_files(run, tmp_path):
+def test_one_failing_process_stops_all_and_a_single_process_resumes(run, reference, tmp_path, monkeypatch, caplog):
     """Rank 1 fails at once: it raises its error; rank 0 stops after the batch it is in (not after its whole
-    share) and names rank 1's error (status 1); no output or .part file is left."""
+    share) and names rank 1's error (status 1); no output is written, but rank 0's batch is kept, and one
+    process (another world size: batches, not shares, are recorded) resumes from it to the same bytes."""
     (status0, _, err0, calls0), (status1, _, _, _) = run_distributed(_features_body, 2, run, tmp_path / "f.npy", 1)
     assert status1 == "OSError: disk on fire"  # (an OSError that is not about a given path: raised)
     assert status0 == 1 and "rank 1 of 2 failed (OSError: disk on fire); nothing was written" in err0
     assert calls0 == 1  # of its 2 batches
-    assert leftovers(tmp_path) == []
+    assert "f.npy.part keeps 1 of 4 batches" in err0
+    assert leftovers(tmp_path) == KEPT  # (rank 1 wrote no batch: no record of its own)
+    calls = forward_until(monkeypatch)
+    with one_thread():
+        assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert len(calls) == 2 and "resuming: 1 of 4 batches already written" in caplog.text
+    assert same_files(tmp_path / "f.npy", reference)
+
+
+def test_two_processes_resume_a_single_process_run(run, reference, tmp_path, monkeypatch):
+    """One process stopped in batch 3 (batches 1 and 2 recorded); then 2 gloo processes: rank 0's share (batches
+    1-2) is all written, rank 1 computes batch 3 (4 has no readable image); the uninterrupted bytes."""
+    forward_until(monkeypatch, 3)
+    with one_thread(), pytest.raises(OSError, match="stopped"):
+        main(argv(run, tmp_path / "f.npy"))
+    two = run_distributed(_features_body, 2, run, tmp_path / "f.npy")
+    assert [status for status, _, _, _ in two] == [0, 0] and [calls for _, _, _, calls in two] == [0, 1]
+    assert "resuming: 2 of 4 batches already written" in two[0][2]
+    assert "(2 of 4 batches from an interrupted run)" in two[0][1]
+    assert same_files(tmp_path / "f.npy", reference)
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"]
