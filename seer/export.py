@@ -151,22 +151,28 @@ def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[P
         # The order, so that a crash between two steps never pairs files of two exports:
         # 1. the old JSON goes first: a crash after it leaves the weights without a JSON (refused by name),
         #    never new weights beside the old JSON;
-        # 2. with side files, the old OUT next, before any side file changes: an old OUT.onnx never names a
-        #    new OUT.onnx.data (same tensor names and offsets where the architecture is the same: it would load
-        #    without an error, with the other export's weights);
+        # 2. with side files, the old OUT next, before any side file is replaced: an old OUT.onnx never names
+        #    a new OUT.onnx.data (same tensor names and offsets where the architecture is the same: it would
+        #    load without an error, with the other export's weights). The earlier export's side files that
+        #    this one does not write (an inline ONNX export replacing one with external data) are removed just
+        #    before it, while the old OUT still names them: removed after it, a crash between the two left a
+        #    side file alone that no file names (the scratch OUT names none), refused by check_out as a
+        #    user's; removed before it, a crash leaves the old OUT without its JSON, which the next export
+        #    replaces;
         # 3. the side files (a crash after it leaves a side file alone, without OUT: check_out takes it for
         #    the export's own only while the scratch folder still holds the OUT that names it, so the scratch
         #    folder is kept where the renames stop half-way, by an exception as by a kill);
         # 4. OUT, whose side files are all in place by now; 5. the JSON, last.
         renaming = True
         json_path.unlink(missing_ok=True)
+        for name in side:
+            if not (scratch / name).exists():  # the earlier export's, which no file will name any more
+                out.with_name(name).unlink(missing_ok=True)
         if side:
             out.unlink(missing_ok=True)
         for name in side:
             if (scratch / name).exists():
                 os.replace(scratch / name, out.with_name(name))
-            else:  # the earlier export's, which no file names any more
-                out.with_name(name).unlink(missing_ok=True)
         os.replace(scratch / out.name, out)
         renaming = False  # (OUT, in place, names its side files from now on)
         os.replace(scratch / json_path.name, json_path)

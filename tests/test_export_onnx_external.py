@@ -272,3 +272,42 @@ def test_a_checkpoint_too_large_for_one_file_is_refused_before_its_tensors_are_r
     with pytest.raises(TypeError, match="argument 'external_data' must be True, False or None"):
         export_onnx.export_onnx(run, tmp_path / "vit.onnx", external_data="no")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("killed_at", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("external", [False, True])
+def test_an_inline_export_killed_over_an_external_one_is_replaced_by_the_next(tmp_path, monkeypatch, killed_at,
+                                                                              external):
+    """An inline export (no data file) replacing an export with external data removes the old data file as it
+    renames: killed at any of its steps, what it leaves is never a lone data file that nothing vouches for (its scratch .onnx names
+    none), so the next export, inline or not, replaces it instead of refusing it as a user's file."""
+    out = tmp_path / "vit.onnx"
+    old, new = _model(0), _model(1)
+    export_onnx_model(old, out, CFG, external_data=True)
+    replace, unlink, calls = os.replace, type(out).unlink, []
+
+    def step(dst):
+        if os.path.dirname(dst) == str(tmp_path) and not str(dst).endswith((".part", ".lock")):
+            calls.append(dst)
+            if len(calls) == killed_at:
+                raise KeyboardInterrupt
+
+    def killed_replace(src, dst):
+        step(dst)
+        return replace(src, dst)
+
+    def killed_unlink(self, missing_ok=False):
+        step(self)
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "replace", killed_replace)
+    monkeypatch.setattr(type(out), "unlink", killed_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx_model(new, out, CFG, external_data=False)
+    monkeypatch.undo()
+    # (the old JSON, the old data, the old .onnx removed; the new .onnx, its JSON renamed)
+    assert [os.path.basename(c) for c in calls] == ["vit.json", "vit.onnx.data", "vit.onnx", "vit.onnx",
+                                                    "vit.json"][:killed_at]
+    export_onnx_model(new, out, CFG, external_data=external)
+    assert _names(tmp_path) == ["vit.json", "vit.onnx"] + (["vit.onnx.data"] if external else [])
+    _assert_runs_as(out, new)
