@@ -131,6 +131,7 @@ def write_export(out: Path, write: Callable[[Path], str], side: Sequence[str] = 
 def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[Path], str],
                    side: Sequence[str]) -> tuple[Path, Path]:
     """:func:`write_export`'s work, under its lock."""
+    _drop_lone_sides(out, side)
     _remove(scratch)  # the name is the export's own: an export killed while writing (or an older seer's file)
     renaming = False
     try:
@@ -180,6 +181,20 @@ def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[P
         if not renaming:  # (kept as the evidence that a lone side file is seer's: step 3 above)
             _remove(scratch)
     return out, json_path
+
+
+def _drop_lone_sides(out: Path, side: Sequence[str]) -> None:
+    """Remove the side files that an export stopped between its renames left without OUT, where seer's (the
+    scratch folder's OUT names them): the scratch folder, their only evidence, is about to be replaced, and
+    an export stopped while it writes its own (Ctrl-C in the trace, a failed verification) would leave them
+    alone without it, refused by the next export as a user's file. Without their OUT they load nowhere."""
+    if not side or out.exists():
+        return
+    fmt = next((f for f, suffix in SUFFIXES.items() if suffix == out.suffix), None)
+    for name in side:
+        path = out.with_name(name)
+        if fmt is not None and path.is_file() and _side_written_by_seer(out, path, fmt):
+            path.unlink()
 
 
 def scratch_folder(out: Path) -> Path:

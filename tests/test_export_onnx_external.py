@@ -311,3 +311,41 @@ def test_an_inline_export_killed_over_an_external_one_is_replaced_by_the_next(tm
     export_onnx_model(new, out, CFG, external_data=external)
     assert _names(tmp_path) == ["vit.json", "vit.onnx"] + (["vit.onnx.data"] if external else [])
     _assert_runs_as(out, new)
+
+
+@pytest.mark.parametrize("killed_at", [1, 2])
+def test_an_export_stopped_while_writing_after_one_stopped_between_its_renames_leaves_no_lone_data(
+        tmp_path, monkeypatch, killed_at):
+    """An export killed between its renames leaves a data file alone, vouched for by its scratch folder's .onnx.
+    The next export removes that scratch folder before it writes its own: stopped while writing (Ctrl-C in
+    the trace, a failed verification), it must not leave the data file alone without that evidence, which
+    the export after it would refuse as a user's file."""
+    out = tmp_path / "vit.onnx"
+    old, new = _model(0), _model(1)
+    export_onnx_model(old, out, CFG, external_data=True)
+    replace, calls = os.replace, []
+
+    def killed(src, dst):
+        if os.path.dirname(dst) == str(tmp_path):
+            calls.append(dst)
+            if len(calls) == killed_at:
+                raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx_model(new, out, CFG, external_data=True)
+    monkeypatch.undo()
+    assert _names(tmp_path) == ["vit.onnx.data", "vit.onnx.part"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_onnx, "_to_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx_model(new, out, CFG, external_data=True)
+    monkeypatch.undo()
+    assert "vit.onnx.data" not in _names(tmp_path) or "vit.onnx.part" in _names(tmp_path)
+    export_onnx_model(new, out, CFG, external_data=True)
+    assert _names(tmp_path) == ["vit.json", "vit.onnx", "vit.onnx.data"]
+    _assert_runs_as(out, new)
