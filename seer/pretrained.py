@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .config import RunConfig, from_dict
 from .model import ViTConfig, VisionTransformer
-from .train.checkpoint import load_tensors, read_meta, read_saved_config, read_tensor_index, resolve_checkpoint
+from .train.checkpoint import (CorruptCheckpointError, load_tensors, read_meta, read_saved_config, read_tensor_index,
+                               resolve_checkpoint)
 from .train.state import merge_tensor_parallel
 
 
@@ -44,7 +45,17 @@ def checkpoint_backbone_state(path: str | Path, cfg: Optional[RunConfig] = None
     ckpt = resolve_checkpoint(path)
     if cfg is None:
         cfg = _read_config(ckpt)
-    state = checkpoint_model_state(ckpt, ("backbone",))
+    try:
+        state = checkpoint_model_state(ckpt, ("backbone",))
+    except CorruptCheckpointError:
+        # A checkpoint gone while its files were read is not a damaged one (whose remedy, moving it away to
+        # resume from the one before, makes no sense here): its run, still training, pruned it after saving
+        # newer ones (an export or seer eval of a run folder reads the checkpoint that was latest when it began).
+        if not ckpt.exists():
+            raise FileNotFoundError(f"checkpoint {ckpt} was removed while it was read (its run pruned it: is it "
+                                    f"still training?); run again to read the run's latest checkpoint then, or "
+                                    f"give a checkpoint that it keeps (a copy)") from None
+        raise
     return cfg, {k[len("backbone."):]: v for k, v in state.items()}
 
 

@@ -246,3 +246,23 @@ def test_a_second_export_to_the_same_out_is_refused_while_one_runs(run, tmp_path
     assert f"--out '{out}' is being written by another seer export" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.json", "vit.safetensors"]  # lock file removed
     assert read_export(out)[1].keys()  # the first export, whole
+
+
+def test_a_checkpoint_pruned_while_the_export_reads_it_is_said_so(run, tmp_path, monkeypatch):
+    """The export reads the checkpoint that was the run's latest when it began; the run, still training, may
+    prune it meanwhile: that is said, not reported as a damaged checkpoint to move away."""
+    import shutil
+
+    import seer.pretrained as P
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    real = P.load_tensors
+
+    def pruned(ckpt, dest, **kw):
+        shutil.rmtree(ckpt)  # (the run saved a newer one and pruned this one)
+        return real(ckpt, dest, **kw)
+
+    monkeypatch.setattr(P, "load_tensors", pruned)
+    with pytest.raises(FileNotFoundError, match=r"step_\d+ was removed while it was read \(its run pruned it"):
+        export_timm(copy, tmp_path / "vit.safetensors")
+    assert not (tmp_path / "vit.safetensors").exists() and not (tmp_path / "vit.json").exists()
