@@ -34,9 +34,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch_size
-        if x.dim() != 4 or x.shape[-1] % p or x.shape[-2] % p or x.shape[1] != self.proj.in_channels:
+        if x.dim() != 4 or x.shape[-1] % p or x.shape[-2] % p or x.shape[1] != self.proj.in_channels \
+                or x.shape[-1] < p or x.shape[-2] < p:  # (0 is a multiple of p: an empty image, no patches)
             raise ValueError(f"PatchEmbed: expected images (B, {self.proj.in_channels}, H, W) with H and W "
-                             f"multiples of the patch size {p}, got shape {tuple(x.shape)}")
+                             f"multiples of the patch size {p} (at least one patch), got shape {tuple(x.shape)}")
         # Images arrive in float32; compute in the dtype of the weights (bf16 under FSDP mixed precision).
         x = self.proj(x.to(self.proj.weight.dtype))
         return x.flatten(2).transpose(1, 2)

@@ -100,6 +100,8 @@ def test_bad_inputs():
     model = tiny()
     with pytest.raises(ValueError, match="multiples of the patch size 8"):
         model(torch.randn(2, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"at least one patch\), got shape \(2, 3, 0, 32\)"):
+        model(torch.randn(2, 3, 0, 32))  # (0 is a multiple of 8: it reached the convolution's own error)
     with pytest.raises(ValueError, match=r"expected images \(B, 3, H, W\)"):
         model(torch.randn(2, 1, 32, 32))
     with pytest.raises(ValueError, match="non-empty list"):
