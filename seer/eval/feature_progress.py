@@ -192,7 +192,9 @@ def load_progress(npy: Path, fp: dict, n: int, batch_size: int, width: int) -> t
 def _read_record(file: Path, fp: dict, n: int, batch_size: int, into: Resumed) -> None:
     try:
         rec = json.loads(file.read_text(encoding="ascii"))
-    except (OSError, ValueError) as e:  # (a truncated or binary file: ValueError, UnicodeDecodeError included)
+    # (a truncated or binary file: ValueError, UnicodeDecodeError included; brackets nested deeper than the
+    # recursion limit, garbage that json cannot descend into: RecursionError)
+    except (OSError, ValueError, RecursionError) as e:
         raise _Distrust(f"{file.name} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(rec, dict) or rec.get("format") != FORMAT or not isinstance(rec.get("fingerprint"), dict):
         raise _Distrust(f"{file.name} is not a progress record of this seer features (format {FORMAT})")
@@ -211,6 +213,16 @@ def _read_record(file: Path, fp: dict, n: int, batch_size: int, into: Resumed) -
         if not (isinstance(item, list) and len(item) == 2 and _ints(item[:1], 1) and isinstance(item[1], str)
                 and 0 <= item[0] < n and item[0] // batch_size in done):
             raise _Distrust(f"{file.name} is malformed (unreadable image {item!r} is not in a batch it lists)")
+    # Each index once, and a batch that two records list (after a crash in keep_progress) with the same
+    # unreadable images: else the rows dropped at the end would be ambiguous (drop_rows refuses a repeated index,
+    # once every batch is computed, and the run's rows are then lost).
+    indices = [i for i, _ in skipped]
+    if len(set(indices)) != len(indices):
+        raise _Distrust(f"{file.name} is malformed (it lists an unreadable image twice)")
+    both = done & into.done
+    if {(i, why) for i, why in skipped if i // batch_size in both} != \
+            {(i, why) for i, why in into.skipped if i // batch_size in both}:
+        raise _Distrust(f"{file.name} and another record list other unreadable images in the batches both list")
     into.done |= done
     into.skipped += [(i, why) for i, why in skipped]
 

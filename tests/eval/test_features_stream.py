@@ -250,8 +250,24 @@ def _edit_record(key, value):
     return edit
 
 
+def _skip_image_1_again(folder):  # (its reason differs: the set of pairs keeps both)
+    rec = json.loads((folder / KEPT[1]).read_text())
+    rec["skipped"].append([1, "another reason"])
+    (folder / KEPT[1]).write_text(json.dumps(rec))
+
+
+def _base_record_without_unreadable_images(folder):  # batch 0 as a second record, image 1 readable there
+    rec = json.loads((folder / KEPT[1]).read_text())
+    rec["skipped"] = []
+    (folder / "f.npy.part.progress").write_text(json.dumps(rec))
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda d: _truncate(d / KEPT[1], 40), "f.npy.part.progress.rank0 is unreadable (JSONDecodeError"),
+    (lambda d: (d / KEPT[1]).write_text("[" * 10**5 + "]" * 10**5), "is unreadable (RecursionError"),
+    (_skip_image_1_again, "f.npy.part.progress.rank0 is malformed (it lists an unreadable image twice)"),
+    (_base_record_without_unreadable_images, "f.npy.part.progress.rank0 and another record list other unreadable "
+                                             "images in the batches both list"),
     (lambda d: (d / KEPT[1]).write_bytes(b"\xff\x00"), "f.npy.part.progress.rank0 is unreadable (UnicodeDecodeError"),
     (lambda d: (d / KEPT[1]).write_text("[]"), "is not a progress record of this seer features"),
     (_edit_record("batches", [[0, 9]]), "is malformed (batches [0, 9]: expected [first, end) within 0..4)"),
@@ -263,7 +279,10 @@ def _edit_record(key, value):
 ])
 def test_a_damaged_record_or_part_starts_afresh(run, reference, tmp_path, monkeypatch, caplog, damage, why):
     """A record that is unreadable or malformed, or a .part missing or shorter than its rows (the record would
-    name rows that are not there): never reused, never a crash; a warning naming it, every batch computed."""
+    name rows that are not there): never reused, never a crash; a warning naming it, every batch computed.
+    (Brackets nested too deep raised RecursionError out of the run; an unreadable image listed twice, with two
+    reasons, was reused, and the run failed once every batch was computed, in drop_rows, removing all its rows;
+    two records that disagree on a batch's unreadable images were merged.)"""
     forward_until(monkeypatch, 2)
     with one_thread():
         with pytest.raises(OSError, match="stopped"):
