@@ -176,11 +176,16 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
                                                  mean=mean, std=std, layers=layers, tokens=tokens,
                                                  batch_size=batch_size, **options)
         skipped.sort()
-        wrote_all = True
         left = len(paths) - len(skipped)
         if left == 0:
+            wrote_all = True  # (nothing worth keeping)
             raise NoReadableImagesError(f"none of the {len(paths)} images is readable")
         if rank == 0:
+            # Outputs refused now (a FEATS.npy, or a FEATS.txt not seer's, that appeared during the run) are
+            # found while the rows are still resumable: once the file is moved, the same command only renames.
+            # (commit_outputs checks again, after the rows are moved.)
+            check_outputs(out, overwrite=overwrite)
+            wrote_all = True
             remove_records(npy)  # (before the rows move: feature_progress' module doc)
             drop_rows(parts[0], [i for i, _ in skipped])
             dropped = {i for i, _ in skipped}

@@ -180,6 +180,24 @@ def test_an_error_mid_way_keeps_the_rows_and_the_same_command_resumes(run, refer
     assert leftovers(tmp_path) == ["f.npy", "f.txt"]
 
 
+def test_an_output_refused_at_the_end_keeps_the_rows(run, reference, tmp_path, monkeypatch, caplog, capsys):
+    """A file that appears at --out's .txt during the run (not written by seer features) refuses the renames at
+    the end: the rows are kept with their record (they were removed, with every batch computed), and once the
+    file is moved the same command writes the outputs without a forward pass."""
+    forward_until(monkeypatch, 2, hook=lambda: (tmp_path / "f.txt").write_text("my notes\n"))
+    with one_thread():
+        assert main(argv(run, tmp_path / "f.npy")) == 2
+    assert "f.txt' exists and was not written by seer features" in capsys.readouterr().err
+    assert "f.npy.part keeps 4 of 4 batches" in caplog.text
+    assert leftovers(tmp_path) == ["f.npy.part", "f.npy.part.progress.rank0", "f.txt"]
+    (tmp_path / "f.txt").unlink()
+    calls = forward_until(monkeypatch)
+    assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert len(calls) == 0 and "resuming: 4 of 4 batches already written" in caplog.text
+    assert same_files(tmp_path / "f.npy", reference)
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"]
+
+
 def _killed_at_third_forward(run, out, threads):  # (run by test_a_killed_run_resumes in a python of its own)
     return f"""
 import os, signal, torch
