@@ -56,6 +56,9 @@ def fingerprint(backbone, paths: Sequence[str], *, backbone_id: Optional[str], i
 
     import seer
     listed = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()
+    # A relative path names the file under the current folder: from another folder, the same list is other images.
+    if not all(os.path.isabs(p) for p in paths):
+        listed += f", relative to {os.getcwd()}"
     param = next(backbone.parameters())
     device = torch.device(device) if device is not None else param.device
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else \

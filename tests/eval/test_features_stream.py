@@ -25,7 +25,7 @@ from seer.eval.feature_files import RowWriter, create_rows_file, drop_rows, writ
 from seer.eval.save_features import batch_share, save_image_features
 from seer.train import Trainer
 from tests.dist_utils import run_distributed
-from tests.images import write_good_images
+from tests.images import image_bytes, write_good_images
 
 # 11 images, 3 unreadable: one in the first batch of 3, and the whole last batch (a rank's share ending in
 # a batch without rows); 11 is divisible neither by the batch size nor by 2 processes.
@@ -311,6 +311,34 @@ def test_a_damaged_record_or_part_starts_afresh(run, reference, tmp_path, monkey
     assert "f.npy.part: starting afresh: " in caplog.text and why in caplog.text and "resuming" not in caplog.text
     assert len(calls) == 3 and same_files(tmp_path / "f.npy", reference)
     assert leftovers(tmp_path) == ["f.npy", "f.txt"]
+
+
+def test_relative_image_paths_run_from_another_folder_start_afresh(run, tmp_path, monkeypatch, caplog):
+    """--images relative to the current folder: the same command run from another folder reads other files under
+    the same paths (the same list, the same fingerprint): it was resumed with the first folder's rows. The
+    folder is part of the fingerprint where a path is relative."""
+    for folder, seeds in (("a", [0, 1, 2, 3]), ("b", [3, 2, 1, 0])):  # the same names, other images
+        (tmp_path / folder / "imgs").mkdir(parents=True)
+        for i, seed in enumerate(seeds):
+            (tmp_path / folder / "imgs" / f"img_{i}.png").write_bytes(image_bytes(seed))
+    (tmp_path / "out").mkdir()
+
+    def args(out):
+        return ["features", "--checkpoint", str(run / "run"), "--images", "imgs", "--out", str(out), "--workers",
+                "0", "--batch-size", "2"]
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(args(tmp_path / "ref.npy")) == 0  # b's images, uninterrupted
+    monkeypatch.chdir(tmp_path / "a")
+    forward_until(monkeypatch, 2)
+    with pytest.raises(OSError, match="stopped"):
+        main(args(tmp_path / "out" / "f.npy"))
+    monkeypatch.chdir(tmp_path / "b")
+    calls = forward_until(monkeypatch)
+    assert main(args(tmp_path / "out" / "f.npy")) == 0
+    assert "starting afresh: f.npy.part.progress.rank0 was written with another image list" in caplog.text
+    assert len(calls) == 2 and "resuming" not in caplog.text
+    assert (tmp_path / "out" / "f.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    assert (tmp_path / "out" / "f.txt").read_bytes() == (tmp_path / "ref.txt").read_bytes()
 
 
 def test_outs_folder_removed_mid_way_is_one_line_naming_it(run, tmp_path, monkeypatch, capsys):
