@@ -94,6 +94,10 @@ def write_outputs(out: str | os.PathLike, result: ImageFeatures, *, overwrite: b
     lock = lock_rows_file(parts[0], out)  # (as seer features: one writer per --out)
     committed = False
     try:
+        # An interrupted seer features' resume records name rows of the .part replaced here: removed first, as
+        # seer features does before it replaces the .part (feature_progress' module doc).
+        from .feature_progress import remove_records
+        remove_records(npy)
         with open(parts[0], "wb") as f:  # (np.save given a name adds .npy to it)
             np.save(f, result.features.numpy().astype(np.float32, copy=False))
             f.flush()

@@ -410,6 +410,32 @@ def test_a_part_file_without_a_record_is_replaced(run, tmp_path, caplog):
     assert leftovers(tmp_path) == ["f.npy", "f.txt"] and np.load(tmp_path / "f.npy").shape == (8, 64)
 
 
+def test_write_outputs_on_an_interrupted_runs_out_removes_its_records(run, reference, tmp_path, monkeypatch, caplog):
+    """write_outputs (features held in memory, another backbone's here) on the --out of an interrupted seer
+    features replaces FEATS.npy.part: killed before its renames, it left that run's record beside its own rows
+    (same shape), and seer features then resumed those batches from them."""
+    forward_until(monkeypatch, 2)
+    with one_thread():
+        with pytest.raises(OSError, match="stopped"):
+            main(argv(run, tmp_path / "f.npy"))
+    paths = (run / "list.txt").read_text().splitlines()
+    other = extract.ImageFeatures(torch.ones(len(paths), 64), paths, [])
+    kept = tmp_path / "kept"
+
+    def killed(*args, **kwargs):  # what a kill before the renames leaves on disk
+        shutil.copy(tmp_path / "f.npy.part", kept)
+        raise KeyboardInterrupt
+    monkeypatch.setattr("seer.eval.feature_files.commit_outputs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(tmp_path / "f.npy", other)
+    monkeypatch.undo()
+    kept.rename(tmp_path / "f.npy.part")
+    with one_thread():
+        assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert "starting afresh: f.npy.part has no progress record" in caplog.text and "resuming" not in caplog.text
+    assert same_files(tmp_path / "f.npy", reference)
+
+
 def test_an_image_path_with_a_newline_is_refused_before_the_work(run, tmp_path, capsys):
     """FEATS.txt is one path a line: a single --images file with a newline in its name gave 2 lines for 1 row
     (and the pair was then refused as foreign by --overwrite); a folder's scan leaves such names out."""
