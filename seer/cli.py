@@ -10,6 +10,8 @@
     seer export --checkpoint runs/demo --format onnx --out vit.onnx [--onnx-external-data] [--onnx-dynamic-size]
     seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
     seer data check FOLDER
+    seer data dedup FOLDER --out keep.txt [--report dups.tsv]     # then: --set data.source=keep.txt
+    seer data dedup --features feats.npy --threshold 0.95 --out keep.txt
     seer bench [PYTEST ARGS]
 
 Bad input (unknown preset or key, wrong value type, missing files) prints one line naming the argument and
@@ -123,6 +125,36 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-image-pixels", type=int, default=C.DataConfig.max_image_pixels,
                     help="larger images count as unreadable (decompression bombs), as data.max_image_pixels "
                          "(default: %(default)s)")
+
+    dd = dsub.add_parser("dedup", help="find duplicate images: identical bytes (SOURCE) or near duplicates "
+                                       "(--features of seer features); write the list to keep",
+                         description="Exact duplicates: every image of SOURCE is read as training reads it and "
+                                     "hashed (SHA-256 of its bytes); of each group of identical files the first "
+                                     "in the source's order is kept. Near duplicates (--features): rows of seer "
+                                     "features' FEATS.npy whose cosine similarity is at least --threshold, "
+                                     "clustered (a~b, b~c: one cluster); each cluster keeps its first row. "
+                                     "--out writes the kept images as a list file for data.source.")
+    dd.add_argument("source", metavar="SOURCE", nargs="?", help="folder, list file or tar shards (exact duplicates)")
+    dd.add_argument("--features", metavar="FEATS.npy", help="seer features' output, FEATS.txt beside it (near "
+                                                            "duplicates, instead of SOURCE)")
+    dd.add_argument("--threshold", type=float, help="--features: cosine similarity in [-1, 1] from which two "
+                                                    "images are near duplicates (e.g. 0.95; computed in float32, "
+                                                    "identical rows score 1 +- 1e-6: 1 misses some)")
+    dd.add_argument("--out", metavar="KEEP.txt", help="the kept images, absolute paths one a line in source order: "
+                                                     "a list file for data.source (not for tar shards)")
+    dd.add_argument("--report", metavar="DUPS.tsv", help="one line per duplicate, dup_path<TAB>kept_path, then "
+                                                        "#unreadable<TAB>path<TAB>reason per unreadable file")
+    dd.add_argument("--overwrite", action="store_true", help="replace an existing --out or --report")
+    dd.add_argument("--format", choices=["auto", "folder", "list", "tar"],
+                    help="SOURCE: what it is, as data.format (default: auto, as training detects it)")
+    dd.add_argument("--workers", type=int, help="SOURCE: reading processes, 0 = this one (default: 4, at most the "
+                                                "CPUs this process may use)")
+    dd.add_argument("--timeout-s", type=float, help=f"SOURCE: stop with an error when the workers deliver nothing "
+                                                    f"for this many seconds, as data.timeout_s (default: "
+                                                    f"{C.DataConfig.timeout_s:g})")
+    dd.add_argument("--device", choices=["cpu", "cuda"], help="--features: where the similarities are computed "
+                                                              "(default: cpu)")
+    dd.add_argument("--block-rows", type=int, help="--features: rows per similarity block (default: 4096)")
 
     sub.add_parser("bench", help="run the benchmark suites (pytest bench ...)", add_help=False)
     return p
@@ -429,8 +461,10 @@ def _as_check_arguments(message: str) -> str:
 
 
 def cmd_data(args) -> int:
+    if args.data_command == "dedup":
+        return cmd_data_dedup(args)
     if args.data_command != "check":
-        raise CLIError("expected an action: check")
+        raise CLIError("expected an action: check or dedup")
     from .data.check import check_dataset
     if args.report:
         _output_file(args.report, "--report")
@@ -445,6 +479,55 @@ def cmd_data(args) -> int:
         Path(args.report).write_text("".join(f"{n}\t{r}\n" for n, r in report.bad), encoding="utf-8",
                                      errors="surrogateescape")
     return 1 if (args.fail_on_bad and report.bad) else 0
+
+
+def cmd_data_dedup(args) -> int:
+    near = args.features is not None
+    if near == (args.source is not None):
+        raise CLIError("give SOURCE (duplicate files, from their bytes) or --features FEATS.npy (near duplicates, "
+                       "from seer features' rows), one of the two")
+    # The arguments of one mode, with their defaults (None in the parser: given to the other mode, refused).
+    exact = {"format": "auto", "workers": min(4, usable_cpus()), "timeout_s": C.DataConfig.timeout_s}
+    near_only = {"threshold": None, "device": "cpu", "block_rows": 4096}
+    for name in (exact if near else near_only):
+        if getattr(args, name) is not None:
+            raise CLIError(f"--{name.replace('_', '-')} is for {'SOURCE' if near else '--features'}")
+    for name, default in (near_only if near else exact).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    from .data.sources import DataSourceError, printable
+    if near:
+        if args.threshold is None:
+            raise CLIError("--features needs --threshold (a cosine similarity in [-1, 1], e.g. 0.95)")
+        from .data.near_dedup import dedup_features
+        res = dedup_features(args.features, args.threshold, out=args.out, report=args.report, device=args.device,
+                             block_rows=args.block_rows, overwrite=args.overwrite)
+        print(f"{res.total} images, {res.kept} kept, {res.groups.duplicates} near duplicates in "
+              f"{res.groups.groups} clusters (cosine >= {args.threshold:g}), {res.zero_rows} zero rows (kept: no "
+              f"direction to compare) ({res.seconds:.1f} s)")
+        if res.relative_to:
+            print(f"FEATS.txt lists relative paths: taken from the current folder, {res.relative_to!r} (run this "
+                  f"where seer features ran)")
+    else:
+        from .data.dedup import dedup_source
+        try:
+            res = dedup_source(args.source, out=args.out, report=args.report, fmt=args.format, workers=args.workers,
+                               timeout_s=args.timeout_s, overwrite=args.overwrite)
+        except DataSourceError as e:  # (named after training's settings: this command's arguments instead)
+            raise CLIError(_as_check_arguments(str(e))) from None
+        print(f"{res.total} images, {res.kept} unique, {res.groups.duplicates} duplicates in {res.groups.groups} "
+              f"groups, {res.unreadable} unreadable ({res.seconds:.1f} s)")
+        for name, why in res.shown:
+            print(f"UNREADABLE {printable(name)}\t{why}")
+        if res.unreadable > len(res.shown):
+            print(f"... and {res.unreadable - len(res.shown)} more" + (" (see the report)" if args.report else ""))
+    if res.groups.unlisted:
+        print(f"{res.groups.unlisted} kept image(s) left out of {args.out}: a carriage return in the name, which a "
+              f"list file cannot hold (named in the warnings above)")
+    wrote = [f for f in (args.out, args.report) if f]
+    print(f"wrote {' and '.join(wrote)}" + (f"; train on the kept images with --set data.source={args.out}"
+                                              if args.out else ""))
+    return 0
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -515,7 +598,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             status = 2
         if status is None or os.environ.get("SEER_DEBUG"):
             raise
-        print(f"seer {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"seer {command}: error: {e}", file=sys.stderr)
         return status
 
 
