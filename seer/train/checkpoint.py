@@ -455,17 +455,24 @@ def _rank_failures(e: BaseException) -> list[BaseException]:
     return [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
 
 
-def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_process: bool = False) -> None:
+def load_tensors(path: str | os.PathLike, dest: dict[str, Tensor], *, single_process: bool = False,
+                 index=None, verify: bool = True) -> None:
     """Fill ``dest`` (key -> tensor or DTensor of the right shape) in place from checkpoint ``path``
     (collective under torch.distributed unless ``single_process``; DCP reshards DTensors to the current
-    layout). A damaged file raises CorruptCheckpointError."""
-    # Read the index once here so that a refused (tampered) file raises UnsafeCheckpointError itself, not
-    # wrapped in DCP's collective error report.
-    read_tensor_index(path)
-    verify_checkpoint_files(path, collective=not single_process and _distributed())
+    layout). A damaged file raises CorruptCheckpointError. For a checkpoint read in several calls (a group
+    of tensors each): ``index``, the checkpoint's index as :func:`read_tensor_index` returned it, which DCP
+    then takes instead of reading the file again (at scale it lists every shard of every tensor: seconds to
+    read); ``verify=False`` after the first call, which checked the files against their checksums
+    (:func:`verify_checkpoint_files` reads every file whole)."""
+    if index is None:
+        # Read here so that a refused (tampered) file raises UnsafeCheckpointError itself, not wrapped in
+        # DCP's collective error report.
+        index = read_tensor_index(path)
+    if verify:
+        verify_checkpoint_files(path, collective=not single_process and _distributed())
     try:
         with quiet_single_process():
-            dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path)), planner=SafeLoadPlanner(),
+            dcp.load(dest, storage_reader=SafeFileSystemReader(Path(path), index), planner=SafeLoadPlanner(),
                      no_dist=single_process or not _distributed())
     except UnsafeCheckpointError:
         raise

@@ -63,10 +63,17 @@ def safe_unpickle(data: bytes, source: str = "checkpoint") -> Any:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata is read by the restricted unpickler."""
+    """FileSystemReader whose metadata is read by the restricted unpickler. ``index``: the checkpoint's index
+    as this class read it before, given to DCP instead of unpickling the file again."""
+
+    def __init__(self, path, index=None):
+        super().__init__(path)
+        self.index = index
 
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
+        if self.index is not None and rank is None:
+            return self.index
         path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as f:
             metadata = safe_unpickle(f.read(), str(path))
