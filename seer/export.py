@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -378,6 +378,31 @@ def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     vit = export_vit_config(path)
     try:
         return vit, load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a safetensors file that seer can read ({type(e).__name__}: {e})") from None
+
+
+def iter_export_state(path: str | Path, prefix: str = "") -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`read_export`'s state dict a group at a time (:func:`seer.train.state.tensor_groups`: the tensors
+    outside the blocks, then a block each), names prefixed with ``prefix``, each tensor read on its own from
+    the file (``safetensors.safe_open``, what read_export's ``load_file`` does for all at once): a caller that
+    places a group before taking the next holds one group, not the file. The same checks and ValueErrors as
+    read_export, the JSON's before any tensor is read."""
+    from safetensors import SafetensorError, safe_open
+
+    from .train.state import tensor_groups
+
+    def group(keys: list[str]) -> dict[str, torch.Tensor]:
+        # Opened for each group: the file is memory-mapped, and the pages read stay in the process's resident
+        # memory until it is closed (the whole file by the last group, were it opened once).
+        with safe_open(str(path), framework="pt") as f:
+            return {prefix + k: f.get_tensor(k) for k in keys}
+
+    export_vit_config(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        yield from (group(g) for g in tensor_groups(keys))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a safetensors file that seer can read ({type(e).__name__}: {e})") from None
 

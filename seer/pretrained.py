@@ -8,7 +8,7 @@ as the full tensors DCP stores. Nothing is unpickled (restricted index reader, s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -17,7 +17,7 @@ from .config import RunConfig, from_dict
 from .model import ViTConfig, VisionTransformer
 from .train.checkpoint import (CorruptCheckpointError, load_tensors, read_meta, read_saved_config, read_tensor_index,
                                resolve_checkpoint)
-from .train.state import merge_tensor_parallel
+from .train.state import merge_tensor_parallel, tensor_groups
 
 
 def checkpoint_config(path: str | Path) -> RunConfig:
@@ -65,16 +65,38 @@ def checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone", "he
     checkpoint ``ckpt``, named as in the single-device model ('backbone.blocks.0.attn.qkv.weight'):
     tensor-parallel slices merged, FSDP shards read whole. ``collective``: every process of the default group
     calls it and they split the checksum verification (each still holds every tensor)."""
+    return {k: v for group in iter_checkpoint_model_state(ckpt, parts, collective=collective, grouped=False)
+            for k, v in group.items()}
+
+
+def iter_checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone", "head"), *,
+                                collective: bool = False, grouped: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`checkpoint_model_state`'s tensors a group at a time (:func:`seer.train.state.tensor_groups`: the
+    tensors outside the transformer blocks, then a block each; ``grouped=False``: all in one group), so that
+    a caller that places each group before taking the next holds one group's tensors (and, while a group is
+    merged, its tensor-parallel slices), not the model's. The files are checked against their checksums
+    once, before the first group is read; each group is one dcp.load, the index read once for all.
+    ``collective``: every process of the default group iterates to the end, and all meet the same groups in
+    the same order (they come from the one index every process reads)."""
     layout = read_meta(ckpt).get("tp_layout", {})
-    meta = read_tensor_index(ckpt)
+    index = read_tensor_index(ckpt)
     prefixes = tuple(f"model/{part}." for part in parts)
-    dest = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()
-            if k.startswith(prefixes) and isinstance(m, TensorStorageMetadata)}
-    if not any(k.startswith("model/backbone.") for k in dest) and "backbone" in parts:
+    stored = {k: m for k, m in index.state_dict_metadata.items()
+              if k.startswith(prefixes) and isinstance(m, TensorStorageMetadata)}
+    if not any(k.startswith("model/backbone.") for k in stored) and "backbone" in parts:
         raise ValueError(f"{ckpt} holds no backbone tensors")
-    load_tensors(ckpt, dest, single_process=not collective)  # a damaged file: CorruptCheckpointError naming it
-    chosen = {k: v for k, v in layout.items() if k.startswith(tuple(p[len("model/"):] for p in prefixes))}
-    return merge_tensor_parallel(dest, chosen, prefix="model/")
+    for i, keys in enumerate(tensor_groups(stored) if grouped else [sorted(stored)]):
+        # The first call verifies the files (collectively: the ranks split them), the later ones do not.
+        yield _read_group(ckpt, {k: stored[k] for k in keys}, layout, single_process=not collective,
+                          index=index, verify=i == 0)
+
+
+def _read_group(ckpt: Path, stored: dict, layout: dict[str, dict], **load) -> dict[str, torch.Tensor]:
+    """The full tensors of the checkpoint keys ``stored`` (key -> its index entry), slices merged."""
+    dest = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()}
+    load_tensors(ckpt, dest, **load)  # a damaged file: CorruptCheckpointError naming it
+    names = {k[len("model/"):].split("@tp")[0] for k in dest}
+    return merge_tensor_parallel(dest, {k: v for k, v in layout.items() if k in names}, prefix="model/")
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu") -> VisionTransformer:

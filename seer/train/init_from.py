@@ -8,7 +8,9 @@ and the RNG streams are the new run's own, from step 0 (the resume of ``checkpoi
 Loading: when the source is a checkpoint written with the run's ``parallel.tp``, DCP reads each process's
 own shards straight into the model, resharding over another number of data-parallel processes as a resume
 does (no process holds more than its shards); otherwise (an export, another tensor-parallel split) every
-process reads the full tensors and keeps its slice and shard (:func:`seer.parallel.state.load_full_state_dict`).
+process reads the full tensors and keeps its slice and shard (:func:`seer.parallel.state.load_full_state_dict`),
+a group at a time (:func:`seer.train.state.tensor_groups`: a transformer block, or the tensors outside the
+blocks), so that it holds one group's full tensors, not the model's.
 
 Another resolution (DINOv2's high-resolution phase: pretrain at 224, continue at 448): the source's
 ``model.img_size`` may differ from the run's when the patch size does not. Only the learned position embedding
@@ -253,46 +255,77 @@ def load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDim
 
 def _load_init_weights(src: InitSource, model: torch.nn.Module, dims: ParallelDims, parts: str,
                        resize: Optional[PosResize]) -> None:
-    from ..parallel.state import load_full_state_dict
     names = part_names(parts)
     dtype = dict(model.named_parameters())[POS_EMBED].dtype if resize is not None else None
     if not src.is_export and src.tp == dims.tp:
-        # The model's own shards, read (and resharded over the data-parallel processes) by DCP, as a resume
-        # reads them; the optimizer's and the per-rank state are not read.
-        prefixes = tuple(f"model/{n}." for n in names)
-        own = {k: v for k, v in S.model_tensors(model, dims.tp_rank).items() if k.startswith(prefixes)}
-        dest, key = dict(own), f"model/{POS_EMBED}"  # (replicated over tensor parallelism: no @tp suffix)
-        if resize is not None:  # another shape than the model's: read whole by every process (it is small)
-            m = read_tensor_index(src.file).state_dict_metadata.get(key)
-            if m is None:
-                raise ValueError(f"checkpoint.init_from: {src.file} holds no {POS_EMBED}")
-            dest[key] = torch.empty(m.size, dtype=m.properties.dtype)
-        load_tensors(src.file, dest)
-        pos, dest[key] = dest[key], own[key]  # (the model's own, unchanged, until the resampled one below)
-        S.load_model_tensors(model, dest, dims.tp_rank, parts=names)
-        if resize is not None:
-            try:
-                load_full_state_dict(model, {POS_EMBED: resize.apply(pos, dtype)})
-            except ValueError as e:
-                raise ValueError(f"checkpoint.init_from: {src.file}: its tensors do not fit the model: {e}") from None
-        return
-    if src.is_export:
-        from ..export import read_export
-        try:
-            _, state = read_export(src.file)
-        except ValueError as e:
-            raise ValueError(f"checkpoint.init_from: {e}") from None
-        full = {f"backbone.{k}": v for k, v in state.items()}
+        _load_own_shards(src, model, dims, names, resize, dtype)
     else:
-        from ..pretrained import checkpoint_model_state
-        full = checkpoint_model_state(src.file, names, collective=dims.world_size > 1)
+        _load_full_tensors(src, model, dims, names, resize, dtype)
+
+
+def _load_own_shards(src: InitSource, model: torch.nn.Module, dims: ParallelDims, names: tuple[str, ...],
+                     resize: Optional[PosResize], dtype: Optional[torch.dtype]) -> None:
+    """The model's own shards, read (and resharded over the data-parallel processes) by DCP, as a resume
+    reads them; the optimizer's and the per-rank state are not read."""
+    from ..parallel.state import load_full_state_dict
+    prefixes = tuple(f"model/{n}." for n in names)
+    own = {k: v for k, v in S.model_tensors(model, dims.tp_rank).items() if k.startswith(prefixes)}
+    dest, key = dict(own), f"model/{POS_EMBED}"  # (replicated over tensor parallelism: no @tp suffix)
+    index = read_tensor_index(src.file)
+    if resize is not None:  # another shape than the model's: read whole by every process (it is small)
+        m = index.state_dict_metadata.get(key)
+        if m is None:
+            raise ValueError(f"checkpoint.init_from: {src.file} holds no {POS_EMBED}")
+        dest[key] = torch.empty(m.size, dtype=m.properties.dtype)
+    load_tensors(src.file, dest, index=index)
+    pos, dest[key] = dest[key], own[key]  # (the model's own, unchanged, until the resampled one below)
+    S.load_model_tensors(model, dest, dims.tp_rank, parts=names)
+    if resize is not None:
+        try:
+            load_full_state_dict(model, {POS_EMBED: resize.apply(pos, dtype)})
+        except ValueError as e:
+            raise _unfit(src, e) from None
+
+
+def _load_full_tensors(src: InitSource, model: torch.nn.Module, dims: ParallelDims, names: tuple[str, ...],
+                       resize: Optional[PosResize], dtype: Optional[torch.dtype]) -> None:
+    """Every process reads the full tensors and keeps its slice and shard, one group at a time (a
+    transformer block, or the tensors outside the blocks), each placed before the next is read: a process
+    holds one group, not the model (ViT-10B: 40 GB in float32)."""
+    from ..parallel.state import load_full_state_dict
+    if src.is_export:
+        groups = _export_groups(src.file)
+    else:
+        from ..pretrained import iter_checkpoint_model_state
+        groups = iter_checkpoint_model_state(src.file, names, collective=dims.world_size > 1)
+    failed, pending = None, resize  # (pending: the position embedding, in one group, not resampled yet)
+    for full in groups:
+        # After a failure the rest is still read, not placed: every process makes the same (collective) reads.
+        if failed is None:
+            try:
+                if pending is not None and POS_EMBED in full:
+                    full[POS_EMBED], pending = pending.apply(full[POS_EMBED], dtype), None
+                load_full_state_dict(model, full)
+            except Exception as e:  # a KeyError, ValueError: an export whose tensors its JSON does not describe
+                failed = _unfit(src, e) if isinstance(e, (KeyError, ValueError)) else e
+        del full  # (before the next group is read)
+    if failed is None and pending is not None:
+        failed = _unfit(src, KeyError(POS_EMBED))
+    if failed is not None:
+        raise failed
+
+
+def _export_groups(file: Path) -> Iterator[dict[str, torch.Tensor]]:
+    from ..export import iter_export_state
     try:
-        if resize is not None:
-            full[POS_EMBED] = resize.apply(full[POS_EMBED], dtype)
-        load_full_state_dict(model, full)
-    except (KeyError, ValueError) as e:  # an export whose tensors are not those its JSON describes
-        why = e.args[0] if e.args else e  # (a KeyError's str() is its message quoted)
-        raise ValueError(f"checkpoint.init_from: {src.file}: its tensors do not fit the model: {why}") from None
+        yield from iter_export_state(file, prefix="backbone.")
+    except ValueError as e:
+        raise ValueError(f"checkpoint.init_from: {e}") from None
+
+
+def _unfit(src: InitSource, e: Exception) -> ValueError:
+    why = e.args[0] if e.args else e  # (a KeyError's str() is its message quoted)
+    return ValueError(f"checkpoint.init_from: {src.file}: its tensors do not fit the model: {why}")
 
 
 def same_source(record: Optional[dict], src_value: str) -> bool:

@@ -16,6 +16,9 @@ start with an empty queue (it refills in queue_length / global batch steps).
 from __future__ import annotations
 
 import random
+import re
+from typing import Iterable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -142,3 +145,20 @@ def merge_tensor_parallel(tensors: dict[str, Tensor], layout: dict[str, dict], p
             out[fqn] = torch.cat(parts, dim=dim)
     return out
 
+
+# A transformer block's tensors, named as in a checkpoint ('model/backbone.blocks.3.attn.qkv.weight@tp0'), in
+# the SwAV model ('backbone.blocks.3.') or in an export of the backbone ('blocks.3.').
+_BLOCK = re.compile(r"^(?:model/)?(?:backbone\.)?blocks\.(\d+)\.")
+
+
+def tensor_groups(keys: Iterable[str]) -> list[list[str]]:
+    """``keys`` in the groups that a load of full tensors reads one at a time, so that a process holds the
+    largest group, not the model: first every tensor outside the transformer blocks (embeddings, the final
+    norm, the head), then one group per block, in block order; each sorted. A tensor-parallel parameter's
+    slices ('@tp<r>') share their name's group, so a group merges on its own (:func:`merge_tensor_parallel`).
+    The groups depend on the keys alone: processes that read one index agree on them (collective loads)."""
+    groups: dict[int, list[str]] = {}
+    for key in sorted(keys):
+        m = _BLOCK.match(key)
+        groups.setdefault(int(m.group(1)) if m else -1, []).append(key)
+    return [groups[g] for g in sorted(groups)]

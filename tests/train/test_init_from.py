@@ -12,7 +12,7 @@ from seer.cli import main
 from seer.config import ConfigError, apply_overrides, preset
 from seer.model.layers import interpolate_pos_embed
 from seer.parallel.state import full_state_dict
-from seer.pretrained import checkpoint_model_state
+from seer.pretrained import checkpoint_model_state, iter_checkpoint_model_state
 from seer.train import Trainer, list_checkpoints
 from seer.train.checkpoint import read_meta, resolve_checkpoint
 from tests.dist_utils import run_distributed
@@ -104,6 +104,131 @@ def test_init_from_a_timm_export_takes_its_backbone(source, export, tmp_path, ca
     now, fresh = full_state_dict(t.model), full_state_dict(_fresh(new_cfg, tmp_path / "fresh").model)
     assert _equal(_source_tensors(run, ("backbone",)), now, "backbone.") and _equal(fresh, now, "head.")
     assert f"initialised from {export} (an export: no step recorded, backbone)" in caplog.text
+
+
+def _watch_reads(monkeypatch) -> dict:
+    """Records what a load of full tensors does: its reads (dcp.load, safetensors opens), the keys of each
+    dcp.load, the checksum verifications, the
+    reads of the tensor index, the groups placed into the model, and the most tensors of groups placed
+    earlier still alive when a read (a dcp.load, a safetensors open) starts."""
+    import weakref
+
+    import safetensors
+
+    import seer.parallel.state as parallel_state
+    import seer.train.checkpoint as checkpoint_module
+    import seer.train.safe_load as safe_load
+    rec = {"reads": 0, "loads": [], "verified": 0, "index_reads": 0, "placed": [], "alive_at_read": 0}
+    placed = []  # weak references to every tensor placed so far
+    load, verify = checkpoint_module.dcp.load, checkpoint_module.verify_checkpoint_files
+    unpickle, place, open_ = safe_load.safe_unpickle, parallel_state.load_full_state_dict, safetensors.safe_open
+
+    def reading():
+        rec["reads"] += 1
+        rec["alive_at_read"] = max(rec["alive_at_read"], sum(r() is not None for r in placed))
+
+    def dcp_load(dest, **kwargs):
+        reading()
+        rec["loads"].append(sorted(dest))
+        return load(dest, **kwargs)
+
+    def safe_open(*args, **kwargs):
+        reading()
+        return open_(*args, **kwargs)
+
+    def verify_files(*args, **kwargs):
+        rec["verified"] += 1
+        return verify(*args, **kwargs)
+
+    def read_index(*args, **kwargs):
+        rec["index_reads"] += 1
+        return unpickle(*args, **kwargs)
+
+    def load_full(model, full):
+        rec["placed"].append(sorted(full))
+        placed.extend(weakref.ref(t) for t in full.values())
+        return place(model, full)
+
+    for owner, name, fn in ((checkpoint_module.dcp, "load", dcp_load), (safetensors, "safe_open", safe_open),
+                            (checkpoint_module, "verify_checkpoint_files", verify_files),
+                            (safe_load, "safe_unpickle", read_index),
+                            (parallel_state, "load_full_state_dict", load_full)):
+        monkeypatch.setattr(owner, name, fn)
+    return rec
+
+
+def _block_groups(names) -> list[list[str]]:
+    """The groups a load of full tensors of the 2-block source takes: the tensors outside the blocks, then
+    each block's."""
+    rest = sorted(n for n in names if ".blocks." not in n)
+    return [rest] + [sorted(n for n in names if f".blocks.{b}." in n) for b in (0, 1)]
+
+
+def test_tensor_groups_are_the_rest_then_a_block_each_with_a_parameters_slices_together():
+    from seer.train.state import tensor_groups
+    qkv = "model/backbone.blocks.10.attn.qkv.weight"
+    keys = [f"{qkv}@tp1", "model/backbone.blocks.2.norm1.weight", f"{qkv}@tp0", "model/head.prototypes.weight",
+            "model/backbone.pos_embed"]
+    assert tensor_groups(keys) == [["model/backbone.pos_embed", "model/head.prototypes.weight"],
+                                   ["model/backbone.blocks.2.norm1.weight"], [f"{qkv}@tp0", f"{qkv}@tp1"]]
+    assert tensor_groups(["blocks.0.mlp.fc1.weight", "cls_token"]) == [["cls_token"], ["blocks.0.mlp.fc1.weight"]]
+
+
+def test_full_tensors_are_read_and_placed_a_block_at_a_time_as_the_whole_would_be(source, export, tmp_path,
+                                                                                 monkeypatch):
+    """Through the full-tensor path (a checkpoint of another parallel.tp, an export) a process holds one group
+    of full tensors at a time: a group per transformer block, one for the rest (each a dcp.load, or tensors
+    read on their own from the .safetensors), the files verified and the index read once; the model ends as
+    the whole read at once and placed would have left it (the source, bit for bit)."""
+    import dataclasses
+
+    from seer.export import read_export
+    from seer.parallel.state import load_full_state_dict
+    from seer.train.init_from import load_init_weights, resolve_init_source
+    run, cfg = source
+    ckpt = resolve_checkpoint(run)
+    # A checkpoint written with another parallel.tp takes the path: this one (tp=1) said to be tp=2 makes one
+    # process take it (no slices to merge; the two-process test merges a tp=2 source's).
+    other_tp = dataclasses.replace(resolve_init_source(str(run)), tp=2)
+    whole = {"all": checkpoint_model_state(ckpt), "backbone": {f"backbone.{k}": v for k, v in
+                                                               read_export(export)[1].items()}}
+    for name, src, parts in (("ckpt", other_tp, "all"), ("export", resolve_init_source(str(export)), "backbone")):
+        streamed, at_once = (_fresh(cfg, tmp_path / f"{name}-{i}") for i in range(2))
+        with monkeypatch.context() as m:
+            rec = _watch_reads(m)
+            load_init_weights(src, streamed.model, streamed.dims, parts)
+        load_full_state_dict(at_once.model, whole[parts])  # (how the full-tensor path placed them before)
+        a, b = full_state_dict(streamed.model), full_state_dict(at_once.model)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert _equal(whole[parts], a)
+        assert rec["placed"] == _block_groups(whole[parts]), name
+        assert rec["alive_at_read"] == 0, name  # (each group freed before the next is read)
+        if name == "ckpt":
+            assert rec["loads"] == [[f"model/{k}" for k in g] for g in rec["placed"]]
+            assert rec["verified"] == 1 and rec["index_reads"] == 1  # not once per group
+        else:
+            assert rec["loads"] == [] and rec["verified"] == 0
+
+
+def test_a_group_that_does_not_fit_stops_the_load_once_the_rest_is_read(source, export, tmp_path, monkeypatch):
+    """An export with a tensor the model does not have (in the first group): named, after the other groups
+    were read but not placed (in a collective load, a process that stopped at once would leave the others
+    waiting in their next dcp.load)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from seer.export import read_export
+    from seer.train.init_from import load_init_weights, resolve_init_source
+    bad = tmp_path / "bad.safetensors"
+    save_file(dict(read_export(export)[1], extra=torch.zeros(2)), str(bad))
+    shutil.copy(export.with_suffix(".json"), bad.with_suffix(".json"))
+    t = _fresh(source[1], tmp_path / "run")
+    rec = _watch_reads(monkeypatch)
+    with pytest.raises(ValueError, match=f"{bad}: its tensors do not fit the model: tensors the model does not "
+                                         f"have: backbone.extra"):
+        load_init_weights(resolve_init_source(str(bad)), t.model, t.dims, "backbone")
+    assert len(rec["placed"]) == 1 and rec["reads"] == 4  # (its names, then each of the 3 groups)
 
 
 def test_a_rerun_continues_the_new_run_from_its_own_checkpoint(source, tmp_path, caplog):
@@ -252,17 +377,32 @@ def test_refusals_are_one_line_from_the_cli(source, tmp_path, capsys, sets, frag
 def _init_in_processes(rank, world, source, export, root):
     """Each rank's view of runs initialised under dp=2 (from the 1-process checkpoint: DCP reshards it),
     tp=2 (another split: full tensors, each rank its slice) and dp=2 from the export (each rank its shard)."""
+    import seer.train.checkpoint as checkpoint_module
     base = apply_overrides(preset("tiny"), BASE + ["data.batch_size=4", "loss.queue_length=0"])
-    got = {}
+    got, reads = {}, {"loads": [], "verified": 0}  # (tp2's: the keys of each dcp.load, the verifications)
+    load, verify = checkpoint_module.dcp.load, checkpoint_module.verify_checkpoint_files
+
+    def dcp_load(dest, **kwargs):
+        reads["loads"].append(sorted(dest))
+        return load(dest, **kwargs)
+
+    def verify_files(*args, **kwargs):
+        reads["verified"] += 1
+        return verify(*args, **kwargs)
+
     for name, sets in (("dp2", [f"checkpoint.init_from={source}"]),
                        ("tp2", [f"checkpoint.init_from={source}", "parallel.tp=2"]),
                        ("dp2_export", [f"checkpoint.init_from={export}", "checkpoint.init_parts=backbone"])):
+        if name == "tp2":
+            checkpoint_module.dcp.load, checkpoint_module.verify_checkpoint_files = dcp_load, verify_files
         t = Trainer(apply_overrides(base, sets + ["train.max_steps=1", "checkpoint.every=1"]), f"{root}/{name}")
+        checkpoint_module.dcp.load, checkpoint_module.verify_checkpoint_files = load, verify
         got[name] = {k: v.detach().cpu().clone() for k, v in full_state_dict(t.model).items()}
         if name != "dp2_export":  # trains on (its checkpoint says where it started; tp2's: a tp=2 source below)
             t.fit()
         else:
             t.release()
+    got["tp2_reads"] = reads
     return got
 
 
@@ -276,13 +416,20 @@ def test_init_in_two_processes_from_a_one_process_source(source, export, tmp_pat
         assert _equal(src, got["dp2"]) and got["dp2"].keys() == src.keys()
         assert _equal(src, got["tp2"]) and got["tp2"].keys() == src.keys()
         assert _equal(src, got["dp2_export"], "backbone.")
+        # tp2 read the full tensors collectively: every process the same groups (a block each, the rest), in
+        # one dcp.load each, the files verified once.
+        assert got["tp2_reads"] == {"loads": [[f"model/{k}" for k in g] for g in _block_groups(src)], "verified": 1}
     meta = read_meta(list_checkpoints(tmp_path / "dp2" / "checkpoints")[-1])
     assert meta["world_size"] == 2 and meta["init_from"]["step"] == 2 and meta["init_from"]["path"] == str(run)
-    # A source written with parallel.tp=2 into one process: its slices merged into full tensors.
+    # A source written with parallel.tp=2 into one process: its slices merged into full tensors, a group at a
+    # time (each block's slices in its group) as all at once.
     t = Trainer(apply_overrides(cfg, [f"checkpoint.init_from={tmp_path / 'tp2'}"]), tmp_path / "from_tp2")
     t.release()
     tp2 = _source_tensors(tmp_path / "tp2")
     assert _equal(tp2, full_state_dict(t.model)) and not _equal(src, tp2)
+    groups = list(iter_checkpoint_model_state(resolve_checkpoint(tmp_path / "tp2")))
+    assert [sorted(g) for g in groups] == _block_groups(tp2)
+    assert _equal(tp2, {k: v for g in groups for k, v in g.items()})
 
 
 def _init_at_another_size_in_processes(rank, world, source, root):
