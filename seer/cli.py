@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     _decoding_arguments(dc)
     dc.add_argument("--report", help="write the unreadable files (path<TAB>reason) to this file")
     dc.add_argument("--fail-on-bad", action="store_true", help="exit with status 1 if any file is unreadable")
+    dc.add_argument("--exclude", metavar="FILE", default="", help="leave out the images FILE names, as "
+                                                                  "data.exclude (e.g. a report of seer data dedup)")
     dc.add_argument("--format", default="auto", choices=["auto", "folder", "list", "tar"],
                     help="what the source is, as data.format (default: auto, as training detects it)")
     dc.add_argument("--max-image-pixels", type=int, default=C.DataConfig.max_image_pixels,
@@ -143,7 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     dd.add_argument("--out", metavar="KEEP.txt", help="the kept images, absolute paths one a line in source order: "
                                                      "a list file for data.source (not for tar shards)")
     dd.add_argument("--report", metavar="DUPS.tsv", help="one line per duplicate, dup_path<TAB>kept_path, then "
-                                                        "#unreadable<TAB>path<TAB>reason per unreadable file")
+                                                        "#unreadable<TAB>path<TAB>reason per unreadable file; "
+                                                        "data.exclude takes it as it is (tar shards: the way to "
+                                                        "train without the duplicates)")
+    dd.add_argument("--exclude", metavar="FILE", help="SOURCE: leave out the images FILE names first, as "
+                                                      "data.exclude")
     dd.add_argument("--overwrite", action="store_true", help="replace an existing --out or --report")
     dd.add_argument("--format", choices=["auto", "folder", "list", "tar"],
                     help="SOURCE: what it is, as data.format (default: auto, as training detects it)")
@@ -456,8 +462,10 @@ def cmd_export(args) -> int:
 
 
 def _as_check_arguments(message: str) -> str:
-    """A data source message in ``seer data check``'s words (SOURCE and --format for data.source/data.format)."""
-    return re.sub(r"data\.format=(\w+)", r"--format \1", message).replace("data.source", "SOURCE")
+    """A data source message in ``seer data check``'s words (SOURCE, --format and --exclude for data.source,
+    data.format and data.exclude)."""
+    return (re.sub(r"data\.format=(\w+)", r"--format \1", message).replace("data.source", "SOURCE")
+            .replace("data.exclude", "--exclude"))
 
 
 def cmd_data(args) -> int:
@@ -471,7 +479,7 @@ def cmd_data(args) -> int:
     from .data.sources import DataSourceError
     try:
         report = check_dataset(args.source, fmt=args.format, workers=args.workers,
-                               max_pixels=args.max_image_pixels, timeout_s=args.timeout_s)
+                               max_pixels=args.max_image_pixels, timeout_s=args.timeout_s, exclude=args.exclude)
     except DataSourceError as e:  # the source's messages name training's settings: name this command's arguments
         raise CLIError(_as_check_arguments(str(e))) from None
     print(report.format())
@@ -487,7 +495,7 @@ def cmd_data_dedup(args) -> int:
         raise CLIError("give SOURCE (duplicate files, from their bytes) or --features FEATS.npy (near duplicates, "
                        "from seer features' rows), one of the two")
     # The arguments of one mode, with their defaults (None in the parser: given to the other mode, refused).
-    exact = {"format": "auto", "workers": min(4, usable_cpus()), "timeout_s": C.DataConfig.timeout_s}
+    exact = {"format": "auto", "workers": min(4, usable_cpus()), "timeout_s": C.DataConfig.timeout_s, "exclude": ""}
     near_only = {"threshold": None, "device": "cpu", "block_rows": 4096}
     for name in (exact if near else near_only):
         if getattr(args, name) is not None:
@@ -512,7 +520,7 @@ def cmd_data_dedup(args) -> int:
         from .data.dedup import dedup_source
         try:
             res = dedup_source(args.source, out=args.out, report=args.report, fmt=args.format, workers=args.workers,
-                               timeout_s=args.timeout_s, overwrite=args.overwrite)
+                               timeout_s=args.timeout_s, overwrite=args.overwrite, exclude=args.exclude)
         except DataSourceError as e:  # (named after training's settings: this command's arguments instead)
             raise CLIError(_as_check_arguments(str(e))) from None
         print(f"{res.total} images, {res.kept} unique, {res.groups.duplicates} duplicates in {res.groups.groups} "
@@ -526,7 +534,8 @@ def cmd_data_dedup(args) -> int:
               f"list file cannot hold (named in the warnings above)")
     wrote = [f for f in (args.out, args.report) if f]
     print(f"wrote {' and '.join(wrote)}" + (f"; train on the kept images with --set data.source={args.out}"
-                                              if args.out else ""))
+                                              if args.out else f"; train without the duplicates with --set "
+                                                               f"data.exclude={args.report}"))
     return 0
 
 

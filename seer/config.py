@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -82,6 +83,12 @@ class DataConfig:
             recursively), a text file with one image path per line, or webdataset-style tar shards (a .tar
             file, a folder of them, or a glob such as 'shards/train-*.tar').
         format: 'auto' (from ``source``), 'folder', 'list', 'tar', 'digits' or 'synthetic'.
+        exclude: a text file naming images of ``source`` to leave out of the run's data index ('' = none), one
+            a line as the index names them: absolute paths, '/abs/shard.tar:MEMBER' for tar members. The reports
+            of ``seer data dedup --report`` (the duplicates and the unreadable files), ``seer data check
+            --report`` and OUT/skipped_files.txt are taken as they are (grammar: :mod:`seer.data.exclude`). Read
+            when the index is built; the index records the file (SHA-256) and a resumed run with another file,
+            or the file changed, is refused. Not with the built-in sets.
         batch_size: images per data-parallel rank per step.
         augment_on: 'workers' (decode and multi-crop in DataLoader worker processes, the C++ CPU op) or
             'device' (workers only decode; the multi-crop op runs on the training device).
@@ -110,6 +117,7 @@ class DataConfig:
     """
     source: str = "digits"
     format: str = "auto"
+    exclude: str = ""
     batch_size: int = 64
     augment_on: str = "workers"
     num_workers: int = 4
@@ -671,6 +679,21 @@ def _check_synthetic(d: DataConfig) -> None:
                f"at least data.batch_size={d.batch_size} (one batch)", d.synthetic_count)
 
 
+def _check_exclude(d: DataConfig) -> None:
+    """data.exclude: a readable file, for a source of files (its names are read when the index is built)."""
+    if not d.exclude:
+        return
+    if d.format in ("digits", "synthetic") or (d.format == "auto" and d.source in ("digits", "synthetic")):
+        raise ConfigError(f"config key 'data.exclude' leaves out images of files; data.source {d.source!r} is a "
+                          f"built-in set made in memory: set data.exclude=''")
+    path = os.path.expanduser(d.exclude)
+    what = ("does not exist" if not os.path.exists(path) else "is a folder" if os.path.isdir(path) else
+            "cannot be read" if not os.access(path, os.R_OK) else None)
+    if what:
+        raise ConfigError(f"config key 'data.exclude' must be a readable text file naming images to leave out, "
+                          f"got {d.exclude!r}, which {what}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError naming the key for values no run can use; return ``cfg``."""
     try:
@@ -776,6 +799,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(e.linear_max_iter >= 1, "eval.linear_max_iter", "an integer >= 1", e.linear_max_iter)
     _check(d.digits_size >= 8, "data.digits_size", "an integer >= 8 (the digits are 8 x 8)", d.digits_size)
     _check_synthetic(d)
+    _check_exclude(d)
     _check(cfg.parallel.tp >= 1, "parallel.tp", "an integer >= 1", cfg.parallel.tp)
     try:
         checkpoint_every(cfg.parallel.activation_checkpointing)

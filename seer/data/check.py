@@ -86,7 +86,8 @@ def _as_list(items):  # a module-level function: workers started by forkserver o
 
 
 def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixels: int = DataConfig.max_image_pixels,
-                  timeout_s: float = DataConfig.timeout_s) -> CheckReport:
+                  timeout_s: float = DataConfig.timeout_s, exclude: str = "") -> CheckReport:
+    """Decode every image of ``source`` (less those ``exclude`` names, as ``data.exclude``) and tally them."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
@@ -100,7 +101,7 @@ def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixel
                               "nothing to check; for a folder named 'synthetic', give it as './synthetic'")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache:  # the index lives as long as the check
-        src = open_source(source, fmt, cache)
+        src = open_source(source, fmt, cache, exclude=exclude)
         loader = DataLoader(_CheckDataset(src, max_pixels), batch_size=64, num_workers=workers,
                             collate_fn=_as_list, timeout=loader_timeout(timeout_s, workers))
         return _tally(src, loader, t0, timeout_s)

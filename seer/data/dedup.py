@@ -88,9 +88,12 @@ def group_digests(digests: np.ndarray, ok: Optional[np.ndarray] = None, chunk: i
 
 
 def dedup_source(source: str, *, out: Optional[str] = None, report: Optional[str] = None, fmt: str = "auto",
-                 workers: int = 4, timeout_s: float = DataConfig.timeout_s, overwrite: bool = False) -> DedupResult:
+                 workers: int = 4, timeout_s: float = DataConfig.timeout_s, overwrite: bool = False,
+                 exclude: str = "") -> DedupResult:
     """Exact duplicates of ``source`` (module doc): write KEEP.txt to ``out`` and/or the report to ``report``
-    (:mod:`seer.data.dedup_files`). A tar source takes no ``out``: its members are not files a list can name."""
+    (:mod:`seer.data.dedup_files`). A tar source takes no ``out``: its members are not files a list can name;
+    its report, given to ``data.exclude``, leaves the duplicates out of training. ``exclude``: images left out
+    before hashing, as ``data.exclude`` leaves them out (e.g. the report of an earlier pass)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
     check_timeout(timeout_s, "--timeout-s")
@@ -98,12 +101,12 @@ def dedup_source(source: str, *, out: Optional[str] = None, report: Optional[str
     if out is not None and fmt == "tar":
         raise ValueError("--out: the images of tar shards are members inside the shards, which a list file (whose "
                          "entries are opened as files) cannot name; give --report DUPS.tsv alone, which names them "
-                         "as SHARD:MEMBER, and leave the duplicates out when the shards are written")
+                         "as SHARD:MEMBER, and train with data.exclude=DUPS.tsv to leave the duplicates out")
     check_outputs(out, report, overwrite)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache, \
             tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape") as spill:
-        src = open_source(source, fmt, cache)
+        src = open_source(source, fmt, cache, exclude=exclude)
         digests, ok, shown = _hash_all(src, workers, timeout_s, spill)
         groups = group_digests(digests, ok)
         del digests

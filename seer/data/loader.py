@@ -54,11 +54,13 @@ class TrainData:
                     "synthetic_count": cfg.synthetic_count,
                     "synthetic_size": "x".join(map(str, parse_size(cfg.synthetic_size)))}
         if is_index_writer:
-            meta = build_index(cfg.source, cfg.format, cache, workers=cfg.index_workers, built_in=built_in)
+            meta = build_index(cfg.source, cfg.format, cache, workers=cfg.index_workers, built_in=built_in,
+                               exclude=cfg.exclude)
         barrier()
         if meta is None:
             # reads the finished index.json; rank 0 checked the shards (one stat each, not one per rank)
-            meta = build_index(cfg.source, cfg.format, cache, check_shards=False, built_in=built_in)
+            meta = build_index(cfg.source, cfg.format, cache, check_shards=False, built_in=built_in,
+                               exclude=cfg.exclude)
         self.source = open_index(meta, cache, digits_size=cfg.digits_size, digits_split=cfg.digits_split,
                                  synthetic_count=cfg.synthetic_count, synthetic_size=parse_size(cfg.synthetic_size),
                                  seed=seed)

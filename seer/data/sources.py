@@ -43,6 +43,8 @@ from .mapped import MappedArray, StringList, normalise_list_file, save_array, wr
 if TYPE_CHECKING:  # not imported at run time: a process indexing tar shards starts without torch
     import torch
 
+    from .exclude import ExcludeList  # (which imports this module)
+
 log = logging.getLogger("seer.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -203,10 +205,12 @@ def scan_folder(root: str | os.PathLike, setting: str = "data.source") -> Iterat
         stack.extend(reversed(subdirs))
 
 
-def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = None, workers: int = 1) -> int:
+def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = None, workers: int = 1,
+                     exclude: Optional[ExcludeList] = None) -> int:
     """Record shard, offset and size of every image member of ``shards`` under ``cache``; return the count.
     ``stats``, if given, receives each shard's [st_size, st_mtime_ns], taken before it is read (a shard
-    rewritten while or after it is read then differs from them).
+    rewritten while or after it is read then differs from them). ``exclude``: members it names
+    (``SHARD:MEMBER``) are left out of the index (``data.exclude``).
 
     ``workers``: processes that read the shards, 1 = this process only, 0 = automatic (:func:`index_workers`).
     Shards go to a pool of that many spawned processes once the time it would save on the shards left,
@@ -246,6 +250,11 @@ def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = Non
         for sid, (stat, names, offsets, lengths) in enumerate(results):
             if stats is not None:
                 stats.append(stat)
+            if exclude is not None:
+                keep = exclude.keep(names, prefix=f"{shards[sid]}:")  # TarSource.name's form
+                if not keep.all():
+                    names = [n for n, k in zip(names, keep.tolist()) if k]
+                    offsets, lengths = offsets[keep], lengths[keep]
             ids.append(np.full(len(names), sid, np.int32))
             offs.append(offsets)
             sizes.append(lengths)
@@ -664,7 +673,7 @@ def _gc_paused():
 
 @_gc_paused()
 def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards: bool = True,
-                workers: int = 0, built_in: Optional[dict] = None) -> dict:
+                workers: int = 0, built_in: Optional[dict] = None, exclude: str = "") -> dict:
     """Index ``source`` into ``cache`` (once: an existing index of the same source is kept); return its
     description. Call on one process, then :func:`open_index` on all. ``workers``: processes that index tar
     shards (``data.index_workers``; :func:`index_tar_shards`).
@@ -677,7 +686,12 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     ``built_in``: the config keys that make a built-in set's images (``digits_size``, ``synthetic_size``, ...
     without the ``data.`` prefix); those of the set's format are recorded in its index and must be the same
     when it is used again (a resumed run would otherwise train on other images than its checkpoints did, with
-    nothing to say so: the data position checks only their count)."""
+    nothing to say so: the data position checks only their count).
+
+    ``exclude``: a file naming images to leave out of the index (``data.exclude``, :mod:`seer.data.exclude`;
+    '' = none). index.json records it (path, size, modification time, SHA-256, counts), and an index made with
+    another file, or before it changed, is refused (``check_shards`` False: only whether one was given)."""
+    from .exclude import ExcludeList, check_unchanged  # (it imports this module)
     index_workers(workers, 1)  # a bad value is refused whatever the source
     source = os.path.expanduser(source)  # '~/images' from a YAML file or a quoted --set, which no shell expanded
     fmt = detect_format(source) if fmt == "auto" else fmt
@@ -689,6 +703,7 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
         meta = _read_index_meta(cache)
         if meta.get("source") == source_abs and meta.get("format") == fmt:
             _check_built_in(meta, _built_in_params(fmt, built_in), cache)
+            check_unchanged(meta, exclude, cache, check_file=check_shards)
             _check_index_files(meta, cache)
             if fmt == "tar" and check_shards:
                 _check_shards(meta, cache)
@@ -696,6 +711,11 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
         raise DataSourceError(f"{cache} holds the index of data.source {meta.get('source')!r}, not {source_abs!r}: "
                               f"use another output folder, or delete {cache} to index the new source")
     meta = {"source": source_abs, "format": fmt}
+    if exclude and fmt in BUILT_IN:
+        raise DataSourceError(f"data.exclude leaves out images of files; data.source {source!r} is a built-in set "
+                              f"made in memory: set data.exclude=''")
+    drop = ExcludeList(exclude) if exclude else None  # read first: a bad file fails before the indexing
+    names = drop.filter if drop else (lambda it, prefix="": it)
     if fmt in BUILT_IN:  # nothing to index: the images are made when the index is opened
         meta["count"] = 0
         meta["params"] = _built_in_params(fmt, built_in)
@@ -703,22 +723,28 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
         if not Path(source).is_dir():
             raise DataSourceError(f"data.source {source!r} is not a folder")
         meta["root"] = source_abs
-        meta["count"] = len(write_lines(scan_folder(source), cache / "images.txt", cache / "images.offsets.npy"))
+        meta["count"] = len(write_lines(names(scan_folder(source), os.path.join(source_abs, "")),
+                                        cache / "images.txt", cache / "images.offsets.npy"))
     elif fmt == "list":
         if not Path(source).is_file():
             raise DataSourceError(f"data.source {source!r} is not a list file")
         meta["root"] = ""
-        meta["count"] = len(write_lines(normalise_list_file(source, base=Path(source_abs).parent),
+        meta["count"] = len(write_lines(names(normalise_list_file(source, base=Path(source_abs).parent)),
                                         cache / "images.txt", cache / "images.offsets.npy"))
     elif fmt == "tar":
         meta["shards"] = tar_shards(source)
         meta["shard_stats"] = []  # [st_size, st_mtime_ns] per shard, checked when the index is used again
-        meta["count"] = index_tar_shards(meta["shards"], cache, meta["shard_stats"], workers)
+        meta["count"] = index_tar_shards(meta["shards"], cache, meta["shard_stats"], workers, drop)
     else:
         raise DataSourceError(f"data.format {fmt!r} is not one of 'auto', 'folder', 'list', 'tar', 'digits', "
                               f"'synthetic'")
     if fmt not in BUILT_IN and meta["count"] == 0:
+        if drop is not None and drop.excluded:
+            raise DataSourceError(f"data.exclude {drop.path!r} leaves out all {drop.excluded} images of data.source "
+                                  f"{source!r}: nothing is left to train on")
         raise DataSourceError(f"data.source {source!r} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    if drop is not None:
+        meta["exclude"] = drop.finish(source_abs)
     # The files' sizes, checked whenever the index is opened (a truncated images.txt read as other paths),
     # and their bytes on disk before index.json says the index is complete.
     meta["files"] = {}
@@ -837,10 +863,10 @@ def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32, d
 
 
 def open_source(source: str, fmt: str = "auto", cache: Optional[str | os.PathLike] = None, *, workers: int = 0,
-                **kw) -> ImageSource:
-    """Index (if needed) and open ``source`` in one process (tests, ``seer data check``); ``workers`` as
-    :func:`build_index`'s."""
+                exclude: str = "", **kw) -> ImageSource:
+    """Index (if needed) and open ``source`` in one process (tests, ``seer data check``); ``workers`` and
+    ``exclude`` as :func:`build_index`'s."""
     import tempfile
     if cache is None:
         cache = tempfile.mkdtemp(prefix="seer-index-")
-    return open_index(build_index(source, fmt, cache, workers=workers), cache, **kw)
+    return open_index(build_index(source, fmt, cache, workers=workers, exclude=exclude), cache, **kw)

@@ -150,6 +150,25 @@ def test_data_synthetic_keys_override_validate_and_default_in_older_files(tmp_pa
     assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")  # one written before the keys
 
 
+def test_data_exclude_must_be_a_readable_file_for_a_source_of_files(tmp_path):
+    assert C.preset("tiny").data.exclude == ""  # off
+    ex = tmp_path / "dups.tsv"
+    ex.write_text("")
+    base = C.apply_overrides(C.preset("tiny"), [f"data.source={tmp_path}"])
+    assert C.validate(C.apply_overrides(base, [f"data.exclude={ex}"])).data.exclude == str(ex)
+    for value, what in ((tmp_path / "gone.txt", "does not exist"), (tmp_path, "is a folder")):
+        with pytest.raises(C.ConfigError, match=rf"'data.exclude' must be a readable text file .* which {what}"):
+            C.validate(C.apply_overrides(base, [f"data.exclude={value}"]))
+    for source in ("digits", "synthetic"):
+        with pytest.raises(C.ConfigError, match=rf"'data.exclude' leaves out images of files; data.source "
+                                                rf"'{source}' is a built-in set"):
+            C.validate(C.apply_overrides(C.preset("tiny"), [f"data.source={source}", f"data.exclude={ex}"]))
+    saved = C.dumps(C.preset("tiny"))
+    assert "  exclude: ''\n" in saved
+    (tmp_path / "old.yaml").write_text(saved.replace("  exclude: ''\n", ""))  # one written before the key
+    assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")
+
+
 def test_yaml_file_starting_from_a_preset(tmp_path):
     (tmp_path / "run.yaml").write_text("preset: tiny\ntrain:\n  max_steps: 9\ndata:\n  crops:\n    local_count: 0\n")
     cfg = C.load_yaml(tmp_path / "run.yaml")
