@@ -12,9 +12,10 @@ left out of KEEP.txt and counted (:attr:`Groups.unlisted`), never written as two
 The report (``--report``), tab-separated, for reading and for scripts: one line ``dup_path<TAB>kept_path``
 per duplicate, grouped by the kept image (groups in the order of their kept image, duplicates in source
 order), then one line ``#unreadable<TAB>path<TAB>reason`` per file that could not be read. Paths are
-printable there (:func:`seer.data.sources.printable`, tabs as ``\\t``): the report is not read back as paths.
-Every data line starts with '/' (absolute paths; a tar member is ``/abs/shard.tar:member``), so
-``grep -v '^#'`` keeps the duplicate pairs.
+printable there (:func:`seer.data.sources.printable`, tabs as ``\\t``): the report is not opened as paths, but
+``data.exclude`` takes it as it is, matching names in that printable form too (:mod:`seer.data.exclude`: the
+way to train on tar shards without their duplicates). Every data line starts with '/' (absolute paths; a tar
+member is ``/abs/shard.tar:member``), so ``grep -v '^#'`` keeps the duplicate pairs.
 
 Both files are written to a temporary name beside them and renamed into place once complete; an existing file
 is replaced only with ``overwrite``, also one that appeared while the command ran (it is not replaced, and the
