@@ -20,6 +20,7 @@ exits with status 2; ``SEER_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,25 @@ from . import config as C
 from .host import usable_cpus
 
 log = logging.getLogger("seer")
+
+
+class Terminated(BaseException):
+    """SIGTERM while ``seer features`` writes (torchrun stopping the other processes after one died, a
+    scheduler's preemption or time limit): raised in the main thread so that each process records the batches
+    it wrote, as on Ctrl-C, before it exits (status 143), instead of dying with up to
+    ``feature_progress.RECORD_EVERY_S`` of rows unrecorded. (A BaseException, as KeyboardInterrupt: no
+    ``except Exception`` on the way swallows it.)"""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    def on_term(signum, frame):
+        raise Terminated()
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class CLIError(Exception):
@@ -400,7 +420,7 @@ def cmd_features(args) -> int:
     backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
     t0 = time.perf_counter()
     try:
-        with _run_attention(cfg, recorded, device, precision):
+        with _run_attention(cfg, recorded, device, precision), _sigterm_raises():
             res = save_image_features(backbone, paths, args.out, image_size=size, mean=cfg.data.crops.mean,
                                       std=cfg.data.crops.std, layers=args.layers, tokens=args.tokens,
                                       batch_size=args.batch_size, overwrite=args.overwrite, workers=args.workers,
@@ -590,6 +610,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"seer {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except Terminated:
+        if os.environ.get("SEER_DEBUG"):
+            raise
+        print(f"seer {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as e:
         # Bad input (2), a run that cannot go on (1: also a package the feature needs is missing, an ONNX export
         # that onnxruntime does not run as torch does), a refused or unreadable checkpoint (3): one line naming

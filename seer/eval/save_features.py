@@ -34,8 +34,9 @@ is renamed into place, so no output is half-written. They are removed where noth
 batch recorded, no readable image, or a failure once the rows are being moved. A rank that dies (killed,
 out of memory) hands nothing on, but closes its connections, which ends the others' wait for the outcomes at
 once (gloo's "Connection closed by peer"); that wait (for the slowest rank) otherwise has a limit of
-:data:`STATUS_WAIT_S`, 7 days, far beyond any imbalance of equal shares. A kill or SIGTERM (torchrun stopping
-the others after a process died) loses at most the batches since each rank's last record.
+:data:`STATUS_WAIT_S`, 7 days, far beyond any imbalance of equal shares. A SIGKILL loses at most the batches
+since each rank's last record; SIGTERM (torchrun stopping the others after a process died) is turned into an
+exception by the CLI (``seer.cli.Terminated``), so each rank records first, as on any error.
 
 --out's folder removed during the run: a FileNotFoundError naming it (CLI: one line, status 2).
 """

@@ -198,24 +198,41 @@ def test_an_output_refused_at_the_end_keeps_the_rows(run, reference, tmp_path, m
     assert leftovers(tmp_path) == ["f.npy", "f.txt"]
 
 
-def _killed_at_third_forward(run, out, threads):  # (run by test_a_killed_run_resumes in a python of its own)
+def _killed_at_third_forward(run, out, threads, sig="SIGKILL", record_every_s=0):
+    # (run by test_a_killed_run_resumes in a python of its own; record_every_s=0: a record after every batch)
     return f"""
-import os, signal, torch
+import os, signal, sys, torch
 from pathlib import Path
 from seer.cli import main
 from seer.eval import extract, feature_progress
 from tests.eval.test_features_stream import argv
 torch.set_num_threads({threads})
-feature_progress.RECORD_EVERY_S = 0  # (a record after every batch)
+feature_progress.RECORD_EVERY_S = {record_every_s}
 real, calls = extract.token_features, []
 def forward(*args, **kwargs):
     calls.append(1)
     if len(calls) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.{sig})
     return real(*args, **kwargs)
 extract.token_features = forward
-main(argv(Path({str(run)!r}), Path({str(out)!r})))
+sys.exit(main(argv(Path({str(run)!r}), Path({str(out)!r}))))
 """
+
+
+def test_sigterm_records_the_batches_written_before_it_exits(run, reference, tmp_path, monkeypatch, caplog):
+    """torchrun stops the other processes of a launch with SIGTERM (so do schedulers): the CLI turns it into
+    an exception, each process records what it wrote (here no periodic record came: RECORD_EVERY_S is a day)
+    and exits with 143; the rerun reuses those batches. (Left to SIGTERM's default, nothing was recorded.)"""
+    code = _killed_at_third_forward(run, tmp_path / "f.npy", 1, sig="SIGTERM", record_every_s=86400)
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True)
+    assert done.returncode == 143 and done.stderr.endswith("seer features: terminated (SIGTERM)\n"), done.stderr
+    assert leftovers(tmp_path) == KEPT
+    calls = forward_until(monkeypatch)
+    with one_thread():
+        assert main(argv(run, tmp_path / "f.npy")) == 0
+    assert len(calls) == 1 and "resuming: 2 of 4 batches already written" in caplog.text
+    assert same_files(tmp_path / "f.npy", reference)
 
 
 def test_a_killed_run_resumes(run, reference, tmp_path, monkeypatch, caplog, capsys):
