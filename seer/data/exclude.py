@@ -9,7 +9,8 @@ can be given as they are:
 * blank lines and lines whose first non-blank character is '#' are skipped, except
 * ``#unreadable<TAB>NAME<TAB>REASON`` (``seer data dedup --report``'s unreadable files): NAME;
 * any other line: its text up to the first tab, or the whole line without one. That is the name of a list
-  ('NAME', as KEEP.txt), the duplicate of ``seer data dedup --report``'s 'DUP<TAB>KEPT' (the kept image stays),
+  ('NAME', as KEEP.txt), the duplicate of ``seer data dedup --report``'s 'DUP<TAB>KEPT' (the kept image stays;
+  a line whose DUP is KEPT's own name, a source naming one image twice, leaves out nothing, with a warning),
   and the path of ``seer data check --report``'s and ``OUT/skipped_files.txt``'s 'PATH<TAB>REASON'.
 
 Every name is absolute (so it starts with '/', never '#'); a relative one is an error naming its line, since
@@ -172,6 +173,7 @@ class ExcludeList:
 def _entries(f, path: str, sha=None) -> Iterator[list[bytes]]:
     """The names of an open exclude file (module doc), a list per block read; ``sha`` hashes its bytes."""
     carry, line_no, first = b"", 0, True
+    same: list[int] = []  # lines naming the kept image itself (below)
     while True:
         block = f.read(READ_BYTES)
         if sha is not None:
@@ -196,7 +198,14 @@ def _entries(f, path: str, sha=None) -> Iterator[list[bytes]]:
                     continue
                 name = line.split(b"\t", 2)[1]
             else:
-                name = line.split(b"\t", 1)[0]
+                cells = line.split(b"\t")
+                name = cells[0]
+                if len(cells) == 2 and cells[1] == name:
+                    # A dedup report's 'DUP<TAB>KEPT' where the duplicate has the kept image's own name (a list
+                    # naming one file twice, a tar shard holding a member twice): names are matched, not
+                    # positions, so leaving it out would leave out the kept image too, every copy of it.
+                    same.append(line_no)
+                    continue
             if name[:1] != b"/" and not os.path.isabs(name):  # (the test of isabs on POSIX, without its cost)
                 raise DataSourceError(f"data.exclude {path!r} line {line_no}: {printable(os.fsdecode(name))!r} is "
                                       f"not an absolute path; the index names every image by its absolute path "
@@ -206,6 +215,11 @@ def _entries(f, path: str, sha=None) -> Iterator[list[bytes]]:
         if names:
             yield names
         if not block:
+            if same and sha is not None:  # (said on the first read of the file, not again)
+                log.warning("data.exclude: %d line(s) of %s (first: line %d) pair a duplicate with a kept image of "
+                            "the same name (data.source names that image more than once): not left out, as that "
+                            "would leave out the kept image too; the source keeps its repeated entries",
+                            len(same), path, same[0])
             return
 
 

@@ -92,6 +92,25 @@ def test_a_dedup_report_with_odd_names_and_an_unreadable_file(tmp_path):
     assert _names(lst, tmp_path / "idx", exclude=str(rep)) == [f"{r}/a.png", f"{r}/b.png"]
 
 
+def test_a_report_line_whose_duplicate_is_the_kept_image_itself_leaves_that_image_in(tmp_path, caplog):
+    """A list naming one file twice (and a shard holding a member twice) gives 'Q<TAB>Q': names are matched, so
+    leaving Q out would leave out the kept image too (every entry of it), not only the repeated one."""
+    _files(tmp_path / "d", {"q.png": IMG[0], "p.png": IMG[1], "c.png": IMG[1]})
+    d = str(tmp_path / "d")
+    lst = tmp_path / "l.txt"
+    lst.write_text("d/q.png\nd/p.png\nd/q.png\nd/c.png\n")
+    rep = tmp_path / "dups.tsv"
+    assert main(["data", "dedup", str(lst), "--report", str(rep), "--workers", "0"]) == 0
+    assert rep.read_text().splitlines() == [f"{d}/q.png\t{d}/q.png", f"{d}/c.png\t{d}/p.png"]
+    assert _names(lst, tmp_path / "idx", exclude=str(rep)) == [f"{d}/q.png", f"{d}/p.png", f"{d}/q.png"]
+    assert "1 line(s) of" in caplog.text and "(first: line 1)" in caplog.text
+    s = _shard(tmp_path / "s.tar", [("k0.png", IMG[0]), ("k1.png", IMG[1]), ("k0.png", IMG[0])])
+    trep = tmp_path / "tar.tsv"
+    assert main(["data", "dedup", s, "--report", str(trep), "--workers", "0"]) == 0
+    assert trep.read_text().splitlines() == [f"{s}:k0.png\t{s}:k0.png"]
+    assert _names(s, tmp_path / "tidx", exclude=str(trep)) == [f"{s}:k0.png", f"{s}:k1.png", f"{s}:k0.png"]
+
+
 def test_a_dedup_report_of_tar_shards_then_a_training_index_without_the_copies(tmp_path, capsys):
     s0 = _shard(tmp_path / "s0.tar", [("k0.png", IMG[0]), ("k0.json", b"{}"), ("k1.png", IMG[1])])
     s1 = _shard(tmp_path / "s1.tar", [("k2.png", IMG[1]), ("k3.png", IMG[2]), ("k4.png", IMG[0])])
