@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from typing import Optional
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .dataset import _reason
 from .dedup_files import DedupResult, Groups, cell, check_outputs, groups_from_roots, write_keep_list, write_report
-from .sources import DataSourceError, detect_format, open_source
+from .sources import DataSourceError, detect_format, open_source, tar_shards
 from .workers import check_timeout, loader_timeout, next_batch
 
 log = logging.getLogger("seer.data")
@@ -102,7 +103,7 @@ def dedup_source(source: str, *, out: Optional[str] = None, report: Optional[str
         raise ValueError("--out: the images of tar shards are members inside the shards, which a list file (whose "
                          "entries are opened as files) cannot name; give --report DUPS.tsv alone, which names them "
                          "as SHARD:MEMBER, and train with data.exclude=DUPS.tsv to leave the duplicates out")
-    check_outputs(out, report, overwrite)
+    check_outputs(out, report, overwrite, inputs=lambda: _inputs(source, fmt, exclude))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache, \
             tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape") as spill:
@@ -118,6 +119,14 @@ def dedup_source(source: str, *, out: Optional[str] = None, report: Optional[str
             write_report(report, src.name, groups, overwrite=overwrite, extra=spill)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _inputs(source: str, fmt: str, exclude: str) -> list[tuple[str, str]]:
+    """The files dedup_source reads that an output must not replace: a list file, the tar shards, --exclude."""
+    source = os.path.expanduser(source)
+    files = [("SOURCE", source)] if fmt == "list" else [("a shard of SOURCE", s) for s in tar_shards(source)] \
+        if fmt == "tar" else []
+    return files + ([("the --exclude file", os.path.expanduser(exclude))] if exclude else [])
 
 
 def _hash_all(src, workers: int, timeout_s: float, spill) -> tuple[np.ndarray, np.ndarray, list]:

@@ -19,7 +19,8 @@ member is ``/abs/shard.tar:member``), so ``grep -v '^#'`` keeps the duplicate pa
 
 Both files are written to a temporary name beside them and renamed into place once complete; an existing file
 is replaced only with ``overwrite``, also one that appeared while the command ran (it is not replaced, and the
-finished output is kept under the temporary name, named in the error).
+finished output is kept under the temporary name, named in the error), and never a file the command reads
+(a list or shard of SOURCE, --exclude, FEATS.npy or FEATS.txt) nor the other output under another path.
 """
 from __future__ import annotations
 
@@ -93,15 +94,35 @@ def groups_from_roots(root: np.ndarray, keep: Optional[np.ndarray] = None) -> Gr
     return Groups(keep, members, bounds.astype(np.int64))
 
 
-def check_outputs(out: Optional[str], report: Optional[str], overwrite: bool) -> None:
+def check_outputs(out: Optional[str], report: Optional[str], overwrite: bool,
+                  inputs: Callable[[], Iterable[tuple[str, str]]] = tuple) -> None:
     """ValueError naming the argument unless ``out`` (--out) and ``report`` (--report) can be written: at least
-    one of them, not the same file (checked before the work, not after it)."""
+    one of them, not the same file, and neither one of the files this command reads (``inputs()``: (what, path)
+    pairs, asked only where an output exists), not even with ``overwrite`` (checked before the work, not
+    after it)."""
     if out is None and report is None:
         raise ValueError("nothing to write: give --out KEEP.txt and/or --report DUPS.tsv")
-    if out is not None and report is not None and os.path.abspath(out) == os.path.abspath(report):
+    # realpath and samefile, not abspath alone: through a linked folder or a hard link both names are one file,
+    # and the report, written second, would replace KEEP.txt with --overwrite (each said to be written).
+    if out is not None and report is not None and _same_file(out, report):
         raise ValueError("--out and --report name the same file")
     check_output(out, "--out", overwrite)
     check_output(report, "--report", overwrite)
+    for flag, path in (("--out", out), ("--report", report)):
+        if path is not None and os.path.exists(path):  # (--overwrite replaces an earlier output, never an input)
+            for what, given in inputs():
+                if _same_file(path, given):
+                    raise ValueError(f"{flag} {path!r} is {what}, which this command reads: write to another file")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether the paths ``a`` and ``b`` name one file (links followed), existing or not."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist: then the real paths decide)
+        return False
 
 
 def check_output(path: Optional[str], flag: str, overwrite: bool) -> None:

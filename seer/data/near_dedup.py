@@ -180,7 +180,8 @@ def dedup_features(features: str, threshold: float, *, out: Optional[str] = None
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available here")
-    check_outputs(out, report, overwrite)
+    txt = str(Path(features).with_suffix(".txt"))
+    check_outputs(out, report, overwrite, inputs=lambda: [("--features", features), ("its FEATS.txt", txt)])
     t0 = time.perf_counter()
     rows, paths = open_features(features)
     u, valid = unit_rows(rows, torch.device(device))

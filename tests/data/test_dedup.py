@@ -209,6 +209,39 @@ def test_an_output_is_never_replaced_without_overwrite(tmp_path):
     assert (tmp_path / f"late.txt.tmp-{os.getpid()}").read_text() == "result\n"
 
 
+def test_overwrite_replaces_an_earlier_output_never_an_input_nor_the_other_output(tmp_path):
+    """--overwrite replaces what an earlier run wrote: not the list, shard, --exclude file or FEATS.npy/.txt the
+    command reads, nor --out through another path of --report (a linked folder: abspath differs)."""
+    _files(tmp_path / "imgs", {"a.png": IMG[0], "b.png": IMG[0], "c.png": IMG[1]})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    with pytest.raises(ValueError, match="--out and --report name the same file"):
+        dedup_source(str(tmp_path / "imgs"), out=str(tmp_path / "out" / "x.txt"),
+                     report=str(tmp_path / "link" / "x.txt"), workers=0, overwrite=True)
+    assert not (tmp_path / "out" / "x.txt").exists()
+    lst = tmp_path / "l.txt"
+    lst.write_text("imgs/a.png\nimgs/b.png\nimgs/c.png\n")
+    with pytest.raises(ValueError, match=f"--out '{lst}' is SOURCE, which this command reads"):
+        dedup_source(str(lst), out=str(lst), workers=0, overwrite=True)
+    assert lst.read_text() == "imgs/a.png\nimgs/b.png\nimgs/c.png\n"
+    ex = tmp_path / "ex.txt"
+    ex.write_text(f"{tmp_path}/imgs/c.png\n")
+    with pytest.raises(ValueError, match="--report .* is the --exclude file"):
+        dedup_source(str(lst), report=str(ex), exclude=str(ex), workers=0, overwrite=True)
+    shard = _shard(tmp_path / "s.tar", [("k0.png", IMG[0]), ("k1.png", IMG[0])])
+    with pytest.raises(ValueError, match="--report .* is a shard of SOURCE"):
+        dedup_source(str(tmp_path / "*.tar"), report=shard, workers=0, overwrite=True)
+    assert tarfile.open(shard).getnames() == ["k0.png", "k1.png"]
+    np.save(tmp_path / "f.npy", np.eye(3, dtype=np.float32))
+    (tmp_path / "f.txt").write_text("/a.png\n/b.png\n/c.png\n")
+    for target, what in ((tmp_path / "f.npy", "--features"), (tmp_path / "f.txt", "its FEATS.txt")):
+        with pytest.raises(ValueError, match=f"--out '{target}' is {what}, which this command reads"):
+            dedup_features(str(tmp_path / "f.npy"), 0.9, out=str(target), overwrite=True)
+    assert np.load(tmp_path / "f.npy").shape == (3, 3) and (tmp_path / "f.txt").read_text().count("\n") == 3
+    res = dedup_source(str(lst), out=str(tmp_path / "out" / "x.txt"), report=str(ex), workers=0, overwrite=True)
+    assert res.kept == 2  # (an earlier output, not read by this command: replaced)
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--features", "{f}", "--threshold", "1.5", "--out", "{t}/k.txt"], "--threshold must be a cosine similarity "
                                                                         "between -1 and 1, got 1.5"),
