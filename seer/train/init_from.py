@@ -299,7 +299,13 @@ def _load_full_tensors(src: InitSource, model: torch.nn.Module, dims: ParallelDi
         from ..pretrained import iter_checkpoint_model_state
         groups = iter_checkpoint_model_state(src.file, names, collective=dims.world_size > 1)
     failed, pending = None, resize  # (pending: the position embedding, in one group, not resampled yet)
+    # The model's tensors of the parts, each of which some group must give: load_full_state_dict leaves those
+    # no group names as they are (randomly initialised), so an export or checkpoint lacking some (a block
+    # missing, its JSON describing more) would start the run from them without a word (the own-shards path
+    # refuses it: DCP reads every tensor it is given).
+    missing = {k for k in model.state_dict() if k.split(".", 1)[0] in names}
     for full in groups:
+        missing.difference_update(full)
         # After a failure the rest is still read, not placed: every process makes the same (collective) reads.
         if failed is None:
             try:
@@ -311,6 +317,9 @@ def _load_full_tensors(src: InitSource, model: torch.nn.Module, dims: ParallelDi
         del full  # (before the next group is read)
     if failed is None and pending is not None:
         failed = _unfit(src, KeyError(POS_EMBED))
+    if failed is None and missing:
+        failed = _unfit(src, KeyError(f"tensors of the model it does not have: {', '.join(sorted(missing)[:5])}"
+                                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)})"))
     if failed is not None:
         raise failed
 

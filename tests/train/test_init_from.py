@@ -231,6 +231,39 @@ def test_a_group_that_does_not_fit_stops_the_load_once_the_rest_is_read(source, 
     assert len(rec["placed"]) == 1 and rec["reads"] == 4  # (its names, then each of the 3 groups)
 
 
+def test_a_source_lacking_some_of_the_models_tensors_is_refused_not_half_loaded(source, export, tmp_path,
+                                                                                monkeypatch):
+    """Through the full-tensor path, tensors no group gives stayed as the model was initialised, without a word
+    (an export missing a block whose JSON describes it; a checkpoint index without a tensor): refused, as the
+    own-shards path (DCP) refuses a checkpoint without a tensor of the model."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import seer.pretrained as pretrained
+    from seer.export import read_export
+    from seer.train.init_from import load_init_weights, resolve_init_source
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v for k, v in read_export(export)[1].items() if not k.startswith("blocks.1.")}, str(bad))
+    shutil.copy(export.with_suffix(".json"), bad.with_suffix(".json"))
+    t = _fresh(source[1], tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"{bad}: its tensors do not fit the model: tensors of the model it does "
+                                         rf"not have: backbone.blocks.1.attn.proj.bias, .* \(\d+\)"):
+        load_init_weights(resolve_init_source(str(bad)), t.model, t.dims, "backbone")
+    index = pretrained.read_tensor_index
+
+    def without_a_tensor(path):
+        meta = index(path)
+        del meta.state_dict_metadata["model/head.prototypes.weight"]
+        return meta
+
+    monkeypatch.setattr(pretrained, "read_tensor_index", without_a_tensor)
+    other_tp = dataclasses.replace(resolve_init_source(str(source[0])), tp=2)  # (the full-tensor path)
+    with pytest.raises(ValueError, match=r"tensors of the model it does not have: head.prototypes.weight \(1\)"):
+        load_init_weights(other_tp, t.model, t.dims, "all")
+
+
 def test_a_rerun_continues_the_new_run_from_its_own_checkpoint(source, tmp_path, caplog):
     run, cfg = source
     out = tmp_path / "new"
