@@ -109,6 +109,10 @@ def dedup_source(source: str, *, out: Optional[str] = None, report: Optional[str
             tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape") as spill:
         src = open_source(source, fmt, cache, exclude=exclude)
         digests, ok, shown = _hash_all(src, workers, timeout_s, spill)
+        if len(ok) and not ok.any():  # (an empty KEEP.txt would only fail later, as a source without images)
+            first = f" (the first: {shown[0][0]}: {shown[0][1]})" if shown else ""
+            raise DataSourceError(f"data.source {source!r}: none of its {len(ok)} images could be read{first}; "
+                                  f"nothing was written")
         groups = group_digests(digests, ok)
         del digests
         res = DedupResult(len(src), groups, int(len(ok) - ok.sum()), shown=shown)

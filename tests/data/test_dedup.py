@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seer.cli import main
-from seer.data import build_index, open_index
+from seer.data import DataSourceError, build_index, open_index
 from seer.data import union_find
 from seer.data.dedup import dedup_source, group_digests
 from seer.data.dedup_files import atomic_text
@@ -50,6 +50,16 @@ def test_identical_files_in_a_folder_keep_the_first_in_source_order(tmp_path):
                            f"{r}/sub/x.png\t{r}/b.png"]
     assert sorted(os.listdir(tmp_path)) == ["dups.tsv", "imgs", "keep.txt"]  # no temporary files left
     assert _loaded(keep, tmp_path) == _lines(keep)
+
+
+def test_a_source_none_of_whose_images_can_be_read_writes_nothing(tmp_path):
+    """An empty KEEP.txt would only fail later, at training, as a source without images."""
+    (tmp_path / "all.txt").write_text("gone1.png\ngone2.png\n")
+    keep = tmp_path / "keep.txt"
+    with pytest.raises(DataSourceError, match=r"none of its 2 images could be read \(the first: .*gone1.png: "
+                                              r"FileNotFoundError.*nothing was written"):
+        dedup_source(str(tmp_path / "all.txt"), out=str(keep), report=str(tmp_path / "d.tsv"), workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.txt"]
 
 
 def test_a_list_of_relative_paths_with_a_missing_file(tmp_path):
