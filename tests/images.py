@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,13 @@ def write_bad_images(root: Path) -> dict[str, Path]:
     bad["empty"] = root / "empty.png"
     bad["empty"].write_bytes(b"")
     return bad
+
+
+def write_shard(path, members) -> str:
+    """A tar shard at ``path`` holding ``members``, (name, bytes) pairs in order; its path as a string."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)

@@ -169,6 +169,23 @@ def test_a_failed_check_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
         assert {name: (tmp_path / name).read_bytes() for name in _names(tmp_path)} == saved
 
 
+def _stopped_at_rename(monkeypatch, folder, k, export) -> None:
+    """Run ``export()`` stopped (KeyboardInterrupt) at its k-th rename into ``folder``."""
+    replace, calls = os.replace, []
+
+    def killed(src, dst):
+        if os.path.dirname(dst) == str(folder):  # (not onnx_ir's own rename inside the scratch folder)
+            calls.append(dst)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export()
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("killed_at", [1, 2, 3])
 def test_a_kill_between_the_renames_never_pairs_files_of_two_exports(tmp_path, monkeypatch, killed_at):
     """The renames into place: the data, the .onnx, the JSON (the old JSON and the old .onnx removed first).
@@ -180,19 +197,7 @@ def test_a_kill_between_the_renames_never_pairs_files_of_two_exports(tmp_path, m
     old, new = _model(0), _model(1)
     export_onnx_model(old, out, CFG, external_data=True)
     old_data = data.read_bytes()
-    replace, calls = os.replace, []
-
-    def killed(src, dst):
-        if os.path.dirname(dst) == str(tmp_path):  # (not onnx_ir's own rename inside the scratch folder)
-            calls.append(dst)
-            if len(calls) == killed_at:
-                raise KeyboardInterrupt
-        return replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        export_onnx_model(new, out, CFG, external_data=True)
-    monkeypatch.undo()
+    _stopped_at_rename(monkeypatch, tmp_path, killed_at, lambda: export_onnx_model(new, out, CFG, external_data=True))
     if killed_at < 3:
         assert _names(tmp_path) == ["vit.onnx.data", "vit.onnx.part"]
         assert (data.read_bytes() == old_data) == (killed_at == 1)
@@ -279,8 +284,9 @@ def test_a_checkpoint_too_large_for_one_file_is_refused_before_its_tensors_are_r
 def test_an_inline_export_killed_over_an_external_one_is_replaced_by_the_next(tmp_path, monkeypatch, killed_at,
                                                                               external):
     """An inline export (no data file) replacing an export with external data removes the old data file as it
-    renames: killed at any of its steps, what it leaves is never a lone data file that nothing vouches for (its scratch .onnx names
-    none), so the next export, inline or not, replaces it instead of refusing it as a user's file."""
+    renames: killed at any of its steps, what it leaves is never a lone data file that nothing vouches for (its
+    scratch .onnx names none), so the next export, inline or not, replaces it instead of refusing it as a
+    user's file."""
     out = tmp_path / "vit.onnx"
     old, new = _model(0), _model(1)
     export_onnx_model(old, out, CFG, external_data=True)
@@ -323,19 +329,7 @@ def test_an_export_stopped_while_writing_after_one_stopped_between_its_renames_l
     out = tmp_path / "vit.onnx"
     old, new = _model(0), _model(1)
     export_onnx_model(old, out, CFG, external_data=True)
-    replace, calls = os.replace, []
-
-    def killed(src, dst):
-        if os.path.dirname(dst) == str(tmp_path):
-            calls.append(dst)
-            if len(calls) == killed_at:
-                raise KeyboardInterrupt
-        return replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        export_onnx_model(new, out, CFG, external_data=True)
-    monkeypatch.undo()
+    _stopped_at_rename(monkeypatch, tmp_path, killed_at, lambda: export_onnx_model(new, out, CFG, external_data=True))
     assert _names(tmp_path) == ["vit.onnx.data", "vit.onnx.part"]
 
     def interrupted(*args, **kwargs):

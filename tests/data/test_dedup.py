@@ -1,6 +1,5 @@
 """seer data dedup: identical files (folder, list, tar) and near duplicates from feature rows; the KEEP list
 loads back as a training source holding exactly the kept images."""
-import io
 import os
 import tarfile
 
@@ -13,7 +12,7 @@ from seer.data import union_find
 from seer.data.dedup import dedup_source, group_digests
 from seer.data.dedup_files import atomic_text
 from seer.data.near_dedup import dedup_features
-from tests.images import image_bytes
+from tests.images import image_bytes, write_shard
 
 IMG = [image_bytes(i, (16, 16)) for i in range(4)]
 
@@ -100,18 +99,9 @@ def test_names_that_are_not_utf8_and_names_a_list_cannot_hold(tmp_path, caplog):
     assert open(_loaded(keep, tmp_path)[1], "rb").read() == IMG[1]
 
 
-def _shard(path, members) -> str:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def test_tar_shards_get_a_report_and_no_keep_list(tmp_path):
-    s0 = _shard(tmp_path / "s0.tar", [("k0.png", IMG[0]), ("k0.json", b"{}"), ("k1.png", IMG[1])])
-    s1 = _shard(tmp_path / "s1.tar", [("k2.png", IMG[1]), ("k3.png", IMG[2]), ("k4.png", IMG[0])])
+    s0 = write_shard(tmp_path / "s0.tar", [("k0.png", IMG[0]), ("k0.json", b"{}"), ("k1.png", IMG[1])])
+    s1 = write_shard(tmp_path / "s1.tar", [("k2.png", IMG[1]), ("k3.png", IMG[2]), ("k4.png", IMG[0])])
     with pytest.raises(ValueError, match="a list file .* cannot name; give --report DUPS.tsv alone"):
         dedup_source(str(tmp_path / "*.tar"), out=str(tmp_path / "keep.txt"), workers=0)
     rep = tmp_path / "dups.tsv"
@@ -238,7 +228,7 @@ def test_overwrite_replaces_an_earlier_output_never_an_input_nor_the_other_outpu
     ex.write_text(f"{tmp_path}/imgs/c.png\n")
     with pytest.raises(ValueError, match="--report .* is the --exclude file"):
         dedup_source(str(lst), report=str(ex), exclude=str(ex), workers=0, overwrite=True)
-    shard = _shard(tmp_path / "s.tar", [("k0.png", IMG[0]), ("k1.png", IMG[0])])
+    shard = write_shard(tmp_path / "s.tar", [("k0.png", IMG[0]), ("k1.png", IMG[0])])
     with pytest.raises(ValueError, match="--report .* is a shard of SOURCE"):
         dedup_source(str(tmp_path / "*.tar"), report=shard, workers=0, overwrite=True)
     assert tarfile.open(shard).getnames() == ["k0.png", "k1.png"]

@@ -1,16 +1,14 @@
 """data.exclude: the images a file names are left out of the data index, for folders, list files and tar shards,
 given as plain names or as the reports of seer data dedup and seer data check; the index records the file and
 a run that reuses the index with another one, or the file changed, is refused."""
-import io
 import logging
 import os
-import tarfile
 
 import pytest
 
 from seer.cli import main
 from seer.data import DataSourceError, build_index, open_index
-from tests.images import image_bytes
+from tests.images import image_bytes, write_shard
 
 IMG = [image_bytes(i, (40, 48)) for i in range(6)]
 
@@ -20,15 +18,6 @@ def _files(root, layout: dict) -> None:
         p = root / os.fsdecode(rel)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
-
-
-def _shard(path, members) -> str:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _names(source, cache, **kw) -> list[str]:
@@ -104,7 +93,7 @@ def test_a_report_line_whose_duplicate_is_the_kept_image_itself_leaves_that_imag
     assert rep.read_text().splitlines() == [f"{d}/q.png\t{d}/q.png", f"{d}/c.png\t{d}/p.png"]
     assert _names(lst, tmp_path / "idx", exclude=str(rep)) == [f"{d}/q.png", f"{d}/p.png", f"{d}/q.png"]
     assert "1 line(s) of" in caplog.text and "(first: line 1)" in caplog.text
-    s = _shard(tmp_path / "s.tar", [("k0.png", IMG[0]), ("k1.png", IMG[1]), ("k0.png", IMG[0])])
+    s = write_shard(tmp_path / "s.tar", [("k0.png", IMG[0]), ("k1.png", IMG[1]), ("k0.png", IMG[0])])
     trep = tmp_path / "tar.tsv"
     assert main(["data", "dedup", s, "--report", str(trep), "--workers", "0"]) == 0
     assert trep.read_text().splitlines() == [f"{s}:k0.png\t{s}:k0.png"]
@@ -112,8 +101,8 @@ def test_a_report_line_whose_duplicate_is_the_kept_image_itself_leaves_that_imag
 
 
 def test_a_dedup_report_of_tar_shards_then_a_training_index_without_the_copies(tmp_path, capsys):
-    s0 = _shard(tmp_path / "s0.tar", [("k0.png", IMG[0]), ("k0.json", b"{}"), ("k1.png", IMG[1])])
-    s1 = _shard(tmp_path / "s1.tar", [("k2.png", IMG[1]), ("k3.png", IMG[2]), ("k4.png", IMG[0])])
+    s0 = write_shard(tmp_path / "s0.tar", [("k0.png", IMG[0]), ("k0.json", b"{}"), ("k1.png", IMG[1])])
+    s1 = write_shard(tmp_path / "s1.tar", [("k2.png", IMG[1]), ("k3.png", IMG[2]), ("k4.png", IMG[0])])
     glob, rep = str(tmp_path / "*.tar"), tmp_path / "dups.tsv"
     assert main(["data", "dedup", glob, "--report", str(rep), "--workers", "0"]) == 0
     assert f"--set data.exclude={rep}" in capsys.readouterr().out

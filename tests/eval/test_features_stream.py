@@ -219,29 +219,20 @@ sys.exit(main(argv(Path({str(run)!r}), Path({str(out)!r}))))
 """
 
 
-def test_sigterm_records_the_batches_written_before_it_exits(run, reference, tmp_path, monkeypatch, caplog):
-    """torchrun stops the other processes of a launch with SIGTERM (so do schedulers): the CLI turns it into
-    an exception, each process records what it wrote (here no periodic record came: RECORD_EVERY_S is a day)
-    and exits with 143; the rerun reuses those batches. (Left to SIGTERM's default, nothing was recorded.)"""
-    code = _killed_at_third_forward(run, tmp_path / "f.npy", 1, sig="SIGTERM", record_every_s=86400)
+@pytest.mark.parametrize("sig, record_every_s, status", [("SIGKILL", 0, -signal.SIGKILL),
+                                                         ("SIGTERM", 86400, 128 + signal.SIGTERM)])
+def test_a_killed_run_resumes(run, reference, tmp_path, monkeypatch, caplog, sig, record_every_s, status):
+    """Stopped in batch 3: the batches recorded before it are reused, the rest computed; the same bytes as an
+    uninterrupted run. SIGKILL (no handler, no cleanup) after a record per batch; SIGTERM (torchrun stopping
+    the other processes of a launch, a scheduler) with no periodic record at all (RECORD_EVERY_S a day): the
+    CLI turns it into an exception, so the process records what it wrote and exits with 143 (left to
+    SIGTERM's default, nothing was recorded)."""
+    code = _killed_at_third_forward(run, tmp_path / "f.npy", 1, sig=sig, record_every_s=record_every_s)
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                           capture_output=True, text=True)
-    assert done.returncode == 143 and done.stderr.endswith("seer features: terminated (SIGTERM)\n"), done.stderr
-    assert leftovers(tmp_path) == KEPT
-    calls = forward_until(monkeypatch)
-    with one_thread():
-        assert main(argv(run, tmp_path / "f.npy")) == 0
-    assert len(calls) == 1 and "resuming: 2 of 4 batches already written" in caplog.text
-    assert same_files(tmp_path / "f.npy", reference)
-
-
-def test_a_killed_run_resumes(run, reference, tmp_path, monkeypatch, caplog, capsys):
-    """SIGKILL in batch 3 (no handler, no cleanup): the batches recorded before it are reused, the rest
-    computed; the same bytes as an uninterrupted run."""
-    code = _killed_at_third_forward(run, tmp_path / "f.npy", 1)
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                          capture_output=True, text=True)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.returncode == status, done.stderr
+    if sig == "SIGTERM":
+        assert done.stderr.endswith("seer features: terminated (SIGTERM)\n"), done.stderr
     assert leftovers(tmp_path) == KEPT
     calls = forward_until(monkeypatch)
     with one_thread():

@@ -1,7 +1,5 @@
 """A run over tar shards with data.exclude set to seer data dedup's report trains on the kept images only, and
 resuming it with another exclude file is refused, naming the key."""
-import io
-import tarfile
 
 import pytest
 
@@ -9,22 +7,14 @@ from seer.cli import main
 from seer.config import apply_overrides, preset, validate
 from seer.data import DataSourceError
 from seer.train import Trainer
-from tests.images import image_bytes
-
-
-def _shard(path, images) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in images:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+from tests.images import image_bytes, write_shard
 
 
 def test_training_on_tar_shards_without_the_duplicates_the_report_names(tmp_path):
     imgs = [image_bytes(i, (40, 48)) for i in range(10)]
     # 12 members, 2 of them copies: 10 images left, more than one batch (8)
-    _shard(tmp_path / "a.tar", [(f"k{i}.png", imgs[i]) for i in range(6)] + [("k6.png", imgs[0])])
-    _shard(tmp_path / "b.tar", [(f"m{i}.png", imgs[i]) for i in range(6, 10)] + [("n0.png", imgs[7])])
+    write_shard(tmp_path / "a.tar", [(f"k{i}.png", imgs[i]) for i in range(6)] + [("k6.png", imgs[0])])
+    write_shard(tmp_path / "b.tar", [(f"m{i}.png", imgs[i]) for i in range(6, 10)] + [("n0.png", imgs[7])])
     glob, rep = str(tmp_path / "*.tar"), tmp_path / "dups.tsv"
     assert main(["data", "dedup", glob, "--report", str(rep), "--workers", "0"]) == 0
     cfg = validate(apply_overrides(preset("tiny"), [f"data.source={glob}", f"data.exclude={rep}",
