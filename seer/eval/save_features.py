@@ -21,7 +21,8 @@ which batches it wrote and their unreadable images, every :data:`~seer.eval.feat
 the ``.part`` whose records carry the same fingerprint (the paths, the weights, layers, tokens, image size,
 normalisation, precision, device kind, batch size, width, software versions, kernel settings): it logs
 "resuming: X of Y batches already written" and the ranks run only the other batches. Done-ness is per batch
-of the full list, not per rank, so another number of processes still reuses them. Anything else (another
+of the full list, not per rank, so another number of processes still reuses them, and the batches left are
+split between the ranks afresh (:func:`resumed_share`). Anything else (another
 fingerprint, a record that is unreadable or malformed, a ``.part`` missing or of the wrong size,
 ``resume=False``) starts afresh with a warning naming the reason. The records are removed before the
 unreadable rows are moved out, and with the ``.part`` on success.
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch.distributed as dist
 from torch import nn
 
@@ -97,6 +99,25 @@ def batch_share(n: int, batch_size: int, rank: int, world: int) -> range:
     batches = -(-n // batch_size)
     first, last = rank * batches // world, (rank + 1) * batches // world
     return range(min(first * batch_size, n), min(last * batch_size, n))
+
+
+def resumed_share(n: int, batch_size: int, rank: int, world: int, done) -> tuple[range, set[int]]:
+    """(the path indices rank ``rank`` of ``world`` runs, the first path index of each batch in them to skip):
+    the batches not in ``done`` split as :func:`batch_share` splits all of them (a contiguous run of the
+    batches left, as even as whole batches allow), so that a resumed run spreads what is left over every
+    rank, whatever each wrote before (another number of processes, a rank that was slower); with nothing done
+    it is :func:`batch_share`'s range, nothing skipped. Each batch is the same paths whichever rank runs it,
+    so the rows are the same."""
+    batches = -(-n // batch_size)
+    if not done:
+        return batch_share(n, batch_size, rank, world), set()
+    todo = np.setdiff1d(np.arange(batches), np.fromiter(done, np.int64, len(done)))
+    lo, hi = rank * len(todo) // world, (rank + 1) * len(todo) // world
+    if lo == hi:
+        return range(0), set()
+    first, last = int(todo[lo]), int(todo[hi - 1])
+    return (range(first * batch_size, min((last + 1) * batch_size, n)),
+            {k * batch_size for k in range(first, last + 1) if k in done})
 
 
 def _rank_world() -> tuple[int, int]:
@@ -170,10 +191,10 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
         else:
             setup()
         fp, resumed = state[0]
-        share = batch_share(len(paths), batch_size, rank, world)
+        share, skip = resumed_share(len(paths), batch_size, rank, world, resumed.done)
         progress = Progress(rank_record(npy, rank), fp, batch_size)
         skipped = resumed.skipped + _write_share(backbone, paths, parts[0], share, progress, group, failed,
-                                                 skip={k * batch_size for k in resumed.done}, image_size=image_size,
+                                                 skip=skip, image_size=image_size,
                                                  mean=mean, std=std, layers=layers, tokens=tokens,
                                                  batch_size=batch_size, **options)
         skipped.sort()

@@ -22,7 +22,7 @@ from seer.config import apply_overrides, preset
 from seer.eval import extract
 from seer.eval.extract import extract_image_features
 from seer.eval.feature_files import RowWriter, create_rows_file, drop_rows, write_outputs
-from seer.eval.save_features import batch_share, save_image_features
+from seer.eval.save_features import batch_share, resumed_share, save_image_features
 from seer.train import Trainer
 from tests.dist_utils import run_distributed
 from tests.images import image_bytes, write_good_images
@@ -94,6 +94,21 @@ def test_shares_are_whole_batches_covering_every_path_once(n, world):
     assert all(s.start % 3 == 0 for s in shares if len(s))
     sizes = [-(-len(s) // 3) for s in shares]  # batches per rank: as even as whole batches allow
     assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("n, world, done", [(30, 2, set(range(5))), (30, 3, {0, 2, 4, 6, 8}), (31, 4, {9, 10}),
+                                            (11, 2, set()), (9, 4, {0, 1}), (9, 2, {0, 1, 2})])
+def test_a_resumed_run_spreads_the_batches_left_over_every_rank(n, world, done):
+    """Resumed: the batches not written are split between the ranks as evenly as whole batches allow (a run
+    that did the first half on one process, resumed on two, gave the second process all that was left)."""
+    parts = [resumed_share(n, 3, r, world, done) for r in range(world)]
+    ran = [[i for i in s[::3] if i not in skip] for s, skip in parts]  # the first index of each batch run
+    starts = [i for r in ran for i in r]
+    assert starts == [k * 3 for k in range(-(-n // 3)) if k not in done]  # each batch left once, in order
+    assert max(map(len, ran)) - min(map(len, ran)) <= 1
+    assert all(s.start % 3 == 0 and skip <= {k * 3 for k in done} for s, skip in parts if len(s))
+    if not done:
+        assert [s for s, _ in parts] == [batch_share(n, 3, r, world) for r in range(world)]
 
 
 def test_streamed_file_is_the_in_memory_files_bytes(run, tmp_path, capsys):
@@ -533,13 +548,14 @@ def test_one_failing_process_stops_all_and_a_single_process_resumes(run, referen
 
 
 def test_two_processes_resume_a_single_process_run(run, reference, tmp_path, monkeypatch):
-    """One process stopped in batch 3 (batches 1 and 2 recorded); then 2 gloo processes: rank 0's share (batches
-    1-2) is all written, rank 1 computes batch 3 (4 has no readable image); the uninterrupted bytes."""
+    """One process stopped in batch 3 (batches 1 and 2 recorded); then 2 gloo processes share the batches left
+    (resumed_share): rank 0 computes batch 3, rank 1 batch 4 (no readable image: no forward). Split as a fresh
+    run splits (batch_share), rank 0 had nothing left and rank 1 both. The uninterrupted bytes."""
     forward_until(monkeypatch, 3)
     with one_thread(), pytest.raises(OSError, match="stopped"):
         main(argv(run, tmp_path / "f.npy"))
     two = run_distributed(_features_body, 2, run, tmp_path / "f.npy")
-    assert [status for status, _, _, _ in two] == [0, 0] and [calls for _, _, _, calls in two] == [0, 1]
+    assert [status for status, _, _, _ in two] == [0, 0] and [calls for _, _, _, calls in two] == [1, 0]
     assert "resuming: 2 of 4 batches already written" in two[0][2]
     assert "(2 of 4 batches from an interrupted run)" in two[0][1]
     assert same_files(tmp_path / "f.npy", reference)
