@@ -169,6 +169,21 @@ def test_near_duplicates_chain_into_one_cluster_across_blocks(tmp_path, monkeypa
     assert _lines(rep) == ["/imgs/4.jpg\t/imgs/1.jpg", "/imgs/8.jpg\t/imgs/1.jpg", "/imgs/7.jpg\t/imgs/2.jpg"]
 
 
+@pytest.mark.cuda
+def test_near_duplicates_on_the_gpu_are_the_cpus(tmp_path):
+    """--device cuda (float32, TF32 off): the same clusters as on the CPU, with pairs well away from the
+    threshold (noisy copies at cosine ~0.999, others near 0) and a block that does not divide the rows."""
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((300, 96)).astype(np.float32)
+    copies = base[rng.integers(0, 300, 200)] + 0.01 * rng.standard_normal((200, 96)).astype(np.float32)
+    rows = np.concatenate([base, copies, np.zeros((3, 96), np.float32)])[rng.permutation(503)]
+    npy = _features(tmp_path, rows)
+    cpu = dedup_features(npy, 0.99, report=str(tmp_path / "cpu.tsv"), block_rows=97)
+    gpu = dedup_features(npy, 0.99, report=str(tmp_path / "gpu.tsv"), device="cuda", block_rows=97)
+    assert gpu.groups.duplicates == cpu.groups.duplicates > 0 and gpu.zero_rows == cpu.zero_rows == 3
+    assert _lines(tmp_path / "gpu.tsv") == _lines(tmp_path / "cpu.tsv")
+
+
 def test_the_threshold_is_inclusive_and_zero_rows_pair_with_nothing(tmp_path):
     # unit vectors whose dot products are exact in float32: cos(0, 1) = cos(0, 2) = 0.5, cos(1, 2) = 0
     rows = [[2, 2, 2, 2], [1, 1, 1, -1], [1, 1, -1, 1], [0, 0, 0, 0], [np.nan, 1, 1, 1], [-1, -1, -1, -1]]
