@@ -234,6 +234,21 @@ sys.exit(main(argv(Path({str(run)!r}), Path({str(out)!r}))))
 """
 
 
+@pytest.mark.cuda
+def test_a_gpu_run_resumes_with_the_gpu_in_its_fingerprint(run, tmp_path, monkeypatch, caplog):
+    """On a GPU the record names the device (rows made on another GPU kind are not reused), and the rerun
+    computes only the batches left."""
+    forward_until(monkeypatch, 3)
+    with pytest.raises(OSError, match="stopped"):
+        main(argv(run, tmp_path / "f.npy", "--device", "cuda"))
+    record = json.loads((tmp_path / "f.npy.part.progress.rank0").read_text())
+    assert record["fingerprint"]["device"] == f"cuda ({torch.cuda.get_device_name(0)})"
+    calls = forward_until(monkeypatch)
+    assert main(argv(run, tmp_path / "f.npy", "--device", "cuda")) == 0
+    assert len(calls) == 1 and "resuming: 2 of 4 batches already written" in caplog.text
+    assert leftovers(tmp_path) == ["f.npy", "f.txt"]
+
+
 @pytest.mark.parametrize("sig, record_every_s, status", [("SIGKILL", 0, -signal.SIGKILL),
                                                          ("SIGTERM", 86400, 128 + signal.SIGTERM)])
 def test_a_killed_run_resumes(run, reference, tmp_path, monkeypatch, caplog, sig, record_every_s, status):
