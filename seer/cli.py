@@ -6,6 +6,7 @@
     seer eval knn --checkpoint runs/demo [--dataset digits|FOLDER] [--random-init]
     seer features --checkpoint runs/demo --images photos/ --out feats.npy [--layers 4 --tokens cls+patch-mean]
     torchrun --nproc_per_node=8 -m seer features --checkpoint runs/demo --images list.txt --out feats.npy
+    seer attention-maps --checkpoint runs/demo --images photos/ --out maps/ [--layer -1]
     seer export --checkpoint runs/demo --format timm --out vit.safetensors
     seer export --checkpoint runs/demo --format onnx --out vit.onnx [--onnx-external-data] [--onnx-dynamic-size]
     seer plan --model vit-10b --gpus 64 --tp 8 --micro-batch 16
@@ -116,6 +117,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="start afresh, even where an interrupted run of the same images, checkpoint and options left "
                         "FEATS.npy.part to resume (by default reused when its record's fingerprint matches; "
                         "another one starts afresh by itself, saying what differs)")
+
+    a = sub.add_parser("attention-maps", help="the class token's attention over the patches, per head, as images "
+                                              "(DIR/<index>_<stem>.png + .npy)",
+                       description="For each image, resized and centre-cropped as seer features does: the softmax "
+                                   "attention of the class token over the patch tokens in one block, per head. "
+                                   "DIR/<index>_<stem>.npy: float32 (heads, S/p, S/p); DIR/<index>_<stem>.png: S "
+                                   "high, S * (heads + 2) wide: the crop, the mean of the heads, then each head, each "
+                                   "map coloured relative to its own maximum.")
+    a.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
+    a.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
+                                                   "paths (one a line) or one image")
+    a.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty or new "
+                                                               "unless --overwrite)")
+    a.add_argument("--layer", type=int, default=-1, help="the block, python-style: 0 the first, -1 the last "
+                                                         "(default: %(default)s)")
+    a.add_argument("--image-size", type=int, help="side the images are resized and centre-cropped to, a multiple of "
+                                                  "the patch size (default: the run's evaluation size)")
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the backbone runs (float32): auto = the GPU when there is one (default: %(default)s)")
+    a.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing only files of "
+                                                            "the names written")
 
     x = sub.add_parser("export", help="export the backbone: timm layout (safetensors + JSON of timm arguments) or "
                                       "ONNX (float32, dynamic batch, checked in onnxruntime)")
@@ -255,18 +277,23 @@ def _print_summary(result: dict, seconds: float) -> None:
         print(f"plot: {result['plot']}", flush=True)
 
 
+def _eval_device(args, local_rank: int = 0):
+    """``--device`` resolved: auto = the GPU when there is one (GPU ``local_rank`` of those visible)."""
+    import torch
+
+    from .train.distributed import resolve_device
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
+    return resolve_device(args.device, local_rank)  # (CUDA_VISIBLE_DEVICES picks others)
+
+
 def _eval_device_and_precision(args, cfg: C.RunConfig, recorded: bool, local_rank: int = 0):
     """(device, precision) of ``seer eval``: ``--device`` (auto: the GPU when there is one; GPU ``local_rank``
     of those visible), ``--precision`` ('run': the run's train.precision, which its evaluations during training
     used, so that the two agree; fp32 where the export does not record the run's config), 'auto' resolved for
     the device."""
-    import torch
-
     from .train.build import resolve_precision
-    from .train.distributed import resolve_device
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA GPU is available (use --device cpu or auto)")
-    device = resolve_device(args.device, local_rank)  # (CUDA_VISIBLE_DEVICES picks others)
+    device = _eval_device(args, local_rank)
     precision = args.precision if args.precision != "run" else (cfg.train.precision if recorded else "fp32")
     return device, resolve_precision(precision, device)
 
@@ -447,6 +474,40 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_attention_maps(args) -> int:
+    from .data.sources import DataSourceError
+    from .eval.attention_images import check_out_dir, save_attention_maps
+    from .eval.extract import image_paths
+    check_out_dir(args.out, overwrite=args.overwrite)  # before the work, not after it
+    ckpt = Path(args.checkpoint)
+    cfg, _, ckpt_dir = _checkpoint_run_config(ckpt)
+    depth, patch = cfg.model.depth, cfg.model.patch_size
+    if not -depth <= args.layer < depth:
+        raise CLIError(f"--layer must be in [{-depth}, {depth}) (the backbone's depth is {depth}), got {args.layer}")
+    if args.image_size is not None and (args.image_size < 1 or args.image_size % patch):
+        raise CLIError(f"--image-size must be a positive multiple of the patch size {patch}, got {args.image_size}")
+    size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size  # (seer features' size)
+    try:
+        paths = image_paths(args.images, setting="--images")
+    except DataSourceError as e:
+        raise CLIError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--images: {e}") from None
+    if not paths:
+        raise CLIError(f"--images {args.images!r} holds no images")
+    device = _eval_device(args)
+    backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
+    res = save_attention_maps(backbone, paths, args.out, image_size=size, mean=cfg.data.crops.mean,
+                              std=cfg.data.crops.std, layer=args.layer, device=device,
+                              max_pixels=cfg.data.max_image_pixels)
+    if not res.written:
+        raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
+    print(f"attention maps: {len(res.written)} images (block {args.layer % depth} of {depth}, "
+          f"{cfg.model.num_heads} heads, {size} px, {device.type}), {len(res.skipped)} unreadable skipped"
+          f"{' (listed above)' if res.skipped else ''}; wrote {args.out}", flush=True)
+    return 0
+
+
 def _output_file(path: str, flag: str) -> None:
     """Refuse an output path that cannot be written before the work, not after it."""
     p = Path(path)
@@ -589,8 +650,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train.metrics import not_shown_yet
     for handler in logging.getLogger().handlers:  # what the trainer prints itself is not logged there again
         handler.addFilter(not_shown_yet)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "features": cmd_features, "export": cmd_export,
-                "data": cmd_data}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "features": cmd_features, "attention-maps": cmd_attention_maps,
+                "export": cmd_export, "data": cmd_data}
     from seer_kernels import BackendError
 
     from .data.dataset import DataError
