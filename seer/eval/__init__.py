@@ -10,6 +10,6 @@ from .knn import knn_predict, knn_top1
 from .linear import fit_logistic, linear_probe
 from .save_features import save_image_features
 
-__all__ = ["Evaluator", "ImageFeatures", "LabelledSplit", "attention_maps", "extract_features", "extract_image_features",
-           "fit_logistic", "image_paths", "knn_predict", "knn_top1", "linear_probe", "load_labelled",
-           "save_image_features", "token_features"]
+__all__ = ["Evaluator", "ImageFeatures", "LabelledSplit", "attention_maps", "extract_features",
+           "extract_image_features", "fit_logistic", "image_paths", "knn_predict", "knn_top1", "linear_probe",
+           "load_labelled", "save_image_features", "token_features"]
