@@ -96,9 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "the rows are the same. An interrupted run (killed, or stopped by an error) "
                                    "keeps FEATS.npy.part and a progress record beside it: the same command "
                                    "resumes it, computing only the batches it lacks.")
-    f.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
-    f.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
-                                                   "paths (one a line) or one image")
+    _checkpoint_and_images(f)
     f.add_argument("--out", required=True, help="FEATS.npy: float32 (N, F), one row per readable image; FEATS.txt "
                                                 "next to it lists their paths in row order")
     f.add_argument("--layers", type=int, default=1, help="take the tokens of the last N blocks, concatenated (DINO's "
@@ -125,9 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "DIR/<index>_<stem>.npy: float32 (heads, S/p, S/p); DIR/<index>_<stem>.png: S "
                                    "high, S * (heads + 2) wide: the crop, the mean of the heads, then each head, each "
                                    "map coloured relative to its own maximum.")
-    a.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
-    a.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
-                                                   "paths (one a line) or one image")
+    _checkpoint_and_images(a)
     a.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be empty or new "
                                                                "unless --overwrite)")
     a.add_argument("--layer", type=int, default=-1, help="the block, python-style: 0 the first, -1 the last "
@@ -206,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="run the benchmark suites (pytest bench ...)", add_help=False)
     return p
+
+
+def _checkpoint_and_images(p: argparse.ArgumentParser) -> None:
+    """--checkpoint and --images of the commands that run a trained backbone on the user's images."""
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or exported .safetensors")
+    p.add_argument("--images", required=True, help="a folder (its images, recursively, sorted), a text file of image "
+                                                   "paths (one a line) or one image")
 
 
 def _device_arguments(p: argparse.ArgumentParser) -> None:
