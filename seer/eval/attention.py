@@ -83,8 +83,12 @@ def attention_maps(backbone: nn.Module, images: Tensor, *, layer: int = -1) -> T
         # The same split as Attention.forward: rows of qkv.weight are [q heads | k heads | v heads].
         q, k, _ = qkv.unflatten(-1, (3, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, D)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        scores = q[:, :, :1].float() @ k.float().transpose(-1, -2) * attn.head_dim ** -0.5  # (B, heads, 1, N)
-        probs = scores.softmax(-1)[:, :, 0, 1:]
+        # Autocast off for the scores alone: under a caller's bf16 autocast the matmul would cast q and k back to
+        # bf16 and round the scores to bf16 (~1% off in the probabilities), while the kernel forms the scores of
+        # these same bf16 q and k in float32. (norm1, qkv and the qk-norm above do run under it, as in the block.)
+        with torch.autocast(q.device.type, enabled=False):
+            scores = q[:, :, :1].float() @ k.float().transpose(-1, -2) * attn.head_dim ** -0.5  # (B, heads, 1, N)
+            probs = scores.softmax(-1)[:, :, 0, 1:]
     finally:
         backbone.train(was_training)
     return probs.reshape(*probs.shape[:2], *grid).cpu()

@@ -83,6 +83,25 @@ def test_non_square_images_and_the_mode_restored():
                                rtol=1e-4, atol=1e-6)
 
 
+def test_under_autocast_the_scores_of_the_kernels_inputs_are_not_rounded(monkeypatch):
+    """Under bf16 autocast the block gives the kernel bf16 q and k, whose scores it forms in float32; the maps
+    are the float32 softmax of those same q and k, not of scores rounded to bf16 by an autocast matmul."""
+    import seer.model.layers as layers
+    vit = tiny_vit(True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    seen, kernel = [], layers.seer_kernels.attention
+    monkeypatch.setattr(layers.seer_kernels, "attention",
+                        lambda q, k, v, **kw: seen.append((q, k)) or kernel(q, k, v, **kw))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        vit.forward_features(images)
+        q, k = seen[-1]  # (the last block's)
+        maps = attention_maps(vit, images)
+    assert q.dtype == torch.bfloat16
+    scores = q.double()[:, :, :1] @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5
+    want = scores.softmax(-1)[:, :, 0, 1:].reshape(2, 4, 4, 4)
+    torch.testing.assert_close(maps.double(), want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("layer", [2, -3, True, 1.0, "0"])
 def test_a_bad_layer_is_named(layer):
     with pytest.raises(ValueError, match=r"argument 'layer' must be an integer in \[-2, 2\)"):
