@@ -106,6 +106,9 @@ def save_attention_maps(backbone: nn.Module, paths: Sequence[str], out: str, *, 
             continue
         x = preprocess(image, image_size, mean_t, std_t)
         maps = attention_maps(backbone, x[None].to(device), layer=layer)[0].numpy()
+        if not np.isfinite(maps).all():  # (a diverged checkpoint: the PNG would show black tiles without a word)
+            log.warning("the attention maps of %s are not finite (NaN or inf: a diverged checkpoint?); %s.png shows "
+                        "them black", printable(path), name)
         # The crop as the backbone saw it: the normalisation undone.
         shown = ((x * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         np.save(Path(out) / f"{name}.npy", maps)

@@ -178,3 +178,16 @@ def test_cli_image_size_layer_and_a_non_empty_out(run, capsys):
                             (["--image-size", "30"], "--image-size must be a positive multiple of the patch size 8")):
         assert attention_cli(run, run / "other", *extra) == 2
         assert fragment in capsys.readouterr().err
+
+
+def test_maps_that_are_not_finite_are_warned(run, tmp_path, caplog):
+    """A diverged checkpoint's NaN maps: the NPY holds them, the PNG draws black tiles; the warning says so."""
+    from seer.eval.attention_images import save_attention_maps
+    vit = load_pretrained(run / "run")
+    with torch.no_grad():
+        vit.blocks[-1].norm1.weight.fill_(float("nan"))
+    paths = [p for p in image_paths(run / "images") if not p.endswith("broken.jpg")][:1]
+    with caplog.at_level(logging.WARNING):
+        done = save_attention_maps(vit, paths, str(tmp_path / "maps"), image_size=32, mean=[0.5] * 3, std=[0.25] * 3)
+    assert len(done.written) == 1 and np.isnan(np.load(tmp_path / "maps" / f"{done.written[0]}.npy")).all()
+    assert "are not finite (NaN or inf: a diverged checkpoint?)" in caplog.text
