@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from seer.cli import main
-from seer.config import apply_overrides, preset
 from seer.eval import attention_maps
 from seer.eval.attention_images import png_bytes
 from seer.eval.datasets import load_image, preprocess
 from seer.eval.extract import image_paths
 from seer.model import VisionTransformer, vit_preset
 from seer.pretrained import checkpoint_config, load_pretrained
-from seer.train import Trainer
-from tests.images import write_good_images
+from tests.eval.runs import tiny_run_with_images
 
 
 def tiny_vit(qk_norm: bool) -> VisionTransformer:
@@ -129,12 +127,8 @@ def test_png_writer_round_trips():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 1-step tiny run (ViT depth 2, 4 heads, patch 8, 32 px, fp32) and 3 images + 1 corrupt one."""
-    root = tmp_path_factory.mktemp("attention")
-    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1"]), root / "run").fit()
-    write_good_images(root / "images", 3)
-    (root / "images" / "part1" / "broken.jpg").write_text("not an image")
-    return root
+    """A 1-step tiny run and 3 images + 1 corrupt one (:func:`tests.eval.runs.tiny_run_with_images`)."""
+    return tiny_run_with_images(tmp_path_factory.mktemp("attention"), 3)
 
 
 def attention_cli(run, out, *extra):

@@ -9,22 +9,17 @@ import torch
 
 import seer
 from seer.cli import main
-from seer.config import apply_overrides, preset
 from seer.eval.datasets import load_image, preprocess
 from seer.eval.extract import extract_image_features, image_paths
 from seer.pretrained import checkpoint_config
-from seer.train import Trainer
+from tests.eval.runs import tiny_run_with_images
 from tests.images import write_good_images
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 1-step tiny run (ViT depth 2, width 64, patch 8, 32 px, fp32) and a folder of 7 images + 1 corrupt."""
-    root = tmp_path_factory.mktemp("features")
-    Trainer(apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1"]), root / "run").fit()
-    write_good_images(root / "images", 7)
-    (root / "images" / "part1" / "broken.jpg").write_text("not an image")
-    return root
+    """A 1-step tiny run and 7 images + 1 corrupt (:func:`tests.eval.runs.tiny_run_with_images`)."""
+    return tiny_run_with_images(tmp_path_factory.mktemp("features"), 7)
 
 
 def preprocessed(run, paths, size=32):
