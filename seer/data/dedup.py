@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .dataset import _reason
 from .dedup_files import DedupResult, Groups, cell, check_outputs, groups_from_roots, write_keep_list, write_report
-from .sources import DataSourceError, detect_format, open_source, tar_shards
+from .sources import BUILT_IN, DataSourceError, detect_format, open_source, tar_shards
 from .workers import check_timeout, loader_timeout, next_batch
 
 log = logging.getLogger("seer.data")
@@ -55,7 +55,7 @@ def check_source_format(source: str, fmt: str) -> str:
     if fmt not in ("auto", "folder", "list", "tar"):
         raise ValueError(f"--format must be one of auto, folder, list, tar, got {fmt!r}")
     fmt = detect_format(source) if fmt == "auto" else fmt
-    if fmt in ("digits", "synthetic"):
+    if fmt in BUILT_IN:
         raise DataSourceError(f"data.source {source!r} is a built-in set made in memory, not files to deduplicate; "
                               f"for a folder of that name, give it as './{source}'")
     return fmt

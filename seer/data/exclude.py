@@ -34,6 +34,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from .dedup_files import cell
 from .sources import DataSourceError, printable
 
 log = logging.getLogger("seer.data")
@@ -52,7 +53,7 @@ def _digests(names: list[bytes]) -> np.ndarray:
 
 def _printable(name: bytes) -> bytes:
     """The name as the dedup report writes it (:func:`seer.data.dedup_files.cell`), as bytes."""
-    return name.decode("utf-8", "backslashreplace").replace("\t", "\\t").encode("utf-8")
+    return cell(name.decode("utf-8", "surrogateescape")).encode("utf-8")
 
 
 class ExcludeList:
