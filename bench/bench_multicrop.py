@@ -131,9 +131,11 @@ def bench_multicrop_cpu(bench_record, bench_device, inp, kind, threads):
                     "swav_img_per_s": n / t["swav_pil"].median_s, "vs_v2": t["v2"].median_s / t["seer"].median_s,
                     "vs_swav": t["swav_pil"].median_s / t["seer"].median_s}
 
-        # against the faster of the two pipelines in the same timings
+        # against the faster of the two pipelines in the same timings; the 2-thread rows, reported and not
+        # gated, with fewer rounds (they took 36 s of the CI's bench phase with the 1-thread rows' 0.5 s)
+        rounds = dict(min_time=0.5, max_rounds=20) if threads == 1 else dict(min_time=0.15, max_rounds=8)
         bench_record("multicrop", f"cpu-{inp}-{kind}-t{threads}", fns, ours="seer", baseline=("v2", "swav_pil"),
-                     metrics=metrics, min_time=0.5, max_rounds=20)
+                     metrics=metrics, **rounds)
     finally:
         torch.set_num_threads(prev)
 

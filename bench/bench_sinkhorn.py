@@ -54,7 +54,7 @@ def bench_sinkhorn(bench_record, bench_device, shape_it):
     b, k, it = shape_it
     scores = torch.nn.functional.normalize(torch.randn(b, k, device=bench_device), dim=1)
     big = b * k > 1 << 22
-    kw = dict(min_rounds=3, max_rounds=3, min_time=0.0) if big and bench_device == "cpu" else {}
+    kw = dict(min_rounds=3, max_rounds=3, min_time=0.0, warmup=1) if big and bench_device == "cpu" else {}
     nbytes = scores.numel() * scores.element_size() + scores.numel() * 4
     ceiling = harness.bandwidth_ceiling(bench_device)
     backends = _backends(bench_device)

@@ -52,14 +52,16 @@ def compare(fns: dict[str, Callable[[], object]], device: str, *, min_time: floa
     """Time every callable, interleaved: round r runs each of them once (or ``inner`` times if it is fast).
 
     Stops after ``min_time`` seconds per callable (at least ``min_rounds`` and at most ``max_rounds`` rounds).
+    ``warmup`` calls of each come first, untimed (at least one: the last is timed to size the samples).
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    # Repeat very fast calls inside one sample so that timer resolution does not dominate.
+    # The last warm-up call is timed: it says how many calls one sample needs (repeating very fast calls
+    # inside a sample, so that timer resolution does not dominate), without a call of its own (a reference
+    # Sinkhorn at (4096, 16384) takes 6 s a call on the CI CPU).
     inner = {}
     for name, fn in fns.items():
+        for _ in range(warmup - 1):
+            fn()
+        _sync(device)
         t = _time_once(fn, device, 1)
         inner[name] = max(1, min(1000, int(1e-3 / max(t, 1e-7))))
     samples: dict[str, list[float]] = {name: [] for name in fns}

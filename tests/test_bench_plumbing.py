@@ -26,6 +26,7 @@ def bench_a(bench_record):
 
 def bench_b(bench_record):
     if {sleep}:
+        open("sleeping", "w").close()  # the test stops the run now, as a phase's time limit would
         time.sleep({sleep})
     bench_record("fake", "b", {{"ours": lambda: None, "base": lambda: None}}, ours="ours", baseline="base",
                  min_time=0.01)
@@ -42,27 +43,35 @@ def _project(tmp_path: Path, sleep: float) -> Path:
     return proj
 
 
-def _run(proj: Path, timeout: float = None, *extra: str) -> dict:
+def _start(proj: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--bench-device", "cpu",
            "--bench-json", "out.json", "--no-gate", *extra]
-    proc = subprocess.Popen(cmd, cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if timeout is not None:
-        time.sleep(timeout)
-        proc.send_signal(2)  # what `timeout -s INT` sends at a phase's limit
+    return subprocess.Popen(cmd, cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, proj: Path, interrupt: bool = False) -> dict:
+    if interrupt:  # once bench_b sleeps: what `timeout -s INT` sends at a phase's limit
+        deadline = time.monotonic() + 120
+        while not (proj / "sleeping").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(2)
     out, _ = proc.communicate(timeout=120)
     return json.loads((proj / "out.json").read_text())
 
 
 @pytest.mark.slow
 def test_baseline_is_the_fastest_candidate_in_the_same_timings_and_runs_say_if_complete(tmp_path):
-    data = _run(_project(tmp_path, 0))
+    # three pytest processes at once (one after the other they took 17 s)
+    projects = {"full": _project(tmp_path, 0), "cut": _project(tmp_path / "cut", 60),
+                "subset": _project(tmp_path / "subset", 0)}
+    procs = {"full": _start(projects["full"]), "cut": _start(projects["cut"]),
+             "subset": _start(projects["subset"], "-k", "bench_a")}  # a selection is not the suite
+    data, cut, subset = (_finish(procs[k], projects[k], interrupt=k == "cut") for k in ("full", "cut", "subset"))
     row = next(r for r in data["rows"] if r["case"] == "a")
     assert row["baseline"] == "fast" and row["ratio"] == pytest.approx(
         row["times_ms"]["fast"] / row["times_ms"]["ours"])
     assert data["complete"] is True and len(data["rows"]) == 2
-    cut = _run(_project(tmp_path / "cut", 60), timeout=8)  # stopped while bench_b sleeps
-    assert cut["complete"] is False and [r["case"] for r in cut["rows"]] == ["a"]
-    subset = _run(_project(tmp_path / "subset", 0), None, "-k", "bench_a")  # a selection is not the suite
+    assert cut["complete"] is False and [r["case"] for r in cut["rows"]] == ["a"]  # stopped while bench_b sleeps
     assert subset["complete"] is False and [r["case"] for r in subset["rows"]] == ["a"]
 
 

@@ -27,9 +27,11 @@ _TRACED: dict = {}
 
 
 @pytest.fixture(autouse=True)
-def _trace_each_model_once(monkeypatch):
+def _trace_each_model_once():
     """torch.onnx's trace of a model, once per set of weights (most of an export's time at this size): later
-    exports of the same weights get a fresh copy of it (each export edits its metadata)."""
+    exports of the same weights get a fresh copy of it (each export edits its metadata). Its own MonkeyPatch:
+    a test's ``monkeypatch.undo()`` (after the kill it stages) must not take the cache away with its own
+    patches, as it did (23 traces of 3 s for 2 sets of weights)."""
     from types import SimpleNamespace
 
     from onnxscript import ir
@@ -43,7 +45,9 @@ def _trace_each_model_once(monkeypatch):
         proto.ParseFromString(_TRACED[key])
         return SimpleNamespace(model=ir.from_proto(proto))
 
-    monkeypatch.setattr(export_onnx, "_to_onnx", traced)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_onnx, "_to_onnx", traced)
+        yield
 
 
 @pytest.fixture(scope="module")
