@@ -8,7 +8,7 @@ from seer.train import list_checkpoints
 from tests.images import write_good_images
 
 from .common import (INT_GROUP_AT_STEP, KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, TERM_GROUP_AT_STEP, losses,
-                     same_weights, seer, seer_killed)
+                     same_weights, seer, seer_killed, together)
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,14 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path)
     (torchrun forwarding it); it had stopped with a KeyboardInterrupt, losing the steps since the last save.
     A second Ctrl-C later stops at once. A SIGINT that the parent ignores (a job started with '&' from a
     script) stays ignored."""
-    out = tmp_path / "interrupted"
-    proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.0, echo_s=1.0), *_args(images, out))
+    out, twice, ignoring = tmp_path / "interrupted", tmp_path / "interrupted_twice", tmp_path / "ignoring"
+    ignore = "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    # three runs at once, each in a process group of its own (the signals reach one run only)
+    proc, proc_twice, proc_ignoring = together(
+        lambda: seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.0, echo_s=1.0), *_args(images, out)),
+        lambda: seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.2, echo_s=0.1), *_args(images, twice)),
+        lambda: seer_killed(ignore + INT_GROUP_AT_STEP.format(step=1, times=1, gap_s=0.0, echo_s=1.0),
+                            *_args(images, ignoring)))
     assert proc.returncode == 130, proc.stderr  # saved, and a shell sees an interrupted command
     assert "stopped by signal at step 2" in proc.stdout and "Ctrl-C: saving a checkpoint" in proc.stderr
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
@@ -88,16 +94,11 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path)
     assert "step 2 of 6" in rerun.stdout
     assert losses(out) == losses(straight)
     assert same_weights(straight, out)
-    out = tmp_path / "interrupted_twice"
-    proc = seer_killed(INT_GROUP_AT_STEP.format(step=1, times=2, gap_s=0.2, echo_s=0.1), *_args(images, out))
-    assert proc.returncode == 130 and "seer train: interrupted" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert list_checkpoints(out / "checkpoints") == []
-    out = tmp_path / "ignoring"
-    ignore = "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-    proc = seer_killed(ignore + INT_GROUP_AT_STEP.format(step=1, times=1, gap_s=0.0, echo_s=1.0), *_args(images, out))
-    assert proc.returncode == 0 and "stopped by signal" not in proc.stdout, proc.stderr
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003", "step_00000006"]
+    assert proc_twice.returncode == 130 and "seer train: interrupted" in proc_twice.stderr, proc_twice.stderr
+    assert "Traceback" not in proc_twice.stderr
+    assert list_checkpoints(twice / "checkpoints") == []
+    assert proc_ignoring.returncode == 0 and "stopped by signal" not in proc_ignoring.stdout, proc_ignoring.stderr
+    assert [p.name for p in list_checkpoints(ignoring / "checkpoints")] == ["step_00000003", "step_00000006"]
 
 
 CTRL_C_IN_FINAL_EVAL = """

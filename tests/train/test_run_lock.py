@@ -65,14 +65,16 @@ def test_a_live_run_on_the_folder_refuses_another(tmp_path):
 def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
     # DataLoader workers are forked children: a flock is shared with them unless they close their copies.
     import os
-    import time
 
     from seer.train.lock import RunLock
     lock = RunLock(tmp_path)
+    done_r, done_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child outlives the parent's release by a few seconds
-        time.sleep(4)
+    if pid == 0:  # the child lives until the parent's checks are over
+        os.close(done_w)
+        os.read(done_r, 1)
         os._exit(0)
+    os.close(done_r)
     try:
         lock.release()
         other = subprocess.run([sys.executable, "-c", TRY, str(tmp_path)], capture_output=True, text=True,
@@ -80,7 +82,9 @@ def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
         assert other.stdout.strip() == "free", other.stdout + other.stderr
         again = RunLock(tmp_path)  # and this process may take it again
         again.release()
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # (checked while the child was alive)
     finally:
+        os.close(done_w)
         os.waitpid(pid, 0)
 
 

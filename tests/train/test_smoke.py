@@ -15,7 +15,7 @@ from seer.train import Trainer
 from seer.train.checkpoint import list_checkpoints, read_meta
 from tests.images import write_bad_images, write_good_images
 
-from .common import ROOT, env, records, seer
+from .common import ROOT, env, records, seer, together
 
 pytestmark = pytest.mark.slow
 
@@ -101,10 +101,11 @@ def test_bad_fraction_counts_distinct_files_over_processes(tmp_path):
     write_bad_images(data / "junk")
     base = ["-m", "seer", "train", "--preset", "tiny", "--set", f"data.source={data}", "--set", "train.max_steps=2",
             "--set", "train.threads=1", "--set", "logging.progress=off"]
-    _torchrun(*base, "--out", str(tmp_path / "ok"), "--set", "data.max_bad_fraction=0.3")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base,
            "--out", str(tmp_path / "stop"), "--set", "data.max_bad_fraction=0.2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    _, proc = together(  # (--standalone: each job its own free port)
+        lambda: _torchrun(*base, "--out", str(tmp_path / "ok"), "--set", "data.max_bad_fraction=0.3"),
+        lambda: subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT))
     assert proc.returncode != 0 and "4 of the 16 images of data.source are unreadable" in proc.stderr
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from seer.train import list_checkpoints
 
-from .common import KILL_AT_STEP, RESUME_SETTINGS, losses, records, same_weights, seer, seer_killed
+from .common import KILL_AT_STEP, RESUME_SETTINGS, losses, records, same_weights, seer, seer_killed, together
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,8 @@ def _args(out):
 
 def test_kill_and_rerun_gives_the_same_losses_bit_for_bit(tmp_path):
     """The rerun's fresh worker processes make the same images for the same indices (from train.seed)."""
-    straight = tmp_path / "straight"
-    seer(*_args(straight))
-    out = tmp_path / "killed"
-    proc = seer_killed(KILL_AT_STEP.format(step=3), *_args(out))
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    _, proc = together(lambda: seer(*_args(straight)), lambda: seer_killed(KILL_AT_STEP.format(step=3), *_args(out)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
     rerun = seer(*_args(out))
