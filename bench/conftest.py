@@ -68,7 +68,9 @@ def bench_record(request, bench_device, benchmark):
         benchmark.extra_info.setdefault("rows", []).append(row)
         if not used:  # pytest-benchmark's fixture times once per test; a test may record several rows
             used.append(key)
-            benchmark.pedantic(_synced(fns[ours], bench_device), rounds=3, iterations=1, warmup_rounds=0)
+            slow = timings[ours].median_s > 0.3  # (a few seconds a call on the CPU: the ratio is already had)
+            benchmark.pedantic(_synced(fns[ours], bench_device), rounds=1 if slow else 3, iterations=1,
+                               warmup_rounds=0)
         if msg and not no_gate:
             pytest.fail(msg)
         return row
