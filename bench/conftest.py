@@ -37,7 +37,7 @@ def bench_record(request, bench_device, benchmark):
     """record(op, case, fns, ours=..., baseline=..., metrics=fn(timings)->dict) -> row.
 
     Times ``fns`` interleaved (harness.compare), feeds ``ours`` to pytest-benchmark, computes
-    ratio = baseline median / ours median, applies the gate (re-measuring once before failing).
+    ratio = baseline median / ours median, applies the gate (re-measuring up to twice before failing).
     """
     floors = gate.load_floors(harness.device_slug(bench_device))
     no_gate = request.config.getoption("--no-gate")
@@ -56,9 +56,15 @@ def bench_record(request, bench_device, benchmark):
 
         timings, baseline, ratio = measure()
         msg = gate.check(key, ratio, floors)
-        if msg and not no_gate:  # noisy machine: one more measurement before failing
+        tries = [ratio]
+        # Noisy machine: up to two more measurements before failing (a shared 2-core CI machine moved one
+        # multi-crop ratio from 5.96x to 3.6x between consecutive runs; a regression fails all three).
+        while msg and not no_gate and len(tries) < 3:
             timings, baseline, ratio = measure()
+            tries.append(ratio)
             msg = gate.check(key, ratio, floors)
+        if msg and len(tries) > 1:
+            msg += f" (measured {len(tries)} times: {', '.join(f'{r:.2f}x' for r in tries)})"
         row = {"key": key, "op": op, "case": case, "ours": ours, "baseline": baseline, "ratio": ratio,
                "floor": floors.get(key),
                "times_ms": {n: round(t.median_s * 1e3, 6) for n, t in timings.items()}}

@@ -57,8 +57,10 @@ def poison_empty():
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """Fresh random inputs every run (the seed is printed on failure), not a fixed seed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random inputs every run (the seed is printed on failure), not a fixed seed. SEER_TEST_SEED=N
+    replays a printed one."""
+    replay = os.environ.get("SEER_TEST_SEED", "").strip()
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
