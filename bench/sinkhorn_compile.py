@@ -76,11 +76,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="float32 scores and a sample of the fused tiles")
+    ap.add_argument("--part", default="0/1", metavar="K/N",
+                    help="every N-th variant from the K-th: N processes at once compile them all (K = 0 .. N-1)")
     args = ap.parse_args(argv)
+    try:
+        k, n = (int(x) for x in args.part.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--part {args.part!r}: expected K/N with 0 <= K < N, e.g. 0/2")
     if interpreted():
         return 2
     rows = ((f"{name:22s} {dt:5s} {warps:5d}", functools.partial(compile_one, fn, dt, cx, warps, args.arch))
-            for name, fn, dt, cx, warps in variants(args.quick))
+            for i, (name, fn, dt, cx, warps) in enumerate(variants(args.quick)) if i % n == k)
     return report(rows, args.arch, f"{'kernel':22s} {'dtype':5s} {'warps':>5s}", spill_budget=SPILL_BUDGET)
 
 
