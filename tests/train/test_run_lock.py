@@ -37,6 +37,14 @@ def _cfg():
                                            "eval.at_end=false"])
 
 
+def test_the_lock_imports_without_torch():
+    """The lock's helper processes (and a CLI that only checks a run's lock) start in 0.1 s, not torch's 5 s:
+    seer.train's package names load on first use."""
+    code = "import sys; import seer.train.lock; from seer.train import lock; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_a_live_run_on_the_folder_refuses_another(tmp_path):
     out = tmp_path / "run"
     Trainer(_cfg(), out).fit()
