@@ -211,6 +211,26 @@ def _checkpoint_and_images(p: argparse.ArgumentParser) -> None:
                                                    "paths (one a line) or one image")
 
 
+def _image_size_and_paths(args, cfg: C.RunConfig) -> tuple[int, list[str]]:
+    """``--image-size`` (default: seer eval's size) and the paths of ``--images`` of the commands that run a
+    trained backbone on the user's images (:func:`_checkpoint_and_images`), refused by flag."""
+    from .data.sources import DataSourceError
+    from .eval.extract import image_paths
+    patch = cfg.model.patch_size
+    if args.image_size is not None and (args.image_size < 1 or args.image_size % patch):
+        raise CLIError(f"--image-size must be a positive multiple of the patch size {patch}, got {args.image_size}")
+    size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size
+    try:
+        paths = image_paths(args.images, setting="--images")
+    except DataSourceError as e:  # (a folder's: named after the setting already)
+        raise CLIError(str(e)) from None
+    except (OSError, ValueError) as e:  # (its messages name the list file or folder, not the flag)
+        raise CLIError(f"--images: {e}") from None
+    if not paths:
+        raise CLIError(f"--images {args.images!r} holds no images")
+    return size, paths
+
+
 def _device_arguments(p: argparse.ArgumentParser) -> None:
     """--device and --precision of the commands that run a trained backbone (:func:`_eval_device_and_precision`)."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -414,8 +434,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from .data.sources import DataSourceError, printable
-    from .eval.extract import image_paths
+    from .data.sources import printable
     from .eval.feature_files import check_outputs
     from .eval.save_features import NoReadableImagesError, save_image_features
     from .train.build import autocast_dtype
@@ -427,20 +446,10 @@ def cmd_features(args) -> int:
     check_timeout(args.timeout_s, "--timeout-s")
     ckpt = Path(args.checkpoint)
     cfg, recorded, ckpt_dir = _checkpoint_run_config(ckpt)
-    depth, patch = cfg.model.depth, cfg.model.patch_size
+    depth = cfg.model.depth
     if not 1 <= args.layers <= depth:
         raise CLIError(f"--layers must be between 1 and the backbone's depth {depth}, got {args.layers}")
-    if args.image_size is not None and (args.image_size < 1 or args.image_size % patch):
-        raise CLIError(f"--image-size must be a positive multiple of the patch size {patch}, got {args.image_size}")
-    size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size  # (seer eval's size)
-    try:
-        paths = image_paths(args.images, setting="--images")
-    except DataSourceError as e:  # (a folder's: named after the setting already)
-        raise CLIError(str(e)) from None
-    except (OSError, ValueError) as e:  # (its messages name the list file or folder, not the flag)
-        raise CLIError(f"--images: {e}") from None
-    if not paths:
-        raise CLIError(f"--images {args.images!r} holds no images")
+    size, paths = _image_size_and_paths(args, cfg)
     # Under torchrun: one process per GPU (LOCAL_RANK's), each with a share of the images (save_features).
     device, precision = _eval_device_and_precision(args, cfg, recorded, int(os.environ.get("LOCAL_RANK", "0")))
     main_rank = True
@@ -478,26 +487,14 @@ def cmd_features(args) -> int:
 
 
 def cmd_attention_maps(args) -> int:
-    from .data.sources import DataSourceError
     from .eval.attention_images import check_out_dir, save_attention_maps
-    from .eval.extract import image_paths
     check_out_dir(args.out, overwrite=args.overwrite)  # before the work, not after it
     ckpt = Path(args.checkpoint)
     cfg, _, ckpt_dir = _checkpoint_run_config(ckpt)
-    depth, patch = cfg.model.depth, cfg.model.patch_size
+    depth = cfg.model.depth
     if not -depth <= args.layer < depth:
         raise CLIError(f"--layer must be in [{-depth}, {depth}) (the backbone's depth is {depth}), got {args.layer}")
-    if args.image_size is not None and (args.image_size < 1 or args.image_size % patch):
-        raise CLIError(f"--image-size must be a positive multiple of the patch size {patch}, got {args.image_size}")
-    size = args.image_size or cfg.eval.image_size or cfg.data.crops.global_size  # (seer features' size)
-    try:
-        paths = image_paths(args.images, setting="--images")
-    except DataSourceError as e:
-        raise CLIError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--images: {e}") from None
-    if not paths:
-        raise CLIError(f"--images {args.images!r} holds no images")
+    size, paths = _image_size_and_paths(args, cfg)
     device = _eval_device(args)
     backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
     res = save_attention_maps(backbone, paths, args.out, image_size=size, mean=cfg.data.crops.mean,

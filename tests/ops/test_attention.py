@@ -725,14 +725,14 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
     # N = 257 leaves 16-row tail tiles, N = 145 32-row ones (the largest split tails of the 64-row tiles).
     # D = 88: strides that Triton does not know to be multiples of 16 (the kernels' own hint must keep every
     # main loop's loads 16 bytes wide: NARROW fails a variant otherwise).
-    from concurrent.futures import ThreadPoolExecutor
+    from tests.together import together
 
     def compile_at(n):
-        return sm90_compile("bench.attention_compile", "--head-dims", "88", "128", "--dtypes", "bf16",
-                            "--defaults-only", "--seq-len", n)
+        return lambda: sm90_compile("bench.attention_compile", "--head-dims", "88", "128", "--dtypes", "bf16",
+                                    "--defaults-only", "--seq-len", n)
 
-    with ThreadPoolExecutor(2) as pool:  # two processes at once: 40 s one after the other on a 2-core CI machine
-        outs = dict(zip(("257", "145"), pool.map(compile_at, ("257", "145"))))
+    # two processes at once: 40 s one after the other on a 2-core CI machine
+    outs = dict(zip(("257", "145"), together(compile_at("257"), compile_at("145"))))
     for n, out in outs.items():
         assert "24 variants, 0 failures" in out and "dkdv+tma" in out and "dkdv+ds" in out, (n, out)
         tiles = [json.loads(line[line.index("["):line.index("]") + 1]) for line in out.splitlines() if "[" in line]

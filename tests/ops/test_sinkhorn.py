@@ -740,10 +740,10 @@ def test_reference_float64_is_the_same_algorithm():
 def test_triton_kernels_compile_for_hopper_without_spills(sm90_compile):
     """Without a GPU: the step kernels and a sample of the fused tiles compiled for sm_90 (python -m
     bench.sinkhorn_compile checks every tile the launchers can ask for)."""
-    from concurrent.futures import ThreadPoolExecutor
+    from tests.together import together
 
-    with ThreadPoolExecutor(2) as pool:  # two processes at once, half the variants each
-        outs = list(pool.map(lambda part: sm90_compile("bench.sinkhorn_compile", "--quick", "--part", part),
-                             ("0/2", "1/2")))
+    # two processes at once, half the variants each
+    outs = together(*(lambda part=part: sm90_compile("bench.sinkhorn_compile", "--quick", "--part", part)
+                      for part in ("0/2", "1/2")))
     counts = [re.search(r"(\d+) variants, 0 failures", out) for out in outs]
     assert all(counts) and sum(int(c.group(1)) for c in counts) == 11, outs

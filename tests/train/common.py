@@ -5,9 +5,7 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,15 +22,6 @@ def env() -> dict:
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
-
-
-def together(*calls: Callable[[], object]) -> list:
-    """Run the callables at once, each in a thread that waits on its own subprocesses, and return their
-    results in order (the first exception, if any, once all are done). Independent runs of one test overlap
-    their imports and waits: on a 2-core CI machine, most of a tiny run's time."""
-    with ThreadPoolExecutor(len(calls)) as pool:
-        futures = [pool.submit(c) for c in calls]
-    return [f.result() for f in futures]
 
 
 def seer(*args: str, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:

@@ -6,9 +6,10 @@ import pytest
 
 from seer.train import list_checkpoints
 from tests.images import write_good_images
+from tests.together import together
 
 from .common import (INT_GROUP_AT_STEP, KILL_AT_STEP, KILL_IN_COMMIT, RESUME_SETTINGS, TERM_GROUP_AT_STEP, losses,
-                     same_weights, seer, seer_killed, together)
+                     same_weights, seer, seer_killed)
 
 pytestmark = pytest.mark.slow
 

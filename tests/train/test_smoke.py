@@ -14,8 +14,9 @@ from seer.data.dataset import DataError
 from seer.train import Trainer
 from seer.train.checkpoint import list_checkpoints, read_meta
 from tests.images import write_bad_images, write_good_images
+from tests.together import together
 
-from .common import ROOT, env, records, seer, together
+from .common import ROOT, env, records, seer
 
 pytestmark = pytest.mark.slow
 

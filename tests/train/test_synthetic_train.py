@@ -6,8 +6,9 @@ import pytest
 
 from seer.cli import main
 from seer.train import list_checkpoints
+from tests.together import together
 
-from .common import KILL_AT_STEP, RESUME_SETTINGS, losses, records, same_weights, seer, seer_killed, together
+from .common import KILL_AT_STEP, RESUME_SETTINGS, losses, records, same_weights, seer, seer_killed
 
 pytestmark = pytest.mark.slow
 
