@@ -7,6 +7,7 @@ another ``parallel.tp``, or a timm export).
     python bench/init_from_memory.py measure DIR --vit base --depth 16  # fresh process(es) per source
     python bench/init_from_memory.py measure DIR ... --procs 2          # 2 gloo processes (FSDP over 2): the
                                                                         # collective reads
+    python bench/init_from_memory.py export DIR                         # seer export --format timm of DIR/tp2
 
 Each measurement builds the run's model (parallel.tp=1), then resets the process's peak RSS (VmHWM, through
 /proc/self/clear_refs) and runs resolve_init_source + load_init_weights: ``peak_extra_mib`` is the peak
@@ -14,6 +15,9 @@ resident memory above what the process held before the load (torch's allocations
 tracemalloc). ``load_s``: the best of --repeat loads into the same model. The script takes ``seer`` from
 PYTHONPATH (not from its own folder), so the same script measures two revisions of the code: run it with
 PYTHONPATH set to each checkout on one machine (results: docs/training.md, checkpoint.init_from).
+
+``export``: the same two numbers for ``seer.export.export_timm`` of DIR/tp2 (the checkpoint at parallel.tp=2)
+into a temporary folder, in a fresh process, best time of --repeat exports (results: docs/training.md, export).
 """
 from __future__ import annotations
 
@@ -128,9 +132,34 @@ def measure(args) -> None:
         print(out.strip().splitlines()[-1], flush=True)
 
 
+def _export(args) -> dict:
+    import gc
+
+    from seer.export import export_timm
+    times, peak = [], None
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(args.repeat):
+            gc.collect()
+            before = _status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            t0 = time.perf_counter()
+            export_timm(args.source, f"{out}/vit.safetensors")
+            times.append(time.perf_counter() - t0)
+            peak = (_status_kib("VmHWM") - before) / 1024 if peak is None else peak
+            size = os.path.getsize(f"{out}/vit.safetensors")
+    return {"source": os.path.basename(args.source), "export_mib": round(size / 2**20),
+            "peak_extra_mib": round(peak), "export_s": round(min(times), 3)}
+
+
+def export(args) -> None:
+    cmd = [sys.executable, __file__, "_export", f"{args.dir}/tp2", "--repeat", str(args.repeat)]
+    print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("make", "measure", "_one"))
+    p.add_argument("mode", choices=("make", "measure", "export", "_one", "_export"))
     p.add_argument("dir", nargs="?", default=tempfile.gettempdir(), help="the sources' folder (_one: the source)")
     p.add_argument("--vit", default="base", help="the ViT preset whose widths the model takes")
     p.add_argument("--depth", type=int, default=16)
@@ -138,9 +167,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--procs", type=int, default=1, help="measure: processes that load (gloo; 2: FSDP over 2)")
     args = p.parse_args()
-    if args.mode == "_one":
+    if args.mode in ("_one", "_export"):
         args.source = args.dir
-    {"make": make, "measure": measure, "_one": one}[args.mode](args)
+    if args.mode == "_export":
+        print(json.dumps(_export(args)))
+        return
+    {"make": make, "measure": measure, "export": export, "_one": one}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -72,30 +72,33 @@ def _init_values(layer_scale_init):
 
 
 def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
-    """Write OUT.safetensors and OUT.json (module doc) from a training checkpoint; return both paths."""
-    from safetensors.torch import save_file
-
-    from .pretrained import checkpoint_backbone_state, checkpoint_config, checkpoint_source
+    """Write OUT.safetensors and OUT.json (module doc) from a training checkpoint; return both paths. The
+    tensors are read and written a group at a time (the tensors outside the blocks, then a block each): the
+    export holds one block's full tensors, not the backbone's (ViT-10B: 40 GB in float32, and
+    ``safetensors.torch.save_file`` copies all of them once more before it writes)."""
+    from .pretrained import checkpoint_backbone_groups, checkpoint_config, checkpoint_source
+    from .safetensors_stream import write_safetensors
 
     out = Path(out)
     check_out(out, "timm")  # before the checkpoint is read, not after
     checkpoint, source = checkpoint_source(checkpoint)
     cfg = checkpoint_config(checkpoint)
     vit = cfg.model
-    # From the config alone: refused after the tensors were read (and CRC-checked), a 10B model's tens of GB.
+    # From the config alone: refused before the tensors are read (and CRC-checked), a 10B model's tens of GB.
     if vit.norm_eps != 1e-6:
         raise ValueError(f"model.norm_eps={vit.norm_eps}: timm's VisionTransformer uses LayerNorm eps 1e-6; only "
                          f"such models export to the timm layout")
-    state = checkpoint_backbone_state(checkpoint, cfg)[1]
+    specs, groups = checkpoint_backbone_groups(checkpoint)
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
             "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)",
             "source": source, "seer_run_config": to_dict(cfg)}
-    text = json.dumps(info, indent=1)  # (everything that can fail on the content, before any file is touched)
+    text = json.dumps(info, indent=1)  # (what can fail on the content before the tensors, before any file)
 
     def write(part: Path) -> str:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(part),
-                  metadata={"format": "pt", "producer": "seer", "layout": "timm"})
+        # A damaged checkpoint file is found while the scratch file is written: write_export then keeps
+        # nothing of it, and the earlier export (if any) is untouched.
+        write_safetensors(part, specs, groups, metadata={"format": "pt", "producer": "seer", "layout": "timm"})
         return text
 
     return write_export(out, write)

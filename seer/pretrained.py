@@ -7,6 +7,7 @@ as the full tensors DCP stores. Nothing is unpickled (restricted index reader, s
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -15,6 +16,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from .config import RunConfig, from_dict
 from .model import ViTConfig, VisionTransformer
+from .safetensors_stream import Spec
 from .train.checkpoint import (CorruptCheckpointError, load_tensors, read_meta, read_saved_config, read_tensor_index,
                                resolve_checkpoint)
 from .train.state import merge_tensor_parallel, tensor_groups
@@ -45,18 +47,44 @@ def checkpoint_backbone_state(path: str | Path, cfg: Optional[RunConfig] = None
     ckpt = resolve_checkpoint(path)
     if cfg is None:
         cfg = _read_config(ckpt)
-    try:
+    with _pruned_is_said(ckpt):
         state = checkpoint_model_state(ckpt, ("backbone",))
+    return cfg, {k[len("backbone."):]: v for k, v in state.items()}
+
+
+def checkpoint_backbone_groups(ckpt: Path) -> tuple[dict[str, Spec], Iterator[dict[str, torch.Tensor]]]:
+    """The backbone of the complete checkpoint ``ckpt`` a group of full tensors at a time (the tensors
+    outside the blocks, then a block each; single-device names): (name -> (dtype, shape) of every tensor,
+    known from the index before any is read; the groups, read as they are taken). For a writer that places
+    each group before it takes the next (:func:`seer.safetensors_stream.write_safetensors`)."""
+    layout, _, stored = _stored_tensors(ckpt, ("backbone",))
+    # The merged shapes from the index alone: the slices merged as meta tensors (no memory, nothing read).
+    meta = _merge({k: torch.empty(m.size, dtype=m.properties.dtype, device="meta") for k, m in stored.items()},
+                  layout)
+    specs = {k[len("backbone."):]: (t.dtype, tuple(t.shape)) for k, t in meta.items()}
+
+    def groups() -> Iterator[dict[str, torch.Tensor]]:
+        with _pruned_is_said(ckpt):
+            for group in iter_checkpoint_model_state(ckpt, ("backbone",)):
+                yield {k[len("backbone."):]: v for k, v in group.items()}
+                group = None  # noqa: F841  (let go before the next group is read)
+    return specs, groups()
+
+
+@contextlib.contextmanager
+def _pruned_is_said(ckpt: Path) -> Iterator[None]:
+    """Reading checkpoint ``ckpt`` of a run: a checkpoint gone while its files were read is not a damaged one
+    (whose remedy, moving it away to resume from the one before, makes no sense here): its run, still
+    training, pruned it after saving newer ones (an export or seer eval of a run folder reads the checkpoint
+    that was latest when it began). That is a FileNotFoundError saying so."""
+    try:
+        yield
     except CorruptCheckpointError:
-        # A checkpoint gone while its files were read is not a damaged one (whose remedy, moving it away to
-        # resume from the one before, makes no sense here): its run, still training, pruned it after saving
-        # newer ones (an export or seer eval of a run folder reads the checkpoint that was latest when it began).
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint {ckpt} was removed while it was read (its run pruned it: is it "
                                     f"still training?); run again to read the run's latest checkpoint then, or "
                                     f"give a checkpoint that it keeps (a copy)") from None
         raise
-    return cfg, {k[len("backbone."):]: v for k, v in state.items()}
 
 
 def checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone", "head"), *,
@@ -78,6 +106,16 @@ def iter_checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone"
     once, before the first group is read; each group is one dcp.load, the index read once for all.
     ``collective``: every process of the default group iterates to the end, and all meet the same groups in
     the same order (they come from the one index every process reads)."""
+    layout, index, stored = _stored_tensors(ckpt, parts)
+    for i, keys in enumerate(tensor_groups(stored) if grouped else [sorted(stored)]):
+        # The first call verifies the files (collectively: the ranks split them), the later ones do not.
+        yield _read_group(ckpt, {k: stored[k] for k in keys}, layout, single_process=not collective,
+                          index=index, verify=i == 0)
+
+
+def _stored_tensors(ckpt: Path, parts: tuple[str, ...]) -> tuple[dict[str, dict], object, dict]:
+    """(the checkpoint's tensor-parallel layout, its DCP index, {key: index entry} of the tensors of the
+    SwAV model's ``parts``); ValueError where a backbone is asked for and it holds none."""
     layout = read_meta(ckpt).get("tp_layout", {})
     index = read_tensor_index(ckpt)
     prefixes = tuple(f"model/{part}." for part in parts)
@@ -85,16 +123,18 @@ def iter_checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone"
               if k.startswith(prefixes) and isinstance(m, TensorStorageMetadata)}
     if not any(k.startswith("model/backbone.") for k in stored) and "backbone" in parts:
         raise ValueError(f"{ckpt} holds no backbone tensors")
-    for i, keys in enumerate(tensor_groups(stored) if grouped else [sorted(stored)]):
-        # The first call verifies the files (collectively: the ranks split them), the later ones do not.
-        yield _read_group(ckpt, {k: stored[k] for k in keys}, layout, single_process=not collective,
-                          index=index, verify=i == 0)
+    return layout, index, stored
 
 
 def _read_group(ckpt: Path, stored: dict, layout: dict[str, dict], **load) -> dict[str, torch.Tensor]:
     """The full tensors of the checkpoint keys ``stored`` (key -> its index entry), slices merged."""
     dest = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()}
     load_tensors(ckpt, dest, **load)  # a damaged file: CorruptCheckpointError naming it
+    return _merge(dest, layout)
+
+
+def _merge(dest: dict[str, torch.Tensor], layout: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> model names, each tensor-parallel parameter's slices in ``dest`` merged."""
     names = {k[len("model/"):].split("@tp")[0] for k in dest}
     return merge_tensor_parallel(dest, {k: v for k, v in layout.items() if k in names}, prefix="model/")
 

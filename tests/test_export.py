@@ -266,3 +266,33 @@ def test_a_checkpoint_pruned_while_the_export_reads_it_is_said_so(run, tmp_path,
     with pytest.raises(FileNotFoundError, match=r"step_\d+ was removed while it was read \(its run pruned it"):
         export_timm(copy, tmp_path / "vit.safetensors")
     assert not (tmp_path / "vit.safetensors").exists() and not (tmp_path / "vit.json").exists()
+
+
+def test_the_export_holds_one_group_of_tensors_at_a_time(run, tmp_path, monkeypatch):
+    """The tensors are read and written a block at a time (ViT-10B: 40 GB of float32 weights, which
+    save_file copied once more): each group read is let go before the next one is read, and the file holds
+    the checkpoint's backbone exactly."""
+    import weakref
+
+    import seer.pretrained as P
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    real, held, groups = P.iter_checkpoint_model_state, [], []
+
+    def watched(*args, **kwargs):
+        for group in real(*args, **kwargs):
+            assert all(r() is None for r in held), "a group was read while an earlier one was still held"
+            groups.append(sorted(group))
+            held.extend(weakref.ref(t) for t in group.values())
+            yield group
+            del group
+
+    monkeypatch.setattr(P, "iter_checkpoint_model_state", watched)
+    st, _ = export_timm(run, tmp_path / "vit.safetensors")
+    assert len(groups) == 3  # (the tiny model: the tensors outside its 2 blocks, then a block each)
+    whole = P.checkpoint_backbone_state(run)[1]
+    got = load_file(str(st))
+    assert got.keys() == whole.keys() and all(torch.equal(got[k], v) and got[k].dtype == v.dtype
+                                              for k, v in whole.items())
+    with safe_open(str(st), "pt") as f:
+        assert f.metadata() == {"format": "pt", "producer": "seer", "layout": "timm"}

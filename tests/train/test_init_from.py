@@ -463,6 +463,14 @@ def test_init_in_two_processes_from_a_one_process_source(source, export, tmp_pat
     groups = list(iter_checkpoint_model_state(resolve_checkpoint(tmp_path / "tp2")))
     assert [sorted(g) for g in groups] == _block_groups(tp2)
     assert _equal(tp2, {k: v for g in groups for k, v in g.items()})
+    # Its timm export: the merged shapes come from the index alone (the slices merged as meta tensors), the
+    # tensors a block at a time.
+    from safetensors.torch import load_file
+
+    from seer.export import export_timm
+    st, _ = export_timm(tmp_path / "tp2", tmp_path / "tp2.safetensors")
+    got = {f"backbone.{k}": v for k, v in load_file(str(st)).items()}
+    assert _equal(tp2, got, "backbone.") and got.keys() == {k for k in tp2 if k.startswith("backbone.")}
 
 
 def _init_at_another_size_in_processes(rank, world, source, root):
