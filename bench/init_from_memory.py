@@ -8,6 +8,7 @@ another ``parallel.tp``, or a timm export).
     python bench/init_from_memory.py measure DIR ... --procs 2          # 2 gloo processes (FSDP over 2): the
                                                                         # collective reads
     python bench/init_from_memory.py export DIR                         # seer export --format timm of DIR/tp2
+    python bench/init_from_memory.py pretrained DIR                     # seer.load_pretrained of DIR/tp2
 
 Each measurement builds the run's model (parallel.tp=1), then resets the process's peak RSS (VmHWM, through
 /proc/self/clear_refs) and runs resolve_init_source + load_init_weights: ``peak_extra_mib`` is the peak
@@ -16,8 +17,9 @@ tracemalloc). ``load_s``: the best of --repeat loads into the same model. The sc
 PYTHONPATH (not from its own folder), so the same script measures two revisions of the code: run it with
 PYTHONPATH set to each checkout on one machine (results: docs/training.md, checkpoint.init_from).
 
-``export``: the same two numbers for ``seer.export.export_timm`` of DIR/tp2 (the checkpoint at parallel.tp=2)
-into a temporary folder, in a fresh process, best time of --repeat exports (results: docs/training.md, export).
+``export``, ``pretrained``: the same two numbers for ``seer.export.export_timm`` of DIR/tp2 (the checkpoint at
+parallel.tp=2) into a temporary folder, or for ``seer.load_pretrained`` of it, in a fresh process: the peak of
+the first call, the best time of --repeat (results: docs/training.md, export; bench/results/).
 """
 from __future__ import annotations
 
@@ -132,11 +134,12 @@ def measure(args) -> None:
         print(out.strip().splitlines()[-1], flush=True)
 
 
-def _export(args) -> dict:
+def _tool(args) -> dict:
     import gc
 
+    from seer import load_pretrained
     from seer.export import export_timm
-    times, peak = [], None
+    times, peak, got = [], None, {"source": os.path.basename(args.source), "call": args.call}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.repeat):
             gc.collect()
@@ -144,35 +147,40 @@ def _export(args) -> dict:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             t0 = time.perf_counter()
-            export_timm(args.source, f"{out}/vit.safetensors")
+            if args.call == "export":
+                export_timm(args.source, f"{out}/vit.safetensors")
+                got["export_mib"] = round(os.path.getsize(f"{out}/vit.safetensors") / 2**20)
+            else:
+                model = load_pretrained(args.source)
+                got["model_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+                del model
             times.append(time.perf_counter() - t0)
             peak = (_status_kib("VmHWM") - before) / 1024 if peak is None else peak
-            size = os.path.getsize(f"{out}/vit.safetensors")
-    return {"source": os.path.basename(args.source), "export_mib": round(size / 2**20),
-            "peak_extra_mib": round(peak), "export_s": round(min(times), 3)}
+    return got | {"peak_extra_mib": round(peak), "time_s": round(min(times), 3)}
 
 
-def export(args) -> None:
-    cmd = [sys.executable, __file__, "_export", f"{args.dir}/tp2", "--repeat", str(args.repeat)]
+def tool(args) -> None:
+    cmd = [sys.executable, __file__, "_tool", f"{args.dir}/tp2", "--repeat", str(args.repeat), "--call", args.mode]
     print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("make", "measure", "export", "_one", "_export"))
+    p.add_argument("mode", choices=("make", "measure", "export", "pretrained", "_one", "_tool"))
     p.add_argument("dir", nargs="?", default=tempfile.gettempdir(), help="the sources' folder (_one: the source)")
     p.add_argument("--vit", default="base", help="the ViT preset whose widths the model takes")
     p.add_argument("--depth", type=int, default=16)
     p.add_argument("--parts", default="all")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--procs", type=int, default=1, help="measure: processes that load (gloo; 2: FSDP over 2)")
+    p.add_argument("--call", choices=("export", "pretrained"), default="export", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.mode in ("_one", "_export"):
+    if args.mode in ("_one", "_tool"):
         args.source = args.dir
-    if args.mode == "_export":
-        print(json.dumps(_export(args)))
+    if args.mode == "_tool":
+        print(json.dumps(_tool(args)))
         return
-    {"make": make, "measure": measure, "export": export, "_one": one}[args.mode](args)
+    {"make": make, "measure": measure, "export": tool, "pretrained": tool, "_one": one}[args.mode](args)
 
 
 if __name__ == "__main__":

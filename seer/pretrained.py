@@ -92,22 +92,26 @@ def checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone", "he
     """Full tensors (CPU) of the SwAV model's ``parts`` (its submodules 'backbone', 'head') from the complete
     checkpoint ``ckpt``, named as in the single-device model ('backbone.blocks.0.attn.qkv.weight'):
     tensor-parallel slices merged, FSDP shards read whole. ``collective``: every process of the default group
-    calls it and they split the checksum verification (each still holds every tensor)."""
-    return {k: v for group in iter_checkpoint_model_state(ckpt, parts, collective=collective, grouped=False)
-            for k, v in group.items()}
+    calls it and they split the checksum verification (each still holds every tensor). Read a group at a
+    time: the tensor-parallel slices of one group are held beside the full tensors while it is merged, not
+    the whole model's (2x the weights at the peak, for a checkpoint written under tensor parallelism)."""
+    state: dict[str, torch.Tensor] = {}
+    for group in iter_checkpoint_model_state(ckpt, parts, collective=collective):
+        state.update(group)
+    return state
 
 
 def iter_checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone", "head"), *,
-                                collective: bool = False, grouped: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+                                collective: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """:func:`checkpoint_model_state`'s tensors a group at a time (:func:`seer.train.state.tensor_groups`: the
-    tensors outside the transformer blocks, then a block each; ``grouped=False``: all in one group), so that
-    a caller that places each group before taking the next holds one group's tensors (and, while a group is
-    merged, its tensor-parallel slices), not the model's. The files are checked against their checksums
-    once, before the first group is read; each group is one dcp.load, the index read once for all.
-    ``collective``: every process of the default group iterates to the end, and all meet the same groups in
-    the same order (they come from the one index every process reads)."""
+    tensors outside the transformer blocks, then a block each), so that a caller that places each group
+    before taking the next holds one group's tensors (and, while a group is merged, its tensor-parallel
+    slices), not the model's. The files are checked against their checksums once, before the first group is
+    read; each group is one dcp.load, the index read once for all. ``collective``: every process of the
+    default group iterates to the end, and all meet the same groups in the same order (they come from the one
+    index every process reads)."""
     layout, index, stored = _stored_tensors(ckpt, parts)
-    for i, keys in enumerate(tensor_groups(stored) if grouped else [sorted(stored)]):
+    for i, keys in enumerate(tensor_groups(stored)):
         # The first call verifies the files (collectively: the ranks split them), the later ones do not.
         yield _read_group(ckpt, {k: stored[k] for k in keys}, layout, single_process=not collective,
                           index=index, verify=i == 0)

@@ -290,6 +290,7 @@ def test_the_export_holds_one_group_of_tensors_at_a_time(run, tmp_path, monkeypa
     monkeypatch.setattr(P, "iter_checkpoint_model_state", watched)
     st, _ = export_timm(run, tmp_path / "vit.safetensors")
     assert len(groups) == 3  # (the tiny model: the tensors outside its 2 blocks, then a block each)
+    monkeypatch.undo()
     whole = P.checkpoint_backbone_state(run)[1]
     got = load_file(str(st))
     assert got.keys() == whole.keys() and all(torch.equal(got[k], v) and got[k].dtype == v.dtype
