@@ -565,7 +565,8 @@ def cmd_data(args) -> int:
         raise CLIError(_as_check_arguments(str(e))) from None
     print(report.format())
     if args.report:  # a name that is not UTF-8 as its own bytes, as training's skipped_files.txt
-        Path(args.report).write_text("".join(f"{n}\t{r}\n" for n, r in report.bad), encoding="utf-8",
+        from .data.exclude import skipped_line
+        Path(args.report).write_text("".join(skipped_line(n, r) for n, r in report.bad), encoding="utf-8",
                                      errors="surrogateescape")
     return 1 if (args.fail_on_bad and report.bad) else 0
 

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
 from .dataset import _reason, decode_checked
-from .sources import DataSourceError, ImageSource, detect_format, open_source, printable
+from .dedup_files import cell
+from .sources import DataSourceError, ImageSource, detect_format, open_source
 from .workers import check_timeout, loader_timeout, next_batch
 
 
@@ -43,7 +44,7 @@ class CheckReport:
             lines.append(f"smallest {self.min_hw[1]} x {self.min_hw[0]}, largest {self.max_hw[1]} x {self.max_hw[0]} "
                          f"(width x height)")
         for name, reason in self.bad[:limit]:
-            lines.append(f"BAD {printable(name)}\t{reason}")
+            lines.append(f"BAD {cell(name)}\t{reason}")  # (one line, as the report writes it)
         if len(self.bad) > limit:
             lines.append(f"... and {len(self.bad) - limit} more (see the report file)")
         if self.bad:

@@ -76,8 +76,9 @@ def decode_checked(data: Union[bytes, Tensor], max_pixels: int) -> Tensor:
 
 def _reason(exc: BaseException) -> str:
     """The first line of the error, without object addresses (PIL's "cannot identify image file
-    <_io.BytesIO object at 0x7f...>"), which would make every report of the same file differ."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    <_io.BytesIO object at 0x7f...>"), which would make every report of the same file differ, nor tabs (the
+    reports are tab-separated)."""
+    text = str(exc).strip().splitlines()[0].replace("\t", " ") if str(exc).strip() else ""
     text = re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"<\1>", text)
     return f"{type(exc).__name__}: {text}"[:300]
 

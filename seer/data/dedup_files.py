@@ -12,7 +12,7 @@ left out of KEEP.txt and counted (:attr:`Groups.unlisted`), never written as two
 The report (``--report``), tab-separated, for reading and for scripts: one line ``dup_path<TAB>kept_path``
 per duplicate, grouped by the kept image (groups in the order of their kept image, duplicates in source
 order), then one line ``#unreadable<TAB>path<TAB>reason`` per file that could not be read. Paths are
-printable there (:func:`seer.data.sources.printable`, tabs as ``\\t``): the report is not opened as paths, but
+printable there (:func:`seer.data.sources.printable`, tabs as ``\\t``, line breaks as ``\\n`` and ``\\r``): the report is not opened as paths, but
 ``data.exclude`` takes it as it is, matching names in that printable form too (:mod:`seer.data.exclude`: the
 way to train on tar shards without their duplicates). Every data line starts with '/' (absolute paths; a tar
 member is ``/abs/shard.tar:member``), so ``grep -v '^#'`` keeps the duplicate pairs.
@@ -193,8 +193,12 @@ def write_keep_list(path: str, names: Callable[[int], str], groups: Groups, *, o
 
 
 def cell(name: str) -> str:
-    """A path as a report cell: printable, one field (module doc)."""
-    return printable(name).replace("\t", "\\t")
+    """A path as a report cell: printable, one field on one line (module doc): a tab as '\\t', a line feed as
+    '\\n', a carriage return as '\\r'."""
+    return printable(name).translate(_ONE_CELL)
+
+
+_ONE_CELL = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def write_report(path: str, names: Callable[[int], str], groups: Groups, *, overwrite: bool,

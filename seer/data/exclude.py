@@ -16,9 +16,10 @@ can be given as they are:
 Every name is absolute (so it starts with '/', never '#'); a relative one is an error naming its line, since
 no index name could match it. The name is matched as written (bytes that are not UTF-8 as themselves, as
 list files and the check report hold them) and also in the printable form the dedup report writes (such
-bytes as backslash escapes, a tab as '\\t'; :func:`seer.data.dedup_files.cell`): an image whose name holds a
-tab is named that way alone, and an image whose name is another's printable form (a literal '\\xff') would be
-left out with it.
+bytes as backslash escapes, a tab as '\\t', a line feed as '\\n', a carriage return as '\\r';
+:func:`seer.data.dedup_files.cell`): an image whose name holds a tab or a line break is named that way alone
+(seer's reports write it so: :func:`skipped_line`), and an image whose name is another's printable form (a
+literal '\\xff') would be left out with it.
 
 Memory: no Python object per name is kept. Each name is hashed to 128 bits (BLAKE2b) and the digests are held
 as two sorted uint64 arrays: 16 bytes a name, ~40 at the peak while sorting. With 128 bits the chance that
@@ -54,6 +55,21 @@ def _digests(names: list[bytes]) -> np.ndarray:
 def _printable(name: bytes) -> bytes:
     """The name as the dedup report writes it (:func:`seer.data.dedup_files.cell`), as bytes."""
     return cell(name.decode("utf-8", "surrogateescape")).encode("utf-8")
+
+
+def _has_form(name: bytes) -> bool:
+    """Whether ``name``'s printable form (:func:`_printable`) differs from it."""
+    return not name.isascii() or b"\t" in name or b"\n" in name or b"\r" in name
+
+
+def skipped_line(name: str, reason: str) -> str:
+    """'NAME<TAB>REASON\\n', a line of ``seer data check --report`` and of OUT/skipped_files.txt, which this
+    module reads back to NAME: the name as its own bytes (a name that is not UTF-8 too, as list files hold
+    them), except one holding a tab or a line break, which would split the line: that one in its printable
+    form (:func:`seer.data.dedup_files.cell`), which is matched too. The reason on one line."""
+    if "\t" in name or "\n" in name or "\r" in name:
+        name = cell(name)
+    return f"{name}\t{' '.join(reason.split())}\n"
 
 
 class ExcludeList:
@@ -111,11 +127,10 @@ class ExcludeList:
         p = prefix.encode("utf-8", "surrogateescape")
         raw = [p + n.encode("utf-8", "surrogateescape") for n in names]
         found = self._lookup(_digests(raw))
-        joined = b"".join(raw)
-        if not joined.isascii() or b"\t" in joined:  # some names have a printable form of their own
+        if _has_form(b"".join(raw)):  # some names have a printable form of their own
             rows, forms = [], []
             for i, b in enumerate(raw):
-                c = _printable(b) if not b.isascii() or b"\t" in b else b
+                c = _printable(b) if _has_form(b) else b
                 if c != b:
                     rows.append(i)
                     forms.append(c)

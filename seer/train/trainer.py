@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .. import config as C
 from ..data import TrainData
 from ..data.dataset import DataError
+from ..data.exclude import skipped_line
 from ..data.sampler import mix_seed
 from ..data.sources import printable
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
@@ -609,7 +610,7 @@ class Trainer:
         with open(self.out / "skipped_files.txt", "a", encoding="utf-8", errors="surrogateescape") as f:
             for s in new:
                 self.bad_files.add(s.name)
-                f.write(f"{s.name}\t{s.reason}\n")
+                f.write(skipped_line(s.name, s.reason))
                 log.warning("skipped unreadable image %s (%s)", printable(s.name), s.reason)
 
 

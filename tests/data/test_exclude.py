@@ -81,6 +81,33 @@ def test_a_dedup_report_with_odd_names_and_an_unreadable_file(tmp_path):
     assert _names(lst, tmp_path / "idx", exclude=str(rep)) == [f"{r}/a.png", f"{r}/b.png"]
 
 
+def test_names_with_tabs_and_line_breaks_stay_one_line_in_every_report(tmp_path):
+    """A name holding a tab or a carriage return (legal in a folder or a tar shard) is written printable (its
+    '\\t', '\\r') by seer data check --report (and OUT/skipped_files.txt, the same writer) and by seer data
+    dedup --report: each report stays one line per file, and leaves those files out as data.exclude. Written
+    as they were, the tab cut the name short, and the carriage return ended the line (universal newlines)
+    into a name that matched nothing and a relative one, which refused the whole file. (A name with a line
+    feed is left out of the index itself.)"""
+    odd = ["t\tab.png", "c\rr.png"]
+    root = tmp_path / "imgs"
+    _files(root, {"a.png": IMG[0], "b.png": IMG[1], "n\nl.png": b"not an image",
+                  **{n: b"not an image" for n in odd}})
+    r = str(root)
+    rep = tmp_path / "bad.tsv"
+    assert main(["data", "check", r, "--workers", "0", "--report", str(rep)]) == 0
+    lines = rep.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and sorted(line.split(b"\t")[0].decode() for line in lines[:-1]) == \
+        sorted(f"{r}/" + n.replace("\t", "\\t").replace("\r", "\\r") for n in odd)
+    assert _names(root, tmp_path / "idx", exclude=str(rep)) == [f"{r}/a.png", f"{r}/b.png"]
+    # dedup: duplicates with such names (sorted after the images they copy, which are kept)
+    root2 = tmp_path / "imgs2"
+    _files(root2, {"a.png": IMG[0], "b.png": IMG[1], odd[0]: IMG[0], odd[1]: IMG[1]})
+    r2, dups = str(root2), tmp_path / "dups.tsv"
+    assert main(["data", "dedup", r2, "--report", str(dups), "--workers", "0"]) == 0
+    assert dups.read_bytes().decode() == f"{r2}/t\\tab.png\t{r2}/a.png\n{r2}/c\\rr.png\t{r2}/b.png\n"
+    assert _names(root2, tmp_path / "idx2", exclude=str(dups)) == [f"{r2}/a.png", f"{r2}/b.png"]
+
+
 def test_a_report_line_whose_duplicate_is_the_kept_image_itself_leaves_that_image_in(tmp_path, caplog):
     """A list naming one file twice (and a shard holding a member twice) gives 'Q<TAB>Q': names are matched, so
     leaving Q out would leave out the kept image too (every entry of it), not only the repeated one."""
