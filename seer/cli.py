@@ -487,13 +487,16 @@ def cmd_features(args) -> int:
 
 
 def cmd_attention_maps(args) -> int:
+    from .eval.attention import block_index
     from .eval.attention_images import check_out_dir, save_attention_maps
     check_out_dir(args.out, overwrite=args.overwrite)  # before the work, not after it
     ckpt = Path(args.checkpoint)
     cfg, _, ckpt_dir = _checkpoint_run_config(ckpt)
     depth = cfg.model.depth
-    if not -depth <= args.layer < depth:
-        raise CLIError(f"--layer must be in [{-depth}, {depth}) (the backbone's depth is {depth}), got {args.layer}")
+    try:
+        block = block_index(args.layer, depth, "--layer")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     size, paths = _image_size_and_paths(args, cfg)
     device = _eval_device(args)
     backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
@@ -502,7 +505,7 @@ def cmd_attention_maps(args) -> int:
                               max_pixels=cfg.data.max_image_pixels)
     if not res.written:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
-    print(f"attention maps: {len(res.written)} images (block {args.layer % depth} of {depth}, "
+    print(f"attention maps: {len(res.written)} images (block {block} of {depth}, "
           f"{cfg.model.num_heads} heads, {size} px, {device.type}), {len(res.skipped)} unreadable skipped"
           f"{' (listed above)' if res.skipped else ''}; wrote {args.out}", flush=True)
     return 0

@@ -20,11 +20,12 @@ class _Captured(Exception):
     """Raised by the pre-hook once it holds the block's input: the later blocks need not run."""
 
 
-def block_index(layer: int, depth: int) -> int:
-    """``layer`` (python-style, in [-depth, depth)) as a block index in [0, depth); ValueError naming it."""
+def block_index(layer: int, depth: int, what: str = "attention_maps: argument 'layer'") -> int:
+    """``layer`` (python-style, in [-depth, depth)) as a block index in [0, depth); ValueError naming it as
+    ``what`` (the CLI's: '--layer')."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
-        raise ValueError(f"attention_maps: argument 'layer' must be an integer in [{-depth}, {depth}) (the "
-                         f"backbone's depth is {depth}), got {layer!r}")
+        raise ValueError(f"{what} must be an integer in [{-depth}, {depth}) (the backbone's depth is {depth}), "
+                         f"got {layer!r}")
     return layer % depth
 
 

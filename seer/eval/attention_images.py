@@ -21,7 +21,7 @@ from torch import nn
 from ..config import DataConfig
 from ..data.sources import printable
 from .attention import attention_maps
-from .datasets import preprocess, read_image
+from .datasets import channel_stats, preprocess, read_image
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def save_attention_maps(backbone: nn.Module, paths: Sequence[str], out: str, *, 
     ``out/<index>_<stem>.png`` (module doc). ``out`` is created; unreadable images are skipped with a warning.
     One image per forward pass: the outputs are per image anyway, and a figure is for a handful of images."""
     device = device or next(backbone.parameters()).device
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t, std_t = channel_stats(mean, std)
     Path(out).mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
     for path, name in zip(paths, output_names(paths)):

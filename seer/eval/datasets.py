@@ -132,6 +132,13 @@ def _stratified(labels: Tensor, count: int, seed: int) -> Tensor:
     return perm[order[:count]].sort().values
 
 
+def channel_stats(mean, std) -> tuple[Tensor, Tensor]:
+    """The per-channel normalisation ``mean`` and ``std`` (3 numbers each) as float32 (3, 1, 1) tensors, the
+    shape :func:`preprocess` takes them in."""
+    return (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+
+
 def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 (3, H, W) -> normalised float (3, size, size): resize the shorter side to size * 8/7 (DINO's
     256 for 224; skipped when the image already is size x size), centre crop, normalise."""

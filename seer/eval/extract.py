@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from ..data.sources import is_image_name, printable, scan_folder
 from ..data.workers import check_timeout, loader_timeout, next_batch
-from .datasets import preprocess, read_image
+from .datasets import channel_stats, preprocess, read_image
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     if not isinstance(part, range) or part.step != 1 or not 0 <= part.start <= part.stop <= len(paths):
         raise ValueError(f"part must be a range of path indices (step 1) within 0..{len(paths)}, got {part!r}")
     device = device or next(backbone.parameters()).device
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t, std_t = channel_stats(mean, std)
     images = _Images(paths, image_size, mean_t, std_t, max_pixels)
     # (ranges, not lists: 10^6 paths would be 10^6 ints held for the whole run)
     batches = [range(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import DataConfig
 from ..parallel import comm
-from .datasets import LabelledSplit, load_image, preprocess
+from .datasets import LabelledSplit, channel_stats, load_image, preprocess
 
 
 @torch.no_grad()
@@ -26,8 +26,7 @@ def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: i
     ``max_pixels``)."""
     was_training = backbone.training
     backbone.eval()
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t, std_t = channel_stats(mean, std)
     n = len(split)
     world, rank = comm.group_size(group), comm.group_rank(group)
     per_rank = -(-n // world)

@@ -168,7 +168,7 @@ def test_cli_image_size_layer_and_a_non_empty_out(run, capsys):
     assert "is not empty" in capsys.readouterr().err
     assert attention_cli(run, out, "--overwrite") == 0  # replaces its own files, leaves the others
     assert np.load(first).shape == (4, 4, 4) and (out / "mine.txt").read_text() == "keep me"
-    for extra, fragment in ((["--layer", "2"], "--layer must be in [-2, 2)"),
+    for extra, fragment in ((["--layer", "2"], "--layer must be an integer in [-2, 2)"),
                             (["--image-size", "30"], "--image-size must be a positive multiple of the patch size 8")):
         assert attention_cli(run, run / "other", *extra) == 2
         assert fragment in capsys.readouterr().err
