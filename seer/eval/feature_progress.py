@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..durable import sync_folder, write_atomic
 from .feature_files import _read_header, part_paths
 
 FORMAT = 1  # of the JSON records; another one is not read
@@ -106,16 +107,8 @@ def remove_records(npy: Path) -> None:
     """Remove every record (module doc: before the rows are replaced or moved), durably."""
     for p in _record_files(npy, temporary=True):
         p.unlink(missing_ok=True)
-    _sync_folder(npy.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # (some filesystems cannot fsync a folder; nothing more to do there)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # (--out's folder removed meanwhile: the writer's error says so)
+        sync_folder(npy.parent)
 
 
 def _write_record(path: Path, fp: dict, done: set[int], skipped: list[tuple[int, str]]) -> None:
@@ -127,12 +120,8 @@ def _write_record(path: Path, fp: dict, done: set[int], skipped: list[tuple[int,
             runs.append([k, k + 1])
     text = json.dumps({"format": FORMAT, "fingerprint": fp, "batches": runs,
                        "skipped": [[i, why] for i, why in sorted(skipped)]})
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:  # (json.dumps escapes every non-ASCII character)
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # (json.dumps escapes every non-ASCII character; '.tmp': the name _record_files passes over)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="ascii"), suffix=".tmp")
 
 
 class Progress:

@@ -46,6 +46,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import Tensor
 
+from ..durable import sync_folder, write_atomic
 from .safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpointError, load_rank_file
 
 log = logging.getLogger("seer.checkpoint")
@@ -263,16 +264,6 @@ def architecture_diffs(saved: dict, now: dict, sections: tuple[str, ...] = ("mod
             for k, v in now[sec].items() if f"{sec}.{k}" not in ignore and saved[sec].get(k) != v]
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename tmp to ``path`` (fsynced): a kill leaves the old file or the new one, never
-    a part."""
-    tmp = path.with_name(path.name + ".part")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class CheckpointManager:
     """Writes and finds the checkpoints of one run.
 
@@ -404,11 +395,7 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        sync_folder(self.dir)  # make the rename itself durable
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.dir)[:-self.keep]:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import write_atomic
+from ..durable import write_atomic
 
 log = logging.getLogger("seer.train")
 

@@ -31,12 +31,13 @@ from ..data.dataset import DataError
 from ..data.exclude import skipped_line
 from ..data.sampler import mix_seed
 from ..data.sources import printable
+from ..durable import write_atomic
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
 from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diffs, list_checkpoints, load_rank_state,
-                         load_tensors, read_meta, read_saved_config, write_atomic)
+                         load_tensors, read_meta, read_saved_config)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .init_from import (check_init_architecture, init_path, load_init_weights, normalisation_changes,
