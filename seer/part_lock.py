@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ _locked: set[int] = set()  # the descriptors holding a lock in this process
 
 def _forget_locks_in_child() -> None:
     """A forked child (a DataLoader worker) closes its copies of the lock descriptors: a flock belongs to the
-    open file, which fork shares, so a worker outliving its parent would keep the ``.part`` locked."""
+    open file, which fork shares, so a worker outliving its parent would keep the ``.part`` (or the run's
+    folder) locked. Closing a copy does not unlock the parent's."""
     for fd in list(_locked):
         try:
             os.close(fd)
@@ -40,21 +41,26 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
-def lock_part(path: Path, busy: str) -> Optional[int]:
+def lock_part(path: Path, busy: str | Callable[[int], str], *,
+              unlocked: str = "make sure no other process writes the same output") -> Optional[int]:
     """Create (or open) ``path`` and hold an exclusive lock on it; the descriptor to hand to
-    :func:`unlock_part`, None where the filesystem has no locks (a warning). Raises :class:`OutputBusyError`
-    with the message ``busy`` when another process holds it."""
+    :func:`unlock_part`, None where the filesystem has no locks (a warning ending in ``unlocked``). Raises
+    :class:`OutputBusyError` with the message ``busy`` when another process holds it (a callable: given the
+    open descriptor, to read what the holder wrote into the file). Every lock of this process (the run lock
+    of seer.train.lock too) is taken here, so that one fork handler drops them all in a child."""
     import fcntl
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(fd)
+            try:
+                message = busy(fd) if callable(busy) else busy
+            finally:
+                os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputBusyError(busy) from None
-            log.warning("cannot lock %s (%s): this filesystem has no file locks; make sure no other process "
-                        "writes the same output", path, e)
+                raise OutputBusyError(message) from None
+            log.warning("cannot lock %s (%s): this filesystem has no file locks; %s", path, e, unlocked)
             return None
         # The holder may have renamed or removed the file between our open and our lock: lock the file at path.
         try:

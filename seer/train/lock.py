@@ -11,15 +11,13 @@ is garbage-collected.
 """
 from __future__ import annotations
 
-import errno
-import logging
 import os
 import socket
 import threading
 import weakref
 from pathlib import Path
 
-log = logging.getLogger("seer.train")
+from ..part_lock import OutputBusyError, lock_part, unlock_part
 
 LOCK_NAME = ".lock"
 
@@ -52,17 +50,11 @@ class RunLock:
 
 
 def _forget_in_child() -> None:
-    """A forked child (a DataLoader worker) closes its copies of the lock descriptors: a flock belongs to the
-    open file, which fork shares, so a child outliving rank 0 (or its release) would keep the folder locked.
-    Closing a copy does not unlock the parent's."""
+    """A forked child (a DataLoader worker) starts with no share of any lock: the descriptors themselves are
+    closed by seer.part_lock's fork handler, which took them (a flock belongs to the open file, which fork
+    shares, so a child outliving rank 0, or its release, would keep the folder locked)."""
     global _mutex
     _mutex = threading.Lock()  # another thread of the parent may have held it at the fork
-    for fd, _ in _held.values():
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
     _held.clear()
 
 
@@ -78,30 +70,24 @@ def _drop(key: str) -> None:
         entry[1] -= 1
         if entry[1] <= 0:
             del _held[key]
-            if entry[0] is not None:
-                os.close(entry[0])  # closing the descriptor releases the flock
+            unlock_part(entry[0])  # closing the descriptor releases the flock
 
 
 def _acquire(out: Path):
     """The descriptor holding the exclusive lock on OUT/.lock, None where the filesystem has no locks."""
-    import fcntl
-    path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    def busy(fd: int) -> str:
+        return (f"{out} is in use by another seer run ({_read_holder(fd) or 'holder unknown'}): two runs writing "
+                f"one folder overwrite each other's checkpoints and metrics. Wait for it to end or stop it (a "
+                f"rerun of the same command then continues where it saved), or use another --out (or "
+                f"checkpoint.dir)")
+
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = _read_holder(fd)
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise RunLockedError(
-                f"{out} is in use by another seer run ({holder or 'holder unknown'}): two runs writing one folder "
-                f"overwrite each other's checkpoints and metrics. Wait for it to end or stop it (a rerun of the "
-                f"same command then continues where it saved), or use another --out (or checkpoint.dir)") from None
-        log.warning("cannot lock %s (%s): this filesystem has no file locks; make sure no other run writes to %s",
-                    path, e, out)
-        return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        fd = lock_part(out / LOCK_NAME, busy, unlocked=f"make sure no other run writes to {out}")
+    except OutputBusyError as e:
+        raise RunLockedError(str(e)) from None
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     return fd
 
 

@@ -140,3 +140,26 @@ def check_in_other_process(folder):
     if out.startswith("refused:"):
         raise RunLockedError(out[len("refused: "):].strip())
     assert out.strip() == "free", out
+
+
+def test_a_filesystem_without_locks_is_warned_not_fatal(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK on some network filesystems: the run goes on unlocked, with a warning naming
+    the folder; seer export's and seer features' output locks the same (one lock_part for all)."""
+    import errno
+    import fcntl
+    import logging
+
+    from seer.part_lock import lock_part
+    from seer.train.lock import RunLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    caplog.set_level(logging.WARNING)
+    (tmp_path / "run_a").mkdir()
+    lock = RunLock(tmp_path / "run_a")
+    assert f"this filesystem has no file locks; make sure no other run writes to {tmp_path / 'run_a'}" in caplog.text
+    lock.release()
+    assert lock_part(tmp_path / "x.part", "busy") is None
+    assert "make sure no other process writes the same output" in caplog.text
