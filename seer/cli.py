@@ -512,16 +512,13 @@ def cmd_attention_maps(args) -> int:
 
 
 def _output_file(path: str, flag: str) -> None:
-    """Refuse an output path that cannot be written before the work, not after it."""
-    p = Path(path)
-    if p.is_dir():
-        raise CLIError(f"{flag} {path!r} is a folder; expected a file path")
-    if not p.parent.is_dir():
-        raise CLIError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist")
-    # An existing file is written in place: its own permission counts (a writable file in a read-only folder,
-    # /dev/stdout); a new one needs a writable folder.
-    if not os.access(p if p.exists() else p.parent, os.W_OK):
-        raise CLIError(f"{flag} {path!r} is not writable")
+    """Refuse an output path that cannot be written before the work, not after it. The file is written in
+    place: an existing one's own permission counts (a writable file in a read-only folder, /dev/stdout)."""
+    from .out_paths import check_file_paths
+    try:
+        check_file_paths(flag, path, in_place=True)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def cmd_export(args) -> int:

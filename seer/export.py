@@ -36,6 +36,7 @@ import torch
 
 from .config import to_dict
 from .model import ViTConfig
+from .out_paths import check_file_paths
 from .part_lock import lock_file
 
 TIMM_CLASS = "timm.models.vision_transformer.VisionTransformer"
@@ -234,12 +235,7 @@ def check_out(out: Path, fmt: str) -> None:
         raise ValueError(f"--out must end with {suffix} for --format {fmt}, got {str(out)!r}")
     json_path = out.with_suffix(".json")
     sides = side_files(out, fmt)
-    for p in (out, json_path, *sides):
-        if p.is_dir():
-            raise ValueError(f"--out {str(out)!r}: {str(p)!r} is a folder; expected a file path")
-    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {str(out)!r}: cannot create files under {str(existing)!r}")
+    check_file_paths("--out", out, (out, json_path, *sides), make_folders=True)
     if not json_path.exists():
         # Replaced only where an export wrote it (the weights of an export killed between its two renames):
         # without its JSON, a file of that name may be anything the user keeps there.

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator, Optional, TextIO
 
 import numpy as np
 
+from ..out_paths import check_file_paths
 from .sources import printable
 
 log = logging.getLogger("seer.data")
@@ -129,14 +130,8 @@ def check_output(path: Optional[str], flag: str, overwrite: bool) -> None:
     """ValueError naming ``flag`` where ``path`` may not or cannot be written (checked before the work)."""
     if path is None:
         return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path!r} is a folder; expected a file path")
-    if not p.parent.is_dir():
-        raise ValueError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist")
-    if not os.access(p.parent, os.W_OK | os.X_OK):  # the file is made there under a temporary name, then renamed
-        raise ValueError(f"{flag} {path!r}: cannot create files in {str(p.parent)!r}")
-    if p.exists() and not overwrite:
+    check_file_paths(flag, path)  # (made there under a temporary name, then renamed)
+    if Path(path).exists() and not overwrite:
         raise ValueError(f"{flag} {path!r} exists: pass --overwrite to replace it")
 
 

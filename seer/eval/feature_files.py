@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..out_paths import check_file_paths
 from ..part_lock import lock_part, unlock_part
 from .extract import ImageFeatures
 
@@ -49,13 +50,7 @@ def check_outputs(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     txt = npy.with_suffix(".txt")
     if npy.suffix != ".npy":
         raise ValueError(f"--out must end with .npy, got {str(out)!r}")
-    for p in (npy, txt):
-        if p.is_dir():
-            raise ValueError(f"--out {str(out)!r}: {str(p)!r} is a folder; expected a file path")
-    if not npy.parent.is_dir():
-        raise ValueError(f"--out {str(out)!r}: the folder {str(npy.parent)!r} does not exist")
-    if not os.access(npy.parent, os.W_OK | os.X_OK):  # the files are created there and renamed into place
-        raise ValueError(f"--out {str(out)!r}: cannot create files in {str(npy.parent)!r}")
+    check_file_paths("--out", out, (npy, txt))  # (created there and renamed into place)
     if npy.exists() and not overwrite:
         raise ValueError(f"--out {str(out)!r} exists: pass --overwrite to replace it (and its .txt)")
     if txt.exists() and not _partners(npy, txt):
