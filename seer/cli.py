@@ -585,7 +585,7 @@ def cmd_data_dedup(args) -> int:
     for name, default in (near_only if near else exact).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    from .data.sources import DataSourceError, printable
+    from .data.sources import DataSourceError
     if near:
         if args.threshold is None:
             raise CLIError("--features needs --threshold (a cosine similarity in [-1, 1], e.g. 0.95)")
@@ -607,8 +607,9 @@ def cmd_data_dedup(args) -> int:
             raise CLIError(_as_check_arguments(str(e))) from None
         print(f"{res.total} images, {res.kept} unique, {res.groups.duplicates} duplicates in {res.groups.groups} "
               f"groups, {res.unreadable} unreadable ({res.seconds:.1f} s)")
+        from .data.dedup_files import cell
         for name, why in res.shown:
-            print(f"UNREADABLE {printable(name)}\t{why}")
+            print(f"UNREADABLE {cell(name)}\t{why}")  # (one line, as the report writes it)
         if res.unreadable > len(res.shown):
             print(f"... and {res.unreadable - len(res.shown)} more" + (" (see the report)" if args.report else ""))
     if res.groups.unlisted:

@@ -3,14 +3,20 @@ final name, and the folder synced where the rename itself must last (a checkpoin
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 from typing import Callable
 
-# What a filesystem that cannot sync a folder answers (some network and FUSE filesystems): nothing more can be
-# done there, and refusing the write over it would lose more than the sync protects.
-_CANNOT_SYNC_FOLDER = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF,
-                                 errno.EISDIR, errno.EACCES, errno.EPERM})
+log = logging.getLogger(__name__)
+
+# What a filesystem that cannot sync a folder answers (some network and FUSE filesystems; EROFS and EINVAL are
+# fsync(2)'s "does not support synchronization"), or a folder that cannot be opened for it: nothing more can
+# be done there, and failing the write over it (whose rename is made already) would lose more than the sync
+# protects. Said once per folder.
+_CANNOT_SYNC_FOLDER = frozenset({errno.EINVAL, errno.EROFS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS,
+                                 errno.EBADF, errno.EACCES, errno.EPERM})
+_told: set[str] = set()
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], *, suffix: str = ".part") -> None:
@@ -29,13 +35,22 @@ def sync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError as e:
-        if e.errno in _CANNOT_SYNC_FOLDER:
-            return
-        raise
+        if e.errno not in _CANNOT_SYNC_FOLDER:
+            raise
+        _passed_over(folder, e)
+        return
     try:
         os.fsync(fd)
     except OSError as e:
         if e.errno not in _CANNOT_SYNC_FOLDER:
             raise
+        _passed_over(folder, e)
     finally:
         os.close(fd)
+
+
+def _passed_over(folder: Path, e: OSError) -> None:
+    if str(folder) not in _told:
+        _told.add(str(folder))
+        log.warning("cannot fsync the folder %s (%s): the renames in it may not outlast a crash of the machine "
+                    "(a kill of the process is fine)", folder, e.strerror or e)

@@ -117,6 +117,9 @@ def write_export(out: Path, write: Callable[[Path], str], side: Sequence[str] = 
     (:func:`check_out` refused them first if no seer export wrote them).
     """
     json_path = out.with_suffix(".json")
+    # The folders made for OUT (outermost first) are removed again where the export fails: an export that
+    # writes nothing leaves nothing behind.
+    made = [p for p in (*reversed(out.parent.parents), out.parent) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     # Everything is written in full in OUT.part/ (same folder, so the same filesystem) under its final name,
     # then renamed into place. Written in place, a crash between two files (or a full disk on the JSON) left
@@ -126,10 +129,18 @@ def write_export(out: Path, write: Callable[[Path], str], side: Sequence[str] = 
     scratch = scratch_folder(out)
     # One export per --out at a time: a second one would remove the first one's scratch folder, or rename its
     # weights in beside the other's JSON.
-    with lock_file(out.with_name(out.name + ".part.lock"),
-                   f"--out {str(out)!r} is being written by another seer export: wait for it to end, or choose "
-                   f"another --out"):
-        return _write_scratch(out, json_path, scratch, write, side)
+    try:
+        with lock_file(out.with_name(out.name + ".part.lock"),
+                       f"--out {str(out)!r} is being written by another seer export: wait for it to end, or "
+                       f"choose another --out"):
+            return _write_scratch(out, json_path, scratch, write, side)
+    except BaseException:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()  # (only while empty: a kept scratch folder, or another process's file, stays)
+            except OSError:
+                break
+        raise
 
 
 def _write_scratch(out: Path, json_path: Path, scratch: Path, write: Callable[[Path], str],

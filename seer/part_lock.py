@@ -23,6 +23,9 @@ class OutputBusyError(FileExistsError):
 
 
 _locked: set[int] = set()  # the descriptors holding a lock in this process
+# Opens of a lock file that a holder renamed or removed under us before we got to lock it: each retry means
+# another process took and dropped the lock meanwhile; a bound where the filesystem's fstat and stat disagree.
+_ATTEMPTS = 100
 
 
 def _forget_locks_in_child() -> None:
@@ -49,7 +52,7 @@ def lock_part(path: Path, busy: str | Callable[[int], str], *,
     open descriptor, to read what the holder wrote into the file). Every lock of this process (the run lock
     of seer.train.lock too) is taken here, so that one fork handler drops them all in a child."""
     import fcntl
-    while True:
+    for attempt in range(_ATTEMPTS):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,10 +70,14 @@ def lock_part(path: Path, busy: str | Callable[[int], str], *,
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
             same = False
-        if same:
+        if same or attempt == _ATTEMPTS - 1:
+            if not same:  # (a filesystem whose fstat and stat disagree on the file: never the same)
+                log.warning("cannot tell whether the lock on %s is on the file at that path (its fstat and stat "
+                            "disagree); %s", path, unlocked)
             _locked.add(fd)
             return fd
         os.close(fd)
+    raise AssertionError("unreachable")  # (the last attempt returns)
 
 
 def unlock_part(fd: Optional[int]) -> None:

@@ -18,7 +18,7 @@ from .config import RunConfig, from_dict
 from .model import ViTConfig, VisionTransformer
 from .safetensors_stream import Spec
 from .train.checkpoint import (CorruptCheckpointError, load_tensors, read_meta, read_saved_config, read_tensor_index,
-                               resolve_checkpoint)
+                               resolve_checkpoint, verify_checkpoint_files)
 from .train.state import merge_tensor_parallel, tensor_groups
 
 
@@ -56,8 +56,12 @@ def checkpoint_backbone_groups(ckpt: Path) -> tuple[dict[str, Spec], Iterator[di
     """The backbone of the complete checkpoint ``ckpt`` a group of full tensors at a time (the tensors
     outside the blocks, then a block each; single-device names): (name -> (dtype, shape) of every tensor,
     known from the index before any is read; the groups, read as they are taken). For a writer that places
-    each group before it takes the next (:func:`seer.safetensors_stream.write_safetensors`)."""
-    layout, _, stored = _stored_tensors(ckpt, ("backbone",))
+    each group before it takes the next (:func:`seer.safetensors_stream.write_safetensors`). The files are
+    checked against their checksums here, before the caller writes anything: a damaged checkpoint fails
+    before any output is touched, as when the tensors were read whole first."""
+    with _pruned_is_said(ckpt):
+        layout, index, stored = _stored_tensors(ckpt, ("backbone",))
+        verify_checkpoint_files(ckpt)
     # The merged shapes from the index alone: the slices merged as meta tensors (no memory, nothing read).
     meta = _merge({k: torch.empty(m.size, dtype=m.properties.dtype, device="meta") for k, m in stored.items()},
                   layout)
@@ -65,7 +69,7 @@ def checkpoint_backbone_groups(ckpt: Path) -> tuple[dict[str, Spec], Iterator[di
 
     def groups() -> Iterator[dict[str, torch.Tensor]]:
         with _pruned_is_said(ckpt):
-            for group in iter_checkpoint_model_state(ckpt, ("backbone",)):
+            for group in _read_groups(ckpt, layout, index, stored, verified=True):
                 yield {k[len("backbone."):]: v for k, v in group.items()}
                 group = None  # noqa: F841  (let go before the next group is read)
     return specs, groups()
@@ -110,11 +114,17 @@ def iter_checkpoint_model_state(ckpt: Path, parts: tuple[str, ...] = ("backbone"
     read; each group is one dcp.load, the index read once for all. ``collective``: every process of the
     default group iterates to the end, and all meet the same groups in the same order (they come from the one
     index every process reads)."""
-    layout, index, stored = _stored_tensors(ckpt, parts)
+    yield from _read_groups(ckpt, *_stored_tensors(ckpt, parts), collective=collective)
+
+
+def _read_groups(ckpt: Path, layout: dict[str, dict], index, stored: dict, *, collective: bool = False,
+                 verified: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`iter_checkpoint_model_state`'s groups from what :func:`_stored_tensors` read; ``verified``: the
+    files were checked against their checksums already."""
     for i, keys in enumerate(tensor_groups(stored)):
         # The first call verifies the files (collectively: the ranks split them), the later ones do not.
         yield _read_group(ckpt, {k: stored[k] for k in keys}, layout, single_process=not collective,
-                          index=index, verify=i == 0)
+                          index=index, verify=i == 0 and not verified)
 
 
 def _stored_tensors(ckpt: Path, parts: tuple[str, ...]) -> tuple[dict[str, dict], object, dict]:

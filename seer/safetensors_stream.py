@@ -61,7 +61,7 @@ def write_safetensors(path: str | Path, specs: Mapping[str, Spec], groups: Itera
     for name, (begin, end) in offsets.items():
         dtype, shape = specs[name]
         header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # (UTF-8, as safetensors')
     text += b" " * (-len(text) % 8)  # (the data starts 8-byte aligned, as safetensors' own writer pads it)
     base = 8 + len(text)
     pending = set(specs)

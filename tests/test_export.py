@@ -277,17 +277,16 @@ def test_the_export_holds_one_group_of_tensors_at_a_time(run, tmp_path, monkeypa
     import seer.pretrained as P
     from safetensors import safe_open
     from safetensors.torch import load_file
-    real, held, groups = P.iter_checkpoint_model_state, [], []
+    real, held, groups = P._read_group, [], []
 
     def watched(*args, **kwargs):
-        for group in real(*args, **kwargs):
-            assert all(r() is None for r in held), "a group was read while an earlier one was still held"
-            groups.append(sorted(group))
-            held.extend(weakref.ref(t) for t in group.values())
-            yield group
-            del group
+        assert all(r() is None for r in held), "a group was read while an earlier one was still held"
+        group = real(*args, **kwargs)
+        groups.append(sorted(group))
+        held.extend(weakref.ref(t) for t in group.values())
+        return group
 
-    monkeypatch.setattr(P, "iter_checkpoint_model_state", watched)
+    monkeypatch.setattr(P, "_read_group", watched)
     st, _ = export_timm(run, tmp_path / "vit.safetensors")
     assert len(groups) == 3  # (the tiny model: the tensors outside its 2 blocks, then a block each)
     monkeypatch.undo()
@@ -297,3 +296,31 @@ def test_the_export_holds_one_group_of_tensors_at_a_time(run, tmp_path, monkeypa
                                               for k, v in whole.items())
     with safe_open(str(st), "pt") as f:
         assert f.metadata() == {"format": "pt", "producer": "seer", "layout": "timm"}
+
+
+def test_a_damaged_checkpoint_is_refused_before_the_export_touches_anything(run, tmp_path, monkeypatch):
+    """The tensors are read while the file is written (a group at a time), but their checksums are checked
+    first: a damaged checkpoint fails before any output file or folder exists, as when the export read the
+    whole backbone first; and the folders an export made for --out go again when it fails."""
+    import shutil
+
+    import seer.safetensors_stream as S
+    from seer.train import CorruptCheckpointError
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shard = sorted(next((copy / "checkpoints").glob("step_*")).glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "new" / "deeper" / "vit.safetensors"
+    with pytest.raises(CorruptCheckpointError, match="ChecksumMismatch"):
+        export_timm(copy, out)
+    assert not (tmp_path / "new").exists()
+
+    def full(*args, **kwargs):  # a failure while writing: a full disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(S, "write_safetensors", full)
+    with pytest.raises(OSError, match="No space left"):
+        export_timm(run, out)
+    assert not (tmp_path / "new").exists()

@@ -21,6 +21,7 @@ def _tensors(rng: random.Random) -> dict[str, torch.Tensor]:
         t = torch.randn(shape, dtype=torch.float64) * 10
         out[f"blocks.{rng.randint(0, 99)}.t{i}"] = t > 0 if dtype == torch.bool else t.to(dtype)
     out["scalar"], out["empty"] = torch.randn(()), torch.zeros(0, 3, dtype=torch.bfloat16)
+    out["poids_é"] = torch.randn(2)  # (a name that is not ASCII: UTF-8 in the header, as safetensors writes it)
     out["strided"] = torch.randn(5, 9)[:, 1::2]  # (written as its values in C order)
     return out
 

@@ -163,3 +163,19 @@ def test_a_filesystem_without_locks_is_warned_not_fatal(tmp_path, monkeypatch, c
     lock.release()
     assert lock_part(tmp_path / "x.part", "busy") is None
     assert "make sure no other process writes the same output" in caplog.text
+
+
+def test_a_filesystem_whose_stat_and_fstat_disagree_still_locks(tmp_path, monkeypatch, caplog):
+    """lock_part retries while the file at the path is not the one it locked (a holder renamed or removed it
+    meanwhile); where the two never agree (a FUSE filesystem's inode numbers), it stops after a bound, keeps
+    the lock and says so, instead of spinning forever."""
+    import logging
+
+    import seer.part_lock as PL
+    monkeypatch.setattr(PL.os.path, "samestat", lambda a, b: False)
+    caplog.set_level(logging.WARNING)
+    fd = PL.lock_part(tmp_path / "x.part", "busy")
+    try:
+        assert fd is not None and "fstat and stat disagree" in caplog.text
+    finally:
+        PL.unlock_part(fd)
