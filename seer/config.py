@@ -690,8 +690,12 @@ def _check_exclude(d: DataConfig) -> None:
     what = ("does not exist" if not os.path.exists(path) else "is a folder" if os.path.isdir(path) else
             "cannot be read" if not os.access(path, os.R_OK) else None)
     if what:
+        # A resumed run needs the file too (its index was made with it, and is checked against it): a report
+        # made again from the same data by the same command has the same bytes, and passes that check.
+        again = ("; to resume a run made with it, put it back or write it again (seer data dedup --report of "
+                 "the same data gives the same bytes)" if what == "does not exist" else "")
         raise ConfigError(f"config key 'data.exclude' must be a readable text file naming images to leave out, "
-                          f"got {d.exclude!r}, which {what}")
+                          f"got {d.exclude!r}, which {what}{again}")
 
 
 def validate(cfg: RunConfig) -> RunConfig:

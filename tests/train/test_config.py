@@ -159,6 +159,8 @@ def test_data_exclude_must_be_a_readable_file_for_a_source_of_files(tmp_path):
     for value, what in ((tmp_path / "gone.txt", "does not exist"), (tmp_path, "is a folder")):
         with pytest.raises(C.ConfigError, match=rf"'data.exclude' must be a readable text file .* which {what}"):
             C.validate(C.apply_overrides(base, [f"data.exclude={value}"]))
+    with pytest.raises(C.ConfigError, match="to resume a run made with it, put it back or write it again"):
+        C.validate(C.apply_overrides(base, [f"data.exclude={tmp_path / 'gone.txt'}"]))
     for source in ("digits", "synthetic"):
         with pytest.raises(C.ConfigError, match=rf"'data.exclude' leaves out images of files; data.source "
                                                 rf"'{source}' is a built-in set"):
