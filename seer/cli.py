@@ -130,8 +130,8 @@ def _parser() -> argparse.ArgumentParser:
                                                          "(default: %(default)s)")
     a.add_argument("--image-size", type=int, help="side the images are resized and centre-cropped to, a multiple of "
                                                   "the patch size (default: the run's evaluation size)")
-    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where the backbone runs (float32): auto = the GPU when there is one (default: %(default)s)")
+    a.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
+    _device_arguments(a, precision="fp32")
     a.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing only files of "
                                                             "the names written")
 
@@ -231,11 +231,12 @@ def _image_size_and_paths(args, cfg: C.RunConfig) -> tuple[int, list[str]]:
     return size, paths
 
 
-def _device_arguments(p: argparse.ArgumentParser) -> None:
-    """--device and --precision of the commands that run a trained backbone (:func:`_eval_device_and_precision`)."""
+def _device_arguments(p: argparse.ArgumentParser, precision: str = "run") -> None:
+    """--device and --precision of the commands that run a trained backbone (:func:`_eval_device_and_precision`);
+    ``precision``: the command's default."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the backbone runs: auto = the GPU when there is one (default: %(default)s)")
-    p.add_argument("--precision", default="run", choices=["run", "auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--precision", default=precision, choices=["run", "auto", "bf16", "fp16", "fp32"],
                    help="autocast of the forward passes: run = the run's train.precision, as its evaluations during "
                         "training used (fp32 for an export that does not record it); auto = bf16 where the device "
                         "computes it natively, else fp32 (default: %(default)s)")
@@ -491,22 +492,26 @@ def cmd_attention_maps(args) -> int:
     from .eval.attention_images import check_out_dir, save_attention_maps
     check_out_dir(args.out, overwrite=args.overwrite)  # before the work, not after it
     ckpt = Path(args.checkpoint)
-    cfg, _, ckpt_dir = _checkpoint_run_config(ckpt)
+    cfg, recorded, ckpt_dir = _checkpoint_run_config(ckpt)
     depth = cfg.model.depth
     try:
         block = block_index(args.layer, depth, "--layer")
     except ValueError as e:
         raise CLIError(str(e)) from None
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     size, paths = _image_size_and_paths(args, cfg)
-    device = _eval_device(args)
+    from .train.build import autocast_dtype
+    device, precision = _eval_device_and_precision(args, cfg, recorded)
     backbone = _pretrained_backbone(ckpt, ckpt_dir, cfg).to(device)
     res = save_attention_maps(backbone, paths, args.out, image_size=size, mean=cfg.data.crops.mean,
                               std=cfg.data.crops.std, layer=args.layer, device=device,
-                              max_pixels=cfg.data.max_image_pixels)
+                              max_pixels=cfg.data.max_image_pixels, batch_size=args.batch_size,
+                              autocast_dtype=autocast_dtype(precision))
     if not res.written:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
-    print(f"attention maps: {len(res.written)} images (block {block} of {depth}, "
-          f"{cfg.model.num_heads} heads, {size} px, {device.type}), {len(res.skipped)} unreadable skipped"
+    print(f"attention maps: {len(res.written)} images (block {block} of {depth}, {cfg.model.num_heads} heads, "
+          f"{size} px, {device.type}, {precision}), {len(res.skipped)} unreadable skipped"
           f"{' (listed above)' if res.skipped else ''}; wrote {args.out}", flush=True)
     return 0
 

@@ -88,29 +88,50 @@ class AttentionMapsResult:
 
 def save_attention_maps(backbone: nn.Module, paths: Sequence[str], out: str, *, image_size: int, mean, std,
                         layer: int = -1, device: Optional[torch.device] = None,
-                        max_pixels: int = DataConfig.max_image_pixels) -> AttentionMapsResult:
+                        max_pixels: int = DataConfig.max_image_pixels, batch_size: int = 16,
+                        autocast_dtype: Optional[torch.dtype] = None) -> AttentionMapsResult:
     """For each readable image of ``paths``, resized and centre-cropped to ``image_size`` and normalised as
     ``seer features`` does: ``out/<index>_<stem>.npy`` (float32 (heads, gh, gw) maps of block ``layer``) and
     ``out/<index>_<stem>.png`` (module doc). ``out`` is created; unreadable images are skipped with a warning.
-    One image per forward pass: the outputs are per image anyway, and a figure is for a handful of images."""
+    ``batch_size`` images per forward pass (the maps of an image do not depend on the others in its batch, up
+    to the rounding of batched matmuls); ``autocast_dtype``: the blocks run under autocast to it (the scores
+    are formed in float32 from the q and k it gives, as the kernel forms them), None: as the parameters."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"save_attention_maps: argument 'batch_size' must be a positive integer, got {batch_size!r}")
     device = device or next(backbone.parameters()).device
     mean_t, std_t = channel_stats(mean, std)
     Path(out).mkdir(parents=True, exist_ok=True)
-    written, skipped = [], []
+    written, skipped, batch = [], [], []
+
+    def flush() -> None:
+        x = torch.stack([b[2] for b in batch])
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            maps = attention_maps(backbone, x.to(device), layer=layer).numpy()
+        for (path, name, crop), m in zip(batch, maps):
+            _write(out, path, name, crop, m, mean_t, std_t)
+            written.append(name)
+        batch.clear()
+
     for path, name in zip(paths, output_names(paths)):
         image, reason = read_image(path, max_pixels)
         if image is None:
             log.warning("skipping unreadable image %s (%s)", printable(path), reason)
             skipped.append((path, reason))
             continue
-        x = preprocess(image, image_size, mean_t, std_t)
-        maps = attention_maps(backbone, x[None].to(device), layer=layer)[0].numpy()
-        if not np.isfinite(maps).all():  # (a diverged checkpoint: the PNG would show black tiles without a word)
-            log.warning("the attention maps of %s are not finite (NaN or inf: a diverged checkpoint?); %s.png shows "
-                        "them black", printable(path), name)
-        # The crop as the backbone saw it: the normalisation undone.
-        shown = ((x * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        np.save(Path(out) / f"{name}.npy", maps)
-        (Path(out) / f"{name}.png").write_bytes(png_bytes(figure(shown, maps)))
-        written.append(name)
+        batch.append((path, name, preprocess(image, image_size, mean_t, std_t)))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
     return AttentionMapsResult(written, skipped)
+
+
+def _write(out: str, path: str, name: str, x: torch.Tensor, maps: np.ndarray, mean_t, std_t) -> None:
+    """One image's pair of files: the maps as NPY, the figure as PNG."""
+    if not np.isfinite(maps).all():  # (a diverged checkpoint: the PNG would show black tiles without a word)
+        log.warning("the attention maps of %s are not finite (NaN or inf: a diverged checkpoint?); %s.png shows "
+                    "them black", printable(path), name)
+    # The crop as the backbone saw it: the normalisation undone.
+    shown = ((x * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    np.save(Path(out) / f"{name}.npy", maps)
+    (Path(out) / f"{name}.png").write_bytes(png_bytes(figure(shown, maps)))

@@ -143,7 +143,7 @@ def test_cli_writes_a_png_and_an_npy_per_readable_image(run, capsys, caplog):
     paths = image_paths(run / "images")
     broken = paths.index(str(run / "images" / "part1" / "broken.jpg"))
     assert f"skipping unreadable image {paths[broken]}" in caplog.text
-    assert "3 images (block 1 of 2, 4 heads, 32 px, cpu), 1 unreadable skipped" in capsys.readouterr().out
+    assert "3 images (block 1 of 2, 4 heads, 32 px, cpu, fp32), 1 unreadable skipped" in capsys.readouterr().out
     names = [f"{i}_{p.rsplit('/', 1)[1].rsplit('.', 1)[0]}" for i, p in enumerate(paths) if i != broken]
     assert sorted(f.name for f in out.iterdir()) == sorted([n + ".npy" for n in names] + [n + ".png" for n in names])
     crops = checkpoint_config(run / "run").data.crops
@@ -172,6 +172,27 @@ def test_cli_image_size_layer_and_a_non_empty_out(run, capsys):
                             (["--image-size", "30"], "--image-size must be a positive multiple of the patch size 8")):
         assert attention_cli(run, run / "other", *extra) == 2
         assert fragment in capsys.readouterr().err
+
+
+def test_cli_batches_and_precision(run, capsys):
+    """--batch-size images per forward pass give each image's own maps (the default of 16 holds all 3 here:
+    one image a pass is the reference); --precision bf16 runs the blocks under autocast, the maps within
+    bf16's rounding of fp32's; a batch size below 1 is refused."""
+    one, bf16 = run / "maps_b1", run / "maps_bf16"
+    assert attention_cli(run, one, "--batch-size", "1") == 0
+    assert attention_cli(run, bf16, "--precision", "bf16") == 0
+    assert ", cpu, bf16), 1 unreadable skipped" in capsys.readouterr().out
+    full = run / "maps"
+    if not full.exists():
+        assert attention_cli(run, full) == 0
+    names = sorted(p.name for p in one.glob("*.npy"))
+    assert len(names) == 3 and names == sorted(p.name for p in full.glob("*.npy"))
+    for name in names:
+        np.testing.assert_allclose(np.load(full / name), np.load(one / name), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.load(bf16 / name), np.load(one / name), rtol=0, atol=2e-3)
+        assert not np.array_equal(np.load(bf16 / name), np.load(one / name))
+    assert attention_cli(run, run / "other", "--batch-size", "0") == 2
+    assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_maps_that_are_not_finite_are_warned(run, tmp_path, caplog):
