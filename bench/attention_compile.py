@@ -78,6 +78,8 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
     """``seq_len`` sets the tail tiles (``tri.tail_block``); 257 leaves one row, so both paths compile."""
     params = inspect.signature(fn.fn).parameters  # the delta kernel takes BLOCK_M only
     cx = dict(constexprs, **{k: v for k, v in tile.constexprs(seq_len, seq_len).items() if k in params})
+    if "FOLD_TAIL" in params:  # the forward: its last program folds the tail in at this length, or not
+        cx["FOLD_TAIL"] = tri.fold_active(tile, seq_len)
     if "TMA_LOAD" in params:  # descriptors where the tile loads through them, None (a constexpr) otherwise
         cx["TMA_LOAD"] = tile.tma_load
         if not tile.tma_load:
@@ -92,12 +94,13 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
 
 def variants(head_dims, dtypes, defaults_only=False):
     """(name, kernel, head dim, dtype, constexprs, tile) for every candidate tile, or only the default ones
-    (the first of each table, and its first tile with each Hopper feature: ``dq_tma``, ``tma_load``)."""
+    (the first of each table, and its first tile with each feature: ``dq_tma``, ``tma_load``, ``fold_tail``)."""
     def tiles(table, cls):
         if not defaults_only:
             return table[cls]
         return (list(table[cls][:1]) + [t for t in table[cls] if t.dq_tma][:1]
-                + [t for t in table[cls] if t.tma_load and not t.dq_tma][:1])
+                + [t for t in table[cls] if t.tma_load and not t.dq_tma][:1]
+                + [t for t in table[cls] if t.fold_tail][:1])
 
     for d in head_dims:
         cls = tri.tile_class(d)

@@ -78,11 +78,17 @@ def cases(b: int, h: int, n: int, d: int, device: str = "cuda", dtype=None) -> d
     # cuDNN was the fastest SDPA backend at the target (run 3); memory-efficient and math were 2-3x slower
     backends = ops._sdpa_backends()
     out = {"ours fwd": lambda: tri.attention_fwd(q, k, v, scale)}
+    cls = tri.tile_class(d)
+    # The forward with its query tail folded into the last program (Tile.fold_tail) and its twin: the
+    # duration and the L2 traffic (memory throughput) say whether the K/V passes it saves were the bound.
+    fold = next((t for t in tri.FWD_TILES[cls] if t.fold_tail), None)
+    if fold is not None:
+        for label, tile in (("fold_tail", fold), ("own tail program", dataclasses.replace(fold, fold_tail=False))):
+            out[f"ours fwd {tile.as_list()[:4]} {label}"] = lambda tile=tile: tri.attention_fwd(q, k, v, scale, tile)
     if "cudnn" in backends:
         out["sdpa-cudnn fwd+bwd"] = sdpa(backends["cudnn"])
     out["ours bwd deterministic"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, True)
     out["ours bwd atomic"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, False)
-    cls = tri.tile_class(d)
     if tri.DS_TILES[cls]:  # the stored-dS scheme's first candidate (dS stored by TMA)
         ds_tiles = tri.DS_TILES[cls][0]
         out["ours bwd stored dS"] = lambda: tri.attention_bwd(dout, q, k, v, o, lse, scale, True, *ds_tiles)

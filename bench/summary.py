@@ -125,8 +125,9 @@ def _feature_twins(rows: list) -> None:
     """Each attention candidate against its twin without one feature, from the ``candidate_us`` of the
     ``-fwd`` and ``-fwdbwd`` rows (GPU time, same run): split tail tiles (tile element 4) against the unsplit
     tile, dq by TMA reductions (dkdv element 5) against the same dkdv tile with pointer atomics, loads
-    through TMA descriptors (element 6) against pointer loads, and dq from a stored dS (dkdv element 7)
-    against the fastest dq pass on the same dkdv tile."""
+    through TMA descriptors (element 6) against pointer loads, the forward's query tail folded into the last
+    full tile's program (element 8) against a tail program of its own, and dq from a stored dS (dkdv
+    element 7) against the fastest dq pass on the same dkdv tile."""
     lines = []
     for row in rows:
         if row.get("op") != "attention" or row.get("mode") not in ("fwd", "fwdbwd"):
@@ -140,7 +141,8 @@ def _feature_twins(rows: list) -> None:
             # The atomic scheme's candidates share one dq tile (not launched): its twins differ in dkdv only.
             stored = _flag(key, 7)  # a stored-dS candidate: its dq_tma element is the dS store's
             tma_dq = ("tma dS store", 5, "pointer stores") if stored else ("tma dq", 5, "atomics")
-            for what, index, label in (("split", 4, "unsplit"), tma_dq, ("tma load", 6, "pointers")):
+            for what, index, label in (("split", 4, "unsplit"), tma_dq, ("tma load", 6, "pointers"),
+                                       ("fold tail", 8, "tail program")):
                 twins = [t for t in (_with_flag(key, index, False), _with_flag(key, index, True))
                          if t != key and t in cands]
                 if twins:

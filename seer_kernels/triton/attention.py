@@ -110,6 +110,14 @@ class Tile:
     one runs the dq pass, with the default dq tiles). With ``dq_tma`` too, each dS tile goes out as one TMA
     bulk store (sm_90+; pointer stores elsewhere): ``dq_tma`` means dq's traffic through the TMA unit in
     either scheme.
+
+    ``fold_tail`` (forward tiles): the partial last query tile (a ``split_tail`` tail of TAIL_M rows) is
+    computed by the program of the last full query tile, with the K and V tiles that program loads anyway,
+    instead of by a program of its own that streams all of K and V again for a few rows. At N = 257 with
+    64-row tiles the tail program is the class token's one row: a fifth of the forward's K and V traffic
+    (each query tile's program reads all of K and V, mostly from L2) and of its programs, for 1/257 of its
+    work. The last program then runs two row blocks (BLOCK_M and TAIL_M rows) against each key tile. Applies
+    where N_q > BLOCK_M and N_q is not a multiple of it (``fold_active``); elsewhere the tile runs as without.
     """
 
     block_m: int
@@ -120,14 +128,15 @@ class Tile:
     dq_tma: bool = False
     tma_load: bool = False
     store_ds: bool = False
+    fold_tail: bool = False
 
     def __post_init__(self):  # from a table's 0/1: bools, so that equal tiles print and compare alike
-        for flag in ("split_tail", "dq_tma", "tma_load", "store_ds"):
+        for flag in ("split_tail", "dq_tma", "tma_load", "store_ds", "fold_tail"):
             object.__setattr__(self, flag, bool(getattr(self, flag)))
 
     def as_list(self) -> list[int]:
         return [self.block_m, self.block_n, self.num_warps, self.num_stages, int(self.split_tail),
-                int(self.dq_tma), int(self.tma_load), int(self.store_ds)]
+                int(self.dq_tma), int(self.tma_load), int(self.store_ds), int(self.fold_tail)]
 
     def constexprs(self, n_q: int, n_kv: int) -> dict:
         """The kernels' tile constexprs for an Nq x Nkv pass: block sizes and tail sizes (``tail_block``)."""
@@ -170,11 +179,18 @@ class Tile:
 # candidate tile with the feature whose twin without it is timed in the same run (bench/summary.py prints
 # each pair). In DKDV_TILES and DQ_TILES the tiles without dq_tma pair up by position for the deterministic
 # scheme (bwd_candidates).
+# The fold_tail tiles (not timed on a GPU yet) are the split tiles that the H100 table keeps at ViT lengths,
+# each timed against its twin with a tail program of its own: compiled for sm_90 (N = 257, bf16) the last
+# program's loop, two row blocks against each key tile, takes 560 SASS instructions at (64, 64) and D = 128
+# against 363 (Triton 3.6; 553 vs 369 with 3.8), and the kernel 226 registers instead of 168 (no spills, no
+# serialised wgmma): at (64, 64) shared memory bounds the SMs to 2 programs either way, at (64, 32) the
+# registers now do (3 before).
 FWD_TILES = {
     64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3, tma_load=True),
-         Tile(64, 64, 4, 3, split_tail=False)),
+         Tile(64, 64, 4, 3, fold_tail=True), Tile(64, 64, 4, 3, split_tail=False)),
     128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2),
-          Tile(64, 32, 4, 3, tma_load=True), Tile(64, 32, 4, 3, split_tail=False)),
+          Tile(64, 32, 4, 3, tma_load=True), Tile(64, 64, 4, 3, fold_tail=True), Tile(64, 32, 4, 3, fold_tail=True),
+          Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
 DKDV_TILES = {
@@ -259,6 +275,16 @@ def tail_block(n: int, block: int, split: bool = True) -> int:
     return min(block, max(16, next_pow2(rem)))
 
 
+def fold_active(tile: Tile, n_q: int) -> bool:
+    """Whether ``tile`` folds the query tail into the last full tile's program (``Tile.fold_tail``) at N_q."""
+    return tile.fold_tail and n_q > tile.block_m and tail_block(n_q, tile.block_m, tile.split_tail) < tile.block_m
+
+
+def fwd_programs(tile: Tile, n_q: int) -> int:
+    """Forward programs per (batch, head): one per query tile, the tail's folded into the last full one's."""
+    return n_q // tile.block_m if fold_active(tile, n_q) else cdiv(n_q, tile.block_m)
+
+
 def d_pad(head_dim: int) -> int:
     """Width of the register tiles along the head dim: next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, next_pow2(head_dim))
@@ -328,28 +354,61 @@ def _store_rows(base, x, offs_rows, offs_d, stride_row, n_rows, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i, offs_n, N_KV, qk_scale, MASK_N: tl.constexpr):
+    """One key tile of the online softmax in log2 units (c = qk_scale = scale * log2(e) >= 0; m_i the running
+    max of c * s, l_i the sum of exp2(c * s - m_i)): p = exp2(c * s - m_new), alpha = exp2(m_i - m_new), the
+    rescale of what came before, and the new max and sum."""
+    if MASK_N:  # the one tail tile: scale first, so that c = 0 cannot make -inf * 0 = NaN
+        s = tl.where((offs_n < N_KV)[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:  # c >= 0: max(c * s) = c * max(s), and the exponent is one fma
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start, end, N_KV, qk_scale,
                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
                TMA_LOAD: tl.constexpr):
-    """Online softmax over key tiles [start, end) in log2 units: with c = qk_scale = scale * log2(e) >= 0,
-    m_i is the running max of c * s and l_i the sum of exp2(c * s - m_i)."""
+    """Online softmax over key tiles [start, end) (:func:`_softmax_step`)."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
-        s = tl.dot(q, tl.trans(k))
-        if MASK_N:  # the one tail tile: scale first, so that c = 0 cannot make -inf * 0 = NaN
-            s = tl.where((offs_n < N_KV)[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-        else:  # c >= 0: max(c * s) = c * max(s), and the exponent is one fma
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(tl.dot(q, tl.trans(k)), m_i, l_i, offs_n, N_KV, qk_scale, MASK_N)
         v = _load_tile(v_base, v_desc, start_n, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_inner_fold(acc, l_i, m_i, q, acc2, l2, m2, q2, k_base, v_base, k_desc, v_desc, skn, svn, offs_d, start,
+                    end, N_KV, qk_scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASK_N: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """:func:`_fwd_inner` for two row blocks (q and q2, ``Tile.fold_tail``) against each K and V tile,
+    loaded once for both."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
+        kt = tl.trans(k)
+        p, alpha, m_i, l_i = _softmax_step(tl.dot(q, kt), m_i, l_i, offs_n, N_KV, qk_scale, MASK_N)
+        p2, alpha2, m2, l2 = _softmax_step(tl.dot(q2, kt), m2, l2, offs_n, N_KV, qk_scale, MASK_N)
+        v = _load_tile(v_base, v_desc, start_n, offs_n, offs_d, svn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc2 = acc2 * alpha2[:, None] + tl.dot(p2.to(v.dtype), v)
+    return acc, l_i, m_i, acc2, l2, m2
+
+
+@triton.jit
+def _fwd_store(o_base, lse_row, acc, l_i, m_i, offs_m, offs_d, son, N_Q, HEAD_DIM: tl.constexpr,
+               D_PAD: tl.constexpr):
+    """out = acc / l and lse (natural log) of the rows offs_m. Every row saw at least one real key
+    (N_KV >= 1), so l_i >= 1 and the division is safe."""
+    out = acc / l_i[:, None]
+    _store_rows(o_base, out.to(o_base.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
+    tl.store(lse_row + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N_Q)
 
 
 @triton.jit
@@ -369,10 +428,36 @@ def _fwd_rows(q_base, k_base, v_base, o_base, lse_row, k_desc, v_desc, sqn, skn,
                                n_full, N_KV, qk_scale, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, skn, svn, offs_d,
                                n_full, N_KV, N_KV, qk_scale, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
-    # Every row saw at least one real key (N_KV >= 1), so l_i >= 1 and the division is safe.
-    out = acc / l_i[:, None]
-    _store_rows(o_base, out.to(o_base.dtype.element_ty), offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
-    tl.store(lse_row + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N_Q)
+    _fwd_store(o_base, lse_row, acc, l_i, m_i, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
+
+
+@triton.jit
+def _fwd_rows_fold(q_base, k_base, v_base, o_base, lse_row, k_desc, v_desc, sqn, skn, svn, son, start_m, N_Q,
+                   N_KV, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                   TAIL_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """The last full query tile, rows [start_m, start_m + BLOCK_M), and the tail after it, TAIL_M rows
+    (``Tile.fold_tail``), in one pass over the keys."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_t = start_m + BLOCK_M + tl.arange(0, TAIL_M)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load_rows(q_base, offs_m, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
+    q2 = _load_rows(q_base, offs_t, offs_d, sqn, N_Q, HEAD_DIM, D_PAD, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    m2 = tl.full([TAIL_M], float("-inf"), tl.float32)
+    l2 = tl.zeros([TAIL_M], tl.float32)
+    acc2 = tl.zeros([TAIL_M, D_PAD], tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    qk_scale = scale * LOG2E  # the launcher makes scale >= 0
+    acc, l_i, m_i, acc2, l2, m2 = _fwd_inner_fold(acc, l_i, m_i, q, acc2, l2, m2, q2, k_base, v_base, k_desc,
+                                                  v_desc, skn, svn, offs_d, 0, n_full, N_KV, qk_scale, HEAD_DIM,
+                                                  D_PAD, BLOCK_N, False, TMA_LOAD)
+    acc, l_i, m_i, acc2, l2, m2 = _fwd_inner_fold(acc, l_i, m_i, q, acc2, l2, m2, q2, k_base, v_base, k_desc,
+                                                  v_desc, skn, svn, offs_d, n_full, N_KV, N_KV, qk_scale, HEAD_DIM,
+                                                  D_PAD, TAIL_N, True, TMA_LOAD)
+    _fwd_store(o_base, lse_row, acc, l_i, m_i, offs_m, offs_d, son, N_Q, HEAD_DIM, D_PAD)
+    _fwd_store(o_base, lse_row, acc2, l2, m2, offs_t, offs_d, son, N_Q, HEAD_DIM, D_PAD)
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
@@ -380,8 +465,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 H, N_Q, N_KV, scale, K_DESC, V_DESC,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
-    """K_DESC, V_DESC: None, or with ``TMA_LOAD`` descriptors of K and V (``Tile.tma_load``)."""
+                TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr, FOLD_TAIL: tl.constexpr):
+    """K_DESC, V_DESC: None, or with ``TMA_LOAD`` descriptors of K and V (``Tile.tma_load``). ``FOLD_TAIL``
+    (``fold_active``): the grid has N_Q // BLOCK_M query programs, the last of which also computes the
+    TAIL_M-row tail."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)  # 64-bit: b * stride overflows int32 on large activations
@@ -390,7 +477,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
     v_base = V + b * svb + h * svh
     o_base = O + b * sob + h * soh
     lse_row = LSE + (b * H + h) * N_Q
-    if TAIL_M < BLOCK_M and start_m + BLOCK_M > N_Q:  # the partial last query tile, in a TAIL_M-row tile
+    if FOLD_TAIL and start_m + 2 * BLOCK_M > N_Q:  # the last program: its full tile and the tail after it
+        _fwd_rows_fold(q_base, k_base, v_base, o_base, lse_row, K_DESC, V_DESC, sqn, skn, svn, son, start_m, N_Q,
+                       N_KV, scale, HEAD_DIM, D_PAD, BLOCK_M, TAIL_M, BLOCK_N, TAIL_N, TMA_LOAD)
+    elif TAIL_M < BLOCK_M and start_m + BLOCK_M > N_Q:  # the partial last query tile, in a TAIL_M-row tile
         _fwd_rows(q_base, k_base, v_base, o_base, lse_row, K_DESC, V_DESC,
                   sqn, skn, svn, son, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD, TAIL_M, BLOCK_N, TAIL_N, TMA_LOAD)
     else:
@@ -854,10 +944,11 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
     # out's (B, N, H, D) rows are H * D apart: past int32 row offsets, write (B, H, N, D) rows and copy.
     dst = out if _rows_fit_int32(out) else torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     with _on_device(q):
-        _run(_fwd_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(FWD_TILES, D, tile),
+        _run(_fwd_kernel, lambda t: (fwd_programs(t, NQ), H, B), _candidates(FWD_TILES, D, tile),
              (q, k, v, dst, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dst), H, NQ, NK,
               float(scale)),
-             dict(HEAD_DIM=D, D_PAD=d_pad(D)), NQ, NK, lambda t: _tma_loads(t, t.block_n, K_DESC=k, V_DESC=v))
+             dict(HEAD_DIM=D, D_PAD=d_pad(D)), NQ, NK,
+             lambda t: dict(_tma_loads(t, t.block_n, K_DESC=k, V_DESC=v), FOLD_TAIL=fold_active(t, NQ)))
         if dst is not out:
             out.copy_(dst)
     return out, lse

@@ -394,6 +394,38 @@ def test_launchers_pass_the_tail_tiles(monkeypatch):
         assert got["_bwd_dq_kernel"] == ((5, 3, 2), 16 if split else 64, 16)
 
 
+def test_the_query_tail_folds_into_the_last_full_tiles_program(monkeypatch):
+    """Tile.fold_tail: where N_q > BLOCK_M leaves a split tail, the forward launches N_q // BLOCK_M query
+    programs (the last also computing the tail) with FOLD_TAIL set; elsewhere (a short sequence, an even
+    one, an unsplit tile) it launches as its twin without the flag. Its results: the candidate-tile test
+    (every FWD_TILES entry, tails of 16 and 32 rows) and the check against the plain tile below."""
+    from seer_kernels.triton import attention as tri
+    launches = _record_launches(monkeypatch, tri, ("_fwd_kernel",))
+    k = v = torch.zeros(1, 2, 40, 64)
+    for nq, split, want in ((257, True, (4, True)), (197, True, (3, True)), (37, True, (1, False)),
+                            (256, True, (4, False)), (257, False, (5, False)), (65, True, (1, True))):
+        launches.clear()
+        tile = tri.Tile(64, 32, 4, 3, split, fold_tail=True)
+        tri.attention_fwd(torch.zeros(1, 2, nq, 64), k, v, 0.1, tile)
+        (_, grid, kw), = launches
+        assert (grid[0], kw["FOLD_TAIL"]) == want == (tri.fwd_programs(tile, nq), tri.fold_active(tile, nq)), nq
+    assert tri.Tile(*tri.Tile(64, 64, 4, 3, fold_tail=True).as_list()).fold_tail  # (a table's 9-element list)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("nq,nkv", [(81, 65), (257, 37)])
+def test_a_folded_tail_gives_the_plain_tiles_results(nq, nkv):
+    """The last program's two row blocks against each key tile compute what two programs computed: the same
+    bits in the interpreter (the same operations per row), and on a GPU within one rounding (other code)."""
+    from seer_kernels.triton import attention as tri
+    dtype = _triton_dtypes()[0]
+    q, k, v = make_qkv(2, 3, nq, nkv, 64, dtype, TRITON_DEV)
+    plain = tri.attention_fwd(q, k, v, 0.125, tri.Tile(64, 32, 4, 3))
+    folded = tri.attention_fwd(q, k, v, 0.125, tri.Tile(64, 32, 4, 3, fold_tail=True))
+    for a, b, name in zip(folded, plain, ("out", "lse")):
+        _assert_same_as_pointer_path(a.float(), b.float(), dtype, name, exact=TRITON_DEV == "cpu")
+
+
 def test_tables_written_before_the_split_keep_their_tiles():
     """4-element tile lists (recorded before tail tiles existed) run as measured, without the split."""
     from seer_kernels.ops import attention as ops
@@ -716,7 +748,8 @@ def test_triton_deterministic_mode_repeats_bits():
 @pytest.mark.slow
 def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile):
     """Without a GPU: the default tiles and the first with each Hopper feature (tma_load; dq_tma: TMA
-    reductions at 257, and in the tail tile too at 145, whose 17 leftover rows take a full 32-row tile)
+    reductions at 257, and in the tail tile too at 145, whose 17 leftover rows take a full 32-row tile; and
+    the first forward tile that folds the query tail into its last program)
     compiled for sm_90. Catches what only a GPU run would otherwise show: compile errors, shared memory
     beyond the H100's 227 KB, register spills beyond the budget of bench.attention_compile (64 bytes: the
     fastest dkdv tile measured spills 12-36 with atomic dq, depending on the Triton, the head dim and the tail
@@ -734,9 +767,10 @@ def test_default_kernels_compile_for_hopper_within_the_spill_budget(sm90_compile
     # two processes at once: 40 s one after the other on a 2-core CI machine
     outs = dict(zip(("257", "145"), together(compile_at("257"), compile_at("145"))))
     for n, out in outs.items():
-        assert "24 variants, 0 failures" in out and "dkdv+tma" in out and "dkdv+ds" in out, (n, out)
+        assert "26 variants, 0 failures" in out and "dkdv+tma" in out and "dkdv+ds" in out, (n, out)
         tiles = [json.loads(line[line.index("["):line.index("]") + 1]) for line in out.splitlines() if "[" in line]
         assert sum(t[6] for t in tiles) == 8, out  # tma_load: fwd, dkdv x 2, dq
+        assert sum(t[8] for t in tiles) == 2, out  # fold_tail: the first forward candidate at D = 88 and 128
         assert sum(t[7] for t in tiles) == 2, out  # store_ds: the first candidate (dS by TMA) at D = 88 and 128
         # The "loop" column (SASS per main-loop iteration) was read from each cubin: every kernel but delta
         # has a main loop of at least its matmuls.
@@ -1528,12 +1562,15 @@ def test_summary_pairs_each_candidate_with_its_twin(capsys):
               "det dkdv=[32, 64, 4, 2, 1, 0, 0, 1] dq=[64, 64, 4, 3, 1, 0, 0, 0]": 96.0}
     summary._feature_twins([{"op": "attention", "mode": "fwdbwd", "case": "c-fwdbwd", "candidate_us": fwdbwd},
                              {"op": "attention", "mode": "fwd", "case": "c-fwd",
-                              "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0},
+                              "candidate_us": {"[64, 32, 4, 3, 1, 0]": 40.0, "[64, 32, 4, 3, 0, 0]": 50.0,
+                                               "[64, 64, 4, 3, 1, 0, 0, 0, 1]": 36.0,
+                                               "[64, 64, 4, 3, 1, 0, 0, 0, 0]": 45.0},
                               "candidate_failures": {"[64, 64, 4, 3, 1, 0, 1]": "no TMA here"}}])
     lines = capsys.readouterr().out.splitlines()[1:]
     assert [line.split()[-1] for line in lines] == ["1.33x", "1.25x", "1.25x", "1.20x", "1.38x", "1.15x", "here",
-                                                    "1.25x"], lines
+                                                    "1.25x", "1.25x"], lines
     assert "tma dq" in lines[0] and "split" in lines[1] and "tma load" in lines[2] and "FAILED" in lines[6]
+    assert "fold tail" in lines[8] and "tail program     45.0 us" in lines[8], lines
     # the stored-dS candidates: the TMA store against its pointer twin (not "tma dq ... atomics"), each
     # against the faster dq pass on its dkdv tile (110 us, not 100: the 7-element key is another tile list)
     assert "tma dS store" in lines[3] and "pointer stores" in lines[3] and "atomics" not in lines[3], lines

@@ -324,8 +324,10 @@ def test_ncu_cases_run():
     assert list(fns)[0] == "ours fwd"
     assert {"ours bwd deterministic", "ours bwd atomic", "ours bwd stored dS"} <= set(fns)
     # the Hopper features' twins come last (D = 32: the 32 class's (16, 64) dkdv tile)
-    assert list(fns)[-3:] == ["ours fwd [64, 64, 4, 3, 1, 0, 1, 0] tma_load", "ours bwd atomic [16, 64, 4, 2] dq_tma",
-                              "ours bwd atomic [16, 64, 4, 2] pointer atomics"]
+    assert list(fns)[-3:] == ["ours fwd [64, 64, 4, 3, 1, 0, 1, 0, 0] tma_load",
+                              "ours bwd atomic [16, 64, 4, 2] dq_tma", "ours bwd atomic [16, 64, 4, 2] pointer atomics"]
+    # the forward with its query tail folded in, and its twin, right after our default forward
+    assert list(fns)[1:3] == ["ours fwd [64, 64, 4, 3] fold_tail", "ours fwd [64, 64, 4, 3] own tail program"]
     for label, fn in fns.items():
         if device == "cuda" or label.startswith("ours"):
             fn()
