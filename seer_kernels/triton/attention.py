@@ -111,7 +111,8 @@ class Tile:
     bulk store (sm_90+; pointer stores elsewhere): ``dq_tma`` means dq's traffic through the TMA unit in
     either scheme.
 
-    ``fold_tail`` (forward tiles): the partial last query tile (a ``split_tail`` tail of TAIL_M rows) is
+    ``fold_tail`` (forward tiles, and the dq tile of a stored-dS pair; the dq pass ignores it): the partial
+    last query tile (a ``split_tail`` tail of TAIL_M rows) is
     computed by the program of the last full query tile, with the K and V tiles that program loads anyway,
     instead of by a program of its own that streams all of K and V again for a few rows. At N = 257 with
     64-row tiles the tail program is the class token's one row: a fifth of the forward's K and V traffic
@@ -228,14 +229,19 @@ DQ_TILES[32] = tuple(t for t in DQ_TILES[64] if t.block_m != 128)
 # (32, 128, 8 warps) tile with the TMA store: 283 per warp and iteration for twice the scores with twice the
 # warps (0.138 per score and warp of 4; 231 registers, no spills), and the one whose work the split tails cut
 # most at N = 257 (32 x 128 tiles: 288 x 384 -> 272 x 272 score rows, 33 %, against 20 % for 32 x 64).
+# Last, the pair that the H100 table keeps at ViT-10B/TP4 and ViT-g (pointer stores), with its dq-from-dS
+# tile folding the query tail into its last program (Tile.fold_tail: each query tile's program reads all of
+# K; at N = 257 the tail's 16 rows read it a fifth time), timed against that pair.
 DS_TILES = {
     32: ((Tile(16, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
          (Tile(16, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
     64: ((Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
-         (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
+         (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3)),
+         (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3, fold_tail=True))),
     128: ((Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
           (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3)),
-          (Tile(32, 128, 8, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3))),
+          (Tile(32, 128, 8, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
+          (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3, fold_tail=True))),
     256: (),
 }
 DS_MAX_RATIO = 4  # ds_fits: the dS^T buffer at most this many times the size of q, k and v
@@ -280,8 +286,9 @@ def fold_active(tile: Tile, n_q: int) -> bool:
     return tile.fold_tail and n_q > tile.block_m and tail_block(n_q, tile.block_m, tile.split_tail) < tile.block_m
 
 
-def fwd_programs(tile: Tile, n_q: int) -> int:
-    """Forward programs per (batch, head): one per query tile, the tail's folded into the last full one's."""
+def query_programs(tile: Tile, n_q: int) -> int:
+    """Programs per (batch, head) of a kernel that owns query tiles (the forward, dq from a stored dS): one per
+    query tile, the tail's folded into the last full one's where ``fold_active``."""
     return n_q // tile.block_m if fold_active(tile, n_q) else cdiv(n_q, tile.block_m)
 
 
@@ -731,6 +738,46 @@ def _dq_ds_inner(dq, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_d, start, 
 
 
 @triton.jit
+def _dq_ds_inner_fold(dq, dq2, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_t, offs_d, start, end, N_KV,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
+                      TMA_LOAD: tl.constexpr):
+    """:func:`_dq_ds_inner` for the last full query tile (offs_m) and the tail after it (offs_t, masked at the
+    buffer's row length), each K tile loaded once for both (``Tile.fold_tail``)."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASK_N:
+            ds_t = tl.load(_row_ptrs(ds_base, offs_n, offs_m, sdsn), mask=(offs_n < N_KV)[:, None], other=0.0)
+        else:
+            ds_t = tl.load(_row_ptrs(ds_base, offs_n, offs_m, sdsn))
+        ds_t2 = tl.load(_row_ptrs(ds_base, offs_n, offs_t, sdsn), mask=(offs_n < N_KV)[:, None] &
+                        (offs_t < sdsn)[None, :], other=0.0)
+        k = _load_tile(k_base, k_desc, start_n, offs_n, offs_d, skn, N_KV, HEAD_DIM, D_PAD, BLOCK_N, MASK_N, TMA_LOAD)
+        dq += tl.dot(tl.trans(ds_t), k)
+        dq2 += tl.dot(tl.trans(ds_t2), k)
+    return dq, dq2
+
+
+@triton.jit
+def _dq_ds_rows_fold(ds_base, k_base, dq_base, k_desc, sdsn, skn, sdqn, start_m, N_Q, N_KV, scale,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
+    """:func:`_dq_ds_rows` for the last full query tile and the TAIL_M-row tail after it in one pass over the
+    keys (``Tile.fold_tail``)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_t = start_m + BLOCK_M + tl.arange(0, TAIL_M)
+    offs_d = tl.arange(0, D_PAD)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    dq2 = tl.zeros([TAIL_M, D_PAD], tl.float32)
+    n_full = (N_KV // BLOCK_N) * BLOCK_N
+    dq, dq2 = _dq_ds_inner_fold(dq, dq2, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_t, offs_d, 0, n_full,
+                                N_KV, HEAD_DIM, D_PAD, BLOCK_N, False, TMA_LOAD)
+    dq, dq2 = _dq_ds_inner_fold(dq, dq2, ds_base, k_base, k_desc, sdsn, skn, offs_m, offs_t, offs_d, n_full, N_KV,
+                                N_KV, HEAD_DIM, D_PAD, TAIL_N, True, TMA_LOAD)
+    _store_rows(dq_base, (dq * scale).to(dq_base.dtype.element_ty), offs_m, offs_d, sdqn, N_Q, HEAD_DIM, D_PAD)
+    _store_rows(dq_base, (dq2 * scale).to(dq_base.dtype.element_ty), offs_t, offs_d, sdqn, N_Q, HEAD_DIM, D_PAD)
+
+
+@triton.jit
 def _dq_ds_rows(ds_base, k_base, dq_base, k_desc, sdsn, skn, sdqn, start_m, N_Q, N_KV, scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 TAIL_N: tl.constexpr, MASK_M: tl.constexpr, TMA_LOAD: tl.constexpr):
@@ -750,16 +797,19 @@ def _dq_ds_rows(ds_base, k_base, dq_base, k_desc, sdsn, skn, sdqn, start_m, N_Q,
 @triton.jit(do_not_specialize=["N_Q", "N_KV"])
 def _bwd_dq_ds_kernel(DS, K, DQ, sdsb, sdsh, sdsn, skb, skh, skn, sdqb, sdqh, sdqn, N_Q, N_KV, scale, K_DESC,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr):
+                      TAIL_M: tl.constexpr, TAIL_N: tl.constexpr, TMA_LOAD: tl.constexpr, FOLD_TAIL: tl.constexpr):
     """dq of the stored-dS scheme (``Tile.store_ds``): DS is the (B, H, N_KV, >= N_Q) buffer of dS^T, K_DESC
-    None or with ``TMA_LOAD`` a descriptor of K."""
+    None or with ``TMA_LOAD`` a descriptor of K. ``FOLD_TAIL``: as the forward's (``Tile.fold_tail``)."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     ds_base = DS + b * sdsb + h * sdsh
     k_base = K + b * skb + h * skh
     dq_base = DQ + b * sdqb + h * sdqh
-    if start_m + BLOCK_M > N_Q:  # the partial last query tile: TAIL_M rows (BLOCK_M without the split), masked
+    if FOLD_TAIL and start_m + 2 * BLOCK_M > N_Q:  # the last program: its full tile and the tail after it
+        _dq_ds_rows_fold(ds_base, k_base, dq_base, K_DESC, sdsn, skn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM,
+                         D_PAD, BLOCK_M, TAIL_M, BLOCK_N, TAIL_N, TMA_LOAD)
+    elif start_m + BLOCK_M > N_Q:  # the partial last query tile: TAIL_M rows (BLOCK_M without the split), masked
         _dq_ds_rows(ds_base, k_base, dq_base, K_DESC, sdsn, skn, sdqn, start_m, N_Q, N_KV, scale, HEAD_DIM, D_PAD,
                     TAIL_M, BLOCK_N, TAIL_N, True, TMA_LOAD)
     else:
@@ -944,7 +994,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
     # out's (B, N, H, D) rows are H * D apart: past int32 row offsets, write (B, H, N, D) rows and copy.
     dst = out if _rows_fit_int32(out) else torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     with _on_device(q):
-        _run(_fwd_kernel, lambda t: (fwd_programs(t, NQ), H, B), _candidates(FWD_TILES, D, tile),
+        _run(_fwd_kernel, lambda t: (query_programs(t, NQ), H, B), _candidates(FWD_TILES, D, tile),
              (q, k, v, dst, lse, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dst), H, NQ, NK,
               float(scale)),
              dict(HEAD_DIM=D, D_PAD=d_pad(D)), NQ, NK,
@@ -1028,9 +1078,9 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
          dict(ATOMIC_DQ=not deterministic, STORE_DS=store_ds, **cx), NQ, NK, dq_traffic_and_loads)
     if store_ds:  # dq = scale * dS K from the buffer, any candidate dq tile (all fit this one-matmul kernel)
         dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-        _run(_bwd_dq_ds_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
+        _run(_bwd_dq_ds_kernel, lambda t: (query_programs(t, NQ), H, B), _candidates(DQ_TILES, D, dq_tile),
              (ds, k, dq, *ds_strides, *_strides3(k), *_strides3(dq), NQ, NK, float(scale)),
-             cx, NQ, NK, lambda t: _tma_loads(t, t.block_n, K_DESC=k))
+             cx, NQ, NK, lambda t: dict(_tma_loads(t, t.block_n, K_DESC=k), FOLD_TAIL=fold_active(t, NQ)))
     elif not deterministic:  # dq = scale * dq_acc in q's dtype: one elementwise kernel, like .to() alone
         dq = torch.mul(dq_acc, float(scale), out=torch.empty(q.shape, dtype=q.dtype, device=dev))
     return dq, dk, dv

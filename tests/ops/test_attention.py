@@ -397,9 +397,15 @@ def test_launchers_pass_the_tail_tiles(monkeypatch):
 def test_the_query_tail_folds_into_the_last_full_tiles_program(monkeypatch):
     """Tile.fold_tail: where N_q > BLOCK_M leaves a split tail, the forward launches N_q // BLOCK_M query
     programs (the last also computing the tail) with FOLD_TAIL set; elsewhere (a short sequence, an even
-    one, an unsplit tile) it launches as its twin without the flag. Its results: the candidate-tile test
-    (every FWD_TILES entry, tails of 16 and 32 rows) and the check against the plain tile below."""
+    one, an unsplit tile) it launches as its twin without the flag; so does the dq-from-dS kernel with a
+    folding dq tile. Their results: the candidate-tile test (every FWD_TILES entry and stored-dS pair, tails
+    of 16 and 32 rows) and the check against the plain tiles below."""
     from seer_kernels.triton import attention as tri
+    bwd = _record_launches(monkeypatch, tri, ("_bwd_dkdv_kernel", "_bwd_dq_ds_kernel", "_bwd_delta_kernel"))
+    q = torch.zeros(1, 2, 257, 64)
+    tri.attention_bwd(q, q, q, q, q, torch.zeros(1, 2, 257), 0.1, True, tri.Tile(32, 64, 4, 2, store_ds=True),
+                      tri.Tile(64, 64, 4, 3, fold_tail=True))
+    assert [(grid[0], kw["FOLD_TAIL"]) for name, grid, kw in bwd if name == "_bwd_dq_ds_kernel"] == [(4, True)]
     launches = _record_launches(monkeypatch, tri, ("_fwd_kernel",))
     k = v = torch.zeros(1, 2, 40, 64)
     for nq, split, want in ((257, True, (4, True)), (197, True, (3, True)), (37, True, (1, False)),
@@ -408,7 +414,7 @@ def test_the_query_tail_folds_into_the_last_full_tiles_program(monkeypatch):
         tile = tri.Tile(64, 32, 4, 3, split, fold_tail=True)
         tri.attention_fwd(torch.zeros(1, 2, nq, 64), k, v, 0.1, tile)
         (_, grid, kw), = launches
-        assert (grid[0], kw["FOLD_TAIL"]) == want == (tri.fwd_programs(tile, nq), tri.fold_active(tile, nq)), nq
+        assert (grid[0], kw["FOLD_TAIL"]) == want == (tri.query_programs(tile, nq), tri.fold_active(tile, nq)), nq
     assert tri.Tile(*tri.Tile(64, 64, 4, 3, fold_tail=True).as_list()).fold_tail  # (a table's 9-element list)
 
 
@@ -423,6 +429,14 @@ def test_a_folded_tail_gives_the_plain_tiles_results(nq, nkv):
     plain = tri.attention_fwd(q, k, v, 0.125, tri.Tile(64, 32, 4, 3))
     folded = tri.attention_fwd(q, k, v, 0.125, tri.Tile(64, 32, 4, 3, fold_tail=True))
     for a, b, name in zip(folded, plain, ("out", "lse")):
+        _assert_same_as_pointer_path(a.float(), b.float(), dtype, name, exact=TRITON_DEV == "cpu")
+    # dq from a stored dS (the dq tile of a stored-dS pair): the same with its tail folded in
+    out, lse = plain
+    do = torch.randn_like(out)
+    dkdv = tri.Tile(32, 64, 4, 2, store_ds=True)
+    want = tri.attention_bwd(do, q, k, v, out, lse, 0.125, True, dkdv, tri.Tile(64, 64, 4, 3))
+    got = tri.attention_bwd(do, q, k, v, out, lse, 0.125, True, dkdv, tri.Tile(64, 64, 4, 3, fold_tail=True))
+    for a, b, name in zip(got, want, ("dq", "dk", "dv")):
         _assert_same_as_pointer_path(a.float(), b.float(), dtype, name, exact=TRITON_DEV == "cpu")
 
 
