@@ -112,13 +112,13 @@ class Tile:
     either scheme.
 
     ``fold_tail`` (forward tiles, and the dq tile of a stored-dS pair; the dq pass ignores it): the partial
-    last query tile (a ``split_tail`` tail of TAIL_M rows) is
-    computed by the program of the last full query tile, with the K and V tiles that program loads anyway,
-    instead of by a program of its own that streams all of K and V again for a few rows. At N = 257 with
-    64-row tiles the tail program is the class token's one row: a fifth of the forward's K and V traffic
-    (each query tile's program reads all of K and V, mostly from L2) and of its programs, for 1/257 of its
-    work. The last program then runs two row blocks (BLOCK_M and TAIL_M rows) against each key tile. Applies
-    where N_q > BLOCK_M and N_q is not a multiple of it (``fold_active``); elsewhere the tile runs as without.
+    last query tile (a ``split_tail`` tail of TAIL_M rows) is computed by the program of the last full query
+    tile, with the K and V tiles that program loads anyway, instead of by a program of its own that streams
+    all of K and V again for a few rows. At N = 257 with 64-row tiles the tail program is the class token's
+    one row: a fifth of the forward's K and V traffic (each query tile's program reads all of K and V, mostly
+    from L2) and of its programs, for 1/257 of its work. The last program then runs two row blocks (BLOCK_M
+    and TAIL_M rows) against each key tile. Applies where N_q > BLOCK_M and N_q is not a multiple of it
+    (``fold_active``); elsewhere the tile runs as without.
     """
 
     block_m: int
