@@ -180,18 +180,20 @@ class Tile:
 # candidate tile with the feature whose twin without it is timed in the same run (bench/summary.py prints
 # each pair). In DKDV_TILES and DQ_TILES the tiles without dq_tma pair up by position for the deterministic
 # scheme (bwd_candidates).
-# The fold_tail tiles (not timed on a GPU yet) are the split tiles that the H100 table keeps at ViT lengths,
-# each timed against its twin with a tail program of its own: compiled for sm_90 (N = 257, bf16) the last
+# The fold_tail tiles (not timed on a GPU yet): the split tiles that the H100 table keeps at ViT lengths and
+# a 128-row one, each timed against its twin with a tail program of its own: compiled for sm_90 (N = 257, bf16) the last
 # program's loop, two row blocks against each key tile, takes 560 SASS instructions at (64, 64) and D = 128
 # against 363 (Triton 3.6; 553 vs 369 with 3.8), and the kernel 226 registers instead of 168 (no spills, no
 # serialised wgmma): at (64, 64) shared memory bounds the SMs to 2 programs either way, at (64, 32) the
-# registers now do (3 before).
+# registers now do (3 before). The (128, 64, 8 warps) one (twin: the (128, 64, 8, 2) tile above) reads
+# K and V twice per (batch, head) at N = 257 instead of five times: 2 x 128 + 16 rows in two programs (223
+# registers with Triton 3.6, one program per SM, as its twin's 170 already allow).
 FWD_TILES = {
     64: (Tile(64, 64, 4, 3), Tile(64, 32, 4, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3, tma_load=True),
          Tile(64, 64, 4, 3, fold_tail=True), Tile(64, 64, 4, 3, split_tail=False)),
     128: (Tile(64, 32, 4, 3), Tile(128, 32, 4, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 2),
           Tile(64, 32, 4, 3, tma_load=True), Tile(64, 64, 4, 3, fold_tail=True), Tile(64, 32, 4, 3, fold_tail=True),
-          Tile(64, 32, 4, 3, split_tail=False)),
+          Tile(128, 64, 8, 2, fold_tail=True), Tile(64, 32, 4, 3, split_tail=False)),
     256: (Tile(64, 32, 8, 2), Tile(64, 64, 8, 2)),
 }
 DKDV_TILES = {
@@ -231,7 +233,9 @@ DQ_TILES[32] = tuple(t for t in DQ_TILES[64] if t.block_m != 128)
 # most at N = 257 (32 x 128 tiles: 288 x 384 -> 272 x 272 score rows, 33 %, against 20 % for 32 x 64).
 # Last, the pair that the H100 table keeps at ViT-10B/TP4 and ViT-g (pointer stores), with its dq-from-dS
 # tile folding the query tail into its last program (Tile.fold_tail: each query tile's program reads all of
-# K; at N = 257 the tail's 16 rows read it a fifth time), timed against that pair.
+# K; at N = 257 the tail's 16 rows read it a fifth time), timed against that pair; at the 128 class also
+# with a (128, 64, 8 warps) dq tile, folding and not (K read twice per (batch, head) at N = 257, or three
+# times).
 DS_TILES = {
     32: ((Tile(16, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
          (Tile(16, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3))),
@@ -241,7 +245,9 @@ DS_TILES = {
     128: ((Tile(32, 64, 4, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
           (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3)),
           (Tile(32, 128, 8, 2, store_ds=True, dq_tma=True), Tile(64, 64, 4, 3)),
-          (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3, fold_tail=True))),
+          (Tile(32, 64, 4, 2, store_ds=True), Tile(64, 64, 4, 3, fold_tail=True)),
+          (Tile(32, 64, 4, 2, store_ds=True), Tile(128, 64, 8, 2)),
+          (Tile(32, 64, 4, 2, store_ds=True), Tile(128, 64, 8, 2, fold_tail=True))),
     256: (),
 }
 DS_MAX_RATIO = 4  # ds_fits: the dS^T buffer at most this many times the size of q, k and v
