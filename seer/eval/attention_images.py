@@ -21,7 +21,7 @@ from torch import nn
 from ..config import DataConfig
 from ..data.sources import printable
 from .attention import attention_maps
-from .datasets import channel_stats, preprocess, read_image
+from .datasets import autocast_to, channel_stats, preprocess, read_image
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def save_attention_maps(backbone: nn.Module, paths: Sequence[str], out: str, *, 
 
     def flush() -> None:
         x = torch.stack([b[2] for b in batch])
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with autocast_to(device, autocast_dtype):
             maps = attention_maps(backbone, x.to(device), layer=layer).numpy()
         for (path, name, crop), m in zip(batch, maps):
             _write(out, path, name, crop, m, mean_t, std_t)

@@ -139,6 +139,12 @@ def channel_stats(mean, std) -> tuple[Tensor, Tensor]:
             torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
 
 
+def autocast_to(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:
+    """Autocast of the evaluation tools' forward passes: to ``dtype`` on ``device``'s type, off where None
+    (the backbone then runs as its parameters are)."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 (3, H, W) -> normalised float (3, size, size): resize the shorter side to size * 8/7 (DINO's
     256 for 224; skipped when the image already is size x size), centre crop, normalise."""

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from ..data.sources import is_image_name, printable, scan_folder
 from ..data.workers import check_timeout, loader_timeout, next_batch
-from .datasets import channel_stats, preprocess, read_image
+from .datasets import autocast_to, channel_stats, preprocess, read_image
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
                 skipped.append((i, reason))
                 log.warning("skipping unreadable image %s (%s)", printable(paths[i]), reason)
             if x is not None:
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                    enabled=autocast_dtype is not None):
+                with autocast_to(device, autocast_dtype):
                     rows = token_features(backbone, x.to(device), layers=layers, tokens=tokens).cpu()
                 write(idx, rows)
             if after_batch is not None:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import DataConfig
 from ..parallel import comm
-from .datasets import LabelledSplit, channel_stats, load_image, preprocess
+from .datasets import LabelledSplit, autocast_to, channel_stats, load_image, preprocess
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: i
                     ok.append(i)
         # Every rank runs the same number of forwards (a sharded model's forward is collective).
         x = torch.stack(images) if images else torch.zeros(1, 3, image_size, image_size)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with autocast_to(device, autocast_dtype):
             f = backbone(x.to(device)).float().cpu()
         dim = f.shape[1]
         if images:
