@@ -97,8 +97,8 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     text = json.dumps(info, indent=1)  # (what can fail on the content before the tensors, before any file)
 
     def write(part: Path) -> str:
-        # A damaged checkpoint file is found while the scratch file is written: write_export then keeps
-        # nothing of it, and the earlier export (if any) is untouched.
+        # (A damaged checkpoint file was refused before this, by checkpoint_backbone_groups; a read that fails
+        # while the tensors stream leaves write_export nothing to keep, and the earlier export untouched.)
         write_safetensors(part, specs, groups, metadata={"format": "pt", "producer": "seer", "layout": "timm"})
         return text
 

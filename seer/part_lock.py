@@ -52,17 +52,19 @@ def lock_part(path: Path, busy: str | Callable[[int], str], *,
     open descriptor, to read what the holder wrote into the file). Every lock of this process (the run lock
     of seer.train.lock too) is taken here, so that one fork handler drops them all in a child."""
     import fcntl
-    for attempt in range(_ATTEMPTS):
+    attempts = 0
+    while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            try:
-                message = busy(fd) if callable(busy) else busy
-            finally:
-                os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                try:
+                    message = busy(fd) if callable(busy) else busy
+                finally:
+                    os.close(fd)
                 raise OutputBusyError(message) from None
+            os.close(fd)
             log.warning("cannot lock %s (%s): this filesystem has no file locks; %s", path, e, unlocked)
             return None
         # The holder may have renamed or removed the file between our open and our lock: lock the file at path.
@@ -70,14 +72,14 @@ def lock_part(path: Path, busy: str | Callable[[int], str], *,
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
             same = False
-        if same or attempt == _ATTEMPTS - 1:
+        attempts += 1
+        if same or attempts == _ATTEMPTS:
             if not same:  # (a filesystem whose fstat and stat disagree on the file: never the same)
                 log.warning("cannot tell whether the lock on %s is on the file at that path (its fstat and stat "
                             "disagree); %s", path, unlocked)
             _locked.add(fd)
             return fd
         os.close(fd)
-    raise AssertionError("unreachable")  # (the last attempt returns)
 
 
 def unlock_part(fd: Optional[int]) -> None:
