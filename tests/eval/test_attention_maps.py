@@ -193,6 +193,11 @@ def test_cli_batches_and_precision(run, capsys):
         assert not np.array_equal(np.load(bf16 / name), np.load(one / name))
     assert attention_cli(run, run / "other", "--batch-size", "0") == 2
     assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err
+    from seer.eval.attention_images import save_attention_maps
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=rf"argument 'batch_size' must be a positive integer, got {bad!r}"):
+            save_attention_maps(load_pretrained(run / "run"), [], str(run / "other"), image_size=32, mean=[0.5] * 3,
+                                std=[0.25] * 3, batch_size=bad)
 
 
 def test_maps_that_are_not_finite_are_warned(run, tmp_path, caplog):
