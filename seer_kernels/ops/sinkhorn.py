@@ -22,6 +22,7 @@ from ..reference import sinkhorn as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPSILON_MIN = torch.finfo(torch.float32).tiny
+_EPSILON_MIN_TEXT = f"{EPSILON_MIN:g}"  # formatted once: Dynamo fails on the format spec with dynamic=True
 ITERATIONS_MAX = 2**31 - 1
 
 DISPATCH = Dispatcher("sinkhorn")
@@ -171,7 +172,9 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     """
     given = scores
     scores = _validate(scores, epsilon, iterations, group, prototype_group)
-    epsilon, iterations = float(epsilon), int(iterations)  # e.g. a Fraction or a numpy integer
+    # e.g. a Fraction or a numpy integer; a SymFloat (compiled, varying between calls) stays symbolic
+    epsilon = epsilon if isinstance(epsilon, torch.SymFloat) else float(epsilon)
+    iterations = int(iterations)
     if check_finite and not _tracing(scores):
         finite, may_overflow = _all_finite(scores, epsilon)
         finite_here = finite
@@ -297,9 +300,11 @@ def _validate(scores, epsilon, iterations, group, prototype_group) -> Tensor:
         raise TypeError(f"sinkhorn: argument 'scores' must be float32, bfloat16 or float16, got {scores.dtype}")
     # Every backend divides by epsilon in float32: below the smallest normal float32 it rounds to 0 or a
     # subnormal, and the logits (S - m) / epsilon become NaN or -inf for whole rows (all codes NaN).
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not math.isfinite(epsilon) \
-            or epsilon < EPSILON_MIN:
-        raise ValueError(f"sinkhorn: argument 'epsilon' must be a finite number >= {EPSILON_MIN:g} (the smallest "
+    # Comparisons, not math.isfinite: torch.compile passes an epsilon that varies between calls (a schedule)
+    # as a SymFloat, and a comparison becomes a guard where math.isfinite breaks the graph.
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (numbers.Real, torch.SymFloat)) \
+            or not EPSILON_MIN <= epsilon < math.inf:
+        raise ValueError(f"sinkhorn: argument 'epsilon' must be a finite number >= {_EPSILON_MIN_TEXT} (the smallest "
                          f"normal float32), got {epsilon!r}")
     # The native kernels count iterations in 32 bits.
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) \

@@ -520,6 +520,19 @@ def test_compiles_fullgraph():
     assert max_abs_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_with_an_epsilon_that_varies_between_calls(dynamic):
+    """torch.compile passes an epsilon that changes between calls (a schedule) as a SymFloat: no graph break
+    (math.isfinite on it broke fullgraph=True), right values, and a bad one is still refused by name."""
+    torch._dynamo.reset()
+    codes = torch.compile(lambda s, eps: seer_kernels.sinkhorn(s, eps, 3), fullgraph=True, dynamic=dynamic)
+    s = cosine_scores(16, 30)
+    for eps in (0.05, 0.1, 0.03):
+        assert max_abs_err(codes(s, eps), swav_f64(s, eps, 3)) <= 1e-5, eps
+    with pytest.raises(Exception, match="argument 'epsilon' must be a finite number >= 1.17549e-38"):
+        codes(s, 0.0)
+
+
 def test_plain_eager_calls_skip_the_op_with_the_same_bits(monkeypatch):
     """A plain call runs the selected backend directly (no torch.library wrapper); anything that traces or
     intercepts it (here FakeTensor and a dispatch mode) gets the custom op. Both give the same result."""
