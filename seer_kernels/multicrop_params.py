@@ -250,10 +250,11 @@ def _windows32(box: np.ndarray, reduce) -> np.ndarray:
     length = (b[:, 2:] / reduce).astype(np.float32)
     end = ((b[:, :2] + b[:, 2:]) / reduce).astype(np.float32).astype(np.float64)
     over = start.astype(np.float64) + length.astype(np.float64) > end
-    if over.any():
-        fit = (end - start.astype(np.float64)).astype(np.float32)
-        fit = np.where(start.astype(np.float64) + fit.astype(np.float64) > end, np.nextafter(fit, np.float32(0)), fit)
-        length = np.where(over, fit, length)
+    # No `if over.any()`: torch.compile traces this numpy code (augment_crops_batch packs inside the graph), and
+    # a branch on data breaks fullgraph=True.
+    fit = (end - start.astype(np.float64)).astype(np.float32)
+    fit = np.where(start.astype(np.float64) + fit.astype(np.float64) > end, np.nextafter(fit, np.float32(0)), fit)
+    length = np.where(over, fit, length)
     return np.concatenate([start, length], axis=1)
 
 

@@ -353,6 +353,21 @@ def test_compiles_fullgraph(gen):
     assert torch.equal(batch(image, packed), want)
 
 
+@pytest.mark.parametrize("reduce", [1, 3])
+def test_augment_crops_batch_compiles_fullgraph(reduce, gen):
+    """What multicrop's fullgraph refusal tells the user to compile: augment_crops_batch with parameters drawn
+    outside. Its packing (numpy, traced by Dynamo) branched on data (the float32 window fix-up) and broke
+    fullgraph=True for every input; reduce 3 takes that fix-up (box (1, 0, 29, 30): 0.33333334 + 9.666667 > 10)."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda ims, ps: seer_kernels.augment_crops_batch(ims, ps, 16, MEAN, STD, reduce=[reduce] * 2),
+                      fullgraph=True)
+    images = [torch.randint(0, 256, (3, 10, 12), generator=gen, dtype=torch.uint8) for _ in range(2)]
+    boxes = [[1, 0, 29, 30], [0, 3, 30, 33]] if reduce == 3 else [[1, 0, 9, 10], [0, 3, 10, 9]]
+    params = [CropParams.identity(boxes), random_params((10 * reduce, 12 * reduce), 2, (0.2, 1.0), gen)]
+    want = seer_kernels.augment_crops_batch(images, params, 16, MEAN, STD, reduce=[reduce] * 2)
+    assert torch.equal(f(images, params), want)
+
+
 def test_multicrop_under_compile_runs_eagerly_or_says_why(gen):
     # The sampler and decoder are host code (numpy, Pillow): a plain compile runs them eagerly, with the
     # draws eager gives; fullgraph refuses with a message that says what to compile instead.
