@@ -154,7 +154,8 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
             epsilon that a sample's logits (S - max_j S) / epsilon all overflow float32 (more than 3.4e38 x
             epsilon below every prototype's best score: |S| ~ 1e38 at epsilon = 0.05; never cosine scores).
             This costs one device-to-host copy on a GPU (and one more pass over such extreme scores); it is
-            skipped while compiling, capturing a CUDA graph or under torch.func transforms (``vmap``).
+            skipped while compiling, capturing a CUDA graph, under torch.func transforms (``vmap``) and for
+            meta or FakeTensor scores, which hold no values (the codes are then shapes only).
             Without the check, NaN or inf anywhere (on any rank) makes every code NaN, which a training
             loop sees in its loss; such a sample's codes come from the row frame on every backend (the
             CUDA kernels' since 329f20b; that case is not run on a GPU, the op refusing it first), unless
@@ -192,7 +193,9 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *,
     data_size = dist.get_world_size(group) if group is not None else 1
     proto_size = dist.get_world_size(prototype_group) if prototype_group is not None else 1
     if data_size == 1 and proto_size == 1:
-        if plain_eager(scores):  # the selected backend directly, without torch.library's per-call wrapper
+        # The selected backend directly, without torch.library's per-call wrapper; meta tensors get the op's
+        # fake kernel (no backend runs on them).
+        if plain_eager(scores) and scores.device.type != "meta":
             return _impl(scores).fused(scores, epsilon, iterations)
         return torch.ops.seer.sinkhorn(scores, epsilon, iterations)
     comm = ref.SinkhornComm(
@@ -280,10 +283,14 @@ def _reducer(op: str, group):
 
 
 def _tracing(t: Tensor) -> bool:
-    """Compiling, capturing a CUDA graph or under a torch.func transform (vmap, grad): no value of t can be
-    read on the host there."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    """Compiling, capturing a CUDA graph, under a torch.func transform (vmap, grad), or t a meta tensor or a
+    FakeTensor (shape tracing, FLOP counting): no value of t can be read on the host there."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or t.device.type == "meta":
         return True
+    if type(t) is not Tensor:
+        from torch._subclasses.fake_tensor import FakeTensor
+        if isinstance(t, FakeTensor):
+            return True
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 

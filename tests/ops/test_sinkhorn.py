@@ -551,6 +551,22 @@ def test_plain_eager_calls_skip_the_op_with_the_same_bits(monkeypatch):
     assert torch.equal(seer_kernels.sinkhorn(s, 0.05, 3), direct) and seen == [1]
 
 
+def test_meta_and_fake_scores_give_shapes():
+    """Shape tracing and FLOP counting run the SwAV loss on meta tensors or FakeTensors, as attention takes
+    them: the finiteness check (which reads values) is skipped and the op's fake kernel answers. They raised
+    'Cannot copy out of meta tensor' / a data-dependent error, and meta without the check a BackendError."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for check in (True, False):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            codes = seer_kernels.sinkhorn(torch.empty(6, 4, device="meta", dtype=dtype), check_finite=check)
+            assert (codes.shape, codes.dtype, codes.device.type) == ((6, 4), torch.float32, "meta")
+        with FakeTensorMode() as mode:
+            codes = seer_kernels.sinkhorn(mode.from_tensor(cosine_scores(6, 4)), 0.05, 3, check_finite=check)
+            assert codes.shape == (6, 4) and codes.dtype == torch.float32
+    with pytest.raises(ValueError, match="argument 'epsilon'"):  # the arguments are still checked
+        seer_kernels.sinkhorn(torch.empty(6, 4, device="meta"), 0.0)
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture():
     s = cosine_scores(32, 3000, device="cuda")
