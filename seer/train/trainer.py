@@ -36,8 +36,8 @@ from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
-from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diffs, list_checkpoints, load_rank_state,
-                         load_tensors, read_meta, read_saved_config)
+from .checkpoint import (CheckpointManager, _run_checkpoint_dir, agreed_checkpoint, architecture_diffs,
+                         list_checkpoints, load_rank_state, load_tensors, read_meta, read_saved_config)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .init_from import (check_init_architecture, init_path, load_init_weights, normalisation_changes,
@@ -148,6 +148,8 @@ class Trainer:
             return
         if mode == "auto":
             path = self.ckpt.latest()
+            if path is None:
+                self._check_checkpoints_not_elsewhere()
             if path is not None:
                 if self.cfg.checkpoint.init_from:
                     self._check_continues_init(path)
@@ -172,6 +174,23 @@ class Trainer:
             self._move_aside(path, newer)
         if path == requested:  # a new lineage starts here; its checkpoints say so (_explicit_start)
             self.origin = str(requested.resolve())
+
+    def _check_checkpoints_not_elsewhere(self) -> None:
+        """checkpoint.resume=auto finding no checkpoint: refuse, naming it, where OUT is a run whose config.yaml
+        puts its checkpoints in another folder that holds some (checkpoint.dir changed, or left out, on the
+        rerun). Starting over there would drop the run's metrics history past step 0 and train from scratch
+        without a word, beside the checkpoints it was meant to continue."""
+        if not (self.out / "config.yaml").is_file():
+            return
+        then = (_run_checkpoint_dir(self.out) or [self.out / "checkpoints"])[0]
+        if then.resolve() == self.ckpt.dir.resolve():
+            return
+        found = list_checkpoints(then)
+        if found:
+            raise FileExistsError(f"{self.out} is a run whose checkpoints are in {then} (checkpoint.dir of its "
+                                  f"config.yaml; latest {found[-1].name}), but this run's checkpoint folder "
+                                  f"{self.ckpt.dir} holds none: set checkpoint.dir={then} to continue that run, or "
+                                  f"use another --out for a new one")
 
     def _init_from(self) -> None:
         """checkpoint.init_from on a run without checkpoints: the source's weights of checkpoint.init_parts

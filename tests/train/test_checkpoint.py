@@ -634,3 +634,23 @@ def test_checkpoint_resume_expands_the_home_folder(run, tmp_path, monkeypatch):
     t = Trainer(apply_overrides(cfg, ["checkpoint.resume=~/earlier", "train.max_steps=3"]), tmp_path / "new")
     assert t.step == 2
     t.release()
+
+
+def test_a_rerun_that_lost_its_checkpoint_dir_is_refused_not_started_over(tmp_path):
+    """A run with checkpoint.dir=D rerun without it (or with another folder): its checkpoints are in D, so
+    starting over from step 0 would drop the run's metrics history and train from scratch without a word."""
+    import json
+    out, elsewhere = tmp_path / "run", tmp_path / "ckpts"
+    sets = ["train.max_steps=2", "checkpoint.every=2", "train.threads=1", "logging.every=1"]
+    Trainer(apply_overrides(preset("tiny"), sets + [f"checkpoint.dir={elsewhere}"]), out).fit()
+    logged = (out / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in logged.splitlines()] == [1, 2]
+    for other in ([], [f"checkpoint.dir={tmp_path / 'new'}"]):
+        with pytest.raises(FileExistsError, match=f"checkpoints are in {elsewhere}.*set checkpoint.dir={elsewhere}"):
+            Trainer(apply_overrides(preset("tiny"), sets + ["train.max_steps=4"] + other), out)
+        assert (out / "metrics.jsonl").read_text() == logged
+    # The same folder again continues; a run folder whose old checkpoints are gone starts over as before.
+    assert Trainer(apply_overrides(preset("tiny"), sets + [f"checkpoint.dir={elsewhere}"]), out).step == 2
+    import shutil
+    shutil.rmtree(elsewhere)
+    assert Trainer(apply_overrides(preset("tiny"), sets), out).step == 0
