@@ -157,6 +157,9 @@ class Trainer:
             elif self.cfg.checkpoint.init_from:
                 self._init_from()
             return
+        if not mode.strip():  # (Path('') is the current folder: run in another run's folder, it continued that one)
+            raise C.ConfigError("config key 'checkpoint.resume' must be 'auto', 'never' or the path of a checkpoint, "
+                                "got ''")
         mode = os.path.expanduser(mode)  # '~/runs/x' from a YAML file or a quoted --set, which no shell expanded
         latest = self.ckpt.latest()
         if latest is not None and read_meta(latest).get("origin") == str(Path(mode).resolve()):

@@ -654,3 +654,14 @@ def test_a_rerun_that_lost_its_checkpoint_dir_is_refused_not_started_over(tmp_pa
     import shutil
     shutil.rmtree(elsewhere)
     assert Trainer(apply_overrides(preset("tiny"), sets), out).step == 0
+
+
+def test_an_empty_checkpoint_resume_is_refused_not_taken_for_the_current_folder(run, tmp_path, monkeypatch):
+    """checkpoint.resume='' (--set checkpoint.resume=) was Path(''), the current folder: started in another
+    run's folder, the new run continued that run's training state."""
+    from seer.config import ConfigError
+    out, cfg = run
+    monkeypatch.chdir(out)
+    with pytest.raises(ConfigError, match="'checkpoint.resume' must be 'auto', 'never' or the path"):
+        Trainer(apply_overrides(cfg, ["checkpoint.resume="]), tmp_path / "new")
+    assert not list_checkpoints(tmp_path / "new" / "checkpoints")
