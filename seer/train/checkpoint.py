@@ -114,7 +114,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if is_complete(p):
         return p
-    for candidate in (p, p / "checkpoints", *_run_checkpoint_dir(p)):
+    for candidate in (p, p / "checkpoints", *run_checkpoint_dir(p)):
         latest = latest_checkpoint(candidate)
         if latest is not None:
             return latest
@@ -124,7 +124,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                             f"checkpoints folder containing one)")
 
 
-def _run_checkpoint_dir(run: Path) -> list[Path]:
+def run_checkpoint_dir(run: Path) -> list[Path]:
     """The checkpoint.dir recorded in a run folder's config.yaml, if the run set one (a relative one is taken
     from the current folder, as the run took it)."""
     import yaml

@@ -4,9 +4,10 @@ renormalise prototypes -> queue, with metrics, collapse warnings, checkpoints, e
     trainer = Trainer(cfg, out="runs/x")     # resumes from OUT/checkpoints when there is a checkpoint
     result = trainer.fit()                    # {'step', 'eval', 'plot', ...}
 
-A step whose loss is NaN/inf (on any rank) is skipped on every rank: no update, no queue push, counted;
-``train.max_nonfinite_steps`` such steps in a row stop the run with :class:`NonFiniteLossError`, leaving the
-last checkpoint (written before the first bad step, so it holds finite weights) as the place to resume.
+A step whose loss is NaN/inf (on any rank) is skipped on every rank: no update, no queue push, the head's
+BatchNorm statistics put back, counted; ``train.max_nonfinite_steps`` such steps in a row stop the run with
+:class:`NonFiniteLossError`, leaving the last checkpoint (whose weights are those from before the first bad step:
+skipped steps change none) as the place to resume.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
-from .checkpoint import (CheckpointManager, _run_checkpoint_dir, agreed_checkpoint, architecture_diffs,
-                         list_checkpoints, load_rank_state, load_tensors, read_meta, read_saved_config)
+from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diffs, list_checkpoints, load_rank_state,
+                         load_tensors, read_meta, read_saved_config, run_checkpoint_dir)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .init_from import (check_init_architecture, init_path, load_init_weights, normalisation_changes,
@@ -95,6 +96,10 @@ class Trainer:
         self.dims = ParallelDims(cfg.parallel, self.device.type, self.dist.world)
         seed_parallel_rng(t.seed, self.dims)
         self.model = build_model(cfg, self.dims, self.device)
+        # A training forward updates BatchNorm's running statistics (the head's) in place: a step skipped for a
+        # non-finite loss puts them back, so that it changes nothing (NaN statistics would stay NaN for good).
+        self._batch_norms = [m for m in self.model.modules()
+                             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.backbone = BackboneView(self.model)
         self.opt, self.sched = build_optimizer_and_schedule(cfg, self.model, cfg.data.batch_size * self.dims.dp)
         self.freezer = PrototypeFreezer(self.model, cfg.loss.freeze_prototypes_iters)
@@ -185,7 +190,7 @@ class Trainer:
         without a word, beside the checkpoints it was meant to continue."""
         if not (self.out / "config.yaml").is_file():
             return
-        then = (_run_checkpoint_dir(self.out) or [self.out / "checkpoints"])[0]
+        then = (run_checkpoint_dir(self.out) or [self.out / "checkpoints"])[0]
         if then.resolve() == self.ckpt.dir.resolve():
             return
         found = list_checkpoints(then)
@@ -355,6 +360,8 @@ class Trainer:
     def train_step(self, crops: list[torch.Tensor], epoch: int, want_signals: bool) -> dict:
         cfg, nv = self.cfg, self.cfg.logging.nvtx
         lc = cfg.loss
+        running = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                   for m in self._batch_norms]
         with nvtx_range("forward", nv):
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                 out = self.model(crops, queue=self.queue.embeddings())
@@ -373,6 +380,10 @@ class Trainer:
         record = {"loss": loss_value, "skipped_files": int(flags[2])}
         if not math.isfinite(loss_value):
             self.opt.zero_grad(set_to_none=True)
+            for m, (mean, var, count) in zip(self._batch_norms, running):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
             self.freezer.skip()
             self.counters["nonfinite_total"] += 1
             self.counters["nonfinite_in_row"] += 1
@@ -508,7 +519,7 @@ class Trainer:
                 ev.update({"step": self.step, "dataset": cfg.eval.dataset, "knn_k": cfg.eval.knn_k,
                            "knn_temperature": cfg.eval.knn_temperature, "n_train": res.get("n_train"),
                            "n_test": res.get("n_test")})
-                (self.out / "eval.json").write_text(json.dumps(ev, indent=1))
+                write_atomic(self.out / "eval.json", lambda p: p.write_text(json.dumps(ev, indent=1)))
                 result["eval"] = ev
         if self.dist.is_main and cfg.logging.plot:
             result["plot"] = plot_metrics(read_metrics(self.out / "metrics.jsonl"), self.out / "plot.png",

@@ -130,3 +130,26 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     with pytest.raises(NonFiniteLossError, match="3 steps in a row with a non-finite loss"):
         t.fit()
     assert all(torch.equal(w0[k], v) for k, v in t.model.named_parameters())  # no update from a NaN step
+
+
+def test_a_skipped_step_leaves_the_heads_batchnorm_statistics_as_they_were(tmp_path):
+    """A NaN reaching the head's BatchNorm makes its running statistics NaN in the forward itself: the skip puts
+    them back (they stayed NaN in every later checkpoint), and a finite loss still updates them."""
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=3", "train.max_nonfinite_steps=5", "train.threads=1",
+                                           "checkpoint.every=0"])
+    t = Trainer(cfg, tmp_path / "r")
+    norms = [m for m in t.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms, "the tiny preset's head has a BatchNorm"
+    hooks = [m.register_forward_pre_hook(lambda m, args: (args[0] * float("nan"),) if t.step == 1 else None)
+             for m in norms]
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.fit()
+    for h in hooks:
+        h.remove()
+    recs = records(tmp_path / "r")
+    assert [r["nonfinite_skipped"] for r in recs] == [0, 1, 1]
+    after = t.model.state_dict()
+    stats = [k for k in after if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(torch.isfinite(after[k].float()).all() for k in stats)
+    # two finite steps of three moved them (the skipped one did not count)
+    assert all(int(after[k]) == int(before[k]) + 2 for k in stats if k.endswith("num_batches_tracked"))
