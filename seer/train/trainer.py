@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -87,6 +88,10 @@ class Trainer:
             # The checkpoint folder is locked in its own right, also the default OUT/checkpoints: another run
             # may name it as its checkpoint.dir (whose start would remove this run's checkpoint in progress).
             for folder in (self.out, ckpt_dir):
+                if folder.exists() and not folder.is_dir():  # mkdir's own error says 'File exists'
+                    raise NotADirectoryError(errno.ENOTDIR, f"expected a folder for the run's "
+                                             f"{'output' if folder == self.out else 'checkpoints'}, found a file",
+                                             str(folder))
                 folder.mkdir(parents=True, exist_ok=True)
             for folder in (self.out, ckpt_dir):
                 self._locks.append(RunLock(folder))

@@ -665,3 +665,13 @@ def test_an_empty_checkpoint_resume_is_refused_not_taken_for_the_current_folder(
     with pytest.raises(ConfigError, match="'checkpoint.resume' must be 'auto', 'never' or the path"):
         Trainer(apply_overrides(cfg, ["checkpoint.resume="]), tmp_path / "new")
     assert not list_checkpoints(tmp_path / "new" / "checkpoints")
+
+
+def test_a_file_where_the_checkpoint_folder_goes_is_named_as_not_a_folder(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoints").write_text("not a folder")
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=1", "train.threads=1"])
+    with pytest.raises(NotADirectoryError, match="expected a folder for the run's checkpoints, found a file"):
+        Trainer(cfg, tmp_path / "r")
+    with pytest.raises(NotADirectoryError, match="expected a folder for the run's output"):
+        Trainer(cfg, tmp_path / "r" / "checkpoints")
