@@ -11,6 +11,12 @@ GPU rows, per ViT shape (bfloat16):
                                   GPU's time alone, without the Python and launch overhead of each call
                                   (a backend that cannot be captured is left out of that row); the
                                   selector table decides on these (bench/attention_table.py)
+    attention:<case>-fwdbwd-det-vit-graph
+                                  forward + backward (deterministic) in GPU time as the ViT runs it
+                                  (seer.model.layers.Attention): q, k, v sliced from one fused qkv
+                                  projection, the output viewed back to (B, N, H*D), the gradient into
+                                  the fused tensor; whatever a backend copies for that layout is in its
+                                  time (_vit_segment). Not read by the selector table.
 
 Before timing a shape, every candidate tile of each kernel is timed and checked against SDPA's output; the
 rows use the fastest, and record it (tiles) together with the shape, the best SDPA backend, TFLOP/s and the
@@ -48,7 +54,7 @@ GPU_SHAPES = [
 # below 0.9x anywhere. Reported as metrics (eager and GPU time, both backward schemes); the gate floors live in
 # bench/floors/<gpu>.json.
 TARGETS = {f"vit10b-tp4-B32H8N257D128-{mode}": 1.2
-           for mode in ("fwdbwd", "fwdbwd-det", "fwdbwd-graph", "fwdbwd-det-graph")}
+           for mode in ("fwdbwd", "fwdbwd-det", "fwdbwd-graph", "fwdbwd-det-graph", "fwdbwd-det-vit-graph")}
 AUTO_TARGET = 0.9
 CPU_SHAPES = [
     ("vitb-B2H12N197D64", 2, 12, 197, 64),
@@ -74,6 +80,20 @@ def _float32_math(q, k, v):
 def _fwd_bwd(fn, q, k, v, dout):
     out = fn(q, k, v)
     return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def _vit_attention(attn, qkv, heads: int):
+    """Attention as ``seer.model.layers.Attention`` runs it between its two projections: q, k, v sliced from
+    the fused projection ``qkv`` (B, N, 3 H D) without a copy, the output (B, H, N, D) viewed back to
+    (B, N, H D) (a copy where a backend's output is not laid out as (B, N, H, D))."""
+    b, n = qkv.shape[:2]
+    q, k, v = qkv.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn(q, k, v).transpose(1, 2).reshape(b, n, -1)
+
+
+def _vit_segment(attn, qkv, dout, heads: int):
+    """The gradient of ``qkv`` through :func:`_vit_attention` for ``dout`` (B, N, H D)."""
+    return torch.autograd.grad(_vit_attention(attn, qkv, heads), qkv, dout)
 
 
 def _inputs(b, h, n, d, device, dtype, grad):
@@ -309,6 +329,15 @@ def bench_attention_gpu(bench_record, bench_device, shape):
         for mode, (fns, tl_) in graphed.items():
             row["tiles"] = tl_
             run_graphed(mode, fns, "triton", {"tiles": tl_})
+        # The ViT's own layout (fused qkv slices in, (B, N, H D) out): the same kernels and tiles as
+        # fwdbwd-det; SDPA backends may copy inputs or outputs for it, and that is what a model pays.
+        row["tiles"] = tiles_det
+        qkv = torch.randn(b, n, 3 * h * d, device=bench_device, dtype=DTYPE, requires_grad=True)
+        dout_vit = torch.randn(b, n, h * d, device=bench_device, dtype=DTYPE)
+        fns = {"triton": lambda: _vit_segment(triton(True), qkv, dout_vit, h)}
+        fns.update({name: (lambda f=f: _vit_segment(f, qkv, dout_vit, h)) for name, f in sdpa.items()})
+        run_graphed("fwdbwd-det-vit", fns, "triton", {"tiles": tiles_det, "layout": "fused qkv"})
+        del qkv, dout_vit
     # The selector as shipped in GPU time: what a training step, whose host runs ahead of the GPU, gets
     # (the table decides on GPU time; the eager -auto row above also times the op's host path).
     run_graphed("auto", auto_fns, "seer", {"chosen": chosen})

@@ -1489,6 +1489,25 @@ def test_benchmark_takes_a_tma_tile_only_when_it_wins_by_more_than_its_host_cost
     assert _bwd_descriptors((False, Tile(16, 64, 4, 2, dq_tma=True), Tile(64, 32, 4, 3)))
 
 
+def test_benchmark_vit_layout_row_runs_attention_as_the_model_does():
+    """The -fwdbwd-det-vit rows time the ViT's own layout: the model's Attention is its qkv projection,
+    bench_attention._vit_attention and its output projection, forward and backward, bit for bit."""
+    from bench.bench_attention import _vit_attention, _vit_segment
+    from seer.model.layers import Attention
+    torch.manual_seed(0)
+    layer = Attention(48, 3).double()
+    x = torch.randn(2, 7, 48, dtype=torch.float64, requires_grad=True)
+    want = layer(x)
+    qkv = layer.qkv(x)
+    got = layer.proj(_vit_attention(seer_kernels.attention, qkv, 3))
+    assert torch.equal(got, want)
+    dout = torch.randn_like(want)
+    (dx_want,) = torch.autograd.grad(want, x, dout)
+    (dqkv,) = _vit_segment(seer_kernels.attention, qkv, dout @ layer.proj.weight, 3)
+    (dx_got,) = torch.autograd.grad(qkv, x, dqkv)
+    torch.testing.assert_close(dx_got, dx_want, rtol=1e-12, atol=1e-12)
+
+
 def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
     import json
 
