@@ -46,7 +46,22 @@ def check_pixels(data: Union[bytes, Tensor], max_pixels: int) -> tuple[int, int]
     """(H, W) from the header, or ValueError for an image with more than ``max_pixels`` pixels."""
     if isinstance(data, Tensor):
         return int(data.shape[-2]), int(data.shape[-1])
+    _defer_pillow_limit(max_pixels)
     return _check_hw(_decode.image_size(data), max_pixels)
+
+
+def _defer_pillow_limit(max_pixels: int) -> None:
+    """Let ``max_pixels`` decide which images are too large, not Pillow's own guard. Pillow refuses to open an
+    image of more than 2 x ``Image.MAX_IMAGE_PIXELS`` pixels (DecompressionBombError, from the header): with
+    data.max_image_pixels at or above that (its default, 178,956,970, is that bound), every larger image was
+    skipped as 'not an image Pillow can read', and raising the setting for large photos changed nothing. Its
+    bound goes to 2 x ``max_pixels`` in this process (only ever raised): opening reads the header alone, and
+    :func:`_check_hw` refuses what is over ``max_pixels`` before any pixel is decoded."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and 2 * limit <= max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _check_hw(hw: tuple[int, int], max_pixels: int) -> tuple[int, int]:
@@ -69,6 +84,7 @@ def decode_checked(data: Union[bytes, Tensor], max_pixels: int) -> Tensor:
     """:func:`check_pixels`, then :func:`decode`, with the same errors, opening the encoded image once."""
     if isinstance(data, Tensor):
         return data
+    _defer_pillow_limit(max_pixels)
     with _decode.EncodedImage(data) as image:
         _check_hw(image.hw, max_pixels)
         return image.decode()[0]

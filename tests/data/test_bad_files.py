@@ -103,3 +103,32 @@ def test_worker_outlives_the_echo_of_its_first_sigterm_but_not_a_later_one():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGTERM and proc.stdout.split() == ["alive"], (proc.returncode, proc.stderr)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1 x 1 PNG whose header claims ``width`` x ``height`` (its IHDR rewritten, CRC fixed)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_max_image_pixels_above_pillows_own_guard_decides(monkeypatch):
+    """data.max_image_pixels, not Pillow's DecompressionBombError (2 x Image.MAX_IMAGE_PIXELS, the default's
+    value), decides: raised for large photos, a 20000 x 10000 header passed the check; at the default it is
+    refused naming the setting, not as 'not an image Pillow can read'."""
+    from PIL import Image
+
+    from seer.data.dataset import check_pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default, put back after the test
+    big = _png_claiming(20_000, 10_000)
+    with pytest.raises(ValueError, match="exceed data.max_image_pixels=178956970"):
+        check_pixels(big, 178_956_970)
+    assert check_pixels(big, 300_000_000) == (10_000, 20_000)
