@@ -230,6 +230,29 @@ def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsy
     assert "--max-image-pixels must be an integer >= 1" in capsys.readouterr().err
 
 
+def test_data_check_report_never_replaces_a_file_it_reads(tmp_path, capsys):
+    """--report was written in place after the check: naming the list file, a shard or --exclude replaced it
+    with the report's lines (the list of a dataset lost); refused before the check, as seer data dedup does."""
+    import tarfile
+    data = tmp_path / "data"
+    write_good_images(data, 3, nested=False)
+    images = sorted(str(p) for p in data.iterdir())
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(images) + "\n")
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text(images[0] + "\n")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tf:
+        tf.add(images[0], arcname="a.png")
+    before = {p: p.read_bytes() for p in (listing, exclude, tmp_path / "shard.tar")}
+    for argv, what in (([str(listing), "--report", str(listing)], "is SOURCE"),
+                       ([str(data), "--exclude", str(exclude), "--report", str(exclude)], "is the --exclude file"),
+                       ([str(tmp_path / "shard.tar"), "--report", str(tmp_path / "shard.tar")], "is a shard of SOURCE")):
+        assert main(["data", "check", *argv, "--workers", "0"]) == 2
+        assert what in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    assert main(["data", "check", str(listing), "--workers", "0", "--report", str(tmp_path / "r.tsv")]) == 0
+
+
 def _bf16_run_and_its_score(tmp_path, capsys, device, *overrides):
     """A 1-step bf16 run on ``device`` that evaluates itself at the end: (its folder, its eval.json)."""
     run = tmp_path / "run"
