@@ -708,6 +708,10 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
             if fmt == "tar" and check_shards:
                 _check_shards(meta, cache)
             return meta
+        if meta.get("source") == source_abs:  # the same source read as another format: say which
+            raise DataSourceError(f"{cache} holds the index of data.source {source_abs!r} read as data.format="
+                                  f"{meta.get('format')}, not {fmt}: set data.format={meta.get('format')}, use another "
+                                  f"output folder, or delete {cache} to index the source as {fmt}")
         raise DataSourceError(f"{cache} holds the index of data.source {meta.get('source')!r}, not {source_abs!r}: "
                               f"use another output folder, or delete {cache} to index the new source")
     meta = {"source": source_abs, "format": fmt}

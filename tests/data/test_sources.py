@@ -39,6 +39,14 @@ def test_index_is_kept_for_the_run_and_guards_against_another_source(tmp_path):
         build_index(str(tmp_path / "b"), "auto", tmp_path / "idx")
 
 
+def test_an_index_of_the_same_source_in_another_format_names_the_formats(tmp_path):
+    """The message named the source twice ('holds the index of data.source X, not X'), not what differed."""
+    write_good_images(tmp_path / "a", 2)
+    build_index(str(tmp_path / "a"), "folder", tmp_path / "idx")
+    with pytest.raises(DataSourceError, match="read as data.format=folder, not list: set data.format=folder"):
+        build_index(str(tmp_path / "a"), "list", tmp_path / "idx")
+
+
 @pytest.mark.parametrize("fmt", ["folder", "tar"])
 def test_a_damaged_index_is_named_with_the_remedy(tmp_path, fmt):
     """Errors that named no file ('mmap length is greater than file size', a JSON error), or none at all:
