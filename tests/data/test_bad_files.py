@@ -120,6 +120,7 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # (Pillow's, once per process)
 def test_max_image_pixels_above_pillows_own_guard_decides(monkeypatch):
     """data.max_image_pixels, not Pillow's DecompressionBombError (2 x Image.MAX_IMAGE_PIXELS, the default's
     value), decides: raised for large photos, a 20000 x 10000 header passed the check; at the default it is
