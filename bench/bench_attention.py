@@ -13,10 +13,12 @@ GPU rows, per ViT shape (bfloat16):
                                   selector table decides on these (bench/attention_table.py)
     attention:<case>-fwdbwd-det-vit-graph
                                   forward + backward (deterministic) in GPU time as the ViT runs it
-                                  (seer.model.layers.Attention): q, k, v sliced from one fused qkv
-                                  projection, the output viewed back to (B, N, H*D), the gradient into
-                                  the fused tensor; whatever a backend copies for that layout is in its
-                                  time (_vit_segment). Not read by the selector table.
+                                  (seer.model.layers.Attention): ours is seer_kernels.attention_packed
+                                  on the fused qkv projection (gradient written into one buffer);
+                                  x_triton is our kernels through attention() on the slices, and each
+                                  SDPA backend runs on the slices too (_vit_segment: the output viewed
+                                  back to (B, N, H*D), autograd stacking dq, dk, dv into the fused
+                                  gradient). Not read by the selector table.
 
 Before timing a shape, every candidate tile of each kernel is timed and checked against SDPA's output; the
 rows use the fastest, and record it (tiles) together with the shape, the best SDPA backend, TFLOP/s and the
@@ -334,10 +336,13 @@ def bench_attention_gpu(bench_record, bench_device, shape):
         row["tiles"] = tiles_det
         qkv = torch.randn(b, n, 3 * h * d, device=bench_device, dtype=DTYPE, requires_grad=True)
         dout_vit = torch.randn(b, n, h * d, device=bench_device, dtype=DTYPE)
-        fns = {"triton": lambda: _vit_segment(triton(True), qkv, dout_vit, h)}
+        def packed():  # what seer.model.layers.Attention runs: the gradient lands in one buffer, no stack
+            with seer_kernels.use_backend("triton", op="attention"):
+                out = seer_kernels.attention_packed(qkv, h, deterministic=True)
+            return torch.autograd.grad(out, qkv, dout_vit)
+        fns = {"triton-packed": packed, "triton": lambda: _vit_segment(triton(True), qkv, dout_vit, h)}
         fns.update({name: (lambda f=f: _vit_segment(f, qkv, dout_vit, h)) for name, f in sdpa.items()})
-        run_graphed("fwdbwd-det-vit", fns, "triton", {"tiles": tiles_det, "layout": "fused qkv"})
-        del qkv, dout_vit
+        run_graphed("fwdbwd-det-vit", fns, "triton-packed", {"tiles": tiles_det, "layout": "fused qkv"})
     # The selector as shipped in GPU time: what a training step, whose host runs ahead of the GPU, gets
     # (the table decides on GPU time; the eager -auto row above also times the op's host path).
     run_graphed("auto", auto_fns, "seer", {"chosen": chosen})

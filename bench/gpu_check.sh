@@ -46,6 +46,7 @@ if [ -n "$OPS" ]; then
   for op in $OPS; do
     [ -f "tests/ops/test_$op.py" ] || { echo "GPU_CHECK_OPS: no tests/ops/test_$op.py" >&2; exit 2; }
     TEST_PATHS+=("tests/ops/test_$op.py"); [ -f "bench/bench_$op.py" ] && BENCH_PATHS+=("bench/bench_$op.py")
+    for f in tests/ops/test_"$op"_*.py; do [ -f "$f" ] && TEST_PATHS+=("$f"); done  # e.g. test_attention_packed
     case "$op" in attention|sinkhorn) PROFILE_ONLY+=("$op");; esac
   done
   case " $OPS " in

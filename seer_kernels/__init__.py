@@ -6,6 +6,7 @@ Public ops (each a ``torch.library.custom_op`` in the ``seer`` namespace, with a
 * :func:`sinkhorn`: SwAV codes by Sinkhorn-Knopp, optionally distributed over process groups.
 * :func:`attention`: fused softmax attention for ViT shapes, differentiable (Triton where the GPU benchmark
   table shows it ahead of torch SDPA, SDPA elsewhere; ``deterministic=True`` for reproducible gradients).
+  :func:`attention_packed` takes the fused qkv projection as it is and returns its gradient in one buffer.
 * :func:`augment_crops` / :func:`augment_crops_batch` / :func:`multicrop`: SwAV's multi-crop augmentation
   (resized crop, flip, colour jitter, grayscale, blur, solarize, normalise) fused, with its parameters as
   data (:class:`CropParams`, drawn by :func:`sample_crop_params`; recipes: :class:`MultiCropSpec`);
@@ -19,10 +20,11 @@ from . import _native, decode
 from ._backend import BackendError, use_backend
 from .multicrop_params import CropGroup, CropParams, MultiCropSpec, sample_crop_params
 from .ops.attention import attention
+from .ops.attention_packed import attention_packed
 from .ops.multicrop import augment_crops, augment_crops_batch, multicrop
 from .ops.sinkhorn import sinkhorn
 
-__all__ = ["BackendError", "CropGroup", "CropParams", "MultiCropSpec", "attention", "augment_crops",
+__all__ = ["BackendError", "CropGroup", "CropParams", "MultiCropSpec", "attention", "attention_packed", "augment_crops",
            "augment_crops_batch", "multicrop", "sample_crop_params", "sinkhorn", "use_backend", "native_status"]
 
 

@@ -67,9 +67,13 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], base_grid: i
 class Attention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection and optional QK-norm.
 
-    softmax(q k^T / sqrt(D)) v per head through ``seer_kernels.attention``. The rows of ``qkv.weight`` are
-    [q of every head | k of every head | v of every head]; the head count (and the batch) are read from the
-    projection's output, so the same code runs when tensor parallelism leaves each rank a subset of the heads.
+    softmax(q k^T / sqrt(D)) v per head through ``seer_kernels.attention_packed`` (``seer_kernels.attention``
+    with QK-norm, which transforms q and k between the projection and the attention). The rows of
+    ``qkv.weight`` are [q of every head | k of every head | v of every head]; the head count (and the batch)
+    are read from the projection's output, so the same code runs when tensor parallelism leaves each rank a
+    subset of the heads. The packed op takes the projection's output as it is and hands back its gradient in
+    one buffer written by the backward kernels, where slices through ``attention`` would have autograd stack
+    dq, dk and dv and copy the result again (same values, same bits).
     """
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False,
@@ -84,11 +88,13 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(x)
-        b, n = qkv.shape[:2]  # (sequence parallelism gathers more sequences than x holds)
-        q, k, v = qkv.unflatten(-1, (3, -1, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = seer_kernels.attention(q, k, v)
-        x = x.transpose(1, 2).reshape(b, n, -1)
+        if isinstance(self.q_norm, nn.Identity):
+            x = seer_kernels.attention_packed(qkv, qkv.shape[-1] // (3 * self.head_dim))
+        else:
+            b, n = qkv.shape[:2]  # (sequence parallelism gathers more sequences than x holds)
+            q, k, v = qkv.unflatten(-1, (3, -1, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
+            q, k = self.q_norm(q), self.k_norm(k)
+            x = seer_kernels.attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
         return self.proj_drop(self.proj(x))
 
 

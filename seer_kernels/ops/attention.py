@@ -166,12 +166,21 @@ def _triton_fwd(q, k, v, scale):
     return _tri().attention_fwd(q, k, v, scale, tile=_tile(row, "fwd"))
 
 
-def _triton_bwd(dout, q, k, v, out, lse, scale, deterministic):
+def _triton_bwd(dout, q, k, v, out, lse, scale, deterministic, grads=None):
     row = evidence(q.device, q.shape[3], q.shape[2], k.shape[2])
     # Where the benchmark measured the dq pass faster than dq atomics, it is the default too.
     det = deterministic or (row is not None and row.get("bwd_scheme") == "deterministic")
     return _tri().attention_bwd(dout, q, k, v, out, lse, scale, det, dkdv_tile=_tile(row, "dkdv"),
-                                dq_tile=_tile(row, "dq"))
+                                dq_tile=_tile(row, "dq"), grads=grads)
+
+
+def _reference_bwd(dout, q, k, v, out, lse, scale, deterministic, grads=None):
+    got = ref.attention_bwd(dout, q, k, v, out, lse, scale)
+    if grads is None:
+        return got
+    for g, x in zip(grads, got):
+        g.copy_(x)
+    return grads
 
 
 def _triton_check(*, where, dt, head_dim, n_q, n_kv, batch, heads, **_) -> list[str]:
@@ -271,9 +280,7 @@ DISPATCH.register(Backend(
     "sdpa", SimpleNamespace(attention=_sdpa), ("cuda", "cpu", "meta"), DTYPES, check=_sdpa_check,
     prefer=_sdpa_prefer))
 DISPATCH.register(Backend(
-    "reference", SimpleNamespace(fwd=ref.attention_fwd,
-                                 bwd=lambda dout, q, k, v, out, lse, scale, det:
-                                 ref.attention_bwd(dout, q, k, v, out, lse, scale)),
+    "reference", SimpleNamespace(fwd=ref.attention_fwd, bwd=_reference_bwd),
     ("cuda", "cpu"), DTYPES))
 
 

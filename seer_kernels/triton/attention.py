@@ -1011,12 +1011,21 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, tile: Optional[
 
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-                  deterministic: bool, dkdv_tile: Optional[Tile] = None, dq_tile: Optional[Tile] = None
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (contiguous). ``deterministic``: no atomics: dq by its own pass, or from a stored dS where
-    ``dkdv_tile.store_ds`` and ``ds_fits``; otherwise dq by float32 atomics."""
+                  deterministic: bool, dkdv_tile: Optional[Tile] = None, dq_tile: Optional[Tile] = None,
+                  grads: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (contiguous; or ``grads``, written in place: e.g. the slices of one fused dqkv buffer,
+    which the kernels write through their strides where the layout lets them, else by a copy at the end).
+    ``deterministic``: no atomics: dq by its own pass, or from a stored dS where ``dkdv_tile.store_ds`` and
+    ``ds_fits``; otherwise dq by float32 atomics."""
     with _on_device(q):
-        return _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile)
+        if grads is None:
+            return _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile, None)
+        direct = all(g.stride(3) == 1 and _rows_fit_int32(g) and _rows_aligned(g) for g in grads)
+        got = _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile, grads if direct else None)
+        if not direct:
+            for g, x in zip(grads, got):
+                g.copy_(x)
+        return grads
 
 
 def ds_fits(n_q: int, n_kv: int, head_dim: int) -> bool:
@@ -1035,13 +1044,17 @@ def ds_cols(n_q: int) -> int:
     return cdiv(n_q, 16) * 16
 
 
-def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
+def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile, grads):
+    """``grads``: (dq, dk, dv) for the kernels to write (a layout they take), or None to allocate them."""
     dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     B, H, NQ, D = q.shape
     NK = k.shape[2]
     dev = q.device
     cx = dict(HEAD_DIM=D, D_PAD=d_pad(D))
+
+    def new_grad(i, like):
+        return grads[i] if grads is not None else torch.empty(like.shape, dtype=like.dtype, device=dev)
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=dev)
     common = (H, NQ, NK, float(scale))
     # The stored-dS scheme where the table's (or the caller's) dkdv tile asks for it and the buffer is small.
@@ -1054,7 +1067,7 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
     dq_acc = delta if deterministic else torch.empty(q.shape, dtype=torch.float32, device=dev)
     acc_strides = (0, 0, 0) if deterministic else _strides3(dq_acc)
     if deterministic and not store_ds:  # the dq pass first: it writes delta as it goes
-        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        dq = new_grad(0, q)
         _run(_bwd_dq_kernel, lambda t: (cdiv(NQ, t.block_m), H, B), _candidates(DQ_TILES, D, dq_tile),
              (q, k, v, dout, out, lse, delta, dq, *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout),
               *_strides3(out), *_strides3(dq), *common),
@@ -1063,8 +1076,7 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
         _bwd_delta_kernel[(cdiv(NQ, DELTA_BLOCK), H, B)](
             out, dout, delta, dq_acc, *_strides3(out), *_strides3(dout), *acc_strides, H, NQ,
             BLOCK_M=DELTA_BLOCK, ZERO_DQ=not deterministic, **cx)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    dk, dv = new_grad(1, k), new_grad(2, v)
 
     def dq_traffic_and_loads(tile):
         loads = dict(_tma_loads(tile, tile.block_m, Q_DESC=q, DO_DESC=dout), DQ_DESC=None, DQ_TMA=False,
@@ -1083,10 +1095,10 @@ def _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile):
           *acc_strides, *ds_strides, *common),
          dict(ATOMIC_DQ=not deterministic, STORE_DS=store_ds, **cx), NQ, NK, dq_traffic_and_loads)
     if store_ds:  # dq = scale * dS K from the buffer, any candidate dq tile (all fit this one-matmul kernel)
-        dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        dq = new_grad(0, q)
         _run(_bwd_dq_ds_kernel, lambda t: (query_programs(t, NQ), H, B), _candidates(DQ_TILES, D, dq_tile),
              (ds, k, dq, *ds_strides, *_strides3(k), *_strides3(dq), NQ, NK, float(scale)),
              cx, NQ, NK, lambda t: dict(_tma_loads(t, t.block_n, K_DESC=k), FOLD_TAIL=fold_active(t, NQ)))
     elif not deterministic:  # dq = scale * dq_acc in q's dtype: one elementwise kernel, like .to() alone
-        dq = torch.mul(dq_acc, float(scale), out=torch.empty(q.shape, dtype=q.dtype, device=dev))
+        dq = torch.mul(dq_acc, float(scale), out=new_grad(0, q))
     return dq, dk, dv
