@@ -559,13 +559,13 @@ def cmd_data(args) -> int:
         return cmd_data_dedup(args)
     if args.data_command != "check":
         raise CLIError("expected an action: check or dedup")
-    from .data.check import check_dataset
+    from .data.check import check_dataset, check_report_path
     if args.report:
         _output_file(args.report, "--report")
     from .data.sources import DataSourceError
     try:
         if args.report:
-            _report_not_an_input(args)
+            check_report_path(args.report, args.source, args.format, args.exclude)
         report = check_dataset(args.source, fmt=args.format, workers=args.workers,
                                max_pixels=args.max_image_pixels, timeout_s=args.timeout_s, exclude=args.exclude)
     except DataSourceError as e:  # the source's messages name training's settings: name this command's arguments
@@ -576,21 +576,6 @@ def cmd_data(args) -> int:
         Path(args.report).write_text("".join(skipped_line(n, r) for n, r in report.bad), encoding="utf-8",
                                      errors="surrogateescape")
     return 1 if (args.fail_on_bad and report.bad) else 0
-
-
-def _report_not_an_input(args) -> None:
-    """Refuse a data check --report that names a file the check reads (the list file SOURCE, a shard of it,
-    --exclude): the report is written in place after the check and replaced that file with its few lines (seer
-    data dedup refuses the same)."""
-    if not os.path.exists(args.report):
-        return
-    from .data.dedup import _inputs
-    from .data.dedup_files import _same_file
-    from .data.sources import detect_format
-    fmt = detect_format(os.path.expanduser(args.source)) if args.format == "auto" else args.format
-    for what, path in _inputs(args.source, fmt, args.exclude):
-        if _same_file(args.report, path):
-            raise CLIError(f"--report {args.report!r} is {what}, which this command reads: write to another file")
 
 
 def cmd_data_dedup(args) -> int:

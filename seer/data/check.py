@@ -8,6 +8,7 @@ training (``data.timeout_s``).
 from __future__ import annotations
 
 import collections
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -106,6 +107,20 @@ def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixel
         loader = DataLoader(_CheckDataset(src, max_pixels), batch_size=64, num_workers=workers,
                             collate_fn=_as_list, timeout=loader_timeout(timeout_s, workers))
         return _tally(src, loader, t0, timeout_s)
+
+
+def check_report_path(report: str, source: str, fmt: str = "auto", exclude: str = "") -> None:
+    """ValueError naming --report where it is a file that the check of ``source`` reads (a list SOURCE, a tar
+    shard, the --exclude file): the report, written in place, would replace it (as seer data dedup refuses
+    its outputs)."""
+    from .dedup import _inputs
+    from .dedup_files import _same_file
+    if not os.path.exists(report):
+        return
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    for what, given in _inputs(source, fmt, exclude):
+        if _same_file(report, given):
+            raise ValueError(f"--report {report!r} is {what}, which this command reads: write to another file")
 
 
 def _tally(src, loader, t0: float, timeout_s: float) -> CheckReport:

@@ -63,6 +63,30 @@ def test_a_data_check_report_leaves_the_unreadable_files_out_of_a_list(tmp_path)
                  "--fail-on-bad"]) == 0
 
 
+def test_a_data_check_report_never_replaces_a_file_the_check_reads(tmp_path, capsys):
+    """--report is written in place: naming the list SOURCE, a tar shard or the --exclude file (another path to
+    it too), it replaced that file with the report (a list of images lost). Refused before the check, as seer
+    data dedup refuses its outputs; the file is left as it was."""
+    _files(tmp_path / "d", {"p.png": IMG[0], "bad.png": b"not an image"})
+    lst = tmp_path / "l.txt"
+    lst.write_text("d/p.png\nd/bad.png\n")
+    ex = tmp_path / "ex.txt"
+    ex.write_text("d/p.png\n")
+    (tmp_path / "s").mkdir()
+    write_shard(tmp_path / "s" / "a.tar", [("x.png", IMG[1])])
+    for args, what in (([str(lst), "--report", str(lst)], "SOURCE"),
+                       ([str(lst), "--report", f"{tmp_path}/d/../l.txt"], "SOURCE"),
+                       ([str(tmp_path / "d"), "--exclude", str(ex), "--report", str(ex)], "the --exclude file"),
+                       ([f"{tmp_path}/s/*.tar", "--report", str(tmp_path / "s" / "a.tar")], "a shard of SOURCE")):
+        before = {p: p.read_bytes() for p in (lst, ex, tmp_path / "s" / "a.tar")}
+        assert main(["data", "check", *args, "--workers", "0"]) == 2
+        assert f"is {what}, which this command reads: write to another file" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in before} == before
+    # a report of another name is written as before
+    assert main(["data", "check", str(lst), "--workers", "0", "--report", str(tmp_path / "bad.tsv")]) == 0
+    assert (tmp_path / "bad.tsv").read_text().startswith(f"{tmp_path}/d/bad.png\t")
+
+
 def test_a_dedup_report_with_odd_names_and_an_unreadable_file(tmp_path):
     """The report writes names printable (a tab as \\t, bytes that are not UTF-8 as \\xNN) and the unreadable
     files as '#unreadable<TAB>NAME<TAB>REASON': both are matched."""
