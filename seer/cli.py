@@ -400,6 +400,23 @@ def _backbone_id(ckpt: Path, ckpt_dir: Optional[Path]) -> str:
     return f"export {ckpt.resolve()}, {st.st_size} bytes, modified {st.st_mtime_ns} ns, JSON sha256 {js}"
 
 
+def _json_not_an_input(path: str, ckpt: Path, ckpt_dir: Optional[Path]) -> None:
+    """CLIError where ``seer eval --json`` (written in place) would replace a file that a checkpoint or the
+    export is made of: a file in a checkpoint folder (the one evaluated or another: its meta.json replaced, the
+    checkpoint no longer loads), or the exported .safetensors or its JSON (checked before the evaluation)."""
+    from .data.dedup_files import _same_file
+    from .train.checkpoint import is_complete
+    folder = Path(os.path.realpath(path)).parent
+    if is_complete(folder) or (ckpt_dir is not None and _same_file(str(folder), str(ckpt_dir))):
+        raise CLIError(f"--json {path!r} is in the checkpoint folder {str(folder)!r}, whose files it would "
+                       f"replace: write it elsewhere")
+    if ckpt_dir is None:
+        for given in (ckpt, ckpt.with_suffix(".json")):
+            if _same_file(path, str(given)):
+                raise CLIError(f"--json {path!r} is {str(given)!r}, the export that --checkpoint reads: write it "
+                               f"elsewhere")
+
+
 def cmd_eval(args) -> int:
     from .eval import Evaluator
     bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
@@ -409,6 +426,8 @@ def cmd_eval(args) -> int:
         _output_file(args.json, "--json")
     ckpt = Path(args.checkpoint)
     saved, recorded, ckpt_dir = _checkpoint_run_config(ckpt, random_init=args.random_init)
+    if args.json:
+        _json_not_an_input(args.json, ckpt, ckpt_dir)
     cfg = C.apply_overrides(saved, args.overrides)
     if args.dataset:
         cfg.eval.dataset = args.dataset

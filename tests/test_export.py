@@ -227,6 +227,28 @@ def test_export_never_overwrites_a_json_it_did_not_write(run, tmp_path, capsys):
     assert js.read_text() == first
 
 
+def test_eval_json_never_replaces_the_checkpoint_or_export_it_reads(run, tmp_path, capsys):
+    """seer eval writes --json in place: naming a file of a checkpoint folder (its meta.json: the checkpoint no
+    longer loaded) or the export it evaluates (its JSON: the export no longer loaded) replaced it. Refused
+    before the evaluation, the files left as they were; a --json beside them is written."""
+    from seer.cli import main
+    from seer.train.checkpoint import resolve_checkpoint
+    st, js = export_timm(run, tmp_path / "vit.safetensors")
+    ckpt = resolve_checkpoint(run)
+    for checkpoint, target, said in ((run, ckpt / "meta.json", "is in the checkpoint folder"),
+                                     (st, ckpt / "meta.json", "is in the checkpoint folder"),
+                                     (run, ckpt / "knn.json", "is in the checkpoint folder"),
+                                     (st, js, "the export that --checkpoint reads"),
+                                     (st, tmp_path / "." / "vit.safetensors", "the export that --checkpoint reads")):
+        before = {p: p.read_bytes() for p in (ckpt / "meta.json", st, js)}
+        assert main(["eval", "knn", "--checkpoint", str(checkpoint), "--json", str(target)]) == 2
+        assert said in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in before} == before and not (ckpt / "knn.json").exists()
+    assert main(["eval", "knn", "--checkpoint", str(st), "--set", "eval.max_images=50", "--json",
+                 str(tmp_path / "knn.json")]) == 0
+    assert json.loads((tmp_path / "knn.json").read_text())["protocol"] == "knn"
+
+
 def test_a_second_export_to_the_same_out_is_refused_while_one_runs(run, tmp_path, monkeypatch, capsys):
     """Two exports on one --out removed each other's scratch folder and could rename one's weights in beside
     the other's JSON: the second is refused (one line, status 2), the first one's work untouched."""
