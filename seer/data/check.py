@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .dataset import _reason, decode_checked
 from .dedup_files import cell
-from .sources import DataSourceError, ImageSource, detect_format, open_source
+from .sources import DataSourceError, ImageSource, detect_format, is_image_name, open_source
 from .workers import check_timeout, loader_timeout, next_batch
 
 
@@ -111,8 +111,8 @@ def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixel
 
 def check_report_path(report: str, source: str, fmt: str = "auto", exclude: str = "") -> None:
     """ValueError naming --report where it is a file that the check of ``source`` reads (a list SOURCE, a tar
-    shard, the --exclude file): the report, written in place, would replace it (as seer data dedup refuses
-    its outputs)."""
+    shard, an image of a folder SOURCE, the --exclude file): the report, written in place, would replace it
+    (as seer data dedup refuses its outputs)."""
     from .dedup import _inputs
     from .dedup_files import _same_file
     if not os.path.exists(report):
@@ -121,6 +121,10 @@ def check_report_path(report: str, source: str, fmt: str = "auto", exclude: str 
     for what, given in _inputs(source, fmt, exclude):
         if _same_file(report, given):
             raise ValueError(f"--report {report!r} is {what}, which this command reads: write to another file")
+    folder = os.path.realpath(os.path.expanduser(source))
+    if fmt == "folder" and is_image_name(report) and os.path.realpath(report).startswith(folder + os.sep):
+        raise ValueError(f"--report {report!r} is an image of SOURCE, which this command reads: write to another "
+                         f"file")
 
 
 def _tally(src, loader, t0: float, timeout_s: float) -> CheckReport:

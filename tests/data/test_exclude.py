@@ -64,8 +64,8 @@ def test_a_data_check_report_leaves_the_unreadable_files_out_of_a_list(tmp_path)
 
 
 def test_a_data_check_report_never_replaces_a_file_the_check_reads(tmp_path, capsys):
-    """--report is written in place: naming the list SOURCE, a tar shard or the --exclude file (another path to
-    it too), it replaced that file with the report (a list of images lost). Refused before the check, as seer
+    """--report is written in place: naming the list SOURCE, a tar shard, an image of a folder SOURCE or the
+    --exclude file (another path to it too), it replaced that file with the report (a list of images lost). Refused before the check, as seer
     data dedup refuses its outputs; the file is left as it was."""
     _files(tmp_path / "d", {"p.png": IMG[0], "bad.png": b"not an image"})
     lst = tmp_path / "l.txt"
@@ -77,8 +77,9 @@ def test_a_data_check_report_never_replaces_a_file_the_check_reads(tmp_path, cap
     for args, what in (([str(lst), "--report", str(lst)], "SOURCE"),
                        ([str(lst), "--report", f"{tmp_path}/d/../l.txt"], "SOURCE"),
                        ([str(tmp_path / "d"), "--exclude", str(ex), "--report", str(ex)], "the --exclude file"),
-                       ([f"{tmp_path}/s/*.tar", "--report", str(tmp_path / "s" / "a.tar")], "a shard of SOURCE")):
-        before = {p: p.read_bytes() for p in (lst, ex, tmp_path / "s" / "a.tar")}
+                       ([f"{tmp_path}/s/*.tar", "--report", str(tmp_path / "s" / "a.tar")], "a shard of SOURCE"),
+                       ([str(tmp_path / "d"), "--report", str(tmp_path / "d" / "p.png")], "an image of SOURCE")):
+        before = {p: p.read_bytes() for p in (lst, ex, tmp_path / "s" / "a.tar", tmp_path / "d" / "p.png")}
         assert main(["data", "check", *args, "--workers", "0"]) == 2
         assert f"is {what}, which this command reads: write to another file" in capsys.readouterr().err
         assert {p: p.read_bytes() for p in before} == before
