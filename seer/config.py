@@ -732,6 +732,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("mean", "std"):
         v = getattr(c, name)
         _check(len(v) == 3 and (name == "mean" or min(v) > 0), f"data.crops.{name}", "3 numbers (std > 0)", v)
+    # (the crops, the evaluation images and seer features' are RGB: any other width failed at the first step)
+    _check(cfg.model.in_chans == 3, "model.in_chans", "3 (the images are decoded to RGB)", cfg.model.in_chans)
     for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
         v = getattr(c, name)
         _check(0.0 <= v <= 1.0, f"data.crops.{name}", "a probability in [0, 1]", v)

@@ -95,6 +95,8 @@ def test_bad_values_name_the_key(override, fragment):
     ("data.synthetic_size=abc", "data.synthetic_size"), ("data.synthetic_size=0", "data.synthetic_size"),
     ("data.synthetic_size=64x0", "data.synthetic_size"),
     ("data.format=synth", "data.format"),
+    # accepted, then the first step failed in PatchEmbed (the crops are RGB), naming no key
+    ("model.in_chans=1", "model.in_chans"), ("model.in_chans=4", "model.in_chans"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
