@@ -65,8 +65,8 @@ def test_a_data_check_report_leaves_the_unreadable_files_out_of_a_list(tmp_path)
 
 def test_a_data_check_report_never_replaces_a_file_the_check_reads(tmp_path, capsys):
     """--report is written in place: naming the list SOURCE, a tar shard, an image of a folder SOURCE or the
-    --exclude file (another path to it too), it replaced that file with the report (a list of images lost). Refused before the check, as seer
-    data dedup refuses its outputs; the file is left as it was."""
+    --exclude file (another path to it too), it replaced that file with the report (a list of images lost).
+    Refused before the check, as seer data dedup refuses its outputs; the file is left as it was."""
     _files(tmp_path / "d", {"p.png": IMG[0], "bad.png": b"not an image"})
     lst = tmp_path / "l.txt"
     lst.write_text("d/p.png\nd/bad.png\n")
