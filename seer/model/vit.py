@@ -109,9 +109,15 @@ class VisionTransformer(nn.Module):
             return_class_token: give (patch tokens, class token (B, D)) pairs instead of patch tokens.
             reshape: patch tokens as a map (B, D, H/p, W/p) instead of (B, H/p * W/p, D).
 
-        Only the blocks up to the last one named run. ValueError for a bad ``n``.
+        Only the blocks up to the last one named run. ValueError for a bad ``n``, and for ``norm=False`` on a
+        sequence-parallel trunk (seer.parallel).
         """
         wanted = block_indices(n, len(self.blocks))
+        if not norm and getattr(self, "sequence_parallel_size", 1) > 1:
+            # Each rank holds 1/T of the sequences between norm_pre and the final norm, whose hook gathers them.
+            raise ValueError(f"get_intermediate_layers: argument 'norm' must be True under sequence parallelism "
+                             f"(the blocks' outputs are split over {self.sequence_parallel_size} ranks and only "
+                             f"the final norm gathers them)")
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.norm_pre(self._embed(x))
         taken = {}

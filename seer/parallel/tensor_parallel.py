@@ -64,8 +64,12 @@ def _fork(module: nn.Module, tracker: RNGStatesTracker) -> nn.Module:
 
 def _make_sequence_hooks(trunk: VisionTransformer, group, tp: int) -> None:
     # Sequences the scatter hook added in eval mode, for the gather hook to drop (the forward between them is
-    # one call: the hooks of a trunk never interleave).
+    # one call: the hooks of a trunk never interleave). Set by every scatter, kept by the gathers: a forward may
+    # gather more than once (get_intermediate_layers normalises each block it returns).
     padded = [0]
+    # Where the trunk's tokens are sharded by sequence (get_intermediate_layers refuses norm=False there: its
+    # blocks' outputs reach no gather).
+    trunk.sequence_parallel_size = tp
 
     def scatter(module, inputs, output):
         extra = -output.shape[0] % tp
@@ -84,7 +88,7 @@ def _make_sequence_hooks(trunk: VisionTransformer, group, tp: int) -> None:
     def gather(module, inputs, output):
         # What follows (class-token pooling, the head) is replicated: the backward only splits.
         out = gather_from_sequence_region(output, group, to_tensor_parallel=False)
-        extra, padded[0] = padded[0], 0
+        extra = padded[0]
         return out[:out.shape[0] - extra] if extra else out
 
     trunk.norm_pre.register_forward_hook(scatter)

@@ -117,6 +117,40 @@ def _sequence_parallel_odd_batches() -> dict:
     return out
 
 
+def _sequence_parallel_intermediate_layers(rank, world) -> dict:
+    """get_intermediate_layers of a sequence-parallel trunk against the single-process one: several normalised
+    blocks of an eval batch that needs padding (3 images on 2 ranks), and the refusal of norm=False."""
+    ref = build_model()
+    par = copy.deepcopy(ref)
+    parallelize(par, ParallelDims(ParallelConfig(tp=2, sequence_parallel=True), "cpu"))
+    ref.eval(), par.eval()
+    out = {}
+    with torch.no_grad():
+        for n in (3, 4):
+            x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+            a = ref.backbone.get_intermediate_layers(x, 2, return_class_token=True)
+            b = par.backbone.get_intermediate_layers(x, 2, return_class_token=True)
+            out[n] = [(tuple(q[0].shape) == tuple(p[0].shape) and tuple(q[1].shape) == tuple(p[1].shape)
+                       and float(max((q[0] - p[0]).abs().max(), (q[1] - p[1]).abs().max())))
+                      for p, q in zip(a, b)]
+        try:
+            par.backbone.get_intermediate_layers(torch.randn(4, 3, 32, 32), 2, norm=False)
+            out["unnormalised"] = "ran"
+        except ValueError as exc:
+            out["unnormalised"] = str(exc)
+    return out
+
+
+@pytest.mark.dist
+def test_sequence_parallel_intermediate_layers_match_single_process():
+    # The gather hook forgot the eval padding after its first call (the second block normalised kept the padded
+    # sequence: 4 rows for 3 images), and norm=False gave each rank its half of the sequences without a word.
+    for rank, res in enumerate(run_distributed(_sequence_parallel_intermediate_layers, 2)):
+        for n in (3, 4):
+            assert all(d is not False and d < FP32_TOL for d in res[n]), (rank, n, res[n])
+        assert "argument 'norm' must be True under sequence parallelism" in res["unnormalised"], res
+
+
 @pytest.mark.dist
 def test_tensor_parallel_matches_single_process():
     results = run_distributed(_tp_body, 2)
