@@ -54,7 +54,9 @@ if [ -n "$OPS" ]; then
     *) MATRIX_TIMEOUT=0; NCU_TIMEOUT=0
        for f in tests-matrix ncu; do echo "not run (GPU_CHECK_OPS=$OPS)" >"$OUT/$f.rc"; done;;
   esac
-  [ "${#PROFILE_ONLY[@]}" -gt 1 ] || PROFILE_TIMEOUT=0
+  if [ "${#PROFILE_ONLY[@]}" -le 1 ]; then  # no op gpu_profile times: not run, not "out of time"
+    PROFILE_TIMEOUT=0; echo "not run (GPU_CHECK_OPS=$OPS)" >"$OUT/profile.rc"
+  fi
   phase "only the ops $OPS (GPU_CHECK_OPS)"
 fi
 # cap SECONDS: a phase's time limit, SECONDS or what is left of the budget (less 15 s for the summary); 0: skip
@@ -171,7 +173,9 @@ if [ "$SWEEP_TIMEOUT" -gt 0 ] && [ "$T" -gt 0 ]; then
 fi
 
 T=$(cap ${PROFILE_TIMEOUT:-90})
-if [ "$T" -gt 0 ]; then
+if [ "${PROFILE_TIMEOUT:-90}" -le 0 ]; then
+  :  # turned off (GPU_CHECK_OPS without attention or sinkhorn)
+elif [ "$T" -gt 0 ]; then
   phase "host and device time per call (log: $OUT/profile.log)"
   timeout -s INT -k 10 "$T" $PY -m bench.gpu_profile ${PROFILE_ONLY[@]+"${PROFILE_ONLY[@]}"} >"$OUT/profile.log" 2>&1
   echo $? >"$OUT/profile.rc"

@@ -264,6 +264,15 @@ def test_gpu_check_skips_phases_past_its_budget_and_still_summarises(tmp_path, w
     assert "benchmarks: rc skipped: out of time" in stdout and "=" * 100 in stdout
 
 
+def test_gpu_check_ops_without_a_profile_say_not_run_not_out_of_time(tmp_path):
+    """GPU_CHECK_OPS naming no op bench/gpu_profile.py times: the profile is not run, and the summary says so
+    (it read 'skipped: out of time' with the whole budget left)."""
+    stdout, calls, out = _gpu_check(tmp_path, budget=1000, with_ncu=False, env_extra={"GPU_CHECK_OPS": "multicrop"})
+    assert not any(c.startswith("py -m bench.gpu_profile") for c in calls)
+    assert (out / "profile.rc").read_text().strip() == "not run (GPU_CHECK_OPS=multicrop)"
+    assert "out of time" not in stdout and "gpu_profile.py): rc not run (GPU_CHECK_OPS=multicrop)" in stdout
+
+
 def test_gpu_check_clears_an_earlier_runs_files(tmp_path):
     """A folder that held an earlier check: its tests.xml (here with a failed TMA test) is neither this run's
     report nor a reason to turn the TMA features off, and it does not travel in the bundle; other files stay."""
