@@ -153,7 +153,8 @@ def pytest_sessionfinish(session, exitstatus):
     if _ROWS:
         # Complete only when the whole suite ran: pytest also finishes a session that a time limit's SIGINT
         # stopped (INTERRUPTED) or whose collection broke, and a selection (-k, -m, a test id) runs part of it
-        # (the gate fails a complete run that lacks a floor's row).
+        # (the gate fails a complete run that lacks a floor's row); -x / --maxfail stop it after a failure.
         partial = bool(_DESELECTED) or any("::" in str(arg) for arg in session.config.args)
+        partial = partial or bool(session.shouldfail or session.shouldstop)
         complete = exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and not partial
         _write(session.config, final=True, complete=complete)

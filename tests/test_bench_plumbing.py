@@ -76,6 +76,28 @@ def test_baseline_is_the_fastest_candidate_in_the_same_timings_and_runs_say_if_c
     assert subset["complete"] is False and [r["case"] for r in subset["rows"]] == ["a"]
 
 
+STOPPED = '''
+def bench_a(bench_record):
+    bench_record("fake", "a", {"ours": lambda: None, "base": lambda: None}, ours="ours", baseline="base",
+                 min_time=0.01)
+    assert False, "a failure that -x stops the run at"
+
+
+def bench_b(bench_record):
+    bench_record("fake", "b", {"ours": lambda: None, "base": lambda: None}, ours="ours", baseline="base",
+                 min_time=0.01)
+'''
+
+
+def test_a_run_stopped_by_maxfail_is_not_complete(tmp_path):
+    """-x (or --maxfail) ends the session with exit status 1 like a finished run with failures, but the
+    benchmarks after the failure never ran: the JSON must not claim the whole suite."""
+    proj = _project(tmp_path, 0)
+    (proj / "bench" / "bench_fake.py").write_text(STOPPED)
+    data = _finish(_start(proj, "-x"), proj)
+    assert [r["case"] for r in data["rows"]] == ["a"] and data["complete"] is False
+
+
 RETRIED = '''
 import time
 
