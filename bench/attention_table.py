@@ -16,6 +16,10 @@ becomes one table row:
     basis     what the ratios above measure: "gpu_time" (the -graph rows: CUDA-graph replays, the GPU's work
               alone) where the run captured all three modes, else "eager" (calls from Python, which at these
               shapes time the host's launch path as much as the kernels)
+    fwd_bwd_packed  attention_packed's forward+backward speed-up with that scheme, from the
+              -fwdbwd-det-vit-graph row (the ViT's layout: SDPA on the slices pays for stacking their
+              gradients), where the run has it and the row is in GPU time; the selector uses it for
+              attention_packed (fwd_bwd_packed_det / _atomic: both schemes)
 
 GPU time decides because a training step keeps the GPU busy: the host queues the attention's launches while
 the GPU still runs the matmuls before it, so what the op adds to a step is its GPU time (the eager ratios of
@@ -45,8 +49,10 @@ TABLE maps a GPU slug (e.g. "nvidia-h100-80gb-hbm3") to benchmark rows: head_dim
 dtype, fwd and fwd_bwd (speed-up of the Triton kernel over the best SDPA backend, same run; None where only
 the SDPA backends were timed), best_sdpa (put first by the SDPA path), bwd_scheme ("atomic" or
 "deterministic", whichever was faster), the best tiles per kernel, basis (what fwd and fwd_bwd measure:
-"gpu_time", CUDA-graph replays, where the run captured them, else "eager" calls), and the ratios of both
-kinds as evidence (*_graph: CUDA-graph replays; *_eager: eager calls).
+"gpu_time", CUDA-graph replays, where the run captured them, else "eager" calls), the ratios of both
+kinds as evidence (*_graph: CUDA-graph replays; *_eager: eager calls), and where measured fwd_bwd_packed
+(attention_packed against SDPA on the slices of a fused projection, with bwd_scheme; the selector's ratio
+for attention_packed).
 """
 '''
 
@@ -60,6 +66,7 @@ def rows_from_benchmark(data: dict) -> list[dict]:
     """
     by_case: dict[str, dict] = {}
     graphs: dict[str, dict] = {}
+    packed: dict[str, dict] = {}
     for row in data["rows"]:
         mode = row.get("mode", "")
         if row.get("op") != "attention" or "shape" not in row:
@@ -69,6 +76,8 @@ def rows_from_benchmark(data: dict) -> list[dict]:
             by_case.setdefault(base, {})[mode] = row
         elif row.get("ours") == "triton" and mode.removesuffix("-graph") in MODES:
             (graphs if mode.endswith("-graph") else by_case).setdefault(base, {})[mode] = row
+        elif row.get("ours") == "triton-packed" and mode == "fwdbwd-det-vit-graph":
+            packed[base] = row
     out = []
     for base, modes in sorted(by_case.items()):
         graph = graphs.get(base, {})
@@ -83,6 +92,25 @@ def rows_from_benchmark(data: dict) -> list[dict]:
                           ("fwdbwd-det", "fwd_bwd_det_graph")):
             if f"{mode}-graph" in graph:
                 out[-1][key] = round(graph[f"{mode}-graph"]["ratio"], 3)
+        if base in packed:
+            out[-1].update(_packed_ratios(out[-1], packed[base]))
+    return out
+
+
+def _packed_ratios(row: dict, vit: dict) -> dict:
+    """attention_packed's forward+backward ratios from the shape's -fwdbwd-det-vit-graph row (ratio: best SDPA
+    on the slices / attention_packed with the deterministic scheme; x_triton-packed-atomic: the atomic
+    scheme's time over that), and fwd_bwd_packed for the row's bwd_scheme. Only beside GPU-time ratios
+    (the -vit row is GPU time: the selector compares like with like)."""
+    if row.get("basis") != "gpu_time" or row.get("fwd_bwd") is None:
+        return {}
+    out = {"fwd_bwd_packed_det": round(vit["ratio"], 3)}
+    atomic_x = vit.get("x_triton-packed-atomic")
+    if atomic_x:
+        out["fwd_bwd_packed_atomic"] = round(vit["ratio"] / atomic_x, 3)
+    key = "fwd_bwd_packed_det" if row["bwd_scheme"] == "deterministic" else "fwd_bwd_packed_atomic"
+    if key in out:
+        out["fwd_bwd_packed"] = out[key]
     return out
 
 

@@ -12,13 +12,15 @@ GPU rows, per ViT shape (bfloat16):
                                   (a backend that cannot be captured is left out of that row); the
                                   selector table decides on these (bench/attention_table.py)
     attention:<case>-fwdbwd-det-vit-graph
-                                  forward + backward (deterministic) in GPU time as the ViT runs it
+                                  forward + backward in GPU time as the ViT runs it
                                   (seer.model.layers.Attention): ours is seer_kernels.attention_packed
-                                  on the fused qkv projection (gradient written into one buffer);
-                                  x_triton is our kernels through attention() on the slices, and each
-                                  SDPA backend runs on the slices too (_vit_segment: the output viewed
-                                  back to (B, N, H*D), autograd stacking dq, dk, dv into the fused
-                                  gradient). Not read by the selector table.
+                                  on the fused qkv projection (gradient written into one buffer), with
+                                  the deterministic scheme; x_triton-packed-atomic the same with dq
+                                  atomics, x_triton our kernels through attention() on the slices, and
+                                  each SDPA backend runs on the slices too (_vit_segment: the output
+                                  viewed back to (B, N, H*D), autograd stacking dq, dk, dv into the
+                                  fused gradient). bench/attention_table.py turns it into the table's
+                                  fwd_bwd_packed, which attention_packed's selector reads.
 
 Before timing a shape, every candidate tile of each kernel is timed and checked against SDPA's output; the
 rows use the fastest, and record it (tiles) together with the shape, the best SDPA backend, TFLOP/s and the
@@ -269,7 +271,8 @@ def bench_attention_gpu(bench_record, bench_device, shape):
             row = {"mode": mode, "shape": [b, h, n, n, d], "dtype": str(DTYPE)[6:], "best_sdpa": best[5:],
                    "tflops": harness.tflops(flops, t[ours].median_s),
                    "tflops_best_sdpa": harness.tflops(flops, t[best].median_s)}
-            row.update({f"x_{name[5:]}": t[name].median_s / t[ours].median_s for name in t if name != ours})
+            row.update({f"x_{name.removeprefix('sdpa-')}": t[name].median_s / t[ours].median_s
+                        for name in t if name != ours})
             if ceiling:
                 row["floor_pct"] = 100 * nbytes / (ceiling * 1e9) / t[ours].median_s
             target = TARGETS.get(f"{case}-{mode}", AUTO_TARGET if mode.startswith("auto") else None)
@@ -331,18 +334,29 @@ def bench_attention_gpu(bench_record, bench_device, shape):
         for mode, (fns, tl_) in graphed.items():
             row["tiles"] = tl_
             run_graphed(mode, fns, "triton", {"tiles": tl_})
-        # The ViT's own layout (fused qkv slices in, (B, N, H D) out): the same kernels and tiles as
-        # fwdbwd-det; SDPA backends may copy inputs or outputs for it, and that is what a model pays.
-        row["tiles"] = tiles_det
+        # The ViT's own layout (fused qkv slices in, (B, N, H D) out): attention_packed with each backward
+        # scheme and its tiles (the table keeps the ratio of the scheme it picks: fwd_bwd_packed), our
+        # kernels through attention() on the slices, and the SDPA backends on the slices, which may copy
+        # inputs or outputs for that layout and stack their gradients: what a model pays.
         qkv = torch.randn(b, n, 3 * h * d, device=bench_device, dtype=DTYPE, requires_grad=True)
         dout_vit = torch.randn(b, n, h * d, device=bench_device, dtype=DTYPE)
-        def packed():  # what seer.model.layers.Attention runs: the gradient lands in one buffer, no stack
-            with seer_kernels.use_backend("triton", op="attention"):
-                out = seer_kernels.attention_packed(qkv, h, deterministic=True)
-            return torch.autograd.grad(out, qkv, dout_vit)
-        fns = {"triton-packed": packed, "triton": lambda: _vit_segment(triton(True), qkv, dout_vit, h)}
+
+        def packed(deterministic, tl_):  # what seer.model.layers.Attention runs: one gradient buffer, no stack
+            def fn():
+                row["tiles"] = tl_  # read when launching, i.e. when the CUDA graph is captured
+                with seer_kernels.use_backend("triton", op="attention"):
+                    out = seer_kernels.attention_packed(qkv, h, deterministic=deterministic)
+                return torch.autograd.grad(out, qkv, dout_vit)
+            return fn
+
+        def sliced():
+            row["tiles"] = tiles_det
+            return _vit_segment(triton(True), qkv, dout_vit, h)
+        fns = {"triton-packed": packed(True, tiles_det), "triton-packed-atomic": packed(False, tiles),
+               "triton": sliced}
         fns.update({name: (lambda f=f: _vit_segment(f, qkv, dout_vit, h)) for name, f in sdpa.items()})
-        run_graphed("fwdbwd-det-vit", fns, "triton-packed", {"tiles": tiles_det, "layout": "fused qkv"})
+        run_graphed("fwdbwd-det-vit", fns, "triton-packed", {"tiles": tiles_det, "tiles_atomic": tiles,
+                                                             "layout": "fused qkv"})
     # The selector as shipped in GPU time: what a training step, whose host runs ahead of the GPU, gets
     # (the table decides on GPU time; the eager -auto row above also times the op's host path).
     run_graphed("auto", auto_fns, "seer", {"chosen": chosen})

@@ -199,7 +199,7 @@ def _triton_check(*, where, dt, head_dim, n_q, n_kv, batch, heads, **_) -> list[
     return out
 
 
-def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, **_) -> Optional[str]:
+def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, packed=False, **_) -> Optional[str]:
     if where.type != "cuda":
         return "the Triton interpreter is for tests, not speed (force it with use_backend('triton'))"
     if deterministic:
@@ -209,14 +209,20 @@ def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, **_) -> O
         return (f"no benchmark evidence on {_gpu_slug(where.index or 0)} for head dim {head_dim}, "
                 f"N {n_q}x{n_kv} (seer_kernels/ops/attention_table.py); SDPA is the safe default")
     ratio = row["fwd_bwd"] if grad else row["fwd"]
+    if packed and grad and row.get("fwd_bwd_packed") is not None:
+        # attention_packed: measured as the ViT runs it (SDPA on the slices pays for stacking their gradients)
+        ratio = row["fwd_bwd_packed"]
     if ratio is None:
         return (f"the benchmark has no Triton {'forward+backward' if grad else 'forward'} timing on "
                 f"{_gpu_slug(where.index or 0)} for head dim {head_dim}, N {n_q}x{n_kv} (only the SDPA "
                 f"backends were compared); SDPA ({row['best_sdpa']}) it is")
     if ratio < TRITON_MARGIN:
         basis = "GPU time" if row.get("basis") == "gpu_time" else "eager calls"
-        return (f"the benchmark has SDPA ({row['best_sdpa']}) ahead here: Triton x{ratio:.2f} "
-                f"{'forward+backward' if grad else 'forward'} in {basis} (needs x{TRITON_MARGIN})")
+        what = "forward+backward" if grad else "forward"
+        if packed and grad and row.get("fwd_bwd_packed") is not None:
+            what += " on a fused qkv projection"
+        return (f"the benchmark has SDPA ({row['best_sdpa']}) ahead here: Triton x{ratio:.2f} {what} in {basis} "
+                f"(needs x{TRITON_MARGIN})")
     return None
 
 
@@ -284,14 +290,16 @@ DISPATCH.register(Backend(
     ("cuda", "cpu"), DTYPES))
 
 
-def _info(q: Tensor, k: Tensor, *, grad: bool, deterministic: bool, in_op: bool) -> dict:
+def _info(q: Tensor, k: Tensor, *, grad: bool, deterministic: bool, in_op: bool, packed: bool = False) -> dict:
     # 'where' and 'dt' repeat select()'s device and dtype for the per-backend checks. The sizes are passed as
     # they are, never through int(): under torch.export or torch.compile(dynamic=True) a dynamic dim is a
     # SymInt, and int() on it pins the traced graph to this call's value (an export with a dynamic batch
     # failed, "specialized it to be a constant (2)", even on the SDPA path, which never looks at the batch).
     # A check that does compare a symbolic size adds a guard on that size alone, where it matters.
+    # ``packed``: the call is attention_packed's, whose benchmark ratio (where measured) is its own.
     return dict(where=q.device, dt=q.dtype, head_dim=q.shape[3], n_q=q.shape[2], n_kv=k.shape[2],
-                batch=q.shape[0], heads=q.shape[1], grad=grad, deterministic=deterministic, in_op=in_op)
+                batch=q.shape[0], heads=q.shape[1], grad=grad, deterministic=deterministic, in_op=in_op,
+                packed=packed)
 
 
 def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend:

@@ -17,9 +17,10 @@ the backward kernels write dq, dk and dv into the three slices of one (B, N, 3 H
 strides, which is the gradient of ``qkv`` as it stands. The forward's output is already on (B, N, H, D)
 memory, so ``out`` is a view, as the reshape was.
 
-Backends are chosen for the slices exactly as ``attention`` chooses them. Where that is SDPA (on CPUs, and on
-GPUs where the selector table has SDPA ahead), and under torch.func transforms, the slices go through
-``attention`` as before: SDPA takes separate tensors, so its gradients go through the same copies. The custom
+Backends are chosen for the slices as ``attention`` chooses them, except that with a gradient the selector
+table's ``fwd_bwd_packed`` ratio decides where the benchmark measured one (its ``-fwdbwd-det-vit`` rows: this
+op against SDPA on the slices, copies included). Where the choice is SDPA (on CPUs, and on GPUs where the
+table has SDPA ahead), and under torch.func transforms, the slices go through ``attention`` as before: SDPA takes separate tensors, so its gradients go through the same copies. The custom
 ops ``seer::attention_packed_fwd`` and ``seer::attention_packed_bwd`` carry the triton and reference backends
 through torch.compile and export; plain eager calls run the backend functions directly (as ``attention``
 does, for host time).
@@ -151,7 +152,8 @@ def attention_packed(qkv: Tensor, heads: int, *, scale: Optional[float] = None,
         heads: the number of heads H; D = qkv.shape[-1] / (3 H).
         scale, deterministic: as :func:`seer_kernels.attention`.
 
-    Returns (B, N, H * D) in qkv's dtype: ``attention(q, k, v)`` with its heads side by side per token.
+    Returns (B, N, H * D) in qkv's dtype (under autocast, the autocast dtype, as ``attention``):
+    ``attention(q, k, v)`` with its heads side by side per token.
     Differentiable in qkv; its gradient comes back as one (B, N, 3 H D) tensor written by the backward kernels
     (no stacking of dq, dk, dv) on the triton and reference backends.
     """
@@ -161,7 +163,8 @@ def attention_packed(qkv: Tensor, heads: int, *, scale: Optional[float] = None,
     scale = A._scale(scale, q.shape[3])
     det = A._deterministic(deterministic)
     grad = torch.is_grad_enabled() and qkv.requires_grad
-    backend = A.DISPATCH.select(q.device, q.dtype, **A._info(q, k, grad=grad, deterministic=det, in_op=False))
+    backend = A.DISPATCH.select(q.device, q.dtype,
+                                **A._info(q, k, grad=grad, deterministic=det, in_op=False, packed=True))
     if backend.name == "sdpa":
         return _pack(backend.impl.attention(q, k, v, scale))
     if plain_eager(qkv):

@@ -1417,6 +1417,27 @@ def test_selector_follows_the_table(fake_gpu):
 
 
 @pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
+def test_selector_takes_the_packed_ratio_for_attention_packed(fake_gpu):
+    """attention_packed (packed=True) with a gradient decides on fwd_bwd_packed where the row has it: its
+    -vit benchmark row times the ViT's layout, where SDPA on the slices pays for stacking their gradients."""
+    table, _ = fake_gpu
+    table["fake-gpu"] = [_row(257, fwd_bwd=0.98, fwd_bwd_packed=1.25, basis="gpu_time"), _row(197, fwd_bwd=1.2)]
+
+    def select(n, packed, grad=True):
+        info = dict(where=torch.device("cuda", 0), dt=BF16, head_dim=128, n_q=n, n_kv=n, batch=32, heads=8,
+                    grad=grad, deterministic=False, in_op=False, packed=packed)
+        return DISPATCH.select(torch.device("cuda", 0), BF16, **info).name
+    assert select(257, packed=False) == "sdpa" and select(257, packed=True) == "triton"
+    assert select(257, packed=True, grad=False) == "triton"  # forward only: the fwd ratio (1.1), as attention
+    assert select(197, packed=True) == "triton" == select(197, packed=False)  # no packed ratio: fwd_bwd
+    table["fake-gpu"][0]["fwd_bwd_packed"] = 1.0
+    info = dict(where=torch.device("cuda", 0), head_dim=128, n_q=257, n_kv=257, grad=True, deterministic=False,
+                packed=True)
+    assert "x1.00 forward+backward on a fused qkv projection in GPU time" in \
+        DISPATCH.backends["triton"].preference(info)
+
+
+@pytest.mark.skipif(TRITON_DEV is None, reason="the Triton backend needs triton importable")
 def test_selector_rows_pass_their_tiles_and_scheme(monkeypatch):
     from seer_kernels.triton import attention as tri
     row = _row(257, bwd_scheme="deterministic",
@@ -1580,6 +1601,53 @@ def test_table_script_turns_benchmark_rows_into_the_selector_table(tmp_path):
     tma_off = tmp_path / "tma_off.json"
     tma_off.write_text(json.dumps({"environment": dict(env, settings={"SEER_KERNELS_TMA": "0"}), "rows": rows}))
     assert script.main([str(tma_off), "--out", str(out)]) == 1
+
+
+def test_table_script_keeps_attention_packed_ratios_for_the_chosen_scheme(tmp_path):
+    """The -fwdbwd-det-vit-graph row (attention_packed, deterministic, against SDPA on the slices) gives
+    fwd_bwd_packed for the scheme the row chose; only beside GPU-time ratios."""
+    import json
+
+    from bench import attention_table as script
+    base = {"op": "attention", "ours": "triton", "best_sdpa": "cudnn", "shape": [32, 8, 257, 257, 128],
+            "dtype": "bfloat16", "tiles": {"fwd": [64, 32, 4, 3], "dkdv": [32, 64, 4, 2], "dq": [64, 32, 4, 3]}}
+    case = "vit10b-tp4-B32H8N257D128"
+    rows = []
+    for graph in (False, True):
+        for mode, ratio in (("fwd", 0.95), ("fwdbwd", 0.9), ("fwdbwd-det", 1.05)):
+            m = f"{mode}-graph" if graph else mode
+            rows.append(dict(base, case=f"{case}-{m}", mode=m, ratio=ratio))
+    vit = dict(base, case=f"{case}-fwdbwd-det-vit-graph", mode="fwdbwd-det-vit-graph", ours="triton-packed",
+               ratio=1.32, **{"x_triton-packed-atomic": 1.1, "x_triton": 1.25})
+    env = {"device": "nvidia-h100-80gb-hbm3", "git": "abc", "date": "today"}
+    src, out = tmp_path / "bench.json", tmp_path / "table.py"
+    src.write_text(json.dumps({"environment": env, "rows": rows + [vit]}))
+    assert script.main([str(src), "--out", str(out)]) == 0
+    ns: dict = {}
+    exec(out.read_text(), ns)
+    (row,) = ns["TABLE"]["nvidia-h100-80gb-hbm3"]
+    assert row["bwd_scheme"] == "deterministic" and row["fwd_bwd"] == 1.05
+    assert row["fwd_bwd_packed_det"] == 1.32 and row["fwd_bwd_packed_atomic"] == 1.2
+    assert row["fwd_bwd_packed"] == 1.32
+    # the atomic scheme chosen: its packed ratio
+    for r in rows:
+        if r["mode"].startswith("fwdbwd") and not r["mode"].startswith("fwdbwd-det"):
+            r["ratio"] = 1.1
+    src.write_text(json.dumps({"environment": env, "rows": rows + [vit]}))
+    out.unlink()
+    assert script.main([str(src), "--out", str(out)]) == 0
+    ns = {}
+    exec(out.read_text(), ns)
+    (row,) = ns["TABLE"]["nvidia-h100-80gb-hbm3"]
+    assert row["bwd_scheme"] == "atomic" and row["fwd_bwd_packed"] == 1.2
+    # eager ratios only (no -graph rows for the three modes): no packed ratio beside them
+    src.write_text(json.dumps({"environment": env, "rows": [r for r in rows if "graph" not in r["mode"]] + [vit]}))
+    out.unlink()
+    assert script.main([str(src), "--out", str(out)]) == 0
+    ns = {}
+    exec(out.read_text(), ns)
+    (row,) = ns["TABLE"]["nvidia-h100-80gb-hbm3"]
+    assert row["basis"] == "eager" and "fwd_bwd_packed" not in row
 
 
 def test_summary_pairs_each_candidate_with_its_twin(capsys):

@@ -231,3 +231,16 @@ def test_triton_backward_fills_given_gradient_buffers(layout, poison_empty):
     got = tri.attention_bwd(dout, q, k, v, out, lse, 0.25, True, grads=grads)
     assert all(g is x for g, x in zip(got, grads))
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_the_selector_is_told_the_call_is_packed(monkeypatch):
+    """attention_packed asks the dispatcher with packed=True (the table's fwd_bwd_packed decides for it:
+    test_attention.py::test_selector_takes_the_packed_ratio_for_attention_packed); attention does not."""
+    from seer_kernels.ops import attention as ops
+    seen = []
+    real = ops.DISPATCH.select
+    monkeypatch.setattr(ops.DISPATCH, "select", lambda *a, **info: seen.append(info["packed"]) or real(*a, **info))
+    qkv = torch.randn(1, 5, 3 * 2 * 8, requires_grad=True)
+    packed.attention_packed(qkv, 2)
+    _unpacked(qkv, 2)
+    assert seen == [True, False]
