@@ -65,9 +65,13 @@ def bench_record(request, bench_device, benchmark):
             msg = gate.check(key, ratio, floors)
         if msg and len(tries) > 1:
             msg += f" (measured {len(tries)} times: {', '.join(f'{r:.2f}x' for r in tries)})"
+        # spread_pct: each median's 20-80 % quantile range in % of it (the rounds' scatter: a ratio between
+        # two wide spreads on a loaded machine is one draw among very different ones)
         row = {"key": key, "op": op, "case": case, "ours": ours, "baseline": baseline, "ratio": ratio,
                "floor": floors.get(key),
-               "times_ms": {n: round(t.median_s * 1e3, 6) for n, t in timings.items()}}
+               "times_ms": {n: round(t.median_s * 1e3, 6) for n, t in timings.items()},
+               "spread_pct": {n: round(100 * (t.p80_s - t.p20_s) / t.median_s, 1) if t.median_s > 0 else None
+                              for n, t in timings.items()}}
         if metrics is not None:
             row.update(metrics(timings))
         _ROWS.append(row)
@@ -99,8 +103,8 @@ def _synced(fn, device: str):
 
 # Row fields the printed table leaves out (they stay in the JSON): the per-candidate timings of the attention
 # rows alone are ~2 KB a row, which buried the rest of a GPU check's summary.
-TABLE_OMITS = ("key", "op", "case", "ours", "baseline", "ratio", "floor", "times_ms", "candidate_us",
-               "candidate_failures", "tiles", "not_capturable", "sdpa_rejected")
+TABLE_OMITS = ("key", "op", "case", "ours", "baseline", "ratio", "floor", "times_ms", "spread_pct",
+               "candidate_us", "candidate_failures", "tiles", "not_capturable", "sdpa_rejected")
 
 
 def _write(config, final: bool, complete: bool = False) -> None:

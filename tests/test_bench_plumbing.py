@@ -71,6 +71,7 @@ def test_baseline_is_the_fastest_candidate_in_the_same_timings_and_runs_say_if_c
     row = next(r for r in data["rows"] if r["case"] == "a")
     assert row["baseline"] == "fast" and row["ratio"] == pytest.approx(
         row["times_ms"]["fast"] / row["times_ms"]["ours"])
+    assert set(row["spread_pct"]) == {"ours", "slow", "fast"} and all(v >= 0 for v in row["spread_pct"].values())
     assert data["complete"] is True and len(data["rows"]) == 2
     assert cut["complete"] is False and [r["case"] for r in cut["rows"]] == ["a"]  # stopped while bench_b sleeps
     assert subset["complete"] is False and [r["case"] for r in subset["rows"]] == ["a"]
