@@ -574,23 +574,23 @@ def _plainly_valid(q, k, v) -> bool:
             and ks[2] == vs[2] and 0 not in qs and ks[2] != 0 and k.device == q.device and v.device == q.device)
 
 
-def _scale(scale, head_dim: int) -> float:
+def _scale(scale, head_dim: int, op: str = "attention") -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     # Comparisons, not math.isfinite: torch.compile passes a scale that varies between calls as a SymFloat,
     # and a comparison becomes a guard where math.isfinite breaks the graph.
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)) \
             or not -math.inf < scale < math.inf:
-        raise ValueError(f"attention: argument 'scale' must be a finite number or None, got {scale!r}")
+        raise ValueError(f"{op}: argument 'scale' must be a finite number or None, got {scale!r}")
     return scale if isinstance(scale, torch.SymFloat) else float(scale)
 
 
-def _deterministic(flag) -> bool:
+def _deterministic(flag, op: str = "attention") -> bool:
     if flag is None:
         return torch.are_deterministic_algorithms_enabled() or \
             os.environ.get("SEER_KERNELS_DETERMINISTIC", "") == "1"
     if not isinstance(flag, bool):
-        raise TypeError(f"attention: argument 'deterministic' must be True, False or None, got {flag!r}")
+        raise TypeError(f"{op}: argument 'deterministic' must be True, False or None, got {flag!r}")
     return flag
 
 

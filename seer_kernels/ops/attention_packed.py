@@ -160,8 +160,8 @@ def attention_packed(qkv: Tensor, heads: int, *, scale: Optional[float] = None,
     qkv = A._autocast(qkv, qkv, qkv)[0]
     _validate(qkv, heads)
     q, k, v = unpack(qkv, heads)
-    scale = A._scale(scale, q.shape[3])
-    det = A._deterministic(deterministic)
+    scale = A._scale(scale, q.shape[3], "attention_packed")
+    det = A._deterministic(deterministic, "attention_packed")
     grad = torch.is_grad_enabled() and qkv.requires_grad
     backend = A.DISPATCH.select(q.device, q.dtype,
                                 **A._info(q, k, grad=grad, deterministic=det, in_op=False, packed=True))

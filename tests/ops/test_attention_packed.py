@@ -174,6 +174,15 @@ def test_bad_input_is_named(args, err, match):
         packed.attention_packed(*args)
 
 
+@pytest.mark.parametrize("kw,err,match", [
+    ({"scale": float("nan")}, ValueError, "attention_packed: argument 'scale' must be a finite number"),
+    ({"deterministic": 1}, TypeError, "attention_packed: argument 'deterministic' must be True, False or None"),
+])
+def test_bad_options_are_named_as_this_ops(kw, err, match):
+    with pytest.raises(err, match=match):
+        packed.attention_packed(torch.randn(2, 5, 48), 2, **kw)
+
+
 def test_head_dim_the_triton_kernel_refuses_is_named():
     with pytest.raises(seer_kernels.BackendError, match="head dim 12 is not supported"):
         with use_backend("triton", op="attention"):
