@@ -113,11 +113,15 @@ def _fake_sinkhorn_max(scores, m, f, g, epsilon, dim):
 def _fake_sinkhorn_sumexp(scores, m, f, g, epsilon, dim, shift):
     _check_step(scores, m, f, g, epsilon, dim)
     lines = scores.shape[1 - dim]
+    _check_shift(shift, scores, lines)
+    return scores.new_empty((lines,), dtype=torch.float32)
+
+
+def _check_shift(shift, scores, lines) -> None:
     _arg(shift.dim() == 0 or (shift.dim() == 1 and shift.shape[0] == lines), "shift",
          f"expected a scalar tensor or {lines} values, got shape {list(shift.shape)}")
     _arg(shift.device == scores.device, "shift", f"expected a tensor on {scores.device} (the device of 'scores'), "
                                                  f"got {shift.device}")
-    return scores.new_empty((lines,), dtype=torch.float32)
 
 
 def _fake_sinkhorn_finalize(scores, m, f, g, epsilon, log_scale):

@@ -100,6 +100,9 @@ def _(info, in_dims, scores, epsilon, iterations):
 @torch.library.custom_op("seer::sinkhorn_max", mutates_args=())
 def _max_op(scores: Tensor, m: Optional[Tensor], f: Optional[Tensor], g: Optional[Tensor], epsilon: float,
             dim: int) -> Tensor:
+    # The native kernels' checks (same messages), for every backend: the reference and Triton steps would
+    # broadcast a vector of the wrong length, or reduce over dim -1, and return a wrong result silently.
+    _native._check_step(scores, m, f, g, epsilon, dim)
     return _impl(scores).steps.max(scores, m, f, g, epsilon, dim)
 
 
@@ -111,6 +114,8 @@ def _(scores, m, f, g, epsilon, dim):
 @torch.library.custom_op("seer::sinkhorn_sumexp", mutates_args=())
 def _sumexp_op(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float, dim: int,
                shift: Tensor) -> Tensor:
+    _native._check_step(scores, m, f, g, epsilon, dim)
+    _native._check_shift(shift, scores, scores.shape[1 - dim])
     return _impl(scores).steps.sumexp(scores, m, f, g, epsilon, dim, shift)
 
 
@@ -121,6 +126,7 @@ def _(scores, m, f, g, epsilon, dim, shift):
 
 @torch.library.custom_op("seer::sinkhorn_finalize", mutates_args=())
 def _finalize_op(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float, log_scale: float) -> Tensor:
+    _native._check_step(scores, m, f, g, epsilon, 0)
     return _impl(scores).steps.finalize(scores, m, f, g, epsilon, log_scale)
 
 

@@ -346,6 +346,32 @@ def test_native_ops_check_their_arguments():
         ops.sinkhorn_sumexp(torch.randn(3, 4), z, z, torch.zeros(3), 0.05, 0, torch.zeros(7))
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_step_ops_check_their_arguments_on_every_backend(backend, device):
+    """torch.ops.seer.sinkhorn_{max,sumexp,finalize} refuse bad arguments with the native kernels' message on
+    every backend: the reference (and Triton) steps broadcast a vector of the wrong length, reduce over
+    dim -1 or divide by epsilon 0 and returned a wrong result without a word."""
+    ops = torch.ops.seer
+    s = torch.randn(3, 4, device=device)
+    z4, z3 = torch.zeros(4, device=device), torch.zeros(3, device=device)
+    cases = [
+        (lambda: ops.sinkhorn_max(s, torch.zeros(1, device=device), None, None, 0.05, 0),
+         "argument 'm': expected 4 values, got 1"),
+        (lambda: ops.sinkhorn_max(s, None, None, None, 0.05, -1), "argument 'dim': expected 0 or 1, got -1"),
+        (lambda: ops.sinkhorn_max(s, z4, None, None, 0.0, 0), "argument 'epsilon'"),
+        (lambda: ops.sinkhorn_sumexp(s, z4, z4, torch.zeros(1, device=device), 0.05, 0, torch.zeros((), device=device)),
+         "argument 'g': expected 3 values, got 1"),
+        (lambda: ops.sinkhorn_sumexp(s, z4, z4, z3, 0.05, 0, torch.zeros(3, device=device)),
+         "argument 'shift': expected a scalar tensor or 4 values"),
+        (lambda: ops.sinkhorn_finalize(s, z4, torch.zeros(4, dtype=torch.float64, device=device), z3, 0.05, 0.0),
+         "argument 'f': expected float32, got Double"),
+    ]
+    with use_backend(backend, op="sinkhorn"):
+        for call, message in cases:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                call()
+
+
 def _native_message_cases():
     ops = torch.ops.seer_C
     return [
