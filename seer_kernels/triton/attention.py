@@ -1020,7 +1020,15 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     with _on_device(q):
         if grads is None:
             return _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile, None)
-        direct = all(g.stride(3) == 1 and _rows_fit_int32(g) and _rows_aligned(g) for g in grads)
+        for name, g, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+            if g.shape != like.shape or g.dtype != like.dtype or g.device != like.device:
+                raise ValueError(f"attention_bwd: argument 'grads' must hold dq, dk, dv shaped as q, k, v; its {name} "
+                                 f"is {tuple(g.shape)} {g.dtype} on {g.device}, expected {tuple(like.shape)} "
+                                 f"{like.dtype} on {like.device}")
+        # Written through their strides where the kernels take the layout and no two elements share memory
+        # (an expanded dim, stride 0, would have several programs write one element).
+        direct = all(g.stride(3) == 1 and _rows_fit_int32(g) and _rows_aligned(g)
+                     and all(st != 0 or n == 1 for st, n in zip(g.stride(), g.shape)) for g in grads)
         got = _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile, grads if direct else None)
         if not direct:
             for g, x in zip(grads, got):

@@ -255,3 +255,18 @@ def test_the_selector_is_told_the_call_is_packed(monkeypatch):
     packed.attention_packed(qkv, 2)
     _unpacked(qkv, 2)
     assert seen == [True, False]
+
+
+@pytest.mark.triton
+def test_triton_backward_refuses_gradient_buffers_of_another_shape_or_dtype():
+    if TRITON_DEV is None:
+        pytest.skip("no Triton here")
+    from seer_kernels.triton import attention as tri
+    dt = F32 if TRITON_DEV == "cpu" else BF16
+    q, k, v, dout = (torch.randn(1, 2, 17, 16, device=TRITON_DEV, dtype=dt) for _ in range(4))
+    out, lse = tri.attention_fwd(q, k, v, 0.25)
+    good = torch.empty(1, 2, 17, 16, device=TRITON_DEV, dtype=dt)
+    for bad in (torch.empty(1, 2, 16, 16, device=TRITON_DEV, dtype=dt),
+                torch.empty(1, 2, 17, 16, device=TRITON_DEV, dtype=F64)):
+        with pytest.raises(ValueError, match="argument 'grads' must hold dq, dk, dv shaped as q, k, v; its dk"):
+            tri.attention_bwd(dout, q, k, v, out, lse, 0.25, True, grads=(good, bad, good.clone()))
