@@ -74,8 +74,10 @@ def _signature(fn, dtype: str, constexprs: dict, strides16: bool) -> tuple[dict,
     return sig, attrs
 
 
-def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq_len: int = 257):
-    """``seq_len`` sets the tail tiles (``tri.tail_block``); 257 leaves one row, so both paths compile."""
+def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq_len: int = 257,
+                maxnreg: int | None = None):
+    """``seq_len`` sets the tail tiles (``tri.tail_block``); 257 leaves one row, so both paths compile.
+    ``maxnreg``: cap the registers per thread (Triton's launch option; an experiment, no launcher sets it)."""
     params = inspect.signature(fn.fn).parameters  # the delta kernel takes BLOCK_M only
     cx = dict(constexprs, **{k: v for k, v in tile.constexprs(seq_len, seq_len).items() if k in params})
     if "FOLD_TAIL" in params:  # the forward: its last program folds the tail in at this length, or not
@@ -89,6 +91,8 @@ def compile_one(fn, dtype: str, constexprs: dict, tile: tri.Tile, arch: int, seq
     sig, attrs = _signature(fn, dtype, cx, strides16=cx["HEAD_DIM"] % 16 == 0)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -140,12 +144,18 @@ def main(argv=None) -> int:
     ap.add_argument("--defaults-only", action="store_true", help="only the default tile of each kernel")
     ap.add_argument("--seq-len", type=int, default=257,
                     help="sets the tail tiles (257: one leftover row, 16-row tails; 145: 32-row tails)")
+    ap.add_argument("--kernels", nargs="+", default=None,
+                    help="only these kernels (fwd, dkdv, dkdv+atomic, dkdv+tma, dkdv+ds, dq, dq-ds, delta)")
+    ap.add_argument("--maxnreg", type=int, default=None,
+                    help="cap registers per thread (Triton's maxnreg; an experiment: bench/results/"
+                         "sm90-attention-compile-maxnreg.txt)")
     args = ap.parse_args(argv)
     if interpreted():
         return 2
     rows = ((f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s}",
-             functools.partial(compile_one, fn, dt, cx, tile, args.arch, args.seq_len))
-            for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only))
+             functools.partial(compile_one, fn, dt, cx, tile, args.arch, args.seq_len, args.maxnreg))
+            for name, fn, d, dt, cx, tile in variants(args.head_dims, args.dtypes, args.defaults_only)
+            if args.kernels is None or name in args.kernels)
     return report(rows, args.arch, f"{'kernel':12s} {'D':>4s} {'dtype':5s} {'tile (m,n,warps,stages)':24s}",
                   spill_budget=SPILL_BUDGET, forbidden_ptx=FORBIDDEN_PTX, narrow_access=True)
 
