@@ -166,8 +166,9 @@ def scan_folder(root: str | os.PathLike, setting: str = "data.source") -> Iterat
     Streams; never holds more than one folder listing.
 
     A folder that cannot be listed raises :class:`DataSourceError` naming it (skipping it would train on
-    part of the data without a word); a file name with a newline, which the index cannot hold, is left out
-    with a warning. A symlinked folder seen before (a loop, or two links to one folder) is visited once.
+    part of the data without a word); a file name with a newline, which the index cannot hold, and a symbolic
+    link named like an image whose target is missing are left out with a warning. A symlinked folder seen
+    before (a loop, or two links to one folder) is visited once.
     ``setting``: what the errors and warnings call the folder (the config key or flag the user gave it by)."""
     root = os.fspath(root)
     stack = [""]
@@ -202,6 +203,8 @@ def scan_folder(root: str | os.PathLike, setting: str = "data.source") -> Iterat
                 subdirs.append(path)
             elif is_file and is_image_name(e.name):
                 yield path
+            elif not is_file and is_image_name(e.name) and e.is_symlink():  # is_file() follows it: to nothing
+                log.warning("%s: leaving out %r (a symbolic link to a missing file)", setting, path)
         stack.extend(reversed(subdirs))
 
 

@@ -203,9 +203,11 @@ def test_symlinked_folders_are_followed_once_and_odd_names_left_out(tmp_path, ca
     (tmp_path / "real" / "loop").symlink_to(root, target_is_directory=True)  # and a loop back
     (root / "odd\nname.png").write_bytes(image_bytes(7))
     (root / "self.png").symlink_to(root / "self.png")  # a link to itself: ELOOP when followed
+    (root / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # a link to nothing (a download that went away)
     found = list(scan_folder(root))
     assert len(found) == 6 and sum(f.startswith("again/") for f in found) == 4  # 'again' sorts first
     assert "a newline in its name" in caplog.text
+    assert "leaving out 'gone.jpg' (a symbolic link to a missing file)" in caplog.text  # said, not silent
 
 
 def test_an_unreadable_folder_is_an_error_not_a_silent_gap(tmp_path, monkeypatch):
