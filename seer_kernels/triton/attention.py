@@ -855,12 +855,17 @@ def _rows_aligned(t: Tensor) -> bool:
             and (n == 1 or sn % step == 0))
 
 
-def _kernel_layout(t: Tensor) -> Tensor:
+def _kernel_takes(t: Tensor) -> bool:
     """The kernels index the head dim without a stride, rows with int32 offsets, and tell the compiler that
-    rows start 16 bytes aligned (``_row_ptrs``: vectorised loads); copy the rare other layouts (contiguous
-    rows fit int32 up to N * D < 2^31, which the op checks, and start aligned as D % 8 == 0). Slices of a
-    fused qkv projection qualify."""
-    if t.stride(3) == 1 and _rows_fit_int32(t) and _rows_aligned(t):
+    rows start 16 bytes aligned (``_row_ptrs``: vectorised loads). Contiguous rows fit int32 up to
+    N * D < 2^31, which the op checks, and start aligned as D % 8 == 0; slices of a fused qkv projection
+    qualify."""
+    return t.stride(3) == 1 and _rows_fit_int32(t) and _rows_aligned(t)
+
+
+def _kernel_layout(t: Tensor) -> Tensor:
+    """``t``, or a copy in a layout the kernels take (:func:`_kernel_takes`; the rare other layouts)."""
+    if _kernel_takes(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)  # a copy even of a contiguous view 2 bytes off
 
@@ -1027,8 +1032,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                                  f"{like.dtype} on {like.device}")
         # Written through their strides where the kernels take the layout and no two elements share memory
         # (an expanded dim, stride 0, would have several programs write one element).
-        direct = all(g.stride(3) == 1 and _rows_fit_int32(g) and _rows_aligned(g)
-                     and all(st != 0 or n == 1 for st, n in zip(g.stride(), g.shape)) for g in grads)
+        direct = all(_kernel_takes(g) and all(st != 0 or n == 1 for st, n in zip(g.stride(), g.shape))
+                     for g in grads)
         got = _bwd(dout, q, k, v, out, lse, scale, deterministic, dkdv_tile, dq_tile, grads if direct else None)
         if not direct:
             for g, x in zip(grads, got):
