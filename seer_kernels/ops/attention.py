@@ -208,19 +208,17 @@ def _triton_prefer(*, where, head_dim, n_q, n_kv, grad, deterministic, packed=Fa
     if row is None:
         return (f"no benchmark evidence on {_gpu_slug(where.index or 0)} for head dim {head_dim}, "
                 f"N {n_q}x{n_kv} (seer_kernels/ops/attention_table.py); SDPA is the safe default")
-    ratio = row["fwd_bwd"] if grad else row["fwd"]
-    if packed and grad and row.get("fwd_bwd_packed") is not None:
-        # attention_packed: measured as the ViT runs it (SDPA on the slices pays for stacking their gradients)
-        ratio = row["fwd_bwd_packed"]
+    # attention_packed: measured as the ViT runs it, where measured (SDPA on the slices pays for stacking
+    # their gradients)
+    use_packed = packed and grad and row.get("fwd_bwd_packed") is not None
+    ratio = row["fwd_bwd_packed"] if use_packed else row["fwd_bwd"] if grad else row["fwd"]
     if ratio is None:
         return (f"the benchmark has no Triton {'forward+backward' if grad else 'forward'} timing on "
                 f"{_gpu_slug(where.index or 0)} for head dim {head_dim}, N {n_q}x{n_kv} (only the SDPA "
                 f"backends were compared); SDPA ({row['best_sdpa']}) it is")
     if ratio < TRITON_MARGIN:
         basis = "GPU time" if row.get("basis") == "gpu_time" else "eager calls"
-        what = "forward+backward" if grad else "forward"
-        if packed and grad and row.get("fwd_bwd_packed") is not None:
-            what += " on a fused qkv projection"
+        what = ("forward+backward" if grad else "forward") + (" on a fused qkv projection" if use_packed else "")
         return (f"the benchmark has SDPA ({row['best_sdpa']}) ahead here: Triton x{ratio:.2f} {what} in {basis} "
                 f"(needs x{TRITON_MARGIN})")
     return None
