@@ -395,3 +395,24 @@ def bench_attention_cpu_dispatch(bench_record, bench_device, shape, mode):
                 "gflops": harness.tflops(_flops(b, h, n, d, mode), t["seer"].median_s) * 1e3}
 
     bench_record("attention", f"cpu-dispatch-{case}-{mode}", fns, ours="seer", baseline="sdpa", metrics=metrics)
+
+
+@pytest.mark.parametrize("shape", [pytest.param(s, id=s[0]) for s in CPU_SHAPES[:2]])
+def bench_attention_packed_cpu_dispatch(bench_record, bench_device, shape):
+    """seer_kernels.attention_packed on a fused projection (SDPA on CPU, on the slices) against SDPA called
+    directly on the slices as the ViT did before (output viewed back, gradient into the fused tensor), forward
+    and backward: the packed op's own overhead where it saves nothing (its gain is the GPU kernels')."""
+    if bench_device != "cpu":
+        pytest.skip("CPU dispatch overhead")
+    case, b, h, n, d = shape
+    qkv = torch.randn(b, n, 3 * h * d, requires_grad=True)
+    dout = torch.randn(b, n, h * d)
+    fns = {"seer": lambda: torch.autograd.grad(seer_kernels.attention_packed(qkv, h), qkv, dout),
+           "sdpa": lambda: _vit_segment(F.scaled_dot_product_attention, qkv, dout, h)}
+
+    def metrics(t):
+        return {"mode": "fwdbwd", "shape": [b, h, n, n, d], "layout": "fused qkv",
+                "overhead_us": (t["seer"].median_s - t["sdpa"].median_s) * 1e6}
+
+    bench_record("attention", f"cpu-dispatch-packed-{case}-fwdbwd", fns, ours="seer", baseline="sdpa",
+                 metrics=metrics)
