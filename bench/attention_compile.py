@@ -150,6 +150,11 @@ def main(argv=None) -> int:
                     help="cap registers per thread (Triton's maxnreg; an experiment: bench/results/"
                          "sm90-attention-compile-maxnreg.txt)")
     args = ap.parse_args(argv)
+    names = {"fwd", "dkdv", "dkdv+atomic", "dkdv+tma", "dkdv+ds", "dq", "dq-ds", "delta"}
+    if args.kernels is not None and not set(args.kernels) <= names:
+        ap.error(f"argument --kernels: unknown {sorted(set(args.kernels) - names)}; expected some of {sorted(names)}")
+    if args.maxnreg is not None and not 24 <= args.maxnreg <= 255:
+        ap.error(f"argument --maxnreg: expected registers per thread in [24, 255], got {args.maxnreg}")
     if interpreted():
         return 2
     rows = ((f"{name:12s} {d:4d} {dt:5s} {str(tile.as_list()):24s}",

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -1676,3 +1677,12 @@ def test_summary_pairs_each_candidate_with_its_twin(capsys):
     # against the faster dq pass on its dkdv tile (110 us, not 100: the 7-element key is another tile list)
     assert "tma dS store" in lines[3] and "pointer stores" in lines[3] and "atomics" not in lines[3], lines
     assert all("stored dS" in line and "dq pass    110.0 us" in line for line in lines[4:6]), lines
+
+
+@pytest.mark.parametrize("argv,match", [(["--kernels", "dkdv", "bwd"], "unknown \\['bwd'\\]"),
+                                        (["--maxnreg", "300"], "expected registers per thread in \\[24, 255\\]")])
+def test_attention_compile_refuses_unknown_kernels_and_register_caps(argv, match, capsys):
+    from bench import attention_compile
+    with pytest.raises(SystemExit) as exc:
+        attention_compile.main(argv)
+    assert exc.value.code == 2 and re.search(match, capsys.readouterr().err)
