@@ -212,6 +212,15 @@ def test_multicrop_specs():
             MultiCropSpec(**kw)
 
 
+def test_config_defaults_are_the_op_defaults():
+    """``data.crops`` (seer.config) and ``MultiCropSpec`` (seer_kernels) each spell out the SwAV defaults: a
+    default changed in one place only would make the trainer and the op disagree without a word."""
+    from seer.config import CropsConfig
+    from seer.data.augment import crop_spec
+
+    assert crop_spec(CropsConfig()) == MultiCropSpec()
+
+
 def test_seer_10b_recipe_runs(gen):
     image = torch.randint(0, 256, (3, 120, 90), dtype=torch.uint8, generator=gen)
     outs = seer_kernels.multicrop([image, image[:, :70]], MultiCropSpec.seer_10b(), gen)
