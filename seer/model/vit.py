@@ -128,8 +128,8 @@ class VisionTransformer(nn.Module):
         out = []
         for i in wanted:
             patches = taken[i][:, 1:]
-            if reshape:
-                patches = patches.transpose(1, 2).reshape(x.shape[0], -1, *grid).contiguous()
+            if reshape:  # (patches' own batch: under sequence parallelism x holds this rank's share alone)
+                patches = patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid).contiguous()
             out.append((patches, taken[i][:, 0]) if return_class_token else patches)
         return tuple(out)
 

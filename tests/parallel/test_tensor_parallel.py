@@ -133,6 +133,10 @@ def _sequence_parallel_intermediate_layers(rank, world) -> dict:
             out[n] = [(tuple(q[0].shape) == tuple(p[0].shape) and tuple(q[1].shape) == tuple(p[1].shape)
                        and float(max((q[0] - p[0]).abs().max(), (q[1] - p[1]).abs().max())))
                       for p, q in zip(a, b)]
+            # reshape=True: the maps of the gathered (and unpadded) tokens, one per image
+            a = ref.backbone.get_intermediate_layers(x, 2, reshape=True)
+            b = par.backbone.get_intermediate_layers(x, 2, reshape=True)
+            out[n] += [tuple(q.shape) == tuple(p.shape) and float((q - p).abs().max()) for p, q in zip(a, b)]
         try:
             par.backbone.get_intermediate_layers(torch.randn(4, 3, 32, 32), 2, norm=False)
             out["unnormalised"] = "ran"
@@ -145,6 +149,8 @@ def _sequence_parallel_intermediate_layers(rank, world) -> dict:
 def test_sequence_parallel_intermediate_layers_match_single_process():
     # The gather hook forgot the eval padding after its first call (the second block normalised kept the padded
     # sequence: 4 rows for 3 images), and norm=False gave each rank its half of the sequences without a word.
+    # reshape=True reshaped the gathered tokens to this rank's share of the batch (x's, not the patches'): maps
+    # of mixed-up images, shaped (2, 1.5 d, ...) for 3 images, (2, 2 d, ...) for 4.
     for rank, res in enumerate(run_distributed(_sequence_parallel_intermediate_layers, 2)):
         for n in (3, 4):
             assert all(d is not False and d < FP32_TOL for d in res[n]), (rank, n, res[n])
