@@ -5,7 +5,9 @@ similarity s_j vote for their class with weight exp(s_j / T):
 
     score(c) = sum_{j in top-k} exp(s_j / T) [y_j = c],     prediction = argmax_c score(c)
 
-DINO reports k = 20, T = 0.07. Test features are processed in chunks so memory stays at chunk x N_train.
+DINO reports k = 20, T = 0.07. The weights are computed as exp((s_j - max_j s_j) / T), the same vote up to a
+factor per test feature, which cannot overflow at a small T. Test features are processed in chunks so memory
+stays at chunk x N_train.
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
         sim = test[start:start + chunk] @ train.T
         top, idx = sim.topk(k, dim=1)
         votes = torch.zeros(sim.shape[0], c, dtype=torch.float32, device=device)
-        votes.scatter_add_(1, labels[idx], (top / temperature).exp())
+        # exp((s_j - s_max) / T): the votes of a row scaled by one factor, which leaves its argmax; exp(s_j / T)
+        # itself overflows float32 for s_j / T > 88 (T < 0.0113 near s = 1): classes tied at inf, the lowest won.
+        votes.scatter_add_(1, labels[idx], ((top - top[:, :1]) / temperature).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=device)
 

@@ -34,6 +34,18 @@ def test_knn_matches_the_definition():
     assert knn_top1(train, y, train, y, k=1) == 100.0
 
 
+def test_knn_small_temperature_votes_without_overflow():
+    # Class 0: one neighbour at cosine 1; class 1: two at 0.999. At T = 0.005 class 1 wins (2 exp(-0.2) > 1),
+    # but exp(s / T) is inf in float32 for all three: the classes tied at inf and class 0 won.
+    c = 0.999
+    train = torch.tensor([[1.0, 0.0], [c, (1 - c * c) ** 0.5], [c, -(1 - c * c) ** 0.5]])
+    y = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.0]])
+    want = _knn_reference(train.double().numpy(), y.numpy(), test.double().numpy(), 3, 0.005, 2)
+    assert want.tolist() == [1]
+    assert knn_predict(train, y, test, k=3, temperature=0.005).tolist() == [1]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=0), "k must be a positive int"), (dict(k=-3), "k must be a positive int"),
     (dict(k=2.5), "k must be a positive int"), (dict(temperature=0.0), "temperature must be a positive"),
