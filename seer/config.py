@@ -744,8 +744,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     assign = cfg.loss.crops_for_assign
     _check(n_crops >= 2, "data.crops.global_count", "such that there are at least 2 crops (global + local)",
            c.global_count)
-    _check(bool(assign) and all(0 <= a < c.global_count for a in assign), "loss.crops_for_assign",
-           f"indices of global crops (< data.crops.global_count = {c.global_count})", assign)
+    # (distinct: the loss refuses a repeated crop, which it did only at the first step, after the data index)
+    _check(bool(assign) and all(0 <= a < c.global_count for a in assign) and len(set(assign)) == len(assign),
+           "loss.crops_for_assign", f"distinct indices of global crops (< data.crops.global_count = "
+           f"{c.global_count})", assign)
     _check(t.max_steps >= 1, "train.max_steps", "an integer >= 1", t.max_steps)
     for key, seed in (("train.seed", t.seed), ("eval.split_seed", cfg.eval.split_seed)):
         _check(-2**63 <= seed < 2**63, key, "an integer in [-2^63, 2^63) (a torch generator's seed)", seed)

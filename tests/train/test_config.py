@@ -70,6 +70,7 @@ def test_bad_values_name_the_key(override, fragment):
     ("train.device=gpu", "train.device"), ("data.batch_size=0", "data.batch_size"),
     ("data.crops.global_size=30", "data.crops.global_size"), ("checkpoint.every=-1", "checkpoint.every"),
     ("loss.crops_for_assign=[0, 5]", "loss.crops_for_assign"), ("train.precision=fp8", "train.precision"),
+    ("loss.crops_for_assign=[0, 0]", "loss.crops_for_assign"),  # was refused by swav_loss at the first step
     ("model.num_heads=5", "model.embed_dim"), ("data.crops.std=[1, 0, 1]", "data.crops.std"),
     ("optim.start_warmup_lr=-5", "optim.start_warmup_lr"), ("optim.final_lr=-1", "optim.final_lr"),
     ("optim.momentum=1.0", "optim.momentum"), ("loss.temperature=0", "loss.temperature"),
