@@ -35,6 +35,7 @@ from ..data.sampler import mix_seed
 from ..data.sources import printable
 from ..durable import write_atomic
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
+from ..parallel.dims import DTYPES
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
@@ -113,7 +114,9 @@ class Trainer:
                                world_size=self.dims.dp)
         self.precision = resolve_precision(t.precision, self.device)
         self.amp = autocast_dtype(self.precision)
-        _check_attention_backend(cfg, self.device, self.amp)
+        # Without autocast, FSDP (dp > 1) runs the blocks in parallel.param_dtype (bfloat16 by default), not float32.
+        _check_attention_backend(cfg, self.device, self.amp,
+                                 params=DTYPES[cfg.parallel.param_dtype] if self.dims.dp > 1 else None)
         self._evaluator = None
         if cfg.eval.at_end or cfg.eval.every:
             # eval.dataset is read now, before the data is indexed and the training runs: a wrong path or a
@@ -678,16 +681,18 @@ def _forced_attention(name: str):
         os.environ.pop(_ATTENTION_VAR, None)
 
 
-def _check_attention_backend(cfg: C.RunConfig, device: torch.device, amp: Optional[torch.dtype]) -> None:
+def _check_attention_backend(cfg: C.RunConfig, device: torch.device, amp: Optional[torch.dtype], *,
+                             params: Optional[torch.dtype] = None) -> None:
     """ValueError naming train.attention_backend where the forced backend cannot run this model here (the
-    Triton kernel on a CPU, in float32, at an unsupported head dim), before any work."""
+    Triton kernel on a CPU, in float32, at an unsupported head dim), before any work. The attention runs in
+    ``amp`` (autocast), else in ``params`` (the blocks' parameter dtype: FSDP's param_dtype), else float32."""
     name = cfg.train.attention_backend
     if name == "auto" or os.environ.get(_ATTENTION_VAR):
         return
     from seer_kernels.ops import attention as op
     m = cfg.model
     tokens = (cfg.data.crops.global_size // m.patch_size) ** 2 + 1
-    dtype = amp or torch.float32
+    dtype = amp or params or torch.float32
     info = dict(where=device, dt=dtype, head_dim=m.embed_dim // m.num_heads, n_q=tokens, n_kv=tokens, batch=1,
                 heads=m.num_heads // cfg.parallel.tp, grad=True, deterministic=False, in_op=False)
     why = op.DISPATCH.backends[name].reasons(device, dtype, info)

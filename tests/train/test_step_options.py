@@ -104,3 +104,35 @@ def test_fp16_overflow_on_one_tensor_parallel_rank_is_skipped_by_every_rank(tmp_
                                          optimizer)
     assert s0 == s1 == [1.0, 1.0, 0.5, 0.5]  # the step with the inf skipped by both, its scale halved
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+def test_attention_backend_check_takes_the_dtype_fsdp_computes_in(monkeypatch):
+    """Without autocast, FSDP (dp > 1) runs the blocks in parallel.param_dtype: the check took float32 there, so a
+    backend that cannot take bfloat16 (Triton's CPU interpreter) passed it and failed at the first step instead,
+    and one that takes only half precision (Triton on a GPU) was refused for a run it could serve."""
+    import pytest
+
+    import seer.train.trainer as T
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = apply_overrides(preset("tiny"), ["train.attention_backend=triton", "train.device=cpu",
+                                           "train.precision=fp32", "parallel.param_dtype=bfloat16"])
+    T._check_attention_backend(cfg, torch.device("cpu"), None)  # one process: float32, which the interpreter takes
+    with pytest.raises(ValueError, match="cannot run this model on cpu in bfloat16"):
+        T._check_attention_backend(cfg, torch.device("cpu"), None, params=torch.bfloat16)
+
+
+def _trainer_refusal(rank, world, out):
+    cfg = apply_overrides(preset("tiny"), ["train.attention_backend=triton", "train.device=cpu",
+                                           "train.precision=fp32", "parallel.param_dtype=bfloat16", "train.threads=1"])
+    try:
+        Trainer(cfg, out)
+    except ValueError as e:
+        return str(e)
+    return "accepted"
+
+
+def test_fsdp_run_checks_the_attention_backend_in_its_param_dtype(tmp_path, monkeypatch):
+    from tests.dist_utils import run_distributed
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the spawned ranks inherit it)
+    for got in run_distributed(_trainer_refusal, 2, str(tmp_path / "run")):
+        assert "train.attention_backend='triton' cannot run this model on cpu in bfloat16" in got, got
