@@ -28,8 +28,8 @@ from .knn import _is_index, _non_finite_rows
 def fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
     """(W (C, D), b (C,)) minimising the regularised cross-entropy (module doc), float64 for a stable L-BFGS."""
     x = x.double()
-    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-9, tolerance_change=1e-12)
 

@@ -136,6 +136,16 @@ def test_linear_probe_takes_int32_labels_and_a_single_training_feature():
     assert one["top1"] == 100.0 * float((y[40:] == y[0]).double().mean())
 
 
+@pytest.mark.cuda
+def test_linear_probe_on_gpu_features():
+    """The weights were made on the CPU whatever the features' device: a device-mismatch RuntimeError."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    want = linear_probe(x[:40], y[:40], x[40:], y[40:], max_iter=20)
+    got = linear_probe(x[:40].cuda(), y[:40].cuda(), x[40:].cuda(), y[40:].cuda(), max_iter=20)
+    assert got["weight_decay"] == want["weight_decay"] and abs(got["top1"] - want["top1"]) <= 100 / 20
+
+
 def test_class_folders_with_and_without_a_split(tmp_path):
     for split in ("train", "val"):
         for c in ("cat", "dog"):
