@@ -11,6 +11,7 @@ Items are addressed by (epoch, index) so that the augmentation generator can be 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -47,7 +48,8 @@ def check_pixels(data: Union[bytes, Tensor], max_pixels: int) -> tuple[int, int]
     if isinstance(data, Tensor):
         return int(data.shape[-2]), int(data.shape[-1])
     _defer_pillow_limit(max_pixels)
-    return _check_hw(_decode.image_size(data), max_pixels)
+    with _pillow_refusal_named(max_pixels):
+        return _check_hw(_decode.image_size(data), max_pixels)
 
 
 def _defer_pillow_limit(max_pixels: int) -> None:
@@ -62,6 +64,25 @@ def _defer_pillow_limit(max_pixels: int) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and 2 * limit <= max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+@contextlib.contextmanager
+def _pillow_refusal_named(max_pixels: int):
+    """Opening an image Pillow refuses from its header as a decompression bomb (more than 2 x
+    ``Image.MAX_IMAGE_PIXELS`` pixels, which :func:`_defer_pillow_limit` keeps above ``max_pixels``) raises the
+    error :func:`_check_hw` gives, naming data.max_image_pixels: the reason 'not an image Pillow can read' left
+    the setting unnamed for exactly the largest images, the real bombs (a 50000 x 50000 PNG at the default)."""
+    from PIL import Image
+
+    try:
+        yield
+    except ValueError as exc:
+        cause = exc.__cause__
+        found = re.search(r"\((\d+) pixels\)", str(cause)) if isinstance(cause, Image.DecompressionBombError) else None
+        if found is None or int(found[1]) <= max_pixels:  # (not over ours: Pillow's words stand)
+            raise
+        raise ValueError(f"{int(found[1])} pixels exceed data.max_image_pixels={max_pixels} (decompression-bomb "
+                         f"guard)") from None
 
 
 def _check_hw(hw: tuple[int, int], max_pixels: int) -> tuple[int, int]:
@@ -85,7 +106,9 @@ def decode_checked(data: Union[bytes, Tensor], max_pixels: int) -> Tensor:
     if isinstance(data, Tensor):
         return data
     _defer_pillow_limit(max_pixels)
-    with _decode.EncodedImage(data) as image:
+    with _pillow_refusal_named(max_pixels):
+        image = _decode.EncodedImage(data)
+    with image:
         _check_hw(image.hw, max_pixels)
         return image.decode()[0]
 

@@ -133,3 +133,27 @@ def test_max_image_pixels_above_pillows_own_guard_decides(monkeypatch):
     with pytest.raises(ValueError, match="exceed data.max_image_pixels=178956970"):
         check_pixels(big, 178_956_970)
     assert check_pixels(big, 300_000_000) == (10_000, 20_000)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_beyond_pillows_own_guard_names_the_setting_too(monkeypatch, tmp_path):
+    """An image of more than twice the limit (where Pillow refuses the header itself, before the check of
+    data.max_image_pixels sees its size: the real bombs) is refused naming the setting, in every path that
+    reads files (training's two, seer data check), not as 'not an image Pillow can read'."""
+    from PIL import Image
+
+    from seer.data.dataset import check_pixels, decode_checked
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default, put back after the test
+    bomb = _png_claiming(30_000, 20_000)  # 6e8 pixels: above Pillow's bound at the default setting, 357,913,940
+    expected = "600000000 pixels exceed data.max_image_pixels=178956970"
+    with pytest.raises(ValueError, match=expected):
+        check_pixels(bomb, 178_956_970)
+    with pytest.raises(ValueError, match=expected):
+        decode_checked(bomb, 178_956_970)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bomb.png").write_bytes(bomb)
+    write_good_images(tmp_path / "src", 1, nested=False)
+    report = check_dataset(str(tmp_path / "src"), workers=0)
+    assert [reason for _, reason in report.bad] == [f"ValueError: {expected} (decompression-bomb guard)"]
+    _, skipped = DecodedDataset(open_source(str(tmp_path / "src")), max_pixels=178_956_970)[(0, 0)]
+    assert [s.reason for s in skipped] == [f"ValueError: {expected} (decompression-bomb guard)"]
