@@ -138,7 +138,10 @@ class _RobustDataset(Dataset):
         epoch, index = key
         skipped: list[Skipped] = []
         n = len(self.source)
-        for attempt in range(self.max_consecutive_bad):
+        # A source smaller than the limit is tried once round: going on would only report its files again (each
+        # once more per lap) and call the whole source 'max_consecutive_bad images in a row'.
+        tries = min(self.max_consecutive_bad, n)
+        for attempt in range(tries):
             j = (index + attempt) % n
             try:
                 return self._load(epoch, j), skipped
@@ -146,8 +149,10 @@ class _RobustDataset(Dataset):
                 raise
             except Exception as exc:  # anything a bad file can raise: OSError, ValueError, SyntaxError (PIL) ...
                 skipped.append(Skipped(self.source.name(j), _reason(exc)))
-        raise DataError(f"{self.max_consecutive_bad} unreadable images in a row from {skipped[0].name!r}: is "
-                        f"data.source right? last error: {skipped[-1].reason}")
+        what = f"all {n} images of data.source are unreadable" if tries == n else \
+            f"{tries} unreadable images in a row from {skipped[0].name!r}"
+        raise DataError(f"{what}: is data.source right? first error: {skipped[0].name!r}: {skipped[0].reason}; last "
+                        f"error: {skipped[-1].reason}")
 
 
 class MultiCropDataset(_RobustDataset):

@@ -45,7 +45,7 @@ def test_every_item_is_a_good_image_and_the_bad_ones_are_reported(mixed_folder):
 def test_decompression_bomb_guard_and_only_bad_files(mixed_folder, tmp_path):
     root, _ = mixed_folder
     ds = DecodedDataset(open_source(str(root)), max_pixels=100)  # every image is "too large"
-    with pytest.raises(DataError, match="unreadable images in a row.*data.source"):
+    with pytest.raises(DataError, match="all 16 images of data.source are unreadable"):
         ds[(0, 0)]
     only_bad = write_bad_images(tmp_path / "only_bad")
     ds = DecodedDataset(open_source(str(tmp_path / "only_bad")), max_pixels=10**8, max_consecutive_bad=len(only_bad))
@@ -157,3 +157,16 @@ def test_an_image_beyond_pillows_own_guard_names_the_setting_too(monkeypatch, tm
     assert [reason for _, reason in report.bad] == [f"ValueError: {expected} (decompression-bomb guard)"]
     _, skipped = DecodedDataset(open_source(str(tmp_path / "src")), max_pixels=178_956_970)[(0, 0)]
     assert [s.reason for s in skipped] == [f"ValueError: {expected} (decompression-bomb guard)"]
+
+
+def test_a_source_of_fewer_bad_images_than_the_limit_is_named_whole(tmp_path):
+    """A source smaller than max_consecutive_bad, none of its images readable, was tried round and round (each
+    file reported once per lap) and called '50 unreadable images in a row' though it has 4 images."""
+    bad = write_bad_images(tmp_path / "only_bad")
+    ds = DecodedDataset(open_source(str(tmp_path / "only_bad")), max_pixels=10**8)
+    with pytest.raises(DataError, match=rf"all {len(bad)} images of data\.source are unreadable: is data\.source "
+                                        rf"right\? first error: '.*corrupt\.png': ValueError"):
+        ds[(0, 0)]
+    write_good_images(tmp_path / "only_bad", 1, nested=False)  # one readable image, reached round the end
+    image, skipped = DecodedDataset(open_source(str(tmp_path / "only_bad")), max_pixels=10**8)[(0, 3)]
+    assert image.shape[0] == 3 and len(skipped) == len({s.name for s in skipped}) == len(bad)
