@@ -701,9 +701,13 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     meta_path = cache / "index.json"
-    source_abs = source if fmt in BUILT_IN or _is_glob(source) else os.path.abspath(source)
+    # A pattern made absolute too ('shards/*.tar' from another folder matches other shards): kept relative, a
+    # run started elsewhere with the same --out reused the first folder's index without a word.
+    source_abs = source if fmt in BUILT_IN else os.path.abspath(source)
     if meta_path.is_file():
         meta = _read_index_meta(cache)
+        if meta.get("source") == source and source != source_abs and _is_glob(source):
+            meta["source"] = source_abs  # written before patterns were made absolute: its folder is not known
         if meta.get("source") == source_abs and meta.get("format") == fmt:
             _check_built_in(meta, _built_in_params(fmt, built_in), cache)
             check_unchanged(meta, exclude, cache, check_file=check_shards)

@@ -362,3 +362,24 @@ def test_a_source_under_home_is_found_from_a_tilde_path(tmp_path, monkeypatch):
     meta = build_index("~/imgs", "auto", tmp_path / "idx")
     assert meta["format"] == "folder" and meta["count"] == 3 and meta["source"] == str(tmp_path / "imgs")
     assert build_index(str(tmp_path / "imgs"), "auto", tmp_path / "idx") == meta  # the same source
+
+
+def test_a_relative_pattern_of_shards_from_another_folder_is_another_source(tmp_path, monkeypatch):
+    """A relative pattern was recorded as written: run from another folder with the same output folder, its
+    other shards were passed over for the first folder's, without a word (a relative folder was refused)."""
+    for folder, first in (("a", 0), ("b", 100)):
+        (tmp_path / folder / "shards").mkdir(parents=True)
+        _write_shard(tmp_path / folder / "shards" / "s.tar", first, 2)
+    monkeypatch.chdir(tmp_path / "a")
+    meta = build_index("shards/*.tar", "auto", tmp_path / "idx")
+    assert meta["source"] == str(tmp_path / "a" / "shards" / "*.tar")
+    assert build_index("shards/*.tar", "auto", tmp_path / "idx") == meta  # the same folder: the same index
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(DataSourceError, match=r"holds the index of data.source '.*/a/shards/\*\.tar', not "
+                                              r"'.*/b/shards/\*\.tar'"):
+        build_index("shards/*.tar", "auto", tmp_path / "idx")
+    # An index written before patterns were made absolute (its folder unknown) is still used for its pattern
+    legacy = json.loads((tmp_path / "idx" / "index.json").read_text())
+    legacy["source"] = "shards/*.tar"
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(legacy))
+    assert build_index("shards/*.tar", "auto", tmp_path / "idx")["shards"] == meta["shards"]
