@@ -21,7 +21,7 @@ from torch import nn
 from ..config import DataConfig
 from ..data.sources import printable
 from .attention import attention_maps
-from .datasets import autocast_to, channel_stats, preprocess, read_image
+from .datasets import autocast_to, channel_stats, check_image_size, preprocess, read_image
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ def save_attention_maps(backbone: nn.Module, paths: Sequence[str], out: str, *, 
     are formed in float32 from the q and k it gives, as the kernel forms them), None: as the parameters."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"save_attention_maps: argument 'batch_size' must be a positive integer, got {batch_size!r}")
+    check_image_size(image_size, backbone.patch_size)
+    mean_t, std_t = channel_stats(mean, std)  # (both before --out is made)
     device = device or next(backbone.parameters()).device
-    mean_t, std_t = channel_stats(mean, std)
     Path(out).mkdir(parents=True, exist_ok=True)
     written, skipped, batch = [], [], []
 

@@ -10,6 +10,7 @@ logged (once per file), as in training.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,9 +135,30 @@ def _stratified(labels: Tensor, count: int, seed: int) -> Tensor:
 
 def channel_stats(mean, std) -> tuple[Tensor, Tensor]:
     """The per-channel normalisation ``mean`` and ``std`` (3 numbers each) as float32 (3, 1, 1) tensors, the
-    shape :func:`preprocess` takes them in."""
-    return (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1),
-            torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+    shape :func:`preprocess` takes them in. ValueError naming ``mean`` or ``std`` where it is not 3 finite
+    numbers (``std`` > 0): a std of 0 made every feature inf or NaN without an error, 2 numbers a torch
+    reshape error."""
+    out = []
+    for name, value in (("mean", mean), ("std", std)):
+        try:
+            t = torch.as_tensor(value, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or t.numel() != 3 or not torch.isfinite(t).all() or (name == "std" and not (t > 0).all()):
+            positive = " (all > 0)" if name == "std" else ""
+            raise ValueError(f"{name} must be 3 finite numbers, one per RGB channel{positive}, got {value!r}")
+        out.append(t.reshape(3, 1, 1))
+    return out[0], out[1]
+
+
+def check_image_size(image_size, patch_size: int) -> None:
+    """ValueError naming ``image_size`` unless it is a positive integer multiple of the backbone's
+    ``patch_size`` (what the images are resized and centre-cropped to: 0 or a negative size was a torch
+    error from the resize, a float a TypeError, 30 at patch 8 the patch embedding's error about the batch)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1 \
+            or image_size % patch_size:
+        raise ValueError(f"image_size must be a positive integer multiple of the patch size {patch_size}, got "
+                         f"{image_size!r}")
 
 
 def autocast_to(device: torch.device, dtype: Optional[torch.dtype]) -> torch.autocast:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from ..data.sources import is_image_name, printable, scan_folder
 from ..data.workers import check_timeout, loader_timeout, next_batch
-from .datasets import autocast_to, channel_stats, preprocess, read_image
+from .datasets import autocast_to, channel_stats, check_image_size, preprocess, read_image
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,13 @@ def image_paths(source: str | os.PathLike, *, setting: str = "source") -> list[s
 def feature_dim(backbone: nn.Module, layers: int = 1, tokens: str = "cls") -> int:
     """F, the width of :func:`token_features`' rows."""
     return backbone.embed_dim * layers * len(tokens.split("+"))
+
+
+def check_image_args(backbone: nn.Module, image_size: int, mean, std) -> tuple[Tensor, Tensor]:
+    """The normalisation as :func:`~seer.eval.datasets.channel_stats` gives it; ValueError naming
+    ``image_size``, ``mean`` or ``std`` where the images cannot be prepared for the backbone with them."""
+    check_image_size(image_size, backbone.patch_size)
+    return channel_stats(mean, std)
 
 
 def check_feature_args(backbone: nn.Module, layers: int, tokens: str) -> None:
@@ -173,11 +180,11 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     """
     check_feature_args(backbone, layers, tokens)
     check_batching(batch_size, workers, timeout_s)
+    mean_t, std_t = check_image_args(backbone, image_size, mean, std)
     part = range(len(paths)) if part is None else part
     if not isinstance(part, range) or part.step != 1 or not 0 <= part.start <= part.stop <= len(paths):
         raise ValueError(f"part must be a range of path indices (step 1) within 0..{len(paths)}, got {part!r}")
     device = device or next(backbone.parameters()).device
-    mean_t, std_t = channel_stats(mean, std)
     images = _Images(paths, image_size, mean_t, std_t, max_pixels)
     # (ranges, not lists: 10^6 paths would be 10^6 ints held for the whole run)
     batches = [range(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)

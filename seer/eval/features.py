@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import DataConfig
 from ..parallel import comm
-from .datasets import LabelledSplit, autocast_to, channel_stats, load_image, preprocess
+from .datasets import LabelledSplit, autocast_to, channel_stats, check_image_size, load_image, preprocess
 
 
 @torch.no_grad()
@@ -24,9 +24,10 @@ def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: i
                      max_pixels: int = DataConfig.max_image_pixels) -> tuple[Tensor, Tensor, int]:
     """(features (M, D) float32 on the CPU, labels (M,), images skipped as unreadable or larger than
     ``max_pixels``)."""
+    check_image_size(image_size, getattr(backbone, "patch_size", 1))  # (any module that takes images)
+    mean_t, std_t = channel_stats(mean, std)
     was_training = backbone.training
     backbone.eval()
-    mean_t, std_t = channel_stats(mean, std)
     n = len(split)
     world, rank = comm.group_size(group), comm.group_rank(group)
     per_rank = -(-n // world)

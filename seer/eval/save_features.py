@@ -59,7 +59,7 @@ from torch import nn
 from ..config import DataConfig
 from ..part_lock import unlock_part
 from . import feature_progress
-from .extract import check_batching, check_feature_args, feature_dim, stream_image_features
+from .extract import check_batching, check_feature_args, check_image_args, feature_dim, stream_image_features
 from .feature_files import (RowWriter, check_outputs, check_path_lines, commit_outputs, create_rows_file, drop_rows,
                             lock_rows_file, part_paths)
 from .feature_progress import (Progress, Resumed, fingerprint, keep_progress, load_progress, rank_record,
@@ -143,6 +143,7 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
     """
     check_feature_args(backbone, layers, tokens)
     check_batching(batch_size, options.get("workers", 0), options.get("timeout_s", DataConfig.timeout_s))
+    check_image_args(backbone, image_size, mean, std)  # (before the .part is made, not at the first batch)
     if not paths:
         raise ValueError("paths is empty: expected at least one image path")
     check_path_lines(paths)  # (before the work, not at the end of it)

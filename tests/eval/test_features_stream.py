@@ -502,6 +502,30 @@ def test_save_image_features_names_a_bad_batch_size_before_any_file(run, tmp_pat
     assert leftovers(tmp_path) == []
 
 
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"image_size": 30}, "image_size must be a positive integer multiple of the patch size 8, got 30"),
+    ({"image_size": 0}, "image_size must be a positive integer multiple of the patch size 8, got 0"),
+    ({"image_size": 32.0}, "image_size must be a positive integer multiple of the patch size 8, got 32.0"),
+    ({"std": [0.2, 0.0, 0.2]}, r"std must be 3 finite numbers, one per RGB channel \(all > 0\)"),
+    ({"mean": [0.5, 0.5]}, "mean must be 3 finite numbers"),
+    ({"mean": [0.5, float("nan"), 0.5]}, "mean must be 3 finite numbers")])
+def test_a_bad_image_size_or_normalisation_is_named_before_any_file(run, tmp_path, kwargs, match):
+    """std 0 wrote inf/NaN rows without a word; the others were torch errors (a resize to 0 x 0, a reshape of 2
+    numbers, a TypeError for a float size, the patch embedding's shape error) at the first batch."""
+    paths = (run / "list.txt").read_text().splitlines()
+    args = dict({"image_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3}, **kwargs)
+    backbone = seer.load_pretrained(run / "run")
+    with pytest.raises(ValueError, match=match):
+        save_image_features(backbone, paths, tmp_path / "f.npy", **args)
+    assert leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match=match):
+        extract_image_features(backbone, paths, **args)
+    from seer.eval.attention_images import save_attention_maps
+    with pytest.raises(ValueError, match=match):
+        save_attention_maps(backbone, paths, str(tmp_path / "maps"), **args)
+    assert leftovers(tmp_path) == []
+
 def _features_body(rank, world, run, out, fail_rank=None):
     """One process of a gloo launch: ``seer features`` as torchrun runs it; its exit status (or the error it
     raised), stdout, stderr and number of forward passes. Rank ``fail_rank`` fails at its first forward
