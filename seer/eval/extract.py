@@ -3,7 +3,8 @@
 Images are decoded, checked against the pixel limit, resized and normalised exactly as ``seer eval`` does
 (:func:`seer.eval.datasets.read_image` and :func:`~seer.eval.datasets.preprocess`), in DataLoader worker
 processes (decoding, not the forward pass, bounds a large folder on the CPU); the rows keep the order of the
-paths, whatever the number of workers. Unreadable files are skipped and reported with their reason.
+paths, whatever the number of workers. Unreadable files are skipped and reported with their reason; rows with
+a NaN or inf are kept as computed and the images named in a warning.
 
 Features (``tokens``, ``layers``): per block, the class token and/or the mean of the patch tokens, both
 after the final norm, of the last ``layers`` blocks; the row is the class tokens of those blocks (earliest
@@ -192,6 +193,7 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     loader = DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         timeout=loader_timeout(timeout_s, workers))
     skipped = []
+    non_finite: list[int] = []  # path indices whose row holds a NaN or inf
     was_training = backbone.training
     backbone.eval()
     t0 = report = time.perf_counter()
@@ -207,6 +209,7 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
             if x is not None:
                 with autocast_to(device, autocast_dtype):
                     rows = token_features(backbone, x.to(device), layers=layers, tokens=tokens).cpu()
+                non_finite += [idx[j] for j in (~torch.isfinite(rows)).any(1).nonzero().flatten().tolist()]
                 write(idx, rows)
             if after_batch is not None:
                 after_batch(batch, bad)
@@ -216,4 +219,10 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
                 log.info("features: %d of %d images in %.0f s", done, total, report - t0)
     finally:
         backbone.train(was_training)
+    if non_finite:
+        # (seer eval drops such rows, with a warning; here they are the images' rows, kept, but never unsaid: one
+        # NaN row is every other row's nearest neighbour in a search that does not check)
+        log.warning("%d images (of the %d read here) gave features with NaN or inf (an fp16 overflow, a diverged "
+                    "checkpoint?), written as computed: %s%s", len(non_finite), total - len(skipped),
+                    ", ".join(printable(paths[i]) for i in non_finite[:5]), " ..." if len(non_finite) > 5 else "")
     return skipped

@@ -97,6 +97,25 @@ def test_the_python_function(run):
             extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, timeout_s=bad)
 
 
+
+def test_rows_with_nan_or_inf_are_named_in_a_warning(run, caplog):
+    """They were written without a word (seer eval drops such images, with a warning)."""
+    import copy
+    backbone = copy.deepcopy(seer.load_pretrained(run / "run"))
+    with torch.no_grad():
+        backbone.norm.bias[3] = float("inf")  # every class token: one inf entry
+    paths = image_paths(run / "images")
+    with caplog.at_level(logging.WARNING):
+        res = extract_image_features(backbone, paths, image_size=32, mean=[0.5] * 3, std=[0.25] * 3, batch_size=4)
+    assert not torch.isfinite(res.features).all(1).any()  # (kept as computed)
+    assert "7 images (of the 7 read here) gave features with NaN or inf" in caplog.text
+    assert res.paths[0] in caplog.text and " ..." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        extract_image_features(seer.load_pretrained(run / "run"), paths, image_size=32, mean=[0.5] * 3,
+                               std=[0.25] * 3)
+    assert "NaN or inf" not in caplog.text
+
 @pytest.mark.parametrize("extra, fragment", [
     (["--layers", "3"], "--layers must be between 1 and the backbone's depth 2, got 3"),
     (["--layers", "0"], "--layers must be between 1"),
