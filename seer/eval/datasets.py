@@ -95,7 +95,12 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
             tr, ytr, classes = _class_folder(root / TRAIN_SPLIT)
             te, yte, classes_te = _class_folder(val)
             if classes_te != classes:
-                raise ValueError(f"eval.dataset: {root / 'train'} and {val} have different class folders")
+                # (the labels are the class folders' sorted positions: one extra folder shifts every later class)
+                only = [f"{where} alone: {_names(sorted(set(a) - set(b)))}" for where, a, b in
+                        ((val.name, classes_te, classes), (TRAIN_SPLIT, classes, classes_te)) if set(a) - set(b)]
+                raise ValueError(f"eval.dataset: {root / TRAIN_SPLIT} and {val} have different class folders "
+                                 f"({'; '.join(only)}): give both splits the same class folders (an empty one "
+                                 f"where a split has no image of a class)")
             out = {"train": LabelledSplit(tr, ytr, classes), "test": LabelledSplit(te, yte, classes)}
         else:
             paths, labels, classes = _class_folder(root)
@@ -112,6 +117,12 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
             if len(s) > max_images:
                 out[k] = s.subset(_stratified(s.labels, max_images, split_seed))
     return out
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    """The first ``most`` of ``names``, quoted, and how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(repr(n) for n in names[:most]) + more
 
 
 def _stratified(labels: Tensor, count: int, seed: int) -> Tensor:

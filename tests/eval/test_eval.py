@@ -212,6 +212,18 @@ def test_split_folders_go_in_pairs_and_links_loops_are_no_classes(tmp_path):
     assert load_labelled(str(tmp_path / "cifar"))["train"].classes == ["apple", "test", "train", "val"]
 
 
+def test_splits_with_other_class_folders_name_them_and_an_empty_class_folder_is_a_class(tmp_path):
+    """The error said only that the class folders differ (out of 1000, which?)."""
+    _class_images(tmp_path / "a" / "train", classes=("cat", "dog", "emu"))
+    _class_images(tmp_path / "a" / "val", classes=("cat", "cow", "dog", "yak"))
+    with pytest.raises(ValueError, match=r"different class folders \(val alone: 'cow', 'yak'; train alone: 'emu'\)"):
+        load_labelled(str(tmp_path / "a"))
+    for split, c in (("train", "cow"), ("train", "yak"), ("val", "emu")):  # as the message advises
+        (tmp_path / "a" / split / c).mkdir()
+    s = load_labelled(str(tmp_path / "a"))
+    assert s["train"].classes == s["test"].classes == ["cat", "cow", "dog", "emu", "yak"]
+    assert sorted(set(s["test"].labels.tolist())) == [0, 1, 2, 4]
+
 def test_unreadable_evaluation_images_are_named_and_an_empty_split_is_refused(tmp_path, caplog):
     root = tmp_path / "d"
     _class_images(root / "train")
