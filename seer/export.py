@@ -8,7 +8,8 @@
 * ``vit.json``: ``{"timm_class": ..., "kwargs": {...}}``, the constructor arguments of
   ``timm.models.vision_transformer.VisionTransformer`` that build exactly this network (``num_classes=0``
   so that the model returns the class-token features), plus the normalisation the backbone was trained
-  with, seer's own ViT config (to rebuild it without timm) and the run's whole config
+  with, the evaluation image size and ``preprocessing`` (how seer eval prepares an image: the shorter side
+  resized to 8/7 of that size, then the centre crop), seer's own ViT config (to rebuild it without timm) and the run's whole config
   (``seer_run_config``: ``seer eval`` of the export uses its evaluation settings and, for
   ``--random-init``, its seed).
 
@@ -77,6 +78,7 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     tensors are read and written a group at a time (the tensors outside the blocks, then a block each): the
     export holds one block's full tensors, not the backbone's (ViT-10B: 40 GB in float32, and
     ``safetensors.torch.save_file`` copies all of them once more before it writes)."""
+    from .eval.datasets import preprocessing_text
     from .pretrained import checkpoint_backbone_groups, checkpoint_config, checkpoint_source
     from .safetensors_stream import write_safetensors
 
@@ -90,9 +92,10 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
         raise ValueError(f"model.norm_eps={vit.norm_eps}: timm's VisionTransformer uses LayerNorm eps 1e-6; only "
                          f"such models export to the timm layout")
     specs, groups = checkpoint_backbone_groups(checkpoint)
+    size = cfg.eval.image_size or cfg.data.crops.global_size
     info = {"timm_class": TIMM_CLASS, "kwargs": timm_kwargs(vit), "seer_vit_config": dataclasses.asdict(vit),
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
-            "image_size": cfg.eval.image_size or cfg.data.crops.global_size, "features": "class token (N, D)",
+            "image_size": size, "preprocessing": preprocessing_text(size), "features": "class token (N, D)",
             "source": source, "seer_run_config": to_dict(cfg)}
     text = json.dumps(info, indent=1)  # (what can fail on the content before the tensors, before any file)
 

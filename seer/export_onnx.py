@@ -40,7 +40,8 @@ Running it::
     import json, numpy as np, onnxruntime as ort
     info = json.load(open("vit.json"))
     session = ort.InferenceSession("vit.onnx")
-    # images: (N, 3, S, S) float32 in [0, 1], S = info["image_size"]
+    # images: (N, 3, S, S) float32 in [0, 1], S = info["image_size"], made as info["preprocessing"] says
+    # (the shorter side resized to S * 8/7, then the centre S x S: what seer eval and seer features feed it)
     x = (images - np.array(info["mean"], "f4")[:, None, None]) / np.array(info["std"], "f4")[:, None, None]
     features = session.run(["features"], {"images": x})[0]   # (N, D)
 """
@@ -57,6 +58,7 @@ import torch
 
 from .config import RunConfig, to_dict
 from .deps import require
+from .eval.datasets import preprocessing_text
 from .export import SEER_MARK, check_out, side_files, write_export
 from .model import ViTConfig, VisionTransformer
 
@@ -148,8 +150,7 @@ def export_onnx_model(model: VisionTransformer, out: str | Path, cfg: RunConfig,
                 "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std), "image_size": size,
                 "dynamic_size": dynamic_size, "patch_size": vit.patch_size,
                 "features": "class token (N, D)",
-                "preprocessing": "RGB resized and centre-cropped to image_size, scaled to [0, 1], then "
-                                 "(x - mean) / std per channel",
+                "preprocessing": preprocessing_text(size),
                 "opset": OPSET, "onnx_version": onnx.__version__, "onnxscript_version": onnxscript.__version__,
                 "onnxruntime_version": ort.__version__, "torch_version": torch.__version__,
                 "verification": {"runtime": "onnxruntime CPUExecutionProvider", "batch_sizes": list(VERIFY_BATCHES),

@@ -86,6 +86,34 @@ def test_the_json_describes_the_file_and_the_run(run, exported):
     assert info["source"] == {"checkpoint": str(ckpt.resolve()), "step": 2}
 
 
+def test_an_image_prepared_as_the_json_says_gives_seer_features_row(run, exported, tmp_path):
+    """The JSON said "resized and centre-cropped to image_size": read so (a resize to 32), the features were
+    not seer's, which resizes the shorter side to 8/7 of it first."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from seer.eval import extract_image_features
+    info = json.loads(exported[0].with_suffix(".json").read_text())
+    text = info["preprocessing"]
+    side = int(re.search(r"shorter side resized to (\d+) px \(bicubic, antialiased\)", text).group(1))
+    crop = [int(v) for v in re.search(r"centre-cropped to (\d+) x (\d+)", text).groups()]
+    assert side == 37 and crop == [info["image_size"]] * 2
+    pixels = np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    x = TF.center_crop(TF.resize(torch.from_numpy(pixels).permute(2, 0, 1), [side], antialias=True,
+                                 interpolation=TF.InterpolationMode.BICUBIC), crop).float() / 255
+    x = (x - torch.tensor(info["mean"]).view(3, 1, 1)) / torch.tensor(info["std"]).view(3, 1, 1)
+    got = ort.InferenceSession(str(exported[0])).run(["features"], {"images": x[None].numpy()})[0]
+    crops = from_dict(info["seer_run_config"]).data.crops
+    want = extract_image_features(load_pretrained(run), [str(tmp_path / "a.png")], image_size=info["image_size"],
+                                  mean=crops.mean, std=crops.std).features
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+    timm_json = export_timm(run, tmp_path / "vit.safetensors")[1]
+    assert json.loads(timm_json.read_text())["preprocessing"] == text
+
 def test_the_cli_prints_the_measured_difference(exported):
     path, printed = exported
     check = json.loads(path.with_suffix(".json").read_text())["verification"]

@@ -178,13 +178,28 @@ def autocast_to(device: torch.device, dtype: Optional[torch.dtype]) -> torch.aut
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
+def resize_side(size: int) -> int:
+    """The side :func:`preprocess` resizes an image's shorter side to before its centre crop of ``size``:
+    size * 8/7 rounded (DINO's 256 for 224)."""
+    return round(size * 8 / 7)
+
+
+def preprocessing_text(size: int) -> str:
+    """What :func:`preprocess` does to an image, in words, for an export's JSON: whoever runs the export
+    outside seer must repeat it to get seer's features ("resized and centre-cropped to 224" reads as a resize
+    to 224, which is not what seer eval and seer features feed the backbone)."""
+    return (f"RGB; the shorter side resized to {resize_side(size)} px (bicubic, antialiased), then centre-cropped "
+            f"to {size} x {size} (an image of exactly {size} x {size} is used as it is); scaled to [0, 1], then "
+            f"(x - mean) / std per channel")
+
+
 def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 (3, H, W) -> normalised float (3, size, size): resize the shorter side to size * 8/7 (DINO's
     256 for 224; skipped when the image already is size x size), centre crop, normalise."""
     from ..deps import require
     TF = require("torchvision.transforms.v2.functional", "evaluation on an image folder", "torchvision")
     if tuple(image.shape[1:]) != (size, size):
-        image = TF.resize(image, [round(size * 8 / 7)], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        image = TF.resize(image, [resize_side(size)], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         image = TF.center_crop(image, [size, size])
     return (image.float() / 255 - mean) / std
 
