@@ -76,5 +76,7 @@ def bench_sinkhorn(bench_record, bench_device, shape_it):
                 out["floor_pct"] = 100 * nbytes / (ceiling * 1e9) / t[backend].median_s
             return out
 
+        # (a backend below its floor fails the test after the other backends' rows are measured)
         bench_record("sinkhorn", f"{backend}-{b}x{k}-it{it}", fns, ours=backend, baseline="reference",
-                     metrics=metrics, **kw)
+                     metrics=metrics, defer_gate=True, **kw)
+    bench_record.fail_deferred()

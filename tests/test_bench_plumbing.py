@@ -144,6 +144,35 @@ def test_gate_measures_a_failing_ratio_twice_more_before_it_fails(tmp_path):
     assert re.search(r"fake:regressed: speed-up 0\.\d+x .* \(measured 3 times: 0\.\d+x, 0\.\d+x, 0\.\d+x\)", out), out
 
 
+DEFERRED = '''
+import time
+
+
+def bench_shape(bench_record):
+    # the first row is below its floor; the rows after it are still measured, then the test fails
+    for case in ("slow", "later"):
+        bench_record("fake", case, {"ours": lambda: time.sleep(0.004 if case == "slow" else 0.001),
+                                    "base": lambda: time.sleep(0.002)}, ours="ours", baseline="base",
+                     min_time=0.02, min_rounds=3, defer_gate=True)
+    bench_record.fail_deferred()
+'''
+
+
+def test_a_deferred_gate_failure_keeps_the_tests_later_rows(tmp_path):
+    """A test that records several rows (an attention shape: eager rows, then the CUDA-graph rows the selector
+    table is written from) measures them all before a row below its floor fails it."""
+    proj = _project(tmp_path, 0)
+    (proj / "bench" / "bench_fake.py").write_text(DEFERRED)
+    (proj / "bench" / "floors").mkdir()
+    (proj / "bench" / "floors" / "cpu.json").write_text(json.dumps({"floors": {"fake:slow": 1.5}}))
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--bench-device", "cpu",
+           "--bench-json", "out.json"]
+    out = subprocess.run(cmd, cwd=proj, capture_output=True, text=True, timeout=120).stdout
+    assert "1 failed" in out and "fake:slow: speed-up" in out, out
+    rows = json.loads((proj / "out.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["slow", "later"]
+
+
 def test_gate_fails_a_complete_run_that_lacks_a_floors_row(tmp_path, capsys):
     from bench import gate
     floors = gate.load_floors("cpu")
