@@ -50,9 +50,11 @@ dtype, fwd and fwd_bwd (speed-up of the Triton kernel over the best SDPA backend
 the SDPA backends were timed), best_sdpa (put first by the SDPA path), bwd_scheme ("atomic" or
 "deterministic", whichever was faster), the best tiles per kernel, basis (what fwd and fwd_bwd measure:
 "gpu_time", CUDA-graph replays, where the run captured them, else "eager" calls), the ratios of both
-kinds as evidence (*_graph: CUDA-graph replays; *_eager: eager calls), and where measured fwd_bwd_packed
+kinds as evidence (*_graph: CUDA-graph replays; *_eager: eager calls), where measured fwd_bwd_packed
 (attention_packed against SDPA on the slices of a fused projection, with bwd_scheme; the selector's ratio
-for attention_packed).
+for attention_packed), and source (the run that measured the row: git revision, date, torch, triton, CUDA).
+SOURCES: per GPU slug, the run (machine, versions, revision, JSON) its rows were last written from; SOURCE:
+the last run written, of any GPU.
 """
 '''
 
@@ -160,12 +162,20 @@ def _merge(old: list[dict], new: list[dict]) -> list[dict]:
     return [by_case[c] for c in sorted(by_case)]
 
 
-def _existing(path: Path) -> dict:
+def _existing(path: Path) -> tuple[dict, dict]:
+    """The table module's TABLE and SOURCES (from its SOURCE alone where it was written before SOURCES)."""
     if not path.exists():
-        return {}
+        return {}, {}
     ns: dict = {}
     exec(compile(path.read_text(), str(path), "exec"), ns)
-    return dict(ns.get("TABLE", {}))
+    sources = dict(ns.get("SOURCES", {}))
+    last = ns.get("SOURCE") or {}
+    if not sources and last.get("device"):
+        sources[last["device"]] = last
+    return dict(ns.get("TABLE", {})), sources
+
+
+ROW_SOURCE = ("git", "date", "torch", "triton", "cuda")  # what each row records of the run that measured it
 
 
 def main(argv=None) -> int:
@@ -187,7 +197,8 @@ def main(argv=None) -> int:
         if not data.get("complete", False):
             print(f"{path}: the run was cut short (complete: false); its shapes replace only their own rows",
                   file=sys.stderr)
-        merged.update((r["case"], r) for r in rows_from_benchmark(data))
+        run = {k: env.get(k) for k in ROW_SOURCE}
+        merged.update((r["case"], dict(r, source=run)) for r in rows_from_benchmark(data))
         sources.append(dict({k: env.get(k) for k in ("device", "gpu", "torch", "triton", "cuda", "git", "date")},
                             json=str(path)))
     if len({s["device"] for s in sources}) != 1:
@@ -199,12 +210,14 @@ def main(argv=None) -> int:
         print(f"no attention rows with all of {MODES} or an auto row in {args.bench_json}", file=sys.stderr)
         return 1
     out = Path(args.out)
-    table = _existing(out)
+    table, by_device = _existing(out)
     table[device] = _merge(table.get(device, []), rows)
     rows = table[device]
     source = sources[-1] if len(sources) == 1 else {"device": device, "runs": sources}
+    by_device[device] = source  # the other GPUs' keep theirs (SOURCE alone named only the last one written)
     text = (HEADER + "\n# Last written from: " + json.dumps(source) + "\n"
             + "SOURCE = " + pprint.pformat(source, width=110, sort_dicts=True) + "\n"
+            + "SOURCES: dict = " + pprint.pformat(by_device, width=110, sort_dicts=True) + "\n"
             + "TABLE: dict = " + pprint.pformat(table, width=110, sort_dicts=True) + "\n")
     out.write_text(text)
     for r in rows:
