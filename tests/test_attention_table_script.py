@@ -94,3 +94,28 @@ def test_rows_without_an_sdpa_backend_and_a_partial_run(tmp_path, missing):
     assert got["vitl-B64H16N197D64"]["basis"] == "eager" and got["vitl-B64H16N197D64"]["fwd_graph"] == 1.3
     sdpa_only = got["vitg-B32H16N257D88"]
     assert sdpa_only["fwd_bwd"] is None and sdpa_only["best_sdpa"] == best
+
+
+@pytest.mark.parametrize("measured", [1.0496, 1.0499, 1.05, 1.0504, 0.9, 1.3])
+def test_the_selector_picks_triton_exactly_where_the_measured_ratio_clears_the_margin(tmp_path, monkeypatch,
+                                                                                       measured):
+    """Through the written table and the selector's own preference: fwd (no gradient), fwd_bwd (gradient)
+    and fwd_bwd_packed (attention_packed with a gradient) each decide by the measured ratio against
+    TRITON_MARGIN, the stored one rounded so that it never clears the margin the measured one missed."""
+    import torch
+
+    from seer_kernels.ops import attention as ops
+    vit = {"key": "x", "op": "attention", "case": f"{CASE}-fwdbwd-det-vit-graph", "ours": "triton-packed",
+           "mode": "fwdbwd-det-vit-graph", "ratio": measured, "shape": SHAPE, "dtype": "bfloat16",
+           "x_triton-packed-atomic": 1.0}
+    out = tmp_path / "t.py"
+    src = _write(tmp_path / "b.json", _env(H100), _rows(_all_modes(measured, 0.5, measured)) + [vit])
+    assert script.main([src, "--out", str(out)]) == 0
+    monkeypatch.setattr(ops.attention_table, "TABLE", _load(out)["TABLE"])
+    monkeypatch.setattr(ops, "_gpu_slug", lambda index: H100)
+    ops._EVIDENCE.clear()
+    want = measured >= ops.TRITON_MARGIN
+    for grad, packed in ((False, False), (True, False), (True, True)):
+        why = ops._triton_prefer(where=torch.device("cuda", 0), head_dim=128, n_q=257, n_kv=257, grad=grad,
+                                 deterministic=False, packed=packed)
+        assert (why is None) == want, (grad, packed, why)
