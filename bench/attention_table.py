@@ -21,6 +21,10 @@ becomes one table row:
               gradients), where the run has it and the row is in GPU time; the selector uses it for
               attention_packed (fwd_bwd_packed_det / _atomic: both schemes)
 
+A CUDA-graph row that left out an SDPA backend (not_capturable: it could not be captured) compares ours with
+the best of the others only: such rows do not decide (the eager rows do, and the -vit row gives no
+fwd_bwd_packed), with a warning.
+
 GPU time decides because a training step keeps the GPU busy: the host queues the attention's launches while
 the GPU still runs the matmuls before it, so what the op adds to a step is its GPU time (the eager ratios of
 an op timed alone are kept as evidence, ``*_eager``). The selector (seer_kernels/ops/attention.py) picks
@@ -113,6 +117,10 @@ def _packed_ratios(row: dict, vit: dict) -> dict:
     (the -vit row is GPU time: the selector compares like with like)."""
     if row.get("basis") != "gpu_time" or row.get("fwd_bwd") is None:
         return {}
+    if _sdpa_left_out(vit):
+        print(f"{row['case']}: the -vit row left out {_sdpa_left_out(vit)}: no fwd_bwd_packed from it",
+              file=sys.stderr)
+        return {}
     out = {"fwd_bwd_packed_det": _ratio(vit["ratio"])}
     atomic_x = vit.get("x_triton-packed-atomic")
     if atomic_x:
@@ -128,9 +136,22 @@ def _shape(base: str, row: dict) -> dict:
     return {"case": base, "head_dim": d, "n_q": nq, "n_kv": nkv, "batch": b, "heads": h, "dtype": row["dtype"]}
 
 
+def _sdpa_left_out(row: dict) -> list:
+    """The SDPA backends a CUDA-graph row left out (they could not be captured, or not on its inputs), though
+    each ran correctly in the benchmark's own check: the row's ratio is then against the best of the others,
+    which need not be the best SDPA a model gets."""
+    return [name for name in row.get("not_capturable", ()) if name.startswith("sdpa-")]
+
+
 def _triton_row(base: str, modes: dict, graph: dict) -> dict:
-    """The row of a shape with all three Triton modes; its ratios in GPU time where ``graph`` has all three."""
+    """The row of a shape with all three Triton modes; its ratios in GPU time where ``graph`` has all three,
+    each against every SDPA backend."""
     gpu_time = all(f"{m}-graph" in graph for m in MODES)
+    left_out = sorted({n for m in MODES if f"{m}-graph" in graph for n in _sdpa_left_out(graph[f"{m}-graph"])})
+    if gpu_time and left_out:
+        print(f"{base}: the CUDA-graph rows left out {left_out}, so their ratios are not against the best SDPA; "
+              f"the eager rows decide", file=sys.stderr)
+        gpu_time = False
     basis = {m: graph[f"{m}-graph"] if gpu_time else modes[m] for m in MODES}  # rows the ratios come from
     ratio = {m: basis[m]["ratio"] for m in MODES}
     det_wins = ratio["fwdbwd-det"] > ratio["fwdbwd"]

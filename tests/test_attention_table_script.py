@@ -119,3 +119,26 @@ def test_the_selector_picks_triton_exactly_where_the_measured_ratio_clears_the_m
         why = ops._triton_prefer(where=torch.device("cuda", 0), head_dim=128, n_q=257, n_kv=257, grad=grad,
                                  deterministic=False, packed=packed)
         assert (why is None) == want, (grad, packed, why)
+
+
+def test_a_cuda_graph_row_that_left_out_an_sdpa_backend_does_not_decide(tmp_path, capsys):
+    """Where cuDNN (say) could not be captured, the -graph rows compare ours with the other backends only: the
+    table must not pick Triton on them (a model's SDPA runs cuDNN), nor take attention_packed's ratio from such
+    a -vit row."""
+    rows = _rows({"fwd": 0.3, "fwdbwd": 0.4, "fwdbwd-det": 0.45}, best_sdpa="cudnn")
+    graph = _rows({"fwd-graph": 1.3, "fwdbwd-graph": 1.2, "fwdbwd-det-graph": 1.4}, best_sdpa="efficient")
+    vit = dict(graph[0], case=f"{CASE}-fwdbwd-det-vit-graph", mode="fwdbwd-det-vit-graph", ours="triton-packed",
+               ratio=1.5, not_capturable=[])
+    out = tmp_path / "t.py"
+    for left_out_at in (None, 1, "vit"):
+        g = [dict(r, not_capturable=["sdpa-cudnn"] if i == left_out_at else []) for i, r in enumerate(graph)]
+        v = dict(vit, not_capturable=["sdpa-cudnn", "triton"] if left_out_at == "vit" else ["triton"])
+        out.unlink(missing_ok=True)
+        assert script.main([_write(tmp_path / "b.json", _env(H100), rows + g + [v]), "--out", str(out)]) == 0
+        (row,) = _load(out)["TABLE"][H100]
+        if left_out_at == 1:
+            assert row["basis"] == "eager" and row["fwd_bwd"] == 0.45 and row["best_sdpa"] == "cudnn"
+            assert "left out ['sdpa-cudnn']" in capsys.readouterr().err
+        else:
+            assert row["basis"] == "gpu_time" and row["fwd_bwd"] == 1.4
+            assert ("fwd_bwd_packed" in row) == (left_out_at is None)
