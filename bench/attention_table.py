@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     for r in rows:
         fb = r["fwd_bwd"]
         pick = "triton" if fb is not None and fb >= TRITON_MARGIN else "sdpa"
-        ratios = (f"fwd+bwd x{fb:.2f} ({r['bwd_scheme']}, {r['basis']})" if fb is not None
+        ratios = (f"fwd+bwd x{fb:.3f} ({r['bwd_scheme']}, {r['basis']})" if fb is not None
                   else "fwd+bwd not measured")
         print(f"{device} {r['case']:32s} {ratios}  vs {r['best_sdpa']}  -> training uses {pick}")
     print(f"wrote {len(rows)} rows for {device} to {out}")
