@@ -248,12 +248,17 @@ def main(argv=None) -> int:
             + "SOURCES: dict = " + pprint.pformat(by_device, width=110, sort_dicts=True) + "\n"
             + "TABLE: dict = " + pprint.pformat(table, width=110, sort_dicts=True) + "\n")
     out.write_text(text)
+    def pick(ratio) -> str:  # the selector's choice with a gradient (seer_kernels/ops/attention.py)
+        return "triton" if ratio is not None and ratio >= TRITON_MARGIN else "sdpa"
+
     for r in rows:
-        fb = r["fwd_bwd"]
-        pick = "triton" if fb is not None and fb >= TRITON_MARGIN else "sdpa"
+        fb, packed = r["fwd_bwd"], r.get("fwd_bwd_packed")
         ratios = (f"fwd+bwd x{fb:.3f} ({r['bwd_scheme']}, {r['basis']})" if fb is not None
                   else "fwd+bwd not measured")
-        print(f"{device} {r['case']:32s} {ratios}  vs {r['best_sdpa']}  -> training uses {pick}")
+        # the ViT (seer.model.layers.Attention) trains through attention_packed: its own ratio where measured
+        vit = pick(packed if packed is not None else fb) + (f" (x{packed:.3f} on a fused qkv)" if packed else "")
+        print(f"{device} {r['case']:32s} {ratios}  vs {r['best_sdpa']}  -> training: attention() uses {pick(fb)}, "
+              f"the ViT's attention_packed {vit}")
     print(f"wrote {len(rows)} rows for {device} to {out}")
     return 0
 

@@ -142,3 +142,15 @@ def test_a_cuda_graph_row_that_left_out_an_sdpa_backend_does_not_decide(tmp_path
         else:
             assert row["basis"] == "gpu_time" and row["fwd_bwd"] == 1.4
             assert ("fwd_bwd_packed" in row) == (left_out_at is None)
+
+
+def test_the_printed_choice_is_the_selectors_for_attention_and_for_the_vits_attention_packed(tmp_path, capsys):
+    """The ViT trains through attention_packed, which decides on fwd_bwd_packed where the run measured it: the
+    script's report must say so (it printed the fwd_bwd choice as 'training uses sdpa' where the ViT used
+    Triton)."""
+    vit = {"key": "x", "op": "attention", "case": f"{CASE}-fwdbwd-det-vit-graph", "ours": "triton-packed",
+           "mode": "fwdbwd-det-vit-graph", "ratio": 1.2, "shape": SHAPE, "dtype": "bfloat16"}
+    src = _write(tmp_path / "b.json", _env(H100), _rows(_all_modes(0.9, 0.8, 1.0)) + [vit])
+    assert script.main([src, "--out", str(tmp_path / "t.py")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if CASE in x)
+    assert "attention() uses sdpa, the ViT's attention_packed triton (x1.200 on a fused qkv)" in line, line
