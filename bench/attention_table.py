@@ -137,9 +137,9 @@ def _shape(base: str, row: dict) -> dict:
 
 
 def _sdpa_left_out(row: dict) -> list:
-    """The SDPA backends a CUDA-graph row left out (they could not be captured, or not on its inputs), though
-    each ran correctly in the benchmark's own check: the row's ratio is then against the best of the others,
-    which need not be the best SDPA a model gets."""
+    """The SDPA backends a CUDA-graph row left out because they could not be captured, though they run on its
+    inputs: the row's ratio is then against the best of the others, which need not be the best SDPA a model
+    gets. (Backends that do not take the inputs at all, not_supported, are no contenders.)"""
     return [name for name in row.get("not_capturable", ()) if name.startswith("sdpa-")]
 
 

@@ -289,13 +289,24 @@ def bench_attention_gpu(bench_record, bench_device, shape):
                      defer_gate=True, **GPU_TIMING)
 
     def run_graphed(mode, fns, ours, extra):
-        """``run`` on CUDA-graph replays of ``fns`` (GPU time alone), those that can be captured."""
+        """``run`` on CUDA-graph replays of ``fns`` (GPU time alone), those that can be captured.
+
+        not_supported: those that raise when called (an SDPA backend that does not take the -vit rows' slices:
+        a model's SDPA would not run it either); not_capturable: those that run but could not be captured
+        (the row's best SDPA may then be missing: bench/attention_table.py does not decide on such a row)."""
+        replays, unsupported = {}, []
         with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
-            replays = {name: harness.cuda_graphed(fn) for name, fn in fns.items()}
+            for name, fn in fns.items():
+                try:
+                    fn()
+                except RuntimeError:
+                    unsupported.append(name)
+                    continue
+                replays[name] = harness.cuda_graphed(fn)
         left_out = sorted(name for name, r in replays.items() if r is None)
         replays = {name: r for name, r in replays.items() if r is not None}
         if ours in replays and len(replays) > 1:
-            run(f"{mode}-graph", replays, ours, dict(extra, not_capturable=left_out))
+            run(f"{mode}-graph", replays, ours, dict(extra, not_capturable=left_out, not_supported=unsupported))
         del replays
 
     tiles = {"fwd": fwd_tile.as_list(), "dkdv": atomic[1].as_list(), "dq": atomic[2].as_list()}

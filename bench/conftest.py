@@ -117,7 +117,7 @@ def _synced(fn, device: str):
 # Row fields the printed table leaves out (they stay in the JSON): the per-candidate timings of the attention
 # rows alone are ~2 KB a row, which buried the rest of a GPU check's summary.
 TABLE_OMITS = ("key", "op", "case", "ours", "baseline", "ratio", "floor", "times_ms", "spread_pct",
-               "candidate_us", "candidate_failures", "tiles", "not_capturable", "sdpa_rejected")
+               "candidate_us", "candidate_failures", "tiles", "not_capturable", "not_supported", "sdpa_rejected")
 
 
 def _write(config, final: bool, complete: bool = False) -> None:

@@ -40,6 +40,15 @@ def dry_run(monkeypatch):
     monkeypatch.setattr(harness, "compare", lambda fns, device, **kw: compare(fns, "cpu", min_time=0.0,
                                                                                max_rounds=1, min_rounds=1))
     monkeypatch.setattr(B, "DTYPE", torch.float16)  # the interpreter computes bfloat16 wrongly
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def flash_takes_contiguous_inputs_only(q, k, v, **kw):  # as a GPU backend may refuse the -vit slices
+        if torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled() \
+                and not q.is_contiguous():
+            raise RuntimeError("No available kernel")
+        return sdpa(q, k, v, **kw)
+    monkeypatch.setattr(B, "F", type("F", (), {"scaled_dot_product_attention":
+                                               staticmethod(flash_takes_contiguous_inputs_only)}))
     rows, deferred = [], []
 
     def record(op, case, fns, *, ours, baseline, metrics=None, defer_gate=False, **kw):
@@ -80,6 +89,9 @@ def test_gpu_benchmark_rows_and_the_table_written_from_them(dry_run, tmp_path):
         assert r["tflops"] == pytest.approx(flops / ours_s / 1e12)
     vit = rows[MODES.index("fwdbwd-det-vit-graph")]
     assert vit["ours"] == "triton-packed" and {"x_triton-packed-atomic", "x_triton"} <= set(vit)
+    # flash does not take the slices: no contender there, unlike a backend that runs but cannot be captured
+    assert vit["not_supported"] == ["sdpa-flash"] and vit["not_capturable"] == [] and "x_flash" not in vit
+    assert all(r["not_supported"] == [] for r in rows if r["mode"].endswith("graph") and r is not vit)
     # bench/attention_table.py reads them: one row in GPU time, with attention_packed's ratio
     src, out = tmp_path / "bench.json", tmp_path / "table.py"
     src.write_text(json.dumps({"environment": {"device": "fake-gpu", "git": "abc", "settings": {}},
@@ -90,3 +102,17 @@ def test_gpu_benchmark_rows_and_the_table_written_from_them(dry_run, tmp_path):
     (row,) = ns["TABLE"]["fake-gpu"]
     assert row["basis"] == "gpu_time" and (row["n_q"], row["head_dim"]) == (n, d)
     assert row["fwd_bwd"] == max(row["fwd_bwd_atomic"], row["fwd_bwd_det"]) and "fwd_bwd_packed" in row
+    # a backend that runs but could not be captured: the -vit row gives no fwd_bwd_packed then
+    rows[MODES.index("fwdbwd-det-vit-graph")]["not_capturable"] = ["sdpa-math"]
+    src.write_text(json.dumps({"environment": {"device": "fake-gpu", "git": "abc", "settings": {}},
+                               "rows": rows, "complete": True}))
+    out.unlink()
+    assert attention_table.main([str(src), "--out", str(out)]) == 0
+    (row,) = _load_table(out)["TABLE"]["fake-gpu"]
+    assert row["basis"] == "gpu_time" and "fwd_bwd_packed" not in row
+
+
+def _load_table(path) -> dict:
+    ns: dict = {}
+    exec(path.read_text(), ns)
+    return ns
