@@ -147,7 +147,9 @@ else
     --labels "$OUT/ncu_cases.json" --budget-s $(( T - NCU_RESERVE )) >"$OUT/ncu.log" 2>&1
   echo $? >"$OUT/ncu.rc"
   if [ -f "$OUT/attention.ncu-rep" ]; then
-    timeout 30 "$NCU" --import "$OUT/attention.ncu-rep" --csv --page raw --print-units base \
+    # (within the budget, at least a second: `timeout 0` would not time out at all)
+    TI=$(cap 30); [ "$TI" -gt 0 ] || TI=1
+    timeout "$TI" "$NCU" --import "$OUT/attention.ncu-rep" --csv --page raw --print-units base \
       >"$OUT/ncu.csv" 2>>"$OUT/ncu.log"
   fi
 fi

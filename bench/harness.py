@@ -127,6 +127,11 @@ def device_slug(device: str) -> str:
 
 
 def _git_revision() -> str:
+    """HEAD (short, "-dirty" with uncommitted changes outside bench/results), or SEER_GIT_REVISION where set: a
+    copy of the tree on another machine (the device tool's) may carry a stale .git, so the caller names it."""
+    given = os.environ.get("SEER_GIT_REVISION", "").strip()
+    if given:
+        return given
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(__file__), timeout=10).stdout.strip()

@@ -207,3 +207,13 @@ def test_attention_host_tool_runs_and_counts_the_launches():
     assert "vit10b-tp4-B32H8N257D128" in out  # the H100 table's row for N 257, D 128
     fwd_bwd = next(line for line in out.splitlines() if "op fwd+bwd" in line)
     assert "_fwd_kernel + " in fwd_bwd and "_bwd_dkdv_kernel" in fwd_bwd  # (the other launches: the table's scheme)
+
+
+def test_a_given_git_revision_is_recorded(monkeypatch):
+    """The device machine's copy of the tree may carry a stale HEAD: SEER_GIT_REVISION names the commit."""
+    from bench import harness
+
+    monkeypatch.setenv("SEER_GIT_REVISION", "abc1234")
+    assert harness._git_revision() == "abc1234"
+    monkeypatch.delenv("SEER_GIT_REVISION")
+    assert harness._git_revision() != "abc1234"
