@@ -70,6 +70,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a checkpoint folder's name (``step_XXXXXXXX``)."""
+    return bool(_NAME.match(name))
+
+
 def is_complete(path: Path) -> bool:
     return bool(_NAME.match(path.name)) and _complete_files(path)
 

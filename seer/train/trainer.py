@@ -39,8 +39,9 @@ from ..parallel.dims import DTYPES
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
 from . import state as S
 from .build import autocast_dtype, build_model, build_optimizer_and_schedule, clip_grad_norm, resolve_precision
-from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diffs, list_checkpoints, load_rank_state,
-                         load_tensors, read_meta, read_saved_config, run_checkpoint_dir)
+from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diffs, is_checkpoint_name,
+                         list_checkpoints, load_rank_state, load_tensors, read_meta, read_saved_config,
+                         run_checkpoint_dir)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .init_from import (check_init_architecture, init_path, load_init_weights, normalisation_changes,
@@ -175,8 +176,9 @@ class Trainer:
                                 "got ''")
         mode = os.path.expanduser(mode)  # '~/runs/x' from a YAML file or a quoted --set, which no shell expanded
         latest = self.ckpt.latest()
-        if latest is not None and read_meta(latest).get("origin") == str(Path(mode).resolve()):
-            # The same command again after a stop or a preemption (its starting checkpoint may be pruned by now)
+        if latest is not None and _started_from(read_meta(latest).get("origin"), Path(mode)):
+            # The same command again after a stop or a preemption (its starting checkpoint may be pruned by now,
+            # or the run it names have newer checkpoints by now)
             log.info("checkpoint.resume=%s: continuing the run started from it at %s", mode, latest)
             self.load(latest)
             return
@@ -774,6 +776,21 @@ def _say_batch_and_rate_changes(saved: dict, cfg: C.RunConfig, meta: dict, dp: i
                     "optim.lr_reference_batch %s -> %s, global batch %d -> %d): the schedule goes on at the new "
                     "rate from step %s", now, then, then_o.lr, cfg.optim.lr, then_o.lr_reference_batch,
                     cfg.optim.lr_reference_batch, then_batch, now_batch, meta["step"])
+
+
+def _started_from(origin: Optional[str], given: Path) -> bool:
+    """Whether a checkpoint whose lineage began at checkpoint ``origin`` (meta.json's 'origin') continues a run
+    started with ``checkpoint.resume=given``: ``given`` is that checkpoint, or a run or checkpoints folder
+    (resolved to its latest checkpoint at the start) that holds it. A folder's latest moves on while its run
+    trains: taken again, a rerun of the same command dropped its own checkpoints for the other run's newest."""
+    if origin is None:
+        return False
+    if origin == str(given.resolve()):
+        return True
+    if is_checkpoint_name(given.name):  # a checkpoint names that one only
+        return False
+    homes = {p.resolve() for p in (given, given / "checkpoints", *run_checkpoint_dir(given))}
+    return Path(origin).parent in homes
 
 
 # What Trainer.load reads from meta.json (read_meta refuses a file without them: an edited or foreign file)

@@ -344,6 +344,21 @@ def test_explicit_resume_starts_a_lineage_that_reruns_continue(run, tmp_path):
         Trainer(apply_overrides(cfg, [f"checkpoint.resume={elsewhere}", "train.max_steps=8"]), new)
 
 
+def test_a_branch_from_a_run_folder_that_trains_on_continues_on_a_rerun(run, tmp_path):
+    """checkpoint.resume=<a run folder>: that run's latest checkpoint starts the new run. The other run, still
+    training, saves newer ones; the same command rerun after a stop took the newest of them, dropping the new
+    run's own checkpoints without a word, instead of continuing the new run."""
+    out, cfg = run
+    source = _copy(out, tmp_path / "source")  # at step 2
+    branch = apply_overrides(cfg, [f"checkpoint.resume={source}", "train.max_steps=8", "checkpoint.every=2"])
+    t = Trainer(apply_overrides(branch, ["train.max_steps=4"]), tmp_path / "branch")
+    assert t.step == 2
+    t.fit()  # saves step 4, as if stopped there
+    Trainer(apply_overrides(cfg, ["train.max_steps=6", "checkpoint.every=6"]), source).fit()  # the source goes on
+    again = Trainer(branch, tmp_path / "branch")
+    assert again.resumed_from == tmp_path / "branch" / "checkpoints" / "step_00000004" and again.step == 4
+
+
 def test_rollback_within_a_run_moves_the_newer_checkpoints_aside(run, tmp_path):
     out, cfg = run
     copy = _copy(out, tmp_path / "rb")
