@@ -70,6 +70,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self._locks: list[RunLock] = []
+        self._log_file: Optional[str] = None
         try:
             self._setup(cfg)
         except BaseException:
@@ -77,9 +78,13 @@ class Trainer:
             raise
 
     def release(self) -> None:
-        """Unlock OUT (and checkpoint.dir) for other processes (fit does it when it ends; idempotent)."""
+        """Unlock OUT (and checkpoint.dir) for other processes, and stop logging to OUT/train.log (fit does it
+        when it ends; idempotent)."""
         for lock in self._locks:
             lock.release()
+        if self._log_file is not None:
+            _stop_logging_to_file(self._log_file)
+            self._log_file = None
 
     def _setup(self, cfg: C.RunConfig) -> None:
         t = cfg.train
@@ -97,7 +102,7 @@ class Trainer:
                 folder.mkdir(parents=True, exist_ok=True)
             for folder in (self.out, ckpt_dir):
                 self._locks.append(RunLock(folder))
-            _log_to_file(self.out / "train.log")
+            self._log_file = _log_to_file(self.out / "train.log")
         # Every rank sees the folders (and fails, not waits, where rank 0 could not set them up).
         check_shared_folders(folders, main_setup=main_setup if self.dist.is_main else None)
         self.dims = ParallelDims(cfg.parallel, self.device.type, self.dist.world)
@@ -797,14 +802,36 @@ def _started_from(origin: Optional[str], given: Path) -> bool:
 _META_KEYS = ("step", "data", "scheduler", "freezer", "counters", "world_size", "tp", "optim_slots")
 
 
-def _log_to_file(path: Path) -> None:
-    root = logging.getLogger("seer")
-    if any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+# OUT/train.log's handler on the 'seer' logger and the Trainers of this process writing to it: a run's log
+# file stops receiving lines when its last Trainer releases it (another run in the same process, later or
+# beside it, logged into every earlier run's train.log too).
+_log_files: dict[str, list] = {}
+
+
+def _log_to_file(path: Path) -> str:
+    """Log to ``path`` (its handler shared by the Trainers of this process on it); the key to stop with."""
+    key = str(path.resolve())
+    entry = _log_files.get(key)
+    if entry is None:
+        h = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("seer")
+        root.addHandler(h)
+        root.setLevel(min(root.level or logging.INFO, logging.INFO))
+        entry = _log_files[key] = [h, 0]
+    entry[1] += 1
+    return key
+
+
+def _stop_logging_to_file(key: str) -> None:
+    entry = _log_files.get(key)
+    if entry is None:
         return
-    h = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(h)
-    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    entry[1] -= 1
+    if entry[1] <= 0:
+        del _log_files[key]
+        logging.getLogger("seer").removeHandler(entry[0])
+        entry[0].close()
 
 
 # A second Ctrl-C this soon after the first is the same one arriving again (a rank in the terminal's process

@@ -179,3 +179,16 @@ def test_a_filesystem_whose_stat_and_fstat_disagree_still_locks(tmp_path, monkey
         assert fd is not None and "fstat and stat disagree" in caplog.text
     finally:
         PL.unlock_part(fd)
+
+
+def test_a_later_run_in_the_same_process_logs_into_its_own_train_log_only(tmp_path):
+    """OUT/train.log's handler stayed on the 'seer' logger after the run: every later run of the process (a
+    notebook, a sweep) logged into each earlier run's train.log too. Trainers on one OUT share the file."""
+    Trainer(_cfg(), tmp_path / "a").fit()
+    Trainer(_cfg(), tmp_path / "b").fit()
+    assert str(tmp_path / "a") in (tmp_path / "a" / "train.log").read_text()
+    assert str(tmp_path / "b") not in (tmp_path / "a" / "train.log").read_text()
+    first, second = Trainer(_cfg(), tmp_path / "c"), Trainer(_cfg(), tmp_path / "c")
+    first.release()
+    second.fit()  # (saves the checkpoint of step 2 that the first one would have)
+    assert "step_00000002" in (tmp_path / "c" / "train.log").read_text()
