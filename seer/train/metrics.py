@@ -85,7 +85,9 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+                # TensorBoard hides the events an earlier attempt wrote for the steps after start_step, as
+                # metrics.jsonl drops them: from step 1 on too (a run killed before its first checkpoint).
+                self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1)
             except ImportError:  # pragma: no cover - tensorboard is optional
                 log.warning("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
         show = progress == "on" or (progress == "auto" and sys.stderr.isatty())

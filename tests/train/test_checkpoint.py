@@ -406,6 +406,25 @@ def test_resumed_run_drops_what_an_earlier_attempt_logged_after_its_checkpoint(t
     assert steps == {"metrics.jsonl": [1, 2, 3], "eval_history.jsonl": [2]}
 
 
+def test_a_rerun_from_step_0_hides_the_earlier_attempts_tensorboard_events(tmp_path):
+    """A run killed before its first checkpoint starts over at step 0: its TensorBoard curves showed both
+    attempts' steps 1, 2, ... one after the other (metrics.jsonl dropped the first attempt's records)."""
+    import time
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from seer.train.metrics import MetricsWriter
+    for steps, loss in (([1, 2, 3], 5.0), ([1, 2], 4.0)):  # killed at step 3; the rerun is at step 2
+        w = MetricsWriter(tmp_path, active=True, tensorboard=True, progress="off", total_steps=9, start_step=0)
+        for step in steps:
+            w.write({"step": step, "loss": loss, "images_per_s": 1.0})
+        w.close()
+        time.sleep(1.1)  # (an event file's name holds the second it was created)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 4.0), (2, 4.0)]
+
+
 def test_unreadable_random_init_scores_are_dropped_not_fatal(run, tmp_path):
     out, cfg = run
     copy = _copy(out, tmp_path / "init")
