@@ -137,6 +137,7 @@ class Trainer:
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_row": 0}
         self.bad_files: set[str] = set()
+        self._listed: Optional[set[str]] = None  # the names in OUT/skipped_files.txt (_record_skipped)
         self._bad_gathered = (0, 0)  # (the summed count, the distinct count) at the last gather of names
         warm = t.collapse_warmup_steps if t.collapse_warmup_steps >= 0 else max(50, t.max_steps // 10)
         self.monitor = CollapseMonitor(cfg.head.num_prototypes, warm)
@@ -650,16 +651,29 @@ class Trainer:
 
     def _record_skipped(self, skipped) -> None:
         """Log and count each unreadable file once (it is met again every epoch, and a run of bad files is
-        met once per index pointing into it)."""
+        met once per index pointing into it). Into OUT/skipped_files.txt it goes once too: from the first
+        tensor-parallel rank alone (the others read the same images), and not again where an earlier attempt
+        of the run listed it (met after the checkpoint that this run resumed from, which does not count it)."""
         new = list({s.name: s for s in skipped if s.name not in self.bad_files}.values())
         if not new:
             return
+        self.bad_files.update(s.name for s in new)
+        if self.dims.tp_rank != 0:
+            return
+        path = self.out / "skipped_files.txt"
+        if self._listed is None:  # the names listed so far, as written (skipped_line's first field)
+            self._listed = set()
+            if path.is_file():
+                with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+                    self._listed = {line.partition("\t")[0] for line in f}
         # A name that is not UTF-8 (kept as surrogate escapes) goes into the file as its own bytes, as the
         # list-file format reads it back, and into the log escaped.
-        with open(self.out / "skipped_files.txt", "a", encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
             for s in new:
-                self.bad_files.add(s.name)
-                f.write(skipped_line(s.name, s.reason))
+                line = skipped_line(s.name, s.reason)
+                if line.partition("\t")[0] not in self._listed:
+                    self._listed.add(line.partition("\t")[0])
+                    f.write(line)
                 log.warning("skipped unreadable image %s (%s)", printable(s.name), s.reason)
 
 

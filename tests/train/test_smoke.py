@@ -85,6 +85,26 @@ def test_bad_fraction_gathers_names_again_only_when_the_limit_may_be_passed(monk
     assert len(gathers) == 2
 
 
+def test_each_unreadable_file_is_listed_once_over_tensor_parallel_ranks_and_resumes(tmp_path):
+    """OUT/skipped_files.txt had each bad file once per tensor-parallel rank (they read the same images), and
+    again after a resume for those met after its checkpoint (which does not count them)."""
+    from types import SimpleNamespace
+
+    from seer.data.dataset import Skipped
+    listed = tmp_path / "skipped_files.txt"
+    listed.write_text("/d/a.jpg\tValueError: bad\n/d/b.jpg\tValueError: bad\n")  # an earlier attempt's
+    met = [Skipped("/d/b.jpg", "ValueError: bad"), Skipped("/d/c.jpg", "ValueError: bad"),
+           Skipped("/d/t\tab.jpg", "ValueError: bad")]
+    for tp_rank in (1, 0):  # each rank's own Trainer; the checkpoint counted a.jpg alone
+        fake = SimpleNamespace(bad_files={"/d/a.jpg"}, _listed=None, out=tmp_path,
+                               dims=SimpleNamespace(tp_rank=tp_rank))
+        Trainer._record_skipped(fake, met)
+        Trainer._record_skipped(fake, met)
+        assert fake.bad_files == {"/d/a.jpg", "/d/b.jpg", "/d/c.jpg", "/d/t\tab.jpg"}  # counted on every rank
+    assert [line.split("\t")[0] for line in listed.read_text().splitlines()] == \
+        ["/d/a.jpg", "/d/b.jpg", "/d/c.jpg", "/d/t\\tab.jpg"]
+
+
 def _torchrun(*args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
