@@ -494,12 +494,17 @@ class Trainer:
                     metrics.write(record)
                     last_log_t, last_log_step, wait_acc, paused = now, self.step, 0.0, 0.0
                 t_pause = time.perf_counter()
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < t.max_steps:
+                # The last step's evaluation and save are eval.at_end's and checkpoint.at_end's; without them,
+                # the periodic ones that fall on it (the last step's weights were never saved: a rerun trained
+                # the steps since the previous save again, and an export took that one's weights).
+                last = self.step >= t.max_steps
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and not (last and cfg.eval.at_end):
                     res = self.evaluate()
                     if main:
                         metrics.write_eval(self.step, res)
                         metrics.message(f"step {self.step}: " + _format_eval(res))
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.max_steps:
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not (last and
+                                                                                           cfg.checkpoint.at_end):
                     self.save()
                 paused += time.perf_counter() - t_pause
                 if rec["stop"]:

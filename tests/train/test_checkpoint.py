@@ -393,6 +393,19 @@ def test_refused_rollback_moves_nothing_and_reruns_outlive_the_pruned_start(run,
     assert rerun.resumed_from.name == "step_00000004" and rerun.step == 4
 
 
+def test_periodic_save_and_evaluation_on_the_last_step_happen_without_their_at_end_ones(tmp_path):
+    """checkpoint.every=2 of 4 steps with checkpoint.at_end=false saved step 2 only: steps 3-4 were trained and
+    thrown away (a rerun trained them again, an export took step 2's weights); eval.every likewise."""
+    import json
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=4", "checkpoint.every=2", "checkpoint.at_end=false",
+                                           "eval.every=2", "eval.at_end=false", "eval.linear=false",
+                                           "eval.max_images=40", "train.threads=1"])
+    Trainer(cfg, tmp_path).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002", "step_00000004"]
+    evals = (tmp_path / "eval_history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in evals] == [2, 4]
+
+
 def test_resumed_run_drops_what_an_earlier_attempt_logged_after_its_checkpoint(tmp_path):
     import json
 
