@@ -737,8 +737,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
         v = getattr(c, name)
         _check(0.0 <= v <= 1.0, f"data.crops.{name}", "a probability in [0, 1]", v)
-    _check(c.rotation_degrees >= 0 and c.noise_std >= 0, "data.crops.rotation_degrees/noise_std", ">= 0",
-           (c.rotation_degrees, c.noise_std))
+    for name in ("rotation_degrees", "noise_std"):  # (noise of an infinite spread made every loss NaN)
+        _check(0 <= getattr(c, name) < math.inf, f"data.crops.{name}", "a finite number >= 0", getattr(c, name))
     _check_crop_law(c)
     n_crops = c.global_count + c.local_count
     assign = cfg.loss.crops_for_assign
@@ -795,8 +795,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("lr", "start_warmup_lr", "final_lr", "weight_decay", "trust_coefficient", "eps"):
         v = getattr(o, name)
         _check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"optim.{name}", "a finite number >= 0", v)
-    _check(o.final_weight_decay is None or o.final_weight_decay >= 0, "optim.final_weight_decay", "None or >= 0",
-           o.final_weight_decay)
+    _check(o.final_weight_decay is None or 0 <= o.final_weight_decay < math.inf, "optim.final_weight_decay",
+           "None or a finite number >= 0", o.final_weight_decay)
     _check(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
     _check(o.lr_reference_batch >= 0, "optim.lr_reference_batch", "an integer >= 0 (0 = learning rates as given)",

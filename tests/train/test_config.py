@@ -98,6 +98,10 @@ def test_bad_values_name_the_key(override, fragment):
     ("data.format=synth", "data.format"),
     # accepted, then the first step failed in PatchEmbed (the crops are RGB), naming no key
     ("model.in_chans=1", "model.in_chans"), ("model.in_chans=4", "model.in_chans"),
+    # accepted, then every loss was NaN and the run stopped advising a lower optim.lr
+    ("data.crops.noise_std=.inf", "data.crops.noise_std"), ("optim.final_weight_decay=.inf",
+                                                             "optim.final_weight_decay"),
+    ("data.crops.rotation_degrees=-1", "data.crops.rotation_degrees"),
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
