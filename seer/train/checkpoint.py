@@ -393,6 +393,9 @@ class CheckpointManager:
                                      f"{then}")
 
     def _commit(self, tmp: Path, final: Path) -> None:
+        # The files are fsynced as written, their names in tmp are not until the folder is: after a power loss
+        # (not a kill) the renamed folder could otherwise lack some of them.
+        sync_folder(tmp)
         if final.exists():  # the same step saved again (e.g. at the end right after a periodic save)
             old = final.with_name(f".old-{final.name}")
             os.replace(final, old)

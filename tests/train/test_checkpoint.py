@@ -35,6 +35,20 @@ def test_keep_last_n_and_incomplete_folders_are_ignored(tmp_path):
     assert torch.equal(dest["w"], torch.full((3,), 7.0))
 
 
+def test_the_commit_syncs_the_folder_and_its_names_before_the_rename(tmp_path, monkeypatch):
+    """The files are fsynced as written; their names in the .tmp folder are durable only once the folder is:
+    renamed unsynced, a power loss could leave a step_* folder without some of its files."""
+    from seer.train import checkpoint as ck
+    events = []
+    monkeypatch.setattr(ck, "sync_folder", lambda folder: events.append(("sync", folder.name)))
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", os.path.basename(a))),
+                                                    real_replace(a, b)))
+    _save(CheckpointManager(tmp_path, keep=2), 1, 1)
+    tmp = ".tmp-step_00000001"
+    assert events.index(("sync", tmp)) < events.index(("rename", tmp)) < events.index(("sync", tmp_path.name))
+
+
 def test_a_newest_checkpoint_that_lost_files_is_named_and_prune_leaves_no_half_folder(tmp_path, monkeypatch,
                                                                                        caplog):
     import shutil
