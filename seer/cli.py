@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -715,9 +716,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        if isinstance(e, cls)), None)
         # The OSErrors of a path the user gave (missing, a folder, no permission) are bad input; others (a full
         # disk, an I/O error) are not, and keep their traceback.
-        if status is None and isinstance(e, (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError,
-                                             IsADirectoryError, NotADirectoryError, PermissionError,
-                                             BackendError)):  # a forced backend that cannot run: its reasons
+        if status is None and (isinstance(e, (CLIError, ValueError, KeyError, FileNotFoundError, FileExistsError,
+                                              IsADirectoryError, NotADirectoryError, PermissionError,
+                                              BackendError))  # a forced backend that cannot run: its reasons
+                               or isinstance(e, OSError) and e.errno == errno.EROFS):  # (--out on a read-only mount)
             status = 2
         if status is None or os.environ.get("SEER_DEBUG"):
             raise

@@ -72,6 +72,14 @@ def test_os_errors_on_the_users_paths_are_one_line(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "Permission denied" in err and "Traceback" not in err
 
+    def read_only(source, **kw):  # an output on a read-only mount (the run lock's file, say)
+        raise OSError(30, "Read-only file system", source)
+
+    monkeypatch.setattr(check, "check_dataset", read_only)
+    assert main(["data", "check", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Read-only file system" in err and "Traceback" not in err
+
     def disk_full(source, **kw):  # not the user's input: keeps its traceback (and not exit status 2)
         raise OSError(28, "No space left on device")
 
