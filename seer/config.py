@@ -809,6 +809,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_synthetic(d)
     _check_exclude(d)
     _check(cfg.parallel.tp >= 1, "parallel.tp", "an integer >= 1", cfg.parallel.tp)
+    _check(cfg.parallel.dp == -1 or cfg.parallel.dp >= 1, "parallel.dp", "-1 (world size / parallel.tp) or an "
+           "integer >= 1", cfg.parallel.dp)
     try:
         checkpoint_every(cfg.parallel.activation_checkpointing)
     except ValueError as e:

@@ -102,6 +102,7 @@ def test_bad_values_name_the_key(override, fragment):
     ("data.crops.noise_std=.inf", "data.crops.noise_std"), ("optim.final_weight_decay=.inf",
                                                              "optim.final_weight_decay"),
     ("data.crops.rotation_degrees=-1", "data.crops.rotation_degrees"),
+    ("parallel.dp=0", "parallel.dp"), ("parallel.dp=-2", "parallel.dp"),  # (checked only once launched)
 ])
 def test_validate_names_the_key(override, key):
     with pytest.raises(C.ConfigError) as e:
