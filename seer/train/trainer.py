@@ -44,7 +44,7 @@ from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diff
                          run_checkpoint_dir)
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
-from .init_from import (check_init_architecture, init_path, load_init_weights, normalisation_changes,
+from .init_from import (NOT_SHAPING, check_init_architecture, init_path, load_init_weights, normalisation_changes,
                         not_shaping_changes, pos_resize, resolve_init_source, same_source)
 from .lock import RunLock
 from .metrics import MetricsWriter, peak_flops, read_metrics
@@ -740,10 +740,16 @@ _ARCH_SECTIONS = ("model", "head")
 
 def _check_compatible(path: Path, saved: dict, cfg: C.RunConfig, step: int) -> None:
     """Refuse, with the differing keys, a checkpoint (of ``step``; its run config ``saved``) whose architecture
-    differs from the config's."""
-    diffs = architecture_diffs(saved, C.to_dict(cfg), _ARCH_SECTIONS)
+    differs from the config's. The model keys that shape no tensor (NOT_SHAPING: regularisation, the init's
+    spread, the norms' epsilon) may differ, as they may from checkpoint.init_from's source: said in the log."""
+    now = C.to_dict(cfg)
+    diffs = architecture_diffs(saved, now, _ARCH_SECTIONS, ignore=NOT_SHAPING)
     if diffs:
         raise C.ConfigError(f"checkpoint {path} has another architecture than the config: " + "; ".join(diffs))
+    changed = [d for d in architecture_diffs(saved, now, ("model",)) if d.split(":")[0] in NOT_SHAPING]
+    if changed:
+        log.warning("resuming from %s with %s (they shape no tensor; from step %d on the run trains with the "
+                    "config's values)", path, "; ".join(changed), step)
     steps = (saved.get("train") or {}).get("max_steps")
     if cfg.train.max_steps <= step:
         log.warning("train.max_steps is %d and the checkpoint is at step %d: nothing is left to train (raise "

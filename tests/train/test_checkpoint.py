@@ -207,6 +207,21 @@ def test_resume_needs_the_same_architecture(run, tmp_path):
         Trainer(apply_overrides(cfg, ["checkpoint.resume=never"]), _copy(out, tmp_path / "never"))
 
 
+def test_resume_with_other_regularisation_is_said_not_refused(run, tmp_path, caplog):
+    """Keys that shape no tensor may differ, as they may from checkpoint.init_from's source (they were refused
+    as 'another architecture')."""
+    out, cfg = run
+    other = apply_overrides(cfg, ["model.drop_path_rate=0.2", "model.dropout=0.1"])
+    with caplog.at_level("WARNING", logger="seer"):
+        trainer = Trainer(other, _copy(out, tmp_path / "reg"))
+    try:
+        assert trainer.step > 0
+        assert "model.drop_path_rate: checkpoint 0.0, config 0.2" in caplog.text
+        assert "model.dropout: checkpoint 0.0, config 0.1" in caplog.text
+    finally:
+        trainer.release()
+
+
 def test_a_new_max_steps_on_resume_is_said(run, tmp_path, caplog):
     out, cfg = run
     with caplog.at_level("WARNING", logger="seer.train"):
