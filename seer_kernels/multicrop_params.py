@@ -171,7 +171,10 @@ class CropParams:
                                 f"or float64, got {t.dtype}")
         if not values or n == 0:
             return
-        box = self.box.detach().cpu().numpy()
+        # In int64 whatever the field's integer dtype: in uint8, h - height wraps (a 20-pixel box passed as
+        # fitting a 10-pixel side, and the reference cropped clamped pixels), and numpy refuses an image side
+        # that the dtype cannot hold (OverflowError for a 300-pixel image and a uint8 box).
+        box = self.box.detach().cpu().numpy().astype(np.int64)
         if (box[:, 2:] <= 0).any():
             raise ValueError(f"{where}: argument '{name}': every box needs height and width > 0, got "
                              f"{box[(box[:, 2:] <= 0).any(1)][0].tolist()}")

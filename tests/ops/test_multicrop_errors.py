@@ -37,6 +37,23 @@ def test_box_outside_the_image(box, backend):
         seer_kernels.augment_crops(IMAGE, CropParams.identity([box]), 16, MEAN, STD)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+def test_boxes_of_narrow_integer_dtypes(dtype, backend):
+    # The bounds were computed in the box's own dtype: in uint8, 40 - 41 wrapped to 255 and a box one row
+    # taller than the image passed (the reference cropped clamped pixels); a side the dtype cannot hold
+    # raised numpy's OverflowError, naming nothing.
+    tall = GOOD.replace(box=torch.tensor([[0, 0, 41, 50], [0, 0, 5, 5]], dtype=dtype))
+    with use_backend(backend, op="multicrop"), pytest.raises(ValueError, match="'params'.* lies outside the image"):
+        seer_kernels.augment_crops(IMAGE, tall, 16, MEAN, STD)
+    wide = torch.zeros(3, 2, 40000, dtype=torch.uint8).expand(3, 2, 40000)
+    small = GOOD.replace(box=torch.tensor([[0, 0, 2, 2], [1, 5, 1, 7]], dtype=dtype))
+    with use_backend(backend, op="multicrop"):
+        got = seer_kernels.augment_crops(wide, small, 4, MEAN, STD)
+        want = seer_kernels.augment_crops(wide, small.replace(box=small.box.long()), 4, MEAN, STD)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("box", [[0, 0, 0, 10], [0, 0, 10, 0], [0, 0, -5, 10]])
 def test_empty_box(box):
     with pytest.raises(ValueError, match="'params': every box needs height and width > 0"):
