@@ -369,8 +369,8 @@ def check_mean_std(where: str, mean, std) -> tuple[list[float], list[float]]:
     argument."""
     out = []
     for name, v in (("mean", mean), ("std", std)):
-        if isinstance(v, Tensor):
-            v = v.tolist()
+        if isinstance(v, (Tensor, np.ndarray)):  # e.g. a dataset's channel means (an array was refused as
+            v = v.tolist()                       # not holding 3 finite numbers although it did)
         # The kernels compute in float32: a value past its range is inf there (every crop -inf or NaN).
         ok = (isinstance(v, (tuple, list)) and len(v) == 3
               and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and abs(x) <= _FLOAT32_MAX
@@ -527,7 +527,11 @@ class MultiCropSpec:
             if isinstance(g.size, bool) or not isinstance(g.size, int) or not 1 <= g.size <= 16384:
                 raise ValueError(f"{where}: argument 'groups': size must be an integer in [1, 16384], got {g.size!r}")
             _check_range(where, "groups' scale", g.scale, positive=True)
-        check_mean_std(where, self.mean, self.std)
+        mean, std = check_mean_std(where, self.mean, self.std)
+        # Kept as tuples of floats: an array or tensor given here would reach the op's list[float] schema as
+        # numpy or 0-d tensor elements, and make specs unequal-comparable (== raised on tensors).
+        object.__setattr__(self, "mean", tuple(mean))
+        object.__setattr__(self, "std", tuple(std))
         if self.out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"{where}: argument 'out_dtype' must be float32, bfloat16 or float16, got {self.out_dtype}")
         self.laws  # validates the distributions: a bad spec fails at construction

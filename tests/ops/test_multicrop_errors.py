@@ -1,6 +1,7 @@
 """Bad input to the multi-crop ops: a clear exception naming the argument, never a crash or a silent result."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,17 @@ def test_bad_normalisation_and_dtype(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         seer_kernels.augment_crops(IMAGE, GOOD, 16, **args)
+
+
+def test_mean_and_std_as_arrays_and_tensors():
+    want = seer_kernels.augment_crops(IMAGE, GOOD, 16, MEAN, STD)
+    for kind in (np.asarray, lambda v: torch.tensor(v, dtype=torch.float64)):
+        mean, std = kind(MEAN), kind(STD)
+        assert torch.equal(seer_kernels.augment_crops(IMAGE, GOOD, 16, mean, std), want)
+        spec = MultiCropSpec(mean=mean, std=std)
+        assert spec == MultiCropSpec(mean=MEAN, std=STD) and all(type(v) is float for v in spec.mean + spec.std)
+    with pytest.raises(ValueError, match="'mean' must hold 3"):
+        seer_kernels.augment_crops(IMAGE, GOOD, 16, np.asarray(MEAN)[:2], STD)
 
 
 @pytest.mark.parametrize("field,value,exc,match", [
