@@ -83,10 +83,29 @@ def forced_backend(op: str) -> tuple[Optional[str], str]:
     return None, ""
 
 
+_ENV_PREFIX = "SEER_KERNELS_BACKEND_"
+_env_names_checked = False
+
+
+def _check_env_names() -> None:
+    """BackendError for a set ``SEER_KERNELS_BACKEND_<X>`` whose X is no op: a misspelt op (MULTI_CROP,
+    SINKORN) would leave every op unforced without a word, as use_backend(op=...) refuses to. Once per
+    process once it passes (the scan of the environment costs ~20 us, more than a whole dispatch): the
+    variables are set at launch; one set later under a wrong name is not seen."""
+    global _env_names_checked
+    for var, value in os.environ.items():
+        if var.startswith(_ENV_PREFIX) and value.strip() and var[len(_ENV_PREFIX):].lower() not in OPS:
+            raise BackendError(f"{var} names no op of seer_kernels; expected {_ENV_PREFIX}<OP> with OP one of "
+                               f"{', '.join(o.upper() for o in OPS)}, or SEER_KERNELS_BACKEND for every op")
+    _env_names_checked = True
+
+
 @torch.compiler.assume_constant_result  # read once per trace: torch.compile need not trace os.environ
 def _env_forcing(op: str) -> str:
     """'VAR=backend' for the environment variable that forces a backend for ``op`` ('' for none); raises
-    on a value that is not a backend."""
+    on a value that is not a backend, or on a variable that names no op."""
+    if not _env_names_checked:
+        _check_env_names()
     for var in (f"SEER_KERNELS_BACKEND_{op.upper()}", "SEER_KERNELS_BACKEND"):
         value = os.environ.get(var, "").strip()
         if value:

@@ -475,6 +475,18 @@ def test_forced_backend_refusal_lists_every_backend(monkeypatch):
         seer_kernels.sinkhorn(torch.randn(4, 3))
 
 
+def test_environment_variable_naming_no_op_is_refused(monkeypatch):
+    # A misspelt op in the variable's name forced nothing, silently (use_backend refuses such an op).
+    import seer_kernels._backend as backend
+    monkeypatch.setattr(backend, "_env_names_checked", False)  # checked once per process: as if at launch
+    monkeypatch.setenv("SEER_KERNELS_BACKEND_SINKORN", "reference")
+    with pytest.raises(BackendError, match="SEER_KERNELS_BACKEND_SINKORN names no op .*SINKHORN, ATTENTION"):
+        seer_kernels.sinkhorn(torch.randn(4, 3))
+    monkeypatch.delenv("SEER_KERNELS_BACKEND_SINKORN")
+    monkeypatch.setenv("SEER_KERNELS_BACKEND_SINKHORN", "reference")
+    assert DISPATCH.select(torch.device("cpu"), torch.float32).name == "reference"
+
+
 def test_environment_forces_and_context_manager_wins(monkeypatch, caplog):
     monkeypatch.setenv("SEER_KERNELS_BACKEND", "reference")
     assert DISPATCH.select(torch.device("cpu"), torch.float32).name == "reference"
