@@ -128,8 +128,13 @@ class CropParams:
 
     @staticmethod
     def identity(boxes: Union[Tensor, Sequence[Sequence[int]]]) -> "CropParams":
-        """Plain resized crops of the given (n, 4) boxes: no flip, jitter, grayscale, blur or solarize."""
-        box = torch.as_tensor(boxes, dtype=torch.int64).reshape(-1, 4)
+        """Plain resized crops of the given (n, 4) integer boxes: no flip, jitter, grayscale, blur or solarize."""
+        given = torch.as_tensor(boxes)
+        # The cast to int64 truncated a fractional box (10.7 -> 10) without a word: boxes are whole pixels.
+        if given.is_floating_point() and not bool((given == given.floor()).all()):
+            bad = given[given != given.floor()].reshape(-1)[0].item()  # NaN and inf included
+            raise ValueError(f"CropParams.identity: argument 'boxes' must hold integers (whole pixels), got {bad}")
+        box = given.to(torch.int64).reshape(-1, 4)
         n = box.shape[0]
         return CropParams(
             box=box, flip=torch.zeros(n, dtype=torch.bool), jitter=torch.zeros(n, dtype=torch.bool),

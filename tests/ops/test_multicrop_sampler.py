@@ -196,6 +196,14 @@ def test_crop_params_indexing_and_cat(gen):
         assert torch.equal(p[many].box, p.box[[0, 2]]), many  # numpy arrays index as tensors do
 
 
+def test_identity_refuses_fractional_boxes():
+    # int64 of a float box truncated it (10.7 -> 10, NaN -> -2^63) without a word.
+    assert CropParams.identity([[0.0, 1.0, 10.0, 12.0]]).box.tolist() == [[0, 1, 10, 12]]
+    for bad, shown in (([[0, 0, 10.7, 10]], "10.69"), (torch.tensor([[float("nan"), 0, 3, 3]]), "nan")):
+        with pytest.raises(ValueError, match=f"argument 'boxes' must hold integers .*got {shown}"):
+            CropParams.identity(bad)
+
+
 def test_multicrop_specs():
     swav, seer = MultiCropSpec.swav(), MultiCropSpec.seer_10b()
     assert [(g.count, g.size, g.scale) for g in swav.groups] == [(2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))]
