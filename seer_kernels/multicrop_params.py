@@ -269,6 +269,14 @@ def _windows32(box: np.ndarray, reduce) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # The sampler.
 
+def generator_text(generator) -> str:
+    """What a refused ``generator`` is, for messages: its device for a torch.Generator (a CUDA one), else its
+    type ("got Generator" or the object's repr said nothing of what was wrong)."""
+    if isinstance(generator, torch.Generator):
+        return f"a torch.Generator on {generator.device}"
+    return type(generator).__name__
+
+
 def _check_range(where: str, name: str, value, lo: float = 0.0, hi: float = math.inf, positive: bool = False):
     ok = (isinstance(value, (tuple, list)) and len(value) == 2
           and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value))
@@ -427,8 +435,7 @@ def sample_crop_params(image_hw: tuple[int, int], n: int, scale: tuple[float, fl
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"{where}: argument 'n' must be an integer >= 0, got {n!r}")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got "
-                        f"{type(generator).__name__ if not isinstance(generator, torch.Generator) else generator.device}")
+        raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {generator_text(generator)}")
     law = CropLaw.make(where, scale, ratio=ratio, flip_p=flip_p, jitter_p=jitter_p, brightness=brightness,
                        contrast=contrast, saturation=saturation, hue=hue, jitter_strength=jitter_strength,
                        grayscale_p=grayscale_p, blur_p=blur_p, blur_sigma=blur_sigma, solarize_p=solarize_p)
@@ -585,7 +592,7 @@ class MultiCropSpec:
             raise ValueError(f"{where}: argument 'image_hw' must be a non-empty list of (height, width) pairs of "
                              f"integers > 0, got {image_hw!r}")
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-            raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {generator!r}")
+            raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {generator_text(generator)}")
         return self.draw(hw, generator).params()
 
     def sampler_options(self) -> dict:

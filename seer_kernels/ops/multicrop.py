@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .. import _native, decode
 from .._backend import Backend, Dispatcher, plain_eager
-from ..multicrop_params import COL, MAX_SIGMA, PACK_COLUMNS, CropDraw, CropParams, MultiCropSpec, check_mean_std
+from ..multicrop_params import (COL, MAX_SIGMA, PACK_COLUMNS, CropDraw, CropParams, MultiCropSpec, check_mean_std,
+                                generator_text)
 from ..reference import multicrop as ref
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -350,7 +351,7 @@ def multicrop(images: Union[Sequence[ImageLike], Tensor], spec: MultiCropSpec, g
     if not isinstance(spec, MultiCropSpec):
         raise TypeError(f"{where}: argument 'spec' must be a seer_kernels.MultiCropSpec, got {type(spec).__name__}")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {type(generator).__name__}")
+        raise TypeError(f"{where}: argument 'generator' must be a CPU torch.Generator, got {generator_text(generator)}")
     with contextlib.ExitStack() as opened:  # encoded images stay open from their header to their decode
         sources = [_source(where, i, item, opened) for i, item in enumerate(images)]
         draw = spec.draw([s.hw if isinstance(s, decode.EncodedImage) else tuple(s.shape[1:]) for s in sources],

@@ -164,6 +164,26 @@ def test_bad_generator():
         sample_crop_params((10, 10), 2, (0.1, 1.0), torch.Generator(), bogus=1)
 
 
+class _CudaGenerator(torch.Generator):
+    """Stands for torch.Generator("cuda") on machines without a GPU."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_a_gpu_generator_is_refused_saying_where_it_is():
+    # multicrop said "got Generator", MultiCropSpec.sample the object's repr: neither said what was wrong.
+    g = _CudaGenerator()
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    for call in (lambda: seer_kernels.multicrop([image], MultiCropSpec(), g),
+                 lambda: MultiCropSpec().sample([(8, 8)], g), lambda: sample_crop_params((8, 8), 2, (0.1, 1.0), g)):
+        with pytest.raises(TypeError, match="'generator' must be a CPU torch.Generator, got a torch.Generator on cuda:0"):
+            call()
+    with pytest.raises(TypeError, match="'generator' must be a CPU torch.Generator, got NoneType"):
+        MultiCropSpec().sample([(8, 8)], None)
+
+
 # ---- CropParams and MultiCropSpec -------------------------------------------------------------------
 
 def test_pack_layout(gen):
