@@ -325,6 +325,10 @@ def _validate(scores, epsilon, iterations, group, prototype_group) -> Tensor:
         raise ValueError(f"sinkhorn: argument 'iterations' must be an integer in [1, {ITERATIONS_MAX}], "
                          f"got {iterations!r}")
     for name, g in (("group", group), ("prototype_group", prototype_group)):
+        if type(g) is int and g == getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", None):
+            # (what dist.new_group hands the processes it leaves out)
+            raise ValueError(f"sinkhorn: argument '{name}' is a group this process is not a member of (dist.new_group "
+                             f"gives the others GroupMember.NON_GROUP_MEMBER): call sinkhorn on its members only")
         if g is not None and not isinstance(g, dist.ProcessGroup):
             raise TypeError(f"sinkhorn: argument '{name}' must be a torch.distributed.ProcessGroup or None, "
                             f"got {type(g).__name__}")

@@ -322,9 +322,11 @@ def test_vmap_runs_one_problem_per_slice(check_finite):
 
 
 @pytest.mark.parametrize("kw,match", [(dict(group=3), "'group' must be a torch.distributed.ProcessGroup"),
+                                      (dict(group=torch.distributed.GroupMember.NON_GROUP_MEMBER),
+                                       "'group' is a group this process is not a member of"),
                                       (dict(prototype_group="tp"), "'prototype_group' must be")])
 def test_bad_groups(kw, match):
-    with pytest.raises(TypeError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         seer_kernels.sinkhorn(torch.randn(4, 3), **kw)
 
 
