@@ -11,7 +11,8 @@
   with, the evaluation image size and ``preprocessing`` (how seer eval prepares an image: the shorter side
   resized to 8/7 of that size, then the centre crop), seer's own ViT config (to rebuild it without timm) and the run's whole config
   (``seer_run_config``: ``seer eval`` of the export uses its evaluation settings and, for
-  ``--random-init``, its seed).
+  ``--random-init``, its seed), and ``safetensors_crc32``: the CRC32 of vit.safetensors as written, which
+  seer checks whenever it reads the export (:func:`check_export_bytes`; safetensors has no checksum).
 
 :func:`write_export` and :func:`check_out` (the files' atomic replacement and the refusal of an --out whose
 JSON another tool or another format's export wrote) serve ``--format onnx`` too (:mod:`seer.export_onnx`),
@@ -81,6 +82,7 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     from .eval.datasets import preprocessing_text
     from .pretrained import checkpoint_backbone_groups, checkpoint_config, checkpoint_source
     from .safetensors_stream import write_safetensors
+    from .train.checkpoint import file_crc32
 
     out = Path(out)
     check_out(out, "timm")  # before the checkpoint is read, not after
@@ -97,13 +99,15 @@ def export_timm(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
             "mean": list(cfg.data.crops.mean), "std": list(cfg.data.crops.std),
             "image_size": size, "preprocessing": preprocessing_text(size), "features": "class token (N, D)",
             "source": source, "seer_run_config": to_dict(cfg)}
-    text = json.dumps(info, indent=1)  # (what can fail on the content before the tensors, before any file)
+    json.dumps(info, indent=1)  # (what can fail on the content before the tensors, before any file)
 
     def write(part: Path) -> str:
         # (A damaged checkpoint file was refused before this, by checkpoint_backbone_groups; a read that fails
         # while the tensors stream leaves write_export nothing to keep, and the earlier export untouched.)
         write_safetensors(part, specs, groups, metadata={"format": "pt", "producer": "seer", "layout": "timm"})
-        return text
+        # Read back (still in the page cache, as a checkpoint's files are): safetensors has no checksum of its
+        # own, and a flipped bit in a weight loads without an error.
+        return json.dumps(dict(info, **{CRC_KEY: file_crc32(part)}), indent=1)
 
     return write_export(out, write)
 
@@ -383,16 +387,39 @@ def export_format(path: Path) -> Optional[str]:
     return None
 
 
+CRC_KEY = "safetensors_crc32"  # the JSON's CRC32 (8 hex digits) of the .safetensors file as written
+
+
+def check_export_bytes(path: str | Path, info: Optional[dict] = None) -> None:
+    """ValueError naming ``path`` where its bytes are not those seer export wrote (the CRC32 its JSON records;
+    exports written before the JSON had one are not checked): a flipped bit in a weight would load without an
+    error, as it would from a checkpoint's shard (which are checked the same way). One read of the file, at
+    about 2 GB/s (zlib's CRC32)."""
+    from .train.checkpoint import file_crc32
+    info = export_info(path) if info is None else info
+    want = info.get(CRC_KEY)
+    if want is None:
+        return
+    got = file_crc32(Path(path))
+    if got != want:
+        raise ValueError(f"{path}: its bytes changed since seer export wrote it (CRC32 {got}, "
+                         f"{Path(path).with_suffix('.json').name} says {want}): a damaged copy? export it again "
+                         f"from the checkpoint")
+
+
 def read_export(path: str | Path) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
     """(seer ViT config, state dict) of an exported file; ValueError naming the file that is not what seer
-    export writes."""
+    export writes, or whose bytes changed since (:func:`check_export_bytes`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    vit = export_vit_config(path)
+    info = export_info(path)
+    vit = export_vit_config(path, info)
     try:
-        return vit, load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a safetensors file that seer can read ({type(e).__name__}: {e})") from None
+    check_export_bytes(path, info)  # (after: a file that is no safetensors at all is named as such)
+    return vit, state
 
 
 def iter_export_state(path: str | Path, prefix: str = "") -> Iterator[dict[str, torch.Tensor]]:
@@ -411,10 +438,12 @@ def iter_export_state(path: str | Path, prefix: str = "") -> Iterator[dict[str, 
         with safe_open(str(path), framework="pt") as f:
             return {prefix + k: f.get_tensor(k) for k in keys}
 
-    export_vit_config(path)
+    info = export_info(path)
+    export_vit_config(path, info)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
+        check_export_bytes(path, info)  # (before any tensor; after the header: no safetensors is named as such)
         yield from (group(g) for g in tensor_groups(keys))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a safetensors file that seer can read ({type(e).__name__}: {e})") from None

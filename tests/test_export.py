@@ -95,6 +95,27 @@ def test_damaged_or_foreign_exports_are_named(run, tmp_path):
         assert main(["eval", "knn", "--checkpoint", str(path), "--set", "eval.max_images=10"]) == 2, name
 
 
+def test_a_flipped_bit_in_an_export_is_named_not_loaded(run, tmp_path):
+    """safetensors has no checksum: a flipped bit in a weight loaded without an error (checkpoints' shards are
+    CRC-checked); the JSON records the file's CRC32 and every reader checks it."""
+    from seer.export import CRC_KEY, iter_export_state
+    from seer.train.checkpoint import file_crc32
+    st, js = export_timm(run, tmp_path / "vit.safetensors")
+    info = json.loads(js.read_text())
+    assert info[CRC_KEY] == file_crc32(st)
+    want = {k: v.clone() for k, v in load_pretrained(st).state_dict().items()}
+    data = bytearray(st.read_bytes())
+    data[-5] ^= 0x10  # a bit of the last tensor's bytes
+    st.write_bytes(bytes(data))
+    for read in (load_pretrained, read_export, lambda p: list(iter_export_state(p))):
+        with pytest.raises(ValueError, match="its bytes changed since seer export wrote it"):
+            read(st)
+    del info[CRC_KEY]  # an export written before the checksum: loads as it did (the flip unseen)
+    js.write_text(json.dumps(info))
+    got = load_pretrained(st).state_dict()
+    assert sum(not torch.equal(got[k], want[k]) for k in want) == 1
+
+
 def test_export_checks_out_before_reading_and_keeps_the_runs_config(run, tmp_path, capsys):
     from seer.cli import main
     from seer.config import from_dict

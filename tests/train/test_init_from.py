@@ -210,19 +210,24 @@ def test_full_tensors_are_read_and_placed_a_block_at_a_time_as_the_whole_would_b
             assert rec["loads"] == [] and rec["verified"] == 0
 
 
+def _json_for_hand_made(export, made):
+    """``export``'s JSON beside the .safetensors file ``made`` by hand, without the CRC32 of export's file."""
+    info = json.loads(export.with_suffix(".json").read_text())
+    del info["safetensors_crc32"]
+    made.with_suffix(".json").write_text(json.dumps(info))
+
+
 def test_a_group_that_does_not_fit_stops_the_load_once_the_rest_is_read(source, export, tmp_path, monkeypatch):
     """An export with a tensor the model does not have (in the first group): named, after the other groups
     were read but not placed (in a collective load, a process that stopped at once would leave the others
     waiting in their next dcp.load)."""
-    import shutil
-
     from safetensors.torch import save_file
 
     from seer.export import read_export
     from seer.train.init_from import load_init_weights, resolve_init_source
     bad = tmp_path / "bad.safetensors"
     save_file(dict(read_export(export)[1], extra=torch.zeros(2)), str(bad))
-    shutil.copy(export.with_suffix(".json"), bad.with_suffix(".json"))
+    _json_for_hand_made(export, bad)
     t = _fresh(source[1], tmp_path / "run")
     rec = _watch_reads(monkeypatch)
     with pytest.raises(ValueError, match=f"{bad}: its tensors do not fit the model: tensors the model does not "
@@ -237,7 +242,6 @@ def test_a_source_lacking_some_of_the_models_tensors_is_refused_not_half_loaded(
     (an export missing a block whose JSON describes it; a checkpoint index without a tensor): refused, as the
     own-shards path (DCP) refuses a checkpoint without a tensor of the model."""
     import dataclasses
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -246,7 +250,7 @@ def test_a_source_lacking_some_of_the_models_tensors_is_refused_not_half_loaded(
     from seer.train.init_from import load_init_weights, resolve_init_source
     bad = tmp_path / "bad.safetensors"
     save_file({k: v for k, v in read_export(export)[1].items() if not k.startswith("blocks.1.")}, str(bad))
-    shutil.copy(export.with_suffix(".json"), bad.with_suffix(".json"))
+    _json_for_hand_made(export, bad)
     t = _fresh(source[1], tmp_path / "run")
     with pytest.raises(ValueError, match=rf"{bad}: its tensors do not fit the model: tensors of the model it does "
                                          rf"not have: backbone.blocks.1.attn.proj.bias, .* \(\d+\)"):
