@@ -482,10 +482,13 @@ def export_info(path: str | Path) -> dict:
 
 
 def load_timm(path: str | Path):
-    """The exported backbone as a timm VisionTransformer (strict load); needs timm."""
+    """The exported backbone as a timm VisionTransformer (strict load; its bytes checked as
+    :func:`read_export` checks them); needs timm."""
     import timm.models.vision_transformer as tv
     from safetensors.torch import load_file
     info = json.loads(Path(path).with_suffix(".json").read_text())
     model = tv.VisionTransformer(**info["kwargs"])
-    model.load_state_dict(load_file(str(path)), strict=True)
+    state = load_file(str(path))
+    check_export_bytes(path, info)
+    model.load_state_dict(state, strict=True)
     return model.eval()
