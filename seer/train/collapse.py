@@ -109,6 +109,21 @@ class CollapseMonitor:
         self.last_warning: Optional[int] = None
         self.warnings = 0
 
+    def state_dict(self) -> dict:
+        """The window and the last warning's step, for a checkpoint's meta.json: a resumed run warns at the
+        steps an uninterrupted one does (its window had restarted empty and its spacing from the last warning
+        was lost)."""
+        return {"loss": list(self.loss), "assign": list(self.assign), "std": list(self.std),
+                "last_warning": self.last_warning, "warnings": self.warnings}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("loss", "assign", "std"):
+            window = getattr(self, name)
+            window.clear()
+            window.extend(float(x) for x in state[name])
+        self.last_warning = state["last_warning"]
+        self.warnings = int(state["warnings"])
+
     def update(self, step: int, loss: float, signals: dict) -> Optional[str]:
         """Record one logged step; return the warning text if one is due (also logged). Steps of the warm-up
         are not recorded: the window after it would otherwise average in the first losses, which start above

@@ -305,6 +305,7 @@ class Trainer:
                       "queue": self.queue.state_dict(), "bad_files": sorted(self.bad_files)}
         meta = {"step": self.step, "data": self.data.state_dict(), "scheduler": self.sched.state_dict(),
                 "freezer": self.freezer.state_dict(), "counters": dict(self.counters),
+                "collapse": self.monitor.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "world_size": self.dist.world, "dp": self.dims.dp, "tp": self.dims.tp,
                 "optim_slots": slots, "tp_layout": S.tp_layout(self.model), "time": time.time(),
@@ -335,6 +336,8 @@ class Trainer:
         self.sched.load_state_dict(meta["scheduler"])
         self.freezer.load_state_dict(meta["freezer"])
         self.counters.update(meta["counters"])
+        if meta.get("collapse"):  # (checkpoints before it: the window restarts empty)
+            self.monitor.load_state_dict(meta["collapse"])
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         self.data.load_state_dict(meta["data"])

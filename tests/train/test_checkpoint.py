@@ -174,6 +174,20 @@ def _copy(src, dst):
     return dst
 
 
+def test_the_collapse_monitor_is_saved_and_resumed(tmp_path):
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=3", "train.threads=1", "train.collapse_warmup_steps=0",
+                                           "logging.every=1"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    saved = read_meta(list_checkpoints(tmp_path / "checkpoints")[-1])["collapse"]
+    assert len(saved["loss"]) == 3 and saved == trainer.monitor.state_dict()
+    resumed = Trainer(apply_overrides(cfg, ["train.max_steps=4"]), tmp_path)
+    try:
+        assert resumed.step == 3 and resumed.monitor.state_dict() == saved
+    finally:
+        resumed.release()
+
+
 def test_tampered_index_is_refused_without_running_it(run, tmp_path):
     out, cfg = run
     bad_run = _copy(out, tmp_path / "bad")

@@ -68,6 +68,24 @@ def test_monitor_warns_after_warmup_with_the_remedies():
     assert [ok.update(s, 3.0, {"assign_entropy": 0.6, "embedding_std": 0.9}) for s in range(4)] == [None] * 4
 
 
+def test_a_resumed_monitor_warns_where_an_uninterrupted_one_does(tmp_path):
+    """Its window and last warning restarted on resume: warnings came at other steps than without the stop
+    (a warning due right after the resume waited a window; one rate-limited came at once)."""
+    import json
+    flat, ok = {"assign_entropy": 0.99, "embedding_std": 0.5}, {"assign_entropy": 0.5, "embedding_std": 0.5}
+    feed = [(s, math.log(300), flat if 25 <= s < 60 or s >= 85 else ok) for s in range(0, 200, 5)]
+    whole = CollapseMonitor(num_prototypes=300, warmup_steps=10, window=3, every=40)
+    want = [whole.update(*f) for f in feed]
+    assert sum(w is not None for w in want) >= 2  # (the case exercises the window and the spacing)
+    for cut in range(1, len(feed)):
+        first = CollapseMonitor(num_prototypes=300, warmup_steps=10, window=3, every=40)
+        got = [first.update(*f) for f in feed[:cut]]
+        resumed = CollapseMonitor(num_prototypes=300, warmup_steps=10, window=3, every=40)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # (as meta.json holds it)
+        got += [resumed.update(*f) for f in feed[cut:]]
+        assert got == want, cut
+
+
 def test_collapse_warning_shows_once_on_the_terminal_and_stays_in_train_log(tmp_path):
     """The CLI printed each collapse warning twice (its log line, then the trainer's own terminal line)."""
     constant = """
