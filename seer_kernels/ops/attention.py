@@ -27,7 +27,8 @@ the call (compile, export, jit.trace, FakeTensor, dispatch modes, tensor subclas
 functorch transforms (``torch.func.grad``, ``vjp``, ``jacrev``, ``vmap`` and their compositions) the ops run
 inside an ``autograd.Function`` with a separate ``setup_context``: torch.func cannot differentiate a
 ``register_autograd`` op itself (pytorch/pytorch#170834). ``vmap`` folds its dim into the batch dim (the
-ops' vmap rules). Neither path has a double backward or a forward-mode (jvp) rule.
+ops' vmap rules). Neither path has a double backward or a forward-mode (jvp) rule: both raise (a dual tensor of
+``torch.autograd.forward_ad`` included, whose tangent the kernels would otherwise drop without a word).
 
 Determinism: ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``, or the environment
 variable SEER_KERNELS_DETERMINISTIC=1) makes every run give the same bits. The Triton backward then computes
@@ -51,6 +52,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -412,6 +414,10 @@ class _FuncAttention(torch.autograd.Function):
         dq, dk, dv = _FuncAttentionBwd.apply(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic, ctx.backend)
         return dq, dk, dv, None, None, None
 
+    @staticmethod
+    def jvp(ctx, *tangents):  # torch.func.jvp, jacfwd, hessian
+        raise RuntimeError(no_forward_ad("attention", ctx.backend))
+
 
 class _FuncAttentionBwd(torch.autograd.Function):
     """seer::attention_bwd. torch.func.grad always differentiates with create_graph, so the gradients carry
@@ -499,6 +505,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     backend = DISPATCH.select(q.device, q.dtype, **_info(q, k, grad=grad, deterministic=det, in_op=False))
     if backend.name == "sdpa":
         return backend.impl.attention(q, k, v, scale)
+    if fwAD._current_level >= 0 and has_tangent(q, k, v):
+        raise RuntimeError(no_forward_ad("attention", backend.name))
     if plain_eager(q, k, v):
         if not grad:  # nothing to record: skip the autograd.Function (several µs of host time per call)
             return backend.impl.fwd(q, k, v, scale)[0]
@@ -508,6 +516,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
         return out
     out, _ = torch.ops.seer.attention_fwd(q, k, v, scale, det, backend.name)
     return out
+
+
+def has_tangent(*tensors: Tensor) -> bool:
+    """Whether a tensor is a forward-mode AD dual (torch.autograd.forward_ad.make_dual) with a tangent. The
+    kernels (and the custom ops, which torch runs without a forward-AD rule) would return the primal alone:
+    a tangent silently dropped, i.e. taken as zero."""
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def no_forward_ad(op: str, backend: str) -> str:
+    return (f"seer_kernels.{op}: forward-mode AD (forward_ad dual tensors, torch.func.jvp, jacfwd, hessian) has "
+            f"no rule on the {backend} backend (its tangent would be dropped); use reverse mode "
+            f"(backward, torch.func.grad, vjp, jacrev), or torch's SDPA with its math backend "
+            f"(torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), which has one")
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, deterministic: Optional[bool] = None,

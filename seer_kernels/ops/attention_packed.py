@@ -169,6 +169,8 @@ def attention_packed(qkv: Tensor, heads: int, *, scale: Optional[float] = None,
                                 **A._info(q, k, grad=grad, deterministic=det, in_op=False, packed=True))
     if backend.name == "sdpa":
         return _pack(backend.impl.attention(q, k, v, scale))
+    if A.fwAD._current_level >= 0 and A.has_tangent(qkv):
+        raise RuntimeError(A.no_forward_ad("attention_packed", backend.name))
     if plain_eager(qkv):
         if not grad:
             return _pack(backend.impl.fwd(q, k, v, scale)[0])

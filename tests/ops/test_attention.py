@@ -1116,6 +1116,25 @@ def test_torch_func_has_no_second_derivative_of_the_ops(backend):
             torch.func.jacrev(torch.func.grad(lambda x: seer_kernels.attention(x, k, v).pow(2).sum()))(q)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_DEV == "cpu" else []))
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_mode_ad_is_refused_not_dropped(backend, grad):
+    """A forward_ad dual input raised nothing: the kernels returned the primal with no tangent (read as zero)."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = make_qkv(1, 2, 5, 6, 16, F32, "cpu")
+    with use_backend(backend, op="attention"), fwAD.dual_level():
+        dual = fwAD.make_dual(q.requires_grad_(grad), torch.randn_like(q))
+        with pytest.raises(RuntimeError, match=f"forward-mode AD .* no rule on the {backend} backend"):
+            seer_kernels.attention(dual, k, v)
+        qkv = fwAD.make_dual(torch.randn(1, 5, 3 * 2 * 16).requires_grad_(grad), torch.randn(1, 5, 96))
+        with pytest.raises(RuntimeError, match="attention_packed: forward-mode AD"):
+            seer_kernels.attention_packed(qkv, 2)
+        assert seer_kernels.attention(q, k, v).shape == q.shape  # no tangent: runs as ever
+    with use_backend(backend, op="attention"), pytest.raises(RuntimeError, match="forward-mode AD .*SDPBackend.MATH"):
+        torch.func.jvp(lambda x: seer_kernels.attention(x, k, v), (q.detach(),), (torch.randn_like(q),))
+
+
 def test_use_backend_refuses_an_unknown_op():
     with pytest.raises(ValueError, match="unknown op 'atention'"):
         with use_backend("reference", op="atention"):  # would otherwise force nothing, silently
