@@ -607,8 +607,13 @@ def _scale(scale, head_dim: int, op: str = "attention") -> float:
 
 def _deterministic(flag, op: str = "attention") -> bool:
     if flag is None:
-        return torch.are_deterministic_algorithms_enabled() or \
-            os.environ.get("SEER_KERNELS_DETERMINISTIC", "") == "1"
+        if torch.are_deterministic_algorithms_enabled():
+            return True
+        setting = os.environ.get("SEER_KERNELS_DETERMINISTIC", "").strip()
+        if setting not in ("", "0", "1"):  # 'true' or 'yes' would otherwise leave the mode off without a word
+            raise ValueError(f"{op}: SEER_KERNELS_DETERMINISTIC={setting!r} is neither '1' (deterministic) nor "
+                             f"'0' or unset (not)")
+        return setting == "1"
     if not isinstance(flag, bool):
         raise TypeError(f"{op}: argument 'deterministic' must be True, False or None, got {flag!r}")
     return flag

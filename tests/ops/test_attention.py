@@ -1506,6 +1506,12 @@ def test_deterministic_follows_torch_and_environment(monkeypatch):
     monkeypatch.setenv("SEER_KERNELS_DETERMINISTIC", "1")
     assert ops._deterministic(None) is True
     assert ops._deterministic(False) is False
+    monkeypatch.setenv("SEER_KERNELS_DETERMINISTIC", "0")
+    assert ops._deterministic(None) is False
+    for wrong in ("true", "yes", "on"):  # were read as 'off' without a word
+        monkeypatch.setenv("SEER_KERNELS_DETERMINISTIC", wrong)
+        with pytest.raises(ValueError, match=f"SEER_KERNELS_DETERMINISTIC='{wrong}' is neither '1'"):
+            seer_kernels.attention(*make_qkv(1, 1, 2, 2, 8, F32, "cpu"))
     monkeypatch.delenv("SEER_KERNELS_DETERMINISTIC")
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
