@@ -360,6 +360,22 @@ def _backward(ctx, dout, dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def no_double_backward(op: str) -> str:
+    return (f"Trying to backward through seer::{op}_bwd but no autograd formula was registered: "
+            f"seer_kernels.{op} has no double backward on the triton and reference backends; for second "
+            f"derivatives call torch's SDPA with its math backend (torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), "
+            f"the one SDPA backend that has them on every device")
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(no_double_backward("attention"))
+
+
+# The backward op's own "backward" only refuses, with the hint above: without it torch's message told the user
+# to "use register_autograd to add one", as if the missing second derivative were theirs to write.
+_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _fold(info, in_dims, tensors):
     """The tensors with vmap's dim folded into the batch dim: (V, B, ...) -> (V * B, ...), an unbatched one
     broadcast to V copies (every (b, h) slice of attention is independent, so a vmap is a bigger batch)."""
@@ -435,11 +451,7 @@ class _FuncAttentionBwd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("Trying to backward through seer::attention_bwd but no autograd formula was "
-                           "registered: seer_kernels.attention has no double backward on the triton and "
-                           "reference backends; for second derivatives call torch's SDPA with its math backend "
-                           "(torch.nn.attention.sdpa_kernel(SDPBackend.MATH)), the one SDPA backend that has "
-                           "them on every device")
+        raise RuntimeError(no_double_backward("attention"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -115,6 +115,13 @@ def _backward(ctx, dout, dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(A.no_double_backward("attention_packed"))
+
+
+_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 class _EagerAttentionPacked(torch.autograd.Function):
     """The two ops above as a plain autograd.Function, without torch.library's per-call wrapper (host time;
     see ``attention._EagerAttention``)."""

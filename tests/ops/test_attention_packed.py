@@ -157,7 +157,7 @@ def test_second_backward_is_refused():
     qkv = torch.randn(1, 5, 3 * 2 * 8, dtype=F64, requires_grad=True)
     with use_backend("reference", op="attention"):
         (g,) = torch.autograd.grad(packed.attention_packed(qkv, 2).sum(), qkv, create_graph=True)
-        with pytest.raises(RuntimeError, match="attention_packed_bwd"):
+        with pytest.raises(RuntimeError, match=r"attention_packed_bwd(.|\n)*sdpa_kernel\(SDPBackend.MATH\)"):
             torch.autograd.grad(g.sum(), qkv)
 
 
