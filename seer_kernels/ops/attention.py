@@ -16,7 +16,8 @@ Backends (one dispatcher, :mod:`seer_kernels._backend`):
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with torch's own autograd. Where the table
   has a row, the SDPA backend the benchmark measured fastest (flash, cuDNN, memory-efficient or math) goes
   first in torch's priority order; elsewhere torch picks. It never enters the custom ops below.
-* ``reference``: the float32 pure-torch specification, any device, any dtype (materialises N x N).
+* ``reference``: the pure-torch specification (float32 math, float64 for float64 inputs), CPU and CUDA, any
+  dtype (materialises N x N).
 
 The custom ops ``seer::attention_fwd`` (returns out and the log-sum-exp rows) and ``seer::attention_bwd``
 (gradients from those rows, P recomputed) are wired with ``register_autograd``: the forward saves q, k, v,
