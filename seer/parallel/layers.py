@@ -57,6 +57,15 @@ def _param(t: Optional[Tensor], like: Optional[nn.Parameter]) -> Optional[nn.Par
     return nn.Parameter(t, requires_grad=like.requires_grad if like is not None else True)
 
 
+def _check_group(layer: nn.Module) -> None:
+    """ValueError for a layer split ``tp_size`` ways without a process group (apply_tensor_parallel(group=None)
+    only reshapes): the collectives would be no-ops and its output this rank's partial result, silently."""
+    if layer.tp_size > 1 and layer.tp_group is None:
+        raise ValueError(f"{type(layer).__name__}: this layer holds 1/{layer.tp_size} of its weight but has no "
+                         f"process group (apply_tensor_parallel(group=None) only reshapes): its forward needs the "
+                         f"tensor-parallel group, without it the output would be a partial result")
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -126,6 +135,7 @@ class ColumnParallelLinear(nn.Linear):
                    sequence_parallel=sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_group(self)
         if self.sequence_parallel and self.tp_size > 1:
             return _SequenceParallelColumnLinear.apply(x, self.weight, self.bias, self.tp_group)
         return F.linear(copy_to_tensor_parallel_region(x, self.tp_group), self.weight, self.bias)
@@ -160,6 +170,7 @@ class RowParallelLinear(nn.Linear):
         return cls(w, b, group=group, tp_rank=tp_rank, tp_size=tp_size, sequence_parallel=sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_group(self)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_region(y, self.tp_group)

@@ -249,6 +249,20 @@ def test_unsharding_a_model_split_without_a_group_is_refused():
         full_state_dict(model)
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_forward_of_a_model_split_without_a_group_is_refused(sequence_parallel):
+    # apply_tensor_parallel(group=None) only reshapes: every collective was then a no-op, and the forward returned
+    # rank 0's partial sums (features off by ~1.7 on the tiny model) without a word.
+    model = apply_tensor_parallel(build_model(), group=None, tp_rank=0, tp_size=2,
+                                  sequence_parallel=sequence_parallel)
+    with pytest.raises(ValueError, match=r"ColumnParallelLinear: this layer holds 1/2 of its weight but has no "
+                                         r"process group"):
+        model(make_crops(0, 2))
+    row = model.backbone.blocks[0].attn.proj
+    with pytest.raises(ValueError, match=r"RowParallelLinear: .* has no process group"):
+        row(torch.randn(2, 17, 32))
+
+
 @pytest.mark.parametrize("cfg, world, match", [
     (ParallelConfig(tp=3), 4, "world size 4 is not divisible by parallel.tp=3"),
     (ParallelConfig(tp=2, dp=3), 4, r"parallel.dp=3 x parallel.tp=2 must equal the world size 4"),
