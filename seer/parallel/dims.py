@@ -25,6 +25,10 @@ def validate_parallel_config(cfg: ParallelConfig, world_size: int) -> int:
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or dp * cfg.tp != world_size:
         raise ValueError(f"parallel.dp={cfg.dp} x parallel.tp={cfg.tp} must equal the world size {world_size} "
                          f"(use dp=-1 to infer it)")
+    # A string from code ("false") would be truthy: sequence parallelism or compile switched on without a word.
+    for name in ("sequence_parallel", "fsdp", "fsdp_reshard_after_forward", "compile"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"parallel.{name} must be true or false, got {getattr(cfg, name)!r}")
     if dp > 1 and not cfg.fsdp:
         raise ValueError(f"parallel.fsdp=false with dp={dp}: data parallelism is implemented with FSDP2 "
                          f"(set parallel.fsdp=true, or use a single data-parallel rank)")

@@ -271,6 +271,11 @@ def test_forward_of_a_model_split_without_a_group_is_refused(sequence_parallel):
     (ParallelConfig(fsdp=False), 2, "parallel.fsdp=false with dp=2"),
     (ParallelConfig(param_dtype="half"), 1, "param_dtype must be one of"),
     (ParallelConfig(tp=0), 1, "parallel.tp must be a positive integer"),
+    # (a string was truthy: "false" turned sequence parallelism or compile on)
+    (ParallelConfig(tp=2, sequence_parallel="false"), 2, r"parallel.sequence_parallel must be true or false, got 'false'"),
+    (ParallelConfig(compile="no"), 1, r"parallel.compile must be true or false, got 'no'"),
+    (ParallelConfig(fsdp=1), 2, r"parallel.fsdp must be true or false, got 1"),
+    (ParallelConfig(fsdp_reshard_after_forward=None), 1, r"parallel.fsdp_reshard_after_forward must be true or false"),
 ])
 def test_bad_parallel_configs(cfg, world, match):
     with pytest.raises(ValueError, match=match):
