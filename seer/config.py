@@ -698,6 +698,25 @@ def _check_exclude(d: DataConfig) -> None:
                           f"got {d.exclude!r}, which {what}{again}")
 
 
+def _check_sequence_split(cfg: RunConfig) -> None:
+    """parallel.sequence_parallel splits the sequences of each resolution group (its crops x data.batch_size, the
+    crops of one size going through the trunk together) over parallel.tp ranks: a remainder failed the first
+    training step, once the data was indexed and the model built."""
+    tp, c, b = cfg.parallel.tp, cfg.data.crops, cfg.data.batch_size
+    if not cfg.parallel.sequence_parallel or tp <= 1:
+        return
+    groups: dict[int, int] = {}
+    for size, count in ((c.global_size, c.global_count), (c.local_size, c.local_count)):
+        if count:
+            groups[size] = groups.get(size, 0) + count
+    for size, count in groups.items():
+        if b * count % tp:
+            raise ConfigError(f"config key 'data.batch_size' must make the {count} crops of {size} px a multiple of "
+                              f"parallel.tp={tp} sequences per rank under parallel.sequence_parallel=true, got "
+                              f"{b} ({b * count} sequences): use a multiple of {tp // math.gcd(count, tp)}, or "
+                              f"parallel.sequence_parallel=false")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise ConfigError naming the key for values no run can use; return ``cfg``."""
     try:
@@ -811,6 +830,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(cfg.parallel.tp >= 1, "parallel.tp", "an integer >= 1", cfg.parallel.tp)
     _check(cfg.parallel.dp == -1 or cfg.parallel.dp >= 1, "parallel.dp", "-1 (world size / parallel.tp) or an "
            "integer >= 1", cfg.parallel.dp)
+    _check_sequence_split(cfg)
     try:
         checkpoint_every(cfg.parallel.activation_checkpointing)
     except ValueError as e:

@@ -232,3 +232,25 @@ def test_numbers_with_a_leading_zero_are_decimal_in_a_list_or_section_given_with
     (tmp_path / "run.yaml").write_text("preset: tiny\neval: {linear_weight_decays: [010, 1]}\ntrain: {seed: 010}\n")
     from_file = C.load_yaml(tmp_path / "run.yaml")
     assert (from_file.eval.linear_weight_decays, from_file.train.seed) == ([10.0, 1.0], 10)
+
+
+@pytest.mark.parametrize("overrides, ok", [
+    (["data.batch_size=3", "data.crops.local_count=1"], False),  # 3 local crops per rank over 2 ranks
+    (["data.batch_size=3", "data.crops.local_count=2"], True),   # 6 and 6
+    (["data.batch_size=3", "data.crops.local_count=1", "parallel.sequence_parallel=false"], True),
+    # crops of one size go through the trunk together: 2 + 2 crops of 32 px x 1 image split 4 ways
+    (["parallel.tp=4", "data.batch_size=1", "data.crops.local_size=32"], True),
+    (["parallel.tp=4", "data.batch_size=1"], False),
+])
+def test_sequence_parallel_batch_is_checked_before_the_run(overrides, ok):
+    # The trunk splits each resolution group's sequences over the tensor-parallel ranks: a remainder was refused
+    # only by the first training step, after the data index and the model were built.
+    cfg = C.apply_overrides(C.preset("tiny"), ["parallel.tp=2", "parallel.sequence_parallel=true", *overrides])
+    if ok:
+        C.validate(cfg)
+        return
+    with pytest.raises(C.ConfigError, match=r"'data.batch_size' must make the 2 crops of 32 px a multiple of "
+                                            r"parallel.tp=4 .* got 1 \(2 sequences\): use a multiple of 2|"
+                                            r"'data.batch_size' must make the 1 crops of 16 px a multiple of "
+                                            r"parallel.tp=2 .* got 3 \(3 sequences\): use a multiple of 2"):
+        C.validate(cfg)
