@@ -469,8 +469,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if not 0 < args.mfu <= 1:
             raise ValueError(f"--mfu must be a fraction in (0, 1], got {args.mfu}")
-        if args.prototypes is not None and args.prototypes < 1:
-            raise ValueError(f"--prototypes must be >= 1, got {args.prototypes}")
+        if args.prototypes is not None and args.prototypes < 2:  # (as training's head.num_prototypes)
+            raise ValueError(f"--prototypes must be >= 2, got {args.prototypes}")
         reserve = PlanInput.__dataclass_fields__["reserve_gib"].default
         if not reserve < args.gpu_memory_gib < float("inf"):
             raise ValueError(f"--gpu-memory-gib must be more than the {reserve:g} GiB the plan reserves, got "
@@ -480,7 +480,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         head = {"seer": seer_head(), "swav": SwAVHeadConfig(), "none": None}[args.head]
         if head is not None and args.prototypes is not None:
             head.num_prototypes = args.prototypes
-        crops = parse_crops(args.crops or default_crops(cfg))
+        # (an empty --crops is a mistake, not the default: planning other crops than asked for would say nothing)
+        crops = parse_crops(args.crops if args.crops is not None else default_crops(cfg))
         bad = [s for _, s in crops if s % cfg.patch_size]
         if bad:
             raise ValueError(f"--crops: sizes {bad} are not multiples of the patch size {cfg.patch_size}")

@@ -67,7 +67,10 @@ def test_checkpointing_and_sequence_parallel_reduce_activations():
     (("--gpus", "8", "--micro-batch", "1", "--checkpointing", "every-0"), "--checkpointing must be"),
     (("--gpus", "8", "--micro-batch", "1", "--mfu", "0"), "--mfu must be a fraction in (0, 1]"),
     (("--gpus", "8", "--micro-batch", "1", "--mfu", "-1"), "--mfu must be a fraction in (0, 1]"),
-    (("--gpus", "8", "--micro-batch", "1", "--prototypes", "-16"), "--prototypes must be >= 1"),
+    (("--gpus", "8", "--micro-batch", "1", "--prototypes", "-16"), "--prototypes must be >= 2"),
+    # planned a layout training refuses (head.num_prototypes >= 2); the default crops instead of the empty ones
+    (("--gpus", "8", "--micro-batch", "1", "--prototypes", "1"), "--prototypes must be >= 2, got 1"),
+    (("--gpus", "8", "--micro-batch", "1", "--crops", ""), "--crops: expected NxSIZE[+NxSIZE...] such as 2x224+4x98, got ''"),
     (("--gpus", "8", "--micro-batch", "1", "--gpu-memory-gib", "-5"), "--gpu-memory-gib must be more than"),
     # layouts training refuses: 6 sequences per group over tp 8; a prototype count without a head
     (("--gpus", "8", "--tp", "8", "--micro-batch", "3"), "make 6 sequences per rank, which sequence parallelism"),
