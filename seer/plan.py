@@ -373,7 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpointing", default="none",
                     help="activation checkpointing: none, full, every-N (default: %(default)s)")
     ap.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
-                    help="sequence parallelism (default: on when --tp > 1)")
+                    help="sequence parallelism (default: on when --tp > 1; training's parallel.sequence_parallel "
+                         "is false unless set, in every preset too)")
     ap.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=True,
                     help="shard parameters, gradients and optimizer state over data-parallel ranks (default: on)")
     ap.add_argument("--crops", default=None, help="crops per image, e.g. 2x224+4x98 (default by patch size)")
