@@ -46,8 +46,12 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   final norm and the backward of the scatter before the first block (2 u). A checkpointed block replays its
   forward's collectives but fc2's (torch's checkpoint stops at the last tensor it saves, fc2's input):
   2 u, or 3 u with sequence parallelism; with LayerScale or dropout, which keep a tensor made after fc2, fc2's
-  collective replays too (4 u). u scales with a. FSDP all-gathers param_dtype parameters (again in the
-  backward when resharding) and reduce-scatters float32 gradients.
+  collective replays too (4 u). u scales with a. FSDP all-gathers param_dtype parameters and
+  reduce-scatters float32 gradients once. The trunk runs its blocks once per resolution group R (consecutive
+  crops of one size: 2 for 2x224+4x98): resharding, FSDP2 gathers a block for each of those forwards and
+  backwards (2 R times), the root (embeddings, final norm) and the head, which run once, twice; without
+  resharding the forward's copy serves the first backward and each post-backward reshards, so a block is
+  gathered R times, the rest once (counted under gloo).
 """
 from __future__ import annotations
 
@@ -189,6 +193,12 @@ def head_activation_bytes(cfg: ViTConfig, head: Optional[SwAVHeadConfig], tp: in
     return 4 * kept
 
 
+def resolution_groups(crops: Sequence[tuple[int, int]]) -> list[int]:
+    """Sizes of the runs of consecutive crops of one size, each of which goes through the trunk as one batch
+    (seer.model.vit): [224, 98] for 2x224+4x98."""
+    return [size for i, (_, size) in enumerate(crops) if i == 0 or crops[i - 1][1] != size]
+
+
 def crop_tokens(cfg: ViTConfig, crops: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """[(number of crops, tokens per crop)]."""
     return [(n, (size // cfg.patch_size) ** 2 + 1) for n, size in crops]
@@ -323,9 +333,13 @@ def plan(inp: PlanInput) -> dict:
         out["tp_comm_bytes"] = 0.0
     if shard > 1:
         ring_dp = (dp - 1) / dp
+        groups = len(resolution_groups(inp.crops))
+        # (module doc) the blocks run once per resolution group, the root and the head once per step
         gathers = 2 if inp.reshard_after_forward else 1
-        p_bf16 = p_rank - pc.prototypes / tp  # (in param_dtype; the prototypes in float32)
-        out["fsdp_comm_bytes"] = ring_dp * (gathers * (pb * p_bf16 + 4 * pc.prototypes / tp) + 4 * p_rank)
+        blocks = cfg.depth * pc.block_per_rank(tp)
+        rest = p_rank - blocks - pc.prototypes / tp  # (in param_dtype; the prototypes in float32)
+        out["fsdp_comm_bytes"] = ring_dp * (gathers * groups * pb * blocks
+                                            + gathers * (pb * rest + 4 * pc.prototypes / tp) + 4 * p_rank)
     else:
         out["fsdp_comm_bytes"] = 0.0
     k_local = inp.head.num_prototypes / tp if inp.head is not None else 0
