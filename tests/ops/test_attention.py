@@ -1296,6 +1296,7 @@ def _t(*shape, dtype=F32):
     ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(scale=float("nan")), ValueError, "'scale' must be"),
     ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(scale=True), ValueError, "'scale' must be"),
     ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(scale="0.1"), ValueError, "'scale' must be"),
+    ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(scale=10**400), ValueError, "'scale' must be"),
     ((_t(2, 3, 5, 8), _t(2, 3, 5, 8), _t(2, 3, 5, 8)), dict(deterministic=1), TypeError, "'deterministic' must"),
 ])
 def test_bad_input(args, kw, exc, match):
