@@ -74,7 +74,12 @@ class RNGStatesTracker:
         return {name: {k: v.clone() for k, v in s.items()} for name, s in self._states.items()}
 
     def load_state_dict(self, states: dict[str, dict[str, Tensor]]) -> None:
-        self._states = {name: {k: v.clone() for k, v in s.items()} for name, s in states.items()}
+        """The saved streams; a generator a stream's saved state lacks keeps its current state (a checkpoint
+        written on a CPU-only machine has no CUDA states: resumed on a GPU, the tensor-parallel stream would
+        otherwise leave the CUDA generator as it was, the same on every tensor-parallel rank, and draw the
+        same masks there; the current state is the one seed_parallel_rng seeded per rank)."""
+        self._states = {name: {**{k: v.clone() for k, v in self._states.get(name, {}).items()},
+                               **{k: v.clone() for k, v in s.items()}} for name, s in states.items()}
 
 
 _TRACKER = RNGStatesTracker()

@@ -105,6 +105,19 @@ def test_rng_tracker_streams():
         tracker.add("a", 1)
 
 
+def test_rng_tracker_keeps_a_generator_the_saved_state_lacks():
+    """A checkpoint written without a GPU has no CUDA states: resumed on one, the stream keeps the CUDA state
+    seed_parallel_rng gave it (it was dropped, so the fork left the CUDA generator the same on every TP rank)."""
+    tracker = RNGStatesTracker()
+    cuda_like = torch.arange(4, dtype=torch.uint8)  # (stands for a CUDA generator's state on this CPU machine)
+    tracker._states = {"a": {"cpu": torch.get_rng_state(), "cuda": cuda_like}}
+    saved_cpu = torch.zeros_like(torch.get_rng_state())
+    tracker.load_state_dict({"a": {"cpu": saved_cpu}, "b": {"cpu": saved_cpu}})
+    state = tracker.state_dict()
+    assert torch.equal(state["a"]["cpu"], saved_cpu) and torch.equal(state["a"]["cuda"], cuda_like)
+    assert set(state["b"]) == {"cpu"}
+
+
 def test_seed_parallel_rng_same_default_different_tp_streams():
     states = []
     for tp_rank in (0, 1):
