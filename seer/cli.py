@@ -44,7 +44,8 @@ class Terminated(BaseException):
     """SIGTERM while ``seer features`` writes (torchrun stopping the other processes after one died, a
     scheduler's preemption or time limit): raised in the main thread so that each process records the batches
     it wrote, as on Ctrl-C, before it exits (status 143), instead of dying with up to
-    ``feature_progress.RECORD_EVERY_S`` of rows unrecorded. (A BaseException, as KeyboardInterrupt: no
+    ``feature_progress.RECORD_EVERY_S`` of rows unrecorded. Likewise while ``seer export`` writes: its scratch
+    folder is removed as on Ctrl-C. (A BaseException, as KeyboardInterrupt: no
     ``except Exception`` on the way swallows it.)"""
 
 
@@ -547,6 +548,14 @@ def _output_file(path: str, flag: str) -> None:
 
 
 def cmd_export(args) -> int:
+    # SIGTERM (a scheduler's time limit, timeout(1)) stops the export as Ctrl-C does, through the exception
+    # path that removes its scratch folder OUT.part/, its lock file and the folders made for --out (status
+    # 143): its default action left them behind, beside the earlier export, until an export to the same --out.
+    with _sigterm_raises():
+        return _export(args)
+
+
+def _export(args) -> int:
     # (both check --out before they read the checkpoint)
     if args.format == "onnx":
         from .export_onnx import VERIFY_BATCHES, export_onnx

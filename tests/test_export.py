@@ -367,3 +367,30 @@ def test_a_damaged_checkpoint_is_refused_before_the_export_touches_anything(run,
     with pytest.raises(OSError, match="No space left"):
         export_timm(run, out)
     assert not (tmp_path / "new").exists()
+
+
+def test_sigterm_during_an_export_leaves_nothing_behind(run, tmp_path):
+    """SIGTERM (a scheduler's time limit, timeout(1)) while the weights are written: the export stops as on
+    Ctrl-C (one line, status 143) and removes its scratch folder, its lock file and the folder it made for
+    --out. Left to SIGTERM's default action, OUT.part/, OUT.part.lock and the new folder stayed behind."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "new" / "vit.safetensors"
+    code = f"""
+import os, signal, sys
+import seer.safetensors_stream as stream
+from seer.cli import main
+real = stream.write_safetensors
+def write(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+stream.write_safetensors = write
+sys.exit(main(["export", "--checkpoint", {str(run)!r}, "--format", "timm", "--out", {str(out)!r}]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.endswith("seer export: terminated (SIGTERM)\n"), done.stderr
+    assert list(tmp_path.iterdir()) == []
