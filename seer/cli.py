@@ -289,7 +289,10 @@ def _print_summary(result: dict, seconds: float) -> None:
     out = Path(result.get("out", "."))
     print(f"done: step {result['step']} in {seconds:.0f} s; outputs in {out}", flush=True)
     if result.get("eval_interrupted"):
-        print(f"evaluation interrupted: rerun it with seer eval knn --checkpoint {out}", flush=True)
+        # The same command finds the run complete and evaluates it as the run does (kNN and linear probe, eval.json
+        # with the random-initialisation baseline, plot.png); seer eval prints one protocol's scores alone.
+        print(f"evaluation interrupted: rerun the same command to evaluate the finished run (eval.json), or seer "
+              f"eval knn|linear --checkpoint {out}", flush=True)
     ev = result.get("eval")
     if ev:
         for key, name in (("knn_top1", "kNN top-1"), ("linear_top1", "linear probe top-1")):

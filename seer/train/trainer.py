@@ -531,10 +531,11 @@ class Trainer:
                 res = self.evaluate()
             except KeyboardInterrupt:
                 # Ctrl-C after the last checkpoint: training is complete and saved, only its evaluation is lost
-                # (the stop handler is gone by now, so one Ctrl-C lands here; seer eval reruns it).
+                # (the stop handler is gone by now, so one Ctrl-C lands here; the same command, rerun, finds the
+                # run complete and evaluates it).
                 if self.dist.is_main:
                     log.warning("Ctrl-C during the final evaluation: training is complete and its checkpoint "
-                                "saved; evaluate it with: seer eval knn --checkpoint %s", self.out)
+                                "saved; rerun the same command to evaluate it")
                 return {**result, "stopped": True, "signal": signal.SIGINT, "eval_interrupted": True}
             if self.dist.is_main:
                 ev = {k: res[k] for k in ("knn_top1", "linear_top1") if k in res}

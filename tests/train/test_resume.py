@@ -1,5 +1,6 @@
 """Exact resume: 6 steps straight == 3 steps, SIGKILL, the same command again (bit for bit on CPU); a
 checkpoint killed while being written is never used."""
+import json
 import signal
 
 import pytest
@@ -118,6 +119,12 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_finished_run(images, tmp_path)
     proc = seer_killed(CTRL_C_IN_FINAL_EVAL, *args)
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and "Ctrl-C during the final evaluation" in proc.stderr
-    assert "done: step 3" in proc.stdout and f"rerun it with seer eval knn --checkpoint {out}" in proc.stdout
+    assert "done: step 3" in proc.stdout and "rerun the same command to evaluate the finished run" in proc.stdout
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
     assert not (out / "eval.json").exists()
+    # The advice holds: the same command evaluates the finished run as its end would have (it said 'seer eval
+    # knn', which writes no eval.json and scores no linear probe).
+    rerun = seer(*args)
+    assert "kNN top-1" in rerun.stdout and "linear probe top-1" in rerun.stdout
+    assert {"knn_top1", "linear_top1"} <= set(json.loads((out / "eval.json").read_text()))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
