@@ -116,6 +116,9 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
         for k, s in out.items():
             if len(s) > max_images:
                 out[k] = s.subset(_stratified(s.labels, max_images, split_seed))
+                # Said: the scores are those of the sample (the tiny preset caps at 200), not of the whole split.
+                log.info("eval.max_images=%d: the %s split of %s scored on %d of its %d images (a stratified "
+                         "sample; 0 = all)", max_images, k, dataset, max_images, len(s))
     return out
 
 

@@ -1,4 +1,6 @@
 """kNN (DINO's weighted vote) against a direct implementation, the linear probe, and labelled folders."""
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -146,7 +148,7 @@ def test_linear_probe_on_gpu_features():
     assert got["weight_decay"] == want["weight_decay"] and abs(got["top1"] - want["top1"]) <= 100 / 20
 
 
-def test_class_folders_with_and_without_a_split(tmp_path):
+def test_class_folders_with_and_without_a_split(tmp_path, caplog):
     for split in ("train", "val"):
         for c in ("cat", "dog"):
             d = tmp_path / "a" / split / c
@@ -169,7 +171,11 @@ def test_class_folders_with_and_without_a_split(tmp_path):
     with pytest.raises(ValueError, match="has 1 image; split by eval.test_fraction it needs at least 2"):
         load_labelled(str(tmp_path / "one"))
     # a cap on the images keeps every class (the folder lists them class by class), the same ones every time
-    capped = load_labelled(str(tmp_path / "a"), max_images=4)
+    with caplog.at_level(logging.INFO, logger="seer.eval.datasets"):
+        capped = load_labelled(str(tmp_path / "a"), max_images=4)
+    # (said, not silent: a preset's cap, the tiny one's 200, changes the scores of a larger folder)
+    assert "eval.max_images=4: the train split of" in caplog.text and "on 4 of its 7 images" in caplog.text
+    assert "the test split of" in caplog.text and "on 4 of its 6 images" in caplog.text
     assert len(capped["train"]) == 4 and capped["train"].labels.tolist().count(0) == 2
     assert capped["test"].labels.tolist().count(1) == 2
     assert capped["train"].images == load_labelled(str(tmp_path / "a"), max_images=4)["train"].images
