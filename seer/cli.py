@@ -422,6 +422,22 @@ def _json_not_an_input(path: str, ckpt: Path, ckpt_dir: Optional[Path]) -> None:
                                f"elsewhere")
 
 
+def _evaluated_step(ckpt: Path, ckpt_dir: Optional[Path], random_init: bool) -> Optional[int]:
+    """The training step of the weights ``seer eval`` scored, as the run's eval.json and eval_history record it:
+    the checkpoint folder's (a run folder's latest, which moves on while the run trains), the step an export
+    was made from (its JSON's ``source``; None for an export written before it recorded one), 0 for
+    ``--random-init``."""
+    if random_init:
+        return 0
+    if ckpt_dir is not None:
+        from .train.checkpoint import read_meta
+        return int(read_meta(ckpt_dir)["step"])
+    from .pretrained import export_info
+    source = export_info(ckpt).get("source")
+    step = source.get("step") if isinstance(source, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def cmd_eval(args) -> int:
     from .eval import Evaluator
     bad = [o for o in args.overrides if not o.strip().startswith("eval.")]
@@ -449,7 +465,8 @@ def cmd_eval(args) -> int:
                    max_pixels=cfg.data.max_image_pixels)
     with _run_attention(cfg, recorded, device, precision):
         res = ev.evaluate(backbone.to(device), knn=args.protocol == "knn", linear=args.protocol == "linear")
-    res = {"protocol": args.protocol, "checkpoint": str(ckpt), "random_init": args.random_init,
+    step = _evaluated_step(ckpt, ckpt_dir, args.random_init)
+    res = {"protocol": args.protocol, "checkpoint": str(ckpt), "step": step, "random_init": args.random_init,
            "dataset": cfg.eval.dataset, "device": device.type, "precision": precision, **res}
     text = json.dumps(res, indent=1)
     print(text)

@@ -394,3 +394,17 @@ sys.exit(main(["export", "--checkpoint", {str(run)!r}, "--format", "timm", "--ou
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert done.stderr.endswith("seer export: terminated (SIGTERM)\n"), done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_seer_eval_records_the_step_it_scored(run, tmp_path, capsys):
+    """seer eval's result named the --checkpoint as given ('runs/x', whose latest checkpoint moves on while the
+    run trains) but not the step it scored, which the run's own eval.json and eval_history record: the step of
+    the checkpoint read, of the checkpoint an export was made from, 0 at the random initialisation."""
+    from seer.cli import main
+    st, _ = export_timm(run, tmp_path / "vit.safetensors")
+    for checkpoint, extra, step in ((run, [], 2), (st, [], 2), (st, ["--random-init"], 0)):
+        out = tmp_path / "knn.json"
+        assert main(["eval", "knn", "--checkpoint", str(checkpoint), "--set", "eval.max_images=30", "--json",
+                     str(out), *extra]) == 0
+        assert json.loads(out.read_text())["step"] == step
+        assert json.loads(capsys.readouterr().out)["step"] == step
