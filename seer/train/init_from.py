@@ -88,6 +88,8 @@ class InitSource:
         tp: the source's ``parallel.tp`` (1 for an export, whose tensors are full).
         normalisation: the ``data.crops`` mean and std the source's images were normalised with ({} where
             it does not record them).
+        exported_from: an export's ``source`` (the checkpoint it was made from and its step; None for a
+            checkpoint, or an export written before exports recorded it).
     """
     given: str
     file: Path
@@ -95,6 +97,7 @@ class InitSource:
     saved: dict
     tp: int = 1
     normalisation: Optional[dict] = None
+    exported_from: Optional[dict] = None
 
     @property
     def is_export(self) -> bool:
@@ -105,12 +108,17 @@ class InitSource:
         ``pos_embed_resized`` where the position embedding was resampled)."""
         out = {"path": self.given, "resolved": str(Path(self.given).resolve()), "file": str(self.file.resolve()),
                "step": self.step, "parts": parts}
+        if self.exported_from is not None:
+            out["exported_from"] = self.exported_from
         if resize is not None:
             out["pos_embed_resized"] = resize.record()
         return out
 
     def describe(self, parts: str) -> str:
-        at = f"step {self.step} of that run" if self.step is not None else "an export: no step recorded"
+        src = self.exported_from
+        at = f"step {self.step} of that run" if self.step is not None else \
+            f"an export of step {src['step']} of {src['checkpoint']}" if src is not None else \
+            "an export: no step recorded"
         return f"{self.given} ({at}, {parts})"
 
 
@@ -135,8 +143,13 @@ def resolve_init_source(value: str) -> InitSource:
         vit = info["seer_vit_config"]
         if not isinstance(vit, dict):
             raise ValueError(f"checkpoint.init_from: {p.with_suffix('.json')}: 'seer_vit_config' is not a mapping")
+        # (the export's JSON names the checkpoint and step it was made from: kept in the run's provenance)
+        src = info.get("source")
+        exported_from = {"checkpoint": src["checkpoint"], "step": src["step"]} if isinstance(src, dict) and \
+            isinstance(src.get("checkpoint"), str) and isinstance(src.get("step"), int) else None
         return InitSource(given, p, None, {"model": vit},
-                          normalisation={"mean": info.get("mean"), "std": info.get("std")})
+                          normalisation={"mean": info.get("mean"), "std": info.get("std")},
+                          exported_from=exported_from)
     if p.is_file():
         raise ValueError(f"checkpoint.init_from: {value!r} is a file but not a .safetensors export; expected a "
                          f"run folder, a checkpoint folder or a .safetensors file of seer export --format timm")

@@ -103,7 +103,15 @@ def test_init_from_a_timm_export_takes_its_backbone(source, export, tmp_path, ca
     t.release()
     now, fresh = full_state_dict(t.model), full_state_dict(_fresh(new_cfg, tmp_path / "fresh").model)
     assert _equal(_source_tensors(run, ("backbone",)), now, "backbone.") and _equal(fresh, now, "head.")
-    assert f"initialised from {export} (an export: no step recorded, backbone)" in caplog.text
+    # the export's JSON names the checkpoint and step it was made from: said and kept (it said 'no step recorded')
+    made_from = json.loads(export.with_suffix(".json").read_text())["source"]
+    assert made_from["step"] == 2
+    assert (f"initialised from {export} (an export of step 2 of {made_from['checkpoint']}, backbone)"
+            in caplog.text)
+    t = Trainer(apply_overrides(new_cfg, ["train.max_steps=1", "checkpoint.every=1"]), tmp_path / "new")
+    t.fit()
+    meta = read_meta(list_checkpoints(tmp_path / "new" / "checkpoints")[-1])
+    assert meta["init_from"]["step"] is None and meta["init_from"]["exported_from"] == made_from
 
 
 def _watch_reads(monkeypatch) -> dict:
