@@ -576,6 +576,10 @@ def cmd_export(args) -> int:
 
 
 def _export(args) -> int:
+    if Path(args.checkpoint).suffix in (".safetensors", ".onnx") and Path(args.checkpoint).is_file():
+        # (said as what it is: 'no complete checkpoint at' read as a damaged or missing run)
+        raise CLIError(f"--checkpoint {args.checkpoint!r} is an export; seer export reads the run folder or a "
+                       f"checkpoint folder it was exported from (its JSON's 'source' names it)")
     # (both check --out before they read the checkpoint)
     if args.format == "onnx":
         from .export_onnx import VERIFY_BATCHES, export_onnx

@@ -408,3 +408,14 @@ def test_seer_eval_records_the_step_it_scored(run, tmp_path, capsys):
                      str(out), *extra]) == 0
         assert json.loads(out.read_text())["step"] == step
         assert json.loads(capsys.readouterr().out)["step"] == step
+
+
+def test_exporting_an_export_is_refused_as_what_it_is(run, tmp_path, capsys):
+    """--checkpoint of an export (a timm .safetensors to convert to ONNX, say) said 'no complete checkpoint at
+    ...', as if a run were damaged or missing: it names the export and where to export from instead."""
+    from seer.cli import main
+    st, _ = export_timm(run, tmp_path / "vit.safetensors")
+    for fmt, out in (("onnx", "vit2.onnx"), ("timm", "vit2.safetensors")):
+        assert main(["export", "--checkpoint", str(st), "--format", fmt, "--out", str(tmp_path / out)]) == 2
+        assert "is an export; seer export reads the run folder or a checkpoint folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.json", "vit.safetensors"]
