@@ -551,7 +551,9 @@ def cmd_attention_maps(args) -> int:
                               autocast_dtype=autocast_dtype(precision))
     if not res.written:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
-    print(f"attention maps: {len(res.written)} images (block {block} of {depth}, {cfg.model.num_heads} heads, "
+    # (--layer counts from 0, as Python does: said so, 'block 1 of 2' read as the first of two)
+    print(f"attention maps: {len(res.written)} images (--layer {block}: block {block + 1} of {depth}, "
+          f"{cfg.model.num_heads} heads, "
           f"{size} px, {device.type}, {precision}), {len(res.skipped)} unreadable skipped"
           f"{' (listed above)' if res.skipped else ''}; wrote {args.out}", flush=True)
     return 0
