@@ -143,8 +143,8 @@ def test_cli_writes_a_png_and_an_npy_per_readable_image(run, capsys, caplog):
     paths = image_paths(run / "images")
     broken = paths.index(str(run / "images" / "part1" / "broken.jpg"))
     assert f"skipping unreadable image {paths[broken]}" in caplog.text
-    out = capsys.readouterr().out
-    assert "3 images (--layer 1: block 2 of 2, 4 heads, 32 px, cpu, fp32), 1 unreadable skipped" in out
+    said = capsys.readouterr().out
+    assert "3 images (--layer 1: block 2 of 2, 4 heads, 32 px, cpu, fp32), 1 unreadable skipped" in said
     names = [f"{i}_{p.rsplit('/', 1)[1].rsplit('.', 1)[0]}" for i, p in enumerate(paths) if i != broken]
     assert sorted(f.name for f in out.iterdir()) == sorted([n + ".npy" for n in names] + [n + ".png" for n in names])
     crops = checkpoint_config(run / "run").data.crops
