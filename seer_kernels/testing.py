@@ -86,3 +86,28 @@ def emulate_descriptor_reduce() -> bool:
 
     builder.create_descriptor_reduce = create_descriptor_reduce
     return True
+
+
+def fix_interpreter_index() -> bool:
+    """Let Triton's CPU interpreter use a runtime scalar as a Python index (``range(start, n_full, BLOCK)``
+    in a kernel) under NumPy >= 2.4. The interpreter holds a scalar as a one-element array and its
+    ``tensor.__index__`` is ``int(array)``, which NumPy 2.4 refuses for arrays that are not 0-d ("only
+    0-dimensional arrays can be converted to Python scalars"): Triton 3.6 (the one torch 2.11 pins) has it,
+    Triton 3.8 squeezes the array first. This wraps the interpreter's per-launch patch of ``tl.tensor`` to
+    install Triton 3.8's squeezing ``__index__`` after it (the same function there). Returns whether
+    the interpreter is present (False where Triton or its interpreter is missing)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_seer_index_fixed", False):
+        return patch is not None
+
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._seer_index_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
