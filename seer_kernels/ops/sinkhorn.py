@@ -317,8 +317,11 @@ def _validate(scores, epsilon, iterations, group, prototype_group) -> Tensor:
     # as a SymFloat, and a comparison becomes a guard where math.isfinite breaks the graph.
     if isinstance(epsilon, bool) or not isinstance(epsilon, (numbers.Real, torch.SymFloat)) \
             or not EPSILON_MIN <= epsilon < math.inf:
+        # float(): torch 2.11's Dynamo cannot put a SymFloat into an f-string (its own error then replaces
+        # this one); it sees the SymFloat as a float, and float() of a float changes nothing.
+        shown = float(epsilon) if isinstance(epsilon, float) else epsilon
         raise ValueError(f"sinkhorn: argument 'epsilon' must be a finite number >= {_EPSILON_MIN_TEXT} (the smallest "
-                         f"normal float32), got {epsilon!r}")
+                         f"normal float32), got {shown!r}")
     # The native kernels count iterations in 32 bits.
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) \
             or not 1 <= iterations <= ITERATIONS_MAX:
