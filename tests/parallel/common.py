@@ -67,7 +67,7 @@ def parity_run(cfg: ParallelConfig, *, steps: int = 3, batch: int = 4, freeze: i
     parallelize(par, dims)
     opt_ref, opt_par = build_lars(ref, lr=lr, weight_decay=1e-4), build_lars(par, lr=lr, weight_decay=1e-4)
     fr_ref, fr_par = PrototypeFreezer(ref, freeze), PrototypeFreezer(par, freeze)
-    out = {"loss": [], "features": [], "grads": [], "ref_loss": []}
+    out = {"loss": [], "features": [], "grads": [], "grad_scale": [], "ref_loss": []}
     for step in range(steps):
         crops = make_crops(step, batch * dims.dp)
         local = [c[dims.dp_rank * batch:(dims.dp_rank + 1) * batch] for c in crops]
@@ -85,7 +85,9 @@ def parity_run(cfg: ParallelConfig, *, steps: int = 3, batch: int = 4, freeze: i
         out["features"].append(float((feats - b.features.float()).abs().max().detach()))
         fr_ref.after_backward()
         fr_par.after_backward()
-        out["grads"].append(max_diff(full_gradients(ref), full_gradients(par)))
+        grads_ref = full_gradients(ref)
+        out["grads"].append(max_diff(grads_ref, full_gradients(par)))
+        out["grad_scale"].append(max(float(g.abs().max()) for g in grads_ref.values() if g is not None))
         for opt, model in ((opt_ref, ref), (opt_par, par)):
             opt.step()
             opt.zero_grad()
@@ -98,7 +100,11 @@ def parity_run(cfg: ParallelConfig, *, steps: int = 3, batch: int = 4, freeze: i
 def assert_parity(r: dict, where) -> None:
     """What parity_run returned matches the single process (float32 tolerances) and the steps really trained."""
     assert max(r["loss"]) < 1e-5, (where, r["loss"])
-    assert max(r["features"]) < FP32_TOL and max(r["grads"]) < FP32_TOL, (where, r)
+    # Gradients relative to their size, as the parameters below: a sum over the batch and its tokens (the
+    # cls token's, about 1.5-3) differs by about 1e-5 relative when the reduction order does (torch 2.11's
+    # CPU kernels, SyncBatchNorm's two-rank statistics), past an absolute 2e-5.
+    assert max(r["features"]) < FP32_TOL, (where, r)
+    assert all(d < FP32_TOL * max(1.0, s) for d, s in zip(r["grads"], r["grad_scale"])), (where, r)
     assert r["params"] < FP32_TOL * r["scale"], (where, r["params"])
     assert r["ref_loss"][0] != r["ref_loss"][-1]
 
