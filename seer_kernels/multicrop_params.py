@@ -259,7 +259,8 @@ def _windows32(box: np.ndarray, reduce) -> np.ndarray:
     end = ((b[:, :2] + b[:, 2:]) / reduce).astype(np.float32).astype(np.float64)
     over = start.astype(np.float64) + length.astype(np.float64) > end
     # No `if over.any()`: torch.compile traces this numpy code (augment_crops_batch packs inside the graph), and
-    # a branch on data breaks fullgraph=True.
+    # a branch on data breaks fullgraph=True. Compiled by torch 2.11, whose Inductor drops the float32 round
+    # trip of `end`, the fix-up compares with the unrounded end: a window may end one ulp earlier than eager.
     fit = (end - start.astype(np.float64)).astype(np.float32)
     fit = np.where(start.astype(np.float64) + fit.astype(np.float64) > end, np.nextafter(fit, np.float32(0)), fit)
     length = np.where(over, fit, length)
