@@ -287,7 +287,10 @@ def cmd_train(args) -> int:
 
 def _print_summary(result: dict, seconds: float) -> None:
     out = Path(result.get("out", "."))
-    print(f"done: step {result['step']} in {seconds:.0f} s; outputs in {out}", flush=True)
+    # A stop before the last step (its checkpoint saved) is no 'done': the run is to be resumed.
+    cut = result.get("stopped") and not result.get("eval_interrupted")
+    print(f"{'stopped' if cut else 'done'}: step {result['step']} in {seconds:.0f} s; outputs in {out}"
+          f"{' (rerun the same command to resume)' if cut else ''}", flush=True)
     if result.get("eval_interrupted"):
         # The same command finds the run complete and evaluates it as the run does (kNN and linear probe, eval.json
         # with the random-initialisation baseline, plot.png); seer eval prints one protocol's scores alone.

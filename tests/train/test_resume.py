@@ -91,6 +91,7 @@ def test_ctrl_c_saves_and_a_second_one_stops_at_once(images, straight, tmp_path)
                             *_args(images, ignoring)))
     assert proc.returncode == 130, proc.stderr  # saved, and a shell sees an interrupted command
     assert "stopped by signal at step 2" in proc.stdout and "Ctrl-C: saving a checkpoint" in proc.stderr
+    assert "stopped: step 2 in" in proc.stdout and "done:" not in proc.stdout  # (it said 'done: step 2')
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
     rerun = seer(*_args(images, out))
     assert "step 2 of 6" in rerun.stdout
