@@ -399,7 +399,10 @@ def test_a_branch_from_a_run_folder_that_trains_on_continues_on_a_rerun(run, tmp
     t.fit()  # saves step 4, as if stopped there
     Trainer(apply_overrides(cfg, ["train.max_steps=6", "checkpoint.every=6"]), source).fit()  # the source goes on
     again = Trainer(branch, tmp_path / "branch")
-    assert again.resumed_from == tmp_path / "branch" / "checkpoints" / "step_00000004" and again.step == 4
+    try:
+        assert again.resumed_from == tmp_path / "branch" / "checkpoints" / "step_00000004" and again.step == 4
+    finally:
+        again.release()  # (its run lock and train.log handler would outlive the test)
 
 
 def test_rollback_within_a_run_moves_the_newer_checkpoints_aside(run, tmp_path):
