@@ -137,7 +137,8 @@ class Trainer:
         self.step = 0
         self.counters = {"nonfinite_total": 0, "nonfinite_in_row": 0}
         self.bad_files: set[str] = set()
-        self._listed: Optional[set[str]] = None  # the names in OUT/skipped_files.txt (_record_skipped)
+        self._listed: set[str] = set()  # the names in OUT/skipped_files.txt up to byte _listed_at (_record_skipped)
+        self._listed_at = 0
         self._bad_gathered = (0, 0)  # (the summed count, the distinct count) at the last gather of names
         warm = t.collapse_warmup_steps if t.collapse_warmup_steps >= 0 else max(50, t.max_steps // 10)
         self.monitor = CollapseMonitor(cfg.head.num_prototypes, warm)
@@ -662,31 +663,54 @@ class Trainer:
         """Log and count each unreadable file once (it is met again every epoch, and a run of bad files is
         met once per index pointing into it). Into OUT/skipped_files.txt it goes once too: from the first
         tensor-parallel rank alone (the others read the same images), and not again where an earlier attempt
-        of the run listed it (met after the checkpoint that this run resumed from, which does not count it)."""
+        of the run listed it (met after the checkpoint that this run resumed from, which does not count it), nor
+        where another data-parallel process did (one rank's bad file can be another's replacement read): the
+        processes append under a lock, each reading what the others appended since its last look."""
         new = list({s.name: s for s in skipped if s.name not in self.bad_files}.values())
         if not new:
             return
         self.bad_files.update(s.name for s in new)
         if self.dims.tp_rank != 0:
             return
-        path = self.out / "skipped_files.txt"
-        if self._listed is None:  # the names listed so far, as written (skipped_line's first field)
-            self._listed = set()
-            if path.is_file():
-                with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-                    self._listed = {line.partition("\t")[0] for line in f}
         # A name that is not UTF-8 (kept as surrogate escapes) goes into the file as its own bytes, as the
         # list-file format reads it back, and into the log escaped.
-        with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
+        with open(self.out / "skipped_files.txt", "a+b") as f:
+            _lock_file(f)  # (released when closed)
+            f.seek(self._listed_at)
+            since = f.read()  # the lines appended since this process last looked, its own included
+            self._listed.update(line.decode("utf-8", "surrogateescape").partition("\t")[0]
+                                for line in since.splitlines())
+            out = []
             for s in new:
                 line = skipped_line(s.name, s.reason)
                 if line.partition("\t")[0] not in self._listed:
                     self._listed.add(line.partition("\t")[0])
-                    f.write(line)
+                    out.append(line.encode("utf-8", "surrogateescape"))
                 log.warning("skipped unreadable image %s (%s)", printable(s.name), s.reason)
+            if out:
+                # (a line cut short by a kill must not swallow the first new name)
+                cut = f.tell() > 0 and not (since or _last_byte(f)).endswith(b"\n")
+                f.write(b"\n" * cut + b"".join(out))
+                f.flush()
+            self._listed_at = f.tell()
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+def _lock_file(f) -> None:
+    """An exclusive lock on the open file ``f`` (released when it is closed); nothing where the filesystem has
+    no locks."""
+    import fcntl
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    except OSError:
+        pass
+
+
+def _last_byte(f) -> bytes:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1)
+
 
 def _format_eval(res: dict) -> str:
     parts = [f"{k} {res[k]:.1f}%" for k in ("knn_top1", "linear_top1") if k in res]

@@ -96,13 +96,33 @@ def test_each_unreadable_file_is_listed_once_over_tensor_parallel_ranks_and_resu
     met = [Skipped("/d/b.jpg", "ValueError: bad"), Skipped("/d/c.jpg", "ValueError: bad"),
            Skipped("/d/t\tab.jpg", "ValueError: bad")]
     for tp_rank in (1, 0):  # each rank's own Trainer; the checkpoint counted a.jpg alone
-        fake = SimpleNamespace(bad_files={"/d/a.jpg"}, _listed=None, out=tmp_path,
+        fake = SimpleNamespace(bad_files={"/d/a.jpg"}, _listed=set(), _listed_at=0, out=tmp_path,
                                dims=SimpleNamespace(tp_rank=tp_rank))
         Trainer._record_skipped(fake, met)
         Trainer._record_skipped(fake, met)
         assert fake.bad_files == {"/d/a.jpg", "/d/b.jpg", "/d/c.jpg", "/d/t\tab.jpg"}  # counted on every rank
     assert [line.split("\t")[0] for line in listed.read_text().splitlines()] == \
         ["/d/a.jpg", "/d/b.jpg", "/d/c.jpg", "/d/t\\tab.jpg"]
+
+
+def test_data_parallel_ranks_list_a_file_they_both_meet_once(tmp_path):
+    """Each data-parallel process read the list once, at its first bad file: a file that two of them met (one
+    rank's bad file is another's replacement read) was listed twice. A line cut short by a kill kept the next
+    name on it."""
+    from types import SimpleNamespace
+
+    from seer.data.dataset import Skipped
+    listed = tmp_path / "skipped_files.txt"
+    listed.write_text("/d/a.jpg\tValueError: bad\n/d/cut.jpg\tValueEr")  # an earlier attempt, killed mid-line
+    ranks = [SimpleNamespace(bad_files=set(), _listed=set(), _listed_at=0, out=tmp_path,
+                             dims=SimpleNamespace(tp_rank=0)) for _ in range(2)]
+    bad = lambda name: Skipped(name, "ValueError: bad")  # noqa: E731
+    Trainer._record_skipped(ranks[0], [bad("/d/b.jpg")])
+    Trainer._record_skipped(ranks[1], [bad("/d/c.jpg")])
+    Trainer._record_skipped(ranks[0], [bad("/d/c.jpg"), bad("/d/d.jpg")])  # c.jpg: listed by the other rank
+    Trainer._record_skipped(ranks[1], [bad("/d/b.jpg"), bad("/d/d.jpg")])
+    assert [line.split("\t")[0] for line in listed.read_text().splitlines()] == \
+        ["/d/a.jpg", "/d/cut.jpg", "/d/b.jpg", "/d/c.jpg", "/d/d.jpg"]
 
 
 def _torchrun(*args, timeout=300):
