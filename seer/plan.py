@@ -30,7 +30,12 @@ T = tensor-parallel size, D = dp size, n_c tokens per crop c (patches + class to
   (explicit backward prefetch), and block i + 1's float32 reduce-scatter input (kept until block i's
   post-backward frees it, one buffer by default): 3 p_b + 4 bytes, p_b = 2 for bfloat16; the forward's peak
   (block i's all-gather buffer kept until block i + 1's copy-out, i + 1's buffer and parameters: 3 p_b) is
-  below it. Without resharding after the forward every block stays gathered: (L + 1) p_b + 4. The head's
+  below it. Without resharding after the forward every block stays gathered: (L + 1) p_b + 4. With more than
+  one resolution group (R > 1) each block's unsharded parameter is used R times, and autograd sums a leaf's
+  gradients over all its uses before it runs the leaf's AccumulateGrad: the backward of the last group
+  (run first) leaves every block's param_dtype weight gradient in autograd's buffer and FSDP2's post-backward
+  for that group finds no gradient to reduce-scatter; block i's is reduce-scattered only when the first
+  group's backward reaches it (seen under gloo). So (L - 1) p_b more wait at the first group's backward. The head's
   gathered projection (p_b) and float32 prototypes (4 / T) are added. Without FSDP, autocast's 16-bit copies
   of the tensor-parallel weights (2 bytes each; none in fp32).
 * the optimizer step is a second peak, after the activations are freed: weights, gradients and moments plus
@@ -289,7 +294,10 @@ def plan(inp: PlanInput) -> dict:
         # reduce-scatter input; without resharding every block stays gathered. The head's gathered
         # projection (param_dtype) and float32 prototypes.
         gathered = 2 if inp.reshard_after_forward else cfg.depth
-        working = ((gathered + 1) * pb + 4) * pc.block_per_rank(tp) + 4 * pc.prototypes / tp \
+        # With several resolution groups, autograd sums a block's weight gradients over the groups before
+        # its post-backward can reduce-scatter them: the later groups' gradients of every other block wait.
+        waiting = cfg.depth - 1 if len(resolution_groups(inp.crops)) > 1 else 0
+        working = ((gathered + waiting + 1) * pb + 4) * pc.block_per_rank(tp) + 4 * pc.prototypes / tp \
             + pb * pc.head_projection
     elif inp.precision != "fp32":
         working = 2 * (pc.trunk_split / tp + pc.head_projection)  # autocast's 16-bit copies of the weights
@@ -426,6 +434,9 @@ def format_plan(inp: PlanInput, r: dict, model_name: str) -> str:
     crops = "+".join(f"{n}x{s}" for n, s in inp.crops)
     if r["dp"] > 1 and inp.fsdp:
         working = f"gathered {inp.param_dtype} blocks, unsharded block grads"
+        if len(resolution_groups(inp.crops)) > 1:
+            working += (f", and every block's {inp.param_dtype} grads from the later resolutions, held until the "
+                        f"first resolution's backward reaches the block")
     else:
         working = "none: fp32 weights used as they are" if inp.precision == "fp32" else \
             f"{inp.precision} copies of the weights"

@@ -390,3 +390,16 @@ def test_float32_matmuls_are_timed_at_the_float32_peak(capsys):
     sharded = json.loads(run(capsys, "--model", "large", "--gpus", "8", "--micro-batch", "8", "--json",
                              "--precision", "fp32")[1])
     assert sharded["peak_tflops"] == plan.H100_BF16_TFLOPS  # FSDP's bf16 parameters
+
+
+def test_working_memory_counts_the_gradients_waiting_for_the_first_resolution(capsys):
+    # With 2 resolutions autograd sums each block's gradients over both before FSDP2's post-backward can
+    # reduce-scatter them (seen under gloo): the second group's param_dtype gradients of every block but the
+    # running one wait until the first group's backward reaches them. The plan counted one block's.
+    cfg = vit_preset("vit-10b")
+    one, two = (plan.plan(plan.PlanInput(cfg, None, 64, 8, 16, crops)) for crops in ([(2, 224)], [(2, 224), (4, 98)]))
+    block = sum(p.numel() for p in VisionTransformer(vit_preset("vit-10b", depth=1), device="meta").blocks[0]
+                .parameters()) / 8
+    assert two["working_bytes"] - one["working_bytes"] == pytest.approx(2 * (cfg.depth - 1) * block, rel=1e-3)
+    assert plan.main(["--model", "vit-10b", "--gpus", "64", "--tp", "8", "--micro-batch", "16"]) in (0, None)
+    assert "held until the first resolution's backward" in capsys.readouterr().out
