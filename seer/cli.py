@@ -706,7 +706,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .plan import main as plan_main
         return plan_main(argv[1:])
     if argv and argv[0] == "bench":
-        return cmd_bench(argv[1:])
+        try:
+            return cmd_bench(argv[1:])
+        except CLIError as e:  # an installed package has no bench/: one line, as the other commands' bad input
+            print(f"seer bench: error: {e}", file=sys.stderr)
+            return 2
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -148,6 +148,15 @@ def test_argparse_errors_exit_2(capsys):
     assert main([]) == 2
 
 
+def test_bench_outside_a_checkout_is_one_line(tmp_path, monkeypatch, capsys):
+    """An installed package (site-packages/seer/cli.py) has no bench/ beside it."""
+    import seer.cli
+    monkeypatch.setattr(seer.cli, "__file__", str(tmp_path / "site-packages" / "seer" / "cli.py"))
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seer bench: error: the benchmark suites live in the source tree") and "Traceback" not in err
+
+
 def test_print_config_and_plan(capsys):
     assert main(["train", "--preset", "demo", "--set", "train.max_steps=7", "--print-config"]) == 0
     out = capsys.readouterr().out
