@@ -76,6 +76,18 @@ def _extra_cuda_includes() -> list[str]:
     return out
 
 
+def no_torch_message(exc: BaseException, path: list[str]) -> str:
+    """Why the build cannot go on without torch. pip's default build isolation runs setup.py in a fresh
+    environment (its folders on sys.path are named pip-build-env-*) that hides the torch the user installed;
+    so "install torch" alone would send them in a circle."""
+    isolated = any("pip-build-env-" in entry for entry in path)
+    why = ("pip's build isolation hides any installed torch from this build" if isolated
+           else "torch is not importable by this Python")
+    return (f"seer: building the native kernels needs torch ({exc}): {why}. Install torch first, then build "
+            f"against it with `pip install --no-build-isolation .` (or the sdist/wheel path in place of `.`; "
+            f"`-e .` to develop), or set SEER_KERNELS_SKIP_NATIVE=1 to build no native code.")
+
+
 def native_extensions():
     if _flag("SEER_KERNELS_SKIP_NATIVE"):
         print("seer: SEER_KERNELS_SKIP_NATIVE=1, building no native code", file=sys.stderr)
@@ -87,10 +99,7 @@ def native_extensions():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError as exc:  # pragma: no cover - depends on the caller's environment
-        raise SystemExit(
-            "seer: building the native kernels needs torch installed first. Install torch, then run "
-            "`pip install --no-build-isolation -e .`, or set SEER_KERNELS_SKIP_NATIVE=1."
-        ) from exc
+        raise SystemExit(no_torch_message(exc, sys.path)) from exc
 
     src = read_sources()
     with_cuda = bool(cuda_home) and torch.version.cuda is not None

@@ -43,3 +43,16 @@ def test_the_sdist_holds_every_module_and_no_built_library(sdist_files):
     assert not [m for m in modules if m not in sdist_files]
     assert not [f for f in sdist_files if f.endswith((".so", ".pyd", ".pyc"))]
     assert not [f for f in sdist_files if f.startswith(("tests/", "build/"))]
+
+
+@pytest.mark.parametrize("isolated", [True, False])
+def test_a_build_that_cannot_import_torch_says_why_and_what_to_run(isolated):
+    """pip's default build isolation is the usual cause: torch is installed, but not in pip's build environment."""
+    extra = "sys.path.append('/tmp/pip-build-env-x/overlay'); " if isolated else ""
+    code = (f"import runpy, sys; sys.modules['torch'] = None; {extra}sys.argv = ['setup.py', '--version']; "
+            f"runpy.run_path('setup.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "SEER_KERNELS_SKIP_NATIVE"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    why = "pip's build isolation hides any installed torch" if isolated else "torch is not importable by this Python"
+    assert why in res.stderr and "`pip install --no-build-isolation .`" in res.stderr, res.stderr
