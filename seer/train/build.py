@@ -106,7 +106,11 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 matmuls natively (else autocast to bf16 is emulated and slow)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        if torch.version.hip:  # every ROCm GPU torch supports computes bf16
+            return torch.cuda.is_bf16_supported()
+        # Not torch.cuda.is_bf16_supported(): by default it also says yes where bf16 is only emulated
+        # (pre-Ampere GPUs such as V100 or T4), and it asks the current device, not ``device``.
+        return torch.cuda.get_device_capability(device)[0] >= 8
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:  # not Linux: be conservative

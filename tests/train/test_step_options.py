@@ -136,3 +136,16 @@ def test_fsdp_run_checks_the_attention_backend_in_its_param_dtype(tmp_path, monk
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the spawned ranks inherit it)
     for got in run_distributed(_trainer_refusal, 2, str(tmp_path / "run")):
         assert "train.attention_backend='triton' cannot run this model on cpu in bfloat16" in got, got
+
+
+def test_precision_auto_is_fp32_on_a_gpu_that_only_emulates_bf16(monkeypatch):
+    # torch.cuda.is_bf16_supported() is True on a V100 or T4 (emulation included by default): 'auto' must
+    # look at the compute capability of the run's device (8.0, Ampere, is the first with native bf16).
+    from seer.train import build
+    capability = {0: (7, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[torch.device(d).index])
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "bf16"
+    assert not build.native_bf16(torch.device("cuda", 0))
