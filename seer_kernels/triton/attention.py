@@ -66,7 +66,6 @@ pointer code where the GPU, the Triton or the tensor's layout does not allow the
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -77,6 +76,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.attention import new_lse, new_out
+from .device import on_device as _on_device
 from .host_math import cdiv, next_pow2
 
 
@@ -825,14 +825,6 @@ def _bwd_dq_ds_kernel(DS, K, DQ, sdsb, sdsh, sdsn, skb, skh, skn, sdqb, sdqh, sd
 
 # ---------------------------------------------------------------------------------------------------------
 # Launchers
-
-
-def _on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it the inputs' device. Nothing to switch (and no
-    torch.cuda.device to enter and leave, host time on every eager call) when it already is."""
-    if not t.is_cuda or t.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
 
 
 def _rows_fit_int32(t: Tensor) -> bool:

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.sinkhorn import SinkhornSteps, sinkhorn_loop
+from .device import on_device
 from .host_math import cdiv, next_pow2
 
 FUSED_MAX_ELEMENTS = 8192  # every tile up to this size compiles for sm_90 without real spills (bench.sinkhorn_compile)
@@ -193,12 +194,13 @@ def _launch_reduce(scores: Tensor, m, f, g, epsilon: float, dim: int, mode: int,
     if shift is None:
         shift = torch.zeros((), device=dev, dtype=torch.float32)
     shift = shift.float().contiguous()
-    _reduce_kernel[(grid_lines, splits)](
-        scores, m if m is not None else dummy, f if f is not None else dummy, g if g is not None else dummy,
-        shift, out, B, K, scores.stride(0), scores.stride(1), float(epsilon), per_split,
-        DIM=dim, MODE=mode, HAS_M=m is not None, HAS_FG=m is not None and f is not None and g is not None,
-        SHIFT_PER_LINE=shift.dim() == 1,
-        BLOCK_B=block_b, BLOCK_K=block_k)
+    with on_device(scores):
+        _reduce_kernel[(grid_lines, splits)](
+            scores, m if m is not None else dummy, f if f is not None else dummy, g if g is not None else dummy,
+            shift, out, B, K, scores.stride(0), scores.stride(1), float(epsilon), per_split,
+            DIM=dim, MODE=mode, HAS_M=m is not None, HAS_FG=m is not None and f is not None and g is not None,
+            SHIFT_PER_LINE=shift.dim() == 1,
+            BLOCK_B=block_b, BLOCK_K=block_k)
     if splits == 1:
         return out[0]
     return out.amax(0) if mode == 0 else out.sum(0)
@@ -219,8 +221,9 @@ def sinkhorn_finalize(scores, m, f, g, epsilon, log_scale):
     B, K = scores.shape
     out = torch.empty((B, K), device=scores.device, dtype=torch.float32)
     grid = (cdiv(K, 64), cdiv(B, 32))
-    _finalize_kernel[grid](scores, _f32(m), _f32(f), _f32(g), out, B, K, scores.stride(0), scores.stride(1),
-                           float(epsilon), float(log_scale), BLOCK_B=32, BLOCK_K=64)
+    with on_device(scores):
+        _finalize_kernel[grid](scores, _f32(m), _f32(f), _f32(g), out, B, K, scores.stride(0), scores.stride(1),
+                               float(epsilon), float(log_scale), BLOCK_B=32, BLOCK_K=64)
     return out
 
 
@@ -242,9 +245,10 @@ def sinkhorn_fused(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
         return sinkhorn_loop(scores, epsilon, iterations, STEPS)
     out = torch.empty((B, K), device=scores.device, dtype=torch.float32)
     block_b, block_k = next_pow2(B), next_pow2(K)
-    _fused_kernel[(1,)](scores, out, B, K, scores.stride(0), scores.stride(1), float(epsilon), int(iterations),
-                        math.log(B), math.log(K), BLOCK_B=block_b, BLOCK_K=block_k,
-                        num_warps=fused_num_warps(block_b, block_k))
+    with on_device(scores):
+        _fused_kernel[(1,)](scores, out, B, K, scores.stride(0), scores.stride(1), float(epsilon),
+                            int(iterations), math.log(B), math.log(K), BLOCK_B=block_b, BLOCK_K=block_k,
+                            num_warps=fused_num_warps(block_b, block_k))
     return out
 
 

@@ -620,6 +620,42 @@ def test_cuda_graph_capture():
     assert max_abs_err(out.cpu(), swav_f64(s.cpu(), 0.05, 3)) <= 1e-5
 
 
+@pytest.mark.triton
+def test_triton_launches_run_on_the_scores_device(monkeypatch):
+    """Triton launches on the current CUDA device, not on the tensors' one: every launcher must make the
+    scores' device current (seer_kernels.triton.device.on_device), the fused kernel and each step kernel."""
+    from seer_kernels.triton import sinkhorn as tri
+    entered = []
+    real = tri.on_device
+
+    def spy(t):
+        entered.append(t)
+        return real(t)
+    monkeypatch.setattr(tri, "on_device", spy)
+    s = cosine_scores(6, 10, device=triton_device())
+    tri.sinkhorn_fused(s, 0.05, 2)
+    assert len(entered) == 1 and entered[0] is s
+    m = tri.sinkhorn_max(s, None, None, None, 1.0, 0)
+    f, g = torch.zeros(10, device=s.device), torch.zeros(6, device=s.device)
+    tri.sinkhorn_sumexp(s, m, f, g, 0.05, 1, torch.tensor(0.0, device=s.device))
+    tri.sinkhorn_finalize(s, m, f, g, 0.05, 0.0)
+    assert len(entered) == 4 and all(t is s for t in entered)
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("shape", [(32, 200), (64, 3000)], ids=["fused", "steps"])
+def test_triton_scores_on_the_second_device(shape):
+    """Device guard: scores on cuda:1 while cuda:0 is current (the kernels run on cuda:1)."""
+    s = cosine_scores(*shape, device="cuda:1")
+    with torch.cuda.device(0), use_backend("triton", op="sinkhorn"):
+        out = seer_kernels.sinkhorn(s, 0.05, 3)
+        torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda:1")
+    assert max_abs_err(out.cpu(), swav_f64(s.cpu(), 0.05, 3)) <= 1e-5
+
+
 # ---- distributed ------------------------------------------------------------------------------------
 
 def _dist_body(rank: int, world: int, layout: str, scores: torch.Tensor, eps: float, iters: int):
