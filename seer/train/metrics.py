@@ -18,8 +18,11 @@ from ..durable import write_atomic
 
 log = logging.getLogger("seer.train")
 
-# bf16 dense peak FLOP/s by GPU name (for MFU); other GPUs report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12,
+# bf16 dense peak FLOP/s by GPU name (for MFU); other GPUs report no MFU. The first key contained in the
+# device name wins: the PCIe and NVL boards of the H100 / H800 run at lower clocks and power than the SXM ones
+# (756 and 835 TFLOP/s against 989 on NVIDIA's data sheets), and their names also contain 'H100'.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756.5e12, "H800 PCIe": 756.5e12, "H100 NVL": 835.5e12,
+                   "H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "A800": 312e12,
                    "L40S": 362e12, "B200": 2250e12, "GH200": 989.4e12}
 
 
