@@ -135,7 +135,8 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep,
                                       rank=self.dist.rank, barrier=barrier)
         self.step = 0
-        self.counters = {"nonfinite_total": 0, "nonfinite_in_row": 0}
+        # overflow_total: fp16 steps whose update GradScaler skipped (their loss was finite, a gradient was not)
+        self.counters = {"nonfinite_total": 0, "nonfinite_in_row": 0, "overflow_total": 0}
         self.bad_files: set[str] = set()
         self._listed: set[str] = set()  # the names in OUT/skipped_files.txt up to byte _listed_at (_record_skipped)
         self._listed_at = 0
@@ -420,7 +421,14 @@ class Trainer:
                     record["grad_norm"] = clip_grad_norm(self.model, cfg.train.grad_clip)
                 if self.scaler is not None:
                     self.scaler.step(self.opt)
+                    # GradScaler skips the update silently where the gradients overflowed (agreed over every
+                    # process above): counted, so that a run's metrics show how many steps changed no weight.
+                    # (step already copied these flags to the host; update clears them.)
+                    if any(f.item() for f in self.scaler._found_inf_per_device(self.opt).values()):
+                        self.counters["overflow_total"] += 1
                     self.scaler.update()
+                    if want_signals:
+                        record["loss_scale"] = self.scaler.get_scale()
                 else:
                     self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -486,6 +494,7 @@ class Trainer:
                               "images_per_s": ips, "data_wait": min(1.0, wait_acc / dt),
                               "step_time": dt / max(n_steps, 1),
                               "nonfinite_skipped": self.counters["nonfinite_total"],
+                              **({"overflow_skipped": self.counters["overflow_total"]} if self.scaler else {}),
                               "skipped_files": rec["skipped_files"],
                               "queue_active": self.queue.full}
                     record.update({k: v for k, v in rec.items() if k not in ("loss", "skipped_files", "stop")})

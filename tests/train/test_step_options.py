@@ -149,3 +149,29 @@ def test_precision_auto_is_fp32_on_a_gpu_that_only_emulates_bf16(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
     assert resolve_precision("auto", torch.device("cuda", 1)) == "bf16"
     assert not build.native_bf16(torch.device("cuda", 0))
+
+
+def test_fp16_steps_skipped_by_the_gradient_scaler_are_counted_and_logged(tmp_path):
+    """GradScaler skips the update of a step whose gradients overflowed, silently: metrics.jsonl showed the
+    loss of such steps and nothing else, so a run whose updates the scaler kept skipping looked healthy. Now
+    each skip is counted (`overflow_skipped`, checkpointed) and the loss scale logged."""
+    import json
+    cfg = apply_overrides(preset("tiny"), ["train.precision=fp16", "train.max_steps=3", "checkpoint.every=2",
+                                           "train.threads=1", "eval.at_end=false"])
+    t = Trainer(cfg, tmp_path)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # no overflow of its own
+    unscale = t.scaler.unscale_
+
+    def overflow_at_step_1(opt):
+        if t.step == 1:
+            next(p for p in t.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return unscale(opt)
+    t.scaler.unscale_ = overflow_at_step_1
+    t.fit()
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["overflow_skipped"] for r in recs] == [0, 1, 1]
+    assert [r["loss_scale"] for r in recs] == [1.0, 0.5, 0.5]
+    assert [r["nonfinite_skipped"] for r in recs] == [0, 0, 0]  # the loss was finite
+    assert read_meta(tmp_path / "checkpoints" / "step_00000002")["counters"]["overflow_total"] == 1
+    again = Trainer(apply_overrides(cfg, ["train.max_steps=4"]), tmp_path)
+    assert again.step == 3 and again.counters["overflow_total"] == 1
