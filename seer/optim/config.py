@@ -27,8 +27,9 @@ class OptimConfig:
         exclude_bias_and_norm: no weight decay and no adaptation for 1-D tensors (not SwAV/SEER's choice).
         lr_reference_batch: 0: ``lr``, ``start_warmup_lr`` and ``final_lr`` are used as given. N > 0: they
             are the values for a global batch of N images, and the run scales them linearly to its own
-            (``data.batch_size`` x data-parallel ranks), as VISSL derives them from the batch (seer_spec.md
-            1.11): SwAV's 4.8 at 4096 images becomes 0.6 on 8 ranks of 64. (``warmup_steps`` and
+            (``data.batch_size`` x data-parallel ranks), as VISSL derives the peak and the final rate from
+            the global batch (seer_spec.md 1.11): SwAV's 4.8 at 4096 images becomes 0.6 on 8 ranks of 64.
+            (VISSL's warm-up start follows the batch of one node instead; here it keeps its ratio to the peak.) (``warmup_steps`` and
             ``train.max_steps`` stay steps: at another batch they cover another number of images.)
     """
     lr: float = 4.8
