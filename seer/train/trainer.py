@@ -34,6 +34,7 @@ from ..data.exclude import skipped_line
 from ..data.sampler import mix_seed
 from ..data.sources import printable
 from ..durable import write_atomic
+from ..model.init import local_tensor
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..parallel.dims import DTYPES
 from ..swav import PrototypeFreezer, QueueShapeError, SwAVQueue, normalize_prototypes, swav_loss
@@ -299,6 +300,7 @@ class Trainer:
         barrier()
 
     def save(self) -> Path:
+        self._check_weights_finite()
         tp_rank = self.dims.tp_rank
         tensors = S.model_tensors(self.model, tp_rank)
         optim, slots = S.optimizer_tensors(self.model, self.opt, tp_rank)
@@ -316,6 +318,23 @@ class Trainer:
             path = self.ckpt.save(self.step, tensors, rank_state, meta, C.dumps(self.cfg))
         log.info("saved checkpoint %s", path)
         return path
+
+    def _check_weights_finite(self) -> None:
+        """NonFiniteLossError, before anything is written, where some weight is NaN or inf on any process.
+
+        A skipped step (non-finite loss) changes no weight, but a step whose loss was finite and one of whose
+        gradients was not (bf16 and fp32 have no gradient scaler to catch it) makes LARS or AdamW write NaN
+        into the weights. Saved, such a checkpoint became the one to resume from, and checkpoint.keep pruned
+        the finite ones after a few more saves. (One max-abs pass per tensor shard, one small all-reduce.)"""
+        local = [t for t in (local_tensor(p.detach()) for p in self.model.parameters()) if t.numel()]
+        device = local[0].device if local else self.device
+        bad = (~torch.isfinite(torch.stack(torch._foreach_norm(local, ord=math.inf)))).sum().float().reshape(1) \
+            if local else torch.zeros(1, device=device)
+        if float(all_reduce_sum(bad)[0]) > 0:
+            raise NonFiniteLossError(
+                f"the weights are NaN or inf at step {self.step} (a finite loss with a non-finite gradient): not "
+                f"saved; the last checkpoint ({self.ckpt.latest() or 'none yet'}) holds finite weights: "
+                f"resume from it, with a lower optim.lr")
 
     def _saved_this_step(self) -> bool:
         latest = self.ckpt.latest()

@@ -171,3 +171,27 @@ def test_a_skipped_step_leaves_the_heads_batchnorm_statistics_as_they_were(tmp_p
     assert stats and all(torch.isfinite(after[k].float()).all() for k in stats)
     # two finite steps of three moved them (the skipped one did not count)
     assert all(int(after[k]) == int(before[k]) + 2 for k in stats if k.endswith("num_batches_tracked"))
+
+
+def test_weights_made_nan_by_a_finite_loss_step_are_not_checkpointed(tmp_path):
+    """A step whose loss is finite but one of whose gradients is NaN (no gradient scaler in bf16/fp32) makes the
+    optimizer write NaN into the weights. Every later step is then skipped, but the periodic saves went on,
+    each checkpoint holding the NaN weights: with checkpoint.keep=2 the finite ones were pruned, and the error
+    said the last checkpoint held finite weights. Now the save refuses, and the finite checkpoints stay."""
+    from seer.train.checkpoint import list_checkpoints, read_meta
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=8", "train.max_nonfinite_steps=5", "train.threads=1",
+                                           "checkpoint.every=1", "checkpoint.keep=2", "eval.at_end=false"])
+    t = Trainer(cfg, tmp_path / "r")
+    real_step = t.opt.step
+
+    def nan_grad_at_step_2(*a, **k):
+        if t.step == 2:
+            next(p for p in t.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return real_step(*a, **k)
+    t.opt.step = nan_grad_at_step_2
+    with pytest.raises(NonFiniteLossError, match="weights are NaN or inf at step 3.*step_00000002"):
+        t.fit()
+    kept = list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert [read_meta(p)["step"] for p in kept] == [1, 2]
+    again = Trainer(cfg, tmp_path / "r")
+    assert again.step == 2 and all(torch.isfinite(p).all() for p in again.model.parameters())
