@@ -143,7 +143,10 @@ class TrainConfig:
         seed: seeds the model initialisation, the data order and every augmentation.
         precision: 'bf16' (autocast; float32 master weights), 'fp16' (autocast + gradient scaler), 'fp32', or
             'auto': bf16 where the hardware computes it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or
-            AMX), else fp32 (emulated bf16 on an older CPU is slower than fp32).
+            AMX), else fp32 (emulated bf16 on an older CPU is slower than fp32). With several data-parallel
+            processes FSDP also casts the trunk's and the projection head's weights to parallel.param_dtype
+            (bfloat16 by default) for the compute: 'fp32' computes in float32 only with
+            parallel.param_dtype=float32 (the prototype scores are float32 either way).
         optimizer: 'lars' (SGD + LARC, SwAV/SEER) or 'adamw'.
         adamw_betas: AdamW's betas (optimizer 'adamw').
         grad_clip: clip the global gradient norm to this value (0 = off; SwAV/SEER do not clip).
