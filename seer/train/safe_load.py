@@ -8,6 +8,8 @@ constructs the handful of plain classes DCP's metadata is made of, and anything 
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import os
 import pickle
@@ -25,8 +27,8 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 # (module, name) pairs that DCP's metadata pickles reference: dataclasses, enums and value types.
-_ALLOWED_PREFIXES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                     "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
+_ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                    "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension"}
 _ALLOWED = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
             ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
             ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "tuple"),
@@ -44,10 +46,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if module.startswith(_ALLOWED_PREFIXES) and not name.startswith("__"):
+        # A dotted name is an attribute path that pickle (protocol >= 4) walks from the module: through the
+        # modules it imports it reaches anything (torch.inspect.attrgetter, then eval), so only a plain name of
+        # a dataclass or enum defined in the module itself may be built, never a function, an imported class
+        # or one with behaviour (readers, writers, planners).
+        if module in _ALLOWED_MODULES and name.isidentifier() and not name.startswith("__"):
             obj = super().find_class(module, name)
-            # Only classes (dataclasses, enums, named tuples) may be built, never functions.
-            if isinstance(obj, type):
+            if (isinstance(obj, type) and obj.__module__ == module
+                    and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))):
                 return obj
         raise UnsafeCheckpointError(f"{self.source}: refusing to load {module}.{name}: the checkpoint index may "
                                     f"only hold plain checkpoint metadata (tampered or foreign file?)")

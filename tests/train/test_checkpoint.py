@@ -201,6 +201,33 @@ def test_tampered_index_is_refused_without_running_it(run, tmp_path):
     assert not marker.exists()
 
 
+def _attribute_path_gadget(marker) -> bytes:
+    """A protocol-4 index whose globals are attribute paths walked from an allowed module: the path
+    torch.inspect.attrgetter reaches a class, which fetches a function's builtins, then eval runs a command."""
+    def s(text):
+        b = text.encode()
+        return pickle.SHORT_BINUNICODE + bytes([len(b)]) + b
+    mod = "torch.distributed.checkpoint.metadata"
+    return (pickle.PROTO + b"\x04" + s(mod) + s("torch.inspect.attrgetter") + pickle.STACK_GLOBAL
+            + s("__init__.__builtins__.get") + pickle.TUPLE1 + pickle.REDUCE
+            + s(mod) + s("Metadata") + pickle.STACK_GLOBAL + pickle.TUPLE1 + pickle.REDUCE
+            + s("eval") + pickle.TUPLE1 + pickle.REDUCE
+            + s(f"__import__('os').system('touch {marker}')") + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+
+
+def test_index_naming_an_attribute_path_is_refused_without_running_it(tmp_path):
+    from seer.train.safe_load import safe_unpickle
+    marker = tmp_path / "pwned3"
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+        safe_unpickle(_attribute_path_gadget(marker))
+    assert not marker.exists()
+    # Nor may the index build a class with behaviour (a reader) or one only imported into an allowed module.
+    for mod, name in (("torch.distributed.checkpoint.filesystem", "FileSystemReader"),
+                      ("torch.distributed.checkpoint.metadata", "Enum")):
+        with pytest.raises(UnsafeCheckpointError, match="refusing to load"):
+            safe_unpickle(pickle.PROTO + b"\x02" + pickle.GLOBAL + f"{mod}\n{name}\n".encode() + pickle.STOP)
+
+
 def test_tampered_rank_file_is_refused(run, tmp_path):
     out, cfg = run
     bad_run = _copy(out, tmp_path / "bad_rank")
