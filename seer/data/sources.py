@@ -26,6 +26,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import posixpath
+import stat
 import tarfile
 import threading
 import time
@@ -90,8 +91,34 @@ class FileSource(ImageSource):
         return os.path.join(self.root, self.paths[i]) if self.root else self.paths[i]
 
     def read(self, i: int) -> bytes:
-        with open(self.name(i), "rb") as f:
-            return f.read()
+        return read_regular_file(self.name(i))
+
+
+def not_regular(mode: int) -> Optional[str]:
+    """What a file of ``st_mode`` ``mode`` is when it is not a regular file ('a fifo', ...), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str) -> bytes:
+    """The bytes of the regular file ``path`` (a symbolic link followed), or OSError for anything else. A list
+    file may name, or a link lead to, a fifo, whose open waits for a writer forever (a hung worker stops the
+    run at data.timeout_s, and again on every resume), or a device such as /dev/zero, whose read never ends
+    (memory runs out); so the file is opened without waiting (O_NONBLOCK, which regular files ignore) and
+    read only once fstat says it is a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        what = not_regular(os.fstat(fd).st_mode)
+        if what is not None:
+            raise OSError(errno.EINVAL, f"not a regular file ({what})", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
+        return f.read()
 
 
 class TarSource(ImageSource):
@@ -250,9 +277,9 @@ def index_tar_shards(shards: list[str], cache: Path, stats: Optional[list] = Non
     def member_names(results: Iterator[_ShardIndex]) -> Iterator[str]:
         t0 = time.perf_counter()
         report, count = t0 + PROGRESS_EVERY_S, 0
-        for sid, (stat, names, offsets, lengths) in enumerate(results):
+        for sid, (shard_stat, names, offsets, lengths) in enumerate(results):
             if stats is not None:
-                stats.append(stat)
+                stats.append(shard_stat)
             if exclude is not None:
                 keep = exclude.keep(names, prefix=f"{shards[sid]}:")  # TarSource.name's form
                 if not keep.all():
@@ -365,15 +392,17 @@ def _index_shard(shard: str, want_stat: bool) -> _ShardIndex:
     """One shard's [st_size, st_mtime_ns] (``want_stat``; taken before it is read, else None), then the
     name, offset and size of each of its image members (:func:`_read_shard`)."""
     try:
-        stat = None
-        if want_stat:
-            st = os.stat(shard)
-            stat = [st.st_size, st.st_mtime_ns]
+        st = os.stat(shard)
+        # A fifo matched by the pattern (or a link to one) would block the open, and so rank 0, forever.
+        what = not_regular(st.st_mode)
+        if what is not None:
+            raise OSError(errno.EINVAL, f"not a regular file ({what})")
+        stats = [st.st_size, st.st_mtime_ns] if want_stat else None
         entries = _read_shard(shard)
     except (tarfile.TarError, OSError) as e:
         raise DataSourceError(f"data.source: cannot read tar shard {shard!r}: {e} (tar shards must be "
                               f"uncompressed .tar files in the webdataset layout)") from None
-    return (stat, [e[0] for e in entries], np.array([e[1] for e in entries], np.int64),
+    return (stats, [e[0] for e in entries], np.array([e[1] for e in entries], np.int64),
             np.array([e[2] for e in entries], np.int64))
 
 
