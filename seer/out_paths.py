@@ -5,6 +5,7 @@ they may write (``seer data check --report``, ``seer data dedup --out/--report``
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +25,16 @@ def check_file_paths(flag: str, given: str | os.PathLike, paths: Sequence[Path] 
     text = str(given)
     targets = list(paths) or [Path(given)]
     for p in targets:
+        where = "" if str(p) == text else f": {str(p)!r}"
         if p.is_dir():
-            where = "" if str(p) == text else f": {str(p)!r}"
             raise ValueError(f"{flag} {text!r}{where} is a folder; expected a file path")
+        if not in_place:
+            # Written under a temporary name and renamed over the path: a fifo or a device there (/dev/null,
+            # /dev/stdout, or a link to one) would itself be replaced by a regular file (/dev/null, for root).
+            special = _special(p)
+            if special:
+                raise ValueError(f"{flag} {text!r}{where} is {special}; this command writes a new file and renames "
+                                 f"it into place, so it needs a regular file path")
     first = targets[0]
     if make_folders:
         existing = next(p for p in (first.parent, *first.parent.parents) if p.exists())
@@ -40,3 +48,15 @@ def check_file_paths(flag: str, given: str | os.PathLike, paths: Sequence[Path] 
             raise ValueError(f"{flag} {text!r} is not writable")
     elif not os.access(first.parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {text!r}: cannot create files in {str(first.parent)!r}")
+
+
+def _special(path: Path) -> str:
+    """What ``path`` (a link followed) is when it exists as something other than a regular file or a folder,
+    else ''."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # (missing, or a dangling link: the rename makes a new file)
+        return ""
+    kinds = ((stat.S_ISFIFO, "a fifo"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "")

@@ -38,3 +38,18 @@ def test_where_files_cannot_be_made_is_named(tmp_path, monkeypatch):
     _deny(monkeypatch, tmp_path / "r.tsv")
     with pytest.raises(ValueError, match=rf"--report '{tmp_path}/r.tsv' is not writable"):
         O.check_file_paths("--report", f"{tmp_path}/r.tsv", in_place=True)
+
+
+def test_special_files_are_refused_where_the_output_is_renamed_into_place(tmp_path):
+    """A rename over /dev/null (or /dev/stdout, a fifo, a link to one) would replace it by a regular file."""
+    os.mkfifo(tmp_path / "fifo.txt")
+    (tmp_path / "null.txt").symlink_to("/dev/null")
+    with pytest.raises(ValueError, match=rf"--out '{tmp_path}/fifo.txt' is a fifo; .* needs a regular file path"):
+        O.check_file_paths("--out", f"{tmp_path}/fifo.txt")
+    with pytest.raises(ValueError, match=rf"--out '{tmp_path}/x.npy': '{tmp_path}/null.txt' is a character device"):
+        O.check_file_paths("--out", f"{tmp_path}/x.npy", (tmp_path / "x.npy", tmp_path / "null.txt"))
+    with pytest.raises(ValueError, match="is a character device"):
+        O.check_file_paths("--out", "/dev/null", make_folders=True)
+    # written in place (a report to /dev/stdout): a special file is what the user asked for
+    O.check_file_paths("--report", f"{tmp_path}/fifo.txt", in_place=True)
+    O.check_file_paths("--report", f"{tmp_path}/null.txt", in_place=True)
