@@ -612,16 +612,20 @@ def _scale(scale, head_dim: int, op: str = "attention") -> float:
         return 1.0 / math.sqrt(head_dim)
     # Comparisons, not math.isfinite: torch.compile passes a scale that varies between calls as a SymFloat,
     # and a comparison becomes a guard where math.isfinite breaks the graph.
-    bad = ValueError(f"{op}: argument 'scale' must be a finite number or None, got {scale!r}")
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)) \
             or not -math.inf < scale < math.inf:
-        raise bad
+        raise _bad_scale(scale, op)
     if isinstance(scale, torch.SymFloat):
         return scale
     try:
         return float(scale)
     except OverflowError:  # an int beyond float range (10**400): finite, yet no float
-        raise bad from None
+        raise _bad_scale(scale, op) from None
+
+
+def _bad_scale(scale, op: str) -> ValueError:
+    # (made only when raised: _scale runs on every call, and the message's repr costs host time)
+    return ValueError(f"{op}: argument 'scale' must be a finite number or None, got {scale!r}")
 
 
 def _deterministic(flag, op: str = "attention") -> bool:
