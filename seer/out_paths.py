@@ -57,6 +57,12 @@ def _special(path: Path) -> str:
         mode = os.stat(path).st_mode
     except OSError:  # (missing, or a dangling link: the rename makes a new file)
         return ""
+    return special_kind(mode) or ""
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file of ``st_mode`` ``mode`` is when it is a fifo, a device or a socket ('a fifo', ...), else
+    None (also seer.data.sources' test of what it may read)."""
     kinds = ((stat.S_ISFIFO, "a fifo"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISSOCK, "a socket"))
-    return next((what for test, what in kinds if test(mode)), "")
+    return next((what for test, what in kinds if test(mode)), None)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Union
 import numpy as np
 
 from ..host import usable_cpus as _usable_cpus  # (a name of this module: what tests stand in for)
+from ..out_paths import special_kind
 from . import tarscan
 from .mapped import MappedArray, StringList, normalise_list_file, save_array, write_lines
 
@@ -98,9 +99,7 @@ def not_regular(mode: int) -> Optional[str]:
     """What a file of ``st_mode`` ``mode`` is when it is not a regular file ('a fifo', ...), else None."""
     if stat.S_ISREG(mode):
         return None
-    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    return next((what for test, what in kinds if test(mode)), "not a regular file")
+    return "a folder" if stat.S_ISDIR(mode) else special_kind(mode) or "not a regular file"
 
 
 def read_regular_file(path: str) -> bytes:
