@@ -240,9 +240,13 @@ def check_init_architecture(src: InitSource, cfg: C.RunConfig) -> None:
 
 def not_shaping_changes(src: InitSource, cfg: C.RunConfig) -> list[str]:
     """The keys that may differ from the source and do ('model.dropout: source 0.0, config 0.1')."""
-    now = C.to_dict(cfg)
-    diffs = architecture_diffs(src.saved, now, ("model",), source="source")
-    return [d for d in diffs if d.split(":")[0] in NOT_SHAPING]
+    return not_shaping_diffs(src.saved, C.to_dict(cfg), source="source")
+
+
+def not_shaping_diffs(saved: dict, now: dict, *, source: str = "checkpoint") -> list[str]:
+    """The NOT_SHAPING keys whose value in the saved run config ``saved`` differs from ``now``
+    (:func:`~seer.train.checkpoint.architecture_diffs`' lines, ``source`` naming the saved side)."""
+    return [d for d in architecture_diffs(saved, now, ("model",), source=source) if d.split(":")[0] in NOT_SHAPING]
 
 
 def normalisation_changes(src: InitSource, cfg: C.RunConfig) -> list[str]:

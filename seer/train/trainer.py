@@ -46,7 +46,7 @@ from .checkpoint import (CheckpointManager, agreed_checkpoint, architecture_diff
 from .collapse import CollapseMonitor, collapse_signals
 from .distributed import all_reduce_sum, barrier, check_shared_folders, init_distributed
 from .init_from import (NOT_SHAPING, check_init_architecture, init_path, load_init_weights, normalisation_changes,
-                        not_shaping_changes, pos_resize, resolve_init_source, same_source)
+                        not_shaping_changes, not_shaping_diffs, pos_resize, resolve_init_source, same_source)
 from .lock import RunLock
 from .metrics import MetricsWriter, peak_flops, read_metrics
 from .modules import BackboneView, nvtx_range
@@ -802,7 +802,7 @@ def _check_compatible(path: Path, saved: dict, cfg: C.RunConfig, step: int) -> N
     diffs = architecture_diffs(saved, now, _ARCH_SECTIONS, ignore=NOT_SHAPING)
     if diffs:
         raise C.ConfigError(f"checkpoint {path} has another architecture than the config: " + "; ".join(diffs))
-    changed = [d for d in architecture_diffs(saved, now, ("model",)) if d.split(":")[0] in NOT_SHAPING]
+    changed = not_shaping_diffs(saved, now)
     if changed:
         log.warning("resuming from %s with %s (they shape no tensor; from step %d on the run trains with the "
                     "config's values)", path, "; ".join(changed), step)
