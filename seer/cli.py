@@ -435,10 +435,10 @@ def _evaluated_step(ckpt: Path, ckpt_dir: Optional[Path], random_init: bool) -> 
     if ckpt_dir is not None:
         from .train.checkpoint import read_meta
         return int(read_meta(ckpt_dir)["step"])
+    from .export import export_source
     from .pretrained import export_info
-    source = export_info(ckpt).get("source")
-    step = source.get("step") if isinstance(source, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    source = export_source(export_info(ckpt))
+    return source["step"] if source is not None else None
 
 
 def cmd_eval(args) -> int:

@@ -387,6 +387,16 @@ def export_format(path: Path) -> Optional[str]:
     return None
 
 
+def export_source(info: dict) -> Optional[dict]:
+    """{'checkpoint', 'step'}: the checkpoint an export was made from, as its JSON ``info`` records it (None for
+    an export written before it recorded one, or a JSON that is not seer's)."""
+    src = info.get("source")
+    if isinstance(src, dict) and isinstance(src.get("checkpoint"), str) and isinstance(src.get("step"), int) \
+            and not isinstance(src["step"], bool):
+        return {"checkpoint": src["checkpoint"], "step": src["step"]}
+    return None
+
+
 CRC_KEY = "safetensors_crc32"  # the JSON's CRC32 (8 hex digits) of the .safetensors file as written
 
 

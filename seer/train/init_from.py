@@ -135,7 +135,7 @@ def resolve_init_source(value: str) -> InitSource:
         raise FileNotFoundError(f"checkpoint.init_from: {value!r} does not exist (expected a run folder, a "
                                 f"checkpoint folder or a .safetensors file of seer export --format timm)")
     if p.suffix == ".safetensors":
-        from ..export import export_info
+        from ..export import export_info, export_source
         try:
             info = export_info(p)
         except (OSError, ValueError) as e:
@@ -144,12 +144,9 @@ def resolve_init_source(value: str) -> InitSource:
         if not isinstance(vit, dict):
             raise ValueError(f"checkpoint.init_from: {p.with_suffix('.json')}: 'seer_vit_config' is not a mapping")
         # (the export's JSON names the checkpoint and step it was made from: kept in the run's provenance)
-        src = info.get("source")
-        exported_from = {"checkpoint": src["checkpoint"], "step": src["step"]} if isinstance(src, dict) and \
-            isinstance(src.get("checkpoint"), str) and isinstance(src.get("step"), int) else None
         return InitSource(given, p, None, {"model": vit},
                           normalisation={"mean": info.get("mean"), "std": info.get("std")},
-                          exported_from=exported_from)
+                          exported_from=export_source(info))
     if p.is_file():
         raise ValueError(f"checkpoint.init_from: {value!r} is a file but not a .safetensors export; expected a "
                          f"run folder, a checkpoint folder or a .safetensors file of seer export --format timm")
