@@ -252,19 +252,41 @@ def _windows32(box: np.ndarray, reduce) -> np.ndarray:
     that fits its image (the image decoded at 1/reduce). There the length is the largest float32 that ends
     at or before the rounded end, which lies inside the image when the box does (rounding is monotone and
     the image's side is an integer). Exact where reduce divides the box (1, 2, 4, 8: the JPEG reductions).
+
+    The arithmetic stays in float64 on values that :func:`_round24` put on float32's grid, so the final
+    cast is exact and nothing converts float32 back to float64: torch.compile traces this numpy code
+    (augment_crops_batch packs inside the graph), and torch 2.11's Inductor folds a float64 -> float32 ->
+    float64 round trip into the identity, which had made compiled windows differ from eager ones by an ulp.
     """
     b = box.astype(np.float64)
-    start = (b[:, :2] / reduce).astype(np.float32)
-    length = (b[:, 2:] / reduce).astype(np.float32)
-    end = ((b[:, :2] + b[:, 2:]) / reduce).astype(np.float32).astype(np.float64)
-    over = start.astype(np.float64) + length.astype(np.float64) > end
-    # No `if over.any()`: torch.compile traces this numpy code (augment_crops_batch packs inside the graph), and
-    # a branch on data breaks fullgraph=True. Compiled by torch 2.11, whose Inductor drops the float32 round
-    # trip of `end`, the fix-up compares with the unrounded end: a window may end one ulp earlier than eager.
-    fit = (end - start.astype(np.float64)).astype(np.float32)
-    fit = np.where(start.astype(np.float64) + fit.astype(np.float64) > end, np.nextafter(fit, np.float32(0)), fit)
-    length = np.where(over, fit, length)
-    return np.concatenate([start, length], axis=1)
+    start = _round24(b[:, :2] / reduce)
+    length = _round24(b[:, 2:] / reduce)
+    end = _round24((b[:, :2] + b[:, 2:]) / reduce)
+    # Sums and differences of these values are exact in float64 (24-bit significands, exponents close).
+    # No `if over.any()`: a branch on data breaks fullgraph=True.
+    over = start + length > end
+    fit = _round24(end - start)
+    fit = np.where(start + fit > end, _below24(fit), fit)
+    return np.concatenate([start, np.where(over, fit, length)], axis=1).astype(np.float32)
+
+
+# 2^29 + 1: Veltkamp's splitter for float64's 53-bit significand, leaving a 24-bit (float32) high part.
+_SPLIT24 = float(2 ** 29 + 1)
+
+
+def _round24(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to nearest on float32's grid, in float64 (Veltkamp: c = x (2^29 + 1), hi = c - (c - x)
+    keeps the 24 leading bits of x, rounded), for 0 <= x < 2^994 and x that float32 represents as a normal
+    number or 0 (here: image coordinates). Casting the result to float32 is exact."""
+    c = x * _SPLIT24
+    return c - (c - x)
+
+
+def _below24(g: np.ndarray) -> np.ndarray:
+    """The float32 grid's value just below ``g`` (> 0, on that grid), in float64. With g in [2^e, 2^(e+1)),
+    g (1 - 2^-24) is exact in float64 and lies g 2^-24 under g: the whole spacing below 2^e, more than half
+    of the spacing 2^(e-23) below any other g, so rounding to nearest lands on the value below."""
+    return _round24(g * (1.0 - 2.0 ** -24))
 
 
 # ---------------------------------------------------------------------------------------------------------

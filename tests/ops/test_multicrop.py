@@ -353,23 +353,14 @@ def test_compiles_fullgraph(gen):
     assert torch.equal(batch(image, packed), want)
 
 
-def _inductor_drops_float32_round_trips() -> bool:
-    """Whether torch.compile turns x.to(float32).to(float64) into x (it rounds 26/3 in eager)."""
-    x = torch.tensor([26 / 3], dtype=torch.float64)
-    return bool(torch.compile(lambda t: t.to(torch.float32).to(torch.float64) == t, fullgraph=True)(x))
-
-
 @pytest.mark.parametrize("reduce", [1, 3])
 def test_augment_crops_batch_compiles_fullgraph(reduce, gen):
     """What multicrop's fullgraph refusal tells the user to compile: augment_crops_batch with parameters drawn
     outside. Its packing (numpy, traced by Dynamo) branched on data (the float32 window fix-up) and broke
-    fullgraph=True for every input; reduce 3 takes that fix-up (box (1, 0, 29, 30): 0.33333334 + 9.666667 > 10)."""
+    fullgraph=True for every input; reduce 3 takes that fix-up (box (1, 0, 29, 30): 0.33333334 + 9.666667 > 10).
+    Torch 2.11's Inductor folds a float64 -> float32 -> float64 round trip into the identity: the fix-up had
+    used one and ended a compiled window an ulp earlier than eager there (the packing now has none)."""
     torch._dynamo.reset()
-    if reduce == 3 and _inductor_drops_float32_round_trips():
-        pytest.xfail("this torch's Inductor drops a float64 -> float32 -> float64 round trip (torch 2.11 does, "
-                     "2.14 does not), so the compiled window fix-up compares with the unrounded box end and can "
-                     "end a window one float32 ulp earlier than eager; exact where reduce divides the boxes (the "
-                     "JPEG reductions 1, 2, 4, 8)")
     f = torch.compile(lambda ims, ps: seer_kernels.augment_crops_batch(ims, ps, 16, MEAN, STD, reduce=[reduce] * 2),
                       fullgraph=True)
     images = [torch.randint(0, 256, (3, 10, 12), generator=gen, dtype=torch.uint8) for _ in range(2)]

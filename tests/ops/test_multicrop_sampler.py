@@ -198,6 +198,45 @@ def test_pack_layout(gen):
     assert torch.equal(m[:, COL["sigma"]], p.blur_sigma) and torch.equal(m[:, COL["grayscale"]], p.grayscale.float())
 
 
+def _windows_float32(box: np.ndarray, reduce: float) -> np.ndarray:
+    """The packed windows restated with numpy's float32 (eager only): box / reduce rounded, and where start +
+    length passes the rounded end, the largest float32 length that ends at or before it."""
+    b = box.astype(np.float64)
+    start, length = (b[:, :2] / reduce).astype(np.float32), (b[:, 2:] / reduce).astype(np.float32)
+    end = ((b[:, :2] + b[:, 2:]) / reduce).astype(np.float32)
+    out = length.copy()
+    for i, j in zip(*np.nonzero(start.astype(np.float64) + length.astype(np.float64) > end)):
+        out[i, j] = np.float32(float(end[i, j]) - float(start[i, j]))
+        while float(start[i, j]) + float(out[i, j]) > float(end[i, j]):
+            out[i, j] = np.nextafter(out[i, j], np.float32(0))
+    return np.concatenate([start, out], axis=1)
+
+
+def test_pack_windows_eager_and_compiled_match_float32():
+    """Where reduce divides no box, rounding start and length apart can end a window past its box; the
+    packing shortens those by ulps. torch.compile traces that numpy code (augment_crops_batch packs in the
+    graph): torch 2.11's Inductor folds float64 -> float32 -> float64 into the identity, and a fix-up that
+    converted back had ended compiled windows an ulp earlier than eager ones."""
+    from seer_kernels.multicrop_params import _windows32
+    rng = np.random.default_rng()
+    hw = rng.integers(1, 30000, (4000, 2))
+    size = rng.integers(1, hw + 1)
+    box = np.concatenate([rng.integers(0, hw - size + 1), size], axis=1)
+    box[:3] = [[1, 0, 29, 30], [0, 3, 30, 33], [7, 11, 2, 16381]]  # over at reduce 3, and one near 2^14
+    for reduce in (1.0, 2.0, 3.0, 3.7, 7.0):
+        want = _windows_float32(box, reduce)
+        got = _windows32(box, reduce)
+        assert got.dtype == np.float32 and np.array_equal(got, want), reduce
+        ends = got[:, :2].astype(np.float64) + got[:, 2:]
+        assert (ends <= ((box[:, :2] + box[:, 2:]) / reduce).astype(np.float32)).all(), reduce
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, r: torch.from_numpy(_windows32(t.numpy(), r.numpy())), fullgraph=True)
+    for reduce in (3.0, 3.7):
+        want = _windows_float32(box, reduce)
+        assert np.array_equal(compiled(torch.from_numpy(box), torch.tensor(reduce, dtype=torch.float64)).numpy(),
+                              want), reduce
+
+
 def test_crop_params_indexing_and_cat(gen):
     p = sample_crop_params((200, 300), 6, (0.1, 1.0), gen)
     assert len(p[2]) == 1 and torch.equal(p[2].box, p.box[2:3]) and torch.equal(p[-1].box, p.box[-1:])
