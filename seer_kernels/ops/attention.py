@@ -368,13 +368,17 @@ def no_double_backward(op: str) -> str:
             f"the one SDPA backend that has them on every device")
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(no_double_backward("attention"))
+def refuse_double_backward(bwd_op, op: str) -> None:
+    """Register, as ``bwd_op``'s own "backward", a refusal with the hint of :func:`no_double_backward`:
+    without it torch's message told the user to "use register_autograd to add one", as if the missing
+    second derivative were theirs to write."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(no_double_backward(op))
+
+    bwd_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
 
 
-# The backward op's own "backward" only refuses, with the hint above: without it torch's message told the user
-# to "use register_autograd to add one", as if the missing second derivative were theirs to write.
-_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(_bwd_op, "attention")
 
 
 def _fold(info, in_dims, tensors):

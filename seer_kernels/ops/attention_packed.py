@@ -115,11 +115,7 @@ def _backward(ctx, dout, dlse):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(A.no_double_backward("attention_packed"))
-
-
-_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+A.refuse_double_backward(_bwd_op, "attention_packed")
 
 
 class _EagerAttentionPacked(torch.autograd.Function):
