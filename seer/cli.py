@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-image-pixels", type=int, default=C.DataConfig.max_image_pixels,
                     help="larger images count as unreadable (decompression bombs), as data.max_image_pixels "
                          "(default: %(default)s)")
+    dc.add_argument("--max-image-bytes", type=int, default=C.DataConfig.max_image_bytes,
+                    help="larger files (and tar members) count as unreadable, without being read, as "
+                         "data.max_image_bytes; 0 = no limit (default: %(default)s)")
 
     dd = dsub.add_parser("dedup", help="find duplicate images: identical bytes (SOURCE) or near duplicates "
                                        "(--features of seer features); write the list to keep",
@@ -198,6 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     dd.add_argument("--timeout-s", type=float, help=f"SOURCE: stop with an error when the workers deliver nothing "
                                                     f"for this many seconds, as data.timeout_s (default: "
                                                     f"{C.DataConfig.timeout_s:g})")
+    dd.add_argument("--max-image-bytes", type=int, help=f"SOURCE: larger files (and tar members) are unreadable, "
+                                                        f"not read, as data.max_image_bytes; 0 = no limit (default: "
+                                                        f"{C.DataConfig.max_image_bytes})")
     dd.add_argument("--device", choices=["cpu", "cuda"], help="--features: where the similarities are computed "
                                                               "(default: cpu)")
     dd.add_argument("--block-rows", type=int, help="--features: rows per similarity block (default: 4096)")
@@ -465,7 +471,7 @@ def cmd_eval(args) -> int:
     from .train.build import autocast_dtype
     ev = Evaluator(cfg.eval, image_size=cfg.data.crops.global_size, mean=cfg.data.crops.mean, std=cfg.data.crops.std,
                    digits_size=cfg.data.digits_size, device=device, autocast_dtype=autocast_dtype(precision),
-                   max_pixels=cfg.data.max_image_pixels)
+                   max_pixels=cfg.data.max_image_pixels, max_bytes=cfg.data.max_image_bytes)
     with _run_attention(cfg, recorded, device, precision):
         res = ev.evaluate(backbone.to(device), knn=args.protocol == "knn", linear=args.protocol == "linear")
     step = _evaluated_step(ckpt, ckpt_dir, args.random_init)
@@ -509,7 +515,8 @@ def cmd_features(args) -> int:
                                       std=cfg.data.crops.std, layers=args.layers, tokens=args.tokens,
                                       batch_size=args.batch_size, overwrite=args.overwrite, workers=args.workers,
                                       device=device, autocast_dtype=autocast_dtype(precision),
-                                      max_pixels=cfg.data.max_image_pixels, timeout_s=args.timeout_s,
+                                      max_pixels=cfg.data.max_image_pixels, max_bytes=cfg.data.max_image_bytes,
+                                      timeout_s=args.timeout_s,
                                       resume=not args.no_resume, backbone_id=_backbone_id(ckpt, ckpt_dir))
     except NoReadableImagesError:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)") \
@@ -551,7 +558,7 @@ def cmd_attention_maps(args) -> int:
     res = save_attention_maps(backbone, paths, args.out, image_size=size, mean=cfg.data.crops.mean,
                               std=cfg.data.crops.std, layer=args.layer, device=device,
                               max_pixels=cfg.data.max_image_pixels, batch_size=args.batch_size,
-                              autocast_dtype=autocast_dtype(precision))
+                              autocast_dtype=autocast_dtype(precision), max_bytes=cfg.data.max_image_bytes)
     if not res.written:
         raise CLIError(f"--images {args.images!r}: none of its {len(paths)} images is readable (listed above)")
     # (--layer counts from 0, as Python does: said so, 'block 1 of 2' read as the first of two)
@@ -625,7 +632,8 @@ def cmd_data(args) -> int:
         if args.report:
             check_report_path(args.report, args.source, args.format, args.exclude)
         report = check_dataset(args.source, fmt=args.format, workers=args.workers,
-                               max_pixels=args.max_image_pixels, timeout_s=args.timeout_s, exclude=args.exclude)
+                               max_pixels=args.max_image_pixels, timeout_s=args.timeout_s, exclude=args.exclude,
+                               max_bytes=args.max_image_bytes)
     except DataSourceError as e:  # the source's messages name training's settings: name this command's arguments
         raise CLIError(_as_check_arguments(str(e))) from None
     print(report.format())
@@ -642,7 +650,8 @@ def cmd_data_dedup(args) -> int:
         raise CLIError("give SOURCE (duplicate files, from their bytes) or --features FEATS.npy (near duplicates, "
                        "from seer features' rows), one of the two")
     # The arguments of one mode, with their defaults (None in the parser: given to the other mode, refused).
-    exact = {"format": "auto", "workers": min(4, usable_cpus()), "timeout_s": C.DataConfig.timeout_s, "exclude": ""}
+    exact = {"format": "auto", "workers": min(4, usable_cpus()), "timeout_s": C.DataConfig.timeout_s, "exclude": "",
+             "max_image_bytes": C.DataConfig.max_image_bytes}
     near_only = {"threshold": None, "device": "cpu", "block_rows": 4096}
     for name in (exact if near else near_only):
         if getattr(args, name) is not None:
@@ -667,7 +676,8 @@ def cmd_data_dedup(args) -> int:
         from .data.dedup import dedup_source
         try:
             res = dedup_source(args.source, out=args.out, report=args.report, fmt=args.format, workers=args.workers,
-                               timeout_s=args.timeout_s, overwrite=args.overwrite, exclude=args.exclude)
+                               timeout_s=args.timeout_s, overwrite=args.overwrite, exclude=args.exclude,
+                               max_bytes=args.max_image_bytes)
         except DataSourceError as e:  # (named after training's settings: this command's arguments instead)
             raise CLIError(_as_check_arguments(str(e))) from None
         print(f"{res.total} images, {res.kept} unique, {res.groups.duplicates} duplicates in {res.groups.groups} "

@@ -101,6 +101,13 @@ class DataConfig:
             and i (:mod:`seer.data.synthetic`).
         synthetic_size: their size in pixels, 'S' (S x S) or 'HxW' (height x width), e.g. 256 or 240x320.
         max_image_pixels: larger images are skipped as decompression bombs.
+        max_image_bytes: image files (and tar members) larger than this many bytes are skipped as unreadable
+            without being read: a video or a disk image named .jpg, or a tar member of a huge size, would
+            otherwise be read whole into memory by every DataLoader worker that meets it; 0 = no limit. The
+            default, 512 MiB, is about the size of an 8-bit RGB image of ``max_image_pixels``' default stored
+            without compression (BMP, PPM, TIFF: 3 bytes a pixel; compressed ones are smaller): it refuses
+            almost no image that the pixel guard lets through, while one read holds less memory than decoding
+            an image at the pixel limit already does (Pillow keeps 4 bytes a pixel).
         max_bad_fraction: stop with an error if more than this fraction of the dataset turns out unreadable
             (a wrong path or format, not a few bad files); 1.0 never stops.
         timeout_s: stop with an error naming this key when the DataLoader workers deliver no batch for this
@@ -127,6 +134,7 @@ class DataConfig:
     synthetic_count: int = 1_281_167
     synthetic_size: str = "256"
     max_image_pixels: int = 178_956_970
+    max_image_bytes: int = 512 * 2**20
     max_bad_fraction: float = 0.5
     timeout_s: float = 600.0
     index_workers: int = 0
@@ -735,6 +743,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("data.digits_split", d.digits_split, ("train", "all"))
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
     _check(d.max_image_pixels >= 1, "data.max_image_pixels", "an integer >= 1", d.max_image_pixels)
+    _check(d.max_image_bytes >= 0, "data.max_image_bytes", "an integer >= 0 (bytes; 0 = no limit)",
+           d.max_image_bytes)
     _check(math.isfinite(d.timeout_s) and d.timeout_s >= 0, "data.timeout_s",
            "a finite number >= 0 (seconds; 0 = no timeout)", d.timeout_s)
     _check(d.index_workers >= 0, "data.index_workers", "an integer >= 0 (0 = automatic, 1 = no worker processes)",

@@ -247,6 +247,28 @@ def test_data_check_takes_the_format_and_pixel_limit_of_training(tmp_path, capsy
     assert "--max-image-pixels must be an integer >= 1" in capsys.readouterr().err
 
 
+def test_data_check_takes_the_byte_limit_of_training(tmp_path, capsys):
+    """--max-image-bytes, as data.max_image_bytes: larger files are unreadable, not read; 0 = no limit."""
+    data = tmp_path / "data"
+    files = write_good_images(data, 3, nested=False)
+    sizes = sorted(p.stat().st_size for p in files)
+    assert sizes[1] < sizes[2]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    report = tmp_path / "bad.tsv"
+    assert main(["data", "check", str(data), "--workers", "0", "--max-image-bytes", str(sizes[1]), "--report",
+                 str(report)]) == 0
+    out = capsys.readouterr().out
+    reason = f"ValueError: {sizes[2]} bytes exceed data.max_image_bytes={sizes[1]} (not read)"
+    assert "3 images, 2 readable, 1 unreadable" in out and f"BAD {biggest}\t{reason}" in out
+    assert report.read_text() == f"{biggest}\t{reason}\n"
+    assert main(["data", "check", str(data), "--workers", "0", "--max-image-bytes", "0"]) == 0
+    assert "3 images, 3 readable" in capsys.readouterr().out
+    assert main(["data", "check", str(data), "--workers", "0"]) == 0  # the default: 512 MiB
+    assert "3 images, 3 readable" in capsys.readouterr().out
+    assert main(["data", "check", str(data), "--max-image-bytes", "-1"]) == 2
+    assert "--max-image-bytes must be an integer >= 0 (bytes; 0 = no limit), got -1" in capsys.readouterr().err
+
+
 def test_data_check_report_never_replaces_a_file_it_reads(tmp_path, capsys):
     """--report was written in place after the check: naming the list file, a shard or --exclude replaced it
     with the report's lines (the list of a dataset lost); refused before the check, as seer data dedup does."""

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .dataset import _reason, decode_checked
 from .dedup_files import cell
-from .sources import DataSourceError, ImageSource, detect_format, is_image_name, open_source
+from .sources import DataSourceError, ImageSource, check_max_bytes, detect_format, is_image_name, open_source
 from .workers import check_timeout, loader_timeout, next_batch
 
 
@@ -88,12 +88,15 @@ def _as_list(items):  # a module-level function: workers started by forkserver o
 
 
 def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixels: int = DataConfig.max_image_pixels,
-                  timeout_s: float = DataConfig.timeout_s, exclude: str = "") -> CheckReport:
-    """Decode every image of ``source`` (less those ``exclude`` names, as ``data.exclude``) and tally them."""
+                  timeout_s: float = DataConfig.timeout_s, exclude: str = "",
+                  max_bytes: int = DataConfig.max_image_bytes) -> CheckReport:
+    """Decode every image of ``source`` (less those ``exclude`` names, as ``data.exclude``) and tally them; a file
+    of more than ``max_bytes`` bytes (``data.max_image_bytes``, 0 = no limit) is unreadable, not read."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"--max-image-pixels must be an integer >= 1, got {max_pixels!r}")
+    check_max_bytes(max_bytes, "--max-image-bytes")
     check_timeout(timeout_s, "--timeout-s")
     if (detect_format(source) if fmt == "auto" else fmt) == "synthetic":
         # Its images are made, not read: none can be unreadable, and decoding 1.28 million of them would
@@ -103,7 +106,7 @@ def check_dataset(source: str, *, fmt: str = "auto", workers: int = 4, max_pixel
                               "nothing to check; for a folder named 'synthetic', give it as './synthetic'")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache:  # the index lives as long as the check
-        src = open_source(source, fmt, cache, exclude=exclude)
+        src = open_source(source, fmt, cache, exclude=exclude, max_bytes=max_bytes)
         loader = DataLoader(_CheckDataset(src, max_pixels), batch_size=64, num_workers=workers,
                             collate_fn=_as_list, timeout=loader_timeout(timeout_s, workers))
         return _tally(src, loader, t0, timeout_s)

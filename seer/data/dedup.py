@@ -8,9 +8,9 @@ N^2 / 2^(b+1): 1.5e-21 for N = 10^9, far below the rate of undetected disk or me
 are taken as equal bytes without comparing the files. SHA-256 rather than BLAKE2b: OpenSSL computes it with
 the CPU's SHA instructions (x86 SHA-NI, ARMv8 crypto), 1.9 GB/s against BLAKE2b's 1.0 GB/s on the 2-core
 development machine, both well above what storage delivers per core; and anyone can check a digest with
-``sha256sum``. An image that cannot be read (missing, no permission, a shard cut short) is reported, not fatal,
-and is neither kept nor a duplicate. Nothing is decoded: a file that is not an image is hashed like any other
-(``seer data check`` finds those).
+``sha256sum``. An image that cannot be read (missing, no permission, a shard cut short, larger than
+``data.max_image_bytes``: not read) is reported, not fatal, and is neither kept nor a duplicate. Nothing is
+decoded: a file that is not an image is hashed like any other (``seer data check`` finds those).
 
 Grouping holds no Python object per image: the digests are an (N, 16) uint8 array, viewed as 16-byte void
 scalars and sorted with a stable argsort, so equal digests form runs in which the images keep their source
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from .dataset import _reason
 from .dedup_files import DedupResult, Groups, cell, check_outputs, groups_from_roots, write_keep_list, write_report
-from .sources import BUILT_IN, DataSourceError, detect_format, open_source, tar_shards
+from .sources import BUILT_IN, DataSourceError, check_max_bytes, detect_format, open_source, tar_shards
 from .workers import check_timeout, loader_timeout, next_batch
 
 log = logging.getLogger("seer.data")
@@ -90,14 +90,16 @@ def group_digests(digests: np.ndarray, ok: Optional[np.ndarray] = None, chunk: i
 
 def dedup_source(source: str, *, out: Optional[str] = None, report: Optional[str] = None, fmt: str = "auto",
                  workers: int = 4, timeout_s: float = DataConfig.timeout_s, overwrite: bool = False,
-                 exclude: str = "") -> DedupResult:
+                 exclude: str = "", max_bytes: int = DataConfig.max_image_bytes) -> DedupResult:
     """Exact duplicates of ``source`` (module doc): write KEEP.txt to ``out`` and/or the report to ``report``
     (:mod:`seer.data.dedup_files`). A tar source takes no ``out``: its members are not files a list can name;
     its report, given to ``data.exclude``, leaves the duplicates out of training. ``exclude``: images left out
-    before hashing, as ``data.exclude`` leaves them out (e.g. the report of an earlier pass)."""
+    before hashing, as ``data.exclude`` leaves them out (e.g. the report of an earlier pass). ``max_bytes``:
+    a larger file is unreadable, not read, as training skips it (``data.max_image_bytes``; 0 = no limit)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"--workers must be an integer >= 0, got {workers!r}")
     check_timeout(timeout_s, "--timeout-s")
+    check_max_bytes(max_bytes, "--max-image-bytes")
     fmt = check_source_format(source, fmt)
     if out is not None and fmt == "tar":
         raise ValueError("--out: the images of tar shards are members inside the shards, which a list file (whose "
@@ -107,7 +109,7 @@ def dedup_source(source: str, *, out: Optional[str] = None, report: Optional[str
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seer-index-") as cache, \
             tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape") as spill:
-        src = open_source(source, fmt, cache, exclude=exclude)
+        src = open_source(source, fmt, cache, exclude=exclude, max_bytes=max_bytes)
         digests, ok, shown = _hash_all(src, workers, timeout_s, spill)
         if len(ok) and not ok.any():  # (an empty KEEP.txt would only fail later, as a source without images)
             first = f" (the first: {shown[0][0]}: {shown[0][1]})" if shown else ""

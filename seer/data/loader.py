@@ -63,7 +63,7 @@ class TrainData:
                                exclude=cfg.exclude)
         self.source = open_index(meta, cache, digits_size=cfg.digits_size, digits_split=cfg.digits_split,
                                  synthetic_count=cfg.synthetic_count, synthetic_size=parse_size(cfg.synthetic_size),
-                                 seed=seed)
+                                 seed=seed, max_bytes=cfg.max_image_bytes)
         self.spec = crop_spec(cfg.crops)
         self.sampler = ResumableSampler(len(self.source), cfg.batch_size, world, rank, seed)
         if cfg.augment_on == "workers":

@@ -79,11 +79,13 @@ class ImageSource:
 
 
 class FileSource(ImageSource):
-    """Image files listed in a :class:`StringList` (paths relative to ``root`` unless absolute)."""
+    """Image files listed in a :class:`StringList` (paths relative to ``root`` unless absolute); a file of more
+    than ``max_bytes`` bytes is refused unread (:func:`read_regular_file`; 0 = no limit)."""
 
-    def __init__(self, paths: StringList, root: str = ""):
+    def __init__(self, paths: StringList, root: str = "", max_bytes: int = 0):
         self.paths = paths
         self.root = root
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,7 +94,7 @@ class FileSource(ImageSource):
         return os.path.join(self.root, self.paths[i]) if self.root else self.paths[i]
 
     def read(self, i: int) -> bytes:
-        return read_regular_file(self.name(i))
+        return read_regular_file(self.name(i), self.max_bytes)
 
 
 def not_regular(mode: int) -> Optional[str]:
@@ -102,22 +104,65 @@ def not_regular(mode: int) -> Optional[str]:
     return "a folder" if stat.S_ISDIR(mode) else special_kind(mode) or "not a regular file"
 
 
-def read_regular_file(path: str) -> bytes:
+def check_image_bytes(size: int, max_bytes: int) -> None:
+    """ValueError naming data.max_image_bytes where an image file (or tar member) of ``size`` bytes is larger
+    than ``max_bytes`` (0 = no limit): such a file (a video or a disk image named .jpg, a tar member of a huge
+    size) counts as unreadable, as a corrupt one does, instead of being read whole into memory, once per
+    DataLoader worker that meets it."""
+    if max_bytes and size > max_bytes:
+        raise ValueError(f"{size} bytes exceed data.max_image_bytes={max_bytes} (not read)")
+
+
+def check_max_bytes(max_bytes, setting: str = "max_bytes") -> None:
+    """ValueError naming ``setting`` unless ``max_bytes`` is a limit :func:`read_regular_file` takes: an integer
+    >= 0 (0 = no limit)."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"{setting} must be an integer >= 0 (bytes; 0 = no limit), got {max_bytes!r}")
+
+
+# How much a file that outgrows its fstat size is read at a time, up to the limit (a single read of the
+# limit would allocate all of it first, whatever the file holds).
+READ_CHUNK = 1 << 20
+
+
+def read_regular_file(path: str, max_bytes: int = 0) -> bytes:
     """The bytes of the regular file ``path`` (a symbolic link followed), or OSError for anything else. A list
     file may name, or a link lead to, a fifo, whose open waits for a writer forever (a hung worker stops the
     run at data.timeout_s, and again on every resume), or a device such as /dev/zero, whose read never ends
     (memory runs out); so the file is opened without waiting (O_NONBLOCK, which regular files ignore) and
-    read only once fstat says it is a regular file."""
+    read only once fstat says it is a regular file.
+
+    ``max_bytes`` (``data.max_image_bytes``; 0 = no limit): a file whose fstat size is larger is refused
+    unread (:func:`check_image_bytes`); and at most ``max_bytes`` + 1 bytes are read, so that a file that grows
+    while it is read, or whose size fstat does not know (0 for the files of /proc and of some FUSE mounts), is
+    refused as soon as it passes the limit, not read to its end."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        what = not_regular(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        what = not_regular(st.st_mode)
         if what is not None:
             raise OSError(errno.EINVAL, f"not a regular file ({what})", path)
+        check_image_bytes(st.st_size, max_bytes)
     except BaseException:
         os.close(fd)
         raise
     with open(fd, "rb") as f:
-        return f.read()
+        if not max_bytes:
+            return f.read()
+        # One read of the size fstat gave, plus a byte to see the end; past that, the rest in chunks (each
+        # f.read(n) allocates n bytes first: one read of a large limit would allocate the whole limit).
+        want = min(st.st_size, max_bytes) + 1
+        data = f.read(want)
+        if len(data) < want:
+            return data
+        data = bytearray(data)
+        while len(data) <= max_bytes:
+            chunk = f.read(min(READ_CHUNK, max_bytes + 1 - len(data)))
+            if not chunk:
+                return bytes(data)
+            data += chunk
+    raise ValueError(f"more than {max_bytes} bytes (the file grew while it was read, or its size was not known "
+                     f"beforehand) exceed data.max_image_bytes={max_bytes} (read no further)")
 
 
 class TarSource(ImageSource):
@@ -126,13 +171,17 @@ class TarSource(ImageSource):
     Each process keeps at most ``MAX_OPEN_SHARDS`` shards open, the most recently read: the data order
     visits every shard within a few batches, and a handle kept per shard ran a worker out of file
     descriptors (ulimit -n, often 1024) once there were more shards than that, after which every read of
-    another shard failed and its images were skipped as unreadable. Reopening costs ~10 us, a decode ms."""
+    another shard failed and its images were skipped as unreadable. Reopening costs ~10 us, a decode ms.
+
+    A member of more than ``max_bytes`` bytes (its size from the tar header, recorded in the index) is refused
+    without a read (:func:`check_image_bytes`; 0 = no limit)."""
 
     MAX_OPEN_SHARDS = 64
 
     def __init__(self, shards: list[str], shard_id: MappedArray, offset: MappedArray, size: MappedArray,
-                 members: StringList):
+                 members: StringList, max_bytes: int = 0):
         self.shards, self.shard_id, self.offset, self.size, self.members = shards, shard_id, offset, size, members
+        self.max_bytes = max_bytes
         # shard id -> open file, least recent first
         self._files: collections.OrderedDict[int, object] = collections.OrderedDict()
 
@@ -143,6 +192,7 @@ class TarSource(ImageSource):
         return f"{self.shards[int(self.shard_id[i])]}:{self.members[i]}"
 
     def read(self, i: int) -> bytes:
+        check_image_bytes(int(self.size[i]), self.max_bytes)  # (before the shard is opened: nothing read)
         sid = int(self.shard_id[i])
         f = self._files.get(sid)
         if f is None:  # workers open their own handles after unpickling
@@ -883,9 +933,12 @@ def _check_shards(meta: dict, cache: Path) -> None:
 
 def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32, digits_split: str = "train",
                synthetic_count: int = 1_281_167, synthetic_size: tuple[int, int] = (256, 256),
-               seed: int = 0) -> ImageSource:
+               seed: int = 0, max_bytes: int = 0) -> ImageSource:
     """The source of an index that :func:`build_index` described in ``meta``. The keywords shape the built-in
-    sources: ``digits_*`` the digits, ``synthetic_*`` and ``seed`` (the run's) the synthetic images."""
+    sources: ``digits_*`` the digits, ``synthetic_*`` and ``seed`` (the run's) the synthetic images;
+    ``max_bytes`` (``data.max_image_bytes``, 0 = no limit) is the largest image file or tar member that the
+    sources of files read (a larger one is refused unread, as an unreadable file)."""
+    check_max_bytes(max_bytes)
     cache = Path(cache)
     fmt = meta["format"]
     _check_index_files(meta, cache)  # every process: the one that built the index may not share this disk
@@ -896,15 +949,17 @@ def open_index(meta: dict, cache: str | os.PathLike, *, digits_size: int = 32, d
         from .synthetic import SyntheticSource
         return SyntheticSource(synthetic_count, synthetic_size, seed)
     if fmt in ("folder", "list"):
-        return FileSource(StringList(cache / "images.txt", cache / "images.offsets.npy"), meta.get("root", ""))
+        return FileSource(StringList(cache / "images.txt", cache / "images.offsets.npy"), meta.get("root", ""),
+                          max_bytes)
     return TarSource(meta["shards"], MappedArray(cache / "shard_id.npy"), MappedArray(cache / "offset.npy"),
-                     MappedArray(cache / "size.npy"), StringList(cache / "members.txt", cache / "members.offsets.npy"))
+                     MappedArray(cache / "size.npy"), StringList(cache / "members.txt", cache / "members.offsets.npy"),
+                     max_bytes)
 
 
 def open_source(source: str, fmt: str = "auto", cache: Optional[str | os.PathLike] = None, *, workers: int = 0,
                 exclude: str = "", **kw) -> ImageSource:
     """Index (if needed) and open ``source`` in one process (tests, ``seer data check``); ``workers`` and
-    ``exclude`` as :func:`build_index`'s."""
+    ``exclude`` as :func:`build_index`'s, the keywords (``max_bytes``, ...) :func:`open_index`'s."""
     import tempfile
     if cache is None:
         cache = tempfile.mkdtemp(prefix="seer-index-")

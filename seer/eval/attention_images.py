@@ -89,7 +89,8 @@ class AttentionMapsResult:
 def save_attention_maps(backbone: nn.Module, paths: Sequence[str], out: str, *, image_size: int, mean, std,
                         layer: int = -1, device: Optional[torch.device] = None,
                         max_pixels: int = DataConfig.max_image_pixels, batch_size: int = 16,
-                        autocast_dtype: Optional[torch.dtype] = None) -> AttentionMapsResult:
+                        autocast_dtype: Optional[torch.dtype] = None,
+                        max_bytes: int = DataConfig.max_image_bytes) -> AttentionMapsResult:
     """For each readable image of ``paths``, resized and centre-cropped to ``image_size`` and normalised as
     ``seer features`` does: ``out/<index>_<stem>.npy`` (float32 (heads, gh, gw) maps of block ``layer``) and
     ``out/<index>_<stem>.png`` (module doc). ``out`` is created; unreadable images are skipped with a warning.
@@ -114,7 +115,7 @@ def save_attention_maps(backbone: nn.Module, paths: Sequence[str], out: str, *, 
         batch.clear()
 
     for path, name in zip(paths, output_names(paths)):
-        image, reason = read_image(path, max_pixels)
+        image, reason = read_image(path, max_pixels, max_bytes)
         if image is None:
             log.warning("skipping unreadable image %s (%s)", printable(path), reason)
             skipped.append((path, reason))

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..config import DataConfig
 from ..data.dataset import _reason, decode_checked
-from ..data.sources import followed_is, printable, scan_folder
+from ..data.sources import check_max_bytes, followed_is, printable, read_regular_file, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -210,19 +210,24 @@ def preprocess(image: Tensor, size: int, mean: Tensor, std: Tensor) -> Tensor:
 _REPORTED: set[str] = set()  # unreadable files already logged (periodic evaluation meets them again)
 
 
-def read_image(path: str, max_pixels: int = DataConfig.max_image_pixels) -> tuple[Optional[Tensor], Optional[str]]:
-    """(decoded uint8 (3, H, W), None), or (None, the reason) if the file cannot be read or has more than
-    ``max_pixels`` pixels (a decompression bomb, as in training: data.max_image_pixels). Logs nothing."""
+def read_image(path: str, max_pixels: int = DataConfig.max_image_pixels,
+               max_bytes: int = DataConfig.max_image_bytes) -> tuple[Optional[Tensor], Optional[str]]:
+    """(decoded uint8 (3, H, W), None), or (None, the reason) if the file cannot be read, has more than
+    ``max_pixels`` pixels (a decompression bomb, as in training: data.max_image_pixels) or more than
+    ``max_bytes`` bytes (not read, as in training: data.max_image_bytes; 0 = no limit). Read as training reads
+    its files (:func:`~seer.data.sources.read_regular_file`: a fifo or a device is refused, not waited on or
+    read without end). Logs nothing."""
+    check_max_bytes(max_bytes)  # (a wrong limit is the caller's error, not every image's)
     try:
-        with open(path, "rb") as f:
-            return decode_checked(f.read(), max_pixels), None
+        return decode_checked(read_regular_file(path, max_bytes), max_pixels), None
     except Exception as e:  # a bad file: skipped and counted by the caller
         return None, _reason(e)
 
 
-def load_image(path: str, max_pixels: int = DataConfig.max_image_pixels) -> Optional[Tensor]:
+def load_image(path: str, max_pixels: int = DataConfig.max_image_pixels,
+               max_bytes: int = DataConfig.max_image_bytes) -> Optional[Tensor]:
     """:func:`read_image`'s image, or None (the reason logged the first time)."""
-    image, reason = read_image(path, max_pixels)
+    image, reason = read_image(path, max_pixels, max_bytes)
     if image is None and path not in _REPORTED:
         _REPORTED.add(path)
         log.warning("evaluation skips unreadable image %s (%s)", printable(path), reason)

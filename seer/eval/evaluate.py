@@ -31,17 +31,20 @@ class Evaluator:
         digits_size: side of the built-in digits.
         max_pixels: images with more pixels are skipped as unreadable (``data.max_image_pixels``: the
             decompression-bomb guard of training).
+        max_bytes: image files of more bytes are skipped as unreadable, not read (``data.max_image_bytes``;
+            0 = no limit).
     """
 
     def __init__(self, cfg: EvalConfig, *, image_size: int, mean, std, device: torch.device = torch.device("cpu"),
                  group: Optional[dist.ProcessGroup] = None, compute: bool = True, digits_size: int = 32,
-                 autocast_dtype: Optional[torch.dtype] = None, max_pixels: int = DataConfig.max_image_pixels):
+                 autocast_dtype: Optional[torch.dtype] = None, max_pixels: int = DataConfig.max_image_pixels,
+                 max_bytes: int = DataConfig.max_image_bytes):
         self.cfg = cfg
         self.image_size = cfg.image_size or image_size
         self.mean, self.std = list(mean), list(std)
         self.device, self.group, self.compute = device, group, compute
         self.autocast_dtype = autocast_dtype
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
         self.splits = load_labelled(cfg.dataset, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed,
                                     digits_size=digits_size, max_images=cfg.max_images)
 
@@ -51,7 +54,8 @@ class Evaluator:
         for name, split in self.splits.items():
             f, y, bad = extract_features(backbone, split, image_size=self.image_size, mean=self.mean, std=self.std,
                                          batch_size=self.cfg.batch_size, device=self.device, group=self.group,
-                                         autocast_dtype=self.autocast_dtype, max_pixels=self.max_pixels)
+                                         autocast_dtype=self.autocast_dtype, max_pixels=self.max_pixels,
+                                         max_bytes=self.max_bytes)
             out[name] = (f, y)
             skipped += bad
         return out, skipped

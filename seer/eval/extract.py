@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
-from ..data.sources import is_image_name, printable, scan_folder
+from ..data.sources import check_max_bytes, is_image_name, printable, scan_folder
 from ..data.workers import check_timeout, loader_timeout, next_batch
 from .datasets import autocast_to, channel_stats, check_image_size, preprocess, read_image
 
@@ -104,14 +104,16 @@ def check_batching(batch_size: int, workers: int = 0, timeout_s: float = DataCon
 class _Images(Dataset):
     """Image i of ``paths`` -> (i, preprocessed (3, S, S) or None, None or the reason it is unreadable)."""
 
-    def __init__(self, paths: Sequence[str], image_size: int, mean: Tensor, std: Tensor, max_pixels: int):
-        self.paths, self.image_size, self.mean, self.std, self.max_pixels = paths, image_size, mean, std, max_pixels
+    def __init__(self, paths: Sequence[str], image_size: int, mean: Tensor, std: Tensor, max_pixels: int,
+                 max_bytes: int):
+        self.paths, self.image_size, self.mean, self.std = paths, image_size, mean, std
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image, reason = read_image(self.paths[i], self.max_pixels)
+        image, reason = read_image(self.paths[i], self.max_pixels, self.max_bytes)
         return i, None if image is None else preprocess(image, self.image_size, self.mean, self.std), reason
 
 
@@ -125,7 +127,8 @@ def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_s
                            layers: int = 1, tokens: str = "cls", batch_size: int = 64, workers: int = 0,
                            device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
                            max_pixels: int = DataConfig.max_image_pixels,
-                           timeout_s: float = DataConfig.timeout_s) -> ImageFeatures:
+                           timeout_s: float = DataConfig.timeout_s,
+                           max_bytes: int = DataConfig.max_image_bytes) -> ImageFeatures:
     """Features (module doc) of the images at ``paths``, in that order, unreadable ones skipped, held in
     memory (M x F floats: :func:`seer.eval.save_features.save_image_features` writes a large set to a file
     as it goes instead).
@@ -141,6 +144,7 @@ def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_s
         workers: decoding processes (0: this process).
         autocast_dtype: autocast the forward passes to this dtype (None: as the backbone's parameters).
         max_pixels: larger images are skipped (``data.max_image_pixels``, the decompression-bomb guard).
+        max_bytes: larger files are skipped without being read (``data.max_image_bytes``; 0 = no limit).
         timeout_s: :class:`seer.data.workers.DataTimeoutError` when the workers deliver no batch for this long
             (a hung read); 0 = no limit.
     """
@@ -155,7 +159,8 @@ def extract_image_features(backbone: nn.Module, paths: Sequence[str], *, image_s
 
     skipped = stream_image_features(backbone, paths, keep, image_size=image_size, mean=mean, std=std, layers=layers,
                                     tokens=tokens, batch_size=batch_size, workers=workers, device=device,
-                                    autocast_dtype=autocast_dtype, max_pixels=max_pixels, timeout_s=timeout_s)
+                                    autocast_dtype=autocast_dtype, max_pixels=max_pixels, timeout_s=timeout_s,
+                                    max_bytes=max_bytes)
     return ImageFeatures(out[:len(kept)], [paths[i] for i in kept], [(paths[i], why) for i, why in skipped])
 
 
@@ -166,8 +171,8 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
                           device: Optional[torch.device] = None, autocast_dtype: Optional[torch.dtype] = None,
                           max_pixels: int = DataConfig.max_image_pixels,
                           timeout_s: float = DataConfig.timeout_s, skip: Collection[int] = (),
-                          after_batch: Optional[Callable[[range, list[tuple[int, str]]], None]] = None
-                          ) -> list[tuple[int, str]]:
+                          after_batch: Optional[Callable[[range, list[tuple[int, str]]], None]] = None,
+                          max_bytes: int = DataConfig.max_image_bytes) -> list[tuple[int, str]]:
     """The features of ``paths[i]`` for i in ``part`` (default: all), handed batch by batch to
     ``write(indices, rows)`` (the path indices of the readable images of the batch, increasing, and their
     float32 (len(indices), F) CPU rows) instead of kept; returns (index, reason) of each unreadable image.
@@ -181,12 +186,13 @@ def stream_image_features(backbone: nn.Module, paths: Sequence[str], write: Call
     """
     check_feature_args(backbone, layers, tokens)
     check_batching(batch_size, workers, timeout_s)
+    check_max_bytes(max_bytes)
     mean_t, std_t = check_image_args(backbone, image_size, mean, std)
     part = range(len(paths)) if part is None else part
     if not isinstance(part, range) or part.step != 1 or not 0 <= part.start <= part.stop <= len(paths):
         raise ValueError(f"part must be a range of path indices (step 1) within 0..{len(paths)}, got {part!r}")
     device = device or next(backbone.parameters()).device
-    images = _Images(paths, image_size, mean_t, std_t, max_pixels)
+    images = _Images(paths, image_size, mean_t, std_t, max_pixels, max_bytes)
     # (ranges, not lists: 10^6 paths would be 10^6 ints held for the whole run)
     batches = [range(i, min(i + batch_size, part.stop)) for i in range(part.start, part.stop, batch_size)
                if i not in skip]

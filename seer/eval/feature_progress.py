@@ -47,8 +47,8 @@ class Resumed:
 
 
 def fingerprint(backbone, paths: Sequence[str], *, backbone_id: Optional[str], image_size: int, mean, std,
-                layers: int, tokens: str, batch_size: int, width: int, device, autocast_dtype, max_pixels: int
-                ) -> dict:
+                layers: int, tokens: str, batch_size: int, width: int, device, autocast_dtype, max_pixels: int,
+                max_bytes: int) -> dict:
     """Everything that makes the rows of FEATS.npy.part, as JSON values (module doc). ``backbone_id``: what
     identifies the weights (the CLI: the checkpoint's path and meta.json); None: a hash of the backbone's
     state dict (every weight read once)."""
@@ -67,7 +67,8 @@ def fingerprint(backbone, paths: Sequence[str], *, backbone_id: Optional[str], i
     fp = {"image list": f"{len(paths)} paths, sha256 {listed}",
           "backbone": backbone_id if backbone_id is not None else f"weights sha256 {_weights_digest(backbone)}",
           "layers": layers, "tokens": tokens, "image_size": image_size, "mean": [float(m) for m in mean],
-          "std": [float(s) for s in std], "max_pixels": max_pixels, "autocast": str(autocast_dtype),
+          "std": [float(s) for s in std], "max_pixels": max_pixels, "max_bytes": max_bytes,
+          "autocast": str(autocast_dtype),
           "weights dtype": str(param.dtype), "device": f"{device.type} ({kind})", "batch_size": batch_size,
           "width": width, "output": "npy float32 rows",
           "software": f"seer {seer.__version__}, torch {torch.__version__}, Pillow {PIL.__version__}",

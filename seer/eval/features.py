@@ -21,9 +21,10 @@ from .datasets import LabelledSplit, autocast_to, channel_stats, check_image_siz
 def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: int, mean, std,
                      batch_size: int = 256, device: torch.device = torch.device("cpu"),
                      group: Optional[dist.ProcessGroup] = None, autocast_dtype: Optional[torch.dtype] = None,
-                     max_pixels: int = DataConfig.max_image_pixels) -> tuple[Tensor, Tensor, int]:
+                     max_pixels: int = DataConfig.max_image_pixels,
+                     max_bytes: int = DataConfig.max_image_bytes) -> tuple[Tensor, Tensor, int]:
     """(features (M, D) float32 on the CPU, labels (M,), images skipped as unreadable or larger than
-    ``max_pixels``)."""
+    ``max_pixels`` pixels or ``max_bytes`` bytes)."""
     check_image_size(image_size, getattr(backbone, "patch_size", 1))  # (any module that takes images)
     mean_t, std_t = channel_stats(mean, std)
     was_training = backbone.training
@@ -44,7 +45,8 @@ def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: i
         else:
             images, ok = [], []
             for i in idx:
-                img = split.images[i] if isinstance(split.images, Tensor) else load_image(split.images[i], max_pixels)
+                img = split.images[i] if isinstance(split.images, Tensor) else \
+                    load_image(split.images[i], max_pixels, max_bytes)
                 if img is not None:
                     images.append(preprocess(img, image_size, mean_t, std_t))
                     ok.append(i)

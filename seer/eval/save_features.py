@@ -57,6 +57,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import DataConfig
+from ..data.sources import check_max_bytes
 from ..part_lock import unlock_part
 from . import feature_progress
 from .extract import check_batching, check_feature_args, check_image_args, feature_dim, stream_image_features
@@ -131,7 +132,8 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
                         overwrite: bool = False, resume: bool = True, backbone_id: Optional[str] = None,
                         **options) -> SavedFeatures:
     """Write the features of ``paths`` (:func:`seer.eval.extract.extract_image_features`' rows, same
-    arguments; ``options``: its ``workers``, ``device``, ``autocast_dtype``, ``max_pixels``, ``timeout_s``) to
+    arguments; ``options``: its ``workers``, ``device``, ``autocast_dtype``, ``max_pixels``, ``timeout_s``,
+    ``max_bytes``) to
     ``out`` (FEATS.npy) and FEATS.txt (module doc; :func:`seer.eval.feature_files.check_outputs` for
     ``overwrite``). A collective when a process group of several processes is set up: every rank calls it.
 
@@ -143,6 +145,7 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
     """
     check_feature_args(backbone, layers, tokens)
     check_batching(batch_size, options.get("workers", 0), options.get("timeout_s", DataConfig.timeout_s))
+    check_max_bytes(options.get("max_bytes", DataConfig.max_image_bytes))
     check_image_args(backbone, image_size, mean, std)  # (before the .part is made, not at the first batch)
     if not paths:
         raise ValueError("paths is empty: expected at least one image path")
@@ -163,7 +166,8 @@ def save_image_features(backbone: nn.Module, paths: Sequence[str], out: str | os
         fp = fingerprint(backbone, paths, backbone_id=backbone_id, image_size=image_size, mean=mean, std=std,
                          layers=layers, tokens=tokens, batch_size=batch_size, width=width,
                          device=options.get("device"), autocast_dtype=options.get("autocast_dtype"),
-                         max_pixels=options.get("max_pixels", DataConfig.max_image_pixels))
+                         max_pixels=options.get("max_pixels", DataConfig.max_image_pixels),
+                         max_bytes=options.get("max_bytes", DataConfig.max_image_bytes))
         lock.append(lock_rows_file(parts[0], out))  # (OutputBusyError while another run writes --out)
         failed.unlink(missing_ok=True)  # (left by a run that was killed)
         resumed, why = load_progress(npy, fp, len(paths), batch_size, width)

@@ -591,7 +591,8 @@ class Trainer:
             self._evaluator = Evaluator(c.eval, image_size=c.data.crops.global_size, mean=c.data.crops.mean,
                                         std=c.data.crops.std, device=self.device, group=self.dims.dp_group,
                                         compute=self.dist.is_main, digits_size=c.data.digits_size,
-                                        autocast_dtype=self.amp, max_pixels=c.data.max_image_pixels)
+                                        autocast_dtype=self.amp, max_pixels=c.data.max_image_pixels,
+                                        max_bytes=c.data.max_image_bytes)
         return self._evaluator
 
     def evaluate(self) -> dict:

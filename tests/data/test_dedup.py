@@ -274,6 +274,10 @@ def test_overwrite_replaces_an_earlier_output_never_an_input_nor_the_other_outpu
     (["--out", "{t}/k.txt"], "one of the two"),
     (["{t}", "--threshold", "0.9", "--out", "{t}/k.txt"], "--threshold is for --features"),
     (["--features", "{f}", "--threshold", "0.9", "--workers", "2", "--out", "{t}/k.txt"], "--workers is for SOURCE"),
+    (["--features", "{f}", "--threshold", "0.9", "--max-image-bytes", "9", "--out", "{t}/k.txt"],
+     "--max-image-bytes is for SOURCE"),
+    (["{t}", "--max-image-bytes", "-1", "--out", "{t}/k.txt"],
+     "--max-image-bytes must be an integer >= 0 (bytes; 0 = no limit), got -1"),
     (["{t}/none", "--out", "{t}/k.txt"], "SOURCE '{t}/none' does not exist"),
     (["synthetic", "--out", "{t}/k.txt"], "SOURCE 'synthetic' is a built-in set"),
 ])
@@ -316,6 +320,15 @@ def test_the_command_prints_a_summary_and_the_unreadable_files(tmp_path, capsys)
     assert "4 images, 2 unique, 1 duplicates in 1 groups, 1 unreadable (" in out
     assert f"UNREADABLE {tmp_path}/imgs/missing.png\tFileNotFoundError" in out
     assert f"--set data.source={keep}" in out
+    # Files over --max-image-bytes (data.max_image_bytes) are unreadable, as training skips them (0: no limit).
+    limit = len(IMG[3]) - 1
+    assert len(IMG[0]) <= limit
+    assert main(["data", "dedup", str(tmp_path / "list.txt"), "--out", str(keep), "--workers", "0", "--overwrite",
+                 "--max-image-bytes", str(limit)]) == 0
+    out = capsys.readouterr().out
+    assert "4 images, 1 unique, 1 duplicates in 1 groups, 2 unreadable (" in out
+    assert f"UNREADABLE {tmp_path}/imgs/c.png\tValueError: {len(IMG[3])} bytes exceed data.max_image_bytes={limit} " \
+        f"(not read)" in out
     np.save(tmp_path / "f.npy", np.array([[1, 0], [0, 0], [1, 0]], np.float32))
     (tmp_path / "f.txt").write_text("/x/a.jpg\n/x/b.jpg\n/x/c.jpg\n")
     assert main(["data", "dedup", "--features", str(tmp_path / "f.npy"), "--threshold", "0.95", "--out",

@@ -318,6 +318,41 @@ def test_evaluation_images_above_the_pixel_limit_are_skipped_as_in_training(tmp_
     assert Evaluator(cfg, image_size=16, mean=[0.5] * 3, std=[0.25] * 3).evaluate(Mean())["skipped"] == 0
 
 
+def test_evaluation_images_above_the_byte_limit_are_skipped_unread_as_in_training(tmp_path, caplog):
+    """Evaluation read every file whole (data.max_image_bytes: a 20 GB file named .jpg in eval.dataset
+    exhausted the memory of a run's periodic evaluation), and with a plain open(), which waits forever on a
+    fifo; both are refused as training refuses them."""
+    from seer.eval.datasets import read_image
+    from tests.data.test_special_files import _FifoWriter
+    root = tmp_path / "d"
+    _class_images(root / "train")
+    _class_images(root / "val")
+    big = root / "train" / "cat" / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(600 * 2**20)  # sparse: no disk, and refused unread, no memory
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3))
+
+    cfg = EvalConfig(dataset=str(root), knn_k=3, linear=False)
+    with caplog.at_level("WARNING"):
+        res = Evaluator(cfg, image_size=16, mean=[0.5] * 3, std=[0.25] * 3).evaluate(Mean())
+    assert res["skipped"] == 1 and res["n_train"] == 6
+    assert f"big.png (ValueError: {600 * 2**20} bytes exceed data.max_image_bytes={512 * 2**20} (not read))" \
+        in caplog.text
+    small = root / "val" / "dog" / "0.png"
+    assert read_image(str(small), max_bytes=small.stat().st_size)[1] is None
+    assert read_image(str(small), max_bytes=small.stat().st_size - 1)[1] == \
+        f"ValueError: {small.stat().st_size} bytes exceed data.max_image_bytes={small.stat().st_size - 1} (not read)"
+    fifo = _FifoWriter(tmp_path / "pipe.png", image_bytes(0))
+    try:
+        assert read_image(str(tmp_path / "pipe.png")) == (None, "OSError: [Errno 22] not a regular file (a fifo): "
+                                                               f"'{tmp_path / 'pipe.png'}'")
+    finally:
+        fifo.close()
+
+
 def test_capped_splits_take_turns_over_many_classes_quickly():
     """eval.max_images drew its images with a loop over the classes: a minute for 10,000 classes of 200,000
     images (iNaturalist-sized label sets), at every Evaluator's start. The draw is the same as that loop's."""

@@ -111,6 +111,40 @@ def test_a_resumed_run_spreads_the_batches_left_over_every_rank(n, world, done):
         assert [s for s, _ in parts] == [batch_share(n, 3, r, world) for r in range(world)]
 
 
+def test_features_and_attention_maps_skip_files_over_the_runs_data_max_image_bytes(run, tmp_path, capsys, caplog):
+    """seer features and seer attention-maps read the images with the run's data.max_image_bytes, as training
+    does: a larger file is skipped without being read, with the reason."""
+    ckpt = tmp_path / "run"
+    shutil.copytree(run / "run", ckpt)
+    good = [p for i, p in enumerate((run / "list.txt").read_text().splitlines()) if i not in BROKEN]
+    biggest = max(good, key=lambda p: Path(p).stat().st_size)
+    size = Path(biggest).stat().st_size
+    over = [p for p in good if Path(p).stat().st_size == size]
+    for f in ckpt.rglob("config.yaml"):
+        text = f.read_text()
+        assert "  max_image_bytes: 536870912\n" in text
+        f.write_text(text.replace("  max_image_bytes: 536870912\n", f"  max_image_bytes: {size - 1}\n"))
+    why = f"(ValueError: {size} bytes exceed data.max_image_bytes={size - 1} (not read))"
+    with caplog.at_level("WARNING"):
+        assert main(["features", "--checkpoint", str(ckpt), *argv(run, tmp_path / "f.npy")[3:]]) == 0
+    assert f"{8 - len(over)} images x 64 (cls, last 1 block(s), 32 px, cpu, fp32), {3 + len(over)} unreadable " \
+        f"skipped" in capsys.readouterr().out
+    assert f"skipping unreadable image {biggest} {why}" in caplog.text
+    assert biggest not in (tmp_path / "f.txt").read_text().splitlines()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(["attention-maps", "--checkpoint", str(ckpt), "--images", str(run / "list.txt"), "--out",
+                     str(tmp_path / "maps"), "--device", "cpu"]) == 0
+    assert f"{8 - len(over)} images (" in capsys.readouterr().out
+    assert f"skipping unreadable image {biggest} {why}" in caplog.text
+    # Another limit skips other images: an interrupted run's rows are reused only under the same one.
+    from seer.eval.feature_progress import fingerprint
+    fp = [fingerprint(torch.nn.Linear(2, 2), ["a.png"], backbone_id="x", image_size=32, mean=[0.5] * 3, std=[1] * 3,
+                      layers=1, tokens="cls", batch_size=3, width=64, device="cpu", autocast_dtype=None,
+                      max_pixels=10**8, max_bytes=limit) for limit in (size, size - 1)]
+    assert (fp[0]["max_bytes"], fp[1]["max_bytes"]) == (size, size - 1)
+
+
 def test_streamed_file_is_the_in_memory_files_bytes(run, tmp_path, capsys):
     assert main(argv(run, tmp_path / "s.npy")) == 0
     assert "8 images x 64 (cls, last 1 block(s), 32 px, cpu, fp32), 3 unreadable skipped" in capsys.readouterr().out

@@ -263,6 +263,28 @@ def test_resume_with_other_regularisation_is_said_not_refused(run, tmp_path, cap
         trainer.release()
 
 
+def test_a_checkpoint_whose_config_predates_data_max_image_bytes_resumes_without_a_word(run, tmp_path, caplog):
+    """A run saved before data.max_image_bytes existed (no such key in its config.yaml files) resumes, with the
+    default or another limit, and says nothing of it: the key reads files, it shapes no tensor."""
+    out, cfg = run
+    copy = _copy(out, tmp_path / "old")
+    for saved in [copy / "config.yaml", *(p / "config.yaml" for p in list_checkpoints(copy / "checkpoints"))]:
+        text = saved.read_text()
+        assert "  max_image_bytes: 536870912\n" in text
+        saved.write_text(text.replace("  max_image_bytes: 536870912\n", ""))
+    for overrides, limit in (([], 512 * 2**20), (["data.max_image_bytes=100000"], 100000)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="seer"):
+            t = Trainer(apply_overrides(cfg, overrides + ["train.max_steps=3"]), copy)
+        try:
+            assert t.step == 2 and t.cfg.data.max_image_bytes == limit
+            assert "max_image_bytes" not in caplog.text and "architecture" not in caplog.text
+        finally:
+            t.release()
+    t = Trainer(apply_overrides(cfg, ["train.max_steps=3"]), copy)
+    assert t.fit()["step"] == 3
+
+
 def test_a_new_max_steps_on_resume_is_said(run, tmp_path, caplog):
     out, cfg = run
     with caplog.at_level("WARNING", logger="seer.train"):

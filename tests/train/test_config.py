@@ -85,7 +85,8 @@ def test_bad_values_name_the_key(override, fragment):
     ("loss.temperature=.inf", "loss.temperature"), ("eval.knn_temperature=.inf", "eval.knn_temperature"),
     ("eval.dataset=", "eval.dataset"),  # was the current folder
     # accepted, then: every image skipped; a NaN decay into the probe; an overflow naming no key
-    ("data.max_image_pixels=0", "data.max_image_pixels"), ("eval.linear_weight_decays=[1, .nan]",
+    ("data.max_image_pixels=0", "data.max_image_pixels"), ("data.max_image_bytes=-1", "data.max_image_bytes"),
+    ("eval.linear_weight_decays=[1, .nan]",
                                                             "eval.linear_weight_decays"),
     ("eval.linear_weight_decays=[.inf]", "eval.linear_weight_decays"),
     ("train.seed=99999999999999999999", "train.seed"), ("eval.split_seed=-9223372036854775809", "eval.split_seed"),
@@ -118,6 +119,21 @@ def test_data_timeout_s_overrides_saves_and_defaults_in_older_files(tmp_path):
     saved = C.dumps(C.preset("tiny"))  # what OUT/config.yaml holds
     assert "  timeout_s: 600.0\n" in saved
     (tmp_path / "old.yaml").write_text(saved.replace("  timeout_s: 600.0\n", ""))  # one written before the key
+    assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")
+
+
+def test_data_max_image_bytes_overrides_saves_and_defaults_in_older_files(tmp_path):
+    assert C.preset("tiny").data.max_image_bytes == 512 * 2**20
+    assert C.validate(C.apply_overrides(C.preset("tiny"), ["data.max_image_bytes=1000"])).data.max_image_bytes == 1000
+    assert C.validate(C.apply_overrides(C.preset("tiny"), ["data.max_image_bytes=0"])).data.max_image_bytes == 0
+    with pytest.raises(C.ConfigError, match=r"'data.max_image_bytes' must be an integer >= 0 \(bytes; 0 = no limit\), "
+                                            r"got -1"):
+        C.validate(C.apply_overrides(C.preset("tiny"), ["data.max_image_bytes=-1"]))
+    with pytest.raises(C.ConfigError, match=r"'data.max_image_bytes' expects an integer, got '64MiB'"):
+        C.apply_overrides(C.preset("tiny"), ["data.max_image_bytes=64MiB"])
+    saved = C.dumps(C.preset("tiny"))
+    assert "  max_image_bytes: 536870912\n" in saved
+    (tmp_path / "old.yaml").write_text(saved.replace("  max_image_bytes: 536870912\n", ""))  # written before the key
     assert C.load_yaml(tmp_path / "old.yaml") == C.preset("tiny")
 
 
