@@ -198,12 +198,13 @@ class TarSource(ImageSource):
         if f is None:  # workers open their own handles after unpickling
             while len(self._files) >= self.MAX_OPEN_SHARDS:
                 self._files.popitem(last=False)[1].close()
-            f = self._files[sid] = open(self.shards[sid], "rb")
+            # Unbuffered: a buffered handle answered a read that fell inside its last 8 KiB from that buffer,
+            # the shard's old bytes once it had been rewritten in place.
+            f = self._files[sid] = open(self.shards[sid], "rb", buffering=0)
         else:
             self._files.move_to_end(sid)
         offset, size = int(self.offset[i]), int(self.size[i])
-        f.seek(offset)
-        data = f.read(size)
+        data = _pread_all(f.fileno(), size, offset)
         if len(data) != size:  # else the decoder's "not an image" would hide that the shard changed
             raise OSError(f"the shard ends {len(data)} bytes into this member ({size} bytes at offset {offset} when "
                           f"it was indexed): the shard was truncated or rewritten since; delete the index (OUT/data) "
@@ -214,6 +215,19 @@ class TarSource(ImageSource):
         state = dict(self.__dict__)
         state["_files"] = collections.OrderedDict()
         return state
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes of ``fd`` from ``offset``, fewer only at the end of the file (one read may return less:
+    Linux stops one at 2 GiB)."""
+    parts, got = [], 0
+    while got < size:
+        part = os.pread(fd, size - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class TensorSource(ImageSource):

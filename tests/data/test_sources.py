@@ -269,6 +269,26 @@ def test_a_shard_truncated_after_indexing_names_the_cause(tmp_path):
         src.read(2)
 
 
+def test_a_shard_rewritten_while_open_is_read_afresh_not_from_a_buffer(tmp_path):
+    """A buffered handle served a read inside its last 8 KiB from the buffer: after the shard was rewritten in
+    place (same size), the next member came back with its old bytes; and truncated, it read in full."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "train-000.tar", 0, 3)
+    src = open_source(str(shards), cache=tmp_path / "idx")
+    assert int(src.offset[1]) + int(src.size[1]) - int(src.offset[0]) < 8192  # members 0 and 1 in one buffer
+    assert src.read(0) == image_bytes(0, (24, 24), "JPEG")
+    path, off, size = shards / "train-000.tar", int(src.offset[1]), int(src.size[1])
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * size)
+    assert src.read(1) == b"\0" * size
+    with open(path, "r+b") as f:
+        f.truncate(off + 10)
+    with pytest.raises(OSError, match="shard ends 10 bytes into this member"):
+        src.read(1)
+
+
 def test_a_shard_changed_since_indexing_is_refused_naming_it(tmp_path, caplog):
     """A shard rewritten after indexing at the same size was read silently (members at wrong bytes): the
     index records each shard's size and modification time, and reusing the index checks them."""
