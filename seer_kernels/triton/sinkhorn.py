@@ -127,9 +127,11 @@ def _reduce_kernel(s_ptr, m_ptr, f_ptr, g_ptr, shift_ptr, out_ptr, B, K, stride_
 @triton.jit
 def _finalize_kernel(s_ptr, m_ptr, f_ptr, g_ptr, out_ptr, B, K, stride_b, stride_k, epsilon, log_scale,
                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    # K blocks on grid axis 0 (up to 2^31), B blocks on axis 1 (up to 65535 x 32 rows).
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # One grid axis over every (row block, column block) tile, column blocks fastest (finalize_grid).
+    n_kb = tl.cdiv(K, BLOCK_K)
+    pid = tl.program_id(0)
+    offs_k = (pid % n_kb) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_b = (pid // n_kb) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     mask_k = offs_k < K
     x, mask = _logits_tile(s_ptr, m_ptr, f_ptr, g_ptr, offs_b, offs_k, mask_b, mask_k, stride_b, stride_k,
@@ -217,13 +219,23 @@ def sinkhorn_sumexp(scores, m, f, g, epsilon, dim, shift):
     return _launch_reduce(scores, _f32(m), _f32(f), _f32(g), epsilon, dim, 1, shift)
 
 
+FINALIZE_BLOCK_B, FINALIZE_BLOCK_K = 32, 64
+
+
+def finalize_grid(B: int, K: int) -> tuple[int]:
+    """The finalize kernel's grid: one axis of cdiv(B, 32) x cdiv(K, 64) tiles. (Row blocks on grid axis 1, as
+    before, failed to launch from B > 65535 x 32 = 2,097,120 samples: CUDA caps grid axes 1 and 2 at 65535.
+    Axis 0 takes up to 2^31 - 1 tiles, 2^42 elements: far more than a GPU holds.)"""
+    return (cdiv(B, FINALIZE_BLOCK_B) * cdiv(K, FINALIZE_BLOCK_K),)
+
+
 def sinkhorn_finalize(scores, m, f, g, epsilon, log_scale):
     B, K = scores.shape
     out = torch.empty((B, K), device=scores.device, dtype=torch.float32)
-    grid = (cdiv(K, 64), cdiv(B, 32))
     with on_device(scores):
-        _finalize_kernel[grid](scores, _f32(m), _f32(f), _f32(g), out, B, K, scores.stride(0), scores.stride(1),
-                               float(epsilon), float(log_scale), BLOCK_B=32, BLOCK_K=64)
+        _finalize_kernel[finalize_grid(B, K)](scores, _f32(m), _f32(f), _f32(g), out, B, K, scores.stride(0),
+                                              scores.stride(1), float(epsilon), float(log_scale),
+                                              BLOCK_B=FINALIZE_BLOCK_B, BLOCK_K=FINALIZE_BLOCK_K)
     return out
 
 

@@ -642,6 +642,39 @@ def test_triton_launches_run_on_the_scores_device(monkeypatch):
     assert len(entered) == 4 and all(t is s for t in entered)
 
 
+CUDA_GRID_MAX = (2**31 - 1, 65535, 65535)  # CUDA's limits on grid axes 0, 1 and 2
+
+
+class _RecordedLaunches:
+    """Stands in for a @triton.jit kernel: records each launch's grid and runs nothing (outputs stay as
+    allocated)."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.triton
+def test_triton_grids_fit_cuda_limits_for_a_tall_batch(monkeypatch):
+    """Every launch of the Triton Sinkhorn keeps its grid within CUDA's limits for 2.2 million samples (the step
+    kernels; recorded, not run). The finalize kernel had its row blocks on grid axis 1, which stops at 65535:
+    from 65535 x 32 = 2,097,120 samples on, it failed to launch on a GPU (the interpreter has no such limit)."""
+    from seer_kernels.triton import sinkhorn as tri
+    kernels = {name: _RecordedLaunches() for name in ("_reduce_kernel", "_finalize_kernel")}
+    for name, rec in kernels.items():
+        monkeypatch.setattr(tri, name, rec)
+    B, K = 65535 * 32 + 100_000, 3
+    tri.sinkhorn_fused(torch.zeros(B, K, device=triton_device()), 0.05, 2)
+    assert kernels["_reduce_kernel"].grids and kernels["_finalize_kernel"].grids
+    for name, rec in kernels.items():
+        for grid in rec.grids:
+            assert all(n <= most for n, most in zip(grid, CUDA_GRID_MAX)), (name, grid)
+    assert tri.finalize_grid(B, K) == (-(-B // 32),)  # every tile once: cdiv(B, 32) x cdiv(K, 64) of them
+
+
 @pytest.mark.cuda
 @pytest.mark.triton
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
