@@ -50,6 +50,10 @@ def _load() -> None:
 _SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EPS_MIN = torch.finfo(torch.float32).tiny
 _INT32_MAX = 2**31 - 1
+# Largest row or column count of Sinkhorn scores on the kernel backends (C++, CUDA, Triton): they index rows and
+# columns with 32-bit ints, and their index arithmetic runs past the last one by up to a few hundred (a block of
+# threads, a loop stride); 2^16 of headroom below 2^31 (kSinkhornDimMax in csrc/include/seer/sinkhorn.h).
+SINKHORN_DIM_MAX = 2**31 - 2**16
 _MULTICROP_COLS = 18  # kCols in csrc/include/seer/multicrop.h
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT32_MAX, _FLOAT32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
@@ -68,10 +72,18 @@ def _dtype_name(dt: torch.dtype) -> str:
 def _check_scores(scores) -> None:
     _arg(scores.dim() == 2, "scores", f"expected a 2-D tensor, got {scores.dim()}-D")
     _arg(scores.numel() > 0, "scores", f"expected a non-empty matrix, got {list(scores.shape)}")
-    _arg(scores.shape[0] <= _INT32_MAX and scores.shape[1] <= _INT32_MAX, "scores",
-         f"each dimension must be below 2^31, got {list(scores.shape)}")
+    why = sinkhorn_dims_problem(scores.shape)
+    _arg(why is None, "scores", why)
     _arg(scores.dtype in _SCORE_DTYPES, "scores",
          f"expected float32, bfloat16 or float16, got {_dtype_name(scores.dtype)}")
+
+
+def sinkhorn_dims_problem(shape) -> str | None:
+    """Why the kernel backends cannot take (B, K) scores of this shape (None: they can)."""
+    if shape[0] <= SINKHORN_DIM_MAX and shape[1] <= SINKHORN_DIM_MAX:
+        return None
+    return (f"each dimension must be at most {SINKHORN_DIM_MAX} (2^31 - 2^16: the kernels index rows and columns "
+            f"with 32-bit ints), got {list(shape)}")
 
 
 def _check_eps(eps) -> None:

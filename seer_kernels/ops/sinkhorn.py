@@ -56,14 +56,23 @@ class _Lazy:
         return getattr(self._value, name)
 
 
+def _kernel_shape_check(*, shape=None, **_) -> list[str]:
+    """The kernel backends index rows and columns with 32-bit ints (_native.SINKHORN_DIM_MAX): larger scores go
+    to the reference when the backend is chosen automatically (the Triton kernels had no check at all, and
+    read and wrote out of bounds from 2^31 rows on)."""
+    why = _native.sinkhorn_dims_problem(shape) if shape is not None else None
+    return [f"argument 'scores': {why}"] if why else []
+
+
 DISPATCH.register(Backend(
     "cuda", _Lazy(_native_impl), ("cuda",), DTYPES,
-    available=lambda d: _native.unavailable_reason("sinkhorn_fused", "CUDA")))
+    available=lambda d: _native.unavailable_reason("sinkhorn_fused", "CUDA"), check=_kernel_shape_check))
 DISPATCH.register(Backend(
-    "triton", _Lazy(_triton_impl), ("cuda", "cpu"), DTYPES, available=triton_unavailable_reason))
+    "triton", _Lazy(_triton_impl), ("cuda", "cpu"), DTYPES, available=triton_unavailable_reason,
+    check=_kernel_shape_check))
 DISPATCH.register(Backend(
     "cpp", _Lazy(_native_impl), ("cpu",), DTYPES,
-    available=lambda d: _native.unavailable_reason("sinkhorn_fused", "CPU")))
+    available=lambda d: _native.unavailable_reason("sinkhorn_fused", "CPU"), check=_kernel_shape_check))
 DISPATCH.register(Backend(
     "reference", SimpleNamespace(fused=ref.sinkhorn, steps=ref.REFERENCE_STEPS), ("cuda", "cpu"), DTYPES))
 

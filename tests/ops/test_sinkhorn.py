@@ -398,6 +398,13 @@ def _native_message_cases():
          "argument 'g': expected float32, got Half"),
         (lambda: ops.sinkhorn_max(torch.zeros(3, 4), None, None, None, 1.0, 2),
          "argument 'dim': expected 0 or 1, got 2"),
+        # (expanded views: nothing that large is allocated before the check refuses it)
+        (lambda: ops.sinkhorn_fused(torch.zeros(1, 1).expand(2**31 - 2**16 + 1, 3), 0.05, 3),
+         "argument 'scores': each dimension must be at most 2147418112 (2^31 - 2^16: the kernels index rows and "
+         "columns with 32-bit ints), got [2147418113, 3]"),
+        (lambda: ops.sinkhorn_max(torch.zeros(1, 1).expand(3, 2**31 - 1), None, None, None, 1.0, 0),
+         "each dimension must be at most 2147418112 (2^31 - 2^16: the kernels index rows and columns with 32-bit "
+         "ints), got [3, 2147483647]"),
     ]
 
 
@@ -460,6 +467,31 @@ def test_native_fake_kernels_refuse_what_the_kernels_refuse():
 
 
 # ---- dispatch -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2**31 - 2**16 + 1, 3), (3, 2**31 - 1)], ids=["rows", "columns"])
+def test_scores_past_the_kernels_32_bit_indices_go_to_the_reference(shape):
+    """A dimension above 2^31 - 2^16 (_native.SINKHORN_DIM_MAX): every kernel backend that could run here
+    refuses it by name, so the automatic choice takes the reference and a forced kernel backend raises. The
+    Triton kernels took any size (past 2^31 rows their int32 row offsets wrapped negative: reads and writes
+    out of bounds), and the CUDA ones, which checked for < 2^31, wrapped their thread indices from
+    2^31 - 256 on. Shapes only: nothing is allocated."""
+    fits = tuple(min(n, 2**31 - 2**16) for n in shape)
+    want = (f"argument 'scores': each dimension must be at most 2147418112 (2^31 - 2^16: the kernels index rows "
+            f"and columns with 32-bit ints), got {list(shape)}")
+    for dev in ("cpu", "cuda"):
+        device = torch.device(dev)
+        runnable = [name for name, why in DISPATCH.explain(device, torch.float32, shape=fits).items() if not why]
+        refused = DISPATCH.explain(device, torch.float32, shape=shape)
+        for name in runnable:
+            assert refused[name] == ([] if name == "reference" else [want]), (dev, name, refused[name])
+            if name != "reference":
+                with use_backend(name, op="sinkhorn"), pytest.raises(BackendError) as info:
+                    DISPATCH.select(device, torch.float32, shape=shape)
+                assert f"  {name}: {want}" in str(info.value)
+        assert DISPATCH.select(device, torch.float32, shape=shape).name == "reference"
+        first = next(name for name in DISPATCH.priority[dev] if name in runnable)
+        assert DISPATCH.select(device, torch.float32, shape=fits).name == first
+
 
 def test_forced_backend_refusal_lists_every_backend(monkeypatch):
     with use_backend("cuda", op="sinkhorn"), pytest.raises(BackendError) as info:

@@ -12,13 +12,21 @@
 
 namespace seer {
 
+// Largest row or column count of the scores (seer_kernels._native.SINKHORN_DIM_MAX). The CUDA kernels index
+// rows and columns with 32-bit ints (element offsets are 64-bit), and their index arithmetic runs past the
+// last row or column: block counts rounded up (K + 255), a thread index up to a block (256) beyond it, a
+// loop index up to its stride (256) beyond it, the cooperative kernel's columns per SM rounded up. Up to
+// 2^31 - 1 itself (the former bound) such a value wrapped to a negative one, which passed the bound checks
+// (k >= K is false): reads and writes out of bounds. 2^16 of headroom covers every such overshoot.
+constexpr int64_t kSinkhornDimMax = (int64_t{1} << 31) - (int64_t{1} << 16);
+
 inline void check_sinkhorn_scores(const at::Tensor& scores, c10::DeviceType dev) {
   SEER_CHECK_DIM(scores, "scores", 2);
   SEER_CHECK_DEVICE(scores, "scores", dev);
   SEER_CHECK_ARG(scores.numel() > 0, "scores", "expected a non-empty matrix, got ", scores.sizes());
-  // Kernels index rows and columns with 32-bit ints (element offsets are 64-bit).
-  SEER_CHECK_ARG(scores.size(0) <= INT32_MAX && scores.size(1) <= INT32_MAX, "scores",
-                 "each dimension must be below 2^31, got ", scores.sizes());
+  SEER_CHECK_ARG(scores.size(0) <= kSinkhornDimMax && scores.size(1) <= kSinkhornDimMax, "scores",
+                 "each dimension must be at most ", kSinkhornDimMax,
+                 " (2^31 - 2^16: the kernels index rows and columns with 32-bit ints), got ", scores.sizes());
   const auto dt = scores.scalar_type();
   SEER_CHECK_ARG(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "scores",
                  "expected float32, bfloat16 or float16, got ", dt);
