@@ -157,6 +157,7 @@ def _fake_multicrop_apply(images, params, size, mean, std, out_dtype):
     _arg(params.dtype == torch.float32, "params", f"expected float32, got {_dtype_name(params.dtype)}")
     _arg(params.dim() == 2 and params.shape[1] == _MULTICROP_COLS, "params",
          f"expected shape (n, {_MULTICROP_COLS}), got {list(params.shape)}")
+    _arg(params.shape[0] <= _INT32_MAX, "params", f"expected at most {_INT32_MAX} crops (rows), got {params.shape[0]}")
     _arg(1 <= size <= 16384, "size", f"expected an integer in [1, 16384], got {size}")
     _arg(len(mean) == 3, "mean", f"expected 3 values, got {len(mean)}")
     _arg(len(std) == 3, "std", f"expected 3 values, got {len(std)}")

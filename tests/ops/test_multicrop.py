@@ -328,6 +328,7 @@ def test_native_ops_have_fake_kernels(name, gen):
     torch.library.opcheck(op, args)
     real = op(*args)
     short = packed[:, :17].contiguous()
+    many = packed[:1].expand(2**31, 18)  # more crops than a CUDA grid axis holds blocks (a view: no memory)
     with FakeTensorMode() as mode:
         fake = op([mode.from_tensor(im) for im in images], mode.from_tensor(packed), *args[2:])
         assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
@@ -336,6 +337,9 @@ def test_native_ops_have_fake_kernels(name, gen):
             op([mode.from_tensor(images[0])], mode.from_tensor(packed), 12, list(MEAN), list(STD), torch.float64)
         with pytest.raises(ValueError, match=r"argument 'params': expected shape \(n, 18\), got \[4, 17\]"):
             op([mode.from_tensor(images[0])], mode.from_tensor(short), 12, list(MEAN), list(STD), torch.float32)
+        with pytest.raises(ValueError, match=r"argument 'params': expected at most 2147483647 crops \(rows\), "
+                                             "got 2147483648"):
+            op([mode.from_tensor(images[0])], mode.from_tensor(many), 12, list(MEAN), list(STD), torch.float32)
     meta = op([im.to("meta") for im in images], packed.to("meta"), *args[2:])
     assert (meta.shape, meta.dtype, meta.device.type) == (real.shape, real.dtype, "meta")
 

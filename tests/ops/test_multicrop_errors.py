@@ -227,6 +227,10 @@ def _packed(**cols):
     (dict(packed=_packed(brightness=float("inf"))), "'params': crop 0: column 7 is not finite"),
     (dict(packed=GOOD.pack()[:, :10]), r"'params': expected shape \(n, 18\)"),
     (dict(packed=GOOD.pack().double()), "'params': expected float32"),
+    # more crops than a CUDA grid axis holds blocks (the grey means: one block per crop); an expanded view,
+    # refused before anything is allocated
+    (dict(packed=GOOD.pack()[:1].expand(2**31, 18)), r"'params': expected at most 2147483647 crops \(rows\), "
+                                                     "got 2147483648"),
     (dict(images=[]), "'images': expected at least one image"),
     (dict(images=[IMAGE.float()]), "'images': image 0: expected uint8"),
     (dict(images=[IMAGE[:1]]), r"'images': image 0: expected shape \(3, H, W\)"),

@@ -114,6 +114,11 @@ inline void check_multicrop_args(const std::vector<at::Tensor>& images, const at
   SEER_CHECK_ARG(params.scalar_type() == at::kFloat, "params", "expected float32, got ", params.scalar_type());
   SEER_CHECK_ARG(params.dim() == 2 && params.size(1) == kCols, "params", "expected shape (n, ", kCols, "), got ",
                  params.sizes());
+  // The CUDA op launches one block per crop (the grey means): grid axis 0 holds at most 2^31 - 1 blocks. A
+  // larger count failed to launch, and from 2^32 on it was cast to 32 bits: the means of the crops past the
+  // truncated count were never written (contrast read uninitialised memory).
+  SEER_CHECK_ARG(params.size(0) <= INT32_MAX, "params", "expected at most ", INT32_MAX, " crops (rows), got ",
+                 params.size(0));
   SEER_CHECK_ARG(size >= 1 && size <= 16384, "size", "expected an integer in [1, 16384], got ", size);
   SEER_CHECK_ARG(mean.size() == 3, "mean", "expected 3 values, got ", mean.size());
   SEER_CHECK_ARG(std.size() == 3, "std", "expected 3 values, got ", std.size());
