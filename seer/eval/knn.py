@@ -21,7 +21,9 @@ from torch import Tensor
 @torch.no_grad()
 def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, *, k: int = 20,
                 temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> Tensor:
-    """Predicted labels (N_test,) (module doc)."""
+    """Predicted labels (N_test,) (module doc): always labels of the training features, which may be any
+    integers >= 0 (sparse ids too: the vote holds one score per label present). ``num_classes``, where given,
+    is only checked to cover the train labels."""
     _check(train_features, train_labels, test_features, k=k, temperature=temperature, chunk=chunk)
     k = min(k, train_features.shape[0])
     c = int(train_labels.max()) + 1
@@ -29,20 +31,22 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < c:
             raise ValueError(f"knn_predict: num_classes must be an int >= the largest train label + 1 ({c}), got "
                              f"{num_classes!r}")
-        c = int(num_classes)
     device = test_features.device
     train = F.normalize(train_features.float(), dim=1).to(device)
     test = F.normalize(test_features.float(), dim=1)
-    labels = train_labels.to(device, torch.int64)  # scatter_add_ indexes with int64 only (uint8, int16 fail)
+    # The vote runs over the labels present, in increasing order (ties still go to the lowest label): one column
+    # per label up to the largest was chunk x (max + 1) floats, the process killed for sparse ids such as 10^9.
+    # (int64: scatter_add_ indexes with int64 only, uint8 and int16 failed)
+    present, labels = torch.unique(train_labels.to(device, torch.int64), return_inverse=True)
     preds = []
     for start in range(0, test.shape[0], chunk):
         sim = test[start:start + chunk] @ train.T
         top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], c, dtype=torch.float32, device=device)
+        votes = torch.zeros(sim.shape[0], present.shape[0], dtype=torch.float32, device=device)
         # exp((s_j - s_max) / T): the votes of a row scaled by one factor, which leaves its argmax; exp(s_j / T)
         # itself overflows float32 for s_j / T > 88 (T < 0.0113 near s = 1): classes tied at inf, the lowest won.
         votes.scatter_add_(1, labels[idx], ((top - top[:, :1]) / temperature).exp())
-        preds.append(votes.argmax(1))
+        preds.append(present[votes.argmax(1)])
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=device)
 
 

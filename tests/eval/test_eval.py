@@ -96,6 +96,18 @@ def test_knn_takes_any_integer_labels_and_counts_exactly():
         knn_top1(train, y, test, hits.float())
 
 
+def test_knn_takes_sparse_label_ids():
+    """The vote held one column per label up to the largest: chunk x (max + 1) floats, an allocation error
+    here and, for ids around 10^9, a process killed for memory."""
+    g = torch.Generator().manual_seed(5)
+    train, test = torch.randn(60, 6, generator=g), torch.randn(25, 6, generator=g)
+    y = torch.arange(60) % 3
+    ids = torch.tensor([7, 2 ** 40, 2 ** 62])
+    want = ids[knn_predict(train, y, test, k=9, chunk=10)]
+    assert torch.equal(knn_predict(train, ids[y], test, k=9, chunk=10), want)
+    assert knn_top1(train, ids[y], test, want, k=9) == 100.0
+
+
 def test_linear_probe_learns_a_linear_rule_and_picks_the_regularisation():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 20, generator=g)
