@@ -5,7 +5,7 @@ Features are standardised with the training set's mean and std; then W, b minimi
     1/N sum_i CE(W x_i + b, y_i) + lambda ||W||^2
 
 by full-batch L-BFGS (strong-Wolfe line search), which converges in a few hundred iterations and needs no
-learning rate. lambda is chosen among ``weight_decays`` on a held-out 20% of the training features
+learning rate. The classes are the labels present in either split (any integers >= 0, sparse ids too). lambda is chosen among ``weight_decays`` on a held-out 20% of the training features
 (fixed seed), then the probe is refitted on all training features and scored on the test split.
 
 This is the fast protocol for small labelled sets and for monitoring during pretraining; the VISSL/DINO
@@ -54,13 +54,18 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
                  seed: int = 0) -> dict:
     """{'top1': test accuracy in percent, 'weight_decay': the chosen lambda, 'val_top1': its validation score}."""
     _check(train_features, train_labels, test_features, test_labels, weight_decays=weight_decays, max_iter=max_iter)
-    train_labels, test_labels = train_labels.long(), test_labels.long()  # cross_entropy takes int64 targets only
+    # One class per label present in either split, in increasing order: one per label up to the largest made
+    # W (max + 1, D), minutes of L-BFGS for ids around 10^5 and a process killed for memory beyond. (int64:
+    # cross_entropy takes int64 targets only.)
+    _, both = torch.unique(torch.cat([train_labels.long().cpu(), test_labels.long().cpu()]), return_inverse=True)
+    train_labels = both[:train_labels.shape[0]].to(train_labels.device)
+    test_labels = both[train_labels.shape[0]:].to(test_labels.device)
     mean = train_features.float().mean(0)
     # One training feature has no (Bessel) std: NaN turned every feature NaN; 0 leaves them centred.
     std = train_features.float().std(0, correction=1 if train_features.shape[0] > 1 else 0).clamp_min(1e-6)
     xtr = (train_features.float() - mean) / std
     xte = (test_features.float() - mean) / std
-    c = int(max(train_labels.max(), test_labels.max())) + 1
+    c = int(both.max()) + 1
     best = (float(weight_decays[0]), -1.0)
     if len(weight_decays) > 1 and xtr.shape[0] >= 2:  # (one feature leaves none to fit on beside its validation)
         perm = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(seed))

@@ -150,6 +150,16 @@ def test_linear_probe_takes_int32_labels_and_a_single_training_feature():
     assert one["top1"] == 100.0 * float((y[40:] == y[0]).double().mean())
 
 
+def test_linear_probe_takes_sparse_label_ids():
+    """W had one row per label up to the largest: an allocation error here, minutes of L-BFGS for ids around
+    10^5, a process killed for memory beyond."""
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    ids = torch.tensor([7, 2 ** 40, 2 ** 62])
+    want = linear_probe(x[:40], y[:40], x[40:], y[40:], max_iter=20)
+    assert linear_probe(x[:40], ids[y[:40]], x[40:], ids[y[40:]], max_iter=20) == want
+
+
 @pytest.mark.cuda
 def test_linear_probe_on_gpu_features():
     """The weights were made on the CPU whatever the features' device: a device-mismatch RuntimeError."""
