@@ -61,7 +61,8 @@ class Evaluator:
         return out, skipped
 
     def evaluate(self, backbone: nn.Module, *, knn: Optional[bool] = None, linear: Optional[bool] = None) -> dict:
-        """{'knn_top1', 'linear_top1' (percent, as enabled), 'n_train', 'n_test', 'skipped', 'seconds', and
+        """{'knn_top1', 'linear_top1' (percent, as enabled; with the probe 'linear_weight_decay' and
+        'linear_converged'), 'n_train', 'n_test', 'skipped', 'seconds', and
         'non_finite' where images were dropped for NaN/inf features}; only on the computing process (others
         return {})."""
         t0 = time.perf_counter()
@@ -97,5 +98,6 @@ class Evaluator:
                                  max_iter=self.cfg.linear_max_iter)
             out["linear_top1"] = probe["top1"]
             out["linear_weight_decay"] = probe["weight_decay"]
+            out["linear_converged"] = probe["converged"]  # (False: warned, the score may be low)
         out["seconds"] = time.perf_counter() - t0
         return out

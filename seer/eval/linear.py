@@ -5,8 +5,9 @@ Features are standardised with the training set's mean and std; then W, b minimi
     1/N sum_i CE(W x_i + b, y_i) + lambda ||W||^2
 
 by full-batch L-BFGS (strong-Wolfe line search), which converges in a few hundred iterations and needs no
-learning rate. The classes are the labels present in either split (any integers >= 0, sparse ids too). lambda is chosen among ``weight_decays`` on a held-out 20% of the training features
-(fixed seed), then the probe is refitted on all training features and scored on the test split.
+learning rate. The classes are the labels present in either split (any integers >= 0, sparse ids too).
+lambda is chosen among ``weight_decays`` on a held-out 20% of the training features (fixed seed), then the
+probe is refitted on all training features and scored on the test split.
 
 This is the fast protocol for small labelled sets and for monitoring during pretraining; the VISSL/DINO
 protocols (SGD over augmented crops for 28-100 epochs, seer_spec.md 4.1) train on augmentations and give
@@ -14,9 +15,10 @@ higher numbers on ImageNet-scale data.
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +26,21 @@ from torch import Tensor
 
 from .knn import _is_index, _non_finite_rows
 
+log = logging.getLogger(__name__)
 
-def fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
-    """(W (C, D), b (C,)) minimising the regularised cross-entropy (module doc), float64 for a stable L-BFGS."""
+# max |gradient| below which a fit stopped at its iteration limit still counts as converged (the loss is then
+# within ~1e-9 of its minimum: the accuracy cannot change); L-BFGS itself stops at 1e-9.
+CONVERGED_GRAD = 1e-5
+
+
+def fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int = 200, *,
+                 info: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """(W (C, D), b (C,)) minimising the regularised cross-entropy (module doc), float64 for a stable L-BFGS.
+
+    ``info``, where given, is filled with 'iterations' (L-BFGS's), 'grad_max' (max |gradient| at the result)
+    and 'converged': False where L-BFGS stopped at its limit (``max_iter`` iterations or 1.25 x as many loss
+    evaluations) with max |gradient| > :data:`CONVERGED_GRAD`, the optimum not reached. A non-finite loss
+    is a RuntimeError, never weights returned."""
     x = x.double()
     w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, device=x.device, requires_grad=True)
@@ -41,6 +55,15 @@ def fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, ma
 
     with torch.enable_grad():
         opt.step(closure)
+        loss = closure()  # (at the result: L-BFGS's last gradient may be a line-search point's)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"fit_logistic: the loss is {loss.item()} at weight_decay {weight_decay}: L-BFGS diverged")
+    if info is not None:
+        state = opt.state[w]
+        grad_max = max(w.grad.abs().max().item(), b.grad.abs().max().item())
+        at_limit = state["n_iter"] >= max_iter or state["func_evals"] >= opt.defaults["max_eval"]
+        info.update(iterations=int(state["n_iter"]), grad_max=grad_max,
+                    converged=not (at_limit and grad_max > CONVERGED_GRAD))
     return w.detach(), b.detach()
 
 
@@ -52,7 +75,9 @@ def _accuracy(w: Tensor, b: Tensor, x: Tensor, y: Tensor) -> float:
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, *,
                  weight_decays: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2), max_iter: int = 200,
                  seed: int = 0) -> dict:
-    """{'top1': test accuracy in percent, 'weight_decay': the chosen lambda, 'val_top1': its validation score}."""
+    """{'top1': test accuracy in percent, 'weight_decay': the chosen lambda, 'val_top1': its validation score
+    (-1.0 where none ran: one weight decay, or one training feature), 'converged': whether the final fit reached
+    the optimum (:func:`fit_logistic`'s ``info``; a warning is logged where it did not)}."""
     _check(train_features, train_labels, test_features, test_labels, weight_decays=weight_decays, max_iter=max_iter)
     # One class per label present in either split, in increasing order: one per label up to the largest made
     # W (max + 1, D), minutes of L-BFGS for ids around 10^5 and a process killed for memory beyond. (int64:
@@ -76,8 +101,15 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
             acc = _accuracy(w, b, xtr[val], train_labels[val])
             if acc > best[1]:
                 best = (float(wd), acc)
-    w, b = fit_logistic(xtr, train_labels, c, best[0], max_iter)
-    return {"top1": _accuracy(w, b, xte, test_labels), "weight_decay": best[0], "val_top1": best[1]}
+    info: dict = {}
+    w, b = fit_logistic(xtr, train_labels, c, best[0], max_iter, info=info)
+    if not info["converged"]:
+        # (said, not silent: the score is of weights short of the optimum, often below the probe's accuracy)
+        log.warning("linear probe: L-BFGS stopped at max_iter=%d iterations short of the optimum (max |gradient| "
+                    "%.2g at weight decay %g): the score may be low; raise eval.linear_max_iter", max_iter,
+                    info["grad_max"], best[0])
+    return {"top1": _accuracy(w, b, xte, test_labels), "weight_decay": best[0], "val_top1": best[1],
+            "converged": info["converged"]}
 
 
 def _check(train_features, train_labels, test_features, test_labels, *, weight_decays, max_iter) -> None:

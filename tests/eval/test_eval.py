@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from seer.eval import Evaluator, knn_predict, knn_top1, linear_probe, load_labelled
+from seer.eval import Evaluator, fit_logistic, knn_predict, knn_top1, linear_probe, load_labelled
 from seer.config import EvalConfig
 from tests.images import image_bytes
 
@@ -158,6 +158,25 @@ def test_linear_probe_takes_sparse_label_ids():
     ids = torch.tensor([7, 2 ** 40, 2 ** 62])
     want = linear_probe(x[:40], y[:40], x[40:], y[40:], max_iter=20)
     assert linear_probe(x[:40], ids[y[:40]], x[40:], ids[y[40:]], max_iter=20) == want
+
+
+def test_linear_probe_says_when_lbfgs_stops_short_of_the_optimum(caplog):
+    """A fit cut off by max_iter was scored without a word: a low number that read as the features' quality."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(80, 10, generator=g)
+    y = (x @ torch.randn(10, 3, generator=g)).argmax(1)
+    with caplog.at_level(logging.WARNING, logger="seer.eval.linear"):
+        short = linear_probe(x[:60], y[:60], x[60:], y[60:], weight_decays=[1e-3], max_iter=2)
+    assert short["converged"] is False
+    assert "L-BFGS stopped at max_iter=2 iterations short of the optimum" in caplog.text
+    assert "raise eval.linear_max_iter" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="seer.eval.linear"):
+        full = linear_probe(x[:60], y[:60], x[60:], y[60:], weight_decays=[1e-2])
+    assert full["converged"] is True and not caplog.text
+    info = {}
+    fit_logistic(x.double(), y, 3, 1e-2, 200, info=info)
+    assert info["converged"] and info["grad_max"] <= 1e-5 and 1 <= info["iterations"] < 200
 
 
 @pytest.mark.cuda
