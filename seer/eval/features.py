@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..config import DataConfig
 from ..parallel import comm
 from .datasets import LabelledSplit, autocast_to, channel_stats, check_image_size, load_image, preprocess
+from .extract import check_batching
 
 
 @torch.no_grad()
@@ -26,6 +27,8 @@ def extract_features(backbone: nn.Module, split: LabelledSplit, *, image_size: i
     """(features (M, D) float32 on the CPU, labels (M,), images skipped as unreadable or larger than
     ``max_pixels`` pixels or ``max_bytes`` bytes)."""
     check_image_size(image_size, getattr(backbone, "patch_size", 1))  # (any module that takes images)
+    # (0 was a ZeroDivisionError; a negative size ran no batch: every image counted as unreadable)
+    check_batching(batch_size)
     mean_t, std_t = channel_stats(mean, std)
     was_training = backbone.training
     backbone.eval()

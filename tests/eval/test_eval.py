@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from seer.eval import Evaluator, fit_logistic, knn_predict, knn_top1, linear_probe, load_labelled
+from seer.eval import (Evaluator, LabelledSplit, extract_features, fit_logistic, knn_predict, knn_top1,
+                       linear_probe, load_labelled)
 from seer.config import EvalConfig
 from tests.images import image_bytes
 
@@ -285,6 +286,15 @@ def test_unreadable_evaluation_images_are_named_and_an_empty_split_is_refused(tm
                                                                      "unreadable"):
         ev.evaluate(Mean())  # was a RuntimeError from an empty max() in the kNN
     assert f"evaluation skips unreadable image {root / 'val' / 'cat' / '0.png'} (ValueError: decode" in caplog.text
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_extract_features_names_a_bad_batch_size(batch_size):
+    """0 was a ZeroDivisionError, -1 ran no batch and returned no features, every image counted unreadable."""
+    split = LabelledSplit(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.arange(5))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        extract_features(torch.nn.Flatten(), split, image_size=8, mean=[0.5] * 3, std=[0.25] * 3,
+                         batch_size=batch_size)
 
 
 def test_random_init_backbone_is_the_runs_initialisation():
