@@ -8,6 +8,7 @@ import torch
 from seer.eval import (Evaluator, LabelledSplit, extract_features, fit_logistic, knn_predict, knn_top1,
                        linear_probe, load_labelled)
 from seer.config import EvalConfig
+from tests.dist_utils import run_distributed
 from tests.images import image_bytes
 
 
@@ -295,6 +296,37 @@ def test_extract_features_names_a_bad_batch_size(batch_size):
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         extract_features(torch.nn.Flatten(), split, image_size=8, mean=[0.5] * 3, std=[0.25] * 3,
                          batch_size=batch_size)
+
+
+def _flat_features(images, labels, batch_size, world):
+    """extract_features of a fixed linear map of the pixels, over a gloo group of ``world`` (None: alone)."""
+    import torch.distributed as dist
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.randn(5, 3 * 8 * 8, generator=torch.Generator().manual_seed(0)))
+        net[1].bias.zero_()
+    group = dist.new_group(backend="gloo") if world else None
+    return extract_features(net, LabelledSplit(images, labels), image_size=8, mean=[0.5] * 3, std=[0.25] * 3,
+                            batch_size=batch_size, group=group)
+
+
+def _flat_features_body(rank, world, images, labels, batch_size):
+    return _flat_features(images, labels, batch_size, world)
+
+
+def test_distributed_features_are_gathered_in_image_order_with_their_labels(tmp_path):
+    """2 gloo ranks, 9 images (shards of 5 and 4, batches of 2 that divide neither), one unreadable in each
+    shard, sparse labels: every rank holds the single process's rows, in image order, beside their labels."""
+    paths = []
+    for i in range(9):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(b"not an image" if i in (2, 7) else image_bytes(i, (8 + i, 10)))
+        paths.append(str(p))
+    labels = torch.tensor([40, 3, 17, 3, 99, 40, 5, 17, 3])
+    want_f, want_y, want_bad = _flat_features(paths, labels, 2, None)
+    assert want_bad == 2 and want_y.tolist() == [40, 3, 3, 99, 40, 5, 3]
+    for f, y, bad in run_distributed(_flat_features_body, 2, paths, labels, 2):
+        assert torch.equal(y, want_y) and bad == want_bad and torch.allclose(f, want_f, atol=1e-6)
 
 
 def test_random_init_backbone_is_the_runs_initialisation():
