@@ -29,6 +29,13 @@ def write_atomic(path: Path, write: Callable[[Path], None], *, suffix: str = ".p
     os.replace(tmp, path)
 
 
+def sync_file(path: Path) -> None:
+    """fsync the file at ``path`` (appended to through another descriptor, or by another process): its bytes
+    so far last through a crash of the machine."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def sync_folder(folder: Path) -> None:
     """fsync ``folder``: the renames and removals in it last through a crash. Where the filesystem cannot sync
     a folder (``_CANNOT_SYNC_FOLDER``) this passes; any other OSError (EIO, ENOENT) is raised."""

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..durable import write_atomic
+from ..durable import sync_file, write_atomic
 
 log = logging.getLogger("seer.train")
 
@@ -124,6 +125,21 @@ class MetricsWriter:
             for k, v in result.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"eval/{k}", v, step)
+
+    def sync(self) -> None:
+        """metrics.jsonl and eval_history.jsonl fsynced, TensorBoard's queued events written out: called before
+        a checkpoint is committed. A run resumed from it keeps these records and does not log their steps
+        again, so a crash of the machine (or a kill while TensorBoard's writer thread lagged) that kept the
+        checkpoint but not them left a gap in the history for good."""
+        if not self.active:
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        history = self.path.with_name("eval_history.jsonl")
+        if history.is_file():
+            sync_file(history)
+        if self.tb is not None:
+            self.tb.flush()
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:

@@ -33,7 +33,7 @@ from ..data.dataset import DataError
 from ..data.exclude import skipped_line
 from ..data.sampler import mix_seed
 from ..data.sources import printable
-from ..durable import write_atomic
+from ..durable import sync_file, sync_folder, write_atomic
 from ..model.init import local_tensor
 from ..parallel import ParallelDims, get_rng_tracker, seed_parallel_rng
 from ..parallel.dims import DTYPES
@@ -141,6 +141,8 @@ class Trainer:
         self.bad_files: set[str] = set()
         self._listed: set[str] = set()  # the names in OUT/skipped_files.txt up to byte _listed_at (_record_skipped)
         self._listed_at = 0
+        self._listed_unsynced = False  # this process appended to OUT/skipped_files.txt since its last save
+        self._metrics: Optional[MetricsWriter] = None  # fit's, while it runs (_sync_logs)
         self._bad_gathered = (0, 0)  # (the summed count, the distinct count) at the last gather of names
         warm = t.collapse_warmup_steps if t.collapse_warmup_steps >= 0 else max(50, t.max_steps // 10)
         self.monitor = CollapseMonitor(cfg.head.num_prototypes, warm)
@@ -315,9 +317,31 @@ class Trainer:
                 "optim_slots": slots, "tp_layout": S.tp_layout(self.model), "time": time.time(),
                 "origin": self.origin, "init_from": self.initialised_from}
         with nvtx_range("checkpoint", self.cfg.logging.nvtx):
+            self._sync_logs()
             path = self.ckpt.save(self.step, tensors, rank_state, meta, C.dumps(self.cfg))
         log.info("saved checkpoint %s", path)
         return path
+
+    def _sync_logs(self) -> None:
+        """What this process logged of the steps so far (metrics.jsonl, eval_history.jsonl, TensorBoard,
+        skipped_files.txt) onto the disk before the checkpoint that follows them is committed. A run resumed
+        from it logs only the steps after it, and lists only the unreadable files met after it (the ones met
+        before are in its bad_files): a crash of the machine that kept the checkpoint (fsynced) but lost the
+        unsynced tail of these files lost those records for good. A sync that fails (an I/O error, a full
+        network disk, TensorBoard's writer) is said and the save goes on: the checkpoint matters more than the
+        logs' tails."""
+        wrote = self._listed_unsynced or (self._metrics is not None and self._metrics.active)
+        try:
+            if self._metrics is not None:
+                self._metrics.sync()
+            if self._listed_unsynced:
+                sync_file(self.out / "skipped_files.txt")
+                self._listed_unsynced = False
+            if wrote:  # their names (created, or metrics.jsonl renamed over by a resumed run's rewrite)
+                sync_folder(self.out)
+        except Exception as e:  # (also TensorBoard's writer thread's error, which its flush raises)
+            log.warning("cannot sync the run's logs in %s (%s: %s): a crash of the machine may lose their last "
+                        "records; saving the checkpoint anyway", self.out, type(e).__name__, e)
 
     def _check_weights_finite(self) -> None:
         """NonFiniteLossError, before anything is written, where some weight is NaN or inf on any process.
@@ -484,6 +508,7 @@ class Trainer:
         metrics = MetricsWriter(self.out, active=main, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.logging.progress, total_steps=t.max_steps, start_step=self.step)
         baseline = self._random_init_eval(metrics)
+        self._metrics = metrics
         old_handler = _install_stop_handler(self)
         last_log_t, last_log_step, wait_acc, paused = time.perf_counter(), self.step, 0.0, 0.0
         peak = peak_flops(self.device)
@@ -548,6 +573,7 @@ class Trainer:
                 self.save()
         finally:
             _restore_stop_handler(old_handler)
+            self._metrics = None
             self.data.close()
             metrics.close()
         return self._finish(baseline)
@@ -721,6 +747,7 @@ class Trainer:
                 cut = f.tell() > 0 and not (since or _last_byte(f)).endswith(b"\n")
                 f.write(b"\n" * cut + b"".join(out))
                 f.flush()
+                self._listed_unsynced = True
             self._listed_at = f.tell()
 
 
