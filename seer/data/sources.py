@@ -813,6 +813,12 @@ def build_index(source: str, fmt: str, cache: str | os.PathLike, *, check_shards
                                   f"output folder, or delete {cache} to index the source as {fmt}")
         raise DataSourceError(f"{cache} holds the index of data.source {meta.get('source')!r}, not {source_abs!r}: "
                               f"use another output folder, or delete {cache} to index the new source")
+    # What an indexing killed part-way left: write_lines' and save_array's temporary files are named by their
+    # writer's pid, so no later build writes over them, and an images.txt of a billion names is tens of GB.
+    # (The cache is one run's own, OUT/data, written under its run lock by one process.)
+    for stale in (p for p in cache.glob("*.tmp-*") if p.is_file()):
+        log.info("removing %s, left by an indexing that was interrupted", stale)
+        stale.unlink(missing_ok=True)
     meta = {"source": source_abs, "format": fmt}
     if exclude and fmt in BUILT_IN:
         raise DataSourceError(f"data.exclude leaves out images of files; data.source {source!r} is a built-in set "

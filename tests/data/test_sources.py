@@ -403,3 +403,19 @@ def test_a_relative_pattern_of_shards_from_another_folder_is_another_source(tmp_
     legacy["source"] = "shards/*.tar"
     (tmp_path / "idx" / "index.json").write_text(json.dumps(legacy))
     assert build_index("shards/*.tar", "auto", tmp_path / "idx")["shards"] == meta["shards"]
+
+
+def test_an_indexing_killed_part_way_leaves_no_temporary_files_behind(tmp_path):
+    """write_lines' and save_array's temporary files are named by their writer's pid: those of a run killed
+    while indexing stayed in OUT/data for good (the rebuild writes under its own pid), an images.txt of a
+    billion names being tens of GB."""
+    src = tmp_path / "src"
+    write_good_images(src, 3)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = [cache / "images.txt.tmp-99999", cache / "images.offsets.npy.tmp-99999.npy"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    assert build_index(str(src), "folder", cache)["count"] == 3
+    assert not any(p.exists() for p in stale)
+    assert len(open_index(build_index(str(src), "folder", cache), cache)) == 3
