@@ -314,15 +314,21 @@ def _op_backend(name: str, q: Tensor, k: Tensor, deterministic: bool) -> Backend
 # ---------------------------------------------------------------------------------------------------------
 # Custom ops. Fake kernels give shapes and layouts so that torch.compile(fullgraph=True) traces through them.
 
+# Both the ops and their fake kernels check their arguments as seer_kernels.attention does: a direct call of
+# an op (or a trace of one) with k and v of another batch or length ran the Triton kernels out of bounds
+# (garbage, on a GPU an illegal address) and the reference broadcast a batch of 1 without a word.
+
 @torch.library.custom_op("seer::attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool = False,
             backend: str = "") -> tuple[Tensor, Tensor]:
     """out (B, H, Nq, D) on (B, Nq, H, D) memory, lse (B, H, Nq) float32 (float64 for float64 inputs)."""
+    _validate_op(q, k, v, scale)
     return _op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, scale, deterministic=False, backend=""):
+    _validate_op(q, k, v, scale)
     return ref.new_out(q, v), ref.new_lse(q)
 
 
@@ -330,12 +336,33 @@ def _(q, k, v, scale, deterministic=False, backend=""):
 def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
             deterministic: bool = False, backend: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous) from the saved log-sum-exp rows."""
+    _validate_op(q, k, v, scale)
+    validate_saved("attention", q, dout, out, lse, (*q.shape[:3], v.shape[3]), q.shape[:3])
     return _op_backend(backend, q, k, deterministic).impl.bwd(dout, q, k, v, out, lse, scale, deterministic)
 
 
 @_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, scale, deterministic=False, backend=""):
+    _validate_op(q, k, v, scale)
+    validate_saved("attention", q, dout, out, lse, (*q.shape[:3], v.shape[3]), q.shape[:3])
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _validate_op(q, k, v, scale) -> None:
+    _validate(q, k, v)
+    _scale(scale, q.shape[3])
+
+
+def validate_saved(op: str, like: Tensor, dout, out, lse, out_shape: tuple, lse_shape: tuple) -> None:
+    """The backward op's other arguments: ``dout`` and ``out`` of ``out_shape`` in the dtype of ``like`` (q or
+    qkv), ``lse`` of ``lse_shape`` in the compute dtype (the kernels read it as such), all on its device."""
+    for name, t, shape, dtype in (("dout", dout, out_shape, like.dtype), ("out", out, out_shape, like.dtype),
+                                  ("lse", lse, lse_shape, ref.compute_dtype(like.dtype))):
+        if not isinstance(t, Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != dtype \
+                or t.device != like.device:
+            got = f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: argument '{name}' must be {dtype} of shape {tuple(shape)} on {like.device}, "
+                             f"got {got}")
 
 
 def _save(ctx, q, k, v, out, lse, scale, deterministic, backend):

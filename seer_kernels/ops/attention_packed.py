@@ -70,6 +70,7 @@ def _grads(impl, dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int
 def _fwd_op(qkv: Tensor, heads: int, scale: float, deterministic: bool = False,
             backend: str = "") -> tuple[Tensor, Tensor]:
     """out (B, N, H D), lse (B, H, N) float32 (float64 for float64 inputs)."""
+    _validate_op(qkv, heads, scale)
     q, k, v = unpack(qkv, heads)
     out, lse = A._op_backend(backend, q, k, deterministic).impl.fwd(q, k, v, scale)
     return _pack(out), lse
@@ -77,6 +78,7 @@ def _fwd_op(qkv: Tensor, heads: int, scale: float, deterministic: bool = False,
 
 @_fwd_op.register_fake
 def _(qkv, heads, scale, deterministic=False, backend=""):
+    _validate_op(qkv, heads, scale)
     q, _, v = unpack(qkv, heads)
     return _pack(ref.new_out(q, v)), ref.new_lse(q)
 
@@ -85,6 +87,7 @@ def _(qkv, heads, scale, deterministic=False, backend=""):
 def _bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int, scale: float,
             deterministic: bool = False, backend: str = "") -> Tensor:
     """The gradient of qkv (B, N, 3 H D), contiguous: dq, dk and dv written into its slices."""
+    _validate_bwd(dout, qkv, out, lse, heads, scale)
     q, k, _ = unpack(qkv, heads)
     return _grads(A._op_backend(backend, q, k, deterministic).impl, dout, qkv, out, lse, heads, scale,
                   deterministic)
@@ -92,7 +95,23 @@ def _bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int, sca
 
 @_bwd_op.register_fake
 def _(dout, qkv, out, lse, heads, scale, deterministic=False, backend=""):
+    _validate_bwd(dout, qkv, out, lse, heads, scale)
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+# The ops and their fake kernels check their arguments as attention_packed does, and the backward's dout, out
+# and lse against qkv: the Triton backward read a dout, out or lse shorter than qkv's out of bounds, and a
+# float64 lse as float32, and returned a gradient without a word.
+
+def _validate_op(qkv, heads, scale) -> None:
+    _validate(qkv, heads)
+    A._scale(scale, qkv.shape[2] // (3 * heads), "attention_packed")
+
+
+def _validate_bwd(dout, qkv, out, lse, heads, scale) -> None:
+    _validate_op(qkv, heads, scale)
+    b, n, width = qkv.shape
+    A.validate_saved("attention_packed", qkv, dout, out, lse, (b, n, width // 3), (b, heads, n))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1358,6 +1358,41 @@ def test_ops_refuse_sdpa_and_unknown_backends():
         torch.ops.seer.attention_fwd(q, q, q, 0.3)
 
 
+
+def _op_backends():
+    return ["reference"] + ([pytest.param("triton", marks=pytest.mark.triton)] if TRITON_DEV == "cpu" else [])
+
+
+@pytest.mark.parametrize("backend", _op_backends())
+@pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
+def test_ops_refuse_mismatched_arguments(backend, fake):
+    """Direct calls of seer::attention_fwd / attention_bwd, and their fake kernels, refuse what
+    seer_kernels.attention refuses, naming the argument. Without the checks the Triton kernels read k and v
+    of another batch or length out of bounds (garbage out; an illegal address on a GPU), the reference
+    broadcast a k of batch 1 or returned v's head dim, and a float64 lse was read as float32."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q, k, v = _t(2, 2, 5, 8), _t(2, 2, 7, 8), _t(2, 2, 7, 8)
+    out, lse = torch.ops.seer.attention_fwd(q, k, v, 0.3, False, backend)
+    dout = torch.randn_like(out)
+    fwd_cases = [((q, _t(1, 2, 7, 8), _t(1, 2, 7, 8)), "'k' has batch size 1"),
+                 ((q, k, _t(2, 2, 3, 8)), "'v' has 3 keys"),
+                 ((q, k, _t(2, 2, 7, 16)), "'v' has head dim 16"),
+                 ((q, _t(2, 2, 0, 8), _t(2, 2, 0, 8)), "'k' must be non-empty")]
+    bwd_cases = [((dout, q, k, v, out, lse.double()), r"'lse' must be torch.float32 of shape \(2, 2, 5\)"),
+                 ((dout[:, :, :4], q, k, v, out, lse), r"'dout' must be torch.float32 of shape \(2, 2, 5, 8\)"),
+                 ((dout, q, k, v, out.double(), lse), "'out' must be torch.float32")]
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext() as mode:
+        def conv(args):
+            return tuple(mode.from_tensor(a) for a in args) if fake else args
+        for args, match in fwd_cases:
+            with pytest.raises(ValueError, match=match):
+                torch.ops.seer.attention_fwd(*conv(args), 0.3, False, backend)
+        for args, match in bwd_cases:
+            with pytest.raises(ValueError, match=match):
+                torch.ops.seer.attention_bwd(*conv(args), 0.3, False, backend)
+        with pytest.raises(ValueError, match="'scale' must be a finite number"):
+            torch.ops.seer.attention_fwd(*conv((q, k, v)), math.nan, False, backend)
+
 # ---- dispatch and the selector table --------------------------------------------------------------------
 
 def test_cpu_chooses_sdpa_and_logs_once(caplog):

@@ -117,6 +117,34 @@ def test_opcheck(backend):
                           (dout, qkv.detach(), out, lse, h, 0.25, True, backend))
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
+def test_ops_refuse_mismatched_arguments(backend, fake):
+    """Direct calls of seer::attention_packed_fwd / _bwd, and their fake kernels, check their arguments,
+    naming them: the Triton backward read a dout, out or lse shorter than qkv's out of bounds, and a float64
+    lse as float32, and returned a gradient without a word."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    if backend == "triton" and TRITON_DEV != "cpu":
+        pytest.skip("the interpreter's float32 case")
+    qkv = torch.randn(2, 5, 3 * 2 * 8)
+    out, lse = torch.ops.seer.attention_packed_fwd(qkv, 2, 0.3, False, backend)
+    dout = torch.randn_like(out)
+    cases = [((dout, qkv, out, lse.double()), r"'lse' must be torch.float32 of shape \(2, 2, 5\)"),
+             ((dout, qkv, out, lse[:, :, :3]), r"'lse' must be torch.float32 of shape \(2, 2, 5\)"),
+             ((dout[:, :3], qkv, out, lse), r"'dout' must be torch.float32 of shape \(2, 5, 16\)"),
+             ((dout, qkv, torch.randn(2, 5, 32), lse), r"'out' must be torch.float32 of shape \(2, 5, 16\)")]
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext() as mode:
+        def conv(args):
+            return tuple(mode.from_tensor(a) for a in args) if fake else args
+        for args, match in cases:
+            with pytest.raises(ValueError, match=match):
+                torch.ops.seer.attention_packed_bwd(*conv(args), 2, 0.3, False, backend)
+        with pytest.raises(ValueError, match="'qkv' has 50 features"):
+            torch.ops.seer.attention_packed_fwd(*conv((torch.randn(2, 5, 50),)), 2, 0.3, False, backend)
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa", pytest.param("triton", marks=pytest.mark.triton)])
 def test_compiles_fullgraph_with_the_same_bits(backend):
     dev = TRITON_DEV if backend == "triton" else "cpu"
