@@ -37,6 +37,7 @@ from .._backend import Backend, Dispatcher, plain_eager
 from ..multicrop_params import (COL, MAX_SIGMA, PACK_COLUMNS, CropDraw, CropParams, MultiCropSpec, check_mean_std,
                                 generator_text)
 from ..reference import multicrop as ref
+from . import constant_outputs
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -83,6 +84,9 @@ def _(images, params, size, mean, std, out_dtype):
         raise ValueError("seer::multicrop_apply: argument 'images' must be a non-empty list of uint8 (3, H, W) "
                          "tensors")
     return images[0].new_empty((params.shape[0], 3, size, size), dtype=out_dtype)
+
+
+constant_outputs(_apply_op)  # the crops of given pixels and drawn parameters: no gradient to either
 
 
 # ---------------------------------------------------------------------------------------------------------

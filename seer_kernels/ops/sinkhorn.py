@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _native
 from .._backend import Backend, Dispatcher, plain_eager, triton_unavailable_reason
 from ..reference import sinkhorn as ref
+from . import constant_outputs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPSILON_MIN = torch.finfo(torch.float32).tiny
@@ -143,6 +144,11 @@ def _finalize_op(scores: Tensor, m: Tensor, f: Tensor, g: Tensor, epsilon: float
 def _(scores, m, f, g, epsilon, log_scale):
     return scores.new_empty(scores.shape, dtype=torch.float32)
 
+
+# The codes are constants of the loss, as sinkhorn() makes them by detaching the scores: a direct call of an
+# op on scores that require grad gives constants too.
+for _op in (_sinkhorn_op, _max_op, _sumexp_op, _finalize_op):
+    constant_outputs(_op)
 
 OP_STEPS = ref.SinkhornSteps(torch.ops.seer.sinkhorn_max, torch.ops.seer.sinkhorn_sumexp,
                              torch.ops.seer.sinkhorn_finalize)

@@ -314,6 +314,19 @@ def test_opcheck(backend, device, gen):
                               (images, packed, 12, list(MEAN), list(STD), torch.float32))
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
+def test_op_gives_constants_for_params_that_require_grad(backend, gen):
+    """The crops take no gradient (pixels and drawn parameters): a params matrix that requires grad gives
+    constant crops. torch gave them a grad_fn whose backward raised 'no autograd formula was registered', so
+    opcheck failed on such input, and empty crop lists and single crops trace alike."""
+    images = [photos()["tiny"], photos()["strip"][:, :, :50]]
+    packed = torch.cat([random_params(tuple(im.shape[1:]), 2, (0.1, 1.0), gen).pack(i) for i, im in enumerate(images)])
+    with use_backend(backend, op="multicrop"):
+        for p in (packed, packed[:1], packed[:0]):
+            args = (images, p.clone().requires_grad_(), 7, list(MEAN), list(STD), torch.float32)
+            assert not torch.ops.seer.multicrop_apply(*args).requires_grad
+            torch.library.opcheck(torch.ops.seer.multicrop_apply.default, args)
+
 @pytest.mark.ext
 @pytest.mark.parametrize("name", ["multicrop_apply", "multicrop_apply_emulated"])
 def test_native_ops_have_fake_kernels(name, gen):

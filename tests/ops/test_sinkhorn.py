@@ -559,6 +559,29 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.seer.sinkhorn_finalize.default, (s, m, f, g, 0.05, 1.0))
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference",
+                                     pytest.param("triton", marks=pytest.mark.triton)])
+def test_ops_give_constants_for_scores_that_require_grad(backend):
+    """The codes are constants of the loss (sinkhorn() detaches the scores): the ops called directly on scores
+    that require grad return constants too. torch gave them a grad_fn whose backward raised 'no autograd formula
+    was registered', so opcheck failed on such input and so did a loss that used the codes."""
+    dev = triton_device() if backend == "triton" else "cpu"
+    s = cosine_scores(6, 10, device=dev).requires_grad_()
+    m = ref.sinkhorn_max(s.detach(), None, None, None, 1.0, 0)
+    f, g = torch.zeros(10, device=dev), torch.zeros(6, device=dev)
+    ops = torch.ops.seer
+    cases = [(ops.sinkhorn.default, (s, 0.05, 3)), (ops.sinkhorn_max.default, (s, None, None, None, 1.0, 0)),
+             (ops.sinkhorn_sumexp.default, (s, m, f, g, 0.05, 1, torch.tensor(0.0, device=dev))),
+             (ops.sinkhorn_finalize.default, (s, m, f, g, 0.05, 1.0))]
+    with use_backend(backend, op="sinkhorn"):
+        for op, args in cases:
+            assert not op(*args).requires_grad, op
+            torch.library.opcheck(op, args)
+        codes = ops.sinkhorn(s, 0.05, 3)
+        (-(codes * torch.log_softmax(s / 0.1, dim=1)).sum()).backward()
+        want = torch.autograd.grad(-(codes.detach() * torch.log_softmax(s / 0.1, dim=1)).sum(), s)[0]
+    assert torch.equal(s.grad, want)
+
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference"])
 def test_opcheck_and_compile_on_a_transposed_input(backend):
     # The fake kernels promise contiguous codes; the reference used to hand on the input's strides, which
