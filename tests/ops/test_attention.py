@@ -956,6 +956,48 @@ def test_opcheck(backend, device, dtype):
     torch.library.opcheck(torch.ops.seer.attention_fwd.default, (q, k, v, 0.25))
 
 
+def _op_backends():
+    return ["reference"] + ([pytest.param("triton", marks=pytest.mark.triton)] if TRITON_DEV == "cpu" else [])
+
+
+def _odd_layouts(b, h, nq, nkv, d):
+    """q, k, v of odd shapes in layouts a caller may hand over: contiguous, (B, N, H, D) memory, a batch and
+    head broadcast by expand (stride 0), a head dim with stride 2."""
+    yield "contiguous", (_t(b, h, nq, d), _t(b, h, nkv, d), _t(b, h, nkv, d))
+    yield "bnhd", tuple(_t(b, n, h, d).transpose(1, 2) for n in (nq, nkv, nkv))
+    yield "expanded", (_t(1, 1, nq, d).expand(b, h, nq, d), _t(1, h, nkv, d).expand(b, h, nkv, d), _t(b, h, nkv, d))
+    yield "d-strided", (_t(b, h, nq, 2 * d)[..., ::2], _t(b, h, nkv, d), _t(b, h, nkv, d + 3)[..., 1:d + 1])
+
+
+@pytest.mark.parametrize("backend", _op_backends())
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 8), (2, 1, 3, 2, 8)], ids=["all-ones", "odd"])
+def test_ops_fake_kernels_match_on_odd_shapes_and_layouts(backend, shape):
+    """The fake kernels give exactly the real outputs' shape, dtype, device and strides (every dim, size-1
+    ones included) and storage offset, for N = 1, Nq != Nkv and non-contiguous inputs; no output aliases an
+    input and no input changes; opcheck passes with one of q, k, v requiring grad (each in turn)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def meta(t):
+        return tuple(t.shape), t.dtype, t.device, t.stride(), t.storage_offset()
+
+    for i, (name, (q, k, v)) in enumerate(_odd_layouts(*shape)):
+        before = [t.clone() for t in (q, k, v)]
+        out, lse = torch.ops.seer.attention_fwd(q, k, v, 0.3, False, backend)
+        dout = _t(*out.shape)
+        grads = torch.ops.seer.attention_bwd(dout, q, k, v, out, lse, 0.3, False, backend)
+        with FakeTensorMode() as mode:
+            fq, fk, fv, fd, fo, fl = (mode.from_tensor(t) for t in (q, k, v, dout, out, lse))
+            fake = torch.ops.seer.attention_fwd(fq, fk, fv, 0.3, False, backend)
+            fake_grads = torch.ops.seer.attention_bwd(fd, fq, fk, fv, fo, fl, 0.3, False, backend)
+        for real_t, fake_t in zip((out, lse, *grads), (*fake, *fake_grads)):
+            assert meta(real_t) == meta(fake_t), name
+        inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, dout, out, lse)}
+        assert not any(g.untyped_storage().data_ptr() in inputs for g in grads), name
+        assert all(torch.equal(a, b) for a, b in zip((q, k, v), before)), name
+        args = tuple(t.detach().requires_grad_(j == i % 3) for j, t in enumerate((q, k, v)))  # one of them
+        torch.library.opcheck(torch.ops.seer.attention_fwd.default, (*args, 0.3, False, backend))
+        torch.library.opcheck(torch.ops.seer.attention_bwd.default, (dout, q, k, v, out, lse, 0.3, False, backend))
+
 def _compile_cases():
     out = [pytest.param(None, "cpu", id="auto-cpu"), pytest.param("reference", "cpu", id="reference-cpu")]
     if TRITON_DEV is not None:
@@ -988,6 +1030,31 @@ def test_compiles_fullgraph(backend, device):
         tol = 1e-4 if dtype == F32 else 3e-2
         assert max_abs_err(y, y_eager) <= tol and max_abs_err(gx, gx_eager) <= tol * 10
 
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
+@pytest.mark.parametrize("how", ["dynamic", "mark_dynamic"])
+def test_compiled_once_for_every_batch_and_length(backend, how):
+    """torch.compile(dynamic=True), or mark_dynamic on the batch and sequence dims, traces attention and
+    attention_packed (forward and backward) once for all sizes: no recompile per batch or length."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+
+    def block(x):
+        q, k, v = x.unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return seer_kernels.attention(q, k, v).transpose(1, 2).flatten(2) + seer_kernels.attention_packed(x, 2)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager", dynamic=True if how == "dynamic" else None)
+    with use_backend(backend, op="attention") if backend else contextlib.nullcontext():
+        for b, n in ((2, 5), (3, 7), (5, 12)):
+            x = torch.randn(b, n, 48, requires_grad=True)
+            if how == "mark_dynamic":
+                torch._dynamo.mark_dynamic(x, 0)
+                torch._dynamo.mark_dynamic(x, 1)
+            (g,) = torch.autograd.grad(compiled(x).sum(), x)
+            (g_eager,) = torch.autograd.grad(block(x).sum(), x)
+            assert max_abs_err(g, g_eager) <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 1
 
 def _eager_calls(monkeypatch) -> list:
     calls: list = []
@@ -1357,10 +1424,6 @@ def test_ops_refuse_sdpa_and_unknown_backends():
     with use_backend("sdpa", op="attention"), pytest.raises(BackendError, match="SDPA runs with torch's own"):
         torch.ops.seer.attention_fwd(q, q, q, 0.3)
 
-
-
-def _op_backends():
-    return ["reference"] + ([pytest.param("triton", marks=pytest.mark.triton)] if TRITON_DEV == "cpu" else [])
 
 
 @pytest.mark.parametrize("backend", _op_backends())

@@ -118,6 +118,40 @@ def test_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 2, 8)], ids=["all-ones", "odd"])
+def test_ops_fake_kernels_match_on_odd_shapes_and_layouts(backend, shape):
+    """The fake kernels give exactly the real outputs' shape, dtype, device, strides (size-1 dims included)
+    and storage offset for N = 1 and qkv of any strides (a slice of a wider tensor, (N, B) memory, a batch
+    broadcast by expand), also for a transposed dout; no output aliases an input, no input changes;
+    opcheck passes (qkv requiring grad or not)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    if backend == "triton" and TRITON_DEV != "cpu":
+        pytest.skip("the interpreter's float32 case")
+    b, n, h, d = shape
+    width = 3 * h * d
+    layouts = {"contiguous": torch.randn(b, n, width), "wide": torch.randn(b, n, width + 8)[..., 8:],
+               "nb": torch.randn(n, b, width).transpose(0, 1), "expanded": torch.randn(1, n, width).expand(b, n, width)}
+
+    def meta(t):
+        return tuple(t.shape), t.dtype, t.device, t.stride(), t.storage_offset()
+
+    for name, qkv in layouts.items():
+        before = qkv.clone()
+        out, lse = torch.ops.seer.attention_packed_fwd(qkv, h, 0.3, False, backend)
+        dout = torch.randn(n, b, h * d).transpose(0, 1)
+        dqkv = torch.ops.seer.attention_packed_bwd(dout, qkv, out, lse, h, 0.3, False, backend)
+        with FakeTensorMode() as mode:
+            fx, fd, fo, fl = (mode.from_tensor(t) for t in (qkv, dout, out, lse))
+            fake = (*torch.ops.seer.attention_packed_fwd(fx, h, 0.3, False, backend),
+                    torch.ops.seer.attention_packed_bwd(fd, fx, fo, fl, h, 0.3, False, backend))
+        assert [meta(t) for t in (out, lse, dqkv)] == [meta(t) for t in fake], name
+        inputs = {t.untyped_storage().data_ptr() for t in (qkv, dout, out, lse)}
+        assert dqkv.untyped_storage().data_ptr() not in inputs and torch.equal(qkv, before), name
+        for x in (qkv, qkv.detach().clone().requires_grad_()):
+            torch.library.opcheck(torch.ops.seer.attention_packed_fwd.default, (x, h, 0.3, False, backend))
+        torch.library.opcheck(torch.ops.seer.attention_packed_bwd.default, (dout, qkv, out, lse, h, 0.3, False, backend))
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("fake", [False, True], ids=["real", "fake"])
 def test_ops_refuse_mismatched_arguments(backend, fake):
     """Direct calls of seer::attention_packed_fwd / _bwd, and their fake kernels, check their arguments,

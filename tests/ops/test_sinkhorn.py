@@ -561,6 +561,40 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference",
                                      pytest.param("triton", marks=pytest.mark.triton)])
+def test_ops_fake_kernels_match_on_degenerate_shapes_and_layouts(backend):
+    """One sample, one prototype, an expanded (stride 0), sliced or transposed scores matrix, float16: every op's
+    fake kernel gives exactly the real output's shape, dtype, device and strides; no output aliases the scores
+    (a shortcut for B = 1 or K = 1 might hand them back) and the scores stay as they were."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    dev = triton_device() if backend == "triton" else "cpu"
+    ops = torch.ops.seer
+
+    def meta(t):
+        return tuple(t.shape), t.dtype, t.device, t.stride(), t.storage_offset()
+
+    for b, k in ((1, 1), (1, 5), (5, 1)):
+        layouts = [cosine_scores(b, k, dev), cosine_scores(1, k, dev).expand(b, k),
+                   cosine_scores(b, k + 3, dev)[:, 2:k + 2], cosine_scores(k, b, dev).t(),
+                   cosine_scores(b, k, dev, torch.float16)]
+        for s in layouts:
+            m = ref.sinkhorn_max(s, None, None, None, 1.0, 0)
+            f, g = torch.randn(2 * k, device=dev)[::2], torch.randn(b, device=dev)
+            cases = [(ops.sinkhorn, (s, 0.05, 3)), (ops.sinkhorn_max, (s, None, None, None, 1.0, 0)),
+                     (ops.sinkhorn_max, (s, m, f, g, 0.05, 1)),
+                     (ops.sinkhorn_sumexp, (s, m, f, g, 0.05, 0, torch.zeros(k, device=dev))),
+                     (ops.sinkhorn_finalize, (s, m, f, g, 0.05, 1.0))]
+            before = s.clone()
+            with use_backend(backend, op="sinkhorn"):
+                for op, args in cases:
+                    real = op(*args)
+                    with FakeTensorMode() as mode:
+                        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+                    assert meta(real) == meta(fake), (op, b, k, s.stride())
+                    assert real.untyped_storage().data_ptr() != s.untyped_storage().data_ptr()
+            assert torch.equal(s, before)
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "reference",
+                                     pytest.param("triton", marks=pytest.mark.triton)])
 def test_ops_give_constants_for_scores_that_require_grad(backend):
     """The codes are constants of the loss (sinkhorn() detaches the scores): the ops called directly on scores
     that require grad return constants too. torch gave them a grad_fn whose backward raised 'no autograd formula
