@@ -92,8 +92,9 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
                              f"each with one subfolder per class, or only class folders (then split by "
                              f"eval.test_fraction)")
         if split:
-            tr, ytr, classes = _class_folder(root / TRAIN_SPLIT)
-            te, yte, classes_te = _class_folder(val)
+            # Compared before either split's own checks: a held-out split lacking all classes but one was
+            # refused as "at least 2 class folders, found 1", which did not say which one it lacks.
+            classes, classes_te = _subfolders(root / TRAIN_SPLIT), _subfolders(val)
             if classes_te != classes:
                 # (the labels are the class folders' sorted positions: one extra folder shifts every later class)
                 only = [f"{where} alone: {_names(sorted(set(a) - set(b)))}" for where, a, b in
@@ -101,6 +102,8 @@ def load_labelled(dataset: str, *, test_fraction: float = 0.33, split_seed: int 
                 raise ValueError(f"eval.dataset: {root / TRAIN_SPLIT} and {val} have different class folders "
                                  f"({'; '.join(only)}): give both splits the same class folders (an empty one "
                                  f"where a split has no image of a class)")
+            tr, ytr, classes = _class_folder(root / TRAIN_SPLIT)
+            te, yte, _ = _class_folder(val)
             out = {"train": LabelledSplit(tr, ytr, classes), "test": LabelledSplit(te, yte, classes)}
         else:
             paths, labels, classes = _class_folder(root)

@@ -272,6 +272,12 @@ def test_splits_with_other_class_folders_name_them_and_an_empty_class_folder_is_
     s = load_labelled(str(tmp_path / "a"))
     assert s["train"].classes == s["test"].classes == ["cat", "cow", "dog", "emu", "yak"]
     assert sorted(set(s["test"].labels.tolist())) == [0, 1, 2, 4]
+    # A held-out split with one of the classes: named as the class it lacks, not as "at least 2, found 1"
+    _class_images(tmp_path / "b" / "train", classes=("cat", "dog"))
+    _class_images(tmp_path / "b" / "val", classes=("cat",))
+    with pytest.raises(ValueError, match=r"different class folders \(train alone: 'dog'\)"):
+        load_labelled(str(tmp_path / "b"))
+
 
 def test_unreadable_evaluation_images_are_named_and_an_empty_split_is_refused(tmp_path, caplog):
     root = tmp_path / "d"
