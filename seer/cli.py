@@ -360,12 +360,11 @@ def _checkpoint_run_config(ckpt: Path, *, random_init: bool = False):
     a run's or checkpoint's saved config; for an export, the run config its JSON records (defaults where an
     older export lacks it) with the export's ViT, normalisation and evaluation image size."""
     from .pretrained import checkpoint_config
-    from .train.checkpoint import resolve_checkpoint
     if ckpt.suffix == ".onnx":  # (seer runs torch modules; an ONNX file is for onnxruntime)
         raise CLIError(f"--checkpoint {str(ckpt)!r} is an ONNX export, which seer cannot load: give the run "
                        f"folder, a checkpoint folder or a timm export (.safetensors)")
     if ckpt.suffix != ".safetensors":
-        ckpt_dir = resolve_checkpoint(ckpt)
+        ckpt_dir = _checkpoint_folder(ckpt, "a run folder, a checkpoint folder or an exported .safetensors")
         return checkpoint_config(ckpt_dir), True, ckpt_dir
     from safetensors import SafetensorError, safe_open
 
@@ -391,6 +390,23 @@ def _checkpoint_run_config(ckpt: Path, *, random_init: bool = False):
     cfg.data.crops.mean, cfg.data.crops.std = info["mean"], info["std"]
     cfg.eval.image_size = info["image_size"]
     return cfg, recorded, None
+
+
+def _checkpoint_folder(ckpt: Path, expected: str) -> Path:
+    """The complete checkpoint folder that ``--checkpoint`` names (a run, checkpoints or checkpoint folder).
+    A path that does not exist is said to be one, naming the flag (a typo read as "no complete checkpoint at",
+    a damaged or still empty run)."""
+    from .train.checkpoint import resolve_checkpoint
+    _checkpoint_exists(ckpt, expected)
+    try:
+        return resolve_checkpoint(ckpt)
+    except FileNotFoundError as e:
+        raise CLIError(f"--checkpoint: {e}") from None
+
+
+def _checkpoint_exists(ckpt: Path, expected: str) -> None:
+    if not ckpt.exists():
+        raise CLIError(f"--checkpoint {str(ckpt)!r} does not exist (expected {expected})")
 
 
 def _pretrained_backbone(ckpt: Path, ckpt_dir: Optional[Path], saved: C.RunConfig):
@@ -454,6 +470,10 @@ def cmd_eval(args) -> int:
         raise CLIError(f"--set accepts only eval.* keys, got {bad[0]!r}")
     if args.json:
         _output_file(args.json, "--json")
+    if args.dataset and args.dataset != "digits" and not Path(args.dataset).expanduser().is_dir():
+        # (before the backbone is read; the evaluation's own check names eval.dataset, which --dataset sets)
+        raise CLIError(f"--dataset {args.dataset!r} is neither 'digits' nor a folder (expected one subfolder per "
+                       f"class, or train/ and val/ folders of them)")
     ckpt = Path(args.checkpoint)
     saved, recorded, ckpt_dir = _checkpoint_run_config(ckpt, random_init=args.random_init)
     if args.json:
@@ -592,7 +612,15 @@ def _export(args) -> int:
         # (said as what it is: 'no complete checkpoint at' read as a damaged or missing run)
         raise CLIError(f"--checkpoint {args.checkpoint!r} is an export; seer export reads the run folder or a "
                        f"checkpoint folder it was exported from (its JSON's 'source' names it)")
-    # (both check --out before they read the checkpoint)
+    try:
+        return _export_checkpoint(args)
+    except FileNotFoundError:
+        # (both exports check --out before they read the checkpoint: a missing one is said only after that)
+        _checkpoint_exists(Path(args.checkpoint), "a run folder or a checkpoint folder")
+        raise
+
+
+def _export_checkpoint(args) -> int:
     if args.format == "onnx":
         from .export_onnx import VERIFY_BATCHES, export_onnx
         done = export_onnx(args.checkpoint, args.out, external_data=args.onnx_external_data,

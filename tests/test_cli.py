@@ -25,7 +25,20 @@ from tests.images import write_bad_images, write_good_images
     (["train", "--config", "/does/not/exist.yaml", "--out", "x"], "does not exist"),
     (["train", "--preset", "tiny", "--set", "data.source=/no/such/folder", "--out", "{tmp}/r"], "does not exist"),
     (["train", "--preset", "tiny", "--set", "parallel.tp=3", "--out", "{tmp}/r"], "parallel.tp=3"),
-    (["eval", "knn", "--checkpoint", "/no/such/run"], "no complete checkpoint"),
+    # A mistyped --checkpoint is said to be missing, naming the flag (it read "no complete checkpoint at", as a
+    # damaged or empty run would); a folder without checkpoints names the flag too.
+    (["eval", "knn", "--checkpoint", "/no/such/run"], "error: --checkpoint '/no/such/run' does not exist"),
+    (["features", "--checkpoint", "/no/such/run", "--images", "{tmp}", "--out", "{tmp}/f.npy"],
+     "error: --checkpoint '/no/such/run' does not exist (expected a run folder, a checkpoint folder or an "
+     "exported .safetensors)"),
+    (["attention-maps", "--checkpoint", "/no/such/run", "--images", "{tmp}", "--out", "{tmp}/maps"],
+     "error: --checkpoint '/no/such/run' does not exist"),
+    (["export", "--checkpoint", "/no/such/run", "--format", "timm", "--out", "{tmp}/v.safetensors"],
+     "error: --checkpoint '/no/such/run' does not exist (expected a run folder or a checkpoint folder)"),
+    (["eval", "knn", "--checkpoint", "{tmp}"], "error: --checkpoint: no complete checkpoint at '{tmp}'"),
+    # --dataset named as given, before the backbone is read (it said eval.dataset, after loading it)
+    (["eval", "knn", "--checkpoint", "/no/such/run", "--dataset", "/no/such/labelled"],
+     "error: --dataset '/no/such/labelled' is neither 'digits' nor a folder"),
     (["train", "--preset", "tiny", "--set", "checkpoint.resume=/no/such/run", "--out", "{tmp}/r"],
      "checkpoint.resume: no complete checkpoint at '/no/such/run'"),
     (["eval", "knn", "--checkpoint", "{tmp}", "--set", "train.max_steps=2"], "only eval.* keys"),

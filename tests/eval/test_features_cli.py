@@ -131,7 +131,8 @@ def test_rows_with_nan_or_inf_are_named_in_a_warning(run, caplog):
     (["--images", "{tmp}/nothing"], "--images: '{tmp}/nothing' does not exist"),
     (["--images", "{tmp}/empty"], "--images '{tmp}/empty' holds no images"),
     (["--images", "{tmp}/bad"], "none of its 1 images is readable"),
-    (["--checkpoint", "{tmp}/nothing"], "no complete checkpoint"),
+    (["--checkpoint", "{tmp}/nothing"], "--checkpoint '{tmp}/nothing' does not exist"),
+    (["--checkpoint", "{tmp}/empty"], "--checkpoint: no complete checkpoint at '{tmp}/empty'"),
 ])
 def test_bad_flags_are_one_line(run, tmp_path, capsys, extra, fragment):
     (tmp_path / "taken.npy").write_bytes(b"")
