@@ -289,6 +289,33 @@ def test_model_md_parameter_table_matches_the_counts():
         assert float(total) == round(count_parameters(cfg, seer_head()).total / 1e6, 1), name
 
 
+def test_docs_plan_tables_match_seer_plan(capsys):
+    """docs/model.md's table of seer plan for the 10B ViT and the README's digest of it (peak = the larger of
+    the forward/backward and the optimizer step) are what the planner prints for those layouts."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    gib, row = 2 ** 30, re.compile(r"^\| (\d+) \| (\d+) x (\d+) \| (\d+) .*?\| (none|full) \|(.*)\|$", re.M)
+    model_md = row.findall((root / "docs" / "model.md").read_text())
+    readme = row.findall((root / "README.md").read_text())
+    assert len(model_md) == 7 and len(readme) == 5
+    for rows, columns in ((model_md, 10), (readme, 3)):
+        for gpus, dp, tp, micro, ckpt, rest in rows:
+            code, out, _ = run(capsys, "--model", "vit-10b", "--gpus", gpus, "--tp", tp, "--micro-batch", micro,
+                               "--checkpointing", ckpt, "--json")
+            r = json.loads(out)
+            assert code == 0 and r["dp"] == int(dp)
+            comm = [f"{r[k] / 1e9:.1f} GB" if r[k] else "-" for k in ("tp_comm_bytes", "fsdp_comm_bytes")]
+            planned = [f"{(r['param_bytes'] + r['grad_bytes'] + r['optimizer_bytes']) / gib:.1f} GiB",
+                       f"{r['working_bytes'] / gib:.1f} GiB", f"{r['activation_bytes'] / gib:.1f} GiB",
+                       f"{r['total_bytes'] / gib:.1f} GiB", f"{r['optimizer_step_bytes'] / gib:.1f} GiB",
+                       "yes" if r["fits"] else "no", f"{r['model_flops_per_gpu'] / 1e12:.3g}",
+                       f"{r['compute_s_at_mfu'] * 1e3:.0f} ms", *comm]
+            if columns == 3:  # README: peak memory per GPU, fits 80 GB, model TFLOP per GPU per step
+                planned = [f"{r['peak_bytes'] / gib:.1f} GiB", planned[5], planned[6]]
+            assert [c.strip() for c in rest.split("|")] == planned, (gpus, dp, tp, micro, ckpt)
+
+
 def test_help_names_every_default():
     # `seer plan --help` is what a user reads before choosing flags: every option that has a default says it.
     from seer.plan import _parser
