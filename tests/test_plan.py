@@ -58,7 +58,10 @@ def test_checkpointing_and_sequence_parallel_reduce_activations():
 
 @pytest.mark.parametrize("args, match", [
     (("--model", "vit10b", "--gpus", "8", "--micro-batch", "1"), "did you mean 'vit-10b'"),
-    (("--gpus", "12", "--tp", "12", "--micro-batch", "1"), "model.num_heads=32 is not divisible by parallel.tp=12"),
+    # in the flags of seer plan, not training's keys (it said parallel.tp=12, which no flag of it sets)
+    (("--gpus", "12", "--tp", "12", "--micro-batch", "1"), "the --model's num_heads=32 is not divisible by --tp 12"),
+    (("--gpus", "8", "--tp", "8", "--micro-batch", "16", "--prototypes", "100"),
+     "the --head's (or --prototypes) num_prototypes=100 is not divisible by --tp 8"),
     (("--gpus", "12", "--tp", "8", "--micro-batch", "1"), "--gpus 12 is not divisible by --tp 8"),
     (("--gpus", "8", "--micro-batch", "1", "--crops", "2x224+4x96"), "not multiples of the patch size 14"),
     (("--gpus", "8", "--micro-batch", "1", "--crops", "two"), "expected NxSIZE"),
