@@ -77,3 +77,23 @@ def test_every_repository_path_the_docs_quote_exists(doc):
               for p in path.findall(span)}
     missing = sorted(p for p in quoted if not glob.glob(str(ROOT / p)))
     assert not missing, f"{doc} quotes paths that are not in the repository: {missing}"
+
+
+def test_every_flag_of_seer_is_documented():
+    """Each command's flags are named in README.md or docs/*.md (seer eval --json and most of seer plan's were in
+    --help only); a --flag whose --no-flag twin is named counts."""
+    import argparse
+    text = "".join((ROOT / doc).read_text() for doc in DOCS)
+
+    def flags(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    yield from flags(p, f"{name} {sub}")
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    yield name, flag
+
+    missing = [(name, flag) for name, flag in [*flags(_parser(), "seer"), *flags(plan_parser(), "seer plan")]
+               if flag not in text and "--no-" + flag[2:] not in text]
+    assert not missing, f"flags that no doc names: {missing}"
