@@ -98,6 +98,6 @@ class Evaluator:
                                  max_iter=self.cfg.linear_max_iter)
             out["linear_top1"] = probe["top1"]
             out["linear_weight_decay"] = probe["weight_decay"]
-            out["linear_converged"] = probe["converged"]  # (False: warned, the score may be low)
+            out["linear_converged"] = probe["converged"]  # (False: logged, the score may be below the optimum)
         out["seconds"] = time.perf_counter() - t0
         return out

@@ -77,7 +77,7 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
                  seed: int = 0) -> dict:
     """{'top1': test accuracy in percent, 'weight_decay': the chosen lambda, 'val_top1': its validation score
     (-1.0 where none ran: one weight decay, or one training feature), 'converged': whether the final fit reached
-    the optimum (:func:`fit_logistic`'s ``info``; a warning is logged where it did not)}."""
+    the optimum (:func:`fit_logistic`'s ``info``; logged at info level where it did not)}."""
     _check(train_features, train_labels, test_features, test_labels, weight_decays=weight_decays, max_iter=max_iter)
     # One class per label present in either split, in increasing order: one per label up to the largest made
     # W (max + 1, D), minutes of L-BFGS for ids around 10^5 and a process killed for memory beyond. (int64:
@@ -108,8 +108,8 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
         # Info, not a warning: a fixed iteration budget is a protocol (VISSL's fixed epochs are one), and the
         # demo's probe at 200 iterations stops short on every evaluation; the result says it (converged False).
         log.info("linear probe: L-BFGS stopped at max_iter=%d iterations short of the optimum (max |gradient| "
-                    "%.2g at weight decay %g): the score may be low; raise eval.linear_max_iter", max_iter,
-                    info["grad_max"], best[0])
+                 "%.2g at weight decay %g): the score may be low; raise eval.linear_max_iter", max_iter,
+                 info["grad_max"], best[0])
     return {"top1": _accuracy(w, b, xte, test_labels), "weight_decay": best[0], "val_top1": best[1],
             "converged": info["converged"]}
 
