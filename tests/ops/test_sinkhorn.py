@@ -169,24 +169,32 @@ def test_step_ops_match_reference(backend, device):
                                        ref.sinkhorn_sumexp(s, m, f, g, 0.05, dim, shift), rtol=2e-5, atol=0)
     torch.testing.assert_close(impl.steps.finalize(s, m, f - 2, g - 2, 0.05, 1.5),
                                ref.sinkhorn_finalize(s, m, f - 2, g - 2, 0.05, 1.5), rtol=2e-5, atol=1e-30)
-    # Raw max flags every non-finite value with NaN for its line.
+    # Raw max flags every non-finite value with NaN for its line, also in the last row and column (beyond the
+    # C++ kernels' first 32-line chunk, whose flags alone a mutation test found checked).
     s2 = s.clone()
     s2[1, 2] = float("inf")
-    got = impl.steps.max(s2, None, None, None, 1.0, 0)
-    assert torch.isnan(got[2]) and torch.isfinite(torch.cat([got[:2], got[3:]])).all()
+    s2[b - 1, k - 1] = float("-inf")
+    for dim, lines in ((0, (2, k - 1)), (1, (1, b - 1))):
+        got = impl.steps.max(s2, None, None, None, 1.0, dim)
+        bad = torch.zeros(got.shape, dtype=torch.bool, device=got.device)
+        bad[list(lines)] = True
+        assert torch.isnan(got[bad]).all() and torch.isfinite(got[~bad]).all(), dim
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_non_finite_scores(backend, device):
-    s = cosine_scores(8, 16, device=device)
-    for bad in (float("nan"), float("inf"), float("-inf")):
-        s2 = s.clone()
-        s2[2, 3] = bad
-        with pytest.raises(ValueError, match="'scores' contains NaN or inf"):
-            seer_kernels.sinkhorn(s2)
-        with use_backend(backend, op="sinkhorn"):
-            out = seer_kernels.sinkhorn(s2, check_finite=False)
-        assert torch.isnan(out).all(), f"{bad}: expected every code NaN"
+    # Also in the last row of a matrix taller than the C++ kernels' 32-row chunks: their per-chunk flags must
+    # all be combined (a -inf there, dropped by the column max, gave finite codes).
+    s = cosine_scores(70, 16, device=device)
+    for row, col in ((2, 3), (69, 11)):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            s2 = s.clone()
+            s2[row, col] = bad
+            with pytest.raises(ValueError, match="'scores' contains NaN or inf"):
+                seer_kernels.sinkhorn(s2)
+            with use_backend(backend, op="sinkhorn"):
+                out = seer_kernels.sinkhorn(s2, check_finite=False)
+            assert torch.isnan(out).all(), f"{bad} at {(row, col)}: expected every code NaN"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -209,9 +217,12 @@ def test_finiteness_check_sees_every_non_finite_value(dtype):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
-def test_non_contiguous_input(backend, device):
-    big = cosine_scores(40, 60, device=device)
-    s = big[::2, 5:50]
+@pytest.mark.parametrize("shape", [(40, 60), (140, 90)], ids=["fused", "steps"])
+def test_non_contiguous_input(backend, device, shape):
+    # (140, 90) and its views exceed one fused Triton tile: the step kernels read the strided scores (a step
+    # kernel that assumed unit column strides passed every other test).
+    big = cosine_scores(*shape, device=device)
+    s = big[::2, 5:-5]
     want = swav_f64(s.cpu(), 0.05, 3)
     with use_backend(backend, op="sinkhorn"):
         got = seer_kernels.sinkhorn(s, 0.05, 3)
