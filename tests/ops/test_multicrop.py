@@ -193,6 +193,25 @@ def test_low_precision_output_is_the_rounded_float32_output(backend, device, dty
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+def test_low_precision_output_rounds_ties_to_even(backend, device):
+    """The cast rounds to nearest, ties to even, as torch's .to() does. Random crops hold few ties (1 value in
+    65536 for bfloat16: a cast rounding them half-up passed the test above); here every value is one: black
+    pixels with std 1 and mean -t give exactly t, for t halfway between two neighbours of the dtype whose
+    lower one is even, then odd, then the first negated (and float16's subnormal ties)."""
+    image = torch.zeros(3, 6, 7, dtype=torch.uint8)
+    params = CropParams.identity([[0, 0, 6, 7], [1, 2, 3, 4]])
+    cases = [(torch.bfloat16, 1.0, 2.0**-7), (torch.float16, 1.0, 2.0**-10), (torch.float16, 0.0, 2.0**-24)]
+    for dtype, base, ulp in cases:
+        ties = (base + ulp / 2, base + 1.5 * ulp, -(base + ulp / 2))
+        mean, std = tuple(-t for t in ties), (1.0, 1.0, 1.0)
+        f32 = crops(backend, image, params, 5, device, mean=mean, std=std).cpu()
+        assert torch.equal(f32, torch.tensor(ties).view(1, 3, 1, 1).expand_as(f32))  # exact in float32
+        low = crops(backend, image, params, 5, device, mean=mean, std=std, out_dtype=dtype).cpu()
+        want = torch.tensor([base, base + 2 * ulp, -base]).view(1, 3, 1, 1).expand_as(low)
+        assert low.dtype == dtype and torch.equal(low.float(), want), (dtype, base)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_memory_layouts_give_the_same_crops(backend, device, gen):
     image = photos()["rocket"]
     hwc = image.permute(1, 2, 0).contiguous()
