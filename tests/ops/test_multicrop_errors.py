@@ -216,6 +216,10 @@ def _packed(**cols):
     (dict(packed=_packed(image=1)), "'params': crop 0: image index 1"),
     (dict(packed=_packed(image=0.5)), "'params': crop 0: image index"),
     (dict(packed=_packed(top=35)), "'params': crop 0: box .* lies outside image 0"),
+    # one row or column past the 40 x 50 image (the kernels read the box's pixels: memory safety)
+    (dict(packed=_packed(height=41)), "'params': crop 0: box .* lies outside image 0"),
+    (dict(packed=_packed(top=1)), "'params': crop 0: box .* lies outside image 0"),
+    (dict(packed=_packed(width=50.25)), "'params': crop 0: box .* lies outside image 0"),
     (dict(packed=_packed(left=-0.5)), "'params': crop 0: box"),
     (dict(packed=_packed(height=0)), "'params': crop 0: box .* is empty"),
     (dict(packed=_packed(flip=0.5)), "'params': crop 0: column 5 must be 0 or 1"),
