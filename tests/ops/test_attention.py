@@ -291,11 +291,16 @@ def test_triton_copies_rows_that_do_not_start_16_byte_aligned(poison_empty):
     """The kernels tell the compiler that every row starts 16 bytes aligned (without it, 88-wide heads loaded
     and stored 2 bytes at a time): inputs whose rows do not (a row stride of 44 half-precision elements, a
     base 2 bytes off) are copied first and give right results; slices of a fused qkv projection at 88-wide
-    heads (strides multiples of 8 elements, not of 16) and size-1 dims of any stride run as they are."""
+    heads (strides multiples of 8 elements, not of 16) and size-1 dims of any stride run as they are. So are
+    inputs whose head dim is not contiguous although their rows start aligned (the kernels index it without
+    a stride)."""
     from seer_kernels.triton import attention as tri
 
     def wide():  # rows 88 bytes apart
         return torch.randn(2, 3, 19, 44, device=TRITON_DEV).to(F16)[..., :40]
+
+    def every_other():  # rows 160 bytes apart, head-dim stride 2
+        return torch.randn(2, 3, 19, 80, device=TRITON_DEV).to(F16)[..., ::2]
 
     shifted = torch.randn(2 * 3 * 19 * 40 + 1, device=TRITON_DEV).to(F16)[1:].view(2, 3, 19, 40)
     for t in (wide(), shifted):
@@ -304,9 +309,11 @@ def test_triton_copies_rows_that_do_not_start_16_byte_aligned(poison_empty):
     assert all(tri._kernel_layout(t) is t for t in fused) and fused[0].stride(1) == 88
     single = torch.randn(1, 3, 19, 40, device=TRITON_DEV).to(F16).as_strided((1, 3, 19, 40), (7, 760, 40, 1))
     assert tri._rows_aligned(single)
+    assert tri._rows_aligned(every_other()) and tri._kernel_layout(every_other()).stride(3) == 1
     for det in (False, True):
         check_against_float64("triton", wide(), shifted, wide(), deterministic=det)
         check_against_float64("triton", *fused, deterministic=det)
+        check_against_float64("triton", every_other(), every_other(), every_other(), deterministic=det)
 
 
 def _tile_classes():
@@ -747,6 +754,33 @@ def test_stored_ds_runs_where_asked_and_small(monkeypatch):
     assert tri.ds_fits(768, 768, 64) and not tri.ds_fits(769, 769, 64)
     assert not tri.ds_fits(16, 2**28, 256)  # a ratio that holds, rows past int32 offsets
     assert tri.ds_cols(257) == 272 and tri.ds_cols(16) == 16
+
+
+@pytest.mark.triton
+def test_triton_deterministic_mode_launches_no_atomics(monkeypatch):
+    """deterministic=True (or torch's deterministic mode) reaches the kernels: the backward launches no dq
+    atomics. (The interpreter runs atomics in order, so on the CPU the bits repeat either way: an op that
+    dropped the flag passed the test below here.)"""
+    from seer_kernels.triton import attention as tri
+    monkeypatch.delenv("SEER_KERNELS_DETERMINISTIC", raising=False)
+    atomic = []
+    kernel = tri._bwd_dkdv_kernel
+    monkeypatch.setattr(tri, "_bwd_dkdv_kernel", type("Seen", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: atomic.append(kw["ATOMIC_DQ"]) or kernel[grid](*a, **kw))})())
+    q, k, v = make_qkv(1, 2, 20, 20, 16, _triton_dtypes()[0], TRITON_DEV)
+    dout = torch.randn(q.shape, device=q.device).to(q.dtype)
+    for det, want in ((True, False), (False, True), (None, True)):
+        atomic.clear()
+        run_backend("triton", q, k, v, dout, deterministic=det)
+        assert atomic == [want], det
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        atomic.clear()
+        run_backend("triton", q, k, v, dout)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert atomic == [False]
 
 
 @pytest.mark.triton
