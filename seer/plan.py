@@ -254,16 +254,10 @@ def plan(inp: PlanInput) -> dict:
     cfg, tp = inp.model, inp.tp
     if inp.gpus % tp:
         raise ValueError(f"--gpus {inp.gpus} is not divisible by --tp {tp}")
-    try:
-        validate_tensor_parallel(cfg, inp.head, tp)
-    except ValueError as e:  # training's keys, said in this command's flags (parallel.tp=8 read as a key to set)
-        said = {f"parallel.tp={tp}": f"--tp {tp}", "model.num_heads=": "the --model's num_heads=",
-                "model.mlp_dim=": "the --model's mlp_dim=", "head.num_prototypes=": "the --head's (or --prototypes) "
-                "num_prototypes="}
-        message = str(e)
-        for key, flag in said.items():
-            message = message.replace(key, flag)
-        raise ValueError(message) from None
+    # In this command's flags, not training's keys (parallel.tp=8 read as a key to set)
+    validate_tensor_parallel(cfg, inp.head, tp, said={
+        "parallel.tp": "--tp ", "model.num_heads": "the --model's num_heads=",
+        "model.mlp_dim": "the --model's mlp_dim=", "head.num_prototypes": "the --head's (or --prototypes) num_prototypes="})
     if not inp.fsdp and inp.gpus // tp > 1:
         # As validate_parallel_config refuses it: data parallelism is FSDP2 here, there is no unsharded
         # (DDP) mode. Planning one would show unsharded model state and no gradient traffic at all.

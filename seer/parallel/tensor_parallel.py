@@ -34,18 +34,23 @@ def model_parts(model: nn.Module) -> tuple[VisionTransformer, Optional[SwAVHead]
     raise TypeError(f"expected a VisionTransformer or a SwAVModel, got {type(model).__name__}")
 
 
-def validate_tensor_parallel(vit: ViTConfig, head: Optional[SwAVHeadConfig], tp: int) -> None:
-    """Raise ValueError naming the setting when the model cannot be split ``tp`` ways."""
+def validate_tensor_parallel(vit: ViTConfig, head: Optional[SwAVHeadConfig], tp: int, *,
+                             said: Optional[dict[str, str]] = None) -> None:
+    """Raise ValueError naming the setting when the model cannot be split ``tp`` ways. ``said``: how a command
+    whose own flags set them names the settings, key -> the text before the value (default "key="; seer plan's
+    "--tp ", "the --model's num_heads=")."""
     if tp == 1:
         return
+    said = said or {}
     checks = [("model.num_heads", vit.num_heads, "whole attention heads"),
               ("model.mlp_dim", vit.mlp_dim, "MLP columns")]
     if head is not None:
         checks.append(("head.num_prototypes", head.num_prototypes, "prototypes"))
     for name, value, what in checks:
         if value % tp:
-            raise ValueError(f"{name}={value} is not divisible by parallel.tp={tp}: tensor parallelism gives every "
-                             f"rank {name.split('.')[1]}/tp {what}")
+            setting, tp_setting = said.get(name, f"{name}="), said.get("parallel.tp", "parallel.tp=")
+            raise ValueError(f"{setting}{value} is not divisible by {tp_setting}{tp}: tensor parallelism gives "
+                             f"every rank {name.split('.')[1]}/tp {what}")
 
 
 def split_module(model: nn.Module) -> Optional[str]:
